@@ -1,0 +1,1 @@
+"""cluster: an event-sourced master/worker runtime for inference clusters."""

@@ -1,0 +1,75 @@
+"""Wire and disk encodings: events as msgpack, State canonically, and State's digest.
+
+The canonical encoding of State is msgpack with every map written as a dict in sorted key
+order, struct fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore the same for equal
+states on any machine, in any process, under any PYTHONHASHSEED (DESIGN rule 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import typing
+from typing import Any
+
+import msgspec
+from immutables import Map
+
+from cluster.shared.events import IndexedEvent
+from cluster.shared.state import State
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Map):
+        # Sorted keys make the encoding canonical (a map's iteration order depends on
+        # hashes, which depend on PYTHONHASHSEED for str keys).
+        return dict(sorted(obj.items()))
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(tp: Any, obj: Any) -> Any:
+    if typing.get_origin(tp) is Map:
+        key_type, value_type = typing.get_args(tp)
+        return Map(msgspec.convert(obj, dict[key_type, value_type], dec_hook=_dec_hook))  # type: ignore[valid-type]
+    raise NotImplementedError(f"cannot decode {tp!r}")
+
+
+_event_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(IndexedEvent)
+_state_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_state_decoder = msgspec.msgpack.Decoder(State, dec_hook=_dec_hook)
+_json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+DecodeError = msgspec.DecodeError
+ValidationError = msgspec.ValidationError
+
+
+def encode_event(ie: IndexedEvent) -> bytes:
+    return _event_encoder.encode(ie)
+
+
+def decode_event(data: bytes | memoryview) -> IndexedEvent:
+    """Decode one log record; raises `msgspec.DecodeError`/`ValidationError` on bad input."""
+    return _event_decoder.decode(data)
+
+
+def encode_state(state: State) -> bytes:
+    """The canonical bytes of a state (also the snapshot format)."""
+    return _state_encoder.encode(state)
+
+
+def decode_state(data: bytes | memoryview) -> State:
+    return _state_decoder.decode(data)
+
+
+def state_digest(state: State) -> str:
+    """BLAKE2b-256 of the canonical encoding, as hex: equal logs give equal digests."""
+    return hashlib.blake2b(encode_state(state), digest_size=32).hexdigest()
+
+
+def state_to_json(state: State) -> bytes:
+    return _json_encoder.encode(state)
+
+
+def to_builtins(obj: Any) -> Any:
+    """Plain dicts/lists for JSON APIs (maps become dicts with sorted keys)."""
+    return msgspec.to_builtins(obj, enc_hook=_enc_hook)

@@ -1,0 +1,312 @@
+"""The event catalogue: everything that ever happens in a cluster, as immutable facts.
+
+Events are past tense and carry every value a reducer needs -- times, ids, seeds, amounts --
+because reducers may not read clocks, randomness or configuration (DESIGN rules 1-2). They
+form one msgspec tagged union (`Event`, tag field ``"type"``) so a log record decodes in one
+typed pass with no hand-written dispatch.
+
+Times are integer milliseconds since the Unix epoch, chosen by the master. Durations are
+integer milliseconds. Node ids are libp2p peer ids (base58 strings).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final
+
+import msgspec
+
+#: The `origin` of events the master makes itself (planner decisions, request handlers).
+MASTER_ORIGIN: Final = "master"
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    """Base of every event; the class name is the tag written to the log."""
+
+
+# --------------------------------------------------------------------------------------------
+# Node facts
+# --------------------------------------------------------------------------------------------
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str
+    uuid: str
+    memory_total_mb: int
+    memory_used_mb: int
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+
+
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A partial picture of a machine: each info source fills only its own fields.
+
+    The reducer merges the non-None fields into what the state already knows, so one slow
+    source (a hung `nvidia-smi`, a stuck disk) never blanks what the others reported.
+    """
+
+    hostname: str | None = None
+    cpu_count: int | None = None
+    cpu_percent: float | None = None
+    memory_total_mb: int | None = None
+    memory_available_mb: int | None = None
+    disk_total_mb: int | None = None
+    disk_free_mb: int | None = None
+    net_bytes_sent: int | None = None
+    net_bytes_recv: int | None = None
+    gpus: tuple[GpuInfo, ...] | None = None
+    #: Runner slots this node offers for placement (capacity weight).
+    slots: int | None = None
+    #: Memory per slot this node can give, in MiB.
+    slot_memory_mb: int | None = None
+
+
+class NodeGatheredInfo(_Event, frozen=True):
+    node_id: str
+    source: str
+    info: NodeInfo
+
+
+class NodeHeartbeat(_Event, frozen=True):
+    """The cheap info-class event an idle worker sends every cycle: liveness is event flow."""
+
+    node_id: str
+
+
+class NodeConnected(_Event, frozen=True):
+    """The master authenticated a worker's connection (origin: master)."""
+
+    node_id: str
+    addr: str = ""
+
+
+class NodeDisconnected(_Event, frozen=True):
+    """The node is considered gone (origin: master). `excused` if it was in maintenance."""
+
+    node_id: str
+    reason: str
+    excused: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Runners and work
+# --------------------------------------------------------------------------------------------
+
+
+class RunnerStatus(str, Enum):
+    PENDING = "pending"
+    LOADING = "loading"
+    READY = "ready"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class RunnerStatusUpdated(_Event, frozen=True):
+    runner_id: str
+    node_id: str
+    status: RunnerStatus
+    devshard_id: str = ""
+    slot: int = -1
+    reason: str = ""
+
+
+class RunnerSelfTestCompleted(_Event, frozen=True):
+    """Result of the load + health probe + one request self-test on join or config change."""
+
+    node_id: str
+    runner_kind: str
+    passed: bool
+    reason: str = ""
+    load_ms: int = 0
+    probe_ms: int = 0
+    request_ms: int = 0
+    config_digest: str = ""
+
+
+class WorkReported(_Event, frozen=True):
+    devshard_id: str
+    node_id: str
+    units: int
+    epoch: int
+
+
+class WorkMissed(_Event, frozen=True):
+    """Expected work that did not happen (reported by the master's planner or the runner)."""
+
+    devshard_id: str
+    node_id: str
+    epoch: int
+    count: int = 1
+    reason: str = ""
+    #: Decided by the master through the one "is this excused?" rule at the time of the miss.
+    excused: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Maintenance windows
+# --------------------------------------------------------------------------------------------
+
+
+class MaintenanceScheduled(_Event, frozen=True):
+    window_id: str
+    node_id: str
+    start_ms: int
+    duration_ms: int
+    requested_ms: int
+    #: Maintenance credit this window spends (its duration, carried so replay needs no policy).
+    credit_spent_ms: int
+
+
+class MaintenanceCancelled(_Event, frozen=True):
+    window_id: str
+    node_id: str
+    reason: str = ""
+    credit_refund_ms: int = 0
+
+
+class MaintenanceDrainStarted(_Event, frozen=True):
+    window_id: str
+    node_id: str
+
+
+class MaintenanceStarted(_Event, frozen=True):
+    window_id: str
+    node_id: str
+
+
+class MaintenanceFinished(_Event, frozen=True):
+    window_id: str
+    node_id: str
+    #: "host" (finished by command), "reconnect" (worker restarted within its window).
+    how: str = "host"
+
+
+class MaintenanceOverrun(_Event, frozen=True):
+    window_id: str
+    node_id: str
+
+
+# --------------------------------------------------------------------------------------------
+# Epochs, sessions, devshards, settlement
+# --------------------------------------------------------------------------------------------
+
+
+class EpochStarted(_Event, frozen=True):
+    epoch: int
+    start_ms: int
+    end_ms: int
+    seed: int
+
+
+class SessionRequested(_Event, frozen=True):
+    session_id: str
+    slots: int
+    memory_per_slot_mb: int
+    gpu: bool = False
+    name: str = ""
+    #: Reward credited to a node's epoch ledger for each work unit it reports.
+    reward_per_unit: int = 1
+
+
+class SessionDeleted(_Event, frozen=True):
+    session_id: str
+
+
+class SlotAssignment(msgspec.Struct, frozen=True, array_like=True):
+    slot: int
+    node_id: str
+
+
+class DevshardPlaced(_Event, frozen=True):
+    devshard_id: str
+    session_id: str
+    epoch: int
+    assignments: tuple[SlotAssignment, ...]
+    #: Expected end of the work: the epoch end (devshards never cross an epoch boundary).
+    ends_ms: int
+    #: "epoch" for the regular placement, "replace" when slots moved off a lost node.
+    reason: str = "epoch"
+
+
+class SessionUnplaced(_Event, frozen=True):
+    """The planner could not place a session this epoch, and says why."""
+
+    session_id: str
+    epoch: int
+    reason: str
+
+
+class DevshardFinalized(_Event, frozen=True):
+    devshard_id: str
+    epoch: int
+
+
+class NodePayout(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    units: int
+    reward: int
+    punished: bool
+    reason: str = ""
+    #: Maintenance credit earned by completing this epoch unpunished.
+    credit_earned_ms: int = 0
+
+
+class EpochSettled(_Event, frozen=True):
+    epoch: int
+    payouts: tuple[NodePayout, ...]
+
+
+class LateWorkSettled(_Event, frozen=True):
+    """Work reported after its epoch was settled, paid to that epoch if it was unpunished."""
+
+    epoch: int
+    node_id: str
+    units: int
+    reward: int
+
+
+Event = (
+    NodeGatheredInfo
+    | NodeHeartbeat
+    | NodeConnected
+    | NodeDisconnected
+    | RunnerStatusUpdated
+    | RunnerSelfTestCompleted
+    | WorkReported
+    | WorkMissed
+    | MaintenanceScheduled
+    | MaintenanceCancelled
+    | MaintenanceDrainStarted
+    | MaintenanceStarted
+    | MaintenanceFinished
+    | MaintenanceOverrun
+    | EpochStarted
+    | SessionRequested
+    | SessionDeleted
+    | DevshardPlaced
+    | SessionUnplaced
+    | DevshardFinalized
+    | EpochSettled
+    | LateWorkSettled
+)
+
+#: Every concrete event class, for exhaustiveness checks in tests and the reducer table.
+EVENT_TYPES: Final[tuple[type[_Event], ...]] = Event.__args__  # type: ignore[attr-defined]
+
+
+class IndexedEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One record of the log: the master's global index, its clock, who said it, and what.
+
+    `origin` is the node id the master authenticated (or `MASTER_ORIGIN`); `seq` is the
+    origin's own sequence number, so the master can drop a resent duplicate. Master events
+    use the master's own counter as `seq`.
+    """
+
+    idx: int
+    master_time_ms: int
+    origin: str
+    seq: int
+    event: Event

@@ -1,0 +1,139 @@
+"""Reducers for epochs, sessions, devshards and settlement (DESIGN section 6)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from cluster.shared.events import (
+    DevshardFinalized,
+    DevshardPlaced,
+    EpochSettled,
+    EpochStarted,
+    IndexedEvent,
+    LateWorkSettled,
+    SessionDeleted,
+    SessionRequested,
+    SessionUnplaced,
+)
+from immutables import Map
+
+from cluster.shared.state import DevshardRecord, EpochLedger, EpochRecord, SessionRecord, State
+
+_replace = msgspec.structs.replace
+
+
+def epoch_started(state: State, ie: IndexedEvent, ev: EpochStarted) -> State:
+    if state.epoch is not None and ev.epoch <= state.epoch.epoch:
+        return state
+    rec = EpochRecord(epoch=ev.epoch, start_ms=ev.start_ms, end_ms=ev.end_ms, seed=ev.seed)
+    ledgers = state.ledgers
+    if ev.epoch not in ledgers:
+        ledgers = ledgers.set(ev.epoch, EpochLedger(epoch=ev.epoch))
+    return _replace(state, epoch=rec, ledgers=ledgers)
+
+
+def session_requested(state: State, ie: IndexedEvent, ev: SessionRequested) -> State:
+    if ev.session_id in state.sessions:
+        return state
+    rec = SessionRecord(
+        session_id=ev.session_id,
+        slots=ev.slots,
+        memory_per_slot_mb=ev.memory_per_slot_mb,
+        gpu=ev.gpu,
+        name=ev.name,
+        reward_per_unit=ev.reward_per_unit,
+        created_ms=ie.master_time_ms,
+    )
+    return _replace(state, sessions=state.sessions.set(ev.session_id, rec))
+
+
+def session_deleted(state: State, ie: IndexedEvent, ev: SessionDeleted) -> State:
+    if ev.session_id not in state.sessions:
+        return state
+    # Its live devshard stays until finalized at the epoch end: running work finishes.
+    return _replace(
+        state,
+        sessions=state.sessions.delete(ev.session_id),
+        last_nodes_by_session=_discard(state.last_nodes_by_session, ev.session_id),
+    )
+
+
+def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State:
+    session = state.sessions.get(ev.session_id)
+    if session is None:
+        return state
+    rec = DevshardRecord(
+        devshard_id=ev.devshard_id,
+        session_id=ev.session_id,
+        epoch=ev.epoch,
+        assignments=ev.assignments,
+        ends_ms=ev.ends_ms,
+        placed_ms=ie.master_time_ms,
+        reason=ev.reason,
+    )
+    devshards = state.devshards
+    previous = state.devshard_by_session.get(ev.session_id)
+    if previous is not None and previous != ev.devshard_id and previous in devshards:
+        devshards = devshards.delete(previous)
+    if session.unplaced_reason:
+        session = _replace(session, unplaced_reason="", unplaced_epoch=-1)
+    return _replace(
+        state,
+        devshards=devshards.set(ev.devshard_id, rec),
+        devshard_by_session=state.devshard_by_session.set(ev.session_id, ev.devshard_id),
+        sessions=state.sessions.set(ev.session_id, session),
+    )
+
+
+def session_unplaced(state: State, ie: IndexedEvent, ev: SessionUnplaced) -> State:
+    session = state.sessions.get(ev.session_id)
+    if session is None:
+        return state
+    session = _replace(session, unplaced_reason=ev.reason, unplaced_epoch=ev.epoch)
+    return _replace(state, sessions=state.sessions.set(ev.session_id, session))
+
+
+def devshard_finalized(state: State, ie: IndexedEvent, ev: DevshardFinalized) -> State:
+    shard = state.devshards.get(ev.devshard_id)
+    if shard is None:
+        return state
+    nodes = tuple(sorted({a.node_id for a in shard.assignments}))
+    by_session = state.devshard_by_session
+    if by_session.get(shard.session_id) == ev.devshard_id:
+        by_session = by_session.delete(shard.session_id)
+    last_nodes = state.last_nodes_by_session
+    if shard.session_id in state.sessions:
+        last_nodes = last_nodes.set(shard.session_id, nodes)
+    return _replace(
+        state,
+        devshards=state.devshards.delete(ev.devshard_id),
+        devshard_by_session=by_session,
+        last_nodes_by_session=last_nodes,
+    )
+
+
+def epoch_settled(state: State, ie: IndexedEvent, ev: EpochSettled) -> State:
+    ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
+    if ledger.settled:
+        return state
+    payouts = ledger.payouts
+    credit = state.credit_ms_by_node
+    for p in ev.payouts:
+        payouts = payouts.set(p.node_id, p)
+        if p.credit_earned_ms:
+            credit = credit.set(p.node_id, credit.get(p.node_id, 0) + p.credit_earned_ms)
+    ledger = _replace(ledger, settled=True, payouts=payouts)
+    return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger), credit_ms_by_node=credit)
+
+
+def late_work_settled(state: State, ie: IndexedEvent, ev: LateWorkSettled) -> State:
+    ledger = state.ledgers.get(ev.epoch)
+    if ledger is None or not ledger.settled:
+        return state
+    paid = ledger.late_paid.get(ev.node_id, 0) + ev.reward
+    ledger = _replace(ledger, late_paid=ledger.late_paid.set(ev.node_id, paid))
+    return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
+
+
+def _discard(m: Map[str, tuple[str, ...]], key: str) -> Map[str, tuple[str, ...]]:
+    return m.delete(key) if key in m else m

@@ -1,0 +1,162 @@
+"""Cluster state: the immutable value that folding the log with `apply()` produces.
+
+Every collection keyed by node, runner, window, session or devshard is an
+`immutables.Map` (a hash array mapped trie): `set()` returns a new map sharing all but
+O(log32 n) nodes with the old one, so one event costs about the same at 10 or 10,000
+nodes (DESIGN rule 3). Records are frozen msgspec Structs; a reducer builds a new record
+with `msgspec.structs.replace` and a new state the same way.
+
+Nothing here is ephemeral planner bookkeeping: staleness counters and retry timers live in
+the master's planner shell, never in State (DESIGN rule 7).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+from immutables import Map
+
+from cluster.shared.events import NodeInfo, NodePayout, RunnerStatus, SlotAssignment
+
+
+class SelfTestResult(msgspec.Struct, frozen=True, kw_only=True):
+    runner_kind: str
+    passed: bool
+    reason: str
+    load_ms: int
+    probe_ms: int
+    request_ms: int
+    config_digest: str
+    at_ms: int
+
+
+class NodeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    info: NodeInfo
+    connected: bool
+    #: Index of the first event this node (or the master about it) contributed.
+    joined_idx: int
+    joined_ms: int
+    disconnected_ms: int = 0
+    disconnected_reason: str = ""
+    disconnect_excused: bool = False
+    self_test: SelfTestResult | None = None
+
+
+class RunnerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    runner_id: str
+    node_id: str
+    status: RunnerStatus
+    devshard_id: str
+    slot: int
+    reason: str
+    updated_ms: int
+
+
+class WindowState(str, Enum):
+    SCHEDULED = "scheduled"
+    DRAINING = "draining"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+#: Window states that still block a new window for the same node.
+OPEN_WINDOW_STATES = frozenset({WindowState.SCHEDULED, WindowState.DRAINING, WindowState.ACTIVE})
+
+
+class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
+    window_id: str
+    node_id: str
+    start_ms: int
+    duration_ms: int
+    requested_ms: int
+    credit_spent_ms: int
+    state: WindowState
+    drain_started_ms: int = 0
+    started_ms: int = 0
+    closed_ms: int = 0
+    #: How a COMPLETED/CANCELLED window closed: "host", "reconnect", "overrun", "cancelled".
+    outcome: str = ""
+    credit_refund_ms: int = 0
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + self.duration_ms
+
+
+class EpochRecord(msgspec.Struct, frozen=True, kw_only=True):
+    epoch: int
+    start_ms: int
+    end_ms: int
+    seed: int
+
+
+class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    slots: int
+    memory_per_slot_mb: int
+    gpu: bool
+    name: str
+    reward_per_unit: int
+    created_ms: int
+    #: Why the planner could not place it in `unplaced_epoch` (empty when placed).
+    unplaced_reason: str = ""
+    unplaced_epoch: int = -1
+
+
+class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):
+    devshard_id: str
+    session_id: str
+    epoch: int
+    assignments: tuple[SlotAssignment, ...]
+    ends_ms: int
+    placed_ms: int
+    reason: str
+
+
+class EpochLedger(msgspec.Struct, frozen=True, kw_only=True):
+    """What each node earned and lost in one epoch; paid out only when settled."""
+
+    epoch: int
+    units: Map[str, int] = msgspec.field(default_factory=Map)
+    reward: Map[str, int] = msgspec.field(default_factory=Map)
+    misses: Map[str, int] = msgspec.field(default_factory=Map)
+    #: Unexcused disconnects in this epoch, with the reason: such a node forfeits its reward.
+    disconnects: Map[str, str] = msgspec.field(default_factory=Map)
+    settled: bool = False
+    payouts: Map[str, NodePayout] = msgspec.field(default_factory=Map)
+    #: Work that arrived after settlement, and what of it was paid.
+    late_units: Map[str, int] = msgspec.field(default_factory=Map)
+    late_paid: Map[str, int] = msgspec.field(default_factory=Map)
+
+
+class State(msgspec.Struct, frozen=True, kw_only=True):
+    #: Index of the last applied event; the next event must carry `last_applied + 1`.
+    last_applied: int = 0
+    #: master_time_ms of the last applied event: the cluster's notion of "when" it is.
+    last_time_ms: int = 0
+    nodes: Map[str, NodeRecord] = msgspec.field(default_factory=Map)
+    #: Advanced by every event a node originates (DESIGN rule 6): liveness is event flow.
+    last_event_index_by_node: Map[str, int] = msgspec.field(default_factory=Map)
+    #: Highest per-origin sequence number in the log, so a restarted master still drops
+    #: duplicates that a worker resends.
+    last_seq_by_origin: Map[str, int] = msgspec.field(default_factory=Map)
+    runners: Map[str, RunnerRecord] = msgspec.field(default_factory=Map)
+    windows: Map[str, MaintenanceWindow] = msgspec.field(default_factory=Map)
+    #: node_id -> window_id of its SCHEDULED/DRAINING/ACTIVE window.
+    open_window_by_node: Map[str, str] = msgspec.field(default_factory=Map)
+    credit_ms_by_node: Map[str, int] = msgspec.field(default_factory=Map)
+    epoch: EpochRecord | None = None
+    sessions: Map[str, SessionRecord] = msgspec.field(default_factory=Map)
+    #: Live (not yet finalized) devshards.
+    devshards: Map[str, DevshardRecord] = msgspec.field(default_factory=Map)
+    #: session_id -> its live devshard id.
+    devshard_by_session: Map[str, str] = msgspec.field(default_factory=Map)
+    #: session_id -> the nodes that served it in its last finalized devshard (stickiness).
+    last_nodes_by_session: Map[str, tuple[str, ...]] = msgspec.field(default_factory=Map)
+    ledgers: Map[int, EpochLedger] = msgspec.field(default_factory=Map)
+
+
+EMPTY_STATE = State()
