@@ -35,3 +35,20 @@ def excusing_window(state: State, node_id: str, at_ms: int) -> MaintenanceWindow
 
 def is_excused(state: State, node_id: str, at_ms: int) -> bool:
     return excusing_window(state, node_id, at_ms) is not None
+
+
+def may_take_work(state: State, node_id: str, work_end_ms: int) -> bool:
+    """The drain rule: nothing is started on a node that would cross its window's start.
+
+    A node with a SCHEDULED, DRAINING or ACTIVE window may only take work (a devshard, a
+    task) whose expected end is at or before that window's start (Slurm/SONM rule).
+    """
+    window_id = state.open_window_by_node.get(node_id)
+    if window_id is None:
+        return True
+    win = state.windows.get(window_id)
+    if win is None:
+        return True
+    if win.state is WindowState.ACTIVE:
+        return False
+    return work_end_ms <= win.start_ms
