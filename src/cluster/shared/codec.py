@@ -1,8 +1,9 @@
 """Wire and disk encodings: events as msgpack, State canonically, and State's digest.
 
 The canonical encoding of State is msgpack with every map written as a dict in sorted key
-order, struct fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore the same for equal
-states on any machine, in any process, under any PYTHONHASHSEED (DESIGN rule 4).
+order, struct fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256
+digest is therefore the same for equal states on any machine, in any process, under any
+PYTHONHASHSEED (DESIGN rule 4).
 """
 
 from __future__ import annotations

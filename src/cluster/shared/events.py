@@ -11,7 +11,7 @@ integer milliseconds. Node ids are libp2p peer ids (base58 strings).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Final
 
 import msgspec
@@ -94,7 +94,7 @@ class NodeDisconnected(_Event, frozen=True):
 # --------------------------------------------------------------------------------------------
 
 
-class RunnerStatus(str, Enum):
+class RunnerStatus(StrEnum):
     PENDING = "pending"
     LOADING = "loading"
     READY = "ready"
@@ -294,7 +294,7 @@ Event = (
 )
 
 #: Every concrete event class, for exhaustiveness checks in tests and the reducer table.
-EVENT_TYPES: Final[tuple[type[_Event], ...]] = Event.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: Final[tuple[type[_Event], ...]] = Event.__args__
 
 
 class IndexedEvent(msgspec.Struct, frozen=True, array_like=True):

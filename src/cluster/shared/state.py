@@ -12,7 +12,7 @@ the master's planner shell, never in State (DESIGN rule 7).
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import msgspec
 from immutables import Map
@@ -54,7 +54,7 @@ class RunnerRecord(msgspec.Struct, frozen=True, kw_only=True):
     updated_ms: int
 
 
-class WindowState(str, Enum):
+class WindowState(StrEnum):
     SCHEDULED = "scheduled"
     DRAINING = "draining"
     ACTIVE = "active"
@@ -130,6 +130,16 @@ class EpochLedger(msgspec.Struct, frozen=True, kw_only=True):
     #: Work that arrived after settlement, and what of it was paid.
     late_units: Map[str, int] = msgspec.field(default_factory=Map)
     late_paid: Map[str, int] = msgspec.field(default_factory=Map)
+    #: devshard_id -> node_id -> on-time units: lets the planner see which slot holders
+    #: reported nothing by the epoch's end (WorkMissed).
+    units_by_devshard: Map[str, Map[str, int]] = msgspec.field(default_factory=Map)
+    #: devshard_id -> reward per unit of its session when placed, so work that arrives
+    #: after the devshard was finalized (or its session deleted) is still priced.
+    rates: Map[str, int] = msgspec.field(default_factory=Map)
+    #: Reward that late work would earn (paid only if the node was not punished).
+    late_reward: Map[str, int] = msgspec.field(default_factory=Map)
+    #: Late units already decided by a LateWorkSettled event (paid or forfeited).
+    late_settled_units: Map[str, int] = msgspec.field(default_factory=Map)
 
 
 class State(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+from immutables import Map
 
 from cluster.shared.events import (
     DevshardFinalized,
@@ -15,8 +16,6 @@ from cluster.shared.events import (
     SessionRequested,
     SessionUnplaced,
 )
-from immutables import Map
-
 from cluster.shared.state import DevshardRecord, EpochLedger, EpochRecord, SessionRecord, State
 
 _replace = msgspec.structs.replace
@@ -77,11 +76,17 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
         devshards = devshards.delete(previous)
     if session.unplaced_reason:
         session = _replace(session, unplaced_reason="", unplaced_epoch=-1)
+    # Remember the price of this devshard's work in its epoch's ledger, so late work and
+    # work after the session is deleted are priced as when the devshard was placed.
+    ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
+    if ledger.rates.get(ev.devshard_id) != session.reward_per_unit:
+        ledger = _replace(ledger, rates=ledger.rates.set(ev.devshard_id, session.reward_per_unit))
     return _replace(
         state,
         devshards=devshards.set(ev.devshard_id, rec),
         devshard_by_session=state.devshard_by_session.set(ev.session_id, ev.devshard_id),
         sessions=state.sessions.set(ev.session_id, session),
+        ledgers=state.ledgers.set(ev.epoch, ledger),
     )
 
 
@@ -131,7 +136,12 @@ def late_work_settled(state: State, ie: IndexedEvent, ev: LateWorkSettled) -> St
     if ledger is None or not ledger.settled:
         return state
     paid = ledger.late_paid.get(ev.node_id, 0) + ev.reward
-    ledger = _replace(ledger, late_paid=ledger.late_paid.set(ev.node_id, paid))
+    decided = ledger.late_settled_units.get(ev.node_id, 0) + ev.units
+    ledger = _replace(
+        ledger,
+        late_paid=ledger.late_paid.set(ev.node_id, paid),
+        late_settled_units=ledger.late_settled_units.set(ev.node_id, decided),
+    )
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
 
 

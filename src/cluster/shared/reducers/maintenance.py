@@ -33,7 +33,9 @@ def _close(state: State, win: MaintenanceWindow) -> State:
     return state
 
 
-def _open(state: State, window_id: str, node_id: str, *allowed: WindowState) -> MaintenanceWindow | None:
+def _open(
+    state: State, window_id: str, node_id: str, *allowed: WindowState
+) -> MaintenanceWindow | None:
     win = state.windows.get(window_id)
     if win is None or win.node_id != node_id or win.state not in allowed:
         return None
@@ -83,7 +85,9 @@ def maintenance_drain_started(state: State, ie: IndexedEvent, ev: MaintenanceDra
     win = _open(state, ev.window_id, ev.node_id, WindowState.SCHEDULED)
     if win is None:
         return state
-    return _put(state, _replace(win, state=WindowState.DRAINING, drain_started_ms=ie.master_time_ms))
+    return _put(
+        state, _replace(win, state=WindowState.DRAINING, drain_started_ms=ie.master_time_ms)
+    )
 
 
 def maintenance_started(state: State, ie: IndexedEvent, ev: MaintenanceStarted) -> State:

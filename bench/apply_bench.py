@@ -1,0 +1,171 @@
+"""How fast `apply` folds events as the cluster grows, beside a naive dict-copying reducer.
+
+Run: .venv/bin/python bench/apply_bench.py [--events N]
+
+For 10, 1,000 and 10,000 nodes it builds a state holding that many nodes, then times the
+same mix of node events (heartbeats, info, runner status, work) round-robin over the nodes:
+- `apply`: the real pure reducer, one event at a time (what the master and replicas do live);
+- `fold`: the batched path that replay and catch-up use;
+- `naive`: the same bookkeeping done the obvious way, copying a dict of all nodes per event
+  (DESIGN rule 3 cites 5k events/s at 10k nodes for that approach).
+Targets (issue 2): apply at 10,000 nodes >= 80% of apply at 1,000, and >= 50x naive at 10,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from cluster.shared.apply import apply, fold
+from cluster.shared.events import (
+    IndexedEvent,
+    NodeGatheredInfo,
+    NodeHeartbeat,
+    NodeInfo,
+    RunnerStatus,
+    RunnerStatusUpdated,
+    WorkReported,
+)
+from cluster.shared.state import EMPTY_STATE, State
+
+SIZES = (10, 1_000, 10_000)
+
+
+def node_id(i: int) -> str:
+    return f"12D3KooWNode{i:06d}"
+
+
+def make_events(nodes: int, count: int, first_idx: int) -> list[IndexedEvent]:
+    out: list[IndexedEvent] = []
+    for j in range(count):
+        n = node_id(j % nodes)
+        kind = j % 8
+        ev: object
+        if kind < 5:
+            ev = NodeHeartbeat(node_id=n)
+        elif kind == 5:
+            ev = NodeGatheredInfo(node_id=n, source="cpu", info=NodeInfo(cpu_percent=j % 100))
+        elif kind == 6:
+            ev = RunnerStatusUpdated(
+                runner_id=f"ds-1/{j % nodes}", node_id=n, status=RunnerStatus.RUNNING
+            )
+        else:
+            ev = WorkReported(devshard_id="ds-1", node_id=n, units=1, epoch=1)
+        out.append(IndexedEvent(first_idx + j, j, n, first_idx + j, ev))  # type: ignore[arg-type]
+    return out
+
+
+def seeded_state(nodes: int) -> State:
+    return fold(EMPTY_STATE, make_events(nodes, nodes, 1))
+
+
+@dataclass(frozen=True)
+class NaiveState:
+    """The obvious immutable state: plain dicts, copied whenever they change."""
+
+    last_applied: int
+    nodes: dict[str, NodeInfo]
+    last_event_index_by_node: dict[str, int]
+    last_seq_by_origin: dict[str, int]
+    runners: dict[str, RunnerStatus]
+    units: dict[str, int]
+
+
+def naive_apply(s: NaiveState, ie: IndexedEvent) -> NaiveState:
+    ev = ie.event
+    nodes = s.nodes
+    if ie.origin not in nodes:
+        nodes = {**nodes, ie.origin: NodeInfo()}
+    runners, units = s.runners, s.units
+    if isinstance(ev, NodeGatheredInfo):
+        nodes = {**nodes, ev.node_id: ev.info}
+    elif isinstance(ev, RunnerStatusUpdated):
+        runners = {**runners, ev.runner_id: ev.status}
+    elif isinstance(ev, WorkReported):
+        units = {**units, ev.node_id: units.get(ev.node_id, 0) + ev.units}
+    idx = dict(s.last_event_index_by_node)
+    idx[ie.origin] = ie.idx
+    seq = dict(s.last_seq_by_origin)
+    seq[ie.origin] = ie.seq
+    return replace(
+        s,
+        last_applied=ie.idx,
+        nodes=nodes,
+        last_event_index_by_node=idx,
+        last_seq_by_origin=seq,
+        runners=runners,
+        units=units,
+    )
+
+
+def naive_seeded(nodes: int) -> NaiveState:
+    s = NaiveState(0, {}, {}, {}, {}, {})
+    for ie in make_events(nodes, nodes, 1):
+        s = naive_apply(s, ie)
+    return s
+
+
+def rate(run: Callable[[], object], count: int, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return count / best
+
+
+def bench_apply(state: State, events: Sequence[IndexedEvent]) -> Callable[[], object]:
+    def run() -> State:
+        s = state
+        for ie in events:
+            s = apply(s, ie)
+        return s
+
+    return run
+
+
+def bench_naive(state: NaiveState, events: Sequence[IndexedEvent]) -> Callable[[], object]:
+    def run() -> NaiveState:
+        s = state
+        for ie in events:
+            s = naive_apply(s, ie)
+        return s
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--naive-events", type=int, default=5_000)
+    args = parser.parse_args()
+
+    results: dict[int, tuple[float, float, float]] = {}
+    print(
+        f"{'nodes':>7} {'apply ev/s':>12} {'fold ev/s':>12} {'naive ev/s':>12} {'apply/naive':>12}"
+    )
+    for n in SIZES:
+        state = seeded_state(n)
+        events = make_events(n, args.events, n + 1)
+        a = rate(bench_apply(state, events), len(events))
+        f = rate(lambda s=state, e=events: fold(s, e), len(events))
+        naive_events = events[: args.naive_events]
+        nv = rate(bench_naive(naive_seeded(n), naive_events), len(naive_events), repeats=2)
+        results[n] = (a, f, nv)
+        print(f"{n:>7} {a:>12,.0f} {f:>12,.0f} {nv:>12,.0f} {a / nv:>11.1f}x")
+
+    flat = results[10_000][0] / results[1_000][0]
+    speedup = results[10_000][0] / results[10_000][2]
+    print()
+    print(f"apply at 10,000 nodes / apply at 1,000 nodes: {flat:.0%}  (target >= 80%)")
+    print(f"apply / naive at 10,000 nodes: {speedup:.0f}x  (target >= 50x)")
+    ok = flat >= 0.8 and speedup >= 50
+    print("RESULT:", "targets met" if ok else "targets NOT met")
+
+
+if __name__ == "__main__":
+    main()

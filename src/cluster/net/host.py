@@ -1,0 +1,191 @@
+"""The one place that builds and drives a py-libp2p host, with its pitfalls handled.
+
+- Noise only: libp2p's default also accepts plaintext, TLS and secio.
+- `max_connections_per_peer=1`: the default of 3 makes every connect wait >= 250 ms.
+- mDNS off; loopback (or given) addresses exchanged explicitly.
+- Every redial unblocks the peer first (a failed dial blocks redials for 60 s).
+- Every connect, new_stream and read that waits on a peer has a deadline (hung peers are
+  invisible to libp2p itself).
+- `host.close()` before leaving `host.run()` (leaving run does not close connections).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import multiaddr
+from libp2p import new_host
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode_frame
+from cluster.net.protocol import ErrorMsg, Message, Msg, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[["FramedStream"], Awaitable[None]]
+
+
+class AddressError(ValueError):
+    """A multiaddr given on the command line or in a file is not usable."""
+
+
+def parse_multiaddr(text: str, *, need_peer: bool = False) -> Any:
+    try:
+        addr = multiaddr.Multiaddr(text.strip())
+    except Exception as exc:
+        raise AddressError(f"{text!r} is not a valid multiaddr: {exc}") from exc
+    if need_peer:
+        try:
+            info_from_p2p_addr(addr)
+        except Exception as exc:
+            raise AddressError(
+                f"{text!r} does not end in /p2p/<peer id> (the master's full address "
+                "as it prints it on start)"
+            ) from exc
+    return addr
+
+
+def build_host(key_pair: Any) -> Any:
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+
+
+@asynccontextmanager
+async def running_host(key_pair: Any, listen: list[str] | None = None) -> AsyncIterator[Any]:
+    """A started host (listening on `listen`, or on nothing for a pure dialer)."""
+    host = build_host(key_pair)
+    addrs = [parse_multiaddr(a) for a in (listen or [])]
+    async with host.run(listen_addrs=addrs):
+        try:
+            yield host
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await host.close()
+
+
+def peer_id_str(stream: Any) -> str:
+    return str(stream.muxed_conn.peer_id.to_base58())
+
+
+def full_addrs(host: Any) -> list[str]:
+    return [str(a) for a in host.get_addrs()]
+
+
+async def dial(host: Any, addr: Any, timeout: float) -> Any:
+    """Connect to the peer at a full /p2p/ multiaddr; returns its peer id (libp2p ID)."""
+    info = info_from_p2p_addr(addr)
+    network = host.get_network()
+    if hasattr(network, "unblock_peer"):
+        network.unblock_peer(info.peer_id)
+    with anyio.fail_after(timeout):
+        await host.connect(info)
+    return info.peer_id
+
+
+async def open_stream(host: Any, peer_id: Any, protocol: str, timeout: float) -> FramedStream:
+    with anyio.fail_after(timeout):
+        stream = await host.new_stream(peer_id, [protocol])
+    return FramedStream(stream)
+
+
+class FramedStream:
+    """A libp2p stream speaking our framed messages."""
+
+    def __init__(self, stream: Any, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._reader = FrameReader(stream.read, max_frame)
+        self.peer_id = peer_id_str(stream)
+
+    async def recv(self, timeout: float) -> Message:
+        """Next message; TimeoutError when the peer is silent, EOFError at its end."""
+        with anyio.fail_after(timeout):
+            frame = await self._reader.read_frame()
+        return decode(frame)
+
+    async def recv_frame(self, timeout: float) -> bytes:
+        with anyio.fail_after(timeout):
+            return await self._reader.read_frame()
+
+    async def send(self, msg: Msg, timeout: float) -> None:
+        await self.send_bytes(encode_frame(encode(msg), self.max_frame), timeout)
+
+    async def send_bytes(self, data: bytes, timeout: float) -> None:
+        with anyio.fail_after(timeout):
+            await self.stream.write(data)
+
+    async def fail(self, code: str, message: str) -> None:
+        """Tell the peer what was wrong, then reset the stream. Never raises."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.send(ErrorMsg(code=code, message=message), timeout=1.0)
+            except Exception:
+                pass
+            await self.reset()
+
+    async def reset(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.move_on_after(1.0):
+                    await self.stream.reset()
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.move_on_after(1.0):
+                    await self.stream.close()
+            except Exception:
+                pass
+
+
+def error_of(exc: BaseException) -> tuple[str, str]:
+    """(code, message) to send to a peer whose input raised `exc`."""
+    if isinstance(exc, ProtocolError):
+        return exc.code, str(exc)
+    if isinstance(exc, FrameError):
+        code = type(exc).__name__
+        return {"FrameTooLarge": "too-large", "TruncatedFrame": "truncated"}.get(
+            code, "malformed"
+        ), str(exc)
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
+def safe_handler(handler: StreamHandler, name: str) -> Callable[[Any], Awaitable[None]]:
+    """Wrap a handler so nothing escapes into libp2p (an escaping error kills the host)."""
+
+    async def run(stream: Any) -> None:
+        framed: FramedStream | None = None
+        try:
+            framed = FramedStream(stream)
+            await handler(framed)
+        except anyio.get_cancelled_exc_class():
+            if framed is not None:
+                await framed.reset()
+            raise
+        except BaseException as exc:  # noqa: BLE001 -- see docstring
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            log.warning("%s handler failed: %s: %s", name, type(exc).__name__, exc)
+            if framed is not None:
+                await framed.reset()
+
+    return run

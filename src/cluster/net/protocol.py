@@ -1,0 +1,179 @@
+"""Wire messages between workers and the master, as one msgspec tagged union.
+
+Three long-lived streams, all opened by the worker (the master never dials):
+
+- ``HELLO``: `Hello` -> `Challenge` -> `Proof` -> `Welcome` | `ErrorMsg`. Nothing else a
+  peer sends is accepted before it has passed hello (see `membership`).
+- ``SUBMIT``: the worker sends `SubmitBatch` (its own (seq, event) pairs) and `Ping`; the
+  master answers `Ack(seq)` (highest seq of that worker that is durable) and `Pong`.
+- ``SUBSCRIBE``: the worker sends one `Subscribe(from_idx)`; the master answers with an
+  optional snapshot (`SnapshotBegin` + `SnapshotChunk`s), then `Events` batches in index order,
+  and `Tick` when idle so a hung master is noticed.
+
+Any side may send `ErrorMsg` (a code and a readable message) just before resetting a stream.
+Senders that already hold encoded events use the `*Raw` twins (same tag, `msgspec.Raw`
+payloads) so events are never decoded and re-encoded just to be forwarded.
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypeVar
+
+import msgspec
+
+from cluster.shared.events import Event, IndexedEvent
+
+HELLO_PROTOCOL: Final = "/cluster/hello/1.0.0"
+SUBMIT_PROTOCOL: Final = "/cluster/submit/1.0.0"
+SUBSCRIBE_PROTOCOL: Final = "/cluster/subscribe/1.0.0"
+PROTOCOL_VERSION: Final = 1
+
+
+class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
+    pass
+
+
+class Hello(Msg, frozen=True):
+    version: int
+    nonce: bytes
+
+
+class Challenge(Msg, frozen=True):
+    nonce: bytes
+    #: HMAC proving the master knows the cluster secret (empty when none is configured).
+    proof: bytes = b""
+
+
+class Proof(Msg, frozen=True):
+    proof: bytes = b""
+
+
+class Welcome(Msg, frozen=True):
+    node_id: str
+    last_idx: int
+    #: Highest seq of this node the log holds: the worker drops outbox entries up to it.
+    last_seq: int
+
+
+class SeqEvent(msgspec.Struct, frozen=True, array_like=True):
+    seq: int
+    event: Event
+
+
+class SubmitBatch(Msg, frozen=True):
+    events: list[SeqEvent]
+
+
+class Ack(Msg, frozen=True):
+    seq: int
+
+
+class Ping(Msg, frozen=True):
+    pass
+
+
+class Pong(Msg, frozen=True):
+    last_idx: int = 0
+
+
+class Subscribe(Msg, frozen=True):
+    from_idx: int
+
+
+class SnapshotBegin(Msg, frozen=True):
+    idx: int
+    size: int
+
+
+class SnapshotChunk(Msg, frozen=True):
+    data: bytes
+
+
+class Events(Msg, frozen=True):
+    events: list[IndexedEvent]
+
+
+class Tick(Msg, frozen=True):
+    last_idx: int
+
+
+class ErrorMsg(Msg, frozen=True, tag="Error"):
+    code: str
+    message: str
+
+
+Message = (
+    Hello
+    | Challenge
+    | Proof
+    | Welcome
+    | SubmitBatch
+    | Ack
+    | Ping
+    | Pong
+    | Subscribe
+    | SnapshotBegin
+    | SnapshotChunk
+    | Events
+    | Tick
+    | ErrorMsg
+)
+
+
+# Same tags as SubmitBatch/Events, with already-encoded payloads.
+class SeqEventRaw(msgspec.Struct, frozen=True, array_like=True):
+    seq: int
+    event: msgspec.Raw
+
+
+class SubmitBatchRaw(Msg, frozen=True, tag="SubmitBatch"):
+    events: list[SeqEventRaw]
+
+
+class EventsRaw(Msg, frozen=True, tag="Events"):
+    events: list[msgspec.Raw]
+
+
+T = TypeVar("T")
+
+
+class ProtocolError(Exception):
+    """A frame decoded to something invalid; `code` is sent to the peer in an ErrorMsg."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def encode_raw(obj: object) -> bytes:
+    """Encode any msgspec-encodable value (an Event for the outbox, say)."""
+    return _encoder.encode(obj)
+
+
+def decode(frame: bytes) -> Message:
+    """Decode one frame; a bad one raises ProtocolError("malformed", <what was wrong>)."""
+    try:
+        return _decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("malformed", f"invalid message: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", f"undecodable frame: {exc}") from exc
+
+
+def expect(msg: Message, kind: type[T]) -> T:
+    """The message, if it is of the kind this point of the conversation allows."""
+    if isinstance(msg, ErrorMsg):
+        raise ProtocolError(msg.code, f"peer reported {msg.code}: {msg.message}")
+    if not isinstance(msg, kind):
+        raise ProtocolError(
+            "unexpected", f"expected {kind.__name__}, got {type(msg).__name__}"
+        )
+    return msg

@@ -1,0 +1,639 @@
+"""The durable, append-only event log: checksummed records of opaque payloads in segment files.
+
+Layout: a directory of segment files named ``<first_idx:020d>.seg``. A segment starts with a
+header (magic, format version, its first index, a CRC of those) and holds records back to back:
+
+    record = length u32 | idx u64 | crc32(payload) u32 | crc32(the 16 bytes before) u32 | payload
+
+The log does not know the event schema; it stores bytes under consecutive indices.
+
+Durability point: `append` writes a whole batch with one ``write`` and one ``fdatasync`` (group
+commit); when it returns, every record of the batch is on disk ("acknowledged = fsync
+returned"). A new segment also fsyncs the directory so the file itself survives a crash.
+
+Recovery on open (see docs/storage.md):
+
+* torn tail -- the LAST segment ends in a record cut mid-write, a partial header, or bytes
+  that never made it (zeros), with no valid record after it: truncated back to the last good
+  record with one WARNING naming file, offset and bytes dropped. Those records were never
+  acknowledged, so nothing durable is lost.
+* corruption -- a bad record (CRC mismatch, wrong index) with a valid record after it, or any
+  bad record in a sealed segment: `LogCorruptError` naming the file, offset and index. Never
+  skipped silently: folding past a hole would give a state nobody ever had.
+
+Opening is O(last segment): sealed segments are checked (header at open, every record's CRC
+and index when read). Each segment keeps a sparse index (every 1024th record -> offset) so
+`read_from(idx)` seeks rather than scanning from the start.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAGIC: Final = b"CLOG"
+FORMAT_VERSION: Final = 1
+_SEG_HEADER = struct.Struct("<4sHHQI")  # magic, version, flags, first_idx, crc32 of the 16 before
+_REC_HEADER = struct.Struct("<IQII")  # length, idx, crc32(payload), crc32 of the 16 before
+SEG_HEADER_SIZE: Final = _SEG_HEADER.size  # 20
+REC_HEADER_SIZE: Final = _REC_HEADER.size  # 20
+#: The largest payload one record may carry (a sanity bound, also for a damaged length field).
+MAX_PAYLOAD: Final = 1 << 30
+#: Every SPARSE_EVERY-th record of a segment has its offset remembered.
+SPARSE_EVERY: Final = 1024
+#: Bytes read per system call when scanning a segment.
+READ_CHUNK: Final = 4 << 20
+#: When looking for valid data after a bad record, the indices tried after the expected one.
+_LOOKAHEAD: Final = 16
+_SEG_NAME = re.compile(r"^(\d{20})\.seg$")
+_LOCK_NAME = "LOCK"
+
+_pack_rec_head = struct.Struct("<IQI").pack
+_pack_crc = struct.Struct("<I").pack
+_unpack_rec = _REC_HEADER.unpack_from
+_crc32 = zlib.crc32
+
+
+class LogError(Exception):
+    """Base of every error the event log reports."""
+
+
+class LogDirectoryError(LogError):
+    """The log directory cannot be used (not a directory, unreadable, locked, foreign files)."""
+
+
+class LogCorruptError(LogError):
+    """A record that is not a torn tail is bad: the log cannot be trusted past `idx`.
+
+    `path` is the segment file, `offset` the byte offset of the bad record in it, `idx` the
+    index of the bad record (or the index that was expected there).
+    """
+
+    def __init__(self, path: Path, offset: int, idx: int, why: str) -> None:
+        super().__init__(f"event log corrupt at index {idx}: {path} offset {offset}: {why}")
+        self.path = path
+        self.offset = offset
+        self.idx = idx
+        self.why = why
+
+
+def segment_name(first_idx: int) -> str:
+    return f"{first_idx:020d}.seg"
+
+
+def _segment_header(first_idx: int) -> bytes:
+    head = struct.pack("<4sHHQ", SEGMENT_MAGIC, FORMAT_VERSION, 0, first_idx)
+    return head + _pack_crc(_crc32(head))
+
+
+def encode_records(records: Sequence[tuple[int, bytes]]) -> tuple[bytes, list[int]]:
+    """The on-disk bytes of `records`, and each record's offset within them."""
+    parts: list[bytes] = []
+    offsets: list[int] = []
+    at = 0
+    for idx, payload in records:
+        n = len(payload)
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"record {idx}: payload of {n} bytes exceeds {MAX_PAYLOAD}")
+        head = _pack_rec_head(n, idx, _crc32(payload))
+        parts.append(head)
+        parts.append(_pack_crc(_crc32(head)))
+        parts.append(payload)
+        offsets.append(at)
+        at += REC_HEADER_SIZE + n
+    return b"".join(parts), offsets
+
+
+class _Segment:
+    """One segment file: its index range, durable size and sparse index."""
+
+    __slots__ = ("first_idx", "last_idx", "path", "size", "sparse_idx", "sparse_off")
+
+    def __init__(self, path: Path, first_idx: int, size: int) -> None:
+        self.path = path
+        self.first_idx = first_idx
+        #: Last index in the segment; first_idx - 1 while empty. For a sealed segment that
+        #: has not been read yet it is implied by the next segment's first index.
+        self.last_idx = first_idx - 1
+        #: Bytes known good: reads never go past it (a concurrent append may be mid-write).
+        self.size = size
+        self.sparse_idx: list[int] = [first_idx]
+        self.sparse_off: list[int] = [SEG_HEADER_SIZE]
+
+    def note(self, idx: int, offset: int) -> None:
+        """Remember `offset` if `idx` is the next sparse point (keeps the lists sorted)."""
+        if idx == self.sparse_idx[-1] + SPARSE_EVERY:
+            self.sparse_idx.append(idx)
+            self.sparse_off.append(offset)
+
+    def seek(self, idx: int) -> tuple[int, int]:
+        """(index, offset) of the nearest remembered record at or before `idx`."""
+        i = bisect.bisect_right(self.sparse_idx, idx) - 1
+        return self.sparse_idx[i], self.sparse_off[i]
+
+
+class EventLog:
+    """Append-only log of (index, payload) records; see the module docstring."""
+
+    def __init__(
+        self,
+        directory: Path,
+        segments: list[_Segment],
+        *,
+        segment_max_bytes: int,
+        readonly: bool,
+        lock_fd: int | None,
+    ) -> None:
+        self._dir = directory
+        self._segments = segments
+        self._firsts = [s.first_idx for s in segments]
+        self._max = segment_max_bytes
+        self._readonly = readonly
+        self._lock_fd = lock_fd
+        self._fd: int | None = None  # write handle of the active (last) segment
+        self._last_idx = segments[-1].last_idx if segments else 0
+        self._broken: str | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------------------- open
+
+    @classmethod
+    def open(
+        cls, directory: Path, *, segment_max_bytes: int = 64 << 20, readonly: bool = False
+    ) -> EventLog:
+        """Open (creating it unless `readonly`) the log in `directory` and recover its tail.
+
+        `readonly` takes no lock and never truncates: a torn tail is ignored, not removed,
+        so tools like `cluster replay` can read the log of a running master.
+        """
+        if segment_max_bytes < SEG_HEADER_SIZE + REC_HEADER_SIZE:
+            raise ValueError(f"segment_max_bytes={segment_max_bytes} is too small")
+        directory = Path(directory)
+        _check_directory(directory, readonly)
+        lock_fd = None if readonly else _lock(directory)
+        try:
+            segments = _list_segments(directory)
+            if segments:
+                _check_headers(segments, readonly)
+                segments = [s for s in segments if s.size >= 0]  # torn empty last segment
+            if segments:
+                _recover_last(segments[-1], readonly)
+            return cls(
+                directory,
+                segments,
+                segment_max_bytes=segment_max_bytes,
+                readonly=readonly,
+                lock_fd=lock_fd,
+            )
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    # ---------------------------------------------------------------------------- properties
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def last_idx(self) -> int:
+        """Highest durable index; 0 when the log is empty."""
+        return self._last_idx
+
+    @property
+    def first_idx(self) -> int:
+        """Lowest index held (1 for a log that starts at the beginning); 1 when empty."""
+        return self._segments[0].first_idx if self._segments else 1
+
+    # ---------------------------------------------------------------------------- append
+
+    def append(self, records: Sequence[tuple[int, bytes]]) -> None:
+        """Write `records` durably: ONE write, ONE fdatasync. Durable when this returns.
+
+        Indices must continue from `last_idx + 1` without gaps (`ValueError` otherwise).
+        After an I/O error the log refuses further appends: reopen it to recover.
+        """
+        if not records:
+            return
+        if self._closed:
+            raise ValueError("event log is closed")
+        if self._readonly:
+            raise ValueError("event log was opened read-only")
+        if self._broken is not None:
+            raise OSError(f"event log is unusable after an earlier I/O error: {self._broken}")
+        expected = self._last_idx + 1
+        for i, (idx, _payload) in enumerate(records):
+            if idx != expected + i:
+                raise ValueError(
+                    f"record {i} of the batch has index {idx}, expected {expected + i} "
+                    f"(indices must continue from last_idx {self._last_idx})"
+                )
+        data, offsets = encode_records(records)
+        seg = self._segments[-1] if self._segments else None
+        new_segment = seg is None or (
+            seg.last_idx >= seg.first_idx and seg.size + len(data) > self._max
+        )
+        if seg is None or new_segment:
+            seg = self._start_segment(expected)
+        fd = self._active_fd()
+        old_size = seg.size
+        try:
+            _write_all(fd, data)
+            _fdatasync(fd)
+        except OSError as exc:
+            # After a failed write or fsync the page cache state is unknown: cut back to the
+            # last acknowledged byte and refuse to go on in this process.
+            self._broken = str(exc)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, old_size)
+            raise
+        for (idx, _p), off in zip(records, offsets, strict=True):
+            seg.note(idx, old_size + off)
+        seg.size = old_size + len(data)
+        seg.last_idx = records[-1][0]
+        self._last_idx = seg.last_idx
+
+    def _start_segment(self, first_idx: int) -> _Segment:
+        """Create the next segment (header written and synced) and make it the active one."""
+        path = self._dir / segment_name(first_idx)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            _write_all(fd, _segment_header(first_idx))
+            _fdatasync(fd)
+            _fsync_dir(self._dir)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        self._fd = fd
+        seg = _Segment(path, first_idx, SEG_HEADER_SIZE)
+        self._segments.append(seg)
+        self._firsts.append(first_idx)
+        return seg
+
+    def _active_fd(self) -> int:
+        # Opened lazily: a log that is only read never holds a write handle.
+        if self._fd is None:
+            seg = self._segments[-1]
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
+        return self._fd
+
+    # ---------------------------------------------------------------------------- read
+
+    def read_from(self, start_idx: int) -> Iterator[tuple[int, bytes]]:
+        """Yield (idx, payload) for every durable record from `start_idx` on, in order.
+
+        Every record read is checked (CRCs, consecutive index); a bad one raises
+        `LogCorruptError`. Records appended while iterating are included.
+        """
+        idx = max(start_idx, self.first_idx)
+        while idx <= self._last_idx:
+            if self._closed:
+                raise ValueError("event log is closed")
+            i = bisect.bisect_right(self._firsts, idx) - 1
+            seg = self._segments[i]
+            sealed = i + 1 < len(self._segments)
+            end_idx = yield from _read_segment(seg, idx)
+            if sealed:
+                next_first = self._firsts[i + 1]
+                if end_idx != next_first:
+                    raise LogCorruptError(
+                        seg.path,
+                        seg.size,
+                        end_idx,
+                        f"segment ends before index {end_idx} but the next starts at {next_first}",
+                    )
+                seg.last_idx = next_first - 1
+            elif end_idx == idx:
+                break  # the active segment has nothing more yet
+            idx = end_idx
+
+    def verify(self) -> int:
+        """Read every record, checking CRCs and indices; returns the number of records."""
+        count = 0
+        for _ in self.read_from(self.first_idx):
+            count += 1
+        return count
+
+    # ---------------------------------------------------------------------------- close
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close must not leak the lock to a later open
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"EventLog({str(self._dir)!r}, last_idx={self._last_idx})"
+
+
+# -------------------------------------------------------------------------------- reading
+
+
+def _read_segment(seg: _Segment, start_idx: int) -> Generator[tuple[int, bytes], None, int]:
+    """Yield the records of `seg` from `start_idx` up to its durable size.
+
+    Generator's return value: the index after the last record read (the next one expected).
+    Reads big chunks and parses them in place; every record's CRCs and index are checked.
+    """
+    idx, offset = seg.seek(start_idx)
+    path = seg.path
+    unpack = _unpack_rec
+    crc32 = _crc32
+    hsize = REC_HEADER_SIZE
+    note_at = seg.sparse_idx[-1] + SPARSE_EVERY
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        buf = b""
+        pos = 0
+        base = offset  # file offset of buf[0]
+        while True:
+            limit = seg.size  # re-read: the active segment grows while we iterate
+            file_pos = base + len(buf)
+            if file_pos < limit:
+                chunk = f.read(min(READ_CHUNK, limit - file_pos))
+                if not chunk:
+                    raise LogCorruptError(path, file_pos, idx, "segment is shorter than recorded")
+                buf = buf[pos:] + chunk
+                base += pos
+                pos = 0
+            elif pos == len(buf):
+                return idx
+            else:
+                raise LogCorruptError(path, base + pos, idx, "record cut short at segment end")
+            end = len(buf)
+            mv = memoryview(buf)
+            while pos + hsize <= end:
+                length, ridx, pcrc, hcrc = unpack(buf, pos)
+                if crc32(mv[pos : pos + 16]) != hcrc:
+                    raise LogCorruptError(path, base + pos, idx, "record header checksum mismatch")
+                if ridx != idx:
+                    raise LogCorruptError(
+                        path, base + pos, idx, f"record has index {ridx}, expected {idx}"
+                    )
+                stop = pos + hsize + length
+                if stop > end:
+                    break
+                payload = buf[pos + hsize : stop]
+                if crc32(payload) != pcrc:
+                    raise LogCorruptError(path, base + pos, idx, "payload checksum mismatch")
+                if idx == note_at:
+                    seg.note(idx, base + pos)
+                    note_at += SPARSE_EVERY
+                if idx >= start_idx:
+                    yield idx, payload
+                idx += 1
+                pos = stop
+            mv.release()
+
+
+# -------------------------------------------------------------------------------- opening
+
+
+def _check_directory(directory: Path, readonly: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise LogDirectoryError(f"event log path {directory} is not a directory")
+    if not directory.exists():
+        if readonly:
+            raise LogDirectoryError(f"event log directory {directory} does not exist")
+        try:
+            directory.mkdir(parents=True)
+        except OSError as exc:
+            raise LogDirectoryError(
+                f"cannot create event log directory {directory}: {exc}"
+            ) from exc
+    need = os.R_OK | os.X_OK | (0 if readonly else os.W_OK)
+    if not os.access(directory, need):
+        what = "readable" if readonly else "readable and writable"
+        raise LogDirectoryError(f"event log directory {directory} is not {what}")
+
+
+def _lock(directory: Path) -> int:
+    """Exclusive lock: two writers on one log would interleave records."""
+    fd = os.open(directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LogDirectoryError(
+            f"event log {directory} is in use by another writer (lock {_LOCK_NAME} is held)"
+        ) from None
+    return fd
+
+
+def _list_segments(directory: Path) -> list[_Segment]:
+    segments = []
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(".seg"):
+            continue  # the lock file, editor leftovers: not ours to judge
+        m = _SEG_NAME.match(entry.name)
+        if m is None or not entry.is_file():
+            raise LogDirectoryError(
+                f"{entry.path}: not a segment of this log (expected <20 digits>.seg files)"
+            )
+        first = int(m.group(1))
+        if first < 1:
+            raise LogDirectoryError(f"{entry.path}: segment first index must be >= 1")
+        segments.append(_Segment(Path(entry.path), first, entry.stat().st_size))
+    segments.sort(key=lambda s: s.first_idx)
+    return segments
+
+
+def _check_headers(segments: list[_Segment], readonly: bool) -> None:
+    """Every segment must carry our magic, version and its own first index.
+
+    An incomplete or all-zero header on the LAST segment is a crash while it was being
+    created (nothing in it was ever acknowledged): removed, or ignored when read-only. Such a
+    segment is marked with size -1 for the caller to drop.
+    """
+    for n, seg in enumerate(segments):
+        with open(seg.path, "rb") as f:
+            head = f.read(SEG_HEADER_SIZE)
+        last = n == len(segments) - 1
+        if (
+            last
+            and (len(head) < SEG_HEADER_SIZE or not any(head))
+            and not any(_read_rest(seg.path, len(head)))
+        ):
+            log.warning(
+                "event log: %s: torn segment header (crash while creating it): %s %d bytes",
+                seg.path,
+                "ignoring" if readonly else "removing",
+                seg.size,
+            )
+            if not readonly:
+                seg.path.unlink()
+                _fsync_dir(seg.path.parent)
+            seg.size = -1
+            continue
+        if len(head) < SEG_HEADER_SIZE:
+            raise LogCorruptError(seg.path, 0, seg.first_idx, "segment header is cut short")
+        magic, version, _flags, first, crc = _SEG_HEADER.unpack(head)
+        if magic != SEGMENT_MAGIC:
+            raise LogDirectoryError(
+                f"{seg.path}: foreign file (magic {magic!r}, expected {SEGMENT_MAGIC!r})"
+            )
+        if version != FORMAT_VERSION:
+            raise LogDirectoryError(
+                f"{seg.path}: segment format version {version} is not supported "
+                f"(this build reads version {FORMAT_VERSION})"
+            )
+        if _crc32(head[:16]) != crc:
+            raise LogCorruptError(seg.path, 0, seg.first_idx, "segment header checksum mismatch")
+        if first != seg.first_idx:
+            raise LogCorruptError(
+                seg.path, 0, seg.first_idx, f"segment header says first index {first}"
+            )
+
+
+def _read_rest(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def _recover_last(seg: _Segment, readonly: bool) -> None:
+    """Scan the last segment fully: find its last index, build its sparse index, cut a torn
+    tail (one WARNING), and raise `LogCorruptError` for a bad record with good data after it.
+    """
+    with open(seg.path, "rb") as f:
+        buf = f.read()
+    size = len(buf)
+    mv = memoryview(buf)
+    pos = SEG_HEADER_SIZE
+    idx = seg.first_idx
+    hsize = REC_HEADER_SIZE
+    why = ""
+    while pos < size:
+        if pos + hsize > size:
+            why = "partial record header"
+            break
+        length, ridx, pcrc, hcrc = _unpack_rec(buf, pos)
+        if _crc32(mv[pos : pos + 16]) != hcrc:
+            why = "record header checksum mismatch"
+            break
+        if ridx != idx:
+            raise LogCorruptError(seg.path, pos, idx, f"record has index {ridx}, expected {idx}")
+        stop = pos + hsize + length
+        if stop > size:
+            why = "record cut mid-write"
+            break
+        if _crc32(mv[pos + hsize : stop]) != pcrc:
+            why = "payload checksum mismatch"
+            break
+        seg.note(idx, pos)
+        idx += 1
+        pos = stop
+    mv.release()
+    if pos < size:
+        found = _valid_record_after(buf, pos, idx)
+        if found is not None:
+            raise LogCorruptError(
+                seg.path, pos, idx, f"{why}, with a valid record (index {found}) after it"
+            )
+        dropped = size - pos
+        log.warning(
+            "event log: torn tail in %s at offset %d (%s): %s %d bytes after index %d",
+            seg.path,
+            pos,
+            why,
+            "ignoring" if readonly else "dropped",
+            dropped,
+            idx - 1,
+        )
+        if not readonly:
+            fd = os.open(seg.path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, pos)
+                _fdatasync(fd)
+            finally:
+                os.close(fd)
+    seg.size = pos
+    seg.last_idx = idx - 1
+
+
+def _valid_record_after(buf: bytes, bad_pos: int, expected: int) -> int | None:
+    """Index of a record with valid checksums after the bad one at `bad_pos`, if any.
+
+    A torn tail is followed only by garbage or zeros; real corruption (a flipped byte) is
+    followed by good records. We look for the headers of the next few indices by their
+    8-byte index field (a fast substring search), then check both CRCs.
+    """
+    for k in range(1, _LOOKAHEAD + 1):
+        want = struct.pack("<Q", expected + k)
+        at = buf.find(want, bad_pos + 4)
+        while at != -1:
+            head_at = at - 4
+            if head_at + REC_HEADER_SIZE <= len(buf):
+                length, _ridx, pcrc, hcrc = _unpack_rec(buf, head_at)
+                stop = head_at + REC_HEADER_SIZE + length
+                if (
+                    _crc32(buf[head_at : head_at + 16]) == hcrc
+                    and stop <= len(buf)
+                    and _crc32(buf[head_at + REC_HEADER_SIZE : stop]) == pcrc
+                ):
+                    return expected + k
+            at = buf.find(want, at + 1)
+    return None
+
+
+# -------------------------------------------------------------------------------- syscalls
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write() for the batch; loop only if the kernel accepts less (rare for files)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fdatasync(fd: int) -> None:
+    # fdatasync also flushes the file size, which is all an append changes in the metadata.
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # pragma: no cover - macOS
+        os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a created, renamed or removed directory entry durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

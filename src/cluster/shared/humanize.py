@@ -1,0 +1,74 @@
+"""Plain-language numbers and times for operators: "4m 12s", "1h 05m", "14:30 UTC", "1,204".
+
+Pure: every function takes the times it shows (and "now" when it matters) as arguments and
+never reads a clock, so status messages are reproducible in tests and on every node.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+_MS_PER_S = 1000
+_S_PER_M = 60
+_S_PER_H = 3600
+_S_PER_D = 86400
+
+
+def format_duration(ms: int) -> str:
+    """A duration at the precision an operator needs: "12s", "4m 12s", "25m", "1h 05m", "2d 03h".
+
+    Seconds are rounded to the nearest whole second; a negative duration counts as zero.
+    Whole minutes drop the seconds ("25m") so a fake-clock test and a person read the same.
+    """
+    s = (max(ms, 0) + _MS_PER_S // 2) // _MS_PER_S
+    if s < _S_PER_M:
+        return f"{s}s"
+    if s < _S_PER_H:
+        m, sec = divmod(s, _S_PER_M)
+        return f"{m}m {sec:02d}s" if sec else f"{m}m"
+    if s < _S_PER_D:
+        h, rest = divmod(s, _S_PER_H)
+        return f"{h}h {rest // _S_PER_M:02d}m"
+    d, rest = divmod(s, _S_PER_D)
+    return f"{d}d {rest // _S_PER_H:02d}h"
+
+
+def format_relative(at_ms: int, now_ms: int) -> str:
+    """ "in 4m 12s" for the future, "3m ago" for the past, "now" within half a second."""
+    delta = at_ms - now_ms
+    if abs(delta) < _MS_PER_S // 2:
+        return "now"
+    if delta > 0:
+        return f"in {format_duration(delta)}"
+    return f"{format_duration(-delta)} ago"
+
+
+def format_utc(at_ms: int, now_ms: int) -> str:
+    """Wall-clock time in UTC: "14:30 UTC" on today's date, "2024-03-06 14:30 UTC" otherwise.
+
+    Seconds are shown only when they are not zero ("14:30:15 UTC").
+    """
+    at = datetime.fromtimestamp(at_ms / _MS_PER_S, tz=UTC)
+    now = datetime.fromtimestamp(now_ms / _MS_PER_S, tz=UTC)
+    clock = at.strftime("%H:%M:%S" if at.second else "%H:%M")
+    if at.date() != now.date():
+        return f"{at.strftime('%Y-%m-%d')} {clock} UTC"
+    return f"{clock} UTC"
+
+
+def format_count(n: int) -> str:
+    """An integer with thousands separators: 1204 -> "1,204"."""
+    return f"{n:,}"
+
+
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """ "1 slot", "2 slots", "1,204 events"."""
+    word = singular if n == 1 else (plural_form or f"{singular}s")
+    return f"{format_count(n)} {word}"
+
+
+def short_id(node_id: str, keep: int = 6) -> str:
+    """A long libp2p peer id shortened for tables ("12D3Ko…x7Fq9a"); short ids are kept."""
+    if len(node_id) <= 2 * keep + 1:
+        return node_id
+    return f"{node_id[:keep]}…{node_id[-keep:]}"

@@ -1,0 +1,107 @@
+"""NVIDIA GPUs through NVML (the `pynvml` module of the nvidia-ml-py package), when present.
+
+A machine without the library, without a driver or without a GPU is normal, not an error:
+the probe says so once at INFO and then reports "no GPUs" (None) on every call without
+retrying NVML, whose failed initialisation can itself be slow. A GPU that NVML found but
+then fails to answer (fallen off the bus, driver reset) is an error the caller sees: the
+info gatherer logs it and retries on its schedule.
+
+Every call blocks (NVML is a C library; a sick driver can hang it), so callers run it in a
+worker thread with a timeout -- the info gatherer does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from types import ModuleType
+from typing import Any
+
+from cluster.shared.events import GpuInfo
+
+log = logging.getLogger(__name__)
+
+_MIB = 1024 * 1024
+
+
+class NvmlGpuProbe:
+    """Lists the GPUs of this machine; `read()` is None when NVML is unusable here.
+
+    `nvml` replaces the `pynvml` module (tests pass an object with the same functions);
+    by default the real module is imported on first use.
+    """
+
+    def __init__(self, nvml: ModuleType | Any | None = None) -> None:
+        self._nvml = nvml
+        self._lock = threading.Lock()  # a timed-out read may still run in its thread
+        self._initialised = False
+        self._unavailable_reason: str | None = None
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why NVML cannot be used here (None while usable or not tried yet)."""
+        return self._unavailable_reason
+
+    def read(self) -> tuple[GpuInfo, ...] | None:
+        """The GPUs now, or None when this machine has no usable NVML."""
+        with self._lock:
+            nvml = self._ensure_initialised()
+            if nvml is None:
+                return None
+            count = int(nvml.nvmlDeviceGetCount())
+            return tuple(_read_device(nvml, index) for index in range(count))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._initialised and self._nvml is not None:
+                try:
+                    self._nvml.nvmlShutdown()
+                except Exception as exc:  # shutting down a sick driver must not crash the worker
+                    log.info("NVML shutdown failed: %s", exc)
+            self._initialised = False
+
+    def _ensure_initialised(self) -> Any | None:
+        if self._initialised:
+            return self._nvml
+        if self._unavailable_reason is not None:
+            return None
+        try:
+            if self._nvml is None:
+                self._nvml = importlib.import_module("pynvml")
+            self._nvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded...
+            self._unavailable_reason = f"{type(exc).__name__}: {exc}".strip()
+            log.info("no NVIDIA GPUs on this node (NVML unavailable: %s)", self._unavailable_reason)
+            return None
+        self._initialised = True
+        return self._nvml
+
+
+def _text(value: bytes | str) -> str:
+    # nvidia-ml-py returned bytes before version 11.5 and str since.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional_int(read: Any) -> int | None:
+    """A reading some GPUs do not support (utilisation on vGPUs, temperature on some boards)."""
+    try:
+        return int(read())
+    except Exception:
+        return None
+
+
+def _read_device(nvml: Any, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return GpuInfo(
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        memory_total_mb=int(memory.total) // _MIB,
+        memory_used_mb=int(memory.used) // _MIB,
+        utilization_pct=_optional_int(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        temperature_c=_optional_int(
+            lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        ),
+    )

@@ -1,0 +1,218 @@
+"""The worker's durable outbox: events it emitted that the master has not yet acknowledged.
+
+Layout in its directory:
+
+- ``events.log``: append-only records ``[len u32][seq u64][crc32 u32][payload]`` where the
+  payload is the msgpack-encoded Event and the CRC covers seq and payload. Each record is one
+  `os.write` on an O_APPEND descriptor, so it is in the kernel once `append` returns and
+  survives ``kill -9`` of the worker. `sync()` (fsync) is called by the sender before each
+  batch leaves, so anything the master may acknowledge has also reached the disk.
+- ``acked``: the ack watermark ``[seq u64][crc32 u32]``, replaced atomically (write, fsync,
+  rename). Records with seq <= watermark are done.
+
+On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
+Sequence numbers never go backwards: the next seq is above both the watermark and every
+record on disk, so the master's (origin, seq) duplicate check stays correct across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from cluster.shared.events import Event
+
+log = logging.getLogger(__name__)
+
+_REC: Final = struct.Struct(">IQI")
+_ACK: Final = struct.Struct(">QI")
+#: A single event larger than this is a bug, not data (events are small facts).
+MAX_EVENT_BYTES: Final = 1 << 20
+#: Rewrite the log without acknowledged records once it is this big.
+COMPACT_BYTES: Final = 4 << 20
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class OutboxError(Exception):
+    pass
+
+
+def _crc(seq: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(seq.to_bytes(8, "big")))
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._log_path = directory / "events.log"
+        self._ack_path = directory / "acked"
+        self._pending: deque[tuple[int, bytes]] = deque()
+        self._acked = 0
+        self._last_seq = 0
+        self._fd = -1
+        self._size = 0
+        self._dirty = False
+
+    # ---------------------------------------------------------------- open / recovery
+    @classmethod
+    def open(cls, directory: Path) -> Outbox:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create outbox {directory}: {exc.strerror}") from exc
+        box = cls(directory)
+        box._acked = box._read_ack()
+        box._last_seq = box._acked
+        box._load_log()
+        box._fd = os.open(box._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return box
+
+    def _read_ack(self) -> int:
+        try:
+            data = self._ack_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        if len(data) != _ACK.size:
+            raise OutboxError(f"{self._ack_path}: {len(data)} bytes, expected {_ACK.size}")
+        seq, crc = _ACK.unpack(data)
+        if zlib.crc32(data[:8]) != crc:
+            raise OutboxError(f"{self._ack_path}: checksum mismatch (corrupt ack watermark)")
+        return int(seq)
+
+    def _load_log(self) -> None:
+        try:
+            data = self._log_path.read_bytes()
+        except FileNotFoundError:
+            return
+        off = 0
+        good_end = 0
+        while off + _REC.size <= len(data):
+            length, seq, crc = _REC.unpack_from(data, off)
+            end = off + _REC.size + length
+            if length > MAX_EVENT_BYTES or end > len(data):
+                break
+            payload = data[off + _REC.size : end]
+            if _crc(seq, payload) != crc:
+                break
+            if seq > self._acked:
+                self._pending.append((seq, payload))
+            self._last_seq = max(self._last_seq, seq)
+            off = good_end = end
+        if good_end < len(data):
+            log.warning(
+                "outbox %s: dropped a torn tail of %d bytes at offset %d",
+                self._log_path,
+                len(data) - good_end,
+                good_end,
+            )
+            with open(self._log_path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+        self._size = good_end
+
+    # ---------------------------------------------------------------- use
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def append(self, event: Event) -> int:
+        """Give the event the next seq and record it; returns the seq."""
+        payload = _encoder.encode(event)
+        if len(payload) > MAX_EVENT_BYTES:
+            raise OutboxError(f"event of {len(payload)} bytes exceeds {MAX_EVENT_BYTES}")
+        seq = self._last_seq + 1
+        record = _REC.pack(len(payload), seq, _crc(seq, payload)) + payload
+        os.write(self._fd, record)
+        self._last_seq = seq
+        self._size += len(record)
+        self._dirty = True
+        self._pending.append((seq, payload))
+        return seq
+
+    def pending_after(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` unacknowledged records with seq > `seq`, in order."""
+        out: list[tuple[int, bytes]] = []
+        for item in self._pending:
+            if item[0] > seq:
+                out.append(item)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def sync(self) -> None:
+        """fsync the log (cheap when nothing was appended since the last call)."""
+        if self._dirty:
+            self._dirty = False
+            os.fsync(self._fd)
+
+    def ack(self, seq: int) -> None:
+        """Everything up to `seq` is durable at the master: forget it (persistently)."""
+        if seq <= self._acked:
+            return
+        seq = min(seq, self._last_seq)
+        self._write_ack(seq)
+        self._acked = seq
+        while self._pending and self._pending[0][0] <= seq:
+            self._pending.popleft()
+        if not self._pending and self._size:
+            os.ftruncate(self._fd, 0)
+            self._size = 0
+        elif self._size > COMPACT_BYTES:
+            self._compact()
+
+    def skip_to(self, last_seq_at_master: int) -> None:
+        """The master already holds our events up to this seq (our ack was lost in a crash,
+        or our outbox was wiped): treat them as acknowledged and never reuse those seqs."""
+        if last_seq_at_master > self._last_seq:
+            self._last_seq = last_seq_at_master
+        self.ack(last_seq_at_master)
+
+    def _write_ack(self, seq: int) -> None:
+        head = seq.to_bytes(8, "big")
+        tmp = self._ack_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _ACK.pack(seq, zlib.crc32(head)))
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._ack_path)
+
+    def _compact(self) -> None:
+        tmp = self._log_path.with_suffix(".tmp")
+        data = b"".join(
+            _REC.pack(len(p), s, _crc(s, p)) + p for s, p in self._pending
+        )
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._log_path)
+        os.close(self._fd)
+        self._fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND, 0o600)
+        self._size = len(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1

@@ -1,0 +1,295 @@
+"""Each reducer, driven through the public `apply()` exactly as the log would drive it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.shared.apply import REDUCERS, OutOfOrderError, apply, fold
+from cluster.shared.events import (
+    EVENT_TYPES,
+    MASTER_ORIGIN,
+    DevshardFinalized,
+    DevshardPlaced,
+    EpochSettled,
+    EpochStarted,
+    Event,
+    GpuInfo,
+    IndexedEvent,
+    LateWorkSettled,
+    MaintenanceCancelled,
+    MaintenanceDrainStarted,
+    MaintenanceFinished,
+    MaintenanceOverrun,
+    MaintenanceScheduled,
+    MaintenanceStarted,
+    NodeConnected,
+    NodeDisconnected,
+    NodeGatheredInfo,
+    NodeHeartbeat,
+    NodeInfo,
+    NodePayout,
+    RunnerSelfTestCompleted,
+    RunnerStatus,
+    RunnerStatusUpdated,
+    SessionDeleted,
+    SessionRequested,
+    SessionUnplaced,
+    SlotAssignment,
+    WorkMissed,
+    WorkReported,
+)
+from cluster.shared.state import EMPTY_STATE, State, WindowState
+
+A, B = "nodeA", "nodeB"
+
+
+class Log:
+    """Builds a log the way the master does: consecutive indices, per-origin sequences."""
+
+    def __init__(self) -> None:
+        self.state = EMPTY_STATE
+        self.events: list[IndexedEvent] = []
+        self._seq: dict[str, int] = {}
+
+    def add(self, origin: str, event: Event, at_ms: int = 1_000) -> State:
+        seq = self._seq.get(origin, 0) + 1
+        self._seq[origin] = seq
+        ie = IndexedEvent(len(self.events) + 1, at_ms, origin, seq, event)
+        self.events.append(ie)
+        self.state = apply(self.state, ie)
+        return self.state
+
+
+def test_every_event_type_has_exactly_one_reducer() -> None:
+    assert set(REDUCERS) == set(EVENT_TYPES)
+    assert len(EVENT_TYPES) == len(set(EVENT_TYPES))
+
+
+def test_out_of_order_index_raises_documented_error() -> None:
+    log = Log()
+    log.add(A, NodeHeartbeat(node_id=A))
+    gap = IndexedEvent(3, 1, A, 2, NodeHeartbeat(node_id=A))
+    with pytest.raises(OutOfOrderError) as err:
+        apply(log.state, gap)
+    assert (err.value.expected, err.value.got) == (2, 3)
+    dup = IndexedEvent(1, 1, A, 1, NodeHeartbeat(node_id=A))
+    with pytest.raises(OutOfOrderError) as err:
+        fold(log.state, [dup])
+    assert (err.value.expected, err.value.got) == (2, 1)
+    assert log.state.last_applied == 1  # the caller's state is untouched
+
+
+def test_heartbeat_registers_node_and_advances_its_index() -> None:
+    log = Log()
+    s = log.add(A, NodeHeartbeat(node_id=A), at_ms=5)
+    assert s.nodes[A].connected and s.nodes[A].joined_idx == 1 and s.nodes[A].joined_ms == 5
+    assert s.last_event_index_by_node[A] == 1
+    log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=10, seed=1))
+    s = log.add(A, NodeHeartbeat(node_id=A))
+    assert s.last_event_index_by_node[A] == 3
+    assert s.last_seq_by_origin[A] == 2 and s.last_seq_by_origin[MASTER_ORIGIN] == 1
+    assert MASTER_ORIGIN not in s.last_event_index_by_node
+    assert s.last_applied == 3
+
+
+def test_every_node_originated_event_advances_liveness() -> None:
+    log = Log()
+    log.add(A, NodeHeartbeat(node_id=A))
+    s = log.add(A, RunnerStatusUpdated(runner_id="r", node_id=A, status=RunnerStatus.LOADING))
+    assert s.last_event_index_by_node[A] == 2
+    s = log.add(A, WorkReported(devshard_id="d", node_id=A, units=1, epoch=0))
+    assert s.last_event_index_by_node[A] == 3
+
+
+def test_info_merges_partial_sources() -> None:
+    log = Log()
+    log.add(A, NodeGatheredInfo(node_id=A, source="host", info=NodeInfo(hostname="h", slots=4)))
+    gpu = GpuInfo(index=0, name="H100", uuid="u", memory_total_mb=80_000, memory_used_mb=0)
+    s = log.add(A, NodeGatheredInfo(node_id=A, source="gpu", info=NodeInfo(gpus=(gpu,))))
+    info = s.nodes[A].info
+    assert (info.hostname, info.slots, info.gpus) == ("h", 4, (gpu,))
+    s = log.add(A, NodeGatheredInfo(node_id=A, source="cpu", info=NodeInfo(cpu_percent=12.5)))
+    assert s.nodes[A].info.hostname == "h" and s.nodes[A].info.cpu_percent == 12.5
+
+
+def test_disconnect_then_speaking_again_rejoins() -> None:
+    log = Log()
+    log.add(A, NodeHeartbeat(node_id=A))
+    s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="no events for 3 cycles"), 7)
+    rec = s.nodes[A]
+    assert not rec.connected and rec.disconnected_reason == "no events for 3 cycles"
+    assert rec.disconnected_ms == 7
+    s = log.add(A, NodeHeartbeat(node_id=A), at_ms=9)
+    assert s.nodes[A].connected and s.nodes[A].joined_idx == 3 and s.nodes[A].joined_ms == 9
+
+
+def test_unexcused_disconnect_is_recorded_against_the_epoch() -> None:
+    log = Log()
+    log.add(MASTER_ORIGIN, EpochStarted(epoch=4, start_ms=0, end_ms=100, seed=9))
+    log.add(A, NodeHeartbeat(node_id=A))
+    log.add(B, NodeHeartbeat(node_id=B))
+    log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="killed"))
+    s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=B, reason="maint", excused=True))
+    assert dict(s.ledgers[4].disconnects) == {A: "killed"}
+
+
+def test_node_connected_registers_and_self_test_is_recorded() -> None:
+    log = Log()
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, addr="/ip4/127.0.0.1"))
+    assert s.nodes[A].connected
+    s = log.add(
+        A,
+        RunnerSelfTestCompleted(
+            node_id=A, runner_kind="simulated", passed=False, reason="probe timed out", load_ms=3
+        ),
+        at_ms=50,
+    )
+    st = s.nodes[A].self_test
+    assert st is not None and not st.passed and st.reason == "probe timed out" and st.at_ms == 50
+
+
+def test_runner_lifecycle_keeps_live_runners_only() -> None:
+    log = Log()
+    s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.LOADING))
+    assert s.runners["d/0"].status is RunnerStatus.LOADING
+    s = log.add(
+        A,
+        RunnerStatusUpdated(
+            runner_id="d/0", node_id=A, status=RunnerStatus.FAILED, reason="exit code 3"
+        ),
+    )
+    assert s.runners["d/0"].reason == "exit code 3"
+    s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.STOPPED))
+    assert "d/0" not in s.runners
+
+
+def _placed_session(log: Log) -> None:
+    log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=1_000, seed=5))
+    log.add(
+        MASTER_ORIGIN,
+        SessionRequested(session_id="s1", slots=2, memory_per_slot_mb=1024, reward_per_unit=3),
+    )
+    log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id="ds-1-s1",
+            session_id="s1",
+            epoch=1,
+            assignments=(SlotAssignment(0, A), SlotAssignment(1, B)),
+            ends_ms=1_000,
+        ),
+    )
+
+
+def test_sessions_devshards_and_stickiness() -> None:
+    log = Log()
+    _placed_session(log)
+    s = log.state
+    assert s.devshard_by_session["s1"] == "ds-1-s1"
+    assert s.devshards["ds-1-s1"].assignments[1].node_id == B
+    s = log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id="ds-1-s1",
+            session_id="s1",
+            epoch=1,
+            assignments=(SlotAssignment(0, A), SlotAssignment(1, A)),
+            ends_ms=1_000,
+            reason="replace",
+        ),
+    )
+    assert s.devshards["ds-1-s1"].reason == "replace"
+    s = log.add(MASTER_ORIGIN, DevshardFinalized(devshard_id="ds-1-s1", epoch=1))
+    assert "ds-1-s1" not in s.devshards and "s1" not in s.devshard_by_session
+    assert s.last_nodes_by_session["s1"] == (A,)
+    s = log.add(MASTER_ORIGIN, SessionUnplaced(session_id="s1", epoch=2, reason="no room"))
+    assert (s.sessions["s1"].unplaced_reason, s.sessions["s1"].unplaced_epoch) == ("no room", 2)
+    s = log.add(MASTER_ORIGIN, SessionDeleted(session_id="s1"))
+    assert "s1" not in s.sessions and "s1" not in s.last_nodes_by_session
+
+
+def test_work_accrues_to_the_epoch_ledger_and_settles_at_the_end() -> None:
+    log = Log()
+    _placed_session(log)
+    log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=4, epoch=1))
+    log.add(B, WorkReported(devshard_id="ds-1-s1", node_id=B, units=1, epoch=1))
+    s = log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=B, epoch=1, count=2))
+    log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=A, epoch=1, excused=True))
+    ledger = log.state.ledgers[1]
+    assert dict(ledger.units) == {A: 4, B: 1}
+    assert dict(ledger.reward) == {A: 12, B: 3}  # reward_per_unit=3
+    assert dict(ledger.misses) == {B: 2}  # the excused miss is not counted
+    assert s.credit_ms_by_node.get(A) is None
+    payouts = (
+        NodePayout(node_id=A, units=4, reward=12, punished=False, credit_earned_ms=600),
+        NodePayout(node_id=B, units=1, reward=0, punished=True, reason="2 misses"),
+    )
+    s = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=payouts))
+    assert s.ledgers[1].settled and s.ledgers[1].payouts[B].punished
+    assert s.credit_ms_by_node[A] == 600
+    # Work that arrives after settlement counts toward that epoch as late work.
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=2, epoch=1))
+    assert s.ledgers[1].late_units[A] == 2 and s.ledgers[1].units[A] == 4
+    s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=2, reward=6))
+    assert s.ledgers[1].late_paid[A] == 6
+    # Settling twice changes nothing.
+    again = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))
+    assert again.ledgers[1] == s.ledgers[1]
+
+
+def _schedule(log: Log, window_id: str = "w1", credit: int = 60_000) -> State:
+    return log.add(
+        A,
+        MaintenanceScheduled(
+            window_id=window_id,
+            node_id=A,
+            start_ms=10_000,
+            duration_ms=60_000,
+            requested_ms=1_000,
+            credit_spent_ms=credit,
+        ),
+    )
+
+
+def test_window_lifecycle_finish() -> None:
+    log = Log()
+    s = _schedule(log)
+    assert s.windows["w1"].state is WindowState.SCHEDULED and s.open_window_by_node[A] == "w1"
+    assert s.credit_ms_by_node[A] == -60_000
+    s = log.add(MASTER_ORIGIN, MaintenanceDrainStarted(window_id="w1", node_id=A), at_ms=5_000)
+    assert (
+        s.windows["w1"].state is WindowState.DRAINING and s.windows["w1"].drain_started_ms == 5_000
+    )
+    s = log.add(MASTER_ORIGIN, MaintenanceStarted(window_id="w1", node_id=A), at_ms=10_000)
+    assert s.windows["w1"].state is WindowState.ACTIVE
+    # Cancel once active is ignored (the master refuses it before it reaches the log).
+    s2 = log.add(A, MaintenanceCancelled(window_id="w1", node_id=A))
+    assert s2.windows["w1"].state is WindowState.ACTIVE
+    s = log.add(A, MaintenanceFinished(window_id="w1", node_id=A, how="reconnect"), at_ms=20_000)
+    win = s.windows["w1"]
+    assert (win.state, win.outcome, win.closed_ms) == (WindowState.COMPLETED, "reconnect", 20_000)
+    assert A not in s.open_window_by_node
+
+
+def test_window_overrun_and_cancel_refund() -> None:
+    log = Log()
+    _schedule(log)
+    log.add(MASTER_ORIGIN, MaintenanceStarted(window_id="w1", node_id=A))
+    s = log.add(MASTER_ORIGIN, MaintenanceOverrun(window_id="w1", node_id=A), at_ms=70_000)
+    assert s.windows["w1"].outcome == "overrun" and A not in s.open_window_by_node
+    s = _schedule(log, "w2", credit=1_000)
+    assert s.credit_ms_by_node[A] == -61_000
+    s = log.add(A, MaintenanceCancelled(window_id="w2", node_id=A, credit_refund_ms=1_000))
+    assert s.windows["w2"].state is WindowState.CANCELLED
+    assert s.credit_ms_by_node[A] == -60_000
+    # Finishing a cancelled window, or another node's window, changes nothing.
+    before = s.windows
+    s = log.add(B, MaintenanceFinished(window_id="w2", node_id=B))
+    assert s.windows == before
+
+
+def test_second_pending_window_for_a_node_is_ignored() -> None:
+    log = Log()
+    _schedule(log, "w1")
+    s = _schedule(log, "w2")
+    assert "w2" not in s.windows and s.open_window_by_node[A] == "w1"
