@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
@@ -22,7 +20,7 @@ from cluster.shared.events import (
     SessionRequested,
     SlotAssignment,
 )
-from cluster.shared.humanize import format_duration, format_relative, format_utc, short_id
+from cluster.shared.humanize import format_count, format_utc, plural, short_id
 from cluster.shared.node_status import (
     NORMAL_STATES,
     LogLevel,
@@ -304,30 +302,13 @@ def test_node_statuses_covers_every_node_and_extra_ids_sorted() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("ms", "text"),
-    [
-        (0, "0s"),
-        (12_000, "12s"),
-        (252_000, "4m 12s"),
-        (245_000, "4m 05s"),
-        (25 * MIN, "25m"),
-        (65 * MIN, "1h 05m"),
-        (27 * 60 * MIN, "1d 03h"),
-        (-5, "0s"),
-    ],
-)
-def test_format_duration(ms: int, text: str) -> None:
-    assert format_duration(ms) == text
-
-
 def test_format_times() -> None:
     assert format_utc(T0 + 30 * MIN, T0) == "14:30 UTC"
     assert format_utc(T0 + 30 * MIN + 15_000, T0) == "14:30:15 UTC"
     assert format_utc(T0 + 24 * 60 * MIN, T0) == "2024-03-06 14:00 UTC"
-    assert format_relative(T0 + MIN, T0) == "in 1m"
-    assert format_relative(T0 - MIN, T0) == "1m ago"
-    assert format_relative(T0 + 100, T0) == "now"
+    assert format_count(1204) == "1,204"
+    assert plural(1, "slot") == "1 slot"
+    assert plural(2, "slot") == "2 slots"
     assert short_id("12D3KooWAbCdEfGhIjKlMnOpQrStUv") == "12D3Ko…QrStUv"
     assert short_id("node-a") == "node-a"
 

@@ -4,6 +4,9 @@ Everything here is pure (the caller passes "now"), so the maintenance commands s
 shells and every error message is testable. Errors are `DurationError` (a `ValueError`)
 whose text says exactly what was wrong and what to write instead.
 
+Formatting (``format_duration``, ``format_relative``) is `cluster.shared.humanize`'s,
+re-exported here.
+
 Accepted durations: one or more ``<integer><unit>`` parts with units ``h``, ``m``, ``s`` in
 that order, each at most once, optionally separated by spaces: ``0h``, ``45s``, ``90m``,
 ``1h30m``, ``12h35m20s``, ``1h 05m``. Times for ``--at`` are ISO 8601
@@ -17,6 +20,27 @@ from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
+
+# Formatting durations for people already lives in humanize; re-exported so the CLI finds
+# parsing and formatting in one place.
+from cluster.shared.humanize import format_duration, format_relative
+
+__all__ = [
+    "DAY_MS",
+    "HOUR_MS",
+    "MAX_DURATION_MS",
+    "MINUTE_MS",
+    "SECOND_MS",
+    "DurationError",
+    "WindowRequest",
+    "format_duration",
+    "format_relative",
+    "format_time",
+    "parse_duration",
+    "parse_time",
+    "parse_window_request",
+    "resolve_start",
+]
 
 SECOND_MS: Final = 1_000
 MINUTE_MS: Final = 60 * SECOND_MS
@@ -82,27 +106,6 @@ def parse_duration(text: str) -> int:
     return total
 
 
-def format_duration(ms: int) -> str:
-    """Render milliseconds for people: ``"1h 05m"``, ``"4m 12s"``, ``"45s"``, ``"0s"``.
-
-    Hours show minutes (two digits) and seconds only when there are any; sub-second
-    remainders are dropped except for durations under a second, shown as ``"250ms"``.
-    """
-    if ms < 0:
-        return "-" + format_duration(-ms)
-    if 0 < ms < SECOND_MS:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, HOUR_MS)
-    minutes, rest = divmod(rest, MINUTE_MS)
-    seconds = rest // SECOND_MS
-    if hours:
-        text = f"{hours}h {minutes:02d}m"
-        return f"{text} {seconds:02d}s" if seconds else text
-    if minutes:
-        return f"{minutes}m {seconds:02d}s" if seconds else f"{minutes}m"
-    return f"{seconds}s"
-
-
 def parse_time(text: str) -> int:
     """Parse an ISO 8601 time into ms since the Unix epoch; no timezone means UTC."""
     src = text.strip()
@@ -126,14 +129,6 @@ def format_time(ms: int) -> str:
     text = when.strftime("%Y-%m-%dT%H:%M:%S")
     frac = ms % SECOND_MS
     return f"{text}.{frac:03d}Z" if frac else f"{text}Z"
-
-
-def format_relative(target_ms: int, now_ms: int) -> str:
-    """``"in 1h 05m"`` for a future time, ``"2m ago"`` for a past one, ``"now"`` if equal."""
-    delta = target_ms - now_ms
-    if delta == 0:
-        return "now"
-    return f"in {format_duration(delta)}" if delta > 0 else f"{format_duration(-delta)} ago"
 
 
 class WindowRequest(msgspec.Struct, frozen=True, kw_only=True):

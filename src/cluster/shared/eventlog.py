@@ -276,7 +276,7 @@ class EventLog:
         try:
             _write_all(fd, _segment_header(first_idx))
             _fdatasync(fd)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -497,7 +497,7 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
             )
             if not readonly:
                 seg.path.unlink()
-                _fsync_dir(seg.path.parent)
+                fsync_dir(seg.path.parent)
             seg.size = -1
             continue
         if len(head) < SEG_HEADER_SIZE:
@@ -630,7 +630,7 @@ def _fdatasync(fd: int) -> None:
         os.fsync(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a created, renamed or removed directory entry durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:

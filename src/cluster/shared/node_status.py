@@ -30,8 +30,9 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.durations import format_duration, format_relative
 from cluster.shared.excuse import excusing_window
-from cluster.shared.humanize import format_duration, format_relative, format_utc, plural
+from cluster.shared.humanize import format_utc, plural
 from cluster.shared.state import MaintenanceWindow, NodeRecord, State, WindowState
 
 #: A node this many events (or more) behind the log head shows as catching up. Below it the
@@ -53,12 +54,22 @@ class NodeState(StrEnum):
 
 
 class LogLevel(StrEnum):
-    """Names match the stdlib `logging` level names (`logging.getLevelName(level.value)`)."""
+    """Names match the stdlib `logging` level names; `.number` is the stdlib level."""
 
     INFO = "INFO"
     WARNING = "WARNING"
     ERROR = "ERROR"
 
+    @property
+    def number(self) -> int:
+        return _LOGGING_NUMBERS[self]
+
+
+_LOGGING_NUMBERS: Final[Mapping[LogLevel, int]] = {
+    LogLevel.INFO: logging.INFO,
+    LogLevel.WARNING: logging.WARNING,
+    LogLevel.ERROR: logging.ERROR,
+}
 
 #: Onboarding and operating states that are business as usual: logged at INFO, never higher.
 NORMAL_STATES: Final = frozenset(

@@ -1,0 +1,212 @@
+"""Local control socket: how `cluster` commands on a host talk to the process running there.
+
+A master and a worker each listen on a Unix socket in their data directory
+(`control.sock`, mode 0600). Who may use it is decided by the operating system: only the
+account that owns the data directory can connect. That is the "host" identity for
+maintenance commands on a worker and the "operator" identity for session commands on the
+master, without a second key to manage.
+
+Wire format: one request per connection, each direction a 4-byte big-endian length and a
+JSON document (a tagged msgspec union). Requests are validated; a bad one gets an
+`ErrorReply` naming what was wrong, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_FRAME = 1 << 20
+_LEN = struct.Struct(">I")
+
+
+class _Request(msgspec.Struct, frozen=True, tag_field="request", kw_only=True):
+    pass
+
+
+class StatusRequest(_Request, frozen=True):
+    pass
+
+
+class SessionCreate(_Request, frozen=True):
+    slots: int
+    memory_per_slot_mb: int
+    gpu: bool = False
+    name: str = ""
+    reward_per_unit: int = 1
+
+
+class SessionDelete(_Request, frozen=True):
+    session_id: str
+
+
+class SessionList(_Request, frozen=True):
+    pass
+
+
+class MaintenanceSchedule(_Request, frozen=True, kw_only=True):
+    start_ms: int | None = None
+    #: Start relative to the master's clock, in ms (`--in 2h`); exactly one of the two is set.
+    in_ms: int | None = None
+    duration_ms: int
+    #: Filled in by the worker that forwards the request: the node it is for.
+    node_id: str = ""
+
+
+class MaintenanceCheck(_Request, frozen=True, kw_only=True):
+    start_ms: int | None = None
+    in_ms: int | None = None
+    duration_ms: int
+    node_id: str = ""
+
+
+class MaintenanceCancel(_Request, frozen=True, kw_only=True):
+    window_id: str = ""
+    node_id: str = ""
+
+
+class MaintenanceFinish(_Request, frozen=True, kw_only=True):
+    window_id: str = ""
+    node_id: str = ""
+
+
+class MaintenanceNext(_Request, frozen=True, kw_only=True):
+    node_id: str = ""
+
+
+Request = (
+    StatusRequest
+    | SessionCreate
+    | SessionDelete
+    | SessionList
+    | MaintenanceSchedule
+    | MaintenanceCheck
+    | MaintenanceCancel
+    | MaintenanceFinish
+    | MaintenanceNext
+)
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    """`ok` false means refused; `message` says why in words; `data` carries the answer."""
+
+    ok: bool
+    message: str = ""
+    data: Any = None
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_reply_decoder = msgspec.json.Decoder(Reply)
+_encoder = msgspec.json.Encoder()
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class ControlError(Exception):
+    """The control socket could not be reached or answered nonsense."""
+
+
+def socket_path(data_dir: Path) -> Path:
+    return data_dir / SOCKET_NAME
+
+
+async def _read_frame(stream: anyio.abc.ByteStream) -> bytes:
+    header = b""
+    while len(header) < 4:
+        chunk = await stream.receive(4 - len(header))
+        header += chunk
+    (length,) = _LEN.unpack(header)
+    if length > MAX_FRAME:
+        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+    body = bytearray()
+    while len(body) < length:
+        body += await stream.receive(length - len(body))
+    return bytes(body)
+
+
+async def _write_frame(stream: anyio.abc.ByteStream, payload: bytes) -> None:
+    await stream.send(_LEN.pack(len(payload)) + payload)
+
+
+async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) -> None:
+    """Serve control requests on `data_dir/control.sock` until cancelled."""
+    path = socket_path(data_dir)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    listener = await anyio.create_unix_listener(path)
+    os.chmod(path, 0o600)
+
+    async def one(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                with anyio.fail_after(10):
+                    raw = await _read_frame(stream)
+                try:
+                    request = _request_decoder.decode(raw)
+                except msgspec.DecodeError as exc:
+                    reply = Reply(ok=False, message=f"bad request: {exc}")
+                else:
+                    reply = await handler(request)
+                await _write_frame(stream, _encoder.encode(reply))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, ValueError) as exc:
+                log.info("control connection dropped: %s", exc or type(exc).__name__)
+            except Exception:  # the server must keep serving whatever a handler does
+                log.exception("control request failed")
+                try:
+                    await _write_frame(
+                        stream, _encoder.encode(Reply(ok=False, message="internal error"))
+                    )
+                except Exception:
+                    pass
+
+    try:
+        async with listener:
+            if task_status is not None:
+                task_status.started(path)
+            await listener.serve(one)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:
+    """Send one request to the process whose data directory is `data_dir`."""
+    path = socket_path(data_dir)
+    if not path.exists():
+        raise ControlError(
+            f"no control socket at {path}: is a master or worker running with --data-dir {data_dir}?"
+        )
+    try:
+        with anyio.fail_after(timeout):
+            async with await anyio.connect_unix(path) as stream:
+                await _write_frame(stream, _encoder.encode(request))
+                raw = await _read_frame(stream)
+    except TimeoutError as exc:
+        raise ControlError(f"{path} did not answer within {timeout:.0f}s") from exc
+    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        raise ControlError(f"cannot talk to {path}: {exc}") from exc
+    try:
+        return _reply_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ControlError(f"{path} answered something that is not a reply: {exc}") from exc
+
+
+def call_sync(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:
+    """Blocking form for CLI commands."""
+    result: list[Reply] = []
+
+    async def main() -> None:
+        result.append(await call(data_dir, request, timeout=timeout))
+
+    anyio.run(main, backend="trio")
+    return result[0]

@@ -1,0 +1,56 @@
+"""Which events a worker may submit, and in whose name: pure rules the master applies.
+
+The master binds every submitted event to the authenticated peer (its origin). A worker may
+only state facts about itself (an event's `node_id` must be its own id) and only of the kinds
+a worker observes; decisions (placement, epochs, maintenance transitions, disconnects) are
+the master's and arrive only through the planner or a request handler.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from cluster.shared.events import (
+    Event,
+    NodeGatheredInfo,
+    NodeHeartbeat,
+    RunnerSelfTestCompleted,
+    RunnerStatusUpdated,
+    WorkMissed,
+    WorkReported,
+)
+
+WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
+    NodeGatheredInfo,
+    NodeHeartbeat,
+    RunnerStatusUpdated,
+    RunnerSelfTestCompleted,
+    WorkReported,
+    WorkMissed,
+)
+
+
+class AdmissionError(Exception):
+    """A submitted event is refused; `code` goes to the worker with the message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_worker_event(origin: str, seq: int, event: Event) -> None:
+    """Raise AdmissionError unless `origin` may submit `event` with sequence number `seq`."""
+    if seq < 1:
+        raise AdmissionError("bad-seq", f"sequence number {seq} must be >= 1")
+    if not isinstance(event, WORKER_EVENT_TYPES):
+        raise AdmissionError(
+            "forbidden-event",
+            f"event type {type(event).__name__} (seq {seq}) may only be issued by the master",
+        )
+    node_id = getattr(event, "node_id", origin)
+    if node_id != origin:
+        raise AdmissionError(
+            "forbidden-origin",
+            f"peer {origin} may not speak for node {node_id} "
+            f"({type(event).__name__}, seq {seq})",
+        )

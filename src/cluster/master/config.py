@@ -1,0 +1,89 @@
+"""The planner's tunables, with the reasoning behind each default.
+
+One frozen object the master builds once (from defaults, flags or a config file) and passes
+to every `plan()` call. Nothing here travels in events: decisions carry their own values
+(times, seeds, amounts), so a log replays the same whatever configuration reads it later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+
+class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Planner settings; every value is validated when the object is built."""
+
+    #: One plan cycle. Workers heartbeat at least once per cycle, so liveness is measured
+    #: in cycles rather than seconds.
+    plan_interval_ms: int = 1_000
+    #: K: a connected node whose event index did not advance for K consecutive cycles is
+    #: disconnected. 3 tolerates one late heartbeat plus one slow master cycle.
+    stale_cycles: int = 3
+    #: A node idle for more than this many cycles (but fewer than K) is not "fresh": it keeps
+    #: the work it has but gets no new slots until its events flow again.
+    fresh_idle_cycles: int = 1
+    #: Epoch length: devshards are placed per epoch and settled at its end.
+    epoch_length_ms: int = 600_000
+    #: A node with more unexcused missed slots than this in an epoch is punished (forfeits
+    #: that epoch's reward). 1 tolerates one failed slot per epoch, not a habit.
+    miss_threshold: int = 1
+    #: A devshard (re)placed less than this long before its epoch ends is not judged for
+    #: misses: its runners may still be loading. Capped at half the epoch (see
+    #: `effective_miss_grace_ms`) so short test epochs are still judged.
+    miss_grace_ms: int = 30_000
+    #: Whether work reported after its epoch was settled is paid (to unpunished nodes).
+    pay_late_work: bool = True
+    #: How many settled epochs back the planner still settles late work; later work is
+    #: recorded in the ledger but never paid (bounds the per-cycle scan and old claims).
+    late_work_epochs: int = 6
+    #: Maintenance credit earned for each epoch a node completes unpunished (DESIGN 5):
+    #: 6 minutes per 10-minute epoch buys about an hour of maintenance every 100 minutes of
+    #: good service. The maintenance policy may take these over later; kept here because
+    #: settlement is where credit is earned.
+    credit_per_epoch_ms: int = 360_000
+    #: Credit never accumulates beyond this (8 hours): a long-lived node cannot bank days.
+    credit_cap_ms: int = 8 * 3_600_000
+
+    def __post_init__(self) -> None:
+        _at_least("plan_interval_ms", self.plan_interval_ms, 1)
+        _at_least("stale_cycles", self.stale_cycles, 1)
+        _at_least("fresh_idle_cycles", self.fresh_idle_cycles, 0)
+        if self.fresh_idle_cycles >= self.stale_cycles:
+            raise ValueError(
+                f"fresh_idle_cycles must be below stale_cycles ({self.stale_cycles}), "
+                f"got {self.fresh_idle_cycles}"
+            )
+        _at_least("epoch_length_ms", self.epoch_length_ms, 1)
+        if self.epoch_length_ms < self.plan_interval_ms:
+            raise ValueError(
+                f"epoch_length_ms must be at least plan_interval_ms ({self.plan_interval_ms}), "
+                f"got {self.epoch_length_ms}"
+            )
+        _at_least("miss_threshold", self.miss_threshold, 0)
+        _at_least("miss_grace_ms", self.miss_grace_ms, 0)
+        _at_least("late_work_epochs", self.late_work_epochs, 0)
+        _at_least("credit_per_epoch_ms", self.credit_per_epoch_ms, 0)
+        _at_least("credit_cap_ms", self.credit_cap_ms, 0)
+
+    @property
+    def effective_miss_grace_ms(self) -> int:
+        return min(self.miss_grace_ms, self.epoch_length_ms // 2)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PlannerConfig:
+        """Build from a parsed config file; unknown keys and wrong types are errors."""
+        try:
+            return msgspec.convert(dict(values), cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid planner config: {exc}") from None
+
+
+def _at_least(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; a flag where a number belongs is a config mistake.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

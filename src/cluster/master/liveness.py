@@ -1,0 +1,109 @@
+"""Event-index staleness (DESIGN section 4): liveness is the flow of events, not a clock.
+
+Each cycle the planner compares every connected node's `last_event_index_by_node` with what
+it saw the cycle before. Any event the node originates -- info, heartbeat, runner status,
+work -- advances that index, so a node whose slow probe hangs but whose other events flow is
+never stale. A node whose index stands still for K consecutive cycles is disconnected.
+
+The cycle counters live in a `LivenessBook`: ephemeral master bookkeeping, deliberately not
+in State (DESIGN rule 7). A restarted master starts with an empty book, so every node gets a
+full K cycles again before it can be judged -- the safe direction, because the master cannot
+know how long it was away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from cluster.master.config import PlannerConfig
+from cluster.shared.events import NodeDisconnected
+from cluster.shared.excuse import is_excused
+from cluster.shared.state import State
+
+#: The reason an excused (maintenance) node that went quiet is disconnected with.
+MAINTENANCE_OFFLINE_REASON = "offline for maintenance"
+
+
+class Seen(NamedTuple):
+    """What the planner saw of one node: its event index and how many cycles it stood still."""
+
+    index: int
+    idle_cycles: int
+
+
+@dataclass(frozen=True)
+class LivenessBook:
+    """Per connected node, the last index seen and the count of consecutive idle cycles.
+
+    Treat as immutable: `check_liveness` returns a new book. Lives in the master only and is
+    reset (empty) when the master restarts.
+    """
+
+    seen: Mapping[str, Seen] = field(default_factory=dict)
+
+    def idle_cycles(self, node_id: str) -> int:
+        """0 for a node never observed (new, rejoined, or after a master restart)."""
+        entry = self.seen.get(node_id)
+        return 0 if entry is None else entry.idle_cycles
+
+    def is_fresh(self, node_id: str, cfg: PlannerConfig) -> bool:
+        """Fresh enough to be given new work (idle at most `cfg.fresh_idle_cycles`)."""
+        return self.idle_cycles(node_id) <= cfg.fresh_idle_cycles
+
+
+EMPTY_BOOK = LivenessBook()
+
+
+class LivenessResult(NamedTuple):
+    events: list[NodeDisconnected]
+    book: LivenessBook
+
+
+def check_liveness(
+    state: State, book: LivenessBook, now_ms: int, cfg: PlannerConfig
+) -> LivenessResult:
+    """One liveness cycle: disconnect nodes idle for exactly K cycles; return the new book.
+
+    A cycle is idle for a node when its index equals the one seen last cycle. The first
+    observation of a node is never idle (there is nothing to compare with). A node
+    disconnected here leaves the book, so if it speaks again it is observed afresh; a node
+    in maintenance that goes quiet is disconnected as excused ("offline for maintenance"),
+    which carries no penalty. Events come out sorted by node id.
+    """
+    k = cfg.stale_cycles
+    index_by_node = state.last_event_index_by_node
+    previous = book.seen
+    seen: dict[str, Seen] = {}
+    quiet: list[tuple[str, int]] = []
+    for node_id, rec in state.nodes.items():
+        if not rec.connected:
+            continue
+        # joined_idx counts too: a master-made NodeConnected (re)joins a node that has not
+        # spoken yet, and that is progress for it.
+        index = max(index_by_node.get(node_id, 0), rec.joined_idx)
+        before = previous.get(node_id)
+        if before is None or before.index != index:
+            seen[node_id] = Seen(index, 0)
+            continue
+        idle = before.idle_cycles + 1
+        if idle >= k:
+            quiet.append((node_id, index))
+        else:
+            seen[node_id] = Seen(index, idle)
+    events = [_disconnect(state, node_id, index, now_ms, cfg) for node_id, index in sorted(quiet)]
+    return LivenessResult(events, LivenessBook(seen))
+
+
+def _disconnect(
+    state: State, node_id: str, index: int, now_ms: int, cfg: PlannerConfig
+) -> NodeDisconnected:
+    if is_excused(state, node_id, now_ms):
+        return NodeDisconnected(node_id=node_id, reason=MAINTENANCE_OFFLINE_REASON, excused=True)
+    k = cfg.stale_cycles
+    seconds = k * cfg.plan_interval_ms / 1000
+    return NodeDisconnected(
+        node_id=node_id,
+        reason=f"no events for {k} cycles ({seconds:g}s); last event index {index}",
+    )

@@ -1,0 +1,166 @@
+"""End-of-epoch judgement: missed work, payouts, maintenance credit, late work (DESIGN 6).
+
+Rewards accrue in the epoch's ledger as work is reported; nothing is paid until the epoch
+ends. Then, per node:
+
+* **Misses.** A node that holds slots of a devshard of the ending epoch and reported no work
+  for it records one miss per slot it holds (`WorkMissed`, reason below), unless the
+  devshard was (re)placed less than `cfg.effective_miss_grace_ms` before the end (runners
+  may still be loading). Runners may report misses themselves too; both count. Each miss
+  asks the one excuse rule (`is_excused`) at the time of judgement.
+* **Punishment.** Punished = unexcused misses > `cfg.miss_threshold`, or an unexcused
+  disconnect during the epoch. A punished node's payout has reward 0.
+* **Credit.** An unpunished node that served work or stayed connected for the whole epoch
+  earns `cfg.credit_per_epoch_ms` of maintenance credit, capped so its balance never
+  exceeds `cfg.credit_cap_ms`.
+* **Late work.** Work reported after settlement is recorded against its epoch by the
+  reducer; the planner then emits `LateWorkSettled` for it. Decision: the event is emitted
+  for punished nodes too, with reward 0 -- the log then says explicitly that the work was
+  seen and forfeited, and the units are marked decided so they are not reconsidered.
+
+The functions take this cycle's not-yet-applied decisions (misses, disconnects) as
+arguments, because the master applies the planner's events only after `plan()` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cluster.master.config import PlannerConfig
+from cluster.shared.events import EpochSettled, LateWorkSettled, NodeDisconnected, NodePayout, WorkMissed
+from cluster.shared.excuse import is_excused
+from cluster.shared.state import EpochLedger, EpochRecord, State
+
+NO_WORK_REASON = "no work reported for its slots by the epoch's end"
+
+
+def missed_work(state: State, epoch: EpochRecord, now_ms: int, cfg: PlannerConfig) -> list[WorkMissed]:
+    """WorkMissed for every slot holder of `epoch`'s live devshards that did no work."""
+    ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
+    grace = cfg.effective_miss_grace_ms
+    out: list[WorkMissed] = []
+    for ds_id in sorted(state.devshards.keys()):
+        shard = state.devshards[ds_id]
+        if shard.epoch != epoch.epoch or epoch.end_ms - shard.placed_ms < grace:
+            continue
+        served = ledger.units_by_devshard.get(ds_id)
+        slots: dict[str, int] = {}
+        for a in shard.assignments:
+            slots[a.node_id] = slots.get(a.node_id, 0) + 1
+        for node_id in sorted(slots):
+            if served is not None and served.get(node_id, 0) > 0:
+                continue
+            out.append(
+                WorkMissed(
+                    devshard_id=ds_id,
+                    node_id=node_id,
+                    epoch=epoch.epoch,
+                    count=slots[node_id],
+                    reason=NO_WORK_REASON,
+                    excused=is_excused(state, node_id, now_ms),
+                )
+            )
+    return out
+
+
+def settle_epoch(
+    state: State,
+    epoch: EpochRecord,
+    cfg: PlannerConfig,
+    new_misses: Iterable[WorkMissed] = (),
+    new_disconnects: Iterable[NodeDisconnected] = (),
+) -> EpochSettled:
+    """The payouts of `epoch`, counting this cycle's unapplied misses and disconnects.
+
+    A payout is listed for every node with something to record: units, a punishment, or
+    credit earned. Payouts are sorted by node id.
+    """
+    ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
+    misses: dict[str, int] = dict(ledger.misses.items())
+    for m in new_misses:
+        if m.epoch == epoch.epoch and not m.excused and m.count > 0:
+            misses[m.node_id] = misses.get(m.node_id, 0) + m.count
+    disconnects: dict[str, str] = dict(ledger.disconnects.items())
+    leaving: set[str] = set()
+    for d in new_disconnects:
+        leaving.add(d.node_id)
+        if not d.excused:
+            disconnects.setdefault(d.node_id, d.reason)
+
+    candidates = set(ledger.units.keys()) | set(misses) | set(disconnects)
+    # Nodes that stayed connected through the whole epoch earn credit even when idle.
+    for node_id, rec in state.nodes.items():
+        if rec.connected and rec.joined_ms <= epoch.start_ms and node_id not in leaving:
+            candidates.add(node_id)
+
+    payouts: list[NodePayout] = []
+    for node_id in sorted(candidates):
+        reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
+        units = ledger.units.get(node_id, 0)
+        punished = bool(reasons)
+        credit = 0
+        if not punished:
+            rec = state.nodes.get(node_id)
+            stayed = (
+                rec is not None
+                and rec.connected
+                and rec.joined_ms <= epoch.start_ms
+                and node_id not in leaving
+            )
+            if units > 0 or stayed:
+                balance = state.credit_ms_by_node.get(node_id, 0)
+                credit = max(0, min(cfg.credit_per_epoch_ms, cfg.credit_cap_ms - balance))
+        if units == 0 and not punished and credit == 0:
+            continue
+        payouts.append(
+            NodePayout(
+                node_id=node_id,
+                units=units,
+                reward=0 if punished else ledger.reward.get(node_id, 0),
+                punished=punished,
+                reason="; ".join(reasons),
+                credit_earned_ms=credit,
+            )
+        )
+    return EpochSettled(epoch=epoch.epoch, payouts=tuple(payouts))
+
+
+def _punishments(misses: int, disconnect: str | None, cfg: PlannerConfig) -> list[str]:
+    reasons: list[str] = []
+    if misses > cfg.miss_threshold:
+        reasons.append(f"{misses} unexcused missed slot(s), above the threshold of {cfg.miss_threshold}")
+    if disconnect is not None:
+        reasons.append(f"unexcused disconnect: {disconnect}")
+    return reasons
+
+
+def late_work(state: State, cfg: PlannerConfig) -> list[LateWorkSettled]:
+    """LateWorkSettled for undecided late units of the last `cfg.late_work_epochs` epochs.
+
+    Reward is what the late work earned (priced at its devshard's rate) if the node was not
+    punished in that epoch and `cfg.pay_late_work`; otherwise 0.
+    """
+    if state.epoch is None:
+        return []
+    out: list[LateWorkSettled] = []
+    current = state.epoch.epoch
+    for number in range(max(1, current - cfg.late_work_epochs), current + 1):
+        ledger = state.ledgers.get(number)
+        if ledger is None or not ledger.settled or not ledger.late_units:
+            continue
+        out.extend(_late_in(ledger, cfg))
+    return out
+
+
+def _late_in(ledger: EpochLedger, cfg: PlannerConfig) -> Iterable[LateWorkSettled]:
+    for node_id in sorted(ledger.late_units.keys()):
+        units = ledger.late_units[node_id] - ledger.late_settled_units.get(node_id, 0)
+        if units <= 0:
+            continue
+        payout = ledger.payouts.get(node_id)
+        punished = payout is not None and payout.punished
+        reward = 0
+        if cfg.pay_late_work and not punished:
+            reward = ledger.late_reward.get(node_id, 0) - ledger.late_paid.get(node_id, 0)
+        yield LateWorkSettled(epoch=ledger.epoch, node_id=node_id, units=units, reward=max(0, reward))
+

@@ -1,0 +1,144 @@
+"""State snapshots on disk, so loading a long log does not refold it from index 1.
+
+A snapshot is the state's canonical bytes (`codec.encode_state`) as of log index `idx`, in a
+file ``<idx:020d>.snap``:
+
+    magic "CSNP" | version u16 | flags u16 | idx u64 | length u64 | crc32 u32 | payload
+
+where the CRC covers the header fields before it and the payload. `save` is atomic (write a
+temporary file, fsync, rename, fsync the directory): a crash leaves the old snapshot or the
+new one, never half of one. A snapshot is only an optimisation -- the log is the truth -- so a
+damaged one is skipped with a WARNING and the next older one (or a refold from zero) is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Final
+
+from cluster.shared.eventlog import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MAGIC: Final = b"CSNP"
+SNAPSHOT_VERSION: Final = 1
+_HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
+_CRC = struct.Struct("<I")
+HEADER_SIZE: Final = _HEADER.size + _CRC.size
+#: Snapshots kept after a save: the newest few, so one damaged file costs little.
+KEEP: Final = 3
+_NAME = re.compile(r"^(\d{20})\.snap$")
+
+
+class SnapshotError(Exception):
+    """The snapshot directory cannot be used."""
+
+
+def snapshot_name(idx: int) -> str:
+    return f"{idx:020d}.snap"
+
+
+def encode_snapshot(idx: int, data: bytes) -> bytes:
+    head = _HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, idx, len(data))
+    crc = zlib.crc32(data, zlib.crc32(head))
+    return head + _CRC.pack(crc) + data
+
+
+def decode_snapshot(blob: bytes) -> tuple[int, bytes]:
+    """(idx, payload) of a snapshot file's bytes; `ValueError` naming what is wrong."""
+    if len(blob) < HEADER_SIZE:
+        raise ValueError(f"file of {len(blob)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, version, _flags, idx, length = _HEADER.unpack_from(blob)
+    if magic != SNAPSHOT_MAGIC:
+        raise ValueError(f"magic {magic!r}, expected {SNAPSHOT_MAGIC!r}")
+    if version != SNAPSHOT_VERSION:
+        raise ValueError(f"format version {version}, this build reads {SNAPSHOT_VERSION}")
+    if len(blob) != HEADER_SIZE + length:
+        raise ValueError(f"header says {length} payload bytes, file has {len(blob) - HEADER_SIZE}")
+    (crc,) = _CRC.unpack_from(blob, _HEADER.size)
+    payload = blob[HEADER_SIZE:]
+    if zlib.crc32(payload, zlib.crc32(blob[: _HEADER.size])) != crc:
+        raise ValueError("checksum mismatch")
+    return idx, payload
+
+
+class SnapshotStore:
+    """A directory of snapshots; see the module docstring."""
+
+    def __init__(self, directory: Path, *, keep: int = KEEP) -> None:
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise SnapshotError(f"snapshot path {directory} is not a directory")
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one snapshot must be kept")
+        self._dir = directory
+        self._keep = keep
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    def indices(self) -> list[int]:
+        """Indices of the snapshot files present, newest first (validity not checked)."""
+        if not self._dir.is_dir():
+            return []
+        found = []
+        for name in os.listdir(self._dir):
+            m = _NAME.match(name)
+            if m is not None:
+                found.append(int(m.group(1)))
+        return sorted(found, reverse=True)
+
+    def save(self, idx: int, data: bytes) -> Path:
+        """Write the snapshot of state at `idx` atomically, then keep only the newest few."""
+        if idx < 0:
+            raise ValueError(f"snapshot index {idx} must be >= 0")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / snapshot_name(idx)
+        tmp = self._dir / f".{snapshot_name(idx)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(encode_snapshot(idx, data))
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(self._dir)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        for old in self.indices()[self._keep :]:
+            with contextlib.suppress(FileNotFoundError):
+                (self._dir / snapshot_name(old)).unlink()
+
+    def latest(self, max_idx: int | None = None) -> tuple[int, bytes] | None:
+        """The newest valid snapshot with index <= `max_idx` (any when None), or None.
+
+        A damaged file is skipped with a WARNING and the next older one is tried.
+        """
+        for idx in self.indices():
+            if max_idx is not None and idx > max_idx:
+                continue
+            path = self._dir / snapshot_name(idx)
+            try:
+                got, payload = decode_snapshot(path.read_bytes())
+                if got != idx:
+                    raise ValueError(f"header says index {got} but the file name says {idx}")
+            except (OSError, ValueError) as exc:
+                log.warning("snapshot %s is unusable (%s): trying an older one", path, exc)
+                continue
+            return idx, payload
+        return None

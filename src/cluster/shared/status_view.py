@@ -1,0 +1,467 @@
+"""The cluster at a glance: `cluster_status(state, now_ms) -> ClusterStatus`, text and JSON.
+
+`ClusterStatus` is a plain, serialisable picture derived from State (never stored): nodes
+with their plain-language status, the epoch and its time left, sessions with their devshard
+or the reason they are unplaced, maintenance windows, and the ledgers of recent epochs.
+`render_text` lays it out as aligned tables for an 80-100 column terminal; `to_json` /
+`from_json` carry it over the HTTP API so `cluster status` can render what the master sees.
+
+Pure: "now" and the catch-up lag are arguments.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+import msgspec
+
+from cluster.shared.durations import format_duration, format_relative
+from cluster.shared.humanize import format_count, format_utc, short_id
+from cluster.shared.node_status import (
+    DEFAULT_CATCH_UP_THRESHOLD,
+    LogLevel,
+    NodeState,
+    node_statuses,
+)
+from cluster.shared.state import (
+    OPEN_WINDOW_STATES,
+    EpochLedger,
+    MaintenanceWindow,
+    State,
+    WindowState,
+)
+
+#: Closed (completed/cancelled) windows shown besides every open one.
+DEFAULT_RECENT_WINDOWS: Final = 10
+#: Epoch ledgers shown, newest first.
+DEFAULT_RECENT_LEDGERS: Final = 3
+#: Terminal width `render_text` lays tables out for.
+DEFAULT_WIDTH: Final = 100
+
+
+class EpochView(msgspec.Struct, frozen=True, kw_only=True):
+    epoch: int
+    start_ms: int
+    end_ms: int
+    time_left_ms: int
+
+
+class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    hostname: str
+    status: NodeState
+    message: str
+    log_level: LogLevel
+    #: Slots the node offers (from its info) and slots it holds in live devshards.
+    slots_offered: int
+    slots_used: int
+    devshards: tuple[str, ...]
+    #: Index of the last event the node originated (0: none yet).
+    last_event_idx: int
+    #: Events the node has not applied yet, when the caller knows.
+    events_behind: int | None
+    window_id: str
+    credit_ms: int
+
+
+class DevshardView(msgspec.Struct, frozen=True, kw_only=True):
+    devshard_id: str
+    session_id: str
+    epoch: int
+    #: node_id -> slots it holds in this devshard.
+    slots_by_node: dict[str, int]
+    placed_ms: int
+    ends_ms: int
+    reason: str
+
+
+class SessionView(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    name: str
+    slots: int
+    memory_per_slot_mb: int
+    gpu: bool
+    devshard_id: str
+    unplaced_reason: str
+    unplaced_epoch: int
+
+
+class WindowView(msgspec.Struct, frozen=True, kw_only=True):
+    window_id: str
+    node_id: str
+    state: WindowState
+    start_ms: int
+    end_ms: int
+    duration_ms: int
+    closed_ms: int
+    outcome: str
+    #: A one-line, human summary relative to now ("ends 14:30 UTC (in 25m)").
+    note: str
+
+
+class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    units: int
+    reward: int
+    misses: int
+    #: Set once settled: the payout and whether the node forfeited it, and why.
+    paid: int
+    punished: bool
+    reason: str
+    late_units: int
+    late_paid: int
+
+
+class LedgerView(msgspec.Struct, frozen=True, kw_only=True):
+    epoch: int
+    settled: bool
+    rows: tuple[LedgerRow, ...]
+
+
+class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
+    now_ms: int
+    last_index: int
+    epoch: EpochView | None
+    nodes: tuple[NodeRow, ...]
+    #: Every NodeState value -> how many nodes are in it (zeros included, for dashboards).
+    counts: dict[str, int]
+    sessions: tuple[SessionView, ...]
+    devshards: tuple[DevshardView, ...]
+    windows: tuple[WindowView, ...]
+    ledgers: tuple[LedgerView, ...]
+
+
+def cluster_status(
+    state: State,
+    now_ms: int,
+    *,
+    events_behind: Mapping[str, int] | None = None,
+    catch_up_threshold: int = DEFAULT_CATCH_UP_THRESHOLD,
+    extra_node_ids: Iterable[str] = (),
+    recent_windows: int = DEFAULT_RECENT_WINDOWS,
+    recent_ledgers: int = DEFAULT_RECENT_LEDGERS,
+) -> ClusterStatus:
+    """Derive the whole picture at `now_ms` (see `node_statuses` for the node arguments)."""
+    lag = events_behind or {}
+    statuses = node_statuses(
+        state,
+        now_ms,
+        events_behind=lag,
+        catch_up_threshold=catch_up_threshold,
+        extra_node_ids=extra_node_ids,
+    )
+    nodes = []
+    counts = {s.value: 0 for s in NodeState}
+    for st in statuses:
+        rec = state.nodes.get(st.node_id)
+        info = rec.info if rec is not None else None
+        counts[st.status.value] += 1
+        nodes.append(
+            NodeRow(
+                node_id=st.node_id,
+                hostname=(info.hostname if info is not None else None) or "",
+                status=st.status,
+                message=st.message,
+                log_level=st.log_level,
+                slots_offered=(info.slots if info is not None else None) or 0,
+                slots_used=st.slots,
+                devshards=st.devshards,
+                last_event_idx=state.last_event_index_by_node.get(st.node_id, 0),
+                events_behind=lag.get(st.node_id),
+                window_id=st.window_id,
+                credit_ms=state.credit_ms_by_node.get(st.node_id, 0),
+            )
+        )
+    epoch = None
+    if state.epoch is not None:
+        e = state.epoch
+        epoch = EpochView(
+            epoch=e.epoch,
+            start_ms=e.start_ms,
+            end_ms=e.end_ms,
+            time_left_ms=max(e.end_ms - now_ms, 0),
+        )
+    return ClusterStatus(
+        now_ms=now_ms,
+        last_index=state.last_applied,
+        epoch=epoch,
+        nodes=tuple(nodes),
+        counts=counts,
+        sessions=_sessions(state),
+        devshards=_devshards(state),
+        windows=_windows(state, now_ms, recent_windows),
+        ledgers=_ledgers(state, recent_ledgers),
+    )
+
+
+def _sessions(state: State) -> tuple[SessionView, ...]:
+    return tuple(
+        SessionView(
+            session_id=s.session_id,
+            name=s.name,
+            slots=s.slots,
+            memory_per_slot_mb=s.memory_per_slot_mb,
+            gpu=s.gpu,
+            devshard_id=state.devshard_by_session.get(s.session_id, ""),
+            unplaced_reason=s.unplaced_reason,
+            unplaced_epoch=s.unplaced_epoch,
+        )
+        for _, s in sorted(state.sessions.items())
+    )
+
+
+def _devshards(state: State) -> tuple[DevshardView, ...]:
+    views = []
+    for _, d in sorted(state.devshards.items()):
+        per_node: dict[str, int] = {}
+        for a in d.assignments:
+            per_node[a.node_id] = per_node.get(a.node_id, 0) + 1
+        views.append(
+            DevshardView(
+                devshard_id=d.devshard_id,
+                session_id=d.session_id,
+                epoch=d.epoch,
+                slots_by_node=dict(sorted(per_node.items())),
+                placed_ms=d.placed_ms,
+                ends_ms=d.ends_ms,
+                reason=d.reason,
+            )
+        )
+    return tuple(views)
+
+
+def _windows(state: State, now_ms: int, recent: int) -> tuple[WindowView, ...]:
+    open_windows = [w for w in state.windows.values() if w.state in OPEN_WINDOW_STATES]
+    closed = sorted(
+        (w for w in state.windows.values() if w.state not in OPEN_WINDOW_STATES),
+        key=lambda w: (w.closed_ms, w.window_id),
+        reverse=True,
+    )[: max(recent, 0)]
+    shown = sorted(open_windows + closed, key=lambda w: (w.start_ms, w.window_id))
+    return tuple(
+        WindowView(
+            window_id=w.window_id,
+            node_id=w.node_id,
+            state=w.state,
+            start_ms=w.start_ms,
+            end_ms=w.end_ms,
+            duration_ms=w.duration_ms,
+            closed_ms=w.closed_ms,
+            outcome=w.outcome,
+            note=window_note(w, now_ms),
+        )
+        for w in shown
+    )
+
+
+def window_note(w: MaintenanceWindow, now_ms: int) -> str:
+    """One line on where a window stands, relative to now."""
+    if w.state is WindowState.SCHEDULED:
+        return f"starts {format_relative(w.start_ms, now_ms)}"
+    if w.state is WindowState.DRAINING:
+        return f"draining; starts {format_relative(w.start_ms, now_ms)}"
+    if w.state is WindowState.ACTIVE:
+        if now_ms >= w.end_ms:
+            return f"overran by {format_duration(now_ms - w.end_ms)}"
+        return f"ends {format_utc(w.end_ms, now_ms)} ({format_relative(w.end_ms, now_ms)})"
+    closed = format_utc(w.closed_ms, now_ms)
+    if w.state is WindowState.CANCELLED:
+        return f"cancelled {closed}"
+    if w.outcome == "overrun":
+        return f"overran; closed {closed}"
+    return f"finished ({w.outcome or 'host'}) {closed}"
+
+
+def _ledgers(state: State, recent: int) -> tuple[LedgerView, ...]:
+    epochs = sorted(state.ledgers.keys(), reverse=True)[: max(recent, 0)]
+    return tuple(_ledger_view(state.ledgers[e]) for e in epochs)
+
+
+def _ledger_view(ledger: EpochLedger) -> LedgerView:
+    node_ids = (
+        set(ledger.units.keys())
+        | set(ledger.reward.keys())
+        | set(ledger.misses.keys())
+        | set(ledger.disconnects.keys())
+        | set(ledger.payouts.keys())
+        | set(ledger.late_units.keys())
+    )
+    rows = []
+    for node_id in sorted(node_ids):
+        payout = ledger.payouts.get(node_id)
+        reason = payout.reason if payout is not None else ledger.disconnects.get(node_id, "")
+        rows.append(
+            LedgerRow(
+                node_id=node_id,
+                units=ledger.units.get(node_id, 0),
+                reward=ledger.reward.get(node_id, 0),
+                misses=ledger.misses.get(node_id, 0),
+                paid=payout.reward if payout is not None else 0,
+                punished=payout.punished if payout is not None else False,
+                reason=reason,
+                late_units=ledger.late_units.get(node_id, 0),
+                late_paid=ledger.late_paid.get(node_id, 0),
+            )
+        )
+    return LedgerView(epoch=ledger.epoch, settled=ledger.settled, rows=tuple(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------
+
+_json_decoder = msgspec.json.Decoder(ClusterStatus)
+
+
+def to_json(status: ClusterStatus) -> bytes:
+    return msgspec.json.encode(status)
+
+
+def from_json(data: bytes | str) -> ClusterStatus:
+    """Decode a `/api/status` body; raises `msgspec.DecodeError`/`ValidationError` if bad."""
+    return _json_decoder.decode(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+#: Short labels for the STATUS column; the message says the rest. Upper case = needs a look.
+_LABELS: Final[Mapping[NodeState, str]] = {
+    NodeState.CONNECTING: "connecting",
+    NodeState.CATCHING_UP: "catching up",
+    NodeState.SELF_TESTING: "self-test",
+    NodeState.TEST_FAILED: "TEST FAILED",
+    NodeState.WAITING_FOR_PLACEMENT: "waiting",
+    NodeState.SERVING: "serving",
+    NodeState.DRAINING: "draining",
+    NodeState.MAINTENANCE: "maintenance",
+    NodeState.MAINTENANCE_OVERRUN: "OVERRUN",
+    NodeState.DISCONNECTED: "DISCONNECTED",
+}
+
+
+def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
+    """Aligned tables for a terminal `width` columns wide (the last column wraps)."""
+    now = status.now_ms
+    lines = [f"cluster at event {format_count(status.last_index)} · {_date_time(now)}"]
+    if status.epoch is None:
+        lines.append("epoch: none started yet")
+    else:
+        e = status.epoch
+        lines.append(
+            f"epoch {e.epoch}: ends {format_utc(e.end_ms, now)} ({format_relative(e.end_ms, now)})"
+        )
+    in_use = [f"{n} {_LABELS[NodeState(s)]}" for s, n in status.counts.items() if n]
+    lines.append(f"nodes: {len(status.nodes)}" + (f" ({', '.join(in_use)})" if in_use else ""))
+
+    lines += ["", "NODES"]
+    lines += _table(
+        ("NODE", "HOST", "STATUS", "SLOTS", "MESSAGE"),
+        [
+            (
+                short_id(n.node_id),
+                n.hostname or "-",
+                _LABELS[n.status],
+                f"{n.slots_used}/{n.slots_offered}",
+                n.message,
+            )
+            for n in status.nodes
+        ],
+        width,
+    )
+
+    lines += ["", "SESSIONS"]
+    lines += _table(
+        ("SESSION", "NAME", "SLOTS", "DEVSHARD", "NODES (SLOTS) / WHY UNPLACED"),
+        [_session_row(s, status) for s in status.sessions],
+        width,
+    )
+
+    lines += ["", "MAINTENANCE WINDOWS"]
+    lines += _table(
+        ("WINDOW", "NODE", "STATE", "START", "END", "NOTE"),
+        [
+            (
+                w.window_id,
+                short_id(w.node_id),
+                w.state.value,
+                format_utc(w.start_ms, now),
+                format_utc(w.end_ms, now),
+                w.note,
+            )
+            for w in status.windows
+        ],
+        width,
+    )
+
+    lines += ["", "LEDGERS (recent epochs)"]
+    lines += _table(
+        ("EPOCH", "NODE", "UNITS", "REWARD", "MISSES", "SETTLEMENT"),
+        [
+            (
+                str(ledger.epoch),
+                short_id(r.node_id),
+                format_count(r.units),
+                format_count(r.reward),
+                format_count(r.misses),
+                _settlement(ledger.settled, r),
+            )
+            for ledger in status.ledgers
+            for r in ledger.rows
+        ],
+        width,
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _date_time(ms: int) -> str:
+    # Relative to a "now" on another day, so the date is always printed.
+    return format_utc(ms, ms - 86_400_000)
+
+
+def _session_row(s: SessionView, status: ClusterStatus) -> tuple[str, ...]:
+    if s.devshard_id:
+        shard = next((d for d in status.devshards if d.devshard_id == s.devshard_id), None)
+        where = (
+            ", ".join(f"{short_id(n)} ({k})" for n, k in shard.slots_by_node.items())
+            if shard is not None
+            else ""
+        )
+    elif s.unplaced_reason:
+        where = f"unplaced in epoch {s.unplaced_epoch}: {s.unplaced_reason}"
+    else:
+        where = "not placed yet"
+    gpu = " gpu" if s.gpu else ""
+    return (s.session_id, s.name or "-", f"{s.slots}{gpu}", s.devshard_id or "-", where)
+
+
+def _settlement(settled: bool, r: LedgerRow) -> str:
+    if not settled:
+        text = "open" + (f" (disconnected: {r.reason})" if r.reason else "")
+    elif r.punished:
+        text = "forfeited" + (f": {r.reason}" if r.reason else "")
+    else:
+        text = f"paid {format_count(r.paid)}"
+    if r.late_units:
+        text += f"; late {format_count(r.late_units)} units, paid {format_count(r.late_paid)}"
+    return text
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[str]:
+    """Left-aligned columns two spaces apart; the last column wraps to fit `width`."""
+    if not rows:
+        return ["  (none)"]
+    fixed = len(headers) - 1
+    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(fixed)]
+    indent = sum(widths) + 2 * fixed
+    last_width = max(width - indent, 24)
+    out = []
+    for row in [tuple(headers), *rows]:
+        head = "".join(cell.ljust(w) + "  " for cell, w in zip(row, widths, strict=False))
+        wrapped = textwrap.wrap(row[-1], last_width) or [""]
+        out.append((head + wrapped[0]).rstrip())
+        out += [" " * indent + more for more in wrapped[1:]]
+    return out

@@ -1,0 +1,247 @@
+"""`EventStore`: the durable log + snapshots + the folded state, as master and tools use them.
+
+``data_dir/log/`` holds the event log (`eventlog.EventLog`, opaque msgpack payloads) and
+``data_dir/snapshots/`` the state snapshots (`snapshots.SnapshotStore`). On open the state is
+the newest valid snapshot plus the log tail folded over it; `append` makes a batch durable in
+one group commit and folds it. Importing this module never imports libp2p.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+from cluster.shared import codec
+from cluster.shared.apply import apply
+from cluster.shared.eventlog import EventLog, LogDirectoryError, LogError
+from cluster.shared.events import IndexedEvent
+from cluster.shared.snapshots import SnapshotStore
+from cluster.shared.state import EMPTY_STATE, State
+
+log = logging.getLogger(__name__)
+
+LOG_DIR = "log"
+SNAPSHOT_DIR = "snapshots"
+#: How often `restore` reports progress, in events.
+PROGRESS_EVERY = 16_384
+
+Progress = Callable[[int, int], None]
+"""progress(index reached, target index)"""
+
+
+class EventDecodeError(LogError):
+    """A record passed its checksums but is not a valid event (foreign or newer writer)."""
+
+    def __init__(self, idx: int, why: str) -> None:
+        super().__init__(f"event log record {idx} is not a valid event: {why}")
+        self.idx = idx
+
+
+class Restored(NamedTuple):
+    state: State
+    #: Index of the snapshot the fold started from; 0 when it started from the empty state.
+    snapshot_idx: int
+
+
+def decode_record(idx: int, payload: bytes) -> IndexedEvent:
+    """Decode one log payload, checking it is the event the log says it is."""
+    try:
+        ie = codec.decode_event(payload)
+    except (codec.DecodeError, codec.ValidationError) as exc:
+        raise EventDecodeError(idx, str(exc)) from None
+    if ie.idx != idx:
+        raise EventDecodeError(idx, f"payload carries index {ie.idx}")
+    return ie
+
+
+def snapshot_state(snapshots: SnapshotStore, max_idx: int) -> State | None:
+    """The state of the newest usable snapshot at or before `max_idx`, or None.
+
+    A snapshot whose bytes pass the CRC but do not decode to a State of that index (written
+    by another version, say) is skipped with a WARNING like a damaged one.
+    """
+    limit = max_idx
+    while limit >= 0:
+        found = snapshots.latest(limit)
+        if found is None:
+            return None
+        idx, data = found
+        try:
+            state = codec.decode_state(data)
+            if state.last_applied != idx:
+                raise ValueError(f"its state is at index {state.last_applied}")
+        except (codec.DecodeError, codec.ValidationError, ValueError) as exc:
+            log.warning("snapshot at index %d is unusable (%s): trying an older one", idx, exc)
+            limit = idx - 1
+            continue
+        return state
+    return None
+
+
+def restore(
+    event_log: EventLog,
+    snapshots: SnapshotStore | None,
+    until: int | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Restored:
+    """State after event `until` (default: the last): newest snapshot <= until + the tail.
+
+    `snapshots=None` refolds from the empty state. Raises `ValueError` when `until` is outside
+    the log, `LogCorruptError`/`EventDecodeError` when a record on the way is bad.
+    """
+    last = event_log.last_idx
+    target = last if until is None else until
+    if target < 0 or target > last:
+        raise ValueError(f"index {target} is outside the log (it holds events 1..{last})")
+    state = None if snapshots is None else snapshot_state(snapshots, target)
+    if state is None:
+        state = EMPTY_STATE
+    snapshot_idx = state.last_applied
+    if snapshot_idx + 1 < event_log.first_idx and snapshot_idx < target:
+        raise ValueError(
+            f"the log starts at index {event_log.first_idx} and no snapshot covers the events "
+            "before it"
+        )
+    if snapshot_idx >= target:
+        return Restored(state, snapshot_idx)
+    next_report = snapshot_idx + PROGRESS_EVERY
+    for idx, payload in event_log.read_from(snapshot_idx + 1):
+        state = apply(state, decode_record(idx, payload))
+        if idx == next_report:
+            next_report += PROGRESS_EVERY
+            if progress is not None:
+                progress(idx, target)
+        if idx >= target:
+            break
+    if state.last_applied != target:
+        raise ValueError(f"the log ended at index {state.last_applied}, before {target}")
+    if progress is not None:
+        progress(target, target)
+    return Restored(state, snapshot_idx)
+
+
+def load_state(
+    event_log: EventLog,
+    snapshots: SnapshotStore | None,
+    until: int | None = None,
+    *,
+    progress: Progress | None = None,
+) -> State:
+    """`restore(...).state`: the state as of `until` (default: the end of the log)."""
+    return restore(event_log, snapshots, until, progress=progress).state
+
+
+class EventStore:
+    """The log, its snapshots and the state they fold to; see the module docstring."""
+
+    def __init__(
+        self, event_log: EventLog, snapshots: SnapshotStore, restored: Restored, every: int
+    ) -> None:
+        self._log = event_log
+        self._snapshots = snapshots
+        self._state = restored.state
+        self._every = every
+        self._snapshot_idx = restored.snapshot_idx
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        snapshot_every: int = 100_000,
+        segment_max_bytes: int = 64 << 20,
+    ) -> EventStore:
+        """Open (creating) the store in `data_dir` and load its state."""
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every={snapshot_every} must be >= 1")
+        data_dir = Path(data_dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise LogDirectoryError(f"data directory {data_dir} is not a directory")
+        event_log = EventLog.open(data_dir / LOG_DIR, segment_max_bytes=segment_max_bytes)
+        try:
+            snapshots = SnapshotStore(data_dir / SNAPSHOT_DIR)
+            newest = snapshots.indices()
+            if newest and newest[0] > event_log.last_idx:
+                log.warning(
+                    "snapshot at index %d is ahead of the log (last index %d): not used",
+                    newest[0],
+                    event_log.last_idx,
+                )
+            restored = restore(event_log, snapshots)
+        except BaseException:
+            event_log.close()
+            raise
+        return cls(event_log, snapshots, restored, snapshot_every)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def last_idx(self) -> int:
+        return self._log.last_idx
+
+    @property
+    def log(self) -> EventLog:
+        return self._log
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        return self._snapshots
+
+    def append(self, events: Sequence[IndexedEvent]) -> State:
+        """Make `events` durable (one group commit) and fold them; returns the new state.
+
+        The batch is applied before it is written, so an out-of-order event
+        (`apply.OutOfOrderError`) leaves both the log and the state untouched.
+        """
+        if not events:
+            return self._state
+        state = self._state
+        for ie in events:
+            state = apply(state, ie)
+        self._log.append([(ie.idx, codec.encode_event(ie)) for ie in events])
+        self._state = state
+        if state.last_applied - self._snapshot_idx >= self._every:
+            self.snapshot()
+        return state
+
+    def snapshot(self) -> None:
+        """Save a snapshot of the current state now (also done every `snapshot_every`).
+
+        A failure is logged, not raised: the events are already durable and a snapshot only
+        shortens the next load.
+        """
+        state = self._state
+        self._snapshot_idx = state.last_applied
+        try:
+            self._snapshots.save(state.last_applied, codec.encode_state(state))
+        except OSError as exc:
+            log.warning("could not save a snapshot at index %d: %s", state.last_applied, exc)
+
+    def read_from(self, idx: int) -> Iterator[IndexedEvent]:
+        for i, payload in self._log.read_from(idx):
+            yield decode_record(i, payload)
+
+    def read_raw_from(self, idx: int) -> Iterator[tuple[int, bytes]]:
+        """(idx, encoded event) records, for shipping to replicas without re-encoding."""
+        return self._log.read_from(idx)
+
+    def latest_snapshot(self) -> tuple[int, bytes] | None:
+        """(idx, canonical state bytes) of the newest valid snapshot, for catching up."""
+        return self._snapshots.latest(self._log.last_idx)
+
+    def close(self) -> None:
+        self._log.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

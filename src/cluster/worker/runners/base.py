@@ -1,0 +1,117 @@
+"""The runner interface: what serves one devshard slot on a worker.
+
+A runner kind is any callable `(spec, config) -> Runner` -- usually the runner class itself.
+The worker's runner manager drives every runner through the same steps:
+
+1. construct it (`kind(spec, config)`): validate `config`, raise `RunnerConfigError` if wrong;
+2. `await load()`: get ready to serve (load weights, start a process); raise on failure;
+3. `await run()` in a task while the slot is assigned: background work; it returns (or raises
+   `RunnerFailed`) only when the runner ends by itself, and is cancelled when the slot goes;
+4. meanwhile `await health()` every few seconds, and `work_units()` to collect the work done;
+5. `await stop()` once, always, after cancelling `run()` -- also after a failure.
+
+`serve_request(payload)` answers one request; the self-test sends one probe request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+
+class RunnerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The slot a runner serves, as the master placed it."""
+
+    runner_id: str
+    node_id: str
+    devshard_id: str
+    session_id: str
+    slot: int
+    #: Memory the session asked for per slot, in MiB (0 when unknown).
+    memory_mb: int
+    #: Whether the session asked for a GPU.
+    gpu: bool
+    epoch: int
+    #: When the devshard's work ends (its epoch's end), ms since the Unix epoch.
+    ends_ms: int
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    reason: str = ""
+
+
+HEALTHY = Health(ok=True)
+
+
+class RunnerError(Exception):
+    """A runner step failed; the message says why, in words an operator can act on."""
+
+
+class RunnerConfigError(RunnerError):
+    """The runner configuration is invalid; the message names the field and the problem."""
+
+
+class RunnerFailed(RunnerError):
+    """The runner stopped serving by itself (crashed, exited with an error, lost its device)."""
+
+
+class RequestsNotSupported(RunnerError):
+    """This runner takes no requests (e.g. a subprocess that does not speak the protocol)."""
+
+
+class Runner(ABC):
+    """One slot's server. Subclasses set `kind` and implement every abstract method."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Get ready to serve; raise (any exception) if that is impossible."""
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Serve until cancelled. Return if the runner ended cleanly by itself; raise
+        `RunnerFailed` with the reason if it ended badly."""
+
+    @abstractmethod
+    async def health(self) -> Health:
+        """Is the runner able to serve right now? Cheap; called every few seconds."""
+
+    @abstractmethod
+    async def serve_request(self, payload: bytes) -> bytes:
+        """Answer one request (raise `RequestsNotSupported` if this runner takes none)."""
+
+    @abstractmethod
+    def work_units(self) -> int:
+        """Units of work completed since the previous call (the caller reports them)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Release everything. Called once, after `run()` was cancelled, possibly without a
+        successful `load()`; must not raise for a runner that never started."""
+
+
+#: What the registry finds by name: builds a runner for a slot from the kind's config.
+RunnerKind = Callable[[RunnerSpec, Mapping[str, Any]], Runner]
+#: What the runner manager and self-test use: builds a runner for a slot.
+RunnerFactory = Callable[[RunnerSpec], Runner]
+
+
+C = TypeVar("C")
+
+
+def parse_config(config_type: type[C], kind: str, config: Mapping[str, Any]) -> C:
+    """Validate a runner's config mapping into its typed config, with a clear error."""
+    try:
+        return msgspec.convert(dict(config), config_type, strict=False)
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise RunnerConfigError(f"runner {kind!r} config: {exc}") from None

@@ -1,0 +1,72 @@
+"""The local control socket: requests round-trip, bad input is refused, the server keeps serving."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cluster.control import (
+    ControlError,
+    Reply,
+    Request,
+    SessionCreate,
+    StatusRequest,
+    call,
+    serve,
+    socket_path,
+)
+
+
+async def _handler(request: Request) -> Reply:
+    if isinstance(request, SessionCreate):
+        return Reply(ok=True, message="created", data={"slots": request.slots})
+    if isinstance(request, StatusRequest):
+        raise RuntimeError("boom")  # a failing handler must not take the server down
+    return Reply(ok=False, message=f"unsupported: {type(request).__name__}")
+
+
+async def _raw(path: Path, payload: bytes) -> bytes:
+    async with await anyio.connect_unix(path) as stream:
+        await stream.send(payload)
+        data = b""
+        try:
+            while True:
+                data += await stream.receive()
+        except anyio.EndOfStream:
+            return data
+
+
+@pytest.mark.anyio
+async def test_control_round_trip_and_bad_input(tmp_path: Path) -> None:
+    async with anyio.create_task_group() as tg:
+        path = await tg.start(serve, tmp_path, _handler)
+        assert path == socket_path(tmp_path)
+        assert (path.stat().st_mode & 0o777) == 0o600
+        with anyio.fail_after(10):
+            reply = await call(tmp_path, SessionCreate(slots=2, memory_per_slot_mb=512))
+            assert reply.ok and reply.data == {"slots": 2}
+            # Malformed JSON, a wrong type and an unknown request tag are all refused by name.
+            body = b'{"request": "SessionCreate", "slots": "two", "memory_per_slot_mb": 1}'
+            raw = await _raw(path, struct.pack(">I", len(body)) + body)
+            assert b"bad request" in raw and b"slots" in raw
+            body = b'{"request": "Reboot"}'
+            raw = await _raw(path, struct.pack(">I", len(body)) + body)
+            assert b"bad request" in raw
+            # An oversized frame is dropped without an answer; the handler error gives a reply.
+            assert await _raw(path, struct.pack(">I", 1 << 30)) == b""
+            reply = await call(tmp_path, StatusRequest())
+            assert not reply.ok and reply.message == "internal error"
+            # ...and the server still serves.
+            reply = await call(tmp_path, SessionCreate(slots=1, memory_per_slot_mb=1))
+            assert reply.ok
+        tg.cancel_scope.cancel()
+    assert not socket_path(tmp_path).exists()
+
+
+@pytest.mark.anyio
+async def test_call_without_server_names_the_socket(tmp_path: Path) -> None:
+    with pytest.raises(ControlError, match="no control socket"):
+        await call(tmp_path, StatusRequest())

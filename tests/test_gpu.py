@@ -1,0 +1,156 @@
+"""NVML GPU listing: the real no-GPU paths, the conversion of NVML readings, and (with a GPU)
+the real thing."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cluster.shared.events import GpuInfo
+from cluster.worker.gpu import NvmlGpuProbe
+
+
+def _real_nvml_works() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+def test_no_driver_reads_none_and_logs_once_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    if _real_nvml_works():
+        pytest.skip("this machine has a working NVML; the no-driver path cannot be shown")
+    probe = NvmlGpuProbe()
+    with caplog.at_level(logging.DEBUG, logger="cluster.worker.gpu"):
+        assert probe.read() is None
+        assert probe.read() is None
+        assert probe.read() is None
+    records = [r for r in caplog.records if r.name == "cluster.worker.gpu"]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    assert "no NVIDIA GPUs" in records[0].getMessage()
+    assert probe.unavailable_reason is not None
+    assert "NVMLError" in probe.unavailable_reason
+    probe.close()  # closing a never-initialised probe is harmless
+
+
+def test_missing_library_reads_none(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A None entry in sys.modules makes `import pynvml` raise ImportError, as if not installed.
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    probe = NvmlGpuProbe()
+    with caplog.at_level(logging.INFO, logger="cluster.worker.gpu"):
+        assert probe.read() is None
+    assert probe.unavailable_reason is not None
+    assert "pynvml" in probe.unavailable_reason
+    assert [r.levelno for r in caplog.records if r.name == "cluster.worker.gpu"] == [logging.INFO]
+
+
+class _NvmlNotSupported(Exception):
+    pass
+
+
+class _RecordingNvml:
+    """An object with the pynvml functions the probe uses, answering for two GPUs."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self) -> None:
+        self.init_calls = 0
+        self.shutdown_calls = 0
+
+    def nvmlInit(self) -> None:
+        self.init_calls += 1
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown_calls += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> Any:
+        # Old nvidia-ml-py returned bytes, new returns str: both must work.
+        return b"NVIDIA H100" if handle == 0 else "NVIDIA A10"
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return f"GPU-{handle}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(total=80 * 1024**3, used=(handle + 1) * 512 * 1024**2)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        if handle == 1:
+            raise _NvmlNotSupported("Not Supported")
+        return SimpleNamespace(gpu=37, memory=5)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        assert sensor == self.NVML_TEMPERATURE_GPU
+        return 55 + handle
+
+
+def test_readings_are_converted_to_gpu_info() -> None:
+    nvml = _RecordingNvml()
+    probe = NvmlGpuProbe(nvml)
+    gpus = probe.read()
+    assert gpus == (
+        GpuInfo(
+            index=0,
+            name="NVIDIA H100",
+            uuid="GPU-0",
+            memory_total_mb=81920,
+            memory_used_mb=512,
+            utilization_pct=37,
+            temperature_c=55,
+        ),
+        GpuInfo(
+            index=1,
+            name="NVIDIA A10",
+            uuid="GPU-1",
+            memory_total_mb=81920,
+            memory_used_mb=1024,
+            utilization_pct=None,  # not supported on that board: None, not a failure
+            temperature_c=56,
+        ),
+    )
+    assert probe.read() == gpus
+    assert nvml.init_calls == 1  # initialised once, not per read
+    probe.close()
+    assert nvml.shutdown_calls == 1
+
+
+def test_a_gpu_that_stops_answering_is_an_error() -> None:
+    nvml = _RecordingNvml()
+
+    def lost(handle: int) -> Any:
+        raise RuntimeError("GPU is lost")
+
+    nvml.nvmlDeviceGetMemoryInfo = lost  # type: ignore[method-assign, assignment]
+    with pytest.raises(RuntimeError, match="GPU is lost"):
+        NvmlGpuProbe(nvml).read()
+
+
+@pytest.mark.gpu
+def test_real_gpus_are_listed() -> None:
+    if not _real_nvml_works():
+        pytest.skip("no NVIDIA driver/GPU on this machine")
+    probe = NvmlGpuProbe()
+    gpus = probe.read()
+    probe.close()
+    assert gpus is not None and len(gpus) >= 1
+    for i, gpu in enumerate(gpus):
+        assert gpu.index == i
+        assert gpu.name and gpu.uuid.startswith("GPU-")
+        assert gpu.memory_total_mb > 0
+        assert 0 <= gpu.memory_used_mb <= gpu.memory_total_mb
