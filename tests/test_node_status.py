@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
@@ -20,7 +22,14 @@ from cluster.shared.events import (
     SessionRequested,
     SlotAssignment,
 )
-from cluster.shared.humanize import format_count, format_utc, plural, short_id
+from cluster.shared.humanize import (
+    format_count,
+    format_duration,
+    format_relative,
+    format_utc,
+    plural,
+    short_id,
+)
 from cluster.shared.node_status import (
     NORMAL_STATES,
     LogLevel,
@@ -40,12 +49,14 @@ class Log:
     def __init__(self) -> None:
         self.state: State = EMPTY_STATE
         self.seq: dict[str, int] = {}
+        self.events: list[IndexedEvent] = []
 
     def add(self, origin: str, at_ms: int, event: Event) -> Log:
         seq = self.seq.get(origin, 0) + 1
         self.seq[origin] = seq
         ie = IndexedEvent(self.state.last_applied + 1, at_ms, origin, seq, event)
         self.state = apply(self.state, ie)
+        self.events.append(ie)
         return self
 
     def master(self, at_ms: int, event: Event) -> Log:
@@ -319,3 +330,26 @@ def test_log_level_maps_to_stdlib_logging() -> None:
     assert LogLevel.INFO.number == logging.INFO
     assert LogLevel.WARNING.number == logging.WARNING
     assert LogLevel.ERROR.number == logging.ERROR
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (0, "0s"),
+        (12_000, "12s"),
+        (252_000, "4m 12s"),
+        (245_000, "4m 05s"),
+        (25 * MIN, "25m"),
+        (65 * MIN, "1h 05m"),
+        (27 * 60 * MIN, "1d 03h"),
+        (-5, "0s"),
+    ],
+)
+def test_format_duration(ms: int, text: str) -> None:
+    assert format_duration(ms) == text
+
+
+def test_format_relative() -> None:
+    assert format_relative(T0 + MIN, T0) == "in 1m"
+    assert format_relative(T0 - MIN, T0) == "1m ago"
+    assert format_relative(T0 + 100, T0) == "now"

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 #: subcommand -> (module under cluster.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("replay", "fold an event log and print the state and its digest"),
+    "master": ("master", "run the master: index, persist and stream the event log"),
+    "worker": ("worker", "run a worker: join a master, report facts, keep a replica"),
+    "demo": ("demo", "run a master and N workers on loopback (the quick start)"),
+    "status": ("status", "show the cluster at a glance: nodes, epoch, sessions, windows, ledgers"),
 }
 
 

@@ -13,6 +13,7 @@ JSON document (a tagged msgspec union). Requests are validated; a bad one gets a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -163,12 +164,10 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
                 log.info("control connection dropped: %s", exc or type(exc).__name__)
             except Exception:  # the server must keep serving whatever a handler does
                 log.exception("control request failed")
-                try:
+                with contextlib.suppress(Exception):
                     await _write_frame(
                         stream, _encoder.encode(Reply(ok=False, message="internal error"))
                     )
-                except Exception:
-                    pass
 
     try:
         async with listener:
@@ -184,7 +183,8 @@ async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Re
     path = socket_path(data_dir)
     if not path.exists():
         raise ControlError(
-            f"no control socket at {path}: is a master or worker running with --data-dir {data_dir}?"
+            f"no control socket at {path}: "
+            f"is a master or worker running with --data-dir {data_dir}?"
         )
     try:
         with anyio.fail_after(timeout):

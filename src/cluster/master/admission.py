@@ -51,6 +51,5 @@ def check_worker_event(origin: str, seq: int, event: Event) -> None:
     if node_id != origin:
         raise AdmissionError(
             "forbidden-origin",
-            f"peer {origin} may not speak for node {node_id} "
-            f"({type(event).__name__}, seq {seq})",
+            f"peer {origin} may not speak for node {node_id} ({type(event).__name__}, seq {seq})",
         )

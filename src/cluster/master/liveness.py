@@ -26,11 +26,9 @@ from cluster.shared.state import State
 MAINTENANCE_OFFLINE_REASON = "offline for maintenance"
 
 
-class Seen(NamedTuple):
-    """What the planner saw of one node: its event index and how many cycles it stood still."""
-
-    index: int
-    idle_cycles: int
+#: What the planner saw of one node: (its event index, consecutive cycles it stood still).
+#: A plain tuple rather than a record because the book holds one per node, rebuilt each cycle.
+Seen = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -42,15 +40,18 @@ class LivenessBook:
     """
 
     seen: Mapping[str, Seen] = field(default_factory=dict)
+    #: Nodes idle for more than `cfg.fresh_idle_cycles` when the book was made: they keep
+    #: their work but get no new slots (kept as a set so placement never scans the book).
+    not_fresh: frozenset[str] = frozenset()
 
     def idle_cycles(self, node_id: str) -> int:
         """0 for a node never observed (new, rejoined, or after a master restart)."""
         entry = self.seen.get(node_id)
-        return 0 if entry is None else entry.idle_cycles
+        return 0 if entry is None else entry[1]
 
-    def is_fresh(self, node_id: str, cfg: PlannerConfig) -> bool:
+    def is_fresh(self, node_id: str) -> bool:
         """Fresh enough to be given new work (idle at most `cfg.fresh_idle_cycles`)."""
-        return self.idle_cycles(node_id) <= cfg.fresh_idle_cycles
+        return node_id not in self.not_fresh
 
 
 EMPTY_BOOK = LivenessBook()
@@ -73,27 +74,33 @@ def check_liveness(
     which carries no penalty. Events come out sorted by node id.
     """
     k = cfg.stale_cycles
+    fresh_limit = cfg.fresh_idle_cycles
     index_by_node = state.last_event_index_by_node
     previous = book.seen
     seen: dict[str, Seen] = {}
+    not_fresh: set[str] = set()
     quiet: list[tuple[str, int]] = []
     for node_id, rec in state.nodes.items():
         if not rec.connected:
             continue
+        index = index_by_node.get(node_id, 0)
         # joined_idx counts too: a master-made NodeConnected (re)joins a node that has not
         # spoken yet, and that is progress for it.
-        index = max(index_by_node.get(node_id, 0), rec.joined_idx)
+        if rec.joined_idx > index:
+            index = rec.joined_idx
         before = previous.get(node_id)
-        if before is None or before.index != index:
-            seen[node_id] = Seen(index, 0)
+        if before is None or before[0] != index:
+            seen[node_id] = (index, 0)
             continue
-        idle = before.idle_cycles + 1
+        idle = before[1] + 1
         if idle >= k:
             quiet.append((node_id, index))
-        else:
-            seen[node_id] = Seen(index, idle)
+            continue
+        seen[node_id] = (index, idle)
+        if idle > fresh_limit:
+            not_fresh.add(node_id)
     events = [_disconnect(state, node_id, index, now_ms, cfg) for node_id, index in sorted(quiet)]
-    return LivenessResult(events, LivenessBook(seen))
+    return LivenessResult(events, LivenessBook(seen, frozenset(not_fresh)))
 
 
 def _disconnect(

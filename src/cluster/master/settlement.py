@@ -27,14 +27,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cluster.master.config import PlannerConfig
-from cluster.shared.events import EpochSettled, LateWorkSettled, NodeDisconnected, NodePayout, WorkMissed
+from cluster.shared.events import (
+    EpochSettled,
+    LateWorkSettled,
+    NodeDisconnected,
+    NodePayout,
+    WorkMissed,
+)
 from cluster.shared.excuse import is_excused
 from cluster.shared.state import EpochLedger, EpochRecord, State
 
 NO_WORK_REASON = "no work reported for its slots by the epoch's end"
 
 
-def missed_work(state: State, epoch: EpochRecord, now_ms: int, cfg: PlannerConfig) -> list[WorkMissed]:
+def missed_work(
+    state: State, epoch: EpochRecord, now_ms: int, cfg: PlannerConfig
+) -> list[WorkMissed]:
     """WorkMissed for every slot holder of `epoch`'s live devshards that did no work."""
     ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
     grace = cfg.effective_miss_grace_ms
@@ -89,35 +97,36 @@ def settle_epoch(
 
     candidates = set(ledger.units.keys()) | set(misses) | set(disconnects)
     # Nodes that stayed connected through the whole epoch earn credit even when idle.
-    for node_id, rec in state.nodes.items():
-        if rec.connected and rec.joined_ms <= epoch.start_ms and node_id not in leaving:
-            candidates.add(node_id)
+    stayed = {
+        node_id
+        for node_id, rec in state.nodes.items()
+        if rec.connected and rec.joined_ms <= epoch.start_ms and node_id not in leaving
+    }
+    candidates |= stayed
 
     payouts: list[NodePayout] = []
+    units_by_node, reward_by_node = ledger.units, ledger.reward
+    balances = state.credit_ms_by_node
+    per_epoch, cap = cfg.credit_per_epoch_ms, cfg.credit_cap_ms
     for node_id in sorted(candidates):
-        reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
-        units = ledger.units.get(node_id, 0)
-        punished = bool(reasons)
+        units = units_by_node.get(node_id, 0)
+        if node_id in misses or node_id in disconnects:
+            reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
+        else:
+            reasons = []
         credit = 0
-        if not punished:
-            rec = state.nodes.get(node_id)
-            stayed = (
-                rec is not None
-                and rec.connected
-                and rec.joined_ms <= epoch.start_ms
-                and node_id not in leaving
-            )
-            if units > 0 or stayed:
-                balance = state.credit_ms_by_node.get(node_id, 0)
-                credit = max(0, min(cfg.credit_per_epoch_ms, cfg.credit_cap_ms - balance))
-        if units == 0 and not punished and credit == 0:
+        if not reasons and (units > 0 or node_id in stayed):
+            credit = max(0, min(per_epoch, cap - balances.get(node_id, 0)))
+        elif not reasons and units == 0:
+            continue
+        if units == 0 and not reasons and credit == 0:
             continue
         payouts.append(
             NodePayout(
                 node_id=node_id,
                 units=units,
-                reward=0 if punished else ledger.reward.get(node_id, 0),
-                punished=punished,
+                reward=0 if reasons else reward_by_node.get(node_id, 0),
+                punished=bool(reasons),
                 reason="; ".join(reasons),
                 credit_earned_ms=credit,
             )
@@ -128,7 +137,9 @@ def settle_epoch(
 def _punishments(misses: int, disconnect: str | None, cfg: PlannerConfig) -> list[str]:
     reasons: list[str] = []
     if misses > cfg.miss_threshold:
-        reasons.append(f"{misses} unexcused missed slot(s), above the threshold of {cfg.miss_threshold}")
+        reasons.append(
+            f"{misses} unexcused missed slot(s), above the threshold of {cfg.miss_threshold}"
+        )
     if disconnect is not None:
         reasons.append(f"unexcused disconnect: {disconnect}")
     return reasons
@@ -162,5 +173,6 @@ def _late_in(ledger: EpochLedger, cfg: PlannerConfig) -> Iterable[LateWorkSettle
         reward = 0
         if cfg.pay_late_work and not punished:
             reward = ledger.late_reward.get(node_id, 0) - ledger.late_paid.get(node_id, 0)
-        yield LateWorkSettled(epoch=ledger.epoch, node_id=node_id, units=units, reward=max(0, reward))
-
+        yield LateWorkSettled(
+            epoch=ledger.epoch, node_id=node_id, units=units, reward=max(0, reward)
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -55,13 +55,23 @@ def parse_multiaddr(text: str, *, need_peer: bool = False) -> Any:
     return addr
 
 
+def peer_of(addr: Any) -> Any:
+    """The libp2p peer ID named by a full /p2p/ multiaddr."""
+    return info_from_p2p_addr(addr).peer_id
+
+
 def build_host(key_pair: Any) -> Any:
+    muxers: Any = {YAMUX_PROTOCOL_ID: Yamux}
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        muxer_opt=muxers,
+        # One connection per peer (the default 3 costs >= 250 ms per connect); no background
+        # auto-dialling to keep a minimum of connections: the master never dials workers.
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1, min_connections=0, low_watermark=0
+        ),
         enable_mDNS=False,
         enable_upnp=False,
     )
@@ -73,6 +83,12 @@ async def running_host(key_pair: Any, listen: list[str] | None = None) -> AsyncI
     host = build_host(key_pair)
     addrs = [parse_multiaddr(a) for a in (listen or [])]
     async with host.run(listen_addrs=addrs):
+        # The swarm's auto-connector redials any peer in the peerstore to keep a minimum of
+        # connections; in a star where workers dial and the master never does, it only adds
+        # surprise dials, so it is stopped.
+        auto_connector = getattr(host.get_network(), "auto_connector", None)
+        if auto_connector is not None:
+            await auto_connector.stop()
         try:
             yield host
         finally:
@@ -134,10 +150,8 @@ class FramedStream:
     async def fail(self, code: str, message: str) -> None:
         """Tell the peer what was wrong, then reset the stream. Never raises."""
         with anyio.CancelScope(shield=True):
-            try:
+            with suppress(Exception):
                 await self.send(ErrorMsg(code=code, message=message), timeout=1.0)
-            except Exception:
-                pass
             await self.reset()
 
     async def reset(self) -> None:
@@ -181,7 +195,7 @@ def safe_handler(handler: StreamHandler, name: str) -> Callable[[Any], Awaitable
             if framed is not None:
                 await framed.reset()
             raise
-        except BaseException as exc:  # noqa: BLE001 -- see docstring
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             log.warning("%s handler failed: %s: %s", name, type(exc).__name__, exc)

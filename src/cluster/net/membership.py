@@ -123,9 +123,7 @@ def load_secret_file(path: Path) -> bytes:
     try:
         data = path.read_bytes().strip()
     except OSError as exc:
-        raise MembershipConfigError(
-            f"cannot read cluster secret {path}: {exc.strerror}"
-        ) from exc
+        raise MembershipConfigError(f"cannot read cluster secret {path}: {exc.strerror}") from exc
     if len(data) < MIN_SECRET_BYTES:
         raise MembershipConfigError(
             f"cluster secret {path} holds {len(data)} bytes; at least {MIN_SECRET_BYTES} needed"

@@ -161,7 +161,8 @@ def encode_raw(obj: object) -> bytes:
 def decode(frame: bytes) -> Message:
     """Decode one frame; a bad one raises ProtocolError("malformed", <what was wrong>)."""
     try:
-        return _decoder.decode(frame)
+        msg: Message = _decoder.decode(frame)
+        return msg
     except msgspec.ValidationError as exc:
         raise ProtocolError("malformed", f"invalid message: {exc}") from exc
     except msgspec.DecodeError as exc:
@@ -173,7 +174,5 @@ def expect(msg: Message, kind: type[T]) -> T:
     if isinstance(msg, ErrorMsg):
         raise ProtocolError(msg.code, f"peer reported {msg.code}: {msg.message}")
     if not isinstance(msg, kind):
-        raise ProtocolError(
-            "unexpected", f"expected {kind.__name__}, got {type(msg).__name__}"
-        )
+        raise ProtocolError("unexpected", f"expected {kind.__name__}, got {type(msg).__name__}")
     return msg

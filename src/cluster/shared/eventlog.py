@@ -5,6 +5,8 @@ header (magic, format version, its first index, a CRC of those) and holds record
 
     record = length u32 | idx u64 | crc32(payload) u32 | crc32(the 16 bytes before) u32 | payload
 
+The top bit of `length` marks the first record of each appended batch.
+
 The log does not know the event schema; it stores bytes under consecutive indices.
 
 Durability point: `append` writes a whole batch with one ``write`` and one ``fdatasync`` (group
@@ -57,6 +59,10 @@ SPARSE_EVERY: Final = 1024
 READ_CHUNK: Final = 4 << 20
 #: When looking for valid data after a bad record, the indices tried after the expected one.
 _LOOKAHEAD: Final = 16
+#: The length field's top bit marks the first record of each appended batch (recovery uses
+#: it to tell a torn final batch from damage that acknowledged data follows).
+_BATCH_START: Final = 1 << 31
+_LENGTH_MASK: Final = _BATCH_START - 1
 _SEG_NAME = re.compile(r"^(\d{20})\.seg$")
 _LOCK_NAME = "LOCK"
 
@@ -107,7 +113,7 @@ def encode_records(records: Sequence[tuple[int, bytes]]) -> tuple[bytes, list[in
         n = len(payload)
         if n > MAX_PAYLOAD:
             raise ValueError(f"record {idx}: payload of {n} bytes exceeds {MAX_PAYLOAD}")
-        head = _pack_rec_head(n, idx, _crc32(payload))
+        head = _pack_rec_head(n | (_BATCH_START if not offsets else 0), idx, _crc32(payload))
         parts.append(head)
         parts.append(_pack_crc(_crc32(head)))
         parts.append(payload)
@@ -375,6 +381,7 @@ def _read_segment(seg: _Segment, start_idx: int) -> Generator[tuple[int, bytes],
     unpack = _unpack_rec
     crc32 = _crc32
     hsize = REC_HEADER_SIZE
+    mask = _LENGTH_MASK
     note_at = seg.sparse_idx[-1] + SPARSE_EVERY
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
@@ -398,14 +405,14 @@ def _read_segment(seg: _Segment, start_idx: int) -> Generator[tuple[int, bytes],
             end = len(buf)
             mv = memoryview(buf)
             while pos + hsize <= end:
-                length, ridx, pcrc, hcrc = unpack(buf, pos)
+                field, ridx, pcrc, hcrc = unpack(buf, pos)
                 if crc32(mv[pos : pos + 16]) != hcrc:
                     raise LogCorruptError(path, base + pos, idx, "record header checksum mismatch")
                 if ridx != idx:
                     raise LogCorruptError(
                         path, base + pos, idx, f"record has index {ridx}, expected {idx}"
                     )
-                stop = pos + hsize + length
+                stop = pos + hsize + (field & mask)
                 if stop > end:
                     break
                 payload = buf[pos + hsize : stop]
@@ -527,8 +534,12 @@ def _read_rest(path: Path, offset: int) -> bytes:
 
 
 def _recover_last(seg: _Segment, readonly: bool) -> None:
-    """Scan the last segment fully: find its last index, build its sparse index, cut a torn
-    tail (one WARNING), and raise `LogCorruptError` for a bad record with good data after it.
+    """Find the last segment's last good record, cut a torn tail (one WARNING), and raise
+    `LogCorruptError` for a bad record that an acknowledged batch follows.
+
+    Every record header is checked, and the payloads of the final batch (the only one a
+    crash can tear); older payloads are checked when read, as in sealed segments. That keeps
+    opening a long log at about a third of a second per 64 MiB segment.
     """
     with open(seg.path, "rb") as f:
         buf = f.read()
@@ -536,34 +547,52 @@ def _recover_last(seg: _Segment, readonly: bool) -> None:
     mv = memoryview(buf)
     pos = SEG_HEADER_SIZE
     idx = seg.first_idx
-    hsize = REC_HEADER_SIZE
+    batch_pos, batch_idx = pos, idx  # where the final batch (so far) starts
+    note_at = seg.sparse_idx[-1] + SPARSE_EVERY
     why = ""
-    while pos < size:
+    unpack, crc32, hsize, mask, start_bit = (
+        _unpack_rec,
+        _crc32,
+        REC_HEADER_SIZE,
+        _LENGTH_MASK,
+        _BATCH_START,
+    )
+    while pos < size:  # the hot loop of opening: locals only
         if pos + hsize > size:
             why = "partial record header"
             break
-        length, ridx, pcrc, hcrc = _unpack_rec(buf, pos)
-        if _crc32(mv[pos : pos + 16]) != hcrc:
+        field, ridx, _pcrc, hcrc = unpack(buf, pos)
+        if crc32(mv[pos : pos + 16]) != hcrc:
             why = "record header checksum mismatch"
             break
         if ridx != idx:
             raise LogCorruptError(seg.path, pos, idx, f"record has index {ridx}, expected {idx}")
-        stop = pos + hsize + length
+        stop = pos + hsize + (field & mask)
         if stop > size:
             why = "record cut mid-write"
             break
-        if _crc32(mv[pos + hsize : stop]) != pcrc:
-            why = "payload checksum mismatch"
-            break
-        seg.note(idx, pos)
+        if field & start_bit:
+            batch_pos, batch_idx = pos, idx
+        if idx == note_at:
+            seg.note(idx, pos)
+            note_at += SPARSE_EVERY
         idx += 1
         pos = stop
+    # Payloads of the final batch, up to the first bad one.
+    check, check_idx = batch_pos, batch_idx
+    while check < pos:
+        field, _ridx, pcrc, _hcrc = _unpack_rec(buf, check)
+        stop = check + REC_HEADER_SIZE + (field & _LENGTH_MASK)
+        if _crc32(mv[check + REC_HEADER_SIZE : stop]) != pcrc:
+            pos, idx, why = check, check_idx, "payload checksum mismatch"
+            break
+        check, check_idx = stop, check_idx + 1
     mv.release()
     if pos < size:
-        found = _valid_record_after(buf, pos, idx)
-        if found is not None:
+        later = _later_batch_after(buf, pos, idx)
+        if later is not None:
             raise LogCorruptError(
-                seg.path, pos, idx, f"{why}, with a valid record (index {found}) after it"
+                seg.path, pos, idx, f"{why}, and a later batch (from index {later}) follows it"
             )
         dropped = size - pos
         log.warning(
@@ -582,33 +611,60 @@ def _recover_last(seg: _Segment, readonly: bool) -> None:
                 _fdatasync(fd)
             finally:
                 os.close(fd)
+        # The sparse index may name records past the cut.
+        while seg.sparse_idx[-1] >= idx and len(seg.sparse_idx) > 1:
+            seg.sparse_idx.pop()
+            seg.sparse_off.pop()
     seg.size = pos
     seg.last_idx = idx - 1
 
 
-def _valid_record_after(buf: bytes, bad_pos: int, expected: int) -> int | None:
-    """Index of a record with valid checksums after the bad one at `bad_pos`, if any.
+def _valid_at(buf: bytes, at: int) -> tuple[int, int, bool] | None:
+    """(index, end offset, starts a batch) of a record with good CRCs at `at`, else None."""
+    if at < 0 or at + REC_HEADER_SIZE > len(buf):
+        return None
+    field, ridx, pcrc, hcrc = _unpack_rec(buf, at)
+    stop = at + REC_HEADER_SIZE + (field & _LENGTH_MASK)
+    if (
+        _crc32(buf[at : at + 16]) != hcrc
+        or stop > len(buf)
+        or _crc32(buf[at + REC_HEADER_SIZE : stop]) != pcrc
+    ):
+        return None
+    return ridx, stop, bool(field & _BATCH_START)
 
-    A torn tail is followed only by garbage or zeros; real corruption (a flipped byte) is
-    followed by good records. We look for the headers of the next few indices by their
-    8-byte index field (a fast substring search), then check both CRCs.
+
+def _later_batch_after(buf: bytes, bad_pos: int, expected: int) -> int | None:
+    """Index of a valid batch-starting record after the bad one at `bad_pos`, if any.
+
+    Batches are written one after another and each only after the one before was fsynced,
+    so a later batch proves the damaged one was acknowledged: that is corruption. Good
+    records of the SAME batch after a bad one are a torn write (pages of an unsynced write
+    reach the disk in any order) and are dropped with it. Records are found by their 8-byte
+    index field (a fast substring search for the next few indices), then walked in order.
     """
-    for k in range(1, _LOOKAHEAD + 1):
-        want = struct.pack("<Q", expected + k)
-        at = buf.find(want, bad_pos + 4)
-        while at != -1:
-            head_at = at - 4
-            if head_at + REC_HEADER_SIZE <= len(buf):
-                length, _ridx, pcrc, hcrc = _unpack_rec(buf, head_at)
-                stop = head_at + REC_HEADER_SIZE + length
-                if (
-                    _crc32(buf[head_at : head_at + 16]) == hcrc
-                    and stop <= len(buf)
-                    and _crc32(buf[head_at + REC_HEADER_SIZE : stop]) == pcrc
-                ):
-                    return expected + k
-            at = buf.find(want, at + 1)
-    return None
+    pos, want = bad_pos, expected
+    while True:
+        found: tuple[int, int, int, bool] | None = None  # (offset, idx, end, starts a batch)
+        for k in range(_LOOKAHEAD + 1):
+            at = buf.find(struct.pack("<Q", want + k), pos + 1)
+            while at != -1 and (found is None or at - 4 < found[0]):
+                rec = _valid_at(buf, at - 4)
+                if rec is not None and rec[0] == want + k:
+                    found = (at - 4, rec[0], rec[1], rec[2])
+                    break
+                at = buf.find(struct.pack("<Q", want + k), at + 1)
+        if found is None:
+            return None
+        _at, ridx, stop, starts = found
+        while True:  # walk the chain of good records from there
+            if starts:
+                return ridx
+            rec = _valid_at(buf, stop)
+            if rec is None or rec[0] != ridx + 1:
+                break
+            ridx, stop, starts = rec
+        pos, want = stop - 1, ridx + 1
 
 
 # -------------------------------------------------------------------------------- syscalls

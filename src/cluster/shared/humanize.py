@@ -1,6 +1,6 @@
-"""Plain-language numbers and clock times for operators: "14:30 UTC", "1,204", "2 slots".
+"""Plain-language numbers and times for operators: "4m 12s", "1h 05m", "14:30 UTC", "1,204".
 
-Durations ("4m 12s", "1h 05m", "in 25m", "3m ago") live in `cluster.shared.durations`.
+`cluster.shared.durations` re-exports the duration formatting next to its parsers.
 Pure: every function takes the times it shows (and "now" when it matters) as arguments and
 never reads a clock, so status messages are reproducible in tests and on every node.
 """
@@ -10,6 +10,38 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 _MS_PER_S = 1000
+_S_PER_M = 60
+_S_PER_H = 3600
+_S_PER_D = 86400
+
+
+def format_duration(ms: int) -> str:
+    """A duration at the precision an operator needs: "12s", "4m 12s", "25m", "1h 05m", "2d 03h".
+
+    Seconds are rounded to the nearest whole second; a negative duration counts as zero.
+    Whole minutes drop the seconds ("25m") so a fake-clock test and a person read the same.
+    """
+    s = (max(ms, 0) + _MS_PER_S // 2) // _MS_PER_S
+    if s < _S_PER_M:
+        return f"{s}s"
+    if s < _S_PER_H:
+        m, sec = divmod(s, _S_PER_M)
+        return f"{m}m {sec:02d}s" if sec else f"{m}m"
+    if s < _S_PER_D:
+        h, rest = divmod(s, _S_PER_H)
+        return f"{h}h {rest // _S_PER_M:02d}m"
+    d, rest = divmod(s, _S_PER_D)
+    return f"{d}d {rest // _S_PER_H:02d}h"
+
+
+def format_relative(at_ms: int, now_ms: int) -> str:
+    """ "in 4m 12s" for the future, "3m ago" for the past, "now" within half a second."""
+    delta = at_ms - now_ms
+    if abs(delta) < _MS_PER_S // 2:
+        return "now"
+    if delta > 0:
+        return f"in {format_duration(delta)}"
+    return f"{format_duration(-delta)} ago"
 
 
 def format_utc(at_ms: int, now_ms: int) -> str:

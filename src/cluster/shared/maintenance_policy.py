@@ -28,6 +28,14 @@ class PolicyError(ValueError):
     """A maintenance policy value is invalid; the message names the field."""
 
 
+def _check_ms(policy: MaintenancePolicy, name: str, *, minimum: int) -> None:
+    value = getattr(policy, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(f"{name} must be an integer number of milliseconds, got {value!r}")
+    if value < minimum:
+        raise PolicyError(f"{name} must be >= {minimum} ms, got {value}")
+
+
 class MaintenancePolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: A window must start at least this far ahead. 15 minutes is more than one default
     #: epoch, so the planner sees the window before it places the epoch that would cross
@@ -102,14 +110,6 @@ class MaintenancePolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 DEFAULT_POLICY: Final = MaintenancePolicy()
 
 _FIELDS: Final = MaintenancePolicy.__struct_fields__
-
-
-def _check_ms(policy: MaintenancePolicy, name: str, *, minimum: int) -> None:
-    value = getattr(policy, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{name} must be an integer number of milliseconds, got {value!r}")
-    if value < minimum:
-        raise PolicyError(f"{name} must be >= {minimum} ms, got {value}")
 
 
 def policy_from_mapping(

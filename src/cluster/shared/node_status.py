@@ -30,9 +30,8 @@ from typing import Final
 
 import msgspec
 
-from cluster.shared.durations import format_duration, format_relative
 from cluster.shared.excuse import excusing_window
-from cluster.shared.humanize import format_utc, plural
+from cluster.shared.humanize import format_duration, format_relative, format_utc, plural
 from cluster.shared.state import MaintenanceWindow, NodeRecord, State, WindowState
 
 #: A node this many events (or more) behind the log head shows as catching up. Below it the

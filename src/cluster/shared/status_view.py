@@ -17,8 +17,13 @@ from typing import Final
 
 import msgspec
 
-from cluster.shared.durations import format_duration, format_relative
-from cluster.shared.humanize import format_count, format_utc, short_id
+from cluster.shared.humanize import (
+    format_count,
+    format_duration,
+    format_relative,
+    format_utc,
+    short_id,
+)
 from cluster.shared.node_status import (
     DEFAULT_CATCH_UP_THRESHOLD,
     LogLevel,

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from cluster.shared import codec
-from cluster.shared.apply import apply
+from cluster.shared.apply import fold
 from cluster.shared.eventlog import EventLog, LogDirectoryError, LogError
 from cluster.shared.events import IndexedEvent
 from cluster.shared.snapshots import SnapshotStore
@@ -108,20 +108,28 @@ def restore(
         )
     if snapshot_idx >= target:
         return Restored(state, snapshot_idx)
-    next_report = snapshot_idx + PROGRESS_EVERY
-    for idx, payload in event_log.read_from(snapshot_idx + 1):
-        state = apply(state, decode_record(idx, payload))
+    state = fold(state, decoded_events(event_log, snapshot_idx + 1, target, progress))
+    if state.last_applied != target:
+        raise ValueError(f"the log ended at index {state.last_applied}, before {target}")
+    return Restored(state, snapshot_idx)
+
+
+def decoded_events(
+    event_log: EventLog, start: int, target: int, progress: Progress | None = None
+) -> Iterator[IndexedEvent]:
+    """The events start..target decoded from the log (CRCs checked, index checked), reporting
+    progress every PROGRESS_EVERY events. `restore` folds exactly this stream."""
+    next_report = start + PROGRESS_EVERY - 1
+    for idx, payload in event_log.read_from(start):
+        yield decode_record(idx, payload)
+        if idx >= target:
+            break
         if idx == next_report:
             next_report += PROGRESS_EVERY
             if progress is not None:
                 progress(idx, target)
-        if idx >= target:
-            break
-    if state.last_applied != target:
-        raise ValueError(f"the log ended at index {state.last_applied}, before {target}")
     if progress is not None:
         progress(target, target)
-    return Restored(state, snapshot_idx)
 
 
 def load_state(
@@ -197,14 +205,16 @@ class EventStore:
         """Make `events` durable (one group commit) and fold them; returns the new state.
 
         The batch is applied before it is written, so an out-of-order event
-        (`apply.OutOfOrderError`) leaves both the log and the state untouched.
+        (`apply.OutOfOrderError`) leaves both the log and the state untouched. What is folded
+        is the events as they decode from their log bytes, not the objects passed in: an
+        event built in memory with, say, an int where the schema says float would otherwise
+        give this process a state whose digest no replay of the log reproduces.
         """
         if not events:
             return self._state
-        state = self._state
-        for ie in events:
-            state = apply(state, ie)
-        self._log.append([(ie.idx, codec.encode_event(ie)) for ie in events])
+        records = [(ie.idx, codec.encode_event(ie)) for ie in events]
+        state = fold(self._state, [codec.decode_event(data) for _, data in records])
+        self._log.append(records)
         self._state = state
         if state.last_applied - self._snapshot_idx >= self._every:
             self.snapshot()

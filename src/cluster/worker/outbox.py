@@ -133,6 +133,8 @@ class Outbox:
 
     def append(self, event: Event) -> int:
         """Give the event the next seq and record it; returns the seq."""
+        if self._fd < 0:
+            raise OutboxError(f"outbox {self.directory} is closed")
         payload = _encoder.encode(event)
         if len(payload) > MAX_EVENT_BYTES:
             raise OutboxError(f"event of {len(payload)} bytes exceeds {MAX_EVENT_BYTES}")
@@ -195,9 +197,7 @@ class Outbox:
 
     def _compact(self) -> None:
         tmp = self._log_path.with_suffix(".tmp")
-        data = b"".join(
-            _REC.pack(len(p), s, _crc(s, p)) + p for s, p in self._pending
-        )
+        data = b"".join(_REC.pack(len(p), s, _crc(s, p)) + p for s, p in self._pending)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)

@@ -19,6 +19,8 @@ from cluster.shared.events import (
 )
 from cluster.shared.state import MaintenanceWindow, State, WindowState
 
+OPEN_STATES = (WindowState.SCHEDULED, WindowState.DRAINING, WindowState.ACTIVE)
+
 _replace = msgspec.structs.replace
 
 
@@ -98,9 +100,15 @@ def maintenance_started(state: State, ie: IndexedEvent, ev: MaintenanceStarted) 
 
 
 def maintenance_finished(state: State, ie: IndexedEvent, ev: MaintenanceFinished) -> State:
-    win = _open(state, ev.window_id, ev.node_id, WindowState.ACTIVE)
+    win = _open(state, ev.window_id, ev.node_id, *OPEN_STATES)
     if win is None:
         return state
+    if win.state is not WindowState.ACTIVE:
+        # Finishing is allowed once the start time has passed, even if the planner's cycle
+        # has not yet emitted MaintenanceStarted (a reboot quicker than one cycle).
+        if ie.master_time_ms < win.start_ms:
+            return state
+        win = _replace(win, started_ms=win.start_ms)
     win = _replace(win, state=WindowState.COMPLETED, closed_ms=ie.master_time_ms, outcome=ev.how)
     return _close(state, win)
 

@@ -106,6 +106,17 @@ RunnerKind = Callable[[RunnerSpec, Mapping[str, Any]], Runner]
 RunnerFactory = Callable[[RunnerSpec], Runner]
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an operator: the first real error (inside task-group exception groups),
+    its type named unless it is a runner's own failure or a timeout that says what it is."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    if isinstance(exc, RunnerError | TimeoutError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 C = TypeVar("C")
 
 

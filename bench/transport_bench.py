@@ -1,0 +1,307 @@
+"""Transport benchmark: 1 master + 4 workers as separate processes on loopback.
+
+Measures, in one run:
+
+1. raw: events/s through ONE batched libp2p stream between two processes (Noise + Yamux,
+   the same frames and batch size as the submit protocol, no indexing, no disk) -- the
+   ceiling the transport itself sets on this machine;
+2. throughput: events/s from emission on 4 workers to durable-and-indexed at the master
+   (the real `cluster master`, fsync per group commit), workers offering more than it takes;
+3. latency: at a fixed offered load of 1,000 events/s in total, p50/p99 from emission on a
+   worker to applied on ALL 4 workers' replicas.
+
+Workers here embed `cluster.worker.client.Worker` in a small child process that records
+when it emitted each seq and when each seq became applied on its replica (CLOCK_MONOTONIC
+is system-wide, so times compare across processes). Usage: python bench/transport_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+WORKERS = 4
+BATCH = 256
+
+
+def _percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+# ------------------------------------------------------------------------------ child: worker
+def bench_worker(args: argparse.Namespace) -> None:
+    import anyio
+
+    from cluster.shared.events import NodeHeartbeat
+    from cluster.shared.state import State
+    from cluster.worker.client import Worker, WorkerConfig
+
+    secret = Path(args.secret).read_bytes().strip()
+    worker = Worker(
+        Path(args.data_dir),
+        args.master,
+        WorkerConfig(secret=secret, heartbeats=False, write_digest=False),
+    )
+    emits: dict[int, float] = {}
+    applied: dict[str, list[tuple[int, float]]] = {}
+    watched: set[str] = set(args.watch.split(",")) if args.watch else set()
+
+    def on_change(state: State) -> None:
+        now = time.monotonic()
+        for origin in watched:
+            seq = state.last_seq_by_origin.get(origin, 0)
+            rows = applied.setdefault(origin, [])
+            if seq and (not rows or rows[-1][0] < seq):
+                rows.append((seq, now))
+
+    worker.add_listener(on_change)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            Path(args.ready).write_text(worker.node_id)
+            while not Path(args.go).exists():
+                await anyio.sleep(0.01)
+            start = time.monotonic()
+            sent = 0
+            # Paced emission: `rate` per second for `duration` seconds.
+            while (elapsed := time.monotonic() - start) < args.duration:
+                due = int(elapsed * args.rate)
+                while sent < due:
+                    now = time.monotonic()
+                    emits[worker.emit(NodeHeartbeat(node_id=worker.node_id))] = now
+                    sent += 1
+                await anyio.sleep(0.001)
+            # Let the tail drain (acks and replicas), bounded.
+            with anyio.move_on_after(args.drain):
+                while len(worker.outbox):
+                    await anyio.sleep(0.02)
+                await anyio.sleep(1.0)
+            worker.stop()
+            await worker.wait_finished()
+        worker.close()
+
+    anyio.run(main, backend="trio")
+    Path(args.out).write_text(
+        json.dumps({"node_id": worker.node_id, "emits": emits, "applied": applied})
+    )
+
+
+# ------------------------------------------------------------------------------ child: raw source
+def raw_source(args: argparse.Namespace) -> None:
+    import anyio
+    import msgspec
+
+    from cluster.net import host as nethost
+    from cluster.net.framing import encode_frame
+    from cluster.net.identity import key_pair_from_seed
+    from cluster.net.protocol import SeqEventRaw, SubmitBatchRaw, encode, encode_raw
+    from cluster.shared.events import NodeHeartbeat
+
+    kp = key_pair_from_seed(b"\x02" * 32)
+    payload = msgspec.Raw(encode_raw(NodeHeartbeat(node_id="12D3KooW" + "x" * 44)))
+
+    async def main() -> None:
+        async with nethost.running_host(kp) as h:
+            peer = await nethost.dial(h, nethost.parse_multiaddr(args.raw_source, True), 10)
+            fs = await nethost.open_stream(h, peer, "/bench/raw/1", 10)
+            seq = 0
+            while seq < args.events:
+                batch = SubmitBatchRaw(
+                    events=[SeqEventRaw(seq + i + 1, payload) for i in range(BATCH)]
+                )
+                seq += BATCH
+                await fs.send_bytes(encode_frame(encode(batch)), 30)
+            await fs.recv(60)  # the sink's final answer
+            await fs.close()
+
+    anyio.run(main, backend="trio")
+
+
+async def raw_sink(events: int) -> float:
+    """Run a sink host, start a source process, return events/s over the stream."""
+    import anyio
+
+    from cluster.net import host as nethost
+    from cluster.net.identity import key_pair_from_seed
+    from cluster.net.protocol import Ack, decode
+
+    kp = key_pair_from_seed(b"\x01" * 32)
+    result: dict[str, float] = {}
+    done = anyio.Event()
+
+    async def handle(fs: nethost.FramedStream) -> None:
+        got = 0
+        t0 = 0.0
+        while got < events:
+            frame = await fs.recv_frame(30)
+            if not t0:
+                t0 = time.perf_counter()
+            msg = decode(frame)  # decode like the master does (validates every event)
+            got += len(msg.events)  # type: ignore[union-attr]
+        result["rate"] = (got - BATCH) / (time.perf_counter() - t0)
+        await fs.send(Ack(seq=got), 10)
+        done.set()
+
+    async with nethost.running_host(kp, ["/ip4/127.0.0.1/tcp/0"]) as h:
+        h.set_stream_handler("/bench/raw/1", nethost.safe_handler(handle, "raw"))
+        addr = nethost.full_addrs(h)[0]
+        cmd = [sys.executable, __file__, "--raw-source", addr, "--events", str(events)]
+        proc = subprocess.Popen(cmd)
+        with anyio.fail_after(120):
+            await done.wait()
+        proc.wait(timeout=30)
+    return result["rate"]
+
+
+# ------------------------------------------------------------------------------ orchestration
+def run_phase(
+    root: Path, name: str, rate_per_worker: float, duration: float, addr: str, secret: Path
+) -> list[dict[str, Any]]:
+    phase = root / name
+    phase.mkdir()
+    go = phase / "go"
+    procs, outs, readies = [], [], []
+    for k in range(WORKERS):
+        out, ready = phase / f"w{k}.json", phase / f"w{k}.ready"
+        cmd = [sys.executable, __file__, "--bench-worker", "--data-dir", str(root / f"w{k}")]
+        cmd += ["--master", addr, "--secret", str(secret), "--rate", str(rate_per_worker)]
+        cmd += ["--duration", str(duration), "--out", str(out), "--ready", str(ready)]
+        cmd += ["--go", str(go), "--watch", ",".join(_ids(root))]
+        procs.append(subprocess.Popen(cmd))
+        outs.append(out)
+        readies.append(ready)
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in readies):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: workers did not connect within 60 s")
+        time.sleep(0.05)
+    time.sleep(1.0)  # let every replica finish its catch-up
+    go.write_text("go")
+    for p in procs:
+        p.wait(timeout=duration + 120)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def _ids(root: Path) -> list[str]:
+    from cluster.net.identity import load_identity
+
+    return [load_identity(root / f"w{k}")[1] for k in range(WORKERS)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bench-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-source", help=argparse.SUPPRESS)
+    for opt in ("--data-dir", "--master", "--secret", "--out", "--ready", "--go", "--watch"):
+        parser.add_argument(opt, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--drain", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=300_000, help="events for the raw run")
+    parser.add_argument("--offered", type=float, default=20_000, help="throughput phase ev/s")
+    args = parser.parse_args()
+    if args.bench_worker:
+        return bench_worker(args)
+    if args.raw_source:
+        return raw_source(args)
+
+    import anyio
+
+    from cluster.shared.eventlog import EventLog
+    from cluster.shared.store import decode_record
+
+    root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
+    print(f"transport bench in {root} ({WORKERS} workers, separate processes, loopback)")
+    raw = anyio.run(raw_sink, args.events, backend="trio")
+    print(f"raw batched libp2p stream     : {raw:>10,.0f} events/s (1 stream, {BATCH}/frame)")
+
+    mdir = root / "master"
+    master = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "master",
+            "--data-dir",
+            str(mdir),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (mdir / "master.addr").exists():
+            if time.monotonic() > deadline or master.poll() is not None:
+                raise SystemExit("master did not start")
+            time.sleep(0.05)
+        addr = (mdir / "master.addr").read_text().strip()
+        secret = mdir / "cluster.secret"
+
+        # Throughput: offer more than the pipeline takes; count what the log holds.
+        results = run_phase(root, "throughput", args.offered / WORKERS, args.duration, addr, secret)
+        ids = {r["node_id"] for r in results}
+        emitted = sum(len(r["emits"]) for r in results)
+        log = EventLog.open(mdir / "log", readonly=True)
+        times = [
+            ie.master_time_ms
+            for _, p in log.read_from(1)
+            if (ie := decode_record(_, p)).origin in ids
+        ]
+        log.close()
+        span = (max(times) - min(times)) / 1000
+        e2e = len(times) / span
+        print(
+            f"end-to-end, emission -> durable+indexed: {e2e:>10,.0f} events/s "
+            f"({len(times):,} of {emitted:,} offered at {args.offered:,.0f}/s, over {span:.1f} s)"
+        )
+        print(f"  ratio to raw stream: {e2e / raw:.0%} (target >= 50%)")
+
+        # Latency at a fixed 1,000 events/s in total.
+        results = run_phase(root, "latency", 1000 / WORKERS, args.duration, addr, secret)
+        lat = []
+        missing = 0
+        for src in results:
+            origin = src["node_id"]
+            # Per replica: the seqs of `origin` seen applied, ascending, and when.
+            seen = [
+                (
+                    [s for s, _ in d["applied"].get(origin, [])],
+                    [t for _, t in d["applied"].get(origin, [])],
+                )
+                for d in results
+            ]
+            for seq_text, t_emit in src["emits"].items():
+                seq = int(seq_text)
+                worst = 0.0
+                for seqs, ts in seen:
+                    k = bisect.bisect_left(seqs, seq)
+                    if k == len(seqs):
+                        missing += 1
+                        break
+                    worst = max(worst, ts[k] - t_emit)
+                else:
+                    lat.append(worst * 1000)
+        print(
+            f"latency at 1,000 ev/s, emission -> applied on all {WORKERS} workers: "
+            f"p50 {statistics.median(lat):.1f} ms, p99 {_percentile(lat, 99):.1f} ms, "
+            f"max {max(lat):.1f} ms over {len(lat):,} events ({missing} not seen everywhere)"
+        )
+    finally:
+        master.terminate()
+        master.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

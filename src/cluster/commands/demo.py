@@ -1,0 +1,142 @@
+"""`cluster demo`: a master and N workers as separate processes on loopback.
+
+Everything lives in one data directory (a fresh temporary one unless `--data-dir` is given):
+`master/` (log, snapshots, master.addr, digest.json), `worker-K/` (node.key, outbox,
+digest.json), `cluster.secret`, and each process's output in `logs/`. Ctrl-C or SIGTERM (or
+`--duration`) stops the children (SIGTERM, then SIGKILL after a grace period); exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+GRACE_S = 10.0
+MASTER_START_TIMEOUT_S = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=3, help="number of workers (default 3)")
+    parser.add_argument("--data-dir", type=Path, help="where to keep everything (default: temp)")
+    parser.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop by itself after this long"
+    )
+    parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+
+
+def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    out = open(log_path, "ab")  # noqa: SIM115 -- closed by the caller after the child exits
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # Own process group: a Ctrl-C on the terminal reaches only us; we stop the children.
+        start_new_session=True,
+    )
+    return proc, out
+
+
+def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> None:
+    for _, proc, _ in reversed(children):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for name, proc, out in reversed(children):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"{name} did not stop within {GRACE_S:g} s: killing it", flush=True)
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 0 or args.workers > 64:
+        print("cluster demo: --workers must be between 0 and 64", file=sys.stderr)
+        return 2
+    if args.duration is not None and not args.duration > 0:
+        print("cluster demo: --duration must be > 0", file=sys.stderr)
+        return 2
+    root: Path = args.data_dir or Path(tempfile.mkdtemp(prefix="cluster-demo-"))
+    logs = root / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"cluster demo: cannot create {logs}: {exc.strerror}", file=sys.stderr)
+        return 2
+    master_dir = root / "master"
+    secret_file = root / "cluster.secret"
+    if not secret_file.exists():
+        from cluster.net.membership import create_secret_file
+
+        create_secret_file(secret_file)
+
+    stop_now = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_now
+        stop_now = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+    try:
+        addr_file = master_dir / "master.addr"
+        addr_file.unlink(missing_ok=True)
+        master_args = ["master", "--data-dir", str(master_dir)]
+        master_args += ["--cluster-secret-file", str(secret_file)]
+        master_args += ["--plan-interval", str(args.plan_interval)]
+        proc, out = _spawn(master_args, logs / "master.log")
+        children.append(("master", proc, out))
+        deadline = time.monotonic() + MASTER_START_TIMEOUT_S
+        while not addr_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline or stop_now:
+                print(f"cluster demo: master did not start; see {logs / 'master.log'}")
+                return 1
+            time.sleep(0.05)
+        addr = addr_file.read_text(encoding="utf-8").strip()
+        for k in range(1, args.workers + 1):
+            wdir = root / f"worker-{k}"
+            wargs = ["worker", "--data-dir", str(wdir), "--master", addr]
+            wargs += ["--cluster-secret-file", str(secret_file)]
+            proc, out = _spawn(wargs, logs / f"worker-{k}.log")
+            children.append((f"worker-{k}", proc, out))
+
+        print(
+            f"cluster demo: master + {args.workers} workers running (pids "
+            + ", ".join(f"{n}={p.pid}" for n, p, _ in children)
+            + ")"
+        )
+        print(f"  master address : {addr}")
+        print(f"  data directory : {root}")
+        print(f"  master data    : {master_dir}  (log/, snapshots/, digest.json)")
+        print(f"  worker data    : {root}/worker-N  (node.key, outbox/, digest.json)")
+        print(f"  process logs   : {logs}")
+        print(f"  replay the log : cluster replay {master_dir}")
+        print(
+            "  stop           : Ctrl-C"
+            + (f" (or after {args.duration:g} s)" if args.duration else "")
+        )
+        sys.stdout.flush()
+        end = time.monotonic() + args.duration if args.duration else None
+        status = 0
+        while not stop_now and (end is None or time.monotonic() < end):
+            for name, proc, _ in children:
+                if proc.poll() is not None:
+                    print(f"cluster demo: {name} exited with code {proc.returncode}; see {logs}")
+                    stop_now = True
+                    status = 1
+            time.sleep(0.1)
+        return status
+    finally:
+        _stop(children)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        print(f"cluster demo: stopped; data kept in {root}", flush=True)

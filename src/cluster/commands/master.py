@@ -1,0 +1,115 @@
+"""`cluster master`: run the master (index, persist and stream the cluster's event log).
+
+Membership (see docs/membership.md): `--allow`/`--allow-file` restrict joining to listed peer
+ids; `--cluster-secret-file` requires the HMAC challenge. With neither, the master creates
+`<data-dir>/cluster.secret` (0600) once and uses it: a master is never open to strangers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cluster.commands._process import LOG_LEVELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, required=True, help="log, snapshots, node.key")
+    parser.add_argument(
+        "--listen",
+        default="/ip4/127.0.0.1/tcp/0",
+        metavar="MULTIADDR",
+        help="address to listen on (default: %(default)s; tcp/0 picks a free port)",
+    )
+    parser.add_argument(
+        "--allow", action="append", default=[], metavar="PEERID", help="peer id allowed to join"
+    )
+    parser.add_argument("--allow-file", type=Path, help="file of allowed peer ids, one a line")
+    parser.add_argument(
+        "--cluster-secret-file", type=Path, help="shared secret workers must prove they know"
+    )
+    parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--snapshot-every", type=int, default=100_000, metavar="EVENTS")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from cluster.commands._process import setup_logging, stop_on_signal
+    from cluster.master.server import Master, MasterConfig
+    from cluster.net.host import AddressError, parse_multiaddr
+    from cluster.net.identity import IdentityError, load_identity
+    from cluster.net.membership import (
+        Membership,
+        MembershipConfigError,
+        create_secret_file,
+        load_allow_file,
+        load_secret_file,
+        validate_peer_id,
+    )
+    from cluster.shared.store import EventStore
+
+    setup_logging(args.log_level)
+    data_dir: Path = args.data_dir
+    try:
+        _positive("--plan-interval", args.plan_interval)
+        _positive("--peer-timeout", args.peer_timeout)
+        _positive("--snapshot-every", args.snapshot_every)
+        parse_multiaddr(args.listen)
+        allowed: set[str] | None = None
+        if args.allow or args.allow_file:
+            allowed = {validate_peer_id(p, "--allow") for p in args.allow}
+            if args.allow_file:
+                allowed |= load_allow_file(args.allow_file)
+        secret = None
+        if args.cluster_secret_file:
+            secret = load_secret_file(args.cluster_secret_file)
+        elif allowed is None:
+            path = data_dir / "cluster.secret"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            secret = load_secret_file(path) if path.exists() else create_secret_file(path)
+            print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
+        membership = Membership(
+            allowed=frozenset(allowed) if allowed is not None else None, secret=secret
+        )
+        key_pair, node_id = load_identity(data_dir)
+        store = EventStore.open(data_dir, snapshot_every=args.snapshot_every)
+    except (ValueError, AddressError, IdentityError, MembershipConfigError, OSError) as exc:
+        print(f"cluster master: {exc}", file=sys.stderr)
+        return 2
+
+    config = MasterConfig(
+        listen=[args.listen],
+        plan_interval=args.plan_interval,
+        peer_timeout=args.peer_timeout,
+        data_dir=data_dir,
+    )
+    master = Master(store, key_pair, membership, config)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            addrs = await tg.start(master.run)
+            addr = next((a for a in addrs if "/127.0.0.1/" in a), addrs[0])
+            tmp = data_dir / ".master.addr.tmp"
+            tmp.write_text(addr + "\n", encoding="utf-8")
+            os.replace(tmp, data_dir / "master.addr")
+            print(f"master listening on {addr}", flush=True)
+            print(f"node id {node_id}; log at index {master.last_idx}", flush=True)
+            tg.start_soon(stop_on_signal, master.stop)
+            await master.wait_finished()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main, backend="trio")
+    finally:
+        store.close()
+    return 0

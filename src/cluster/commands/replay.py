@@ -1,0 +1,167 @@
+"""`cluster replay PATH`: fold an event log and show what the cluster believed, and its digest.
+
+PATH is a data directory (holding ``log/`` and ``snapshots/``) or the ``log/`` directory
+itself. The log is opened read-only (no lock, a torn tail is ignored rather than cut), so a
+running master's log can be replayed. The fold starts from the newest valid snapshot at or
+before ``--until`` unless ``--no-snapshot``; the digest is the same either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
+
+from cluster.shared import codec
+from cluster.shared.eventlog import LogError
+from cluster.shared.humanize import format_utc, plural
+from cluster.shared.snapshots import SnapshotError
+from cluster.shared.state import State, WindowState
+
+#: Show a progress bar for folds longer than this even when stderr is not a terminal.
+PROGRESS_MIN_EVENTS = 200_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path", type=Path, metavar="PATH", help="data directory or its log/ directory"
+    )
+    parser.add_argument(
+        "--until",
+        type=int,
+        metavar="IDX",
+        help="stop after event IDX (default: the end of the log)",
+    )
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument(
+        "--json",
+        action="store_true",
+        help="print the state as JSON on stdout (the digest line goes to stderr)",
+    )
+    out.add_argument("--digest", action="store_true", help="print only the digest (hex)")
+    parser.add_argument(
+        "--no-snapshot", action="store_true", help="refold from event 1, ignoring snapshots"
+    )
+
+
+def resolve_paths(path: Path) -> tuple[Path, Path | None]:
+    """(log directory, snapshot directory or None) for a data dir or a log dir."""
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a data directory or its log/)")
+    if (path / "log").is_dir():
+        snaps = path / "snapshots"
+        return path / "log", snaps if snaps.is_dir() else None
+    if any(path.glob("*.seg")):
+        snaps = path.parent / "snapshots"
+        return path, snaps if snaps.is_dir() else None
+    raise ValueError(f"{path}: no event log here (expected a log/ directory or *.seg files)")
+
+
+def summary_lines(state: State, snapshot_idx: int) -> list[str]:
+    """A readable picture of a state, one fact per line."""
+    nodes = state.nodes.values()
+    connected = sum(1 for n in nodes if n.connected)
+    lines = [
+        f"events:    {plural(state.last_applied, 'event')}"
+        + (f" (last at {format_utc(state.last_time_ms, 0)})" if state.last_applied else "")
+        + (f", from the snapshot at {snapshot_idx:,}" if snapshot_idx else ""),
+        f"nodes:     {len(state.nodes):,} ({connected:,} connected, "
+        f"{len(state.nodes) - connected:,} disconnected)",
+    ]
+    if state.epoch is None:
+        lines.append("epoch:     none started")
+    else:
+        e = state.epoch
+        lines.append(
+            f"epoch:     {e.epoch} ({format_utc(e.start_ms, 0)} -> {format_utc(e.end_ms, 0)})"
+        )
+    lines.append(f"sessions:  {len(state.sessions):,}")
+    lines.append(f"devshards: {len(state.devshards):,} live")
+    lines.append(f"runners:   {len(state.runners):,} live")
+    by_state = Counter(w.state for w in state.windows.values())
+    windows = ", ".join(f"{by_state[s]} {s.value}" for s in WindowState if by_state[s])
+    lines.append(f"windows:   {len(state.windows):,}" + (f" ({windows})" if windows else ""))
+    ledgers = sorted(state.ledgers.values(), key=lambda led: led.epoch)
+    settled = sum(1 for led in ledgers if led.settled)
+    lines.append(f"ledgers:   {len(ledgers):,} ({settled:,} settled)")
+    for led in ledgers[-5:]:  # the recent epochs are what an operator asks about
+        units = sum(led.units.values())
+        reward = sum(led.reward.values())
+        lines.append(
+            f"  epoch {led.epoch}: {'settled' if led.settled else 'open'}, "
+            f"{plural(units, 'unit')}, reward {reward:,}, "
+            f"{plural(len(led.disconnects), 'punished disconnect')}, "
+            f"{plural(sum(led.misses.values()), 'miss', 'misses')}"
+        )
+    return lines
+
+
+class ProgressBar:
+    """A one-line progress bar on a stream: "replay  42% 420,000/1,000,000 events"."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, start_idx: int) -> None:
+        self._stream = stream
+        self._start = start_idx
+        self._shown = False
+
+    def __call__(self, idx: int, target: int) -> None:
+        total = max(target - self._start, 1)
+        done = max(idx - self._start, 0)
+        filled = self.WIDTH * done // total
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self._stream.write(f"\rreplay [{bar}] {100 * done // total:3d}% {idx:,}/{target:,} events")
+        self._stream.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so `cluster --help` stays fast; none of this imports libp2p.
+    from cluster.shared.eventlog import EventLog
+    from cluster.shared.snapshots import SnapshotStore
+    from cluster.shared.store import restore
+
+    err = sys.stderr
+    if args.until is not None and args.until < 0:
+        print(f"cluster replay: error: --until {args.until} must be >= 0", file=err)
+        return 2
+    bar: ProgressBar | None = None
+    try:
+        log_dir, snap_dir = resolve_paths(args.path)
+        with EventLog.open(log_dir, readonly=True) as event_log:
+            snapshots = None if args.no_snapshot or snap_dir is None else SnapshotStore(snap_dir)
+            target = event_log.last_idx if args.until is None else args.until
+            # Where the fold will likely start (the newest snapshot file), to size the bar.
+            below = [] if snapshots is None else [i for i in snapshots.indices() if i <= target]
+            start = below[0] if below else 0
+            if err.isatty() or target - start > PROGRESS_MIN_EVENTS:
+                bar = ProgressBar(err, start)
+            try:
+                state, snapshot_idx = restore(event_log, snapshots, args.until, progress=bar)
+            finally:
+                if bar is not None:
+                    bar.finish()
+    except (LogError, SnapshotError, ValueError, OSError) as exc:
+        print(f"cluster replay: error: {exc}", file=err)
+        return 2
+    digest = codec.state_digest(state)
+    if args.digest:
+        print(digest)
+    elif args.json:
+        sys.stdout.write(codec.state_to_json(state).decode() + "\n")
+        print(f"digest: {digest}", file=err)
+    else:
+        for line in summary_lines(state, snapshot_idx):
+            print(line)
+        print(f"digest: {digest}")
+    return 0

@@ -1,0 +1,149 @@
+"""`cluster worker`: join a master, gather this machine's facts, keep a replica of the state.
+
+`--master` takes the master's full multiaddr (as `cluster master` prints it) or the path of a
+file holding it (such as the master's `master.addr`). The worker retries with back-off until
+the master is reachable and says so at INFO. `--load RATE` adds synthetic NodeHeartbeat events
+at RATE per second (for load tests and benchmarks; harmless to state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cluster.commands._process import LOG_LEVELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, required=True, help="node.key, outbox, digest")
+    parser.add_argument(
+        "--master", required=True, metavar="MULTIADDR|FILE", help="the master's full address"
+    )
+    parser.add_argument(
+        "--cluster-secret-file", type=Path, help="the cluster secret (if the master uses one)"
+    )
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--slots", type=int, default=1, help="runner slots offered")
+    parser.add_argument("--slot-memory-mb", type=int, default=1024)
+    parser.add_argument(
+        "--stall-info-source",
+        action="append",
+        default=[],
+        metavar="SOURCE:SECONDS",
+        help="make an info probe hang (to test that one slow probe never silences the node)",
+    )
+    parser.add_argument("--no-info", action="store_true", help="do not gather machine info")
+    parser.add_argument("--load", type=float, default=0.0, metavar="RATE", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
+
+
+def read_master_addr(value: str) -> str:
+    """A multiaddr as given, or the first line of the file it names."""
+    if value.startswith("/"):
+        return value
+    path = Path(value)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(
+            f"--master {value!r} is neither a multiaddr (starting with /) nor a readable file: "
+            f"{exc.strerror}"
+        ) from exc
+    if not text:
+        raise ValueError(f"--master file {path} is empty")
+    return text.splitlines()[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from cluster.commands._process import setup_logging, stop_on_signal
+    from cluster.net.host import AddressError
+    from cluster.net.identity import IdentityError
+    from cluster.net.membership import MembershipConfigError, load_secret_file
+    from cluster.worker.client import Worker, WorkerConfig
+    from cluster.worker.info import (
+        InfoConfig,
+        InfoConfigError,
+        InfoGatherer,
+        default_sources,
+        parse_stall,
+    )
+    from cluster.worker.outbox import OutboxError
+
+    setup_logging(args.log_level)
+    try:
+        for name in ("heartbeat_interval", "peer_timeout"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if args.load < 0:
+            raise ValueError("--load must be >= 0")
+        secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
+        config = WorkerConfig(
+            heartbeat_interval=args.heartbeat_interval,
+            peer_timeout=args.peer_timeout,
+            secret=secret,
+        )
+        worker = Worker(args.data_dir, read_master_addr(args.master), config)
+        gatherer = None
+        if not args.no_info:
+            stalls = dict(parse_stall(s) for s in args.stall_info_source)
+            info_config = InfoConfig(
+                data_dir=args.data_dir,
+                slots=args.slots,
+                slot_memory_mb=args.slot_memory_mb,
+                stalls=stalls,
+            )
+            gatherer = InfoGatherer(worker.node_id, worker.emit, default_sources(info_config))
+    except (
+        ValueError,
+        AddressError,
+        IdentityError,
+        MembershipConfigError,
+        InfoConfigError,
+        OutboxError,
+        OSError,
+    ) as exc:
+        print(f"cluster worker: {exc}", file=sys.stderr)
+        return 2
+
+    print(f"worker {worker.node_id} data dir {args.data_dir}", flush=True)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal, worker.stop)
+            await tg.start(worker.run)
+            if gatherer is not None:
+                tg.start_soon(gatherer.run)
+            if args.load > 0:
+                tg.start_soon(_synthetic_load, worker, args.load)
+            await worker.wait_finished()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main, backend="trio")
+    finally:
+        worker.close()
+    return 0
+
+
+async def _synthetic_load(worker: object, rate: float) -> None:
+    """NodeHeartbeat events at `rate` per second, paced against the monotonic clock."""
+    import time
+
+    import anyio
+
+    from cluster.shared.events import NodeHeartbeat
+    from cluster.worker.client import Worker
+
+    assert isinstance(worker, Worker)
+    start = time.monotonic()
+    sent = 0
+    while True:
+        due = int((time.monotonic() - start) * rate)
+        for _ in range(due - sent):
+            worker.emit(NodeHeartbeat(node_id=worker.node_id))
+        sent = max(sent, due)
+        await anyio.sleep(0.005)

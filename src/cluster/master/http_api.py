@@ -1,0 +1,497 @@
+"""The master's read-only HTTP API: state, status, a live event stream, metrics, dashboard.
+
+    GET /              the dashboard (one self-contained page)
+    GET /api/state     State as JSON (maps as objects with sorted keys)
+    GET /api/status    `ClusterStatus` as JSON (what `cluster status` renders)
+    GET /api/events    server-sent events: indexed events as JSON from ?from=N, then live
+    GET /metrics       Prometheus text format
+
+HTTP/1.1 parsing is h11's (a sans-IO parser already installed with libp2p): it enforces
+header size limits and rejects malformed framing, so this module only routes and answers.
+One request per connection (`Connection: close`): clients are a dashboard and scrapers, and
+it keeps the server free of idle keep-alive connections.
+
+Safety: it binds 127.0.0.1 by default and then needs no token (but checks the Host header,
+so a web page cannot reach it through DNS rebinding). Binding any other address requires a
+token, refused at startup otherwise; with a token every request must carry it as
+``Authorization: Bearer <token>`` or ``?token=<token>`` (EventSource cannot set headers).
+Nothing a client sends can crash the server: every connection is handled in its own task
+that catches and logs, and is bounded in time and memory.
+
+The API reads the cluster through `ClusterView`, a small Protocol the master implements and
+tests fake in memory.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import h11
+import msgspec
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+
+from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cluster.master.metrics import MasterMetrics, render_prometheus
+from cluster.shared.codec import state_to_json, to_builtins
+from cluster.shared.events import IndexedEvent
+from cluster.shared.node_status import DEFAULT_CATCH_UP_THRESHOLD, node_statuses
+from cluster.shared.state import State
+from cluster.shared.status_view import cluster_status, to_json
+
+log = logging.getLogger(__name__)
+
+#: The port `cluster master` serves the API on unless told otherwise (and `cluster status`
+#: asks by default).
+DEFAULT_PORT: Final = 8470
+#: Shortest token accepted: anything shorter is guessable.
+MIN_TOKEN_LENGTH: Final = 16
+
+
+class ClusterView(Protocol):
+    """What the HTTP API needs from the master (and what a test fakes in memory)."""
+
+    @property
+    def state(self) -> State:
+        """The current folded state (immutable, so safe to read from a worker thread)."""
+        ...
+
+    def now_ms(self) -> int:
+        """The master's clock, for "in 4m 12s" messages."""
+        ...
+
+    async def wait_for_index(self, idx: int) -> None:
+        """Return once the log's last index is at least `idx`."""
+        ...
+
+    async def read_events(self, from_idx: int, limit: int) -> Sequence[IndexedEvent]:
+        """Up to `limit` consecutive indexed events starting at `from_idx` (fewer, or none,
+        at the end of the log)."""
+        ...
+
+    def metrics(self) -> MasterMetrics:
+        """The master's own measurements (log size, plan cycle time, catch-up lag...)."""
+        ...
+
+
+class HttpApiConfigError(ValueError):
+    """The HTTP API cannot start with this configuration; the text says why and what to do."""
+
+
+@dataclass(frozen=True)
+class HttpApiConfig:
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (reported by `HttpApi.serve` through task_status).
+    port: int = 0
+    #: Required when `host` is not a loopback address; then required on every request.
+    token: str | None = None
+    max_connections: int = 64
+    #: Open /api/events streams at most; more get 503.
+    max_subscribers: int = 16
+    #: Request line + headers, in bytes (h11 answers 431 beyond it).
+    max_header_bytes: int = 16 * 1024
+    #: Time a client has to send its whole request, and to accept each write.
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 10.0
+    #: An idle event stream gets a comment line this often (detects dead clients).
+    keepalive_s: float = 15.0
+    #: Events read and sent per batch: what one subscriber holds in memory at most.
+    batch_events: int = 256
+    catch_up_threshold: int = DEFAULT_CATCH_UP_THRESHOLD
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_config(config: HttpApiConfig) -> None:
+    """Refuse a configuration that would expose the API or cannot work, with a clear reason."""
+    if not 0 <= config.port <= 65535:
+        raise HttpApiConfigError(f"HTTP API port {config.port} is not in 0..65535")
+    if config.token is not None:
+        if len(config.token) < MIN_TOKEN_LENGTH:
+            raise HttpApiConfigError(
+                f"HTTP API token is {len(config.token)} characters; use at least "
+                f"{MIN_TOKEN_LENGTH}, e.g. from "
+                "`python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+        if not config.token.isascii() or not config.token.isprintable() or " " in config.token:
+            raise HttpApiConfigError("HTTP API token must be printable ASCII without spaces")
+    elif not is_loopback(config.host):
+        raise HttpApiConfigError(
+            f"binding the HTTP API to {config.host!r} exposes it beyond this machine: set a token "
+            "(clients then send `Authorization: Bearer <token>` or `?token=<token>`), or bind "
+            "127.0.0.1"
+        )
+    for name in ("max_connections", "max_subscribers", "max_header_bytes", "batch_events"):
+        if getattr(config, name) < 1:
+            raise HttpApiConfigError(f"HTTP API {name} must be at least 1")
+
+
+def load_dashboard() -> bytes:
+    """The dashboard page, shipped as package data next to this module."""
+    resource = importlib.resources.files("cluster.master").joinpath("dashboard.html")
+    try:
+        return resource.read_bytes()
+    except FileNotFoundError:
+        raise HttpApiConfigError(
+            "cluster/master/dashboard.html is missing from the installed package"
+        ) from None
+
+
+def event_json(ie: IndexedEvent) -> bytes:
+    """One indexed event as a JSON object (the log's array form, with names, for clients)."""
+    return msgspec.json.encode(
+        {
+            "idx": ie.idx,
+            "master_time_ms": ie.master_time_ms,
+            "origin": ie.origin,
+            "seq": ie.seq,
+            "event": to_builtins(ie.event),
+        }
+    )
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """The client hung up or stalled (possibly reported from inside a task group): normal
+    for HTTP, so not worth an error in the log."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(e) for e in exc.exceptions)
+    return isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError | TimeoutError)
+
+
+class _Reject(Exception):
+    """Answer the request with this status and message, then close."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+#: path -> query parameters it accepts (besides `token`).
+_ROUTES: Final[dict[str, frozenset[str]]] = {
+    "/": frozenset(),
+    "/api/state": frozenset(),
+    "/api/status": frozenset(),
+    "/api/events": frozenset({"from"}),
+    "/metrics": frozenset(),
+}
+
+
+class _Request:
+    __slots__ = ("headers", "path", "query")
+
+    def __init__(self, path: str, query: dict[str, str], headers: dict[str, str]) -> None:
+        self.path = path
+        self.query = query
+        self.headers = headers
+
+
+class HttpApi:
+    """Serve the API for one `ClusterView`: ``port = await task_group.start(api.serve)``."""
+
+    def __init__(self, view: ClusterView, config: HttpApiConfig | None = None) -> None:
+        self.view = view
+        self.config = config or HttpApiConfig()
+        check_config(self.config)
+        self._dashboard = load_dashboard()
+        self.port = 0
+        self._connections = 0
+        self.subscribers = 0
+        #: Status code -> responses sent (exported at /metrics).
+        self.responses: dict[str, int] = {}
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        try:
+            listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port)
+        except OSError as exc:
+            raise HttpApiConfigError(
+                f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+            ) from exc
+        async with listener:
+            self.port = listener.extra(SocketAttribute.local_port)
+            log.info("HTTP API listening on http://%s:%d/", cfg.host, self.port)
+            task_status.started(self.port)
+            await listener.serve(self._handle)
+
+    # ------------------------------------------------------------------ connection
+    async def _handle(self, stream: SocketStream) -> None:
+        self._connections += 1
+        try:
+            async with stream:
+                await self._handle_connection(stream)
+        except Exception as exc:
+            if not _client_gone(exc):
+                log.exception("HTTP API: unexpected error while serving a request")
+        finally:
+            self._connections -= 1
+
+    async def _handle_connection(self, stream: SocketStream) -> None:
+        cfg = self.config
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
+        try:
+            if self._connections > cfg.max_connections:
+                raise _Reject(503, f"too many connections (max {cfg.max_connections})")
+            try:
+                with anyio.fail_after(cfg.request_timeout_s):
+                    request = await self._read_request(conn, stream)
+            except TimeoutError:
+                raise _Reject(408, "request not received in time") from None
+            except h11.RemoteProtocolError as exc:
+                raise _Reject(exc.error_status_hint, f"malformed request: {exc}") from None
+            if request is None:
+                return
+            await self._route(conn, stream, request)
+        except _Reject as rej:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._respond(
+                    conn,
+                    stream,
+                    rej.status,
+                    f"{rej.status} {_REASONS.get(rej.status, '')}: {rej.message}\n".encode(),
+                    "text/plain; charset=utf-8",
+                    rej.headers,
+                )
+
+    async def _read_request(self, conn: h11.Connection, stream: SocketStream) -> _Request | None:
+        """Read and validate one request; None if the client closed without sending one."""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive(65536)
+                except anyio.EndOfStream:
+                    data = b""
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            assert isinstance(event, h11.Request)  # h11: the first event of a request
+            break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        method = event.method.decode("ascii", "replace")
+        if method != "GET":
+            raise _Reject(
+                405, f"method {method} not allowed; this API is read-only (GET)", [("Allow", "GET")]
+            )
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            raise _Reject(400, "a GET request carries no body")
+        target = event.target.decode("ascii", "replace")
+        parts = urlsplit(target)
+        if not target.startswith("/"):
+            raise _Reject(400, f"request target {target!r} must be a path starting with '/'")
+        try:
+            raw = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise _Reject(400, f"malformed query string: {exc}") from None
+        query: dict[str, str] = {}
+        for key, values in raw.items():
+            if len(values) != 1:
+                raise _Reject(400, f"query parameter {key!r} given {len(values)} times")
+            query[key] = values[0]
+        return _Request(parts.path, query, headers)
+
+    # ------------------------------------------------------------------ routing
+    async def _route(self, conn: h11.Connection, stream: SocketStream, req: _Request) -> None:
+        self._authorize(req)
+        allowed = _ROUTES.get(req.path)
+        if allowed is None:
+            raise _Reject(
+                404,
+                f"no such path {req.path!r}; try /, /api/state, /api/status, "
+                "/api/events?from=N or /metrics",
+            )
+        unknown = sorted(set(req.query) - allowed - {"token"})
+        if unknown:
+            raise _Reject(400, f"unknown query parameter {unknown[0]!r} for {req.path}")
+        if req.path == "/":
+            await self._respond(conn, stream, 200, self._dashboard, "text/html; charset=utf-8")
+        elif req.path == "/api/state":
+            body = await anyio.to_thread.run_sync(state_to_json, self.view.state)
+            await self._respond(conn, stream, 200, body, "application/json")
+        elif req.path == "/api/status":
+            # Read the view here, in the event loop; derive and encode in a worker thread
+            # (State is immutable), so a large cluster does not stall other clients.
+            view = self.view
+            body = await anyio.to_thread.run_sync(
+                self._status_json, view.state, view.now_ms(), view.metrics()
+            )
+            await self._respond(conn, stream, 200, body, "application/json")
+        elif req.path == "/metrics":
+            view = self.view
+            body = await anyio.to_thread.run_sync(
+                self._metrics_text, view.state, view.now_ms(), view.metrics()
+            )
+            await self._respond(conn, stream, 200, body, METRICS_CONTENT_TYPE)
+        else:
+            await self._events(conn, stream, req)
+
+    def _authorize(self, req: _Request) -> None:
+        token = self.config.token
+        if token is None:
+            # Loopback without a token: only loopback Host names, against DNS rebinding.
+            host = req.headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host and not is_loopback(name):
+                raise _Reject(403, f"Host {host!r} is not a loopback name; use 127.0.0.1")
+            return
+        given = req.query.get("token")
+        auth = req.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[len("bearer ") :].strip()
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            why = "missing" if given is None else "wrong"
+            raise _Reject(
+                401,
+                f"token {why}: send `Authorization: Bearer <token>` or add ?token=<token>",
+                [("WWW-Authenticate", 'Bearer realm="cluster"')],
+            )
+
+    def _status_json(self, state: State, now_ms: int, metrics: MasterMetrics) -> bytes:
+        status = cluster_status(
+            state,
+            now_ms,
+            events_behind=metrics.catch_up_lag_by_node,
+            catch_up_threshold=self.config.catch_up_threshold,
+        )
+        return to_json(status)
+
+    def _metrics_text(self, state: State, now_ms: int, metrics: MasterMetrics) -> bytes:
+        statuses = node_statuses(
+            state,
+            now_ms,
+            events_behind=metrics.catch_up_lag_by_node,
+            catch_up_threshold=self.config.catch_up_threshold,
+        )
+        text = render_prometheus(
+            metrics, statuses, sse_subscribers=self.subscribers, http_requests=dict(self.responses)
+        )
+        return text.encode()
+
+    # ------------------------------------------------------------------ responses
+    async def _send(self, conn: h11.Connection, stream: SocketStream, event: h11.Event) -> None:
+        data = conn.send(event)
+        if data:
+            with anyio.fail_after(self.config.send_timeout_s):
+                await stream.send(data)
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        stream: SocketStream,
+        status: int,
+        body: bytes,
+        content_type: str,
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Connection", "close"),
+            *extra_headers,
+        ]
+        self.responses[str(status)] = self.responses.get(str(status), 0) + 1
+        await self._send(
+            conn,
+            stream,
+            h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, "")),
+        )
+        await self._send(conn, stream, h11.Data(data=body))
+        await self._send(conn, stream, h11.EndOfMessage())
+
+    # ------------------------------------------------------------------ event stream
+    def _start_index(self, req: _Request) -> int:
+        last_id = req.headers.get("last-event-id")
+        if last_id is not None:
+            # A reconnecting EventSource resumes after the last event it saw.
+            if not last_id.isdigit():
+                raise _Reject(400, f"Last-Event-ID {last_id!r} is not an event index")
+            return int(last_id) + 1
+        text = req.query.get("from")
+        if text is None:
+            return self.view.state.last_applied + 1  # live events only
+        if not text.isdigit() or len(text) > 18:
+            raise _Reject(400, f"from={text!r}: expected a non-negative event index")
+        return max(int(text), 1)
+
+    async def _events(self, conn: h11.Connection, stream: SocketStream, req: _Request) -> None:
+        cfg = self.config
+        cursor = self._start_index(req)
+        if self.subscribers >= cfg.max_subscribers:
+            raise _Reject(503, f"too many event streams open (max {cfg.max_subscribers})")
+        self.subscribers += 1
+        self.responses["200"] = self.responses.get("200", 0) + 1
+        try:
+            headers = [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-store"),
+                ("X-Content-Type-Options", "nosniff"),
+                ("Connection", "close"),
+            ]
+            await self._send(conn, stream, h11.Response(status_code=200, headers=headers))
+            await self._send(
+                conn, stream, h11.Data(data=f"retry: 2000\n: from {cursor}\n\n".encode())
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._cancel_on_close, stream, tg.cancel_scope)
+                await self._pump(conn, stream, cursor)
+                tg.cancel_scope.cancel()
+        finally:
+            self.subscribers -= 1
+
+    async def _pump(self, conn: h11.Connection, stream: SocketStream, cursor: int) -> None:
+        """Send events from `cursor` on, one bounded batch at a time, until cancelled."""
+        cfg = self.config
+        while True:
+            batch = await self.view.read_events(cursor, cfg.batch_events)
+            if batch:
+                frames = b"".join(
+                    b"id: %d\ndata: %s\n\n" % (ie.idx, event_json(ie)) for ie in batch
+                )
+                await self._send(conn, stream, h11.Data(data=frames))
+                cursor = batch[-1].idx + 1
+                continue
+            with anyio.move_on_after(cfg.keepalive_s) as idle:
+                await self.view.wait_for_index(cursor)
+            if idle.cancelled_caught:
+                await self._send(conn, stream, h11.Data(data=b": keepalive\n\n"))
+
+    @staticmethod
+    async def _cancel_on_close(stream: SocketStream, scope: anyio.CancelScope) -> None:
+        """An event stream only writes; notice the client hanging up without waiting for a
+        write to fail."""
+        try:
+            while True:
+                await stream.receive(4096)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            scope.cancel()

@@ -1,0 +1,461 @@
+"""Devshard placement: which eligible nodes serve each session's slots this epoch (DESIGN 6).
+
+Eligible node = connected, fresh (per the liveness book), not draining or in maintenance
+(`may_take_work` for work ending at the epoch end, and not `is_excused`), runner self-test
+passed, offering slots (`NodeInfo.slots`, `NodeInfo.slot_memory_mb`), with room (offered slots
+minus slots already assigned this epoch). A node fits a session when its memory per slot is
+at least the session's and, for a GPU session, it reports a GPU.
+
+How slots are chosen, deterministically from (epoch seed, session id):
+
+1. **Sticky first.** Slots go back to the nodes that served the session last epoch (in slot
+   order, keeping how many slots each held) while they are eligible, fit and have room, so
+   models are not reloaded needlessly.
+2. **Spread, weighted by free capacity.** Remaining slots are drawn one by one with
+   probability proportional to each fitting node's free slots (BLAKE2 of seed, session id
+   and draw number -- never Python's salted `hash()`); of two such draws the node with the
+   larger free share wins ("power of two choices"), which keeps load balanced across the
+   cluster. A node already in the devshard is avoided while other fitting nodes have room,
+   so a devshard spreads across nodes.
+3. **All or nothing** for a new devshard: if the fitting nodes offer fewer free slots than
+   needed, the session gets `SessionUnplaced` with the counts behind the decision.
+   Re-placement of an existing devshard (slots on a lost node) is partial instead: the
+   surviving slots keep serving and the rest are filled when room appears.
+
+Cost: the pool (eligible set, free capacity) is built once per cycle in O(n log n); each
+slot then costs O(log n) through a Fenwick tree of free slots over nodes sorted by memory per
+slot, so a session's fitting nodes are a prefix found by bisection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cluster.shared.events import DevshardPlaced, SessionUnplaced, SlotAssignment
+from cluster.shared.excuse import is_excused, may_take_work
+from cluster.shared.state import DevshardRecord, EpochRecord, SessionRecord, State
+
+# Why a node is not eligible, in the order reasons are reported.
+DISCONNECTED = "disconnected"
+STALE = "stale"
+IN_MAINTENANCE = "in maintenance"
+DRAINING = "draining"
+SELF_TEST_FAILED = "failed its runner self-test"
+NOT_SELF_TESTED = "not self-tested"
+NO_SLOTS = "offering no slots"
+FULL = "full"
+_REASON_ORDER = (
+    DISCONNECTED,
+    STALE,
+    IN_MAINTENANCE,
+    DRAINING,
+    SELF_TEST_FAILED,
+    NOT_SELF_TESTED,
+    NO_SLOTS,
+    FULL,
+)
+
+
+def devshard_id(epoch: int, session_id: str) -> str:
+    """The master's deterministic devshard id for a session in an epoch."""
+    return f"ds-{epoch}-{session_id}"
+
+
+class _Fenwick:
+    """Prefix sums of non-negative integer weights with O(log n) update, sum and search."""
+
+    __slots__ = ("_n", "_top", "_tree")
+
+    def __init__(self, weights: Sequence[int]) -> None:
+        n = len(weights)
+        tree = [0] * (n + 1)
+        for i, w in enumerate(weights, 1):
+            tree[i] += w
+            parent = i + (i & -i)
+            if parent <= n:
+                tree[parent] += tree[i]
+        self._n = n
+        self._tree = tree
+        self._top = 1 << (n.bit_length() - 1) if n else 0
+
+    def add(self, i: int, delta: int) -> None:
+        i += 1
+        tree, n = self._tree, self._n
+        while i <= n:
+            tree[i] += delta
+            i += i & -i
+
+    def prefix(self, k: int) -> int:
+        """Sum of the first k weights."""
+        total, tree = 0, self._tree
+        while k > 0:
+            total += tree[k]
+            k -= k & -k
+        return total
+
+    def find(self, u: int) -> int:
+        """The 0-based index i with prefix(i) <= u < prefix(i + 1); needs u < prefix(n)."""
+        pos, step, tree, n = 0, self._top, self._tree, self._n
+        while step:
+            nxt = pos + step
+            if nxt <= n and tree[nxt] <= u:
+                pos = nxt
+                u -= tree[nxt]
+            step >>= 1
+        return pos
+
+
+@dataclass
+class _Index:
+    """Eligible nodes sorted by memory per slot (largest first) with a tree of free slots."""
+
+    node_ids: list[str]
+    neg_memory: list[int]
+    tree: _Fenwick
+    position: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, nodes: list[tuple[int, str]], free: Mapping[str, int]) -> _Index:
+        """From (-memory per slot, node id) pairs sorted ascending (largest memory first)."""
+        ids = [node_id for _, node_id in nodes]
+        return cls(
+            node_ids=ids,
+            neg_memory=[neg for neg, _ in nodes],
+            tree=_Fenwick([free[n] for n in ids]),
+            position={n: i for i, n in enumerate(ids)},
+        )
+
+    def fitting(self, memory_mb: int) -> int:
+        """How many nodes (a prefix) give at least `memory_mb` per slot."""
+        return bisect_right(self.neg_memory, -memory_mb)
+
+
+class PlacementPool:
+    """The eligible nodes and their free slots for one plan cycle.
+
+    Built once per cycle and consumed by every placement in it, so sessions placed earlier
+    in the cycle leave less room for later ones. Mutable scratch: it belongs to one `plan`
+    call and never outlives it.
+    """
+
+    def __init__(
+        self,
+        state: State,
+        *,
+        now_ms: int,
+        work_end_ms: int,
+        used: Mapping[str, int],
+        not_fresh: Collection[str] = frozenset(),
+        leaving: Collection[str] = frozenset(),
+    ) -> None:
+        self.ineligible: Counter[str] = Counter()
+        self.free: dict[str, int] = {}
+        #: Slots each eligible node offers in all (free + already assigned).
+        self.capacity: dict[str, int] = {}
+        self.memory: dict[str, int] = {}
+        self.has_gpu: set[str] = set()
+        everyone: list[tuple[int, str]] = []
+        gpus: list[tuple[int, str]] = []
+        with_window = state.open_window_by_node
+        ineligible = self.ineligible
+        for node_id, rec in state.nodes.items():
+            if not rec.connected or node_id in leaving:
+                reason = DISCONNECTED
+            elif node_id in not_fresh:
+                reason = STALE
+            elif node_id in with_window and is_excused(state, node_id, now_ms):
+                reason = IN_MAINTENANCE
+            elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):
+                reason = DRAINING
+            elif rec.self_test is None:
+                reason = NOT_SELF_TESTED
+            elif not rec.self_test.passed:
+                reason = SELF_TEST_FAILED
+            else:
+                info = rec.info
+                slots, memory = info.slots, info.slot_memory_mb
+                if not slots or slots <= 0 or not memory or memory <= 0:
+                    reason = NO_SLOTS
+                else:
+                    room = slots - used.get(node_id, 0)
+                    if room <= 0:
+                        reason = FULL
+                    else:
+                        self.free[node_id] = room
+                        self.capacity[node_id] = slots
+                        self.memory[node_id] = memory
+                        everyone.append((-memory, node_id))
+                        if info.gpus:
+                            self.has_gpu.add(node_id)
+                            gpus.append((-memory, node_id))
+                        continue
+            ineligible[reason] += 1
+        everyone.sort()
+        gpus.sort()
+        self._all = _Index.build(everyone, self.free)
+        self._gpu = _Index.build(gpus, self.free)
+        # Nodes temporarily hidden from draws (already in the devshard being placed).
+        self._hidden: set[str] = set()
+        self._hidden_in: _Index | None = None
+
+    # -- capacity bookkeeping -------------------------------------------------------------
+
+    def fits(self, node_id: str, session: SessionRecord) -> bool:
+        mem = self.memory.get(node_id)
+        return (
+            mem is not None
+            and mem >= session.memory_per_slot_mb
+            and (not session.gpu or node_id in self.has_gpu)
+        )
+
+    def _indexes(self, node_id: str) -> Iterable[_Index]:
+        yield self._all
+        if node_id in self.has_gpu:
+            yield self._gpu
+
+    def _shift(self, node_id: str, delta: int) -> None:
+        self.free[node_id] += delta
+        for index in self._indexes(node_id):
+            if index is self._hidden_in and node_id in self._hidden:
+                continue
+            index.tree.add(index.position[node_id], delta)
+
+    def take(self, node_id: str) -> None:
+        self._shift(node_id, -1)
+
+    def release(self, node_id: str) -> None:
+        self._shift(node_id, +1)
+
+    def _index_for(self, session: SessionRecord) -> _Index:
+        return self._gpu if session.gpu else self._all
+
+    def room_for(self, session: SessionRecord) -> tuple[int, int]:
+        """(fitting nodes, their free slots) for a session (between draws)."""
+        index = self._index_for(session)
+        k = index.fitting(session.memory_per_slot_mb)
+        return k, index.tree.prefix(k)
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def _hide(self, index: _Index, node_id: str) -> None:
+        if node_id in self._hidden or node_id not in index.position:
+            return
+        self._hidden.add(node_id)
+        index.tree.add(index.position[node_id], -self.free[node_id])
+
+    def _unhide_all(self) -> None:
+        index = self._hidden_in
+        if index is not None:
+            for node_id in self._hidden:
+                index.tree.add(index.position[node_id], self.free[node_id])
+        self._hidden = set()
+        self._hidden_in = None
+
+    def draw(
+        self, session: SessionRecord, seed: int, count: int, avoid: Iterable[str], salt: str = ""
+    ) -> list[str]:
+        """Draw up to `count` slots for a session, avoiding `avoid` while others have room.
+
+        Returns the chosen node per slot (a node may repeat once no other node has room);
+        fewer than `count` only when the fitting nodes have no free slot left.
+        """
+        index = self._index_for(session)
+        k = index.fitting(session.memory_per_slot_mb)
+        chosen: list[str] = []
+        self._hidden_in = index
+        for node_id in avoid:
+            self._hide(index, node_id)
+        number = 0
+        try:
+            for spread in (True, False):
+                if not spread:
+                    self._unhide_all()
+                while len(chosen) < count:
+                    total = index.tree.prefix(k)
+                    if total <= 0:
+                        break
+                    u1, u2 = _two_uniform(seed, session.session_id, salt, number, total)
+                    number += 1
+                    node_id = self._less_loaded(
+                        index.node_ids[index.tree.find(u1)], index.node_ids[index.tree.find(u2)]
+                    )
+                    self.take(node_id)
+                    chosen.append(node_id)
+                    if spread:
+                        self._hide(index, node_id)
+        finally:
+            self._unhide_all()
+        return chosen
+
+    def _less_loaded(self, first: str, second: str) -> str:
+        """Power of two choices: of two capacity-weighted draws, the larger free share.
+
+        Drawing proportionally to free slots weights by capacity; keeping the emptier of two
+        such draws keeps the busiest node's load close to the average (balance), at the
+        cost of one extra tree search. Ties keep the first draw.
+        """
+        cap = self.capacity
+        if self.free[second] * cap[first] > self.free[first] * cap[second]:
+            return second
+        return first
+
+    # -- reasons ----------------------------------------------------------------------------
+
+    def unplaced_reason(self, session: SessionRecord, needed: int) -> str:
+        """Why `needed` slots of `session` cannot be had, with the counts behind it."""
+        k, free = self.room_for(session)
+        gpu = " with a GPU" if session.gpu else ""
+        head = (
+            f"needs {needed} slot(s) of {session.memory_per_slot_mb} MiB{gpu}: "
+            f"{k} eligible node(s) offer {free} free slot(s)"
+        )
+        details: list[str] = []
+        small = len(self._all.node_ids) - self._all.fitting(session.memory_per_slot_mb)
+        if small:
+            details.append(
+                f"{small} node(s) with less than {session.memory_per_slot_mb} MiB per slot"
+            )
+        if session.gpu:
+            no_gpu = self._all.fitting(session.memory_per_slot_mb) - k
+            if no_gpu:
+                details.append(f"{no_gpu} node(s) without a GPU")
+        details.extend(
+            f"{self.ineligible[r]} node(s) {r}" for r in _REASON_ORDER if self.ineligible[r]
+        )
+        return head + ("; " + ", ".join(details) if details else "")
+
+
+def _two_uniform(seed: int, session_id: str, salt: str, number: int, total: int) -> tuple[int, int]:
+    """Two deterministic integers in [0, total) from the seed, session, salt and draw number."""
+    material = f"{seed}\x1f{session_id}\x1f{salt}\x1f{number}".encode()
+    digest = hashlib.blake2b(material, digest_size=32, person=b"cluster-place").digest()
+    return int.from_bytes(digest[:16], "big") % total, int.from_bytes(digest[16:], "big") % total
+
+
+# --------------------------------------------------------------------------------------------
+# Placing sessions and re-placing lost slots
+# --------------------------------------------------------------------------------------------
+
+
+def place_sessions(
+    sessions: Sequence[SessionRecord],
+    epoch: EpochRecord,
+    pool: PlacementPool,
+    preferred: Mapping[str, Sequence[str]],
+) -> list[DevshardPlaced | SessionUnplaced]:
+    """Place a devshard for every session (in the given order) for `epoch`.
+
+    `preferred[session_id]` lists the nodes that served it before, one entry per slot. Sticky
+    slots are reserved for every session first, so one session's draws never steal a slot
+    another session would have kept; then each session's remaining slots are drawn.
+    """
+    sticky: dict[str, list[SlotAssignment]] = {}
+    for session in sessions:
+        kept: list[SlotAssignment] = []
+        # Slot i goes back to the node that held slot i, so runners stay where they are.
+        for slot, node_id in enumerate(preferred.get(session.session_id, ())[: session.slots]):
+            if pool.fits(node_id, session) and pool.free[node_id] > 0:
+                pool.take(node_id)
+                kept.append(SlotAssignment(slot, node_id))
+        sticky[session.session_id] = kept
+    out: list[DevshardPlaced | SessionUnplaced] = []
+    for session in sessions:
+        kept = sticky[session.session_id]
+        held = {a.slot for a in kept}
+        open_slots = [slot for slot in range(session.slots) if slot not in held]
+        if open_slots and pool.room_for(session)[1] < len(open_slots):
+            for a in kept:
+                pool.release(a.node_id)
+            reason = pool.unplaced_reason(session, session.slots)
+            out.append(
+                SessionUnplaced(session_id=session.session_id, epoch=epoch.epoch, reason=reason)
+            )
+            continue
+        drawn = pool.draw(session, epoch.seed, len(open_slots), avoid=[a.node_id for a in kept])
+        moved = [SlotAssignment(slot, n) for slot, n in zip(open_slots, drawn, strict=True)]
+        out.append(
+            DevshardPlaced(
+                devshard_id=devshard_id(epoch.epoch, session.session_id),
+                session_id=session.session_id,
+                epoch=epoch.epoch,
+                assignments=tuple(sorted(kept + moved, key=lambda a: a.slot)),
+                ends_ms=epoch.end_ms,
+            )
+        )
+    return out
+
+
+def place_session(
+    session: SessionRecord,
+    epoch: EpochRecord,
+    pool: PlacementPool,
+    preferred: Sequence[str] = (),
+) -> DevshardPlaced | SessionUnplaced:
+    """Place one session's devshard for `epoch` (see `place_sessions`)."""
+    return place_sessions([session], epoch, pool, {session.session_id: preferred})[0]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """The outcome of re-placing a devshard's lost slots."""
+
+    #: The devshard with lost slots moved (None when nothing changed).
+    placed: DevshardPlaced | None
+    #: Slots that could not be re-placed for lack of room (0 when all were).
+    unfilled: int
+    reason: str = ""
+
+
+def replace_lost_slots(
+    shard: DevshardRecord,
+    session: SessionRecord,
+    epoch: EpochRecord,
+    pool: PlacementPool,
+    holds_work: Callable[[str], bool],
+) -> Replacement:
+    """Move the slots of `shard` held by nodes that lost them; fill earlier gaps too.
+
+    Only lost slots move: survivors keep their slot numbers and nodes. Slots that cannot be
+    placed for lack of room stay unassigned (the devshard keeps serving with the rest) and
+    are retried in later cycles.
+    """
+    survivors = [a for a in shard.assignments if holds_work(a.node_id)]
+    held = {a.slot for a in survivors}
+    open_slots = [s for s in range(session.slots) if s not in held]
+    lost_any = len(survivors) != len(shard.assignments)
+    if not open_slots and not lost_any:
+        return Replacement(placed=None, unfilled=0)
+    nodes = pool.draw(
+        session,
+        epoch.seed,
+        len(open_slots),
+        avoid=[a.node_id for a in survivors],
+        salt=f"replace:{shard.placed_ms}",
+    )
+    if not nodes and not lost_any:
+        return Replacement(
+            placed=None,
+            unfilled=len(open_slots),
+            reason=pool.unplaced_reason(session, len(open_slots)),
+        )
+    moved = [
+        SlotAssignment(slot, node_id) for slot, node_id in zip(open_slots, nodes, strict=False)
+    ]
+    assignments = tuple(sorted(survivors + moved, key=lambda a: a.slot))
+    unfilled = len(open_slots) - len(nodes)
+    return Replacement(
+        placed=DevshardPlaced(
+            devshard_id=shard.devshard_id,
+            session_id=shard.session_id,
+            epoch=shard.epoch,
+            assignments=assignments,
+            ends_ms=shard.ends_ms,
+            reason="replace",
+        ),
+        unfilled=unfilled,
+        reason=pool.unplaced_reason(session, unfilled) if unfilled else "",
+    )

@@ -1,0 +1,247 @@
+"""The planner: one pure step per cycle, state + now -> events (DESIGN sections 1, 4, 6).
+
+`plan()` looks at the state *before* any of its own events and returns them in a fixed
+order, which the master appends to the log contiguously and applies one by one:
+
+1. liveness: `NodeDisconnected` for nodes idle K cycles (sorted by node id);
+2. the maintenance hook's window transitions (the maintenance rules own their order);
+3. `LateWorkSettled` for work reported after its epoch was settled;
+4. at an epoch's end: `WorkMissed`, `DevshardFinalized` (sorted by devshard id),
+   `EpochSettled`, `EpochStarted`, then a `DevshardPlaced`/`SessionUnplaced` for every
+   session of the new epoch (sorted by session id);
+   otherwise: `DevshardPlaced(reason="replace")` for devshards that lost slots, then
+   placements for sessions that have no devshard this epoch.
+
+Decisions later in the list already account for earlier ones (a node disconnected in step
+1 is not given slots in step 4 and its slots are re-placed; settlement counts this cycle's
+misses and disconnects), so one cycle never contradicts itself. Placement also assumes the
+master appends these events right after the state it passed in, with no worker event in
+between (a WorkReported squeezed between plan and EpochSettled would be in the ledger but
+not in the payout).
+
+`Planner` is the thin stateful adapter the master calls: it keeps the ephemeral
+`LivenessBook` between cycles (DESIGN rule 7: lost on master restart, by design).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from cluster.master.config import PlannerConfig
+from cluster.master.epochs import epoch_due, epoch_record, finalize_devshards, next_epoch
+from cluster.master.liveness import EMPTY_BOOK, LivenessBook, check_liveness
+from cluster.master.placement import (
+    PlacementPool,
+    place_sessions,
+    replace_lost_slots,
+)
+from cluster.master.settlement import late_work, missed_work, settle_epoch
+from cluster.shared.events import DevshardPlaced, Event, SessionUnplaced
+from cluster.shared.excuse import is_excused
+from cluster.shared.state import EpochRecord, SessionRecord, State
+
+#: The maintenance rules' per-cycle transitions: (state, now_ms) -> events.
+MaintenanceHook = Callable[[State, int], Sequence[Event]]
+
+
+def no_maintenance(state: State, now_ms: int) -> list[Event]:
+    """The default hook: no window transitions (the master plugs in the real rules)."""
+    return []
+
+
+class PlanResult(NamedTuple):
+    events: list[Event]
+    book: LivenessBook
+
+
+def plan(
+    state: State,
+    now_ms: int,
+    book: LivenessBook,
+    cfg: PlannerConfig,
+    *,
+    maintenance_cycle: MaintenanceHook = no_maintenance,
+    entropy: int | None = None,
+) -> PlanResult:
+    """One planning cycle (see the module doc for what comes out, in which order).
+
+    `entropy` is optional fresh randomness for the next epoch's seed; it is used only when
+    an epoch starts and is recorded in the log through `EpochStarted.seed`.
+    """
+    liveness = check_liveness(state, book, now_ms, cfg)
+    new_book = liveness.book
+    leaving = {d.node_id for d in liveness.events}
+    events: list[Event] = list(liveness.events)
+    events.extend(maintenance_cycle(state, now_ms))
+    events.extend(late_work(state, cfg))
+
+    def holds_work(node_id: str) -> bool:
+        # Stale-but-connected nodes keep their slots; gone or in maintenance, they lose them.
+        rec = state.nodes.get(node_id)
+        return (
+            rec is not None
+            and rec.connected
+            and node_id not in leaving
+            and not is_excused(state, node_id, now_ms)
+        )
+
+    current = state.epoch
+    if current is not None and not epoch_due(state, now_ms):
+        events.extend(_keep_epoch(state, current, now_ms, new_book.not_fresh, holds_work, leaving))
+        return PlanResult(events, new_book)
+    if current is not None:
+        misses = missed_work(state, current, now_ms, cfg)
+        events.extend(misses)
+        events.extend(finalize_devshards(state))
+        events.append(settle_epoch(state, current, cfg, misses, liveness.events))
+    started = next_epoch(state, now_ms, cfg, entropy)
+    events.append(started)
+    events.extend(
+        _place_new_epoch(state, epoch_record(started), now_ms, new_book.not_fresh, leaving)
+    )
+    return PlanResult(events, new_book)
+
+
+def _sorted_sessions(state: State, ids: Sequence[str] | None = None) -> list[SessionRecord]:
+    chosen = sorted(state.sessions.keys()) if ids is None else sorted(ids)
+    return [state.sessions[s] for s in chosen]
+
+
+def _place_new_epoch(
+    state: State,
+    epoch: EpochRecord,
+    now_ms: int,
+    not_fresh: frozenset[str],
+    leaving: set[str],
+) -> list[DevshardPlaced | SessionUnplaced]:
+    sessions = _sorted_sessions(state)
+    if not sessions:
+        return []
+    preferred: dict[str, Sequence[str]] = {}
+    for session in sessions:
+        sid = session.session_id
+        # The devshard ending now is not finalized in `state` yet: prefer its exact slots.
+        live = state.devshards.get(state.devshard_by_session.get(sid, ""))
+        if live is not None:
+            ordered = sorted(live.assignments, key=lambda a: a.slot)
+            preferred[sid] = [a.node_id for a in ordered]
+        else:
+            preferred[sid] = state.last_nodes_by_session.get(sid, ())
+    pool = PlacementPool(
+        state,
+        now_ms=now_ms,
+        work_end_ms=epoch.end_ms,
+        used={},
+        not_fresh=not_fresh,
+        leaving=leaving,
+    )
+    return place_sessions(sessions, epoch, pool, preferred)
+
+
+def _keep_epoch(
+    state: State,
+    epoch: EpochRecord,
+    now_ms: int,
+    not_fresh: frozenset[str],
+    holds_work: Callable[[str], bool],
+    leaving: set[str],
+) -> list[Event]:
+    """Mid-epoch: re-place lost slots and place sessions that have no devshard yet."""
+    used: dict[str, int] = {}
+    holding: dict[str, bool] = {}
+    damaged: list[str] = []
+    for ds_id, shard in state.devshards.items():
+        if shard.epoch != epoch.epoch:
+            continue
+        intact = True
+        for a in shard.assignments:
+            node_id = a.node_id
+            used[node_id] = used.get(node_id, 0) + 1
+            ok = holding.get(node_id)
+            if ok is None:
+                ok = holding[node_id] = holds_work(node_id)
+            intact = intact and ok
+        session = state.sessions.get(shard.session_id)
+        if session is not None and (not intact or len(shard.assignments) < session.slots):
+            damaged.append(ds_id)
+    waiting = [
+        sid
+        for sid in state.sessions
+        if (ds := state.devshards.get(state.devshard_by_session.get(sid, ""))) is None
+        or ds.epoch != epoch.epoch
+    ]
+    if not damaged and not waiting:
+        return []
+    pool = PlacementPool(
+        state,
+        now_ms=now_ms,
+        work_end_ms=epoch.end_ms,
+        used=used,
+        not_fresh=not_fresh,
+        leaving=leaving,
+    )
+    events: list[Event] = []
+    for ds_id in sorted(damaged):
+        shard = state.devshards[ds_id]
+        session = state.sessions[shard.session_id]
+        outcome = replace_lost_slots(shard, session, epoch, pool, holds_work)
+        if outcome.placed is not None:
+            events.append(outcome.placed)
+        if outcome.unfilled:
+            reason = (
+                f"devshard {ds_id} has {outcome.unfilled} of {session.slots} slot(s) "
+                f"unassigned: {outcome.reason}"
+            )
+            # Repeat the reason only when it changed (or a replace just cleared it).
+            if outcome.placed is not None or _reason_changed(session, epoch.epoch, reason):
+                events.append(
+                    SessionUnplaced(session_id=session.session_id, epoch=epoch.epoch, reason=reason)
+                )
+    preferred = {sid: state.last_nodes_by_session.get(sid, ()) for sid in waiting}
+    for ev in place_sessions(_sorted_sessions(state, waiting), epoch, pool, preferred):
+        if isinstance(ev, SessionUnplaced) and not _reason_changed(
+            state.sessions[ev.session_id], ev.epoch, ev.reason
+        ):
+            continue  # said already; retried every cycle in case room appears
+        events.append(ev)
+    return events
+
+
+def _reason_changed(session: SessionRecord, epoch: int, reason: str) -> bool:
+    return session.unplaced_epoch != epoch or session.unplaced_reason != reason
+
+
+class Planner:
+    """The master's per-cycle hook `(state, now_ms) -> events`, holding the liveness book.
+
+    The master must apply the returned events before the next call. The book is ephemeral:
+    a new Planner (a restarted master) starts empty and gives every node K fresh cycles.
+    """
+
+    def __init__(
+        self,
+        cfg: PlannerConfig | None = None,
+        *,
+        maintenance_cycle: MaintenanceHook = no_maintenance,
+        entropy: Callable[[], int] | None = None,
+    ) -> None:
+        self.cfg = cfg if cfg is not None else PlannerConfig()
+        self._maintenance_cycle = maintenance_cycle
+        self._entropy = entropy
+        self.book: LivenessBook = EMPTY_BOOK
+
+    def __call__(self, state: State, now_ms: int) -> list[Event]:
+        entropy = None
+        if self._entropy is not None and epoch_due(state, now_ms):
+            entropy = self._entropy()
+        result = plan(
+            state,
+            now_ms,
+            self.book,
+            self.cfg,
+            maintenance_cycle=self._maintenance_cycle,
+            entropy=entropy,
+        )
+        self.book = result.book
+        return result.events

@@ -1,0 +1,201 @@
+"""Deciding operator and host requests: request + state + now -> reply and events. Pure.
+
+The master shell decides requests one at a time and indexes (and applies) each accepted
+request's events before it decides the next, so two requests racing for the last
+maintenance slot are judged against different states and exactly one wins.
+
+Who asks: a worker forwards its host's requests over its authenticated libp2p connection,
+so `requester` is that node's peer id; the master's own control socket speaks for the local
+operator (`LOCAL_OPERATOR`), who may act for any node.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from cluster.control import (
+    MaintenanceCancel,
+    MaintenanceCheck,
+    MaintenanceFinish,
+    MaintenanceNext,
+    MaintenanceSchedule,
+    Reply,
+    Request,
+    SessionCreate,
+    SessionDelete,
+    SessionList,
+    StatusRequest,
+)
+from cluster.master import maintenance
+from cluster.shared.codec import to_builtins
+from cluster.shared.durations import format_duration, format_relative, format_time
+from cluster.shared.events import Event, SessionDeleted, SessionRequested
+from cluster.shared.maintenance_policy import MaintenancePolicy
+from cluster.shared.state import State
+
+LOCAL_OPERATOR = "operator:local"
+
+MAX_SLOTS = 4096
+MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class Decision(msgspec.Struct, frozen=True):
+    reply: Reply
+    events: tuple[Event, ...] = ()
+
+
+def _refuse(message: str) -> Decision:
+    return Decision(Reply(ok=False, message=message))
+
+
+def _policy_for(requester: str, policy: MaintenancePolicy) -> MaintenancePolicy:
+    if requester == LOCAL_OPERATOR and LOCAL_OPERATOR not in policy.operator_ids:
+        return msgspec.structs.replace(policy, operator_ids=(*policy.operator_ids, LOCAL_OPERATOR))
+    return policy
+
+
+def _target_node(requester: str, node_id: str) -> str | None:
+    """The node a maintenance request is about: a worker's own; the operator must name one."""
+    if requester == LOCAL_OPERATOR:
+        return node_id or None
+    return requester
+
+
+def decide(
+    state: State, request: Request, requester: str, now_ms: int, policy: MaintenancePolicy
+) -> Decision:
+    """The answer to one request and the events that carry it out (none when refused)."""
+    if isinstance(request, SessionCreate | SessionDelete) and requester != LOCAL_OPERATOR:
+        return _refuse("sessions are managed by the operator on the master host")
+    if isinstance(request, SessionCreate):
+        return _session_create(state, request)
+    if isinstance(request, SessionDelete):
+        if request.session_id not in state.sessions:
+            return _refuse(f"no session {request.session_id!r} (see `cluster session list`)")
+        return Decision(
+            Reply(ok=True, message=f"session {request.session_id} deleted"),
+            (SessionDeleted(session_id=request.session_id),),
+        )
+    if isinstance(request, SessionList):
+        sessions = [to_builtins(s) for _, s in sorted(state.sessions.items())]
+        return Decision(Reply(ok=True, data=sessions))
+    if isinstance(request, StatusRequest):
+        return _refuse("status is answered by the master shell, not by decide()")
+    return _maintenance(state, request, requester, now_ms, _policy_for(requester, policy))
+
+
+def _session_create(state: State, req: SessionCreate) -> Decision:
+    problems = []
+    if not 1 <= req.slots <= MAX_SLOTS:
+        problems.append(f"slots must be between 1 and {MAX_SLOTS}, not {req.slots}")
+    if not 1 <= req.memory_per_slot_mb <= MAX_MEMORY_PER_SLOT_MB:
+        problems.append(
+            f"memory per slot must be between 1 and {MAX_MEMORY_PER_SLOT_MB} MiB, "
+            f"not {req.memory_per_slot_mb}"
+        )
+    if req.reward_per_unit < 0:
+        problems.append(f"reward per unit cannot be negative ({req.reward_per_unit})")
+    if req.name and not _NAME.match(req.name):
+        problems.append(
+            f"name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if problems:
+        return _refuse("; ".join(problems))
+    # The id names the log index of the event that creates it: unique and replayable.
+    session_id = f"s{state.last_applied + 1}" + (f"-{req.name}" if req.name else "")
+    event = SessionRequested(
+        session_id=session_id,
+        slots=req.slots,
+        memory_per_slot_mb=req.memory_per_slot_mb,
+        gpu=req.gpu,
+        name=req.name,
+        reward_per_unit=req.reward_per_unit,
+    )
+    return Decision(
+        Reply(ok=True, message=f"session {session_id} created", data={"session_id": session_id}),
+        (event,),
+    )
+
+
+def _start(now_ms: int, start_ms: int | None, in_ms: int | None) -> int | str:
+    if (start_ms is None) == (in_ms is None):
+        return "give exactly one of a start time (--at) or a lead time (--in)"
+    if in_ms is not None:
+        if in_ms < 0:
+            return f"--in cannot be negative ({in_ms} ms)"
+        return now_ms + in_ms
+    assert start_ms is not None
+    return start_ms
+
+
+def _maintenance(
+    state: State, request: Request, requester: str, now_ms: int, policy: MaintenancePolicy
+) -> Decision:
+    node = _target_node(requester, getattr(request, "node_id", ""))
+    if node is None:
+        return _refuse("the operator must name the node (--node PEER_ID)")
+    if node not in state.nodes:
+        return _refuse(f"unknown node {node}: it has never joined this cluster")
+    if isinstance(request, MaintenanceCheck | MaintenanceSchedule):
+        start = _start(now_ms, request.start_ms, request.in_ms)
+        if isinstance(start, str):
+            return _refuse(start)
+        if isinstance(request, MaintenanceCheck):
+            decision = maintenance.check_schedule(
+                state, node, requester, start, request.duration_ms, now_ms, policy
+            )
+            return Decision(
+                Reply(
+                    ok=decision.allowed,
+                    message=maintenance.render_decision(decision),
+                    data=to_builtins(decision),
+                )
+            )
+        result = maintenance.schedule(
+            state, node, requester, start, request.duration_ms, now_ms, policy
+        )
+        if isinstance(result, maintenance.ScheduleDecision):
+            return Decision(
+                Reply(
+                    ok=False,
+                    message=maintenance.render_decision(result),
+                    data=to_builtins(result),
+                )
+            )
+        return Decision(
+            Reply(
+                ok=True,
+                message=f"scheduled window {result.window_id}: starts {format_time(start)} "
+                f"({format_relative(start, now_ms)}) for {format_duration(request.duration_ms)}",
+                data={"window_id": result.window_id, "start_ms": start},
+            ),
+            (result,),
+        )
+    if isinstance(request, MaintenanceCancel):
+        outcome = maintenance.cancel(
+            state, node, requester, request.window_id or None, now_ms, policy
+        )
+        if isinstance(outcome, maintenance.Rejection):
+            return _refuse(maintenance.render_rejection(outcome))
+        return Decision(
+            Reply(
+                ok=True,
+                message=f"cancelled window {outcome.window_id}; "
+                f"credit refunded: {format_duration(outcome.credit_refund_ms)}",
+            ),
+            (outcome,),
+        )
+    if isinstance(request, MaintenanceFinish):
+        done = maintenance.finish(state, node, requester, request.window_id or None, now_ms, policy)
+        if isinstance(done, maintenance.Rejection):
+            return _refuse(maintenance.render_rejection(done))
+        return Decision(Reply(ok=True, message=f"finished window {done.window_id}"), (done,))
+    if isinstance(request, MaintenanceNext):
+        return Decision(
+            Reply(ok=True, message=maintenance.render_next(state, node, now_ms, policy))
+        )
+    return _refuse(f"unsupported request {type(request).__name__}")

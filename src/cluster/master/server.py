@@ -1,0 +1,542 @@
+"""The master process shell: accepts workers, indexes their events, streams the log back.
+
+Everything that decides is elsewhere and pure (admission rules, membership rules, the
+planner); this module only moves bytes, serialises indexing, and makes events durable.
+
+Indexing is one task fed by a channel. It takes every submission waiting (worker batches,
+master events), drops duplicates by (origin, seq), gives the rest consecutive indices and
+the master's clock, appends them with ONE durable group commit, then fans them out to the
+subscribers and acknowledges each submitter with the highest seq of its that is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from cluster.master.admission import AdmissionError, check_worker_event
+from cluster.net import host as nethost
+from cluster.net.framing import FrameError, encode_frame
+from cluster.net.membership import Membership, new_nonce
+from cluster.net.protocol import (
+    HELLO_PROTOCOL,
+    PROTOCOL_VERSION,
+    SUBMIT_PROTOCOL,
+    SUBSCRIBE_PROTOCOL,
+    Ack,
+    Challenge,
+    EventsRaw,
+    Hello,
+    Ping,
+    Pong,
+    Proof,
+    ProtocolError,
+    SeqEvent,
+    SnapshotBegin,
+    SnapshotChunk,
+    SubmitBatch,
+    Subscribe,
+    Tick,
+    Welcome,
+    encode,
+    expect,
+)
+from cluster.shared.codec import encode_event
+from cluster.shared.digest_file import write_digest_file
+from cluster.shared.events import MASTER_ORIGIN, Event, IndexedEvent, NodeConnected
+from cluster.shared.state import State
+
+log = logging.getLogger(__name__)
+
+#: (state, now_ms) -> events the master decides this cycle (the planner).
+Planner = Callable[[State, int], list[Event]]
+#: (state, node_id, now_ms) -> extra events when a node (re)connects (e.g. finish its window).
+ConnectHook = Callable[[State, str, int], list[Event]]
+
+
+class Store(Protocol):
+    """What the master needs of `cluster.shared.store.EventStore`."""
+
+    @property
+    def state(self) -> State: ...
+    @property
+    def last_idx(self) -> int: ...
+    def append(self, events: Sequence[IndexedEvent]) -> State: ...
+    def read_raw_from(self, idx: int) -> Any: ...
+    def latest_snapshot(self) -> tuple[int, bytes] | None: ...
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    plan_interval: float = 1.0
+    #: A peer silent for this long on a stream that expects traffic is considered hung.
+    peer_timeout: float = 10.0
+    #: Idle subscribe streams get a Tick this often (so workers notice a hung master).
+    keepalive: float = 1.0
+    #: Broadcast batches a subscriber may have queued before it is cut as too slow.
+    subscriber_queue: int = 4096
+    #: A subscriber further behind than this (or new) starts from the newest snapshot.
+    snapshot_behind: int = 10_000
+    #: Events per Events frame and per catch-up read.
+    frame_events: int = 4096
+    snapshot_chunk: int = 1 << 20
+    #: Submissions waiting for the indexer before submitters are slowed down.
+    inbox_size: int = 1024
+    #: Where digest.json is written each cycle (None: not written).
+    data_dir: Path | None = None
+
+
+class _Submission:
+    __slots__ = ("ack", "done", "error", "events", "indexed", "origin")
+
+    def __init__(self, origin: str, events: list[SeqEvent] | list[Event]) -> None:
+        self.origin = origin
+        self.events = events
+        self.done = anyio.Event()
+        self.ack = 0
+        self.indexed: list[IndexedEvent] = []
+        self.error: BaseException | None = None
+
+
+class _Lagging:
+    """Marker: a subscriber's queue overflowed."""
+
+
+class Master:
+    def __init__(
+        self,
+        store: Store,
+        key_pair: Any,
+        membership: Membership,
+        config: MasterConfig | None = None,
+        *,
+        planner: Planner | None = None,
+        connect_hook: ConnectHook | None = None,
+        now_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        from cluster.net.identity import peer_id_of
+
+        self.store = store
+        self.key_pair = key_pair
+        self.node_id = peer_id_of(key_pair)
+        self.membership = membership
+        self.config = config or MasterConfig()
+        self.planner = planner
+        self.connect_hook = connect_hook
+        self.now_ms = now_ms
+        self.addrs: list[str] = []
+        self._state = store.state
+        self._last_idx = store.last_idx
+        self._members: set[str] = set()
+        self._subscribers: dict[
+            int, MemoryObjectSendStream[list[tuple[int, bytes]] | _Lagging]
+        ] = {}
+        self._sub_ids = itertools.count(1)
+        self._store_lock = anyio.Lock()
+        send, recv = anyio.create_memory_object_stream[_Submission](self.config.inbox_size)
+        self._inbox_send: MemoryObjectSendStream[_Submission] = send
+        self._inbox_recv: MemoryObjectReceiveStream[_Submission] = recv
+        self._state_changed = anyio.Event()
+        self._stop = anyio.Event()
+        self._finished = anyio.Event()
+        self.stats = {"batches": 0, "commits": 0, "events": 0, "duplicates": 0, "refused": 0}
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def last_idx(self) -> int:
+        return self._last_idx
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(self._members)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_finished(self) -> None:
+        """Return once `run` has stopped and closed the host."""
+        await self._finished.wait()
+
+    async def wait_for_index(self, idx: int) -> None:
+        while self._last_idx < idx:
+            await self._state_changed.wait()
+
+    async def submit_master_events(self, events: Sequence[Event]) -> list[IndexedEvent]:
+        """Index events the master decided (origin MASTER_ORIGIN); returns them once durable."""
+        if not events:
+            return []
+        sub = _Submission(MASTER_ORIGIN, list(events))
+        await self._inbox_send.send(sub)
+        await sub.done.wait()
+        if sub.error is not None:
+            raise sub.error
+        return sub.indexed
+
+    async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            self._finished.set()
+
+    async def _run(self, task_status: TaskStatus[list[str]]) -> None:
+        async with nethost.running_host(self.key_pair, self.config.listen) as host:
+            host.set_stream_handler(HELLO_PROTOCOL, nethost.safe_handler(self._hello, "hello"))
+            host.set_stream_handler(SUBMIT_PROTOCOL, nethost.safe_handler(self._submit, "submit"))
+            host.set_stream_handler(
+                SUBSCRIBE_PROTOCOL, nethost.safe_handler(self._subscribe, "subscribe")
+            )
+            self.addrs = nethost.full_addrs(host)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._indexer)
+                tg.start_soon(self._cycle)
+                task_status.started(self.addrs)
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+            for send in self._subscribers.values():
+                send.close()
+
+    # ------------------------------------------------------------------ indexing
+    async def _indexer(self) -> None:
+        while True:
+            batch = [await self._inbox_recv.receive()]
+            while True:
+                try:
+                    batch.append(self._inbox_recv.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            try:
+                await self._index(batch)
+            except BaseException as exc:
+                for sub in batch:
+                    if not sub.done.is_set():
+                        sub.error = exc
+                        sub.done.set()
+                raise
+
+    async def _index(self, batch: list[_Submission]) -> None:
+        state = self._state
+        idx = self._last_idx
+        now = max(self.now_ms(), state.last_time_ms)
+        last_seq: dict[str, int] = {}
+        records: list[IndexedEvent] = []
+        for sub in batch:
+            origin = sub.origin
+            seq = last_seq.get(origin)
+            if seq is None:
+                seq = state.last_seq_by_origin.get(origin, 0)
+            if origin == MASTER_ORIGIN:
+                for ev in sub.events:
+                    assert not isinstance(ev, SeqEvent)
+                    idx += 1
+                    seq += 1
+                    ie = IndexedEvent(idx, now, origin, seq, ev)
+                    records.append(ie)
+                    sub.indexed.append(ie)
+            else:
+                for se in sub.events:
+                    assert isinstance(se, SeqEvent)
+                    if se.seq <= seq:
+                        self.stats["duplicates"] += 1
+                        continue
+                    idx += 1
+                    seq = se.seq
+                    records.append(IndexedEvent(idx, now, origin, seq, se.event))
+            last_seq[origin] = seq
+            sub.ack = seq
+        if records:
+            async with self._store_lock:
+                new_state = await anyio.to_thread.run_sync(self.store.append, records)
+            self._state = new_state
+            self._last_idx = records[-1].idx
+            self.stats["commits"] += 1
+            self.stats["events"] += len(records)
+            self._broadcast([(ie.idx, encode_event(ie)) for ie in records])
+            changed, self._state_changed = self._state_changed, anyio.Event()
+            changed.set()
+        self.stats["batches"] += len(batch)
+        for sub in batch:
+            sub.done.set()
+
+    def _broadcast(self, records: list[tuple[int, bytes]]) -> None:
+        for sid, send in list(self._subscribers.items()):
+            try:
+                send.send_nowait(records)
+            except anyio.WouldBlock:
+                # Too slow: cut it; it resubscribes from its last index (DESIGN section 7).
+                del self._subscribers[sid]
+                with contextlib.suppress(anyio.WouldBlock):
+                    send.send_nowait(_Lagging())
+                send.close()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                del self._subscribers[sid]
+
+    async def _cycle(self) -> None:
+        """Once per plan interval: run the planner, write digest.json."""
+        written = -1
+        while True:
+            await anyio.sleep(self.config.plan_interval)
+            if self.planner is not None:
+                try:
+                    events = self.planner(self._state, max(self.now_ms(), self._state.last_time_ms))
+                except Exception:
+                    log.exception("planner failed this cycle; state unchanged")
+                    events = []
+                if events:
+                    await self.submit_master_events(events)
+            if self.config.data_dir is not None and written != self._last_idx:
+                written = self._last_idx
+                write_digest_file(self.config.data_dir, self._state, role="master")
+
+    # ------------------------------------------------------------------ hello
+    async def _hello(self, fs: nethost.FramedStream) -> None:
+        peer = fs.peer_id
+        t = self.config.peer_timeout
+        try:
+            first = await fs.recv(t)
+            reason = self.membership.refuse_reason(peer)
+            if reason is not None:
+                self.stats["refused"] += 1
+                log.warning("refused %s: %s", peer, reason)
+                await fs.fail("unauthorized", reason)
+                return
+            hello = expect(first, Hello)
+            if hello.version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    "version",
+                    f"protocol version {hello.version} unsupported "
+                    f"(this master speaks {PROTOCOL_VERSION})",
+                )
+            nonce = new_nonce()
+            proof = self.membership.master_proof(hello.nonce, self.node_id, peer)
+            await fs.send(Challenge(nonce=nonce, proof=proof), t)
+            answer = expect(await fs.recv(t), Proof)
+        except (ProtocolError, TimeoutError, EOFError) as exc:
+            code, message = (
+                nethost.error_of(exc)
+                if not isinstance(exc, TimeoutError)
+                else ("timeout", f"no hello answer within {t:g} s")
+            )
+            await fs.fail(code, message)
+            return
+        reason = self.membership.check_worker_proof(answer.proof, nonce, peer, self.node_id)
+        if reason is not None:
+            self.stats["refused"] += 1
+            log.warning("refused %s: %s", peer, reason)
+            await fs.fail("unauthorized", reason)
+            return
+        self._members.add(peer)
+        now = max(self.now_ms(), self._state.last_time_ms)
+        events: list[Event] = [NodeConnected(node_id=peer)]
+        if self.connect_hook is not None:
+            events += self.connect_hook(self._state, peer, now)
+        await self.submit_master_events(events)
+        log.info("node %s joined (passed hello)", peer)
+        welcome = Welcome(
+            node_id=peer,
+            last_idx=self._last_idx,
+            last_seq=self._state.last_seq_by_origin.get(peer, 0),
+        )
+        await fs.send(welcome, t)
+        await fs.close()
+
+    async def _require_member(self, fs: nethost.FramedStream, what: str) -> bool:
+        if fs.peer_id in self._members:
+            return True
+        # Take (and drop) the peer's first frame, so its write succeeds and it reads why.
+        with anyio.move_on_after(1.0):
+            with contextlib.suppress(Exception):
+                await fs.recv_frame(1.0)
+        self.stats["refused"] += 1
+        reason = self.membership.refuse_reason(fs.peer_id) or "it has not passed hello"
+        log.warning("refused %s stream from %s: %s", what, fs.peer_id, reason)
+        await fs.fail("unauthorized", f"{what} refused: peer {fs.peer_id}: {reason}")
+        return False
+
+    # ------------------------------------------------------------------ submit
+    async def _submit(self, fs: nethost.FramedStream) -> None:
+        if not await self._require_member(fs, "submit"):
+            return
+        peer = fs.peer_id
+        send, recv = anyio.create_memory_object_stream[_Submission | Pong](64)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._acker, fs, recv)
+                async with send:
+                    while True:
+                        try:
+                            msg = await fs.recv(self.config.peer_timeout)
+                        except TimeoutError:
+                            raise ProtocolError(
+                                "timeout",
+                                f"no frame from {peer} for {self.config.peer_timeout:g} s",
+                            ) from None
+                        if isinstance(msg, Ping):
+                            await send.send(Pong(last_idx=self._last_idx))
+                            continue
+                        batch = expect(msg, SubmitBatch)
+                        for se in batch.events:
+                            check_worker_event(peer, se.seq, se.event)
+                        sub = _Submission(peer, batch.events)
+                        await self._inbox_send.send(sub)
+                        await send.send(sub)
+        except* EOFError:
+            pass  # the worker closed its stream: normal at shutdown
+        except* (ProtocolError, AdmissionError, FrameError) as group:
+            exc = group.exceptions[0]
+            if isinstance(exc, AdmissionError):
+                self.stats["refused"] += 1
+                code, message = exc.code, str(exc)
+            else:
+                code, message = nethost.error_of(exc)
+            log.warning("submit stream of %s reset: %s: %s", peer, code, message)
+            await fs.fail(code, message)
+
+    async def _acker(
+        self, fs: nethost.FramedStream, recv: MemoryObjectReceiveStream[_Submission | Pong]
+    ) -> None:
+        async with recv:
+            async for item in recv:
+                if isinstance(item, Pong):
+                    await fs.send(item, self.config.peer_timeout)
+                    continue
+                await item.done.wait()
+                if item.error is not None:
+                    raise ProtocolError("internal", f"indexing failed: {item.error}")
+                await fs.send(Ack(seq=item.ack), self.config.peer_timeout)
+
+    # ------------------------------------------------------------------ subscribe
+    async def _subscribe(self, fs: nethost.FramedStream) -> None:
+        if not await self._require_member(fs, "subscribe"):
+            return
+        cfg = self.config
+        try:
+            req = expect(await fs.recv(cfg.peer_timeout), Subscribe)
+        except (ProtocolError, FrameError, TimeoutError) as exc:
+            await fs.fail(*nethost.error_of(exc))
+            return
+        cursor = max(1, req.from_idx)
+        if cursor > self._last_idx + 1:
+            await fs.fail(
+                "ahead-of-log",
+                f"asked for index {req.from_idx} but the log ends at {self._last_idx}: "
+                "drop the replica and subscribe from 0",
+            )
+            return
+        send, recv = anyio.create_memory_object_stream[list[tuple[int, bytes]] | _Lagging](
+            cfg.subscriber_queue
+        )
+        sid = next(self._sub_ids)
+        boundary = self._last_idx  # no await between this read and registering
+        self._subscribers[sid] = send
+        try:
+            cursor = await self._send_catch_up(fs, cursor, boundary)
+            await self._send_live(fs, recv, cursor)
+        except (
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            anyio.EndOfStream,
+            EOFError,
+            TimeoutError,
+        ):
+            await fs.reset()  # the worker left, hung, or the master is stopping
+        except ProtocolError as exc:
+            await fs.fail(exc.code, str(exc))
+        finally:
+            self._subscribers.pop(sid, None)
+            send.close()
+            recv.close()
+
+    async def _send_catch_up(self, fs: nethost.FramedStream, cursor: int, boundary: int) -> int:
+        cfg = self.config
+        if cursor <= boundary and (cursor == 1 or boundary - cursor >= cfg.snapshot_behind):
+            async with self._store_lock:
+                snap = await anyio.to_thread.run_sync(self.store.latest_snapshot)
+            if snap is not None and snap[0] >= cursor:
+                snap_idx, data = snap
+                await fs.send(SnapshotBegin(idx=snap_idx, size=len(data)), cfg.peer_timeout)
+                for off in range(0, len(data), cfg.snapshot_chunk):
+                    chunk = SnapshotChunk(data=data[off : off + cfg.snapshot_chunk])
+                    await fs.send(chunk, cfg.peer_timeout)
+                cursor = snap_idx + 1
+        while cursor <= boundary:
+            n = min(cfg.frame_events, boundary - cursor + 1)
+            async with self._store_lock:
+                chunk_records = await anyio.to_thread.run_sync(self._read_raw, cursor, n)
+            if not chunk_records:
+                raise ProtocolError("internal", f"log has no record at index {cursor}")
+            await self._send_records(fs, chunk_records)
+            cursor = chunk_records[-1][0] + 1
+        return cursor
+
+    def _read_raw(self, start: int, n: int) -> list[tuple[int, bytes]]:
+        it = self.store.read_raw_from(start)
+        try:
+            return list(itertools.islice(it, n))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    async def _send_records(
+        self, fs: nethost.FramedStream, records: list[tuple[int, bytes]]
+    ) -> None:
+        frames = []
+        step = self.config.frame_events
+        for off in range(0, len(records), step):
+            part = records[off : off + step]
+            msg = EventsRaw(events=[msgspec.Raw(raw) for _, raw in part])
+            frames.append(encode_frame(encode(msg), fs.max_frame))
+        await fs.send_bytes(b"".join(frames), self.config.peer_timeout)
+
+    async def _send_live(
+        self,
+        fs: nethost.FramedStream,
+        recv: MemoryObjectReceiveStream[list[tuple[int, bytes]] | _Lagging],
+        cursor: int,
+    ) -> None:
+        cfg = self.config
+        while True:
+            item: list[tuple[int, bytes]] | _Lagging | None = None
+            with anyio.move_on_after(cfg.keepalive):
+                item = await recv.receive()
+            if item is None:
+                await fs.send(Tick(last_idx=self._last_idx), cfg.peer_timeout)
+                continue
+            pending: list[tuple[int, bytes]] = []
+            while True:
+                if isinstance(item, _Lagging):
+                    raise ProtocolError(
+                        "lagging",
+                        f"subscriber fell more than {cfg.subscriber_queue} batches behind; "
+                        f"resubscribe from {cursor}",
+                    )
+                pending.extend(r for r in item if r[0] >= cursor)
+                try:
+                    item = recv.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+            if pending:
+                if pending[0][0] != cursor:
+                    raise ProtocolError("internal", f"gap in live stream at index {cursor}")
+                await self._send_records(fs, pending)
+                cursor = pending[-1][0] + 1

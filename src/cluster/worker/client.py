@@ -1,0 +1,421 @@
+"""The worker process shell: connection to the master, durable outbox, replica state.
+
+- `emit(event)` records the event in the durable outbox (it survives kill -9) and wakes the
+  sender; it never blocks on the network.
+- One connection at a time to the master, redialled with back-off (logged at INFO). After
+  hello, two streams run side by side: *submit* (outbox batches out, acks back) and
+  *subscribe* (indexed log in, applied to the replica in order).
+- The replica is `state`; `add_listener(cb)` and `wait_for_change(after_idx)` let runners and
+  status code follow it. Every cycle the worker emits a NodeHeartbeat (liveness is event
+  flow) and rewrites <data-dir>/digest.json when its replica advanced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from cluster.net import host as nethost
+from cluster.net.framing import encode_frame
+from cluster.net.identity import load_identity
+from cluster.net.membership import Membership, new_nonce
+from cluster.net.protocol import (
+    HELLO_PROTOCOL,
+    PROTOCOL_VERSION,
+    SUBMIT_PROTOCOL,
+    SUBSCRIBE_PROTOCOL,
+    Ack,
+    Challenge,
+    ErrorMsg,
+    Events,
+    Hello,
+    Ping,
+    Pong,
+    Proof,
+    ProtocolError,
+    SeqEventRaw,
+    SnapshotBegin,
+    SnapshotChunk,
+    SubmitBatchRaw,
+    Subscribe,
+    Tick,
+    Welcome,
+    encode,
+    expect,
+)
+from cluster.shared.apply import OutOfOrderError, apply
+from cluster.shared.codec import decode_state
+from cluster.shared.digest_file import write_digest_file
+from cluster.shared.events import Event, NodeHeartbeat
+from cluster.shared.state import EMPTY_STATE, State
+from cluster.worker.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+StateListener = Callable[[State], None]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    #: Cycle of the NodeHeartbeat and of digest.json.
+    heartbeat_interval: float = 1.0
+    #: A master silent this long (no ack, pong or tick) is considered hung: reconnect.
+    peer_timeout: float = 10.0
+    #: Idle submit streams send a Ping this often.
+    keepalive: float = 1.0
+    connect_timeout: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    #: Events per SubmitBatch frame, and events sent but not yet acknowledged.
+    batch_events: int = 2048
+    window_events: int = 16384
+    #: Cluster secret for the hello challenge (None when the cluster uses an allow-list only).
+    secret: bytes | None = None
+    write_digest: bool = True
+    #: Emit NodeHeartbeat each cycle (benchmarks turn it off to count only their own events).
+    heartbeats: bool = True
+
+
+class MasterRefused(Exception):
+    """The master refused this worker (not a member): retried, but logged as an error."""
+
+
+class _Resubscribe(Exception):
+    pass
+
+
+class Worker:
+    def __init__(
+        self,
+        data_dir: Path,
+        master_addr: str,
+        config: WorkerConfig | None = None,
+        *,
+        key_pair: Any = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.master_addr = nethost.parse_multiaddr(master_addr, need_peer=True)
+        self.config = config or WorkerConfig()
+        if key_pair is None:
+            key_pair, node_id = load_identity(data_dir)
+        else:
+            from cluster.net.identity import peer_id_of
+
+            node_id = peer_id_of(key_pair)
+        self.key_pair = key_pair
+        self.node_id: str = node_id
+        self.outbox = Outbox.open(data_dir / "outbox")
+        self._state: State = EMPTY_STATE
+        self._listeners: list[StateListener] = []
+        self._changed = anyio.Event()
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self._finished = anyio.Event()
+        #: "connecting", "catching up", "connected": for status lines and tests.
+        self.phase = "connecting"
+        self.master_last_idx = 0
+        self.connections = 0
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def emit(self, event: Event) -> int:
+        """Record an event durably and queue it for the master; returns its seq.
+
+        Never blocks on the network (a local write of one record).
+        """
+        seq = self.outbox.append(event)
+        self._wake.set()
+        return seq
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call `listener(state)` after each replica change (keep it quick and non-blocking)."""
+        self._listeners.append(listener)
+
+    async def wait_for_change(self, after_idx: int) -> State:
+        """Return the replica once its last_applied exceeds `after_idx`."""
+        while self._state.last_applied <= after_idx:
+            await self._changed.wait()
+        return self._state
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with (
+                nethost.running_host(self.key_pair) as host,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(self._connection_loop, host)
+                tg.start_soon(self._cycle)
+                task_status.started()
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._finished.set()
+
+    def close(self) -> None:
+        """Close the outbox (fsync first); call after `run` returned and emitters stopped."""
+        self.outbox.close()
+
+    # ------------------------------------------------------------------ replica
+    def _set_state(self, state: State) -> None:
+        self._state = state
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+        for listener in self._listeners:
+            try:
+                listener(state)
+            except Exception:
+                log.exception("state listener failed")
+
+    async def _cycle(self) -> None:
+        written = -1
+        while True:
+            if self.config.heartbeats:
+                self.emit(NodeHeartbeat(node_id=self.node_id))
+            if self.config.write_digest and written != self._state.last_applied:
+                written = self._state.last_applied
+                write_digest_file(
+                    self.data_dir,
+                    self._state,
+                    role="worker",
+                    node_id=self.node_id,
+                    acked_seq=self.outbox.acked,
+                    phase=self.phase,
+                )
+            await anyio.sleep(self.config.heartbeat_interval)
+
+    # ------------------------------------------------------------------ connection
+    async def _connection_loop(self, host: Any) -> None:
+        cfg = self.config
+        backoff = cfg.backoff_initial
+        while True:
+            self.phase = "connecting"
+            try:
+                peer = await nethost.dial(host, self.master_addr, cfg.connect_timeout)
+                welcome = await self._hello(host, peer)
+                log.info(
+                    "connected to master %s as %s (log at %d, our acked seq %d)",
+                    peer,
+                    self.node_id,
+                    welcome.last_idx,
+                    welcome.last_seq,
+                )
+                self.connections += 1
+                backoff = cfg.backoff_initial
+                self.outbox.skip_to(welcome.last_seq)
+                self.master_last_idx = welcome.last_idx
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._submit_stream, host, peer)
+                    tg.start_soon(self._subscribe_streams, host, peer)
+            except MasterRefused as exc:
+                log.error("master refused this worker: %s", exc)
+                backoff = cfg.backoff_max
+            except Exception as exc:
+                why = _describe(exc)
+                log.info(
+                    "master at %s unreachable (%s); retrying in %.1f s",
+                    self.master_addr,
+                    why,
+                    backoff,
+                )
+            self.phase = "connecting"
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(2),
+                contextlib.suppress(Exception),
+            ):
+                await host.disconnect(nethost.peer_of(self.master_addr))
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, cfg.backoff_max)
+
+    async def _hello(self, host: Any, peer: Any) -> Welcome:
+        cfg = self.config
+        membership = Membership(allowed=None, secret=cfg.secret) if cfg.secret else None
+        fs = await nethost.open_stream(host, peer, HELLO_PROTOCOL, cfg.connect_timeout)
+        try:
+            nonce = new_nonce()
+            await fs.send(Hello(version=PROTOCOL_VERSION, nonce=nonce), cfg.peer_timeout)
+            try:
+                challenge = expect(await fs.recv(cfg.peer_timeout), Challenge)
+            except ProtocolError as exc:
+                if exc.code == "unauthorized":
+                    raise MasterRefused(str(exc)) from exc
+                raise
+            proof = b""
+            if membership is not None:
+                reason = membership.check_master_proof(
+                    challenge.proof, nonce, fs.peer_id, self.node_id
+                )
+                if reason is not None:
+                    raise MasterRefused(reason)
+                proof = membership.worker_proof(challenge.nonce, self.node_id, fs.peer_id)
+            await fs.send(Proof(proof=proof), cfg.peer_timeout)
+            try:
+                return expect(await fs.recv(cfg.peer_timeout), Welcome)
+            except ProtocolError as exc:
+                if exc.code == "unauthorized":
+                    raise MasterRefused(str(exc)) from exc
+                raise
+        finally:
+            await fs.close()
+
+    # ------------------------------------------------------------------ submit
+    async def _submit_stream(self, host: Any, peer: Any) -> None:
+        cfg = self.config
+        fs = await nethost.open_stream(host, peer, SUBMIT_PROTOCOL, cfg.connect_timeout)
+        inflight: deque[int] = deque()  # last seq of each batch sent, oldest first
+        sent = self.outbox.acked
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._ack_reader, fs, inflight)
+                while True:
+                    self._wake = anyio.Event()  # fresh before looking: a later emit wakes us
+                    sent = max(sent, self.outbox.acked)
+                    room = cfg.window_events - (sent - self.outbox.acked)
+                    batch = (
+                        self.outbox.pending_after(sent, min(cfg.batch_events, room))
+                        if room > 0
+                        else []
+                    )
+                    if not batch:
+                        with anyio.move_on_after(cfg.keepalive) as scope:
+                            await self._wake.wait()
+                        if scope.cancelled_caught:
+                            await fs.send_bytes(encode_frame(encode(_PING)), cfg.peer_timeout)
+                        continue
+                    # Everything the master may acknowledge is on our disk first.
+                    await anyio.to_thread.run_sync(self.outbox.sync)
+                    msg = SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch])
+                    await fs.send_bytes(encode_frame(encode(msg), fs.max_frame), cfg.peer_timeout)
+                    sent = batch[-1][0]
+                    inflight.append(sent)
+        finally:
+            await fs.reset()
+
+    async def _ack_reader(self, fs: nethost.FramedStream, inflight: deque[int]) -> None:
+        while True:
+            try:
+                msg = await fs.recv(self.config.peer_timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"master silent on submit stream for {self.config.peer_timeout:g} s"
+                ) from None
+            if isinstance(msg, Pong):
+                self.master_last_idx = max(self.master_last_idx, msg.last_idx)
+                continue
+            ack = expect(msg, Ack)
+            while inflight and inflight[0] <= ack.seq:
+                inflight.popleft()
+            self.outbox.ack(ack.seq)
+            self._wake.set()
+
+    # ------------------------------------------------------------------ subscribe
+    async def _subscribe_streams(self, host: Any, peer: Any) -> None:
+        while True:
+            try:
+                await self._subscribe_once(host, peer)
+            except _Resubscribe as exc:
+                log.info("resubscribing: %s", exc)
+
+    async def _subscribe_once(self, host: Any, peer: Any) -> None:
+        cfg = self.config
+        fs = await nethost.open_stream(host, peer, SUBSCRIBE_PROTOCOL, cfg.connect_timeout)
+        try:
+            from_idx = self._state.last_applied + 1
+            await fs.send(Subscribe(from_idx=from_idx), cfg.peer_timeout)
+            self.phase = "catching up"
+            while True:
+                try:
+                    msg = await fs.recv(cfg.peer_timeout)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"master silent on subscribe stream for {cfg.peer_timeout:g} s"
+                    ) from None
+                if isinstance(msg, Events):
+                    self._apply_events(msg)
+                elif isinstance(msg, Tick):
+                    self.master_last_idx = max(self.master_last_idx, msg.last_idx)
+                    self._note_caught_up()
+                elif isinstance(msg, SnapshotBegin):
+                    await self._receive_snapshot(fs, msg)
+                elif isinstance(msg, ErrorMsg):
+                    if msg.code == "ahead-of-log":
+                        log.warning(
+                            "master's log is behind our replica (%s): starting over", msg.message
+                        )
+                        self._set_state(EMPTY_STATE)
+                        raise _Resubscribe(msg.message)
+                    if msg.code == "lagging":
+                        raise _Resubscribe(msg.message)
+                    raise ProtocolError(msg.code, f"master reported {msg.code}: {msg.message}")
+                else:
+                    raise ProtocolError(
+                        "unexpected", f"unexpected {type(msg).__name__} on subscribe"
+                    )
+        finally:
+            await fs.reset()
+
+    def _apply_events(self, msg: Events) -> None:
+        state = self._state
+        for ie in msg.events:
+            if ie.idx <= state.last_applied:
+                continue  # a duplicate after a resubscribe
+            try:
+                state = apply(state, ie)
+            except OutOfOrderError as exc:
+                if state is not self._state:
+                    self._set_state(state)
+                raise _Resubscribe(f"{exc}; resubscribing from {state.last_applied + 1}") from exc
+        if state is not self._state:
+            self._set_state(state)
+        self.master_last_idx = max(self.master_last_idx, state.last_applied)
+        self._note_caught_up()
+
+    def _note_caught_up(self) -> None:
+        if self.phase != "connected" and self._state.last_applied >= self.master_last_idx:
+            self.phase = "connected"
+            log.info("caught up at index %d", self._state.last_applied)
+
+    async def _receive_snapshot(self, fs: nethost.FramedStream, begin: SnapshotBegin) -> None:
+        parts: list[bytes] = []
+        got = 0
+        while got < begin.size:
+            chunk = expect(await fs.recv(self.config.peer_timeout), SnapshotChunk)
+            parts.append(chunk.data)
+            got += len(chunk.data)
+        if got != begin.size:
+            raise ProtocolError("malformed", f"snapshot of {got} bytes, announced {begin.size}")
+        state = await anyio.to_thread.run_sync(decode_state, b"".join(parts))
+        if state.last_applied != begin.idx:
+            raise ProtocolError(
+                "malformed", f"snapshot holds index {state.last_applied}, announced {begin.idx}"
+            )
+        log.info("loaded snapshot at index %d (%d bytes)", begin.idx, begin.size)
+        self._set_state(state)
+
+
+_PING = Ping()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if str(exc) else text

@@ -1,0 +1,295 @@
+"""Keeps this node's runners in line with the slots the master assigned to it.
+
+`desired_runners(state, node_id)` is the pure part: every slot of a live devshard assigned to
+this node, as a `RunnerSpec` whose runner id is ``f"{devshard_id}/{slot}"``. The shell,
+`RunnerManager`, starts a runner for each new slot, stops those no longer wanted, and tells
+the master every step through `RunnerStatusUpdated`:
+
+    pending -> loading -> ready -> running -> stopping -> stopped
+                     \\         \\          \\-> failed (reason) -> stopped (when unassigned)
+
+"ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
+ahead of its epoch waits loaded). A failed runner is stopped at once but keeps its FAILED
+record, with the reason, until the slot is unassigned; it is not restarted (the planner
+decides where the slot goes). Work done is reported every `work_interval_s` and once more
+when a runner stops, as `WorkReported` for the devshard's epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from cluster.shared.events import Event, RunnerStatus, RunnerStatusUpdated, WorkReported
+from cluster.shared.state import State
+from cluster.worker.runners.base import (
+    Runner,
+    RunnerFactory,
+    RunnerFailed,
+    RunnerSpec,
+    describe_error,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+
+#: Statuses in which a runner holds resources that `stop()` must release.
+_LIVE = frozenset({RunnerStatus.LOADING, RunnerStatus.READY, RunnerStatus.RUNNING})
+
+
+def runner_id_for(devshard_id: str, slot: int) -> str:
+    return f"{devshard_id}/{slot}"
+
+
+def desired_runners(state: State, node_id: str) -> dict[str, RunnerSpec]:
+    """Every runner this node should have now: one per slot assigned to it (pure)."""
+    wanted: dict[str, RunnerSpec] = {}
+    for shard in state.devshards.values():
+        session = state.sessions.get(shard.session_id)  # None once deleted: work finishes
+        for assignment in shard.assignments:
+            if assignment.node_id != node_id:
+                continue
+            runner_id = runner_id_for(shard.devshard_id, assignment.slot)
+            wanted[runner_id] = RunnerSpec(
+                runner_id=runner_id,
+                node_id=node_id,
+                devshard_id=shard.devshard_id,
+                session_id=shard.session_id,
+                slot=assignment.slot,
+                memory_mb=session.memory_per_slot_mb if session is not None else 0,
+                gpu=session.gpu if session is not None else False,
+                epoch=shard.epoch,
+                ends_ms=shard.ends_ms,
+            )
+    return wanted
+
+
+def epoch_has_begun(state: State, epoch: int) -> bool:
+    return state.epoch is not None and state.epoch.epoch >= epoch
+
+
+def _shutting_down() -> bool:
+    """The calling task is being cancelled (the manager is stopping)."""
+    return anyio.current_effective_deadline() == float("-inf")
+
+
+@dataclass
+class _Handle:
+    spec: RunnerSpec
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    epoch_begun: anyio.Event = field(default_factory=anyio.Event)
+    status: RunnerStatus | None = None
+    reason: str = ""
+    runner: Runner | None = None
+    runner_stopped: bool = False
+    #: Unassigned (being stopped); a new assignment of the same id waits for it to finish.
+    retired: bool = False
+
+
+class RunnerManager:
+    """Runs this node's runners. Call `reconcile(state)` from the event loop on every
+    replica change; `run()` must be running for runners to start."""
+
+    def __init__(
+        self,
+        node_id: str,
+        emit: Emit,
+        runner_factory: RunnerFactory,
+        *,
+        work_interval_s: float = 1.0,
+        health_interval_s: float = 2.0,
+        health_timeout_s: float = 5.0,
+        load_timeout_s: float = 300.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
+        for what, value in (
+            ("work_interval_s", work_interval_s),
+            ("health_interval_s", health_interval_s),
+            ("health_timeout_s", health_timeout_s),
+            ("load_timeout_s", load_timeout_s),
+            ("stop_timeout_s", stop_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"RunnerManager: {what} must be > 0, got {value!r}")
+        self.node_id = node_id
+        self._emit = emit
+        self._factory = runner_factory
+        self._work_interval_s = work_interval_s
+        self._health_interval_s = health_interval_s
+        self._health_timeout_s = health_timeout_s
+        self._load_timeout_s = load_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._handles: dict[str, _Handle] = {}
+        self._state: State | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def statuses(self) -> dict[str, tuple[RunnerStatus, str]]:
+        """This node's runners as the manager sees them: id -> (status, reason)."""
+        return {
+            rid: (h.status, h.reason) for rid, h in self._handles.items() if h.status is not None
+        }
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Supervise runners until cancelled; every runner is stopped before this returns."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                if self._state is not None:
+                    self._apply(self._state)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+
+    def reconcile(self, state: State) -> None:
+        """Start runners for new slots, stop those no longer assigned (non-blocking)."""
+        self._state = state
+        if self._tg is not None:
+            self._apply(state)
+
+    # -- shell ----------------------------------------------------------------------------
+
+    def _apply(self, state: State) -> None:
+        assert self._tg is not None
+        wanted = desired_runners(state, self.node_id)
+        for runner_id, handle in self._handles.items():
+            if runner_id not in wanted and not handle.retired:
+                handle.retired = True
+                handle.scope.cancel()
+        for runner_id, spec in wanted.items():
+            if runner_id not in self._handles:
+                handle = _Handle(spec)
+                self._handles[runner_id] = handle
+                self._tg.start_soon(self._supervise, handle, name=f"runner:{runner_id}")
+        for handle in self._handles.values():
+            if not handle.retired and epoch_has_begun(state, handle.spec.epoch):
+                handle.epoch_begun.set()
+
+    def _set(self, h: _Handle, status: RunnerStatus, reason: str = "") -> None:
+        if h.status is status and h.reason == reason:
+            return
+        h.status, h.reason = status, reason
+        spec = h.spec
+        level = logging.WARNING if status is RunnerStatus.FAILED else logging.INFO
+        log.log(level, "runner %s: %s %s", spec.runner_id, status.value, reason)
+        self._emit(
+            RunnerStatusUpdated(
+                runner_id=spec.runner_id,
+                node_id=self.node_id,
+                status=status,
+                devshard_id=spec.devshard_id,
+                slot=spec.slot,
+                reason=reason,
+            )
+        )
+
+    async def _supervise(self, h: _Handle) -> None:
+        try:
+            with h.scope:
+                failure = await self._serve(h)
+                if failure is None:
+                    await self._release(h)
+                    self._set(h, RunnerStatus.STOPPED, "the runner ended by itself")
+                else:
+                    self._set(h, RunnerStatus.FAILED, failure)
+                    await self._release(h)
+                await anyio.sleep_forever()  # keep the outcome visible until unassigned
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release(h)
+                if h.status is not RunnerStatus.STOPPED:
+                    self._set(h, RunnerStatus.STOPPED)
+            del self._handles[h.spec.runner_id]
+            state = self._state
+            if h.retired and not _shutting_down() and self._tg is not None and state is not None:
+                self._apply(state)  # the same slot may have been assigned again
+
+    async def _serve(self, h: _Handle) -> str | None:
+        """Create, load and serve a runner; the failure reason, or None if it ended cleanly."""
+        self._set(h, RunnerStatus.PENDING)
+        step = "create"
+        try:
+            runner = h.runner = self._factory(h.spec)
+            step = "load"
+            self._set(h, RunnerStatus.LOADING)
+            try:
+                with anyio.fail_after(self._load_timeout_s):
+                    await runner.load()
+            except TimeoutError:
+                raise TimeoutError(f"timed out after {self._load_timeout_s:g}s") from None
+            self._set(h, RunnerStatus.READY)
+            step = "serve"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._mark_running, h)
+                tg.start_soon(self._watch_health, runner)
+                tg.start_soon(self._report_work_every_interval, h, runner)
+                await runner.run()
+                tg.cancel_scope.cancel()
+            return None
+        except Exception as exc:
+            return f"{step}: {describe_error(exc)}"
+
+    async def _mark_running(self, h: _Handle) -> None:
+        await h.epoch_begun.wait()
+        self._set(h, RunnerStatus.RUNNING)
+
+    async def _watch_health(self, runner: Runner) -> None:
+        while True:
+            await anyio.sleep(self._health_interval_s)
+            try:
+                with anyio.fail_after(self._health_timeout_s):
+                    health = await runner.health()
+            except TimeoutError:
+                raise RunnerFailed(
+                    f"health probe timed out after {self._health_timeout_s:g}s"
+                ) from None
+            if not health.ok:
+                raise RunnerFailed(f"health probe: {health.reason or 'unhealthy'}")
+
+    async def _report_work_every_interval(self, h: _Handle, runner: Runner) -> None:
+        while True:
+            await anyio.sleep(self._work_interval_s)
+            self._report_work(h, runner)
+
+    def _report_work(self, h: _Handle, runner: Runner) -> None:
+        units = runner.work_units()
+        if units > 0:
+            spec = h.spec
+            self._emit(
+                WorkReported(
+                    devshard_id=spec.devshard_id,
+                    node_id=self.node_id,
+                    units=units,
+                    epoch=spec.epoch,
+                )
+            )
+
+    async def _release(self, h: _Handle) -> None:
+        """Stop the runner once (bounded), then report the work it did last."""
+        runner = h.runner
+        if runner is None or h.runner_stopped:
+            return
+        h.runner_stopped = True
+        if h.status in _LIVE:
+            self._set(h, RunnerStatus.STOPPING)
+        # Shielded: an unassignment arriving mid-stop must not leave a process half-stopped.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._stop_timeout_s) as scope:
+            try:
+                await runner.stop()
+            except Exception as exc:
+                log.warning("runner %s: stop failed: %s", h.spec.runner_id, describe_error(exc))
+        if scope.cancelled_caught:
+            log.warning(
+                "runner %s: stop did not finish within %gs", h.spec.runner_id, self._stop_timeout_s
+            )
+        try:
+            self._report_work(h, runner)
+        except Exception as exc:
+            log.warning("runner %s: cannot read its last work: %s", h.spec.runner_id, exc)

@@ -1,0 +1,357 @@
+"""The built-in "subprocess" runner: a user command serves the slot.
+
+The slot is described to the command in its environment (see `slot_environment`). The command
+talks to the worker through lines on its standard output:
+
+- ``WORK <n>``: n more units of work are done (reported to the master as `WorkReported`);
+- ``READY``: loading is finished (awaited only with ``wait_ready = true``);
+- ``RESPONSE <id> <base64>``: the answer to request <id> (only with ``requests = true``; the
+  worker writes ``REQUEST <id> <base64>`` lines to the command's standard input).
+
+Any other output line is logged at DEBUG. Standard error goes to a file (`log_file`, or a
+temporary file) so a chatty command never blocks on a full pipe; its last line is the reason
+given when the command fails.
+
+health = the process is alive. stop = close stdin, SIGTERM to the command's process group,
+SIGKILL after `grace_s`. An exit code other than 0 fails the runner with the code (or signal)
+and the last line of standard error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import itertools
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from typing import IO, Annotated, Any, Final
+
+import anyio
+import anyio.abc
+import msgspec
+
+from cluster.worker.runners.base import (
+    HEALTHY,
+    Health,
+    RequestsNotSupported,
+    Runner,
+    RunnerConfigError,
+    RunnerError,
+    RunnerFailed,
+    RunnerSpec,
+    parse_config,
+)
+
+log = logging.getLogger(__name__)
+
+#: Longest stdout line taken as a protocol line; longer ones are dropped (and logged once).
+MAX_LINE_BYTES: Final = 1024 * 1024
+_STDERR_TAIL_BYTES: Final = 4096
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    #: The command: an argv list, or a string split like a POSIX shell would (no shell runs).
+    command: list[str] | str
+    #: Extra environment variables (the worker's environment and the slot's are included).
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    cwd: str | None = None
+    #: Wait for a READY line before the runner counts as loaded.
+    wait_ready: bool = False
+    load_timeout_s: _Positive = 60.0
+    #: The command answers REQUEST lines with RESPONSE lines.
+    requests: bool = False
+    request_timeout_s: _Positive = 30.0
+    #: Seconds between SIGTERM and SIGKILL when stopping.
+    grace_s: _Positive = 5.0
+    #: File that receives the command's standard error (appended); empty: a temporary file.
+    log_file: str = ""
+
+
+def slot_environment(spec: RunnerSpec) -> dict[str, str]:
+    """The CLUSTER_* variables that describe the slot to the command."""
+    return {
+        "CLUSTER_RUNNER_ID": spec.runner_id,
+        "CLUSTER_NODE_ID": spec.node_id,
+        "CLUSTER_DEVSHARD_ID": spec.devshard_id,
+        "CLUSTER_SESSION_ID": spec.session_id,
+        "CLUSTER_SLOT": str(spec.slot),
+        "CLUSTER_MEMORY_MB": str(spec.memory_mb),
+        "CLUSTER_GPU": "1" if spec.gpu else "0",
+        "CLUSTER_EPOCH": str(spec.epoch),
+        "CLUSTER_EPOCH_END_MS": str(spec.ends_ms),
+    }
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class _LineReader:
+    """Lines from a byte stream; keeps partial data across cancelled reads."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._eof = False
+        self._skipping = False  # inside an over-long line
+
+    async def next_line(self) -> bytes | None:
+        """The next complete line (without its newline), or None at end of stream."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                if self._skipping:
+                    self._skipping = False
+                    continue
+                return line
+            if len(self._buffer) > MAX_LINE_BYTES:
+                log.warning("dropping a stdout line longer than %d bytes", MAX_LINE_BYTES)
+                self._buffer.clear()
+                self._skipping = True
+            if self._eof:
+                if self._buffer and not self._skipping:
+                    line = bytes(self._buffer)
+                    self._buffer.clear()
+                    return line
+                return None
+            try:
+                self._buffer += await self._stream.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                self._eof = True
+
+
+class SubprocessRunner(Runner):
+    kind = "subprocess"
+
+    def __init__(self, spec: RunnerSpec, config: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.config = parse_config(SubprocessConfig, self.kind, config)
+        command = self.config.command
+        try:
+            argv = shlex.split(command) if isinstance(command, str) else list(command)
+        except ValueError as exc:
+            raise RunnerConfigError(f"runner 'subprocess' config: command: {exc}") from None
+        if not argv or not argv[0]:
+            raise RunnerConfigError("runner 'subprocess' config: command is empty")
+        self.argv = argv
+        self._process: anyio.abc.Process | None = None
+        self._stdout: _LineReader | None = None
+        self._stderr_file: IO[bytes] | None = None
+        self._units = 0
+        self._ready = False
+        self._bad_line_logged = False
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, tuple[anyio.Event, list[bytes]]] = {}
+        self._stdin_lock = anyio.Lock()
+        self._stopping = False
+        self._output_ended = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        env = {**os.environ, **self.config.env, **slot_environment(self.spec)}
+        try:
+            if self.config.log_file:
+                self._stderr_file = open(self.config.log_file, "a+b")  # noqa: SIM115 (closed in stop)
+            else:
+                self._stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
+            self._process = await anyio.open_process(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr_file,
+                cwd=self.config.cwd,
+                env=env,
+                start_new_session=True,  # its own process group: stop() reaches its children
+            )
+        except OSError as exc:
+            raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
+        assert self._process.stdout is not None
+        self._stdout = _LineReader(self._process.stdout)
+        if not self.config.wait_ready:
+            return
+        with anyio.move_on_after(self.config.load_timeout_s) as scope:
+            while not self._ready:
+                if not await self._read_one_line():
+                    rc = await self._process.wait()
+                    raise RunnerError(f"{self._exit_reason(rc)} before printing READY")
+        if scope.cancelled_caught:
+            raise RunnerError(f"no READY line within {self.config.load_timeout_s:g}s")
+
+    async def run(self) -> None:
+        process = self._started()
+        while await self._read_one_line():
+            pass
+        rc = await process.wait()
+        if rc != 0:
+            raise RunnerFailed(self._exit_reason(rc))
+
+    async def health(self) -> Health:
+        if self._process is None:
+            return Health(False, "not started")
+        rc = self._process.returncode
+        return HEALTHY if rc is None else Health(False, self._exit_reason(rc))
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        if not self.config.requests:
+            raise RequestsNotSupported(
+                "this subprocess runner takes no requests (set requests = true if the "
+                "command answers REQUEST lines)"
+            )
+        process = self._started()
+        assert process.stdin is not None
+        if self._output_ended:
+            raise RunnerError("the command closed its output: it cannot answer")
+        request_id = next(self._request_ids)
+        answered = anyio.Event()
+        answer: list[bytes] = []
+        self._pending[request_id] = (answered, answer)
+        line = f"REQUEST {request_id} {base64.b64encode(payload).decode()}\n".encode()
+        try:
+            async with self._stdin_lock:
+                await process.stdin.send(line)
+            with anyio.move_on_after(self.config.request_timeout_s):
+                await answered.wait()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise RunnerError("the command closed its standard input") from None
+        finally:
+            del self._pending[request_id]
+        if not answer and self._output_ended:
+            raise RunnerError(
+                f"the command closed its output before answering request {request_id}"
+            )
+        if not answer:
+            raise RunnerError(
+                f"no RESPONSE {request_id} line within {self.config.request_timeout_s:g}s"
+            )
+        return answer[0]
+
+    def work_units(self) -> int:
+        units, self._units = self._units, 0
+        return units
+
+    async def stop(self) -> None:
+        process = self._process
+        if process is None or self._stopping:
+            return
+        self._stopping = True
+        try:
+            if process.stdin is not None:
+                await process.stdin.aclose()
+            if process.returncode is None:
+                self._signal_group(signal.SIGTERM)
+                with anyio.move_on_after(self.config.grace_s):
+                    await process.wait()
+            if process.returncode is None:
+                self._signal_group(signal.SIGKILL)
+                await process.wait()
+            # Count the WORK lines it printed while shutting down (bounded: its pipe may be
+            # held open by a child that ignored the signal).
+            with anyio.move_on_after(1.0):
+                while await self._read_one_line():
+                    pass
+        finally:
+            await process.aclose()
+            if self._stderr_file is not None:
+                self._stderr_file.close()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _started(self) -> anyio.abc.Process:
+        if self._process is None:
+            raise RunnerError("the command was not started (load() first)")
+        return self._process
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self._process is not None
+        # The leader is alive (checked by the caller), so its pid is still its group's id.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, sig)
+
+    async def _read_one_line(self) -> bool:
+        """Read and act on one stdout line; False at end of output."""
+        assert self._stdout is not None
+        raw = await self._stdout.next_line()
+        if raw is None:
+            self._output_ended = True
+            for answered, _ in self._pending.values():
+                answered.set()  # no answer will come: wake the waiting requests
+            return False
+        self._handle_line(raw.decode("utf-8", errors="replace").strip())
+        return True
+
+    def _handle_line(self, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "WORK":
+            try:
+                units = int(rest)
+                if units < 0:
+                    raise ValueError
+            except ValueError:
+                self._bad_line(line, "WORK needs a non-negative integer")
+                return
+            self._units += units
+        elif word == "READY" and not rest:
+            self._ready = True
+        elif word == "RESPONSE":
+            id_text, _, data = rest.partition(" ")
+            try:
+                request_id = int(id_text)
+                payload = base64.b64decode(data, validate=True)
+            except (ValueError, binascii.Error):
+                self._bad_line(line, "RESPONSE needs an id and base64 data")
+                return
+            pending = self._pending.get(request_id)
+            if pending is not None:  # else: answered after its request timed out
+                event, answer = pending
+                answer.append(payload)
+                event.set()
+        else:
+            log.debug("runner %s: %s", self.spec.runner_id, line)
+
+    def _bad_line(self, line: str, why: str) -> None:
+        if not self._bad_line_logged:
+            self._bad_line_logged = True
+            log.warning(
+                "runner %s printed a malformed line %r (%s); further ones are ignored quietly",
+                self.spec.runner_id,
+                line[:200],
+                why,
+            )
+
+    def _exit_reason(self, returncode: int) -> str:
+        reason = describe_exit(returncode)
+        last = self._last_stderr_line()
+        return f"{reason}: {last}" if last else reason
+
+    def _last_stderr_line(self) -> str:
+        f = self._stderr_file
+        if f is None or f.closed:
+            return ""
+        try:
+            f.flush()
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _STDERR_TAIL_BYTES))
+            tail = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else ""

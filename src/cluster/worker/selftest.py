@@ -1,0 +1,176 @@
+"""The runner self-test a worker runs on join and whenever its runner setting changes.
+
+It builds one runner for a throw-away slot, loads it, probes its health, sends it one probe
+request, and stops it, timing each step (monotonic clock: these are measurements that travel
+inside the event, never decisions). A node is eligible for placement only once its latest
+`RunnerSelfTestCompleted` passed. On failure the reason names the step and why, e.g.
+"health probe timed out after 5s" or "load: model file not found".
+
+A runner that takes no requests (`RequestsNotSupported`) passes with the request step
+skipped (request_ms = 0): there is nothing to probe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+
+from cluster.shared.events import RunnerSelfTestCompleted
+from cluster.shared.state import State
+from cluster.worker.runners.base import (
+    RequestsNotSupported,
+    Runner,
+    RunnerFactory,
+    RunnerSpec,
+    describe_error,
+)
+from cluster.worker.runners.registry import config_digest
+
+SELF_TEST_PAYLOAD: Final = b"cluster self-test probe"
+
+
+@dataclass(frozen=True)
+class SelfTestTimeouts:
+    load_s: float = 300.0
+    probe_s: float = 10.0
+    request_s: float = 60.0
+    stop_s: float = 30.0
+    #: How long a failed step waits for a dying runner's own account of why it died.
+    settle_s: float = 1.0
+
+
+def self_test_spec(node_id: str) -> RunnerSpec:
+    """The throw-away slot a self-test runner serves."""
+    return RunnerSpec(
+        runner_id="selftest/0",
+        node_id=node_id,
+        devshard_id="selftest",
+        session_id="selftest",
+        slot=0,
+        memory_mb=0,
+        gpu=False,
+        epoch=0,
+        ends_ms=0,
+    )
+
+
+def needs_self_test(state: State, node_id: str, runner_kind: str, digest: str) -> bool:
+    """True unless the log already holds a self-test of this exact runner setting (pure)."""
+    node = state.nodes.get(node_id)
+    result = node.self_test if node is not None else None
+    return result is None or result.runner_kind != runner_kind or result.config_digest != digest
+
+
+class _StepFailed(Exception):
+    pass
+
+
+async def run_self_test(
+    runner_kind: str,
+    factory: RunnerFactory,
+    config: Mapping[str, Any],
+    *,
+    node_id: str,
+    timeouts: SelfTestTimeouts = SelfTestTimeouts(),
+    clock: Callable[[], float] = time.monotonic,
+) -> RunnerSelfTestCompleted:
+    """Self-test one runner setting; never raises for a runner's failure (it is the result)."""
+    timings = {"load": 0, "probe": 0, "request": 0}
+    failure = ""
+    runner: Runner | None = None
+    run_outcome: list[str] = []
+
+    async def timed(key: str, step: str, limit_s: float, call: Callable[[], Any]) -> Any:
+        started = clock()
+        try:
+            with anyio.fail_after(limit_s):
+                return await call()
+        except TimeoutError:
+            raise _StepFailed(f"{step} timed out after {limit_s:g}s") from None
+        except RequestsNotSupported:
+            raise
+        except Exception as exc:
+            raise _StepFailed(f"{step}: {describe_error(exc)}") from None
+        finally:
+            timings[key] = round((clock() - started) * 1000)
+
+    run_ended = anyio.Event()
+
+    async def run_in_background(r: Runner) -> None:
+        try:
+            await r.run()
+            run_outcome.append("the runner ended by itself during the self-test")
+        except Exception as exc:
+            run_outcome.append(f"the runner failed during the self-test: {describe_error(exc)}")
+        finally:
+            run_ended.set()
+
+    async def probe(r: Runner) -> None:
+        health = await timed("probe", "health probe", timeouts.probe_s, r.health)
+        if not health.ok:
+            raise _StepFailed(f"health probe: {health.reason or 'unhealthy'}")
+        try:
+            answer = await timed(
+                "request",
+                "probe request",
+                timeouts.request_s,
+                lambda: r.serve_request(SELF_TEST_PAYLOAD),
+            )
+        except RequestsNotSupported:
+            timings["request"] = 0
+            return
+        if not isinstance(answer, bytes) or not answer:
+            raise _StepFailed("probe request: the runner gave an empty answer")
+
+    try:
+        try:
+            runner = factory(self_test_spec(node_id))
+        except Exception as exc:
+            raise _StepFailed(f"create: {describe_error(exc)}") from None
+        await timed("load", "load", timeouts.load_s, runner.load)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_in_background, runner)
+            try:
+                await probe(runner)
+            except _StepFailed:
+                # A runner dying under the test explains the failed step better than the
+                # step does: give its run() a moment to say why.
+                with anyio.move_on_after(timeouts.settle_s):
+                    await run_ended.wait()
+                raise
+            finally:
+                tg.cancel_scope.cancel()
+        if run_outcome:
+            raise _StepFailed(run_outcome[0])
+    except* _StepFailed as group:
+        failure = run_outcome[0] if run_outcome else str(group.exceptions[0])
+    finally:
+        if runner is not None:
+            with anyio.CancelScope(shield=True):
+                stop_failure = await _stop(runner, timeouts.stop_s)
+            failure = failure or stop_failure
+    return RunnerSelfTestCompleted(
+        node_id=node_id,
+        runner_kind=runner_kind,
+        passed=not failure,
+        reason=failure,
+        load_ms=timings["load"],
+        probe_ms=timings["probe"],
+        request_ms=timings["request"],
+        config_digest=config_digest(runner_kind, config),
+    )
+
+
+async def _stop(runner: Runner, limit_s: float) -> str:
+    try:
+        with anyio.fail_after(limit_s):
+            await runner.stop()
+    except TimeoutError:
+        return f"stop timed out after {limit_s:g}s"
+    except Exception as exc:
+        return f"stop: {describe_error(exc)}"
+    return ""

@@ -1,0 +1,399 @@
+"""The HTTP API over real sockets on 127.0.0.1, against an in-memory `ClusterView`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from test_node_status import MIN, T0, Log
+
+from cluster.master.http_api import (
+    ClusterView,
+    HttpApi,
+    HttpApiConfig,
+    HttpApiConfigError,
+    check_config,
+    event_json,
+)
+from cluster.master.metrics import MasterMetrics, render_prometheus
+from cluster.shared.codec import state_to_json
+from cluster.shared.events import Event, IndexedEvent, NodeDisconnected, NodeHeartbeat
+from cluster.shared.node_status import node_statuses
+from cluster.shared.state import State
+
+TOKEN = "s3cret-token-for-tests"
+NOW = T0 + MIN
+
+
+class FakeView:
+    """The master's surface, in memory: a Log plus a condition for new events."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self._changed = anyio.Event()
+        self.lag = {"node-a": 3, "node-b": 1204}
+
+    @property
+    def state(self) -> State:
+        return self.log.state
+
+    def now_ms(self) -> int:
+        return NOW
+
+    async def wait_for_index(self, idx: int) -> None:
+        while self.log.state.last_applied < idx:
+            await self._changed.wait()
+
+    async def read_events(self, from_idx: int, limit: int) -> Sequence[IndexedEvent]:
+        return self.log.events[from_idx - 1 : from_idx - 1 + limit]
+
+    def metrics(self) -> MasterMetrics:
+        return MasterMetrics(
+            events_indexed=self.log.state.last_applied,
+            log_size_bytes=4096,
+            plan_cycle_last_seconds=0.0025,
+            plan_cycle_seconds_sum=0.5,
+            plan_cycles_total=200,
+            catch_up_lag_by_node=self.lag,
+            counters={"duplicates_dropped": 2},
+        )
+
+    def add(self, origin: str, event: Event) -> None:
+        self.log.add(origin, NOW, event)
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+
+def cluster_log() -> Log:
+    log = Log().joined("node-a").tested("node-a").joined("node-b").tested("node-b")
+    return log.epoch(1, T0, T0 + 10 * MIN).placed("ds-1", ["node-a"], epoch=1, ends_ms=T0 + MIN)
+
+
+@asynccontextmanager
+async def running(
+    view: ClusterView, config: HttpApiConfig | None = None
+) -> AsyncIterator[tuple[HttpApi, int]]:
+    api = HttpApi(view, config)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(api.serve)
+        yield api, port
+        tg.cancel_scope.cancel()
+
+
+async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the response until the server closes; (status, headers, body)."""
+    with anyio.fail_after(5):
+        async with await anyio.connect_tcp("127.0.0.1", port) as s:
+            await s.send(request)
+            data = b""
+            while True:
+                try:
+                    data += await s.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    return status, headers, body
+
+
+async def get(port: int, target: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return await raw(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+
+
+@pytest.mark.anyio
+async def test_state_json_is_the_folded_state() -> None:
+    view = FakeView(cluster_log())
+    async with running(view) as (_, port):
+        status, headers, body = await get(port, "/api/state")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == json.loads(state_to_json(view.state))
+    assert set(json.loads(body)["nodes"]) == {"node-a", "node-b"}
+
+
+@pytest.mark.anyio
+async def test_status_json_has_messages_and_uses_master_lag() -> None:
+    async with running(FakeView(cluster_log())) as (_, port):
+        status, _, body = await get(port, "/api/status")
+    assert status == 200
+    nodes = {n["node_id"]: n for n in json.loads(body)["nodes"]}
+    assert nodes["node-a"]["message"] == "serving 1 slot of devshard ds-1"
+    assert nodes["node-b"]["status"] == "catching_up"
+    assert nodes["node-b"]["message"] == "catching up: 1,204 events behind"
+
+
+@pytest.mark.anyio
+async def test_dashboard_is_served_self_contained() -> None:
+    async with running(FakeView(cluster_log())) as (_, port):
+        status, headers, body = await get(port, "/")
+    assert status == 200
+    assert headers["content-type"].startswith("text/html")
+    page = body.decode()
+    assert "<title>cluster dashboard</title>" in page
+    assert "/api/events" in page and "/api/status" in page
+    # No external resources: the cluster's network is closed.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+
+
+METRIC_LINE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{[a-z_]+="[^"\\]*"(,[a-z_]+="[^"\\]*")*\})? \S+$')
+
+
+@pytest.mark.anyio
+async def test_metrics_in_prometheus_text_format() -> None:
+    view = FakeView(cluster_log())
+    async with running(view) as (_, port):
+        status, headers, body = await get(port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("# "):
+            assert re.match(r"^# (HELP|TYPE) [a-z_]+ .+$", line), line
+            continue
+        assert METRIC_LINE.match(line), line
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples["cluster_events_indexed_total"] == view.state.last_applied
+    assert samples["cluster_log_size_bytes"] == 4096
+    assert samples['cluster_nodes{status="serving"}'] == 1
+    assert samples['cluster_nodes{status="catching_up"}'] == 1
+    assert samples['cluster_nodes{status="disconnected"}'] == 0
+    assert samples["cluster_plan_cycle_last_seconds"] == 0.0025
+    assert samples["cluster_plan_cycle_seconds_count"] == 200
+    assert samples['cluster_node_catch_up_lag_events{node="node-b"}'] == 1204
+    assert samples["cluster_master_duplicates_dropped_total"] == 2
+
+
+def test_metrics_escape_label_values_and_reject_bad_counter_names() -> None:
+    text = render_prometheus(MasterMetrics(catch_up_lag_by_node={'we"ird\\n': 1}), [])
+    assert 'cluster_node_catch_up_lag_events{node="we\\"ird\\\\n"} 1' in text
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        render_prometheus(MasterMetrics(counters={"Bad-Name": 1}), [])
+
+
+class SseReader:
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def frames(self, n: int) -> list[dict[str, str]]:
+        """The next `n` event frames (comments skipped), each as {field: value}."""
+        out: list[dict[str, str]] = []
+        while len(out) < n:
+            while b"\n\n" not in self.buf:
+                self.buf += await self.stream.receive()
+            block, self.buf = self.buf.split(b"\n\n", 1)
+            fields = {}
+            for line in block.decode().split("\n"):
+                if line and not line.startswith(":") and ":" in line:
+                    k, v = line.split(":", 1)
+                    fields[k] = v.strip()
+            if "data" in fields:
+                out.append(fields)
+        return out
+
+
+@asynccontextmanager
+async def sse(port: int, target: str, *headers: str) -> AsyncIterator[SseReader]:
+    """Open an event stream; the reader sees the body after the response head."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as s:
+        extra = "".join(f"{h}\r\n" for h in headers)
+        # HTTP/1.0: the body is sent as is (no chunked framing) until the server closes.
+        await s.send(f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+        reader = SseReader(s)
+        while b"\r\n\r\n" not in reader.buf:
+            reader.buf += await s.receive()
+        head, reader.buf = reader.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"text/event-stream" in head
+        yield reader
+
+
+@pytest.mark.anyio
+async def test_event_stream_replays_from_index_then_delivers_live_events() -> None:
+    view = FakeView(cluster_log())
+    n = view.state.last_applied
+    async with running(view) as (api, port):
+        with anyio.fail_after(5):
+            async with sse(port, "/api/events?from=2") as reader:
+                past = await reader.frames(n - 1)
+                assert [int(f["id"]) for f in past] == list(range(2, n + 1))
+                assert json.loads(past[0]["data"])["idx"] == 2
+                view.add("node-a", NodeHeartbeat(node_id="node-a"))
+                view.add(
+                    "master", NodeDisconnected(node_id="node-b", reason="no events for 3 cycles")
+                )
+                live = await reader.frames(2)
+                assert [int(f["id"]) for f in live] == [n + 1, n + 2]
+                event = json.loads(live[1]["data"])
+                assert event["origin"] == "master"
+                assert event["event"] == {
+                    "type": "NodeDisconnected",
+                    "node_id": "node-b",
+                    "reason": "no events for 3 cycles",
+                    "excused": False,
+                }
+                assert api.subscribers == 1
+            # The client hung up: the server notices without having to write.
+            with anyio.fail_after(5):
+                while api.subscribers:
+                    await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_event_stream_without_from_is_live_only_and_resumes_after_last_event_id() -> None:
+    view = FakeView(cluster_log())
+    n = view.state.last_applied
+    async with running(view) as (_, port):
+        with anyio.fail_after(5):
+            async with sse(port, "/api/events") as reader:
+                view.add("node-a", NodeHeartbeat(node_id="node-a"))
+                (frame,) = await reader.frames(1)
+                assert int(frame["id"]) == n + 1
+            async with sse(port, "/api/events?from=1", f"Last-Event-ID: {n - 1}") as reader:
+                frames = await reader.frames(2)
+                assert [int(f["id"]) for f in frames] == [n, n + 1]
+
+
+@pytest.mark.anyio
+async def test_event_stream_sends_bounded_batches() -> None:
+    view = FakeView(cluster_log())
+    n = view.state.last_applied
+    reads: list[int] = []
+    original = view.read_events
+
+    async def counting(from_idx: int, limit: int) -> Sequence[IndexedEvent]:
+        reads.append(limit)
+        return await original(from_idx, limit)
+
+    view.read_events = counting  # type: ignore[method-assign]
+    async with running(view, HttpApiConfig(batch_events=2)) as (_, port):
+        with anyio.fail_after(5):
+            async with sse(port, "/api/events?from=1") as reader:
+                frames = await reader.frames(n)
+    assert [int(f["id"]) for f in frames] == list(range(1, n + 1))
+    assert reads and max(reads) == 2
+
+
+def test_event_json_names_its_fields() -> None:
+    ie = cluster_log().events[0]
+    assert json.loads(event_json(ie))["event"]["type"] == "NodeHeartbeat"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("request_bytes", "code", "says"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "malformed request"),
+        (b"GET /api/state HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed request"),
+        (b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000, 431, ""),
+        (b"POST /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "GET"),
+        (b"GET /api/events?from=abc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "from='abc'"),
+        (b"GET /api/status?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "unknown query"),
+        (b"GET /api/status?a=1&a=2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "2 times"),
+        (
+            b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc",
+            400,
+            "no body",
+        ),
+        (b"GET /api/state HTTP/1.1\r\nHost: evil.example:80\r\n\r\n", 403, "loopback"),
+        (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path '/nope'"),
+    ],
+)
+async def test_bad_requests_get_a_clear_error_and_the_server_survives(
+    request_bytes: bytes, code: int, says: str
+) -> None:
+    async with running(FakeView(cluster_log())) as (_, port):
+        status, _, body = await raw(port, request_bytes)
+        assert status == code, body
+        assert says in body.decode()
+        status, _, _ = await get(port, "/api/status")
+        assert status == 200
+
+
+@pytest.mark.anyio
+async def test_client_that_never_finishes_its_request_times_out() -> None:
+    config = HttpApiConfig(request_timeout_s=0.2)
+    async with running(FakeView(cluster_log()), config) as (_, port):
+        status, _, body = await raw(port, b"GET /api/state HTTP/1.1\r\n")
+    assert status == 408
+    assert b"not received in time" in body
+
+
+@pytest.mark.anyio
+async def test_too_many_event_streams_get_503() -> None:
+    async with running(FakeView(cluster_log()), HttpApiConfig(max_subscribers=1)) as (_, port):
+        with anyio.fail_after(5):
+            async with sse(port, "/api/events"):
+                status, _, body = await get(port, "/api/events")
+                assert status == 503
+                assert b"max 1" in body
+
+
+@pytest.mark.anyio
+async def test_token_required_when_configured() -> None:
+    config = HttpApiConfig(token=TOKEN)
+    async with running(FakeView(cluster_log()), config) as (_, port):
+        status, headers, body = await get(port, "/api/status")
+        assert status == 401
+        assert "Bearer" in headers["www-authenticate"]
+        assert b"token missing" in body
+        assert (await get(port, "/api/status", "Authorization: Bearer wrong"))[0] == 401
+        assert (await get(port, "/api/status", f"Authorization: Bearer {TOKEN}"))[0] == 200
+        assert (await get(port, f"/api/status?token={TOKEN}"))[0] == 200
+        # With a token, any Host is fine: the token is the protection.
+        assert (await get(port, "/", f"Authorization: Bearer {TOKEN}"))[0] == 200
+
+
+def test_binding_off_loopback_requires_a_token() -> None:
+    with pytest.raises(HttpApiConfigError, match="set a token"):
+        check_config(HttpApiConfig(host="0.0.0.0"))
+    with pytest.raises(HttpApiConfigError, match="set a token"):
+        HttpApi(FakeView(cluster_log()), HttpApiConfig(host="10.1.2.3"))
+    with pytest.raises(HttpApiConfigError, match="at least 16"):
+        check_config(HttpApiConfig(host="0.0.0.0", token="short"))
+    with pytest.raises(HttpApiConfigError, match="port"):
+        check_config(HttpApiConfig(port=70000))
+    check_config(HttpApiConfig(host="0.0.0.0", token=TOKEN))
+    check_config(HttpApiConfig(host="localhost"))
+    check_config(HttpApiConfig(host="::1"))
+
+
+def test_fake_view_satisfies_the_protocol() -> None:
+    view: ClusterView = FakeView(cluster_log())
+    statuses = node_statuses(view.state, view.now_ms())
+    assert len(statuses) == 2
+
+
+@pytest.mark.anyio
+async def test_clients_hanging_up_mid_stream_log_no_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    view = FakeView(cluster_log())
+    async with running(view, HttpApiConfig(batch_events=1)) as (api, port):
+        with anyio.fail_after(5):
+            for _ in range(5):
+                async with sse(port, "/api/events?from=1") as reader:
+                    await reader.frames(1)
+                    view.add("node-a", NodeHeartbeat(node_id="node-a"))
+            while api.subscribers:
+                await anyio.sleep(0.01)
+            assert (await get(port, "/api/status"))[0] == 200
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_client_gone_recognises_grouped_disconnects() -> None:
+    from cluster.master.http_api import _client_gone
+
+    assert _client_gone(anyio.BrokenResourceError())
+    assert _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), TimeoutError()]))
+    assert not _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), KeyError("x")]))
+    assert not _client_gone(RuntimeError("bug"))

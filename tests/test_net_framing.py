@@ -1,0 +1,91 @@
+"""Framing and protocol decoding rules, byte by byte, without a network."""
+
+from __future__ import annotations
+
+import struct
+
+import anyio
+import pytest
+
+from cluster.net.framing import (
+    FrameDecoder,
+    FrameError,
+    FrameReader,
+    FrameTooLarge,
+    TruncatedFrame,
+    encode_frame,
+    encode_frames,
+)
+from cluster.net.protocol import Ack, ErrorMsg, ProtocolError, SubmitBatch, decode, encode, expect
+
+
+def test_frames_round_trip_when_fed_one_byte_at_a_time() -> None:
+    payloads = [b"", b"a", b"x" * 70_000, b"last"]
+    data = encode_frames(payloads)
+    dec = FrameDecoder()
+    out = []
+    for i in range(len(data)):
+        dec.feed(data[i : i + 1])
+        while (frame := dec.next_frame()) is not None:
+            out.append(frame)
+    assert out == payloads
+    dec.check_eof()  # nothing left over
+
+
+def test_oversized_header_is_refused_before_buffering() -> None:
+    dec = FrameDecoder(max_frame=1000)
+    dec.feed(struct.pack(">I", 1001))
+    with pytest.raises(FrameTooLarge, match="1001 bytes, more than the limit of 1000"):
+        dec.next_frame()
+    with pytest.raises(FrameTooLarge):
+        encode_frame(b"x" * 1001, max_frame=1000)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"\x00\x00", "inside a frame header \\(2 of 4"), (struct.pack(">I", 9) + b"abc", "3 of 9")],
+)
+def test_truncated_stream_is_named(data: bytes, message: str) -> None:
+    dec = FrameDecoder()
+    dec.feed(data)
+    assert dec.next_frame() is None
+    with pytest.raises(TruncatedFrame, match=message):
+        dec.check_eof()
+
+
+@pytest.mark.anyio
+async def test_reader_distinguishes_clean_end_from_truncation() -> None:
+    async def reader_of(chunks: list[bytes]) -> FrameReader:
+        it = iter(chunks)
+
+        async def read(n: int) -> bytes:
+            await anyio.sleep(0)
+            try:
+                return next(it)
+            except StopIteration:
+                raise EOFError from None
+
+        return FrameReader(read)
+
+    r = await reader_of([encode_frame(b"one")[:3], encode_frame(b"one")[3:]])
+    assert await r.read_frame() == b"one"
+    with pytest.raises(EOFError):
+        await r.read_frame()
+    r = await reader_of([encode_frame(b"one")[:5]])
+    with pytest.raises(TruncatedFrame):
+        await r.read_frame()
+    assert issubclass(TruncatedFrame, FrameError)
+
+
+def test_malformed_and_wrongly_typed_messages_are_protocol_errors() -> None:
+    assert decode(encode(Ack(seq=3))) == Ack(seq=3)
+    with pytest.raises(ProtocolError, match="undecodable") as bad:
+        decode(b"\xc1")
+    assert bad.value.code == "malformed"
+    with pytest.raises(ProtocolError, match="invalid message"):
+        decode(encode(Ack(seq=3)).replace(b"Ack", b"Nop"))
+    with pytest.raises(ProtocolError, match="expected SubmitBatch, got Ack"):
+        expect(Ack(seq=1), SubmitBatch)
+    with pytest.raises(ProtocolError, match="peer reported lagging: slow") as err:
+        expect(ErrorMsg(code="lagging", message="slow"), SubmitBatch)
+    assert err.value.code == "lagging"

@@ -1,0 +1,103 @@
+"""Membership, admission, identity and outbox rules, without a network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cluster.master.admission import AdmissionError, check_worker_event
+from cluster.net.identity import IdentityError, load_identity, load_or_create_seed
+from cluster.net.membership import (
+    Membership,
+    MembershipConfigError,
+    load_allow_file,
+    load_secret_file,
+    new_nonce,
+)
+from cluster.shared.events import EpochStarted, NodeHeartbeat, WorkReported
+from cluster.worker.outbox import Outbox
+
+A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
+B = "12D3KooWKGJ9FFG1hRwr25njMwqkie1TmER523ekRHZLbrSrytoD"
+SECRET = b"0123456789abcdef0123"
+
+
+def test_secret_challenge_binds_nonce_and_both_peers() -> None:
+    m = Membership(secret=SECRET)
+    n = new_nonce()
+    good = m.worker_proof(n, A, B)
+    assert m.check_worker_proof(good, n, A, B) is None
+    assert m.check_worker_proof(good, new_nonce(), A, B) is not None  # replay on a new nonce
+    assert m.check_worker_proof(good, n, B, B) is not None  # another peer
+    assert "failed the cluster-secret" in str(
+        Membership(secret=b"x" * 16).check_worker_proof(good, n, A, B)
+    )
+    assert m.check_master_proof(m.master_proof(n, B, A), n, B, A) is None
+    assert m.check_master_proof(good, n, B, A) is not None  # worker proof is not a master proof
+
+
+def test_allow_list_and_config_validation(tmp_path: Path) -> None:
+    m = Membership(allowed=frozenset({A}))
+    assert m.refuse_reason(A) is None
+    assert "not on the cluster allow-list" in str(m.refuse_reason(B))
+    with pytest.raises(MembershipConfigError, match="allow-list of peer ids, a cluster secret"):
+        Membership()
+    with pytest.raises(MembershipConfigError, match="at least 16"):
+        Membership(secret=b"short")
+    f = tmp_path / "allow"
+    f.write_text(f"# members\n{A}  # first\n\n{B}\n")
+    assert load_allow_file(f) == {A, B}
+    f.write_text("not-a-peer-id\n")
+    with pytest.raises(MembershipConfigError, match=r"allow:1: 'not-a-peer-id' is not a libp2p"):
+        load_allow_file(f)
+    with pytest.raises(MembershipConfigError, match="cannot read allow-list"):
+        load_allow_file(tmp_path / "missing")
+    s = tmp_path / "secret"
+    s.write_bytes(b"  tiny \n")
+    with pytest.raises(MembershipConfigError, match="holds 4 bytes"):
+        load_secret_file(s)
+
+
+def test_admission_binds_origin_and_keeps_decisions_for_the_master() -> None:
+    check_worker_event(A, 1, NodeHeartbeat(node_id=A))
+    with pytest.raises(AdmissionError, match=f"peer {A} may not speak for node {B}") as e:
+        check_worker_event(A, 2, WorkReported(devshard_id="d", node_id=B, units=1, epoch=0))
+    assert e.value.code == "forbidden-origin"
+    with pytest.raises(AdmissionError, match=r"EpochStarted .* may only be issued by the master"):
+        check_worker_event(A, 3, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0))
+    with pytest.raises(AdmissionError, match="must be >= 1"):
+        check_worker_event(A, 0, NodeHeartbeat(node_id=A))
+
+
+def test_identity_is_stable_and_validated(tmp_path: Path) -> None:
+    _, first = load_identity(tmp_path)
+    _, again = load_identity(tmp_path)
+    assert first == again and first.startswith("12D3KooW")
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "node.key").write_bytes(b"short")
+    with pytest.raises(IdentityError, match="holds 5 bytes; expected a 32-byte Ed25519 seed"):
+        load_or_create_seed(tmp_path)
+
+
+def test_outbox_survives_reopen_acks_and_torn_tail(tmp_path: Path) -> None:
+    box = Outbox.open(tmp_path)
+    seqs = [box.append(NodeHeartbeat(node_id=A)) for _ in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    box.ack(2)
+    box.close()
+    # A crash mid-write leaves half a record at the end.
+    with open(tmp_path / "events.log", "ab") as f:
+        f.write(b"\x00\x00\x00\x10\x00\x00")
+    box = Outbox.open(tmp_path)
+    assert [s for s, _ in box.pending_after(0, 100)] == [3, 4, 5]
+    assert box.append(NodeHeartbeat(node_id=A)) == 6
+    box.ack(6)
+    assert len(box) == 0 and os.path.getsize(tmp_path / "events.log") == 0
+    box.close()
+    box = Outbox.open(tmp_path)  # seqs never go back, even with an empty log
+    assert box.append(NodeHeartbeat(node_id=A)) == 7
+    box.skip_to(20)  # the master already holds up to 20 (e.g. the outbox was restored)
+    assert len(box) == 0 and box.append(NodeHeartbeat(node_id=A)) == 21
+    box.close()

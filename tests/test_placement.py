@@ -1,0 +1,431 @@
+"""Devshard placement: deterministic, capacity-weighted, balanced, sticky, eligible-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from planner_world import World, of_type, quick_config
+
+from cluster.master.epochs import epoch_record, next_epoch
+from cluster.master.placement import (
+    DISCONNECTED,
+    DRAINING,
+    FULL,
+    IN_MAINTENANCE,
+    NO_SLOTS,
+    NOT_SELF_TESTED,
+    SELF_TEST_FAILED,
+    STALE,
+    PlacementPool,
+    place_session,
+    place_sessions,
+)
+from cluster.master.planner import Planner
+from cluster.shared.events import (
+    DevshardPlaced,
+    NodeDisconnected,
+    SessionUnplaced,
+    SlotAssignment,
+)
+from cluster.shared.state import EpochRecord, SessionRecord, State
+
+CFG = quick_config()
+
+
+def _epoch(world: World) -> EpochRecord:
+    """Start epoch 1 in `world` (applied) and return its record."""
+    ev = next_epoch(world.state, world.now, CFG)
+    world.master([ev])
+    return epoch_record(ev)
+
+
+def _pool(state: State, epoch: EpochRecord, **kw: object) -> PlacementPool:
+    return PlacementPool(state, now_ms=epoch.start_ms, work_end_ms=epoch.end_ms, used={}, **kw)  # type: ignore[arg-type]
+
+
+def _sessions(state: State) -> list[SessionRecord]:
+    return [state.sessions[s] for s in sorted(state.sessions.keys())]
+
+
+def _load(events: list[DevshardPlaced | SessionUnplaced]) -> Counter[str]:
+    return Counter(a.node_id for ev in of_type(events, DevshardPlaced) for a in ev.assignments)
+
+
+# --------------------------------------------------------------------------------------------
+# Properties over random clusters
+# --------------------------------------------------------------------------------------------
+
+_node = st.tuples(
+    st.integers(min_value=0, max_value=6),  # slots
+    st.sampled_from([4_096, 8_192, 16_384]),  # memory per slot
+    st.booleans(),  # gpu
+    st.sampled_from([True, True, True, False, None]),  # self-test
+)
+_session = st.tuples(
+    st.integers(min_value=1, max_value=5),
+    st.sampled_from([2_048, 8_192, 16_384]),
+    st.sampled_from([False, False, True]),
+)
+
+
+def _random_world(
+    nodes: list[tuple[int, int, bool, bool | None]], sessions: list[tuple[int, int, bool]]
+) -> World:
+    world = World()
+    for i, (slots, memory, gpu, tested) in enumerate(nodes):
+        world.node(f"n{i:02d}", slots=slots, memory_mb=memory, gpu=gpu, self_test=tested)
+    for i, (slots, memory, gpu) in enumerate(sessions):
+        world.session(f"s{i:02d}", slots, memory, gpu=gpu)
+    return world
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    nodes=st.lists(_node, min_size=0, max_size=12),
+    sessions=st.lists(_session, min_size=1, max_size=10),
+)
+def test_placement_is_deterministic_and_honours_capacity_and_fit(
+    nodes: list[tuple[int, int, bool, bool | None]], sessions: list[tuple[int, int, bool]]
+) -> None:
+    world = _random_world(nodes, sessions)
+    epoch = _epoch(world)
+    state = world.state
+    first = place_sessions(_sessions(state), epoch, _pool(state, epoch), {})
+    again = place_sessions(_sessions(state), epoch, _pool(state, epoch), {})
+    assert first == again
+
+    used: Counter[str] = Counter()
+    for ev, session in zip(first, _sessions(state), strict=True):
+        fitting = [
+            n
+            for n, rec in state.nodes.items()
+            if rec.self_test is not None
+            and rec.self_test.passed
+            and (rec.info.slots or 0) > 0
+            and (rec.info.slot_memory_mb or 0) >= session.memory_per_slot_mb
+            and (not session.gpu or bool(rec.info.gpus))
+        ]
+        if isinstance(ev, DevshardPlaced):
+            # All or nothing, every slot numbered once, only on fitting nodes with room.
+            assert sorted(a.slot for a in ev.assignments) == list(range(session.slots))
+            for a in ev.assignments:
+                assert a.node_id in fitting
+                used[a.node_id] += 1
+                assert used[a.node_id] <= (state.nodes[a.node_id].info.slots or 0)
+            # Spread: distinct nodes whenever enough fitting nodes had room.
+            per_node = Counter(a.node_id for a in ev.assignments)
+            if max(per_node.values()) > 1:
+                # A node was reused: every other fitting node must be full by now.
+                others = [n for n in fitting if n not in per_node]
+                assert all(used[n] >= (state.nodes[n].info.slots or 0) for n in others)
+        else:
+            # Unplaced only when the fitting nodes really lacked room at that point.
+            free = sum((state.nodes[n].info.slots or 0) - used[n] for n in fitting)
+            assert free < session.slots
+            assert ev.reason.startswith(f"needs {session.slots} slot(s) of ")
+            assert f"offer {free} free slot(s)" in ev.reason
+
+
+_SCRIPT = """
+import sys, json
+sys.path.insert(0, {tests!r})
+from planner_world import World, quick_config
+from cluster.master.planner import Planner
+from cluster.shared.codec import to_builtins
+w = World()
+for i in range(30):
+    w.node(f"node-{{i}}", slots=1 + i % 4, memory_mb=8192 * (1 + i % 3), gpu=i % 5 == 0)
+for i in range(12):
+    w.session(f"sess-{{i}}", 1 + i % 4, 8192 * (1 + i % 2), gpu=i % 6 == 0)
+print(json.dumps(to_builtins(w.cycle(Planner(quick_config())))))
+"""
+
+
+def test_placement_is_identical_under_different_hash_seeds() -> None:
+    """Placement never depends on Python's salted hash() or map iteration order."""
+    tests_dir = str(Path(__file__).parent)
+    outputs = []
+    for seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run(
+            [sys.executable, "-c", _SCRIPT.format(tests=tests_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert any(e["type"] == "DevshardPlaced" for e in outputs[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Spreading, weighting, balancing
+# --------------------------------------------------------------------------------------------
+
+
+def test_devshard_slots_spread_over_distinct_nodes_and_load_balances() -> None:
+    world = World()
+    for i in range(20):
+        world.node(f"n{i:02d}", slots=10)
+    for i in range(40):
+        world.session(f"s{i:02d}", slots=2)
+    epoch = _epoch(world)
+    events = place_sessions(_sessions(world.state), epoch, _pool(world.state, epoch), {})
+    placed = of_type(events, DevshardPlaced)
+    assert len(placed) == 40
+    for ev in placed:
+        assert len({a.node_id for a in ev.assignments}) == 2
+    load = _load(events)
+    # 80 slots over 20 equal nodes: the average is 4; power-of-two choices keeps the busiest
+    # node close to it (plain random choice would typically reach 8 or more).
+    assert max(load.values()) <= 6
+    assert len(load) >= 18
+
+
+def test_capacity_weights_the_choice() -> None:
+    world = World()
+    world.node("big", slots=40)
+    for i in range(4):
+        world.node(f"small{i}", slots=2)
+    for i in range(10):
+        world.session(f"s{i}", slots=1)
+    epoch = _epoch(world)
+    load = _load(place_sessions(_sessions(world.state), epoch, _pool(world.state, epoch), {}))
+    assert load["big"] >= 6
+    assert all(load[f"small{i}"] <= 2 for i in range(4))
+
+
+def test_a_node_repeats_in_a_devshard_only_when_no_other_has_room() -> None:
+    world = World()
+    world.node("a", slots=4)
+    world.node("b", slots=1)
+    world.session("s", slots=4)
+    epoch = _epoch(world)
+    ev = place_session(world.state.sessions["s"], epoch, _pool(world.state, epoch))
+    assert isinstance(ev, DevshardPlaced)
+    assert Counter(a.node_id for a in ev.assignments) == {"a": 3, "b": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Eligibility: each reason keeps a node out, and the unplaced reason counts it
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_node(world: World, reason: str) -> frozenset[str]:
+    """Make node "x" (attractive: many slots, sticky) ineligible for `reason`; return stale set."""
+    not_fresh: frozenset[str] = frozenset()
+    if reason == SELF_TEST_FAILED:
+        world.node("x", slots=50, self_test=False)
+    elif reason == NOT_SELF_TESTED:
+        world.node("x", slots=50, self_test=None)
+    elif reason == NO_SLOTS:
+        world.node("x", slots=0)
+    else:
+        world.node("x", slots=50)
+    if reason == DISCONNECTED:
+        world.master([NodeDisconnected(node_id="x", reason="test")])
+    elif reason == STALE:
+        not_fresh = frozenset({"x"})
+    elif reason == IN_MAINTENANCE:
+        world.window("x", start_ms=world.now, duration_ms=3_600_000, start=True)
+    elif reason == DRAINING:
+        # The window starts before the epoch ends: no devshard may cross it.
+        world.window("x", start_ms=world.now + CFG.epoch_length_ms // 2, duration_ms=60_000)
+    return not_fresh
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [DISCONNECTED, STALE, IN_MAINTENANCE, DRAINING, SELF_TEST_FAILED, NOT_SELF_TESTED, NO_SLOTS],
+)
+def test_never_places_on_an_ineligible_node(reason: str) -> None:
+    world = World()
+    world.node("ok", slots=4)
+    not_fresh = _bad_node(world, reason)
+    for i in range(4):
+        world.session(f"s{i}", slots=1)
+    world.session("too-big", slots=5)
+    epoch = _epoch(world)
+    pool = _pool(world.state, epoch, not_fresh=not_fresh)
+    sticky = {f"s{i}": ["x"] for i in range(4)} | {"too-big": ["x"] * 5}
+    events = place_sessions(_sessions(world.state), epoch, pool, sticky)
+    assert _load(events) == {"ok": 4}
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert unplaced.session_id == "too-big"
+    assert f"1 node(s) {reason}" in unplaced.reason
+
+
+def test_full_memory_and_gpu_reasons_are_counted() -> None:
+    world = World()
+    world.node("gpu-node", slots=2, memory_mb=16_384, gpu=True)
+    world.node("cpu-node", slots=8, memory_mb=16_384)
+    world.node("small", slots=8, memory_mb=4_096)
+    world.session("a-fill", slots=2, memory_mb=8_192, gpu=True)
+    world.session("b-gpu", slots=1, memory_mb=8_192, gpu=True)
+    epoch = _epoch(world)
+    # Mid-epoch view: "a-fill" already holds the GPU node's two slots.
+    used = {"gpu-node": 2}
+    pool = PlacementPool(world.state, now_ms=world.now, work_end_ms=epoch.end_ms, used=used)
+    ev = place_session(world.state.sessions["b-gpu"], epoch, pool)
+    assert isinstance(ev, SessionUnplaced)
+    assert ev.reason == (
+        "needs 1 slot(s) of 8192 MiB with a GPU: 0 eligible node(s) offer 0 free slot(s); "
+        f"1 node(s) with less than 8192 MiB per slot, 1 node(s) without a GPU, 1 node(s) {FULL}"
+    )
+
+
+def test_unplaced_reason_reads_like_the_operator_needs_it() -> None:
+    world = World()
+    world.node("a", slots=2, memory_mb=16_384)
+    world.node("b", slots=1, memory_mb=16_384)
+    world.node("c", slots=4, self_test=None)
+    world.node("d", slots=4, self_test=None)
+    world.node("e", slots=4)
+    world.window("e", start_ms=world.now + 10_000, duration_ms=60_000)
+    world.session("big", slots=4, memory_mb=16_384)
+    epoch = _epoch(world)
+    ev = place_session(world.state.sessions["big"], epoch, _pool(world.state, epoch))
+    assert isinstance(ev, SessionUnplaced)
+    assert ev.reason == (
+        "needs 4 slot(s) of 16384 MiB: 2 eligible node(s) offer 3 free slot(s); "
+        "1 node(s) draining, 2 node(s) not self-tested"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Through the planner: stickiness across epochs, re-placement after a loss
+# --------------------------------------------------------------------------------------------
+
+
+def _busy_world(nodes: int = 12, sessions: int = 6) -> tuple[World, Planner]:
+    world = World()
+    for i in range(nodes):
+        world.node(f"n{i:02d}", slots=4)
+    for i in range(sessions):
+        world.session(f"s{i}", slots=3)
+    return world, Planner(quick_config())
+
+
+def _alive(world: World, *except_: str) -> None:
+    world.heartbeat(*(n for n in world.state.nodes if n not in except_))
+
+
+def _assignments(world: World) -> dict[str, tuple[SlotAssignment, ...]]:
+    return {
+        world.state.devshards[ds].session_id: world.state.devshards[ds].assignments
+        for ds in world.state.devshards
+    }
+
+
+def test_devshards_stick_to_last_epochs_nodes() -> None:
+    world, planner = _busy_world()
+    world.cycle(planner)
+    before = _assignments(world)
+    assert len(before) == 6
+    for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
+        _alive(world)
+        world.cycle(planner)
+    assert world.state.epoch is not None and world.state.epoch.epoch == 2
+    assert _assignments(world) == before  # a new seed, yet no needless reloads
+
+
+def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> None:
+    world, planner = _busy_world()
+    world.cycle(planner)
+    before = _assignments(world)
+    _, slots = next(iter(sorted(before.items())))
+    leaving = slots[0].node_id
+    epoch = world.state.epoch
+    assert epoch is not None
+    world.window(leaving, start_ms=epoch.end_ms + 1_000, duration_ms=60_000)
+    for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
+        _alive(world)
+        world.cycle(planner)
+    after = _assignments(world)
+    for sid, old in before.items():
+        for old_a, new_a in zip(old, after[sid], strict=True):
+            if old_a.node_id == leaving:
+                assert new_a.node_id != leaving
+            else:
+                assert new_a == old_a
+
+
+def test_lost_node_slots_are_replaced_and_only_those_move() -> None:
+    world, planner = _busy_world()
+    world.cycle(planner)
+    before = _assignments(world)
+    victim = before["s0"][0].node_id
+    replaced: list[DevshardPlaced] = []
+    for _ in range(CFG.stale_cycles + 1):
+        _alive(world, victim)
+        replaced += [
+            e for e in of_type(world.cycle(planner), DevshardPlaced) if e.reason == "replace"
+        ]
+    assert not world.state.nodes[victim].connected
+    hit = {sid for sid, a in before.items() if any(x.node_id == victim for x in a)}
+    assert {e.session_id for e in replaced} == hit
+    after = _assignments(world)
+    used: Counter[str] = Counter()
+    for sid, old in before.items():
+        for old_a, new_a in zip(old, after[sid], strict=True):
+            assert new_a.slot == old_a.slot
+            if old_a.node_id == victim:
+                assert new_a.node_id != victim
+            else:
+                assert new_a == old_a
+            used[new_a.node_id] += 1
+        assert world.state.devshards[f"ds-1-{sid}"].epoch == 1
+    assert max(used.values()) <= 4
+
+
+def test_node_entering_maintenance_loses_its_slots() -> None:
+    world, planner = _busy_world()
+    world.cycle(planner)
+    victim = _assignments(world)["s0"][0].node_id
+    world.window(victim, start_ms=world.now + 1, duration_ms=600_000)
+    _alive(world)
+    events = world.cycle(planner)
+    moved = [e for e in of_type(events, DevshardPlaced) if e.reason == "replace"]
+    assert moved and all(a.node_id != victim for e in moved for a in e.assignments)
+
+
+def test_replacement_without_room_keeps_survivors_and_fills_the_gap_later() -> None:
+    world = World()
+    for name in ("a", "b", "c"):
+        world.node(name, slots=1)
+    world.session("s", slots=3)
+    planner = Planner(quick_config())
+    world.cycle(planner)
+    assert len(world.state.devshards["ds-1-s"].assignments) == 3
+    for _ in range(CFG.stale_cycles + 1):
+        _alive(world, "c")
+        events = world.cycle(planner)
+    shard = world.state.devshards["ds-1-s"]
+    assert sorted(a.node_id for a in shard.assignments) == ["a", "b"]
+    reason = world.state.sessions["s"].unplaced_reason
+    assert reason.startswith("devshard ds-1-s has 1 of 3 slot(s) unassigned: needs 1 slot(s)")
+    # The reason is not repeated every cycle while nothing changes.
+    _alive(world, "c")
+    assert world.cycle(planner) == []
+    # A new node with room appears: the gap is filled in the next cycle.
+    world.node("d", slots=2)
+    _alive(world, "c")
+    events = world.cycle(planner)
+    (placed,) = of_type(events, DevshardPlaced)
+    assert placed.reason == "replace"
+    (gap,) = {0, 1, 2} - {a.slot for a in shard.assignments}
+    assert {a.slot: a.node_id for a in placed.assignments} == {
+        **{a.slot: a.node_id for a in shard.assignments},
+        gap: "d",
+    }
+    assert world.state.sessions["s"].unplaced_reason == ""

@@ -1,0 +1,295 @@
+"""The planner's cycle: order of decisions, no contradictions, determinism, configuration."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from planner_world import World, of_type, quick_config
+
+from cluster.master.config import PlannerConfig
+from cluster.master.epochs import derive_seed, next_epoch
+from cluster.master.liveness import EMPTY_BOOK
+from cluster.master.planner import Planner, plan
+from cluster.shared.apply import fold
+from cluster.shared.codec import state_digest
+from cluster.shared.events import (
+    DevshardFinalized,
+    DevshardPlaced,
+    EpochSettled,
+    EpochStarted,
+    Event,
+    MaintenanceStarted,
+    NodeDisconnected,
+    SessionDeleted,
+    SessionUnplaced,
+    WorkMissed,
+)
+from cluster.shared.excuse import is_excused
+from cluster.shared.state import EMPTY_STATE, State
+
+CFG = quick_config()
+CYCLES_PER_EPOCH = CFG.epoch_length_ms // CFG.plan_interval_ms
+
+
+def _cluster(nodes: int = 6, sessions: int = 3, slots: int = 2) -> World:
+    world = World()
+    for i in range(nodes):
+        world.node(f"n{i}", slots=slots)
+    for i in range(sessions):
+        world.session(f"s{i}", slots=2)
+    return world
+
+
+def _alive(world: World, *except_: str) -> None:
+    world.heartbeat(*(n for n in world.state.nodes if n not in except_))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"plan_interval_ms": 0}, "plan_interval_ms must be >= 1, got 0"),
+        ({"stale_cycles": 0}, "stale_cycles must be >= 1, got 0"),
+        ({"fresh_idle_cycles": 3}, "fresh_idle_cycles must be below stale_cycles (3), got 3"),
+        ({"epoch_length_ms": 500}, "epoch_length_ms must be at least plan_interval_ms (1000)"),
+        ({"miss_threshold": -1}, "miss_threshold must be >= 0, got -1"),
+        ({"credit_cap_ms": -5}, "credit_cap_ms must be >= 0, got -5"),
+        ({"stale_cycles": True}, "stale_cycles must be an integer, got True"),
+    ],
+)
+def test_config_errors_name_the_field(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        PlannerConfig(**values)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_config_from_mapping_rejects_unknown_keys_and_wrong_types() -> None:
+    assert PlannerConfig.from_mapping({"stale_cycles": 5}).stale_cycles == 5
+    with pytest.raises(ValueError, match="stale_cylces"):
+        PlannerConfig.from_mapping({"stale_cylces": 5})
+    with pytest.raises(ValueError, match="epoch_length_ms"):
+        PlannerConfig.from_mapping({"epoch_length_ms": "10m"})
+    with pytest.raises(ValueError, match="miss_threshold must be >= 0"):
+        PlannerConfig.from_mapping({"miss_threshold": -2})
+
+
+# --------------------------------------------------------------------------------------------
+# Epochs
+# --------------------------------------------------------------------------------------------
+
+
+def test_epochs_are_contiguous_and_restart_after_a_long_gap() -> None:
+    world = World()
+    first = next_epoch(world.state, world.now, CFG)
+    assert (first.epoch, first.start_ms, first.end_ms) == (1, world.now, world.now + 60_000)
+    world.master([first])
+    late = next_epoch(world.state, first.end_ms + 5_000, CFG)
+    assert (late.epoch, late.start_ms) == (2, first.end_ms)  # contiguous: no drift
+    after_outage = next_epoch(world.state, first.end_ms + 90_000, CFG)
+    assert after_outage.start_ms == first.end_ms + 90_000
+    assert after_outage.seed == late.seed == derive_seed(first.seed, 2)
+    assert derive_seed(first.seed, 2, entropy=7) != late.seed
+
+
+def test_no_epoch_means_one_starts_now() -> None:
+    events = plan(EMPTY_STATE, 5_000, EMPTY_BOOK, CFG).events
+    assert events == [next_epoch(EMPTY_STATE, 5_000, CFG)]
+
+
+# --------------------------------------------------------------------------------------------
+# Order and consistency within one cycle
+# --------------------------------------------------------------------------------------------
+
+
+def test_epoch_turn_emits_decisions_in_order_and_consistently() -> None:
+    world = _cluster()
+    planner = Planner(CFG)
+    world.cycle(planner)
+    epoch = world.state.epoch
+    assert epoch is not None
+    # n0 goes silent just before the end, so it is disconnected in the turn's own cycle.
+    holders = {a.node_id for ds in world.state.devshards.values() for a in ds.assignments}
+    for _ in range(CYCLES_PER_EPOCH - 1):
+        silent = ["n0"] if world.now >= epoch.end_ms - 3_000 else []
+        _alive(world, *silent)
+        world.cycle(planner)
+    _alive(world, "n0")
+    events = world.cycle(planner)
+    kinds = [type(e).__name__ for e in events]
+    order = [
+        "NodeDisconnected",
+        "WorkMissed",
+        "DevshardFinalized",
+        "EpochSettled",
+        "EpochStarted",
+        "DevshardPlaced",
+    ]
+    firsts = [kinds.index(k) for k in order if k in kinds]
+    assert firsts == sorted(firsts), kinds
+    assert of_type(events, NodeDisconnected)[0].node_id == "n0"
+    # Nobody worked: every slot holder missed; finalization covers every live devshard.
+    assert {m.node_id for m in of_type(events, WorkMissed)} == holders
+    assert len(of_type(events, DevshardFinalized)) == 3
+    (settled,) = of_type(events, EpochSettled)
+    assert settled.epoch == 1
+    pay = {p.node_id: p for p in settled.payouts}
+    assert pay["n0"].punished and "unexcused disconnect" in pay["n0"].reason
+    # The node disconnected in this cycle gets no slot of the new epoch.
+    placed = of_type(events, DevshardPlaced)
+    assert len(placed) == 3 and all(e.epoch == 2 for e in placed)
+    assert all(a.node_id != "n0" for e in placed for a in e.assignments)
+    state = world.state
+    assert state.epoch is not None and state.epoch.epoch == 2
+    assert all(ds.epoch == 2 for ds in state.devshards.values())
+    assert state.ledgers[1].settled
+
+
+def test_maintenance_hook_runs_after_liveness_and_its_node_loses_its_slots() -> None:
+    world = _cluster()
+    world.cycle(Planner(CFG))
+    victim = world.state.devshards["ds-1-s0"].assignments[0].node_id
+    window_id = world.window(victim, start_ms=world.now + 500, duration_ms=600_000)
+    calls: list[tuple[State, int]] = []
+
+    def hook(state: State, now_ms: int) -> list[Event]:
+        calls.append((state, now_ms))
+        if is_excused(state, victim, now_ms):
+            return [MaintenanceStarted(window_id=window_id, node_id=victim)]
+        return []
+
+    planner = Planner(CFG, maintenance_cycle=hook)
+    _alive(world)
+    events = world.cycle(planner)
+    assert calls == [(calls[0][0], world.now)]
+    assert isinstance(events[0], MaintenanceStarted)
+    moved = of_type(events, DevshardPlaced)
+    assert moved and all(e.reason == "replace" for e in moved)
+    assert all(a.node_id != victim for e in moved for a in e.assignments)
+
+
+def test_session_created_mid_epoch_is_placed_next_cycle_and_unplaced_said_once() -> None:
+    world = _cluster(nodes=2, sessions=0)
+    planner = Planner(CFG)
+    world.cycle(planner)
+    world.session("fits", slots=2)
+    world.session("huge", slots=10)
+    _alive(world)
+    events = world.cycle(planner)
+    (placed,) = of_type(events, DevshardPlaced)
+    epoch = world.state.epoch
+    assert epoch is not None
+    assert placed.session_id == "fits" and placed.ends_ms == epoch.end_ms
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert unplaced.session_id == "huge"
+    assert world.state.sessions["huge"].unplaced_reason == unplaced.reason
+    for _ in range(3):
+        _alive(world)
+        assert world.cycle(planner) == []
+
+
+def test_deleted_session_keeps_its_devshard_until_the_end_then_is_gone() -> None:
+    world = _cluster(nodes=4, sessions=1)
+    planner = Planner(CFG)
+    world.cycle(planner)
+    world.master([SessionDeleted(session_id="s0")])
+    victim = world.state.devshards["ds-1-s0"].assignments[0].node_id
+    for _ in range(CFG.stale_cycles + 1):
+        _alive(world, victim)
+        events = world.cycle(planner)
+        assert of_type(events, DevshardPlaced) == []  # nothing re-placed for a deleted session
+    assert "ds-1-s0" in world.state.devshards
+    for _ in range(CYCLES_PER_EPOCH):
+        _alive(world)
+        world.cycle(planner)
+    assert world.state.devshards.get("ds-1-s0") is None
+    assert len(world.state.devshards) == 0
+
+
+def test_planner_entropy_is_asked_only_when_an_epoch_starts() -> None:
+    asked: list[int] = []
+
+    def entropy() -> int:
+        asked.append(1)
+        return 42
+
+    world = _cluster()
+    planner = Planner(CFG, entropy=entropy)
+    events = world.cycle(planner)
+    (started,) = of_type(events, EpochStarted)
+    assert started.seed == derive_seed(0, 1, 42)
+    for _ in range(5):
+        _alive(world)
+        world.cycle(planner)
+    assert len(asked) == 1
+
+
+def test_same_log_same_decisions_and_replay_gives_the_same_state() -> None:
+    def run() -> tuple[list[Event], World]:
+        world = _cluster(nodes=8, sessions=4)
+        planner = Planner(CFG)
+        produced: list[Event] = []
+        for i in range(CYCLES_PER_EPOCH + 10):
+            _alive(world, *(["n3"] if 20 <= i < 30 else []))
+            produced += world.cycle(planner)
+        return produced, world
+
+    first, world = run()
+    second, _ = run()
+    assert first == second
+    replayed = fold(EMPTY_STATE, world.log)
+    assert state_digest(replayed) == state_digest(world.state)
+
+
+# --------------------------------------------------------------------------------------------
+# A random life: invariants after every cycle
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    silences=st.lists(
+        st.tuples(st.integers(0, 7), st.integers(0, 150), st.integers(1, 12)), max_size=6
+    ),
+    windows=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 150)), max_size=2),
+)
+def test_invariants_hold_after_every_cycle(
+    silences: list[tuple[int, int, int]], windows: list[tuple[int, int]]
+) -> None:
+    """Nodes fall silent and go into maintenance at random; after every cycle, live
+    devshards sit only on connected nodes outside maintenance, within capacity, inside the
+    epoch, one per session."""
+    world = World()
+    for i in range(8):
+        world.node(f"n{i}", slots=3)
+    for i in range(5):
+        world.session(f"s{i}", slots=1 + i % 3)
+    planner = Planner(CFG)
+    for cycle in range(160):
+        quiet = {f"n{n}" for n, start, length in silences if start <= cycle < start + length}
+        for n, at in windows:
+            node = f"n{n}"
+            if at == cycle and node not in world.state.open_window_by_node:
+                world.window(node, start_ms=world.now + 2_000, duration_ms=20_000)
+        _alive(world, *quiet)
+        world.cycle(planner)
+        state = world.state
+        epoch = state.epoch
+        assert epoch is not None
+        load: Counter[str] = Counter()
+        for ds in state.devshards.values():
+            assert ds.epoch == epoch.epoch and ds.ends_ms == epoch.end_ms
+            assert state.devshard_by_session[ds.session_id] == ds.devshard_id
+            for a in ds.assignments:
+                load[a.node_id] += 1
+                rec = state.nodes[a.node_id]
+                assert rec.connected, f"slot on disconnected {a.node_id} at cycle {cycle}"
+                assert not is_excused(state, a.node_id, world.now)
+        for node_id, used in load.items():
+            assert used <= (state.nodes[node_id].info.slots or 0)

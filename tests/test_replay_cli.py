@@ -1,0 +1,168 @@
+"""`cluster replay`: summary, JSON, digest, --until, snapshots, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from cluster.shared import codec
+from cluster.shared.apply import fold
+from cluster.shared.events import (
+    MASTER_ORIGIN,
+    EpochStarted,
+    IndexedEvent,
+    MaintenanceScheduled,
+    NodeDisconnected,
+    NodeGatheredInfo,
+    NodeInfo,
+    SessionRequested,
+    WorkReported,
+)
+from cluster.shared.state import EMPTY_STATE
+from cluster.shared.store import EventStore
+
+T0 = 1_700_000_000_000
+
+
+def build_log() -> list[IndexedEvent]:
+    evs: list[tuple[str, object]] = [
+        (MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=T0, end_ms=T0 + 600_000, seed=7))
+    ]
+    for i in range(4):
+        n = f"12D3KooWNode{i}"
+        evs.append((n, NodeGatheredInfo(node_id=n, source="host", info=NodeInfo(slots=2))))
+        evs.append((n, WorkReported(devshard_id="d1", node_id=n, units=3, epoch=1)))
+    evs.append((MASTER_ORIGIN, SessionRequested(session_id="s1", slots=2, memory_per_slot_mb=64)))
+    evs.append((MASTER_ORIGIN, NodeDisconnected(node_id="12D3KooWNode3", reason="stale")))
+    evs.append(
+        (
+            MASTER_ORIGIN,
+            MaintenanceScheduled(
+                window_id="w1",
+                node_id="12D3KooWNode0",
+                start_ms=T0 + 10_000_000,
+                duration_ms=60_000,
+                requested_ms=T0,
+                credit_spent_ms=60_000,
+            ),
+        )
+    )
+    return [
+        IndexedEvent(i + 1, T0 + i, origin, i + 1, ev)  # type: ignore[arg-type]
+        for i, (origin, ev) in enumerate(evs)
+    ]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    with EventStore.open(tmp_path / "data", snapshot_every=5) as store:
+        events = build_log()
+        for i in range(0, len(events), 3):
+            store.append(events[i : i + 3])
+    return tmp_path / "data"
+
+
+def replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["replay", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_summary_and_digest(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = replay(capsys, str(data_dir))
+    assert code == 0, err
+    state = fold(EMPTY_STATE, build_log())
+    lines = out.splitlines()
+    assert lines[-1] == f"digest: {codec.state_digest(state)}"
+    assert "events:    12 events" in out
+    assert "nodes:     4 (3 connected, 1 disconnected)" in out
+    assert "epoch:     1 (" in out
+    assert "sessions:  1" in out
+    assert "windows:   1 (1 scheduled)" in out
+    assert "ledgers:   1 (0 settled)" in out
+    assert "epoch 1: open, 12 units" in out
+    assert "1 punished disconnect" in out
+
+
+def test_digest_only_json_and_log_dir_path(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digest = codec.state_digest(fold(EMPTY_STATE, build_log()))
+    assert replay(capsys, str(data_dir), "--digest") == (0, digest + "\n", "")
+    assert replay(capsys, str(data_dir / "log"), "--digest")[1] == digest + "\n"
+    code, out, err = replay(capsys, str(data_dir), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["last_applied"] == 12 and sorted(doc["nodes"]) == [
+        f"12D3KooWNode{i}" for i in range(4)
+    ]
+    assert err.strip() == f"digest: {digest}"
+
+
+def test_until_and_no_snapshot_agree_with_a_fold(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = build_log()
+    assert len(list((data_dir / "snapshots").glob("*.snap"))) >= 1
+    for until in (0, 1, 5, 7, 12):
+        expected = codec.state_digest(fold(EMPTY_STATE, events[:until]))
+        with_snap = replay(capsys, str(data_dir), "--until", str(until), "--digest")
+        without = replay(capsys, str(data_dir), "--until", str(until), "--digest", "--no-snapshot")
+        assert with_snap == without == (0, expected + "\n", "")
+
+
+def test_errors_are_one_line_with_exit_code_2(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = replay(capsys, str(tmp_path / "nope"))
+    assert (code, out) == (2, "") and "no such file or directory" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = replay(capsys, str(empty))
+    assert code == 2 and "no event log here" in err
+    code, _, err = replay(capsys, str(data_dir), "--until", "99")
+    assert code == 2 and "index 99 is outside the log (it holds events 1..12)" in err
+    code, _, err = replay(capsys, str(data_dir), "--until", "-1")
+    assert code == 2 and "--until -1 must be >= 0" in err
+
+    seg = next((data_dir / "log").glob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    data[60] ^= 0x10  # inside an early record, with good records after it
+    seg.write_bytes(bytes(data))
+    code, out, err = replay(capsys, str(data_dir), "--no-snapshot")
+    assert code == 2 and out == ""
+    assert "event log corrupt at index" in err and "Traceback" not in err
+
+
+def test_real_entry_point_with_progress_bar_and_no_libp2p(data_dir: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    code = (
+        "import sys, cluster.commands.replay as r; r.PROGRESS_MIN_EVENTS = 0; "
+        "import cluster.shared.store as s; s.PROGRESS_EVERY = 4; "
+        "from cluster.cli import main; rc = main(sys.argv[1:]); "
+        "print('libp2p' in sys.modules, file=sys.stderr); sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "replay", str(data_dir), "--no-snapshot"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "replay [" in out.stderr and "100% 12/12 events" in out.stderr
+    assert out.stderr.strip().endswith("False")
+    assert out.stdout.splitlines()[-1].startswith("digest: ")
+    cli = subprocess.run(
+        [sys.executable, "-m", "cluster", "replay", str(data_dir / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr

@@ -1,0 +1,128 @@
+"""Operator and host requests decided purely against state, with a fake clock."""
+
+from __future__ import annotations
+
+from maintenance_log import HOUR, MIN, Log, node_id
+
+from cluster.control import (
+    MaintenanceCancel,
+    MaintenanceCheck,
+    MaintenanceFinish,
+    MaintenanceNext,
+    MaintenanceSchedule,
+    SessionCreate,
+    SessionDelete,
+    SessionList,
+)
+from cluster.master.requests import LOCAL_OPERATOR, decide
+from cluster.shared.events import MaintenanceScheduled, SessionRequested
+from cluster.shared.maintenance_policy import MaintenancePolicy
+
+A, B = node_id(1), node_id(2)
+
+
+def _run(log: Log, request: object, requester: str) -> tuple[bool, str]:
+    d = decide(log.state, request, requester, log.now, log.policy)  # type: ignore[arg-type]
+    for ev in d.events:
+        log.emit(ev)
+    return d.reply.ok, d.reply.message
+
+
+def test_session_create_validates_and_makes_a_replayable_id() -> None:
+    log = Log()
+    ok, msg = _run(
+        log, SessionCreate(slots=0, memory_per_slot_mb=-1, name="bad name!"), LOCAL_OPERATOR
+    )
+    assert not ok
+    assert "slots must be between 1" in msg and "memory per slot" in msg and "'bad name!'" in msg
+    ok, msg = _run(
+        log, SessionCreate(slots=2, memory_per_slot_mb=1024, name="chat"), LOCAL_OPERATOR
+    )
+    assert ok and msg == "session s1-chat created"
+    assert isinstance(log.log[-1].event, SessionRequested)
+    assert log.state.sessions["s1-chat"].slots == 2
+    listed = decide(log.state, SessionList(), LOCAL_OPERATOR, log.now, log.policy).reply
+    assert listed.ok and [s["session_id"] for s in listed.data] == ["s1-chat"]
+    ok, msg = _run(log, SessionDelete(session_id="nope"), LOCAL_OPERATOR)
+    assert not ok and "no session 'nope'" in msg
+    ok, _ = _run(log, SessionDelete(session_id="s1-chat"), LOCAL_OPERATOR)
+    assert ok and "s1-chat" not in log.state.sessions
+
+
+def test_a_worker_cannot_manage_sessions() -> None:
+    log = Log()
+    log.join(A)
+    ok, msg = _run(log, SessionCreate(slots=1, memory_per_slot_mb=1), A)
+    assert not ok and "operator" in msg
+    assert not log.state.sessions
+
+
+def test_host_schedules_checks_and_cancels_its_own_window() -> None:
+    log = Log()
+    log.join(A)
+    log.join(B)
+    ok, msg = _run(log, MaintenanceCheck(in_ms=2 * HOUR, duration_ms=30 * MIN), A)
+    assert ok and "allowed" in msg
+    assert not any(isinstance(ie.event, MaintenanceScheduled) for ie in log.log)
+    ok, msg = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), A)
+    assert ok and msg.startswith("scheduled window mw-")
+    win = log.state.windows[log.state.open_window_by_node[A]]
+    assert win.node_id == A and win.start_ms == log.now + 2 * HOUR
+    ok, msg = _run(log, MaintenanceNext(), A)
+    assert ok and win.window_id in msg
+    # A second window while one is pending is refused with its reason.
+    ok, msg = _run(log, MaintenanceSchedule(in_ms=5 * HOUR, duration_ms=30 * MIN), A)
+    assert not ok and "pending" in msg.lower()
+    ok, msg = _run(log, MaintenanceFinish(), A)
+    assert not ok and "cannot be finished before it starts" in msg
+    ok, msg = _run(log, MaintenanceCancel(), A)
+    assert ok and "cancelled" in msg
+    assert A not in log.state.open_window_by_node
+
+
+def test_worker_request_is_always_about_its_own_node() -> None:
+    log = Log()
+    log.join(A)
+    log.join(B)
+    # B names A in its request: the master ignores the field and acts for B itself.
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=A), B)
+    assert ok
+    assert B in log.state.open_window_by_node and A not in log.state.open_window_by_node
+
+
+def test_operator_must_name_a_known_node() -> None:
+    log = Log()
+    log.join(A)
+    log.join(B)
+    ok, msg = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), LOCAL_OPERATOR)
+    assert not ok and "--node" in msg
+    ok, msg = _run(
+        log,
+        MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id="ghost"),
+        LOCAL_OPERATOR,
+    )
+    assert not ok and "unknown node ghost" in msg
+    ok, _ = _run(
+        log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=A), LOCAL_OPERATOR
+    )
+    assert ok and A in log.state.open_window_by_node
+
+
+def test_start_must_be_given_exactly_once() -> None:
+    log = Log()
+    log.join(A)
+    ok, msg = _run(log, MaintenanceSchedule(duration_ms=30 * MIN), A)
+    assert not ok and "exactly one" in msg
+    ok, msg = _run(log, MaintenanceSchedule(in_ms=HOUR, start_ms=log.now, duration_ms=MIN), A)
+    assert not ok and "exactly one" in msg
+
+
+def test_two_requests_for_the_last_slot_exactly_one_wins() -> None:
+    policy = MaintenancePolicy(max_concurrent_nodes=1)
+    log = Log(policy)
+    for n in (A, B, node_id(3)):
+        log.join(n)
+    first = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), A)
+    second = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), B)
+    assert [first[0], second[0]] == [True, False]
+    assert "earliest start" in second[1]

@@ -1,0 +1,440 @@
+"""The runner manager: desired runners from state (pure), and the lifecycle it drives with the
+simulated runner and real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cluster.shared.apply import fold
+from cluster.shared.events import (
+    MASTER_ORIGIN,
+    DevshardFinalized,
+    DevshardPlaced,
+    EpochStarted,
+    Event,
+    IndexedEvent,
+    RunnerStatus,
+    RunnerStatusUpdated,
+    SessionDeleted,
+    SessionRequested,
+    SlotAssignment,
+    WorkReported,
+)
+from cluster.shared.state import EMPTY_STATE, State
+from cluster.worker.runner_manager import RunnerManager, desired_runners, runner_id_for
+from cluster.worker.runners import (
+    Runner,
+    RunnerConfigError,
+    RunnerFactory,
+    RunnerSpec,
+    SubprocessRunner,
+    make_factory,
+)
+
+ME = "node-a"
+OTHER = "node-b"
+S = RunnerStatus
+FULL_LIFE = [S.PENDING, S.LOADING, S.READY, S.RUNNING, S.STOPPING, S.STOPPED]
+
+
+class Cluster:
+    """A master-side log in miniature: master events and the node's events, folded in order."""
+
+    def __init__(self) -> None:
+        self.state: State = EMPTY_STATE
+        self.seq: dict[str, int] = {}
+
+    def add(self, origin: str, *events: Event) -> State:
+        batch = []
+        for event in events:
+            self.seq[origin] = self.seq.get(origin, 0) + 1
+            idx = self.state.last_applied + len(batch) + 1
+            batch.append(IndexedEvent(idx, 1_000 * idx, origin, self.seq[origin], event))
+        self.state = fold(self.state, batch)
+        return self.state
+
+    def master(self, *events: Event) -> State:
+        return self.add(MASTER_ORIGIN, *events)
+
+
+class Emitted:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def statuses(self, runner_id: str) -> list[RunnerStatus]:
+        return [
+            e.status
+            for e in self.events
+            if isinstance(e, RunnerStatusUpdated) and e.runner_id == runner_id
+        ]
+
+    def last(self, runner_id: str) -> RunnerStatusUpdated:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, RunnerStatusUpdated) and e.runner_id == runner_id
+        ][-1]
+
+    def work(self, devshard_id: str) -> int:
+        return sum(
+            e.units
+            for e in self.events
+            if isinstance(e, WorkReported) and e.devshard_id == devshard_id
+        )
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    with anyio.fail_after(timeout_s):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+def placed(
+    devshard_id: str, session_id: str, epoch: int, slots: Sequence[tuple[int, str]]
+) -> DevshardPlaced:
+    return DevshardPlaced(
+        devshard_id=devshard_id,
+        session_id=session_id,
+        epoch=epoch,
+        assignments=tuple(SlotAssignment(slot, node) for slot, node in slots),
+        ends_ms=600_000 * (epoch + 1),
+    )
+
+
+def started_cluster() -> Cluster:
+    cluster = Cluster()
+    cluster.master(
+        EpochStarted(epoch=1, start_ms=600_000, end_ms=1_200_000, seed=7),
+        SessionRequested(session_id="s1", slots=3, memory_per_slot_mb=2048, gpu=True),
+        SessionRequested(session_id="s2", slots=1, memory_per_slot_mb=512),
+    )
+    return cluster
+
+
+def manager(emitted: Emitted, factory: RunnerFactory) -> RunnerManager:
+    return RunnerManager(
+        ME,
+        emitted,
+        factory,
+        work_interval_s=0.02,
+        health_interval_s=0.02,
+        stop_timeout_s=10,
+    )
+
+
+FAST_SIM = {"load_s": 0.01, "request_s": 0, "units_per_s": 200}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure part
+# --------------------------------------------------------------------------------------------
+
+
+def test_desired_runners_are_this_nodes_slots() -> None:
+    cluster = started_cluster()
+    state = cluster.master(
+        placed("d1", "s1", 1, [(0, ME), (1, OTHER), (2, ME)]),
+        placed("d2", "s2", 1, [(0, OTHER)]),
+    )
+    wanted = desired_runners(state, ME)
+    assert sorted(wanted) == ["d1/0", "d1/2"]
+    assert wanted["d1/2"] == RunnerSpec(
+        runner_id="d1/2",
+        node_id=ME,
+        devshard_id="d1",
+        session_id="s1",
+        slot=2,
+        memory_mb=2048,
+        gpu=True,
+        epoch=1,
+        ends_ms=1_200_000,
+    )
+    assert sorted(desired_runners(state, OTHER)) == ["d1/1", "d2/0"]
+    assert desired_runners(state, "node-z") == {}
+    # A deleted session's live devshard still runs (work finishes), with what is known.
+    state = cluster.master(SessionDeleted(session_id="s1"))
+    assert desired_runners(state, ME)["d1/0"].memory_mb == 0
+    assert runner_id_for("d1", 3) == "d1/3"
+
+
+def test_manager_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="work_interval_s must be > 0"):
+        RunnerManager(ME, Emitted(), make_factory("simulated", {}), work_interval_s=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle with the simulated runner
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_full_lifecycle_and_work_reports() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", FAST_SIM))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, OTHER), (2, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        await until(lambda: emitted.statuses("d1/2")[-1:] == [S.RUNNING])
+        await until(lambda: emitted.work("d1") >= 10)
+        assert mgr.statuses() == {"d1/0": (S.RUNNING, ""), "d1/2": (S.RUNNING, "")}
+        # The node's own events fold into the cluster's state like any others.
+        state = cluster.add(ME, *emitted.events)
+        assert {r: rec.status for r, rec in state.runners.items()} == {
+            "d1/0": S.RUNNING,
+            "d1/2": S.RUNNING,
+        }
+        seen = len(emitted.events)
+
+        mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d1", epoch=1)))
+        await until(
+            lambda: emitted.statuses("d1/0")[-1:] == emitted.statuses("d1/2")[-1:] == [S.STOPPED]
+        )
+        await until(lambda: mgr.statuses() == {})
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert emitted.statuses("d1/2") == FULL_LIFE
+    assert emitted.statuses("d1/1") == []  # another node's slot
+    works = [e for e in emitted.events if isinstance(e, WorkReported)]
+    assert all(e.epoch == 1 and e.node_id == ME and e.units > 0 for e in works)
+    state = cluster.add(ME, *emitted.events[seen:])
+    assert dict(state.runners) == {}
+    assert state.ledgers[1].units[ME] == emitted.work("d1")
+
+
+@pytest.mark.anyio
+async def test_placed_ahead_of_its_epoch_waits_ready() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", FAST_SIM))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d2", "s2", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.READY])
+        await anyio.sleep(0.1)  # several health/work cycles: still only ready
+        assert emitted.statuses("d2/0") == [S.PENDING, S.LOADING, S.READY]
+        mgr.reconcile(
+            cluster.master(EpochStarted(epoch=2, start_ms=1_200_000, end_ms=1_800_000, seed=1))
+        )
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    # Shutting the manager down stops its runners.
+    assert emitted.statuses("d2/0") == [
+        S.PENDING,
+        S.LOADING,
+        S.READY,
+        S.RUNNING,
+        S.STOPPING,
+        S.STOPPED,
+    ]
+
+
+@pytest.mark.anyio
+async def test_state_given_before_run_is_applied_on_start() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", FAST_SIM))
+    mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+    assert emitted.events == []  # nothing starts without run()
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_load_failure_is_reported_then_stopped_when_unassigned() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", {"load_s": 0, "fail_load": "weights corrupt"}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        assert emitted.last("d1/0").reason == "load: weights corrupt"
+        assert mgr.statuses() == {"d1/0": (S.FAILED, "load: weights corrupt")}
+        await anyio.sleep(0.1)  # a failed runner is not restarted
+        assert emitted.statuses("d1/0") == [S.PENDING, S.LOADING, S.FAILED]
+        # Its FAILED record, with the reason, is what the cluster sees.
+        state = cluster.add(ME, *emitted.events)
+        assert state.runners["d1/0"].reason == "load: weights corrupt"
+
+        mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d1", epoch=1)))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [S.PENDING, S.LOADING, S.FAILED, S.STOPPED]
+
+
+@pytest.mark.anyio
+async def test_runner_failing_while_serving() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", {**FAST_SIM, "fail_after_s": 0.05}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [
+        S.PENDING,
+        S.LOADING,
+        S.READY,
+        S.RUNNING,
+        S.FAILED,
+        S.STOPPED,
+    ]
+    reason = [e for e in emitted.events if isinstance(e, RunnerStatusUpdated)][-2].reason
+    assert reason in (
+        "serve: simulated failure after 0.05s",
+        "serve: health probe: simulated failure after 0.05s",
+    )
+
+
+@pytest.mark.anyio
+async def test_bad_runner_config_fails_at_create() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", {"speed": 3}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        tg.cancel_scope.cancel()
+    assert emitted.last("d1/0").status is S.STOPPED
+    failed = [
+        e for e in emitted.events if isinstance(e, RunnerStatusUpdated) and e.status is S.FAILED
+    ]
+    assert failed[0].reason.startswith("create: runner 'simulated' config:")
+    assert "speed" in failed[0].reason
+
+
+@pytest.mark.anyio
+async def test_a_slot_moving_between_devshards_restarts_its_runner() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", FAST_SIM))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, ME)])))
+        await until(lambda: emitted.statuses("d1/1")[-1:] == [S.RUNNING])
+        # Re-placement: slot 1 moves to another node; slot 0 stays.
+        mgr.reconcile(cluster.master(placed("d1b", "s1", 1, [(0, ME), (1, OTHER)])))
+        await until(lambda: emitted.statuses("d1b/0")[-1:] == [S.RUNNING])
+        await until(
+            lambda: emitted.statuses("d1/1")[-1:] == emitted.statuses("d1/0")[-1:] == [S.STOPPED]
+        )
+        assert set(mgr.statuses()) == {"d1b/0"}
+        tg.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# Real subprocess runners
+# --------------------------------------------------------------------------------------------
+
+WORKER_SCRIPT = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+with open(os.path.join(os.environ["PIDS"], os.environ["CLUSTER_SLOT"]), "w") as f:
+    f.write(str(os.getpid()))
+for i in range(int(os.environ["ROUNDS"])):
+    print("WORK", int(os.environ["CLUSTER_SLOT"]) + 1, flush=True)
+    time.sleep(0.01)
+if os.environ.get("FAIL"):
+    sys.stderr.write("fatal: device lost\n")
+    sys.exit(4)
+time.sleep(60)
+"""
+
+
+def subprocess_factory(pids: Path, rounds: int, fail: bool = False) -> RunnerFactory:
+    config = {
+        "command": [sys.executable, "-c", WORKER_SCRIPT],
+        "env": {"PIDS": str(pids), "ROUNDS": str(rounds), "FAIL": "1" if fail else ""},
+        "grace_s": 5,
+    }
+    return make_factory("subprocess", config)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.anyio
+async def test_subprocess_runners_report_work_and_are_stopped(tmp_path: Path) -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, subprocess_factory(tmp_path, rounds=10))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, ME), (2, OTHER)])))
+        # slot 0 prints 10 x "WORK 1", slot 1 prints 10 x "WORK 2": 30 units in all.
+        await until(lambda: emitted.work("d1") == 30)
+        pids = [int((tmp_path / str(slot)).read_text()) for slot in (0, 1)]
+        assert all(_alive(pid) for pid in pids)
+        mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d1", epoch=1)))
+        await until(lambda: mgr.statuses() == {})
+        tg.cancel_scope.cancel()
+    assert not any(_alive(pid) for pid in pids)
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert emitted.statuses("d1/1") == FULL_LIFE
+    assert emitted.work("d1") == 30
+
+
+@pytest.mark.anyio
+async def test_subprocess_exit_code_is_a_failure_with_reason(tmp_path: Path) -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, subprocess_factory(tmp_path, rounds=3, fail=True))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        reason = emitted.last("d1/0").reason
+        assert reason.startswith("serve: ")
+        assert "exited with code 4: fatal: device lost" in reason
+        await until(lambda: emitted.work("d1") == 3)  # work done before the crash still counts
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_manager_shutdown_stops_every_process(tmp_path: Path) -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, subprocess_factory(tmp_path, rounds=1))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, ME), (2, ME)])))
+        await until(lambda: all(emitted.statuses(f"d1/{s}")[-1:] == [S.RUNNING] for s in range(3)))
+        await until(lambda: all((tmp_path / str(s)).exists() for s in range(3)))
+        pids = [int((tmp_path / str(s)).read_text()) for s in range(3)]
+        tg.cancel_scope.cancel()
+    assert not any(_alive(pid) for pid in pids)
+    for s in range(3):
+        assert emitted.statuses(f"d1/{s}")[-2:] == [S.STOPPING, S.STOPPED]
+
+
+def test_factory_output_is_checked() -> None:
+    factory = make_factory("subprocess", {"command": "true"})
+    runner: Runner = factory(desired_spec())
+    assert isinstance(runner, SubprocessRunner)
+    with pytest.raises(RunnerConfigError):
+        make_factory("subprocess", {"command": ""})(desired_spec())
+
+
+def desired_spec() -> RunnerSpec:
+    state = started_cluster().master(placed("d1", "s1", 1, [(0, ME)]))
+    return desired_runners(state, ME)["d1/0"]

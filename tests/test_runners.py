@@ -1,0 +1,481 @@
+"""Runners: the simulated runner's deterministic behaviour, the subprocess runner with real
+processes, and the registry (built-ins, entry points, runner files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from cluster.worker.runners import (
+    ENTRY_POINT_GROUP,
+    RequestsNotSupported,
+    Runner,
+    RunnerConfigError,
+    RunnerError,
+    RunnerFailed,
+    RunnerSetting,
+    RunnerSpec,
+    SimulatedRunner,
+    SubprocessRunner,
+    UnknownRunnerKind,
+    available_kinds,
+    config_digest,
+    find_kind,
+    load_runner_setting,
+    make_factory,
+)
+
+SPEC = RunnerSpec(
+    runner_id="ds-1/2",
+    node_id="node-a",
+    devshard_id="ds-1",
+    session_id="sess-1",
+    slot=2,
+    memory_mb=1536,
+    gpu=True,
+    epoch=7,
+    ends_ms=1_700_000_600_000,
+)
+
+# A small runner program driven by its first argument (run with the test's Python).
+PROGRAM = r"""
+import base64, json, os, signal, sys, time
+
+mode = sys.argv[1]
+if mode == "serve":
+    def on_term(signum, frame):
+        print("WORK 5", flush=True)  # stopping: report the last work, then exit cleanly
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    print("hello from the runner", flush=True)
+    print("READY", flush=True)
+    print("WORK 2", flush=True)
+    print("WORK x", flush=True)
+    print("WORK 3", flush=True)
+    for line in sys.stdin:
+        word, request_id, data = line.split()
+        answer = base64.b64decode(data)[::-1]
+        print("RESPONSE", request_id, base64.b64encode(answer).decode(), flush=True)
+    time.sleep(60)  # stdin closed: wait for SIGTERM
+elif mode == "env":
+    with open(os.environ["OUT"], "w") as f:
+        json.dump({k: v for k, v in os.environ.items() if k.startswith("CLUSTER_")}, f)
+    print("READY", flush=True)
+    time.sleep(60)
+elif mode == "crash":
+    print("WORK 1", flush=True)
+    sys.stderr.write("loading weights\nCUDA error: out of memory\n")
+    sys.exit(3)
+elif mode == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("READY", flush=True)
+    time.sleep(60)
+elif mode == "exit-before-ready":
+    sys.stderr.write("config file missing\n")
+    sys.exit(2)
+elif mode == "silent":
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def program(tmp_path: Path) -> list[str]:
+    path = tmp_path / "runner_program.py"
+    path.write_text(PROGRAM)
+    return [sys.executable, str(path)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --------------------------------------------------------------------------------------------
+# Simulated runner
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_simulated_runner_is_deterministic_given_config_and_clock() -> None:
+    clock = FakeClock()
+    config = {"load_s": 0, "request_s": 0, "units_per_s": 2.5, "units_per_request": 3}
+    runner = SimulatedRunner(SPEC, config, clock=clock)
+    assert (await runner.health()).reason == "not loaded"
+    assert runner.work_units() == 0
+    await runner.load()
+    assert (await runner.health()).ok
+    clock.now += 2.0
+    assert runner.work_units() == 5  # 2 s * 2.5/s
+    clock.now += 0.3
+    assert runner.work_units() == 0  # floor(2.3 * 2.5) = 5: nothing new yet
+    answer = await runner.serve_request(b"hello")
+    assert answer.startswith(b"simulated:")
+    twin = SimulatedRunner(SPEC, config, clock=clock)
+    await twin.load()
+    assert await twin.serve_request(b"hello") == answer  # same payload, same answer
+    assert answer == (await runner.serve_request(b"hello"))
+    assert answer != await runner.serve_request(b"other")
+    assert runner.work_units() == 9  # three requests * 3 units
+    await runner.stop()
+    clock.now += 100
+    assert runner.work_units() == 0  # no work after stopping
+    assert runner.work_done() == 5 + 9
+    assert not (await runner.health()).ok
+    with pytest.raises(RunnerError, match="not loaded"):
+        await runner.serve_request(b"late")
+
+
+@pytest.mark.anyio
+async def test_simulated_failures_on_purpose() -> None:
+    failing_load = SimulatedRunner(SPEC, {"load_s": 0, "fail_load": "weights corrupt"})
+    with pytest.raises(RunnerError, match="weights corrupt"):
+        await failing_load.load()
+    runner = SimulatedRunner(SPEC, {"load_s": 0, "fail_after_s": 0.01})
+    await runner.load()
+    with anyio.fail_after(5), pytest.raises(RunnerFailed, match=r"simulated failure after 0\.01s"):
+        await runner.run()
+    assert (await runner.health()).reason == "simulated failure after 0.01s"
+
+
+def test_simulated_config_is_validated() -> None:
+    with pytest.raises(RunnerConfigError, match=r"runner 'simulated' config: .*load_sec"):
+        SimulatedRunner(SPEC, {"load_sec": 1})
+    with pytest.raises(RunnerConfigError, match=r"units_per_s"):
+        SimulatedRunner(SPEC, {"units_per_s": -1})
+    with pytest.raises(RunnerConfigError, match=r"load_s"):
+        SimulatedRunner(SPEC, {"load_s": "slow"})
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocess runner
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_subprocess_runner_slot_environment(program: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "env.json"
+    config = {"command": [*program, "env"], "env": {"OUT": str(out)}, "wait_ready": True}
+    runner = SubprocessRunner(SPEC, config)
+    with anyio.fail_after(20):
+        await runner.load()
+        await runner.stop()
+    assert json.loads(out.read_text()) == {
+        "CLUSTER_RUNNER_ID": "ds-1/2",
+        "CLUSTER_NODE_ID": "node-a",
+        "CLUSTER_DEVSHARD_ID": "ds-1",
+        "CLUSTER_SESSION_ID": "sess-1",
+        "CLUSTER_SLOT": "2",
+        "CLUSTER_MEMORY_MB": "1536",
+        "CLUSTER_GPU": "1",
+        "CLUSTER_EPOCH": "7",
+        "CLUSTER_EPOCH_END_MS": "1700000600000",
+    }
+
+
+@pytest.mark.anyio
+async def test_subprocess_runner_work_requests_and_clean_stop(
+    program: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "serve"], "wait_ready": True, "requests": True}
+    )
+    with caplog.at_level(logging.DEBUG, logger="cluster.worker.runners.subprocess_runner"):
+        with anyio.fail_after(20):
+            await runner.load()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(runner.run)
+                assert await runner.serve_request(b"abc") == b"cba"
+                assert await runner.serve_request(bytes(range(256))) == bytes(range(256))[::-1]
+                assert (await runner.health()).ok
+                tg.cancel_scope.cancel()
+            await runner.stop()
+    # WORK lines before and after the requests, and the one printed while stopping.
+    assert runner.work_units() == 2 + 3 + 5
+    assert runner.work_units() == 0
+    health = await runner.health()
+    assert not health.ok and health.reason.startswith("exited with code 0")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'WORK x'" in warnings[0]
+    assert any("hello from the runner" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_subprocess_exit_code_fails_with_last_stderr_line(program: list[str]) -> None:
+    runner = SubprocessRunner(SPEC, {"command": [*program, "crash"]})
+    with anyio.fail_after(20):
+        await runner.load()
+        with pytest.raises(RunnerFailed) as failed:
+            await runner.run()
+        assert str(failed.value) == "exited with code 3: CUDA error: out of memory"
+        health = await runner.health()
+        assert health.reason == "exited with code 3: CUDA error: out of memory"
+        assert runner.work_units() == 1
+        await runner.stop()
+
+
+@pytest.mark.anyio
+async def test_subprocess_exit_before_ready(program: list[str]) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "exit-before-ready"], "wait_ready": True}
+    )
+    with anyio.fail_after(20):
+        with pytest.raises(RunnerError, match=r"exited with code 2: config file missing before"):
+            await runner.load()
+        await runner.stop()
+
+
+@pytest.mark.anyio
+async def test_subprocess_ready_timeout(program: list[str]) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "silent"], "wait_ready": True, "load_timeout_s": 0.3}
+    )
+    with anyio.fail_after(20):
+        with pytest.raises(RunnerError, match=r"no READY line within 0.3s"):
+            await runner.load()
+        await runner.stop()
+    assert runner.pid is not None and not _alive(runner.pid)
+
+
+@pytest.mark.anyio
+async def test_subprocess_ignoring_sigterm_is_killed_after_grace(program: list[str]) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "ignore-term"], "wait_ready": True, "grace_s": 0.3}
+    )
+    with anyio.fail_after(20):
+        await runner.load()
+        pid = runner.pid
+        assert pid is not None and _alive(pid)
+        await runner.stop()
+    assert not _alive(pid)
+    assert (await runner.health()).reason == "killed by SIGKILL"
+
+
+@pytest.mark.anyio
+async def test_subprocess_without_requests(program: list[str]) -> None:
+    runner = SubprocessRunner(SPEC, {"command": [*program, "serve"], "wait_ready": True})
+    with anyio.fail_after(20):
+        await runner.load()
+        with pytest.raises(RequestsNotSupported, match="requests = true"):
+            await runner.serve_request(b"x")
+        await runner.stop()
+
+
+@pytest.mark.anyio
+async def test_subprocess_request_timeout(program: list[str]) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "silent"], "requests": True, "request_timeout_s": 0.2}
+    )
+    with anyio.fail_after(20):
+        await runner.load()
+        with pytest.raises(RunnerError, match=r"no RESPONSE 1 line within 0.2s"):
+            await runner.serve_request(b"x")
+        await runner.stop()
+
+
+@pytest.mark.anyio
+async def test_subprocess_request_to_a_dying_command_fails_fast(program: list[str]) -> None:
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "crash"], "requests": True, "request_timeout_s": 60}
+    )
+    with anyio.fail_after(20):  # far less than the request timeout: the exit wakes it
+        await runner.load()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_swallow_failure, runner)
+            with pytest.raises(RunnerError, match=r"closed its (output|standard input)"):
+                await runner.serve_request(b"x")
+            tg.cancel_scope.cancel()
+        await runner.stop()
+
+
+async def _swallow_failure(runner: Runner) -> None:
+    with pytest.raises(RunnerFailed):
+        await runner.run()
+
+
+@pytest.mark.anyio
+async def test_subprocess_missing_command(tmp_path: Path) -> None:
+    runner = SubprocessRunner(SPEC, {"command": str(tmp_path / "no-such-server")})
+    with pytest.raises(RunnerError, match=r"cannot start .*no-such-server"):
+        await runner.load()
+    await runner.stop()  # stopping a runner that never started is harmless
+
+
+@pytest.mark.anyio
+async def test_subprocess_stderr_log_file(program: list[str], tmp_path: Path) -> None:
+    log_file = tmp_path / "runner.log"
+    runner = SubprocessRunner(SPEC, {"command": [*program, "crash"], "log_file": str(log_file)})
+    with anyio.fail_after(20):
+        await runner.load()
+        with pytest.raises(RunnerFailed, match="out of memory"):
+            await runner.run()
+        await runner.stop()
+    assert log_file.read_text() == "loading weights\nCUDA error: out of memory\n"
+
+
+def test_subprocess_config_is_validated() -> None:
+    with pytest.raises(RunnerConfigError, match="command is empty"):
+        SubprocessRunner(SPEC, {"command": []})
+    with pytest.raises(RunnerConfigError, match="command is empty"):
+        SubprocessRunner(SPEC, {"command": "   "})
+    with pytest.raises(RunnerConfigError, match="command: No closing quotation"):
+        SubprocessRunner(SPEC, {"command": "serve 'oops"})
+    with pytest.raises(RunnerConfigError, match="Object missing required field `command`"):
+        SubprocessRunner(SPEC, {})
+    with pytest.raises(RunnerConfigError, match="grace_s"):
+        SubprocessRunner(SPEC, {"command": "x", "grace_s": 0})
+    with pytest.raises(RunnerConfigError, match="unknown field `cmd`"):
+        SubprocessRunner(SPEC, {"command": "x", "cmd": "y"})
+    assert SubprocessRunner(SPEC, {"command": "serve --port '8 0'"}).argv == [
+        "serve",
+        "--port",
+        "8 0",
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_builtin_kinds() -> None:
+    assert find_kind("simulated") is SimulatedRunner
+    assert find_kind("subprocess") is SubprocessRunner
+    kinds = available_kinds()
+    assert kinds["simulated"] == kinds["subprocess"] == "built-in"
+    runner = make_factory("simulated", {"load_s": 0})(SPEC)
+    assert isinstance(runner, SimulatedRunner) and runner.spec is SPEC
+
+
+def test_unknown_kind_names_the_available_ones() -> None:
+    with pytest.raises(
+        UnknownRunnerKind, match=r"unknown runner kind 'vllm' \(available: .*simulated"
+    ):
+        find_kind("vllm")
+
+
+PLUGIN = """
+from cluster.worker.runners import HEALTHY, Runner
+
+
+class EchoRunner(Runner):
+    kind = "echo"
+
+    def __init__(self, spec, config):
+        super().__init__(spec)
+        self.prefix = config.get("prefix", "").encode()
+
+    async def load(self):
+        pass
+
+    async def run(self):
+        import anyio
+        await anyio.sleep_forever()
+
+    async def health(self):
+        return HEALTHY
+
+    async def serve_request(self, payload):
+        return self.prefix + payload
+
+    def work_units(self):
+        return 0
+
+    async def stop(self):
+        pass
+
+
+def not_a_runner(spec, config):
+    return "surprise"
+
+BROKEN = 42
+"""
+
+
+@pytest.fixture
+def plugin_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A real installed distribution (a dist-info on sys.path) declaring runner entry points."""
+    (tmp_path / "echo_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "echo_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\n"
+        "echo = echo_plugin:EchoRunner\n"
+        "liar = echo_plugin:not_a_runner\n"
+        "broken = echo_plugin:BROKEN\n"
+        "missing = no_such_module:Runner\n"
+        "simulated = echo_plugin:EchoRunner\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.anyio
+async def test_entry_point_runner_kinds(plugin_distribution: Path) -> None:
+    kinds = available_kinds()
+    assert kinds["echo"] == "entry point echo_plugin:EchoRunner"
+    assert kinds["simulated"] == "built-in"  # a plugin cannot shadow a built-in
+    assert find_kind("simulated") is SimulatedRunner
+    runner = make_factory("echo", {"prefix": "re: "})(SPEC)
+    assert isinstance(runner, Runner)
+    assert await runner.serve_request(b"hi") == b"re: hi"
+    with pytest.raises(RunnerConfigError, match="built a str, not a Runner"):
+        make_factory("liar", {})(SPEC)
+    with pytest.raises(RunnerConfigError, match=r"'broken'.*not a runner class or callable"):
+        find_kind("broken")
+    with pytest.raises(RunnerConfigError, match=r"cannot load entry point.*ModuleNotFoundError"):
+        find_kind("missing")
+
+
+def test_runner_setting_file(tmp_path: Path) -> None:
+    path = tmp_path / "runner.toml"
+    path.write_text(
+        'kind = "subprocess"\n[config]\ncommand = ["python", "serve.py"]\ngrace_s = 2\n'
+    )
+    setting = load_runner_setting(path)
+    assert setting == RunnerSetting(
+        kind="subprocess", config={"command": ["python", "serve.py"], "grace_s": 2}
+    )
+    assert setting.digest() == config_digest(
+        "subprocess", {"grace_s": 2, "command": ["python", "serve.py"]}
+    )
+
+    path.write_text('kind = "vllm"\n')
+    with pytest.raises(UnknownRunnerKind, match="'vllm'"):
+        load_runner_setting(path)
+    path.write_text("kind = \n")
+    with pytest.raises(RunnerConfigError, match=r"runner\.toml: not valid TOML"):
+        load_runner_setting(path)
+    path.write_text('kind = "simulated"\nconfigs = {}\n')
+    with pytest.raises(RunnerConfigError, match="unknown field `configs`"):
+        load_runner_setting(path)
+    with pytest.raises(RunnerConfigError, match="No such file"):
+        load_runner_setting(tmp_path / "absent.toml")
+
+
+def test_config_digest_tracks_the_setting() -> None:
+    a: Mapping[str, Any] = {"load_s": 1, "units_per_s": 2}
+    assert config_digest("simulated", a) == config_digest("simulated", dict(reversed(a.items())))
+    assert config_digest("simulated", a) != config_digest("simulated", {**a, "load_s": 2})
+    assert config_digest("simulated", a) != config_digest("subprocess", a)
+    assert len(config_digest("simulated", a)) == 64

@@ -1,0 +1,194 @@
+"""Runner self-test: passing runs with timings, each failing step named, and when to re-run."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import pytest
+
+from cluster.shared.apply import fold
+from cluster.shared.events import IndexedEvent, NodeHeartbeat, RunnerSelfTestCompleted
+from cluster.shared.state import EMPTY_STATE
+from cluster.worker.runners import (
+    HEALTHY,
+    Health,
+    Runner,
+    RunnerSpec,
+    config_digest,
+    make_factory,
+)
+from cluster.worker.selftest import (
+    SELF_TEST_PAYLOAD,
+    SelfTestTimeouts,
+    needs_self_test,
+    run_self_test,
+    self_test_spec,
+)
+
+NODE = "node-a"
+QUICK = SelfTestTimeouts(load_s=5, probe_s=0.2, request_s=0.5, stop_s=5, settle_s=0.05)
+#: For real processes: a dying one gets ample time to explain itself (bounded, not slept).
+PATIENT = SelfTestTimeouts(load_s=20, probe_s=5, request_s=10, stop_s=10, settle_s=10)
+
+
+async def self_test(
+    kind: str, config: Mapping[str, Any], timeouts: SelfTestTimeouts = QUICK
+) -> RunnerSelfTestCompleted:
+    with anyio.fail_after(60):
+        return await run_self_test(
+            kind, make_factory(kind, config), config, node_id=NODE, timeouts=timeouts
+        )
+
+
+@pytest.mark.anyio
+async def test_simulated_runner_passes_with_timings() -> None:
+    config = {"load_s": 0.05, "request_s": 0.02}
+    result = await self_test("simulated", config)
+    assert result.passed, result.reason
+    assert result.reason == ""
+    assert result.node_id == NODE and result.runner_kind == "simulated"
+    assert result.load_ms >= 50 and result.request_ms >= 20
+    assert 0 <= result.probe_ms < 200
+    assert result.config_digest == config_digest("simulated", config)
+
+
+@pytest.mark.anyio
+async def test_load_failure_names_the_step() -> None:
+    result = await self_test("simulated", {"load_s": 0, "fail_load": "weights not found"})
+    assert not result.passed
+    assert result.reason == "load: weights not found"
+
+
+@pytest.mark.anyio
+async def test_bad_config_fails_at_create() -> None:
+    result = await self_test("simulated", {"load_secs": 1})
+    assert not result.passed
+    assert result.reason.startswith("create: runner 'simulated' config:")
+
+
+class _Scripted(Runner):
+    """A runner whose health and request steps misbehave as a test asks."""
+
+    kind = "scripted"
+
+    def __init__(self, spec: RunnerSpec, config: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.config = config
+        self.stopped = False
+        self.requests: list[bytes] = []
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+    async def health(self) -> Health:
+        if self.config.get("hang_health"):
+            await anyio.sleep_forever()
+        if self.config.get("unhealthy"):
+            return Health(False, "GPU 0 has ECC errors")
+        return HEALTHY
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        self.requests.append(payload)
+        if self.config.get("hang_request"):
+            await anyio.sleep_forever()
+        return b"" if self.config.get("empty_answer") else b"ok"
+
+    def work_units(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        if self.config.get("stop_raises"):
+            raise OSError("could not release the GPU")
+        self.stopped = True
+
+
+async def scripted(**config: Any) -> tuple[RunnerSelfTestCompleted, _Scripted]:
+    built: list[_Scripted] = []
+
+    def factory(spec: RunnerSpec) -> Runner:
+        built.append(_Scripted(spec, config))
+        return built[0]
+
+    with anyio.fail_after(30):
+        result = await run_self_test("scripted", factory, config, node_id=NODE, timeouts=QUICK)
+    return result, built[0]
+
+
+@pytest.mark.anyio
+async def test_each_failing_step_is_named() -> None:
+    result, runner = await scripted()
+    assert result.passed and runner.stopped
+    assert runner.requests == [SELF_TEST_PAYLOAD]
+    assert runner.spec == self_test_spec(NODE)
+
+    result, runner = await scripted(hang_health=True)
+    assert (result.passed, result.reason) == (False, "health probe timed out after 0.2s")
+    assert runner.stopped  # stopped whatever happened
+
+    result, _ = await scripted(unhealthy=True)
+    assert result.reason == "health probe: GPU 0 has ECC errors"
+
+    result, runner = await scripted(hang_request=True)
+    assert result.reason == "probe request timed out after 0.5s"
+    assert runner.stopped
+
+    result, _ = await scripted(empty_answer=True)
+    assert result.reason == "probe request: the runner gave an empty answer"
+
+    result, _ = await scripted(stop_raises=True)
+    assert result.reason == "stop: OSError: could not release the GPU"
+
+
+@pytest.mark.anyio
+async def test_subprocess_runner_self_test() -> None:
+    echo = (
+        "import sys\n"
+        "print('READY', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    _, rid, data = line.split()\n"
+        "    print('RESPONSE', rid, data, flush=True)\n"
+    )
+    passing = await self_test(
+        "subprocess",
+        {"command": [sys.executable, "-c", echo], "wait_ready": True, "requests": True},
+        PATIENT,
+    )
+    assert passing.passed, passing.reason
+    # A command that takes no requests passes with the request step skipped.
+    no_requests = await self_test(
+        "subprocess", {"command": [sys.executable, "-c", "input()"]}, PATIENT
+    )
+    assert no_requests.passed, no_requests.reason
+    assert no_requests.request_ms == 0
+    crashing = await self_test(
+        "subprocess",
+        {
+            "command": [sys.executable, "-c", "import sys; sys.exit('no CUDA device')"],
+            "requests": True,
+        },
+        PATIENT,
+    )
+    assert not crashing.passed
+    assert crashing.reason == (
+        "the runner failed during the self-test: exited with code 1: no CUDA device"
+    )
+
+
+def test_needs_self_test_on_join_and_config_change() -> None:
+    digest = config_digest("simulated", {"load_s": 1})
+    state = fold(EMPTY_STATE, [IndexedEvent(1, 1000, NODE, 1, NodeHeartbeat(node_id=NODE))])
+    assert needs_self_test(state, NODE, "simulated", digest)  # never tested
+    assert needs_self_test(EMPTY_STATE, NODE, "simulated", digest)  # not even known
+    done = RunnerSelfTestCompleted(
+        node_id=NODE, runner_kind="simulated", passed=True, config_digest=digest
+    )
+    state = fold(state, [IndexedEvent(2, 2000, NODE, 2, done)])
+    assert not needs_self_test(state, NODE, "simulated", digest)
+    assert needs_self_test(state, NODE, "simulated", config_digest("simulated", {"load_s": 2}))
+    assert needs_self_test(state, NODE, "subprocess", digest)

@@ -1,0 +1,221 @@
+"""Settlement math: misses, punishment, rewards, maintenance credit, late work."""
+
+from __future__ import annotations
+
+from planner_world import World, of_type, quick_config
+
+from cluster.master.config import PlannerConfig
+from cluster.master.epochs import epoch_record, next_epoch
+from cluster.master.liveness import EMPTY_BOOK
+from cluster.master.planner import plan
+from cluster.master.settlement import NO_WORK_REASON, late_work, missed_work, settle_epoch
+from cluster.shared.events import (
+    MASTER_ORIGIN,
+    DevshardPlaced,
+    EpochSettled,
+    Event,
+    LateWorkSettled,
+    NodeDisconnected,
+    NodePayout,
+    SessionDeleted,
+    SlotAssignment,
+    WorkMissed,
+)
+from cluster.shared.state import EpochRecord
+
+CFG = quick_config()  # miss_threshold=1, credit 360 000 ms per epoch, cap 8 h
+
+
+def _world(slots: dict[str, list[str]], reward_per_unit: int = 3) -> tuple[World, EpochRecord]:
+    """Nodes a, b, c; one devshard per session in `slots` (session -> node per slot)."""
+    world = World()
+    for node in ("a", "b", "c"):
+        world.node(node, slots=4)
+    world.tick(1_000)
+    start = next_epoch(world.state, world.now, CFG)
+    world.master([start])
+    for sid, nodes in slots.items():
+        world.session(sid, slots=len(nodes), reward_per_unit=reward_per_unit)
+        world.master(
+            [
+                DevshardPlaced(
+                    devshard_id=f"ds-1-{sid}",
+                    session_id=sid,
+                    epoch=1,
+                    assignments=tuple(SlotAssignment(i, n) for i, n in enumerate(nodes)),
+                    ends_ms=start.end_ms,
+                )
+            ]
+        )
+    return world, epoch_record(start)
+
+
+def _end_of_epoch(world: World, epoch: EpochRecord, cfg: PlannerConfig = CFG) -> list[Event]:
+    world.now = epoch.end_ms
+    events = plan(world.state, world.now, EMPTY_BOOK, cfg).events
+    world.master(events)
+    return events
+
+
+def _payouts(events: list[Event]) -> dict[str, NodePayout]:
+    (settled,) = of_type(events, EpochSettled)
+    return {p.node_id: p for p in settled.payouts}
+
+
+def test_unpunished_nodes_are_paid_and_earn_credit() -> None:
+    world, epoch = _world({"s": ["a", "b"]})
+    world.work("a", "ds-1-s", 5, 1)
+    world.work("b", "ds-1-s", 2, 1)
+    world.work("a", "ds-1-s", 1, 1)
+    events = _end_of_epoch(world, epoch)
+    assert of_type(events, WorkMissed) == []
+    pay = _payouts(events)
+    assert pay["a"] == NodePayout(
+        node_id="a", units=6, reward=18, punished=False, credit_earned_ms=CFG.credit_per_epoch_ms
+    )
+    assert pay["b"].reward == 6 and not pay["b"].punished
+    # c served nothing but stayed connected all epoch: credit, no reward.
+    assert pay["c"] == NodePayout(
+        node_id="c", units=0, reward=0, punished=False, credit_earned_ms=CFG.credit_per_epoch_ms
+    )
+    assert world.state.credit_ms_by_node["a"] == CFG.credit_per_epoch_ms
+    assert world.state.ledgers[1].settled
+
+
+def test_misses_above_the_threshold_forfeit_the_reward() -> None:
+    # b holds two slots of "s" and reports nothing for it: 2 misses > threshold 1.
+    world, epoch = _world({"s": ["a", "b", "b"], "t": ["b"]})
+    world.work("a", "ds-1-s", 4, 1)
+    world.work("b", "ds-1-t", 7, 1)
+    events = _end_of_epoch(world, epoch)
+    misses = of_type(events, WorkMissed)
+    assert misses == [
+        WorkMissed(devshard_id="ds-1-s", node_id="b", epoch=1, count=2, reason=NO_WORK_REASON)
+    ]
+    pay = _payouts(events)
+    assert pay["b"].punished and pay["b"].reward == 0 and pay["b"].units == 7
+    assert pay["b"].credit_earned_ms == 0
+    assert "2 unexcused missed slot(s), above the threshold of 1" in pay["b"].reason
+    assert not pay["a"].punished and pay["a"].reward == 12
+    assert world.state.ledgers[1].misses["b"] == 2
+
+
+def test_misses_at_the_threshold_are_tolerated() -> None:
+    world, epoch = _world({"s": ["a", "b"]})
+    world.work("a", "ds-1-s", 1, 1)
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert not pay["b"].punished and pay["b"].credit_earned_ms == CFG.credit_per_epoch_ms
+
+
+def test_misses_reported_by_runners_count_too() -> None:
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 3, 1)
+    world.add("a", WorkMissed(devshard_id="ds-1-s", node_id="a", epoch=1, count=2, reason="oom"))
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert pay["a"].punished and pay["a"].reward == 0
+
+
+def test_unexcused_disconnect_forfeits_even_after_rejoining() -> None:
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 3, 1)
+    world.master([NodeDisconnected(node_id="a", reason="no events for 3 cycles")])
+    world.heartbeat("a")  # back again, still punished for this epoch
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert pay["a"].punished and pay["a"].reward == 0 and pay["a"].units == 3
+    assert pay["a"].reason == "unexcused disconnect: no events for 3 cycles"
+
+
+def test_maintenance_excuses_misses_and_offline_time() -> None:
+    world, epoch = _world({"s": ["a", "a"]})
+    world.window("a", start_ms=world.now, duration_ms=epoch.end_ms - world.now + 60_000, start=True)
+    world.master([NodeDisconnected(node_id="a", reason="offline for maintenance", excused=True)])
+    events = _end_of_epoch(world, epoch)
+    (miss,) = of_type(events, WorkMissed)
+    assert miss.node_id == "a" and miss.excused
+    pay = _payouts(events)
+    # Not punished, no reward, no credit (it did not complete the epoch): nothing to pay.
+    assert "a" not in pay
+    assert world.state.ledgers[1].misses.get("a") is None
+
+
+def test_devshard_replaced_just_before_the_end_is_not_judged() -> None:
+    world, epoch = _world({})
+    world.session("late", slots=1)
+    world.now = epoch.end_ms - CFG.effective_miss_grace_ms + 1
+    world.master(
+        [
+            DevshardPlaced(
+                devshard_id="ds-1-late",
+                session_id="late",
+                epoch=1,
+                assignments=(SlotAssignment(0, "b"),),
+                ends_ms=epoch.end_ms,
+                reason="replace",
+            )
+        ]
+    )
+    assert missed_work(world.state, epoch, epoch.end_ms, CFG) == []
+
+
+def test_credit_is_capped() -> None:
+    cfg = quick_config(credit_cap_ms=500_000)
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 1, 1)
+    first = _payouts(_end_of_epoch(world, epoch, cfg))
+    assert first["a"].credit_earned_ms == 360_000
+    world.tick(1_000)
+    epoch2 = world.state.epoch
+    assert epoch2 is not None
+    world.heartbeat("a", "b", "c")
+    second = _payouts(_end_of_epoch(world, epoch2, cfg))
+    assert second["a"].credit_earned_ms == 140_000  # up to the cap, not beyond
+    assert world.state.credit_ms_by_node["a"] == 500_000
+    epoch3 = world.state.epoch
+    assert epoch3 is not None
+    third = _end_of_epoch(world, epoch3, cfg)
+    assert "a" not in _payouts(third)  # nothing earned, nothing to record
+
+
+def test_this_cycles_disconnect_counts_in_the_settlement() -> None:
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 3, 1)
+    leaving = NodeDisconnected(node_id="a", reason="no events for 3 cycles")
+    settled = settle_epoch(world.state, epoch, CFG, new_disconnects=[leaving])
+    pay = {p.node_id: p for p in settled.payouts}
+    assert pay["a"].punished and pay["a"].reward == 0
+
+
+def test_late_work_is_paid_to_unpunished_nodes_once() -> None:
+    world, epoch = _world({"s": ["a", "b", "b"]})
+    world.work("a", "ds-1-s", 1, 1)
+    _end_of_epoch(world, epoch)  # b punished (2 misses), a not
+    world.add(MASTER_ORIGIN, SessionDeleted(session_id="s"))
+    world.work("a", "ds-1-s", 4, 1)  # late: priced at the devshard's rate (3)
+    world.work("b", "ds-1-s", 2, 1)
+    late = late_work(world.state, CFG)
+    assert late == [
+        LateWorkSettled(epoch=1, node_id="a", units=4, reward=12),
+        LateWorkSettled(epoch=1, node_id="b", units=2, reward=0),
+    ]
+    world.master(late)
+    ledger = world.state.ledgers[1]
+    assert ledger.late_paid["a"] == 12 and ledger.late_paid.get("b", 0) == 0
+    assert late_work(world.state, CFG) == []  # decided once
+    world.work("a", "ds-1-s", 1, 1)
+    assert late_work(world.state, CFG) == [LateWorkSettled(epoch=1, node_id="a", units=1, reward=3)]
+
+
+def test_late_work_through_the_planner_and_when_not_paid() -> None:
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 1, 1)
+    _end_of_epoch(world, epoch)
+    world.work("a", "ds-1-s", 2, 1)
+    world.tick(1_000)
+    events = plan(world.state, world.now, EMPTY_BOOK, CFG).events
+    assert of_type(events, LateWorkSettled) == [
+        LateWorkSettled(epoch=1, node_id="a", units=2, reward=6)
+    ]
+    unpaid = quick_config(pay_late_work=False)
+    assert late_work(world.state, unpaid) == [
+        LateWorkSettled(epoch=1, node_id="a", units=2, reward=0)
+    ]

@@ -1,0 +1,84 @@
+"""Snapshot files: atomic save, keep the newest three, skip a damaged one with a warning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from cluster.shared.snapshots import (
+    HEADER_SIZE,
+    SnapshotError,
+    SnapshotStore,
+    decode_snapshot,
+    encode_snapshot,
+    snapshot_name,
+)
+
+
+def test_save_and_latest_round_trip(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "snaps")
+    assert store.latest() is None
+    store.save(10, b"state at ten")
+    store.save(20, b"state at twenty")
+    assert store.latest() == (20, b"state at twenty")
+    assert store.latest(max_idx=19) == (10, b"state at ten")
+    assert store.latest(max_idx=9) is None
+
+
+def test_keeps_only_the_newest_three_and_no_temp_files(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    for idx in (5, 1, 9, 7, 3):
+        store.save(idx, f"s{idx}".encode())
+    assert store.indices() == [9, 7, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [snapshot_name(i) for i in (5, 7, 9)]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "magic"])
+def test_damaged_newest_snapshot_falls_back_to_the_older_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    store = SnapshotStore(tmp_path)
+    store.save(100, b"older" * 100)
+    path = store.save(200, b"newer" * 100)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[HEADER_SIZE + 50] ^= 1
+    elif damage == "truncate":
+        del data[-10:]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[:4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        assert store.latest() == (100, b"older" * 100)
+    assert str(path) in caplog.text and "unusable" in caplog.text
+
+
+def test_file_name_and_header_must_agree(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    store.save(1, b"one")
+    (tmp_path / snapshot_name(5)).write_bytes(encode_snapshot(4, b"four"))
+    assert store.latest() == (1, b"one")
+
+
+def test_decode_names_what_is_wrong() -> None:
+    blob = encode_snapshot(3, b"abc")
+    assert decode_snapshot(blob) == (3, b"abc")
+    with pytest.raises(ValueError, match="shorter than"):
+        decode_snapshot(blob[:5])
+    with pytest.raises(ValueError, match="header says 3 payload bytes"):
+        decode_snapshot(blob + b"x")
+    with pytest.raises(ValueError, match="format version"):
+        decode_snapshot(blob[:4] + b"\x09\x00" + blob[6:])
+    with pytest.raises(ValueError, match="checksum"):
+        decode_snapshot(blob[:-1] + b"X")
+
+
+def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(SnapshotError, match="not a directory"):
+        SnapshotStore(f)

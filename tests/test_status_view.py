@@ -1,0 +1,176 @@
+"""`cluster_status` and its text/JSON renderings, from states built with real events."""
+
+from __future__ import annotations
+
+import json
+
+from test_node_status import MIN, T0, Log
+
+from cluster.shared.events import (
+    EpochSettled,
+    MaintenanceCancelled,
+    MaintenanceStarted,
+    NodeDisconnected,
+    NodeGatheredInfo,
+    NodeInfo,
+    NodePayout,
+    SessionRequested,
+    SessionUnplaced,
+    WorkReported,
+)
+from cluster.shared.node_status import NodeState
+from cluster.shared.state import WindowState
+from cluster.shared.status_view import (
+    ClusterStatus,
+    cluster_status,
+    from_json,
+    render_text,
+    to_json,
+)
+
+LONG_ID = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+
+
+def busy_cluster() -> Log:
+    """Five nodes in five different states, a placed and an unplaced session, windows, ledgers."""
+    log = Log()
+    for node, host in [("node-a", "gpu-01"), ("node-b", "gpu-02"), ("node-c", "gpu-03")]:
+        log.joined(node).tested(node)
+        log.add(
+            node,
+            T0,
+            NodeGatheredInfo(node_id=node, source="cpu", info=NodeInfo(hostname=host, slots=4)),
+        )
+    log.joined(LONG_ID)  # self-testing
+    log.joined("node-e").tested("node-e").master(
+        T0, NodeDisconnected(node_id="node-e", reason="no events for 3 cycles")
+    )
+    log.epoch(6, T0 - 10 * MIN, T0)
+    log.add("node-a", T0, WorkReported(devshard_id="ds-x", node_id="node-a", units=30, epoch=6))
+    log.master(
+        T0,
+        EpochSettled(
+            epoch=6,
+            payouts=(
+                NodePayout(node_id="node-a", units=30, reward=30, punished=False),
+                NodePayout(
+                    node_id="node-e", units=0, reward=0, punished=True, reason="disconnected"
+                ),
+            ),
+        ),
+    )
+    log.epoch(7, T0, T0 + 10 * MIN)
+    log.placed("ds-7-chat", ["node-a", "node-a", "node-b"], epoch=7, ends_ms=T0 + 10 * MIN)
+    log.master(
+        T0, SessionRequested(session_id="s-big", slots=64, memory_per_slot_mb=80_000, name="big")
+    )
+    log.master(
+        T0, SessionUnplaced(session_id="s-big", epoch=7, reason="needs 64 slots, 12 eligible")
+    )
+    log.scheduled("node-c", "w-1", T0 + 5 * MIN, 25 * MIN)
+    log.master(T0 + 5 * MIN, MaintenanceStarted(window_id="w-1", node_id="node-c"))
+    log.scheduled("node-b", "w-2", T0 + 120 * MIN, 30 * MIN)
+    log.master(
+        T0, MaintenanceCancelled(window_id="w-2", node_id="node-b", credit_refund_ms=30 * MIN)
+    )
+    return log
+
+
+NOW = T0 + 5 * MIN + 48_000
+
+
+def test_cluster_status_has_every_node_with_its_status() -> None:
+    status = cluster_status(busy_cluster().state, NOW)
+    by_id = {n.node_id: n for n in status.nodes}
+    assert by_id["node-a"].status is NodeState.SERVING
+    assert by_id["node-a"].message == "serving 2 slots of devshard ds-7-chat"
+    assert by_id["node-a"].slots_used == 2
+    assert by_id["node-a"].slots_offered == 4
+    assert by_id["node-a"].hostname == "gpu-01"
+    assert by_id["node-c"].status is NodeState.MAINTENANCE
+    assert by_id[LONG_ID].status is NodeState.SELF_TESTING
+    assert by_id["node-e"].status is NodeState.DISCONNECTED
+    assert status.counts["serving"] == 2
+    assert status.counts["maintenance"] == 1
+    assert sum(status.counts.values()) == len(status.nodes) == 5
+
+
+def test_epoch_sessions_windows_ledgers() -> None:
+    status = cluster_status(busy_cluster().state, NOW)
+    assert status.epoch is not None
+    assert status.epoch.epoch == 7
+    assert status.epoch.time_left_ms == 10 * MIN - 5 * MIN - 48_000
+    sessions = {s.session_id: s for s in status.sessions}
+    assert sessions["s-ds-7-chat"].devshard_id == "ds-7-chat"
+    assert sessions["s-big"].unplaced_reason == "needs 64 slots, 12 eligible"
+    assert status.devshards[0].slots_by_node == {"node-a": 2, "node-b": 1}
+    windows = {w.window_id: w for w in status.windows}
+    assert windows["w-1"].state is WindowState.ACTIVE
+    assert windows["w-1"].note == "ends 14:30 UTC (in 24m 12s)"
+    assert windows["w-2"].state is WindowState.CANCELLED
+    assert [lv.epoch for lv in status.ledgers] == [7, 6]
+    settled = status.ledgers[1]
+    assert settled.settled
+    rows = {r.node_id: r for r in settled.rows}
+    assert rows["node-a"].paid == 30
+    assert rows["node-e"].punished
+
+
+def test_recent_limits_drop_old_closed_windows_and_ledgers() -> None:
+    status = cluster_status(busy_cluster().state, NOW, recent_windows=0, recent_ledgers=1)
+    assert [w.window_id for w in status.windows] == ["w-1"]  # open windows always shown
+    assert [lv.epoch for lv in status.ledgers] == [7]
+
+
+def test_catch_up_lag_from_caller() -> None:
+    status = cluster_status(busy_cluster().state, NOW, events_behind={"node-b": 1204})
+    node_b = next(n for n in status.nodes if n.node_id == "node-b")
+    assert node_b.status is NodeState.CATCHING_UP
+    assert node_b.events_behind == 1204
+
+
+def test_render_text_shows_every_node_and_fits_the_terminal() -> None:
+    status = cluster_status(busy_cluster().state, NOW)
+    text = render_text(status)
+    for node in ["node-a", "node-b", "node-c", "node-e", "12D3Ko…CVe2Xo"]:
+        assert node in text
+    assert "serving 2 slots of devshard ds-7-chat" in text
+    assert "in maintenance until 14:30 UTC" in text
+    assert "disconnected 5m 48s ago: no events for 3 cycles" in text
+    assert "unplaced in epoch 7: needs 64 slots, 12 eligible" in text
+    assert "epoch 7: ends 14:10 UTC (in 4m 12s)" in text
+    assert "forfeited: disconnected" in text
+    for header in ["NODES", "SESSIONS", "MAINTENANCE WINDOWS", "LEDGERS"]:
+        assert header in text
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    narrow = render_text(status, width=80)
+    assert all(len(line) <= 80 for line in narrow.splitlines()), narrow
+
+
+def test_render_text_columns_are_aligned() -> None:
+    text = render_text(cluster_status(busy_cluster().state, NOW))
+    lines = text.splitlines()
+    start = lines.index("NODES") + 1
+    header = lines[start]
+    message_col = header.index("MESSAGE")
+    for line in lines[start + 1 : start + 6]:
+        if not line.startswith(" "):  # not a wrapped continuation
+            assert line[message_col - 2 : message_col] == "  ", line
+
+
+def test_render_text_of_an_empty_cluster() -> None:
+    text = render_text(cluster_status(Log().state, T0))
+    assert "epoch: none started yet" in text
+    assert "(none)" in text
+
+
+def test_json_round_trip() -> None:
+    status = cluster_status(busy_cluster().state, NOW)
+    data = to_json(status)
+    plain = json.loads(data)
+    assert plain["epoch"]["epoch"] == 7
+    assert {n["node_id"] for n in plain["nodes"]} >= {"node-a", LONG_ID}
+    assert plain["nodes"][0]["status"] in {s.value for s in NodeState}
+    back = from_json(data)
+    assert isinstance(back, ClusterStatus)
+    assert back == status
