@@ -43,7 +43,7 @@ def _counting_probe() -> InfoSource:
         name="counter",
         probe=lambda: NodeInfo(cpu_percent=float(next(counter))),
         interval_s=0.01,
-        timeout_s=1.0,
+        timeout_s=10.0,
     )
 
 

@@ -344,8 +344,10 @@ async def test_a_slot_moving_between_devshards_restarts_its_runner() -> None:
 WORKER_SCRIPT = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-with open(os.path.join(os.environ["PIDS"], os.environ["CLUSTER_SLOT"]), "w") as f:
+pid_file = os.path.join(os.environ["PIDS"], os.environ["CLUSTER_SLOT"])
+with open(pid_file + ".tmp", "w") as f:
     f.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)  # atomic: a reader never sees it half-written
 for i in range(int(os.environ["ROUNDS"])):
     print("WORK", int(os.environ["CLUSTER_SLOT"]) + 1, flush=True)
     time.sleep(0.01)

@@ -51,7 +51,7 @@ async def test_simulated_runner_passes_with_timings() -> None:
     assert result.reason == ""
     assert result.node_id == NODE and result.runner_kind == "simulated"
     assert result.load_ms >= 50 and result.request_ms >= 20
-    assert 0 <= result.probe_ms < 200
+    assert result.probe_ms >= 0
     assert result.config_digest == config_digest("simulated", config)
 
 

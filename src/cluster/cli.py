@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker", "run a worker: join a master, report facts, keep a replica"),
     "demo": ("demo", "run a master and N workers on loopback (the quick start)"),
     "status": ("status", "show the cluster at a glance: nodes, epoch, sessions, windows, ledgers"),
+    "session": ("session", "create, list or delete sessions (operator, on the master host)"),
+    "maintenance": ("maintenance", "schedule, check, cancel or finish a maintenance window"),
 }
 
 

@@ -212,14 +212,10 @@ class PlacementPool:
             and (not session.gpu or node_id in self.has_gpu)
         )
 
-    def _indexes(self, node_id: str) -> Iterable[_Index]:
-        yield self._all
-        if node_id in self.has_gpu:
-            yield self._gpu
-
     def _shift(self, node_id: str, delta: int) -> None:
         self.free[node_id] += delta
-        for index in self._indexes(node_id):
+        indexes = (self._all, self._gpu) if node_id in self.has_gpu else (self._all,)
+        for index in indexes:
             if index is self._hidden_in and node_id in self._hidden:
                 continue
             index.tree.add(index.position[node_id], delta)

@@ -217,6 +217,8 @@ class Planner:
 
     The master must apply the returned events before the next call. The book is ephemeral:
     a new Planner (a restarted master) starts empty and gives every node K fresh cycles.
+    Wiring the maintenance rules: ``Planner(cfg, maintenance_cycle=functools.partial(
+    maintenance.maintenance_cycle, policy=policy))``.
     """
 
     def __init__(

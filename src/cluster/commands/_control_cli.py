@@ -1,0 +1,49 @@
+"""What the control-socket commands (`session`, `maintenance`, `status`) share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cluster.control import ControlError, Reply, Request, call_sync
+
+DATA_DIR_ENV = "CLUSTER_DATA_DIR"
+
+
+def add_data_dir(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"data directory of the running {whose} (default: ${DATA_DIR_ENV} or ./data)",
+    )
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    given: Path | None = args.data_dir
+    if given is not None:
+        return given
+    return Path(os.environ.get(DATA_DIR_ENV, "data"))
+
+
+def send(args: argparse.Namespace, request: Request) -> Reply | None:
+    """Send a request; on a transport problem say what to do and return None."""
+    try:
+        return call_sync(data_dir(args), request)
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def finish(reply: Reply | None, *, as_json: bool = False) -> int:
+    """Print a reply: message (or JSON data) on stdout when ok, on stderr when refused."""
+    if reply is None:
+        return 2
+    if as_json:
+        print(json.dumps({"ok": reply.ok, "message": reply.message, "data": reply.data}, indent=2))
+    elif reply.message:
+        print(reply.message, file=sys.stdout if reply.ok else sys.stderr)
+    return 0 if reply.ok else 1

@@ -1,0 +1,66 @@
+"""`cluster maintenance schedule|check|next|cancel|finish`, run on the worker's host.
+
+It talks to the local worker's control socket; the worker forwards the request over its
+authenticated connection, so the master knows which node asks. Run on the master host
+(with the master's --data-dir) it acts as the operator and needs --node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster.commands._control_cli import add_data_dir, finish, send
+from cluster.control import (
+    MaintenanceCancel,
+    MaintenanceCheck,
+    MaintenanceFinish,
+    MaintenanceNext,
+    MaintenanceSchedule,
+    Request,
+)
+from cluster.shared.durations import DurationError, parse_duration, parse_time
+
+
+def _window_args(p: argparse.ArgumentParser) -> None:
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--in", dest="in_", metavar="DURATION", help="start after, e.g. 12h35m20s")
+    when.add_argument("--at", metavar="TIME", help="start at an ISO time, e.g. 2026-11-23T02:00Z")
+    p.add_argument("--duration", required=True, help="how long, e.g. 2h or 1h30m")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser, "worker (or master, with --node)")
+    parser.add_argument("--node", default="", help="node id (operator on the master host only)")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _window_args(sub.add_parser("schedule", help="declare a maintenance window"))
+    _window_args(sub.add_parser("check", help="would this window be allowed? (schedules nothing)"))
+    sub.add_parser("next", help="show the node's window and credit")
+    for name, text in (("cancel", "cancel a window not yet active"), ("finish", "end it early")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--window", default="", help="window id (default: the node's open one)")
+
+
+def build_request(args: argparse.Namespace) -> Request:
+    """The request for the command line; raises DurationError with what to change."""
+    node = args.node
+    if args.action in ("schedule", "check"):
+        duration = parse_duration(args.duration)
+        in_ms = parse_duration(args.in_) if args.in_ is not None else None
+        start = parse_time(args.at) if args.at is not None else None
+        cls = MaintenanceSchedule if args.action == "schedule" else MaintenanceCheck
+        return cls(start_ms=start, in_ms=in_ms, duration_ms=duration, node_id=node)
+    if args.action == "next":
+        return MaintenanceNext(node_id=node)
+    if args.action == "cancel":
+        return MaintenanceCancel(window_id=args.window, node_id=node)
+    return MaintenanceFinish(window_id=args.window, node_id=node)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        request = build_request(args)
+    except DurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return finish(send(args, request))

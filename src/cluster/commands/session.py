@@ -1,0 +1,50 @@
+"""`cluster session create|list|delete`: the operator's sessions, on the master host."""
+
+from __future__ import annotations
+
+import argparse
+
+from cluster.commands._control_cli import add_data_dir, finish, send
+from cluster.control import SessionCreate, SessionDelete, SessionList
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_dir(parser, "master")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="ask for capacity: slots of a given memory size")
+    create.add_argument("--slots", type=int, required=True, help="number of runner slots")
+    create.add_argument("--memory-mb", type=int, required=True, help="memory per slot in MiB")
+    create.add_argument("--gpu", action="store_true", help="slots need a GPU")
+    create.add_argument("--name", default="", help="a short name (letters, digits, . _ -)")
+    create.add_argument(
+        "--reward-per-unit", type=int, default=1, help="reward per work unit (default 1)"
+    )
+    lst = sub.add_parser("list", help="list sessions")
+    lst.add_argument("--json", action="store_true")
+    delete = sub.add_parser("delete", help="delete a session (its devshard ends with the epoch)")
+    delete.add_argument("session_id")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        request = SessionCreate(
+            slots=args.slots,
+            memory_per_slot_mb=args.memory_mb,
+            gpu=args.gpu,
+            name=args.name,
+            reward_per_unit=args.reward_per_unit,
+        )
+        return finish(send(args, request))
+    if args.action == "delete":
+        return finish(send(args, SessionDelete(session_id=args.session_id)))
+    reply = send(args, SessionList())
+    if reply is None or args.json or not reply.ok:
+        return finish(reply, as_json=args.json)
+    sessions = reply.data or []
+    if not sessions:
+        print("no sessions")
+    for s in sessions:
+        gpu = ", gpu" if s.get("gpu") else ""
+        note = f"  unplaced: {s['unplaced_reason']}" if s.get("unplaced_reason") else ""
+        print(f"{s['session_id']}: {s['slots']} slots x {s['memory_per_slot_mb']} MiB{gpu}{note}")
+    return 0
