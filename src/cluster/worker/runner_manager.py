@@ -127,6 +127,7 @@ class RunnerManager:
         self._handles: dict[str, _Handle] = {}
         self._state: State | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._applied: tuple[object, object] | None = None
 
     def statuses(self) -> dict[str, tuple[RunnerStatus, str]]:
         """This node's runners as the manager sees them: id -> (status, reason)."""
@@ -151,13 +152,16 @@ class RunnerManager:
     def reconcile(self, state: State) -> None:
         """Start runners for new slots, stop those no longer assigned (non-blocking)."""
         self._state = state
-        if self._tg is not None:
+        # Most events (info, heartbeats, work) leave devshards and the epoch untouched, and
+        # immutable state keeps them the same objects: skip the O(devshards) scan then.
+        if self._tg is not None and self._applied != (state.devshards, state.epoch):
             self._apply(state)
 
     # -- shell ----------------------------------------------------------------------------
 
     def _apply(self, state: State) -> None:
         assert self._tg is not None
+        self._applied = (state.devshards, state.epoch)
         wanted = desired_runners(state, self.node_id)
         for runner_id, handle in self._handles.items():
             if runner_id not in wanted and not handle.retired:
