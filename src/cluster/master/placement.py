@@ -162,7 +162,11 @@ class PlacementPool:
         gpus: list[tuple[int, str]] = []
         with_window = state.open_window_by_node
         ineligible = self.ineligible
+        # Locals: this loop runs over every node once per cycle that places anything.
+        free, capacity, memory_of, has_gpu = self.free, self.capacity, self.memory, self.has_gpu
+        used_get = used.get
         for node_id, rec in state.nodes.items():
+            test = rec.self_test
             if not rec.connected or node_id in leaving:
                 reason = DISCONNECTED
             elif node_id in not_fresh:
@@ -171,9 +175,9 @@ class PlacementPool:
                 reason = IN_MAINTENANCE
             elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):
                 reason = DRAINING
-            elif rec.self_test is None:
+            elif test is None:
                 reason = NOT_SELF_TESTED
-            elif not rec.self_test.passed:
+            elif not test.passed:
                 reason = SELF_TEST_FAILED
             else:
                 info = rec.info
@@ -181,16 +185,16 @@ class PlacementPool:
                 if not slots or slots <= 0 or not memory or memory <= 0:
                     reason = NO_SLOTS
                 else:
-                    room = slots - used.get(node_id, 0)
+                    room = slots - used_get(node_id, 0)
                     if room <= 0:
                         reason = FULL
                     else:
-                        self.free[node_id] = room
-                        self.capacity[node_id] = slots
-                        self.memory[node_id] = memory
+                        free[node_id] = room
+                        capacity[node_id] = slots
+                        memory_of[node_id] = memory
                         everyone.append((-memory, node_id))
                         if info.gpus:
-                            self.has_gpu.add(node_id)
+                            has_gpu.add(node_id)
                             gpus.append((-memory, node_id))
                         continue
             ineligible[reason] += 1

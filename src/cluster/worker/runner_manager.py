@@ -154,10 +154,14 @@ class RunnerManager:
         self._state = state
         # Most events (info, heartbeats, work) leave devshards and the epoch untouched, and
         # immutable state keeps them the same objects: skip the O(devshards) scan then.
-        if self._tg is not None and self._applied != (state.devshards, state.epoch):
+        if self._tg is not None and not self._already_applied(state):
             self._apply(state)
 
     # -- shell ----------------------------------------------------------------------------
+
+    def _already_applied(self, state: State) -> bool:
+        applied = self._applied
+        return applied is not None and applied[0] is state.devshards and applied[1] is state.epoch
 
     def _apply(self, state: State) -> None:
         assert self._tg is not None
