@@ -60,7 +60,7 @@ def _alive(world: World, *except_: str) -> None:
         ({"fresh_idle_cycles": 3}, "fresh_idle_cycles must be below stale_cycles (3), got 3"),
         ({"epoch_length_ms": 500}, "epoch_length_ms must be at least plan_interval_ms (1000)"),
         ({"miss_threshold": -1}, "miss_threshold must be >= 0, got -1"),
-        ({"credit_cap_ms": -5}, "credit_cap_ms must be >= 0, got -5"),
+        ({"late_work_epochs": -5}, "late_work_epochs must be >= 0, got -5"),
         ({"stale_cycles": True}, "stale_cycles must be an integer, got True"),
     ],
 )

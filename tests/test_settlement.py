@@ -21,9 +21,11 @@ from cluster.shared.events import (
     SlotAssignment,
     WorkMissed,
 )
+from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import EpochRecord
 
-CFG = quick_config()  # miss_threshold=1, credit 360 000 ms per epoch, cap 8 h
+CFG = quick_config()  # miss_threshold=1
+POLICY = MaintenancePolicy()  # credit per epoch and cap: the maintenance policy's
 
 
 def _world(slots: dict[str, list[str]], reward_per_unit: int = 3) -> tuple[World, EpochRecord]:
@@ -50,9 +52,11 @@ def _world(slots: dict[str, list[str]], reward_per_unit: int = 3) -> tuple[World
     return world, epoch_record(start)
 
 
-def _end_of_epoch(world: World, epoch: EpochRecord, cfg: PlannerConfig = CFG) -> list[Event]:
+def _end_of_epoch(
+    world: World, epoch: EpochRecord, cfg: PlannerConfig = CFG, policy: MaintenancePolicy = POLICY
+) -> list[Event]:
     world.now = epoch.end_ms
-    events = plan(world.state, world.now, EMPTY_BOOK, cfg).events
+    events = plan(world.state, world.now, EMPTY_BOOK, cfg, policy=policy).events
     world.master(events)
     return events
 
@@ -71,14 +75,14 @@ def test_unpunished_nodes_are_paid_and_earn_credit() -> None:
     assert of_type(events, WorkMissed) == []
     pay = _payouts(events)
     assert pay["a"] == NodePayout(
-        node_id="a", units=6, reward=18, punished=False, credit_earned_ms=CFG.credit_per_epoch_ms
+        node_id="a", units=6, reward=18, punished=False, credit_earned_ms=POLICY.credit_per_epoch_ms
     )
     assert pay["b"].reward == 6 and not pay["b"].punished
     # c served nothing but stayed connected all epoch: credit, no reward.
     assert pay["c"] == NodePayout(
-        node_id="c", units=0, reward=0, punished=False, credit_earned_ms=CFG.credit_per_epoch_ms
+        node_id="c", units=0, reward=0, punished=False, credit_earned_ms=POLICY.credit_per_epoch_ms
     )
-    assert world.state.credit_ms_by_node["a"] == CFG.credit_per_epoch_ms
+    assert world.state.credit_ms_by_node["a"] == POLICY.credit_per_epoch_ms
     assert world.state.ledgers[1].settled
 
 
@@ -104,7 +108,7 @@ def test_misses_at_the_threshold_are_tolerated() -> None:
     world, epoch = _world({"s": ["a", "b"]})
     world.work("a", "ds-1-s", 1, 1)
     pay = _payouts(_end_of_epoch(world, epoch))
-    assert not pay["b"].punished and pay["b"].credit_earned_ms == CFG.credit_per_epoch_ms
+    assert not pay["b"].punished and pay["b"].credit_earned_ms == POLICY.credit_per_epoch_ms
 
 
 def test_misses_reported_by_runners_count_too() -> None:
@@ -158,21 +162,24 @@ def test_devshard_replaced_just_before_the_end_is_not_judged() -> None:
 
 
 def test_credit_is_capped() -> None:
-    cfg = quick_config(credit_cap_ms=500_000)
+    cfg = CFG
+    policy = MaintenancePolicy(
+        credit_per_epoch_ms=360_000, credit_cap_ms=500_000, initial_credit_ms=0
+    )
     world, epoch = _world({"s": ["a"]})
     world.work("a", "ds-1-s", 1, 1)
-    first = _payouts(_end_of_epoch(world, epoch, cfg))
+    first = _payouts(_end_of_epoch(world, epoch, cfg, policy))
     assert first["a"].credit_earned_ms == 360_000
     world.tick(1_000)
     epoch2 = world.state.epoch
     assert epoch2 is not None
     world.heartbeat("a", "b", "c")
-    second = _payouts(_end_of_epoch(world, epoch2, cfg))
+    second = _payouts(_end_of_epoch(world, epoch2, cfg, policy))
     assert second["a"].credit_earned_ms == 140_000  # up to the cap, not beyond
     assert world.state.credit_ms_by_node["a"] == 500_000
     epoch3 = world.state.epoch
     assert epoch3 is not None
-    third = _end_of_epoch(world, epoch3, cfg)
+    third = _end_of_epoch(world, epoch3, cfg, policy)
     assert "a" not in _payouts(third)  # nothing earned, nothing to record
 
 

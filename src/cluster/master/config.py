@@ -39,13 +39,6 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: How many settled epochs back the planner still settles late work; later work is
     #: recorded in the ledger but never paid (bounds the per-cycle scan and old claims).
     late_work_epochs: int = 6
-    #: Maintenance credit earned for each epoch a node completes unpunished (DESIGN 5):
-    #: 6 minutes per 10-minute epoch buys about an hour of maintenance every 100 minutes of
-    #: good service. The maintenance policy may take these over later; kept here because
-    #: settlement is where credit is earned.
-    credit_per_epoch_ms: int = 360_000
-    #: Credit never accumulates beyond this (8 hours): a long-lived node cannot bank days.
-    credit_cap_ms: int = 8 * 3_600_000
 
     def __post_init__(self) -> None:
         _at_least("plan_interval_ms", self.plan_interval_ms, 1)
@@ -65,8 +58,6 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _at_least("miss_threshold", self.miss_threshold, 0)
         _at_least("miss_grace_ms", self.miss_grace_ms, 0)
         _at_least("late_work_epochs", self.late_work_epochs, 0)
-        _at_least("credit_per_epoch_ms", self.credit_per_epoch_ms, 0)
-        _at_least("credit_cap_ms", self.credit_cap_ms, 0)
 
     @property
     def effective_miss_grace_ms(self) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from cluster.master import maintenance
 from cluster.master.config import PlannerConfig
 from cluster.master.epochs import epoch_due, epoch_record, finalize_devshards, next_epoch
 from cluster.master.liveness import EMPTY_BOOK, LivenessBook, check_liveness
@@ -36,9 +37,10 @@ from cluster.master.placement import (
     place_sessions,
     replace_lost_slots,
 )
-from cluster.master.settlement import late_work, missed_work, settle_epoch
+from cluster.master.settlement import DEFAULT_POLICY, late_work, missed_work, settle_epoch
 from cluster.shared.events import DevshardPlaced, Event, SessionUnplaced
 from cluster.shared.excuse import is_excused
+from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import EpochRecord, SessionRecord, State
 
 #: The maintenance rules' per-cycle transitions: (state, now_ms) -> events.
@@ -46,7 +48,7 @@ MaintenanceHook = Callable[[State, int], Sequence[Event]]
 
 
 def no_maintenance(state: State, now_ms: int) -> list[Event]:
-    """The default hook: no window transitions (the master plugs in the real rules)."""
+    """A hook with no window transitions (for tests that isolate other rules)."""
     return []
 
 
@@ -61,7 +63,8 @@ def plan(
     book: LivenessBook,
     cfg: PlannerConfig,
     *,
-    maintenance_cycle: MaintenanceHook = no_maintenance,
+    policy: MaintenancePolicy = DEFAULT_POLICY,
+    maintenance_cycle: MaintenanceHook | None = None,
     entropy: int | None = None,
 ) -> PlanResult:
     """One planning cycle (see the module doc for what comes out, in which order).
@@ -73,7 +76,10 @@ def plan(
     new_book = liveness.book
     leaving = {d.node_id for d in liveness.events}
     events: list[Event] = list(liveness.events)
-    events.extend(maintenance_cycle(state, now_ms))
+    if maintenance_cycle is None:
+        events.extend(maintenance.maintenance_cycle(state, now_ms, policy))
+    else:
+        events.extend(maintenance_cycle(state, now_ms))
     events.extend(late_work(state, cfg))
 
     def holds_work(node_id: str) -> bool:
@@ -94,7 +100,7 @@ def plan(
         misses = missed_work(state, current, now_ms, cfg)
         events.extend(misses)
         events.extend(finalize_devshards(state))
-        events.append(settle_epoch(state, current, cfg, misses, liveness.events))
+        events.append(settle_epoch(state, current, cfg, misses, liveness.events, policy=policy))
     started = next_epoch(state, now_ms, cfg, entropy)
     events.append(started)
     events.extend(
@@ -217,18 +223,19 @@ class Planner:
 
     The master must apply the returned events before the next call. The book is ephemeral:
     a new Planner (a restarted master) starts empty and gives every node K fresh cycles.
-    Wiring the maintenance rules: ``Planner(cfg, maintenance_cycle=functools.partial(
-    maintenance.maintenance_cycle, policy=policy))``.
+    The maintenance policy drives window transitions and the credit settlement earns.
     """
 
     def __init__(
         self,
         cfg: PlannerConfig | None = None,
         *,
-        maintenance_cycle: MaintenanceHook = no_maintenance,
+        policy: MaintenancePolicy = DEFAULT_POLICY,
+        maintenance_cycle: MaintenanceHook | None = None,
         entropy: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg if cfg is not None else PlannerConfig()
+        self.policy = policy
         self._maintenance_cycle = maintenance_cycle
         self._entropy = entropy
         self.book: LivenessBook = EMPTY_BOOK
@@ -242,6 +249,7 @@ class Planner:
             now_ms,
             self.book,
             self.cfg,
+            policy=self.policy,
             maintenance_cycle=self._maintenance_cycle,
             entropy=entropy,
         )

@@ -11,8 +11,8 @@ ends. Then, per node:
 * **Punishment.** Punished = unexcused misses > `cfg.miss_threshold`, or an unexcused
   disconnect during the epoch. A punished node's payout has reward 0.
 * **Credit.** An unpunished node that served work or stayed connected for the whole epoch
-  earns `cfg.credit_per_epoch_ms` of maintenance credit, capped so its balance never
-  exceeds `cfg.credit_cap_ms`.
+  earns maintenance credit by the maintenance policy's one rule
+  (`maintenance.credit_to_earn_ms`: the per-epoch rate, never past the cap).
 * **Late work.** Work reported after settlement is recorded against its epoch by the
   reducer; the planner then emits `LateWorkSettled` for it. Decision: the event is emitted
   for punished nodes too, with reward 0 -- the log then says explicitly that the work was
@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cluster.master.config import PlannerConfig
+from cluster.master.maintenance import credit_to_earn_ms
 from cluster.shared.events import (
     EpochSettled,
     LateWorkSettled,
@@ -35,7 +36,10 @@ from cluster.shared.events import (
     WorkMissed,
 )
 from cluster.shared.excuse import is_excused
+from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import EpochLedger, EpochRecord, State
+
+DEFAULT_POLICY = MaintenancePolicy()
 
 NO_WORK_REASON = "no work reported for its slots by the epoch's end"
 
@@ -77,6 +81,8 @@ def settle_epoch(
     cfg: PlannerConfig,
     new_misses: Iterable[WorkMissed] = (),
     new_disconnects: Iterable[NodeDisconnected] = (),
+    *,
+    policy: MaintenancePolicy = DEFAULT_POLICY,
 ) -> EpochSettled:
     """The payouts of `epoch`, counting this cycle's unapplied misses and disconnects.
 
@@ -106,8 +112,6 @@ def settle_epoch(
 
     payouts: list[NodePayout] = []
     units_by_node, reward_by_node = ledger.units, ledger.reward
-    balances = state.credit_ms_by_node
-    per_epoch, cap = cfg.credit_per_epoch_ms, cfg.credit_cap_ms
     for node_id in sorted(candidates):
         units = units_by_node.get(node_id, 0)
         if node_id in misses or node_id in disconnects:
@@ -116,7 +120,7 @@ def settle_epoch(
             reasons = []
         credit = 0
         if not reasons and (units > 0 or node_id in stayed):
-            credit = max(0, min(per_epoch, cap - balances.get(node_id, 0)))
+            credit = credit_to_earn_ms(state, node_id, policy)
         elif not reasons and units == 0:
             continue
         if units == 0 and not reasons and credit == 0:
