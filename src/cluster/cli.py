@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "show the cluster at a glance: nodes, epoch, sessions, windows, ledgers"),
     "session": ("session", "create, list or delete sessions (operator, on the master host)"),
     "maintenance": ("maintenance", "schedule, check, cancel or finish a maintenance window"),
+    "selfcheck": ("selfcheck", "run a whole synthetic cluster lifecycle in process: PASS/FAIL"),
 }
 
 

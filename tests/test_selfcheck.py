@@ -1,0 +1,55 @@
+"""`cluster selfcheck` passes on a healthy build and names the stage that a defect breaks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cluster import cli
+
+
+def test_selfcheck_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["selfcheck"]) == 0
+    out = capsys.readouterr().out
+    for stage in (
+        "join",
+        "self-test",
+        "epoch",
+        "placement",
+        "catch-up",
+        "work",
+        "settlement",
+        "maintenance",
+        "staleness",
+        "replay",
+    ):
+        assert f"PASS  {stage}" in out
+    assert "all stages passed" in out
+
+
+def test_broken_placement_fails_at_placement(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cluster.master.planner as planner
+
+    def place_nothing(*args: Any, **kwargs: Any) -> list[object]:
+        return []
+
+    monkeypatch.setattr(planner, "_place_new_epoch", place_nothing)
+    assert cli.main(["selfcheck"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  placement" in out and "FAILED at placement" in out
+    assert "PASS  epoch" in out and "SKIP  replay" in out
+
+
+def test_forgetting_the_reconnect_rule_fails_at_maintenance(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cluster.selfcheck as selfcheck
+
+    monkeypatch.setattr(selfcheck, "on_reconnect", lambda *args: None)
+    assert cli.main(["selfcheck"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  maintenance" in out and "after the reconnect" in out
+    assert "PASS  settlement" in out
