@@ -356,8 +356,9 @@ STAGES: list[tuple[str, Callable[[SimCluster], str]]] = [
 ]
 
 
-def run_selfcheck(out: TextIO = sys.stdout, data_dir: Path | None = None) -> bool:
+def run_selfcheck(out: TextIO | None = None, data_dir: Path | None = None) -> bool:
     """Run every stage; print PASS/FAIL per stage; True when all passed."""
+    out = out if out is not None else sys.stdout
     with tempfile.TemporaryDirectory(prefix="cluster-selfcheck-") as tmp:
         store = EventStore.open(data_dir or Path(tmp), snapshot_every=1_000_000)
         cluster = SimCluster(store)
