@@ -32,14 +32,19 @@ def test_broken_placement_fails_at_placement(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import cluster.master.planner as planner
+    from cluster.shared.events import SessionUnplaced
 
-    def place_nothing(*args: Any, **kwargs: Any) -> list[object]:
-        return []
+    def place_nothing(sessions: Any, epoch: Any, *args: Any) -> list[object]:
+        return [
+            SessionUnplaced(session_id=s.session_id, epoch=epoch.epoch, reason="broken on purpose")
+            for s in sessions
+        ]
 
-    monkeypatch.setattr(planner, "_place_new_epoch", place_nothing)
+    monkeypatch.setattr(planner, "place_sessions", place_nothing)
     assert cli.main(["selfcheck"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  placement" in out and "FAILED at placement" in out
+    assert "broken on purpose" in out
     assert "PASS  epoch" in out and "SKIP  replay" in out
 
 
