@@ -213,12 +213,13 @@ def stage_epoch(c: SimCluster) -> str:
 
 
 def stage_placement(c: SimCluster) -> str:
+    for _ in range(3):
+        if c.session_id in c.state.devshard_by_session:
+            break
+        c.tick()
     shard_id = c.state.devshard_by_session.get(c.session_id)
-    if shard_id is None:
-        c.until("DevshardPlaced", lambda ie: isinstance(ie.event, DevshardPlaced), 3)
-        shard_id = c.state.devshard_by_session.get(c.session_id)
     session = c.state.sessions[c.session_id]
-    require(shard_id is not None, f"session not placed: {session.unplaced_reason}")
+    require(shard_id is not None, f"session not placed: {session.unplaced_reason or 'no reason'}")
     assert shard_id is not None
     shard = c.state.devshards[shard_id]
     nodes = sorted({a.node_id for a in shard.assignments})
