@@ -32,7 +32,6 @@ from cluster.shared.apply import fold
 from cluster.shared.codec import decode_state, state_digest
 from cluster.shared.events import (
     MASTER_ORIGIN,
-    DevshardPlaced,
     EpochSettled,
     EpochStarted,
     Event,
