@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORKERS = 4
+WORKERS = int(__import__("os").environ.get("BENCH_WORKERS", "4"))
 BATCH = 256
 
 
@@ -53,6 +53,7 @@ def bench_worker(args: argparse.Namespace) -> None:
         WorkerConfig(secret=secret, heartbeats=False, write_digest=False),
     )
     emits: dict[int, float] = {}
+    acks: list[tuple[int, float]] = []
     applied: dict[str, list[tuple[int, float]]] = {}
     watched: set[str] = set(args.watch.split(",")) if args.watch else set()
 
@@ -69,6 +70,9 @@ def bench_worker(args: argparse.Namespace) -> None:
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
+            with anyio.fail_after(120):  # ready = caught up with the log, not just connected
+                while worker.phase != "connected":
+                    await anyio.sleep(0.02)
             Path(args.ready).write_text(worker.node_id)
             while not Path(args.go).exists():
                 await anyio.sleep(0.01)
@@ -81,6 +85,8 @@ def bench_worker(args: argparse.Namespace) -> None:
                     now = time.monotonic()
                     emits[worker.emit(NodeHeartbeat(node_id=worker.node_id))] = now
                     sent += 1
+                if not acks or acks[-1][0] < worker.outbox.acked:
+                    acks.append((worker.outbox.acked, time.monotonic()))
                 await anyio.sleep(0.001)
             # Let the tail drain (acks and replicas), bounded.
             with anyio.move_on_after(args.drain):
@@ -93,7 +99,7 @@ def bench_worker(args: argparse.Namespace) -> None:
 
     anyio.run(main, backend="trio")
     Path(args.out).write_text(
-        json.dumps({"node_id": worker.node_id, "emits": emits, "applied": applied})
+        json.dumps({"node_id": worker.node_id, "emits": emits, "applied": applied, "acks": acks})
     )
 
 
@@ -113,7 +119,9 @@ def raw_source(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         async with nethost.running_host(kp) as h:
-            peer = await nethost.dial(h, nethost.parse_multiaddr(args.raw_source, True), 10)
+            peer = await nethost.dial(
+                h, nethost.parse_multiaddr(args.raw_source, need_peer=True), 10
+            )
             fs = await nethost.open_stream(h, peer, "/bench/raw/1", 10)
             seq = 0
             while seq < args.events:
@@ -181,10 +189,10 @@ def run_phase(
         procs.append(subprocess.Popen(cmd))
         outs.append(out)
         readies.append(ready)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not all(r.exists() for r in readies):
         if time.monotonic() > deadline:
-            raise SystemExit(f"{name}: workers did not connect within 60 s")
+            raise SystemExit(f"{name}: workers did not catch up within 120 s")
         time.sleep(0.05)
     time.sleep(1.0)  # let every replica finish its catch-up
     go.write_text("go")
@@ -208,6 +216,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--drain", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true", help="per worker pair latency")
     parser.add_argument("--events", type=int, default=300_000, help="events for the raw run")
     parser.add_argument("--offered", type=float, default=20_000, help="throughput phase ev/s")
     args = parser.parse_args()
@@ -293,6 +302,26 @@ def main() -> None:
                     worst = max(worst, ts[k] - t_emit)
                 else:
                     lat.append(worst * 1000)
+        if args.verbose:
+            for src in results:
+                seqs = [a[0] for a in src["acks"]]
+                ls = [
+                    (src["acks"][k][1] - t) * 1000
+                    for q, t in src["emits"].items()
+                    if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
+                ]
+                print(f"  {src['node_id'][-6:]} acked: p50 {statistics.median(ls):.1f} ms")
+            for src in results:
+                for d in results:
+                    rows = d["applied"].get(src["node_id"], [])
+                    seqs = [r[0] for r in rows]
+                    ls = [
+                        (rows[k][1] - t) * 1000
+                        for q, t in src["emits"].items()
+                        if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
+                    ]
+                    pair = f"{src['node_id'][-6:]} -> {d['node_id'][-6:]}"
+                    print(f"  {pair}: p50 {statistics.median(ls):.1f} ms")
         print(
             f"latency at 1,000 ev/s, emission -> applied on all {WORKERS} workers: "
             f"p50 {statistics.median(lat):.1f} ms, p99 {_percentile(lat, 99):.1f} ms, "

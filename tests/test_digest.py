@@ -67,3 +67,13 @@ def test_canonical_encoding_round_trips() -> None:
     again = decode_state(encode_state(state))
     assert again == state
     assert state_digest(again) == state_digest(state)
+
+
+def test_a_snapshot_with_the_old_ledger_layout_is_refused() -> None:
+    """Per-fact ledger maps (the layout before NodeLedger) must not decode to empty ledgers."""
+    import msgspec
+    import pytest
+
+    old = {"last_applied": 3, "ledgers": {1: {"epoch": 1, "units": {"n": 4}, "settled": False}}}
+    with pytest.raises(msgspec.ValidationError, match="units"):
+        decode_state(msgspec.msgpack.encode(old))

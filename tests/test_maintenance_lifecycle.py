@@ -250,7 +250,8 @@ def test_restarted_worker_finishes_its_window_by_reconnecting() -> None:
     assert mt.node_display_status(log.state, A, log.now) is Status.ACTIVE
     assert may_take_work(log.state, A, log.now + HOUR)
     assert mt.on_reconnect(log.state, A, log.now) is None  # nothing left to finish
-    assert A not in log.state.ledgers[1].disconnects  # not punished for the planned absence
+    # not punished for the planned absence
+    assert log.state.ledgers[1].node(A).disconnect is None
 
 
 def test_reconnect_after_the_end_does_not_finish() -> None:
@@ -276,7 +277,7 @@ def test_overrun_then_silence_is_penalised_as_usual() -> None:
     log.now += MIN
     gone = log.disconnect(A)
     assert not gone.excused
-    assert log.state.ledgers[1].disconnects[A] == "stale"
+    assert log.state.ledgers[1].nodes[A].disconnect == "stale"
     assert mt.node_display_status(log.state, A, log.now) is Status.DISCONNECTED
 
 

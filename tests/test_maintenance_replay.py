@@ -126,7 +126,12 @@ def test_every_window_reaches_its_ending() -> None:
     ]
     assert history(log.log, ids["c-overrun"])[-1] == "MaintenanceOverrun"
     # Penalties: A's planned absence is excused, C's silence after the overrun is not.
-    disconnects = {n for ledger in log.state.ledgers.values() for n in ledger.disconnects}
+    disconnects = {
+        n
+        for ledger in log.state.ledgers.values()
+        for n, account in ledger.nodes.items()
+        if account.disconnect is not None
+    }
     assert disconnects == {C}
     assert not log.state.nodes[C].disconnect_excused
     assert log.state.nodes[A].connected

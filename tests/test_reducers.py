@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import event_logs
 
 from cluster.shared.apply import REDUCERS, OutOfOrderError, apply, fold
 from cluster.shared.events import (
@@ -130,7 +133,8 @@ def test_unexcused_disconnect_is_recorded_against_the_epoch() -> None:
     log.add(B, NodeHeartbeat(node_id=B))
     log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="killed"))
     s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=B, reason="maint", excused=True))
-    assert dict(s.ledgers[4].disconnects) == {A: "killed"}
+    accounts = s.ledgers[4].nodes.items()
+    assert {n: a.disconnect for n, a in accounts if a.disconnect is not None} == {A: "killed"}
 
 
 def test_node_connected_registers_and_self_test_is_recorded() -> None:
@@ -216,22 +220,31 @@ def test_work_accrues_to_the_epoch_ledger_and_settles_at_the_end() -> None:
     s = log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=B, epoch=1, count=2))
     log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=A, epoch=1, excused=True))
     ledger = log.state.ledgers[1]
-    assert dict(ledger.units) == {A: 4, B: 1}
-    assert dict(ledger.reward) == {A: 12, B: 3}  # reward_per_unit=3
-    assert dict(ledger.misses) == {B: 2}  # the excused miss is not counted
+    accounts = ledger.nodes
+    assert {n: a.units for n, a in accounts.items() if a.units} == {A: 4, B: 1}
+    assert {n: a.reward for n, a in accounts.items() if a.reward} == {A: 12, B: 3}  # rate 3
+    # the excused miss is not counted
+    assert {n: a.misses for n, a in accounts.items() if a.misses} == {B: 2}
+    assert dict(accounts[A].units_by_devshard) == {"ds-1-s1": 4}
+    assert dict(accounts[B].units_by_devshard) == {"ds-1-s1": 1}
     assert s.credit_ms_by_node.get(A) is None
     payouts = (
         NodePayout(node_id=A, units=4, reward=12, punished=False, credit_earned_ms=600),
         NodePayout(node_id=B, units=1, reward=0, punished=True, reason="2 misses"),
     )
     s = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=payouts))
-    assert s.ledgers[1].settled and s.ledgers[1].payouts[B].punished
+    payout = s.ledgers[1].nodes[B].payout
+    assert s.ledgers[1].settled and payout is not None and payout.punished
     assert s.credit_ms_by_node[A] == 600
     # Work that arrives after settlement counts toward that epoch as late work.
     s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=2, epoch=1))
-    assert s.ledgers[1].late_units[A] == 2 and s.ledgers[1].units[A] == 4
+    assert s.ledgers[1].nodes[A].late_units == 2 and s.ledgers[1].nodes[A].units == 4
+    assert s.ledgers[1].nodes[A].late_reward == 6
+    assert dict(s.ledgers[1].late_pending) == {A: 2}  # undecided until LateWorkSettled
     s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=2, reward=6))
-    assert s.ledgers[1].late_paid[A] == 6
+    assert s.ledgers[1].nodes[A].late_paid == 6
+    assert s.ledgers[1].nodes[A].late_settled_units == 2
+    assert dict(s.ledgers[1].late_pending) == {}
     # Settling twice changes nothing.
     again = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))
     assert again.ledgers[1] == s.ledgers[1]
@@ -293,3 +306,79 @@ def test_second_pending_window_for_a_node_is_ignored() -> None:
     _schedule(log, "w1")
     s = _schedule(log, "w2")
     assert "w2" not in s.windows and s.open_window_by_node[A] == "w1"
+
+
+def test_unexcused_disconnect_with_an_empty_reason_still_counts() -> None:
+    log = Log()
+    log.add(MASTER_ORIGIN, EpochStarted(epoch=4, start_ms=0, end_ms=100, seed=9))
+    log.add(A, NodeHeartbeat(node_id=A))
+    s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason=""))
+    assert s.ledgers[4].nodes[A].disconnect == ""
+    log.add(A, NodeHeartbeat(node_id=A))
+    s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="later"))
+    assert s.ledgers[4].nodes[A].disconnect == ""  # the first one is kept
+
+
+_ledger_nodes = st.sampled_from([A, B, "nodeC"])
+_ledger_epochs = st.integers(1, 2)
+#: Only the events that touch ledgers, so late work (after settlement) is frequent.
+_ledger_events = st.one_of(
+    st.builds(EpochSettled, epoch=_ledger_epochs, payouts=st.just(())),
+    st.builds(
+        WorkReported,
+        devshard_id=st.sampled_from(["d1", "d2"]),
+        node_id=_ledger_nodes,
+        units=st.integers(-1, 9),
+        epoch=_ledger_epochs,
+    ),
+    st.builds(
+        LateWorkSettled,
+        epoch=_ledger_epochs,
+        node_id=_ledger_nodes,
+        units=st.integers(0, 9),
+        reward=st.integers(0, 9),
+    ),
+    st.builds(
+        WorkMissed,
+        devshard_id=st.just("d1"),
+        node_id=_ledger_nodes,
+        epoch=_ledger_epochs,
+        count=st.integers(0, 3),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(_ledger_events, max_size=40), log=event_logs(max_size=60))
+def test_late_work_index_matches_the_node_accounts(
+    events: list[Event], log: list[IndexedEvent]
+) -> None:
+    """`late_pending` lists exactly the nodes with undecided late units, after every event."""
+    ledger_log = Log()
+    states = [ledger_log.add(MASTER_ORIGIN, ev) for ev in events]
+    state = EMPTY_STATE
+    for ie in log:
+        state = apply(state, ie)
+        states.append(state)
+    for state in states:
+        for ledger in state.ledgers.values():
+            undecided = {
+                n: a.late_undecided for n, a in ledger.nodes.items() if a.late_undecided > 0
+            }
+            assert dict(ledger.late_pending) == undecided
+
+
+def test_late_work_index_follows_reports_and_decisions() -> None:
+    log = Log()
+    for ev in (
+        EpochSettled(epoch=1, payouts=()),
+        WorkReported(devshard_id="d1", node_id=A, units=3, epoch=1),
+    ):
+        s = log.add(MASTER_ORIGIN, ev)
+    assert dict(s.ledgers[1].late_pending) == {A: 3}
+    s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=1, reward=0))
+    assert dict(s.ledgers[1].late_pending) == {A: 2}
+    s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=4, reward=0))
+    assert dict(s.ledgers[1].late_pending) == {}
+    s = log.add(MASTER_ORIGIN, WorkReported(devshard_id="d1", node_id=A, units=3, epoch=1))
+    assert dict(s.ledgers[1].late_pending) == {A: 1}  # 6 late units, 5 decided

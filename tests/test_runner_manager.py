@@ -212,7 +212,7 @@ async def test_full_lifecycle_and_work_reports() -> None:
     assert all(e.epoch == 1 and e.node_id == ME and e.units > 0 for e in works)
     state = cluster.add(ME, *emitted.events[seen:])
     assert dict(state.runners) == {}
-    assert state.ledgers[1].units[ME] == emitted.work("d1")
+    assert state.ledgers[1].nodes[ME].units == emitted.work("d1")
 
 
 @pytest.mark.anyio

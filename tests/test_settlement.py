@@ -101,7 +101,7 @@ def test_misses_above_the_threshold_forfeit_the_reward() -> None:
     assert pay["b"].credit_earned_ms == 0
     assert "2 unexcused missed slot(s), above the threshold of 1" in pay["b"].reason
     assert not pay["a"].punished and pay["a"].reward == 12
-    assert world.state.ledgers[1].misses["b"] == 2
+    assert world.state.ledgers[1].nodes["b"].misses == 2
 
 
 def test_misses_at_the_threshold_are_tolerated() -> None:
@@ -139,7 +139,7 @@ def test_maintenance_excuses_misses_and_offline_time() -> None:
     pay = _payouts(events)
     # Not punished, no reward, no credit (it did not complete the epoch): nothing to pay.
     assert "a" not in pay
-    assert world.state.ledgers[1].misses.get("a") is None
+    assert world.state.ledgers[1].node("a").misses == 0
 
 
 def test_devshard_replaced_just_before_the_end_is_not_judged() -> None:
@@ -206,7 +206,7 @@ def test_late_work_is_paid_to_unpunished_nodes_once() -> None:
     ]
     world.master(late)
     ledger = world.state.ledgers[1]
-    assert ledger.late_paid["a"] == 12 and ledger.late_paid.get("b", 0) == 0
+    assert ledger.nodes["a"].late_paid == 12 and ledger.node("b").late_paid == 0
     assert late_work(world.state, CFG) == []  # decided once
     world.work("a", "ds-1-s", 1, 1)
     assert late_work(world.state, CFG) == [LateWorkSettled(epoch=1, node_id="a", units=1, reward=3)]

@@ -251,8 +251,9 @@ def stage_work(c: SimCluster) -> str:
     while c.now_ms + PLANNER.plan_interval_ms < epoch.end_ms:
         c.tick()
     ledger = c.state.ledgers[epoch.epoch]
-    require(sum(ledger.units.values()) > 0, "no work reached the epoch ledger")
-    return f"{sum(ledger.units.values())} work units in epoch {epoch.epoch}'s ledger"
+    units = sum(account.units for account in ledger.nodes.values())
+    require(units > 0, "no work reached the epoch ledger")
+    return f"{units} work units in epoch {epoch.epoch}'s ledger"
 
 
 def stage_settlement(c: SimCluster) -> str:
@@ -296,8 +297,10 @@ def stage_maintenance(c: SimCluster) -> str:
                 require(ev.excused, f"node in maintenance disconnected as a failure: {ev.reason}")
     epoch = c.state.epoch
     assert epoch is not None
-    disconnects = c.state.ledgers[epoch.epoch].disconnects
-    require(node not in disconnects, "node in maintenance was recorded as an unexcused disconnect")
+    account = c.state.ledgers[epoch.epoch].node(node)
+    require(
+        account.disconnect is None, "node in maintenance was recorded as an unexcused disconnect"
+    )
     c.connect(node)  # the worker restarts and reconnects within its window
     win = c.state.windows[window_id]
     require(

@@ -89,13 +89,16 @@ def summary_lines(state: State, snapshot_idx: int) -> list[str]:
     settled = sum(1 for led in ledgers if led.settled)
     lines.append(f"ledgers:   {len(ledgers):,} ({settled:,} settled)")
     for led in ledgers[-5:]:  # the recent epochs are what an operator asks about
-        units = sum(led.units.values())
-        reward = sum(led.reward.values())
+        accounts = list(led.nodes.values())
+        units = sum(a.units for a in accounts)
+        reward = sum(a.reward for a in accounts)
+        disconnects = sum(1 for a in accounts if a.disconnect is not None)
+        misses = sum(a.misses for a in accounts)
         lines.append(
             f"  epoch {led.epoch}: {'settled' if led.settled else 'open'}, "
             f"{plural(units, 'unit')}, reward {reward:,}, "
-            f"{plural(len(led.disconnects), 'punished disconnect')}, "
-            f"{plural(sum(led.misses.values()), 'miss', 'misses')}"
+            f"{plural(disconnects, 'punished disconnect')}, "
+            f"{plural(misses, 'miss', 'misses')}"
         )
     return lines
 

@@ -55,12 +55,11 @@ def missed_work(
         shard = state.devshards[ds_id]
         if shard.epoch != epoch.epoch or epoch.end_ms - shard.placed_ms < grace:
             continue
-        served = ledger.units_by_devshard.get(ds_id)
         slots: dict[str, int] = {}
         for a in shard.assignments:
             slots[a.node_id] = slots.get(a.node_id, 0) + 1
         for node_id in sorted(slots):
-            if served is not None and served.get(node_id, 0) > 0:
+            if ledger.node(node_id).units_by_devshard.get(ds_id, 0) > 0:
                 continue
             out.append(
                 WorkMissed(
@@ -90,18 +89,26 @@ def settle_epoch(
     credit earned. Payouts are sorted by node id.
     """
     ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
-    misses: dict[str, int] = dict(ledger.misses.items())
+    served: set[str] = set()
+    misses: dict[str, int] = {}
+    disconnects: dict[str, str] = {}
+    for node_id, account in ledger.nodes.items():
+        if account.units > 0:
+            served.add(node_id)
+        if account.misses > 0:
+            misses[node_id] = account.misses
+        if account.disconnect is not None:
+            disconnects[node_id] = account.disconnect
     for m in new_misses:
         if m.epoch == epoch.epoch and not m.excused and m.count > 0:
             misses[m.node_id] = misses.get(m.node_id, 0) + m.count
-    disconnects: dict[str, str] = dict(ledger.disconnects.items())
     leaving: set[str] = set()
     for d in new_disconnects:
         leaving.add(d.node_id)
         if not d.excused:
             disconnects.setdefault(d.node_id, d.reason)
 
-    candidates = set(ledger.units.keys()) | set(misses) | set(disconnects)
+    candidates = served | set(misses) | set(disconnects)
     # Nodes that stayed connected through the whole epoch earn credit even when idle.
     stayed = {
         node_id
@@ -111,9 +118,9 @@ def settle_epoch(
     candidates |= stayed
 
     payouts: list[NodePayout] = []
-    units_by_node, reward_by_node = ledger.units, ledger.reward
     for node_id in sorted(candidates):
-        units = units_by_node.get(node_id, 0)
+        account = ledger.node(node_id)
+        units = account.units
         if node_id in misses or node_id in disconnects:
             reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
         else:
@@ -129,7 +136,7 @@ def settle_epoch(
             NodePayout(
                 node_id=node_id,
                 units=units,
-                reward=0 if reasons else reward_by_node.get(node_id, 0),
+                reward=0 if reasons else account.reward,
                 punished=bool(reasons),
                 reason="; ".join(reasons),
                 credit_earned_ms=credit,
@@ -161,22 +168,23 @@ def late_work(state: State, cfg: PlannerConfig) -> list[LateWorkSettled]:
     current = state.epoch.epoch
     for number in range(max(1, current - cfg.late_work_epochs), current + 1):
         ledger = state.ledgers.get(number)
-        if ledger is None or not ledger.settled or not ledger.late_units:
+        if ledger is None or not ledger.settled or not ledger.late_pending:
             continue
         out.extend(_late_in(ledger, cfg))
     return out
 
 
 def _late_in(ledger: EpochLedger, cfg: PlannerConfig) -> Iterable[LateWorkSettled]:
-    for node_id in sorted(ledger.late_units.keys()):
-        units = ledger.late_units[node_id] - ledger.late_settled_units.get(node_id, 0)
+    # `late_pending` indexes exactly the nodes with undecided late units.
+    for node_id in sorted(ledger.late_pending.keys()):
+        account = ledger.node(node_id)
+        units = account.late_undecided
         if units <= 0:
             continue
-        payout = ledger.payouts.get(node_id)
-        punished = payout is not None and payout.punished
+        punished = account.payout is not None and account.payout.punished
         reward = 0
         if cfg.pay_late_work and not punished:
-            reward = ledger.late_reward.get(node_id, 0) - ledger.late_paid.get(node_id, 0)
+            reward = account.late_reward - account.late_paid
         yield LateWorkSettled(
             epoch=ledger.epoch, node_id=node_id, units=units, reward=max(0, reward)
         )

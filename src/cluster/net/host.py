@@ -198,8 +198,24 @@ def safe_handler(handler: StreamHandler, name: str) -> Callable[[Any], Awaitable
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            log.warning("%s handler failed: %s: %s", name, type(exc).__name__, exc)
+            # A peer that goes away mid-stream is ordinary churn, not a fault of ours.
+            level = logging.INFO if _is_disconnect(exc) else logging.WARNING
+            log.log(level, "%s handler ended: %s: %s", name, type(exc).__name__, exc)
             if framed is not None:
                 await framed.reset()
 
     return run
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_disconnect(e) for e in exc.exceptions)
+    return isinstance(exc, EOFError | TimeoutError) or type(exc).__name__ in {
+        "StreamReset",
+        "StreamEOF",
+        "StreamClosed",
+        "StreamError",
+        "MuxedStreamError",
+        "MuxedStreamReset",
+        "MuxedStreamEOF",
+    }

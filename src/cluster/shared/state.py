@@ -116,30 +116,74 @@ class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-class EpochLedger(msgspec.Struct, frozen=True, kw_only=True):
+class NodeLedger(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's account in one epoch: all a settlement needs to know about it.
+
+    One record per node (rather than one map per fact) keeps a WorkReported at one lookup
+    and one update of the epoch's node map, whatever the cluster's size.
+    """
+
+    #: On-time work (reported before settlement) and the reward it earned at its rates.
+    units: int = 0
+    reward: int = 0
+    #: Unexcused missed slots.
+    misses: int = 0
+    #: Reason of the first unexcused disconnect in the epoch (None: none): it forfeits the
+    #: reward. None rather than "" because an empty reason still punishes.
+    disconnect: str | None = None
+    #: devshard_id -> on-time units, so the planner sees which slot holders reported nothing
+    #: by the epoch's end (WorkMissed). Small: a node holds few devshards per epoch.
+    units_by_devshard: Map[str, int] = msgspec.field(default_factory=Map)
+    #: Set when the epoch is settled and a payout names this node.
+    payout: NodePayout | None = None
+    #: Work that arrived after settlement, the reward it would earn (paid only if the node
+    #: was not punished), what of it was paid, and the units a LateWorkSettled decided.
+    late_units: int = 0
+    late_reward: int = 0
+    late_paid: int = 0
+    late_settled_units: int = 0
+
+    @property
+    def late_undecided(self) -> int:
+        """Late units no LateWorkSettled has decided yet (paid or forfeited)."""
+        return self.late_units - self.late_settled_units
+
+
+#: The empty account a node starts an epoch with.
+EMPTY_NODE_LEDGER = NodeLedger()
+
+
+# Unknown fields are refused so that a snapshot written with another ledger layout fails to
+# decode (the snapshot is skipped and the log refolded) instead of decoding to empty ledgers.
+class EpochLedger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What each node earned and lost in one epoch; paid out only when settled."""
 
     epoch: int
-    units: Map[str, int] = msgspec.field(default_factory=Map)
-    reward: Map[str, int] = msgspec.field(default_factory=Map)
-    misses: Map[str, int] = msgspec.field(default_factory=Map)
-    #: Unexcused disconnects in this epoch, with the reason: such a node forfeits its reward.
-    disconnects: Map[str, str] = msgspec.field(default_factory=Map)
-    settled: bool = False
-    payouts: Map[str, NodePayout] = msgspec.field(default_factory=Map)
-    #: Work that arrived after settlement, and what of it was paid.
-    late_units: Map[str, int] = msgspec.field(default_factory=Map)
-    late_paid: Map[str, int] = msgspec.field(default_factory=Map)
-    #: devshard_id -> node_id -> on-time units: lets the planner see which slot holders
-    #: reported nothing by the epoch's end (WorkMissed).
-    units_by_devshard: Map[str, Map[str, int]] = msgspec.field(default_factory=Map)
+    nodes: Map[str, NodeLedger] = msgspec.field(default_factory=Map)
     #: devshard_id -> reward per unit of its session when placed, so work that arrives
     #: after the devshard was finalized (or its session deleted) is still priced.
     rates: Map[str, int] = msgspec.field(default_factory=Map)
-    #: Reward that late work would earn (paid only if the node was not punished).
-    late_reward: Map[str, int] = msgspec.field(default_factory=Map)
-    #: Late units already decided by a LateWorkSettled event (paid or forfeited).
-    late_settled_units: Map[str, int] = msgspec.field(default_factory=Map)
+    settled: bool = False
+    #: node_id -> its undecided late units (> 0 only): an index over `nodes`, so the planner
+    #: finds late work each cycle without scanning every node of the recent epochs.
+    late_pending: Map[str, int] = msgspec.field(default_factory=Map)
+
+    def node(self, node_id: str) -> NodeLedger:
+        """The node's account (empty if it has none in this epoch)."""
+        return self.nodes.get(node_id, EMPTY_NODE_LEDGER)
+
+    def with_node(self, node_id: str, account: NodeLedger) -> EpochLedger:
+        """This ledger with `node_id`'s account replaced, its late-work index kept in step."""
+        late = self.late_pending
+        undecided = account.late_undecided
+        if undecided > 0:
+            if late.get(node_id) != undecided:
+                late = late.set(node_id, undecided)
+        elif node_id in late:
+            late = late.delete(node_id)
+        return msgspec.structs.replace(
+            self, nodes=self.nodes.set(node_id, account), late_pending=late
+        )
 
 
 class State(msgspec.Struct, frozen=True, kw_only=True):

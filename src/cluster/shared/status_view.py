@@ -285,29 +285,22 @@ def _ledgers(state: State, recent: int) -> tuple[LedgerView, ...]:
 
 
 def _ledger_view(ledger: EpochLedger) -> LedgerView:
-    node_ids = (
-        set(ledger.units.keys())
-        | set(ledger.reward.keys())
-        | set(ledger.misses.keys())
-        | set(ledger.disconnects.keys())
-        | set(ledger.payouts.keys())
-        | set(ledger.late_units.keys())
-    )
     rows = []
-    for node_id in sorted(node_ids):
-        payout = ledger.payouts.get(node_id)
-        reason = payout.reason if payout is not None else ledger.disconnects.get(node_id, "")
+    for node_id in sorted(ledger.nodes.keys()):
+        account = ledger.nodes[node_id]
+        payout = account.payout
+        reason = payout.reason if payout is not None else account.disconnect or ""
         rows.append(
             LedgerRow(
                 node_id=node_id,
-                units=ledger.units.get(node_id, 0),
-                reward=ledger.reward.get(node_id, 0),
-                misses=ledger.misses.get(node_id, 0),
+                units=account.units,
+                reward=account.reward,
+                misses=account.misses,
                 paid=payout.reward if payout is not None else 0,
                 punished=payout.punished if payout is not None else False,
                 reason=reason,
-                late_units=ledger.late_units.get(node_id, 0),
-                late_paid=ledger.late_paid.get(node_id, 0),
+                late_units=account.late_units,
+                late_paid=account.late_paid,
             )
         )
     return LedgerView(epoch=ledger.epoch, settled=ledger.settled, rows=tuple(rows))

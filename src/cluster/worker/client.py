@@ -78,6 +78,8 @@ class WorkerConfig:
     #: Events per SubmitBatch frame, and events sent but not yet acknowledged.
     batch_events: int = 2048
     window_events: int = 16384
+    #: Batches sent and not yet acknowledged (see the sender: this is what makes batches).
+    inflight_batches: int = 1
     #: Cluster secret for the hello challenge (None when the cluster uses an allow-list only).
     secret: bytes | None = None
     write_digest: bool = True
@@ -289,9 +291,12 @@ class Worker:
                     self._wake = anyio.Event()  # fresh before looking: a later emit wakes us
                     sent = max(sent, self.outbox.acked)
                     room = cfg.window_events - (sent - self.outbox.acked)
+                    # Adaptive batching: while `inflight_batches` wait for their ack, new
+                    # events pile up into the next batch. A lone event leaves at once; under
+                    # load batches grow, so the master's per-frame cost stays bounded.
                     batch = (
                         self.outbox.pending_after(sent, min(cfg.batch_events, room))
-                        if room > 0
+                        if room > 0 and len(inflight) < cfg.inflight_batches
                         else []
                     )
                     if not batch:

@@ -16,7 +16,14 @@ from cluster.shared.events import (
     SessionRequested,
     SessionUnplaced,
 )
-from cluster.shared.state import DevshardRecord, EpochLedger, EpochRecord, SessionRecord, State
+from cluster.shared.state import (
+    EMPTY_NODE_LEDGER,
+    DevshardRecord,
+    EpochLedger,
+    EpochRecord,
+    SessionRecord,
+    State,
+)
 
 _replace = msgspec.structs.replace
 
@@ -121,13 +128,15 @@ def epoch_settled(state: State, ie: IndexedEvent, ev: EpochSettled) -> State:
     ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
     if ledger.settled:
         return state
-    payouts = ledger.payouts
     credit = state.credit_ms_by_node
-    for p in ev.payouts:
-        payouts = payouts.set(p.node_id, p)
-        if p.credit_earned_ms:
-            credit = credit.set(p.node_id, credit.get(p.node_id, 0) + p.credit_earned_ms)
-    ledger = _replace(ledger, settled=True, payouts=payouts)
+    # One batched update for the epoch's payouts: a payout touches no late work (there is
+    # none before settlement), so the late-work index stays as it is.
+    with ledger.nodes.mutate() as nodes:
+        for p in ev.payouts:
+            nodes[p.node_id] = _replace(nodes.get(p.node_id, EMPTY_NODE_LEDGER), payout=p)
+            if p.credit_earned_ms:
+                credit = credit.set(p.node_id, credit.get(p.node_id, 0) + p.credit_earned_ms)
+        ledger = _replace(ledger, settled=True, nodes=nodes.finish())
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger), credit_ms_by_node=credit)
 
 
@@ -135,13 +144,13 @@ def late_work_settled(state: State, ie: IndexedEvent, ev: LateWorkSettled) -> St
     ledger = state.ledgers.get(ev.epoch)
     if ledger is None or not ledger.settled:
         return state
-    paid = ledger.late_paid.get(ev.node_id, 0) + ev.reward
-    decided = ledger.late_settled_units.get(ev.node_id, 0) + ev.units
-    ledger = _replace(
-        ledger,
-        late_paid=ledger.late_paid.set(ev.node_id, paid),
-        late_settled_units=ledger.late_settled_units.set(ev.node_id, decided),
+    account = ledger.node(ev.node_id)
+    account = _replace(
+        account,
+        late_paid=account.late_paid + ev.reward,
+        late_settled_units=account.late_settled_units + ev.units,
     )
+    ledger = ledger.with_node(ev.node_id, account)
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
 
 

@@ -84,9 +84,10 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
     # An unexcused disconnect punishes the node for the current epoch (DESIGN section 6).
     epoch = state.epoch.epoch
     ledger = state.ledgers.get(epoch) or EpochLedger(epoch=epoch)
-    if ev.node_id in ledger.disconnects:
-        return state
-    ledger = _replace(ledger, disconnects=ledger.disconnects.set(ev.node_id, ev.reason))
+    account = ledger.node(ev.node_id)
+    if account.disconnect is not None:
+        return state  # the first unexcused disconnect of the epoch is the one recorded
+    ledger = ledger.with_node(ev.node_id, _replace(account, disconnect=ev.reason))
     return _replace(state, ledgers=state.ledgers.set(epoch, ledger))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import msgspec
-from immutables import Map
 
 from cluster.shared.events import (
     IndexedEvent,
@@ -48,26 +47,27 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
         shard = state.devshards.get(ev.devshard_id)
         session = state.sessions.get(shard.session_id) if shard is not None else None
         per_unit = session.reward_per_unit if session is not None else 1
+    account = ledger.node(ev.node_id)
     if ledger.settled:
         # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
-        late = ledger.late_units.get(ev.node_id, 0) + ev.units
-        late_reward = ledger.late_reward.get(ev.node_id, 0) + ev.units * per_unit
-        ledger = _replace(
-            ledger,
-            late_units=ledger.late_units.set(ev.node_id, late),
-            late_reward=ledger.late_reward.set(ev.node_id, late_reward),
+        account = _replace(
+            account,
+            late_units=account.late_units + ev.units,
+            late_reward=account.late_reward + ev.units * per_unit,
         )
+        ledger = ledger.with_node(ev.node_id, account)
     else:
-        units = ledger.units.get(ev.node_id, 0) + ev.units
-        reward = ledger.reward.get(ev.node_id, 0) + ev.units * per_unit
-        by_node = ledger.units_by_devshard.get(ev.devshard_id) or Map()
-        by_node = by_node.set(ev.node_id, by_node.get(ev.node_id, 0) + ev.units)
-        ledger = _replace(
-            ledger,
-            units=ledger.units.set(ev.node_id, units),
-            reward=ledger.reward.set(ev.node_id, reward),
-            units_by_devshard=ledger.units_by_devshard.set(ev.devshard_id, by_node),
+        by_shard = account.units_by_devshard
+        account = _replace(
+            account,
+            units=account.units + ev.units,
+            reward=account.reward + ev.units * per_unit,
+            units_by_devshard=by_shard.set(
+                ev.devshard_id, by_shard.get(ev.devshard_id, 0) + ev.units
+            ),
         )
+        # On-time work leaves late work as it was: the late-work index needs no look.
+        ledger = _replace(ledger, nodes=ledger.nodes.set(ev.node_id, account))
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
 
 
@@ -77,6 +77,7 @@ def work_missed(state: State, ie: IndexedEvent, ev: WorkMissed) -> State:
     ledger = _ledger(state, ev.epoch)
     if ledger.settled:
         return state
-    misses = ledger.misses.get(ev.node_id, 0) + ev.count
-    ledger = _replace(ledger, misses=ledger.misses.set(ev.node_id, misses))
+    account = ledger.node(ev.node_id)
+    account = _replace(account, misses=account.misses + ev.count)
+    ledger = ledger.with_node(ev.node_id, account)
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
