@@ -136,7 +136,8 @@ def main() -> None:
             f"{args.snapshot_every:,}, so the tail was up to that many events)"
         )
         print(f"digest equal to the master's: {same} ({result['digest']})")
-        print(f"target: under 10 s -> {'PASS' if same and result['seconds'] < 10 else 'FAIL'}")
+        ok = same and float(result["seconds"]) < 10
+        print(f"target: under 10 s -> {'PASS' if ok else 'FAIL'}")
     finally:
         master.terminate()
         master.wait(timeout=30)

@@ -83,7 +83,7 @@ def bench_worker(args: argparse.Namespace) -> None:
                 due = int(elapsed * args.rate)
                 while sent < due:
                     now = time.monotonic()
-                    emits[worker.emit(NodeHeartbeat(node_id=worker.node_id))] = now
+                    emits[worker.emit_seq(NodeHeartbeat(node_id=worker.node_id))] = now
                     sent += 1
                 if not acks or acks[-1][0] < worker.outbox.acked:
                     acks.append((worker.outbox.acked, time.monotonic()))

@@ -132,11 +132,13 @@ class Worker:
     def state(self) -> State:
         return self._state
 
-    def emit(self, event: Event) -> int:
-        """Record an event durably and queue it for the master; returns its seq.
+    def emit(self, event: Event) -> None:
+        """Record an event durably and queue it for the master. Never blocks on the network
+        (it is one local write); the callback given to info sources and runners."""
+        self.emit_seq(event)
 
-        Never blocks on the network (a local write of one record).
-        """
+    def emit_seq(self, event: Event) -> int:
+        """`emit`, returning the seq the event was given (for tests and benchmarks)."""
         seq = self.outbox.append(event)
         self._wake.set()
         return seq
