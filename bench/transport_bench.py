@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=20.0, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="per worker pair latency")
     parser.add_argument("--events", type=int, default=300_000, help="events for the raw run")
-    parser.add_argument("--offered", type=float, default=20_000, help="throughput phase ev/s")
+    parser.add_argument("--offered", type=float, default=60_000, help="throughput phase ev/s")
     args = parser.parse_args()
     if args.bench_worker:
         return bench_worker(args)
