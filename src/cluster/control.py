@@ -118,6 +118,27 @@ class ControlError(Exception):
     """The control socket could not be reached or answered nonsense."""
 
 
+def encode_message(message: Request | Reply) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(data: bytes) -> Request | Reply:
+    """A request from JSON, or a refusal `Reply` naming what was wrong with it."""
+    try:
+        request: Request = _request_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        return Reply(ok=False, message=f"bad request: {exc}")
+    return request
+
+
+def decode_reply(data: bytes) -> Reply:
+    try:
+        reply: Reply = _reply_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ControlError(f"the answer is not a reply: {exc}") from exc
+    return reply
+
+
 def socket_path(data_dir: Path) -> Path:
     return data_dir / SOCKET_NAME
 
@@ -153,12 +174,8 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
             try:
                 with anyio.fail_after(10):
                     raw = await _read_frame(stream)
-                try:
-                    request = _request_decoder.decode(raw)
-                except msgspec.DecodeError as exc:
-                    reply = Reply(ok=False, message=f"bad request: {exc}")
-                else:
-                    reply = await handler(request)
+                request = decode_request(raw)
+                reply = request if isinstance(request, Reply) else await handler(request)
                 await _write_frame(stream, _encoder.encode(reply))
             except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, ValueError) as exc:
                 log.info("control connection dropped: %s", exc or type(exc).__name__)
@@ -195,10 +212,7 @@ async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Re
         raise ControlError(f"{path} did not answer within {timeout:.0f}s") from exc
     except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
         raise ControlError(f"cannot talk to {path}: {exc}") from exc
-    try:
-        return _reply_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise ControlError(f"{path} answered something that is not a reply: {exc}") from exc
+    return decode_reply(raw)
 
 
 def call_sync(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:

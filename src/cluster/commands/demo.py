@@ -28,6 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration", type=float, metavar="SECONDS", help="stop by itself after this long"
     )
     parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument(
+        "--epoch-length", default="1m", metavar="DURATION", help="epoch length (default 1m)"
+    )
+    parser.add_argument(
+        "--http",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="dashboard and HTTP API of the master (default %(default)s; port 0: any free)",
+    )
+    parser.add_argument(
+        "--session-slots",
+        type=int,
+        default=2,
+        metavar="N",
+        help="create a demo session of N slots once the cluster is up (0: none)",
+    )
 
 
 def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
@@ -56,6 +72,22 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> Non
             proc.kill()
             proc.wait()
         out.close()
+
+
+def _demo_session(master_dir: Path, slots: int) -> str:
+    """Ask the master for a small session (through its control socket), once."""
+    from cluster.control import ControlError, SessionCreate, SessionList, call_sync
+
+    try:
+        listed = call_sync(master_dir, SessionList(), timeout=10)
+        if listed.ok and listed.data:
+            return f"{len(listed.data)} session(s) already exist"
+        reply = call_sync(
+            master_dir, SessionCreate(slots=slots, memory_per_slot_mb=512, name="demo"), timeout=10
+        )
+    except ControlError as exc:
+        return f"not created: {exc}"
+    return reply.message
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         master_args = ["master", "--data-dir", str(master_dir)]
         master_args += ["--cluster-secret-file", str(secret_file)]
         master_args += ["--plan-interval", str(args.plan_interval)]
+        master_args += ["--epoch-length", args.epoch_length, "--http", args.http]
         proc, out = _spawn(master_args, logs / "master.log")
         children.append(("master", proc, out))
         deadline = time.monotonic() + MASTER_START_TIMEOUT_S
@@ -105,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         for k in range(1, args.workers + 1):
             wdir = root / f"worker-{k}"
             wargs = ["worker", "--data-dir", str(wdir), "--master", addr]
-            wargs += ["--cluster-secret-file", str(secret_file)]
+            wargs += ["--cluster-secret-file", str(secret_file), "--slots", "2"]
             proc, out = _spawn(wargs, logs / f"worker-{k}.log")
             children.append((f"worker-{k}", proc, out))
 
@@ -119,6 +152,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  master data    : {master_dir}  (log/, snapshots/, digest.json)")
         print(f"  worker data    : {root}/worker-N  (node.key, outbox/, digest.json)")
         print(f"  process logs   : {logs}")
+        url_file = master_dir / "http.url"
+        while not url_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if url_file.exists():
+            url = url_file.read_text(encoding="utf-8").strip()
+            print(f"  dashboard      : {url}")
+            print(f"  status         : cluster status --url {url}")
+        if args.session_slots > 0:
+            print(f"  demo session   : {_demo_session(master_dir, args.session_slots)}")
         print(f"  replay the log : cluster replay {master_dir}")
         print(
             "  stop           : Ctrl-C"
@@ -127,12 +169,25 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         end = time.monotonic() + args.duration if args.duration else None
         status = 0
+        reported: set[str] = set()
         while not stop_now and (end is None or time.monotonic() < end):
             for name, proc, _ in children:
-                if proc.poll() is not None:
-                    print(f"cluster demo: {name} exited with code {proc.returncode}; see {logs}")
+                if proc.poll() is None or name in reported:
+                    continue
+                reported.add(name)
+                if name == "master":
+                    print(
+                        f"cluster demo: the master exited with code {proc.returncode}; see {logs}"
+                    )
                     stop_now = True
                     status = 1
+                else:
+                    # A cluster outlives a worker: the master notices and re-places its slots.
+                    print(
+                        f"cluster demo: {name} exited with code {proc.returncode}; "
+                        "the cluster carries on without it",
+                        flush=True,
+                    )
             time.sleep(0.1)
         return status
     finally:

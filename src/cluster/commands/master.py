@@ -11,8 +11,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.commands._process import LOG_LEVELS
+
+if TYPE_CHECKING:
+    from cluster.master.http_api import HttpApiConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +34,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster-secret-file", type=Path, help="shared secret workers must prove they know"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML with [planner] and [maintenance] tables (see docs/operations.md)",
+    )
     parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument(
+        "--epoch-length", metavar="DURATION", help="epoch length, e.g. 10m (overrides --config)"
+    )
+    parser.add_argument(
+        "--stale-cycles", type=int, metavar="K", help="idle cycles before a node is disconnected"
+    )
+    parser.add_argument(
+        "--http",
+        default="127.0.0.1:8470",
+        metavar="HOST:PORT",
+        help="read-only HTTP API and dashboard (default %(default)s; 'off' to disable; "
+        "port 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--http-token-file", type=Path, help="token required when --http is not loopback"
+    )
     parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--snapshot-every", type=int, default=100_000, metavar="EVENTS")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
@@ -42,10 +68,20 @@ def _positive(name: str, value: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import anyio
+    import secrets
 
+    import anyio
+    import msgspec
+
+    from cluster import control
     from cluster.commands._process import setup_logging, stop_on_signal
+    from cluster.master.config import PlannerConfig
+    from cluster.master.http_api import HttpApi, HttpApiConfigError
+    from cluster.master.maintenance import on_reconnect
+    from cluster.master.planner import Planner
     from cluster.master.server import Master, MasterConfig
+    from cluster.master.service import MasterService
+    from cluster.master.settings import load_settings
     from cluster.net.host import AddressError, parse_multiaddr
     from cluster.net.identity import IdentityError, load_identity
     from cluster.net.membership import (
@@ -56,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
+    from cluster.shared.durations import parse_duration
+    from cluster.shared.events import Event
+    from cluster.shared.state import State
     from cluster.shared.store import EventStore
 
     setup_logging(args.log_level)
@@ -65,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
         _positive("--peer-timeout", args.peer_timeout)
         _positive("--snapshot-every", args.snapshot_every)
         parse_multiaddr(args.listen)
+        planner_cfg, policy = load_settings(args.config)
+        overrides: dict[str, int] = {"plan_interval_ms": round(args.plan_interval * 1000)}
+        if args.epoch_length is not None:
+            overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
+        if args.stale_cycles is not None:
+            overrides["stale_cycles"] = args.stale_cycles
+        # Rebuilt through validation, so an override is checked like the file's values.
+        planner_cfg = PlannerConfig.from_mapping({**msgspec.to_builtins(planner_cfg), **overrides})
+        http = _http_config(args.http, args.http_token_file)
         allowed: set[str] | None = None
         if args.allow or args.allow_file:
             allowed = {validate_peer_id(p, "--allow") for p in args.allow}
@@ -93,7 +141,16 @@ def run(args: argparse.Namespace) -> int:
         peer_timeout=args.peer_timeout,
         data_dir=data_dir,
     )
-    master = Master(store, key_pair, membership, config)
+
+    def reconnected(state: State, node: str, now_ms: int) -> list[Event]:
+        back = on_reconnect(state, node, now_ms)
+        return [back] if back is not None else []
+
+    # Fresh randomness for each epoch's seed comes from the master and travels in the event.
+    planner = Planner(planner_cfg, policy=policy, entropy=lambda: secrets.randbits(63))
+    master = Master(store, key_pair, membership, config, planner=planner, connect_hook=reconnected)
+    service = MasterService(master, policy)
+    master.request_handler = service.handle_forwarded
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -104,12 +161,43 @@ def run(args: argparse.Namespace) -> int:
             os.replace(tmp, data_dir / "master.addr")
             print(f"master listening on {addr}", flush=True)
             print(f"node id {node_id}; log at index {master.last_idx}", flush=True)
+            await tg.start(control.serve, data_dir, service.handle_local)
+            print(f"control socket {control.socket_path(data_dir)}", flush=True)
+            if http is not None:
+                port = await tg.start(HttpApi(master, http).serve)
+                url = f"http://{http.host}:{port}/"
+                (data_dir / ".http.url.tmp").write_text(url + "\n", encoding="utf-8")
+                os.replace(data_dir / ".http.url.tmp", data_dir / "http.url")
+                print(f"dashboard {url}", flush=True)
             tg.start_soon(stop_on_signal, master.stop)
             await master.wait_finished()
             tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend="trio")
+    except HttpApiConfigError as exc:
+        print(f"cluster master: {exc}", file=sys.stderr)
+        return 2
     finally:
         store.close()
     return 0
+
+
+def _http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
+    """`HOST:PORT` (or 'off') and an optional token file, validated."""
+    from cluster.master.http_api import HttpApiConfig, check_config
+
+    if value == "off":
+        return None
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"--http {value!r}: expected HOST:PORT (e.g. 127.0.0.1:8470) or 'off'")
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"--http-token-file {token_file}: {exc.strerror or exc}") from None
+    config = HttpApiConfig(host=host.strip("[]"), port=int(port_text), token=token)
+    check_config(config)
+    return config

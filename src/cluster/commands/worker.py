@@ -11,8 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.commands._process import LOG_LEVELS
+
+if TYPE_CHECKING:  # the real imports happen in run(), after argument parsing (no libp2p)
+    from cluster.worker.client import Worker
+    from cluster.worker.runners.base import RunnerFactory
+    from cluster.worker.runners.registry import RunnerSetting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="make an info probe hang (to test that one slow probe never silences the node)",
     )
     parser.add_argument("--no-info", action="store_true", help="do not gather machine info")
+    parser.add_argument(
+        "--runner-file",
+        type=Path,
+        metavar="FILE",
+        help="TOML naming the runner kind and its config (default: the simulated runner)",
+    )
+    parser.add_argument(
+        "--no-runners", action="store_true", help="run no runners and no self-test (facts only)"
+    )
     parser.add_argument("--load", type=float, default=0.0, metavar="RATE", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
 
@@ -59,6 +74,7 @@ def read_master_addr(value: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import anyio
 
+    from cluster import control
     from cluster.commands._process import setup_logging, stop_on_signal
     from cluster.net.host import AddressError
     from cluster.net.identity import IdentityError
@@ -72,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         parse_stall,
     )
     from cluster.worker.outbox import OutboxError
+    from cluster.worker.relay import HostRelay
+    from cluster.worker.runner_manager import RunnerManager
+    from cluster.worker.runners.base import RunnerConfigError
+    from cluster.worker.runners.registry import RunnerSetting, load_runner_setting, make_factory
 
     setup_logging(args.log_level)
     try:
@@ -97,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
                 stalls=stalls,
             )
             gatherer = InfoGatherer(worker.node_id, worker.emit, default_sources(info_config))
+        setting = load_runner_setting(args.runner_file) if args.runner_file else RunnerSetting()
+        factory = make_factory(setting.kind, setting.config)
+        manager = None
+        if not args.no_runners:
+            manager = RunnerManager(worker.node_id, worker.emit, factory)
     except (
+        RunnerConfigError,
         ValueError,
         AddressError,
         IdentityError,
@@ -115,8 +141,13 @@ def run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal, worker.stop)
             await tg.start(worker.run)
+            await tg.start(control.serve, args.data_dir, HostRelay(worker).handle)
             if gatherer is not None:
                 tg.start_soon(gatherer.run)
+            if manager is not None:
+                await tg.start(manager.run)
+                worker.add_listener(manager.reconcile)
+                tg.start_soon(_self_test_when_joined, worker, setting, factory)
             if args.load > 0:
                 tg.start_soon(_synthetic_load, worker, args.load)
             await worker.wait_finished()
@@ -127,6 +158,24 @@ def run(args: argparse.Namespace) -> int:
     finally:
         worker.close()
     return 0
+
+
+async def _self_test_when_joined(
+    worker: Worker, setting: RunnerSetting, make: RunnerFactory
+) -> None:
+    """Once the replica has caught up: self-test the runner unless the log already holds a
+    result for this exact setting (so a restart or a config change re-tests only when needed).
+    """
+    import anyio
+
+    from cluster.worker.selftest import needs_self_test, run_self_test
+
+    while worker.phase != "connected":
+        await anyio.sleep(0.2)
+    if not needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
+        return
+    result = await run_self_test(setting.kind, make, setting.config, node_id=worker.node_id)
+    worker.emit(result)
 
 
 async def _synthetic_load(worker: object, rate: float) -> None:

@@ -1,7 +1,7 @@
 """Event-index staleness (DESIGN section 4): liveness is the flow of events, not a clock.
 
-Each cycle the planner compares every connected node's `last_event_index_by_node` with what
-it saw the cycle before. Any event the node originates -- info, heartbeat, runner status,
+Each cycle the planner compares every connected node's last event index
+(`NodeRecord.last_event_idx`) with what it saw the cycle before. Any event the node originates -- info, heartbeat, runner status,
 work -- advances that index, so a node whose slow probe hangs but whose other events flow is
 never stale. A node whose index stands still for K consecutive cycles is disconnected.
 
@@ -75,7 +75,6 @@ def check_liveness(
     """
     k = cfg.stale_cycles
     fresh_limit = cfg.fresh_idle_cycles
-    index_by_node = state.last_event_index_by_node
     previous = book.seen
     seen: dict[str, Seen] = {}
     not_fresh: set[str] = set()
@@ -83,7 +82,7 @@ def check_liveness(
     for node_id, rec in state.nodes.items():
         if not rec.connected:
             continue
-        index = index_by_node.get(node_id, 0)
+        index = rec.last_event_idx
         # joined_idx counts too: a master-made NodeConnected (re)joins a node that has not
         # spoken yet, and that is progress for it.
         if rec.joined_idx > index:

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cluster.master.admission import AdmissionError, check_worker_event
+from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
 from cluster.net.framing import FrameError, encode_frame
 from cluster.net.membership import Membership, new_nonce
@@ -33,9 +34,12 @@ from cluster.net.protocol import (
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
     SUBMIT_PROTOCOL,
+    REQUEST_PROTOCOL,
     SUBSCRIBE_PROTOCOL,
     Ack,
     Challenge,
+    ControlReplyMsg,
+    ControlRequestMsg,
     EventsRaw,
     Hello,
     Ping,
@@ -63,6 +67,10 @@ log = logging.getLogger(__name__)
 Planner = Callable[[State, int], list[Event]]
 #: (state, node_id, now_ms) -> extra events when a node (re)connects (e.g. finish its window).
 ConnectHook = Callable[[State, str, int], list[Event]]
+#: (request JSON, requesting peer id) -> reply JSON, for requests forwarded by workers.
+RequestHandler = Callable[[bytes, str], Awaitable[bytes]]
+#: (state, now_ms) -> events: a decision made and indexed atomically (see index_decision).
+Decision = Callable[[State, int], Sequence[Event]]
 
 
 class Store(Protocol):
@@ -74,6 +82,7 @@ class Store(Protocol):
     def last_idx(self) -> int: ...
     def append(self, events: Sequence[IndexedEvent]) -> State: ...
     def read_raw_from(self, idx: int) -> Any: ...
+    def read_from(self, idx: int) -> Any: ...
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
 
 
@@ -128,6 +137,7 @@ class Master:
         *,
         planner: Planner | None = None,
         connect_hook: ConnectHook | None = None,
+        request_handler: RequestHandler | None = None,
         now_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         from cluster.net.identity import peer_id_of
@@ -139,6 +149,7 @@ class Master:
         self.config = config or MasterConfig()
         self.planner = planner
         self.connect_hook = connect_hook
+        self.request_handler = request_handler
         self.now_ms = now_ms
         self.addrs: list[str] = []
         self._state = store.state
@@ -149,6 +160,9 @@ class Master:
         ] = {}
         self._sub_ids = itertools.count(1)
         self._store_lock = anyio.Lock()
+        #: Held while a batch is indexed, and while a decision (planner cycle, request) is
+        #: made and indexed: a decision's events follow the state it was made on directly.
+        self._index_lock = anyio.Lock()
         send, recv = anyio.create_memory_object_stream[_Submission](self.config.inbox_size)
         self._inbox_send: MemoryObjectSendStream[_Submission] = send
         self._inbox_recv: MemoryObjectReceiveStream[_Submission] = recv
@@ -156,6 +170,11 @@ class Master:
         self._stop = anyio.Event()
         self._finished = anyio.Event()
         self.stats = {"batches": 0, "commits": 0, "events": 0, "duplicates": 0, "refused": 0}
+        self.last_plan_seconds = 0.0
+        self._plan_seconds_sum = 0.0
+        self._plan_cycles = 0
+        #: node id -> highest index sent on its subscribe stream (for catch-up lag).
+        self._sent_idx: dict[str, int] = {}
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -192,6 +211,58 @@ class Master:
             raise sub.error
         return sub.indexed
 
+    async def read_events(self, from_idx: int, limit: int) -> list[IndexedEvent]:
+        """Up to `limit` indexed events from `from_idx` (for the HTTP API's event stream)."""
+
+        def read() -> list[IndexedEvent]:
+            it = self.store.read_from(max(1, from_idx))
+            try:
+                return list(itertools.islice(it, limit))
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+        if from_idx > self._last_idx:
+            return []
+        async with self._store_lock:
+            return await anyio.to_thread.run_sync(read)
+
+    def metrics(self) -> MasterMetrics:
+        """The master's own measurements, for /metrics."""
+        log_dir = getattr(self.store, "log", None)
+        size = 0
+        directory = getattr(log_dir, "directory", None)
+        if directory is not None:
+            with contextlib.suppress(OSError):
+                size = sum(p.stat().st_size for p in Path(directory).glob("*.seg"))
+        lag = {node: max(0, self._last_idx - idx) for node, idx in self._sent_idx.items()}
+        return MasterMetrics(
+            events_indexed=self._last_idx,
+            log_size_bytes=size,
+            plan_cycle_last_seconds=self.last_plan_seconds,
+            plan_cycle_seconds_sum=self._plan_seconds_sum,
+            plan_cycles_total=self._plan_cycles,
+            catch_up_lag_by_node=lag,
+            counters={k: v for k, v in self.stats.items() if k != "batches"},
+        )
+
+    async def index_decision(self, decide: Decision) -> list[IndexedEvent]:
+        """Decide on the current state and index the result before anything else.
+
+        The planner's cycle and every request go through here, one at a time: each decision
+        sees the state that includes every earlier decision, and no worker event lands
+        between a decision and its events (DESIGN rule 2: the master's clock is read here).
+        """
+        async with self._index_lock:
+            now = max(self.now_ms(), self._state.last_time_ms)
+            events = decide(self._state, now)
+            if not events:
+                return []
+            sub = _Submission(MASTER_ORIGIN, list(events))
+            await self._index([sub])
+            return sub.indexed
+
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._run(task_status)
@@ -204,6 +275,9 @@ class Master:
             host.set_stream_handler(SUBMIT_PROTOCOL, nethost.safe_handler(self._submit, "submit"))
             host.set_stream_handler(
                 SUBSCRIBE_PROTOCOL, nethost.safe_handler(self._subscribe, "subscribe")
+            )
+            host.set_stream_handler(
+                REQUEST_PROTOCOL, nethost.safe_handler(self._request, "request")
             )
             self.addrs = nethost.full_addrs(host)
             async with anyio.create_task_group() as tg:
@@ -225,7 +299,8 @@ class Master:
                 except anyio.WouldBlock:
                     break
             try:
-                await self._index(batch)
+                async with self._index_lock:
+                    await self._index(batch)
             except BaseException as exc:
                 for sub in batch:
                     if not sub.done.is_set():
@@ -296,16 +371,23 @@ class Master:
         while True:
             await anyio.sleep(self.config.plan_interval)
             if self.planner is not None:
-                try:
-                    events = self.planner(self._state, max(self.now_ms(), self._state.last_time_ms))
-                except Exception:
-                    log.exception("planner failed this cycle; state unchanged")
-                    events = []
-                if events:
-                    await self.submit_master_events(events)
+                await self.index_decision(self._plan_safely)
             if self.config.data_dir is not None and written != self._last_idx:
                 written = self._last_idx
                 write_digest_file(self.config.data_dir, self._state, role="master")
+
+    def _plan_safely(self, state: State, now_ms: int) -> list[Event]:
+        assert self.planner is not None
+        started = time.perf_counter()
+        try:
+            return self.planner(state, now_ms)
+        except Exception:
+            log.exception("planner failed this cycle; state unchanged")
+            return []
+        finally:
+            self.last_plan_seconds = time.perf_counter() - started
+            self._plan_seconds_sum += self.last_plan_seconds
+            self._plan_cycles += 1
 
     # ------------------------------------------------------------------ hello
     async def _hello(self, fs: nethost.FramedStream) -> None:
@@ -345,11 +427,14 @@ class Master:
             await fs.fail("unauthorized", reason)
             return
         self._members.add(peer)
-        now = max(self.now_ms(), self._state.last_time_ms)
-        events: list[Event] = [NodeConnected(node_id=peer)]
-        if self.connect_hook is not None:
-            events += self.connect_hook(self._state, peer, now)
-        await self.submit_master_events(events)
+
+        def connected(state: State, now: int) -> list[Event]:
+            events: list[Event] = [NodeConnected(node_id=peer)]
+            if self.connect_hook is not None:
+                events += self.connect_hook(state, peer, now)
+            return events
+
+        await self.index_decision(connected)
         log.info("node %s joined (passed hello)", peer)
         welcome = Welcome(
             node_id=peer,
@@ -371,6 +456,29 @@ class Master:
         log.warning("refused %s stream from %s: %s", what, fs.peer_id, reason)
         await fs.fail("unauthorized", f"{what} refused: peer {fs.peer_id}: {reason}")
         return False
+
+    # ------------------------------------------------------------------ request
+    async def _request(self, fs: nethost.FramedStream) -> None:
+        """A host's request forwarded by its worker: judged as coming from that node."""
+        if not await self._require_member(fs, "request"):
+            return
+        t = self.config.peer_timeout
+        try:
+            msg = expect(await fs.recv(t), ControlRequestMsg)
+        except (ProtocolError, TimeoutError, EOFError, FrameError) as exc:
+            code, message = (
+                nethost.error_of(exc)
+                if not isinstance(exc, TimeoutError)
+                else ("timeout", f"no request within {t:g} s")
+            )
+            await fs.fail(code, message)
+            return
+        if self.request_handler is None:
+            reply = b'{"ok":false,"message":"this master takes no requests"}'
+        else:
+            reply = await self.request_handler(msg.payload, fs.peer_id)
+        await fs.send(ControlReplyMsg(payload=reply), t)
+        await fs.close()
 
     # ------------------------------------------------------------------ submit
     async def _submit(self, fs: nethost.FramedStream) -> None:
@@ -517,6 +625,8 @@ class Master:
     async def _send_records(
         self, fs: nethost.FramedStream, records: list[tuple[int, bytes]]
     ) -> None:
+        if records:
+            self._sent_idx[fs.peer_id] = records[-1][0]
         frames = []
         step = self.config.frame_events
         for off in range(0, len(records), step):

@@ -1,11 +1,13 @@
 """Wire messages between workers and the master, as one msgspec tagged union.
 
-Three long-lived streams, all opened by the worker (the master never dials):
+Streams, all opened by the worker (the master never dials):
 
 - ``HELLO``: `Hello` -> `Challenge` -> `Proof` -> `Welcome` | `ErrorMsg`. Nothing else a
   peer sends is accepted before it has passed hello (see `membership`).
 - ``SUBMIT``: the worker sends `SubmitBatch` (its own (seq, event) pairs) and `Ping`; the
   master answers `Ack(seq)` (highest seq of that worker that is durable) and `Pong`.
+- ``REQUEST``: one `ControlRequestMsg` (a host's maintenance request, as JSON) answered by
+  one `ControlReplyMsg`; the master judges it as coming from the authenticated peer.
 - ``SUBSCRIBE``: the worker sends one `Subscribe(from_idx)`; the master answers with an
   optional snapshot (`SnapshotBegin` + `SnapshotChunk`s), then `Events` batches in index order,
   and `Tick` when idle so a hung master is noticed.
@@ -26,6 +28,8 @@ from cluster.shared.events import Event, IndexedEvent
 HELLO_PROTOCOL: Final = "/cluster/hello/1.0.0"
 SUBMIT_PROTOCOL: Final = "/cluster/submit/1.0.0"
 SUBSCRIBE_PROTOCOL: Final = "/cluster/subscribe/1.0.0"
+#: One request per stream: a host's `cluster maintenance ...` forwarded by its worker.
+REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 PROTOCOL_VERSION: Final = 1
 
 
@@ -97,6 +101,18 @@ class Tick(Msg, frozen=True):
     last_idx: int
 
 
+class ControlRequestMsg(Msg, frozen=True, tag="Request"):
+    """A `cluster.control.Request` (its JSON), asked on behalf of the worker's own host."""
+
+    payload: bytes
+
+
+class ControlReplyMsg(Msg, frozen=True, tag="Reply"):
+    """The master's `cluster.control.Reply` (its JSON)."""
+
+    payload: bytes
+
+
 class ErrorMsg(Msg, frozen=True, tag="Error"):
     code: str
     message: str
@@ -116,6 +132,8 @@ Message = (
     | SnapshotChunk
     | Events
     | Tick
+    | ControlRequestMsg
+    | ControlReplyMsg
     | ErrorMsg
 )
 

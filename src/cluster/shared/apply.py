@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
+from immutables import MapMutation
 
 from cluster.shared.events import (
     EVENT_TYPES,
@@ -41,9 +42,10 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.reducers import epochs, maintenance, nodes, runners
-from cluster.shared.state import State
+from cluster.shared.state import NodeRecord, State
 
 _replace = msgspec.structs.replace
+_heartbeat = nodes.node_heartbeat
 
 
 class OutOfOrderError(Exception):
@@ -96,64 +98,69 @@ def apply(state: State, ie: IndexedEvent) -> State:
     if ie.idx != expected:
         raise OutOfOrderError(expected, ie.idx)
     origin = ie.origin
-    if origin != MASTER_ORIGIN:
-        # Every node-originated event is liveness (DESIGN rule 6) and (re)joins the node.
-        state = nodes.ensure_node(state, origin, ie)
-        state = REDUCERS[type(ie.event)](state, ie, ie.event)
+    event = ie.event
+    reducer = REDUCERS[type(event)]
+    if origin == MASTER_ORIGIN:
+        state = reducer(state, ie, event)
         return _replace(
-            state,
-            last_applied=ie.idx,
-            last_time_ms=ie.master_time_ms,
-            last_event_index_by_node=state.last_event_index_by_node.set(origin, ie.idx),
-            last_seq_by_origin=state.last_seq_by_origin.set(origin, ie.seq),
+            state, last_applied=ie.idx, last_time_ms=ie.master_time_ms, master_seq=ie.seq
         )
-    state = REDUCERS[type(ie.event)](state, ie, ie.event)
-    return _replace(
-        state,
-        last_applied=ie.idx,
-        last_time_ms=ie.master_time_ms,
-        last_seq_by_origin=state.last_seq_by_origin.set(origin, ie.seq),
-    )
+    # Every node-originated event is liveness (DESIGN rule 6) and (re)joins the node: its
+    # record is updated before the reducer runs, which reads it from `state.nodes`. One
+    # lookup and one update of the one map that grows with the cluster.
+    node_map = state.nodes
+    node_map = node_map.set(origin, nodes.spoke(node_map.get(origin), origin, ie))
+    if reducer is _heartbeat:  # nothing else to do: skip the call
+        return _replace(
+            state, nodes=node_map, last_applied=ie.idx, last_time_ms=ie.master_time_ms
+        )
+    state = reducer(_replace(state, nodes=node_map), ie, event)
+    return _replace(state, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
 
 
 def fold(state: State, events: Iterable[IndexedEvent]) -> State:
     """Apply a run of consecutive events; equal to calling `apply` on each in turn.
 
-    Replay and catch-up spend most of their time here, so the per-event bookkeeping that
-    every event touches (`last_event_index_by_node`, `last_seq_by_origin`, `last_applied`,
-    `last_time_ms`) is accumulated in HAMT mutations and written once at the end. That is
-    sound because reducers read index and time from the event they are given, never from
-    those four fields (a property test checks `fold` == repeated `apply`). Heartbeats from
-    connected nodes touch nothing else, so their reducer call is skipped.
+    Replay and catch-up spend most of their time here, and most events are heartbeats, so a
+    run of them updates the node records in one HAMT mutation, finished before any other
+    reducer runs (reducers see a complete `state.nodes`). `last_applied`, `last_time_ms` and
+    `master_seq` are written once at the end: reducers read index and time from the event
+    they are given, never from those fields (a property test checks `fold` == repeated
+    `apply`).
 
     On `OutOfOrderError` nothing is returned: the caller still holds the state it passed in.
     """
-    idx_by_node = state.last_event_index_by_node.mutate()
-    seq_by_origin = state.last_seq_by_origin.mutate()
+    pending: MapMutation[str, NodeRecord] | None = None  # node records of a heartbeat run
     last_idx = state.last_applied
     last_ms = state.last_time_ms
+    master_seq = state.master_seq
     reducers = REDUCERS
-    heartbeat = nodes.node_heartbeat
+    spoke = nodes.spoke
     for ie in events:
         if ie.idx != last_idx + 1:
             raise OutOfOrderError(last_idx + 1, ie.idx)
         origin = ie.origin
-        if origin != MASTER_ORIGIN:
-            rec = state.nodes.get(origin)
-            if rec is None or not rec.connected:
-                state = nodes.ensure_node(state, origin, ie)
-            idx_by_node[origin] = ie.idx
         event = ie.event
         reducer = reducers[type(event)]
-        if reducer is not heartbeat:
+        if origin == MASTER_ORIGIN:
+            if pending is not None:
+                state = _replace(state, nodes=pending.finish())
+                pending = None
             state = reducer(state, ie, event)
-        seq_by_origin[origin] = ie.seq
+            master_seq = ie.seq
+        else:
+            if pending is None:
+                pending = state.nodes.mutate()
+            pending[origin] = spoke(pending.get(origin), origin, ie)
+            if reducer is not _heartbeat:
+                state = reducer(_replace(state, nodes=pending.finish()), ie, event)
+                pending = None
         last_idx = ie.idx
         last_ms = ie.master_time_ms
     return _replace(
         state,
+        nodes=state.nodes if pending is None else pending.finish(),
         last_applied=last_idx,
         last_time_ms=last_ms,
-        last_event_index_by_node=idx_by_node.finish(),
-        last_seq_by_origin=seq_by_origin.finish(),
+        master_seq=master_seq,
     )

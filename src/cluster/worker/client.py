@@ -32,9 +32,12 @@ from cluster.net.protocol import (
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
     SUBMIT_PROTOCOL,
+    REQUEST_PROTOCOL,
     SUBSCRIBE_PROTOCOL,
     Ack,
     Challenge,
+    ControlReplyMsg,
+    ControlRequestMsg,
     ErrorMsg,
     Events,
     Hello,
@@ -91,6 +94,10 @@ class MasterRefused(Exception):
     """The master refused this worker (not a member): retried, but logged as an error."""
 
 
+class MasterUnavailable(Exception):
+    """There is no connection to the master right now (the request was not sent)."""
+
+
 class _Resubscribe(Exception):
     pass
 
@@ -126,6 +133,8 @@ class Worker:
         self.phase = "connecting"
         self.master_last_idx = 0
         self.connections = 0
+        #: (host, master peer) while connected: what `request_master` uses.
+        self._link: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -155,6 +164,24 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def request_master(self, payload: bytes, timeout: float = 30.0) -> bytes:
+        """Forward a host request (control JSON) to the master; its reply JSON.
+
+        The master judges it as coming from this node, over the authenticated connection.
+        Raises `MasterUnavailable` when there is no connection right now.
+        """
+        link = self._link
+        if link is None:
+            raise MasterUnavailable(f"not connected to the master (worker is {self.phase})")
+        host, peer = link
+        fs = await nethost.open_stream(host, peer, REQUEST_PROTOCOL, timeout)
+        try:
+            await fs.send(ControlRequestMsg(payload=payload), timeout)
+            return expect(await fs.recv(timeout), ControlReplyMsg).payload
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await fs.close()
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
@@ -225,9 +252,13 @@ class Worker:
                 backoff = cfg.backoff_initial
                 self.outbox.skip_to(welcome.last_seq)
                 self.master_last_idx = welcome.last_idx
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._submit_stream, host, peer)
-                    tg.start_soon(self._subscribe_streams, host, peer)
+                self._link = (host, peer)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._submit_stream, host, peer)
+                        tg.start_soon(self._subscribe_streams, host, peer)
+                finally:
+                    self._link = None
             except MasterRefused as exc:
                 log.error("master refused this worker: %s", exc)
                 backoff = cfg.backoff_max

@@ -25,16 +25,44 @@ def merge_info(old: NodeInfo, new: NodeInfo) -> NodeInfo:
     return _replace(old, **changes) if changes else old
 
 
+def spoke(rec: NodeRecord | None, node_id: str, ie: IndexedEvent) -> NodeRecord:
+    """The record of `node_id` after it originated `ie`: (re)joined if it was new or
+    disconnected, its last event index (DESIGN rule 6) and sequence number advanced."""
+    if rec is None:
+        return NodeRecord(
+            node_id=node_id,
+            info=NodeInfo(),
+            connected=True,
+            joined_idx=ie.idx,
+            joined_ms=ie.master_time_ms,
+            last_event_idx=ie.idx,
+            last_seq=ie.seq,
+        )
+    if not rec.connected:
+        return _replace(
+            rec,
+            connected=True,
+            joined_idx=ie.idx,
+            joined_ms=ie.master_time_ms,
+            last_event_idx=ie.idx,
+            last_seq=ie.seq,
+        )
+    return _replace(rec, last_event_idx=ie.idx, last_seq=ie.seq)
+
+
 def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
-    """The node exists and is connected: a node that speaks (again) has (re)joined."""
+    """The node exists and is connected: the master saw it (re)connect."""
     rec = state.nodes.get(node_id)
     if rec is None:
+        # Known to the master before it spoke: no event of its own yet.
         rec = NodeRecord(
             node_id=node_id,
             info=NodeInfo(),
             connected=True,
             joined_idx=ie.idx,
             joined_ms=ie.master_time_ms,
+            last_event_idx=0,
+            last_seq=0,
         )
     elif not rec.connected:
         rec = _replace(
@@ -59,7 +87,7 @@ def node_gathered_info(state: State, ie: IndexedEvent, ev: NodeGatheredInfo) -> 
 
 
 def node_heartbeat(state: State, ie: IndexedEvent, ev: NodeHeartbeat) -> State:
-    # Liveness bookkeeping (last_event_index_by_node) is done by apply() for every event.
+    # Liveness bookkeeping (NodeRecord.last_event_idx) is done by apply() for every event.
     return state
 
 

@@ -1,0 +1,63 @@
+"""The worker's control socket: its host's `cluster maintenance ...`, relayed to the master.
+
+The master judges a relayed request as coming from this node (it arrives over the node's
+authenticated libp2p connection), so a host can only manage its own windows. Session
+management is the operator's and is refused here with a pointer to the master host.
+"""
+
+from __future__ import annotations
+
+from cluster.control import (
+    ControlError,
+    MaintenanceCancel,
+    MaintenanceCheck,
+    MaintenanceFinish,
+    MaintenanceNext,
+    MaintenanceSchedule,
+    Reply,
+    Request,
+    StatusRequest,
+    decode_reply,
+    encode_message,
+)
+from cluster.shared.node_status import node_status
+from cluster.worker.client import MasterUnavailable, Worker
+
+_RELAYED = (
+    MaintenanceSchedule,
+    MaintenanceCheck,
+    MaintenanceCancel,
+    MaintenanceFinish,
+    MaintenanceNext,
+)
+
+
+class HostRelay:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def handle(self, request: Request) -> Reply:
+        if isinstance(request, _RELAYED):
+            try:
+                answer = await self.worker.request_master(encode_message(request))
+            except MasterUnavailable as exc:
+                return Reply(ok=False, message=f"{exc}; try again once it has reconnected")
+            except (TimeoutError, OSError, EOFError) as exc:
+                return Reply(ok=False, message=f"the master did not answer: {exc or 'timeout'}")
+            try:
+                return decode_reply(answer)
+            except ControlError as exc:
+                return Reply(ok=False, message=str(exc))
+        if isinstance(request, StatusRequest):
+            state = self.worker.state
+            mine = node_status(state, self.worker.node_id, state.last_time_ms)
+            return Reply(
+                ok=True,
+                message=f"worker {self.worker.node_id} ({self.worker.phase}): {mine.message}",
+                data={"node_id": self.worker.node_id, "phase": self.worker.phase},
+            )
+        return Reply(
+            ok=False,
+            message="sessions are managed by the operator: run `cluster session` on the master "
+            "host (with the master's --data-dir)",
+        )
