@@ -115,8 +115,17 @@ def credit_balance_ms(state: State, node_id: str, policy: MaintenancePolicy) -> 
 def credit_to_earn_ms(state: State, node_id: str, policy: MaintenancePolicy) -> int:
     """Credit an epoch completed unpunished earns the node: the per-epoch rate, but never
     past the cap (settlement puts this in `NodePayout.credit_earned_ms`)."""
-    room = policy.credit_cap_ms - credit_balance_ms(state, node_id, policy)
-    return max(0, min(policy.credit_per_epoch_ms, room))
+    return credits_to_earn_ms(state, (node_id,), policy)[node_id]
+
+
+def credits_to_earn_ms(
+    state: State, node_ids: Iterable[str], policy: MaintenancePolicy
+) -> dict[str, int]:
+    """`credit_to_earn_ms` for many nodes at once: settlement pays every node each epoch."""
+    balances = state.credit_ms_by_node
+    room_at_zero = policy.credit_cap_ms - policy.initial_credit_ms
+    rate = policy.credit_per_epoch_ms
+    return {n: max(0, min(rate, room_at_zero - balances.get(n, 0))) for n in node_ids}
 
 
 # --------------------------------------------------------------------------------------------

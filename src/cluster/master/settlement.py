@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cluster.master.config import PlannerConfig
-from cluster.master.maintenance import credit_to_earn_ms
+from cluster.master.maintenance import credits_to_earn_ms
 from cluster.shared.events import (
     EpochSettled,
     LateWorkSettled,
@@ -37,7 +37,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.excuse import is_excused
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import EpochLedger, EpochRecord, State
+from cluster.shared.state import EMPTY_NODE_LEDGER, EpochLedger, EpochRecord, State
 
 DEFAULT_POLICY = MaintenancePolicy()
 
@@ -117,17 +117,20 @@ def settle_epoch(
     }
     candidates |= stayed
 
+    judged = misses.keys() | disconnects.keys()  # may be punished (misses over threshold)
+    credits = credits_to_earn_ms(state, served | stayed, policy)
+    accounts = ledger.nodes
     payouts: list[NodePayout] = []
     for node_id in sorted(candidates):
-        account = ledger.node(node_id)
+        account = accounts.get(node_id, EMPTY_NODE_LEDGER)
         units = account.units
-        if node_id in misses or node_id in disconnects:
+        if node_id in judged:
             reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
         else:
             reasons = []
         credit = 0
         if not reasons and (units > 0 or node_id in stayed):
-            credit = credit_to_earn_ms(state, node_id, policy)
+            credit = credits[node_id]
         elif not reasons and units == 0:
             continue
         if units == 0 and not reasons and credit == 0:
