@@ -56,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_master_addr(value: str) -> str:
     """A multiaddr as given, or the first line of the file it names."""
-    if value.startswith("/"):
-        return value
     path = Path(value)
+    # An absolute file path starts with "/" too (such as /srv/master/master.addr): a file
+    # that exists wins, anything else starting with "/" is taken as a multiaddr.
+    if value.startswith("/") and not path.is_file():
+        return value
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
