@@ -63,46 +63,40 @@ def seeded_state(nodes: int) -> State:
 
 
 @dataclass(frozen=True)
+class NaiveNode:
+    info: NodeInfo
+    last_event_idx: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
 class NaiveState:
     """The obvious immutable state: plain dicts, copied whenever they change."""
 
     last_applied: int
-    nodes: dict[str, NodeInfo]
-    last_event_index_by_node: dict[str, int]
-    last_seq_by_origin: dict[str, int]
+    nodes: dict[str, NaiveNode]
     runners: dict[str, RunnerStatus]
     units: dict[str, int]
 
 
 def naive_apply(s: NaiveState, ie: IndexedEvent) -> NaiveState:
     ev = ie.event
-    nodes = s.nodes
-    if ie.origin not in nodes:
-        nodes = {**nodes, ie.origin: NodeInfo()}
+    # Every node event advances its origin's marks: a new record in a copy of all nodes.
+    old = s.nodes.get(ie.origin)
+    rec = NaiveNode(NodeInfo() if old is None else old.info, ie.idx, ie.seq)
+    nodes = {**s.nodes, ie.origin: rec}
     runners, units = s.runners, s.units
-    if isinstance(ev, NodeGatheredInfo):
-        nodes = {**nodes, ev.node_id: ev.info}
+    if isinstance(ev, NodeGatheredInfo) and (target := nodes.get(ev.node_id)) is not None:
+        nodes[ev.node_id] = replace(target, info=ev.info)  # `nodes` is this event's own copy
     elif isinstance(ev, RunnerStatusUpdated):
         runners = {**runners, ev.runner_id: ev.status}
     elif isinstance(ev, WorkReported):
         units = {**units, ev.node_id: units.get(ev.node_id, 0) + ev.units}
-    idx = dict(s.last_event_index_by_node)
-    idx[ie.origin] = ie.idx
-    seq = dict(s.last_seq_by_origin)
-    seq[ie.origin] = ie.seq
-    return replace(
-        s,
-        last_applied=ie.idx,
-        nodes=nodes,
-        last_event_index_by_node=idx,
-        last_seq_by_origin=seq,
-        runners=runners,
-        units=units,
-    )
+    return replace(s, last_applied=ie.idx, nodes=nodes, runners=runners, units=units)
 
 
 def naive_seeded(nodes: int) -> NaiveState:
-    s = NaiveState(0, {}, {}, {}, {}, {})
+    s = NaiveState(0, {}, {}, {})
     for ie in make_events(nodes, nodes, 1):
         s = naive_apply(s, ie)
     return s

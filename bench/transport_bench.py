@@ -2,11 +2,21 @@
 
 Measures, in one run:
 
-1. raw: events/s through ONE batched libp2p stream between two processes (Noise + Yamux,
-   the same frames and batch size as the submit protocol, no indexing, no disk) -- the
-   ceiling the transport itself sets on this machine;
+1. raw: events/s through ONE batched libp2p stream between two processes: the real cost of
+   moving the benchmark's events, and nothing else. Precisely: the source sends `SubmitBatch`
+   frames exactly as a worker's submit stream does -- `WorkerConfig.batch_events` (2048)
+   pre-encoded `NodeHeartbeat` events of the same size per frame (a 52-character node id,
+   as in the end-to-end run), each frame one length-prefixed write over Noise + Yamux --
+   and the sink reads every frame and decodes it with the protocol's decoder into
+   `SeqEvent`/`Event` objects, as the master does. No indexing, no disk, no fan-out. Both
+   processes use the node processes' GC settings (`nethost.tune_gc`). The rate is counted
+   from the first frame received to the last.
 2. throughput: events/s from emission on 4 workers to durable-and-indexed at the master
-   (the real `cluster master`, fsync per group commit), workers offering more than it takes;
+   (the real `cluster master`: every event fsync-durable in a group commit before it is
+   acknowledged, deduplicated by (origin, seq), broadcast to and applied on all 4 replicas).
+   Workers emit as fast as the pipeline takes: each keeps its durable outbox topped up to
+   `--backlog` unacknowledged events (emission, a write(2) per event, is part of the cost).
+   The rate is the events in the master's log over the span of their master timestamps.
 3. latency: at a fixed offered load of 1,000 events/s in total, p50/p99 from emission on a
    worker to applied on ALL 4 workers' replicas.
 
@@ -29,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 WORKERS = int(__import__("os").environ.get("BENCH_WORKERS", "4"))
-BATCH = 256
+#: Closed-loop emission: at most this many events per worker per wake-up (1 ms).
+BURST = 2048
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -60,7 +71,7 @@ def bench_worker(args: argparse.Namespace) -> None:
     def on_change(state: State) -> None:
         now = time.monotonic()
         for origin in watched:
-            seq = state.last_seq_by_origin.get(origin, 0)
+            seq = state.last_seq(origin)
             rows = applied.setdefault(origin, [])
             if seq and (not rows or rows[-1][0] < seq):
                 rows.append((seq, now))
@@ -78,16 +89,24 @@ def bench_worker(args: argparse.Namespace) -> None:
                 await anyio.sleep(0.01)
             start = time.monotonic()
             sent = 0
-            # Paced emission: `rate` per second for `duration` seconds.
+            event = NodeHeartbeat(node_id=worker.node_id)
+            # Paced emission: `rate` per second for `duration` seconds; with no rate, as fast
+            # as the pipeline takes them: the outbox is kept topped up to `backlog` waiting.
             while (elapsed := time.monotonic() - start) < args.duration:
-                due = int(elapsed * args.rate)
+                if args.rate:
+                    due = int(elapsed * args.rate)
+                else:
+                    due = sent + min(args.backlog - len(worker.outbox), BURST)
                 while sent < due:
                     now = time.monotonic()
-                    emits[worker.emit_seq(NodeHeartbeat(node_id=worker.node_id))] = now
+                    emits[worker.emit_seq(event)] = now
                     sent += 1
                 if not acks or acks[-1][0] < worker.outbox.acked:
                     acks.append((worker.outbox.acked, time.monotonic()))
-                await anyio.sleep(0.001)
+                # Sleep until the next event is due (at least 1 ms): the harness should not
+                # spend the CPU it measures on polling.
+                next_due = start + (sent + 1) / args.rate if args.rate else 0.0
+                await anyio.sleep(max(0.001, next_due - time.monotonic()))
             # Let the tail drain (acks and replicas), bounded.
             with anyio.move_on_after(args.drain):
                 while len(worker.outbox):
@@ -113,7 +132,10 @@ def raw_source(args: argparse.Namespace) -> None:
     from cluster.net.identity import key_pair_from_seed
     from cluster.net.protocol import SeqEventRaw, SubmitBatchRaw, encode, encode_raw
     from cluster.shared.events import NodeHeartbeat
+    from cluster.worker.client import WorkerConfig
 
+    nethost.tune_gc()
+    batch_events = WorkerConfig().batch_events
     kp = key_pair_from_seed(b"\x02" * 32)
     payload = msgspec.Raw(encode_raw(NodeHeartbeat(node_id="12D3KooW" + "x" * 44)))
 
@@ -126,9 +148,9 @@ def raw_source(args: argparse.Namespace) -> None:
             seq = 0
             while seq < args.events:
                 batch = SubmitBatchRaw(
-                    events=[SeqEventRaw(seq + i + 1, payload) for i in range(BATCH)]
+                    events=[SeqEventRaw(seq + i + 1, payload) for i in range(batch_events)]
                 )
-                seq += BATCH
+                seq += batch_events
                 await fs.send_bytes(encode_frame(encode(batch)), 30)
             await fs.recv(60)  # the sink's final answer
             await fs.close()
@@ -144,20 +166,22 @@ async def raw_sink(events: int) -> float:
     from cluster.net.identity import key_pair_from_seed
     from cluster.net.protocol import Ack, decode
 
+    nethost.tune_gc()
     kp = key_pair_from_seed(b"\x01" * 32)
     result: dict[str, float] = {}
     done = anyio.Event()
 
     async def handle(fs: nethost.FramedStream) -> None:
-        got = 0
+        got = first = 0
         t0 = 0.0
         while got < events:
             frame = await fs.recv_frame(30)
-            if not t0:
-                t0 = time.perf_counter()
             msg = decode(frame)  # decode like the master does (validates every event)
             got += len(msg.events)  # type: ignore[union-attr]
-        result["rate"] = (got - BATCH) / (time.perf_counter() - t0)
+            if not t0:
+                t0 = time.perf_counter()
+                first = got
+        result["rate"] = (got - first) / (time.perf_counter() - t0)
         await fs.send(Ack(seq=got), 10)
         done.set()
 
@@ -174,7 +198,13 @@ async def raw_sink(events: int) -> float:
 
 # ------------------------------------------------------------------------------ orchestration
 def run_phase(
-    root: Path, name: str, rate_per_worker: float, duration: float, addr: str, secret: Path
+    root: Path,
+    name: str,
+    rate_per_worker: float,
+    duration: float,
+    addr: str,
+    secret: Path,
+    backlog: int,
 ) -> list[dict[str, Any]]:
     phase = root / name
     phase.mkdir()
@@ -185,6 +215,7 @@ def run_phase(
         cmd = [sys.executable, __file__, "--bench-worker", "--data-dir", str(root / f"w{k}")]
         cmd += ["--master", addr, "--secret", str(secret), "--rate", str(rate_per_worker)]
         cmd += ["--duration", str(duration), "--out", str(out), "--ready", str(ready)]
+        cmd += ["--backlog", str(backlog)]
         cmd += ["--go", str(go), "--watch", ",".join(_ids(root))]
         procs.append(subprocess.Popen(cmd))
         outs.append(out)
@@ -216,9 +247,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--drain", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=8192,
+        help="throughput phase: events each worker keeps waiting in its outbox",
+    )
     parser.add_argument("--verbose", action="store_true", help="per worker pair latency")
     parser.add_argument("--events", type=int, default=300_000, help="events for the raw run")
-    parser.add_argument("--offered", type=float, default=60_000, help="throughput phase ev/s")
+    parser.add_argument(
+        "--phases", default="raw,throughput,latency", help="comma-separated subset to run"
+    )
     args = parser.parse_args()
     if args.bench_worker:
         return bench_worker(args)
@@ -227,13 +266,15 @@ def main() -> None:
 
     import anyio
 
-    from cluster.shared.eventlog import EventLog
-    from cluster.shared.store import decode_record
-
+    phases = set(args.phases.split(","))
     root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
     print(f"transport bench in {root} ({WORKERS} workers, separate processes, loopback)")
-    raw = anyio.run(raw_sink, args.events, backend="trio")
-    print(f"raw batched libp2p stream     : {raw:>10,.0f} events/s (1 stream, {BATCH}/frame)")
+    raw = 0.0
+    if "raw" in phases:
+        raw = anyio.run(raw_sink, args.events, backend="trio")
+        print(
+            f"raw batched libp2p stream     : {raw:>10,.0f} events/s (1 stream, SubmitBatch frames)"
+        )
 
     mdir = root / "master"
     master = subprocess.Popen(
@@ -257,79 +298,91 @@ def main() -> None:
             time.sleep(0.05)
         addr = (mdir / "master.addr").read_text().strip()
         secret = mdir / "cluster.secret"
-
-        # Throughput: offer more than the pipeline takes; count what the log holds.
-        results = run_phase(root, "throughput", args.offered / WORKERS, args.duration, addr, secret)
-        ids = {r["node_id"] for r in results}
-        emitted = sum(len(r["emits"]) for r in results)
-        log = EventLog.open(mdir / "log", readonly=True)
-        times = [
-            ie.master_time_ms
-            for _, p in log.read_from(1)
-            if (ie := decode_record(_, p)).origin in ids
-        ]
-        log.close()
-        span = (max(times) - min(times)) / 1000
-        e2e = len(times) / span
-        print(
-            f"end-to-end, emission -> durable+indexed: {e2e:>10,.0f} events/s "
-            f"({len(times):,} of {emitted:,} offered at {args.offered:,.0f}/s, over {span:.1f} s)"
-        )
-        print(f"  ratio to raw stream: {e2e / raw:.0%} (target >= 50%)")
-
-        # Latency at a fixed 1,000 events/s in total.
-        results = run_phase(root, "latency", 1000 / WORKERS, args.duration, addr, secret)
-        lat = []
-        missing = 0
-        for src in results:
-            origin = src["node_id"]
-            # Per replica: the seqs of `origin` seen applied, ascending, and when.
-            seen = [
-                (
-                    [s for s, _ in d["applied"].get(origin, [])],
-                    [t for _, t in d["applied"].get(origin, [])],
-                )
-                for d in results
-            ]
-            for seq_text, t_emit in src["emits"].items():
-                seq = int(seq_text)
-                worst = 0.0
-                for seqs, ts in seen:
-                    k = bisect.bisect_left(seqs, seq)
-                    if k == len(seqs):
-                        missing += 1
-                        break
-                    worst = max(worst, ts[k] - t_emit)
-                else:
-                    lat.append(worst * 1000)
-        if args.verbose:
-            for src in results:
-                seqs = [a[0] for a in src["acks"]]
-                ls = [
-                    (src["acks"][k][1] - t) * 1000
-                    for q, t in src["emits"].items()
-                    if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
-                ]
-                print(f"  {src['node_id'][-6:]} acked: p50 {statistics.median(ls):.1f} ms")
-            for src in results:
-                for d in results:
-                    rows = d["applied"].get(src["node_id"], [])
-                    seqs = [r[0] for r in rows]
-                    ls = [
-                        (rows[k][1] - t) * 1000
-                        for q, t in src["emits"].items()
-                        if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
-                    ]
-                    pair = f"{src['node_id'][-6:]} -> {d['node_id'][-6:]}"
-                    print(f"  {pair}: p50 {statistics.median(ls):.1f} ms")
-        print(
-            f"latency at 1,000 ev/s, emission -> applied on all {WORKERS} workers: "
-            f"p50 {statistics.median(lat):.1f} ms, p99 {_percentile(lat, 99):.1f} ms, "
-            f"max {max(lat):.1f} ms over {len(lat):,} events ({missing} not seen everywhere)"
-        )
+        if "throughput" in phases:
+            throughput_phase(root, mdir, addr, secret, args, raw)
+        if "latency" in phases:
+            latency_phase(root, addr, secret, args)
     finally:
         master.terminate()
         master.wait(timeout=30)
+
+
+def throughput_phase(
+    root: Path, mdir: Path, addr: str, secret: Path, args: argparse.Namespace, raw: float
+) -> None:
+    """Offer more than the pipeline takes; count what the master's log holds."""
+    from cluster.shared.eventlog import EventLog
+    from cluster.shared.store import decode_record
+
+    results = run_phase(root, "throughput", 0, args.duration, addr, secret, args.backlog)
+    ids = {r["node_id"] for r in results}
+    emitted = sum(len(r["emits"]) for r in results)
+    log = EventLog.open(mdir / "log", readonly=True)
+    times = [
+        ie.master_time_ms for i, p in log.read_from(1) if (ie := decode_record(i, p)).origin in ids
+    ]
+    log.close()
+    span = (max(times) - min(times)) / 1000
+    e2e = len(times) / span
+    print(
+        f"end-to-end, emission -> durable+indexed: {e2e:>10,.0f} events/s "
+        f"({len(times):,} of {emitted:,} emitted, over {span:.1f} s)"
+    )
+    if raw:
+        print(f"  ratio to raw stream: {e2e / raw:.0%} (target >= 50%)")
+
+
+def latency_phase(root: Path, addr: str, secret: Path, args: argparse.Namespace) -> None:
+    """At a fixed 1,000 events/s in total: emission -> applied on every replica."""
+    results = run_phase(root, "latency", 1000 / WORKERS, args.duration, addr, secret, 0)
+    lat = []
+    missing = 0
+    for src in results:
+        origin = src["node_id"]
+        # Per replica: the seqs of `origin` seen applied, ascending, and when.
+        seen = [
+            (
+                [s for s, _ in d["applied"].get(origin, [])],
+                [t for _, t in d["applied"].get(origin, [])],
+            )
+            for d in results
+        ]
+        for seq_text, t_emit in src["emits"].items():
+            seq = int(seq_text)
+            worst = 0.0
+            for seqs, ts in seen:
+                k = bisect.bisect_left(seqs, seq)
+                if k == len(seqs):
+                    missing += 1
+                    break
+                worst = max(worst, ts[k] - t_emit)
+            else:
+                lat.append(worst * 1000)
+    if args.verbose:
+        for src in results:
+            seqs = [a[0] for a in src["acks"]]
+            ls = [
+                (src["acks"][k][1] - t) * 1000
+                for q, t in src["emits"].items()
+                if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
+            ]
+            print(f"  {src['node_id'][-6:]} acked: p50 {statistics.median(ls):.1f} ms")
+        for src in results:
+            for d in results:
+                rows = d["applied"].get(src["node_id"], [])
+                seqs = [r[0] for r in rows]
+                ls = [
+                    (rows[k][1] - t) * 1000
+                    for q, t in src["emits"].items()
+                    if (k := bisect.bisect_left(seqs, int(q))) < len(seqs)
+                ]
+                pair = f"{src['node_id'][-6:]} -> {d['node_id'][-6:]}"
+                print(f"  {pair}: p50 {statistics.median(ls):.1f} ms")
+    print(
+        f"latency at 1,000 ev/s, emission -> applied on all {WORKERS} workers: "
+        f"p50 {statistics.median(lat):.1f} ms, p99 {_percentile(lat, 99):.1f} ms, "
+        f"max {max(lat):.1f} ms over {len(lat):,} events ({missing} not seen everywhere)"
+    )
 
 
 if __name__ == "__main__":

@@ -236,11 +236,16 @@ origin_and_event: st.SearchStrategy[tuple[str, Any]] = st.one_of(
 
 @st.composite
 def event_logs(
-    draw: st.DrawFn, *, min_size: int = 0, max_size: int = 80, start_idx: int = 1
+    draw: st.DrawFn,
+    *,
+    min_size: int = 0,
+    max_size: int = 80,
+    start_idx: int = 1,
+    pairs: st.SearchStrategy[tuple[str, Any]] = origin_and_event,
 ) -> list[IndexedEvent]:
     """A valid log: consecutive indices from `start_idx`, non-decreasing master time,
-    per-origin sequence numbers counting up."""
-    steps = draw(st.lists(origin_and_event, min_size=min_size, max_size=max_size))
+    per-origin sequence numbers counting up. `pairs` draws each (origin, event)."""
+    steps = draw(st.lists(pairs, min_size=min_size, max_size=max_size))
     gaps = draw(st.lists(st.integers(0, 5_000), min_size=len(steps), max_size=len(steps)))
     now = T0_MS
     seqs: dict[str, int] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.master.admission import AdmissionError, check_worker_event
+from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
 from cluster.net.identity import IdentityError, load_identity, load_or_create_seed
 from cluster.net.membership import (
     Membership,
@@ -69,6 +69,16 @@ def test_admission_binds_origin_and_keeps_decisions_for_the_master() -> None:
         check_worker_event(A, 3, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0))
     with pytest.raises(AdmissionError, match="must be >= 1"):
         check_worker_event(A, 0, NodeHeartbeat(node_id=A))
+
+
+def test_batches_must_count_up() -> None:
+    hb = NodeHeartbeat(node_id=A)
+    check_worker_batch(A, [(5, hb), (6, hb), (9, hb)])  # gaps are fine (duplicates dropped)
+    with pytest.raises(AdmissionError, match="8 follows 9") as err:
+        check_worker_batch(A, [(7, hb), (9, hb), (8, hb)])
+    assert err.value.code == "bad-seq"
+    with pytest.raises(AdmissionError, match="may not speak for node"):
+        check_worker_batch(A, [(1, hb), (2, NodeHeartbeat(node_id=B))])
 
 
 def test_identity_is_stable_and_validated(tmp_path: Path) -> None:

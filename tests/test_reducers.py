@@ -41,7 +41,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.shared.state import EMPTY_STATE, State, WindowState, last_event_index, last_seq
+from cluster.shared.state import EMPTY_STATE, State, WindowState
 
 A, B = "nodeA", "nodeB"
 
@@ -86,13 +86,13 @@ def test_heartbeat_registers_node_and_advances_its_index() -> None:
     log = Log()
     s = log.add(A, NodeHeartbeat(node_id=A), at_ms=5)
     assert s.nodes[A].connected and s.nodes[A].joined_idx == 1 and s.nodes[A].joined_ms == 5
-    assert s.nodes[A].last_event_idx == 1 and last_event_index(s, A) == 1
+    assert s.nodes[A].last_event_idx == 1 and s.last_event_index(A) == 1
     log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=10, seed=1))
     s = log.add(A, NodeHeartbeat(node_id=A))
     assert s.nodes[A].last_event_idx == 3
-    assert last_seq(s, A) == 2 and last_seq(s, MASTER_ORIGIN) == 1 and s.master_seq == 1
+    assert s.last_seq(A) == 2 and s.last_seq(MASTER_ORIGIN) == 1 and s.master_seq == 1
     assert MASTER_ORIGIN not in s.nodes
-    assert last_event_index(s, "unknown") == 0 and last_seq(s, "unknown") == 0
+    assert s.last_event_index("unknown") == 0 and s.last_seq("unknown") == 0
     assert s.last_applied == 3
 
 
@@ -100,9 +100,9 @@ def test_every_node_originated_event_advances_liveness() -> None:
     log = Log()
     log.add(A, NodeHeartbeat(node_id=A))
     s = log.add(A, RunnerStatusUpdated(runner_id="r", node_id=A, status=RunnerStatus.LOADING))
-    assert last_event_index(s, A) == 2
+    assert s.last_event_index(A) == 2
     s = log.add(A, WorkReported(devshard_id="d", node_id=A, units=1, epoch=0))
-    assert last_event_index(s, A) == 3
+    assert s.last_event_index(A) == 3
 
 
 def test_reducers_that_replace_the_record_keep_its_marks() -> None:
@@ -110,15 +110,15 @@ def test_reducers_that_replace_the_record_keep_its_marks() -> None:
     # that record (info, self-test, a disconnect) must carry the marks over.
     log = Log()
     s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, addr="/ip4/127.0.0.1"))
-    assert (last_event_index(s, A), last_seq(s, A)) == (0, 0)  # known, but not spoken yet
+    assert (s.last_event_index(A), s.last_seq(A)) == (0, 0)  # known, but not spoken yet
     s = log.add(A, NodeGatheredInfo(node_id=A, source="host", info=NodeInfo(hostname="h")))
-    assert (s.nodes[A].info.hostname, last_event_index(s, A), last_seq(s, A)) == ("h", 2, 1)
+    assert (s.nodes[A].info.hostname, s.last_event_index(A), s.last_seq(A)) == ("h", 2, 1)
     s = log.add(A, RunnerSelfTestCompleted(node_id=A, runner_kind="k", passed=True, reason=""))
-    assert s.nodes[A].self_test is not None and (last_event_index(s, A), last_seq(s, A)) == (3, 2)
+    assert s.nodes[A].self_test is not None and (s.last_event_index(A), s.last_seq(A)) == (3, 2)
     s = log.add(A, NodeDisconnected(node_id=A, reason="shutting down"))
-    assert not s.nodes[A].connected and (last_event_index(s, A), last_seq(s, A)) == (4, 3)
+    assert not s.nodes[A].connected and (s.last_event_index(A), s.last_seq(A)) == (4, 3)
     s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, addr="/ip4/127.0.0.1"))
-    assert s.nodes[A].joined_idx == 5 and (last_event_index(s, A), last_seq(s, A)) == (4, 3)
+    assert s.nodes[A].joined_idx == 5 and (s.last_event_index(A), s.last_seq(A)) == (4, 3)
 
 
 def test_info_merges_partial_sources() -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cluster.shared import codec
@@ -22,7 +23,7 @@ from cluster.shared.events import (
     SessionRequested,
 )
 from cluster.shared.snapshots import SnapshotStore
-from cluster.shared.state import EMPTY_STATE
+from cluster.shared.state import EMPTY_STATE, State
 from cluster.shared.store import EventDecodeError, EventStore, load_state, restore
 
 
@@ -136,6 +137,32 @@ def test_snapshot_that_does_not_decode_to_its_index_is_skipped(
     with caplog.at_level(logging.WARNING), EventStore.open(tmp_path) as store:
         assert store.state == fold(EMPTY_STATE, events)
     assert "state is at index 5" in caplog.text
+
+
+def _in_the_old_layout(state: State) -> bytes:
+    """`state` encoded as snapshots were before the per-origin marks moved into NodeRecord:
+    two maps `last_event_index_by_node` and `last_seq_by_origin` beside plain node records."""
+    doc = codec.to_builtins(state)
+    nodes = doc["nodes"]
+    doc["last_event_index_by_node"] = {n: r.pop("last_event_idx") for n, r in nodes.items()}
+    seqs = {n: r.pop("last_seq") for n, r in nodes.items()}
+    doc["last_seq_by_origin"] = {**seqs, MASTER_ORIGIN: doc.pop("master_seq")}
+    return msgspec.msgpack.encode(doc)
+
+
+@pytest.mark.parametrize("at", [1, 20])  # with no nodes yet, and with nodes
+def test_snapshot_in_an_older_state_layout_is_skipped_and_the_log_refolded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, at: int
+) -> None:
+    events = make_events(30)
+    with EventStore.open(tmp_path) as store:
+        store.append(events)
+        store.snapshots.save(at, _in_the_old_layout(fold(EMPTY_STATE, events[:at])))
+    with caplog.at_level(logging.WARNING), EventLog.open(tmp_path / "log", readonly=True) as lg:
+        restored = restore(lg, SnapshotStore(tmp_path / "snapshots"))
+        assert restored.snapshot_idx == 0
+        assert restored.state == fold(EMPTY_STATE, events)
+    assert f"snapshot at index {at} is unusable" in caplog.text
 
 
 def test_until_outside_the_log_is_a_value_error(tmp_path: Path) -> None:

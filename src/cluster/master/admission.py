@@ -8,6 +8,7 @@ the master's and arrive only through the planner or a request handler.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from cluster.shared.events import (
@@ -53,3 +54,19 @@ def check_worker_event(origin: str, seq: int, event: Event) -> None:
             "forbidden-origin",
             f"peer {origin} may not speak for node {node_id} ({type(event).__name__}, seq {seq})",
         )
+
+
+def check_worker_batch(origin: str, events: Iterable[tuple[int, Event]]) -> None:
+    """Every event of a submitted batch, and sequence numbers that strictly increase.
+
+    A worker numbers its events 1, 2, 3... and resends in order; a batch that goes back is
+    a broken or hostile sender, refused rather than silently treated as duplicates.
+    """
+    prev = 0
+    for seq, event in events:
+        check_worker_event(origin, seq, event)
+        if seq <= prev:
+            raise AdmissionError(
+                "bad-seq", f"sequence numbers must increase within a batch: {seq} follows {prev}"
+            )
+        prev = seq

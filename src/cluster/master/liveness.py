@@ -1,9 +1,10 @@
 """Event-index staleness (DESIGN section 4): liveness is the flow of events, not a clock.
 
 Each cycle the planner compares every connected node's last event index
-(`NodeRecord.last_event_idx`) with what it saw the cycle before. Any event the node originates -- info, heartbeat, runner status,
-work -- advances that index, so a node whose slow probe hangs but whose other events flow is
-never stale. A node whose index stands still for K consecutive cycles is disconnected.
+(`NodeRecord.last_event_idx`) with what it saw the cycle before. Any event the node
+originates -- info, heartbeat, runner status, work -- advances that index, so a node whose
+slow probe hangs but whose other events flow is never stale. A node whose index stands still
+for K consecutive cycles is disconnected.
 
 The cycle counters live in a `LivenessBook`: ephemeral master bookkeeping, deliberately not
 in State (DESIGN rule 7). A restarted master starts with an empty book, so every node gets a

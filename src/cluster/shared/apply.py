@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
-from immutables import MapMutation
 
 from cluster.shared.events import (
     EVENT_TYPES,
@@ -42,7 +41,7 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.reducers import epochs, maintenance, nodes, runners
-from cluster.shared.state import NodeRecord, State
+from cluster.shared.state import State
 
 _replace = msgspec.structs.replace
 _heartbeat = nodes.node_heartbeat
@@ -111,9 +110,7 @@ def apply(state: State, ie: IndexedEvent) -> State:
     node_map = state.nodes
     node_map = node_map.set(origin, nodes.spoke(node_map.get(origin), origin, ie))
     if reducer is _heartbeat:  # nothing else to do: skip the call
-        return _replace(
-            state, nodes=node_map, last_applied=ie.idx, last_time_ms=ie.master_time_ms
-        )
+        return _replace(state, nodes=node_map, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
     state = reducer(_replace(state, nodes=node_map), ie, event)
     return _replace(state, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
 
@@ -121,45 +118,50 @@ def apply(state: State, ie: IndexedEvent) -> State:
 def fold(state: State, events: Iterable[IndexedEvent]) -> State:
     """Apply a run of consecutive events; equal to calling `apply` on each in turn.
 
-    Replay and catch-up spend most of their time here, and most events are heartbeats, so a
-    run of them updates the node records in one HAMT mutation, finished before any other
-    reducer runs (reducers see a complete `state.nodes`). `last_applied`, `last_time_ms` and
-    `master_seq` are written once at the end: reducers read index and time from the event
-    they are given, never from those fields (a property test checks `fold` == repeated
-    `apply`).
+    Replay and catch-up spend most of their time here, so what every event touches is
+    written once per batch: each speaking node's marks (`NodeRecord.last_event_idx`,
+    `last_seq`, from its last event in the batch) in one HAMT mutation at the end, and
+    `last_applied`, `last_time_ms`, `master_seq`. That is sound because reducers read index,
+    time and sequence from the event they are given, never from those fields; what they do
+    read -- whether the node exists and is connected -- is updated at once, as `apply` does.
+    Heartbeats touch nothing else, so their reducer call is skipped. A property test checks
+    `fold` == repeated `apply`.
 
     On `OutOfOrderError` nothing is returned: the caller still holds the state it passed in.
     """
-    pending: MapMutation[str, NodeRecord] | None = None  # node records of a heartbeat run
+    last_by_node: dict[str, IndexedEvent] = {}
     last_idx = state.last_applied
     last_ms = state.last_time_ms
     master_seq = state.master_seq
     reducers = REDUCERS
-    spoke = nodes.spoke
     for ie in events:
         if ie.idx != last_idx + 1:
             raise OutOfOrderError(last_idx + 1, ie.idx)
         origin = ie.origin
-        event = ie.event
-        reducer = reducers[type(event)]
         if origin == MASTER_ORIGIN:
-            if pending is not None:
-                state = _replace(state, nodes=pending.finish())
-                pending = None
-            state = reducer(state, ie, event)
             master_seq = ie.seq
         else:
-            if pending is None:
-                pending = state.nodes.mutate()
-            pending[origin] = spoke(pending.get(origin), origin, ie)
-            if reducer is not _heartbeat:
-                state = reducer(_replace(state, nodes=pending.finish()), ie, event)
-                pending = None
+            rec = state.nodes.get(origin)
+            if rec is None or not rec.connected:  # (re)joins at once: reducers read that
+                state = _replace(state, nodes=state.nodes.set(origin, nodes.spoke(rec, origin, ie)))
+            last_by_node[origin] = ie
+        event = ie.event
+        reducer = reducers[type(event)]
+        if reducer is not _heartbeat:
+            state = reducer(state, ie, event)
         last_idx = ie.idx
         last_ms = ie.master_time_ms
+    node_map = state.nodes
+    if last_by_node:
+        marked = node_map.mutate()
+        for origin, ie in last_by_node.items():
+            # The record exists: the node's first event in the batch created it, and no
+            # reducer removes a node.
+            marked[origin] = _replace(marked[origin], last_event_idx=ie.idx, last_seq=ie.seq)
+        node_map = marked.finish()
     return _replace(
         state,
-        nodes=state.nodes if pending is None else pending.finish(),
+        nodes=node_map,
         last_applied=last_idx,
         last_time_ms=last_ms,
         master_seq=master_seq,

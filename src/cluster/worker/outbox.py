@@ -17,6 +17,7 @@ record on disk, so the master's (origin, seq) duplicate check stays correct acro
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
@@ -35,7 +36,8 @@ _REC: Final = struct.Struct(">IQI")
 _ACK: Final = struct.Struct(">QI")
 #: A single event larger than this is a bug, not data (events are small facts).
 MAX_EVENT_BYTES: Final = 1 << 20
-#: Rewrite the log without acknowledged records once it is this big.
+#: Rewrite the log without acknowledged records once they take this much of it -- and at
+#: least half of it, so that a long backlog is not copied again on every ack.
 COMPACT_BYTES: Final = 4 << 20
 
 _encoder = msgspec.msgpack.Encoder()
@@ -59,6 +61,8 @@ class Outbox:
         self._last_seq = 0
         self._fd = -1
         self._size = 0
+        #: Bytes of `events.log` that unacknowledged records take (the rest is garbage).
+        self._pending_size = 0
         self._dirty = False
 
     # ---------------------------------------------------------------- open / recovery
@@ -104,6 +108,7 @@ class Outbox:
                 break
             if seq > self._acked:
                 self._pending.append((seq, payload))
+                self._pending_size += end - off
             self._last_seq = max(self._last_seq, seq)
             off = good_end = end
         if good_end < len(data):
@@ -143,12 +148,19 @@ class Outbox:
         os.write(self._fd, record)
         self._last_seq = seq
         self._size += len(record)
+        self._pending_size += len(record)
         self._dirty = True
         self._pending.append((seq, payload))
         return seq
 
     def pending_after(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` unacknowledged records with seq > `seq`, in order."""
+        pending = self._pending
+        # Seqs in the outbox are consecutive: find the start by arithmetic, not by a scan
+        # over everything already sent (the window can hold many thousands).
+        k = seq + 1 - pending[0][0] if pending else -1
+        if 0 <= k < len(pending) and pending[k][0] == seq + 1:
+            return list(itertools.islice(pending, k, k + limit))
         out: list[tuple[int, bytes]] = []
         for item in self._pending:
             if item[0] > seq:
@@ -170,12 +182,13 @@ class Outbox:
         seq = min(seq, self._last_seq)
         self._write_ack(seq)
         self._acked = seq
-        while self._pending and self._pending[0][0] <= seq:
-            self._pending.popleft()
-        if not self._pending and self._size:
+        pending = self._pending
+        while pending and pending[0][0] <= seq:
+            self._pending_size -= _REC.size + len(pending.popleft()[1])
+        if not pending and self._size:
             os.ftruncate(self._fd, 0)
             self._size = 0
-        elif self._size > COMPACT_BYTES:
+        elif self._size - self._pending_size > max(COMPACT_BYTES, self._pending_size):
             self._compact()
 
     def skip_to(self, last_seq_at_master: int) -> None:
@@ -207,7 +220,7 @@ class Outbox:
         os.replace(tmp, self._log_path)
         os.close(self._fd)
         self._fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND, 0o600)
-        self._size = len(data)
+        self._size = self._pending_size = len(data)
 
     def close(self) -> None:
         if self._fd >= 0:
