@@ -478,12 +478,7 @@ class Master:
             await fs.send(Challenge(nonce=nonce, proof=proof), t)
             answer = expect(await fs.recv(t), Proof)
         except (ProtocolError, TimeoutError, EOFError) as exc:
-            code, message = (
-                nethost.error_of(exc)
-                if not isinstance(exc, TimeoutError)
-                else ("timeout", f"no hello answer within {t:g} s")
-            )
-            await fs.fail(code, message)
+            await fs.fail(*nethost.error_of(exc, "hello answer", t))
             return
         reason = self.membership.check_worker_proof(answer.proof, nonce, peer, self.node_id)
         if reason is not None:
@@ -531,12 +526,7 @@ class Master:
         try:
             msg = expect(await fs.recv(t), ControlRequestMsg)
         except (ProtocolError, TimeoutError, EOFError, FrameError) as exc:
-            code, message = (
-                nethost.error_of(exc)
-                if not isinstance(exc, TimeoutError)
-                else ("timeout", f"no request within {t:g} s")
-            )
-            await fs.fail(code, message)
+            await fs.fail(*nethost.error_of(exc, "request", t))
             return
         if self.request_handler is None:
             reply = b'{"ok":false,"message":"this master takes no requests"}'
@@ -643,7 +633,7 @@ class Master:
         try:
             req = expect(await fs.recv(cfg.peer_timeout), Subscribe)
         except (ProtocolError, FrameError, TimeoutError) as exc:
-            await fs.fail(*nethost.error_of(exc))
+            await fs.fail(*nethost.error_of(exc, "subscribe request", cfg.peer_timeout))
             return
         cursor = max(1, req.from_idx)
         if cursor > self._last_idx + 1:

@@ -195,8 +195,13 @@ class FramedStream:
                 pass
 
 
-def error_of(exc: BaseException) -> tuple[str, str]:
-    """(code, message) to send to a peer whose input raised `exc`."""
+def error_of(exc: BaseException, waiting_for: str = "", timeout: float = 0.0) -> tuple[str, str]:
+    """(code, message) to send to a peer whose input raised `exc`.
+
+    For a `TimeoutError`, `waiting_for` and `timeout` say what did not arrive in time.
+    """
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no {waiting_for or 'answer'} within {timeout:g} s"
     if isinstance(exc, ProtocolError):
         return exc.code, str(exc)
     if isinstance(exc, FrameError):
