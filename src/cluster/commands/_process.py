@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 
@@ -31,3 +32,13 @@ async def stop_on_signal(stop: Callable[[], None]) -> None:
             logging.getLogger("cluster").info("received %s: stopping", signal.Signals(signum).name)
             stop()
             return
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create `--data-dir` if needed; a clear ValueError if it cannot be one."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--data-dir {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import msgspec
 
     from cluster import control
-    from cluster.commands._process import setup_logging, stop_on_signal
+    from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
     from cluster.master.config import PlannerConfig
     from cluster.master.http_api import HttpApi, HttpApiConfigError
     from cluster.master.maintenance import on_reconnect
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
     try:
+        prepare_data_dir(args.data_dir)
         _positive("--plan-interval", args.plan_interval)
         _positive("--peer-timeout", args.peer_timeout)
         _positive("--snapshot-every", args.snapshot_every)

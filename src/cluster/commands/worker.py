@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import anyio
 
     from cluster import control
-    from cluster.commands._process import setup_logging, stop_on_signal
+    from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
     from cluster.net.host import AddressError
     from cluster.net.identity import IdentityError
     from cluster.net.membership import MembershipConfigError, load_secret_file
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     try:
+        prepare_data_dir(args.data_dir)
         for name in ("heartbeat_interval", "peer_timeout"):
             if not getattr(args, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")

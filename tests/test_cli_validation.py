@@ -1,0 +1,54 @@
+"""Bad command-line input gets a clear message naming what was wrong, and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster import cli
+
+
+@pytest.mark.parametrize("command", ["master", "worker"])
+def test_data_dir_that_is_a_file_is_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    argv = [command, "--data-dir", str(not_a_dir)]
+    if command == "worker":
+        argv += [
+            "--master",
+            "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq",
+        ]
+    assert cli.main(argv) == 2
+    assert f"--data-dir {not_a_dir} is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epoch-length", "5x"], "'5x': unknown unit 'x'"),
+        (["--http", "0.0.0.0:8470"], "exposes it beyond this machine"),
+        (["--http", "nonsense"], "expected HOST:PORT"),
+        (["--plan-interval", "0"], "--plan-interval must be > 0"),
+    ],
+)
+def test_master_options_are_validated(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["master", "--data-dir", str(tmp_path / "m"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_master_config_file_errors_name_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "cluster.toml"
+    config.write_text('[planner]\nstale_cycles = 0\n[maintenance]\nmin_lead = "soon"\n')
+    assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "stale_cycles" in err and str(config) in err
+    config.write_text("[planer]\n")
+    assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
+    assert "unknown table(s) planer" in capsys.readouterr().err
