@@ -33,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--http",
-        default="127.0.0.1:8470",
+        default=None,
         metavar="HOST:PORT",
-        help="dashboard and HTTP API of the master (default %(default)s; port 0: any free)",
+        help="dashboard and HTTP API of the master (default 127.0.0.1:8470, or any free port "
+        "if 8470 is taken; port 0: any free)",
     )
     parser.add_argument(
         "--session-slots",
@@ -72,6 +73,18 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> Non
             proc.kill()
             proc.wait()
         out.close()
+
+
+def _http_default() -> str:
+    """127.0.0.1:8470 (what `cluster status` asks by default) unless something holds it."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 8470))
+        except OSError:
+            return "127.0.0.1:0"
+    return "127.0.0.1:8470"
 
 
 def _demo_session(master_dir: Path, slots: int) -> str:
@@ -125,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         master_args = ["master", "--data-dir", str(master_dir)]
         master_args += ["--cluster-secret-file", str(secret_file)]
         master_args += ["--plan-interval", str(args.plan_interval)]
-        master_args += ["--epoch-length", args.epoch_length, "--http", args.http]
+        master_args += ["--epoch-length", args.epoch_length, "--http", args.http or _http_default()]
         proc, out = _spawn(master_args, logs / "master.log")
         children.append(("master", proc, out))
         deadline = time.monotonic() + MASTER_START_TIMEOUT_S

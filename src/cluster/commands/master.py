@@ -174,14 +174,15 @@ def run(args: argparse.Namespace) -> int:
             await master.wait_finished()
             tg.cancel_scope.cancel()
 
+    status = 0
     try:
         anyio.run(main, backend="trio")
-    except HttpApiConfigError as exc:
-        print(f"cluster master: {exc}", file=sys.stderr)
-        return 2
+    except* HttpApiConfigError as group:  # e.g. the HTTP port is taken: say so, no traceback
+        print(f"cluster master: {group.exceptions[0]}", file=sys.stderr)
+        status = 2
     finally:
         store.close()
-    return 0
+    return status
 
 
 def _http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
