@@ -138,12 +138,6 @@ def may_act_for(requester: str, node_id: str, policy: MaintenancePolicy) -> bool
     return requester == node_id or requester in policy.operator_ids
 
 
-def open_window(state: State, node_id: str) -> MaintenanceWindow | None:
-    """The node's SCHEDULED, DRAINING or ACTIVE window, if it has one."""
-    window_id = state.open_window_by_node.get(node_id)
-    return state.windows.get(window_id) if window_id is not None else None
-
-
 def check_schedule(
     state: State,
     node_id: str,
@@ -239,7 +233,7 @@ def _timeless_rules(
                 "or shorten the window",
             )
         )
-    pending = open_window(state, node_id)
+    pending = state.open_window(node_id)
     if pending is not None:
         reasons.append(
             Rejection(
@@ -450,7 +444,7 @@ def _target_window(
             "or an operator key (policy operator_ids) may",
         )
     if window_id is None:
-        win = open_window(state, node_id)
+        win = state.open_window(node_id)
         if win is None:
             return Rejection(Code.NO_WINDOW, f"node {node_id} has no open maintenance window")
         return win
@@ -554,7 +548,7 @@ def finish(
 def on_reconnect(state: State, node_id: str, now_ms: int) -> MaintenanceFinished | None:
     """A worker that (re)connects during its own window has come back: its return finishes
     the window, with no separate command. None when there is nothing to finish."""
-    win = open_window(state, node_id)
+    win = state.open_window(node_id)
     if win is None or not _has_started(win, now_ms) or now_ms >= win.end_ms:
         return None
     return MaintenanceFinished(window_id=win.window_id, node_id=node_id, how="reconnect")
@@ -614,7 +608,7 @@ def node_display_status(state: State, node_id: str, now_ms: int) -> DisplayStatu
         return DisplayStatus.MAINTENANCE
     if not rec.connected:
         return DisplayStatus.DISCONNECTED
-    win = open_window(state, node_id)
+    win = state.open_window(node_id)
     if win is not None and win.state is WindowState.DRAINING:
         return DisplayStatus.DRAINING
     return DisplayStatus.ACTIVE
@@ -672,7 +666,7 @@ def render_next(state: State, node_id: str, now_ms: int, policy: MaintenancePoli
     credit = (
         f"maintenance credit: {format_duration(max(0, credit_balance_ms(state, node_id, policy)))}"
     )
-    win = open_window(state, node_id)
+    win = state.open_window(node_id)
     if win is None:
         return f"node {node_id}: no maintenance window scheduled; {credit}"
     return f"node {node_id}: {render_window(win, now_ms)}; {credit}"

@@ -18,10 +18,7 @@ def excusing_window(state: State, node_id: str, at_ms: int) -> MaintenanceWindow
     time; the planner's cycle had not come round). A finished, overrun or cancelled window
     excuses nothing.
     """
-    window_id = state.open_window_by_node.get(node_id)
-    if window_id is None:
-        return None
-    win = state.windows.get(window_id)
+    win = state.open_window(node_id)
     if win is None:
         return None
     if win.state is WindowState.ACTIVE:
@@ -43,10 +40,7 @@ def may_take_work(state: State, node_id: str, work_end_ms: int) -> bool:
     A node with a SCHEDULED, DRAINING or ACTIVE window may only take work (a devshard, a
     task) whose expected end is at or before that window's start (Slurm/SONM rule).
     """
-    window_id = state.open_window_by_node.get(node_id)
-    if window_id is None:
-        return True
-    win = state.windows.get(window_id)
+    win = state.open_window(node_id)
     if win is None:
         return True
     if win.state is WindowState.ACTIVE:

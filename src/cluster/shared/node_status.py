@@ -143,7 +143,7 @@ def node_status(
     behind = events_behind is not None and events_behind >= catch_up_threshold
     held = placements.get(node_id, ())
     rec = state.nodes.get(node_id)
-    window = _open_window(state, node_id)
+    window = state.open_window(node_id)
     window_id = window.window_id if window is not None else ""
 
     def status(s: NodeState, message: str) -> NodeStatus:
@@ -221,11 +221,6 @@ def node_statuses(
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
-
-
-def _open_window(state: State, node_id: str) -> MaintenanceWindow | None:
-    window_id = state.open_window_by_node.get(node_id)
-    return state.windows.get(window_id) if window_id is not None else None
 
 
 def _maintenance_message(window: MaintenanceWindow, now_ms: int) -> str:

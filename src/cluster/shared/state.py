@@ -234,6 +234,11 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         rec = self.nodes.get(node_id)
         return 0 if rec is None else rec.last_event_idx
 
+    def open_window(self, node_id: str) -> MaintenanceWindow | None:
+        """The node's SCHEDULED, DRAINING or ACTIVE maintenance window, if it has one."""
+        window_id = self.open_window_by_node.get(node_id)
+        return self.windows.get(window_id) if window_id is not None else None
+
     def last_seq(self, origin: str) -> int:
         """Highest sequence number of `origin` (a node or MASTER_ORIGIN) in the log; 0 if none."""
         if origin == MASTER_ORIGIN:
