@@ -181,16 +181,14 @@ async def _self_test_when_joined(
     worker.emit(result)
 
 
-async def _synthetic_load(worker: object, rate: float) -> None:
+async def _synthetic_load(worker: Worker, rate: float) -> None:
     """NodeHeartbeat events at `rate` per second, paced against the monotonic clock."""
     import time
 
     import anyio
 
     from cluster.shared.events import NodeHeartbeat
-    from cluster.worker.client import Worker
 
-    assert isinstance(worker, Worker)
     start = time.monotonic()
     sent = 0
     while True:
