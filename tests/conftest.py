@@ -5,9 +5,29 @@ py-libp2p works only on trio, so the whole runtime (and every test) uses anyio o
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "trio"
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Undo what an in-process `cluster master/worker` run does to the root logger.
+
+    Those commands call `logging.basicConfig(stream=sys.stderr, force=True)`; in a test that
+    stream is pytest's capture for that test alone, closed afterwards, and a handler left on it
+    turns every later log call into a "--- Logging error ---" traceback.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    libp2p_level = logging.getLogger("libp2p").level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("libp2p").setLevel(libp2p_level)

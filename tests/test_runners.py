@@ -189,10 +189,13 @@ async def test_subprocess_runner_work_requests_and_clean_stop(
     program: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     runner = SubprocessRunner(
-        SPEC, {"command": [*program, "serve"], "wait_ready": True, "requests": True}
+        SPEC,
+        # A long grace period: on a busy host the program may need a while to run its SIGTERM
+        # handler, and a SIGKILL before it prints its last WORK line is not what this tests.
+        {"command": [*program, "serve"], "wait_ready": True, "requests": True, "grace_s": 30},
     )
     with caplog.at_level(logging.DEBUG, logger="cluster.worker.runners.subprocess_runner"):
-        with anyio.fail_after(20):
+        with anyio.fail_after(60):
             await runner.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runner.run)

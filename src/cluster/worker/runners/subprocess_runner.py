@@ -263,9 +263,10 @@ class SubprocessRunner(Runner):
             if process.returncode is None:
                 self._signal_group(signal.SIGKILL)
                 await process.wait()
-            # Count the WORK lines it printed while shutting down (bounded: its pipe may be
-            # held open by a child that ignored the signal).
-            with anyio.move_on_after(1.0):
+            # Count the WORK lines it printed while shutting down. Bounded, because a child
+            # that left the process group may hold the pipe open; as long as the grace period,
+            # because on a busy host even reading a few buffered lines can stall for a while.
+            with anyio.move_on_after(self.config.grace_s):
                 while await self._read_one_line():
                     pass
         finally:
