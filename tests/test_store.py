@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -24,7 +25,13 @@ from cluster.shared.events import (
 )
 from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import EMPTY_STATE, State
-from cluster.shared.store import EventDecodeError, EventStore, load_state, restore
+from cluster.shared.store import (
+    EventDecodeError,
+    EventStore,
+    as_logged,
+    load_state,
+    restore,
+)
 
 
 def make_events(n: int, start: int = 1) -> list[IndexedEvent]:
@@ -68,6 +75,38 @@ def test_append_folds_and_reopen_gives_the_same_state(tmp_path: Path) -> None:
         assert store.state == expected
         assert codec.state_digest(store.state) == codec.state_digest(expected)
         assert (tmp_path / "log").is_dir()
+
+
+def test_append_decoded_writes_what_append_writes_and_returns_the_log_bytes(
+    tmp_path: Path,
+) -> None:
+    events = make_events(300)
+    with EventStore.open(tmp_path / "a") as plain:
+        plain.append(events)
+        plain_log = list(plain.read_from(1))
+    with EventStore.open(tmp_path / "b") as store:
+        committed = []
+        for i in range(0, 300, 40):
+            # The master hands over events decoded from bytes, or normalised by `as_logged`.
+            batch = [as_logged(ie) for ie in events[i : i + 40]]
+            result = store.append_decoded(batch)
+            assert result.state is store.state
+            committed += result.records
+        assert committed == list(store.read_raw_from(1))
+        assert list(store.read_from(1)) == plain_log
+        assert codec.state_digest(store.state) == codec.state_digest(plain.state)
+        assert codec.state_digest(store.state) == codec.state_digest(load_state(store.log, None))
+    assert store.append_decoded([]).records == []
+
+
+def test_as_logged_is_what_the_log_gives_back() -> None:
+    ie = make_events(3)[2]  # NodeGatheredInfo with an int cpu_percent
+    assert isinstance(ie.event, NodeGatheredInfo)
+    assert type(ie.event.info.cpu_percent) is int
+    logged = as_logged(ie)
+    assert isinstance(logged.event, NodeGatheredInfo)
+    assert type(logged.event.info.cpu_percent) is float
+    assert logged == codec.decode_event(codec.encode_event(ie))
 
 
 def test_out_of_order_batch_writes_nothing(tmp_path: Path) -> None:
@@ -139,25 +178,42 @@ def test_snapshot_that_does_not_decode_to_its_index_is_skipped(
     assert "state is at index 5" in caplog.text
 
 
-def _in_the_old_layout(state: State) -> bytes:
-    """`state` encoded as snapshots were before the per-origin marks moved into NodeRecord:
-    two maps `last_event_index_by_node` and `last_seq_by_origin` beside plain node records."""
+def _in_the_first_layout(state: State) -> bytes:
+    """`state` encoded as the first snapshots were: two maps `last_event_index_by_node` and
+    `last_seq_by_origin` beside plain node records."""
     doc = codec.to_builtins(state)
-    nodes = doc["nodes"]
-    doc["last_event_index_by_node"] = {n: r.pop("last_event_idx") for n, r in nodes.items()}
-    seqs = {n: r.pop("last_seq") for n, r in nodes.items()}
-    doc["last_seq_by_origin"] = {**seqs, MASTER_ORIGIN: doc.pop("master_seq")}
+    marks = doc.pop("last_event_by_node")
+    doc["last_event_index_by_node"] = {n: m[0] for n, m in marks.items()}
+    doc["last_seq_by_origin"] = {
+        **{n: m[1] for n, m in marks.items()},
+        MASTER_ORIGIN: doc.pop("master_seq"),
+    }
     return msgspec.msgpack.encode(doc)
 
 
-@pytest.mark.parametrize("at", [1, 20])  # with no nodes yet, and with nodes
+def _with_marks_in_node_records(state: State) -> bytes:
+    """`state` encoded as format-1 snapshots were: each node's marks inside its record."""
+    doc = codec.to_builtins(state)
+    for node_id, (idx, seq) in doc.pop("last_event_by_node").items():
+        doc["nodes"][node_id] |= {"last_event_idx": idx, "last_seq": seq}
+    return msgspec.msgpack.encode(doc)
+
+
+@pytest.mark.parametrize(
+    ("at", "layout"),
+    [
+        (1, _in_the_first_layout),  # with no nodes yet
+        (20, _in_the_first_layout),  # and with nodes
+        (20, _with_marks_in_node_records),  # under the current header: the records say it
+    ],
+)
 def test_snapshot_in_an_older_state_layout_is_skipped_and_the_log_refolded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, at: int
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, at: int, layout: Callable[[State], bytes]
 ) -> None:
     events = make_events(30)
     with EventStore.open(tmp_path) as store:
         store.append(events)
-        store.snapshots.save(at, _in_the_old_layout(fold(EMPTY_STATE, events[:at])))
+        store.snapshots.save(at, layout(fold(EMPTY_STATE, events[:at])))
     with caplog.at_level(logging.WARNING), EventLog.open(tmp_path / "log", readonly=True) as lg:
         restored = restore(lg, SnapshotStore(tmp_path / "snapshots"))
         assert restored.snapshot_idx == 0

@@ -1,7 +1,7 @@
 """Event-index staleness (DESIGN section 4): liveness is the flow of events, not a clock.
 
 Each cycle the planner compares every connected node's last event index
-(`NodeRecord.last_event_idx`) with what it saw the cycle before. Any event the node
+(`State.last_event_by_node`) with what it saw the cycle before. Any event the node
 originates -- info, heartbeat, runner status, work -- advances that index, so a node whose
 slow probe hangs but whose other events flow is never stale. A node whose index stands still
 for K consecutive cycles is disconnected.
@@ -80,10 +80,12 @@ def check_liveness(
     seen: dict[str, Seen] = {}
     not_fresh: set[str] = set()
     quiet: list[tuple[str, int]] = []
+    marks = state.last_event_by_node
     for node_id, rec in state.nodes.items():
         if not rec.connected:
             continue
-        index = rec.last_event_idx
+        spoken = marks.get(node_id)
+        index = 0 if spoken is None else spoken[0]
         # joined_idx counts too: a master-made NodeConnected (re)joins a node that has not
         # spoken yet, and that is progress for it.
         if rec.joined_idx > index:

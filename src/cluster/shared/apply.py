@@ -104,26 +104,52 @@ def apply(state: State, ie: IndexedEvent) -> State:
         return _replace(
             state, last_applied=ie.idx, last_time_ms=ie.master_time_ms, master_seq=ie.seq
         )
-    # Every node-originated event is liveness (DESIGN rule 6) and (re)joins the node: its
-    # record is updated before the reducer runs, which reads it from `state.nodes`. One
-    # lookup and one update of the one map that grows with the cluster.
+    # Every node-originated event is liveness (DESIGN rule 6): it advances the node's marks.
+    # The index and time are set before the reducer runs (reducers read them from the event,
+    # never from state), so most events cost one State copy.
+    marks = state.last_event_by_node.set(origin, (ie.idx, ie.seq))
     node_map = state.nodes
-    node_map = node_map.set(origin, nodes.spoke(node_map.get(origin), origin, ie))
-    if reducer is _heartbeat:  # nothing else to do: skip the call
-        return _replace(state, nodes=node_map, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
-    state = reducer(_replace(state, nodes=node_map), ie, event)
-    return _replace(state, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
+    rec = node_map.get(origin)
+    if rec is None or not rec.connected:
+        # A new or disconnected node (re)joins with its event: before the reducer, which
+        # reads whether the node exists and is connected.
+        rec = nodes.joined(rec, origin, ie)
+        node_map = node_map.set(origin, rec)
+    elif reducer is _heartbeat:  # the commonest event: nothing else to do
+        return _replace(
+            state, last_event_by_node=marks, last_applied=ie.idx, last_time_ms=ie.master_time_ms
+        )
+    elif type(event) is NodeGatheredInfo and event.node_id == origin:
+        # A node reporting its own info: merge it into the record in hand (one update).
+        updated = nodes.with_info(rec, event)
+        if updated is not rec:
+            node_map = node_map.set(origin, updated)
+        return _replace(
+            state,
+            nodes=node_map,
+            last_event_by_node=marks,
+            last_applied=ie.idx,
+            last_time_ms=ie.master_time_ms,
+        )
+    state = _replace(
+        state,
+        nodes=node_map,
+        last_event_by_node=marks,
+        last_applied=ie.idx,
+        last_time_ms=ie.master_time_ms,
+    )
+    return reducer(state, ie, event)
 
 
 def fold(state: State, events: Iterable[IndexedEvent]) -> State:
     """Apply a run of consecutive events; equal to calling `apply` on each in turn.
 
     Replay and catch-up spend most of their time here, so what every event touches is
-    written once per batch: each speaking node's marks (`NodeRecord.last_event_idx`,
-    `last_seq`, from its last event in the batch) in one HAMT mutation at the end, and
-    `last_applied`, `last_time_ms`, `master_seq`. That is sound because reducers read index,
-    time and sequence from the event they are given, never from those fields; what they do
-    read -- whether the node exists and is connected -- is updated at once, as `apply` does.
+    written once per batch: each speaking node's marks (`State.last_event_by_node`, from its
+    last event in the batch) in one HAMT mutation at the end, and `last_applied`,
+    `last_time_ms`, `master_seq`. That is sound because reducers read index, time and
+    sequence from the event they are given, never from those fields; what they do read --
+    whether the node exists and is connected -- is updated at once, as `apply` does.
     Heartbeats touch nothing else, so their reducer call is skipped. A property test checks
     `fold` == repeated `apply`.
 
@@ -143,7 +169,9 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
         else:
             rec = state.nodes.get(origin)
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
-                state = _replace(state, nodes=state.nodes.set(origin, nodes.spoke(rec, origin, ie)))
+                state = _replace(
+                    state, nodes=state.nodes.set(origin, nodes.joined(rec, origin, ie))
+                )
             last_by_node[origin] = ie
         event = ie.event
         reducer = reducers[type(event)]
@@ -151,17 +179,15 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
             state = reducer(state, ie, event)
         last_idx = ie.idx
         last_ms = ie.master_time_ms
-    node_map = state.nodes
+    marks = state.last_event_by_node
     if last_by_node:
-        marked = node_map.mutate()
+        batch = marks.mutate()
         for origin, ie in last_by_node.items():
-            # The record exists: the node's first event in the batch created it, and no
-            # reducer removes a node.
-            marked[origin] = _replace(marked[origin], last_event_idx=ie.idx, last_seq=ie.seq)
-        node_map = marked.finish()
+            batch[origin] = (ie.idx, ie.seq)
+        marks = batch.finish()
     return _replace(
         state,
-        nodes=node_map,
+        last_event_by_node=marks,
         last_applied=last_idx,
         last_time_ms=last_ms,
         master_seq=master_seq,

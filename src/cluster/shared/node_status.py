@@ -174,7 +174,7 @@ def node_status(
         return status(NodeState.DISCONNECTED, _disconnected_message(rec, now_ms))
     if behind:
         return status(NodeState.CATCHING_UP, _catching_up_message(events_behind or 0))
-    if rec.last_event_idx < rec.joined_idx:
+    if state.last_event_index(node_id) < rec.joined_idx:
         return status(NodeState.CONNECTING, "connecting: connected, waiting for its first event")
     if window is not None and window.state is WindowState.DRAINING:
         return status(NodeState.DRAINING, _draining_message(window, len(held), now_ms))

@@ -27,7 +27,8 @@ from cluster.shared.eventlog import fsync_dir
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAGIC: Final = b"CSNP"
-SNAPSHOT_VERSION: Final = 1
+#: 2: node marks moved from NodeRecord to State.last_event_by_node.
+SNAPSHOT_VERSION: Final = 2
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

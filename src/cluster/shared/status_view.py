@@ -173,7 +173,7 @@ def cluster_status(
                 slots_offered=(info.slots if info is not None else None) or 0,
                 slots_used=st.slots,
                 devshards=st.devshards,
-                last_event_idx=rec.last_event_idx if rec is not None else 0,
+                last_event_idx=state.last_event_index(st.node_id),
                 events_behind=lag.get(st.node_id),
                 window_id=st.window_id,
                 credit_ms=state.credit_ms_by_node.get(st.node_id, 0),
