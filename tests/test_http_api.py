@@ -86,7 +86,7 @@ async def running(
 
 async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes, read the response until the server closes; (status, headers, body)."""
-    with anyio.fail_after(5):
+    with anyio.fail_after(20):
         async with await anyio.connect_tcp("127.0.0.1", port) as s:
             await s.send(request)
             data = b""
@@ -222,7 +222,7 @@ async def test_event_stream_replays_from_index_then_delivers_live_events() -> No
     view = FakeView(cluster_log())
     n = view.state.last_applied
     async with running(view) as (api, port):
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):
             async with sse(port, "/api/events?from=2") as reader:
                 past = await reader.frames(n - 1)
                 assert [int(f["id"]) for f in past] == list(range(2, n + 1))
@@ -243,7 +243,7 @@ async def test_event_stream_replays_from_index_then_delivers_live_events() -> No
                 }
                 assert api.subscribers == 1
             # The client hung up: the server notices without having to write.
-            with anyio.fail_after(5):
+            with anyio.fail_after(20):
                 while api.subscribers:
                     await anyio.sleep(0.01)
 
@@ -253,7 +253,7 @@ async def test_event_stream_without_from_is_live_only_and_resumes_after_last_eve
     view = FakeView(cluster_log())
     n = view.state.last_applied
     async with running(view) as (_, port):
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):
             async with sse(port, "/api/events") as reader:
                 view.add("node-a", NodeHeartbeat(node_id="node-a"))
                 (frame,) = await reader.frames(1)
@@ -276,7 +276,7 @@ async def test_event_stream_sends_bounded_batches() -> None:
 
     view.read_events = counting  # type: ignore[method-assign]
     async with running(view, HttpApiConfig(batch_events=2)) as (_, port):
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):
             async with sse(port, "/api/events?from=1") as reader:
                 frames = await reader.frames(n)
     assert [int(f["id"]) for f in frames] == list(range(1, n + 1))
@@ -331,7 +331,7 @@ async def test_client_that_never_finishes_its_request_times_out() -> None:
 @pytest.mark.anyio
 async def test_too_many_event_streams_get_503() -> None:
     async with running(FakeView(cluster_log()), HttpApiConfig(max_subscribers=1)) as (_, port):
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):
             async with sse(port, "/api/events"):
                 status, _, body = await get(port, "/api/events")
                 assert status == 503
@@ -379,7 +379,7 @@ async def test_clients_hanging_up_mid_stream_log_no_errors(
 ) -> None:
     view = FakeView(cluster_log())
     async with running(view, HttpApiConfig(batch_events=1)) as (api, port):
-        with anyio.fail_after(5):
+        with anyio.fail_after(20):
             for _ in range(5):
                 async with sse(port, "/api/events?from=1") as reader:
                     await reader.frames(1)

@@ -144,7 +144,7 @@ async def test_simulated_failures_on_purpose() -> None:
         await failing_load.load()
     runner = SimulatedRunner(SPEC, {"load_s": 0, "fail_after_s": 0.01})
     await runner.load()
-    with anyio.fail_after(5), pytest.raises(RunnerFailed, match=r"simulated failure after 0\.01s"):
+    with anyio.fail_after(20), pytest.raises(RunnerFailed, match=r"simulated failure after 0\.01s"):
         await runner.run()
     assert (await runner.health()).reason == "simulated failure after 0.01s"
 
