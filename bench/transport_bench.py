@@ -67,6 +67,7 @@ def bench_worker(args: argparse.Namespace) -> None:
     acks: list[tuple[int, float]] = []
     applied: dict[str, list[tuple[int, float]]] = {}
     watched: set[str] = set(args.watch.split(",")) if args.watch else set()
+    cpu: dict[str, float] = {}  # CPU seconds this process spent while emitting
 
     def on_change(state: State) -> None:
         now = time.monotonic()
@@ -88,6 +89,7 @@ def bench_worker(args: argparse.Namespace) -> None:
             while not Path(args.go).exists():
                 await anyio.sleep(0.01)
             start = time.monotonic()
+            cpu_start = time.process_time()
             sent = 0
             event = NodeHeartbeat(node_id=worker.node_id)
             # Paced emission: `rate` per second for `duration` seconds; with no rate, as fast
@@ -107,6 +109,7 @@ def bench_worker(args: argparse.Namespace) -> None:
                 # spend the CPU it measures on polling.
                 next_due = start + (sent + 1) / args.rate if args.rate else 0.0
                 await anyio.sleep(max(0.001, next_due - time.monotonic()))
+            cpu["emission"] = time.process_time() - cpu_start
             # Let the tail drain (acks and replicas), bounded.
             with anyio.move_on_after(args.drain):
                 while len(worker.outbox):
@@ -118,7 +121,15 @@ def bench_worker(args: argparse.Namespace) -> None:
 
     anyio.run(main, backend="trio")
     Path(args.out).write_text(
-        json.dumps({"node_id": worker.node_id, "emits": emits, "applied": applied, "acks": acks})
+        json.dumps(
+            {
+                "node_id": worker.node_id,
+                "emits": emits,
+                "applied": applied,
+                "acks": acks,
+                "cpu": cpu.get("emission", 0.0),
+            }
+        )
     )
 
 
@@ -205,7 +216,9 @@ def run_phase(
     addr: str,
     secret: Path,
     backlog: int,
-) -> list[dict[str, Any]]:
+    master_pid: int | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """The workers' results, and the master's CPU seconds over the `duration` after go."""
     phase = root / name
     phase.mkdir()
     go = phase / "go"
@@ -226,10 +239,20 @@ def run_phase(
             raise SystemExit(f"{name}: workers did not catch up within 120 s")
         time.sleep(0.05)
     time.sleep(1.0)  # let every replica finish its catch-up
-    go.write_text("go")
+    master_cpu = 0.0
+    if master_pid is not None:
+        import psutil
+
+        master = psutil.Process(master_pid)
+        before = sum(master.cpu_times()[:2])
+        go.write_text("go")
+        time.sleep(duration)
+        master_cpu = sum(master.cpu_times()[:2]) - before
+    else:
+        go.write_text("go")
     for p in procs:
         p.wait(timeout=duration + 120)
-    return [json.loads(o.read_text()) for o in outs]
+    return [json.loads(o.read_text()) for o in outs], master_cpu
 
 
 def _ids(root: Path) -> list[str]:
@@ -299,7 +322,7 @@ def main() -> None:
         addr = (mdir / "master.addr").read_text().strip()
         secret = mdir / "cluster.secret"
         if "throughput" in phases:
-            throughput_phase(root, mdir, addr, secret, args, raw)
+            throughput_phase(root, mdir, addr, secret, args, raw, master.pid)
         if "latency" in phases:
             latency_phase(root, addr, secret, args)
     finally:
@@ -308,13 +331,21 @@ def main() -> None:
 
 
 def throughput_phase(
-    root: Path, mdir: Path, addr: str, secret: Path, args: argparse.Namespace, raw: float
+    root: Path,
+    mdir: Path,
+    addr: str,
+    secret: Path,
+    args: argparse.Namespace,
+    raw: float,
+    master_pid: int,
 ) -> None:
     """Offer more than the pipeline takes; count what the master's log holds."""
     from cluster.shared.eventlog import EventLog
     from cluster.shared.store import decode_record
 
-    results = run_phase(root, "throughput", 0, args.duration, addr, secret, args.backlog)
+    results, master_cpu = run_phase(
+        root, "throughput", 0, args.duration, addr, secret, args.backlog, master_pid
+    )
     ids = {r["node_id"] for r in results}
     emitted = sum(len(r["emits"]) for r in results)
     log = EventLog.open(mdir / "log", readonly=True)
@@ -330,11 +361,20 @@ def throughput_phase(
     )
     if raw:
         print(f"  ratio to raw stream: {e2e / raw:.0%} (target >= 50%)")
+    # CPU per event over the emission window: the 2-core budget all 5 processes share.
+    in_window = e2e * args.duration
+    worker_us = [r["cpu"] / in_window * 1e6 for r in results]
+    total = master_cpu / in_window * 1e6 + sum(worker_us)
+    print(
+        f"  CPU per indexed event: master {master_cpu / in_window * 1e6:.1f} us, workers "
+        + " / ".join(f"{u:.1f}" for u in worker_us)
+        + f" us; total {total:.1f} us (2 cores: at most {2e6 / total:,.0f} events/s)"
+    )
 
 
 def latency_phase(root: Path, addr: str, secret: Path, args: argparse.Namespace) -> None:
     """At a fixed 1,000 events/s in total: emission -> applied on every replica."""
-    results = run_phase(root, "latency", 1000 / WORKERS, args.duration, addr, secret, 0)
+    results, _ = run_phase(root, "latency", 1000 / WORKERS, args.duration, addr, secret, 0)
     lat = []
     missing = 0
     for src in results:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import anyio
 import pytest
 
 from cluster.net.framing import (
+    COMPRESSED,
     FrameDecoder,
     FrameError,
     FrameReader,
@@ -39,6 +41,50 @@ def test_oversized_header_is_refused_before_buffering() -> None:
         dec.next_frame()
     with pytest.raises(FrameTooLarge):
         encode_frame(b"x" * 1001, max_frame=1000)
+
+
+def test_compressed_frames_round_trip_and_small_ones_stay_plain() -> None:
+    bulk = b"12D3KooWsamenodeid" * 500
+    small = b"x" * 100
+    packed = encode_frame(bulk, compress=True)
+    assert len(packed) < len(bulk) // 10
+    assert struct.unpack_from(">I", packed)[0] & COMPRESSED
+    assert encode_frame(small, compress=True) == encode_frame(small)  # not worth it
+    noise = bytes(range(256)) * 8  # incompressible enough: sent as it is
+    dec = FrameDecoder()
+    data = packed + encode_frame(small, compress=True) + encode_frame(noise, compress=True)
+    for i in range(0, len(data), 7):
+        dec.feed(data[i : i + 7])
+    assert [dec.next_frame(), dec.next_frame(), dec.next_frame(), dec.next_frame()] == [
+        bulk,
+        small,
+        noise,
+        None,
+    ]
+    dec.check_eof()
+
+
+def _compressed(packed: bytes) -> bytes:
+    return struct.pack(">I", len(packed) | COMPRESSED) + packed
+
+
+@pytest.mark.parametrize(
+    ("frame", "error", "message"),
+    [
+        # A tiny frame that inflates past the limit is refused, not buffered.
+        (_compressed(zlib.compress(b"\0" * 5000)), FrameTooLarge, "inflates beyond the limit"),
+        (_compressed(b"not zlib at all"), FrameError, "is corrupt"),
+        (_compressed(zlib.compress(b"ok")[:-3]), FrameError, "not exactly one zlib stream"),
+        (_compressed(zlib.compress(b"ok") + b"junk"), FrameError, "not exactly one zlib stream"),
+    ],
+)
+def test_bad_compressed_frames_are_named(
+    frame: bytes, error: type[FrameError], message: str
+) -> None:
+    dec = FrameDecoder(max_frame=1000)
+    dec.feed(frame)
+    with pytest.raises(error, match=message):
+        dec.next_frame()
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
+from cluster.master.admission import (
+    AdmissionError,
+    check_worker_batch,
+    check_worker_columns,
+    check_worker_event,
+)
 from cluster.net.identity import IdentityError, load_identity, load_or_create_seed
 from cluster.net.membership import (
     Membership,
@@ -16,7 +24,7 @@ from cluster.net.membership import (
     load_secret_file,
     new_nonce,
 )
-from cluster.shared.events import EpochStarted, NodeHeartbeat, WorkReported
+from cluster.shared.events import EpochStarted, Event, NodeHeartbeat, WorkReported
 from cluster.worker.outbox import Outbox
 
 A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
@@ -81,6 +89,32 @@ def test_batches_must_count_up() -> None:
         check_worker_batch(A, [(1, hb), (2, NodeHeartbeat(node_id=B))])
 
 
+def _verdict(check: Callable[[], None]) -> tuple[str, str] | None:
+    try:
+        check()
+    except AdmissionError as exc:
+        return exc.code, str(exc)
+    return None
+
+
+def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
+    hb = NodeHeartbeat(node_id=A)
+    good: list[list[tuple[int, Event]]] = [[], [(5, hb), (6, hb), (9, hb)]]
+    bad: list[list[tuple[int, Event]]] = [
+        [(7, hb), (9, hb), (8, hb)],
+        [(3, hb), (3, hb)],
+        [(0, hb), (1, hb)],
+        [(1, hb), (2, NodeHeartbeat(node_id=B))],
+        [(1, hb), (2, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0))],
+        [(1, WorkReported(devshard_id="d", node_id=B, units=1, epoch=0))],
+    ]
+    for pairs in good + bad:
+        seqs, events = [s for s, _ in pairs], [e for _, e in pairs]
+        columns = _verdict(partial(check_worker_columns, A, seqs, events))
+        assert columns == _verdict(partial(check_worker_batch, A, pairs)), pairs
+        assert (columns is None) == (pairs in good), pairs
+
+
 def test_identity_is_stable_and_validated(tmp_path: Path) -> None:
     _, first = load_identity(tmp_path)
     _, again = load_identity(tmp_path)
@@ -110,4 +144,48 @@ def test_outbox_survives_reopen_acks_and_torn_tail(tmp_path: Path) -> None:
     assert box.append(NodeHeartbeat(node_id=A)) == 7
     box.skip_to(20)  # the master already holds up to 20 (e.g. the outbox was restored)
     assert len(box) == 0 and box.append(NodeHeartbeat(node_id=A)) == 21
+    box.close()
+
+
+def test_outbox_compaction_keeps_exactly_the_unacknowledged_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cluster.worker.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "COMPACT_BYTES", 1000)
+    box = Outbox.open(tmp_path)
+    events = [NodeHeartbeat(node_id=f"{A}-{k}") for k in range(200)]
+    for ev in events:
+        box.append(ev)
+    size = os.path.getsize(tmp_path / "events.log")
+    box.ack(150)  # garbage (150 records) > max(1000 bytes, what is pending): compacted
+    assert os.path.getsize(tmp_path / "events.log") < size // 3
+    box.append(NodeHeartbeat(node_id=A))  # appends continue after the copied tail
+    expected = [(151 + k, ev) for k, ev in enumerate([*events[150:], NodeHeartbeat(node_id=A)])]
+    assert [
+        (s, msgspec.msgpack.decode(p, type=NodeHeartbeat)) for s, p in box.pending_after(0, 500)
+    ] == expected
+    box.close()
+    box = Outbox.open(tmp_path)  # and the compacted file reads back the same, CRCs and all
+    assert [
+        (s, msgspec.msgpack.decode(p, type=NodeHeartbeat)) for s, p in box.pending_after(0, 500)
+    ] == expected
+    assert box.append(NodeHeartbeat(node_id=A)) == 202
+    box.close()
+
+
+def test_outbox_watermark_may_lag_but_seqs_never_go_back(tmp_path: Path) -> None:
+    box = Outbox.open(tmp_path)
+    for _ in range(10):
+        box.append(NodeHeartbeat(node_id=A))
+    box.ack(4)  # kept in memory only: the records are still in events.log
+    assert box.acked == 4
+    os.close(box._fd)  # a crash: no close(), nothing more written
+    box = Outbox.open(tmp_path)
+    # Records the master already holds are offered again (it drops them as duplicates).
+    assert box.acked <= 4 and [s for s, _ in box.pending_after(0, 100)][-6:] == list(range(5, 11))
+    box.skip_to(30)  # the master holds up to 30: the log empties, the watermark is written
+    os.close(box._fd)  # crash again
+    box = Outbox.open(tmp_path)
+    assert box.append(NodeHeartbeat(node_id=A)) == 31
     box.close()

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from cluster.master.admission import AdmissionError, check_worker_batch
+from cluster.master.admission import AdmissionError, check_worker_columns
 from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, encode_frame
@@ -47,14 +48,12 @@ from cluster.net.protocol import (
     Challenge,
     ControlReplyMsg,
     ControlRequestMsg,
-    Events,
     EventsRaw,
     Hello,
     Ping,
     Pong,
     Proof,
     ProtocolError,
-    SeqEvent,
     SnapshotBegin,
     SnapshotChunk,
     SubmitBatch,
@@ -67,6 +66,7 @@ from cluster.net.protocol import (
 from cluster.shared.digest_file import write_digest_file
 from cluster.shared.events import MASTER_ORIGIN, Event, IndexedEvent, NodeConnected
 from cluster.shared.state import State
+from cluster.shared.store import Committed, as_logged
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Store(Protocol):
     def state(self) -> State: ...
     @property
     def last_idx(self) -> int: ...
-    def append(self, events: Sequence[IndexedEvent]) -> State: ...
+    def append_decoded(self, events: Sequence[IndexedEvent]) -> Committed: ...
     def read_raw_from(self, idx: int) -> Any: ...
     def read_from(self, idx: int) -> Any: ...
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
@@ -126,11 +126,16 @@ class MasterConfig:
 
 
 class _Submission:
-    __slots__ = ("ack", "done", "error", "events", "indexed", "origin")
+    """Events for the indexer: a worker batch (its seqs, strictly increasing, beside its
+    events: columns, so indexing needs no Python per event) or the master's own events
+    (`seqs` None: numbered by the indexer)."""
 
-    def __init__(self, origin: str, events: list[SeqEvent] | list[Event]) -> None:
+    __slots__ = ("ack", "done", "error", "events", "indexed", "origin", "seqs")
+
+    def __init__(self, origin: str, events: list[Event], seqs: list[int] | None = None) -> None:
         self.origin = origin
         self.events = events
+        self.seqs = seqs
         self.done = anyio.Event()
         self.ack = 0
         self.indexed: list[IndexedEvent] = []
@@ -145,21 +150,21 @@ class _Broadcast:
     """One group commit as every subscriber receives it: encoded ONCE, shared by all.
 
     `frames` is the ready-to-write bytes (one or more framed `Events` messages) holding the
-    records `first`..`last`; `records` is kept for a subscriber whose cursor falls inside
-    the commit (it joined during catch-up) and needs only its tail.
+    records `first`..`last`; `records` ((idx, bytes) as logged) is kept for a subscriber
+    whose cursor falls inside the commit (it joined during catch-up) and needs only its tail.
     """
 
     __slots__ = ("first", "frames", "last", "records")
 
-    def __init__(self, records: list[IndexedEvent], frames: bytes) -> None:
-        self.first = records[0].idx
-        self.last = records[-1].idx
+    def __init__(self, records: list[tuple[int, bytes]], frames: bytes) -> None:
+        self.first = records[0][0]
+        self.last = records[-1][0]
         self.records = records
         self.frames = frames
 
 
-def _seq_of(se: SeqEvent) -> int:
-    return se.seq
+_seq_of = operator.attrgetter("seq")
+_event_of = operator.attrgetter("event")
 
 
 class Master:
@@ -355,66 +360,74 @@ class Master:
             seq = last_seq.get(origin)
             if seq is None:
                 seq = state.last_seq(origin)
-            if origin == MASTER_ORIGIN:
+            seqs = sub.seqs
+            if seqs is None:
                 for ev in sub.events:
-                    assert not isinstance(ev, SeqEvent)
                     idx += 1
                     seq += 1
-                    ie = IndexedEvent(idx, now, origin, seq, ev)
+                    # Built in memory: made what the log will give back (see append_decoded).
+                    ie = as_logged(IndexedEvent(idx, now, origin, seq, ev))
                     records.append(ie)
                     sub.indexed.append(ie)
             else:
                 # A worker batch's seqs strictly increase (checked in `_submit`), so the
                 # duplicates (seq <= the origin's last) are a prefix: skip it, index the rest
-                # in one pass.
-                events: list[SeqEvent] = sub.events  # type: ignore[assignment]
-                start = bisect.bisect_right(events, seq, key=_seq_of) if events else 0
+                # in one pass. Its events were decoded from the worker's frame: as logged.
+                start = bisect.bisect_right(seqs, seq)
                 if start:
                     self.stats["duplicates"] += start
-                fresh = events[start:] if start else events
-                if fresh:
+                n = len(seqs) - start
+                if n:
+                    # Built column-wise by `map`: no Python frame per event.
                     records.extend(
-                        [
-                            IndexedEvent(i, now, origin, se.seq, se.event)
-                            for i, se in enumerate(fresh, idx + 1)
-                        ]
+                        map(
+                            IndexedEvent,
+                            range(idx + 1, idx + 1 + n),
+                            itertools.repeat(now, n),
+                            itertools.repeat(origin, n),
+                            itertools.islice(seqs, start, None),
+                            itertools.islice(sub.events, start, None),
+                        )
                     )
-                    idx += len(fresh)
-                    seq = fresh[-1].seq
+                    idx += n
+                    seq = seqs[-1]
             last_seq[origin] = seq
             sub.ack = seq
         if records:
             async with self._store_lock:
                 if len(records) <= self.config.inline_commit_events:
-                    new_state = self.store.append(records)
+                    committed = self.store.append_decoded(records)
                 else:
-                    new_state = await anyio.to_thread.run_sync(self.store.append, records)
-            self._state = new_state
+                    committed = await anyio.to_thread.run_sync(self.store.append_decoded, records)
+            self._state = committed.state
             self._last_idx = records[-1].idx
             self.stats["commits"] += 1
             self.stats["events"] += len(records)
             if self._subscribers:
-                self._broadcast(_Broadcast(records, self._encode_frames(records)))
+                # The log's own bytes, framed once for every subscriber: nothing re-encoded.
+                raw = committed.records
+                self._broadcast(_Broadcast(raw, self._encode_frames(raw)))
             changed, self._state_changed = self._state_changed, anyio.Event()
             changed.set()
         self.stats["batches"] += len(batch)
         for sub in batch:
             sub.done.set()
 
-    def _encode_frames(self, records: list[IndexedEvent]) -> bytes:
-        """`records` as framed `Events` messages of at most `frame_events` each (halved until
-        each frame fits the frame limit: events may be large)."""
+    def _encode_frames(self, records: list[tuple[int, bytes]]) -> bytes:
+        """(idx, encoded event) records as framed `Events` messages of at most `frame_events`
+        each (halved until each frame fits the frame limit: events may be large)."""
         out: list[bytes] = []
         step = self.config.frame_events
         todo = [records[off : off + step] for off in range(0, len(records), step)]
         while todo:
             part = todo.pop(0)
-            payload = encode(Events(events=part))
+            payload = encode(EventsRaw(events=[msgspec.Raw(raw) for _, raw in part]))
             if len(payload) > DEFAULT_MAX_FRAME and len(part) > 1:
                 half = len(part) // 2
                 todo[:0] = [part[:half], part[half:]]
                 continue
-            out.append(encode_frame(payload, DEFAULT_MAX_FRAME))
+            # Compressed once, here, for every subscriber (see `framing`).
+            out.append(encode_frame(payload, DEFAULT_MAX_FRAME, compress=True))
         return b"".join(out)
 
     def _broadcast(self, item: _Broadcast) -> None:
@@ -557,8 +570,10 @@ class Master:
                             await send.send(Pong(last_idx=self._last_idx))
                             continue
                         batch = expect(msg, SubmitBatch)
-                        check_worker_batch(peer, ((se.seq, se.event) for se in batch.events))
-                        sub = _Submission(peer, batch.events)
+                        seqs = list(map(_seq_of, batch.events))
+                        events = list(map(_event_of, batch.events))
+                        check_worker_columns(peer, seqs, events)
+                        sub = _Submission(peer, events, seqs)
                         await self._inbox_send.send(sub)
                         await send.send(sub)
         except* EOFError:
@@ -708,13 +723,7 @@ class Master:
     ) -> None:
         if records:
             self._sent_idx[fs.peer_id] = records[-1][0]
-        frames = []
-        step = self.config.frame_events
-        for off in range(0, len(records), step):
-            part = records[off : off + step]
-            msg = EventsRaw(events=[msgspec.Raw(raw) for _, raw in part])
-            frames.append(encode_frame(encode(msg), fs.max_frame))
-        await fs.send_bytes(b"".join(frames), self.config.peer_timeout)
+        await fs.send_bytes(self._encode_frames(records), self.config.peer_timeout)
 
     async def _send_live(
         self,

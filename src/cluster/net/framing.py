@@ -4,11 +4,18 @@ A frame is a 4-byte big-endian length followed by that many payload bytes. libp2
 carry arbitrary byte runs (Yamux splits them at 64 KiB), so message boundaries are ours to
 keep. Every problem is a `FrameError` whose message says exactly what was wrong, so the peer
 can be told before its stream is reset.
+
+The length's top bit marks a zlib-compressed payload. Every byte on a stream costs CPU on
+both sides (Noise, Yamux, the socket: more than compressing it), and event batches are very
+repetitive (node ids in every record), so senders of bulk frames compress them. The frame
+limit applies to the payload both as sent and once inflated, so a small compressed frame
+cannot make the reader buffer more than an uncompressed one could.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -18,6 +25,10 @@ HEADER: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 4 << 20
 #: How much to ask the stream for per read; Yamux delivers at most 64 KiB at a time anyway.
 READ_CHUNK: Final = 1 << 16
+#: Length-field bit: the payload is zlib-compressed (lengths never reach it: see the limit).
+COMPRESSED: Final = 1 << 31
+#: Payloads shorter than this are sent as they are even when compression is asked for.
+COMPRESS_MIN: Final = 1024
 
 
 class FrameError(Exception):
@@ -32,9 +43,17 @@ class TruncatedFrame(FrameError):
     pass
 
 
-def encode_frame(payload: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+def encode_frame(
+    payload: bytes, max_frame: int = DEFAULT_MAX_FRAME, *, compress: bool = False
+) -> bytes:
+    """One frame; with `compress`, a payload of COMPRESS_MIN bytes or more is deflated
+    (fastest level) when that makes it smaller."""
     if len(payload) > max_frame:
         raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the limit of {max_frame}")
+    if compress and len(payload) >= COMPRESS_MIN:
+        packed = zlib.compress(payload, 1)
+        if len(packed) < len(payload):
+            return HEADER.pack(len(packed) | COMPRESSED) + packed
     return HEADER.pack(len(payload)) + payload
 
 
@@ -64,7 +83,8 @@ class FrameDecoder:
         """The next complete frame, or None until more bytes arrive."""
         if len(self._buf) < HEADER.size:
             return None
-        (length,) = HEADER.unpack_from(self._buf)
+        (field,) = HEADER.unpack_from(self._buf)
+        length = field & ~COMPRESSED
         if length > self._max:
             raise FrameTooLarge(
                 f"frame header announces {length} bytes, more than the limit of {self._max}"
@@ -74,6 +94,22 @@ class FrameDecoder:
             return None
         payload = bytes(self._buf[HEADER.size : end])
         del self._buf[:end]
+        return self._inflate(payload) if field & COMPRESSED else payload
+
+    def _inflate(self, packed: bytes) -> bytes:
+        inflater = zlib.decompressobj()
+        try:
+            payload = inflater.decompress(packed, self._max)
+        except zlib.error as exc:
+            raise FrameError(f"compressed frame of {len(packed)} bytes is corrupt: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise FrameTooLarge(
+                f"compressed frame of {len(packed)} bytes inflates beyond the limit of {self._max}"
+            )
+        if not inflater.eof or inflater.unused_data:
+            raise FrameError(
+                f"compressed frame of {len(packed)} bytes is not exactly one zlib stream"
+            )
         return payload
 
     def check_eof(self) -> None:
@@ -83,7 +119,7 @@ class FrameDecoder:
                 raise TruncatedFrame(
                     f"stream ended inside a frame header ({len(self._buf)} of 4 bytes)"
                 )
-            (length,) = HEADER.unpack_from(self._buf)
+            length = HEADER.unpack_from(self._buf)[0] & ~COMPRESSED
             raise TruncatedFrame(
                 f"stream ended after {len(self._buf) - HEADER.size} of {length} payload bytes"
             )

@@ -30,7 +30,8 @@ SUBMIT_PROTOCOL: Final = "/cluster/submit/1.0.0"
 SUBSCRIBE_PROTOCOL: Final = "/cluster/subscribe/1.0.0"
 #: One request per stream: a host's `cluster maintenance ...` forwarded by its worker.
 REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
-PROTOCOL_VERSION: Final = 1
+#: 2: bulk frames may be compressed (see `framing`).
+PROTOCOL_VERSION: Final = 2
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

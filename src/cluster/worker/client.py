@@ -355,7 +355,8 @@ class Worker:
                     # fsync, done inline: a thread hop costs more CPU than it saves here.)
                     self.outbox.sync()
                     msg = SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch])
-                    await fs.send_bytes(encode_frame(encode(msg), fs.max_frame), cfg.peer_timeout)
+                    frame = encode_frame(encode(msg), fs.max_frame, compress=True)
+                    await fs.send_bytes(frame, cfg.peer_timeout)
                     sent = batch[-1][0]
                     inflight.append(sent)
         finally:

@@ -7,8 +7,12 @@ Layout in its directory:
   `os.write` on an O_APPEND descriptor, so it is in the kernel once `append` returns and
   survives ``kill -9`` of the worker. `sync()` (fsync) is called by the sender before each
   batch leaves, so anything the master may acknowledge has also reached the disk.
-- ``acked``: the ack watermark ``[seq u64][crc32 u32]``, replaced atomically (write, fsync,
-  rename). Records with seq <= watermark are done.
+- ``acked``: the ack watermark ``[seq u64][crc32 u32]``, replaced atomically (write,
+  rename). Records with seq <= watermark are done. It is rewritten at most every
+  ACK_WRITE_EVERY seqs (acks arrive with every frame, and each rewrite costs four system
+  calls), and always before records are dropped from ``events.log`` and on close. A watermark
+  that lags after a crash only means records the master already holds are offered again:
+  the hello's last_seq clears them (`skip_to`) and the master drops them as duplicates.
 
 On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
 Sequence numbers never go backwards: the next seq is above both the watermark and every
@@ -33,12 +37,17 @@ from cluster.shared.events import Event
 log = logging.getLogger(__name__)
 
 _REC: Final = struct.Struct(">IQI")
+_pack_rec = _REC.pack
+_pack_seq = struct.Struct(">Q").pack
+_crc32 = zlib.crc32
 _ACK: Final = struct.Struct(">QI")
 #: A single event larger than this is a bug, not data (events are small facts).
 MAX_EVENT_BYTES: Final = 1 << 20
 #: Rewrite the log without acknowledged records once they take this much of it -- and at
 #: least half of it, so that a long backlog is not copied again on every ack.
 COMPACT_BYTES: Final = 4 << 20
+#: The ack watermark on disk lags the one in memory by fewer seqs than this.
+ACK_WRITE_EVERY: Final = 4096
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -48,7 +57,7 @@ class OutboxError(Exception):
 
 
 def _crc(seq: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(seq.to_bytes(8, "big")))
+    return _crc32(payload, _crc32(_pack_seq(seq)))
 
 
 class Outbox:
@@ -58,6 +67,8 @@ class Outbox:
         self._ack_path = directory / "acked"
         self._pending: deque[tuple[int, bytes]] = deque()
         self._acked = 0
+        #: The watermark as ``acked`` holds it (may lag `_acked`, see the module docstring).
+        self._acked_on_disk = 0
         self._last_seq = 0
         self._fd = -1
         self._size = 0
@@ -73,10 +84,11 @@ class Outbox:
         except OSError as exc:
             raise OutboxError(f"cannot create outbox {directory}: {exc.strerror}") from exc
         box = cls(directory)
-        box._acked = box._read_ack()
+        box._acked = box._acked_on_disk = box._read_ack()
         box._last_seq = box._acked
         box._load_log()
-        box._fd = os.open(box._log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # Read-write: compaction copies the unacknowledged tail from it (`_compact`).
+        box._fd = os.open(box._log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         return box
 
     def _read_ack(self) -> int:
@@ -140,15 +152,17 @@ class Outbox:
         """Give the event the next seq and record it; returns the seq."""
         if self._fd < 0:
             raise OutboxError(f"outbox {self.directory} is closed")
+        # Every emitted event passes here (a write(2) each): locals and C calls only.
         payload = _encoder.encode(event)
-        if len(payload) > MAX_EVENT_BYTES:
-            raise OutboxError(f"event of {len(payload)} bytes exceeds {MAX_EVENT_BYTES}")
+        n = len(payload)
+        if n > MAX_EVENT_BYTES:
+            raise OutboxError(f"event of {n} bytes exceeds {MAX_EVENT_BYTES}")
         seq = self._last_seq + 1
-        record = _REC.pack(len(payload), seq, _crc(seq, payload)) + payload
-        os.write(self._fd, record)
+        os.write(self._fd, _pack_rec(n, seq, _crc32(payload, _crc32(_pack_seq(seq)))) + payload)
         self._last_seq = seq
-        self._size += len(record)
-        self._pending_size += len(record)
+        n += _REC.size
+        self._size += n
+        self._pending_size += n
         self._dirty = True
         self._pending.append((seq, payload))
         return seq
@@ -180,16 +194,22 @@ class Outbox:
         if seq <= self._acked:
             return
         seq = min(seq, self._last_seq)
-        self._write_ack(seq)
         self._acked = seq
         pending = self._pending
         while pending and pending[0][0] <= seq:
             self._pending_size -= _REC.size + len(pending.popleft()[1])
-        if not pending and self._size:
-            os.ftruncate(self._fd, 0)
-            self._size = 0
+        if not pending:
+            # Before the records go -- and when `skip_to` raised the seq past every record:
+            # the watermark is then all that keeps seqs from going back after a restart.
+            self._persist_ack()
+            if self._size:
+                os.ftruncate(self._fd, 0)
+                self._size = 0
         elif self._size - self._pending_size > max(COMPACT_BYTES, self._pending_size):
+            self._persist_ack()
             self._compact()
+        elif seq - self._acked_on_disk >= ACK_WRITE_EVERY:
+            self._persist_ack()
 
     def skip_to(self, last_seq_at_master: int) -> None:
         """The master already holds our events up to this seq (our ack was lost in a crash,
@@ -197,6 +217,11 @@ class Outbox:
         if last_seq_at_master > self._last_seq:
             self._last_seq = last_seq_at_master
         self.ack(last_seq_at_master)
+
+    def _persist_ack(self) -> None:
+        if self._acked != self._acked_on_disk:
+            self._write_ack(self._acked)
+            self._acked_on_disk = self._acked
 
     def _write_ack(self, seq: int) -> None:
         head = seq.to_bytes(8, "big")
@@ -209,8 +234,14 @@ class Outbox:
         os.replace(tmp, self._ack_path)
 
     def _compact(self) -> None:
+        # The unacknowledged records are the file's last `_pending_size` bytes (records are
+        # appended in seq order and acknowledged as a prefix): copied as they are.
         tmp = self._log_path.with_suffix(".tmp")
-        data = b"".join(_REC.pack(len(p), s, _crc(s, p)) + p for s, p in self._pending)
+        data = os.pread(self._fd, self._pending_size, self._size - self._pending_size)
+        first = self._pending[0][0] if self._pending else 0
+        if len(data) != self._pending_size or (data and _REC.unpack_from(data)[1] != first):
+            # Not where the bookkeeping says (never seen): rebuild from memory instead.
+            data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
@@ -219,12 +250,13 @@ class Outbox:
             os.close(fd)
         os.replace(tmp, self._log_path)
         os.close(self._fd)
-        self._fd = os.open(self._log_path, os.O_WRONLY | os.O_APPEND, 0o600)
+        self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
         self._size = self._pending_size = len(data)
 
     def close(self) -> None:
         if self._fd >= 0:
             try:
+                self._persist_ack()
                 self.sync()
             finally:
                 os.close(self._fd)
