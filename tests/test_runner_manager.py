@@ -120,7 +120,9 @@ def started_cluster() -> Cluster:
     return cluster
 
 
-def manager(emitted: Emitted, factory: RunnerFactory) -> RunnerManager:
+def manager(
+    emitted: Emitted, factory: RunnerFactory, carry_over_grace_s: float = 0.2
+) -> RunnerManager:
     return RunnerManager(
         ME,
         emitted,
@@ -128,6 +130,30 @@ def manager(emitted: Emitted, factory: RunnerFactory) -> RunnerManager:
         work_interval_s=0.02,
         health_interval_s=0.02,
         stop_timeout_s=10,
+        carry_over_grace_s=carry_over_grace_s,
+    )
+
+
+class Counted:
+    """A runner factory that remembers every runner it built."""
+
+    def __init__(self, factory: RunnerFactory) -> None:
+        self.factory = factory
+        self.built: list[Runner] = []
+
+    def __call__(self, spec: RunnerSpec) -> Runner:
+        runner = self.factory(spec)
+        self.built.append(runner)
+        return runner
+
+
+def epoch_turn(cluster: Cluster, *placements: DevshardPlaced, finalize: str = "d1") -> State:
+    """Epoch 1 ends: its devshard is finalized, epoch 2 starts, sessions are placed again --
+    one planner decision, as the master indexes it."""
+    return cluster.master(
+        DevshardFinalized(devshard_id=finalize, epoch=1),
+        EpochStarted(epoch=2, start_ms=1_200_000, end_ms=1_800_000, seed=8),
+        *placements,
     )
 
 
@@ -322,7 +348,7 @@ async def test_bad_runner_config_fails_at_create() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_slot_moving_between_devshards_restarts_its_runner() -> None:
+async def test_a_slot_staying_carries_over_and_a_slot_moving_away_stops() -> None:
     cluster = started_cluster()
     emitted = Emitted()
     mgr = manager(emitted, make_factory("simulated", FAST_SIM))
@@ -338,6 +364,101 @@ async def test_a_slot_moving_between_devshards_restarts_its_runner() -> None:
         )
         assert set(mgr.statuses()) == {"d1b/0"}
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_epoch_turn_carries_loaded_runners_over_without_a_reload() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    factory = Counted(make_factory("simulated", FAST_SIM))
+    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, OTHER), (2, ME)])))
+        await until(
+            lambda: emitted.statuses("d1/0")[-1:] == emitted.statuses("d1/2")[-1:] == [S.RUNNING]
+        )
+        await until(lambda: emitted.work("d1") > 0)
+        # Sticky placement: the session keeps both slots here in epoch 2 (slots renumbered).
+        mgr.reconcile(epoch_turn(cluster, placed("d2", "s1", 2, [(0, ME), (1, ME), (2, OTHER)])))
+        await until(
+            lambda: emitted.statuses("d2/0")[-1:] == emitted.statuses("d2/1")[-1:] == [S.RUNNING]
+        )
+        await until(lambda: emitted.work("d2") > 0)
+        assert set(mgr.statuses()) == {"d2/0", "d2/1"}
+        tg.cancel_scope.cancel()
+    assert len(factory.built) == 2  # loaded once each, never again
+    for old in ("d1/0", "d1/2"):
+        assert emitted.statuses(old) == [S.PENDING, S.LOADING, S.READY, S.RUNNING, S.STOPPED]
+    # The same slot number is preferred: d1/0 -> d2/0, and d1/2 takes the other one.
+    assert emitted.last("d1/0").reason == "carried over to d2/0 (loaded, not restarted)"
+    assert emitted.last("d1/2").reason == "carried over to d2/1 (loaded, not restarted)"
+    assert emitted.statuses("d2/0")[:2] == [S.READY, S.RUNNING]
+    assert [r.spec.devshard_id for r in factory.built] == ["d2", "d2"]
+    # Work before the switch went to epoch 1's devshard, after it to epoch 2's.
+    works = [e for e in emitted.events if isinstance(e, WorkReported)]
+    assert {(e.devshard_id, e.epoch) for e in works} == {("d1", 1), ("d2", 2)}
+    state = cluster.add(ME, *emitted.events)
+    assert state.ledgers[1].nodes[ME].units == emitted.work("d1")
+    assert state.ledgers[2].nodes[ME].units == emitted.work("d2")
+
+
+@pytest.mark.anyio
+async def test_carry_over_waits_for_a_successor_placed_in_a_later_frame() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    factory = Counted(make_factory("simulated", FAST_SIM))
+    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        # The decision arrives in two frames: the devshard ends first, parked loaded...
+        mgr.reconcile(epoch_turn(cluster))
+        await anyio.sleep(0.1)
+        assert emitted.statuses("d1/0")[-1:] == [S.RUNNING]
+        # ...then its successor takes it over.
+        mgr.reconcile(cluster.master(placed("d2", "s1", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    assert len(factory.built) == 1
+    assert emitted.statuses("d1/0")[-1:] == [S.STOPPED]
+
+
+@pytest.mark.anyio
+async def test_no_carry_over_without_a_successor_a_live_session_or_the_same_size() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    factory = Counted(make_factory("simulated", FAST_SIM))
+    mgr = manager(emitted, factory, carry_over_grace_s=0.2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(
+            cluster.master(placed("d1", "s1", 1, [(0, ME)]), placed("e1", "s2", 1, [(0, ME)]))
+        )
+        await until(
+            lambda: emitted.statuses("d1/0")[-1:] == emitted.statuses("e1/0")[-1:] == [S.RUNNING]
+        )
+        # s2 is deleted and its devshard ends: no session to carry over for, stopped at once.
+        mgr.reconcile(
+            cluster.master(
+                SessionDeleted(session_id="s2"),
+                DevshardFinalized(devshard_id="e1", epoch=1),
+                SessionRequested(session_id="s3", slots=1, memory_per_slot_mb=2048, gpu=True),
+            )
+        )
+        # s1 gets no slot here in epoch 2: parked, then stopped after the grace. The slot
+        # placed here is another session's (s3, even of the same size): loaded afresh.
+        mgr.reconcile(epoch_turn(cluster, placed("f2", "s3", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("e1/0")[-1:] == [S.STOPPED])
+        assert emitted.statuses("d1/0")[-1:] == [S.RUNNING]  # parked, waiting for a successor
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+        await until(lambda: emitted.statuses("f2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert emitted.statuses("e1/0") == FULL_LIFE
+    assert emitted.statuses("f2/0")[:3] == [S.PENDING, S.LOADING, S.READY]
+    assert len(factory.built) == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,11 +482,14 @@ time.sleep(60)
 """
 
 
-def subprocess_factory(pids: Path, rounds: int, fail: bool = False) -> RunnerFactory:
+def subprocess_factory(
+    pids: Path, rounds: int, fail: bool = False, carry_over: bool = True
+) -> RunnerFactory:
     config = {
         "command": [sys.executable, "-c", WORKER_SCRIPT],
         "env": {"PIDS": str(pids), "ROUNDS": str(rounds), "FAIL": "1" if fail else ""},
         "grace_s": 5,
+        "carry_over": carry_over,
     }
     return make_factory("subprocess", config)
 
@@ -443,3 +567,31 @@ def test_factory_output_is_checked() -> None:
 def desired_spec() -> RunnerSpec:
     state = started_cluster().master(placed("d1", "s1", 1, [(0, ME)]))
     return desired_runners(state, ME)["d1/0"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("carry_over", [True, False])
+async def test_subprocess_runner_kept_across_epochs_unless_configured_not_to(
+    tmp_path: Path, carry_over: bool
+) -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, subprocess_factory(tmp_path, rounds=3, carry_over=carry_over), 30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.work("d1") == 3)
+        first = int((tmp_path / "0").read_text())
+        (tmp_path / "0").unlink()
+        mgr.reconcile(epoch_turn(cluster, placed("d2", "s1", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        if carry_over:
+            assert emitted.statuses("d1/0")[-1:] == [S.STOPPED] and _alive(first)
+            assert not (tmp_path / "0").exists()  # no second process was started
+        else:
+            await until(lambda: (tmp_path / "0").exists() and emitted.work("d2") == 3)
+            assert int((tmp_path / "0").read_text()) != first
+            assert emitted.statuses("d1/0") == FULL_LIFE
+        assert set(mgr.statuses()) == {"d2/0"}
+        tg.cancel_scope.cancel()
+    assert not _alive(first)

@@ -9,7 +9,14 @@ the master every step through `RunnerStatusUpdated`:
                      \\         \\          \\-> failed (reason) -> stopped (when unassigned)
 
 "ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
-ahead of its epoch waits loaded). A failed runner is stopped at once but keeps its FAILED
+ahead of its epoch waits loaded).
+
+Carry-over: devshards end with their epoch and the session is placed again, usually on the
+same nodes (placement is sticky). A loaded runner whose devshard was finalized is therefore
+kept for `carry_over_grace_s`; if the new devshard gives this node a slot of the same session
+(same memory and GPU), the runner takes it over without a reload: its old runner id is
+reported stopped ("carried over to ...") and the new id ready, then running. Work done before
+the switch is reported for the old devshard. A failed runner is stopped at once but keeps its FAILED
 record, with the reason, until the slot is unassigned; it is not restarted (the planner
 decides where the slot goes). Work done is reported every `work_interval_s` and once more
 when a runner stops, as `WorkReported` for the devshard's epoch.
@@ -89,6 +96,10 @@ class _Handle:
     runner_stopped: bool = False
     #: Unassigned (being stopped); a new assignment of the same id waits for it to finish.
     retired: bool = False
+    #: Its devshard was finalized: kept loaded for a successor devshard (see carry-over).
+    parked: bool = False
+    #: The task group serving the loaded runner (None when not serving).
+    serving: anyio.abc.TaskGroup | None = None
 
 
 class RunnerManager:
@@ -106,6 +117,7 @@ class RunnerManager:
         health_timeout_s: float = 5.0,
         load_timeout_s: float = 300.0,
         stop_timeout_s: float = 30.0,
+        carry_over_grace_s: float = 10.0,
     ) -> None:
         for what, value in (
             ("work_interval_s", work_interval_s),
@@ -113,6 +125,7 @@ class RunnerManager:
             ("health_timeout_s", health_timeout_s),
             ("load_timeout_s", load_timeout_s),
             ("stop_timeout_s", stop_timeout_s),
+            ("carry_over_grace_s", carry_over_grace_s),
         ):
             if not value > 0:
                 raise ValueError(f"RunnerManager: {what} must be > 0, got {value!r}")
@@ -124,6 +137,7 @@ class RunnerManager:
         self._health_timeout_s = health_timeout_s
         self._load_timeout_s = load_timeout_s
         self._stop_timeout_s = stop_timeout_s
+        self._carry_over_grace_s = carry_over_grace_s
         self._handles: dict[str, _Handle] = {}
         self._state: State | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -167,8 +181,18 @@ class RunnerManager:
         assert self._tg is not None
         self._applied = (state.devshards, state.epoch)
         wanted = desired_runners(state, self.node_id)
-        for runner_id, handle in self._handles.items():
-            if runner_id not in wanted and not handle.retired:
+        for runner_id, spec in wanted.items():
+            if runner_id not in self._handles:
+                predecessor = self._predecessor(spec, wanted)
+                if predecessor is not None:
+                    self._carry_over(predecessor, spec, state)
+        for runner_id, handle in list(self._handles.items()):
+            if runner_id in wanted or handle.retired or handle.parked:
+                continue
+            if self._may_park(handle, state):
+                handle.parked = True
+                self._tg.start_soon(self._stop_if_still_parked, handle)
+            else:
                 handle.retired = True
                 handle.scope.cancel()
         for runner_id, spec in wanted.items():
@@ -179,6 +203,71 @@ class RunnerManager:
         for handle in self._handles.values():
             if not handle.retired and epoch_has_begun(state, handle.spec.epoch):
                 handle.epoch_begun.set()
+
+    # -- carry-over -----------------------------------------------------------------------
+
+    def _predecessor(self, spec: RunnerSpec, wanted: dict[str, RunnerSpec]) -> _Handle | None:
+        """A loaded runner, no longer wanted, that can serve `spec` as it is: the same
+        session, memory and GPU. The same slot number is preferred, then the lowest id."""
+        fits = [
+            h
+            for rid, h in self._handles.items()
+            if rid not in wanted
+            and not h.retired
+            and h.serving is not None
+            and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
+            and h.runner is not None
+            and h.runner.can_carry_over()
+            and (h.spec.session_id, h.spec.memory_mb, h.spec.gpu)
+            == (spec.session_id, spec.memory_mb, spec.gpu)
+        ]
+        fits.sort(key=lambda h: (h.spec.slot != spec.slot, h.spec.runner_id))
+        return fits[0] if fits else None
+
+    def _may_park(self, h: _Handle, state: State) -> bool:
+        """Keep this unwanted runner loaded for a successor? Only when its devshard simply
+        ended (finalized) while its session lives on, and it is loaded and able to."""
+        return (
+            h.spec.devshard_id not in state.devshards
+            and h.spec.session_id in state.sessions
+            and h.serving is not None
+            and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
+            and h.runner is not None
+            and h.runner.can_carry_over()
+        )
+
+    async def _stop_if_still_parked(self, h: _Handle) -> None:
+        await anyio.sleep(self._carry_over_grace_s)
+        if h.parked and not h.retired:
+            log.info("runner %s: no successor devshard here: stopping", h.spec.runner_id)
+            h.retired = True
+            h.scope.cancel()
+
+    def _carry_over(self, h: _Handle, spec: RunnerSpec, state: State) -> None:
+        """Hand the loaded runner of `h` to `spec`'s slot: no stop, no reload."""
+        runner, serving, old = h.runner, h.serving, h.spec
+        assert runner is not None and serving is not None
+        self._report_work(h, runner)  # what it did so far belongs to the old devshard
+        self._emit(
+            RunnerStatusUpdated(
+                runner_id=old.runner_id,
+                node_id=self.node_id,
+                status=RunnerStatus.STOPPED,
+                devshard_id=old.devshard_id,
+                slot=old.slot,
+                reason=f"carried over to {spec.runner_id} (loaded, not restarted)",
+            )
+        )
+        log.info("runner %s: carried over to %s without a reload", old.runner_id, spec.runner_id)
+        del self._handles[old.runner_id]
+        runner.carry_over(spec)
+        h.spec, h.parked, h.status = spec, False, None
+        h.epoch_begun = anyio.Event()
+        self._handles[spec.runner_id] = h
+        self._set(h, RunnerStatus.READY)
+        if epoch_has_begun(state, spec.epoch):
+            h.epoch_begun.set()
+        serving.start_soon(self._mark_running, h)
 
     def _set(self, h: _Handle, status: RunnerStatus, reason: str = "") -> None:
         if h.status is status and h.reason == reason:
@@ -235,10 +324,14 @@ class RunnerManager:
             self._set(h, RunnerStatus.READY)
             step = "serve"
             async with anyio.create_task_group() as tg:
+                h.serving = tg
                 tg.start_soon(self._mark_running, h)
                 tg.start_soon(self._watch_health, runner)
                 tg.start_soon(self._report_work_every_interval, h, runner)
-                await runner.run()
+                try:
+                    await runner.run()
+                finally:
+                    h.serving = None
                 tg.cancel_scope.cancel()
             return None
         except Exception as exc:

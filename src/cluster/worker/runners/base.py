@@ -10,6 +10,11 @@ The worker's runner manager drives every runner through the same steps:
 4. meanwhile `await health()` every few seconds, and `work_units()` to collect the work done;
 5. `await stop()` once, always, after cancelling `run()` -- also after a failure.
 
+At an epoch's end every devshard is finalized and placed again; when the session keeps a slot
+on this node, the loaded runner is carried over to the new devshard (`carry_over(spec)`)
+rather than stopped and loaded again -- a model is not reloaded every epoch. A runner that
+depends on which devshard or epoch it serves says so with `can_carry_over()`.
+
 `serve_request(payload)` answers one request; the self-test sends one probe request.
 """
 
@@ -93,6 +98,15 @@ class Runner(ABC):
     @abstractmethod
     def work_units(self) -> int:
         """Units of work completed since the previous call (the caller reports them)."""
+
+    def can_carry_over(self) -> bool:
+        """May this loaded runner serve the same session's slot in a later devshard?"""
+        return True
+
+    def carry_over(self, spec: RunnerSpec) -> None:
+        """Serve `spec` from now on: the same session and slot size, a later devshard.
+        Called only when `can_carry_over()` is true, between work collections."""
+        self.spec = spec
 
     @abstractmethod
     async def stop(self) -> None:

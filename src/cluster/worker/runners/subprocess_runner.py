@@ -72,6 +72,10 @@ class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     grace_s: _Positive = 5.0
     #: File that receives the command's standard error (appended); empty: a temporary file.
     log_file: str = ""
+    #: Keep the process when the session's slot stays on this node into the next epoch (no
+    #: reload). Its CLUSTER_* variables then still describe the devshard it started for: set
+    #: false if the command depends on CLUSTER_DEVSHARD_ID, CLUSTER_EPOCH or their like.
+    carry_over: bool = True
 
 
 def slot_environment(spec: RunnerSpec) -> dict[str, str]:
@@ -247,6 +251,9 @@ class SubprocessRunner(Runner):
     def work_units(self) -> int:
         units, self._units = self._units, 0
         return units
+
+    def can_carry_over(self) -> bool:
+        return self.config.carry_over
 
     async def stop(self) -> None:
         process = self._process
