@@ -225,7 +225,9 @@ class Worker:
     async def _cycle(self) -> None:
         written = -1
         while True:
-            if self.config.heartbeats:
+            # A heartbeat says "alive now": kept while the master is unreachable, hours of
+            # them would only grow the outbox and flood the log on reconnect.
+            if self.config.heartbeats and self.phase != "connecting":
                 self.emit(NodeHeartbeat(node_id=self.node_id))
             if self.config.write_digest and written != self._state.last_applied:
                 written = self._state.last_applied
