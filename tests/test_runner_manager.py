@@ -147,6 +147,13 @@ class Counted:
         return runner
 
 
+def counted_setup(carry_over_grace_s: float) -> tuple[Cluster, Emitted, Counted, RunnerManager]:
+    """A started cluster and a manager of simulated runners whose factory counts them."""
+    emitted = Emitted()
+    factory = Counted(make_factory("simulated", FAST_SIM))
+    return started_cluster(), emitted, factory, manager(emitted, factory, carry_over_grace_s)
+
+
 def epoch_turn(cluster: Cluster, *placements: DevshardPlaced, finalize: str = "d1") -> State:
     """Epoch 1 ends: its devshard is finalized, epoch 2 starts, sessions are placed again --
     one planner decision, as the master indexes it."""
@@ -368,10 +375,7 @@ async def test_a_slot_staying_carries_over_and_a_slot_moving_away_stops() -> Non
 
 @pytest.mark.anyio
 async def test_epoch_turn_carries_loaded_runners_over_without_a_reload() -> None:
-    cluster = started_cluster()
-    emitted = Emitted()
-    factory = Counted(make_factory("simulated", FAST_SIM))
-    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=30)
     async with anyio.create_task_group() as tg:
         await tg.start(mgr.run)
         mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME), (1, OTHER), (2, ME)])))
@@ -405,10 +409,7 @@ async def test_epoch_turn_carries_loaded_runners_over_without_a_reload() -> None
 
 @pytest.mark.anyio
 async def test_carry_over_waits_for_a_successor_placed_in_a_later_frame() -> None:
-    cluster = started_cluster()
-    emitted = Emitted()
-    factory = Counted(make_factory("simulated", FAST_SIM))
-    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=30)
     async with anyio.create_task_group() as tg:
         await tg.start(mgr.run)
         mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
@@ -427,10 +428,7 @@ async def test_carry_over_waits_for_a_successor_placed_in_a_later_frame() -> Non
 
 @pytest.mark.anyio
 async def test_no_carry_over_without_a_successor_a_live_session_or_the_same_size() -> None:
-    cluster = started_cluster()
-    emitted = Emitted()
-    factory = Counted(make_factory("simulated", FAST_SIM))
-    mgr = manager(emitted, factory, carry_over_grace_s=0.2)
+    cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=0.2)
     async with anyio.create_task_group() as tg:
         await tg.start(mgr.run)
         mgr.reconcile(
