@@ -121,7 +121,10 @@ def started_cluster() -> Cluster:
 
 
 def manager(
-    emitted: Emitted, factory: RunnerFactory, carry_over_grace_s: float = 0.2
+    emitted: Emitted,
+    factory: RunnerFactory,
+    carry_over_grace_s: float = 0.2,
+    restart_limit: int = 0,  # restarts off unless a test is about them
 ) -> RunnerManager:
     return RunnerManager(
         ME,
@@ -131,6 +134,8 @@ def manager(
         health_interval_s=0.02,
         stop_timeout_s=10,
         carry_over_grace_s=carry_over_grace_s,
+        restart_limit=restart_limit,
+        restart_backoff_s=0.05,
     )
 
 
@@ -202,6 +207,9 @@ def test_desired_runners_are_this_nodes_slots() -> None:
 def test_manager_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="work_interval_s must be > 0"):
         RunnerManager(ME, Emitted(), make_factory("simulated", {}), work_interval_s=0)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="restart_limit must be an integer >= 0"):
+            RunnerManager(ME, Emitted(), make_factory("simulated", {}), restart_limit=bad)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +307,7 @@ async def test_load_failure_is_reported_then_stopped_when_unassigned() -> None:
         await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
         assert emitted.last("d1/0").reason == "load: weights corrupt"
         assert mgr.statuses() == {"d1/0": (S.FAILED, "load: weights corrupt")}
-        await anyio.sleep(0.1)  # a failed runner is not restarted
+        await anyio.sleep(0.1)  # restarts are off here: it stays failed
         assert emitted.statuses("d1/0") == [S.PENDING, S.LOADING, S.FAILED]
         # Its FAILED record, with the reason, is what the cluster sees.
         state = cluster.add(ME, *emitted.events)
@@ -334,6 +342,57 @@ async def test_runner_failing_while_serving() -> None:
         "serve: simulated failure after 0.05s",
         "serve: health probe: simulated failure after 0.05s",
     )
+
+
+class FailingFirst:
+    """Simulated runners whose first `failures` loads fail."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.built = 0
+
+    def __call__(self, spec: RunnerSpec) -> Runner:
+        self.built += 1
+        broken = {"fail_load": f"out of memory (attempt {self.built})"}
+        config = {**FAST_SIM, **broken} if self.built <= self.failures else FAST_SIM
+        return make_factory("simulated", config)(spec)
+
+
+@pytest.mark.anyio
+async def test_a_failed_runner_is_restarted_while_its_slot_stays_assigned() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    factory = FailingFirst(failures=2)
+    mgr = manager(emitted, factory, restart_limit=3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    attempt = [S.PENDING, S.LOADING, S.FAILED]
+    assert emitted.statuses("d1/0") == [*attempt, *attempt, *FULL_LIFE[:4], *FULL_LIFE[4:]]
+    reasons = [e.reason for e in emitted.events if getattr(e, "status", None) is S.FAILED]
+    assert reasons == ["load: out of memory (attempt 1)", "load: out of memory (attempt 2)"]
+    assert factory.built == 3
+
+
+@pytest.mark.anyio
+async def test_restarts_stop_at_the_limit_and_the_failure_stays_visible() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    factory = FailingFirst(failures=99)
+    mgr = manager(emitted, factory, restart_limit=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0").count(S.FAILED) == 3)
+        await anyio.sleep(0.3)  # longer than the next back-off (0.2 s): no fourth attempt
+        assert factory.built == 3
+        assert mgr.statuses() == {"d1/0": (S.FAILED, "load: out of memory (attempt 3)")}
+        mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d1", epoch=1)))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [*[S.PENDING, S.LOADING, S.FAILED] * 3, S.STOPPED]
 
 
 @pytest.mark.anyio

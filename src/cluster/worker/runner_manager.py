@@ -9,17 +9,19 @@ the master every step through `RunnerStatusUpdated`:
                      \\         \\          \\-> failed (reason) -> stopped (when unassigned)
 
 "ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
-ahead of its epoch waits loaded).
+ahead of its epoch waits loaded). A failed runner is stopped at once and reported FAILED with
+the reason; while its slot stays assigned it is started again after `restart_backoff_s`
+(doubling each time), at most `restart_limit` times -- a crash or a transient out-of-memory
+should not cost the rest of the epoch. After the last attempt it keeps its FAILED record until
+the slot is unassigned. Work done is reported every `work_interval_s` and once more
+when a runner stops, as `WorkReported` for the devshard's epoch.
 
 Carry-over: devshards end with their epoch and the session is placed again, usually on the
 same nodes (placement is sticky). A loaded runner whose devshard was finalized is therefore
 kept for `carry_over_grace_s`; if the new devshard gives this node a slot of the same session
 (same memory and GPU), the runner takes it over without a reload: its old runner id is
 reported stopped ("carried over to ...") and the new id ready, then running. Work done before
-the switch is reported for the old devshard. A failed runner is stopped at once but keeps its FAILED
-record, with the reason, until the slot is unassigned; it is not restarted (the planner
-decides where the slot goes). Work done is reported every `work_interval_s` and once more
-when a runner stops, as `WorkReported` for the devshard's epoch.
+the switch is reported for the old devshard.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class RunnerManager:
         load_timeout_s: float = 300.0,
         stop_timeout_s: float = 30.0,
         carry_over_grace_s: float = 10.0,
+        restart_limit: int = 3,
+        restart_backoff_s: float = 5.0,
     ) -> None:
         for what, value in (
             ("work_interval_s", work_interval_s),
@@ -126,9 +130,18 @@ class RunnerManager:
             ("load_timeout_s", load_timeout_s),
             ("stop_timeout_s", stop_timeout_s),
             ("carry_over_grace_s", carry_over_grace_s),
+            ("restart_backoff_s", restart_backoff_s),
         ):
             if not value > 0:
                 raise ValueError(f"RunnerManager: {what} must be > 0, got {value!r}")
+        if (
+            isinstance(restart_limit, bool)
+            or not isinstance(restart_limit, int)
+            or restart_limit < 0
+        ):
+            raise ValueError(
+                f"RunnerManager: restart_limit must be an integer >= 0, got {restart_limit!r}"
+            )
         self.node_id = node_id
         self._emit = emit
         self._factory = runner_factory
@@ -138,6 +151,8 @@ class RunnerManager:
         self._load_timeout_s = load_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._carry_over_grace_s = carry_over_grace_s
+        self._restart_limit = restart_limit
+        self._restart_backoff_s = restart_backoff_s
         self._handles: dict[str, _Handle] = {}
         self._state: State | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -290,11 +305,23 @@ class RunnerManager:
     async def _supervise(self, h: _Handle) -> None:
         try:
             with h.scope:
-                failure = await self._serve(h)
-                if failure is None:
-                    await self._release(h)
-                    self._set(h, RunnerStatus.STOPPED, "the runner ended by itself")
-                else:
+                for attempt in range(self._restart_limit + 1):
+                    if attempt:
+                        delay = self._restart_backoff_s * 2 ** (attempt - 1)
+                        log.info(
+                            "runner %s: restarting in %gs (restart %d of %d)",
+                            h.spec.runner_id,
+                            delay,
+                            attempt,
+                            self._restart_limit,
+                        )
+                        await anyio.sleep(delay)
+                        h.runner, h.runner_stopped = None, False
+                    failure = await self._serve(h)
+                    if failure is None:
+                        await self._release(h)
+                        self._set(h, RunnerStatus.STOPPED, "the runner ended by itself")
+                        break
                     self._set(h, RunnerStatus.FAILED, failure)
                     await self._release(h)
                 await anyio.sleep_forever()  # keep the outcome visible until unassigned
