@@ -184,6 +184,43 @@ def test_runner_lifecycle_keeps_live_runners_only() -> None:
     assert "d/0" not in s.runners
 
 
+def test_a_slots_former_holder_cannot_touch_the_new_holders_runner() -> None:
+    log = Log()
+    _placed_session(log)  # ds-1-s1: slot 0 on A, slot 1 on B
+    rid = "ds-1-s1/1"
+
+    def report(node: str, status: RunnerStatus) -> State:
+        return log.add(
+            node,
+            RunnerStatusUpdated(
+                runner_id=rid, node_id=node, status=status, devshard_id="ds-1-s1", slot=1
+            ),
+        )
+
+    report(B, RunnerStatus.RUNNING)
+    # B is lost; slot 1 moves to A and keeps its runner id.
+    log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id="ds-1-s1",
+            session_id="s1",
+            epoch=1,
+            assignments=(SlotAssignment(0, A), SlotAssignment(1, A)),
+            ends_ms=1_000,
+            reason="replace",
+        ),
+    )
+    s = report(A, RunnerStatus.LOADING)  # the new holder takes the record over
+    assert (s.runners[rid].node_id, s.runners[rid].status) == (A, RunnerStatus.LOADING)
+    # B comes back and stops its own copy: A's record stays as it is.
+    s = report(B, RunnerStatus.STOPPING)
+    s = report(B, RunnerStatus.STOPPED)
+    assert (s.runners[rid].node_id, s.runners[rid].status) == (A, RunnerStatus.LOADING)
+    # The holder's own reports still count, its STOPPED included.
+    s = report(A, RunnerStatus.STOPPED)
+    assert rid not in s.runners
+
+
 def _placed_session(log: Log) -> None:
     log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=1_000, seed=5))
     log.add(

@@ -16,10 +16,24 @@ from cluster.shared.state import EpochLedger, RunnerRecord, State
 _replace = msgspec.structs.replace
 
 
+def _holds_slot(state: State, ev: RunnerStatusUpdated) -> bool:
+    """Is `ev`'s node the one its devshard assigns the runner's slot to now?"""
+    shard = state.devshards.get(ev.devshard_id)
+    return shard is not None and any(
+        a.slot == ev.slot and a.node_id == ev.node_id for a in shard.assignments
+    )
+
+
 def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdated) -> State:
+    # A re-placed slot keeps its runner id (devshard/slot) on its new node. The node that
+    # lost it may still report on its own runner -- stopping it, or late, after being cut
+    # off -- and that must not overwrite or delete the new holder's record.
+    held = state.runners.get(ev.runner_id)
+    if held is not None and held.node_id != ev.node_id and not _holds_slot(state, ev):
+        return state
     if ev.status is RunnerStatus.STOPPED:
         # A stopped runner is history (the log keeps it); state keeps only live runners.
-        if ev.runner_id not in state.runners:
+        if held is None:
             return state
         return _replace(state, runners=state.runners.delete(ev.runner_id))
     rec = RunnerRecord(
