@@ -23,12 +23,14 @@ from cluster.shared.events import (
     Event,
     MaintenanceStarted,
     NodeDisconnected,
+    RunnerStatus,
+    RunnerStatusUpdated,
     SessionDeleted,
     SessionUnplaced,
     WorkMissed,
 )
 from cluster.shared.excuse import is_excused
-from cluster.shared.state import EMPTY_STATE, State
+from cluster.shared.state import EMPTY_STATE, State, runner_id_for
 
 CFG = quick_config()
 CYCLES_PER_EPOCH = CFG.epoch_length_ms // CFG.plan_interval_ms
@@ -61,6 +63,7 @@ def _alive(world: World, *except_: str) -> None:
         ({"epoch_length_ms": 500}, "epoch_length_ms must be at least plan_interval_ms (1000)"),
         ({"miss_threshold": -1}, "miss_threshold must be >= 0, got -1"),
         ({"late_work_epochs": -5}, "late_work_epochs must be >= 0, got -5"),
+        ({"failed_slot_grace_ms": -1}, "failed_slot_grace_ms must be >= 0, got -1"),
         ({"stale_cycles": True}, "stale_cycles must be an integer, got True"),
     ],
 )
@@ -172,6 +175,50 @@ def test_maintenance_hook_runs_after_liveness_and_its_node_loses_its_slots() -> 
     moved = of_type(events, DevshardPlaced)
     assert moved and all(e.reason == "replace" for e in moved)
     assert all(a.node_id != victim for e in moved for a in e.assignments)
+
+
+def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> None:
+    world = _cluster(nodes=6, sessions=1)
+    cfg = quick_config(epoch_length_ms=300_000)  # the grace (60 s) well inside the epoch
+    planner = Planner(cfg)
+    world.cycle(planner)
+    shard = world.state.devshards["ds-1-s0"]
+    slot, victim = shard.assignments[0].slot, shard.assignments[0].node_id
+    rid = runner_id_for(shard.devshard_id, slot)
+    world.add(
+        victim,
+        RunnerStatusUpdated(
+            runner_id=rid,
+            node_id=victim,
+            status=RunnerStatus.FAILED,
+            devshard_id=shard.devshard_id,
+            slot=slot,
+            reason="load: CUDA error: out of memory",
+        ),
+    )
+    failed_at = world.now
+    grace = cfg.failed_slot_grace_ms
+    # While the worker may still be restarting it, the slot stays where it is.
+    while world.now + cfg.plan_interval_ms < failed_at + grace:
+        _alive(world)
+        assert of_type(world.cycle(planner), DevshardPlaced) == []
+    _alive(world)
+    events = world.cycle(planner)
+    assert world.now - failed_at >= grace
+    (moved,) = of_type(events, DevshardPlaced)
+    assert moved.reason == "replace" and moved.avoid_nodes == (victim,)
+    assert dict((a.slot, a.node_id) for a in moved.assignments)[slot] != victim
+    survivors = [a for a in shard.assignments if a.slot != slot]
+    assert all(a in moved.assignments for a in survivors)  # only the failed slot moves
+    (missed,) = of_type(events, WorkMissed)
+    assert (missed.node_id, missed.devshard_id, missed.count) == (victim, shard.devshard_id, 1)
+    assert missed.reason == f"runner {rid} failed: load: CUDA error: out of memory"
+    assert not missed.excused
+    assert world.state.ledgers[1].nodes[victim].misses == 1
+    # Said once: the slot is another node's now, and the stale FAILED record is not its.
+    for _ in range(3):
+        _alive(world)
+        assert world.cycle(planner) == []
 
 
 def test_session_created_mid_epoch_is_placed_next_cycle_and_unplaced_said_once() -> None:

@@ -26,8 +26,8 @@ from cluster.shared.events import (
     SlotAssignment,
     WorkReported,
 )
-from cluster.shared.state import EMPTY_STATE, State
-from cluster.worker.runner_manager import RunnerManager, desired_runners, runner_id_for
+from cluster.shared.state import EMPTY_STATE, State, runner_id_for
+from cluster.worker.runner_manager import RunnerManager, desired_runners
 from cluster.worker.runners import (
     Runner,
     RunnerConfigError,

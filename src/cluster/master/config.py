@@ -39,6 +39,10 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: How many settled epochs back the planner still settles late work; later work is
     #: recorded in the ledger but never paid (bounds the per-cycle scan and old claims).
     late_work_epochs: int = 6
+    #: A slot whose runner has reported FAILED for this long is lost like a lost node's: it
+    #: moves to another node and the failure counts as a miss. Longer than the worker's own
+    #: restarts (5 + 10 + 20 s of back-off by default), which recover most failures.
+    failed_slot_grace_ms: int = 60_000
 
     def __post_init__(self) -> None:
         _at_least("plan_interval_ms", self.plan_interval_ms, 1)
@@ -58,6 +62,7 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _at_least("miss_threshold", self.miss_threshold, 0)
         _at_least("miss_grace_ms", self.miss_grace_ms, 0)
         _at_least("late_work_epochs", self.late_work_epochs, 0)
+        _at_least("failed_slot_grace_ms", self.failed_slot_grace_ms, 0)
 
     @property
     def effective_miss_grace_ms(self) -> int:

@@ -415,25 +415,28 @@ def replace_lost_slots(
     session: SessionRecord,
     epoch: EpochRecord,
     pool: PlacementPool,
-    holds_work: Callable[[str], bool],
+    keeps: Callable[[SlotAssignment], bool],
+    failed_nodes: Collection[str] = (),
 ) -> Replacement:
-    """Move the slots of `shard` held by nodes that lost them; fill earlier gaps too.
+    """Move the slots of `shard` that `keeps` says are lost; fill earlier gaps too.
 
     Only lost slots move: survivors keep their slot numbers and nodes. Slots that cannot be
     placed for lack of room stay unassigned (the devshard keeps serving with the rest) and
-    are retried in later cycles.
+    are retried in later cycles. `failed_nodes` (where a runner of the devshard failed for
+    good) join the devshard's `avoid_nodes`: no slot goes there while others have room.
     """
-    survivors = [a for a in shard.assignments if holds_work(a.node_id)]
+    survivors = [a for a in shard.assignments if keeps(a)]
     held = {a.slot for a in survivors}
     open_slots = [s for s in range(session.slots) if s not in held]
     lost_any = len(survivors) != len(shard.assignments)
     if not open_slots and not lost_any:
         return Replacement(placed=None, unfilled=0)
+    avoid_nodes = tuple(sorted({*shard.avoid_nodes, *failed_nodes}))
     nodes = pool.draw(
         session,
         epoch.seed,
         len(open_slots),
-        avoid=[a.node_id for a in survivors],
+        avoid=[*avoid_nodes, *(a.node_id for a in survivors)],
         salt=f"replace:{shard.placed_ms}",
     )
     if not nodes and not lost_any:
@@ -455,6 +458,7 @@ def replace_lost_slots(
             assignments=assignments,
             ends_ms=shard.ends_ms,
             reason="replace",
+            avoid_nodes=avoid_nodes,
         ),
         unfilled=unfilled,
         reason=pool.unplaced_reason(session, unfilled) if unfilled else "",

@@ -38,10 +38,17 @@ from cluster.master.placement import (
     replace_lost_slots,
 )
 from cluster.master.settlement import DEFAULT_POLICY, late_work, missed_work, settle_epoch
-from cluster.shared.events import DevshardPlaced, Event, SessionUnplaced
+from cluster.shared.events import (
+    DevshardPlaced,
+    Event,
+    RunnerStatus,
+    SessionUnplaced,
+    SlotAssignment,
+    WorkMissed,
+)
 from cluster.shared.excuse import is_excused
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import EpochRecord, SessionRecord, State
+from cluster.shared.state import EpochRecord, RunnerRecord, SessionRecord, State, runner_id_for
 
 #: The maintenance rules' per-cycle transitions: (state, now_ms) -> events.
 MaintenanceHook = Callable[[State, int], Sequence[Event]]
@@ -94,7 +101,17 @@ def plan(
 
     current = state.epoch
     if current is not None and not epoch_due(state, now_ms):
-        events.extend(_keep_epoch(state, current, now_ms, new_book.not_fresh, holds_work, leaving))
+        events.extend(
+            _keep_epoch(
+                state,
+                current,
+                now_ms,
+                new_book.not_fresh,
+                holds_work,
+                leaving,
+                cfg.failed_slot_grace_ms,
+            )
+        )
         return PlanResult(events, new_book)
     if current is not None:
         misses = missed_work(state, current, now_ms, cfg)
@@ -152,11 +169,17 @@ def _keep_epoch(
     not_fresh: frozenset[str],
     holds_work: Callable[[str], bool],
     leaving: set[str],
+    failed_slot_grace_ms: int,
 ) -> list[Event]:
-    """Mid-epoch: re-place lost slots and place sessions that have no devshard yet."""
+    """Mid-epoch: re-place lost slots and place sessions that have no devshard yet.
+
+    A slot is lost when its node is (gone, or in maintenance) or when its runner there has
+    been FAILED for `failed_slot_grace_ms`: the worker's own restarts did not help.
+    """
     used: dict[str, int] = {}
     holding: dict[str, bool] = {}
     damaged: list[str] = []
+    failed: dict[str, dict[int, RunnerRecord]] = {}
     for ds_id, shard in state.devshards.items():
         if shard.epoch != epoch.epoch:
             continue
@@ -167,6 +190,15 @@ def _keep_epoch(
             ok = holding.get(node_id)
             if ok is None:
                 ok = holding[node_id] = holds_work(node_id)
+            runner = state.runners.get(runner_id_for(ds_id, a.slot))
+            if (
+                runner is not None
+                and runner.status is RunnerStatus.FAILED
+                and runner.node_id == node_id
+                and now_ms - runner.updated_ms >= failed_slot_grace_ms
+            ):
+                failed.setdefault(ds_id, {})[a.slot] = runner
+                ok = False
             intact = intact and ok
         session = state.sessions.get(shard.session_id)
         if session is not None and (not intact or len(shard.assignments) < session.slots):
@@ -191,9 +223,27 @@ def _keep_epoch(
     for ds_id in sorted(damaged):
         shard = state.devshards[ds_id]
         session = state.sessions[shard.session_id]
-        outcome = replace_lost_slots(shard, session, epoch, pool, holds_work)
+        gone = failed.get(ds_id, {})
+
+        def keeps(a: SlotAssignment, gone: dict[int, RunnerRecord] = gone) -> bool:
+            return a.slot not in gone and holds_work(a.node_id)
+
+        failed_nodes = {runner.node_id for runner in gone.values()}
+        outcome = replace_lost_slots(shard, session, epoch, pool, keeps, failed_nodes)
         if outcome.placed is not None:
             events.append(outcome.placed)
+        # A runner that failed for good is a missed slot for its node, as if it never served.
+        for slot, runner in sorted(gone.items()):
+            events.append(
+                WorkMissed(
+                    devshard_id=ds_id,
+                    node_id=runner.node_id,
+                    epoch=epoch.epoch,
+                    count=1,
+                    reason=f"runner {runner_id_for(ds_id, slot)} failed: {runner.reason}",
+                    excused=is_excused(state, runner.node_id, now_ms),
+                )
+            )
         if outcome.unfilled:
             reason = (
                 f"devshard {ds_id} has {outcome.unfilled} of {session.slots} slot(s) "

@@ -229,6 +229,9 @@ class DevshardPlaced(_Event, frozen=True):
     ends_ms: int
     #: "epoch" for the regular placement, "replace" when slots moved off a lost node.
     reason: str = "epoch"
+    #: Nodes this devshard's slots moved off because their runner failed there for good:
+    #: later re-placements in the epoch keep away from them while others have room.
+    avoid_nodes: tuple[str, ...] = ()
 
 
 class SessionUnplaced(_Event, frozen=True):

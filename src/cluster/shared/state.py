@@ -56,6 +56,11 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     self_test: SelfTestResult | None = None
 
 
+def runner_id_for(devshard_id: str, slot: int) -> str:
+    """The id of the runner serving `slot` of a devshard, on whichever node holds it."""
+    return f"{devshard_id}/{slot}"
+
+
 class RunnerRecord(msgspec.Struct, frozen=True, kw_only=True):
     runner_id: str
     node_id: str
@@ -126,6 +131,8 @@ class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):
     ends_ms: int
     placed_ms: int
     reason: str
+    #: See `DevshardPlaced.avoid_nodes`.
+    avoid_nodes: tuple[str, ...] = ()
 
 
 class NodeLedger(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,7 +34,7 @@ import anyio
 import anyio.abc
 
 from cluster.shared.events import Event, RunnerStatus, RunnerStatusUpdated, WorkReported
-from cluster.shared.state import State
+from cluster.shared.state import State, runner_id_for
 from cluster.worker.runners.base import (
     Runner,
     RunnerFactory,
@@ -49,10 +49,6 @@ Emit = Callable[[Event], None]
 
 #: Statuses in which a runner holds resources that `stop()` must release.
 _LIVE = frozenset({RunnerStatus.LOADING, RunnerStatus.READY, RunnerStatus.RUNNING})
-
-
-def runner_id_for(devshard_id: str, slot: int) -> str:
-    return f"{devshard_id}/{slot}"
 
 
 def desired_runners(state: State, node_id: str) -> dict[str, RunnerSpec]:

@@ -76,6 +76,7 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
         ends_ms=ev.ends_ms,
         placed_ms=ie.master_time_ms,
         reason=ev.reason,
+        avoid_nodes=ev.avoid_nodes,
     )
     devshards = state.devshards
     previous = state.devshard_by_session.get(ev.session_id)
