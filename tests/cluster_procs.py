@@ -74,9 +74,11 @@ def start_master(
     addr_file = data_dir / "master.addr"
     if addr_file.exists():
         addr_file.unlink()
-    proc = Proc(
-        "master", ["master", "--data-dir", str(data_dir), "--listen", listen, *extra], log_dir
-    )
+    # The HTTP API on a free port unless the test picks one: the default port (8470) may be
+    # taken by another master on this machine (a demo, a parallel test run).
+    http = () if "--http" in extra else ("--http", "127.0.0.1:0")
+    args = ["master", "--data-dir", str(data_dir), "--listen", listen, *http, *extra]
+    proc = Proc("master", args, log_dir)
     wait_until(lambda: addr_file.exists() or proc.popen.poll() is not None, 30, "master.addr")
     assert proc.popen.poll() is None, f"master exited early:\n{proc.log_text()}"
     return proc, addr_file.read_text().strip()
