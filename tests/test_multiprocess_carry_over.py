@@ -15,7 +15,12 @@ import pytest
 from cluster_procs import Proc, start_master
 from cluster_scenarios import Deadline, MasterLog, cluster_cli, node_id_of, start_full_worker
 
-from cluster.shared.events import DevshardPlaced, RunnerStatus, RunnerStatusUpdated
+from cluster.shared.events import (
+    DevshardPlaced,
+    RunnerSelfTestCompleted,
+    RunnerStatus,
+    RunnerStatusUpdated,
+)
 from cluster.shared.state import runner_id_for
 
 pytestmark = pytest.mark.slow
@@ -48,6 +53,13 @@ def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
         for name in "ab":
             procs[name] = start_full_worker(name, tmp_path / f"w{name}", logs, mdir)
         ids = {node_id_of(p, budget.left(30)) for p in procs.values()}
+        for node_id in ids:  # both eligible before the session is placed, so it spreads
+            log.wait_for(
+                RunnerSelfTestCompleted,
+                lambda e, node_id=node_id: e.node_id == node_id and e.passed,
+                budget.left(60),
+                f"{node_id}'s runner self-test",
+            )
         created = cluster_cli(
             "session", "--data-dir", str(mdir), "create", "--slots", "2", "--memory-mb", "256"
         )
@@ -87,6 +99,7 @@ def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
 
     before = {a.node_id: a.slot for a in first.assignments}
     after = {a.node_id: a.slot for a in second.assignments}
+    assert len(before) == 2, f"the session did not spread over both nodes: {first}"
     assert set(before) == set(after) == ids, "placement was not sticky: nothing to carry over"
     for node_id in ids:
         old_id = runner_id_for(first.devshard_id, before[node_id])
