@@ -173,7 +173,7 @@ def _keep_epoch(
 ) -> list[Event]:
     """Mid-epoch: re-place lost slots and place sessions that have no devshard yet.
 
-    A slot is lost when its node is (gone, or in maintenance) or when its runner there has
+    A slot is lost when its node is gone or in maintenance, or when its runner there has
     been FAILED for `failed_slot_grace_ms`: the worker's own restarts did not help.
     """
     used: dict[str, int] = {}

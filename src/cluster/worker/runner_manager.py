@@ -100,6 +100,16 @@ class _Handle:
     serving: anyio.abc.TaskGroup | None = None
 
 
+def _portable(h: _Handle) -> bool:
+    """Loaded, serving, and of a kind that may serve a later devshard (carry-over)."""
+    return (
+        h.serving is not None
+        and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
+        and h.runner is not None
+        and h.runner.can_carry_over()
+    )
+
+
 class RunnerManager:
     """Runs this node's runners. Call `reconcile(state)` from the event loop on every
     replica change; `run()` must be running for runners to start."""
@@ -225,10 +235,7 @@ class RunnerManager:
             for rid, h in self._handles.items()
             if rid not in wanted
             and not h.retired
-            and h.serving is not None
-            and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
-            and h.runner is not None
-            and h.runner.can_carry_over()
+            and _portable(h)
             and (h.spec.session_id, h.spec.memory_mb, h.spec.gpu)
             == (spec.session_id, spec.memory_mb, spec.gpu)
         ]
@@ -241,10 +248,7 @@ class RunnerManager:
         return (
             h.spec.devshard_id not in state.devshards
             and h.spec.session_id in state.sessions
-            and h.serving is not None
-            and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
-            and h.runner is not None
-            and h.runner.can_carry_over()
+            and _portable(h)
         )
 
     async def _stop_if_still_parked(self, h: _Handle) -> None:
