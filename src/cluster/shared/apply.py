@@ -124,13 +124,7 @@ def apply(state: State, ie: IndexedEvent) -> State:
         updated = nodes.with_info(rec, event)
         if updated is not rec:
             node_map = node_map.set(origin, updated)
-        return _replace(
-            state,
-            nodes=node_map,
-            last_event_by_node=marks,
-            last_applied=ie.idx,
-            last_time_ms=ie.master_time_ms,
-        )
+        reducer = _heartbeat  # done: nothing left for the reducer
     state = _replace(
         state,
         nodes=node_map,
@@ -138,7 +132,7 @@ def apply(state: State, ie: IndexedEvent) -> State:
         last_applied=ie.idx,
         last_time_ms=ie.master_time_ms,
     )
-    return reducer(state, ie, event)
+    return state if reducer is _heartbeat else reducer(state, ie, event)
 
 
 def fold(state: State, events: Iterable[IndexedEvent]) -> State:

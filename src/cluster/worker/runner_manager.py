@@ -263,16 +263,8 @@ class RunnerManager:
         runner, serving, old = h.runner, h.serving, h.spec
         assert runner is not None and serving is not None
         self._report_work(h, runner)  # what it did so far belongs to the old devshard
-        self._emit(
-            RunnerStatusUpdated(
-                runner_id=old.runner_id,
-                node_id=self.node_id,
-                status=RunnerStatus.STOPPED,
-                devshard_id=old.devshard_id,
-                slot=old.slot,
-                reason=f"carried over to {spec.runner_id} (loaded, not restarted)",
-            )
-        )
+        reason = f"carried over to {spec.runner_id} (loaded, not restarted)"
+        self._emit_status(old, RunnerStatus.STOPPED, reason)
         log.info("runner %s: carried over to %s without a reload", old.runner_id, spec.runner_id)
         del self._handles[old.runner_id]
         runner.carry_over(spec)
@@ -291,6 +283,9 @@ class RunnerManager:
         spec = h.spec
         level = logging.WARNING if status is RunnerStatus.FAILED else logging.INFO
         log.log(level, "runner %s: %s %s", spec.runner_id, status.value, reason)
+        self._emit_status(spec, status, reason)
+
+    def _emit_status(self, spec: RunnerSpec, status: RunnerStatus, reason: str) -> None:
         self._emit(
             RunnerStatusUpdated(
                 runner_id=spec.runner_id,
