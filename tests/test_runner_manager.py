@@ -524,18 +524,22 @@ async def test_no_carry_over_without_a_successor_a_live_session_or_the_same_size
 
 WORKER_SCRIPT = r"""
 import os, signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+# SIGTERM is blocked and polled/waited for: a Python handler races with time.sleep (a signal
+# landing just before a sleep starts is only handled once the sleep ends).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 pid_file = os.path.join(os.environ["PIDS"], os.environ["CLUSTER_SLOT"])
 with open(pid_file + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.replace(pid_file + ".tmp", pid_file)  # atomic: a reader never sees it half-written
 for i in range(int(os.environ["ROUNDS"])):
     print("WORK", int(os.environ["CLUSTER_SLOT"]) + 1, flush=True)
-    time.sleep(0.01)
+    if signal.sigtimedwait({signal.SIGTERM}, 0.01) is not None:
+        sys.exit(0)
 if os.environ.get("FAIL"):
     sys.stderr.write("fatal: device lost\n")
     sys.exit(4)
-time.sleep(60)
+signal.sigwait({signal.SIGTERM})
+sys.exit(0)
 """
 
 

@@ -51,11 +51,9 @@ import base64, json, os, signal, sys, time
 
 mode = sys.argv[1]
 if mode == "serve":
-    def on_term(signum, frame):
-        print("WORK 5", flush=True)  # stopping: report the last work, then exit cleanly
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGTERM stays blocked and is taken with sigwait once stdin ends: a Python handler would
+    # race with time.sleep (a signal landing just before the sleep starts waits out the sleep).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     print("hello from the runner", flush=True)
     print("READY", flush=True)
     print("WORK 2", flush=True)
@@ -65,7 +63,9 @@ if mode == "serve":
         word, request_id, data = line.split()
         answer = base64.b64decode(data)[::-1]
         print("RESPONSE", request_id, base64.b64encode(answer).decode(), flush=True)
-    time.sleep(60)  # stdin closed: wait for SIGTERM
+    signal.sigwait({signal.SIGTERM})  # stdin closed: wait for SIGTERM
+    print("WORK 5", flush=True)  # stopping: report the last work, then exit cleanly
+    sys.exit(0)
 elif mode == "env":
     with open(os.environ["OUT"], "w") as f:
         json.dump({k: v for k, v in os.environ.items() if k.startswith("CLUSTER_")}, f)
@@ -190,8 +190,8 @@ async def test_subprocess_runner_work_requests_and_clean_stop(
 ) -> None:
     runner = SubprocessRunner(
         SPEC,
-        # A long grace period: on a busy host the program may need a while to run its SIGTERM
-        # handler, and a SIGKILL before it prints its last WORK line is not what this tests.
+        # A long grace period: on a busy host the program may need a while to be scheduled
+        # after SIGTERM, and a SIGKILL before it prints its last WORK line is not what this tests.
         {"command": [*program, "serve"], "wait_ready": True, "requests": True, "grace_s": 30},
     )
     with caplog.at_level(logging.DEBUG, logger="cluster.worker.runners.subprocess_runner"):
