@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,29 @@ def test_master_config_file_errors_name_the_setting(
     config.write_text("[planer]\n")
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
     assert "unknown table(s) planer" in capsys.readouterr().err
+
+
+def _master_args(*argv: str) -> argparse.Namespace:
+    from cluster.commands import master
+
+    parser = argparse.ArgumentParser()
+    master.add_arguments(parser)
+    return parser.parse_args(["--data-dir", "unused", *argv])
+
+
+def test_master_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -> None:
+    from cluster.commands.master import planner_config
+    from cluster.master.config import PlannerConfig
+    from cluster.master.settings import load_settings
+
+    config = tmp_path / "cluster.toml"
+    config.write_text("[planner]\nplan_interval_ms = 250\nstale_cycles = 5\n")
+    file_cfg, _ = load_settings(config)
+    # No flags: every value from the file (a flag's default must not mask it).
+    cfg = planner_config(_master_args(), file_cfg)
+    assert (cfg.plan_interval_ms, cfg.stale_cycles) == (250, 5)
+    # Flags given: they win over the file, one setting at a time.
+    cfg = planner_config(_master_args("--plan-interval", "2", "--epoch-length", "20m"), file_cfg)
+    assert (cfg.plan_interval_ms, cfg.epoch_length_ms, cfg.stale_cycles) == (2_000, 1_200_000, 5)
+    # Neither: the documented defaults.
+    assert planner_config(_master_args(), PlannerConfig()) == PlannerConfig()

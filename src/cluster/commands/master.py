@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from cluster.commands._process import LOG_LEVELS
 
 if TYPE_CHECKING:
+    from cluster.master.config import PlannerConfig
     from cluster.master.http_api import HttpApiConfig
 
 
@@ -40,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML with [planner] and [maintenance] tables (see docs/operations.md)",
     )
-    parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument(
+        "--plan-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between planning cycles (default 1; overrides --config)",
+    )
     parser.add_argument(
         "--epoch-length", metavar="DURATION", help="epoch length, e.g. 10m (overrides --config)"
     )
@@ -67,15 +73,35 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> PlannerConfig:
+    """The planner settings: the --config file's (or the defaults), then the flags given.
+
+    Only flags the operator actually passed override the file. Rebuilt through validation,
+    so an override is checked like the file's values (ValueError names the setting).
+    """
+    import msgspec
+
+    from cluster.master.config import PlannerConfig
+    from cluster.shared.durations import parse_duration
+
+    overrides: dict[str, int] = {}
+    if args.plan_interval is not None:
+        _positive("--plan-interval", args.plan_interval)
+        overrides["plan_interval_ms"] = round(args.plan_interval * 1000)
+    if args.epoch_length is not None:
+        overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
+    if args.stale_cycles is not None:
+        overrides["stale_cycles"] = args.stale_cycles
+    return PlannerConfig.from_mapping({**msgspec.to_builtins(file_cfg), **overrides})
+
+
 def run(args: argparse.Namespace) -> int:
     import secrets
 
     import anyio
-    import msgspec
 
     from cluster import control
     from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
-    from cluster.master.config import PlannerConfig
     from cluster.master.http_api import HttpApi, HttpApiConfigError
     from cluster.master.maintenance import on_reconnect
     from cluster.master.planner import Planner
@@ -92,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
-    from cluster.shared.durations import parse_duration
     from cluster.shared.events import Event
     from cluster.shared.state import State
     from cluster.shared.store import EventStore
@@ -101,18 +126,11 @@ def run(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     try:
         prepare_data_dir(args.data_dir)
-        _positive("--plan-interval", args.plan_interval)
         _positive("--peer-timeout", args.peer_timeout)
         _positive("--snapshot-every", args.snapshot_every)
         parse_multiaddr(args.listen)
-        planner_cfg, policy = load_settings(args.config)
-        overrides: dict[str, int] = {"plan_interval_ms": round(args.plan_interval * 1000)}
-        if args.epoch_length is not None:
-            overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
-        if args.stale_cycles is not None:
-            overrides["stale_cycles"] = args.stale_cycles
-        # Rebuilt through validation, so an override is checked like the file's values.
-        planner_cfg = PlannerConfig.from_mapping({**msgspec.to_builtins(planner_cfg), **overrides})
+        file_cfg, policy = load_settings(args.config)
+        planner_cfg = planner_config(args, file_cfg)
         http = _http_config(args.http, args.http_token_file)
         allowed: set[str] | None = None
         if args.allow or args.allow_file:
@@ -138,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = MasterConfig(
         listen=[args.listen],
-        plan_interval=args.plan_interval,
+        plan_interval=planner_cfg.plan_interval_ms / 1000,
         peer_timeout=args.peer_timeout,
         data_dir=data_dir,
     )
