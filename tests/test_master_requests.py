@@ -1,0 +1,66 @@
+"""Requests through the master's shell: decided and indexed one at a time.
+
+The pure rule (tests/test_requests.py) says the second request for the last maintenance slot
+loses. This checks the shell keeps that true when the requests arrive together: each
+decision is made on the state that already holds the earlier one's events, even while the
+earlier one is still being written to disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from maintenance_log import HOUR, MIN, Log, node_id
+
+from cluster.control import MaintenanceSchedule, Reply
+from cluster.master.server import Master
+from cluster.master.service import MasterService
+from cluster.net.identity import load_identity
+from cluster.net.membership import Membership
+from cluster.shared.events import MaintenanceScheduled
+from cluster.shared.maintenance_policy import MaintenancePolicy
+from cluster.shared.store import EventStore
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_for_the_last_slot_exactly_one_wins(tmp_path: Path) -> None:
+    policy = MaintenancePolicy(max_concurrent_nodes=1)
+    log = Log(policy)
+    nodes = [node_id(i) for i in range(1, 5)]
+    for n in nodes:
+        log.join(n)
+    store = EventStore.open(tmp_path / "master")
+    store.append(log.log)
+    key_pair, _ = load_identity(tmp_path / "master")
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
+    service = MasterService(master, policy)
+    replies: dict[str, Reply] = {}
+
+    async def schedule(node: str) -> None:
+        request = MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN)
+        replies[node] = await service.handle(request, node)
+
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for n in nodes:  # all four in flight before any is indexed
+                    tg.start_soon(schedule, n)
+    finally:
+        store.close()
+    winners = [n for n, r in replies.items() if r.ok]
+    assert len(replies) == 4 and len(winners) == 1, replies
+    for n, reply in replies.items():
+        if n not in winners:
+            assert "max_concurrent_nodes" in reply.message, reply.message
+    # The log agrees: exactly one window, for the winner, and the state holds it.
+    reopened = EventStore.open(tmp_path / "master")
+    try:
+        scheduled = [
+            ie.event for ie in reopened.read_from(1) if isinstance(ie.event, MaintenanceScheduled)
+        ]
+        assert [e.node_id for e in scheduled] == winners
+        assert set(reopened.state.open_window_by_node) == set(winners)
+    finally:
+        reopened.close()
