@@ -122,10 +122,15 @@ def credits_to_earn_ms(
     state: State, node_ids: Iterable[str], policy: MaintenancePolicy
 ) -> dict[str, int]:
     """`credit_to_earn_ms` for many nodes at once: settlement pays every node each epoch."""
-    balances = state.credit_ms_by_node
+    balance_of = state.credit_ms_by_node.get
     room_at_zero = policy.credit_cap_ms - policy.initial_credit_ms
     rate = policy.credit_per_epoch_ms
-    return {n: max(0, min(rate, room_at_zero - balances.get(n, 0))) for n in node_ids}
+    out: dict[str, int] = {}
+    # max(0, min(rate, room)) without the two calls: this runs for every node each epoch.
+    for n in node_ids:
+        room = room_at_zero - balance_of(n, 0)
+        out[n] = rate if room >= rate else room if room > 0 else 0
+    return out
 
 
 # --------------------------------------------------------------------------------------------
