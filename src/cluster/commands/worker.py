@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 slot_memory_mb=args.slot_memory_mb,
                 stalls=stalls,
             )
-            gatherer = InfoGatherer(worker.node_id, worker.emit, default_sources(info_config))
+            gatherer = InfoGatherer(worker.node_id, worker.emit_info, default_sources(info_config))
         setting = load_runner_setting(args.runner_file) if args.runner_file else RunnerSetting()
         factory = make_factory(setting.kind, setting.config)
         manager = None

@@ -60,7 +60,7 @@ from cluster.net.protocol import (
 from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
 from cluster.shared.digest_file import write_digest_file
-from cluster.shared.events import Event, NodeHeartbeat
+from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.worker.outbox import Outbox
 
@@ -141,6 +141,8 @@ class Worker:
         self.connections = 0
         #: (host, master peer) while connected: what `request_master` uses.
         self._link: tuple[Any, Any] | None = None
+        #: Node-info readings made while not connected, the latest per source (`emit_info`).
+        self._held_info: dict[str, NodeGatheredInfo] = {}
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -157,6 +159,20 @@ class Worker:
         seq = self.outbox.append(event)
         self._wake.set()
         return seq
+
+    def emit_info(self, event: NodeGatheredInfo) -> None:
+        """Emit a node-info reading: a gauge, of which only the latest per source matters.
+
+        While the master is unreachable the reading is held in memory, replacing the
+        source's earlier one, and goes into the outbox once the connection is back: a day
+        offline leaves one event per source, not thousands of stale readings that the log
+        would keep forever. A crash loses only held readings, and the gatherer reads again
+        when the worker starts.
+        """
+        if self._link is None:
+            self._held_info[event.source] = event
+        else:
+            self.emit(event)
 
     def add_listener(self, listener: StateListener) -> None:
         """Call `listener(state)` after each replica change (keep it quick and non-blocking)."""
@@ -262,6 +278,9 @@ class Worker:
                 self.outbox.skip_to(welcome.last_seq)
                 self.master_last_idx = welcome.last_idx
                 self._link = (host, peer)
+                held, self._held_info = self._held_info, {}
+                for reading in held.values():
+                    self.emit(reading)
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._submit_stream, host, peer)

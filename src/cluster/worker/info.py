@@ -31,7 +31,7 @@ import anyio
 import anyio.to_thread
 import psutil
 
-from cluster.shared.events import Event, NodeGatheredInfo, NodeInfo
+from cluster.shared.events import NodeGatheredInfo, NodeInfo
 from cluster.worker.gpu import NvmlGpuProbe
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ DEFAULT_INTERVALS_S: Final[Mapping[str, float]] = {
 DEFAULT_TIMEOUT_S: Final = 10.0
 
 Probe = Callable[[], NodeInfo]
-Emit = Callable[[Event], None]
+#: Where readings go: the worker's `emit_info` (held while offline) or any event sink.
+EmitInfo = Callable[[NodeGatheredInfo], None]
 
 
 class InfoConfigError(ValueError):
@@ -235,7 +236,7 @@ class SourceHealth:
 class InfoGatherer:
     """Runs every source in its own task and emits `NodeGatheredInfo` for what it learns."""
 
-    def __init__(self, node_id: str, emit: Emit, sources: Iterable[InfoSource]) -> None:
+    def __init__(self, node_id: str, emit: EmitInfo, sources: Iterable[InfoSource]) -> None:
         self._node_id = node_id
         self._emit = emit
         self._sources = list(sources)
