@@ -10,13 +10,13 @@ from planner_world import World
 from cluster.master.config import PlannerConfig
 from cluster.master.liveness import (
     EMPTY_BOOK,
-    MAINTENANCE_OFFLINE_REASON,
     LivenessBook,
     check_liveness,
 )
 from cluster.shared.events import (
     MASTER_ORIGIN,
     Event,
+    MaintenanceOverrun,
     NodeConnected,
     NodeGatheredInfo,
     NodeHeartbeat,
@@ -112,23 +112,30 @@ def test_disconnect_iff_k_silent_cycles_and_any_event_counts(k: int, script: lis
             assert gone == [], f"disconnected after {silent} silent cycle(s) (K={k})"
 
 
-def test_node_in_maintenance_going_quiet_is_excused() -> None:
+def test_node_in_maintenance_going_quiet_is_not_disconnected_until_the_window_closes() -> None:
     cfg = PlannerConfig()
+    k = cfg.stale_cycles
     world = World()
     world.node(A)
-    world.window(A, start_ms=world.now, duration_ms=3_600_000, start=True)
+    world.node(B)
+    duration = 20 * cfg.plan_interval_ms
+    window_id = world.window(A, start_ms=world.now, duration_ms=duration, start=True)
     book = EMPTY_BOOK
-    gone: list[str] = []
-    for _ in range(cfg.stale_cycles + 1):
-        world.tick(cfg.plan_interval_ms)
-        events, book = check_liveness(world.state, book, world.now, cfg)
-        gone.extend(e.node_id for e in events)
-        if events:
-            assert events[0].excused and events[0].reason == MAINTENANCE_OFFLINE_REASON
-        world.master(events)
-    assert gone == [A]
-    rec = world.state.nodes[A]
-    assert not rec.connected and rec.disconnect_excused
+    # Offline for maintenance: silent for many times K cycles, never disconnected, not fresh.
+    for _ in range(4 * k):
+        world.add(B, NodeHeartbeat(node_id=B))
+        gone, book = _cycle(world, book, cfg)
+        assert gone == []
+    assert world.state.nodes[A].connected and not book.is_fresh(A)
+    assert book.idle_cycles(A) == 4 * k - 1  # still counted (the first cycle observes)
+    # The window overruns while A is still silent: the next cycle disconnects it as usual,
+    # a failure (not excused), saying how long it was silent.
+    world.tick(duration)
+    world.master([MaintenanceOverrun(window_id=window_id, node_id=A)])
+    world.add(B, NodeHeartbeat(node_id=B))
+    events, book = check_liveness(world.state, book, world.now, cfg)
+    assert [e.node_id for e in events] == [A]
+    assert not events[0].excused and events[0].reason.startswith(f"no events for {4 * k} cycles")
 
 
 def test_rejoined_node_gets_k_fresh_cycles() -> None:

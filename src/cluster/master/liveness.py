@@ -4,7 +4,10 @@ Each cycle the planner compares every connected node's last event index
 (`State.last_event_by_node`) with what it saw the cycle before. Any event the node
 originates -- info, heartbeat, runner status, work -- advances that index, so a node whose
 slow probe hangs but whose other events flow is never stale. A node whose index stands still
-for K consecutive cycles is disconnected.
+for K consecutive cycles is disconnected -- unless its maintenance window excuses it now: a
+host in maintenance that goes quiet is *offline for maintenance*, not disconnected. Its idle
+cycles keep counting, so if it is still silent when the window closes (overrun), the first
+cycle after that disconnects it like any other silent node.
 
 The cycle counters live in a `LivenessBook`: ephemeral master bookkeeping, deliberately not
 in State (DESIGN rule 7). A restarted master starts with an empty book, so every node gets a
@@ -22,10 +25,6 @@ from cluster.master.config import PlannerConfig
 from cluster.shared.events import NodeDisconnected
 from cluster.shared.excuse import is_excused
 from cluster.shared.state import State
-
-#: The reason an excused (maintenance) node that went quiet is disconnected with.
-MAINTENANCE_OFFLINE_REASON = "offline for maintenance"
-
 
 #: What the planner saw of one node: (its event index, consecutive cycles it stood still).
 #: A plain tuple rather than a record because the book holds one per node, rebuilt each cycle.
@@ -66,20 +65,20 @@ class LivenessResult(NamedTuple):
 def check_liveness(
     state: State, book: LivenessBook, now_ms: int, cfg: PlannerConfig
 ) -> LivenessResult:
-    """One liveness cycle: disconnect nodes idle for exactly K cycles; return the new book.
+    """One liveness cycle: disconnect nodes idle for K cycles; return the new book.
 
     A cycle is idle for a node when its index equals the one seen last cycle. The first
     observation of a node is never idle (there is nothing to compare with). A node
-    disconnected here leaves the book, so if it speaks again it is observed afresh; a node
-    in maintenance that goes quiet is disconnected as excused ("offline for maintenance"),
-    which carries no penalty. Events come out sorted by node id.
+    disconnected here leaves the book, so if it speaks again it is observed afresh. A node
+    its maintenance window excuses is never disconnected: it stays in the book, idle and
+    not fresh, until it speaks or its window closes. Events come out sorted by node id.
     """
     k = cfg.stale_cycles
     fresh_limit = cfg.fresh_idle_cycles
     previous = book.seen
     seen: dict[str, Seen] = {}
     not_fresh: set[str] = set()
-    quiet: list[tuple[str, int]] = []
+    quiet: list[tuple[str, int, int]] = []
     marks = state.last_event_by_node
     for node_id, rec in state.nodes.items():
         if not rec.connected:
@@ -95,24 +94,20 @@ def check_liveness(
             seen[node_id] = (index, 0)
             continue
         idle = before[1] + 1
-        if idle >= k:
-            quiet.append((node_id, index))
+        if idle >= k and not is_excused(state, node_id, now_ms):
+            quiet.append((node_id, index, idle))
             continue
         seen[node_id] = (index, idle)
         if idle > fresh_limit:
             not_fresh.add(node_id)
-    events = [_disconnect(state, node_id, index, now_ms, cfg) for node_id, index in sorted(quiet)]
+    events = [_disconnect(node_id, index, idle, cfg) for node_id, index, idle in sorted(quiet)]
     return LivenessResult(events, LivenessBook(seen, frozenset(not_fresh)))
 
 
-def _disconnect(
-    state: State, node_id: str, index: int, now_ms: int, cfg: PlannerConfig
-) -> NodeDisconnected:
-    if is_excused(state, node_id, now_ms):
-        return NodeDisconnected(node_id=node_id, reason=MAINTENANCE_OFFLINE_REASON, excused=True)
-    k = cfg.stale_cycles
-    seconds = k * cfg.plan_interval_ms / 1000
+def _disconnect(node_id: str, index: int, idle: int, cfg: PlannerConfig) -> NodeDisconnected:
+    # `idle` is K, or more for a node that stayed silent through its maintenance window.
+    seconds = idle * cfg.plan_interval_ms / 1000
     return NodeDisconnected(
         node_id=node_id,
-        reason=f"no events for {k} cycles ({seconds:g}s); last event index {index}",
+        reason=f"no events for {idle} cycles ({seconds:g}s); last event index {index}",
     )

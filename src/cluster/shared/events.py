@@ -82,7 +82,12 @@ class NodeConnected(_Event, frozen=True):
 
 
 class NodeDisconnected(_Event, frozen=True):
-    """The node is considered gone (origin: master). `excused` if it was in maintenance."""
+    """The node is considered gone (origin: master).
+
+    `excused`: the disconnect carries no penalty. Liveness never disconnects a node its
+    maintenance window excuses (it is offline for maintenance, not gone); older logs may
+    still hold such disconnects marked excused, and replay keeps them penalty-free.
+    """
 
     node_id: str
     reason: str
