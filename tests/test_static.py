@@ -24,7 +24,7 @@ def _tool(name: str) -> str:
 
 def test_ruff_is_clean() -> None:
     out = subprocess.run(
-        [_tool("ruff"), "check", "src", "tests", "bench"],
+        [_tool("ruff"), "check", "src", "tests", "bench", "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -35,4 +35,11 @@ def test_ruff_is_clean() -> None:
 
 def test_mypy_strict_is_clean() -> None:
     out = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # The examples are what embedders copy: held to the same strictness.
+    examples = sorted(str(p) for p in (ROOT / "examples").glob("*.py"))
+    assert examples, "no examples found"
+    out = subprocess.run(
+        [_tool("mypy"), *examples], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout + out.stderr

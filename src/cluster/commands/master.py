@@ -96,20 +96,15 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
 
 
 def run(args: argparse.Namespace) -> int:
-    import secrets
-
     import anyio
 
     from cluster import control
     from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
-    from cluster.master.http_api import HttpApi, HttpApiConfigError
-    from cluster.master.maintenance import on_reconnect
-    from cluster.master.planner import Planner
-    from cluster.master.server import Master, MasterConfig
-    from cluster.master.service import MasterService
+    from cluster.master.http_api import HttpApiConfigError
+    from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
     from cluster.net.host import AddressError, parse_multiaddr
-    from cluster.net.identity import IdentityError, load_identity
+    from cluster.net.identity import IdentityError
     from cluster.net.membership import (
         Membership,
         MembershipConfigError,
@@ -118,9 +113,6 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
-    from cluster.shared.events import Event
-    from cluster.shared.state import State
-    from cluster.shared.store import EventStore
 
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
@@ -148,48 +140,36 @@ def run(args: argparse.Namespace) -> int:
         membership = Membership(
             allowed=frozenset(allowed) if allowed is not None else None, secret=secret
         )
-        key_pair, node_id = load_identity(data_dir)
-        store = EventStore.open(data_dir, snapshot_every=args.snapshot_every)
+        node = MasterNode(
+            data_dir,
+            membership,
+            MasterNodeConfig(
+                listen=[args.listen],
+                planner=planner_cfg,
+                policy=policy,
+                peer_timeout=args.peer_timeout,
+                snapshot_every=args.snapshot_every,
+                http=http,
+            ),
+        )
     except (ValueError, AddressError, IdentityError, MembershipConfigError, OSError) as exc:
         print(f"cluster master: {exc}", file=sys.stderr)
         return 2
 
-    config = MasterConfig(
-        listen=[args.listen],
-        plan_interval=planner_cfg.plan_interval_ms / 1000,
-        peer_timeout=args.peer_timeout,
-        data_dir=data_dir,
-    )
-
-    def reconnected(state: State, node: str, now_ms: int) -> list[Event]:
-        back = on_reconnect(state, node, now_ms)
-        return [back] if back is not None else []
-
-    # Fresh randomness for each epoch's seed comes from the master and travels in the event.
-    planner = Planner(planner_cfg, policy=policy, entropy=lambda: secrets.randbits(63))
-    master = Master(store, key_pair, membership, config, planner=planner, connect_hook=reconnected)
-    service = MasterService(master, policy)
-    master.request_handler = service.handle_forwarded
-
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            addrs = await tg.start(master.run)
-            addr = next((a for a in addrs if "/127.0.0.1/" in a), addrs[0])
-            tmp = data_dir / ".master.addr.tmp"
-            tmp.write_text(addr + "\n", encoding="utf-8")
-            os.replace(tmp, data_dir / "master.addr")
+            started = await tg.start(node.run)
+            addr = next((a for a in started.addrs if "/127.0.0.1/" in a), started.addrs[0])
+            _write_atomically(data_dir / "master.addr", addr)
             print(f"master listening on {addr}", flush=True)
-            print(f"node id {node_id}; log at index {master.last_idx}", flush=True)
-            await tg.start(control.serve, data_dir, service.handle_local)
+            print(f"node id {node.node_id}; log at index {node.master.last_idx}", flush=True)
             print(f"control socket {control.socket_path(data_dir)}", flush=True)
-            if http is not None:
-                port = await tg.start(HttpApi(master, http).serve)
-                url = f"http://{http.host}:{port}/"
-                (data_dir / ".http.url.tmp").write_text(url + "\n", encoding="utf-8")
-                os.replace(data_dir / ".http.url.tmp", data_dir / "http.url")
+            if http is not None and started.http_port is not None:
+                url = f"http://{http.host}:{started.http_port}/"
+                _write_atomically(data_dir / "http.url", url)
                 print(f"dashboard {url}", flush=True)
-            tg.start_soon(stop_on_signal, master.stop)
-            await master.wait_finished()
+            tg.start_soon(stop_on_signal, node.stop)
+            await node.master.wait_finished()
             tg.cancel_scope.cancel()
 
     status = 0
@@ -199,8 +179,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"cluster master: {group.exceptions[0]}", file=sys.stderr)
         status = 2
     finally:
-        store.close()
+        node.close()
     return status
+
+
+def _write_atomically(path: Path, line: str) -> None:
+    """Other processes poll for these files: they must never see one half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(line + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:

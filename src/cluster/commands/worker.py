@@ -17,8 +17,6 @@ from cluster.commands._process import LOG_LEVELS
 
 if TYPE_CHECKING:  # the real imports happen in run(), after argument parsing (no libp2p)
     from cluster.worker.client import Worker
-    from cluster.worker.runners.base import RunnerFactory
-    from cluster.worker.runners.registry import RunnerSetting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,24 +74,16 @@ def read_master_addr(value: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import anyio
 
-    from cluster import control
     from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
     from cluster.net.host import AddressError
     from cluster.net.identity import IdentityError
     from cluster.net.membership import MembershipConfigError, load_secret_file
-    from cluster.worker.client import Worker, WorkerConfig
-    from cluster.worker.info import (
-        InfoConfig,
-        InfoConfigError,
-        InfoGatherer,
-        default_sources,
-        parse_stall,
-    )
+    from cluster.worker.client import WorkerConfig
+    from cluster.worker.info import InfoConfig, InfoConfigError, parse_stall
+    from cluster.worker.node import WorkerNode, WorkerNodeConfig
     from cluster.worker.outbox import OutboxError
-    from cluster.worker.relay import HostRelay
-    from cluster.worker.runner_manager import RunnerManager
     from cluster.worker.runners.base import RunnerConfigError
-    from cluster.worker.runners.registry import RunnerSetting, load_runner_setting, make_factory
+    from cluster.worker.runners.registry import RunnerSetting, load_runner_setting
 
     setup_logging(args.log_level)
     try:
@@ -104,27 +94,27 @@ def run(args: argparse.Namespace) -> int:
         if args.load < 0:
             raise ValueError("--load must be >= 0")
         secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
-        config = WorkerConfig(
-            heartbeat_interval=args.heartbeat_interval,
-            peer_timeout=args.peer_timeout,
-            secret=secret,
-        )
-        worker = Worker(args.data_dir, read_master_addr(args.master), config)
-        gatherer = None
+        info = None
         if not args.no_info:
-            stalls = dict(parse_stall(s) for s in args.stall_info_source)
-            info_config = InfoConfig(
+            info = InfoConfig(
                 data_dir=args.data_dir,
                 slots=args.slots,
                 slot_memory_mb=args.slot_memory_mb,
-                stalls=stalls,
+                stalls=dict(parse_stall(s) for s in args.stall_info_source),
             )
-            gatherer = InfoGatherer(worker.node_id, worker.emit_info, default_sources(info_config))
-        setting = load_runner_setting(args.runner_file) if args.runner_file else RunnerSetting()
-        factory = make_factory(setting.kind, setting.config)
-        manager = None
+        runner = None
         if not args.no_runners:
-            manager = RunnerManager(worker.node_id, worker.emit, factory)
+            runner = load_runner_setting(args.runner_file) if args.runner_file else RunnerSetting()
+        config = WorkerNodeConfig(
+            client=WorkerConfig(
+                heartbeat_interval=args.heartbeat_interval,
+                peer_timeout=args.peer_timeout,
+                secret=secret,
+            ),
+            info=info,
+            runner=runner,
+        )
+        node = WorkerNode(args.data_dir, read_master_addr(args.master), config)
     except (
         RunnerConfigError,
         ValueError,
@@ -138,47 +128,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"cluster worker: {exc}", file=sys.stderr)
         return 2
 
-    print(f"worker {worker.node_id} data dir {args.data_dir}", flush=True)
+    print(f"worker {node.node_id} data dir {args.data_dir}", flush=True)
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(stop_on_signal, worker.stop)
-            await tg.start(worker.run)
-            await tg.start(control.serve, args.data_dir, HostRelay(worker).handle)
-            if gatherer is not None:
-                tg.start_soon(gatherer.run)
-            if manager is not None:
-                await tg.start(manager.run)
-                worker.add_listener(manager.reconcile)
-                tg.start_soon(_self_test_when_joined, worker, setting, factory)
+            tg.start_soon(stop_on_signal, node.stop)
+            await tg.start(node.run)
             if args.load > 0:
-                tg.start_soon(_synthetic_load, worker, args.load)
-            await worker.wait_finished()
+                tg.start_soon(_synthetic_load, node.worker, args.load)
+            await node.worker.wait_finished()
             tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend="trio")
     finally:
-        worker.close()
+        node.close()
     return 0
-
-
-async def _self_test_when_joined(
-    worker: Worker, setting: RunnerSetting, make: RunnerFactory
-) -> None:
-    """Once the replica has caught up: self-test the runner unless the log already holds a
-    result for this exact setting (so a restart or a config change re-tests only when needed).
-    """
-    import anyio
-
-    from cluster.worker.selftest import needs_self_test, run_self_test
-
-    while worker.phase != "connected":
-        await anyio.sleep(0.2)
-    if not needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
-        return
-    result = await run_self_test(setting.kind, make, setting.config, node_id=worker.node_id)
-    worker.emit(result)
 
 
 async def _synthetic_load(worker: Worker, rate: float) -> None:

@@ -1,0 +1,132 @@
+"""A whole master in one object: log, planner, requests, control socket, HTTP API.
+
+`cluster master` is this plus what only a command line needs (flags and config files, the
+`master.addr` / `http.url` files other processes read, signals). A program that embeds the
+master builds a `MasterNode` directly (docs/embedding.md):
+
+    node = MasterNode(data_dir, Membership(secret=secret), MasterNodeConfig(...))
+    try:
+        started = await task_group.start(node.run)   # started.addrs: where workers dial
+        reply = await node.request(SessionCreate(slots=2, memory_per_slot_mb=4096))
+        ...
+        node.stop()
+    finally:
+        node.close()
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from cluster import control
+from cluster.control import Reply, Request
+from cluster.master.config import PlannerConfig
+from cluster.master.http_api import HttpApi, HttpApiConfig
+from cluster.master.maintenance import on_reconnect
+from cluster.master.planner import Planner
+from cluster.master.server import Master, MasterConfig
+from cluster.master.service import MasterService
+from cluster.net.identity import load_identity
+from cluster.net.membership import Membership
+from cluster.shared.events import Event
+from cluster.shared.maintenance_policy import DEFAULT_POLICY, MaintenancePolicy
+from cluster.shared.state import State
+from cluster.shared.store import EventStore
+
+
+@dataclass(frozen=True)
+class MasterNodeConfig:
+    #: libp2p multiaddrs to listen on (port 0: any free port; `Started.addrs` says which).
+    listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    policy: MaintenancePolicy = DEFAULT_POLICY
+    #: A peer silent this long on a stream that expects traffic is considered hung.
+    peer_timeout: float = 10.0
+    #: Events between state snapshots in the data directory.
+    snapshot_every: int = 100_000
+    #: Serve the local operator's control socket (`cluster session ...` on this host).
+    control_socket: bool = True
+    #: The read-only HTTP API and dashboard; None: not served.
+    http: HttpApiConfig | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `MasterNode.run` reports once it serves."""
+
+    #: Full libp2p addresses (with /p2p/<master id>) workers can dial.
+    addrs: list[str]
+    #: The HTTP API's port (None when not served).
+    http_port: int | None
+
+
+class MasterNode:
+    """The master process's parts, wired as `cluster master` wires them.
+
+    Opening reads the log (and newest snapshot) in `data_dir` and the master's key there;
+    `close()` closes the log. In between, `run()` serves until `stop()`.
+    """
+
+    def __init__(
+        self, data_dir: Path, membership: Membership, config: MasterNodeConfig | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.config = config = config or MasterNodeConfig()
+        key_pair, self.node_id = load_identity(data_dir)
+        self.store = EventStore.open(data_dir, snapshot_every=config.snapshot_every)
+        shell = MasterConfig(
+            listen=list(config.listen),
+            # One source for the cycle: the planner's rules and the loop that runs them.
+            plan_interval=config.planner.plan_interval_ms / 1000,
+            peer_timeout=config.peer_timeout,
+            data_dir=data_dir,
+        )
+        # Fresh randomness for each epoch's seed comes from the master and travels in the log.
+        planner = Planner(
+            config.planner, policy=config.policy, entropy=lambda: secrets.randbits(63)
+        )
+        self.master = Master(
+            self.store, key_pair, membership, shell, planner=planner, connect_hook=_reconnected
+        )
+        self.service = MasterService(self.master, config.policy)
+        self.master.request_handler = self.service.handle_forwarded
+
+    @property
+    def state(self) -> State:
+        return self.master.state
+
+    async def run(self, *, task_status: TaskStatus[Started] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `stop()`. Raises `HttpApiConfigError` if the HTTP port cannot be had."""
+        async with anyio.create_task_group() as tg:
+            addrs = await tg.start(self.master.run)
+            if self.config.control_socket:
+                await tg.start(control.serve, self.data_dir, self.service.handle_local)
+            http_port = None
+            if self.config.http is not None:
+                http_port = await tg.start(HttpApi(self.master, self.config.http).serve)
+            task_status.started(Started(addrs=addrs, http_port=http_port))
+            await self.master.wait_finished()
+            tg.cancel_scope.cancel()
+
+    async def request(self, request: Request) -> Reply:
+        """Decide a request as the local operator (what the control socket does)."""
+        return await self.service.handle_local(request)
+
+    def stop(self) -> None:
+        self.master.stop()
+
+    def close(self) -> None:
+        """Close the log (call after `run` returned)."""
+        self.store.close()
+
+
+def _reconnected(state: State, node: str, now_ms: int) -> list[Event]:
+    """A worker that reconnects during its own maintenance window finishes it."""
+    back = on_reconnect(state, node, now_ms)
+    return [back] if back is not None else []

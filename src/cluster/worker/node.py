@@ -1,0 +1,117 @@
+"""A whole worker in one object: connection and replica, info sources, runners, self-test.
+
+`cluster worker` is this plus what only a command line needs (flags, signals, a synthetic
+load for benchmarks). A program that embeds a worker builds a `WorkerNode` directly
+(docs/embedding.md):
+
+    node = WorkerNode(data_dir, master_addr, WorkerNodeConfig(client=WorkerConfig(secret=s)))
+    try:
+        await task_group.start(node.run)
+        node.worker.add_listener(on_state)   # the replica, after every change
+        ...
+        node.stop()
+    finally:
+        node.close()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+
+from cluster import control
+from cluster.shared.state import State
+from cluster.worker.client import Worker, WorkerConfig
+from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
+from cluster.worker.relay import HostRelay
+from cluster.worker.runner_manager import RunnerManager
+from cluster.worker.runners.base import RunnerFactory
+from cluster.worker.runners.registry import RunnerSetting, make_factory
+from cluster.worker.selftest import needs_self_test, run_self_test
+
+
+@dataclass(frozen=True)
+class WorkerNodeConfig:
+    client: WorkerConfig = field(default_factory=WorkerConfig)
+    #: Slots and sizes the built-in info sources report; None: gather no node info (the node
+    #: then offers no slots unless something else emits its info).
+    info: InfoConfig | None = None
+    #: The runner kind and its config; None: run no runners (and skip the self-test).
+    runner: RunnerSetting | None = field(default_factory=RunnerSetting)
+    #: Serve the host's control socket (`cluster maintenance ...` on this host).
+    control_socket: bool = True
+
+
+class WorkerNode:
+    """The worker process's parts, wired as `cluster worker` wires them.
+
+    Opening reads the node's key and outbox in `data_dir` and checks the runner setting
+    (`RunnerConfigError` names what is wrong); `close()` closes the outbox. In between,
+    `run()` serves until `stop()`.
+    """
+
+    def __init__(
+        self, data_dir: Path, master_addr: str, config: WorkerNodeConfig | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.config = config = config or WorkerNodeConfig()
+        self.manager: RunnerManager | None = None
+        self._factory: RunnerFactory | None = None
+        if config.runner is not None:
+            self._factory = make_factory(config.runner.kind, config.runner.config)
+        self.worker = Worker(data_dir, master_addr, config.client)
+        self.gatherer: InfoGatherer | None = None
+        if config.info is not None:
+            sources = default_sources(config.info)
+            self.gatherer = InfoGatherer(self.worker.node_id, self.worker.emit_info, sources)
+        if self._factory is not None:
+            self.manager = RunnerManager(self.worker.node_id, self.worker.emit, self._factory)
+
+    @property
+    def node_id(self) -> str:
+        return self.worker.node_id
+
+    @property
+    def state(self) -> State:
+        """This node's replica of the cluster state."""
+        return self.worker.state
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `stop()`: connect (and reconnect) to the master, gather, run runners."""
+        worker = self.worker
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            if self.config.control_socket:
+                await tg.start(control.serve, self.data_dir, HostRelay(worker).handle)
+            if self.gatherer is not None:
+                tg.start_soon(self.gatherer.run)
+            if self.manager is not None and self._factory is not None:
+                await tg.start(self.manager.run)
+                worker.add_listener(self.manager.reconcile)
+                assert self.config.runner is not None
+                tg.start_soon(self._self_test_when_connected, self.config.runner, self._factory)
+            task_status.started()
+            await worker.wait_finished()
+            tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def close(self) -> None:
+        """Close the outbox (call after `run` returned)."""
+        self.worker.close()
+
+    async def _self_test_when_connected(self, setting: RunnerSetting, make: RunnerFactory) -> None:
+        """Once the replica has caught up: self-test the runner unless the log already holds
+        a result for this exact setting (a restart or config change re-tests only if needed).
+        """
+        worker = self.worker
+        while worker.phase != "connected":
+            await anyio.sleep(0.2)
+        if not needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
+            return
+        result = await run_self_test(setting.kind, make, setting.config, node_id=worker.node_id)
+        worker.emit(result)
