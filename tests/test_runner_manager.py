@@ -207,6 +207,8 @@ def test_desired_runners_are_this_nodes_slots() -> None:
 def test_manager_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="work_interval_s must be > 0"):
         RunnerManager(ME, Emitted(), make_factory("simulated", {}), work_interval_s=0)
+    with pytest.raises(ValueError, match="offline_work_interval_s must be > 0"):
+        RunnerManager(ME, Emitted(), make_factory("simulated", {}), offline_work_interval_s=-1)
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="restart_limit must be an integer >= 0"):
             RunnerManager(ME, Emitted(), make_factory("simulated", {}), restart_limit=bad)  # type: ignore[arg-type]
@@ -254,6 +256,43 @@ async def test_full_lifecycle_and_work_reports() -> None:
     state = cluster.add(ME, *emitted.events[seen:])
     assert dict(state.runners) == {}
     assert state.ledgers[1].nodes[ME].units == emitted.work("d1")
+
+
+@pytest.mark.anyio
+async def test_work_is_reported_rarely_while_the_master_is_unreachable() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    online = False
+    mgr = RunnerManager(
+        ME,
+        emitted,
+        make_factory("simulated", FAST_SIM),
+        work_interval_s=0.02,
+        health_interval_s=0.02,
+        stop_timeout_s=10,
+        offline_work_interval_s=0.25,
+        connected=lambda: online,
+    )
+
+    def reports() -> list[WorkReported]:
+        return [e for e in emitted.events if isinstance(e, WorkReported)]
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        t0 = anyio.current_time()
+        mgr.reconcile(cluster.master(placed("d2", "s2", 1, [(0, ME)])))
+        await until(lambda: len(reports()) >= 2)  # offline: one report per 0.25 s at most
+        offline = reports()
+        elapsed = anyio.current_time() - t0
+        # Every 0.02 s would have made elapsed / 0.02 reports; offline makes a handful.
+        assert len(offline) <= elapsed / 0.25 + 1, (len(offline), elapsed)
+        assert all(e.units > 0 for e in offline)
+        online = True  # connected again: a report every work interval
+        await until(lambda: len(reports()) >= len(offline) + 10, timeout_s=15)
+        tg.cancel_scope.cancel()
+    # The fewer, larger offline reports fold into the node's ledger like any others.
+    state = cluster.add(ME, *emitted.events)
+    assert state.ledgers[1].nodes[ME].units == emitted.work("d2") > 0
 
 
 @pytest.mark.anyio

@@ -149,6 +149,11 @@ class Worker:
     def state(self) -> State:
         return self._state
 
+    @property
+    def connected(self) -> bool:
+        """A connection to the master is up (hello done): what is emitted now is sent now."""
+        return self._link is not None
+
     def emit(self, event: Event) -> None:
         """Record an event durably and queue it for the master. Never blocks on the network
         (it is one local write); the callback given to info sources and runners."""
@@ -169,7 +174,7 @@ class Worker:
         would keep forever. A crash loses only held readings, and the gatherer reads again
         when the worker starts.
         """
-        if self._link is None:
+        if not self.connected:
             self._held_info[event.source] = event
         else:
             self.emit(event)

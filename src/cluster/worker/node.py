@@ -68,7 +68,10 @@ class WorkerNode:
             sources = default_sources(config.info)
             self.gatherer = InfoGatherer(self.worker.node_id, self.worker.emit_info, sources)
         if self._factory is not None:
-            self.manager = RunnerManager(self.worker.node_id, self.worker.emit, self._factory)
+            worker = self.worker
+            self.manager = RunnerManager(
+                worker.node_id, worker.emit, self._factory, connected=lambda: worker.connected
+            )
 
     @property
     def node_id(self) -> str:

@@ -13,8 +13,9 @@ ahead of its epoch waits loaded). A failed runner is stopped at once and reporte
 the reason; while its slot stays assigned it is started again after `restart_backoff_s`
 (doubling each time), at most `restart_limit` times -- a crash or a transient out-of-memory
 should not cost the rest of the epoch. After the last attempt it keeps its FAILED record until
-the slot is unassigned. Work done is reported every `work_interval_s` and once more
-when a runner stops, as `WorkReported` for the devshard's epoch.
+the slot is unassigned. Work done is reported every `work_interval_s` (every
+`offline_work_interval_s` while the master is unreachable) and once more when a runner
+stops, as `WorkReported` for the devshard's epoch.
 
 Carry-over: devshards end with their epoch and the session is placed again, usually on the
 same nodes (placement is sticky). A loaded runner whose devshard was finalized is therefore
@@ -128,9 +129,12 @@ class RunnerManager:
         carry_over_grace_s: float = 10.0,
         restart_limit: int = 3,
         restart_backoff_s: float = 5.0,
+        offline_work_interval_s: float = 60.0,
+        connected: Callable[[], bool] = lambda: True,
     ) -> None:
         for what, value in (
             ("work_interval_s", work_interval_s),
+            ("offline_work_interval_s", offline_work_interval_s),
             ("health_interval_s", health_interval_s),
             ("health_timeout_s", health_timeout_s),
             ("load_timeout_s", load_timeout_s),
@@ -152,6 +156,8 @@ class RunnerManager:
         self._emit = emit
         self._factory = runner_factory
         self._work_interval_s = work_interval_s
+        self._offline_work_interval_s = offline_work_interval_s
+        self._connected = connected
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
         self._load_timeout_s = load_timeout_s
@@ -377,8 +383,17 @@ class RunnerManager:
                 raise RunnerFailed(f"health probe: {health.reason or 'unhealthy'}")
 
     async def _report_work_every_interval(self, h: _Handle, runner: Runner) -> None:
+        last = anyio.current_time()
         while True:
             await anyio.sleep(self._work_interval_s)
+            now = anyio.current_time()
+            # While the master is unreachable, units pile up in the runner and are reported
+            # every offline_work_interval_s instead: each report is a durable outbox record
+            # and later a log event forever, and a day offline at one report a second per
+            # runner would add ~86,000 of them. A crash offline loses at most that interval.
+            if not self._connected() and now - last < self._offline_work_interval_s:
+                continue
+            last = now
             self._report_work(h, runner)
 
     def _report_work(self, h: _Handle, runner: Runner) -> None:
