@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from cluster.worker.runners import (
@@ -32,6 +34,7 @@ from cluster.worker.runners import (
     load_runner_setting,
     make_factory,
 )
+from cluster.worker.runners.subprocess_runner import slot_environment
 
 SPEC = RunnerSpec(
     runner_id="ds-1/2",
@@ -84,6 +87,11 @@ elif mode == "exit-before-ready":
     sys.exit(2)
 elif mode == "silent":
     time.sleep(60)
+elif mode == "slots":
+    print("READY", flush=True)
+    for line in sys.stdin:  # every stdin line, as received, to the OUT file
+        with open(os.environ["OUT"], "a") as f:
+            f.write(line)
 """
 
 
@@ -182,6 +190,37 @@ async def test_subprocess_runner_slot_environment(program: list[str], tmp_path: 
         "CLUSTER_EPOCH": "7",
         "CLUSTER_EPOCH_END_MS": "1700000600000",
     }
+
+
+@pytest.mark.anyio
+async def test_subprocess_runner_carried_over_gets_a_slot_line(
+    program: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "stdin.txt"
+    config = {
+        "command": [*program, "slots"],
+        "env": {"OUT": str(out)},
+        "wait_ready": True,
+        "slot_lines": True,
+    }
+    runner = SubprocessRunner(SPEC, config)
+    successor = msgspec.structs.replace(
+        SPEC, runner_id="ds-2/2", devshard_id="ds-2", epoch=8, ends_ms=1_700_001_200_000
+    )
+    with anyio.fail_after(30):
+        await runner.load()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            runner.carry_over(successor)
+            while not (out.exists() and out.read_text().endswith("\n")):
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        await runner.stop()
+    assert runner.spec == successor
+    word, *pairs = shlex.split(out.read_text())
+    assert word == "SLOT"
+    assert dict(p.split("=", 1) for p in pairs) == slot_environment(successor)
+    assert slot_environment(successor)["CLUSTER_EPOCH_END_MS"] == "1700001200000"
 
 
 @pytest.mark.anyio

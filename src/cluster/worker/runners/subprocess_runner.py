@@ -8,6 +8,11 @@ talks to the worker through lines on its standard output:
 - ``RESPONSE <id> <base64>``: the answer to request <id> (only with ``requests = true``; the
   worker writes ``REQUEST <id> <base64>`` lines to the command's standard input).
 
+With ``slot_lines = true`` the worker also writes ``SLOT KEY=VALUE ...`` to standard input
+whenever the process is carried over into a later devshard: the slot's CLUSTER_* variables
+as they are now (its environment still holds the first devshard's), shell-quoted (split the
+line with `shlex.split`).
+
 Any other output line is logged at DEBUG. Standard error goes to a file (`log_file`, or a
 temporary file) so a chatty command never blocks on a full pipe; its last line is the reason
 given when the command fails.
@@ -76,6 +81,8 @@ class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     #: reload). Its CLUSTER_* variables then still describe the devshard it started for: set
     #: false if the command depends on CLUSTER_DEVSHARD_ID, CLUSTER_EPOCH or their like.
     carry_over: bool = True
+    #: Tell a carried-over process its new slot with a SLOT line on its standard input.
+    slot_lines: bool = False
 
 
 def slot_environment(spec: RunnerSpec) -> dict[str, str]:
@@ -163,6 +170,9 @@ class SubprocessRunner(Runner):
         self._stdin_lock = anyio.Lock()
         self._stopping = False
         self._output_ended = False
+        # SLOT lines from `carry_over` (sync) to the writer task in `run` (async). Carry-overs
+        # come once per epoch at most, so a small buffer never fills in practice.
+        self._slot_send, self._slot_recv = anyio.create_memory_object_stream[bytes](16)
 
     @property
     def pid(self) -> int | None:
@@ -202,8 +212,12 @@ class SubprocessRunner(Runner):
 
     async def run(self) -> None:
         process = self._started()
-        while await self._read_one_line():
-            pass
+        async with anyio.create_task_group() as tg:
+            if self.config.slot_lines:
+                tg.start_soon(self._write_slot_lines, process)
+            while await self._read_one_line():
+                pass
+            tg.cancel_scope.cancel()
         rc = await process.wait()
         if rc != 0:
             raise RunnerFailed(self._exit_reason(rc))
@@ -255,6 +269,15 @@ class SubprocessRunner(Runner):
     def can_carry_over(self) -> bool:
         return self.config.carry_over
 
+    def carry_over(self, spec: RunnerSpec) -> None:
+        super().carry_over(spec)
+        if self.config.slot_lines:
+            line = "SLOT " + shlex.join(f"{k}={v}" for k, v in slot_environment(spec).items())
+            try:
+                self._slot_send.send_nowait((line + "\n").encode())
+            except anyio.WouldBlock:
+                log.warning("runner %s: SLOT line not sent (16 still queued)", spec.runner_id)
+
     async def stop(self) -> None:
         process = self._process
         if process is None or self._stopping:
@@ -282,6 +305,15 @@ class SubprocessRunner(Runner):
                 self._stderr_file.close()
 
     # -- helpers --------------------------------------------------------------------------
+
+    async def _write_slot_lines(self, process: anyio.abc.Process) -> None:
+        assert process.stdin is not None
+        async for line in self._slot_recv:
+            try:
+                async with self._stdin_lock:
+                    await process.stdin.send(line)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the command closed its input; it exits or is being stopped
 
     def _started(self) -> anyio.abc.Process:
         if self._process is None:
