@@ -48,3 +48,25 @@ def test_embedded_example_rejects_bad_arguments(capsys: pytest.CaptureFixture[st
         example.main(["--seconds", "-1"])
     assert exc.value.code == 2
     assert "--seconds must be >= 0" in capsys.readouterr().err
+
+
+def test_a_bad_setting_releases_what_the_node_opened(tmp_path: Path) -> None:
+    from cluster.master.http_api import HttpApiConfig, HttpApiConfigError
+    from cluster.master.node import MasterNode, MasterNodeConfig
+    from cluster.net.membership import Membership
+    from cluster.worker.node import WorkerNode, WorkerNodeConfig
+    from cluster.worker.runners.base import RunnerConfigError
+    from cluster.worker.runners.registry import RunnerSetting
+
+    membership = Membership(secret=b"s" * 32)
+    exposed = MasterNodeConfig(http=HttpApiConfig(host="0.0.0.0", port=0))
+    with pytest.raises(HttpApiConfigError, match="exposes it beyond this machine"):
+        MasterNode(tmp_path / "m", membership, exposed)
+    MasterNode(tmp_path / "m", membership).close()  # the log was released: it opens again
+    addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    # A runner kind nobody provides is refused before anything is opened; a bad config for
+    # a known kind fails the node's self-test instead, with the reason, where status shows it.
+    bad_runner = WorkerNodeConfig(runner=RunnerSetting(kind="no-such-kind"))
+    with pytest.raises(RunnerConfigError, match="no-such-kind"):
+        WorkerNode(tmp_path / "w", addr, bad_runner)
+    WorkerNode(tmp_path / "w", addr).close()

@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -27,7 +28,7 @@ from anyio.abc import TaskStatus
 from cluster import control
 from cluster.control import Reply, Request
 from cluster.master.config import PlannerConfig
-from cluster.master.http_api import HttpApi, HttpApiConfig
+from cluster.master.http_api import HttpApi, HttpApiConfig, check_config
 from cluster.master.maintenance import on_reconnect
 from cluster.master.planner import Planner
 from cluster.master.server import Master, MasterConfig
@@ -80,6 +81,17 @@ class MasterNode:
         self.config = config = config or MasterNodeConfig()
         key_pair, self.node_id = load_identity(data_dir)
         self.store = EventStore.open(data_dir, snapshot_every=config.snapshot_every)
+        try:
+            self._build(data_dir, key_pair, membership, config)
+        except BaseException:
+            self.store.close()  # the log is open (and locked): a bad setting must not keep it
+            raise
+
+    def _build(
+        self, data_dir: Path, key_pair: Any, membership: Membership, config: MasterNodeConfig
+    ) -> None:
+        if config.http is not None:
+            check_config(config.http)  # a token off loopback, etc.: refused before serving
         shell = MasterConfig(
             listen=list(config.listen),
             # One source for the cycle: the planner's rules and the loop that runs them.

@@ -62,16 +62,19 @@ class WorkerNode:
         self._factory: RunnerFactory | None = None
         if config.runner is not None:
             self._factory = make_factory(config.runner.kind, config.runner.config)
-        self.worker = Worker(data_dir, master_addr, config.client)
-        self.gatherer: InfoGatherer | None = None
-        if config.info is not None:
-            sources = default_sources(config.info)
-            self.gatherer = InfoGatherer(self.worker.node_id, self.worker.emit_info, sources)
-        if self._factory is not None:
-            worker = self.worker
-            self.manager = RunnerManager(
-                worker.node_id, worker.emit, self._factory, connected=lambda: worker.connected
-            )
+        sources = default_sources(config.info) if config.info is not None else None
+        self.worker = worker = Worker(data_dir, master_addr, config.client)
+        try:
+            self.gatherer: InfoGatherer | None = None
+            if sources is not None:
+                self.gatherer = InfoGatherer(worker.node_id, worker.emit_info, sources)
+            if self._factory is not None:
+                self.manager = RunnerManager(
+                    worker.node_id, worker.emit, self._factory, connected=lambda: worker.connected
+                )
+        except BaseException:
+            worker.close()  # the outbox is open: a bad setting must not leave it so
+            raise
 
     @property
     def node_id(self) -> str:
