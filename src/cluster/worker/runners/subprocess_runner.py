@@ -40,6 +40,7 @@ from typing import IO, Annotated, Any, Final
 import anyio
 import anyio.abc
 import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cluster.worker.runners.base import (
     HEALTHY,
@@ -171,8 +172,13 @@ class SubprocessRunner(Runner):
         self._stopping = False
         self._output_ended = False
         # SLOT lines from `carry_over` (sync) to the writer task in `run` (async). Carry-overs
-        # come once per epoch at most, so a small buffer never fills in practice.
-        self._slot_send, self._slot_recv = anyio.create_memory_object_stream[bytes](16)
+        # come once per epoch at most, so a small buffer never fills in practice. Closed by
+        # stop(), which the runner contract guarantees is called.
+        self._slots: (
+            tuple[MemoryObjectSendStream[bytes], MemoryObjectReceiveStream[bytes]] | None
+        ) = None
+        if self.config.slot_lines:
+            self._slots = anyio.create_memory_object_stream[bytes](16)
 
     @property
     def pid(self) -> int | None:
@@ -197,6 +203,8 @@ class SubprocessRunner(Runner):
                 start_new_session=True,  # its own process group: stop() reaches its children
             )
         except OSError as exc:
+            if self._stderr_file is not None:
+                self._stderr_file.close()  # stop() has no process to clean up after
             raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
         assert self._process.stdout is not None
         self._stdout = _LineReader(self._process.stdout)
@@ -213,8 +221,8 @@ class SubprocessRunner(Runner):
     async def run(self) -> None:
         process = self._started()
         async with anyio.create_task_group() as tg:
-            if self.config.slot_lines:
-                tg.start_soon(self._write_slot_lines, process)
+            if self._slots is not None:
+                tg.start_soon(self._write_slot_lines, process, self._slots[1])
             while await self._read_one_line():
                 pass
             tg.cancel_scope.cancel()
@@ -271,14 +279,17 @@ class SubprocessRunner(Runner):
 
     def carry_over(self, spec: RunnerSpec) -> None:
         super().carry_over(spec)
-        if self.config.slot_lines:
+        if self._slots is not None:
             line = "SLOT " + shlex.join(f"{k}={v}" for k, v in slot_environment(spec).items())
             try:
-                self._slot_send.send_nowait((line + "\n").encode())
-            except anyio.WouldBlock:
-                log.warning("runner %s: SLOT line not sent (16 still queued)", spec.runner_id)
+                self._slots[0].send_nowait((line + "\n").encode())
+            except (anyio.WouldBlock, anyio.ClosedResourceError):
+                log.warning("runner %s: SLOT line not sent (queue full or stopped)", spec.runner_id)
 
     async def stop(self) -> None:
+        if self._slots is not None:
+            for end in self._slots:
+                end.close()
         process = self._process
         if process is None or self._stopping:
             return
@@ -306,9 +317,11 @@ class SubprocessRunner(Runner):
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _write_slot_lines(self, process: anyio.abc.Process) -> None:
+    async def _write_slot_lines(
+        self, process: anyio.abc.Process, lines: MemoryObjectReceiveStream[bytes]
+    ) -> None:
         assert process.stdin is not None
-        async for line in self._slot_recv:
+        async for line in lines:
             try:
                 async with self._stdin_lock:
                     await process.stdin.send(line)
