@@ -444,7 +444,8 @@ def test_kill_9_while_appending_loses_no_acknowledged_record(tmp_path: Path, rou
             text=True,
         )
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=_lines, args=(proc, lines), daemon=True).start()
+        reader = threading.Thread(target=_lines, args=(proc, lines), daemon=True)
+        reader.start()
         try:
             start = lines.get(timeout=30).split()
             assert start[0] == "start" and int(start[1]) >= reported
@@ -454,6 +455,9 @@ def test_kill_9_while_appending_loses_no_acknowledged_record(tmp_path: Path, rou
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+            reader.join(timeout=30)  # it reads up to the end of the killed child's output
+            assert proc.stdout is not None
+            proc.stdout.close()
         assert proc.returncode == -signal.SIGKILL
         while not lines.empty():  # acknowledgements printed before the kill landed
             line = lines.get_nowait().strip()

@@ -48,6 +48,7 @@ async def test_concurrent_requests_for_the_last_slot_exactly_one_wins(tmp_path: 
                 for n in nodes:  # all four in flight before any is indexed
                     tg.start_soon(schedule, n)
     finally:
+        master.close()
         store.close()
     winners = [n for n, r in replies.items() if r.ok]
     assert len(replies) == 4 and len(winners) == 1, replies

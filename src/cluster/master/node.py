@@ -134,7 +134,8 @@ class MasterNode:
         self.master.stop()
 
     def close(self) -> None:
-        """Close the log (call after `run` returned)."""
+        """Close the log (call after `run` returned, or instead of running)."""
+        self.master.close()
         self.store.close()
 
 

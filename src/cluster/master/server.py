@@ -307,7 +307,14 @@ class Master:
         try:
             await self._run(task_status)
         finally:
+            self.close()
             self._finished.set()
+
+    def close(self) -> None:
+        """Release the submission queue (done by `run` on its way out; idempotent). The
+        store is the caller's to close."""
+        self._inbox_send.close()
+        self._inbox_recv.close()
 
     async def _run(self, task_status: TaskStatus[list[str]]) -> None:
         nethost.tune_gc()

@@ -481,18 +481,19 @@ def _lock(directory: Path) -> int:
 
 def _list_segments(directory: Path) -> list[_Segment]:
     segments = []
-    for entry in os.scandir(directory):
-        if not entry.name.endswith(".seg"):
-            continue  # the lock file, editor leftovers: not ours to judge
-        m = _SEG_NAME.match(entry.name)
-        if m is None or not entry.is_file():
-            raise LogDirectoryError(
-                f"{entry.path}: not a segment of this log (expected <20 digits>.seg files)"
-            )
-        first = int(m.group(1))
-        if first < 1:
-            raise LogDirectoryError(f"{entry.path}: segment first index must be >= 1")
-        segments.append(_Segment(Path(entry.path), first, entry.stat().st_size))
+    with os.scandir(directory) as entries:  # closed even when a bad entry raises
+        for entry in entries:
+            if not entry.name.endswith(".seg"):
+                continue  # the lock file, editor leftovers: not ours to judge
+            m = _SEG_NAME.match(entry.name)
+            if m is None or not entry.is_file():
+                raise LogDirectoryError(
+                    f"{entry.path}: not a segment of this log (expected <20 digits>.seg files)"
+                )
+            first = int(m.group(1))
+            if first < 1:
+                raise LogDirectoryError(f"{entry.path}: segment first index must be >= 1")
+            segments.append(_Segment(Path(entry.path), first, entry.stat().st_size))
     segments.sort(key=lambda s: s.first_idx)
     return segments
 
