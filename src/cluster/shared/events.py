@@ -39,7 +39,8 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     temperature_c: int | None = None
 
 
-class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+# gc=False: info events replace a node's NodeInfo in State (see cluster.shared.state).
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """A partial picture of a machine: each info source fills only its own fields.
 
     The reducer merges the non-None fields into what the state already knows, so one slow
