@@ -16,6 +16,7 @@ from cluster.master.liveness import (
 from cluster.shared.events import (
     MASTER_ORIGIN,
     Event,
+    MaintenanceFinished,
     MaintenanceOverrun,
     NodeConnected,
     NodeGatheredInfo,
@@ -136,6 +137,32 @@ def test_node_in_maintenance_going_quiet_is_not_disconnected_until_the_window_cl
     events, book = check_liveness(world.state, book, world.now, cfg)
     assert [e.node_id for e in events] == [A]
     assert not events[0].excused and events[0].reason.startswith(f"no events for {4 * k} cycles")
+
+
+def test_a_hello_after_a_silent_maintenance_gives_k_fresh_cycles() -> None:
+    # The worker restarts inside its window: its hello (NodeConnected) finishes the window,
+    # and the planner may run before the worker's first own event is indexed. The hello is
+    # progress: no disconnect for its silence while it was away.
+    cfg = PlannerConfig()
+    k = cfg.stale_cycles
+    world = World()
+    world.node(A)
+    window_id = world.window(A, start_ms=world.now, duration_ms=3_600_000, start=True)
+    book = EMPTY_BOOK
+    for _ in range(3 * k):
+        gone, book = _cycle(world, book, cfg)
+        assert gone == []
+    world.master(
+        [
+            NodeConnected(node_id=A),
+            MaintenanceFinished(window_id=window_id, node_id=A, how="reconnect"),
+        ]
+    )
+    for idle in range(k):
+        gone, book = _cycle(world, book, cfg)
+        assert gone == [], f"disconnected {idle} cycle(s) after its hello"
+    gone, book = _cycle(world, book, cfg)  # ... but it must speak within K cycles of it
+    assert gone == [A]
 
 
 def test_rejoined_node_gets_k_fresh_cycles() -> None:

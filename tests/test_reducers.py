@@ -169,6 +169,18 @@ def test_node_connected_registers_and_self_test_is_recorded() -> None:
     assert st is not None and not st.passed and st.reason == "probe timed out" and st.at_ms == 50
 
 
+def test_a_hello_from_a_connected_node_moves_only_its_hello_index() -> None:
+    log = Log()
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A), at_ms=10)
+    first = s.nodes[A]
+    assert (first.joined_idx, first.joined_ms, first.hello_idx) == (1, 10, 1)
+    log.add(A, NodeHeartbeat(node_id=A), at_ms=20)
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A), at_ms=30)  # restarted, never gone
+    again = s.nodes[A]
+    assert (again.joined_idx, again.joined_ms, again.hello_idx) == (1, 10, 3)
+    assert again.connected
+
+
 def test_runner_lifecycle_keeps_live_runners_only() -> None:
     log = Log()
     s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.LOADING))

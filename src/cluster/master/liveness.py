@@ -85,10 +85,11 @@ def check_liveness(
             continue
         spoken = marks.get(node_id)
         index = 0 if spoken is None else spoken[0]
-        # joined_idx counts too: a master-made NodeConnected (re)joins a node that has not
-        # spoken yet, and that is progress for it.
-        if rec.joined_idx > index:
-            index = rec.joined_idx
+        # The master's NodeConnected counts too (`hello_idx`): a node that just said hello
+        # has made progress even before its first own event. (A node joins either by its own
+        # event, which moves its marks, or by a NodeConnected: joined_idx needs no look.)
+        if rec.hello_idx > index:
+            index = rec.hello_idx
         before = previous.get(node_id)
         if before is None or before[0] != index:
             seen[node_id] = (index, 0)

@@ -58,6 +58,11 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     disconnected_ms: int = 0
     disconnected_reason: str = ""
     disconnect_excused: bool = False
+    #: Index of the master's latest NodeConnected for this node: its latest authenticated
+    #: hello. Liveness counts it as the node's progress, so a worker that reconnects without
+    #: having been disconnected (restarted inside its maintenance window, say) gets K fresh
+    #: cycles to speak, like a node that joins.
+    hello_idx: int = 0
     self_test: SelfTestResult | None = None
 
 

@@ -68,7 +68,11 @@ def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent) -> NodeRecord
 
 
 def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
-    """The node exists and is connected: the master saw it (re)connect."""
+    """The node exists and is connected: the master saw it (re)connect (a hello).
+
+    A node that was connected already (it reconnected before anyone noticed it gone) keeps
+    its connected stretch (`joined_*`); only `hello_idx` moves.
+    """
     rec = state.nodes.get(node_id)
     if rec is None:
         # Known to the master before it spoke: no event of its own yet.
@@ -78,6 +82,7 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
             connected=True,
             joined_idx=ie.idx,
             joined_ms=ie.master_time_ms,
+            hello_idx=ie.idx,
         )
     elif not rec.connected:
         rec = _replace(
@@ -85,9 +90,10 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
             connected=True,
             joined_idx=ie.idx,
             joined_ms=ie.master_time_ms,
+            hello_idx=ie.idx,
         )
     else:
-        return state
+        rec = _replace(rec, hello_idx=ie.idx)
     return _replace(state, nodes=state.nodes.set(node_id, rec))
 
 
