@@ -8,7 +8,6 @@ ids; `--cluster-secret-file` requires the HMAC challenge. With neither, the mast
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
+    from cluster.shared.files import write_text_atomically
 
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
@@ -160,13 +160,13 @@ def run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             started = await tg.start(node.run)
             addr = next((a for a in started.addrs if "/127.0.0.1/" in a), started.addrs[0])
-            _write_atomically(data_dir / "master.addr", addr)
+            write_text_atomically(data_dir / "master.addr", addr + "\n")
             print(f"master listening on {addr}", flush=True)
             print(f"node id {node.node_id}; log at index {node.master.last_idx}", flush=True)
             print(f"control socket {control.socket_path(data_dir)}", flush=True)
             if http is not None and started.http_port is not None:
                 url = f"http://{http.host}:{started.http_port}/"
-                _write_atomically(data_dir / "http.url", url)
+                write_text_atomically(data_dir / "http.url", url + "\n")
                 print(f"dashboard {url}", flush=True)
             tg.start_soon(stop_on_signal, node.stop)
             await node.master.wait_finished()
@@ -181,13 +181,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         node.close()
     return status
-
-
-def _write_atomically(path: Path, line: str) -> None:
-    """Other processes poll for these files: they must never see one half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(line + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:

@@ -172,8 +172,7 @@ class PlacementPool:
         # Node ids grouped by memory per slot (a handful of distinct sizes in practice).
         everyone: dict[int, list[str]] = {}
         gpus: dict[int, list[str]] = {}
-        # A plain set of the few nodes with a window: cheaper to test than the state's map.
-        with_window = set(state.open_window_by_node.keys())
+        with_window = state.open_window_by_node
         ineligible = self.ineligible
         # Locals: this loop runs over every node once per cycle that places anything.
         free, capacity, memory_of, has_gpu = self.free, self.capacity, self.memory, self.has_gpu

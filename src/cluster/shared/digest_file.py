@@ -7,11 +7,11 @@ tests, benchmarks and operators can compare replicas without talking to the proc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Final
 
 from cluster.shared.codec import state_digest
+from cluster.shared.files import write_text_atomically
 from cluster.shared.state import State
 
 DIGEST_FILE: Final = "digest.json"
@@ -19,10 +19,7 @@ DIGEST_FILE: Final = "digest.json"
 
 def write_digest_file(data_dir: Path, state: State, **extra: object) -> None:
     record = {"idx": state.last_applied, "digest": state_digest(state), **extra}
-    path = data_dir / DIGEST_FILE
-    tmp = path.with_name(f".{DIGEST_FILE}.tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(data_dir / DIGEST_FILE, json.dumps(record, sort_keys=True) + "\n")
 
 
 def read_digest_file(data_dir: Path) -> dict[str, object] | None:
