@@ -4,6 +4,8 @@ the real thing."""
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -59,10 +61,18 @@ class _NvmlNotSupported(Exception):
     pass
 
 
+_RESERVED = 480 * 1024**2  # what the driver sets aside on an idle H100, as NVML reports it
+
+
 class _RecordingNvml:
-    """An object with the pynvml functions the probe uses, answering for two GPUs."""
+    """An object with the pynvml functions the probe uses, answering for two GPUs.
+
+    Like the real library and driver it answers both memory calls: v1, whose `used` counts the
+    driver's reservation, and v2, which reports the reservation apart (nvidia-smi's view).
+    """
 
     NVML_TEMPERATURE_GPU = 0
+    nvmlMemory_v2: int | None = 0x02000028
 
     def __init__(self) -> None:
         self.init_calls = 0
@@ -87,8 +97,14 @@ class _RecordingNvml:
     def nvmlDeviceGetUUID(self, handle: int) -> str:
         return f"GPU-{handle}"
 
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
-        return SimpleNamespace(total=80 * 1024**3, used=(handle + 1) * 512 * 1024**2)
+    def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> SimpleNamespace:
+        total, allocated = 80 * 1024**3, (handle + 1) * 512 * 1024**2
+        if version is None:  # v1: the reservation counts as used
+            used = _RESERVED + allocated
+            return SimpleNamespace(total=total, free=total - used, used=used)
+        assert version == self.nvmlMemory_v2
+        free = total - _RESERVED - allocated
+        return SimpleNamespace(total=total, reserved=_RESERVED, free=free, used=allocated)
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
         if handle == 1:
@@ -110,7 +126,7 @@ def test_readings_are_converted_to_gpu_info() -> None:
             name="NVIDIA H100",
             uuid="GPU-0",
             memory_total_mb=81920,
-            memory_used_mb=512,
+            memory_used_mb=512,  # the driver's 480 MiB reservation is not "used" (v2, nvidia-smi)
             utilization_pct=37,
             temperature_c=55,
         ),
@@ -130,13 +146,43 @@ def test_readings_are_converted_to_gpu_info() -> None:
     assert nvml.shutdown_calls == 1
 
 
+class _NvmlFunctionNotFound(Exception):
+    pass
+
+
+class _OldDriverNvml(_RecordingNvml):
+    """A driver without nvmlDeviceGetMemoryInfo_v2: the library raises when asked for v2."""
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> SimpleNamespace:
+        if version is not None:
+            raise _NvmlFunctionNotFound("Function Not Found")
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+class _OldLibraryNvml(_RecordingNvml):
+    """nvidia-ml-py from before memory v2: no `nvmlMemory_v2`, no `version` argument."""
+
+    nvmlMemory_v2 = None  # getattr() finds nothing to ask for, as with the old module
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:  # type: ignore[override]
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+@pytest.mark.parametrize("nvml", [_OldDriverNvml(), _OldLibraryNvml()], ids=["driver", "library"])
+def test_without_memory_v2_the_v1_figures_are_used(nvml: _RecordingNvml) -> None:
+    gpus = NvmlGpuProbe(nvml).read()
+    assert gpus is not None
+    # v1 is all there is: its `used` includes the reservation, but the GPU is still listed.
+    assert [(g.memory_total_mb, g.memory_used_mb) for g in gpus] == [(81920, 992), (81920, 1504)]
+
+
 def test_a_gpu_that_stops_answering_is_an_error() -> None:
     nvml = _RecordingNvml()
 
-    def lost(handle: int) -> Any:
+    def lost(handle: int, version: int | None = None) -> Any:
         raise RuntimeError("GPU is lost")
 
-    nvml.nvmlDeviceGetMemoryInfo = lost  # type: ignore[method-assign, assignment]
+    nvml.nvmlDeviceGetMemoryInfo = lost  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="GPU is lost"):
         NvmlGpuProbe(nvml).read()
 
@@ -154,3 +200,35 @@ def test_real_gpus_are_listed() -> None:
         assert gpu.name and gpu.uuid.startswith("GPU-")
         assert gpu.memory_total_mb > 0
         assert 0 <= gpu.memory_used_mb <= gpu.memory_total_mb
+
+
+def _nvidia_smi_memory_used_mib() -> dict[str, int]:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=uuid,memory.used", "--format=csv,noheader,nounits"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    rows = (line.split(",") for line in out.splitlines() if line.strip())
+    return {uuid.strip(): int(used) for uuid, used in rows}
+
+
+@pytest.mark.gpu
+def test_real_memory_used_agrees_with_nvidia_smi() -> None:
+    if not _real_nvml_works() or shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA driver/GPU or no nvidia-smi on this machine")
+    probe = NvmlGpuProbe()
+    before = probe.read()
+    smi = _nvidia_smi_memory_used_mib()
+    after = probe.read()
+    probe.close()
+    assert before is not None and after is not None
+    assert {g.uuid for g in before} == set(smi)
+    # Other processes may allocate meanwhile: nvidia-smi's figure must lie between our two
+    # readings, give or take a little. Counting the driver's reservation (hundreds of MiB)
+    # as used would put ours well above it on an idle GPU.
+    slack = 32
+    for b, a in zip(before, after, strict=True):
+        low, high = min(b.memory_used_mb, a.memory_used_mb), max(b.memory_used_mb, a.memory_used_mb)
+        assert low - slack <= smi[b.uuid] <= high + slack, (b, a, smi[b.uuid])

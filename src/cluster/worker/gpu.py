@@ -91,13 +91,31 @@ def _optional_int(read: Any) -> int | None:
         return None
 
 
+def _memory_info(nvml: Any, handle: Any) -> Any:
+    """Memory figures whose `used` excludes what the driver reserves, as nvidia-smi shows it.
+
+    NVML's first memory call counts the driver's own reservation as used (480 MiB on an idle
+    H100, where nvidia-smi says 0 MiB); its v2 reports that reservation apart. Older drivers
+    (no `_v2` function) and older nvidia-ml-py (no `nvmlMemory_v2`) only have the first call;
+    a GPU that has stopped answering fails both, and the second failure reaches the caller.
+    """
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+        except Exception as exc:
+            log.debug("NVML memory v2 unavailable (%s); using v1", exc)
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
+
+
 def _read_device(nvml: Any, index: int) -> GpuInfo:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    memory = _memory_info(nvml, handle)
     return GpuInfo(
         index=index,
         name=_text(nvml.nvmlDeviceGetName(handle)),
         uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        # MiB (2**20 bytes), the unit nvidia-smi prints as "MiB".
         memory_total_mb=int(memory.total) // _MIB,
         memory_used_mb=int(memory.used) // _MIB,
         utilization_pct=_optional_int(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
