@@ -86,10 +86,11 @@ def test_heartbeat_registers_node_and_advances_its_index() -> None:
     log = Log()
     s = log.add(A, NodeHeartbeat(node_id=A), at_ms=5)
     assert s.nodes[A].connected and s.nodes[A].joined_idx == 1 and s.nodes[A].joined_ms == 5
-    assert s.last_event_by_node[A] == (1, 1) and s.last_event_index(A) == 1
+    assert s.nodes[A].slot == 0  # the first node to join
+    assert s.last_event_by_node.get(0) == (1, 1) and s.last_event_index(A) == 1
     log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=10, seed=1))
     s = log.add(A, NodeHeartbeat(node_id=A))
-    assert s.last_event_by_node[A] == (3, 2) and s.last_event_index(A) == 3
+    assert s.last_event_by_node.get(0) == (3, 2) and s.last_event_index(A) == 3
     assert s.last_seq(A) == 2 and s.last_seq(MASTER_ORIGIN) == 1 and s.master_seq == 1
     assert MASTER_ORIGIN not in s.nodes
     assert s.last_event_index("unknown") == 0 and s.last_seq("unknown") == 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -178,11 +179,23 @@ def test_snapshot_that_does_not_decode_to_its_index_is_skipped(
     assert "state is at index 5" in caplog.text
 
 
+def _marks_by_node(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Pop the by-slot marks and each record's slot from a state `doc`: node_id -> marks, as
+    the layouts before format 4 keyed them."""
+    pairs = doc.pop("last_event_by_node")
+    out: dict[str, tuple[int, int]] = {}
+    for node_id, rec in doc["nodes"].items():
+        slot = rec.pop("slot")
+        if slot < len(pairs) and pairs[slot][0]:
+            out[node_id] = (pairs[slot][0], pairs[slot][1])
+    return out
+
+
 def _in_the_first_layout(state: State) -> bytes:
     """`state` encoded as the first snapshots were: two maps `last_event_index_by_node` and
     `last_seq_by_origin` beside plain node records."""
     doc = codec.to_builtins(state)
-    marks = doc.pop("last_event_by_node")
+    marks = _marks_by_node(doc)
     doc["last_event_index_by_node"] = {n: m[0] for n, m in marks.items()}
     doc["last_seq_by_origin"] = {
         **{n: m[1] for n, m in marks.items()},
@@ -194,8 +207,16 @@ def _in_the_first_layout(state: State) -> bytes:
 def _with_marks_in_node_records(state: State) -> bytes:
     """`state` encoded as format-1 snapshots were: each node's marks inside its record."""
     doc = codec.to_builtins(state)
-    for node_id, (idx, seq) in doc.pop("last_event_by_node").items():
+    for node_id, (idx, seq) in _marks_by_node(doc).items():
         doc["nodes"][node_id] |= {"last_event_idx": idx, "last_seq": seq}
+    return msgspec.msgpack.encode(doc)
+
+
+def _with_marks_by_node_id(state: State) -> bytes:
+    """`state` encoded as format-3 snapshots were: a map node_id -> (index, seq) and records
+    without a slot."""
+    doc = codec.to_builtins(state)
+    doc["last_event_by_node"] = _marks_by_node(doc)
     return msgspec.msgpack.encode(doc)
 
 
@@ -205,6 +226,7 @@ def _with_marks_in_node_records(state: State) -> bytes:
         (1, _in_the_first_layout),  # with no nodes yet
         (20, _in_the_first_layout),  # and with nodes
         (20, _with_marks_in_node_records),  # under the current header: the records say it
+        (20, _with_marks_by_node_id),
     ],
 )
 def test_snapshot_in_an_older_state_layout_is_skipped_and_the_log_refolded(

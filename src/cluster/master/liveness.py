@@ -83,8 +83,7 @@ def check_liveness(
     for node_id, rec in state.nodes.items():
         if not rec.connected:
             continue
-        spoken = marks.get(node_id)
-        index = 0 if spoken is None else spoken[0]
+        index = marks.index(rec.slot)
         # The master's NodeConnected counts too (`hello_idx`): a node that just said hello
         # has made progress even before its first own event. (A node joins either by its own
         # event, which moves its marks, or by a NodeConnected: joined_idx needs no look.)

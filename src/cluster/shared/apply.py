@@ -107,17 +107,19 @@ def apply(state: State, ie: IndexedEvent) -> State:
     # Every node-originated event is liveness (DESIGN rule 6): it advances the node's marks.
     # The index and time are set before the reducer runs (reducers read them from the event,
     # never from state), so most events cost one State copy.
-    marks = state.last_event_by_node.set(origin, (ie.idx, ie.seq))
     node_map = state.nodes
     rec = node_map.get(origin)
     if rec is None or not rec.connected:
         # A new or disconnected node (re)joins with its event: before the reducer, which
         # reads whether the node exists and is connected.
-        rec = nodes.joined(rec, origin, ie)
+        rec = nodes.joined(rec, origin, ie, len(node_map))
         node_map = node_map.set(origin, rec)
     elif reducer is _heartbeat:  # the commonest event: nothing else to do
         return _replace(
-            state, last_event_by_node=marks, last_applied=ie.idx, last_time_ms=ie.master_time_ms
+            state,
+            last_event_by_node=state.last_event_by_node.set(rec.slot, ie.idx, ie.seq),
+            last_applied=ie.idx,
+            last_time_ms=ie.master_time_ms,
         )
     elif type(event) is NodeGatheredInfo and event.node_id == origin:
         # A node reporting its own info: merge it into the record in hand (one update).
@@ -128,7 +130,7 @@ def apply(state: State, ie: IndexedEvent) -> State:
     state = _replace(
         state,
         nodes=node_map,
-        last_event_by_node=marks,
+        last_event_by_node=state.last_event_by_node.set(rec.slot, ie.idx, ie.seq),
         last_applied=ie.idx,
         last_time_ms=ie.master_time_ms,
     )
@@ -140,7 +142,7 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
 
     Replay and catch-up spend most of their time here, so what every event touches is
     written once per batch: each speaking node's marks (`State.last_event_by_node`, from its
-    last event in the batch) in one HAMT mutation at the end, and `last_applied`,
+    last event in the batch) in one `NodeMarks.set_many` at the end, and `last_applied`,
     `last_time_ms`, `master_seq`. That is sound because reducers read index, time and
     sequence from the event they are given, never from those fields; what they do read --
     whether the node exists and is connected -- is updated at once, as `apply` does.
@@ -149,7 +151,7 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
 
     On `OutOfOrderError` nothing is returned: the caller still holds the state it passed in.
     """
-    last_by_node: dict[str, IndexedEvent] = {}
+    last_by_slot: dict[int, IndexedEvent] = {}
     last_idx = state.last_applied
     last_ms = state.last_time_ms
     master_seq = state.master_seq
@@ -161,12 +163,12 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
         if origin == MASTER_ORIGIN:
             master_seq = ie.seq
         else:
-            rec = state.nodes.get(origin)
+            node_map = state.nodes
+            rec = node_map.get(origin)
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
-                state = _replace(
-                    state, nodes=state.nodes.set(origin, nodes.joined(rec, origin, ie))
-                )
-            last_by_node[origin] = ie
+                rec = nodes.joined(rec, origin, ie, len(node_map))
+                state = _replace(state, nodes=node_map.set(origin, rec))
+            last_by_slot[rec.slot] = ie
         event = ie.event
         reducer = reducers[type(event)]
         if reducer is not _heartbeat:
@@ -174,11 +176,8 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
         last_idx = ie.idx
         last_ms = ie.master_time_ms
     marks = state.last_event_by_node
-    if last_by_node:
-        batch = marks.mutate()
-        for origin, ie in last_by_node.items():
-            batch[origin] = (ie.idx, ie.seq)
-        marks = batch.finish()
+    if last_by_slot:
+        marks = marks.set_many((slot, ie.idx, ie.seq) for slot, ie in last_by_slot.items())
     return _replace(
         state,
         last_event_by_node=marks,

@@ -1,9 +1,10 @@
 """Wire and disk encodings: events as msgpack, State canonically, and State's digest.
 
 The canonical encoding of State is msgpack with every map written as a dict in sorted key
-order, struct fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256
-digest is therefore the same for equal states on any machine, in any process, under any
-PYTHONHASHSEED (DESIGN rule 4).
+order, the node marks as the list of (index, seq) pairs by slot (`NodeMarks.pairs`), struct
+fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore
+the same for equal states on any machine, in any process, under any PYTHONHASHSEED (DESIGN
+rule 4).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import msgspec
 from immutables import Map
 
 from cluster.shared.events import IndexedEvent
+from cluster.shared.node_marks import NodeMarks
 from cluster.shared.state import State
 
 
@@ -24,6 +26,8 @@ def _enc_hook(obj: Any) -> Any:
         # Sorted keys make the encoding canonical (a map's iteration order depends on
         # hashes, which depend on PYTHONHASHSEED for str keys).
         return dict(sorted(obj.items()))
+    if isinstance(obj, NodeMarks):
+        return obj.pairs()
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
@@ -31,6 +35,12 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
     if typing.get_origin(tp) is Map:
         key_type, value_type = typing.get_args(tp)
         return Map(msgspec.convert(obj, dict[key_type, value_type], dec_hook=_dec_hook))  # type: ignore[valid-type]
+    if tp is NodeMarks:
+        pairs = msgspec.convert(obj, list[tuple[int, int]])
+        try:
+            return NodeMarks(pairs)
+        except ValueError as exc:  # negative marks: reported as a decode error
+            raise msgspec.ValidationError(str(exc)) from None
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_MAGIC: Final = b"CSNP"
 #: 2: node marks moved from NodeRecord to State.last_event_by_node.
 #: 3: NodeRecord.hello_idx (every NodeConnected sets it; older snapshots lack it).
-SNAPSHOT_VERSION: Final = 3
+#: 4: node marks by slot (NodeRecord.slot, State.last_event_by_node as NodeMarks).
+SNAPSHOT_VERSION: Final = 4
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

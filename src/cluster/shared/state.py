@@ -32,6 +32,7 @@ from cluster.shared.events import (
     RunnerStatus,
     SlotAssignment,
 )
+from cluster.shared.node_marks import NodeMarks
 
 
 class SelfTestResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +49,9 @@ class SelfTestResult(msgspec.Struct, frozen=True, kw_only=True):
 # gc=False on this and the other replaced records: see the module docstring.
 class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     node_id: str
+    #: The node's number in join order (0, 1, ...): where `State.last_event_by_node` keeps
+    #: its marks. Dense and the same on every node that folds the same log; never reused.
+    slot: int
     info: NodeInfo
     connected: bool
     #: Index of the first event this node (or the master about it) contributed.
@@ -226,12 +230,12 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: Sequence number of the master's last event (a node's is in `last_event_by_node`).
     master_seq: int = 0
     nodes: Map[str, NodeRecord] = msgspec.field(default_factory=Map)
-    #: node_id -> (index of the last event it originated, highest sequence number it gave an
-    #: event in the log). Every node-originated event advances it (DESIGN rule 6: liveness
-    #: is event flow); the sequence number lets a restarted master drop what a worker
-    #: resends. A map of plain pairs of its own because it is the one thing every event
-    #: touches: updating it copies no NodeRecord (bench/apply_bench.py measures the gain).
-    last_event_by_node: Map[str, tuple[int, int]] = msgspec.field(default_factory=Map)
+    #: Each node's (index of the last event it originated, highest sequence number it gave an
+    #: event in the log), by `NodeRecord.slot`. Every node-originated event advances it
+    #: (DESIGN rule 6: liveness is event flow); the sequence number lets a restarted master
+    #: drop what a worker resends. Kept apart from the records, unboxed (`NodeMarks`),
+    #: because it is the one thing every event replaces: see node_marks.py for why.
+    last_event_by_node: NodeMarks = msgspec.field(default_factory=NodeMarks)
     runners: Map[str, RunnerRecord] = msgspec.field(default_factory=Map)
     windows: Map[str, MaintenanceWindow] = msgspec.field(default_factory=Map)
     #: node_id -> window_id of its SCHEDULED/DRAINING/ACTIVE window.
@@ -249,8 +253,8 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     def last_event_index(self, node_id: str) -> int:
         """Index of the last event `node_id` originated; 0 if none (or the node is unknown)."""
-        marks = self.last_event_by_node.get(node_id)
-        return 0 if marks is None else marks[0]
+        rec = self.nodes.get(node_id)
+        return 0 if rec is None else self.last_event_by_node.index(rec.slot)
 
     def open_window(self, node_id: str) -> MaintenanceWindow | None:
         """The node's SCHEDULED, DRAINING or ACTIVE maintenance window, if it has one."""
@@ -261,8 +265,8 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         """Highest sequence number of `origin` (a node or MASTER_ORIGIN) in the log; 0 if none."""
         if origin == MASTER_ORIGIN:
             return self.master_seq
-        marks = self.last_event_by_node.get(origin)
-        return 0 if marks is None else marks[1]
+        rec = self.nodes.get(origin)
+        return 0 if rec is None else self.last_event_by_node.get(rec.slot)[1]
 
 
 EMPTY_STATE = State()

@@ -50,15 +50,17 @@ def with_info(rec: NodeRecord, ev: NodeGatheredInfo) -> NodeRecord:
     return rec if merged is rec.info else _replace(rec, info=merged)
 
 
-def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent) -> NodeRecord:
+def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: int) -> NodeRecord:
     """The record of `node_id` (re)joined by its own event `ie`: it was new or disconnected.
 
     apply() calls this only then; a connected node's event leaves its record alone and
-    advances `State.last_event_by_node` instead (DESIGN rule 6).
+    advances `State.last_event_by_node` instead (DESIGN rule 6). A new node takes the next
+    slot, `node_count` (the number of nodes the state knows).
     """
     if rec is None:
         return NodeRecord(
             node_id=node_id,
+            slot=node_count,
             info=NodeInfo(),
             connected=True,
             joined_idx=ie.idx,
@@ -78,6 +80,7 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
         # Known to the master before it spoke: no event of its own yet.
         rec = NodeRecord(
             node_id=node_id,
+            slot=len(state.nodes),
             info=NodeInfo(),
             connected=True,
             joined_idx=ie.idx,

@@ -1,0 +1,181 @@
+"""NodeMarks: every node's last event index and sequence number, by node slot, unboxed.
+
+Every node-originated event advances its node's marks (DESIGN rule 6), so this is the one
+piece of State that every event replaces. In a hash-mapped trie (`immutables.Map`) that
+replacement copies a leaf of ~10-30 (key, value) object pointers and touches the reference
+count of every one of them; at 10,000 nodes those objects are scattered over more memory
+than a core's L2 cache holds, so each event paid ~20 cache misses that it did not pay at
+1,000 nodes (bench/apply_bench.py: heartbeat ~0.9 us at 1,000 nodes, ~1.4-1.9 us at 10,000).
+
+Here the marks are plain 64-bit integers in `array('q')` leaves, addressed by the node's
+*slot* (`NodeRecord.slot`: its number in join order, so slots are dense and the same on
+every node that folds the same log). A persistent two-level trie of Python lists over those
+leaves gives copy-on-write updates: replacing one node's marks copies one 512-byte leaf
+(no reference counts: the values are not objects), one list of at most 32 leaves and the
+short root list. That costs the same at 10 or 10,000 nodes, and up to about 64,000 nodes,
+where the root list reaches 64 entries (its copy grows by a pointer per 1,024 nodes).
+
+Lists, not tuples, because a list copy plus an item assignment is the cheapest copy in
+CPython; a published list or leaf is never mutated (only fresh copies are written before
+they are returned), so a `NodeMarks` is immutable to anyone holding it, across threads.
+
+A slot that never received marks reads (0, 0): event indices start at 1, so an index of 0
+means "no event yet". Equality, hashing and the canonical encoding (`pairs()`) ignore
+unused capacity: two NodeMarks holding the same marks are equal however they were built.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator
+from typing import Final, TypeAlias
+
+#: Slots per leaf; a leaf holds (index, seq) interleaved: 2 * 32 int64 = 512 bytes, the
+#: largest block CPython's small-object allocator serves (a larger copy costs a malloc).
+LEAF_SLOTS: Final = 32
+_LEAF_SHIFT: Final = 5
+_LEAF_MASK: Final = LEAF_SLOTS - 1
+#: Leaves per middle list.
+MID_LEAVES: Final = 32
+_MID_SHIFT: Final = _LEAF_SHIFT + 5
+_EMPTY_LEAF: Final[array[int]] = array("q", bytes(16 * LEAF_SLOTS))
+
+_Leaf: TypeAlias = "array[int]"  # array('q') of 2 * LEAF_SLOTS int64
+_Mid: TypeAlias = "list[_Leaf]"
+_new = object.__new__
+
+
+class NodeMarks:
+    """Immutable map slot -> (last event index, last sequence number); see the module doc."""
+
+    __slots__ = ("_root",)
+    _root: list[_Mid]
+
+    def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
+        """Marks for slots 0, 1, ... from (index, seq) pairs."""
+        root: list[_Mid] = []
+        for slot, (idx, seq) in enumerate(pairs):
+            if idx < 0 or seq < 0:
+                raise ValueError(f"marks of slot {slot} are negative: ({idx}, {seq})")
+            leaf = _ensure_leaf(root, slot)
+            offset = (slot & _LEAF_MASK) << 1
+            leaf[offset] = idx
+            leaf[offset + 1] = seq
+        self._root = root
+
+    def get(self, slot: int) -> tuple[int, int]:
+        """(last event index, last seq) of `slot`; (0, 0) if it has none."""
+        try:
+            leaf = self._root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31]
+        except IndexError:
+            return (0, 0)
+        offset = (slot & _LEAF_MASK) << 1
+        return (leaf[offset], leaf[offset + 1])
+
+    def index(self, slot: int) -> int:
+        """Last event index of `slot`; 0 if it has none."""
+        try:
+            leaf = self._root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31]
+        except IndexError:
+            return 0
+        index: int = leaf[(slot & _LEAF_MASK) << 1]
+        return index
+
+    def set(self, slot: int, idx: int, seq: int) -> NodeMarks:
+        """These marks with `slot`'s replaced: copies one leaf and the lists above it."""
+        # Every event runs this: shifts and masks are written out (10 = _MID_SHIFT,
+        # 5 = _LEAF_SHIFT, 31 = _LEAF_MASK = MID_LEAVES - 1) to spare global lookups; a test
+        # checks they agree.
+        root = self._root.copy()
+        try:
+            mid = root[slot >> 10].copy()
+            leaf = mid[(slot >> 5) & 31][:]
+        except IndexError:
+            return self._grown_set(slot, idx, seq)
+        offset = (slot & 31) << 1
+        leaf[offset] = idx
+        leaf[offset + 1] = seq
+        mid[(slot >> 5) & 31] = leaf
+        root[slot >> 10] = mid
+        new: NodeMarks = _new(NodeMarks)
+        new._root = root
+        return new
+
+    def set_many(self, marks: Iterable[tuple[int, int, int]]) -> NodeMarks:
+        """These marks with each (slot, idx, seq) applied in order; each touched leaf and
+        list is copied once (a batch's worth of events: see `apply.fold`)."""
+        root = self._root.copy()
+        private_mids: set[int] = set()  # positions in `root` whose list is already a copy
+        private_leaves: set[tuple[int, int]] = set()
+        for slot, idx, seq in marks:
+            m = slot >> _MID_SHIFT
+            i = (slot >> _LEAF_SHIFT) & 31
+            if m not in private_mids:
+                if m < len(root):
+                    root[m] = root[m].copy()
+                private_mids.add(m)
+            if (m, i) not in private_leaves:
+                leaf = _ensure_leaf(root, slot)
+                root[m][i] = leaf[:]
+                private_leaves.add((m, i))
+            leaf = root[m][i]
+            offset = (slot & _LEAF_MASK) << 1
+            leaf[offset] = idx
+            leaf[offset + 1] = seq
+        new: NodeMarks = _new(NodeMarks)
+        new._root = root
+        return new
+
+    def _grown_set(self, slot: int, idx: int, seq: int) -> NodeMarks:
+        # The slot lies past the leaves allocated so far (a node's first marks): the slow
+        # path, taken once per LEAF_SLOTS nodes that join.
+        root = [mid.copy() for mid in self._root]
+        leaf = _ensure_leaf(root, slot)[:]
+        root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31] = leaf
+        offset = (slot & _LEAF_MASK) << 1
+        leaf[offset] = idx
+        leaf[offset + 1] = seq
+        new: NodeMarks = _new(NodeMarks)
+        new._root = root
+        return new
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(index, seq) of slots 0, 1, ... up to the last slot with marks: the canonical form."""
+        flat: list[int] = []
+        for m, mid in enumerate(self._root):
+            # A middle list holds leaves only up to the highest slot set in it: pad the rest.
+            flat.extend([0] * (m * 2 * MID_LEAVES * LEAF_SLOTS - len(flat)))
+            for leaf in mid:
+                flat.extend(leaf)
+        end = len(flat)
+        while end and flat[end - 2] == 0 and flat[end - 1] == 0:
+            end -= 2
+        return list(zip(flat[0:end:2], flat[1:end:2], strict=True))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.pairs())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NodeMarks):
+            return NotImplemented
+        return self is other or self.pairs() == other.pairs()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.pairs()))
+
+    def __repr__(self) -> str:
+        return f"NodeMarks({self.pairs()!r})"
+
+
+def _ensure_leaf(root: list[_Mid], slot: int) -> _Leaf:
+    """The leaf of `slot`, appending empty lists and leaves to `root` (and to the list of
+    `slot`) up to it. Whatever it appends to must be private to the caller: `root` itself,
+    and the list of `slot` if that exists already."""
+    m = slot >> _MID_SHIFT
+    while len(root) <= m:
+        root.append([])
+    mid = root[m]
+    i = (slot >> _LEAF_SHIFT) & 31
+    while len(mid) <= i:
+        mid.append(_EMPTY_LEAF[:])
+    return mid[i]

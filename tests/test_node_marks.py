@@ -1,0 +1,96 @@
+"""NodeMarks: a persistent slot -> (index, seq) vector, checked against a dict model."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.shared import codec, node_marks
+from cluster.shared.apply import apply
+from cluster.shared.events import IndexedEvent, NodeHeartbeat
+from cluster.shared.node_marks import LEAF_SLOTS, MID_LEAVES, NodeMarks
+from cluster.shared.state import EMPTY_STATE
+
+# Slots that cross leaf (32) and middle-list (1,024) boundaries, and a far one.
+slots = st.one_of(st.integers(0, 70), st.integers(1000, 1100), st.integers(0, 5000))
+marks = st.tuples(st.integers(1, 2**62), st.integers(1, 2**62))
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), slots, marks),
+        st.tuples(st.just("many"), st.lists(st.tuples(slots, marks), max_size=20)),
+    ),
+    max_size=40,
+)
+
+
+def _expected(model: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
+    end = max(model, default=-1) + 1
+    return [model.get(slot, (0, 0)) for slot in range(end)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_every_version_keeps_its_marks(program: list[tuple[object, ...]]) -> None:
+    versions = [(NodeMarks(), dict[int, tuple[int, int]]())]
+    for op in program:
+        current, model = versions[-1]
+        model = dict(model)
+        if op[0] == "set":
+            _, slot, (idx, seq) = op
+            assert isinstance(slot, int)
+            new = current.set(slot, idx, seq)
+            model[slot] = (idx, seq)
+        else:
+            batch = op[1]
+            assert isinstance(batch, list)
+            new = current.set_many((slot, idx, seq) for slot, (idx, seq) in batch)
+            for slot, pair in batch:
+                model[slot] = pair
+        versions.append((new, model))
+    # Older versions are untouched by every later update (copy-on-write, never in place).
+    for version, model in versions:
+        assert version.pairs() == _expected(model)
+        for slot in [*model, 0, 31, 32, 1023, 1024, 6000]:
+            assert version.get(slot) == model.get(slot, (0, 0))
+            assert version.index(slot) == model.get(slot, (0, 0))[0]
+        # Built from its pairs, it is equal (capacity aside) and encodes the same.
+        rebuilt = NodeMarks(version.pairs())
+        assert rebuilt == version and hash(rebuilt) == hash(version)
+
+
+def test_set_writes_out_the_layout_constants() -> None:
+    # `NodeMarks.set` spells the shifts and masks as literals for speed: they must agree.
+    assert (LEAF_SLOTS, MID_LEAVES) == (32, 32)
+    assert node_marks._LEAF_SHIFT == 5 and node_marks._MID_SHIFT == 10
+    assert node_marks._LEAF_MASK == 31
+    m = NodeMarks().set(1024 + 32 + 5, 7, 8)
+    assert m.get(1061) == (7, 8) and m.pairs()[1061] == (7, 8) and len(m.pairs()) == 1062
+
+
+def test_equal_marks_are_equal_however_built() -> None:
+    grown = NodeMarks().set(40, 3, 1).set(40, 5, 2)
+    assert grown == NodeMarks([(0, 0)] * 40 + [(5, 2)])
+    assert grown != NodeMarks([(0, 0)] * 40 + [(5, 3)])
+    assert NodeMarks().set(3000, 1, 1).set(3000, 0, 0) == NodeMarks()  # no marks at all
+
+
+def test_negative_marks_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"marks of slot 1 are negative: \(-1, 2\)"):
+        NodeMarks([(1, 1), (-1, 2)])
+
+
+def test_state_with_bad_marks_does_not_decode() -> None:
+    state = apply(EMPTY_STATE, IndexedEvent(1, 5, "n1", 1, NodeHeartbeat(node_id="n1")))
+    doc = codec.to_builtins(state)
+    assert [list(pair) for pair in doc["last_event_by_node"]] == [[1, 1]]
+    assert codec.decode_state(codec.encode_state(state)) == state
+    for bad, message in (
+        ([[-4, 1]], "negative"),
+        ([[1, "x"]], "Expected `int`"),
+        ({"n1": [1, 1]}, "Expected `array`"),
+    ):
+        doc["last_event_by_node"] = bad
+        with pytest.raises(codec.ValidationError, match=message):
+            codec.decode_state(msgspec.msgpack.encode(doc))
