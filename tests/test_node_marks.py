@@ -87,7 +87,12 @@ def test_state_with_bad_marks_does_not_decode() -> None:
     assert [list(pair) for pair in doc["last_event_by_node"]] == [[1, 1]]
     assert codec.decode_state(codec.encode_state(state)) == state
     for bad, message in (
-        ([[-4, 1]], "negative"),
+        (
+            [[-4, 1]],
+            r"bad node marks \(Expected `int` >= 0 - at `\$\[0\]\[0\]`\)"
+            r" - at `\$.last_event_by_node`",
+        ),
+        ([[1, 2**63]], r"Expected `int` <= 9223372036854775807"),
         ([[1, "x"]], "Expected `int`"),
         ({"n1": [1, 1]}, "Expected `array`"),
     ):

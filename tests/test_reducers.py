@@ -97,6 +97,23 @@ def test_heartbeat_registers_node_and_advances_its_index() -> None:
     assert s.last_applied == 3
 
 
+def test_nodes_take_dense_slots_in_join_order_and_keep_them() -> None:
+    """A node's slot (where its marks live) is its number in join order, whether it joins by
+    its own event or by the master's NodeConnected, and survives a disconnect and rejoin."""
+    log = Log()
+    log.add(A, NodeHeartbeat(node_id=A))
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=B))  # known before it speaks
+    log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="silent"))
+    s = log.add(A, NodeHeartbeat(node_id=A))  # rejoins: same slot
+    s = log.add("C", NodeHeartbeat(node_id="C"))
+    assert [(n, s.nodes[n].slot) for n in (A, B, "C")] == [(A, 0), (B, 1), ("C", 2)]
+    assert s.last_event_by_node.pairs() == [(4, 2), (0, 0), (5, 1)]
+    assert s.last_event_index(B) == 0 and s.last_seq(B) == 0  # no event of its own yet
+    s = log.add(B, NodeHeartbeat(node_id=B))
+    assert s.last_event_index(B) == 6 and s.last_event_by_node.get(1) == (6, 1)
+    assert fold(EMPTY_STATE, log.events) == s
+
+
 def test_every_node_originated_event_advances_liveness() -> None:
     log = Log()
     log.add(A, NodeHeartbeat(node_id=A))

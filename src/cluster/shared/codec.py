@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from immutables import Map
@@ -19,6 +19,8 @@ from immutables import Map
 from cluster.shared.events import IndexedEvent
 from cluster.shared.node_marks import NodeMarks
 from cluster.shared.state import State
+
+_Mark = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -36,11 +38,13 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
         key_type, value_type = typing.get_args(tp)
         return Map(msgspec.convert(obj, dict[key_type, value_type], dec_hook=_dec_hook))  # type: ignore[valid-type]
     if tp is NodeMarks:
-        pairs = msgspec.convert(obj, list[tuple[int, int]])
+        # Each mark must fit the int64 it is stored in: checked here, so bad input is a
+        # ValidationError naming the value rather than an OverflowError from the array.
         try:
-            return NodeMarks(pairs)
-        except ValueError as exc:  # negative marks: reported as a decode error
-            raise msgspec.ValidationError(str(exc)) from None
+            return NodeMarks(msgspec.convert(obj, list[tuple[_Mark, _Mark]]))
+        except msgspec.ValidationError as exc:
+            # Raised as ValueError, msgspec reports it with the field's path.
+            raise ValueError(f"bad node marks ({exc})") from None
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 

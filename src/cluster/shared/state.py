@@ -50,7 +50,8 @@ class SelfTestResult(msgspec.Struct, frozen=True, kw_only=True):
 class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     node_id: str
     #: The node's number in join order (0, 1, ...): where `State.last_event_by_node` keeps
-    #: its marks. Dense and the same on every node that folds the same log; never reused.
+    #: its marks. Dense and the same on every node that folds the same log; never reused:
+    #: a new node takes `len(State.nodes)`, sound because no event removes a node record.
     slot: int
     info: NodeInfo
     connected: bool
