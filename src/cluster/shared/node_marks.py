@@ -27,7 +27,7 @@ unused capacity: two NodeMarks holding the same marks are equal however they wer
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Final, TypeAlias
 
 #: Slots per leaf; a leaf holds (index, seq) interleaved: 2 * 32 int64 = 512 bytes, the
@@ -90,8 +90,8 @@ class NodeMarks:
         try:
             mid = root[slot >> 10].copy()
             leaf = mid[(slot >> 5) & 31][:]
-        except IndexError:
-            return self._grown_set(slot, idx, seq)
+        except IndexError:  # past the leaves allocated so far: once per 32 nodes that join
+            return self.set_many(((slot, idx, seq),))
         offset = (slot & 31) << 1
         leaf[offset] = idx
         leaf[offset + 1] = seq
@@ -102,39 +102,21 @@ class NodeMarks:
         return new
 
     def set_many(self, marks: Iterable[tuple[int, int, int]]) -> NodeMarks:
-        """These marks with each (slot, idx, seq) applied in order; each touched leaf and
-        list is copied once (a batch's worth of events: see `apply.fold`)."""
-        root = self._root.copy()
-        private_mids: set[int] = set()  # positions in `root` whose list is already a copy
-        private_leaves: set[tuple[int, int]] = set()
+        """These marks with each (slot, idx, seq) applied in order; each touched leaf is
+        copied once (a batch's worth of events: see `apply.fold`)."""
+        # Every middle list is copied up front: a pointer per 32 nodes, once per batch.
+        root = [mid.copy() for mid in self._root]
+        copied: set[int] = set()  # leaf numbers (slot >> 5) already private to `root`
         for slot, idx, seq in marks:
-            m = slot >> _MID_SHIFT
-            i = (slot >> _LEAF_SHIFT) & 31
-            if m not in private_mids:
-                if m < len(root):
-                    root[m] = root[m].copy()
-                private_mids.add(m)
-            if (m, i) not in private_leaves:
-                leaf = _ensure_leaf(root, slot)
-                root[m][i] = leaf[:]
-                private_leaves.add((m, i))
-            leaf = root[m][i]
+            if slot >> _LEAF_SHIFT in copied:
+                leaf = root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31]
+            else:
+                leaf = _ensure_leaf(root, slot)[:]
+                root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31] = leaf
+                copied.add(slot >> _LEAF_SHIFT)
             offset = (slot & _LEAF_MASK) << 1
             leaf[offset] = idx
             leaf[offset + 1] = seq
-        new: NodeMarks = _new(NodeMarks)
-        new._root = root
-        return new
-
-    def _grown_set(self, slot: int, idx: int, seq: int) -> NodeMarks:
-        # The slot lies past the leaves allocated so far (a node's first marks): the slow
-        # path, taken once per LEAF_SLOTS nodes that join.
-        root = [mid.copy() for mid in self._root]
-        leaf = _ensure_leaf(root, slot)[:]
-        root[slot >> _MID_SHIFT][(slot >> _LEAF_SHIFT) & 31] = leaf
-        offset = (slot & _LEAF_MASK) << 1
-        leaf[offset] = idx
-        leaf[offset + 1] = seq
         new: NodeMarks = _new(NodeMarks)
         new._root = root
         return new
@@ -151,9 +133,6 @@ class NodeMarks:
         while end and flat[end - 2] == 0 and flat[end - 1] == 0:
             end -= 2
         return list(zip(flat[0:end:2], flat[1:end:2], strict=True))
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.pairs())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NodeMarks):
