@@ -37,11 +37,11 @@ SECRET = b"the-real-cluster-secret-0123456789"
 T = 10.0
 
 
-async def _hello(h: Any, peer: Any, secret: bytes) -> Any:
+async def _hello(h: Any, peer: Any, secret: bytes, version: int = PROTOCOL_VERSION) -> Any:
     """Run hello with `secret`; returns the master's final message (Welcome or ErrorMsg)."""
     fs = await nethost.open_stream(h, peer, HELLO_PROTOCOL, T)
     try:
-        await fs.send(Hello(version=PROTOCOL_VERSION, nonce=new_nonce()), T)
+        await fs.send(Hello(version=version, nonce=new_nonce()), T)
         first = await fs.recv(T)
         if not isinstance(first, Challenge):
             return first
@@ -124,6 +124,15 @@ async def test_strangers_impostors_and_bad_frames_are_refused(tmp_path: Path) ->
                 fs, SubmitBatch(events=[SeqEvent(1, NodeHeartbeat(node_id=listed_id))])
             )
             assert (await _expect_error(fs)).code == "unauthorized"
+
+            # 2b. A worker of an older protocol (which could not decode this master's state) is
+            # refused at the hello, saying which versions differ.
+            reply = await _hello(h, peer, SECRET, version=PROTOCOL_VERSION - 1)
+            assert isinstance(reply, ErrorMsg) and reply.code == "version", reply
+            assert (
+                f"protocol version {PROTOCOL_VERSION - 1} unsupported "
+                f"(this master speaks {PROTOCOL_VERSION})" in reply.message
+            )
 
             # 3. With the secret it joins, but may not speak for another node or as the master.
             reply = await _hello(h, peer, SECRET)

@@ -31,7 +31,9 @@ SUBSCRIBE_PROTOCOL: Final = "/cluster/subscribe/1.0.0"
 #: One request per stream: a host's `cluster maintenance ...` forwarded by its worker.
 REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #: 2: bulk frames may be compressed (see `framing`).
-PROTOCOL_VERSION: Final = 2
+#: 3: the state a catching-up worker receives keeps node marks by slot (snapshot format 4):
+#: an older worker could not decode it, so it is refused at the hello with a clear reason.
+PROTOCOL_VERSION: Final = 3
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

@@ -97,7 +97,12 @@ class WorkerConfig:
 
 
 class MasterRefused(Exception):
-    """The master refused this worker (not a member): retried, but logged as an error."""
+    """The master refused this worker (not a member, or another protocol version): retried,
+    but logged as an error."""
+
+
+#: Hello error codes that mean "refused", not "unreachable".
+_REFUSALS = frozenset({"unauthorized", "version"})
 
 
 class MasterUnavailable(Exception):
@@ -323,7 +328,8 @@ class Worker:
             try:
                 challenge = expect(await fs.recv(cfg.peer_timeout), Challenge)
             except ProtocolError as exc:
-                if exc.code == "unauthorized":
+                # Not a network hiccup: retrying cannot help until someone acts (an ERROR).
+                if exc.code in _REFUSALS:
                     raise MasterRefused(str(exc)) from exc
                 raise
             proof = b""
@@ -338,7 +344,7 @@ class Worker:
             try:
                 return expect(await fs.recv(cfg.peer_timeout), Welcome)
             except ProtocolError as exc:
-                if exc.code == "unauthorized":
+                if exc.code in _REFUSALS:
                     raise MasterRefused(str(exc)) from exc
                 raise
         finally:
