@@ -3,8 +3,9 @@
 Every collection keyed by node, runner, window, session or devshard is an
 `immutables.Map` (a hash array mapped trie): `set()` returns a new map sharing all but
 O(log32 n) nodes with the old one, so one event costs about the same at 10 or 10,000
-nodes (DESIGN rule 3). Records are frozen msgspec Structs; a reducer builds a new record
-with `msgspec.structs.replace` and a new state the same way.
+nodes (DESIGN rule 3). The one exception is the node marks every event moves, kept unboxed
+by node slot in a `NodeMarks` (node_marks.py). Records are frozen msgspec Structs; a reducer
+builds a new record with `msgspec.structs.replace` and a new state the same way.
 
 Nothing here is ephemeral planner bookkeeping: staleness counters and retry timers live in
 the master's planner shell, never in State (DESIGN rule 7).
