@@ -72,8 +72,12 @@ async def run_cluster(root: Path, seconds: float) -> list[tuple[str, int, str, s
                 await anyio.sleep(0.1)
             print(f"{SLOTS} runners running; serving for {seconds:g}s", flush=True)
             await anyio.sleep(seconds)
-            for worker in workers:
-                worker.stop()
+            # Workers first: each stops its runners and waits (bounded) until the master has
+            # acknowledged their last events, then disconnects.
+            async with anyio.create_task_group() as stopping:
+                for worker in workers:
+                    worker.stop()
+                    stopping.start_soon(worker.worker.wait_finished)
             master.stop()
         # Every replica is the fold of the log up to its index.
         log = list(master.store.read_from(1))

@@ -218,6 +218,16 @@ class Worker:
     async def wait_finished(self) -> None:
         await self._finished.wait()
 
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until the master has acknowledged every event emitted so
+        far; True if it has. Returns False at once when not connected (the outbox keeps them).
+        """
+        target = self.outbox.last_seq
+        with anyio.move_on_after(timeout):
+            while self.outbox.acked < target and self.connected:
+                await anyio.sleep(0.02)  # a shutdown path: polling keeps the hot path untouched
+        return self.outbox.acked >= target
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         nethost.tune_gc()
         try:

@@ -16,6 +16,7 @@ load for benchmarks). A program that embeds a worker builds a `WorkerNode` direc
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from cluster.worker.runners.base import RunnerFactory
 from cluster.worker.runners.registry import RunnerSetting, make_factory
 from cluster.worker.selftest import needs_self_test, run_self_test
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class WorkerNodeConfig:
@@ -43,6 +46,9 @@ class WorkerNodeConfig:
     runner: RunnerSetting | None = field(default_factory=RunnerSetting)
     #: Serve the host's control socket (`cluster maintenance ...` on this host).
     control_socket: bool = True
+    #: On stop, how long the runners' last events (their final work, STOPPED) may take to be
+    #: acknowledged by the master before the connection closes anyway.
+    stop_flush_timeout_s: float = 10.0
 
 
 class WorkerNode:
@@ -60,6 +66,8 @@ class WorkerNode:
         self.config = config = config or WorkerNodeConfig()
         self.manager: RunnerManager | None = None
         self._factory: RunnerFactory | None = None
+        self._stop_requested = False
+        self._stopping: anyio.Event | None = None  # made by run(): needs the event loop
         if config.runner is not None:
             self._factory = make_factory(config.runner.kind, config.runner.config)
         sources = default_sources(config.info) if config.info is not None else None
@@ -86,25 +94,59 @@ class WorkerNode:
         return self.worker.state
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve until `stop()`: connect (and reconnect) to the master, gather, run runners."""
+        """Serve until `stop()`: connect (and reconnect) to the master, gather, run runners.
+
+        Stopping is graceful: the runners stop first, while the connection is still up, and
+        their last events (STOPPING, the work they did last, STOPPED) are given up to
+        `stop_flush_timeout_s` to be acknowledged before the connection closes. Whatever is
+        not acknowledged by then stays in the outbox and is sent on the next start.
+        """
         worker = self.worker
+        self._stopping = stopping = anyio.Event()
+        if self._stop_requested:
+            stopping.set()
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
             if self.config.control_socket:
                 await tg.start(control.serve, self.data_dir, HostRelay(worker).handle)
-            if self.gatherer is not None:
-                tg.start_soon(self.gatherer.run)
-            if self.manager is not None and self._factory is not None:
-                await tg.start(self.manager.run)
-                worker.add_listener(self.manager.reconcile)
-                assert self.config.runner is not None
-                tg.start_soon(self._self_test_when_connected, self.config.runner, self._factory)
-            task_status.started()
+            tg.start_soon(self._stop_when_worker_finished, stopping)
+            # What emits events on its own: stopped before the connection, so what it says
+            # last still reaches the master.
+            async with anyio.create_task_group() as emitters:
+                if self.gatherer is not None:
+                    emitters.start_soon(self.gatherer.run)
+                if self.manager is not None and self._factory is not None:
+                    await emitters.start(self.manager.run)
+                    worker.add_listener(self.manager.reconcile)
+                    assert self.config.runner is not None
+                    emitters.start_soon(
+                        self._self_test_when_connected, self.config.runner, self._factory
+                    )
+                task_status.started()
+                await stopping.wait()
+                emitters.cancel_scope.cancel()  # the runner manager stops every runner
+            if worker.connected and not await worker.flush(self.config.stop_flush_timeout_s):
+                log.warning(
+                    "stopping with events the master has not acknowledged yet (acked %d of "
+                    "%d); they stay in the outbox for the next start",
+                    worker.outbox.acked,
+                    worker.outbox.last_seq,
+                )
+            worker.stop()
             await worker.wait_finished()
             tg.cancel_scope.cancel()
 
     def stop(self) -> None:
-        self.worker.stop()
+        """Ask `run()` to stop (runners first, then the connection); returns at once."""
+        self._stop_requested = True
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def _stop_when_worker_finished(self, stopping: anyio.Event) -> None:
+        # The connection side may end on its own (an embedding program stops `node.worker`):
+        # then the runners stop too.
+        await self.worker.wait_finished()
+        stopping.set()
 
     def close(self) -> None:
         """Close the outbox (call after `run` returned)."""

@@ -1,0 +1,68 @@
+"""A worker that stops cleanly tells the master what its runners did last."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cluster.control import SessionCreate
+from cluster.master.config import PlannerConfig
+from cluster.master.node import MasterNode, MasterNodeConfig
+from cluster.net.membership import Membership
+from cluster.shared.events import RunnerStatus, RunnerStatusUpdated
+from cluster.worker.client import WorkerConfig
+from cluster.worker.info import InfoConfig
+from cluster.worker.node import WorkerNode, WorkerNodeConfig
+
+
+@pytest.mark.anyio
+async def test_a_clean_stop_delivers_the_runners_last_events(tmp_path: Path) -> None:
+    secret = secrets.token_bytes(32)
+    master = MasterNode(
+        tmp_path / "master",
+        Membership(secret=secret),
+        MasterNodeConfig(planner=PlannerConfig(plan_interval_ms=100, epoch_length_ms=60_000)),
+    )
+    worker: WorkerNode | None = None
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                worker = WorkerNode(
+                    tmp_path / "w1",
+                    started.addrs[0],
+                    WorkerNodeConfig(
+                        client=WorkerConfig(secret=secret, heartbeat_interval=0.1),
+                        info=InfoConfig(data_dir=tmp_path / "w1", slots=1, slot_memory_mb=1024),
+                    ),
+                )
+                node = worker.node_id
+                async with anyio.create_task_group() as worker_tg:
+                    await worker_tg.start(worker.run)
+                    reply = await master.request(
+                        SessionCreate(slots=1, memory_per_slot_mb=512, name="s")
+                    )
+                    assert reply.ok, reply.message
+                    while not any(
+                        r.node_id == node and r.status is RunnerStatus.RUNNING
+                        for r in master.state.runners.values()
+                    ):
+                        await anyio.sleep(0.05)
+                    worker.stop()
+                # run() returned: the worker is stopped, the master still serves.
+                box = worker.worker.outbox
+                # Nothing left behind in the outbox: the final work report (if the runner did
+                # any since its last one) and STOPPED reached the master's log.
+                assert box.acked == box.last_seq
+                assert not any(r.node_id == node for r in master.state.runners.values())
+                mine = [ie.event for ie in master.store.read_from(1) if ie.origin == node]
+                statuses = [e.status for e in mine if isinstance(e, RunnerStatusUpdated)]
+                assert statuses[-2:] == [RunnerStatus.STOPPING, RunnerStatus.STOPPED]
+                master.stop()
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
