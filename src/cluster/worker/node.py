@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from cluster import control
 from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
+from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
 from cluster.worker.relay import HostRelay
 from cluster.worker.runner_manager import RunnerManager
@@ -34,6 +36,9 @@ from cluster.worker.runners.registry import RunnerSetting, make_factory
 from cluster.worker.selftest import needs_self_test, run_self_test
 
 log = logging.getLogger(__name__)
+
+#: How long the self-test waits for NVML to say whether this machine has GPUs.
+_GPU_PROBE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,17 +65,30 @@ class WorkerNode:
     """
 
     def __init__(
-        self, data_dir: Path, master_addr: str, config: WorkerNodeConfig | None = None
+        self,
+        data_dir: Path,
+        master_addr: str,
+        config: WorkerNodeConfig | None = None,
+        *,
+        gpu_probe: NvmlGpuProbe | None = None,
     ) -> None:
+        """`gpu_probe` replaces the NVML probe the gpu info source and the self-test use."""
         self.data_dir = data_dir
         self.config = config = config or WorkerNodeConfig()
+        # One probe for the gpu info source and the self-test: they must agree on whether
+        # this machine has GPUs (no info gathering: no GPUs reported, none assumed).
+        self._gpu_probe = (gpu_probe or NvmlGpuProbe()) if config.info is not None else None
         self.manager: RunnerManager | None = None
         self._factory: RunnerFactory | None = None
         self._stop_requested = False
         self._stopping: anyio.Event | None = None  # made by run(): needs the event loop
         if config.runner is not None:
             self._factory = make_factory(config.runner.kind, config.runner.config)
-        sources = default_sources(config.info) if config.info is not None else None
+        sources = (
+            default_sources(config.info, gpu_probe=self._gpu_probe)
+            if config.info is not None
+            else None
+        )
         self.worker = worker = Worker(data_dir, master_addr, config.client)
         try:
             self.gatherer: InfoGatherer | None = None
@@ -149,8 +167,10 @@ class WorkerNode:
         stopping.set()
 
     def close(self) -> None:
-        """Close the outbox (call after `run` returned)."""
+        """Close the outbox and NVML (call after `run` returned)."""
         self.worker.close()
+        if self._gpu_probe is not None:
+            self._gpu_probe.close()
 
     async def _self_test_when_connected(self, setting: RunnerSetting, make: RunnerFactory) -> None:
         """Once the replica has caught up: self-test the runner unless the log already holds
@@ -161,5 +181,21 @@ class WorkerNode:
             await anyio.sleep(0.2)
         if not needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
             return
-        result = await run_self_test(setting.kind, make, setting.config, node_id=worker.node_id)
+        result = await run_self_test(
+            setting.kind, make, setting.config, node_id=worker.node_id, gpu=await self._has_gpu()
+        )
         worker.emit(result)
+
+    async def _has_gpu(self) -> bool:
+        """Does this node report GPUs (so GPU sessions may be placed here)? Read in a thread,
+        bounded: NVML is a C library that a sick driver can hang."""
+        probe = self._gpu_probe
+        if probe is None:
+            return False
+        with anyio.move_on_after(_GPU_PROBE_TIMEOUT_S):
+            gpus = await anyio.to_thread.run_sync(probe.read, abandon_on_cancel=True)
+            return bool(gpus)
+        log.warning(
+            "no GPU answer within %gs: self-testing as a node without GPUs", _GPU_PROBE_TIMEOUT_S
+        )
+        return False

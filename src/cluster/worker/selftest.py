@@ -1,10 +1,11 @@
 """The runner self-test a worker runs on join and whenever its runner setting changes.
 
 It builds one runner for a throw-away slot, loads it, probes its health, sends it one probe
-request, and stops it, timing each step (monotonic clock: these are measurements that travel
-inside the event, never decisions). A node is eligible for placement only once its latest
-`RunnerSelfTestCompleted` passed. On failure the reason names the step and why, e.g.
-"health probe timed out after 5s" or "load: model file not found".
+request, checks it is still up a moment later (`survive_s`), and stops it, timing each step
+(monotonic clock: these are measurements that travel inside the event, never decisions). A
+node is eligible for placement only once its latest `RunnerSelfTestCompleted` passed. On
+failure the reason names the step and why, e.g. "health probe timed out after 5s" or "load:
+model file not found".
 
 A runner that takes no requests (`RequestsNotSupported`) passes with the request step
 skipped (request_ms = 0): there is nothing to probe.
@@ -41,10 +42,14 @@ class SelfTestTimeouts:
     stop_s: float = 30.0
     #: How long a failed step waits for a dying runner's own account of why it died.
     settle_s: float = 1.0
+    #: How long the runner must stay up after passing its probes: a command that starts and
+    #: dies at once (a bad flag, a missing device) can answer a health probe in between.
+    survive_s: float = 1.0
 
 
-def self_test_spec(node_id: str) -> RunnerSpec:
-    """The throw-away slot a self-test runner serves."""
+def self_test_spec(node_id: str, gpu: bool = False) -> RunnerSpec:
+    """The throw-away slot a self-test runner serves; `gpu` as a GPU session's slot would be
+    (a node with GPUs is tested the way it will serve GPU sessions: `CLUSTER_GPU=1`)."""
     return RunnerSpec(
         runner_id="selftest/0",
         node_id=node_id,
@@ -52,7 +57,7 @@ def self_test_spec(node_id: str) -> RunnerSpec:
         session_id="selftest",
         slot=0,
         memory_mb=0,
-        gpu=False,
+        gpu=gpu,
         epoch=0,
         ends_ms=0,
     )
@@ -75,10 +80,14 @@ async def run_self_test(
     config: Mapping[str, Any],
     *,
     node_id: str,
+    gpu: bool = False,
     timeouts: SelfTestTimeouts = SelfTestTimeouts(),
     clock: Callable[[], float] = time.monotonic,
 ) -> RunnerSelfTestCompleted:
-    """Self-test one runner setting; never raises for a runner's failure (it is the result)."""
+    """Self-test one runner setting; never raises for a runner's failure (it is the result).
+
+    `gpu`: the node has GPUs, so the test slot is a GPU slot (see `self_test_spec`).
+    """
     timings = {"load": 0, "probe": 0, "request": 0}
     failure = ""
     runner: Runner | None = None
@@ -128,7 +137,7 @@ async def run_self_test(
 
     try:
         try:
-            runner = factory(self_test_spec(node_id))
+            runner = factory(self_test_spec(node_id, gpu))
         except Exception as exc:
             raise _StepFailed(f"create: {describe_error(exc)}") from None
         await timed("load", "load", timeouts.load_s, runner.load)
@@ -136,6 +145,8 @@ async def run_self_test(
             tg.start_soon(run_in_background, runner)
             try:
                 await probe(runner)
+                with anyio.move_on_after(timeouts.survive_s):
+                    await run_ended.wait()
             except _StepFailed:
                 # A runner dying under the test explains the failed step better than the
                 # step does: give its run() a moment to say why.

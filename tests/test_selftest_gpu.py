@@ -1,0 +1,125 @@
+"""A node with GPUs self-tests its runner as a GPU slot (`CLUSTER_GPU=1`), as it will serve.
+
+A GPU command that insists on `CLUSTER_GPU=1` passes the self-test on a node whose NVML lists
+a GPU, and fails it (with the command's own exit) on a node without one. NVML is faked: the
+worker's real probe code runs against an object with pynvml's functions.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import anyio
+import pytest
+
+from cluster.master.config import PlannerConfig
+from cluster.master.node import MasterNode, MasterNodeConfig
+from cluster.net.membership import Membership
+from cluster.shared.state import SelfTestResult
+from cluster.worker.client import WorkerConfig
+from cluster.worker.gpu import NvmlGpuProbe
+from cluster.worker.info import InfoConfig
+from cluster.worker.node import WorkerNode, WorkerNodeConfig
+from cluster.worker.runners.registry import RunnerSetting
+
+# Serves until stdin ends, but only as a GPU slot: exit 3 otherwise, like a CUDA server.
+GPU_ONLY = (
+    "import os, sys\n"
+    "if os.environ.get('CLUSTER_GPU') != '1':\n"
+    "    print('needs a GPU slot, got CLUSTER_GPU=' + repr(os.environ.get('CLUSTER_GPU')),\n"
+    "          file=sys.stderr)\n"
+    "    sys.exit(3)\n"
+    "sys.stdin.read()\n"
+)
+
+
+class _FakeNvml:
+    """pynvml's functions, answering for `count` GPUs."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> str:
+        return "NVIDIA H100"
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return f"GPU-{handle}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(total=80 * 1024**3, free=80 * 1024**3, used=0)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=0)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return 40
+
+
+async def _self_test_of(tmp_path: Path, gpus: int) -> SelfTestResult:
+    secret = secrets.token_bytes(32)
+    master = MasterNode(
+        tmp_path / "master",
+        Membership(secret=secret),
+        MasterNodeConfig(planner=PlannerConfig(plan_interval_ms=100)),
+    )
+    worker: WorkerNode | None = None
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                worker = WorkerNode(
+                    tmp_path / "w",
+                    started.addrs[0],
+                    WorkerNodeConfig(
+                        client=WorkerConfig(secret=secret, heartbeat_interval=0.1),
+                        info=InfoConfig(data_dir=tmp_path / "w", slots=1, slot_memory_mb=1024),
+                        runner=RunnerSetting(
+                            kind="subprocess",
+                            config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2},
+                        ),
+                    ),
+                    gpu_probe=NvmlGpuProbe(_FakeNvml(gpus)),
+                )
+                await tg.start(worker.run)
+                node = worker.node_id
+                while (rec := master.state.nodes.get(node)) is None or rec.self_test is None:
+                    await anyio.sleep(0.05)
+                worker.stop()
+                await worker.worker.wait_finished()
+                master.stop()
+        return rec.self_test
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
+
+
+@pytest.mark.anyio
+async def test_a_node_with_a_gpu_self_tests_a_gpu_slot(tmp_path: Path) -> None:
+    result = await _self_test_of(tmp_path, gpus=1)
+    assert result.passed, result.reason
+
+
+@pytest.mark.anyio
+async def test_a_node_without_a_gpu_self_tests_a_plain_slot(tmp_path: Path) -> None:
+    result = await _self_test_of(tmp_path, gpus=0)
+    assert not result.passed
+    expected = "exited with code 3: needs a GPU slot, got CLUSTER_GPU='0'"
+    assert expected in result.reason, result.reason
