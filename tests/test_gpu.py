@@ -7,12 +7,14 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from cluster.shared.events import GpuInfo
+from cluster.worker import gpu as gpu_module
 from cluster.worker.gpu import NvmlGpuProbe
 
 
@@ -232,3 +234,30 @@ def test_real_memory_used_agrees_with_nvidia_smi() -> None:
     for b, a in zip(before, after, strict=True):
         low, high = min(b.memory_used_mb, a.memory_used_mb), max(b.memory_used_mb, a.memory_used_mb)
         assert low - slack <= smi[b.uuid] <= high + slack, (b, a, smi[b.uuid])
+
+
+def test_close_does_not_wait_for_a_hung_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stops even when NVML hangs: close() gives up on a read still in the driver."""
+    monkeypatch.setattr(gpu_module, "_CLOSE_WAIT_S", 0.1)
+    nvml = _RecordingNvml()
+    entered, release = threading.Event(), threading.Event()
+
+    def hung_count() -> int:
+        entered.set()
+        release.wait(30)
+        return 2
+
+    probe = NvmlGpuProbe(nvml)
+    probe.read()  # initialised
+    nvml.nvmlDeviceGetCount = hung_count  # type: ignore[method-assign]
+    reader = threading.Thread(target=probe.read)
+    reader.start()
+    try:
+        assert entered.wait(10)
+        probe.close()  # returns although the read holds the probe
+        assert nvml.shutdown_calls == 0
+    finally:
+        release.set()
+        reader.join(10)
+    probe.close()  # once the read is over, NVML is shut down
+    assert nvml.shutdown_calls == 1

@@ -23,6 +23,8 @@ from cluster.shared.events import GpuInfo
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+#: How long `close()` waits for a read in progress.
+_CLOSE_WAIT_S = 2.0
 
 
 class NvmlGpuProbe:
@@ -53,13 +55,20 @@ class NvmlGpuProbe:
             return tuple(_read_device(nvml, index) for index in range(count))
 
     def close(self) -> None:
-        with self._lock:
+        # A read abandoned in a hung driver call still holds the lock: do not wait for it
+        # forever at shutdown (the process exit releases NVML anyway).
+        if not self._lock.acquire(timeout=_CLOSE_WAIT_S):
+            log.info("NVML busy (a read is still running): not shutting it down")
+            return
+        try:
             if self._initialised and self._nvml is not None:
                 try:
                     self._nvml.nvmlShutdown()
                 except Exception as exc:  # shutting down a sick driver must not crash the worker
                     log.info("NVML shutdown failed: %s", exc)
             self._initialised = False
+        finally:
+            self._lock.release()
 
     def _ensure_initialised(self) -> Any | None:
         if self._initialised:
