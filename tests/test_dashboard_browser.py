@@ -21,8 +21,11 @@ from typing import Any
 
 import pytest
 import webdriver
-from cluster_procs import wait_until
+from cluster_procs import read_log, wait_until
 from cluster_scenarios import Deadline
+
+from cluster.shared.apply import fold
+from cluster.shared.state import EMPTY_STATE
 
 pytestmark = [
     pytest.mark.slow,
@@ -161,6 +164,11 @@ def test_dashboard_shows_every_node_and_follows_a_kill(tmp_path: Path) -> None:
     assert "cluster demo: stopped" in _demo_output(out_path)
     for name, pid in pids.items():
         assert not _alive(pid), f"{name} (pid {pid}) outlived the demo"
+    # The demo stops workers before the master: each hands its runners' last events (STOPPED)
+    # over first, so no surviving worker's runner is left live in the log.
+    final = fold(EMPTY_STATE, read_log(root / "master"))
+    survivors = set(ids.values()) - {victim}
+    assert not [r for r in final.runners.values() if r.node_id in survivors], final.runners
 
 
 def _node_id(worker_log: Path, timeout: float) -> str:

@@ -3,7 +3,8 @@
 Everything lives in one data directory (a fresh temporary one unless `--data-dir` is given):
 `master/` (log, snapshots, master.addr, digest.json), `worker-K/` (node.key, outbox,
 digest.json), `cluster.secret`, and each process's output in `logs/`. Ctrl-C or SIGTERM (or
-`--duration`) stops the children (SIGTERM, then SIGKILL after a grace period); exit code 0.
+`--duration`) stops the children, workers first and then the master (SIGTERM, then SIGKILL
+after a grace period); exit code 0.
 """
 
 from __future__ import annotations
@@ -61,18 +62,23 @@ def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO
 
 
 def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> None:
-    for _, proc, _ in reversed(children):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    for name, proc, out in reversed(children):
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"{name} did not stop within {GRACE_S:g} s: killing it", flush=True)
-            proc.kill()
-            proc.wait()
-        out.close()
+    # Workers first, then the master: a stopping worker stops its runners and hands their
+    # last events (final work, STOPPED) to the master before it disconnects.
+    workers = [child for child in children if child[0] != "master"]
+    masters = [child for child in children if child[0] == "master"]
+    for group in (workers, masters):
+        for _, proc, _ in group:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_S
+        for name, proc, out in group:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop within {GRACE_S:g} s: killing it", flush=True)
+                proc.kill()
+                proc.wait()
+            out.close()
 
 
 def _http_default() -> str:
