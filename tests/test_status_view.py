@@ -8,6 +8,7 @@ from test_node_status import MIN, T0, Log
 
 from cluster.shared.events import (
     EpochSettled,
+    GpuInfo,
     MaintenanceCancelled,
     MaintenanceStarted,
     NodeDisconnected,
@@ -24,11 +25,29 @@ from cluster.shared.status_view import (
     ClusterStatus,
     cluster_status,
     from_json,
+    gpu_summary,
     render_text,
     to_json,
 )
 
 LONG_ID = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+
+
+def _gpu(index: int, name: str, total_mb: int, used_mb: int, busy: int | None) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        name=name,
+        uuid=f"GPU-{index}",
+        memory_total_mb=total_mb,
+        memory_used_mb=used_mb,
+        utilization_pct=busy,
+    )
+
+
+H100S = (
+    _gpu(0, "NVIDIA H100 80GB HBM3", 81_559, 2_048, 60),
+    _gpu(1, "NVIDIA H100 80GB HBM3", 81_559, 1_024, None),
+)
 
 
 def busy_cluster() -> Log:
@@ -41,6 +60,9 @@ def busy_cluster() -> Log:
             T0,
             NodeGatheredInfo(node_id=node, source="cpu", info=NodeInfo(hostname=host, slots=4)),
         )
+    log.add(
+        "node-a", T0, NodeGatheredInfo(node_id="node-a", source="gpu", info=NodeInfo(gpus=H100S))
+    )
     log.joined(LONG_ID)  # self-testing
     log.joined("node-e").tested("node-e").master(
         T0, NodeDisconnected(node_id="node-e", reason="no events for 3 cycles")
@@ -93,6 +115,21 @@ def test_cluster_status_has_every_node_with_its_status() -> None:
     assert status.counts["serving"] == 2
     assert status.counts["maintenance"] == 1
     assert sum(status.counts.values()) == len(status.nodes) == 5
+
+
+def test_nodes_show_their_gpus_in_a_few_words() -> None:
+    status = cluster_status(busy_cluster().state, NOW)
+    by_id = {n.node_id: n for n in status.nodes}
+    # Utilization is averaged over the GPUs that report it; memory is summed.
+    assert by_id["node-a"].gpus == "2x H100 80GB HBM3, 3.0/159 GiB used, 60%"
+    assert by_id["node-b"].gpus == ""  # no GPUs reported
+    assert "[GPUs: 2x H100 80GB HBM3, 3.0/159 GiB used, 60%]" in " ".join(
+        render_text(status, width=200).split()
+    )
+    mixed = (_gpu(0, "NVIDIA A10", 23_028, 0, None), *H100S, _gpu(3, "NVIDIA A10", 23_028, 0, None))
+    assert gpu_summary(mixed) == "2x A10 + 2x H100 80GB HBM3, 3.0/204 GiB used, 60%"
+    assert gpu_summary((_gpu(0, "", 1024, 0, None),)) == "1x GPU, 0.0/1 GiB used"
+    assert gpu_summary(()) == gpu_summary(None) == ""
 
 
 def test_epoch_sessions_windows_ledgers() -> None:

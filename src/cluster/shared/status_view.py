@@ -17,6 +17,7 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.events import GpuInfo
 from cluster.shared.humanize import (
     format_count,
     format_duration,
@@ -62,6 +63,8 @@ class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
     #: Slots the node offers (from its info) and slots it holds in live devshards.
     slots_offered: int
     slots_used: int
+    #: Its GPUs in a few words (`gpu_summary`); "" when it reports none.
+    gpus: str
     devshards: tuple[str, ...]
     #: Index of the last event the node originated (0: none yet).
     last_event_idx: int
@@ -172,6 +175,7 @@ def cluster_status(
                 log_level=st.log_level,
                 slots_offered=(info.slots if info is not None else None) or 0,
                 slots_used=st.slots,
+                gpus=gpu_summary(info.gpus if info is not None else None),
                 devshards=st.devshards,
                 last_event_idx=state.last_event_index(st.node_id),
                 events_behind=lag.get(st.node_id),
@@ -341,6 +345,28 @@ _LABELS: Final[Mapping[NodeState, str]] = {
 }
 
 
+def gpu_summary(gpus: Sequence[GpuInfo] | None) -> str:
+    """A node's GPUs in a few words: "2x H100 80GB HBM3 + 1x A10, 3.1/182 GiB used, 87%"
+    (models counted, memory summed, utilization averaged over the GPUs that report it); ""
+    when it reports none."""
+    if not gpus:
+        return ""
+    models: dict[str, int] = {}
+    for gpu in gpus:
+        name = gpu.name.removeprefix("NVIDIA ").strip() or "GPU"
+        models[name] = models.get(name, 0) + 1
+    used = sum(g.memory_used_mb for g in gpus) / 1024
+    total = sum(g.memory_total_mb for g in gpus) / 1024
+    parts = [
+        " + ".join(f"{n}x {name}" for name, n in models.items()),
+        f"{used:.1f}/{total:.0f} GiB used",
+    ]
+    busy = [g.utilization_pct for g in gpus if g.utilization_pct is not None]
+    if busy:
+        parts.append(f"{round(sum(busy) / len(busy))}%")
+    return ", ".join(parts)
+
+
 def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
     """Aligned tables for a terminal `width` columns wide (the last column wraps)."""
     now = status.now_ms
@@ -364,7 +390,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
                 n.hostname or "-",
                 _LABELS[n.status],
                 f"{n.slots_used}/{n.slots_offered}",
-                n.message,
+                n.message + (f" [GPUs: {n.gpus}]" if n.gpus else ""),
             )
             for n in status.nodes
         ],
