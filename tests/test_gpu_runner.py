@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from test_runner_manager import Emitted as ManagerEvents
 
 from cluster.master.config import PlannerConfig
 from cluster.master.epochs import epoch_record, next_epoch
@@ -252,29 +253,11 @@ async def test_a_gpu_session_is_placed_on_the_node_reporting_the_real_gpu(
 # --------------------------------------------------------------------------------------------
 
 
-class Emitted:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def statuses(self, runner_id: str) -> list[RunnerStatus]:
-        return [
-            e.status
-            for e in self.events
-            if isinstance(e, RunnerStatusUpdated) and e.runner_id == runner_id
-        ]
+class Emitted(ManagerEvents):
+    """What the runner manager emitted (test_runner_manager's recorder), with failure reasons."""
 
     def reasons(self) -> list[str]:
         return [e.reason for e in self.events if isinstance(e, RunnerStatusUpdated) and e.reason]
-
-    def work(self, devshard_id: str) -> int:
-        return sum(
-            e.units
-            for e in self.events
-            if isinstance(e, WorkReported) and e.devshard_id == devshard_id
-        )
 
 
 async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -14,15 +14,11 @@ from types import SimpleNamespace
 
 import anyio
 import pytest
+from embedded_nodes import fast_master, fast_worker
 
-from cluster.master.config import PlannerConfig
-from cluster.master.node import MasterNode, MasterNodeConfig
-from cluster.net.membership import Membership
 from cluster.shared.state import SelfTestResult
-from cluster.worker.client import WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
-from cluster.worker.info import InfoConfig
-from cluster.worker.node import WorkerNode, WorkerNodeConfig
+from cluster.worker.node import WorkerNode
 from cluster.worker.runners.registry import RunnerSetting
 
 # Serves until stdin ends, but only as a GPU slot: exit 3 otherwise, like a CUDA server.
@@ -74,26 +70,19 @@ class _FakeNvml:
 
 async def _self_test_of(tmp_path: Path, gpus: int) -> SelfTestResult:
     secret = secrets.token_bytes(32)
-    master = MasterNode(
-        tmp_path / "master",
-        Membership(secret=secret),
-        MasterNodeConfig(planner=PlannerConfig(plan_interval_ms=100)),
-    )
+    master = fast_master(tmp_path / "master", secret)
     worker: WorkerNode | None = None
     try:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 started = await tg.start(master.run)
-                worker = WorkerNode(
+                worker = fast_worker(
                     tmp_path / "w",
                     started.addrs[0],
-                    WorkerNodeConfig(
-                        client=WorkerConfig(secret=secret, heartbeat_interval=0.1),
-                        info=InfoConfig(data_dir=tmp_path / "w", slots=1, slot_memory_mb=1024),
-                        runner=RunnerSetting(
-                            kind="subprocess",
-                            config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2},
-                        ),
+                    secret,
+                    runner=RunnerSetting(
+                        kind="subprocess",
+                        config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2},
                     ),
                     gpu_probe=NvmlGpuProbe(_FakeNvml(gpus)),
                 )

@@ -7,38 +7,23 @@ from pathlib import Path
 
 import anyio
 import pytest
+from embedded_nodes import fast_master, fast_worker
 
 from cluster.control import SessionCreate
-from cluster.master.config import PlannerConfig
-from cluster.master.node import MasterNode, MasterNodeConfig
-from cluster.net.membership import Membership
 from cluster.shared.events import RunnerStatus, RunnerStatusUpdated
-from cluster.worker.client import WorkerConfig
-from cluster.worker.info import InfoConfig
-from cluster.worker.node import WorkerNode, WorkerNodeConfig
+from cluster.worker.node import WorkerNode
 
 
 @pytest.mark.anyio
 async def test_a_clean_stop_delivers_the_runners_last_events(tmp_path: Path) -> None:
     secret = secrets.token_bytes(32)
-    master = MasterNode(
-        tmp_path / "master",
-        Membership(secret=secret),
-        MasterNodeConfig(planner=PlannerConfig(plan_interval_ms=100, epoch_length_ms=60_000)),
-    )
+    master = fast_master(tmp_path / "master", secret, epoch_length_ms=60_000)
     worker: WorkerNode | None = None
     try:
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 started = await tg.start(master.run)
-                worker = WorkerNode(
-                    tmp_path / "w1",
-                    started.addrs[0],
-                    WorkerNodeConfig(
-                        client=WorkerConfig(secret=secret, heartbeat_interval=0.1),
-                        info=InfoConfig(data_dir=tmp_path / "w1", slots=1, slot_memory_mb=1024),
-                    ),
-                )
+                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
                 node = worker.node_id
                 async with anyio.create_task_group() as worker_tg:
                     await worker_tg.start(worker.run)
