@@ -60,13 +60,18 @@ def test_every_version_keeps_its_marks(program: list[tuple[object, ...]]) -> Non
         assert rebuilt == version and hash(rebuilt) == hash(version)
 
 
-def test_set_writes_out_the_layout_constants() -> None:
-    # `NodeMarks.set` spells the shifts and masks as literals for speed: they must agree.
+def test_slot_paths_agree_with_the_layout() -> None:
+    # `NodeMarks.set` looks each slot's path up in a table instead of computing it: the
+    # table must say what the layout does, and grow (by whole middle lists) as slots do.
     assert (LEAF_SLOTS, MID_LEAVES) == (32, 32)
-    assert node_marks._LEAF_SHIFT == 5 and node_marks._MID_SHIFT == 10
-    assert node_marks._LEAF_MASK == 31
     m = NodeMarks().set(1024 + 32 + 5, 7, 8)
     assert m.get(1061) == (7, 8) and m.pairs()[1061] == (7, 8) and len(m.pairs()) == 1062
+    far = 5 * 1024 + 77
+    NodeMarks().set(far, 1, 1)
+    paths = node_marks._PATHS
+    assert len(paths) % 1024 == 0 and len(paths) > far
+    for slot in (0, 1, 31, 32, 1023, 1024, 1061, far, len(paths) - 1):
+        assert paths[slot] == (slot // 1024, slot // 32 % 32, slot % 32 * 2)
 
 
 def test_equal_marks_are_equal_however_built() -> None:
