@@ -41,7 +41,7 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.reducers import epochs, maintenance, nodes, runners
-from cluster.shared.state import State
+from cluster.shared.state import NodeRecord, State
 
 _replace = msgspec.structs.replace
 _heartbeat = nodes.node_heartbeat
@@ -108,7 +108,12 @@ def apply(state: State, ie: IndexedEvent) -> State:
     # The index and time are set before the reducer runs (reducers read them from the event,
     # never from state), so most events cost one State copy.
     node_map = state.nodes
-    rec = node_map.get(origin)
+    try:
+        # Subscript, not `.get()`: immutables' get() is a varargs call that builds an
+        # argument tuple; the key is missing only once per node (its first event).
+        rec: NodeRecord | None = node_map[origin]
+    except KeyError:
+        rec = None
     if rec is None or not rec.connected:
         # A new or disconnected node (re)joins with its event: before the reducer, which
         # reads whether the node exists and is connected.

@@ -11,7 +11,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.shared.state import EpochLedger, RunnerRecord, State
+from cluster.shared.state import EMPTY_NODE_LEDGER, EpochLedger, RunnerRecord, State
 
 _replace = msgspec.structs.replace
 
@@ -55,34 +55,39 @@ def _ledger(state: State, epoch: int) -> EpochLedger:
 def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     if ev.units <= 0:
         return state
-    ledger = _ledger(state, ev.epoch)
-    per_unit = ledger.rates.get(ev.devshard_id)
+    # One of the commonest events: lookups are written out here rather than through the
+    # `_ledger` and `EpochLedger.node` helpers (a call each, on every report).
+    ledgers = state.ledgers
+    ledger = ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
+    devshard_id = ev.devshard_id
+    per_unit = ledger.rates.get(devshard_id)
     if per_unit is None:
-        shard = state.devshards.get(ev.devshard_id)
+        shard = state.devshards.get(devshard_id)
         session = state.sessions.get(shard.session_id) if shard is not None else None
         per_unit = session.reward_per_unit if session is not None else 1
-    account = ledger.node(ev.node_id)
+    node_id = ev.node_id
+    units = ev.units
+    nodes = ledger.nodes
+    account = nodes.get(node_id, EMPTY_NODE_LEDGER)
     if ledger.settled:
         # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
         account = _replace(
             account,
-            late_units=account.late_units + ev.units,
-            late_reward=account.late_reward + ev.units * per_unit,
+            late_units=account.late_units + units,
+            late_reward=account.late_reward + units * per_unit,
         )
-        ledger = ledger.with_node(ev.node_id, account)
+        ledger = ledger.with_node(node_id, account)
     else:
         by_shard = account.units_by_devshard
         account = _replace(
             account,
-            units=account.units + ev.units,
-            reward=account.reward + ev.units * per_unit,
-            units_by_devshard=by_shard.set(
-                ev.devshard_id, by_shard.get(ev.devshard_id, 0) + ev.units
-            ),
+            units=account.units + units,
+            reward=account.reward + units * per_unit,
+            units_by_devshard=by_shard.set(devshard_id, by_shard.get(devshard_id, 0) + units),
         )
         # On-time work leaves late work as it was: the late-work index needs no look.
-        ledger = _replace(ledger, nodes=ledger.nodes.set(ev.node_id, account))
-    return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
+        ledger = _replace(ledger, nodes=nodes.set(node_id, account))
+    return _replace(state, ledgers=ledgers.set(ev.epoch, ledger))
 
 
 def work_missed(state: State, ie: IndexedEvent, ev: WorkMissed) -> State:
