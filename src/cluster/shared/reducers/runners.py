@@ -28,14 +28,18 @@ def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdate
     # A re-placed slot keeps its runner id (devshard/slot) on its new node. The node that
     # lost it may still report on its own runner -- stopping it, or late, after being cut
     # off -- and that must not overwrite or delete the new holder's record.
-    held = state.runners.get(ev.runner_id)
+    runners = state.runners
+    try:  # subscript, not a varargs `.get()` call: most reports are on a known runner
+        held: RunnerRecord | None = runners[ev.runner_id]
+    except KeyError:
+        held = None
     if held is not None and held.node_id != ev.node_id and not _holds_slot(state, ev):
         return state
     if ev.status is RunnerStatus.STOPPED:
         # A stopped runner is history (the log keeps it); state keeps only live runners.
         if held is None:
             return state
-        return _replace(state, runners=state.runners.delete(ev.runner_id))
+        return _replace(state, runners=runners.delete(ev.runner_id))
     rec = RunnerRecord(
         runner_id=ev.runner_id,
         node_id=ev.node_id,
@@ -45,7 +49,7 @@ def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdate
         reason=ev.reason,
         updated_ms=ie.master_time_ms,
     )
-    return _replace(state, runners=state.runners.set(ev.runner_id, rec))
+    return _replace(state, runners=runners.set(ev.runner_id, rec))
 
 
 def _ledger(state: State, epoch: int) -> EpochLedger:
