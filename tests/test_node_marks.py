@@ -60,18 +60,31 @@ def test_every_version_keeps_its_marks(program: list[tuple[object, ...]]) -> Non
         assert rebuilt == version and hash(rebuilt) == hash(version)
 
 
-def test_slot_paths_agree_with_the_layout() -> None:
-    # `NodeMarks.set` looks each slot's path up in a table instead of computing it: the
-    # table must say what the layout does, and grow (by whole middle lists) as slots do.
+def test_addresses_agree_with_the_layout() -> None:
+    # `apply` writes marks by the address a node record carries (`set_at`), other code by
+    # slot (`set`): both must reach the same place, whatever boundaries the slot crosses.
     assert (LEAF_SLOTS, MID_LEAVES) == (32, 32)
     m = NodeMarks().set(1024 + 32 + 5, 7, 8)
     assert m.get(1061) == (7, 8) and m.pairs()[1061] == (7, 8) and len(m.pairs()) == 1062
-    far = 5 * 1024 + 77
-    NodeMarks().set(far, 1, 1)
-    paths = node_marks._PATHS
-    assert len(paths) % 1024 == 0 and len(paths) > far
-    for slot in (0, 1, 31, 32, 1023, 1024, 1061, far, len(paths) - 1):
-        assert paths[slot] == (slot // 1024, slot // 32 % 32, slot % 32 * 2)
+    for slot in (0, 1, 31, 32, 1023, 1024, 1061, 5 * 1024 + 77, 262_143):
+        where = node_marks.address(slot)
+        assert where == (slot // 1024, slot // 32 % 32, slot % 32 * 2)
+        assert node_marks.slot_at(*where) == slot
+        assert NodeMarks().set_at(*where, 9, 4) == NodeMarks().set(slot, 9, 4)
+        assert NodeMarks().set_at(*where, 9, 4).get(slot) == (9, 4)
+    # Within the first 262,144 slots every part is one of CPython's cached small integers.
+    assert all(part <= 256 for part in node_marks.address(262_143))
+
+
+def test_apply_keeps_marks_where_the_record_says() -> None:
+    state = EMPTY_STATE
+    for i in range(1, 1100):  # a second middle list
+        node = f"n{i}"
+        state = apply(state, IndexedEvent(i, i, node, 1, NodeHeartbeat(node_id=node)))
+    rec = state.nodes["n1099"]
+    assert rec.slot == 1098
+    assert (rec.marks_mid, rec.marks_leaf, rec.marks_offset) == node_marks.address(1098)
+    assert state.last_event_index("n1099") == 1099 and state.last_seq("n1099") == 1
 
 
 def test_equal_marks_are_equal_however_built() -> None:
@@ -104,3 +117,21 @@ def test_state_with_bad_marks_does_not_decode() -> None:
         doc["last_event_by_node"] = bad
         with pytest.raises(codec.ValidationError, match=message):
             codec.decode_state(msgspec.msgpack.encode(doc))
+
+
+def test_record_with_a_wrong_marks_address_does_not_decode() -> None:
+    # The address is derived from the slot: a state where they disagree (a damaged or forged
+    # snapshot or catch-up state) would put the node's marks in another node's place.
+    state = apply(EMPTY_STATE, IndexedEvent(1, 5, "n1", 1, NodeHeartbeat(node_id="n1")))
+    doc = codec.to_builtins(state)
+    assert doc["nodes"]["n1"]["marks_offset"] == 0
+    doc["nodes"]["n1"]["marks_offset"] = 2
+    with pytest.raises(
+        codec.ValidationError,
+        match=r"node 'n1': marks address \(0, 0, 2\) does not match slot 0 "
+        r"\(expected \(0, 0, 0\)\)",
+    ):
+        codec.decode_state(msgspec.msgpack.encode(doc))
+    del doc["nodes"]["n1"]["marks_offset"]  # a record from before format 5
+    with pytest.raises(codec.ValidationError, match="missing required field `marks_offset`"):
+        codec.decode_state(msgspec.msgpack.encode(doc))

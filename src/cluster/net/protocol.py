@@ -33,7 +33,8 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #: 2: bulk frames may be compressed (see `framing`).
 #: 3: the state a catching-up worker receives keeps node marks by slot (snapshot format 4):
 #: an older worker could not decode it, so it is refused at the hello with a clear reason.
-PROTOCOL_VERSION: Final = 3
+#: 4: node records in that state carry their marks address (snapshot format 5).
+PROTOCOL_VERSION: Final = 4
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

@@ -122,7 +122,9 @@ def apply(state: State, ie: IndexedEvent) -> State:
     elif reducer is _heartbeat:  # the commonest event: nothing else to do
         return _replace(
             state,
-            last_event_by_node=state.last_event_by_node.set(rec.slot, ie.idx, ie.seq),
+            last_event_by_node=state.last_event_by_node.set_at(
+                rec.marks_mid, rec.marks_leaf, rec.marks_offset, ie.idx, ie.seq
+            ),
             last_applied=ie.idx,
             last_time_ms=ie.master_time_ms,
         )
@@ -135,7 +137,9 @@ def apply(state: State, ie: IndexedEvent) -> State:
     state = _replace(
         state,
         nodes=node_map,
-        last_event_by_node=state.last_event_by_node.set(rec.slot, ie.idx, ie.seq),
+        last_event_by_node=state.last_event_by_node.set_at(
+            rec.marks_mid, rec.marks_leaf, rec.marks_offset, ie.idx, ie.seq
+        ),
         last_applied=ie.idx,
         last_time_ms=ie.master_time_ms,
     )

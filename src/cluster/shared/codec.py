@@ -17,7 +17,7 @@ import msgspec
 from immutables import Map
 
 from cluster.shared.events import IndexedEvent
-from cluster.shared.node_marks import NodeMarks
+from cluster.shared.node_marks import NodeMarks, address
 from cluster.shared.state import State
 
 _Mark = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -73,7 +73,18 @@ def encode_state(state: State) -> bytes:
 
 
 def decode_state(data: bytes | memoryview) -> State:
-    return _state_decoder.decode(data)
+    """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
+    including a node record whose marks address does not match its slot."""
+    state = _state_decoder.decode(data)
+    for rec in state.nodes.values():
+        expected = address(rec.slot)
+        if (rec.marks_mid, rec.marks_leaf, rec.marks_offset) != expected:
+            raise ValidationError(
+                f"node {rec.node_id!r}: marks address ({rec.marks_mid}, {rec.marks_leaf}, "
+                f"{rec.marks_offset}) does not match slot {rec.slot} "
+                f"(expected ({expected.mid}, {expected.leaf}, {expected.offset}))"
+            )
+    return state
 
 
 def state_digest(state: State) -> str:

@@ -15,13 +15,15 @@ leaves gives copy-on-write updates: replacing one node's marks copies one 512-by
 short root list. That costs the same at 10 or 10,000 nodes, and up to about 64,000 nodes,
 where the root list reaches 64 entries (its copy grows by a pointer per 1,024 nodes).
 
-Counted with cachegrind, an update is ~4,000 machine instructions, most of them the
-interpreter's; the two cheap-looking things that were not are gone: computing a slot's path
-(five integer operations CPython 3.11 does not specialize: ~700 instructions) is a table
-look-up (`_PATHS`), and a new version is made by object's C initializer (`_Made`), not
-`object.__new__` (~300 fewer). Measured and dropped: a chain of pending updates flushed into
-the leaves every 32 events (no fewer instructions in order, more at random), and leaves of
-Python ints (cheaper writes, but a copy touches 64 cold objects).
+Counted with cachegrind (bench/apply_cost.py), an update is ~4,000 machine instructions,
+most of them the interpreter's. Two cheap-looking steps were not cheap and are gone:
+computing a slot's path (five integer operations CPython 3.11 does not specialize: ~700
+instructions) -- `apply` passes the address each node record carries instead (`set_at`) --
+and `object.__new__` for the new version (`_Made` is made by object's C initializer, ~300
+fewer). Measured and dropped: a chain of pending updates flushed into the leaves every 32
+events (no fewer instructions in order, more at random); leaves of Python ints (cheaper
+writes, but a copy touches 64 cold objects); a shared table of paths by slot (fewer
+instructions, but two more cold objects per event at 10,000 nodes: the slot and its path).
 
 Lists, not tuples, because a list copy plus an item assignment is the cheapest copy in
 CPython; a published list or leaf is never mutated (only fresh copies are written before
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 #: Slots per leaf; a leaf holds (index, seq) interleaved: 2 * 32 int64 = 512 bytes, the
 #: largest block CPython's small-object allocator serves (a larger copy costs a malloc).
@@ -51,29 +53,24 @@ _EMPTY_LEAF: Final[array[int]] = array("q", bytes(16 * LEAF_SLOTS))
 _Leaf: TypeAlias = "array[int]"  # array('q') of 2 * LEAF_SLOTS int64
 _Mid: TypeAlias = "list[_Leaf]"
 
-#: (middle list, leaf, offset of the index in the leaf) of each slot, for slots 0 up to a
-#: multiple of 1,024 (one full middle list). `set` looks a path up instead of computing it:
-#: one list index in place of five integer operations, which CPython 3.11 does not
-#: specialize (about 700 machine instructions a call, more than copying the leaf).
-#: Extended by `_ensure_leaf`, by rebinding to a longer list, never by appending, so that
-#: a thread reading it meanwhile always sees a whole, correct table. 72 bytes a slot.
-_PATHS: list[tuple[int, int, int]] = []
+
+class MarksAddress(NamedTuple):
+    """Where a slot's marks live: middle list, leaf in it, offset of the index in the leaf."""
+
+    mid: int
+    leaf: int
+    offset: int
 
 
-def _cover(slot: int) -> None:
-    """Extend `_PATHS` to cover `slot`."""
-    global _PATHS
-    paths = _PATHS
-    if slot < len(paths):
-        return
-    end = (slot >> _MID_SHIFT) + 1 << _MID_SHIFT
-    _PATHS = paths + [
-        (s >> _MID_SHIFT, (s >> _LEAF_SHIFT) & _LEAF_MASK, (s & _LEAF_MASK) << 1)
-        for s in range(len(paths), end)
-    ]
+def address(slot: int) -> MarksAddress:
+    """The address of `slot`'s marks. Its parts are below 257, CPython's cached small
+    integers, for the first 262,144 slots (offset and leaf always are; see `set_at`)."""
+    return MarksAddress(slot >> _MID_SHIFT, (slot >> _LEAF_SHIFT) & 31, (slot & _LEAF_MASK) << 1)
 
 
-_cover(0)
+def slot_at(mid: int, leaf: int, offset: int) -> int:
+    """The slot whose marks live at this address (the inverse of `address`)."""
+    return (mid << _MID_SHIFT) | (leaf << _LEAF_SHIFT) | (offset >> 1)
 
 
 class NodeMarks:
@@ -114,17 +111,23 @@ class NodeMarks:
 
     def set(self, slot: int, idx: int, seq: int) -> NodeMarks:
         """These marks with `slot`'s replaced: copies one leaf and the lists above it."""
-        # Every event runs this, so every step counts: the slot's path is looked up, not
-        # computed (see `_PATHS`), and each list is assigned as soon as it is copied.
+        mid, leaf, offset = address(slot)
+        return self.set_at(mid, leaf, offset, idx, seq)
+
+    def set_at(self, mid: int, leaf: int, offset: int, idx: int, seq: int) -> NodeMarks:
+        """`set` for the slot at this `address`: what `apply` calls on every node event,
+        with the address a node's record carries (`NodeRecord.marks_mid` ...), so it reads
+        no slot number: three small integers are shared objects always in cache, where a
+        slot above 256 is an object of its own, cold at 10,000 nodes (bench/apply_cost.py:
+        ~2 L2 misses per event fewer at 10,000 nodes, the same instructions)."""
         try:
-            m, leaf_no, offset = _PATHS[slot]
             root = self._root.copy()
-            root[m] = mid = root[m].copy()
-            mid[leaf_no] = leaf = mid[leaf_no][:]
+            root[mid] = mids = root[mid].copy()
+            mids[leaf] = values = mids[leaf][:]
         except IndexError:  # past the leaves allocated so far: once per 32 nodes that join
-            return self.set_many(((slot, idx, seq),))
-        leaf[offset] = idx
-        leaf[offset + 1] = seq
+            return self.set_many(((slot_at(mid, leaf, offset), idx, seq),))
+        values[offset] = idx
+        values[offset + 1] = seq
         new: NodeMarks = _Made()
         new._root = root
         return new
@@ -187,7 +190,6 @@ def _ensure_leaf(root: list[_Mid], slot: int) -> _Leaf:
     """The leaf of `slot`, appending empty lists and leaves to `root` (and to the list of
     `slot`) up to it. Whatever it appends to must be private to the caller: `root` itself,
     and the list of `slot` if that exists already."""
-    _cover(slot)
     m = slot >> _MID_SHIFT
     while len(root) <= m:
         root.append([])

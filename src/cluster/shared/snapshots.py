@@ -30,7 +30,8 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #: 2: node marks moved from NodeRecord to State.last_event_by_node.
 #: 3: NodeRecord.hello_idx (every NodeConnected sets it; older snapshots lack it).
 #: 4: node marks by slot (NodeRecord.slot, State.last_event_by_node as NodeMarks).
-SNAPSHOT_VERSION: Final = 4
+#: 5: NodeRecord.marks_mid/marks_leaf/marks_offset (the marks address, derived from slot).
+SNAPSHOT_VERSION: Final = 5
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

@@ -54,6 +54,13 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     #: its marks. Dense and the same on every node that folds the same log; never reused:
     #: a new node takes `len(State.nodes)`, sound because no event removes a node record.
     slot: int
+    #: Where `State.last_event_by_node` keeps this node's marks (`node_marks.address(slot)`),
+    #: stored rather than computed: `apply` updates the marks on every event, and these are
+    #: small integers, shared objects always in cache, where the slot itself is an object of
+    #: its own above 256, cold at 10,000 nodes. Derived from `slot`: checked on decode.
+    marks_mid: int
+    marks_leaf: int
+    marks_offset: int
     info: NodeInfo
     connected: bool
     #: Index of the first event this node (or the master about it) contributed.

@@ -14,6 +14,7 @@ from cluster.shared.events import (
     NodeInfo,
     RunnerSelfTestCompleted,
 )
+from cluster.shared.node_marks import address
 from cluster.shared.state import EpochLedger, NodeRecord, SelfTestResult, State
 
 _replace = msgspec.structs.replace
@@ -58,15 +59,25 @@ def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: i
     slot, `node_count` (the number of nodes the state knows).
     """
     if rec is None:
-        return NodeRecord(
-            node_id=node_id,
-            slot=node_count,
-            info=NodeInfo(),
-            connected=True,
-            joined_idx=ie.idx,
-            joined_ms=ie.master_time_ms,
-        )
+        return new_record(node_id, node_count, ie)
     return _replace(rec, connected=True, joined_idx=ie.idx, joined_ms=ie.master_time_ms)
+
+
+def new_record(node_id: str, slot: int, ie: IndexedEvent, hello_idx: int = 0) -> NodeRecord:
+    """The record of a node the state meets for the first time, connected by `ie`."""
+    mid, leaf, offset = address(slot)
+    return NodeRecord(
+        node_id=node_id,
+        slot=slot,
+        marks_mid=mid,
+        marks_leaf=leaf,
+        marks_offset=offset,
+        info=NodeInfo(),
+        connected=True,
+        joined_idx=ie.idx,
+        joined_ms=ie.master_time_ms,
+        hello_idx=hello_idx,
+    )
 
 
 def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
@@ -78,15 +89,7 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
     rec = state.nodes.get(node_id)
     if rec is None:
         # Known to the master before it spoke: no event of its own yet.
-        rec = NodeRecord(
-            node_id=node_id,
-            slot=len(state.nodes),
-            info=NodeInfo(),
-            connected=True,
-            joined_idx=ie.idx,
-            joined_ms=ie.master_time_ms,
-            hello_idx=ie.idx,
-        )
+        rec = new_record(node_id, len(state.nodes), ie, hello_idx=ie.idx)
     elif not rec.connected:
         rec = _replace(
             rec,
