@@ -68,6 +68,20 @@ class Proc:
         return int(self.popen.returncode)
 
 
+def process_alive(pid: int) -> bool:
+    """Is `pid` a live process? A zombie counts as dead: it has exited, only its parent (gone,
+    or not reaping it yet) still holds its exit status."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def start_master(
     data_dir: Path, log_dir: Path, *extra: str, listen: str = "/ip4/127.0.0.1/tcp/0"
 ) -> tuple[Proc, str]:

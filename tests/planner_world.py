@@ -88,6 +88,10 @@ class World:
         for node_id in node_ids:
             self.add(node_id, NodeHeartbeat(node_id=node_id))
 
+    def heartbeat_all(self, *except_: str) -> None:
+        """A heartbeat from every known node but `except_`: keeps them live for the planner."""
+        self.heartbeat(*(n for n in self.state.nodes if n not in except_))
+
     def session(
         self,
         session_id: str,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import webdriver
-from cluster_procs import read_log, wait_until
+from cluster_procs import process_alive, read_log, wait_until
 from cluster_scenarios import Deadline
 
 from cluster.shared.apply import fold
@@ -163,7 +163,7 @@ def test_dashboard_shows_every_node_and_follows_a_kill(tmp_path: Path) -> None:
     assert code == 0, _demo_output(out_path)
     assert "cluster demo: stopped" in _demo_output(out_path)
     for name, pid in pids.items():
-        assert not _alive(pid), f"{name} (pid {pid}) outlived the demo"
+        assert not process_alive(pid), f"{name} (pid {pid}) outlived the demo"
     # The demo stops workers before the master: each hands its runners' last events (STOPPED)
     # over first, so no surviving worker's runner is left live in the log.
     final = fold(EMPTY_STATE, read_log(root / "master"))
@@ -182,16 +182,3 @@ def _node_id(worker_log: Path, timeout: float) -> str:
 
     line: str = wait_until(first_line, timeout, f"{worker_log.name} to show a node id")
     return line.split()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes: its parent (the demo) is gone and init reaps it.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False

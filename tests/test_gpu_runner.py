@@ -14,7 +14,6 @@ placement plus the worker's local shell.
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from cluster_procs import process_alive
 from test_runner_manager import Emitted as ManagerEvents
 
 from cluster.master.config import PlannerConfig
@@ -300,14 +300,6 @@ def compute_apps() -> str:
     return (out.stdout + out.stderr).strip()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.gpu
 @pytest.mark.anyio
 async def test_the_placed_gpu_slot_runs_a_cuda_subprocess_runner_seen_in_telemetry(
@@ -393,7 +385,7 @@ async def test_the_placed_gpu_slot_runs_a_cuda_subprocess_runner_seen_in_telemet
         await until(lambda: manager.statuses() == {}, 90, "the runner is stopped")
         tg.cancel_scope.cancel()
 
-    assert not _alive(pid)
+    assert not process_alive(pid)
     after = await until_memory(
         gpu_probe,
         lambda used: used <= before + RELEASE_SLACK_MIB,

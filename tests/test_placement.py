@@ -316,10 +316,6 @@ def _busy_world(nodes: int = 12, sessions: int = 6) -> tuple[World, Planner]:
     return world, Planner(quick_config())
 
 
-def _alive(world: World, *except_: str) -> None:
-    world.heartbeat(*(n for n in world.state.nodes if n not in except_))
-
-
 def _assignments(world: World) -> dict[str, tuple[SlotAssignment, ...]]:
     return {
         world.state.devshards[ds].session_id: world.state.devshards[ds].assignments
@@ -333,7 +329,7 @@ def test_devshards_stick_to_last_epochs_nodes() -> None:
     before = _assignments(world)
     assert len(before) == 6
     for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
-        _alive(world)
+        world.heartbeat_all()
         world.cycle(planner)
     assert world.state.epoch is not None and world.state.epoch.epoch == 2
     assert _assignments(world) == before  # a new seed, yet no needless reloads
@@ -349,7 +345,7 @@ def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> N
     assert epoch is not None
     world.window(leaving, start_ms=epoch.end_ms + 1_000, duration_ms=60_000)
     for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
-        _alive(world)
+        world.heartbeat_all()
         world.cycle(planner)
     after = _assignments(world)
     for sid, old in before.items():
@@ -367,7 +363,7 @@ def test_lost_node_slots_are_replaced_and_only_those_move() -> None:
     victim = before["s0"][0].node_id
     replaced: list[DevshardPlaced] = []
     for _ in range(CFG.stale_cycles + 1):
-        _alive(world, victim)
+        world.heartbeat_all(victim)
         replaced += [
             e for e in of_type(world.cycle(planner), DevshardPlaced) if e.reason == "replace"
         ]
@@ -393,7 +389,7 @@ def test_node_entering_maintenance_loses_its_slots() -> None:
     world.cycle(planner)
     victim = _assignments(world)["s0"][0].node_id
     world.window(victim, start_ms=world.now + 1, duration_ms=600_000)
-    _alive(world)
+    world.heartbeat_all()
     events = world.cycle(planner)
     moved = [e for e in of_type(events, DevshardPlaced) if e.reason == "replace"]
     assert moved and all(a.node_id != victim for e in moved for a in e.assignments)
@@ -408,18 +404,18 @@ def test_replacement_without_room_keeps_survivors_and_fills_the_gap_later() -> N
     world.cycle(planner)
     assert len(world.state.devshards["ds-1-s"].assignments) == 3
     for _ in range(CFG.stale_cycles + 1):
-        _alive(world, "c")
+        world.heartbeat_all("c")
         events = world.cycle(planner)
     shard = world.state.devshards["ds-1-s"]
     assert sorted(a.node_id for a in shard.assignments) == ["a", "b"]
     reason = world.state.sessions["s"].unplaced_reason
     assert reason.startswith("devshard ds-1-s has 1 of 3 slot(s) unassigned: needs 1 slot(s)")
     # The reason is not repeated every cycle while nothing changes.
-    _alive(world, "c")
+    world.heartbeat_all("c")
     assert world.cycle(planner) == []
     # A new node with room appears: the gap is filled in the next cycle.
     world.node("d", slots=2)
-    _alive(world, "c")
+    world.heartbeat_all("c")
     events = world.cycle(planner)
     (placed,) = of_type(events, DevshardPlaced)
     assert placed.reason == "replace"

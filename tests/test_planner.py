@@ -45,10 +45,6 @@ def _cluster(nodes: int = 6, sessions: int = 3, slots: int = 2) -> World:
     return world
 
 
-def _alive(world: World, *except_: str) -> None:
-    world.heartbeat(*(n for n in world.state.nodes if n not in except_))
-
-
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
@@ -121,9 +117,9 @@ def test_epoch_turn_emits_decisions_in_order_and_consistently() -> None:
     holders = {a.node_id for ds in world.state.devshards.values() for a in ds.assignments}
     for _ in range(CYCLES_PER_EPOCH - 1):
         silent = ["n0"] if world.now >= epoch.end_ms - 3_000 else []
-        _alive(world, *silent)
+        world.heartbeat_all(*silent)
         world.cycle(planner)
-    _alive(world, "n0")
+    world.heartbeat_all("n0")
     events = world.cycle(planner)
     kinds = [type(e).__name__ for e in events]
     order = [
@@ -168,7 +164,7 @@ def test_maintenance_hook_runs_after_liveness_and_its_node_loses_its_slots() -> 
         return []
 
     planner = Planner(CFG, maintenance_cycle=hook)
-    _alive(world)
+    world.heartbeat_all()
     events = world.cycle(planner)
     assert calls == [(calls[0][0], world.now)]
     assert isinstance(events[0], MaintenanceStarted)
@@ -200,9 +196,9 @@ def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> Non
     grace = cfg.failed_slot_grace_ms
     # While the worker may still be restarting it, the slot stays where it is.
     while world.now + cfg.plan_interval_ms < failed_at + grace:
-        _alive(world)
+        world.heartbeat_all()
         assert of_type(world.cycle(planner), DevshardPlaced) == []
-    _alive(world)
+    world.heartbeat_all()
     events = world.cycle(planner)
     assert world.now - failed_at >= grace
     (moved,) = of_type(events, DevshardPlaced)
@@ -217,7 +213,7 @@ def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> Non
     assert world.state.ledgers[1].nodes[victim].misses == 1
     # Said once: the slot is another node's now, and the stale FAILED record is not its.
     for _ in range(3):
-        _alive(world)
+        world.heartbeat_all()
         assert world.cycle(planner) == []
 
 
@@ -227,7 +223,7 @@ def test_session_created_mid_epoch_is_placed_next_cycle_and_unplaced_said_once()
     world.cycle(planner)
     world.session("fits", slots=2)
     world.session("huge", slots=10)
-    _alive(world)
+    world.heartbeat_all()
     events = world.cycle(planner)
     (placed,) = of_type(events, DevshardPlaced)
     epoch = world.state.epoch
@@ -237,7 +233,7 @@ def test_session_created_mid_epoch_is_placed_next_cycle_and_unplaced_said_once()
     assert unplaced.session_id == "huge"
     assert world.state.sessions["huge"].unplaced_reason == unplaced.reason
     for _ in range(3):
-        _alive(world)
+        world.heartbeat_all()
         assert world.cycle(planner) == []
 
 
@@ -248,12 +244,12 @@ def test_deleted_session_keeps_its_devshard_until_the_end_then_is_gone() -> None
     world.master([SessionDeleted(session_id="s0")])
     victim = world.state.devshards["ds-1-s0"].assignments[0].node_id
     for _ in range(CFG.stale_cycles + 1):
-        _alive(world, victim)
+        world.heartbeat_all(victim)
         events = world.cycle(planner)
         assert of_type(events, DevshardPlaced) == []  # nothing re-placed for a deleted session
     assert "ds-1-s0" in world.state.devshards
     for _ in range(CYCLES_PER_EPOCH):
-        _alive(world)
+        world.heartbeat_all()
         world.cycle(planner)
     assert world.state.devshards.get("ds-1-s0") is None
     assert len(world.state.devshards) == 0
@@ -272,7 +268,7 @@ def test_planner_entropy_is_asked_only_when_an_epoch_starts() -> None:
     (started,) = of_type(events, EpochStarted)
     assert started.seed == derive_seed(0, 1, 42)
     for _ in range(5):
-        _alive(world)
+        world.heartbeat_all()
         world.cycle(planner)
     assert len(asked) == 1
 
@@ -283,7 +279,7 @@ def test_same_log_same_decisions_and_replay_gives_the_same_state() -> None:
         planner = Planner(CFG)
         produced: list[Event] = []
         for i in range(CYCLES_PER_EPOCH + 10):
-            _alive(world, *(["n3"] if 20 <= i < 30 else []))
+            world.heartbeat_all(*(["n3"] if 20 <= i < 30 else []))
             produced += world.cycle(planner)
         return produced, world
 
@@ -324,7 +320,7 @@ def test_invariants_hold_after_every_cycle(
             node = f"n{n}"
             if at == cycle and node not in world.state.open_window_by_node:
                 world.window(node, start_ms=world.now + 2_000, duration_ms=20_000)
-        _alive(world, *quiet)
+        world.heartbeat_all(*quiet)
         world.cycle(planner)
         state = world.state
         epoch = state.epoch
