@@ -38,23 +38,33 @@ def node_id(i: int) -> str:
     return f"12D3KooWNode{i:06d}"
 
 
-def make_events(nodes: int, count: int, first_idx: int) -> list[IndexedEvent]:
+def make_events(nodes: int, count: int, first_idx: int, start: int = 0) -> list[IndexedEvent]:
+    """Events `start` .. `start + count - 1` of one endless round-robin stream over the nodes,
+    indexed from `first_idx`. Every runner report is a change (RUNNING and READY alternate):
+    `apply` leaves a repeated identical report alone, and a bench of those would flatter it."""
+    reports: dict[int, int] = {}  # node number -> runner reports of it so far in the stream
     out: list[IndexedEvent] = []
-    for j in range(count):
-        n = node_id(j % nodes)
+    for j in range(start + count):
+        k = j % nodes
         kind = j % 8
+        if kind == 6:
+            seen = reports.get(k, 0)
+            reports[k] = seen + 1
+        if j < start:
+            continue
+        n = node_id(k)
         ev: object
         if kind < 5:
             ev = NodeHeartbeat(node_id=n)
         elif kind == 5:
             ev = NodeGatheredInfo(node_id=n, source="cpu", info=NodeInfo(cpu_percent=j % 100))
         elif kind == 6:
-            ev = RunnerStatusUpdated(
-                runner_id=f"ds-1/{j % nodes}", node_id=n, status=RunnerStatus.RUNNING
-            )
+            status = RunnerStatus.RUNNING if seen % 2 == 0 else RunnerStatus.READY
+            ev = RunnerStatusUpdated(runner_id=f"ds-1/{k}", node_id=n, status=status)
         else:
             ev = WorkReported(devshard_id="ds-1", node_id=n, units=1, epoch=1)
-        out.append(IndexedEvent(first_idx + j, j, n, first_idx + j, ev))  # type: ignore[arg-type]
+        idx = first_idx + j - start
+        out.append(IndexedEvent(idx, j, n, idx, ev))  # type: ignore[arg-type]
     return out
 
 
@@ -144,7 +154,7 @@ def main() -> None:
     # of whichever size happened to run during it.
     cases = {}
     for n in SIZES:
-        events = make_events(n, args.events, n + 1)
+        events = make_events(n, args.events, n + 1, start=n)  # continues seeded_state's
         cases[n] = (seeded_state(n), events, naive_seeded(n), events[: args.naive_events])
     rounds: dict[int, list[tuple[float, float, float]]] = {n: [] for n in SIZES}
     for _ in range(args.rounds):

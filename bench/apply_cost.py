@@ -48,15 +48,15 @@ def child(nodes: int, count: int, replaced: int | None, measure: bool) -> None:
     """Build, warm up and (if `measure`) apply the events once more: run under cachegrind."""
     gc.disable()
     state = seeded_state(nodes)
-    events = make_events(nodes, count, nodes + 1)
+    events = make_events(nodes, count, nodes + 1, start=nodes)
     if replaced is not None:
         events = [
             IndexedEvent(
                 ie.idx, ie.master_time_ms, ie.origin, ie.seq, NodeHeartbeat(node_id=ie.origin)
             )
-            if j % 8 == replaced
+            if ie.master_time_ms % 8 == replaced  # apply_bench's time is the event's j
             else ie
-            for j, ie in enumerate(events)
+            for ie in events
         ]
     s = state
     for ie in events:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -212,6 +213,24 @@ def test_runner_lifecycle_keeps_live_runners_only() -> None:
     assert s.runners["d/0"].reason == "exit code 3"
     s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.STOPPED))
     assert "d/0" not in s.runners
+
+
+def test_a_repeated_runner_report_keeps_when_the_status_changed() -> None:
+    # updated_ms is when the status last changed: the planner's grace for a failed slot
+    # counts from it, so a report repeated later must not restart that count.
+    log = Log()
+    failed = RunnerStatusUpdated(
+        runner_id="d/0", node_id=A, status=RunnerStatus.FAILED, reason="exit code 3"
+    )
+    first = log.add(A, failed, at_ms=1_000)
+    again = log.add(A, failed, at_ms=9_000)
+    assert again.runners["d/0"] is first.runners["d/0"]
+    assert again.runners["d/0"].updated_ms == 1_000
+    # Any difference is a change: another reason moves it.
+    s = log.add(A, msgspec.structs.replace(failed, reason="exit code 4"), at_ms=12_000)
+    assert (s.runners["d/0"].reason, s.runners["d/0"].updated_ms) == ("exit code 4", 12_000)
+    # The repeat still counts as the node's liveness (every node event does).
+    assert s.last_event_index(A) == 3
 
 
 def test_a_slots_former_holder_cannot_touch_the_new_holders_runner() -> None:

@@ -34,7 +34,9 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #: 3: the state a catching-up worker receives keeps node marks by slot (snapshot format 4):
 #: an older worker could not decode it, so it is refused at the hello with a clear reason.
 #: 4: node records in that state carry their marks address (snapshot format 5).
-PROTOCOL_VERSION: Final = 4
+#: 5: repeated identical runner reports leave RunnerRecord.updated_ms (snapshot format 6): an
+#:    older worker would fold the same log to a different state (its digest would disagree).
+PROTOCOL_VERSION: Final = 5
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

@@ -31,7 +31,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #: 3: NodeRecord.hello_idx (every NodeConnected sets it; older snapshots lack it).
 #: 4: node marks by slot (NodeRecord.slot, State.last_event_by_node as NodeMarks).
 #: 5: NodeRecord.marks_mid/marks_leaf/marks_offset (the marks address, derived from slot).
-SNAPSHOT_VERSION: Final = 5
+#: 6: a repeated identical RunnerStatusUpdated no longer moves RunnerRecord.updated_ms
+#:    (an older snapshot may hold a later time than this build's fold of the same log).
+SNAPSHOT_VERSION: Final = 6
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

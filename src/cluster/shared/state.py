@@ -91,6 +91,8 @@ class RunnerRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     devshard_id: str
     slot: int
     reason: str
+    #: master_time_ms of the report that last changed this record (a repeated identical
+    #: report leaves it): for a FAILED runner, when it failed.
     updated_ms: int
 
 

@@ -35,6 +35,17 @@ def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdate
         held = None
     if held is not None and held.node_id != ev.node_id and not _holds_slot(state, ev):
         return state
+    if (
+        held is not None
+        and held.status is ev.status
+        and held.node_id == ev.node_id
+        and held.reason == ev.reason
+        and held.devshard_id == ev.devshard_id
+        and held.slot == ev.slot
+    ):
+        # A repeated report changes nothing, not even `updated_ms`: that is when the status
+        # last *changed*, and the planner counts a failed slot's grace from it.
+        return state
     if ev.status is RunnerStatus.STOPPED:
         # A stopped runner is history (the log keeps it); state keeps only live runners.
         if held is None:
