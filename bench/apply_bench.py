@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from cluster.shared.apply import apply, fold
 from cluster.shared.events import (
+    Event,
     IndexedEvent,
     NodeGatheredInfo,
     NodeHeartbeat,
@@ -53,7 +54,7 @@ def make_events(nodes: int, count: int, first_idx: int, start: int = 0) -> list[
         if j < start:
             continue
         n = node_id(k)
-        ev: object
+        ev: Event
         if kind < 5:
             ev = NodeHeartbeat(node_id=n)
         elif kind == 5:
@@ -64,7 +65,7 @@ def make_events(nodes: int, count: int, first_idx: int, start: int = 0) -> list[
         else:
             ev = WorkReported(devshard_id="ds-1", node_id=n, units=1, epoch=1)
         idx = first_idx + j - start
-        out.append(IndexedEvent(idx, j, n, idx, ev))  # type: ignore[arg-type]
+        out.append(IndexedEvent(idx, j, n, idx, ev))
     return out
 
 
@@ -132,6 +133,13 @@ def bench_apply(state: State, events: Sequence[IndexedEvent]) -> Callable[[], ob
     return run
 
 
+def bench_fold(state: State, events: Sequence[IndexedEvent]) -> Callable[[], object]:
+    def run() -> State:
+        return fold(state, events)
+
+    return run
+
+
 def bench_naive(state: NaiveState, events: Sequence[IndexedEvent]) -> Callable[[], object]:
     def run() -> NaiveState:
         s = state
@@ -162,7 +170,7 @@ def main() -> None:
             rounds[n].append(
                 (
                     rate(bench_apply(state, events), len(events), repeats=1),
-                    rate(lambda s=state, e=events: fold(s, e), len(events), repeats=1),
+                    rate(bench_fold(state, events), len(events), repeats=1),
                     rate(bench_naive(naive_state, naive_events), len(naive_events), repeats=1),
                 )
             )

@@ -188,7 +188,10 @@ async def test_a_hung_source_never_silences_the_others(caplog: pytest.LogCapture
     recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
     assert len(recovered) == 1 and "'disk' recovered after" in recovered[0]
     assert all(r.levelno <= logging.WARNING for r in caplog.records)
-    counts = [e.info.cpu_percent for e in emitted.from_source("counter")]
+    counts: list[float] = []
+    for e in emitted.from_source("counter"):
+        assert e.info.cpu_percent is not None
+        counts.append(e.info.cpu_percent)
     assert counts == sorted(counts)  # in order, each reading once
     assert all(isinstance(e, NodeGatheredInfo) and e.node_id == NODE for e in emitted.events)
 

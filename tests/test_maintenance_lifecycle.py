@@ -15,7 +15,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.excuse import is_excused, may_take_work
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import WindowState
+from cluster.shared.state import MaintenanceWindow, WindowState
 
 A, B, C = (node_id(n) for n in range(1, 4))
 OPERATOR = "12D3KooWOperatorKey0001"
@@ -29,7 +29,7 @@ def cluster(policy: MaintenancePolicy | None = None) -> Log:
     return log
 
 
-def window(log: Log, window_id: str) -> mt.MaintenanceWindow:
+def window(log: Log, window_id: str) -> MaintenanceWindow:
     return log.state.windows[window_id]
 
 
@@ -71,12 +71,13 @@ def test_cycle_orders_by_window_id_and_catches_up_after_a_master_pause() -> None
     w_a = log.schedule_ok(A, start, 2 * HOUR)
     log.now = start + HOUR  # the master was down through the drain, the start and B's end
     events = log.cycle()
+    expected: list[MaintenanceStarted | MaintenanceOverrun] = [
+        MaintenanceStarted(window_id=w_a, node_id=A),
+        MaintenanceStarted(window_id=w_b, node_id=B),
+        MaintenanceOverrun(window_id=w_b, node_id=B),
+    ]
     assert events == sorted(
-        [
-            MaintenanceStarted(window_id=w_a, node_id=A),
-            MaintenanceStarted(window_id=w_b, node_id=B),
-            MaintenanceOverrun(window_id=w_b, node_id=B),
-        ],
+        expected,
         key=lambda e: (e.window_id, type(e) is MaintenanceOverrun),
     )
     assert window(log, w_a).state is WindowState.ACTIVE

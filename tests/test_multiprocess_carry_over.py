@@ -9,6 +9,7 @@ starts at `ready` -- never `pending` or `loading`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def _statuses(log: MasterLog, runner_id: str, node_id: str) -> list[RunnerStatus
     ]
 
 
+def _passed_on(node_id: str) -> Callable[[RunnerSelfTestCompleted], bool]:
+    return lambda e: e.node_id == node_id and e.passed
+
+
+def _running(runner_id: str) -> Callable[[RunnerStatusUpdated], bool]:
+    return lambda e: e.runner_id == runner_id and e.status is RunnerStatus.RUNNING
+
+
 def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
     budget = Deadline(120)
     logs = tmp_path / "logs"
@@ -56,7 +65,7 @@ def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
         for node_id in ids:  # both eligible before the session is placed, so it spreads
             log.wait_for(
                 RunnerSelfTestCompleted,
-                lambda e, node_id=node_id: e.node_id == node_id and e.passed,
+                _passed_on(node_id),
                 budget.left(60),
                 f"{node_id}'s runner self-test",
             )
@@ -74,7 +83,7 @@ def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
             rid = runner_id_for(first.devshard_id, a.slot)
             log.wait_for(
                 RunnerStatusUpdated,
-                lambda e, rid=rid: e.runner_id == rid and e.status is RunnerStatus.RUNNING,
+                _running(rid),
                 budget.left(30),
                 f"{rid} running",
             )
@@ -88,7 +97,7 @@ def test_runners_are_carried_over_across_an_epoch_turn(tmp_path: Path) -> None:
             rid = runner_id_for(second.devshard_id, a.slot)
             log.wait_for(
                 RunnerStatusUpdated,
-                lambda e, rid=rid: e.runner_id == rid and e.status is RunnerStatus.RUNNING,
+                _running(rid),
                 budget.left(30),
                 f"{rid} running",
             )

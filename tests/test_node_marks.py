@@ -38,8 +38,10 @@ def test_every_version_keeps_its_marks(program: list[tuple[object, ...]]) -> Non
         current, model = versions[-1]
         model = dict(model)
         if op[0] == "set":
-            _, slot, (idx, seq) = op
-            assert isinstance(slot, int)
+            _, slot, pair = op
+            assert isinstance(slot, int) and isinstance(pair, tuple)
+            idx, seq = pair
+            assert isinstance(idx, int) and isinstance(seq, int)
             new = current.set(slot, idx, seq)
             model[slot] = (idx, seq)
         else:

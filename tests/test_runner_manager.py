@@ -51,7 +51,7 @@ class Cluster:
         self.seq: dict[str, int] = {}
 
     def add(self, origin: str, *events: Event) -> State:
-        batch = []
+        batch: list[IndexedEvent] = []
         for event in events:
             self.seq[origin] = self.seq.get(origin, 0) + 1
             idx = self.state.last_applied + len(batch) + 1
@@ -410,7 +410,11 @@ async def test_a_failed_runner_is_restarted_while_its_slot_stays_assigned() -> N
         tg.cancel_scope.cancel()
     attempt = [S.PENDING, S.LOADING, S.FAILED]
     assert emitted.statuses("d1/0") == [*attempt, *attempt, *FULL_LIFE]
-    reasons = [e.reason for e in emitted.events if getattr(e, "status", None) is S.FAILED]
+    reasons = [
+        e.reason
+        for e in emitted.events
+        if isinstance(e, RunnerStatusUpdated) and e.status is S.FAILED
+    ]
     assert reasons == ["load: out of memory (attempt 1)", "load: out of memory (attempt 2)"]
     assert factory.built == 3
 

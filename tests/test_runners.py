@@ -517,7 +517,9 @@ def test_runner_setting_file(tmp_path: Path) -> None:
 
 def test_config_digest_tracks_the_setting() -> None:
     a: Mapping[str, Any] = {"load_s": 1, "units_per_s": 2}
-    assert config_digest("simulated", a) == config_digest("simulated", dict(reversed(a.items())))
+    assert config_digest("simulated", a) == config_digest(
+        "simulated", dict(reversed(list(a.items())))
+    )
     assert config_digest("simulated", a) != config_digest("simulated", {**a, "load_s": 2})
     assert config_digest("simulated", a) != config_digest("subprocess", a)
     assert len(config_digest("simulated", a)) == 64

@@ -93,6 +93,7 @@ async def _self_test_of(tmp_path: Path, gpus: int) -> SelfTestResult:
                 worker.stop()
                 await worker.worker.wait_finished()
                 master.stop()
+        assert rec is not None and rec.self_test is not None
         return rec.self_test
     finally:
         if worker is not None:
