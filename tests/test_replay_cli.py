@@ -18,8 +18,10 @@ from cluster.shared.events import (
     EpochStarted,
     IndexedEvent,
     MaintenanceScheduled,
+    NodeConnected,
     NodeDisconnected,
     NodeGatheredInfo,
+    NodeHeartbeat,
     NodeInfo,
     SessionRequested,
     WorkReported,
@@ -102,7 +104,28 @@ def test_digest_only_json_and_log_dir_path(
     assert doc["last_applied"] == 12 and sorted(doc["nodes"]) == [
         f"12D3KooWNode{i}" for i in range(4)
     ]
+    # Each node's marks under its own id (its last event: the work report at 3 + 2i).
+    assert doc["last_event_by_node"] == {
+        f"12D3KooWNode{i}": [3 + 2 * i, 3 + 2 * i] for i in range(4)
+    }
     assert err.strip() == f"digest: {digest}"
+
+
+def test_state_json_keys_the_marks_by_node_id() -> None:
+    # B is known from the master's NodeConnected only: no event of its own yet.
+    state = fold(
+        EMPTY_STATE,
+        [
+            IndexedEvent(1, T0, "node-a", 1, NodeHeartbeat(node_id="node-a")),
+            IndexedEvent(2, T0, MASTER_ORIGIN, 1, NodeConnected(node_id="node-b")),
+            IndexedEvent(3, T0, "node-a", 2, NodeHeartbeat(node_id="node-a")),
+        ],
+    )
+    doc = json.loads(codec.state_to_json(state))
+    assert doc["last_event_by_node"] == {"node-a": [3, 2], "node-b": [0, 0]}
+    assert doc["nodes"]["node-b"]["slot"] == 1
+    # The canonical encoding (digest, snapshots) keeps them by slot.
+    assert [list(p) for p in codec.to_builtins(state)["last_event_by_node"]] == [[3, 2]]
 
 
 def test_until_and_no_snapshot_agree_with_a_fold(
