@@ -162,28 +162,33 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
     """
     last_by_slot: dict[int, IndexedEvent] = {}
     last_idx = state.last_applied
-    last_ms = state.last_time_ms
+    last: IndexedEvent | None = None
     master_seq = state.master_seq
     reducers = REDUCERS
-    for ie in events:
-        if ie.idx != last_idx + 1:
-            raise OutOfOrderError(last_idx + 1, ie.idx)
-        origin = ie.origin
+    for last in events:
+        if last.idx != last_idx + 1:
+            raise OutOfOrderError(last_idx + 1, last.idx)
+        last_idx += 1
+        origin = last.origin
         if origin == MASTER_ORIGIN:
-            master_seq = ie.seq
+            master_seq = last.seq
         else:
             node_map = state.nodes
-            rec = node_map.get(origin)
+            try:  # subscript, not a varargs `.get()`: see `apply`
+                rec: NodeRecord | None = node_map[origin]
+            except KeyError:
+                rec = None
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
-                rec = nodes.joined(rec, origin, ie, len(node_map))
+                rec = nodes.joined(rec, origin, last, len(node_map))
                 state = _replace(state, nodes=node_map.set(origin, rec))
-            last_by_slot[rec.slot] = ie
-        event = ie.event
+            last_by_slot[rec.slot] = last
+        event = last.event
         reducer = reducers[type(event)]
         if reducer is not _heartbeat:
-            state = reducer(state, ie, event)
-        last_idx = ie.idx
-        last_ms = ie.master_time_ms
+            state = reducer(state, last, event)
+    if last is None:
+        return state
+    last_ms = last.master_time_ms
     marks = state.last_event_by_node
     if last_by_slot:
         marks = marks.set_many((slot, ie.idx, ie.seq) for slot, ie in last_by_slot.items())
