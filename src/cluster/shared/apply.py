@@ -162,16 +162,16 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
     """
     last_by_slot: dict[int, IndexedEvent] = {}
     last_idx = state.last_applied
-    last: IndexedEvent | None = None
+    ie: IndexedEvent | None = None  # after the loop: the batch's last event
     master_seq = state.master_seq
     reducers = REDUCERS
-    for last in events:
-        if last.idx != last_idx + 1:
-            raise OutOfOrderError(last_idx + 1, last.idx)
+    for ie in events:
+        if ie.idx != last_idx + 1:
+            raise OutOfOrderError(last_idx + 1, ie.idx)
         last_idx += 1
-        origin = last.origin
+        origin = ie.origin
         if origin == MASTER_ORIGIN:
-            master_seq = last.seq
+            master_seq = ie.seq
         else:
             node_map = state.nodes
             try:  # subscript, not a varargs `.get()`: see `apply`
@@ -179,23 +179,22 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
             except KeyError:
                 rec = None
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
-                rec = nodes.joined(rec, origin, last, len(node_map))
+                rec = nodes.joined(rec, origin, ie, len(node_map))
                 state = _replace(state, nodes=node_map.set(origin, rec))
-            last_by_slot[rec.slot] = last
-        event = last.event
+            last_by_slot[rec.slot] = ie
+        event = ie.event
         reducer = reducers[type(event)]
         if reducer is not _heartbeat:
-            state = reducer(state, last, event)
-    if last is None:
+            state = reducer(state, ie, event)
+    if ie is None:
         return state
-    last_ms = last.master_time_ms
     marks = state.last_event_by_node
     if last_by_slot:
-        marks = marks.set_many((slot, ie.idx, ie.seq) for slot, ie in last_by_slot.items())
+        marks = marks.set_many((slot, e.idx, e.seq) for slot, e in last_by_slot.items())
     return _replace(
         state,
         last_event_by_node=marks,
         last_applied=last_idx,
-        last_time_ms=last_ms,
+        last_time_ms=ie.master_time_ms,
         master_seq=master_seq,
     )
