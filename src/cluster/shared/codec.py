@@ -101,7 +101,7 @@ def state_to_json(state: State) -> bytes:
     marks = state.last_event_by_node
     by_node = {node_id: marks.get(rec.slot) for node_id, rec in sorted(state.nodes.items())}
     # A throwaway copy holding the dict where the NodeMarks was, handed straight to the
-    # encoder (replace does not check types): 4x faster at 10,000 nodes than converting the
+    # encoder (replace does not check types): at 10,000 nodes 18 ms, against 31 ms converting the
     # whole state to builtins first, and nothing else ever sees it.
     return _json_encoder.encode(msgspec.structs.replace(state, last_event_by_node=by_node))
 
