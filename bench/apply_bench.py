@@ -1,6 +1,6 @@
 """How fast `apply` folds events as the cluster grows, beside a naive dict-copying reducer.
 
-Run: .venv/bin/python bench/apply_bench.py [--events N]
+Run: .venv/bin/python bench/apply_bench.py [--events N] [--every-kind]
 
 For 10, 1,000 and 10,000 nodes it builds a state holding that many nodes, then times the
 same mix of node events (heartbeats, info, runner status, work) round-robin over the nodes:
@@ -9,6 +9,11 @@ same mix of node events (heartbeats, info, runner status, work) round-robin over
 - `naive`: the same bookkeeping done the obvious way, copying a dict of all nodes per event
   (DESIGN rule 3 cites 5k events/s at 10k nodes for that approach).
 Targets (issue 2): apply at 10,000 nodes >= 80% of apply at 1,000, and >= 50x naive at 10,000.
+
+The mix repeats every 8 events, so at 1,000 and 10,000 nodes (multiples of 8) each node sends
+one kind of event: 5 in 8 nodes only heartbeat. `--every-kind` rotates the kinds so that every
+node sends all of them in turn, as in a real cluster (each node then has info, a runner and a
+ledger account, and its events touch more memory); the state is seeded with 8 rounds of it.
 """
 
 from __future__ import annotations
@@ -39,15 +44,18 @@ def node_id(i: int) -> str:
     return f"12D3KooWNode{i:06d}"
 
 
-def make_events(nodes: int, count: int, first_idx: int, start: int = 0) -> list[IndexedEvent]:
+def make_events(
+    nodes: int, count: int, first_idx: int, start: int = 0, every_kind: bool = False
+) -> list[IndexedEvent]:
     """Events `start` .. `start + count - 1` of one endless round-robin stream over the nodes,
     indexed from `first_idx`. Every runner report is a change (RUNNING and READY alternate):
-    `apply` leaves a repeated identical report alone, and a bench of those would flatter it."""
+    `apply` leaves a repeated identical report alone, and a bench of those would flatter it.
+    With `every_kind`, each round over the nodes shifts the kinds by one (see the module doc)."""
     reports: dict[int, int] = {}  # node number -> runner reports of it so far in the stream
     out: list[IndexedEvent] = []
     for j in range(start + count):
         k = j % nodes
-        kind = j % 8
+        kind = (j + j // nodes) % 8 if every_kind else j % 8
         if kind == 6:
             seen = reports.get(k, 0)
             reports[k] = seen + 1
@@ -69,8 +77,14 @@ def make_events(nodes: int, count: int, first_idx: int, start: int = 0) -> list[
     return out
 
 
-def seeded_state(nodes: int) -> State:
-    return fold(EMPTY_STATE, make_events(nodes, nodes, 1))
+def seed_length(nodes: int, every_kind: bool = False) -> int:
+    """Events that build the state the bench starts from: one round over the nodes, or 8
+    with `every_kind`, so that every node holds every kind of record."""
+    return nodes * (8 if every_kind else 1)
+
+
+def seeded_state(nodes: int, every_kind: bool = False) -> State:
+    return fold(EMPTY_STATE, make_events(nodes, seed_length(nodes, every_kind), 1, 0, every_kind))
 
 
 @dataclass(frozen=True)
@@ -106,9 +120,9 @@ def naive_apply(s: NaiveState, ie: IndexedEvent) -> NaiveState:
     return replace(s, last_applied=ie.idx, nodes=nodes, runners=runners, units=units)
 
 
-def naive_seeded(nodes: int) -> NaiveState:
+def naive_seeded(nodes: int, every_kind: bool = False) -> NaiveState:
     s = NaiveState(0, {}, {}, {})
-    for ie in make_events(nodes, nodes, 1):
+    for ie in make_events(nodes, seed_length(nodes, every_kind), 1, 0, every_kind):
         s = naive_apply(s, ie)
     return s
 
@@ -155,15 +169,27 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--naive-events", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument(
+        "--every-kind",
+        action="store_true",
+        help="every node sends every kind of event in turn (the targets are for the default)",
+    )
     args = parser.parse_args()
+    every = args.every_kind
 
     # Build every size first, then time the sizes in interleaved rounds and keep each one's
     # best: on a shared machine, load that comes and goes then hits all sizes alike instead
     # of whichever size happened to run during it.
     cases = {}
     for n in SIZES:
-        events = make_events(n, args.events, n + 1, start=n)  # continues seeded_state's
-        cases[n] = (seeded_state(n), events, naive_seeded(n), events[: args.naive_events])
+        seed = seed_length(n, every)
+        events = make_events(n, args.events, seed + 1, seed, every)  # continues the seed's
+        cases[n] = (
+            seeded_state(n, every),
+            events,
+            naive_seeded(n, every),
+            events[: args.naive_events],
+        )
     rounds: dict[int, list[tuple[float, float, float]]] = {n: [] for n in SIZES}
     for _ in range(args.rounds):
         for n, (state, events, naive_state, naive_events) in cases.items():
