@@ -1,7 +1,8 @@
 """The master's read-only HTTP API: state, status, a live event stream, metrics, dashboard.
 
     GET /              the dashboard (one self-contained page)
-    GET /api/state     State as JSON (maps as objects with sorted keys)
+    GET /api/state     State as JSON (`codec.state_to_json`: maps as objects with sorted
+                       keys, node marks keyed by node id)
     GET /api/status    `ClusterStatus` as JSON (what `cluster status` renders)
     GET /api/events    server-sent events: indexed events as JSON from ?from=N, then live
     GET /metrics       Prometheus text format
