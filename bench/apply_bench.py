@@ -4,8 +4,10 @@ Run: .venv/bin/python bench/apply_bench.py [--events N] [--every-kind]
 
 For 10, 1,000 and 10,000 nodes it builds a state holding that many nodes, then times the
 same mix of node events (heartbeats, info, runner status, work) round-robin over the nodes:
-- `apply`: the real pure reducer, one event at a time (what the master and replicas do live);
-- `fold`: the batched path that replay and catch-up use;
+- `apply`: the real pure reducer, one event at a time (what a program embedding the core
+  calls per event);
+- `fold`: the batched path that the master (each group commit), the replicas (each received
+  batch), replay and catch-up use;
 - `naive`: the same bookkeeping done the obvious way, copying a dict of all nodes per event
   (DESIGN rule 3 cites 5k events/s at 10k nodes for that approach).
 Targets (issue 2): apply at 10,000 nodes >= 80% of apply at 1,000, and >= 50x naive at 10,000.
