@@ -65,6 +65,8 @@ times = st.integers(T0_MS, T0_MS + 3_600_000)
 durations = st.integers(1, 7_200_000)
 words = st.text(alphabet="abcdefghij -_", max_size=12)
 optional_int = st.none() | st.integers(0, 1 << 40)
+#: NodeInfo's gauges take any int64 >= 0 (State keeps them in int64 cells).
+optional_gauge = st.none() | st.integers(0, 2**63 - 1)
 
 gpu_infos = st.builds(
     GpuInfo,
@@ -83,11 +85,11 @@ node_infos = st.builds(
     cpu_count=st.none() | st.integers(1, 256),
     cpu_percent=st.none() | st.floats(0.0, 100.0, allow_nan=False),
     memory_total_mb=optional_int,
-    memory_available_mb=optional_int,
+    memory_available_mb=optional_gauge,
     disk_total_mb=optional_int,
-    disk_free_mb=optional_int,
-    net_bytes_sent=optional_int,
-    net_bytes_recv=optional_int,
+    disk_free_mb=optional_gauge,
+    net_bytes_sent=optional_gauge,
+    net_bytes_recv=optional_gauge,
     gpus=st.none() | st.lists(gpu_infos, max_size=2).map(tuple),
     slots=st.none() | st.integers(0, 8),
     slot_memory_mb=st.none() | st.integers(0, 80_000),

@@ -148,7 +148,47 @@ def test_info_merges_partial_sources() -> None:
     info = s.nodes[A].info
     assert (info.hostname, info.slots, info.gpus) == ("h", 4, (gpu,))
     s = log.add(A, NodeGatheredInfo(node_id=A, source="cpu", info=NodeInfo(cpu_percent=12.5)))
-    assert s.nodes[A].info.hostname == "h" and s.nodes[A].info.cpu_percent == 12.5
+    whole = s.node_info(A)
+    assert whole is not None and (whole.hostname, whole.cpu_percent) == ("h", 12.5)
+    assert s.node_info("unknown") is None
+
+
+def test_info_gauges_go_to_the_gauges_table_and_statics_to_the_record() -> None:
+    log = Log()
+    mem = NodeInfo(memory_total_mb=64_000, memory_available_mb=50_000)
+    s1 = log.add(A, NodeGatheredInfo(node_id=A, source="memory", info=mem))
+    rec = s1.nodes[A]
+    # The record keeps the total; the gauge is in the table, by the node's slot.
+    assert rec.info == NodeInfo(memory_total_mb=64_000)
+    assert s1.node_gauges.reported(rec.slot) == {"memory_available_mb": 50_000}
+    # Same total, new gauge: the record (and the nodes map) are left as they were.
+    mem2 = NodeInfo(memory_total_mb=64_000, memory_available_mb=41_000)
+    s2 = log.add(A, NodeGatheredInfo(node_id=A, source="memory", info=mem2))
+    assert s2.nodes is s1.nodes and s2.node_info(A) == mem2
+    # The earlier state still reads its own gauges (the table is persistent).
+    assert s1.node_info(A) == mem
+    # Every gauge, exactly, including a float percentage and an int64-sized counter.
+    big = NodeInfo(
+        cpu_percent=0.1 + 0.2,
+        disk_free_mb=7,
+        net_bytes_sent=2**63 - 1,
+        net_bytes_recv=0,
+    )
+    s3 = log.add(A, NodeGatheredInfo(node_id=A, source="all", info=big))
+    whole = s3.node_info(A)
+    assert whole is not None and whole.cpu_percent == 0.1 + 0.2
+    assert (whole.disk_free_mb, whole.net_bytes_sent, whole.net_bytes_recv) == (7, 2**63 - 1, 0)
+    assert whole.memory_available_mb == 41_000  # not in this report: kept
+
+
+def test_info_about_another_node_and_through_fold() -> None:
+    # The reducer path (an event about another node, and `fold`) splits reports the same way.
+    log = Log()
+    log.add(A, NodeHeartbeat(node_id=A))
+    report = NodeInfo(hostname="a", cpu_percent=3.0)
+    s = log.add(B, NodeGatheredInfo(node_id=A, source="proxy", info=report))
+    assert s.nodes[A].info == NodeInfo(hostname="a") and s.node_info(A) == report
+    assert fold(EMPTY_STATE, log.events) == s
 
 
 def test_disconnect_then_speaking_again_rejoins() -> None:

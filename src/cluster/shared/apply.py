@@ -129,11 +129,19 @@ def apply(state: State, ie: IndexedEvent) -> State:
             last_time_ms=ie.master_time_ms,
         )
     elif type(event) is NodeGatheredInfo and event.node_id == origin:
-        # A node reporting its own info: merge it into the record in hand (one update).
-        updated = nodes.with_info(rec, event)
-        if updated is not rec:
-            node_map = node_map.set(origin, updated)
-        reducer = _heartbeat  # done: nothing left for the reducer
+        # A node reporting its own info, the commonest write: done here with the record in
+        # hand, in one State copy. Mostly gauges, which leave the record and the map alone.
+        updated, gauges = nodes.info_update(rec, state.node_gauges, event.info)
+        return _replace(
+            state,
+            nodes=node_map if updated is rec else node_map.set(origin, updated),
+            node_gauges=gauges,
+            last_event_by_node=state.last_event_by_node.set_at(
+                rec.marks_mid, rec.marks_leaf, rec.marks_offset, ie.idx, ie.seq
+            ),
+            last_applied=ie.idx,
+            last_time_ms=ie.master_time_ms,
+        )
     state = _replace(
         state,
         nodes=node_map,

@@ -1,8 +1,9 @@
 """Wire and disk encodings: events as msgpack, State canonically, and State's digest.
 
 The canonical encoding of State is msgpack with every map written as a dict in sorted key
-order, the node marks as the list of (index, seq) pairs by slot (`NodeMarks.pairs`), struct
-fields in declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore
+order, the node marks as the list of (index, seq) pairs by slot (`NodeMarks.pairs`), the node
+gauges as the list of their int64 rows by slot (`NodeGauges.rows`), struct fields in
+declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore
 the same for equal states on any machine, in any process, under any PYTHONHASHSEED (DESIGN
 rule 4).
 """
@@ -17,10 +18,13 @@ import msgspec
 from immutables import Map
 
 from cluster.shared.events import IndexedEvent
+from cluster.shared.node_gauges import GAUGES, NodeGauges
 from cluster.shared.node_marks import NodeMarks, address
+from cluster.shared.slot_table import SlotTable
 from cluster.shared.state import State
 
 _Mark = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_Cell = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # NodeGauges checks the range
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -28,8 +32,8 @@ def _enc_hook(obj: Any) -> Any:
         # Sorted keys make the encoding canonical (a map's iteration order depends on
         # hashes, which depend on PYTHONHASHSEED for str keys).
         return dict(sorted(obj.items()))
-    if isinstance(obj, NodeMarks):
-        return obj.pairs()
+    if isinstance(obj, SlotTable):  # NodeMarks, NodeGauges
+        return obj.rows()
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
@@ -45,6 +49,11 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
         except msgspec.ValidationError as exc:
             # Raised as ValueError, msgspec reports it with the field's path.
             raise ValueError(f"bad node marks ({exc})") from None
+    if tp is NodeGauges:
+        try:
+            return NodeGauges(msgspec.convert(obj, list[tuple[_Cell, _Cell, _Cell, _Cell, _Cell]]))
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad node gauges ({exc})") from None
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 
@@ -76,7 +85,14 @@ def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record whose marks address does not match its slot."""
     state = _state_decoder.decode(data)
+    gauged = len(state.node_gauges.rows())
+    if gauged > len(state.nodes):
+        raise ValidationError(f"node gauges hold {gauged} slots for {len(state.nodes)} nodes")
     for rec in state.nodes.values():
+        held = [name for name in GAUGES if getattr(rec.info, name) is not None]
+        if held:
+            # Gauges live in State.node_gauges: a record holding one is from another layout.
+            raise ValidationError(f"node {rec.node_id!r}: info holds gauges {held}")
         expected = address(rec.slot)
         if (rec.marks_mid, rec.marks_leaf, rec.marks_offset) != expected:
             raise ValidationError(
@@ -94,16 +110,21 @@ def state_digest(state: State) -> str:
 
 def state_to_json(state: State) -> bytes:
     """State as JSON for people and HTTP clients (`cluster replay --json`, `/api/state`): the
-    canonical layout, maps as objects with sorted keys, except that the node marks are keyed
-    by node id -- `{"<node_id>": [index, seq], ...}`, [0, 0] for a node with no event of its
-    own yet -- where the canonical encoding lists them by slot, which a reader would have to
-    match against each record's `slot`."""
-    marks = state.last_event_by_node
-    by_node = {node_id: marks.get(rec.slot) for node_id, rec in sorted(state.nodes.items())}
-    # A throwaway copy holding the dict where the NodeMarks was, handed straight to the
-    # encoder (replace does not check types): at 10,000 nodes 18 ms, against 31 ms converting the
+    canonical layout, maps as objects with sorted keys, except that the node marks and gauges
+    are keyed by node id -- `{"<node_id>": [index, seq], ...}`, [0, 0] for a node with no
+    event of its own yet; `{"<node_id>": {"cpu_percent": 12.5, ...}, ...}` with the gauges it
+    has reported -- where the canonical encoding lists them by slot, which a reader would
+    have to match against each record's `slot`."""
+    marks, gauges = state.last_event_by_node, state.node_gauges
+    records = sorted(state.nodes.items())
+    marks_by_node = {node_id: marks.get(rec.slot) for node_id, rec in records}
+    gauges_by_node = {node_id: gauges.reported(rec.slot) for node_id, rec in records}
+    # A throwaway copy holding dicts where the tables were, handed straight to the encoder
+    # (replace does not check types): at 10,000 nodes 18 ms, against 31 ms converting the
     # whole state to builtins first, and nothing else ever sees it.
-    return _json_encoder.encode(msgspec.structs.replace(state, last_event_by_node=by_node))
+    return _json_encoder.encode(
+        msgspec.structs.replace(state, last_event_by_node=marks_by_node, node_gauges=gauges_by_node)
+    )
 
 
 def to_builtins(obj: Any) -> Any:

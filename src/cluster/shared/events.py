@@ -12,7 +12,7 @@ integer milliseconds. Node ids are libp2p peer ids (base58 strings).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -39,6 +39,12 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     temperature_c: int | None = None
 
 
+#: A machine-wide CPU utilisation: finite, 0-100 (psutil.cpu_percent without percpu).
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+#: A non-negative amount or counter that fits an int64.
+Gauge = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
 # gc=False: info events replace a node's NodeInfo in State (see cluster.shared.state).
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """A partial picture of a machine: each info source fills only its own fields.
@@ -49,13 +55,15 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc
 
     hostname: str | None = None
     cpu_count: int | None = None
-    cpu_percent: float | None = None
+    # The gauges (what changes every report) are bounded: State keeps them unboxed, in
+    # int64 cells where -1 means "not reported" (cluster.shared.node_gauges).
+    cpu_percent: Percent | None = None
     memory_total_mb: int | None = None
-    memory_available_mb: int | None = None
+    memory_available_mb: Gauge | None = None
     disk_total_mb: int | None = None
-    disk_free_mb: int | None = None
-    net_bytes_sent: int | None = None
-    net_bytes_recv: int | None = None
+    disk_free_mb: Gauge | None = None
+    net_bytes_sent: Gauge | None = None
+    net_bytes_recv: Gauge | None = None
     gpus: tuple[GpuInfo, ...] | None = None
     #: Runner slots this node offers for placement (capacity weight).
     slots: int | None = None

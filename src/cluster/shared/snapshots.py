@@ -33,7 +33,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #: 5: NodeRecord.marks_mid/marks_leaf/marks_offset (the marks address, derived from slot).
 #: 6: a repeated identical RunnerStatusUpdated no longer moves RunnerRecord.updated_ms
 #:    (an older snapshot may hold a later time than this build's fold of the same log).
-SNAPSHOT_VERSION: Final = 6
+#: 7: node gauges (CPU %, free memory and disk, network counters) moved from each
+#:    NodeRecord's info to State.node_gauges.
+SNAPSHOT_VERSION: Final = 7
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

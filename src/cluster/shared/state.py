@@ -3,8 +3,9 @@
 Every collection keyed by node, runner, window, session or devshard is an
 `immutables.Map` (a hash array mapped trie): `set()` returns a new map sharing all but
 O(log32 n) nodes with the old one, so one event costs about the same at 10 or 10,000
-nodes (DESIGN rule 3). The one exception is the node marks every event moves, kept unboxed
-by node slot in a `NodeMarks` (node_marks.py). Records are frozen msgspec Structs; a reducer
+nodes (DESIGN rule 3). The exceptions are what nearly every event changes, kept unboxed by
+node slot: the node marks every event moves (`NodeMarks`, node_marks.py) and the gauges every
+info report changes (`NodeGauges`, node_gauges.py). Records are frozen msgspec Structs; a reducer
 builds a new record with `msgspec.structs.replace` and a new state the same way.
 
 Nothing here is ephemeral planner bookkeeping: staleness counters and retry timers live in
@@ -33,6 +34,7 @@ from cluster.shared.events import (
     RunnerStatus,
     SlotAssignment,
 )
+from cluster.shared.node_gauges import NodeGauges
 from cluster.shared.node_marks import NodeMarks
 
 
@@ -247,6 +249,10 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: drop what a worker resends. Kept apart from the records, unboxed (`NodeMarks`),
     #: because it is the one thing every event replaces: see node_marks.py for why.
     last_event_by_node: NodeMarks = msgspec.field(default_factory=NodeMarks)
+    #: Each node's latest gauges (CPU %, available memory, free disk, network counters), by
+    #: `NodeRecord.slot`: kept out of the records, unboxed, because nearly every info report
+    #: changes them (node_gauges.py). `node_info()` gives a node's whole picture.
+    node_gauges: NodeGauges = msgspec.field(default_factory=NodeGauges)
     runners: Map[str, RunnerRecord] = msgspec.field(default_factory=Map)
     windows: Map[str, MaintenanceWindow] = msgspec.field(default_factory=Map)
     #: node_id -> window_id of its SCHEDULED/DRAINING/ACTIVE window.
@@ -266,6 +272,12 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         """Index of the last event `node_id` originated; 0 if none (or the node is unknown)."""
         rec = self.nodes.get(node_id)
         return 0 if rec is None else self.last_event_by_node.index(rec.slot)
+
+    def node_info(self, node_id: str) -> NodeInfo | None:
+        """Everything `node_id` has reported about its machine: its record's NodeInfo with
+        its latest gauges laid over it. None if the node is unknown."""
+        rec = self.nodes.get(node_id)
+        return None if rec is None else self.node_gauges.laid_over(rec.slot, rec.info)
 
     def open_window(self, node_id: str) -> MaintenanceWindow | None:
         """The node's SCHEDULED, DRAINING or ACTIVE maintenance window, if it has one."""

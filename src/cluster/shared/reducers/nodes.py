@@ -14,15 +14,16 @@ from cluster.shared.events import (
     NodeInfo,
     RunnerSelfTestCompleted,
 )
+from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges
 from cluster.shared.node_marks import address
 from cluster.shared.state import EpochLedger, NodeRecord, SelfTestResult, State
 
 _replace = msgspec.structs.replace
 _to_builtins = msgspec.to_builtins
 _SCALARS = (msgspec.inspect.StrType, msgspec.inspect.IntType, msgspec.inspect.FloatType)
-#: NodeInfo fields holding more than a scalar (GPU lists): `merge_info` takes those values
+#: NodeInfo fields holding more than a scalar (GPU lists): `info_update` takes those values
 #: from the struct itself, since `to_builtins` turns nested structs into dicts.
-_NESTED_INFO_FIELDS = tuple(
+_NESTED_INFO_FIELDS = frozenset(
     field.name
     for field in msgspec.inspect.type_info(NodeInfo).fields  # type: ignore[attr-defined]
     if not all(
@@ -32,23 +33,32 @@ _NESTED_INFO_FIELDS = tuple(
 )
 
 
-def merge_info(old: NodeInfo, new: NodeInfo) -> NodeInfo:
-    """Overlay the fields a source reported on what other sources said before."""
+def info_update(
+    rec: NodeRecord, gauges: NodeGauges, info: NodeInfo
+) -> tuple[NodeRecord, NodeGauges]:
+    """What a report of `info` about `rec`'s node changes: the gauges it names, written to
+    the gauges table, and its other fields, overlaid on the record's NodeInfo -- the record is
+    replaced only if one of them differs (totals and hostnames come with most reports and
+    rarely change). A field the report leaves None keeps what other sources said before, so
+    one slow source (a hung `nvidia-smi`, a stuck disk) never blanks the others."""
     # NodeInfo omits its None defaults when converted, so msgspec lists the reported fields
     # in C: several times faster than a getattr per field, and info events are frequent.
-    changes = _to_builtins(new)
-    if not changes:
-        return old
-    for name in _NESTED_INFO_FIELDS:
-        if name in changes:
-            changes[name] = getattr(new, name)
-    return _replace(old, **changes)
-
-
-def with_info(rec: NodeRecord, ev: NodeGatheredInfo) -> NodeRecord:
-    """`rec` with what `ev` reported merged into its info."""
-    merged = merge_info(rec.info, ev.info)
-    return rec if merged is rec.info else _replace(rec, info=merged)
+    reported = _to_builtins(info)
+    if not reported:
+        return rec, gauges
+    gauges = gauges.with_reported(rec.marks_mid, rec.marks_leaf, rec.marks_offset >> 1, reported)
+    old = rec.info
+    changes: dict[str, object] = {}
+    for name, value in reported.items():
+        if name in GAUGE_COLUMN:
+            continue
+        if name in _NESTED_INFO_FIELDS:
+            value = getattr(info, name)
+        if getattr(old, name) != value:
+            changes[name] = value
+    if changes:
+        rec = _replace(rec, info=_replace(old, **changes))
+    return rec, gauges
 
 
 def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: int) -> NodeRecord:
@@ -107,8 +117,10 @@ def node_gathered_info(state: State, ie: IndexedEvent, ev: NodeGatheredInfo) -> 
     rec = state.nodes.get(ev.node_id)
     if rec is None:
         return state
-    updated = with_info(rec, ev)
-    return state if updated is rec else _replace(state, nodes=state.nodes.set(ev.node_id, updated))
+    updated, gauges = info_update(rec, state.node_gauges, ev.info)
+    if updated is not rec:
+        state = _replace(state, nodes=state.nodes.set(ev.node_id, updated))
+    return state if gauges is state.node_gauges else _replace(state, node_gauges=gauges)
 
 
 def node_heartbeat(state: State, ie: IndexedEvent, ev: NodeHeartbeat) -> State:

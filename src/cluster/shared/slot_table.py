@@ -1,0 +1,178 @@
+"""SlotTable: an immutable table of int64 rows by node slot, updated by copying one leaf.
+
+What changes on nearly every event -- each node's marks (node_marks.py) and its gauges
+(node_gauges.py) -- is kept here rather than in the node records of an `immutables.Map`:
+replacing a value in a hash-mapped trie copies a node of ~10-30 (key, value) object pointers
+and touches the reference count of every one, and at 10,000 nodes those objects are spread
+over more memory than a core's L2 cache holds, so each write paid ~20 cache misses it did not
+pay at 1,000 nodes (bench/apply_cost.py).
+
+Here a row is `WIDTH` plain 64-bit integers, addressed by the node's *slot* (`NodeRecord.slot`:
+its number in join order, dense and the same on every node that folds the same log), stored in
+`array('q')` leaves of `LEAF_SLOTS` rows under a persistent two-level trie of Python lists.
+Replacing a row copies one leaf (no reference counts: the values are not objects), one list of
+at most 32 leaves and the short root list: the same cost at 10 or 10,000 nodes, and up to about
+64,000 nodes, where the root list reaches 64 entries (its copy grows by a pointer per 1,024).
+
+Lists, not tuples, because a list copy plus an item assignment is the cheapest copy in CPython;
+a published list or leaf is never mutated (only fresh copies are written before they are
+returned), so a table is immutable to anyone holding it, across threads.
+
+A slot never written reads as a row of `FILL`. Equality, hashing and the canonical form
+(`rows()`) ignore unused capacity: two tables holding the same rows are equal however they
+were built.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import ClassVar, Final, NamedTuple, Self, TypeAlias
+
+#: Rows per leaf. With the marks' two values a leaf is 2 * 32 int64 = 512 bytes, the largest
+#: block CPython's small-object allocator serves (a larger copy costs a malloc).
+LEAF_SLOTS: Final = 32
+LEAF_SHIFT: Final = 5
+LEAF_MASK: Final = LEAF_SLOTS - 1
+#: Leaves per middle list.
+MID_LEAVES: Final = 32
+MID_SHIFT: Final = LEAF_SHIFT + 5
+
+Leaf: TypeAlias = "array[int]"  # array('q') of WIDTH * LEAF_SLOTS int64
+_Mid: TypeAlias = "list[Leaf]"
+
+
+class SlotAddress(NamedTuple):
+    """Where a slot's row lives: middle list, leaf in it, and the slot's row in the leaf."""
+
+    mid: int
+    leaf: int
+    row: int
+
+
+def slot_address(slot: int) -> SlotAddress:
+    """The address of `slot`. Its parts are below 257, CPython's cached small integers, for
+    the first 262,144 slots (leaf and row always are): a record can carry them and an update
+    read no slot number, which above 256 is an object of its own, cold at 10,000 nodes."""
+    return SlotAddress(slot >> MID_SHIFT, (slot >> LEAF_SHIFT) & 31, slot & LEAF_MASK)
+
+
+def slot_at(mid: int, leaf: int, row: int) -> int:
+    """The slot at this address (the inverse of `slot_address`)."""
+    return (mid << MID_SHIFT) | (leaf << LEAF_SHIFT) | row
+
+
+class SlotTable:
+    """Immutable map slot -> row of `WIDTH` int64; see the module doc. Subclasses set
+    `WIDTH` and `FILL` (what an unwritten cell reads as) and give the rows their meaning."""
+
+    __slots__ = ("_root",)
+    WIDTH: ClassVar[int]
+    FILL: ClassVar[int]
+    _empty_leaf: ClassVar[Leaf]
+    _root: list[_Mid]
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        if "WIDTH" in cls.__dict__:
+            cls._empty_leaf = array("q", [cls.FILL] * (cls.WIDTH * LEAF_SLOTS))
+
+    def __init__(self, rows: Iterable[Sequence[int]] = ()) -> None:
+        """A table holding `rows` for slots 0, 1, ...; each row is checked (`check_row`)."""
+        root: list[_Mid] = []
+        width = self.WIDTH
+        for slot, row in enumerate(rows):
+            self.check_row(slot, row)
+            if len(row) != width:
+                raise ValueError(f"row of slot {slot} has {len(row)} values, not {width}")
+            base = (slot & LEAF_MASK) * width
+            _ensure_leaf(root, slot, self._empty_leaf)[base : base + width] = array("q", row)
+        self._root = root
+
+    @classmethod
+    def check_row(cls, slot: int, row: Sequence[int]) -> None:
+        """Raise ValueError if `row` is not a valid row of this table (subclasses say what is)."""
+
+    def row(self, slot: int) -> tuple[int, ...]:
+        """The row of `slot` (all `FILL` if never written)."""
+        width = self.WIDTH
+        try:
+            leaf = self._root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31]
+        except IndexError:
+            return (self.FILL,) * width
+        base = (slot & LEAF_MASK) * width
+        return tuple(leaf[base : base + width])
+
+    def _copied(self, mid: int, leaf: int) -> tuple[list[_Mid], Leaf] | None:
+        """A private copy of the path to leaf (`mid`, `leaf`): the new root and the leaf copy,
+        for the caller to write in and publish; None if that leaf is not allocated yet."""
+        try:
+            root = self._root.copy()
+            root[mid] = mids = root[mid].copy()
+            mids[leaf] = values = mids[leaf][:]
+        except IndexError:  # past the leaves allocated so far: once per 32 nodes that join
+            return None
+        return root, values
+
+    def with_rows(self, updates: Iterable[tuple[int, int, int]]) -> Self:
+        """This table with each (slot, column, value) written in order; each leaf touched is
+        copied once (a batch's worth of updates), and leaves are allocated as needed."""
+        # Every middle list is copied up front: a pointer per 32 nodes, once per batch.
+        root = [mid.copy() for mid in self._root]
+        copied: set[int] = set()  # leaf numbers (slot >> 5) already private to `root`
+        width = self.WIDTH
+        for slot, column, value in updates:
+            if slot >> LEAF_SHIFT in copied:
+                leaf = root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31]
+            else:
+                leaf = _ensure_leaf(root, slot, self._empty_leaf)[:]
+                root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31] = leaf
+                copied.add(slot >> LEAF_SHIFT)
+            leaf[(slot & LEAF_MASK) * width + column] = value
+        return self._made(root)
+
+    def _made(self, root: list[_Mid]) -> Self:
+        new = object.__new__(type(self))
+        new._root = root
+        return new
+
+    def rows(self) -> list[tuple[int, ...]]:
+        """The rows of slots 0, 1, ... up to the last slot with a written (non-FILL) row: the
+        canonical form."""
+        width = self.WIDTH
+        flat: list[int] = []
+        for m, mid in enumerate(self._root):
+            # A middle list holds leaves only up to the highest slot set in it: pad the rest.
+            flat.extend([self.FILL] * (m * width * MID_LEAVES * LEAF_SLOTS - len(flat)))
+            for leaf in mid:
+                flat.extend(leaf)
+        end = len(flat)
+        empty = [self.FILL] * width
+        while end and flat[end - width : end] == empty:
+            end -= width
+        return [tuple(flat[i : i + width]) for i in range(0, end, width)]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SlotTable) or other.WIDTH != self.WIDTH:
+            return NotImplemented
+        return self is other or (other.FILL == self.FILL and self.rows() == other.rows())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.rows()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rows()!r})"
+
+
+def _ensure_leaf(root: list[_Mid], slot: int, empty: Leaf) -> Leaf:
+    """The leaf of `slot`, appending empty lists and leaves to `root` (and to the list of
+    `slot`) up to it. Whatever it appends to must be private to the caller: `root` itself,
+    and the list of `slot` if that exists already."""
+    m = slot >> MID_SHIFT
+    while len(root) <= m:
+        root.append([])
+    mid = root[m]
+    i = (slot >> LEAF_SHIFT) & 31
+    while len(mid) <= i:
+        mid.append(empty[:])
+    return mid[i]
