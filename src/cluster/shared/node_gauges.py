@@ -21,8 +21,8 @@ every valid percentage, so it never reads as -1.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Final
+from collections.abc import Sequence
+from typing import ClassVar, Final
 
 import msgspec
 
@@ -39,24 +39,24 @@ GAUGES: Final = (
 )
 #: Gauge name -> its column.
 GAUGE_COLUMN: Final = {name: column for column, name in enumerate(GAUGES)}
+WIDTH: Final = len(GAUGES)
 #: What a cell holds until its node reports that gauge.
 NOT_REPORTED: Final = -1
 
 _double = struct.Struct("<d")
 _int64 = struct.Struct("<q")
-_MAX_PERCENT_BITS: Final[int] = _int64.unpack(_double.pack(100.0))[0]
+pack_double, unpack_int64 = _double.pack, _int64.unpack
+_MAX_PERCENT_BITS: Final[int] = unpack_int64(pack_double(100.0))[0]
 
 
-def _cell(column: int, value: Any) -> int:
-    """The int64 a gauge value is stored as (NodeInfo has validated the value)."""
-    if column == 0:  # cpu_percent, a float
-        bits: int = _int64.unpack(_double.pack(value))[0]
-        return bits
-    return int(value)
+def float_bits(value: float) -> int:
+    """The int64 cell a `cpu_percent` is kept in: its IEEE-754 bit pattern."""
+    bits: int = unpack_int64(pack_double(value))[0]
+    return bits
 
 
 def _value(column: int, cell: int) -> float | int:
-    if column == 0:
+    if column == 0:  # cpu_percent
         percent: float = _double.unpack(_int64.pack(cell))[0]
         return percent
     return cell
@@ -66,7 +66,7 @@ class NodeGauges(SlotTable):
     """Immutable map slot -> its node's gauges (`GAUGES`); see the module doc."""
 
     __slots__ = ()
-    WIDTH: ClassVar[int] = len(GAUGES)
+    WIDTH: ClassVar[int] = WIDTH
     FILL: ClassVar[int] = NOT_REPORTED
 
     @classmethod
@@ -81,29 +81,24 @@ class NodeGauges(SlotTable):
             if not 0 <= cell <= top:
                 raise ValueError(f"gauge {GAUGES[column]} of slot {slot} is invalid: {cell}")
 
-    def with_reported(
-        self, mid: int, leaf: int, row: int, reported: Mapping[str, Any]
-    ) -> NodeGauges:
-        """These gauges with those that `reported` names (a NodeInfo's non-None fields by
-        name, as `msgspec.to_builtins` gives them; other fields are ignored) written for the
-        slot at (`mid`, `leaf`, `row`), the address its record carries. Itself if `reported`
-        names no gauge."""
-        cells = [
-            (column, _cell(column, value))
-            for name, value in reported.items()
-            if (column := GAUGE_COLUMN.get(name)) is not None
-        ]
-        if not cells:
-            return self
-        copied = self._copied(mid, leaf)
-        if copied is None:  # the slot's leaf is not allocated yet
+    def with_cells(self, mid: int, leaf: int, row: int, cells: list[tuple[int, int]]) -> NodeGauges:
+        """These gauges with (column, cell) pairs written for the slot at (`mid`, `leaf`,
+        `row`), the address its record carries (a cell as stored: `float_bits` of a
+        cpu_percent, else the int). Called on every info report, so the path copy is written
+        out here, as in `NodeMarks.set_at`."""
+        try:
+            root = self._root.copy()
+            root[mid] = mids = root[mid].copy()
+            mids[leaf] = values = mids[leaf][:]
+        except IndexError:  # the slot's leaf is not allocated yet: once per 32 nodes
             slot = slot_at(mid, leaf, row)
             return self.with_rows((slot, column, cell) for column, cell in cells)
-        root, values = copied
-        base = row * len(GAUGES)
+        base = row * WIDTH
         for column, cell in cells:
             values[base + column] = cell
-        return self._made(root)
+        new: NodeGauges = _Made()
+        new._root = root
+        return new
 
     def reported(self, slot: int) -> dict[str, float | int]:
         """The gauges `slot`'s node has reported, by name."""
@@ -118,12 +113,9 @@ class NodeGauges(SlotTable):
         reported = self.reported(slot)
         return msgspec.structs.replace(info, **reported) if reported else info
 
-    @classmethod
-    def from_reports(cls, reports: Iterable[tuple[int, Mapping[str, Any]]]) -> NodeGauges:
-        """Gauges from (slot, reported fields) pairs, later reports overlaying earlier ones."""
-        return cls().with_rows(
-            (slot, column, _cell(column, value))
-            for slot, reported in reports
-            for name, value in reported.items()
-            if (column := GAUGE_COLUMN.get(name)) is not None
-        )
+
+class _Made(NodeGauges):
+    """A NodeGauges made by object's C initializer (see node_marks._Made)."""
+
+    __slots__ = ()
+    __init__ = object.__init__

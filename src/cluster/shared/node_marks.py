@@ -98,7 +98,6 @@ class NodeMarks(SlotTable):
         no slot number: three small integers are shared objects always in cache, where a
         slot above 256 is an object of its own, cold at 10,000 nodes (bench/apply_cost.py:
         ~2 L2 misses per event fewer at 10,000 nodes, the same instructions)."""
-        # SlotTable._copied written out: a call saved on every event.
         try:
             root = self._root.copy()
             root[mid] = mids = root[mid].copy()

@@ -103,17 +103,6 @@ class SlotTable:
         base = (slot & LEAF_MASK) * width
         return tuple(leaf[base : base + width])
 
-    def _copied(self, mid: int, leaf: int) -> tuple[list[_Mid], Leaf] | None:
-        """A private copy of the path to leaf (`mid`, `leaf`): the new root and the leaf copy,
-        for the caller to write in and publish; None if that leaf is not allocated yet."""
-        try:
-            root = self._root.copy()
-            root[mid] = mids = root[mid].copy()
-            mids[leaf] = values = mids[leaf][:]
-        except IndexError:  # past the leaves allocated so far: once per 32 nodes that join
-            return None
-        return root, values
-
     def with_rows(self, updates: Iterable[tuple[int, int, int]]) -> Self:
         """This table with each (slot, column, value) written in order; each leaf touched is
         copied once (a batch's worth of updates), and leaves are allocated as needed."""
