@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.shared import codec
+from cluster.shared import codec, node_marks
 from cluster.shared.apply import apply
 from cluster.shared.events import IndexedEvent, NodeGatheredInfo, NodeHeartbeat, NodeInfo
 from cluster.shared.node_gauges import (
@@ -20,8 +20,8 @@ from cluster.shared.node_gauges import (
     NOT_REPORTED,
     NodeGauges,
     float_bits,
+    gauges_offset,
 )
-from cluster.shared.slot_table import slot_address
 from cluster.shared.state import EMPTY_STATE, State
 
 # Slots that cross leaf (32) and middle-list (1,024) boundaries.
@@ -49,7 +49,7 @@ def test_every_version_keeps_its_gauges(program: list[tuple[int, dict[str, Any]]
         gauges = {k: v for k, v in report.items() if k in GAUGES}
         if gauges:
             model.setdefault(slot, {}).update(gauges)
-        new = table.with_cells(*slot_address(slot), _cells(report)) if gauges else table
+        new = table.with_cells(*NodeGauges.address(slot), _cells(report)) if gauges else table
         versions.append((new, model))
     for table, model in versions:  # old versions are untouched by later writes
         for slot in {s for s, _ in program}:
@@ -135,3 +135,11 @@ def test_event_gauges_are_validated() -> None:
     ):
         with pytest.raises(msgspec.ValidationError, match=rf"{message} - at `\$.{field}`"):
             decode(msgspec.msgpack.encode({field: bad}))
+
+
+def test_a_records_marks_address_finds_its_gauges() -> None:
+    # info_update finds a node's gauges from the marks address its record carries.
+    for slot in [*range(0, 80), *range(1000, 1100), 262_143, 300_001]:
+        mid, leaf, offset = node_marks.address(slot)
+        assert NodeGauges.address(slot) == (mid, leaf, gauges_offset(offset))
+        assert NodeGauges.slot_at(mid, leaf, gauges_offset(offset)) == slot

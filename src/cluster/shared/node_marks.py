@@ -22,17 +22,15 @@ means "no event yet".
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Final, NamedTuple
 
-from cluster.shared.slot_table import (
-    LEAF_MASK,
-    LEAF_SHIFT,
-    LEAF_SLOTS,
-    MID_LEAVES,
-    MID_SHIFT,
-    SlotTable,
-    slot_address,
-)
+from cluster.shared.slot_table import MID_SHIFT, SlotTable
+
+#: Slots per leaf: a leaf holds (index, seq) interleaved, 2 * 32 int64 = 512 bytes, the
+#: largest block CPython's small-object allocator serves.
+LEAF_SLOTS: Final = 32
+#: Leaves per middle list.
+MID_LEAVES: Final = (1 << MID_SHIFT) // LEAF_SLOTS
 
 __all__ = ["LEAF_SLOTS", "MID_LEAVES", "MarksAddress", "NodeMarks", "address", "slot_at"]
 
@@ -46,15 +44,13 @@ class MarksAddress(NamedTuple):
 
 
 def address(slot: int) -> MarksAddress:
-    """The address of `slot`'s marks. Its parts are below 257, CPython's cached small
-    integers, for the first 262,144 slots (offset and leaf always are; see `set_at`)."""
-    mid, leaf, row = slot_address(slot)
-    return MarksAddress(mid, leaf, row << 1)
+    """The address of `slot`'s marks (see `SlotTable.address`): what each NodeRecord carries."""
+    return MarksAddress(*NodeMarks.address(slot))
 
 
 def slot_at(mid: int, leaf: int, offset: int) -> int:
     """The slot whose marks live at this address (the inverse of `address`)."""
-    return (mid * MID_LEAVES + leaf) * LEAF_SLOTS + (offset >> 1)
+    return NodeMarks.slot_at(mid, leaf, offset)
 
 
 class NodeMarks(SlotTable):
@@ -63,6 +59,7 @@ class NodeMarks(SlotTable):
     __slots__ = ()
     WIDTH: ClassVar[int] = 2
     FILL: ClassVar[int] = 0
+    LEAF_SHIFT: ClassVar[int] = 5  # LEAF_SLOTS
 
     def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
         """Marks for slots 0, 1, ... from (index, seq) pairs."""
@@ -79,12 +76,13 @@ class NodeMarks(SlotTable):
         return (idx, seq)
 
     def index(self, slot: int) -> int:
-        """Last event index of `slot`; 0 if it has none."""
+        """Last event index of `slot`; 0 if it has none. Written out (the liveness check asks
+        it of every node every cycle)."""
         try:
-            leaf = self._root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31]
+            leaf = self._root[slot >> MID_SHIFT][(slot >> 5) & 31]
         except IndexError:
             return 0
-        index: int = leaf[(slot & LEAF_MASK) << 1]
+        index: int = leaf[(slot & 31) << 1]
         return index
 
     def set(self, slot: int, idx: int, seq: int) -> NodeMarks:

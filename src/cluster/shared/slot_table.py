@@ -9,10 +9,11 @@ pay at 1,000 nodes (bench/apply_cost.py).
 
 Here a row is `WIDTH` plain 64-bit integers, addressed by the node's *slot* (`NodeRecord.slot`:
 its number in join order, dense and the same on every node that folds the same log), stored in
-`array('q')` leaves of `LEAF_SLOTS` rows under a persistent two-level trie of Python lists.
-Replacing a row copies one leaf (no reference counts: the values are not objects), one list of
-at most 32 leaves and the short root list: the same cost at 10 or 10,000 nodes, and up to about
-64,000 nodes, where the root list reaches 64 entries (its copy grows by a pointer per 1,024).
+`array('q')` leaves of a few rows under a persistent two-level trie of Python lists: a root
+list of middle lists of 1,024 slots each. Replacing a row copies one leaf (no reference counts:
+the values are not objects), one middle list and the short root list: the same cost at 10 or
+10,000 nodes, and up to about 64,000 nodes, where the root list reaches 64 entries (its copy
+grows by a pointer per 1,024).
 
 Lists, not tuples, because a list copy plus an item assignment is the cheapest copy in CPython;
 a published list or leaf is never mutated (only fresh copies are written before they are
@@ -27,55 +28,39 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Final, NamedTuple, Self, TypeAlias
+from typing import ClassVar, Final, Self, TypeAlias
 
-#: Rows per leaf. With the marks' two values a leaf is 2 * 32 int64 = 512 bytes, the largest
-#: block CPython's small-object allocator serves (a larger copy costs a malloc).
-LEAF_SLOTS: Final = 32
-LEAF_SHIFT: Final = 5
-LEAF_MASK: Final = LEAF_SLOTS - 1
-#: Leaves per middle list.
-MID_LEAVES: Final = 32
-MID_SHIFT: Final = LEAF_SHIFT + 5
+#: Slots under one middle list, in every table: a slot's middle list is `slot >> MID_SHIFT`
+#: whatever the table's leaf size, so one record field (`NodeRecord.marks_mid`) serves all.
+MID_SHIFT: Final = 10
 
-Leaf: TypeAlias = "array[int]"  # array('q') of WIDTH * LEAF_SLOTS int64
+Leaf: TypeAlias = "array[int]"  # array('q') of WIDTH cells per row
 _Mid: TypeAlias = "list[Leaf]"
-
-
-class SlotAddress(NamedTuple):
-    """Where a slot's row lives: middle list, leaf in it, and the slot's row in the leaf."""
-
-    mid: int
-    leaf: int
-    row: int
-
-
-def slot_address(slot: int) -> SlotAddress:
-    """The address of `slot`. Its parts are below 257, CPython's cached small integers, for
-    the first 262,144 slots (leaf and row always are): a record can carry them and an update
-    read no slot number, which above 256 is an object of its own, cold at 10,000 nodes."""
-    return SlotAddress(slot >> MID_SHIFT, (slot >> LEAF_SHIFT) & 31, slot & LEAF_MASK)
-
-
-def slot_at(mid: int, leaf: int, row: int) -> int:
-    """The slot at this address (the inverse of `slot_address`)."""
-    return (mid << MID_SHIFT) | (leaf << LEAF_SHIFT) | row
 
 
 class SlotTable:
     """Immutable map slot -> row of `WIDTH` int64; see the module doc. Subclasses set
-    `WIDTH` and `FILL` (what an unwritten cell reads as) and give the rows their meaning."""
+    `WIDTH`, `FILL` (what an unwritten cell reads as) and `LEAF_SHIFT` (rows per leaf:
+    `1 << LEAF_SHIFT`), and give the rows their meaning. A leaf of at most 512 bytes is one
+    block of CPython's small-object allocator; a larger copy costs a malloc and more cache
+    lines."""
 
     __slots__ = ("_root",)
     WIDTH: ClassVar[int]
     FILL: ClassVar[int]
+    LEAF_SHIFT: ClassVar[int]
+    _leaf_mask: ClassVar[int]
+    _mid_mask: ClassVar[int]
     _empty_leaf: ClassVar[Leaf]
     _root: list[_Mid]
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
         if "WIDTH" in cls.__dict__:
-            cls._empty_leaf = array("q", [cls.FILL] * (cls.WIDTH * LEAF_SLOTS))
+            rows = 1 << cls.LEAF_SHIFT
+            cls._leaf_mask = rows - 1
+            cls._mid_mask = (1 << (MID_SHIFT - cls.LEAF_SHIFT)) - 1
+            cls._empty_leaf = array("q", [cls.FILL] * (cls.WIDTH * rows))
 
     def __init__(self, rows: Iterable[Sequence[int]] = ()) -> None:
         """A table holding `rows` for slots 0, 1, ...; each row is checked (`check_row`)."""
@@ -85,39 +70,60 @@ class SlotTable:
             self.check_row(slot, row)
             if len(row) != width:
                 raise ValueError(f"row of slot {slot} has {len(row)} values, not {width}")
-            base = (slot & LEAF_MASK) * width
-            _ensure_leaf(root, slot, self._empty_leaf)[base : base + width] = array("q", row)
+            base = (slot & self._leaf_mask) * width
+            self._ensure_leaf(root, slot)[base : base + width] = array("q", row)
         self._root = root
 
     @classmethod
     def check_row(cls, slot: int, row: Sequence[int]) -> None:
         """Raise ValueError if `row` is not a valid row of this table (subclasses say what is)."""
 
+    @classmethod
+    def address(cls, slot: int) -> tuple[int, int, int]:
+        """(middle list, leaf in it, offset of the row's first cell in the leaf) of `slot`. Its
+        parts are below 257, CPython's cached small integers, for the first 262,144 slots
+        (leaf and offset always are): a record can carry them, and an update then reads no
+        slot number, which above 256 is an object of its own, cold at 10,000 nodes."""
+        return (
+            slot >> MID_SHIFT,
+            (slot >> cls.LEAF_SHIFT) & cls._mid_mask,
+            (slot & cls._leaf_mask) * cls.WIDTH,
+        )
+
+    @classmethod
+    def slot_at(cls, mid: int, leaf: int, offset: int) -> int:
+        """The slot at this address (the inverse of `address`)."""
+        return (mid << MID_SHIFT) | (leaf << cls.LEAF_SHIFT) | (offset // cls.WIDTH)
+
     def row(self, slot: int) -> tuple[int, ...]:
         """The row of `slot` (all `FILL` if never written)."""
-        width = self.WIDTH
+        mid, leaf, offset = self.address(slot)
         try:
-            leaf = self._root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31]
+            cells = self._root[mid][leaf]
         except IndexError:
-            return (self.FILL,) * width
-        base = (slot & LEAF_MASK) * width
-        return tuple(leaf[base : base + width])
+            return (self.FILL,) * self.WIDTH
+        return tuple(cells[offset : offset + self.WIDTH])
 
     def with_rows(self, updates: Iterable[tuple[int, int, int]]) -> Self:
         """This table with each (slot, column, value) written in order; each leaf touched is
         copied once (a batch's worth of updates), and leaves are allocated as needed."""
-        # Every middle list is copied up front: a pointer per 32 nodes, once per batch.
+        # Every middle list is copied up front: a pointer per leaf, once per batch.
         root = [mid.copy() for mid in self._root]
-        copied: set[int] = set()  # leaf numbers (slot >> 5) already private to `root`
-        width = self.WIDTH
+        copied: set[int] = set()  # leaf numbers (slot >> LEAF_SHIFT) already private to `root`
+        width, shift, mid_mask, leaf_mask = (
+            self.WIDTH,
+            self.LEAF_SHIFT,
+            self._mid_mask,
+            self._leaf_mask,
+        )
         for slot, column, value in updates:
-            if slot >> LEAF_SHIFT in copied:
-                leaf = root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31]
+            if slot >> shift in copied:
+                leaf = root[slot >> MID_SHIFT][(slot >> shift) & mid_mask]
             else:
-                leaf = _ensure_leaf(root, slot, self._empty_leaf)[:]
-                root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & 31] = leaf
-                copied.add(slot >> LEAF_SHIFT)
-            leaf[(slot & LEAF_MASK) * width + column] = value
+                leaf = self._ensure_leaf(root, slot)[:]
+                root[slot >> MID_SHIFT][(slot >> shift) & mid_mask] = leaf
+                copied.add(slot >> shift)
+            leaf[(slot & leaf_mask) * width + column] = value
         return self._made(root)
 
     def _made(self, root: list[_Mid]) -> Self:
@@ -132,7 +138,7 @@ class SlotTable:
         flat: list[int] = []
         for m, mid in enumerate(self._root):
             # A middle list holds leaves only up to the highest slot set in it: pad the rest.
-            flat.extend([self.FILL] * (m * width * MID_LEAVES * LEAF_SLOTS - len(flat)))
+            flat.extend([self.FILL] * ((m << MID_SHIFT) * width - len(flat)))
             for leaf in mid:
                 flat.extend(leaf)
         end = len(flat)
@@ -152,16 +158,16 @@ class SlotTable:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.rows()!r})"
 
-
-def _ensure_leaf(root: list[_Mid], slot: int, empty: Leaf) -> Leaf:
-    """The leaf of `slot`, appending empty lists and leaves to `root` (and to the list of
-    `slot`) up to it. Whatever it appends to must be private to the caller: `root` itself,
-    and the list of `slot` if that exists already."""
-    m = slot >> MID_SHIFT
-    while len(root) <= m:
-        root.append([])
-    mid = root[m]
-    i = (slot >> LEAF_SHIFT) & 31
-    while len(mid) <= i:
-        mid.append(empty[:])
-    return mid[i]
+    @classmethod
+    def _ensure_leaf(cls, root: list[_Mid], slot: int) -> Leaf:
+        """The leaf of `slot`, appending empty lists and leaves to `root` (and to the list of
+        `slot`) up to it. Whatever it appends to must be private to the caller: `root` itself,
+        and the list of `slot` if that exists already."""
+        m = slot >> MID_SHIFT
+        while len(root) <= m:
+            root.append([])
+        mid = root[m]
+        i = (slot >> cls.LEAF_SHIFT) & cls._mid_mask
+        while len(mid) <= i:
+            mid.append(cls._empty_leaf[:])
+        return mid[i]

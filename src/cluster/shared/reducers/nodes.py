@@ -15,6 +15,7 @@ from cluster.shared.events import (
     RunnerSelfTestCompleted,
 )
 from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges, pack_double, unpack_int64
+from cluster.shared.node_gauges import WIDTH as GAUGES_WIDTH
 from cluster.shared.node_marks import address
 from cluster.shared.state import EpochLedger, NodeRecord, SelfTestResult, State
 
@@ -61,7 +62,9 @@ def info_update(
                 changes = {}
             changes[name] = value
     if cells:
-        gauges = gauges.with_cells(rec.marks_mid, rec.marks_leaf, rec.marks_offset >> 1, cells)
+        # node_gauges.gauges_offset written out: a call saved per report.
+        offset = (rec.marks_offset >> 1) * GAUGES_WIDTH
+        gauges = gauges.with_cells(rec.marks_mid, rec.marks_leaf, offset, cells)
     if changes:
         rec = _replace(rec, info=_replace(old, **changes))
     return rec, gauges
