@@ -60,6 +60,7 @@ class NodeMarks(SlotTable):
     WIDTH: ClassVar[int] = 2
     FILL: ClassVar[int] = 0
     LEAF_SHIFT: ClassVar[int] = 5  # LEAF_SLOTS
+    TYPECODE: ClassVar[str] = "Q"  # marks are never negative: the cheaper write (2 per event)
 
     def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
         """Marks for slots 0, 1, ... from (index, seq) pairs."""

