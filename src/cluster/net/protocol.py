@@ -36,7 +36,9 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #: 4: node records in that state carry their marks address (snapshot format 5).
 #: 5: repeated identical runner reports leave RunnerRecord.updated_ms (snapshot format 6): an
 #:    older worker would fold the same log to a different state (its digest would disagree).
-PROTOCOL_VERSION: Final = 5
+#: 6: node gauges moved from node records to State.node_gauges (snapshot format 7): an older
+#:    worker could not decode that state.
+PROTOCOL_VERSION: Final = 6
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

@@ -65,13 +65,13 @@ def _value(column: int, cell: int) -> float | int:
 class NodeGauges(SlotTable):
     """Immutable map slot -> its node's gauges (`GAUGES`), a row of cells; see the module doc.
 
-    Laid out like the marks -- 32 rows per leaf, so a node's gauges are at its marks'
-    middle list and leaf, found from the address its record carries (`gauges_offset`).
-    Measured and dropped (bench/apply_cost.py at 10,000 nodes, L2 misses and instructions per
-    event of apply_bench's mix; this layout: 14.8 and 12,900): a column table per gauge
-    (14.0, but +150 instructions: a network report writes two columns, and each column is an
-    object of its own to replace) and leaves of 8 rows (15.1: a middle list of 128 leaves
-    increfs all of them on every copy)."""
+    Laid out like the marks -- 32 rows per leaf, so a node's gauges are at its marks' middle
+    list and leaf, found from the address its record carries (`gauges_offset`). Measured and
+    dropped (bench/apply_cost.py at 10,000 nodes, L2 misses and instructions per event of
+    apply_bench's mix; this layout, before the marks became unsigned: 14.8 and 12,900): a
+    column table per gauge (14.0, but +150 instructions: a network report writes two columns,
+    and each column is an object of its own to replace) and leaves of 8 rows (15.1: a middle
+    list of 128 leaves increfs all of them on every copy)."""
 
     __slots__ = ()
     WIDTH: ClassVar[int] = WIDTH

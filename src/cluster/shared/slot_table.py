@@ -9,11 +9,11 @@ pay at 1,000 nodes (bench/apply_cost.py).
 
 Here a row is `WIDTH` plain 64-bit integers, addressed by the node's *slot* (`NodeRecord.slot`:
 its number in join order, dense and the same on every node that folds the same log), stored in
-`array('q')` leaves of a few rows under a persistent two-level trie of Python lists: a root
-list of middle lists of 1,024 slots each. Replacing a row copies one leaf (no reference counts:
-the values are not objects), one middle list and the short root list: the same cost at 10 or
-10,000 nodes, and up to about 64,000 nodes, where the root list reaches 64 entries (its copy
-grows by a pointer per 1,024).
+`array('q')` (or `'Q'`) leaves of a few rows under a persistent two-level trie of Python lists:
+a root list of middle lists of 1,024 slots each. Replacing a row copies one leaf (no reference
+counts: the values are not objects), one middle list and the short root list: the same cost at
+10 or 10,000 nodes, and up to about 64,000 nodes, where the root list reaches 64 entries (its
+copy grows by a pointer per 1,024).
 
 Lists, not tuples, because a list copy plus an item assignment is the cheapest copy in CPython;
 a published list or leaf is never mutated (only fresh copies are written before they are
