@@ -18,9 +18,9 @@ from cluster.shared.node_gauges import (
     GAUGE_COLUMN,
     GAUGES,
     NOT_REPORTED,
+    AmountColumn,
     NodeGauges,
-    float_bits,
-    gauges_offset,
+    gauges_row,
 )
 from cluster.shared.state import EMPTY_STATE, State
 
@@ -49,7 +49,11 @@ def test_every_version_keeps_its_gauges(program: list[tuple[int, dict[str, Any]]
         gauges = {k: v for k, v in report.items() if k in GAUGES}
         if gauges:
             model.setdefault(slot, {}).update(gauges)
-        new = table.with_cells(*NodeGauges.address(slot), _cells(report)) if gauges else table
+        new = (
+            table.with_cells(*node_marks.address(slot)[:2], slot % 32, _cells(report))
+            if gauges
+            else table
+        )
         versions.append((new, model))
     for table, model in versions:  # old versions are untouched by later writes
         for slot in {s for s, _ in program}:
@@ -57,14 +61,9 @@ def test_every_version_keeps_its_gauges(program: list[tuple[int, dict[str, Any]]
         assert NodeGauges(table.rows()) == table  # the canonical rows rebuild it
 
 
-def _cells(report: dict[str, Any]) -> list[tuple[int, int]]:
+def _cells(report: dict[str, Any]) -> list[tuple[int, Any]]:
     """What `info_update` hands `with_cells` for this report."""
-    cells: list[tuple[int, int]] = []
-    for name, value in report.items():
-        if name in GAUGE_COLUMN:
-            column = GAUGE_COLUMN[name]
-            cells.append((column, float_bits(value) if column == 0 else value))
-    return cells
+    return [(GAUGE_COLUMN[name], value) for name, value in report.items() if name in GAUGE_COLUMN]
 
 
 def _state_with(gauges: NodeGauges, nodes: int) -> State:
@@ -86,12 +85,11 @@ def _reported(state: State, node: str, info: NodeInfo) -> State:
 def test_state_with_bad_gauges_does_not_decode() -> None:
     state = _reported(_state_with(NodeGauges(), 1), "n0", NodeInfo(cpu_percent=50.0))
     doc = codec.to_builtins(state)
-    cpu_bits = doc["node_gauges"][0][0]
-    assert [list(row) for row in doc["node_gauges"]] == [[cpu_bits] + [NOT_REPORTED] * 4]
+    assert [list(row) for row in doc["node_gauges"]] == [[50.0] + [NOT_REPORTED] * 4]
     assert codec.decode_state(codec.encode_state(state)) == state
-    over_100 = float_bits(100.0) + 1
     for bad, message in (
-        ([[over_100, -1, -1, -1, -1]], r"gauge cpu_percent of slot 0 is invalid"),
+        ([[100.5, -1, -1, -1, -1]], r"gauge cpu_percent of slot 0 is invalid: 100.5"),
+        ([[float("nan"), -1, -1, -1, -1]], r"gauge cpu_percent of slot 0 is invalid: nan"),
         ([[-1, -2, -1, -1, -1]], r"gauge memory_available_mb of slot 0 is invalid: -2"),
         ([[-1, -1, -1, -1]], r"Expected `array` of length 5"),
         ([[-1] * 5, [0] * 5], r"node gauges hold 2 slots for 1 nodes"),
@@ -138,8 +136,19 @@ def test_event_gauges_are_validated() -> None:
 
 
 def test_a_records_marks_address_finds_its_gauges() -> None:
-    # info_update finds a node's gauges from the marks address its record carries.
+    # info_update finds a node's gauges from the marks address its record carries: the
+    # columns are laid out like the marks, one cell per slot.
     for slot in [*range(0, 80), *range(1000, 1100), 262_143, 300_001]:
         mid, leaf, offset = node_marks.address(slot)
-        assert NodeGauges.address(slot) == (mid, leaf, gauges_offset(offset))
-        assert NodeGauges.slot_at(mid, leaf, gauges_offset(offset)) == slot
+        assert AmountColumn.address(slot) == (mid, leaf, gauges_row(offset))
+        assert AmountColumn.slot_at(mid, leaf, gauges_row(offset)) == slot
+
+
+def test_canonical_rows_do_not_depend_on_allocated_leaves() -> None:
+    # The same gauges, one table grown slot by slot, one built from rows: equal, and equal
+    # bytes (cpu_percent is a float in every row, reported or not, allocated or not).
+    grown = NodeGauges().with_cells(1, 3, 4, [(1, 7)])  # slot 1,124: a second middle list
+    built = NodeGauges([(-1.0, -1, -1, -1, -1)] * 1124 + [(-1.0, 7, -1, -1, -1)])
+    assert grown == built and grown.rows() == built.rows()
+    assert codec.to_builtins(grown) == codec.to_builtins(built)
+    assert all(type(row[0]) is float for row in grown.rows())

@@ -2,7 +2,8 @@
 
 The canonical encoding of State is msgpack with every map written as a dict in sorted key
 order, the node marks as the list of (index, seq) pairs by slot (`NodeMarks.pairs`), the node
-gauges as the list of their int64 rows by slot (`NodeGauges.rows`), struct fields in
+gauges as the list of their rows by slot (`NodeGauges.rows`: a double and four int64, -1 for
+a gauge not reported), struct fields in
 declaration order, floats as IEEE-754 doubles. Its BLAKE2b-256 digest is therefore
 the same for equal states on any machine, in any process, under any PYTHONHASHSEED (DESIGN
 rule 4).
@@ -20,7 +21,6 @@ from immutables import Map
 from cluster.shared.events import IndexedEvent
 from cluster.shared.node_gauges import GAUGES, NodeGauges
 from cluster.shared.node_marks import NodeMarks, address
-from cluster.shared.slot_table import SlotTable
 from cluster.shared.state import State
 
 _Mark = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -32,7 +32,7 @@ def _enc_hook(obj: Any) -> Any:
         # Sorted keys make the encoding canonical (a map's iteration order depends on
         # hashes, which depend on PYTHONHASHSEED for str keys).
         return dict(sorted(obj.items()))
-    if isinstance(obj, SlotTable):  # NodeMarks, NodeGauges
+    if isinstance(obj, (NodeMarks, NodeGauges)):
         return obj.rows()
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
@@ -51,7 +51,7 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
             raise ValueError(f"bad node marks ({exc})") from None
     if tp is NodeGauges:
         try:
-            return NodeGauges(msgspec.convert(obj, list[tuple[_Cell, _Cell, _Cell, _Cell, _Cell]]))
+            return NodeGauges(msgspec.convert(obj, list[tuple[float, _Cell, _Cell, _Cell, _Cell]]))
         except msgspec.ValidationError as exc:
             raise ValueError(f"bad node gauges ({exc})") from None
     raise NotImplementedError(f"cannot decode {tp!r}")

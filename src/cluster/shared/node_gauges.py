@@ -13,21 +13,19 @@ A node's whole picture is `State.node_info(node_id)`: the NodeInfo in its record
 totals, GPUs, slots: what rarely changes) with its gauges laid over it. A record's NodeInfo
 never holds a gauge (the reducers split every report; `codec.decode_state` checks).
 
-Each gauge is one int64 cell; -1 means "not reported yet" (NodeInfo refuses negative gauges).
-`cpu_percent` is stored as the bit pattern of its IEEE-754 double: exact, and non-negative for
-every valid percentage, so it never reads as -1.
+Each gauge is one cell, a double for `cpu_percent` and an int64 for the others; -1 means "not
+reported yet" (NodeInfo refuses negative gauges).
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Sequence
-from typing import ClassVar, Final
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Final
 
 import msgspec
 
 from cluster.shared.events import NodeInfo
-from cluster.shared.slot_table import SlotTable
+from cluster.shared.slot_table import LeafRoot, SlotTable
 
 #: The gauges, in column order. Every other NodeInfo field stays in the node's record.
 GAUGES: Final = (
@@ -40,78 +38,119 @@ GAUGES: Final = (
 #: Gauge name -> its column.
 GAUGE_COLUMN: Final = {name: column for column, name in enumerate(GAUGES)}
 WIDTH: Final = len(GAUGES)
-#: What a cell holds until its node reports that gauge.
+#: What a cell holds until its node reports that gauge (-1.0 in the cpu_percent column).
 NOT_REPORTED: Final = -1
-
-_double = struct.Struct("<d")
-_int64 = struct.Struct("<q")
-pack_double, unpack_int64 = _double.pack, _int64.unpack
-_MAX_PERCENT_BITS: Final[int] = unpack_int64(pack_double(100.0))[0]
+_INT64_MAX: Final = 2**63 - 1
 
 
-def float_bits(value: float) -> int:
-    """The int64 cell a `cpu_percent` is kept in: its IEEE-754 bit pattern."""
-    bits: int = unpack_int64(pack_double(value))[0]
-    return bits
-
-
-def _value(column: int, cell: int) -> float | int:
-    if column == 0:  # cpu_percent
-        percent: float = _double.unpack(_int64.pack(cell))[0]
-        return percent
-    return cell
-
-
-class NodeGauges(SlotTable):
-    """Immutable map slot -> its node's gauges (`GAUGES`), a row of cells; see the module doc.
-
-    Laid out like the marks -- 32 rows per leaf, so a node's gauges are at its marks' middle
-    list and leaf, found from the address its record carries (`gauges_offset`). Measured and
-    dropped (bench/apply_cost.py at 10,000 nodes, L2 misses and instructions per event of
-    apply_bench's mix; this layout, before the marks became unsigned: 14.8 and 12,900): a
-    column table per gauge (14.0, but +150 instructions: a network report writes two columns,
-    and each column is an object of its own to replace) and leaves of 8 rows (15.1: a middle
-    list of 128 leaves increfs all of them on every copy)."""
+class PercentColumn(SlotTable):
+    """cpu_percent of every node by slot, as doubles."""
 
     __slots__ = ()
-    WIDTH: ClassVar[int] = WIDTH
+    WIDTH: ClassVar[int] = 1
+    FILL: ClassVar[int] = NOT_REPORTED
+    LEAF_SHIFT: ClassVar[int] = 5
+    TYPECODE: ClassVar[str] = "d"
+
+
+class AmountColumn(SlotTable):
+    """One integer gauge of every node by slot, as int64."""
+
+    __slots__ = ()
+    WIDTH: ClassVar[int] = 1
     FILL: ClassVar[int] = NOT_REPORTED
     LEAF_SHIFT: ClassVar[int] = 5
 
-    @classmethod
-    def check_row(cls, slot: int, row: Sequence[int]) -> None:
-        """NOT_REPORTED or a valid value in every cell: what a snapshot from disk or a peer
-        must hold before it is believed."""
-        for column, cell in enumerate(row):
-            # Non-negative doubles order like their bit patterns: 0.0 .. 100.0 is a range.
-            top = _MAX_PERCENT_BITS if column == 0 else 2**63 - 1
-            if cell != NOT_REPORTED and not 0 <= cell <= top:
-                raise ValueError(f"gauge {GAUGES[column]} of slot {slot} is invalid: {cell}")
 
-    def with_cells(
-        self, mid: int, leaf: int, offset: int, cells: list[tuple[int, int]]
-    ) -> NodeGauges:
-        """These gauges with (column, cell) pairs written in the row at (`mid`, `leaf`,
-        `offset`) (`address`; a cell as stored: `float_bits` of a cpu_percent, else the int).
-        Called on every info report, so the path copy is written out here, as in
+#: The table type of each column.
+COLUMN_TYPES: Final[tuple[type[SlotTable], ...]] = (PercentColumn,) + (AmountColumn,) * (WIDTH - 1)
+
+
+def _check_cell(slot: int, column: int, cell: float) -> None:
+    if cell == NOT_REPORTED:
+        return
+    top = 100 if column == 0 else _INT64_MAX
+    if not 0 <= cell <= top or (column > 0 and not isinstance(cell, int)):
+        raise ValueError(f"gauge {GAUGES[column]} of slot {slot} is invalid: {cell!r}")
+
+
+class NodeGauges:
+    """Immutable map slot -> its node's gauges (`GAUGES`); see the module doc.
+
+    One column per gauge, each laid out like the marks -- 32 slots per leaf (256 bytes), so a
+    node's cells are at its marks' middle list and leaf, at its row there (`marks_offset >> 1`)
+    -- and the five column tries held side by side, so a report writes only the columns it
+    names and makes one new object. Measured and dropped (bench/apply_cost.py at 10,000 nodes,
+    per event of apply_bench's mix): rows of all five gauges, 32 per leaf (1,280-byte leaves:
+    a malloc and 20 cache lines per copy where a column's leaf is 4; 14.6 L2 misses against
+    ...), leaves of 8 such rows (15.1: a middle list of 128 leaves increfs every one on each
+    copy), and a table object per column (+150 instructions: a report made 1 + k objects)."""
+
+    __slots__ = ("_roots",)
+    _roots: tuple[LeafRoot, ...]
+
+    def __init__(self, rows: Iterable[Sequence[float]] = ()) -> None:
+        """Gauges for slots 0, 1, ... from rows of cells (the canonical form, `rows()`), each
+        checked: NOT_REPORTED or a valid value in every cell -- what a snapshot from disk or
+        a peer must hold before it is believed."""
+        table = [tuple(row) for row in rows]
+        for slot, row in enumerate(table):
+            if len(row) != WIDTH:
+                raise ValueError(f"gauges of slot {slot} are {len(row)} values, not {WIDTH}")
+            for column, cell in enumerate(row):
+                _check_cell(slot, column, cell)
+        self._roots = tuple(
+            kind([(row[column],) for row in table])._root
+            for column, kind in enumerate(COLUMN_TYPES)
+        )
+
+    def _column(self, column: int) -> SlotTable:
+        return COLUMN_TYPES[column].of_root(self._roots[column])
+
+    def with_cells(self, mid: int, leaf: int, row: int, cells: list[tuple[int, Any]]) -> NodeGauges:
+        """These gauges with (column, value) pairs written for the slot at (`mid`, `leaf`,
+        `row`): its marks' middle list and leaf, and its row in that leaf (`gauges_row`).
+        Called on every info report, so each column's path copy is written out here, as in
         `NodeMarks.set_at`."""
-        try:
-            root = self._root.copy()
-            root[mid] = mids = root[mid].copy()
-            mids[leaf] = values = mids[leaf][:]
-        except IndexError:  # the slot's leaf is not allocated yet: once per 32 nodes
-            slot = self.slot_at(mid, leaf, offset)
-            return self.with_rows((slot, column, cell) for column, cell in cells)
-        for column, cell in cells:
-            values[offset + column] = cell
+        roots = list(self._roots)
+        for column, value in cells:
+            try:
+                root = roots[column].copy()
+                root[mid] = mids = root[mid].copy()
+                mids[leaf] = values = mids[leaf][:]
+            except IndexError:  # the slot's leaf is not allocated yet: once per 32 nodes
+                slot = COLUMN_TYPES[column].slot_at(mid, leaf, row)
+                roots[column] = self._column(column).with_rows(((slot, 0, value),))._root
+                continue
+            values[row] = value
+            roots[column] = root
         new: NodeGauges = _Made()
-        new._root = root
+        new._roots = tuple(roots)
         return new
+
+    def row(self, slot: int) -> tuple[float, ...]:
+        """The cells of `slot` (NOT_REPORTED where it has not reported that gauge)."""
+        cpu, *amounts = (self._column(column).row(slot)[0] for column in range(WIDTH))
+        return (float(cpu), *amounts)  # a float even where its column was never allocated
+
+    def rows(self) -> list[tuple[float, ...]]:
+        """The rows of slots 0, 1, ... up to the last slot with a reported gauge: the
+        canonical form."""
+        columns: list[list[float]] = [
+            [cell for (cell,) in self._column(c).rows()] for c in range(WIDTH)
+        ]
+        end = max(len(cells) for cells in columns)
+        for cells in columns:
+            cells.extend([NOT_REPORTED] * (end - len(cells)))
+        # The cpu_percent cells as floats throughout (padding is the int -1): the canonical
+        # bytes must not depend on which leaves happen to be allocated.
+        columns[0] = [float(cell) for cell in columns[0]]
+        return list(zip(*columns, strict=True))
 
     def reported(self, slot: int) -> dict[str, float | int]:
         """The gauges `slot`'s node has reported, by name."""
         return {
-            GAUGES[column]: _value(column, cell)
+            GAUGES[column]: cell
             for column, cell in enumerate(self.row(slot))
             if cell != NOT_REPORTED
         }
@@ -121,12 +160,23 @@ class NodeGauges(SlotTable):
         reported = self.reported(slot)
         return msgspec.structs.replace(info, **reported) if reported else info
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NodeGauges):
+            return NotImplemented
+        return self is other or self.rows() == other.rows()
 
-def gauges_offset(marks_offset: int) -> int:
-    """Where a slot's gauges start in its leaf, from where its marks do (`NodeRecord.
-    marks_offset`; the middle list and leaf are the marks'): two operations on small integers,
-    where reading the slot itself would touch one more cold object per report."""
-    return (marks_offset >> 1) * WIDTH
+    def __hash__(self) -> int:
+        return hash(tuple(self.rows()))
+
+    def __repr__(self) -> str:
+        return f"NodeGauges({self.rows()!r})"
+
+
+def gauges_row(marks_offset: int) -> int:
+    """A slot's row in its gauges leaves, from where its marks are (`NodeRecord.marks_offset`;
+    the middle list and leaf are the marks'): one operation on small integers, where reading
+    the slot itself would touch one more cold object per report."""
+    return marks_offset >> 1
 
 
 class _Made(NodeGauges):

@@ -67,7 +67,7 @@ class NodeMarks(SlotTable):
         super().__init__(pairs)
 
     @classmethod
-    def check_row(cls, slot: int, row: Sequence[int]) -> None:
+    def check_row(cls, slot: int, row: Sequence[float]) -> None:
         if any(v < 0 for v in row):
             raise ValueError(f"marks of slot {slot} are negative: {tuple(row)}")
 

@@ -28,14 +28,16 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Final, Self, TypeAlias
+from typing import Any, ClassVar, Final, Self, TypeAlias
 
 #: Slots under one middle list, in every table: a slot's middle list is `slot >> MID_SHIFT`
 #: whatever the table's leaf size, so one record field (`NodeRecord.marks_mid`) serves all.
 MID_SHIFT: Final = 10
 
-Leaf: TypeAlias = "array[int]"  # array of WIDTH int64 (or uint64) cells per row
+Leaf: TypeAlias = "array[Any]"  # array of WIDTH cells per row, of the table's TYPECODE
 _Mid: TypeAlias = "list[Leaf]"
+#: A table's whole trie: the root list of middle lists.
+LeafRoot: TypeAlias = "list[_Mid]"
 
 
 class SlotTable:
@@ -49,9 +51,9 @@ class SlotTable:
     WIDTH: ClassVar[int]
     FILL: ClassVar[int]
     LEAF_SHIFT: ClassVar[int]
-    #: The array's type code: "q" (int64), or "Q" (uint64) for a table of non-negative
-    #: values -- CPython converts an int for a "Q" array directly, for a "q" array through
-    #: its argument parser: ~150 fewer machine instructions per cell written.
+    #: The array's type code: "q" (int64), "Q" (uint64) for a table of non-negative values --
+    #: CPython converts an int for a "Q" array directly, for a "q" array through its argument
+    #: parser: ~150 fewer machine instructions per cell written -- or "d" (double).
     TYPECODE: ClassVar[str] = "q"
     _leaf_mask: ClassVar[int]
     _mid_mask: ClassVar[int]
@@ -66,7 +68,7 @@ class SlotTable:
             cls._mid_mask = (1 << (MID_SHIFT - cls.LEAF_SHIFT)) - 1
             cls._empty_leaf = array(cls.TYPECODE, [cls.FILL] * (cls.WIDTH * rows))
 
-    def __init__(self, rows: Iterable[Sequence[int]] = ()) -> None:
+    def __init__(self, rows: Iterable[Sequence[float]] = ()) -> None:
         """A table holding `rows` for slots 0, 1, ...; each row is checked (`check_row`)."""
         root: list[_Mid] = []
         width = self.WIDTH
@@ -79,7 +81,7 @@ class SlotTable:
         self._root = root
 
     @classmethod
-    def check_row(cls, slot: int, row: Sequence[int]) -> None:
+    def check_row(cls, slot: int, row: Sequence[float]) -> None:
         """Raise ValueError if `row` is not a valid row of this table (subclasses say what is)."""
 
     @classmethod
@@ -131,7 +133,13 @@ class SlotTable:
         return self._made(root)
 
     def _made(self, root: list[_Mid]) -> Self:
-        new = object.__new__(type(self))
+        return self.of_root(root)
+
+    @classmethod
+    def of_root(cls, root: LeafRoot) -> Self:
+        """A table over this trie (which must never be written again): how a holder of several
+        tries (node_gauges) reads one through the table's methods."""
+        new = object.__new__(cls)
         new._root = root
         return new
 

@@ -14,15 +14,13 @@ from cluster.shared.events import (
     NodeInfo,
     RunnerSelfTestCompleted,
 )
-from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges, pack_double, unpack_int64
-from cluster.shared.node_gauges import WIDTH as GAUGES_WIDTH
+from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges
 from cluster.shared.node_marks import address
 from cluster.shared.state import EpochLedger, NodeRecord, SelfTestResult, State
 
 _replace = msgspec.structs.replace
 _to_builtins = msgspec.to_builtins
 _gauge_column = GAUGE_COLUMN.get
-_pack_double, _unpack_int64 = pack_double, unpack_int64
 _SCALARS = (msgspec.inspect.StrType, msgspec.inspect.IntType, msgspec.inspect.FloatType)
 #: NodeInfo fields holding more than a scalar (GPU lists): `info_update` takes those values
 #: from the struct itself, since `to_builtins` turns nested structs into dicts.
@@ -46,14 +44,13 @@ def info_update(
     one slow source (a hung `nvidia-smi`, a stuck disk) never blanks the others."""
     # NodeInfo omits its None defaults when converted, so msgspec lists the reported fields
     # in C: several times faster than a getattr per field, and info events are frequent.
-    cells: list[tuple[int, int]] = []
+    cells: list[tuple[int, object]] = []
     changes: dict[str, object] | None = None
     old = rec.info
     for name, value in _to_builtins(info).items():
         column = _gauge_column(name)
         if column is not None:
-            # float_bits written out for cpu_percent (column 0): a call saved per report.
-            cells.append((column, _unpack_int64(_pack_double(value))[0] if column == 0 else value))
+            cells.append((column, value))
             continue
         if name in _NESTED_INFO_FIELDS:
             value = getattr(info, name)
@@ -62,9 +59,8 @@ def info_update(
                 changes = {}
             changes[name] = value
     if cells:
-        # node_gauges.gauges_offset written out: a call saved per report.
-        offset = (rec.marks_offset >> 1) * GAUGES_WIDTH
-        gauges = gauges.with_cells(rec.marks_mid, rec.marks_leaf, offset, cells)
+        # node_gauges.gauges_row written out: a call saved per report.
+        gauges = gauges.with_cells(rec.marks_mid, rec.marks_leaf, rec.marks_offset >> 1, cells)
     if changes:
         rec = _replace(rec, info=_replace(old, **changes))
     return rec, gauges
