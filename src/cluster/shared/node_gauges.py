@@ -80,10 +80,11 @@ class NodeGauges:
     One column per gauge, each laid out like the marks -- 32 slots per leaf (256 bytes), so a
     node's cells are at its marks' middle list and leaf, at its row there (`marks_offset >> 1`)
     -- and the five column tries held side by side, so a report writes only the columns it
-    names and makes one new object. Measured and dropped (bench/apply_cost.py at 10,000 nodes,
-    per event of apply_bench's mix): rows of all five gauges, 32 per leaf (1,280-byte leaves:
-    a malloc and 20 cache lines per copy where a column's leaf is 4; 14.6 L2 misses against
-    ...), leaves of 8 such rows (15.1: a middle list of 128 leaves increfs every one on each
+    names and makes one new object. Measured (bench/apply_cost.py at 10,000 nodes, per event of
+    apply_bench's mix; this layout: 12,400 instructions and 13.6 L2 misses) and dropped: rows
+    of all five gauges, 32 per leaf (1,280-byte leaves: a malloc and 20 cache lines per copy
+    where a column's leaf takes 4, and the double stored as its bit pattern: 12,550 and 14.6),
+    leaves of 8 such rows (15.1 misses: a middle list of 128 leaves increfs every one on each
     copy), and a table object per column (+150 instructions: a report made 1 + k objects)."""
 
     __slots__ = ("_roots",)
