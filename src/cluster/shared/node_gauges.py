@@ -5,9 +5,9 @@ The gauges are what a worker's info sources report every cycle (worker/info.py):
 heartbeats, the commonest change an event makes. Kept in the node's record they cost a new
 NodeInfo, a new NodeRecord and a write to the 10,000-key nodes map per report: ~26 L2 misses
 per report at 10,000 nodes against ~1 at 1,000 (bench/apply_cost.py --by-kind), the largest
-share of what made `apply` slower as the cluster grew. Here a report copies one leaf of a
-`SlotTable` (slot_table.py says why that costs the same at any size) and leaves the record and
-the map alone.
+share of what made `apply` slower as the cluster grew. Here each gauge is a column of its own,
+a `SlotTable` (slot_table.py says why its update costs the same at any size): a report copies
+one 256-byte leaf per gauge it names and leaves the record and the map alone.
 
 A node's whole picture is `State.node_info(node_id)`: the NodeInfo in its record (hostname,
 totals, GPUs, slots: what rarely changes) with its gauges laid over it. A record's NodeInfo
@@ -49,7 +49,6 @@ class PercentColumn(SlotTable):
     __slots__ = ()
     WIDTH: ClassVar[int] = 1
     FILL: ClassVar[int] = NOT_REPORTED
-    LEAF_SHIFT: ClassVar[int] = 5
     TYPECODE: ClassVar[str] = "d"
 
 
@@ -59,7 +58,6 @@ class AmountColumn(SlotTable):
     __slots__ = ()
     WIDTH: ClassVar[int] = 1
     FILL: ClassVar[int] = NOT_REPORTED
-    LEAF_SHIFT: ClassVar[int] = 5
 
 
 #: The table type of each column.

@@ -22,15 +22,9 @@ means "no event yet".
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, Final, NamedTuple
+from typing import ClassVar, NamedTuple
 
-from cluster.shared.slot_table import MID_SHIFT, SlotTable
-
-#: Slots per leaf: a leaf holds (index, seq) interleaved, 2 * 32 int64 = 512 bytes, the
-#: largest block CPython's small-object allocator serves.
-LEAF_SLOTS: Final = 32
-#: Leaves per middle list.
-MID_LEAVES: Final = (1 << MID_SHIFT) // LEAF_SLOTS
+from cluster.shared.slot_table import LEAF_SHIFT, LEAF_SLOTS, MID_LEAVES, MID_SHIFT, SlotTable
 
 __all__ = ["LEAF_SLOTS", "MID_LEAVES", "MarksAddress", "NodeMarks", "address", "slot_at"]
 
@@ -59,7 +53,6 @@ class NodeMarks(SlotTable):
     __slots__ = ()
     WIDTH: ClassVar[int] = 2
     FILL: ClassVar[int] = 0
-    LEAF_SHIFT: ClassVar[int] = 5  # LEAF_SLOTS
     TYPECODE: ClassVar[str] = "Q"  # marks are never negative: the cheaper write (2 per event)
 
     def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
@@ -80,10 +73,10 @@ class NodeMarks(SlotTable):
         """Last event index of `slot`; 0 if it has none. Written out (the liveness check asks
         it of every node every cycle)."""
         try:
-            leaf = self._root[slot >> MID_SHIFT][(slot >> 5) & 31]
+            leaf = self._root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & (MID_LEAVES - 1)]
         except IndexError:
             return 0
-        index: int = leaf[(slot & 31) << 1]
+        index: int = leaf[(slot & (LEAF_SLOTS - 1)) << 1]
         return index
 
     def set(self, slot: int, idx: int, seq: int) -> NodeMarks:

@@ -7,10 +7,10 @@ and touches the reference count of every one, and at 10,000 nodes those objects 
 over more memory than a core's L2 cache holds, so each write paid ~20 cache misses it did not
 pay at 1,000 nodes (bench/apply_cost.py).
 
-Here a row is `WIDTH` plain 64-bit integers, addressed by the node's *slot* (`NodeRecord.slot`:
+Here a row is `WIDTH` plain 64-bit numbers, addressed by the node's *slot* (`NodeRecord.slot`:
 its number in join order, dense and the same on every node that folds the same log), stored in
-`array('q')` (or `'Q'`) leaves of a few rows under a persistent two-level trie of Python lists:
-a root list of middle lists of 1,024 slots each. Replacing a row copies one leaf (no reference
+`array` leaves of 32 rows under a persistent two-level trie of Python lists: a root list of
+middle lists of 1,024 slots each. Replacing a row copies one leaf (no reference
 counts: the values are not objects), one middle list and the short root list: the same cost at
 10 or 10,000 nodes, and up to about 64,000 nodes, where the root list reaches 64 entries (its
 copy grows by a pointer per 1,024).
@@ -30,9 +30,16 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Final, Self, TypeAlias
 
-#: Slots under one middle list, in every table: a slot's middle list is `slot >> MID_SHIFT`
-#: whatever the table's leaf size, so one record field (`NodeRecord.marks_mid`) serves all.
+#: Rows per leaf and leaves per middle list, the same in every table, so that a slot's
+#: (middle list, leaf) is the same in all of them and the address a node record carries for
+#: its marks finds its gauges too. 32 rows of the marks' two int64 are 512 bytes, the largest
+#: block CPython's small-object allocator serves (a larger leaf copy costs a malloc).
+LEAF_SHIFT: Final = 5
+LEAF_SLOTS: Final = 1 << LEAF_SHIFT
+_LEAF_MASK: Final = LEAF_SLOTS - 1
 MID_SHIFT: Final = 10
+MID_LEAVES: Final = 1 << (MID_SHIFT - LEAF_SHIFT)
+_MID_MASK: Final = MID_LEAVES - 1
 
 Leaf: TypeAlias = "array[Any]"  # array of WIDTH cells per row, of the table's TYPECODE
 _Mid: TypeAlias = "list[Leaf]"
@@ -41,32 +48,24 @@ LeafRoot: TypeAlias = "list[_Mid]"
 
 
 class SlotTable:
-    """Immutable map slot -> row of `WIDTH` int64; see the module doc. Subclasses set
-    `WIDTH`, `FILL` (what an unwritten cell reads as) and `LEAF_SHIFT` (rows per leaf:
-    `1 << LEAF_SHIFT`), and give the rows their meaning. A leaf of at most 512 bytes is one
-    block of CPython's small-object allocator; a larger copy costs a malloc and more cache
-    lines."""
+    """Immutable map slot -> row of `WIDTH` cells; see the module doc. Subclasses set
+    `WIDTH`, `FILL` (what an unwritten cell reads as) and `TYPECODE`, and give the rows their
+    meaning."""
 
     __slots__ = ("_root",)
     WIDTH: ClassVar[int]
     FILL: ClassVar[int]
-    LEAF_SHIFT: ClassVar[int]
     #: The array's type code: "q" (int64), "Q" (uint64) for a table of non-negative values --
     #: CPython converts an int for a "Q" array directly, for a "q" array through its argument
     #: parser: ~150 fewer machine instructions per cell written -- or "d" (double).
     TYPECODE: ClassVar[str] = "q"
-    _leaf_mask: ClassVar[int]
-    _mid_mask: ClassVar[int]
     _empty_leaf: ClassVar[Leaf]
     _root: list[_Mid]
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
         if "WIDTH" in cls.__dict__:
-            rows = 1 << cls.LEAF_SHIFT
-            cls._leaf_mask = rows - 1
-            cls._mid_mask = (1 << (MID_SHIFT - cls.LEAF_SHIFT)) - 1
-            cls._empty_leaf = array(cls.TYPECODE, [cls.FILL] * (cls.WIDTH * rows))
+            cls._empty_leaf = array(cls.TYPECODE, [cls.FILL] * (cls.WIDTH * LEAF_SLOTS))
 
     def __init__(self, rows: Iterable[Sequence[float]] = ()) -> None:
         """A table holding `rows` for slots 0, 1, ...; each row is checked (`check_row`)."""
@@ -76,7 +75,7 @@ class SlotTable:
             self.check_row(slot, row)
             if len(row) != width:
                 raise ValueError(f"row of slot {slot} has {len(row)} values, not {width}")
-            base = (slot & self._leaf_mask) * width
+            base = (slot & _LEAF_MASK) * width
             self._ensure_leaf(root, slot)[base : base + width] = array(self.TYPECODE, row)
         self._root = root
 
@@ -92,14 +91,14 @@ class SlotTable:
         slot number, which above 256 is an object of its own, cold at 10,000 nodes."""
         return (
             slot >> MID_SHIFT,
-            (slot >> cls.LEAF_SHIFT) & cls._mid_mask,
-            (slot & cls._leaf_mask) * cls.WIDTH,
+            (slot >> LEAF_SHIFT) & _MID_MASK,
+            (slot & _LEAF_MASK) * cls.WIDTH,
         )
 
     @classmethod
     def slot_at(cls, mid: int, leaf: int, offset: int) -> int:
         """The slot at this address (the inverse of `address`)."""
-        return (mid << MID_SHIFT) | (leaf << cls.LEAF_SHIFT) | (offset // cls.WIDTH)
+        return (mid << MID_SHIFT) | (leaf << LEAF_SHIFT) | (offset // cls.WIDTH)
 
     def row(self, slot: int) -> tuple[int, ...]:
         """The row of `slot` (all `FILL` if never written)."""
@@ -116,23 +115,15 @@ class SlotTable:
         # Every middle list is copied up front: a pointer per leaf, once per batch.
         root = [mid.copy() for mid in self._root]
         copied: set[int] = set()  # leaf numbers (slot >> LEAF_SHIFT) already private to `root`
-        width, shift, mid_mask, leaf_mask = (
-            self.WIDTH,
-            self.LEAF_SHIFT,
-            self._mid_mask,
-            self._leaf_mask,
-        )
+        width = self.WIDTH
         for slot, column, value in updates:
-            if slot >> shift in copied:
-                leaf = root[slot >> MID_SHIFT][(slot >> shift) & mid_mask]
+            if slot >> LEAF_SHIFT in copied:
+                leaf = root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & _MID_MASK]
             else:
                 leaf = self._ensure_leaf(root, slot)[:]
-                root[slot >> MID_SHIFT][(slot >> shift) & mid_mask] = leaf
-                copied.add(slot >> shift)
-            leaf[(slot & leaf_mask) * width + column] = value
-        return self._made(root)
-
-    def _made(self, root: list[_Mid]) -> Self:
+                root[slot >> MID_SHIFT][(slot >> LEAF_SHIFT) & _MID_MASK] = leaf
+                copied.add(slot >> LEAF_SHIFT)
+            leaf[(slot & _LEAF_MASK) * width + column] = value
         return self.of_root(root)
 
     @classmethod
@@ -179,7 +170,7 @@ class SlotTable:
         while len(root) <= m:
             root.append([])
         mid = root[m]
-        i = (slot >> cls.LEAF_SHIFT) & cls._mid_mask
+        i = (slot >> LEAF_SHIFT) & _MID_MASK
         while len(mid) <= i:
             mid.append(cls._empty_leaf[:])
         return mid[i]
