@@ -75,10 +75,13 @@ def test_strategy_sequences_build_windows_shards_and_ledgers() -> None:
     """Across examples, generated logs produce every kind of record, not only no-ops."""
     found: Counter[str] = Counter()
 
+    # Derandomized: this asserts what a sample *contains*, so a random sample could miss a
+    # kind by chance (it missed "active" once in a full run); the property tests stay random.
     @settings(
         max_examples=40,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.large_base_example],
     )
     @given(events=event_logs(min_size=150, max_size=150))
