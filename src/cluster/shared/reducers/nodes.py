@@ -114,8 +114,12 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
             hello_idx=ie.idx,
         )
     else:
-        rec = _replace(rec, hello_idx=ie.idx)
-    return _replace(state, nodes=state.nodes.set(node_id, rec))
+        return _replace(state, nodes=state.nodes.set(node_id, _replace(rec, hello_idx=ie.idx)))
+    return _replace(
+        state,
+        nodes=state.nodes.set(node_id, rec),
+        last_event_by_node=state.last_event_by_node.with_connected(rec.slot, True),
+    )
 
 
 def node_gathered_info(state: State, ie: IndexedEvent, ev: NodeGatheredInfo) -> State:
@@ -148,7 +152,11 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
         disconnected_reason=ev.reason,
         disconnect_excused=ev.excused,
     )
-    state = _replace(state, nodes=state.nodes.set(ev.node_id, rec))
+    state = _replace(
+        state,
+        nodes=state.nodes.set(ev.node_id, rec),
+        last_event_by_node=state.last_event_by_node.with_connected(rec.slot, False),
+    )
     if ev.excused or state.epoch is None:
         return state
     # An unexcused disconnect punishes the node for the current epoch (DESIGN section 6).
