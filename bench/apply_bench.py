@@ -75,9 +75,7 @@ def make_events(
         else:
             ev = WorkReported(devshard_id="ds-1", node_id=n, units=1, epoch=1)
         idx = first_idx + j - start
-        # Stamped with the origin's slot as the master does once it knows the node: from the
-        # node's second event on (nodes join in order, so node k holds slot k).
-        out.append(IndexedEvent(idx, j, n, idx, ev, k if j >= nodes else -1))
+        out.append(IndexedEvent(idx, j, n, idx, ev))
     return out
 
 

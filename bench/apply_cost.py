@@ -34,11 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec
 from apply_bench import make_events, seeded_state
 
 from cluster.shared.apply import apply
-from cluster.shared.events import NodeHeartbeat
+from cluster.shared.events import IndexedEvent, NodeHeartbeat
 
 #: apply_bench's mix: events j with j % 8 in these positions are of this kind.
 KINDS = {5: "info", 6: "runner status", 7: "work"}
@@ -52,8 +51,9 @@ def child(nodes: int, count: int, replaced: int | None, measure: bool) -> None:
     events = make_events(nodes, count, nodes + 1, start=nodes)
     if replaced is not None:
         events = [
-            # The same record (origin slot included) carrying a heartbeat instead.
-            msgspec.structs.replace(ie, event=NodeHeartbeat(node_id=ie.origin))
+            IndexedEvent(
+                ie.idx, ie.master_time_ms, ie.origin, ie.seq, NodeHeartbeat(node_id=ie.origin)
+            )
             if ie.master_time_ms % 8 == replaced  # apply_bench's time is the event's j
             else ie
             for ie in events

@@ -167,9 +167,6 @@ def write_log(directory: Path, count: int, nodes: int) -> float:
     """Write `count` events in group commits of BATCH; returns seconds."""
     rng = random.Random(42)
     seqs: dict[str, int] = {}
-    # Each node's slot, in the order the state meets the nodes (here: each is connected by
-    # the master first), to stamp `origin_slot` on its records as the master does.
-    slots: dict[str, int] = {}
     stream = cluster_events(nodes, rng)
     started = time.perf_counter()
     with EventLog.open(directory) as lg:
@@ -180,10 +177,7 @@ def write_log(directory: Path, count: int, nodes: int) -> float:
                 origin, ev = next(stream)
                 idx += 1
                 seqs[origin] = seqs.get(origin, 0) + 1
-                slot = slots.get(origin, -1)
-                ie = IndexedEvent(idx, T0_MS + idx, origin, seqs[origin], ev, slot)
-                if isinstance(ev, NodeConnected):
-                    slots.setdefault(ev.node_id, len(slots))
+                ie = IndexedEvent(idx, T0_MS + idx, origin, seqs[origin], ev)
                 batch.append((idx, codec.encode_event(ie)))
             lg.append(batch)
     return time.perf_counter() - started

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from hypothesis import strategies as st
 
-from cluster.shared.apply import apply
 from cluster.shared.events import (
     EVENT_TYPES,
     MASTER_ORIGIN,
@@ -48,7 +46,6 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.shared.state import EMPTY_STATE
 
 NODE_IDS = tuple(f"12D3KooWTestNode{i}" for i in range(6))
 WINDOW_IDS = tuple(f"win-{i}" for i in range(4))
@@ -249,9 +246,7 @@ def event_logs(
     pairs: st.SearchStrategy[tuple[str, Any]] = origin_and_event,
 ) -> list[IndexedEvent]:
     """A valid log: consecutive indices from `start_idx`, non-decreasing master time,
-    per-origin sequence numbers counting up. `pairs` draws each (origin, event). Half the
-    logs carry origin slots as the master stamps them (`stamped`), half none (as logs from
-    before slots were stamped): every property over these logs holds for both."""
+    per-origin sequence numbers counting up. `pairs` draws each (origin, event)."""
     steps = draw(st.lists(pairs, min_size=min_size, max_size=max_size))
     gaps = draw(st.lists(st.integers(0, 5_000), min_size=len(steps), max_size=len(steps)))
     now = T0_MS
@@ -265,19 +260,4 @@ def event_logs(
                 idx=start_idx + i, master_time_ms=now, origin=origin, seq=seqs[origin], event=event
             )
         )
-    return stamped(out) if start_idx == 1 and draw(st.booleans()) else out
-
-
-def stamped(events: list[IndexedEvent]) -> list[IndexedEvent]:
-    """A log from index 1 with each node event carrying its origin's slot whenever the state
-    before it knows the node: what the master writes (it stamps from the state before each
-    batch, so a subset of these), the rest -1."""
-    out: list[IndexedEvent] = []
-    state = EMPTY_STATE
-    for ie in events:
-        known = None if ie.origin == MASTER_ORIGIN else state.nodes.get(ie.origin)
-        if known is not None:
-            ie = msgspec.structs.replace(ie, origin_slot=known.slot)
-        out.append(ie)
-        state = apply(state, ie)
     return out

@@ -97,13 +97,11 @@ class SimCluster:
     def index(self, origin: str, events: list[Event]) -> list[IndexedEvent]:
         batch = []
         idx = self.store.last_idx
-        known = self.state.nodes.get(origin)  # stamped as the master does (server._index)
-        slot = -1 if known is None else known.slot
         for ev in events:
             idx += 1
             seq = self.seqs.get(origin, 0) + 1
             self.seqs[origin] = seq
-            batch.append(IndexedEvent(idx, self.now_ms, origin, seq, ev, slot))
+            batch.append(IndexedEvent(idx, self.now_ms, origin, seq, ev))
         if batch:
             self.store.append(batch)
         return batch

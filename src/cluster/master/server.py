@@ -367,17 +367,13 @@ class Master:
             seq = last_seq.get(origin)
             if seq is None:
                 seq = state.last_seq(origin)
-            # The origin's slot, stamped on its records (IndexedEvent.origin_slot): -1 for the
-            # master and for a node the state does not know yet (it takes a slot as it joins).
-            known = state.nodes.get(origin)
-            slot = -1 if known is None else known.slot
             seqs = sub.seqs
             if seqs is None:
                 for ev in sub.events:
                     idx += 1
                     seq += 1
                     # Built in memory: made what the log will give back (see append_decoded).
-                    ie = as_logged(IndexedEvent(idx, now, origin, seq, ev, slot))
+                    ie = as_logged(IndexedEvent(idx, now, origin, seq, ev))
                     records.append(ie)
                     sub.indexed.append(ie)
             else:
@@ -398,7 +394,6 @@ class Master:
                             itertools.repeat(origin, n),
                             itertools.islice(seqs, start, None),
                             itertools.islice(sub.events, start, None),
-                            itertools.repeat(slot, n),
                         )
                     )
                     idx += n

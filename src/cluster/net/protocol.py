@@ -38,9 +38,7 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #:    older worker would fold the same log to a different state (its digest would disagree).
 #: 6: node gauges moved from node records to State.node_gauges (snapshot format 7): an older
 #:    worker could not decode that state.
-#: 7: log records carry their origin's slot (IndexedEvent.origin_slot): an older worker could
-#:    not decode them.
-PROTOCOL_VERSION: Final = 7
+PROTOCOL_VERSION: Final = 6
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

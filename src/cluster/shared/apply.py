@@ -60,34 +60,6 @@ class OutOfOrderError(Exception):
         self.got = got
 
 
-class OriginSlotError(ValueError):
-    """A record's `origin_slot` contradicts its origin: the state gives that node another slot.
-
-    The master stamps a node's slot from its own state, and a slot never changes once
-    assigned, so this means a log that the master did not write as it is (or a bug): folding
-    it further would credit one node's events to another.
-    """
-
-    def __init__(self, ie: IndexedEvent, slot: int) -> None:
-        super().__init__(
-            f"event {ie.idx}: origin {ie.origin!r} carries slot {ie.origin_slot}, "
-            f"but that node's slot is {slot}"
-        )
-        self.idx = ie.idx
-        self.origin = ie.origin
-        self.origin_slot = ie.origin_slot
-        self.slot = slot
-
-
-def _checked_slot(ie: IndexedEvent, rec: NodeRecord | None, node_count: int) -> None:
-    """Raise `OriginSlotError` if `ie` names a slot other than the one its origin has (or,
-    new, is about to take)."""
-    if ie.origin_slot >= 0:
-        slot = node_count if rec is None else rec.slot
-        if ie.origin_slot != slot:
-            raise OriginSlotError(ie, slot)
-
-
 Reducer = Callable[[State, IndexedEvent, Any], State]
 
 #: One reducer per event type. A test checks the table covers the whole union.
@@ -135,33 +107,6 @@ def apply(state: State, ie: IndexedEvent) -> State:
     # Every node-originated event is liveness (DESIGN rule 6): it advances the node's marks.
     # The index and time are set before the reducer runs (reducers read them from the event,
     # never from state), so most events cost one State copy.
-    marks = state.last_event_by_node.advance(ie.origin_slot, ie.idx, ie.seq)
-    if marks is not None:
-        # A connected node's event, found by the slot the master stamped on it: its record
-        # is not read (NodeMarks.advance says why), unless a reducer needs it.
-        if reducer is _heartbeat:  # the commonest event: nothing else to do
-            return _replace(
-                state, last_event_by_node=marks, last_applied=ie.idx, last_time_ms=ie.master_time_ms
-            )
-        if type(event) is NodeGatheredInfo and event.node_id == origin:
-            # As below, with the record in hand; its slot is checked as it is read anyway.
-            node_map = state.nodes
-            known = node_map.get(origin)
-            if known is None or known.slot != ie.origin_slot:
-                raise OriginSlotError(ie, len(node_map) if known is None else known.slot)
-            updated, gauges = nodes.info_update(known, state.node_gauges, event.info)
-            return _replace(
-                state,
-                nodes=node_map if updated is known else node_map.set(origin, updated),
-                node_gauges=gauges,
-                last_event_by_node=marks,
-                last_applied=ie.idx,
-                last_time_ms=ie.master_time_ms,
-            )
-        state = _replace(
-            state, last_event_by_node=marks, last_applied=ie.idx, last_time_ms=ie.master_time_ms
-        )
-        return reducer(state, ie, event)
     node_map = state.nodes
     try:
         # Subscript, not `.get()`: immutables' get() is a varargs call that builds an
@@ -169,15 +114,11 @@ def apply(state: State, ie: IndexedEvent) -> State:
         rec: NodeRecord | None = node_map[origin]
     except KeyError:
         rec = None
-    _checked_slot(ie, rec, len(node_map))
     if rec is None or not rec.connected:
         # A new or disconnected node (re)joins with its event: before the reducer, which
         # reads whether the node exists and is connected.
         rec = nodes.joined(rec, origin, ie, len(node_map))
         node_map = node_map.set(origin, rec)
-        state = _replace(
-            state, last_event_by_node=state.last_event_by_node.with_connected(rec.slot, True)
-        )
     elif reducer is _heartbeat:  # the commonest event: nothing else to do
         return _replace(
             state,
@@ -239,25 +180,15 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
         origin = ie.origin
         if origin == MASTER_ORIGIN:
             master_seq = ie.seq
-        elif (
-            state.last_event_by_node.is_connected(ie.origin_slot)
-            and type(ie.event) is not NodeGatheredInfo  # reads the record: checked, as in apply
-        ):
-            last_by_slot[ie.origin_slot] = ie  # a connected node, found by its slot: see apply
         else:
             node_map = state.nodes
             try:  # subscript, not a varargs `.get()`: see `apply`
                 rec: NodeRecord | None = node_map[origin]
             except KeyError:
                 rec = None
-            _checked_slot(ie, rec, len(node_map))
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
                 rec = nodes.joined(rec, origin, ie, len(node_map))
-                state = _replace(
-                    state,
-                    nodes=node_map.set(origin, rec),
-                    last_event_by_node=state.last_event_by_node.with_connected(rec.slot, True),
-                )
+                state = _replace(state, nodes=node_map.set(origin, rec))
             last_by_slot[rec.slot] = ie
         event = ie.event
         reducer = reducers[type(event)]

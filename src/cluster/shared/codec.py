@@ -100,11 +100,7 @@ def decode_state(data: bytes | memoryview) -> State:
                 f"{rec.marks_offset}) does not match slot {rec.slot} "
                 f"(expected ({expected.mid}, {expected.leaf}, {expected.offset}))"
             )
-    # Which slots hold a connected node is derived, so not encoded: rebuilt from the records.
-    connected = [rec.slot for rec in state.nodes.values() if rec.connected]
-    return msgspec.structs.replace(
-        state, last_event_by_node=state.last_event_by_node.with_connected_slots(connected)
-    )
+    return state
 
 
 def state_digest(state: State) -> str:

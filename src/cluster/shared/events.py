@@ -327,10 +327,3 @@ class IndexedEvent(msgspec.Struct, frozen=True, array_like=True):
     origin: str
     seq: int
     event: Event
-    #: The origin node's slot (`NodeRecord.slot`), stamped by the master when the node was
-    #: already known to it; -1 for the master's own events, a node's first events, and logs
-    #: written before slots were stamped. A node's slot never changes once assigned, so it
-    #: is as much a fact of the record as its origin: `apply` finds a connected node's marks
-    #: by it without looking the node up (see `NodeMarks.advance`), and reports a record whose
-    #: slot contradicts its origin (`OriginSlotError`) wherever it does look the node up.
-    origin_slot: Annotated[int, msgspec.Meta(ge=-1, le=2**62)] = -1

@@ -15,12 +15,6 @@ events (no fewer instructions in order, more at random); leaves of Python ints (
 writes, but a copy touches 64 cold objects); a shared table of paths by slot (fewer
 instructions, but two more cold objects per event at 10,000 nodes: the slot and its path).
 
-Beside the marks, a NodeMarks knows which slots hold a connected node (a flag per slot, a copy
-of the records' `connected`): `advance` then takes a record's `origin_slot` and writes the
-marks without the node's record, the common case at 10,000 nodes (docs/architecture.md,
-"Records carry their origin's slot"). The flags are derived, so equality and the canonical
-form ignore them and `codec.decode_state` rebuilds them.
-
 A slot that never received marks reads (0, 0): event indices start at 1, so an index of 0
 means "no event yet".
 """
@@ -30,18 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import ClassVar, NamedTuple
 
-from cluster.shared.slot_table import (
-    LEAF_SHIFT,
-    LEAF_SLOTS,
-    MID_LEAVES,
-    MID_SHIFT,
-    SLOT_LEAF,
-    SLOT_MID,
-    SLOT_ROW,
-    LeafRoot,
-    SlotTable,
-    reserve_paths,
-)
+from cluster.shared.slot_table import LEAF_SHIFT, LEAF_SLOTS, MID_LEAVES, MID_SHIFT, SlotTable
 
 __all__ = ["LEAF_SLOTS", "MID_LEAVES", "MarksAddress", "NodeMarks", "address", "slot_at"]
 
@@ -64,105 +47,17 @@ def slot_at(mid: int, leaf: int, offset: int) -> int:
     return NodeMarks.slot_at(mid, leaf, offset)
 
 
-class _Connected(SlotTable):
-    """Slot -> 1 while the node holding it is connected, else 0 (see `NodeMarks.advance`)."""
-
-    __slots__ = ()
-    WIDTH: ClassVar[int] = 1
-    FILL: ClassVar[int] = 0
-    TYPECODE: ClassVar[str] = "B"  # 32-byte leaves; a read gives a cached small int
-
-
 class NodeMarks(SlotTable):
     """Immutable map slot -> (last event index, last sequence number); see the module doc."""
 
-    __slots__ = ("_connected",)
+    __slots__ = ()
     WIDTH: ClassVar[int] = 2
     FILL: ClassVar[int] = 0
     TYPECODE: ClassVar[str] = "Q"  # marks are never negative: the cheaper write (2 per event)
-    #: The `_Connected` trie: which slots hold a connected node. A copy of what the node
-    #: records say, kept here so that `advance` needs no record; not part of the marks' value
-    #: (equality and the canonical form ignore it; `codec.decode_state` rebuilds it).
-    _connected: LeafRoot
 
     def __init__(self, pairs: Iterable[tuple[int, int]] = ()) -> None:
-        """Marks for slots 0, 1, ... from (index, seq) pairs, no slot marked connected."""
+        """Marks for slots 0, 1, ... from (index, seq) pairs."""
         super().__init__(pairs)
-        self._connected = []
-
-    @classmethod
-    def of_root(cls, root: LeafRoot) -> NodeMarks:
-        new = super().of_root(root)
-        new._connected = []
-        return new
-
-    def with_rows(self, updates: Iterable[tuple[int, int, int]]) -> NodeMarks:
-        new = super().with_rows(updates)
-        new._connected = self._connected
-        return new
-
-    def with_connected(self, slot: int, connected: bool) -> NodeMarks:
-        """These marks with `slot` marked as holding a connected node or not. Whatever
-        creates a node record or changes its `connected` calls it (reducers/nodes.py)."""
-        flags = _Connected.of_root(self._connected)
-        if flags.row(slot)[0] == connected:
-            return self
-        reserve_paths(slot + 1)
-        new: NodeMarks = _Made()
-        new._root = self._root
-        new._connected = flags.with_rows(((slot, 0, int(connected)),))._root
-        return new
-
-    def with_connected_slots(self, slots: Iterable[int]) -> NodeMarks:
-        """These marks with exactly `slots` marked connected: how a decoded state gets the
-        flags its encoding leaves out."""
-        cells = [(slot, 0, 1) for slot in slots]
-        reserve_paths(max((slot for slot, _, _ in cells), default=-1) + 1)
-        new: NodeMarks = _Made()
-        new._root = self._root
-        new._connected = _Connected().with_rows(cells)._root
-        return new
-
-    def is_connected(self, slot: int) -> bool:
-        """Does `slot` hold a connected node (as the node records say)?"""
-        if slot < 0:
-            return False
-        try:
-            flag: int = self._connected[SLOT_MID[slot]][SLOT_LEAF[slot]][SLOT_ROW[slot]]
-        except IndexError:
-            return False
-        return flag == 1
-
-    def advance(self, slot: int, idx: int, seq: int) -> NodeMarks | None:
-        """`set` of `slot` to (idx, seq) if it holds a connected node; else None (the caller
-        then looks the node up: it may be new, or rejoin).
-
-        What lets `apply` take a record's `origin_slot` instead of looking its origin up in
-        `State.nodes`: at 10,000 nodes that lookup reads the node's record, its key string and
-        their trie node, ~3-4 cache lines no other event touched lately (bench/apply_cost.py:
-        ~3.2 L2 misses fewer per event at 10,000 nodes, ~400 machine instructions more)."""
-        if slot < 0:
-            return None
-        try:
-            mid = SLOT_MID[slot]
-            leaf = SLOT_LEAF[slot]
-            row = SLOT_ROW[slot]
-            if not self._connected[mid][leaf][row]:
-                return None
-            # The copy is `set_at`'s, written out: a call costs ~200 instructions, and this
-            # is what most events do.
-            root = self._root.copy()
-            root[mid] = mids = root[mid].copy()
-            mids[leaf] = values = mids[leaf][:]
-        except IndexError:  # not connected; or its first event: no marks leaf there yet
-            return self.set_many(((slot, idx, seq),)) if self.is_connected(slot) else None
-        row += row
-        values[row] = idx
-        values[row + 1] = seq
-        new: NodeMarks = _Made()
-        new._root = root
-        new._connected = self._connected
-        return new
 
     @classmethod
     def check_row(cls, slot: int, row: Sequence[float]) -> None:
@@ -205,7 +100,6 @@ class NodeMarks(SlotTable):
         values[offset + 1] = seq
         new: NodeMarks = _Made()
         new._root = root
-        new._connected = self._connected
         return new
 
     def set_many(self, marks: Iterable[tuple[int, int, int]]) -> NodeMarks:

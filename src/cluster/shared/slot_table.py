@@ -26,7 +26,6 @@ were built.
 
 from __future__ import annotations
 
-import threading
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Final, Self, TypeAlias
@@ -41,31 +40,6 @@ _LEAF_MASK: Final = LEAF_SLOTS - 1
 MID_SHIFT: Final = 10
 MID_LEAVES: Final = 1 << (MID_SHIFT - LEAF_SHIFT)
 _MID_MASK: Final = MID_LEAVES - 1
-
-#: Each slot's (middle list, leaf, row in the leaf), as three lists indexed by slot, for
-#: slots below `len(SLOT_ROW)` (`reserve_paths` extends them): a hot path that has a bare
-#: slot number (`NodeMarks.advance`) finds its way by three list subscripts, where the shifts
-#: and masks, integer operations CPython 3.11 does not specialize, cost several hundred
-#: machine instructions. Pure arithmetic, only ever appended to (under a lock, middle lists
-#: first and rows last, so a slot that has a row has the rest), the same in every process.
-SLOT_MID: Final[list[int]] = []
-SLOT_LEAF: Final[list[int]] = []
-SLOT_ROW: Final[list[int]] = []
-_paths_lock = threading.Lock()
-
-
-def reserve_paths(slots: int) -> None:
-    """Make `SLOT_MID`, `SLOT_LEAF` and `SLOT_ROW` cover slots 0 .. `slots` - 1."""
-    if len(SLOT_ROW) >= slots:
-        return
-    with _paths_lock:
-        start = len(SLOT_ROW)
-        if start >= slots:
-            return
-        SLOT_MID.extend(s >> MID_SHIFT for s in range(start, slots))
-        SLOT_LEAF.extend((s >> LEAF_SHIFT) & _MID_MASK for s in range(start, slots))
-        SLOT_ROW.extend(s & _LEAF_MASK for s in range(start, slots))
-
 
 Leaf: TypeAlias = "array[Any]"  # array of WIDTH cells per row, of the table's TYPECODE
 _Mid: TypeAlias = "list[Leaf]"

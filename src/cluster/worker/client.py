@@ -57,7 +57,7 @@ from cluster.net.protocol import (
     encode,
     expect,
 )
-from cluster.shared.apply import OriginSlotError, OutOfOrderError, fold
+from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
 from cluster.shared.digest_file import write_digest_file
 from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
@@ -482,8 +482,6 @@ class Worker:
                 state = fold(state, events)
             except OutOfOrderError as exc:
                 raise _Resubscribe(f"{exc}; resubscribing from {state.last_applied + 1}") from exc
-            except OriginSlotError as exc:  # nothing of the frame is folded
-                raise ProtocolError("malformed", f"master sent {exc}") from exc
             self._set_state(state)
             # The master broadcasts only what is durable: our own events seen here are
             # acknowledged (it then sends its Acks less often, see Master._acker).

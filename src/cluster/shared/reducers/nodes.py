@@ -114,12 +114,8 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
             hello_idx=ie.idx,
         )
     else:
-        return _replace(state, nodes=state.nodes.set(node_id, _replace(rec, hello_idx=ie.idx)))
-    return _replace(
-        state,
-        nodes=state.nodes.set(node_id, rec),
-        last_event_by_node=state.last_event_by_node.with_connected(rec.slot, True),
-    )
+        rec = _replace(rec, hello_idx=ie.idx)
+    return _replace(state, nodes=state.nodes.set(node_id, rec))
 
 
 def node_gathered_info(state: State, ie: IndexedEvent, ev: NodeGatheredInfo) -> State:
@@ -152,11 +148,7 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
         disconnected_reason=ev.reason,
         disconnect_excused=ev.excused,
     )
-    state = _replace(
-        state,
-        nodes=state.nodes.set(ev.node_id, rec),
-        last_event_by_node=state.last_event_by_node.with_connected(rec.slot, False),
-    )
+    state = _replace(state, nodes=state.nodes.set(ev.node_id, rec))
     if ev.excused or state.epoch is None:
         return state
     # An unexcused disconnect punishes the node for the current epoch (DESIGN section 6).
