@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 from cluster.shared import codec, node_marks
 from cluster.shared.apply import apply
 from cluster.shared.events import IndexedEvent, NodeHeartbeat
-from cluster.shared.node_marks import LEAF_SLOTS, MID_LEAVES, NodeMarks
+from cluster.shared.node_marks import LEAF_SLOTS, MID_LEAVES, NodeMarks, address
 from cluster.shared.state import EMPTY_STATE
 
 # Slots that cross leaf (32) and middle-list (1,024) boundaries, and a far one.
@@ -137,3 +140,32 @@ def test_record_with_a_wrong_marks_address_does_not_decode() -> None:
     del doc["nodes"]["n1"]["marks_offset"]  # a record from before format 5
     with pytest.raises(codec.ValidationError, match="missing required field `marks_offset`"):
         codec.decode_state(msgspec.msgpack.encode(doc))
+
+
+def test_state_whose_slots_or_keys_disagree_does_not_decode() -> None:
+    # Slots number the nodes 0..n-1 in join order and each record is filed under its own id:
+    # a damaged or forged snapshot that breaks either would mix two nodes' marks and gauges.
+    state = EMPTY_STATE
+    for i, node in enumerate(("n1", "n2", "n3"), start=1):
+        state = apply(state, IndexedEvent(i, 5, node, 1, NodeHeartbeat(node_id=node)))
+    good = codec.to_builtins(state)
+    assert [good["nodes"][n]["slot"] for n in ("n1", "n2", "n3")] == [0, 1, 2]
+    assert codec.decode_state(msgspec.msgpack.encode(good)) == state
+
+    def with_slot(node: str, slot: int) -> dict[str, Any]:
+        doc: dict[str, Any] = copy.deepcopy(good)
+        mid, leaf, offset = address(slot)
+        doc["nodes"][node].update(slot=slot, marks_mid=mid, marks_leaf=leaf, marks_offset=offset)
+        return doc
+
+    for doc, message in (
+        (with_slot("n3", 1), r"nodes 'n2' and 'n3' both hold slot 1"),
+        (with_slot("n3", 3), r"node 'n3': slot 3 is outside 0\.\.2 \(slots number the 3 nodes"),
+        (with_slot("n1", -1), r"node 'n1': slot -1 is outside 0\.\.2"),
+    ):
+        with pytest.raises(codec.ValidationError, match=message):
+            codec.decode_state(msgspec.msgpack.encode(doc))
+    misfiled = copy.deepcopy(good)
+    misfiled["nodes"]["n2"]["node_id"] = "n9"
+    with pytest.raises(codec.ValidationError, match=r"node 'n2': its record names node 'n9'"):
+        codec.decode_state(msgspec.msgpack.encode(misfiled))

@@ -83,12 +83,29 @@ def encode_state(state: State) -> bytes:
 
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
-    including a node record whose marks address does not match its slot."""
+    including a node record filed under another node's id, slots that are not 0..n-1 (one
+    per node), and a record whose marks address does not match its slot."""
     state = _state_decoder.decode(data)
     gauged = len(state.node_gauges.rows())
     if gauged > len(state.nodes):
         raise ValidationError(f"node gauges hold {gauged} slots for {len(state.nodes)} nodes")
-    for rec in state.nodes.values():
+    slot_holder: dict[int, str] = {}
+    for node_id, rec in state.nodes.items():
+        if rec.node_id != node_id:
+            raise ValidationError(f"node {node_id!r}: its record names node {rec.node_id!r}")
+        # Slots are join order, dense and never reused: a duplicate would share one node's
+        # marks and gauges with another, a gap would hand a joining node a slot in use.
+        other = slot_holder.setdefault(rec.slot, node_id)
+        if other != node_id:
+            raise ValidationError(
+                f"nodes {min(other, node_id)!r} and {max(other, node_id)!r} "
+                f"both hold slot {rec.slot}"
+            )
+        if not 0 <= rec.slot < len(state.nodes):
+            raise ValidationError(
+                f"node {node_id!r}: slot {rec.slot} is outside 0..{len(state.nodes) - 1} "
+                f"(slots number the {len(state.nodes)} nodes in join order)"
+            )
         held = [name for name in GAUGES if getattr(rec.info, name) is not None]
         if held:
             # Gauges live in State.node_gauges: a record holding one is from another layout.
