@@ -77,3 +77,95 @@ def test_a_snapshot_with_the_old_ledger_layout_is_refused() -> None:
     old = {"last_applied": 3, "ledgers": {1: {"epoch": 1, "units": {"n": 4}, "settled": False}}}
     with pytest.raises(msgspec.ValidationError, match="units"):
         decode_state(msgspec.msgpack.encode(old))
+
+
+def test_a_state_with_records_filed_under_other_ids_is_refused() -> None:
+    """A record stored under another key (a damaged or forged snapshot) would be found by one
+    id and act as another: every map of records that carry their id is checked, and so are
+    node marks for more slots than there are nodes."""
+    import msgspec
+    import pytest
+
+    from cluster.shared.codec import ValidationError, to_builtins
+    from cluster.shared.events import RunnerStatus
+    from cluster.shared.node_marks import NodeMarks
+    from cluster.shared.state import (
+        EMPTY_STATE,
+        DevshardRecord,
+        EpochLedger,
+        MaintenanceWindow,
+        RunnerRecord,
+        SessionRecord,
+        WindowState,
+    )
+
+    state = msgspec.structs.replace(
+        EMPTY_STATE,
+        runners=EMPTY_STATE.runners.set(
+            "d/0",
+            RunnerRecord(
+                runner_id="d/0",
+                node_id="n",
+                status=RunnerStatus.READY,
+                devshard_id="d",
+                slot=0,
+                reason="",
+                updated_ms=1,
+            ),
+        ),
+        windows=EMPTY_STATE.windows.set(
+            "w",
+            MaintenanceWindow(
+                window_id="w",
+                node_id="n",
+                start_ms=1,
+                duration_ms=2,
+                requested_ms=0,
+                credit_spent_ms=2,
+                state=WindowState.SCHEDULED,
+            ),
+        ),
+        sessions=EMPTY_STATE.sessions.set(
+            "s",
+            SessionRecord(
+                session_id="s",
+                slots=1,
+                memory_per_slot_mb=1,
+                gpu=False,
+                name="",
+                reward_per_unit=1,
+                created_ms=0,
+            ),
+        ),
+        devshards=EMPTY_STATE.devshards.set(
+            "d",
+            DevshardRecord(
+                devshard_id="d",
+                session_id="s",
+                epoch=1,
+                assignments=(),
+                ends_ms=9,
+                placed_ms=0,
+                reason="",
+            ),
+        ),
+        ledgers=EMPTY_STATE.ledgers.set(1, EpochLedger(epoch=1)),
+    )
+    good = to_builtins(state)
+    assert decode_state(msgspec.msgpack.encode(good)) == state
+    for field, key, other in (
+        ("runners", "d/0", "d/1"),
+        ("windows", "w", "w2"),
+        ("sessions", "s", "s2"),
+        ("devshards", "d", "d2"),
+        ("ledgers", 1, 2),
+    ):
+        doc = dict(good)
+        doc[field] = {other: good[field][key]}
+        with pytest.raises(
+            ValidationError, match=rf"{field}\[{other!r}\] holds the record of {key!r}"
+        ):
+            decode_state(msgspec.msgpack.encode(doc))
+    doc = dict(good, last_event_by_node=NodeMarks([(0, 0), (3, 1)]).pairs())
+    with pytest.raises(ValidationError, match="node marks hold 2 slots for 0 nodes"):
+        decode_state(msgspec.msgpack.encode(doc))

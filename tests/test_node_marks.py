@@ -167,5 +167,5 @@ def test_state_whose_slots_or_keys_disagree_does_not_decode() -> None:
             codec.decode_state(msgspec.msgpack.encode(doc))
     misfiled = copy.deepcopy(good)
     misfiled["nodes"]["n2"]["node_id"] = "n9"
-    with pytest.raises(codec.ValidationError, match=r"node 'n2': its record names node 'n9'"):
+    with pytest.raises(codec.ValidationError, match=r"nodes\['n2'\] holds the record of 'n9'"):
         codec.decode_state(msgspec.msgpack.encode(misfiled))

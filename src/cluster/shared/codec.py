@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -81,6 +82,17 @@ def encode_state(state: State) -> bytes:
     return _state_encoder.encode(state)
 
 
+#: Maps of State whose records carry their own id, and how to read it: a record filed under
+#: another key would be found by one id and act as another.
+_FILED_RECORDS: tuple[tuple[str, Callable[[Any], object]], ...] = (
+    ("runners", lambda r: r.runner_id),
+    ("windows", lambda w: w.window_id),
+    ("sessions", lambda s: s.session_id),
+    ("devshards", lambda d: d.devshard_id),
+    ("ledgers", lambda e: e.epoch),
+)
+
+
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record filed under another node's id, slots that are not 0..n-1 (one
@@ -89,10 +101,18 @@ def decode_state(data: bytes | memoryview) -> State:
     gauged = len(state.node_gauges.rows())
     if gauged > len(state.nodes):
         raise ValidationError(f"node gauges hold {gauged} slots for {len(state.nodes)} nodes")
+    marked = len(state.last_event_by_node.rows())
+    if marked > len(state.nodes):
+        # A node joining later would take a slot with marks it never earned.
+        raise ValidationError(f"node marks hold {marked} slots for {len(state.nodes)} nodes")
+    for field, id_of in _FILED_RECORDS:
+        for key, record in getattr(state, field).items():
+            if id_of(record) != key:
+                raise ValidationError(f"{field}[{key!r}] holds the record of {id_of(record)!r}")
     slot_holder: dict[int, str] = {}
     for node_id, rec in state.nodes.items():
         if rec.node_id != node_id:
-            raise ValidationError(f"node {node_id!r}: its record names node {rec.node_id!r}")
+            raise ValidationError(f"nodes[{node_id!r}] holds the record of {rec.node_id!r}")
         # Slots are join order, dense and never reused: a duplicate would share one node's
         # marks and gauges with another, a gap would hand a joining node a slot in use.
         other = slot_holder.setdefault(rec.slot, node_id)
