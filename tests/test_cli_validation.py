@@ -32,7 +32,9 @@ def test_data_dir_that_is_a_file_is_refused(
         (["--epoch-length", "5x"], "'5x': unknown unit 'x'"),
         (["--http", "0.0.0.0:8470"], "exposes it beyond this machine"),
         (["--http", "nonsense"], "expected HOST:PORT"),
-        (["--plan-interval", "0"], "--plan-interval must be > 0"),
+        (["--plan-interval", "0"], "--plan-interval must be a finite number > 0"),
+        (["--plan-interval", "inf"], "--plan-interval must be a finite number > 0, got inf"),
+        (["--peer-timeout", "nan"], "--peer-timeout must be a finite number > 0, got nan"),
     ],
 )
 def test_master_options_are_validated(
@@ -79,3 +81,21 @@ def test_master_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -
     assert (cfg.plan_interval_ms, cfg.epoch_length_ms, cfg.stale_cycles) == (2_000, 1_200_000, 5)
     # Neither: the documented defaults.
     assert planner_config(_master_args(), PlannerConfig()) == PlannerConfig()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--heartbeat-interval", "0"], "--heartbeat-interval must be a finite number > 0"),
+        (["--heartbeat-interval", "inf"], "--heartbeat-interval must be a finite number > 0"),
+        (["--peer-timeout", "nan"], "--peer-timeout must be a finite number > 0"),
+        (["--load", "-1"], "--load must be a finite number >= 0"),
+    ],
+)
+def test_worker_options_are_validated(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    master = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master, *argv]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

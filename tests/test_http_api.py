@@ -297,6 +297,20 @@ def test_event_json_names_its_fields() -> None:
         (b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000, 431, ""),
         (b"POST /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "GET"),
         (b"GET /api/events?from=abc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "from='abc'"),
+        # A Unicode digit that str.isdigit() accepts and int() refuses.
+        (b"GET /api/events?from=%C2%B2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "from="),
+        (
+            b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: \xc2\xb2\r\n\r\n",
+            400,
+            "Last-Event-ID",
+        ),
+        (
+            b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nLast-Event-ID: "
+            + b"9" * 5000
+            + b"\r\n\r\n",
+            400,
+            "Last-Event-ID",
+        ),
         (b"GET /api/status?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "unknown query"),
         (b"GET /api/status?a=1&a=2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "2 times"),
         (

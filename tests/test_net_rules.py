@@ -11,6 +11,8 @@ import msgspec
 import pytest
 
 from cluster.master.admission import (
+    MAX_MISSED_SLOTS,
+    MAX_WORK_UNITS,
     AdmissionError,
     check_worker_batch,
     check_worker_columns,
@@ -24,7 +26,7 @@ from cluster.net.membership import (
     load_secret_file,
     new_nonce,
 )
-from cluster.shared.events import EpochStarted, Event, NodeHeartbeat, WorkReported
+from cluster.shared.events import EpochStarted, Event, NodeHeartbeat, WorkMissed, WorkReported
 from cluster.worker.outbox import Outbox
 
 A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
@@ -75,8 +77,32 @@ def test_admission_binds_origin_and_keeps_decisions_for_the_master() -> None:
     assert e.value.code == "forbidden-origin"
     with pytest.raises(AdmissionError, match=r"EpochStarted .* may only be issued by the master"):
         check_worker_event(A, 3, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0))
-    with pytest.raises(AdmissionError, match="must be >= 1"):
+    with pytest.raises(AdmissionError, match=r"sequence number 0 must be 1\.\.9223372036854775807"):
         check_worker_event(A, 0, NodeHeartbeat(node_id=A))
+
+
+def test_admission_bounds_sequence_numbers_and_work_amounts() -> None:
+    """What State keeps must stay encodable: a sequence number past int64 would make every
+    later snapshot undecodable, and unbounded work amounts would overflow the ledger."""
+    hb = NodeHeartbeat(node_id=A)
+    check_worker_event(A, 2**63 - 1, hb)
+    with pytest.raises(AdmissionError, match=f"sequence number {2**63} must be") as err:
+        check_worker_event(A, 2**63, hb)
+    assert err.value.code == "bad-seq"
+    check_worker_event(
+        A, 1, WorkReported(devshard_id="d", node_id=A, units=MAX_WORK_UNITS, epoch=0)
+    )
+    for units in (0, -3, MAX_WORK_UNITS + 1, 2**64 - 1):
+        with pytest.raises(AdmissionError, match=f"carries {units} units: must be 1..") as err:
+            check_worker_event(A, 1, WorkReported(devshard_id="d", node_id=A, units=units, epoch=0))
+        assert err.value.code == "bad-units"
+    check_worker_event(
+        A, 1, WorkMissed(devshard_id="d", node_id=A, epoch=0, count=MAX_MISSED_SLOTS)
+    )
+    for count in (0, MAX_MISSED_SLOTS + 1):
+        with pytest.raises(AdmissionError, match=f"counts {count} slots: must be 1..") as err:
+            check_worker_event(A, 1, WorkMissed(devshard_id="d", node_id=A, epoch=0, count=count))
+        assert err.value.code == "bad-count"
 
 
 def test_batches_must_count_up() -> None:

@@ -525,3 +525,31 @@ def test_late_work_index_follows_reports_and_decisions() -> None:
     assert dict(s.ledgers[1].late_pending) == {}
     s = log.add(MASTER_ORIGIN, WorkReported(devshard_id="d1", node_id=A, units=3, epoch=1))
     assert dict(s.ledgers[1].late_pending) == {A: 1}  # 6 late units, 5 decided
+
+
+def test_ledger_sums_saturate_so_state_stays_encodable() -> None:
+    """A log may hold work amounts the master would refuse today (an older build, another
+    writer): the ledger's sums stop at INT64_MAX instead of growing past what State can encode."""
+    from cluster.shared.codec import decode_state, encode_state
+    from cluster.shared.events import INT64_MAX
+
+    log = Log()
+    log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=10, seed=1))
+    huge = 2**64 - 1  # the largest int msgpack carries
+    for _ in range(2):
+        log.add(A, WorkReported(devshard_id="d", node_id=A, units=huge, epoch=1))
+        log.add(A, WorkMissed(devshard_id="d", node_id=A, epoch=1, count=huge))
+    account = log.state.ledgers[1].nodes[A]
+    assert (account.units, account.reward, account.misses) == (INT64_MAX,) * 3
+    assert dict(account.units_by_devshard) == {"d": INT64_MAX}
+    log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))
+    log.add(A, WorkReported(devshard_id="d", node_id=A, units=huge, epoch=1))
+    log.add(A, WorkReported(devshard_id="d", node_id=A, units=3, epoch=1))
+    late = log.state.ledgers[1].nodes[A]
+    assert (late.late_units, late.late_reward) == (INT64_MAX, INT64_MAX)
+    assert decode_state(encode_state(log.state)) == log.state
+    # Below the cap nothing changes: the sums are exact.
+    small = Log()
+    small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62, epoch=2))
+    small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62 - 1, epoch=2))
+    assert small.state.ledgers[2].nodes[A].units == INT64_MAX

@@ -14,7 +14,7 @@ from cluster.control import (
     SessionDelete,
     SessionList,
 )
-from cluster.master.requests import LOCAL_OPERATOR, decide
+from cluster.master.requests import LOCAL_OPERATOR, MAX_REWARD_PER_UNIT, decide
 from cluster.shared.events import MaintenanceScheduled, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
 
@@ -35,6 +35,13 @@ def test_session_create_validates_and_makes_a_replayable_id() -> None:
     )
     assert not ok
     assert "slots must be between 1" in msg and "memory per slot" in msg and "'bad name!'" in msg
+    for reward in (-1, MAX_REWARD_PER_UNIT + 1):
+        ok, msg = _run(
+            log,
+            SessionCreate(slots=1, memory_per_slot_mb=1, reward_per_unit=reward),
+            LOCAL_OPERATOR,
+        )
+        assert not ok and f"reward per unit must be between 0 and {MAX_REWARD_PER_UNIT}" in msg
     ok, msg = _run(
         log, SessionCreate(slots=2, memory_per_slot_mb=1024, name="chat"), LOCAL_OPERATOR
     )

@@ -56,5 +56,26 @@ async def test_status_unreachable_or_bad_url(capsys: pytest.CaptureFixture[str])
     await listener.aclose()
     assert await run_cli("status", "--url", f"http://127.0.0.1:{port}", "--timeout", "2") == 1
     assert "cannot reach the master's HTTP API" in capsys.readouterr().err
-    assert await run_cli("status", "--url", "ftp://x") == 1
+    assert await run_cli("status", "--url", "ftp://x") == 2
     assert "expected http://HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--url", "http://127.0.0.1:abc"], "--url 'http://127.0.0.1:abc': Port could not be cast"),
+        (["--url", "http://127.0.0.1:99999"], "--url 'http://127.0.0.1:99999': Port out of range"),
+        (["--url", "http://[::1"], "--url 'http://[::1': Invalid IPv6 URL"),
+        (["--timeout", "-1"], "--timeout must be a finite number of seconds > 0, not -1.0"),
+        (["--timeout", "nan"], "--timeout must be a finite number of seconds > 0, not nan"),
+        (["--token", "t\u20acst"], "the API token must be printable ASCII"),
+        (["--token", "a\nb"], "the API token must be printable ASCII"),
+    ],
+)
+def test_status_arguments_are_validated_before_any_request(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["status", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"cluster status: {says}" in err
+    assert "Traceback" not in err

@@ -268,3 +268,38 @@ def test_store_does_not_import_libp2p() -> None:
     code = "import sys, cluster.shared.store; print('libp2p' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_record_whose_numbers_do_not_fit_the_state_is_reported_with_its_index(
+    tmp_path: Path,
+) -> None:
+    # A CRC-valid record with a negative or too large sequence number used to decode and then
+    # crash the fold (an unsigned marks cell): it is refused at decode, naming the record.
+    for seq in (-1, 2**63):
+        data = tmp_path / str(seq)
+        with EventStore.open(data) as store:
+            store.append(make_events(3))
+            bad = IndexedEvent(4, 4, "n1", 0, NodeHeartbeat(node_id="n1"))
+            store.log.append([(4, msgspec.msgpack.encode(msgspec.structs.replace(bad, seq=seq)))])
+        with pytest.raises(EventDecodeError, match="record 4 is not a valid event") as info:
+            EventStore.open(data)
+        assert info.value.idx == 4
+        assert "- at `$[3]`" in str(info.value)  # the record's fourth field: its seq
+
+
+def test_a_state_that_cannot_be_encoded_skips_its_snapshot_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(state: State) -> bytes:
+        raise OverflowError("can't serialize ints > 2**64 - 1")
+
+    with EventStore.open(tmp_path, snapshot_every=2) as store:
+        monkeypatch.setattr(codec, "encode_state", broken)
+        with caplog.at_level(logging.ERROR):
+            store.append(make_events(4))
+        assert store.state.last_applied == 4
+        assert "could not encode the state at index 4 for a snapshot" in caplog.text
+        monkeypatch.undo()
+        store.append(make_events(6)[4:])
+    with EventStore.open(tmp_path) as store:
+        assert store.state == fold(EMPTY_STATE, make_events(6))

@@ -8,6 +8,7 @@ ids; `--cluster-secret-file` requires the HMAC challenge. With neither, the mast
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):  # inf passes `> 0`, then breaks round()
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> PlannerConfig:

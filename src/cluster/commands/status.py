@@ -8,6 +8,8 @@ through the same decoder, so a malformed answer is reported, never half-printed.
 from __future__ import annotations
 
 import argparse
+import http.client
+import math
 import os
 import sys
 import urllib.error
@@ -45,10 +47,25 @@ class StatusError(Exception):
     """The status could not be fetched or understood; the text says why."""
 
 
+class StatusUsageError(StatusError):
+    """An argument is unusable (exit code 2, like every other bad command line)."""
+
+
 def fetch_status(url: str, token: str | None, timeout: float) -> bytes:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise StatusError(f"--url {url!r}: expected http://HOST:PORT, e.g. {DEFAULT_URL}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise StatusUsageError(f"--timeout must be a finite number of seconds > 0, not {timeout}")
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # It travels in an HTTP header: printable ASCII only (tokens the master makes are).
+        raise StatusUsageError(
+            "the API token must be printable ASCII (check --token or $" + TOKEN_ENV + ")"
+        )
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number 0-65535
+    except ValueError as exc:
+        raise StatusUsageError(f"--url {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StatusUsageError(f"--url {url!r}: expected http://HOST:PORT, e.g. {DEFAULT_URL}")
     endpoint = f"{parts.scheme}://{parts.netloc}/api/status"
     request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
     if token:
@@ -61,7 +78,7 @@ def fetch_status(url: str, token: str | None, timeout: float) -> bytes:
         detail = exc.read().decode("utf-8", "replace").strip()
         hint = f" (pass --token or set ${TOKEN_ENV})" if exc.code == 401 else ""
         raise StatusError(f"{endpoint} answered {exc.code}: {detail}{hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         why = getattr(exc, "reason", exc)
         raise StatusError(
             f"cannot reach the master's HTTP API at {endpoint}: {why} "
@@ -84,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise StatusError(f"the master's /api/status answer is not a status: {exc}") from None
     except StatusError as exc:
         print(f"cluster status: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, StatusUsageError) else 1
     if args.json:
         sys.stdout.write(body.decode() + "\n")
     else:

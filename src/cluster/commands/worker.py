@@ -9,6 +9,7 @@ at RATE per second (for load tests and benchmarks; harmless to state).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         prepare_data_dir(args.data_dir)
         for name in ("heartbeat_interval", "peer_timeout"):
-            if not getattr(args, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-        if args.load < 0:
-            raise ValueError("--load must be >= 0")
+            if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0")
+        if not (args.load >= 0 and math.isfinite(args.load)):
+            raise ValueError("--load must be a finite number >= 0")
         secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
         info = None
         if not args.no_info:

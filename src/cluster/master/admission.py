@@ -13,6 +13,7 @@ from operator import attrgetter, lt
 from typing import Final
 
 from cluster.shared.events import (
+    INT64_MAX,
     Event,
     NodeGatheredInfo,
     NodeHeartbeat,
@@ -34,6 +35,15 @@ WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
 )
 
 
+#: The most work units one WorkReported may carry, and the most slots one WorkMissed may
+#: count. A runner reports every few seconds (every `offline_work_interval_s` while the master
+#: is unreachable), so real reports are far below; the bound keeps one report's reward
+#: (units x a session's reward per unit, at most `requests.MAX_REWARD_PER_UNIT`) under 2**60,
+#: and the ledger's sums saturate at INT64_MAX beyond that (reducers/runners.py).
+MAX_WORK_UNITS: Final = 2**40
+MAX_MISSED_SLOTS: Final = 2**20
+
+
 class AdmissionError(Exception):
     """A submitted event is refused; `code` goes to the worker with the message."""
 
@@ -44,12 +54,22 @@ class AdmissionError(Exception):
 
 def check_worker_event(origin: str, seq: int, event: Event) -> None:
     """Raise AdmissionError unless `origin` may submit `event` with sequence number `seq`."""
-    if seq < 1:
-        raise AdmissionError("bad-seq", f"sequence number {seq} must be >= 1")
+    if not 1 <= seq <= INT64_MAX:
+        raise AdmissionError("bad-seq", f"sequence number {seq} must be 1..{INT64_MAX}")
     if not isinstance(event, WORKER_EVENT_TYPES):
         raise AdmissionError(
             "forbidden-event",
             f"event type {type(event).__name__} (seq {seq}) may only be issued by the master",
+        )
+    if isinstance(event, WorkReported) and not 1 <= event.units <= MAX_WORK_UNITS:
+        raise AdmissionError(
+            "bad-units",
+            f"WorkReported (seq {seq}) carries {event.units} units: must be 1..{MAX_WORK_UNITS}",
+        )
+    if isinstance(event, WorkMissed) and not 1 <= event.count <= MAX_MISSED_SLOTS:
+        raise AdmissionError(
+            "bad-count",
+            f"WorkMissed (seq {seq}) counts {event.count} slots: must be 1..{MAX_MISSED_SLOTS}",
         )
     node_id = getattr(event, "node_id", origin)
     if node_id != origin:

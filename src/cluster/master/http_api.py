@@ -206,6 +206,12 @@ _ROUTES: Final[dict[str, frozenset[str]]] = {
 }
 
 
+def _is_event_index(text: str) -> bool:
+    """ASCII digits only (`str.isdigit` also accepts "²" and other Unicode digits, which `int`
+    refuses), and short enough to be an int64 index."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 class _Request:
     __slots__ = ("headers", "path", "query")
 
@@ -435,13 +441,13 @@ class HttpApi:
         last_id = req.headers.get("last-event-id")
         if last_id is not None:
             # A reconnecting EventSource resumes after the last event it saw.
-            if not last_id.isdigit():
+            if not _is_event_index(last_id):
                 raise _Reject(400, f"Last-Event-ID {last_id!r} is not an event index")
             return int(last_id) + 1
         text = req.query.get("from")
         if text is None:
             return self.view.state.last_applied + 1  # live events only
-        if not text.isdigit() or len(text) > 18:
+        if not _is_event_index(text):
             raise _Reject(400, f"from={text!r}: expected a non-negative event index")
         return max(int(text), 1)
 

@@ -39,6 +39,8 @@ LOCAL_OPERATOR = "operator:local"
 
 MAX_SLOTS = 4096
 MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
+#: With admission's MAX_WORK_UNITS, one work report's reward stays under 2**60.
+MAX_REWARD_PER_UNIT = 2**20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -96,8 +98,11 @@ def _session_create(state: State, req: SessionCreate) -> Decision:
             f"memory per slot must be between 1 and {MAX_MEMORY_PER_SLOT_MB} MiB, "
             f"not {req.memory_per_slot_mb}"
         )
-    if req.reward_per_unit < 0:
-        problems.append(f"reward per unit cannot be negative ({req.reward_per_unit})")
+    if not 0 <= req.reward_per_unit <= MAX_REWARD_PER_UNIT:
+        problems.append(
+            f"reward per unit must be between 0 and {MAX_REWARD_PER_UNIT}, "
+            f"not {req.reward_per_unit}"
+        )
     if req.name and not _NAME.match(req.name):
         problems.append(
             f"name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-', "

@@ -19,6 +19,13 @@ import msgspec
 #: The `origin` of events the master makes itself (planner decisions, request handlers).
 MASTER_ORIGIN: Final = "master"
 
+#: The largest value State stores in an int64 cell (node marks, gauges) or encodes as a
+#: signed msgpack int: indices, sequence numbers and the ledger's sums never exceed it.
+INT64_MAX: Final = 2**63 - 1
+#: A log position, clock reading or sequence number: what State keeps in its uint64 marks
+#: and its canonical encoding reads back as an int64, so bounded by both.
+LogNumber = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+
 
 class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     """Base of every event; the class name is the tag written to the log."""
@@ -222,7 +229,7 @@ class SessionRequested(_Event, frozen=True):
     gpu: bool = False
     name: str = ""
     #: Reward credited to a node's epoch ledger for each work unit it reports.
-    reward_per_unit: int = 1
+    reward_per_unit: Annotated[int, msgspec.Meta(ge=0)] = 1
 
 
 class SessionDeleted(_Event, frozen=True):
@@ -319,11 +326,12 @@ class IndexedEvent(msgspec.Struct, frozen=True, array_like=True):
 
     `origin` is the node id the master authenticated (or `MASTER_ORIGIN`); `seq` is the
     origin's own sequence number, so the master can drop a resent duplicate. Master events
-    use the master's own counter as `seq`.
+    use the master's own counter as `seq`. The numbers are bounded (`LogNumber`) so that a
+    record that decodes always folds and its state always encodes.
     """
 
-    idx: int
-    master_time_ms: int
+    idx: LogNumber
+    master_time_ms: LogNumber
     origin: str
-    seq: int
+    seq: LogNumber
     event: Event

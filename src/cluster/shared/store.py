@@ -258,7 +258,14 @@ class EventStore:
         state = self._state
         self._snapshot_idx = state.last_applied
         try:
-            self._snapshots.save(state.last_applied, codec.encode_state(state))
+            data = codec.encode_state(state)
+        except Exception:  # a bug (reducers keep State encodable): not a reason to stop serving
+            log.exception(
+                "could not encode the state at index %d for a snapshot", state.last_applied
+            )
+            return
+        try:
+            self._snapshots.save(state.last_applied, data)
         except OSError as exc:
             log.warning("could not save a snapshot at index %d: %s", state.last_applied, exc)
 

@@ -1,10 +1,18 @@
-"""Reducers for runners and the work they report."""
+"""Reducers for runners and the work they report.
+
+The ledger's sums saturate at INT64_MAX: State encodes them as msgpack ints, and a sum past
+that could not be encoded (no snapshot, no digest). The master bounds each report
+(admission.MAX_WORK_UNITS, requests.MAX_REWARD_PER_UNIT) so that real clusters never get
+near; the cap is what keeps a log holding larger values -- older, or not written by our
+master -- foldable into a state that encodes.
+"""
 
 from __future__ import annotations
 
 import msgspec
 
 from cluster.shared.events import (
+    INT64_MAX,
     IndexedEvent,
     RunnerStatus,
     RunnerStatusUpdated,
@@ -86,19 +94,25 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     account = nodes.get(node_id, EMPTY_NODE_LEDGER)
     if ledger.settled:
         # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
-        account = _replace(
-            account,
-            late_units=account.late_units + units,
-            late_reward=account.late_reward + units * per_unit,
-        )
+        total = account.late_units + units
+        reward = account.late_reward + units * per_unit
+        if total > INT64_MAX or reward > INT64_MAX:  # saturate: see the module doc
+            total, reward = min(total, INT64_MAX), min(reward, INT64_MAX)
+        account = _replace(account, late_units=total, late_reward=reward)
         ledger = ledger.with_node(node_id, account)
     else:
         by_shard = account.units_by_devshard
+        total = account.units + units
+        reward = account.reward + units * per_unit
+        shard_units = by_shard.get(devshard_id, 0) + units  # <= total: part of the node's
+        if total > INT64_MAX or reward > INT64_MAX:  # saturate: see the module doc
+            total, reward = min(total, INT64_MAX), min(reward, INT64_MAX)
+            shard_units = min(shard_units, INT64_MAX)
         account = _replace(
             account,
-            units=account.units + units,
-            reward=account.reward + units * per_unit,
-            units_by_devshard=by_shard.set(devshard_id, by_shard.get(devshard_id, 0) + units),
+            units=total,
+            reward=reward,
+            units_by_devshard=by_shard.set(devshard_id, shard_units),
         )
         # On-time work leaves late work as it was: the late-work index needs no look.
         ledger = _replace(ledger, nodes=nodes.set(node_id, account))
@@ -112,6 +126,6 @@ def work_missed(state: State, ie: IndexedEvent, ev: WorkMissed) -> State:
     if ledger.settled:
         return state
     account = ledger.node(ev.node_id)
-    account = _replace(account, misses=account.misses + ev.count)
+    account = _replace(account, misses=min(account.misses + ev.count, INT64_MAX))
     ledger = ledger.with_node(ev.node_id, account)
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
