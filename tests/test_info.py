@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from cluster.shared.events import Event, NodeGatheredInfo, NodeInfo
+from cluster.shared.events import MAX_NODE_SLOTS, Event, NodeGatheredInfo, NodeInfo
 from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import (
     DEFAULT_INTERVALS_S,
@@ -131,6 +131,8 @@ def test_parse_stall() -> None:
 def test_info_config_is_validated(tmp_path: Path) -> None:
     with pytest.raises(InfoConfigError, match="slots"):
         InfoConfig(data_dir=tmp_path, slots=-1, slot_memory_mb=0)
+    with pytest.raises(InfoConfigError, match=f"slots must be 0..{MAX_NODE_SLOTS}, got 4097"):
+        InfoConfig(data_dir=tmp_path, slots=MAX_NODE_SLOTS + 1, slot_memory_mb=0)
     with pytest.raises(InfoConfigError, match="unknown info source 'gpus'"):
         InfoConfig(data_dir=tmp_path, slots=1, slot_memory_mb=0, intervals_s={"gpus": 1.0})
     with pytest.raises(InfoConfigError, match="stall"):

@@ -18,7 +18,17 @@ from cluster.net.framing import (
     encode_frame,
     encode_frames,
 )
-from cluster.net.protocol import Ack, ErrorMsg, ProtocolError, SubmitBatch, decode, encode, expect
+from cluster.net.protocol import (
+    Ack,
+    ErrorMsg,
+    ProtocolError,
+    SeqEvent,
+    SubmitBatch,
+    decode,
+    encode,
+    expect,
+)
+from cluster.shared.events import MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
 
 
 def test_frames_round_trip_when_fed_one_byte_at_a_time() -> None:
@@ -135,3 +145,26 @@ def test_malformed_and_wrongly_typed_messages_are_protocol_errors() -> None:
     with pytest.raises(ProtocolError, match="peer reported lagging: slow") as err:
         expect(ErrorMsg(code="lagging", message="slow"), SubmitBatch)
     assert err.value.code == "lagging"
+
+
+@pytest.mark.parametrize(
+    ("info", "field"),
+    [
+        (NodeInfo(slots=-1000), "slots"),
+        (NodeInfo(slots=MAX_NODE_SLOTS + 1), "slots"),
+        (NodeInfo(slots=2**64 - 1), "slots"),
+        (NodeInfo(slot_memory_mb=-1), "slot_memory_mb"),
+        (NodeInfo(cpu_count=-2), "cpu_count"),
+    ],
+)
+def test_node_facts_out_of_range_are_refused_at_decode(info: NodeInfo, field: str) -> None:
+    # The maintenance caps weigh nodes by their slots: one node's claim of -1000 or 2**64-1
+    # slots would cancel, or swamp, the rest of the cluster's capacity.
+    def batch(info: NodeInfo) -> bytes:
+        event = NodeGatheredInfo(node_id="n", source="host", info=info)
+        return encode(SubmitBatch(events=[SeqEvent(seq=1, event=event)]))
+
+    assert decode(batch(NodeInfo(slots=MAX_NODE_SLOTS, slot_memory_mb=2**63 - 1)))
+    with pytest.raises(ProtocolError, match=rf"invalid message: .*\.info\.{field}`") as err:
+        decode(batch(info))
+    assert err.value.code == "malformed"

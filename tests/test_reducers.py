@@ -310,6 +310,34 @@ def test_a_slots_former_holder_cannot_touch_the_new_holders_runner() -> None:
     assert rid not in s.runners
 
 
+def test_a_node_cannot_take_over_another_slots_runner_by_quoting_its_own_slot() -> None:
+    log = Log()
+    _placed_session(log)  # ds-1-s1: slot 0 on A, slot 1 on B
+    a_runner = "ds-1-s1/0"
+    log.add(
+        A,
+        RunnerStatusUpdated(
+            runner_id=a_runner,
+            node_id=A,
+            status=RunnerStatus.FAILED,
+            devshard_id="ds-1-s1",
+            slot=0,
+            reason="exit code 3",
+        ),
+    )
+    # B holds slot 1 and quotes it, but names slot 0's runner: neither a take-over nor a
+    # delete may touch A's record (the planner re-places slot 0 from it).
+    for status in (RunnerStatus.RUNNING, RunnerStatus.STOPPED):
+        s = log.add(
+            B,
+            RunnerStatusUpdated(
+                runner_id=a_runner, node_id=B, status=status, devshard_id="ds-1-s1", slot=1
+            ),
+        )
+        held = s.runners[a_runner]
+        assert (held.node_id, held.status, held.slot) == (A, RunnerStatus.FAILED, 0)
+
+
 def _placed_session(log: Log) -> None:
     log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=1_000, seed=5))
     log.add(

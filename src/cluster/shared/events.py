@@ -36,20 +36,25 @@ class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
 # --------------------------------------------------------------------------------------------
 
 
-class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
-    index: int
-    name: str
-    uuid: str
-    memory_total_mb: int
-    memory_used_mb: int
-    utilization_pct: int | None = None
-    temperature_c: int | None = None
-
-
 #: A machine-wide CPU utilisation: finite, 0-100 (psutil.cpu_percent without percpu).
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 #: A non-negative amount or counter that fits an int64.
 Gauge = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+#: The most runner slots one node may offer. The maintenance caps weigh nodes by their
+#: slots: one node claiming billions (or a negative number) would outweigh, or cancel, the
+#: rest of the cluster. A node is a machine; no machine runs more runners than this.
+MAX_NODE_SLOTS: Final = 4096
+NodeSlots = Annotated[int, msgspec.Meta(ge=0, le=MAX_NODE_SLOTS)]
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str
+    uuid: str
+    memory_total_mb: Gauge
+    memory_used_mb: Gauge
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
 
 
 # gc=False: info events replace a node's NodeInfo in State (see cluster.shared.state).
@@ -61,21 +66,21 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc
     """
 
     hostname: str | None = None
-    cpu_count: int | None = None
+    cpu_count: Gauge | None = None
     # The gauges (what changes every report) are bounded: State keeps them unboxed, in
     # int64 cells where -1 means "not reported" (cluster.shared.node_gauges).
     cpu_percent: Percent | None = None
-    memory_total_mb: int | None = None
+    memory_total_mb: Gauge | None = None
     memory_available_mb: Gauge | None = None
-    disk_total_mb: int | None = None
+    disk_total_mb: Gauge | None = None
     disk_free_mb: Gauge | None = None
     net_bytes_sent: Gauge | None = None
     net_bytes_recv: Gauge | None = None
     gpus: tuple[GpuInfo, ...] | None = None
     #: Runner slots this node offers for placement (capacity weight).
-    slots: int | None = None
+    slots: NodeSlots | None = None
     #: Memory per slot this node can give, in MiB.
-    slot_memory_mb: int | None = None
+    slot_memory_mb: Gauge | None = None
 
 
 class NodeGatheredInfo(_Event, frozen=True):

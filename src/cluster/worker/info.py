@@ -31,7 +31,7 @@ import anyio
 import anyio.to_thread
 import psutil
 
-from cluster.shared.events import NodeGatheredInfo, NodeInfo
+from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
 from cluster.worker.gpu import NvmlGpuProbe
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,12 @@ class InfoConfig:
     stalls: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.slots < 0:
-            raise InfoConfigError(f"slots must be >= 0, got {self.slots}")
-        if self.slot_memory_mb < 0:
-            raise InfoConfigError(f"slot memory must be >= 0 MiB, got {self.slot_memory_mb}")
+        if not 0 <= self.slots <= MAX_NODE_SLOTS:
+            raise InfoConfigError(f"slots must be 0..{MAX_NODE_SLOTS}, got {self.slots}")
+        if not 0 <= self.slot_memory_mb <= INT64_MAX:
+            raise InfoConfigError(
+                f"slot memory must be 0..{INT64_MAX} MiB, got {self.slot_memory_mb}"
+            )
         known = set(DEFAULT_INTERVALS_S)
         for name in self.intervals_s:
             if name not in known:

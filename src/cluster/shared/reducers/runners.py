@@ -19,13 +19,25 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.shared.state import EMPTY_NODE_LEDGER, EpochLedger, RunnerRecord, State
+from cluster.shared.state import (
+    EMPTY_NODE_LEDGER,
+    EpochLedger,
+    RunnerRecord,
+    State,
+    runner_id_for,
+)
 
 _replace = msgspec.structs.replace
 
 
 def _holds_slot(state: State, ev: RunnerStatusUpdated) -> bool:
-    """Is `ev`'s node the one its devshard assigns the runner's slot to now?"""
+    """Is `ev`'s node the one its devshard assigns the runner's slot to now?
+
+    The runner id must be the slot's own: a node quoting a slot it holds while naming
+    another slot's runner would otherwise take over (or delete) that runner's record.
+    """
+    if ev.runner_id != runner_id_for(ev.devshard_id, ev.slot):
+        return False
     shard = state.devshards.get(ev.devshard_id)
     return shard is not None and any(
         a.slot == ev.slot and a.node_id == ev.node_id for a in shard.assignments
