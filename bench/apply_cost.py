@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from apply_bench import make_events, seeded_state
+from apply_bench import seeded_state, timed_events
 
 from cluster.shared.apply import apply
 from cluster.shared.events import IndexedEvent, NodeHeartbeat
@@ -48,7 +48,7 @@ def child(nodes: int, count: int, replaced: int | None, measure: bool) -> None:
     """Build, warm up and (if `measure`) apply the events once more: run under cachegrind."""
     gc.disable()
     state = seeded_state(nodes)
-    events = make_events(nodes, count, nodes + 1, start=nodes)
+    events = timed_events(nodes, count)
     if replaced is not None:
         events = [
             IndexedEvent(

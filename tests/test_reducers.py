@@ -421,6 +421,27 @@ def test_work_accrues_to_the_epoch_ledger_and_settles_at_the_end() -> None:
     assert again.ledgers[1] == s.ledgers[1]
 
 
+def test_work_and_misses_count_only_against_an_epoch_that_started() -> None:
+    # A worker names the epoch itself: one naming a future epoch (2, before it starts) or
+    # one that never will be (10**12) must not open a ledger -- the status view lists the
+    # highest epochs, and work for the next epoch would be paid when it settles.
+    log = Log()
+    _placed_session(log)  # epoch 1 started
+    before = log.state.ledgers
+    for epoch in (0, 2, 10**12, 2**64 - 1):
+        log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=5, epoch=epoch))
+        s = log.add(A, WorkMissed(devshard_id="ds-1-s1", node_id=B, epoch=epoch, count=3))
+        assert s.ledgers == before
+    s = log.add(MASTER_ORIGIN, EpochStarted(epoch=2, start_ms=1_000, end_ms=2_000, seed=6))
+    assert s.ledgers[2].nodes.get(A) is None  # nothing was held back for epoch 2
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=5, epoch=2))
+    s = log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=B, epoch=2, count=3))
+    assert (s.ledgers[2].nodes[A].units, s.ledgers[2].nodes[B].misses) == (5, 3)
+    # The epoch before stays open to late work.
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=1, epoch=1))
+    assert s.ledgers[1].nodes[A].units == 1
+
+
 def _schedule(log: Log, window_id: str = "w1", credit: int = 60_000) -> State:
     return log.add(
         A,
@@ -578,6 +599,7 @@ def test_ledger_sums_saturate_so_state_stays_encodable() -> None:
     assert decode_state(encode_state(log.state)) == log.state
     # Below the cap nothing changes: the sums are exact.
     small = Log()
+    small.add(MASTER_ORIGIN, EpochStarted(epoch=2, start_ms=0, end_ms=10, seed=1))
     small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62, epoch=2))
     small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62 - 1, epoch=2))
     assert small.state.ledgers[2].nodes[A].units == INT64_MAX

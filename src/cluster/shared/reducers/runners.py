@@ -5,6 +5,11 @@ that could not be encoded (no snapshot, no digest). The master bounds each repor
 (admission.MAX_WORK_UNITS, requests.MAX_REWARD_PER_UNIT) so that real clusters never get
 near; the cap is what keeps a log holding larger values -- older, or not written by our
 master -- foldable into a state that encodes.
+
+Work and misses count only against an epoch that started: EpochStarted opens its ledger, and
+a report naming any other epoch changes nothing. A worker names the epoch itself; without
+this, one naming epoch 10**12 made a ledger that pushed the real epochs out of the status
+view's "recent epochs", and work named for the next epoch was paid when that epoch settled.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from cluster.shared.events import (
 )
 from cluster.shared.state import (
     EMPTY_NODE_LEDGER,
-    EpochLedger,
     RunnerRecord,
     State,
     runner_id_for,
@@ -83,17 +87,15 @@ def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdate
     return _replace(state, runners=runners.set(ev.runner_id, rec))
 
 
-def _ledger(state: State, epoch: int) -> EpochLedger:
-    return state.ledgers.get(epoch) or EpochLedger(epoch=epoch)
-
-
 def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     if ev.units <= 0:
         return state
     # One of the commonest events: lookups are written out here rather than through the
-    # `_ledger` and `EpochLedger.node` helpers (a call each, on every report).
+    # `EpochLedger.node` helper (a call on every report).
     ledgers = state.ledgers
-    ledger = ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
+    ledger = ledgers.get(ev.epoch)
+    if ledger is None:
+        return state  # not an epoch that started: see the module doc
     devshard_id = ev.devshard_id
     per_unit = ledger.rates.get(devshard_id)
     if per_unit is None:
@@ -134,8 +136,8 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
 def work_missed(state: State, ie: IndexedEvent, ev: WorkMissed) -> State:
     if ev.excused or ev.count <= 0:
         return state
-    ledger = _ledger(state, ev.epoch)
-    if ledger.settled:
+    ledger = state.ledgers.get(ev.epoch)
+    if ledger is None or ledger.settled:  # not an epoch that started: see the module doc
         return state
     account = ledger.node(ev.node_id)
     account = _replace(account, misses=min(account.misses + ev.count, INT64_MAX))
