@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
 from test_node_status import MIN, T0, Log
 
 from cluster.shared.events import (
@@ -19,6 +21,7 @@ from cluster.shared.events import (
     SessionUnplaced,
     WorkReported,
 )
+from cluster.shared.humanize import clip, printable
 from cluster.shared.node_status import NodeState
 from cluster.shared.state import WindowState
 from cluster.shared.status_view import (
@@ -195,6 +198,33 @@ def test_render_text_columns_are_aligned() -> None:
             assert line[message_col - 2 : message_col] == "  ", line
 
 
+def test_render_text_escapes_and_clips_what_workers_name() -> None:
+    # A worker names its own host: a newline and escape codes in it must not forge a row
+    # (here: another node shown DISCONNECTED) or reach the terminal, and a long name must
+    # not push every node's message off the screen.
+    log = busy_cluster()
+    forged = "g4\nnode-a DISCONNECTED\x1b[2J\u202e"
+    log.add(
+        "node-b",
+        T0,
+        NodeGatheredInfo(node_id="node-b", source="cpu", info=NodeInfo(hostname=forged)),
+    )
+    log.add(
+        "node-c",
+        T0,
+        NodeGatheredInfo(node_id="node-c", source="cpu", info=NodeInfo(hostname="h" * 300)),
+    )
+    text = render_text(cluster_status(log.state, NOW))
+    assert "\x1b" not in text and "\u202e" not in text
+    lines = text.splitlines()
+    nodes = lines[lines.index("NODES") + 2 : lines.index("SESSIONS") - 1]
+    rows = [line for line in nodes if not line.startswith(" ")]  # not wrapped messages
+    assert len(rows) == 5, nodes  # one row per node: none forged
+    assert any(r"g4\nnode-a DISCONNECTED\x1b[2J" in line for line in nodes), nodes
+    assert "h" * 31 + "…" in text and "h" * 33 not in text
+    assert all(len(line) <= 100 for line in lines), text
+
+
 def test_render_text_of_an_empty_cluster() -> None:
     text = render_text(cluster_status(Log().state, T0))
     assert "epoch: none started yet" in text
@@ -211,3 +241,11 @@ def test_json_round_trip() -> None:
     back = from_json(data)
     assert isinstance(back, ClusterStatus)
     assert back == status
+
+
+@given(st.text())
+def test_printable_text_never_holds_a_control_character(text: str) -> None:
+    shown = printable(text)
+    assert shown.isprintable()
+    assert shown == text or "\\" in shown  # whatever was replaced shows as an escape
+    assert clip(shown, 8) == shown or (len(clip(shown, 8)) == 8 and clip(shown, 8)[-1] == "…")

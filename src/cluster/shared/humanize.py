@@ -73,3 +73,20 @@ def short_id(node_id: str, keep: int = 6) -> str:
     if len(node_id) <= 2 * keep + 1:
         return node_id
     return f"{node_id[:keep]}…{node_id[-keep:]}"
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: control and format characters (a newline, an
+    escape code, a bidi override) are shown as Python escapes ("\\x1b"), not acted on.
+
+    Workers name their own hosts and write their runners' failure reasons; a newline plus an
+    escape code in one must not forge a row of `cluster status` or restyle the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"

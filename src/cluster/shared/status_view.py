@@ -19,10 +19,12 @@ import msgspec
 
 from cluster.shared.events import GpuInfo
 from cluster.shared.humanize import (
+    clip,
     format_count,
     format_duration,
     format_relative,
     format_utc,
+    printable,
     short_id,
 )
 from cluster.shared.node_status import (
@@ -45,6 +47,9 @@ DEFAULT_RECENT_WINDOWS: Final = 10
 DEFAULT_RECENT_LEDGERS: Final = 3
 #: Terminal width `render_text` lays tables out for.
 DEFAULT_WIDTH: Final = 100
+#: The widest a hostname is shown (clipped with "…"): a worker names its own host, and one
+#: long name would push every node's message off the screen.
+MAX_HOST_WIDTH: Final = 32
 
 
 class EpochView(msgspec.Struct, frozen=True, kw_only=True):
@@ -387,7 +392,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         [
             (
                 short_id(n.node_id),
-                n.hostname or "-",
+                clip(printable(n.hostname), MAX_HOST_WIDTH) or "-",
                 _LABELS[n.status],
                 f"{n.slots_used}/{n.slots_offered}",
                 n.message + (f" [GPUs: {n.gpus}]" if n.gpus else ""),
@@ -479,6 +484,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int) ->
     if not rows:
         return ["  (none)"]
     fixed = len(headers) - 1
+    # Cells hold worker-supplied text (hostnames, failure reasons, GPU names).
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(fixed)]
     indent = sum(widths) + 2 * fixed
     last_width = max(width - indent, 24)
