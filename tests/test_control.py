@@ -70,3 +70,38 @@ async def test_control_round_trip_and_bad_input(tmp_path: Path) -> None:
 async def test_call_without_server_names_the_socket(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no control socket"):
         await call(tmp_path, StatusRequest())
+
+
+@pytest.mark.anyio
+async def test_an_answer_too_large_to_send_is_a_refusal_that_says_so(tmp_path: Path) -> None:
+    async def handler(request: Request) -> Reply:
+        if isinstance(request, SessionCreate):
+            return Reply(ok=True, message="listed", data=["s" * 60] * request.slots)
+        raise ValueError("a handler bug, not a dropped connection")
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve, tmp_path, handler)
+        with anyio.fail_after(10):
+            reply = await call(tmp_path, SessionCreate(slots=30_000, memory_per_slot_mb=1))
+            assert not reply.ok and "over the 1,048,576-byte limit" in reply.message
+            reply = await call(tmp_path, SessionCreate(slots=3, memory_per_slot_mb=1))
+            assert reply.ok and reply.data == ["s" * 60] * 3
+            # A handler's ValueError is a failed request, answered, not a dropped connection.
+            reply = await call(tmp_path, StatusRequest())
+            assert not reply.ok and reply.message == "internal error"
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_oversized_answer_from_a_server_is_a_control_error(tmp_path: Path) -> None:
+    async def oversized(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(struct.pack(">I", (1 << 20) + 1))
+
+    listener = await anyio.create_unix_listener(socket_path(tmp_path))
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, oversized)
+        with anyio.fail_after(10), pytest.raises(ControlError, match="exceeds the"):
+            await call(tmp_path, StatusRequest())
+        tg.cancel_scope.cancel()

@@ -295,6 +295,12 @@ def test_event_json_names_its_fields() -> None:
         (b"GARBAGE\r\n\r\n", 400, "malformed request"),
         (b"GET /api/state HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed request"),
         (b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000, 431, ""),
+        # Complete, and sent in one write: h11's own limit sees it whole and lets it by.
+        (
+            b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+            431,
+            "over the limit of 16384",
+        ),
         (b"POST /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", 405, "GET"),
         (b"GET /api/events?from=abc HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "from='abc'"),
         # A Unicode digit that str.isdigit() accepts and int() refuses.

@@ -14,12 +14,12 @@ import anyio
 import pytest
 from maintenance_log import HOUR, MIN, Log, node_id
 
-from cluster.control import MaintenanceSchedule, Reply
+from cluster.control import MaintenanceFinish, MaintenanceSchedule, Reply
 from cluster.master.server import Master
 from cluster.master.service import MasterService
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
-from cluster.shared.events import MaintenanceScheduled
+from cluster.shared.events import MaintenanceFinished, MaintenanceScheduled
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.store import EventStore
 
@@ -65,3 +65,37 @@ async def test_concurrent_requests_for_the_last_slot_exactly_one_wins(tmp_path: 
         assert set(reopened.state.open_window_by_node) == set(winners)
     finally:
         reopened.close()
+
+
+@pytest.mark.anyio
+async def test_a_decision_is_logged_at_the_time_it_was_made(tmp_path: Path) -> None:
+    # The wall clock may step back (NTP) between the decision and its indexing: a finish
+    # decided 1 s after the window's start must not be logged 1 s before it, where the
+    # reducer ignores it and the log disagrees with the "finished" reply.
+    policy = MaintenancePolicy()
+    log = Log(policy)
+    a = node_id(1)
+    log.join(a)
+    log.join(node_id(2))
+    store = EventStore.open(tmp_path / "master")
+    store.append(log.log)
+    key_pair, _ = load_identity(tmp_path / "master")
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
+    service = MasterService(master, policy)
+    try:
+        with anyio.fail_after(30):
+            scheduled = await service.handle(
+                MaintenanceSchedule(in_ms=20 * MIN, duration_ms=HOUR), a
+            )
+            assert scheduled.ok and isinstance(scheduled.data, dict), scheduled.message
+            start = scheduled.data["start_ms"]
+            reads = iter([start + 1_000, start - 1_000])  # the second read: stepped back
+            master.now_ms = lambda: next(reads, start - 1_000)
+            finished = await service.handle(MaintenanceFinish(), a)
+        assert finished.ok, finished.message
+        assert a not in master.state.open_window_by_node  # the log holds the finish too
+        *_, last = store.read_from(store.last_idx)
+        assert isinstance(last.event, MaintenanceFinished) and last.master_time_ms == start + 1_000
+    finally:
+        master.close()
+        store.close()

@@ -11,8 +11,6 @@ import msgspec
 import pytest
 
 from cluster.master.admission import (
-    MAX_MISSED_SLOTS,
-    MAX_WORK_UNITS,
     AdmissionError,
     check_worker_batch,
     check_worker_columns,
@@ -25,8 +23,17 @@ from cluster.net.membership import (
     load_allow_file,
     load_secret_file,
     new_nonce,
+    validate_peer_id,
 )
-from cluster.shared.events import EpochStarted, Event, NodeHeartbeat, WorkMissed, WorkReported
+from cluster.shared.events import (
+    MAX_MISSED_SLOTS,
+    MAX_WORK_UNITS,
+    EpochStarted,
+    Event,
+    NodeHeartbeat,
+    WorkMissed,
+    WorkReported,
+)
 from cluster.worker.outbox import Outbox
 
 A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
@@ -62,6 +69,8 @@ def test_allow_list_and_config_validation(tmp_path: Path) -> None:
     f.write_text("not-a-peer-id\n")
     with pytest.raises(MembershipConfigError, match=r"allow:1: 'not-a-peer-id' is not a libp2p"):
         load_allow_file(f)
+    with pytest.raises(MembershipConfigError, match=r"--allow: '.*\\n' is not a libp2p"):
+        validate_peer_id(A + "\n", "--allow")  # a regex `$` would let the newline by
     with pytest.raises(MembershipConfigError, match="cannot read allow-list"):
         load_allow_file(tmp_path / "missing")
     s = tmp_path / "secret"
@@ -125,7 +134,13 @@ def _verdict(check: Callable[[], None]) -> tuple[str, str] | None:
 
 def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
     hb = NodeHeartbeat(node_id=A)
-    good: list[list[tuple[int, Event]]] = [[], [(5, hb), (6, hb), (9, hb)]]
+    work = WorkReported(devshard_id="d", node_id=A, units=MAX_WORK_UNITS, epoch=1)
+    missed = WorkMissed(devshard_id="d", node_id=A, epoch=1, count=MAX_MISSED_SLOTS)
+    good: list[list[tuple[int, Event]]] = [
+        [],
+        [(5, hb), (6, hb), (9, hb)],
+        [(1, work), (2, missed), (2**63 - 1, hb)],
+    ]
     bad: list[list[tuple[int, Event]]] = [
         [(7, hb), (9, hb), (8, hb)],
         [(3, hb), (3, hb)],
@@ -133,6 +148,12 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
         [(1, hb), (2, NodeHeartbeat(node_id=B))],
         [(1, hb), (2, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0))],
         [(1, WorkReported(devshard_id="d", node_id=B, units=1, epoch=0))],
+        # The bounds that keep State encodable hold on the fast path too.
+        [(1, hb), (2**63, hb)],
+        [(1, hb), (2**64 - 1, hb)],
+        [(1, work), (2, msgspec.structs.replace(work, units=MAX_WORK_UNITS + 1))],
+        [(1, msgspec.structs.replace(work, units=-5))],
+        [(1, missed), (2, msgspec.structs.replace(missed, count=0))],
     ]
     for pairs in good + bad:
         seqs, events = [s for s, _ in pairs], [e for _, e in pairs]

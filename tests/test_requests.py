@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from maintenance_log import HOUR, MIN, Log, node_id
 
 from cluster.control import (
@@ -87,14 +88,47 @@ def test_host_schedules_checks_and_cancels_its_own_window() -> None:
     assert A not in log.state.open_window_by_node
 
 
-def test_worker_request_is_always_about_its_own_node() -> None:
+def test_a_request_acts_for_the_node_it_names_when_the_requester_may() -> None:
     log = Log()
     log.join(A)
     log.join(B)
-    # B names A in its request: the master ignores the field and acts for B itself.
-    ok, _ = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=A), B)
-    assert ok
-    assert B in log.state.open_window_by_node and A not in log.state.open_window_by_node
+    # B names A: refused (only the node itself or an operator key may), nothing scheduled.
+    ok, msg = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=A), B)
+    assert not ok and f"{B} may not schedule maintenance for node {A}" in msg
+    assert not log.state.open_window_by_node
+    # Naming no node is about the requester's own.
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), B)
+    assert ok and B in log.state.open_window_by_node
+    # An operator key acts for the node it names, its own window untouched.
+    operator = node_id(9)
+    log.policy = msgspec.structs.replace(log.policy, operator_ids=(operator,))
+    ok, msg = _run(
+        log, MaintenanceSchedule(in_ms=3 * HOUR, duration_ms=30 * MIN, node_id=A), operator
+    )
+    assert ok, msg
+    assert A in log.state.open_window_by_node and operator not in log.state.open_window_by_node
+    ok, msg = _run(log, MaintenanceCancel(node_id=A), operator)
+    assert ok and A not in log.state.open_window_by_node and B in log.state.open_window_by_node
+
+
+def test_start_times_beyond_what_can_be_shown_are_refused_with_the_field() -> None:
+    log = Log()
+    log.join(A)
+    for request, says in [
+        (MaintenanceCheck(start_ms=253_402_300_800_000, duration_ms=HOUR), "--at 253402300800000"),
+        (MaintenanceCheck(start_ms=-1, duration_ms=HOUR), "--at -1 ms is outside"),
+        (MaintenanceSchedule(in_ms=2**62, duration_ms=HOUR), "--in is too far ahead"),
+    ]:
+        ok, msg = _run(log, request, A)
+        assert not ok and says in msg, msg
+    assert not log.state.open_window_by_node
+
+
+def test_session_names_end_where_they_seem_to() -> None:
+    ok, msg = _run(
+        Log(), SessionCreate(slots=1, memory_per_slot_mb=1, name="web\n"), LOCAL_OPERATOR
+    )
+    assert not ok and "'web\\n'" in msg
 
 
 def test_operator_must_name_a_known_node() -> None:

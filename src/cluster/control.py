@@ -143,6 +143,10 @@ def socket_path(data_dir: Path) -> Path:
     return data_dir / SOCKET_NAME
 
 
+class FrameTooLarge(Exception):
+    """A control frame announced more than MAX_FRAME bytes."""
+
+
 async def _read_frame(stream: anyio.abc.ByteStream) -> bytes:
     header = b""
     while len(header) < 4:
@@ -150,7 +154,7 @@ async def _read_frame(stream: anyio.abc.ByteStream) -> bytes:
         header += chunk
     (length,) = _LEN.unpack(header)
     if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
     body = bytearray()
     while len(body) < length:
         body += await stream.receive(length - len(body))
@@ -176,8 +180,23 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
                     raw = await _read_frame(stream)
                 request = decode_request(raw)
                 reply = request if isinstance(request, Reply) else await handler(request)
-                await _write_frame(stream, _encoder.encode(reply))
-            except (anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError, ValueError) as exc:
+                payload = _encoder.encode(reply)
+                if len(payload) > MAX_FRAME:  # the client would refuse it: say why instead
+                    payload = _encoder.encode(
+                        Reply(
+                            ok=False,
+                            message=f"the answer takes {len(payload):,} bytes, over the "
+                            f"{MAX_FRAME:,}-byte limit of a control reply; ask for less "
+                            "(or use the HTTP API)",
+                        )
+                    )
+                await _write_frame(stream, payload)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                TimeoutError,
+                FrameTooLarge,
+            ) as exc:
                 log.info("control connection dropped: %s", exc or type(exc).__name__)
             except Exception:  # the server must keep serving whatever a handler does
                 log.exception("control request failed")
@@ -210,7 +229,7 @@ async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Re
                 raw = await _read_frame(stream)
     except TimeoutError as exc:
         raise ControlError(f"{path} did not answer within {timeout:.0f}s") from exc
-    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, FrameTooLarge) as exc:
         raise ControlError(f"cannot talk to {path}: {exc}") from exc
     return decode_reply(raw)
 

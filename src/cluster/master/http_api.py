@@ -290,6 +290,7 @@ class HttpApi:
 
     async def _read_request(self, conn: h11.Connection, stream: SocketStream) -> _Request | None:
         """Read and validate one request; None if the client closed without sending one."""
+        received = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -297,12 +298,23 @@ class HttpApi:
                     data = await stream.receive(65536)
                 except anyio.EndOfStream:
                     data = b""
+                received += len(data)
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 return None
             assert isinstance(event, h11.Request)  # h11: the first event of a request
             break
+        # h11's limit bounds only a request still incomplete in its buffer: one that arrived
+        # whole in a single read passes it at any size. What h11 has not consumed yet is not
+        # part of this request's head.
+        head_bytes = received - len(conn.trailing_data[0])
+        if head_bytes > self.config.max_header_bytes:
+            raise _Reject(
+                431,
+                f"request line and headers take {head_bytes} bytes, over the limit of "
+                f"{self.config.max_header_bytes}",
+            )
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         method = event.method.decode("ascii", "replace")
         if method != "GET":

@@ -12,6 +12,7 @@ operator (`LOCAL_OPERATOR`), who may act for any node.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 import msgspec
 
@@ -30,7 +31,13 @@ from cluster.control import (
 )
 from cluster.master import maintenance
 from cluster.shared.codec import to_builtins
-from cluster.shared.durations import format_duration, format_relative, format_time
+from cluster.shared.durations import (
+    DAY_MS,
+    MAX_DURATION_MS,
+    format_duration,
+    format_relative,
+    format_time,
+)
 from cluster.shared.events import Event, SessionDeleted, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import State
@@ -38,10 +45,15 @@ from cluster.shared.state import State
 LOCAL_OPERATOR = "operator:local"
 
 MAX_SLOTS = 4096
+#: Start times a maintenance request may name: every later message renders them as a date
+#: (years 1970..9999), and a window ending past year 9999 could not be shown at all.
+LATEST_START_MS: Final = 253_402_214_400_000 - MAX_DURATION_MS  # 9999-12-31 less a year
+#: The longest lead (--in) a request may give: past this no policy's max lead applies.
+MAX_LEAD_MS: Final = 100 * 366 * DAY_MS
 MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
 #: With admission's MAX_WORK_UNITS, one work report's reward stays under 2**60.
 MAX_REWARD_PER_UNIT = 2**20
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: `$` allows a final "\n"
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -60,10 +72,12 @@ def _policy_for(requester: str, policy: MaintenancePolicy) -> MaintenancePolicy:
 
 
 def _target_node(requester: str, node_id: str) -> str | None:
-    """The node a maintenance request is about: a worker's own; the operator must name one."""
-    if requester == LOCAL_OPERATOR:
-        return node_id or None
-    return requester
+    """The node a maintenance request is about: the one it names, else the requester's own
+    (the operator on the master host must name one). Whether the requester may act for that
+    node is the maintenance rules' `may_act_for`: operator keys may act for any node."""
+    if node_id:
+        return node_id
+    return None if requester == LOCAL_OPERATOR else requester
 
 
 def decide(
@@ -103,7 +117,7 @@ def _session_create(state: State, req: SessionCreate) -> Decision:
             f"reward per unit must be between 0 and {MAX_REWARD_PER_UNIT}, "
             f"not {req.reward_per_unit}"
         )
-    if req.name and not _NAME.match(req.name):
+    if req.name and not _NAME.fullmatch(req.name):
         problems.append(
             f"name {req.name!r} must be 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -132,8 +146,15 @@ def _start(now_ms: int, start_ms: int | None, in_ms: int | None) -> int | str:
     if in_ms is not None:
         if in_ms < 0:
             return f"--in cannot be negative ({in_ms} ms)"
+        if in_ms > MAX_LEAD_MS:
+            return f"--in is too far ahead ({in_ms} ms): at most {MAX_LEAD_MS // DAY_MS} days"
         return now_ms + in_ms
     assert start_ms is not None
+    if not 0 <= start_ms <= LATEST_START_MS:
+        return (
+            f"--at {start_ms} ms is outside the times this cluster can show "
+            f"(0 .. {LATEST_START_MS}: {format_time(0)} .. {format_time(LATEST_START_MS)})"
+        )
     return start_ms
 
 

@@ -300,7 +300,9 @@ class Master:
             if not events:
                 return []
             sub = _Submission(MASTER_ORIGIN, list(events))
-            await self._index([sub])
+            # Stamped with the time it was decided at: a clock that steps back before the
+            # indexer reads it again must not date the events before the rules they passed.
+            await self._index([sub], now)
             return sub.indexed
 
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -356,10 +358,11 @@ class Master:
                         sub.done.set()
                 raise
 
-    async def _index(self, batch: list[_Submission]) -> None:
+    async def _index(self, batch: list[_Submission], now: int | None = None) -> None:
         state = self._state
         idx = self._last_idx
-        now = max(self.now_ms(), state.last_time_ms)
+        if now is None:
+            now = max(self.now_ms(), state.last_time_ms)
         last_seq: dict[str, int] = {}
         records: list[IndexedEvent] = []
         for sub in batch:

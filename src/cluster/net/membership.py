@@ -25,7 +25,7 @@ from typing import Final
 NONCE_BYTES: Final = 32
 MIN_SECRET_BYTES: Final = 16
 #: base58btc alphabet; libp2p peer ids (Ed25519 "12D3KooW…", RSA "Qm…") are 46-60 chars.
-_PEER_ID_RE: Final = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{40,80}$")
+_PEER_ID_RE: Final = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,80}")  # fullmatch: `$` allows "\n"
 
 
 class MembershipConfigError(ValueError):
@@ -97,7 +97,7 @@ class Membership:
 
 
 def validate_peer_id(text: str, where: str) -> str:
-    if not _PEER_ID_RE.match(text):
+    if not _PEER_ID_RE.fullmatch(text):
         raise MembershipConfigError(f"{where}: {text!r} is not a libp2p peer id (base58)")
     return text
 
