@@ -3,6 +3,7 @@ simulated runner and real subprocesses."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +15,8 @@ import pytest
 from cluster.shared.apply import fold
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    MAX_REASON_CHARS,
+    MAX_WORK_UNITS,
     DevshardFinalized,
     DevshardPlaced,
     EpochStarted,
@@ -259,6 +262,29 @@ async def test_full_lifecycle_and_work_reports() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_runner_claiming_absurd_work_is_reported_within_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The master refuses a report over MAX_WORK_UNITS, and the outbox would offer it again
+    # forever, holding back every later event of the node: the manager caps it instead.
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", {**FAST_SIM, "units_per_s": 1e15}))
+    with caplog.at_level(logging.ERROR, logger="cluster.worker.runner_manager"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(
+                lambda: len([e for e in emitted.events if isinstance(e, WorkReported)]) >= 2
+            )
+            tg.cancel_scope.cancel()
+    works = [e.units for e in emitted.events if isinstance(e, WorkReported)]
+    assert works and all(0 < units <= MAX_WORK_UNITS for units in works), works
+    assert MAX_WORK_UNITS in works
+    assert any("over the bound" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
 async def test_work_is_reported_rarely_while_the_master_is_unreachable() -> None:
     cluster = started_cluster()
     emitted = Emitted()
@@ -333,6 +359,26 @@ async def test_state_given_before_run_is_applied_on_start() -> None:
         await tg.start(mgr.run)
         await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_megabyte_failure_reason_is_clipped_to_fit_an_event() -> None:
+    # Unclipped, the event would exceed the outbox's record limit and stop the worker.
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", {"load_s": 0, "fail_load": "x" * 2**21}))
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        tg.cancel_scope.cancel()
+    (reason,) = [
+        e.reason
+        for e in emitted.events
+        if isinstance(e, RunnerStatusUpdated) and e.status is S.FAILED
+    ]
+    assert len(reason) == MAX_REASON_CHARS and reason.startswith("load: xxx")
+    assert reason.endswith("…")
 
 
 @pytest.mark.anyio

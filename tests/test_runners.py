@@ -61,6 +61,8 @@ if mode == "serve":
     print("READY", flush=True)
     print("WORK 2", flush=True)
     print("WORK x", flush=True)
+    print("WORK 1099511627777", flush=True)  # 2**40 + 1: more than one report may carry
+    print("WORK 100000000000000000000", flush=True)  # past what msgpack can encode
     print("WORK 3", flush=True)
     for line in sys.stdin:
         word, request_id, data = line.split()
@@ -243,13 +245,16 @@ async def test_subprocess_runner_work_requests_and_clean_stop(
                 assert (await runner.health()).ok
                 tg.cancel_scope.cancel()
             await runner.stop()
-    # WORK lines before and after the requests, and the one printed while stopping.
+    # WORK lines before and after the requests, and the one printed while stopping; none
+    # of the amounts past the bound.
     assert runner.work_units() == 2 + 3 + 5
     assert runner.work_units() == 0
     health = await runner.health()
     assert not health.ok and health.reason.startswith("exited with code 0")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "'WORK x'" in warnings[0]
+    # The first malformed line is named; the out-of-range ones after it are dropped too.
+    assert len(warnings) == 1 and "'WORK x'" in warnings[0], warnings
+    assert "WORK needs an integer 0..1099511627776" in warnings[0]
     assert any("hello from the runner" in r.getMessage() for r in caplog.records)
 
 

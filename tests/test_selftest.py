@@ -10,7 +10,12 @@ import anyio
 import pytest
 
 from cluster.shared.apply import fold
-from cluster.shared.events import IndexedEvent, NodeHeartbeat, RunnerSelfTestCompleted
+from cluster.shared.events import (
+    MAX_REASON_CHARS,
+    IndexedEvent,
+    NodeHeartbeat,
+    RunnerSelfTestCompleted,
+)
 from cluster.shared.state import EMPTY_STATE
 from cluster.worker.runners import (
     HEALTHY,
@@ -60,6 +65,13 @@ async def test_load_failure_names_the_step() -> None:
     result = await self_test("simulated", {"load_s": 0, "fail_load": "weights not found"})
     assert not result.passed
     assert result.reason == "load: weights not found"
+
+
+@pytest.mark.anyio
+async def test_a_megabyte_failure_reason_is_clipped() -> None:
+    result = await self_test("simulated", {"load_s": 0, "fail_load": "y" * 2**21})
+    assert not result.passed
+    assert len(result.reason) == MAX_REASON_CHARS and result.reason.startswith("load: yyy")
 
 
 @pytest.mark.anyio

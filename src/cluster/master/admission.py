@@ -14,6 +14,8 @@ from typing import Final
 
 from cluster.shared.events import (
     INT64_MAX,
+    MAX_MISSED_SLOTS,
+    MAX_WORK_UNITS,
     Event,
     NodeGatheredInfo,
     NodeHeartbeat,
@@ -33,15 +35,6 @@ WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
     WorkReported,
     WorkMissed,
 )
-
-
-#: The most work units one WorkReported may carry, and the most slots one WorkMissed may
-#: count. A runner reports every few seconds (every `offline_work_interval_s` while the master
-#: is unreachable), so real reports are far below; the bound keeps one report's reward
-#: (units x a session's reward per unit, at most `requests.MAX_REWARD_PER_UNIT`) under 2**60,
-#: and the ledger's sums saturate at INT64_MAX beyond that (reducers/runners.py).
-MAX_WORK_UNITS: Final = 2**40
-MAX_MISSED_SLOTS: Final = 2**20
 
 
 class AdmissionError(Exception):
@@ -103,14 +96,27 @@ def check_worker_columns(origin: str, seqs: Sequence[int], events: Sequence[Even
     event by event, for the exact error `check_worker_batch` gives.
     """
     try:
+        types = set(map(type, events))
         ok = (
             len(seqs) == len(events)
-            and (not seqs or seqs[0] >= 1)
+            and (not seqs or (seqs[0] >= 1 and seqs[-1] <= INT64_MAX))  # the seqs increase
             and all(map(lt, seqs, seqs[1:]))
-            and set(map(type, events)).issubset(WORKER_EVENT_TYPES)
+            and types.issubset(WORKER_EVENT_TYPES)
             and set(map(_node_id, events)) <= {origin}
+            and _amounts_in_bounds(events, types)
         )
     except AttributeError:  # an event without a node id: judged one by one below
         ok = False
     if not ok:
         check_worker_batch(origin, zip(seqs, events, strict=True))
+
+
+def _amounts_in_bounds(events: Sequence[Event], types: set[type]) -> bool:
+    """The work amounts `check_worker_event` bounds, for the kinds the batch holds."""
+    if WorkReported in types and not all(
+        1 <= e.units <= MAX_WORK_UNITS for e in events if type(e) is WorkReported
+    ):
+        return False
+    return WorkMissed not in types or all(
+        1 <= e.count <= MAX_MISSED_SLOTS for e in events if type(e) is WorkMissed
+    )

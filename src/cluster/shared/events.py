@@ -27,6 +27,22 @@ INT64_MAX: Final = 2**63 - 1
 LogNumber = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 
+#: The most work units one WorkReported may carry, and the most slots one WorkMissed may
+#: count. A runner reports every few seconds (every `offline_work_interval_s` while the
+#: master is unreachable), so real reports are far below; the bound keeps one report's
+#: reward (units x reward per unit, at most `master.requests.MAX_REWARD_PER_UNIT`) under
+#: 2**60, and the ledger's sums saturate at INT64_MAX beyond that (reducers/runners.py).
+#: The master refuses reports beyond them (admission); workers never make one.
+MAX_WORK_UNITS: Final = 2**40
+MAX_MISSED_SLOTS: Final = 2**20
+
+
+#: The longest failure reason a worker puts in an event, in characters. Reasons come from
+#: runners (exception texts, a program's stderr): one of megabytes would exceed the outbox's
+#: record limit and stop the worker, and the log would keep it forever.
+MAX_REASON_CHARS: Final = 4096
+
+
 class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     """Base of every event; the class name is the tag written to the log."""
 

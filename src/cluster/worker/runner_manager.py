@@ -34,7 +34,15 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from cluster.shared.events import Event, RunnerStatus, RunnerStatusUpdated, WorkReported
+from cluster.shared.events import (
+    MAX_REASON_CHARS,
+    MAX_WORK_UNITS,
+    Event,
+    RunnerStatus,
+    RunnerStatusUpdated,
+    WorkReported,
+)
+from cluster.shared.humanize import clip
 from cluster.shared.state import State, runner_id_for
 from cluster.worker.runners.base import (
     Runner,
@@ -283,6 +291,7 @@ class RunnerManager:
         serving.start_soon(self._mark_running, h)
 
     def _set(self, h: _Handle, status: RunnerStatus, reason: str = "") -> None:
+        reason = clip(reason, MAX_REASON_CHARS)
         if h.status is status and h.reason == reason:
             return
         h.status, h.reason = status, reason
@@ -398,6 +407,17 @@ class RunnerManager:
 
     def _report_work(self, h: _Handle, runner: Runner) -> None:
         units = runner.work_units()
+        if units > MAX_WORK_UNITS:
+            # More than any runner does between two reports: a broken count. The master
+            # would refuse the report, and the outbox would offer it again forever.
+            log.error(
+                "runner %s reported %d work units at once, over the bound of %d: reporting %d",
+                h.spec.runner_id,
+                units,
+                MAX_WORK_UNITS,
+                MAX_WORK_UNITS,
+            )
+            units = MAX_WORK_UNITS
         if units > 0:
             spec = h.spec
             self._emit(

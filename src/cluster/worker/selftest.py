@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import anyio
 
-from cluster.shared.events import RunnerSelfTestCompleted
+from cluster.shared.events import MAX_REASON_CHARS, RunnerSelfTestCompleted
+from cluster.shared.humanize import clip
 from cluster.shared.state import State
 from cluster.worker.runners.base import (
     RequestsNotSupported,
@@ -168,7 +169,7 @@ async def run_self_test(
         node_id=node_id,
         runner_kind=runner_kind,
         passed=not failure,
-        reason=failure,
+        reason=clip(failure, MAX_REASON_CHARS),
         load_ms=timings["load"],
         probe_ms=timings["probe"],
         request_ms=timings["request"],

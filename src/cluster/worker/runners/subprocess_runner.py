@@ -42,6 +42,7 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from cluster.shared.events import MAX_WORK_UNITS
 from cluster.worker.runners.base import (
     HEALTHY,
     Health,
@@ -356,10 +357,10 @@ class SubprocessRunner(Runner):
         if word == "WORK":
             try:
                 units = int(rest)
-                if units < 0:
+                if not 0 <= units <= MAX_WORK_UNITS:
                     raise ValueError
             except ValueError:
-                self._bad_line(line, "WORK needs a non-negative integer")
+                self._bad_line(line, f"WORK needs an integer 0..{MAX_WORK_UNITS}")
                 return
             self._units += units
         elif word == "READY" and not rest:
