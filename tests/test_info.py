@@ -199,6 +199,28 @@ async def test_a_hung_source_never_silences_the_others(caplog: pytest.LogCapture
 
 
 @pytest.mark.anyio
+async def test_a_reading_out_of_range_is_a_failed_probe_not_an_event() -> None:
+    # The master refuses the batch holding it, and the outbox would offer it again forever,
+    # holding back every later event of the node.
+    readings = iter([NodeInfo(cpu_percent=150.0), NodeInfo(slots=-3)])
+
+    def broken_then_fine() -> NodeInfo:
+        return next(readings, NodeInfo(cpu_percent=50.0))
+
+    source = InfoSource(name="cpu", probe=broken_then_fine, interval_s=0.01, timeout_s=1.0)
+    emitted = Collector()
+    gatherer = InfoGatherer(NODE, emitted, [source])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gatherer.run)
+        await _until(lambda: len(emitted.events) >= 1)
+        tg.cancel_scope.cancel()
+    assert [e.info for e in emitted.from_source("cpu")] == [NodeInfo(cpu_percent=50.0)]
+    health = gatherer.health()["cpu"]
+    assert health.failures == 2
+    assert "invalid reading" in health.last_error and "slots" in health.last_error
+
+
+@pytest.mark.anyio
 async def test_a_failing_source_is_logged_once_and_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

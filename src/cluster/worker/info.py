@@ -29,12 +29,16 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
+import msgspec
 import psutil
 
 from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
 from cluster.worker.gpu import NvmlGpuProbe
 
 log = logging.getLogger(__name__)
+
+_encode_info = msgspec.msgpack.Encoder().encode
+_check_info = msgspec.msgpack.Decoder(NodeInfo).decode
 
 _MIB: Final = 1024 * 1024
 
@@ -296,6 +300,13 @@ class InfoGatherer:
             return None
         if not isinstance(info, NodeInfo):
             self._failed(source, health, f"probe returned {type(info).__name__}, not NodeInfo")
+            return None
+        try:
+            # Constructing a Struct checks no constraints; the master checks them on decode
+            # and refuses the whole batch, which the outbox would then offer again forever.
+            _check_info(_encode_info(info))
+        except msgspec.ValidationError as exc:
+            self._failed(source, health, f"probe returned an invalid reading: {exc}")
             return None
         if health.failing_for:
             log.info(
