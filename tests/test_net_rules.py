@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from functools import partial
@@ -170,6 +171,33 @@ def test_identity_is_stable_and_validated(tmp_path: Path) -> None:
     (tmp_path / "node.key").write_bytes(b"short")
     with pytest.raises(IdentityError, match="holds 5 bytes; expected a 32-byte Ed25519 seed"):
         load_or_create_seed(tmp_path)
+
+
+def test_outbox_damage_in_the_middle_loses_only_the_damaged_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = Outbox.open(tmp_path)
+    for n in range(10):
+        box.append(WorkReported(devshard_id="d", node_id=A, units=n + 1, epoch=1))
+    box.close()
+    path = tmp_path / "events.log"
+    data = bytearray(path.read_bytes())
+    record = len(data) // 10
+    data[2 * record + record // 2] ^= 0x10  # one bit in the third record
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.ERROR, logger="cluster.worker.outbox"):
+        box = Outbox.open(tmp_path)
+    assert [s for s, _ in box.pending_after(0, 100)] == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert box.last_seq == 10 and box.append(NodeHeartbeat(node_id=A)) == 11
+    assert any("1 damaged region(s) skipped" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "events.log.damaged").read_bytes() == bytes(data)  # kept for a look
+    box.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cluster.worker.outbox"):
+        box = Outbox.open(tmp_path)  # the log was rewritten: clean from now on
+    assert [s for s, _ in box.pending_after(0, 100)] == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert not caplog.records
+    box.close()
 
 
 def test_outbox_survives_reopen_acks_and_torn_tail(tmp_path: Path) -> None:

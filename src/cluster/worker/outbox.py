@@ -15,6 +15,9 @@ Layout in its directory:
   the hello's last_seq clears them (`skip_to`) and the master drops them as duplicates.
 
 On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
+Damage in the middle (a bad checksum with intact records after it) loses only the damaged
+bytes: the scan resumes at the next intact record, the file as found is kept beside the log
+(``events.log.damaged``) with an ERROR, and the log is rewritten with the records kept.
 Sequence numbers never go backwards: the next seq is above both the watermark and every
 record on disk, so the master's (origin, seq) duplicate check stays correct across restarts.
 """
@@ -58,6 +61,26 @@ class OutboxError(Exception):
 
 def _crc(seq: int, payload: bytes) -> int:
     return _crc32(payload, _crc32(_pack_seq(seq)))
+
+
+def _record_end(data: bytes, off: int) -> int | None:
+    """The end of the intact record at `off`, or None (cut short, too long, bad checksum)."""
+    if off + _REC.size > len(data):
+        return None
+    length, seq, crc = _REC.unpack_from(data, off)
+    end = off + _REC.size + length
+    if length > MAX_EVENT_BYTES or end > len(data):
+        return None
+    return end if _crc(seq, data[off + _REC.size : end]) == crc else None
+
+
+def _next_record(data: bytes, start: int) -> int | None:
+    """The offset of the first intact record at or after `start` (a scan byte by byte: only
+    after damage, and a random length rarely passes the size check that precedes the CRC)."""
+    for off in range(start, len(data) - _REC.size + 1):
+        if _record_end(data, off) is not None:
+            return off
+    return None
 
 
 class Outbox:
@@ -110,19 +133,35 @@ class Outbox:
             return
         off = 0
         good_end = 0
+        damaged: list[tuple[int, int]] = []  # (offset, bytes) of damage with records after it
         while off + _REC.size <= len(data):
-            length, seq, crc = _REC.unpack_from(data, off)
-            end = off + _REC.size + length
-            if length > MAX_EVENT_BYTES or end > len(data):
-                break
-            payload = data[off + _REC.size : end]
-            if _crc(seq, payload) != crc:
-                break
+            record_end = _record_end(data, off)
+            if record_end is None:
+                # A torn tail (a crash mid-write) ends the file; damage in the middle has
+                # intact records after it: find the next one rather than drop them all.
+                resume = _next_record(data, off + 1)
+                if resume is None:
+                    break
+                damaged.append((off, resume - off))
+                off = resume
+                continue
+            _, seq, _ = _REC.unpack_from(data, off)
             if seq > self._acked:
-                self._pending.append((seq, payload))
-                self._pending_size += end - off
+                self._pending.append((seq, data[off + _REC.size : record_end]))
+                self._pending_size += record_end - off
             self._last_seq = max(self._last_seq, seq)
-            off = good_end = end
+            off = good_end = record_end
+        if damaged:
+            aside = self._log_path.with_name(self._log_path.name + ".damaged")
+            aside.write_bytes(data)
+            log.error(
+                "outbox %s: %d damaged region(s) skipped (offset:bytes %s); the records after "
+                "them are kept, the events in them are lost; the file as found is in %s",
+                self._log_path,
+                len(damaged),
+                ", ".join(f"{at}:{size}" for at, size in damaged),
+                aside,
+            )
         if good_end < len(data):
             log.warning(
                 "outbox %s: dropped a torn tail of %d bytes at offset %d",
@@ -130,11 +169,28 @@ class Outbox:
                 len(data) - good_end,
                 good_end,
             )
+        if damaged:
+            self._rewrite_pending()
+            return
+        if good_end < len(data):
             with open(self._log_path, "r+b") as f:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
         self._size = good_end
+
+    def _rewrite_pending(self) -> None:
+        """Replace the log with exactly the unacknowledged records in memory (atomically)."""
+        data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
+        tmp = self._log_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._log_path)
+        self._size = self._pending_size = len(data)
 
     # ---------------------------------------------------------------- use
     @property
