@@ -11,6 +11,8 @@ import stat
 from pathlib import Path
 from typing import Any, Final
 
+from cluster.shared.files import write_bytes_durably
+
 KEY_FILE: Final = "node.key"
 SEED_BYTES: Final = 32
 
@@ -28,14 +30,7 @@ def load_or_create_seed(data_dir: Path) -> bytes:
         raise IdentityError(f"cannot create data directory {data_dir}: {exc.strerror}") from exc
     if not path.exists():
         seed = os.urandom(SEED_BYTES)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, seed)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_bytes_durably(path, seed)
         return seed
     try:
         st = path.stat()

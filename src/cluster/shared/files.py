@@ -1,8 +1,9 @@
-"""Small files other processes poll (addresses, digests): written so a reader never sees one
-half-written."""
+"""Files replaced whole: written beside their path, then renamed over it, so a reader (or a
+restart after a crash) never sees one half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,4 +12,23 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data`, on disk before the rename: after a crash the file holds
+    either the old bytes or the new ones, never a prefix or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
     os.replace(tmp, path)

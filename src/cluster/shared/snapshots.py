@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from cluster.shared.eventlog import fsync_dir
+from cluster.shared.files import write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +110,7 @@ class SnapshotStore:
             raise ValueError(f"snapshot index {idx} must be >= 0")
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / snapshot_name(idx)
-        tmp = self._dir / f".{snapshot_name(idx)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(encode_snapshot(idx, data))
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+        write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)
         fsync_dir(self._dir)
         self._prune()
         return path

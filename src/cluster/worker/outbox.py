@@ -36,6 +36,7 @@ from typing import Final
 import msgspec
 
 from cluster.shared.events import Event
+from cluster.shared.files import write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +183,7 @@ class Outbox:
     def _rewrite_pending(self) -> None:
         """Replace the log with exactly the unacknowledged records in memory (atomically)."""
         data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
-        tmp = self._log_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._log_path)
+        write_bytes_durably(self._log_path, data)
         self._size = self._pending_size = len(data)
 
     # ---------------------------------------------------------------- use
@@ -281,30 +275,19 @@ class Outbox:
 
     def _write_ack(self, seq: int) -> None:
         head = seq.to_bytes(8, "big")
-        tmp = self._ack_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _ACK.pack(seq, zlib.crc32(head)))
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._ack_path)
+        # Synced before the rename: after a power loss the watermark is the old one or the
+        # new one, never an empty file that stops the worker from starting.
+        write_bytes_durably(self._ack_path, _ACK.pack(seq, zlib.crc32(head)))
 
     def _compact(self) -> None:
         # The unacknowledged records are the file's last `_pending_size` bytes (records are
         # appended in seq order and acknowledged as a prefix): copied as they are.
-        tmp = self._log_path.with_suffix(".tmp")
         data = os.pread(self._fd, self._pending_size, self._size - self._pending_size)
         first = self._pending[0][0] if self._pending else 0
         if len(data) != self._pending_size or (data and _REC.unpack_from(data)[1] != first):
             # Not where the bookkeeping says (never seen): rebuild from memory instead.
             data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._log_path)
+        write_bytes_durably(self._log_path, data)
         os.close(self._fd)
         self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
         self._size = self._pending_size = len(data)
