@@ -22,6 +22,7 @@ from cluster.shared.events import (
     EpochStarted,
     Event,
     IndexedEvent,
+    NodeHeartbeat,
     RunnerStatus,
     RunnerStatusUpdated,
     SessionDeleted,
@@ -427,6 +428,32 @@ async def test_runner_failing_while_serving() -> None:
         "serve: simulated failure after 0.05s",
         "serve: health probe: simulated failure after 0.05s",
     )
+
+
+@pytest.mark.anyio
+async def test_a_reconcile_that_failed_is_tried_again_on_the_same_devshards() -> None:
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, make_factory("simulated", FAST_SIM))
+    calls = 0
+    real = mgr._predecessor
+
+    def flaky(spec: RunnerSpec, wanted: dict[str, RunnerSpec]) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the middle of reconciling")
+        return real(spec, wanted)
+
+    mgr._predecessor = flaky  # type: ignore[method-assign, assignment]
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        state = cluster.master(placed("d1", "s1", 1, [(0, ME)]))
+        with pytest.raises(RuntimeError, match="a bug in the middle"):
+            mgr.reconcile(state)
+        mgr.reconcile(cluster.add(ME, NodeHeartbeat(node_id=ME)))  # same devshards and epoch
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
 
 
 class FailingFirst:

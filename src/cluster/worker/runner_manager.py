@@ -204,7 +204,13 @@ class RunnerManager:
         # Most events (info, heartbeats, work) leave devshards and the epoch untouched, and
         # immutable state keeps them the same objects: skip the O(devshards) scan then.
         if self._tg is not None and not self._already_applied(state):
-            self._apply(state)
+            try:
+                self._apply(state)
+            except BaseException:
+                # Not (fully) applied: the next state must try again, not be skipped as the
+                # same devshards -- a runner left unstarted would stay so all epoch.
+                self._applied = None
+                raise
 
     # -- shell ----------------------------------------------------------------------------
 
