@@ -44,6 +44,23 @@ def test_master_options_are_validated(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epoch-length", "xyz"], "cluster demo: 'xyz': expected a number"),
+        (["--plan-interval", "-1"], "--plan-interval must be a finite number > 0, got -1.0"),
+        (["--http", "nonsense"], "--http 'nonsense': expected HOST:PORT"),
+    ],
+)
+def test_demo_checks_its_master_options_before_starting_anything(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not "master did not start; see its log" (exit 1) after spawning it.
+    assert cli.main(["demo", "--data-dir", str(tmp_path / "d"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_master_config_file_errors_name_the_setting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

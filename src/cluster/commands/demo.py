@@ -81,6 +81,23 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> Non
             out.close()
 
 
+def _master_option_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the options the demo passes on to its master ("" if nothing)."""
+    from cluster.commands.master import http_config, planner_config
+    from cluster.master.config import PlannerConfig
+
+    given = argparse.Namespace(
+        plan_interval=args.plan_interval, epoch_length=args.epoch_length, stale_cycles=None
+    )
+    try:
+        planner_config(given, PlannerConfig())
+        if args.http is not None:
+            http_config(args.http, None)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def _http_default() -> str:
     """127.0.0.1:8470 (what `cluster status` asks by default) unless something holds it."""
     import socket
@@ -115,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.duration is not None and not args.duration > 0:
         print("cluster demo: --duration must be > 0", file=sys.stderr)
+        return 2
+    problem = _master_option_problem(args)
+    if problem:  # checked here, with the master's own rules: not "master did not start"
+        print(f"cluster demo: {problem}", file=sys.stderr)
         return 2
     root: Path = args.data_dir or Path(tempfile.mkdtemp(prefix="cluster-demo-"))
     logs = root / "logs"

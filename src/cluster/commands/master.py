@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         parse_multiaddr(args.listen)
         file_cfg, policy = load_settings(args.config)
         planner_cfg = planner_config(args, file_cfg)
-        http = _http_config(args.http, args.http_token_file)
+        http = http_config(args.http, args.http_token_file)
         allowed: set[str] | None = None
         if args.allow or args.allow_file:
             allowed = {validate_peer_id(p, "--allow") for p in args.allow}
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
+def http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
     """`HOST:PORT` (or 'off') and an optional token file, validated."""
     from cluster.master.http_api import HttpApiConfig, check_config
 
