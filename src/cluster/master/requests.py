@@ -51,7 +51,7 @@ LATEST_START_MS: Final = 253_402_214_400_000 - MAX_DURATION_MS  # 9999-12-31 les
 #: The longest lead (--in) a request may give: past this no policy's max lead applies.
 MAX_LEAD_MS: Final = 100 * 366 * DAY_MS
 MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
-#: With admission's MAX_WORK_UNITS, one work report's reward stays under 2**60.
+#: With events.MAX_WORK_UNITS, one work report's reward stays under 2**60.
 MAX_REWARD_PER_UNIT = 2**20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: `$` allows a final "\n"
 

@@ -55,7 +55,7 @@ class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
 #: A machine-wide CPU utilisation: finite, 0-100 (psutil.cpu_percent without percpu).
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 #: A non-negative amount or counter that fits an int64.
-Gauge = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Gauge = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 #: The most runner slots one node may offer. The maintenance caps weigh nodes by their
 #: slots: one node claiming billions (or a negative number) would outweigh, or cancel, the
 #: rest of the cluster. A node is a machine; no machine runs more runners than this.

@@ -180,9 +180,13 @@ class Outbox:
                 os.fsync(f.fileno())
         self._size = good_end
 
+    def _pending_records(self) -> bytes:
+        """The unacknowledged records as the log holds them, rebuilt from memory."""
+        return b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
+
     def _rewrite_pending(self) -> None:
         """Replace the log with exactly the unacknowledged records in memory (atomically)."""
-        data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
+        data = self._pending_records()
         write_bytes_durably(self._log_path, data)
         self._size = self._pending_size = len(data)
 
@@ -286,7 +290,7 @@ class Outbox:
         first = self._pending[0][0] if self._pending else 0
         if len(data) != self._pending_size or (data and _REC.unpack_from(data)[1] != first):
             # Not where the bookkeeping says (never seen): rebuild from memory instead.
-            data = b"".join(_pack_rec(len(p), s, _crc(s, p)) + p for s, p in self._pending)
+            data = self._pending_records()
         write_bytes_durably(self._log_path, data)
         os.close(self._fd)
         self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)

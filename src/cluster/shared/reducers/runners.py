@@ -2,7 +2,7 @@
 
 The ledger's sums saturate at INT64_MAX: State encodes them as msgpack ints, and a sum past
 that could not be encoded (no snapshot, no digest). The master bounds each report
-(admission.MAX_WORK_UNITS, requests.MAX_REWARD_PER_UNIT) so that real clusters never get
+(events.MAX_WORK_UNITS, requests.MAX_REWARD_PER_UNIT) so that real clusters never get
 near; the cap is what keeps a log holding larger values -- older, or not written by our
 master -- foldable into a state that encodes.
 
