@@ -26,6 +26,7 @@ from cluster.net.membership import (
     new_nonce,
     validate_peer_id,
 )
+from cluster.net.protocol import CONTENT_REFUSALS
 from cluster.shared.events import (
     MAX_MISSED_SLOTS,
     MAX_WORK_UNITS,
@@ -123,6 +124,24 @@ def test_batches_must_count_up() -> None:
     assert err.value.code == "bad-seq"
     with pytest.raises(AdmissionError, match="may not speak for node"):
         check_worker_batch(A, [(1, hb), (2, NodeHeartbeat(node_id=B))])
+
+
+@pytest.mark.parametrize(
+    ("seq", "event"),
+    [
+        (0, NodeHeartbeat(node_id=A)),
+        (1, NodeHeartbeat(node_id=B)),
+        (1, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0)),
+        (1, WorkReported(devshard_id="d", node_id=A, units=0, epoch=0)),
+        (1, WorkMissed(devshard_id="d", node_id=A, epoch=0, count=0)),
+    ],
+)
+def test_every_admission_refusal_is_one_the_worker_sets_aside(seq: int, event: Event) -> None:
+    """The worker tells a refused batch from a network fault by its code: a refusal it took
+    for a fault would be resent forever (tests/test_worker_refused_events.py)."""
+    with pytest.raises(AdmissionError) as err:
+        check_worker_event(A, seq, event)
+    assert err.value.code in CONTENT_REFUSALS
 
 
 def _verdict(check: Callable[[], None]) -> tuple[str, str] | None:

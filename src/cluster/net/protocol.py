@@ -160,6 +160,21 @@ class EventsRaw(Msg, frozen=True, tag="Events"):
     events: list[msgspec.Raw]
 
 
+#: Codes the master fails a submit stream with when a batch's *content* is refused (the
+#: admission rules, or a frame it cannot decode or take): resending the same events can never
+#: help, so the worker finds the refused one and sets it aside (worker/client.py).
+CONTENT_REFUSALS: Final = frozenset(
+    {
+        "bad-seq",
+        "forbidden-event",
+        "forbidden-origin",
+        "bad-units",
+        "bad-count",
+        "malformed",
+        "too-large",
+    }
+)
+
 T = TypeVar("T")
 
 

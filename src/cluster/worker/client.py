@@ -31,6 +31,7 @@ from cluster.net.framing import encode_frame
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership, new_nonce
 from cluster.net.protocol import (
+    CONTENT_REFUSALS,
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
     REQUEST_PROTOCOL,
@@ -105,6 +106,18 @@ class MasterRefused(Exception):
 _REFUSALS = frozenset({"unauthorized", "version"})
 
 
+class BatchRefused(Exception):
+    """The master refused the content of a batch we sent (`CONTENT_REFUSALS`): resending
+    it as it is would be refused forever. `first`..`last` are the seqs in flight then."""
+
+    def __init__(self, code: str, message: str, first: int, last: int) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.first = first
+        self.last = last
+
+
 class MasterUnavailable(Exception):
     """There is no connection to the master right now (the request was not sent)."""
 
@@ -148,6 +161,11 @@ class Worker:
         self._link: tuple[Any, Any] | None = None
         #: Node-info readings made while not connected, the latest per source (`emit_info`).
         self._held_info: dict[str, NodeGatheredInfo] = {}
+        #: Highest seq sent to the master on the current submit stream.
+        self._last_sent = 0
+        #: After the master refused a batch: events up to this seq go one at a time, so
+        #: that a refusal names exactly one event (`_after_refusal`).
+        self._isolate_until = 0
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -311,13 +329,16 @@ class Worker:
                 log.error("master refused this worker: %s", exc)
                 backoff = cfg.backoff_max
             except Exception as exc:
-                why = _describe(exc)
-                log.info(
-                    "master at %s unreachable (%s); retrying in %.1f s",
-                    self.master_addr,
-                    why,
-                    backoff,
-                )
+                refused = _refusal_in(exc)
+                if refused is not None:
+                    self._after_refusal(refused)
+                else:
+                    log.info(
+                        "master at %s unreachable (%s); retrying in %.1f s",
+                        self.master_addr,
+                        _describe(exc),
+                        backoff,
+                    )
             self.phase = "connecting"
             with (
                 anyio.CancelScope(shield=True),
@@ -327,6 +348,34 @@ class Worker:
                 await host.disconnect(nethost.peer_of(self.master_addr))
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, cfg.backoff_max)
+
+    def _after_refusal(self, refused: BatchRefused) -> None:
+        """Make progress past events the master will never take (it resets the stream and
+        we redial): a lone event in flight is the refused one, set aside in the outbox's
+        ``refused.jsonl`` with an ERROR; a larger batch is resent one event at a time until
+        the refused ones are found. Every refusal thus moves the outbox on, instead of the
+        same batch being resent forever (with a NodeConnected logged for every redial)."""
+        first, last = refused.first, refused.last
+        if first == last:
+            event = self.outbox.set_aside(first, refused.code, refused.message)
+            log.error(
+                "master refused our event seq %d (%s): %s; set aside in %s, sending the rest",
+                first,
+                type(event).__name__ if event is not None else "undecodable",
+                refused,
+                self.outbox.refused_path,
+            )
+        elif first < last:
+            self._isolate_until = max(self._isolate_until, last)
+            log.error(
+                "master refused a batch of our events (seq %d..%d): %s; resending them one at "
+                "a time to find the refused ones",
+                first,
+                last,
+                refused,
+            )
+        else:
+            log.error("master refused a batch, but none of our events was in flight: %s", refused)
 
     async def _hello(self, host: Any, peer: Any) -> Welcome:
         cfg = self.config
@@ -365,7 +414,7 @@ class Worker:
         cfg = self.config
         fs = await nethost.open_stream(host, peer, SUBMIT_PROTOCOL, cfg.connect_timeout)
         inflight: deque[int] = deque()  # last seq of each batch sent, oldest first
-        sent = self.outbox.acked
+        sent = self._last_sent = self.outbox.acked
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._ack_reader, fs)
@@ -380,12 +429,16 @@ class Worker:
                     # Adaptive batching: while `inflight_batches` wait for their ack, new
                     # events pile up into the next batch. A lone event leaves at once; under
                     # load batches grow, so the master's per-frame cost stays bounded.
+                    # Isolating refused events (`_after_refusal`): one at a time.
+                    isolating = self.outbox.acked < self._isolate_until
                     batch = (
-                        self.outbox.pending_after(sent, min(cfg.batch_events, room))
+                        self.outbox.pending_after(
+                            sent, 1 if isolating else min(cfg.batch_events, room)
+                        )
                         if room > 0 and len(inflight) < cfg.inflight_batches
                         else []
                     )
-                    if inflight and len(batch) < cfg.pipelined_batch_events:
+                    if inflight and (isolating or len(batch) < cfg.pipelined_batch_events):
                         batch = []
                     if not batch:
                         with anyio.move_on_after(cfg.keepalive) as scope:
@@ -396,10 +449,15 @@ class Worker:
                     # Everything the master may acknowledge is on our disk first. (A small
                     # fsync, done inline: a thread hop costs more CPU than it saves here.)
                     self.outbox.sync()
-                    msg = SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch])
-                    frame = encode_frame(encode(msg), fs.max_frame, compress=True)
+                    payload = _submit_payload(batch)
+                    # Large events: a batch that would exceed a frame leaves in halves (one
+                    # event always fits: the outbox bounds it far below the frame limit).
+                    while len(payload) > fs.max_frame and len(batch) > 1:
+                        batch = batch[: len(batch) // 2]
+                        payload = _submit_payload(batch)
+                    frame = encode_frame(payload, fs.max_frame, compress=True)
                     await fs.send_bytes(frame, cfg.peer_timeout)
-                    sent = batch[-1][0]
+                    sent = self._last_sent = batch[-1][0]
                     inflight.append(sent)
         finally:
             await fs.reset()
@@ -415,6 +473,8 @@ class Worker:
             if isinstance(msg, Pong):
                 self.master_last_idx = max(self.master_last_idx, msg.last_idx)
                 continue
+            if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
+                raise BatchRefused(msg.code, msg.message, self.outbox.acked + 1, self._last_sent)
             ack = expect(msg, Ack)
             self._acked(ack.seq)
 
@@ -513,6 +573,22 @@ class Worker:
 
 
 _PING = Ping()
+
+
+def _submit_payload(batch: list[tuple[int, bytes]]) -> bytes:
+    return encode(SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch]))
+
+
+def _refusal_in(exc: BaseException) -> BatchRefused | None:
+    """The BatchRefused that ended a connection, wherever task groups nested it."""
+    if isinstance(exc, BatchRefused):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _refusal_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _describe(exc: BaseException) -> str:

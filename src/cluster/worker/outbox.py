@@ -13,6 +13,8 @@ Layout in its directory:
   calls), and always before records are dropped from ``events.log`` and on close. A watermark
   that lags after a crash only means records the master already holds are offered again:
   the hello's last_seq clears them (`skip_to`) and the master drops them as duplicates.
+- ``refused.jsonl``: events the master refused (`set_aside`), one JSON object per line with
+  the seq, the event, and the master's code and reason: kept for the operator, never resent.
 
 On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
 Damage in the middle (a bad checksum with intact records after it) loses only the damaged
@@ -54,6 +56,12 @@ COMPACT_BYTES: Final = 4 << 20
 ACK_WRITE_EVERY: Final = 4096
 
 _encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(Event)
+#: What to do about a damaged watermark, said with the error (it stops the worker starting).
+_ACK_RECOVERY: Final = (
+    "; to recover, remove that file: every record in events.log is then offered to the master "
+    "again, which keeps what it already holds once"
+)
 
 
 class OutboxError(Exception):
@@ -89,6 +97,7 @@ class Outbox:
         self.directory = directory
         self._log_path = directory / "events.log"
         self._ack_path = directory / "acked"
+        self._refused_path = directory / "refused.jsonl"
         self._pending: deque[tuple[int, bytes]] = deque()
         self._acked = 0
         #: The watermark as ``acked`` holds it (may lag `_acked`, see the module docstring).
@@ -121,10 +130,14 @@ class Outbox:
         except FileNotFoundError:
             return 0
         if len(data) != _ACK.size:
-            raise OutboxError(f"{self._ack_path}: {len(data)} bytes, expected {_ACK.size}")
+            raise OutboxError(
+                f"{self._ack_path}: {len(data)} bytes, expected {_ACK.size}{_ACK_RECOVERY}"
+            )
         seq, crc = _ACK.unpack(data)
         if zlib.crc32(data[:8]) != crc:
-            raise OutboxError(f"{self._ack_path}: checksum mismatch (corrupt ack watermark)")
+            raise OutboxError(
+                f"{self._ack_path}: checksum mismatch (corrupt ack watermark){_ACK_RECOVERY}"
+            )
         return int(seq)
 
     def _load_log(self) -> None:
@@ -264,6 +277,32 @@ class Outbox:
             self._compact()
         elif seq - self._acked_on_disk >= ACK_WRITE_EVERY:
             self._persist_ack()
+
+    def set_aside(self, seq: int, code: str, reason: str) -> Event | None:
+        """The master refused the event with `seq`, the oldest unacknowledged one: append it
+        to ``refused.jsonl`` (synced) and drop it from the outbox, so that the events after
+        it can go. Returns the event (None if its payload no longer decodes)."""
+        pending = self._pending
+        if not pending or pending[0][0] != seq:
+            raise OutboxError(f"seq {seq} is not the oldest unacknowledged event")
+        payload = pending[0][1]
+        event: Event | None
+        try:
+            event = _event_decoder.decode(payload)
+            shown: object = event
+        except msgspec.DecodeError:
+            event, shown = None, {"undecodable_msgpack_hex": payload.hex()}
+        line = msgspec.json.encode({"seq": seq, "code": code, "reason": reason, "event": shown})
+        with open(self._refused_path, "ab") as f:
+            f.write(line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.ack(seq)
+        return event
+
+    @property
+    def refused_path(self) -> Path:
+        return self._refused_path
 
     def skip_to(self, last_seq_at_master: int) -> None:
         """The master already holds our events up to this seq (our ack was lost in a crash,

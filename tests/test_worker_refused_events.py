@@ -1,0 +1,125 @@
+"""Events the master refuses are set aside once, and never stop the events after them.
+
+A refused batch used to be resent forever: the master reset the stream, the worker took that
+for a network fault, redialled and sent the same batch again (a NodeConnected in the log for
+every round). Now the worker finds the refused events, writes them to its outbox's
+refused.jsonl with an ERROR, and delivers everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from pathlib import Path
+
+import anyio
+import pytest
+from embedded_nodes import fast_master
+
+from cluster.master.node import MasterNode
+from cluster.net.identity import load_identity
+from cluster.shared.events import (
+    MAX_WORK_UNITS,
+    Event,
+    NodeConnected,
+    NodeGatheredInfo,
+    NodeHeartbeat,
+    NodeInfo,
+    RunnerStatus,
+    RunnerStatusUpdated,
+    WorkReported,
+)
+from cluster.worker.client import Worker, WorkerConfig
+
+
+def _worker(tmp_path: Path, addr: str, secret: bytes) -> Worker:
+    config = WorkerConfig(
+        secret=secret, heartbeats=False, write_digest=False, backoff_initial=0.05, backoff_max=0.2
+    )
+    return Worker(tmp_path / "worker", addr, config)
+
+
+async def _deliver(master: MasterNode, tmp_path: Path, secret: bytes, emit: list[Event]) -> Worker:
+    """Start a worker holding `emit` in its outbox (one batch when it connects); return it
+    once the master has acknowledged or the worker has set aside every one of them."""
+    async with anyio.create_task_group() as tg:
+        started = await tg.start(master.run)
+        worker = _worker(tmp_path, started.addrs[0], secret)
+        for event in emit:
+            worker.emit(event)
+        await tg.start(worker.run)
+        while worker.outbox.acked < worker.outbox.last_seq:
+            await anyio.sleep(0.02)
+        worker.stop()
+        await worker.wait_finished()
+        master.stop()
+    return worker
+
+
+@pytest.mark.anyio
+async def test_refused_events_are_set_aside_and_the_rest_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: Worker | None = None
+    try:
+        _, me = load_identity(tmp_path / "worker")  # the worker's id, for its events
+
+        def info(percent: float) -> NodeGatheredInfo:
+            return NodeGatheredInfo(node_id=me, source="cpu", info=NodeInfo(cpu_percent=percent))
+
+        too_much = WorkReported(devshard_id="ds-x", node_id=me, units=MAX_WORK_UNITS + 1, epoch=1)
+        not_mine = NodeHeartbeat(node_id="12D3KooWSomebodyElse")
+        emitted: list[Event] = [info(1), info(2), too_much, info(3), not_mine, info(4)]
+        with caplog.at_level(logging.INFO, logger="cluster.worker.client"), anyio.fail_after(60):
+            worker = await _deliver(master, tmp_path, secret, emitted)
+
+        logged = [ie for ie in master.store.read_from(1) if ie.origin == me]
+        got = [ie.event for ie in logged if not isinstance(ie.event, NodeConnected)]
+        assert got == [info(1), info(2), info(3), info(4)]
+        # Each refusal costs one redial at most (one batch refused, then each lone event).
+        hellos = [ie for ie in master.store.read_from(1) if isinstance(ie.event, NodeConnected)]
+        assert 1 <= len(hellos) <= 4
+        refused = [json.loads(line) for line in worker.outbox.refused_path.read_text().splitlines()]
+        assert [(r["seq"], r["code"], r["event"]["type"]) for r in refused] == [
+            (3, "bad-units", "WorkReported"),
+            (5, "forbidden-origin", "NodeHeartbeat"),
+        ]
+        assert all(r["reason"] for r in refused)
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("seq 3 (WorkReported)" in m and "set aside" in m for m in errors)
+        assert not any("unreachable" in r.getMessage() for r in caplog.records)
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
+
+
+@pytest.mark.anyio
+async def test_a_backlog_larger_than_a_frame_leaves_in_smaller_batches(tmp_path: Path) -> None:
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: Worker | None = None
+    try:
+        _, me = load_identity(tmp_path / "worker")  # the worker's id, for its events
+        # 2,000 reports of ~4 KB: ~8 MB in the outbox, twice a frame's 4 MiB limit.
+        emitted: list[Event] = [
+            RunnerStatusUpdated(
+                runner_id="ds-1/0",
+                node_id=me,
+                status=RunnerStatus.FAILED if i % 2 else RunnerStatus.READY,
+                reason=secrets.token_hex(2000),
+            )
+            for i in range(2000)
+        ]
+        with anyio.fail_after(120):
+            worker = await _deliver(master, tmp_path, secret, emitted)
+        got = [ie.event for ie in master.store.read_from(1) if ie.origin == me]
+        assert [e for e in got if not isinstance(e, NodeConnected)] == emitted
+        assert not worker.outbox.refused_path.exists()
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
