@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shlex
 import sys
 from collections.abc import Mapping
@@ -166,6 +168,19 @@ def test_simulated_config_is_validated() -> None:
         SimulatedRunner(SPEC, {"units_per_s": -1})
     with pytest.raises(RunnerConfigError, match=r"load_s"):
         SimulatedRunner(SPEC, {"load_s": "slow"})
+    # Past `>= 0` but no rate: inf cannot be floored into work units, nor a rate that
+    # overflows to inf once multiplied by the seconds served.
+    for rate, shown in ((math.inf, "inf"), ("inf", "inf"), (1e300, "1e+300")):
+        with pytest.raises(
+            RunnerConfigError,
+            match=re.escape(f"units_per_s must be a number 0..{2**63 - 1}, got {shown}") + "$",
+        ):
+            SimulatedRunner(SPEC, {"units_per_s": rate})
+    with pytest.raises(RunnerConfigError, match=r"units_per_s"):
+        SimulatedRunner(SPEC, {"units_per_s": math.nan})
+    with pytest.raises(RunnerConfigError, match=r"load_s must be a finite number .*, got inf$"):
+        SimulatedRunner(SPEC, {"load_s": math.inf})
+    assert SimulatedRunner(SPEC, {"units_per_s": 1e18}).config.units_per_s == 1e18
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 
+from cluster.shared.events import INT64_MAX
 from cluster.worker.runners.base import (
     HEALTHY,
     Health,
@@ -40,6 +41,23 @@ class SimulatedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     fail_load: str = ""
     #: Positive: the runner fails by itself this many seconds after loading.
     fail_after_s: _NonNegative = 0.0
+
+    def __post_init__(self) -> None:
+        # `ge=0` lets inf through; an infinite sleep would only hide the mistake.
+        for what, value in (
+            ("load_s", self.load_s),
+            ("request_s", self.request_s),
+            ("fail_after_s", self.fail_after_s),
+        ):
+            if not math.isfinite(value):
+                raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+        # Nor inf here (the work formula cannot floor it), nor a rate whose product with the
+        # seconds served could overflow to inf. More than a report carries is fine: it
+        # exercises the manager's cap.
+        if not (math.isfinite(self.units_per_s) and self.units_per_s <= INT64_MAX):
+            raise ValueError(
+                f"units_per_s must be a number 0..{INT64_MAX}, got {self.units_per_s!r}"
+            )
 
 
 class SimulatedRunner(Runner):
