@@ -91,6 +91,15 @@ elif mode == "exit-before-ready":
     sys.exit(2)
 elif mode == "silent":
     time.sleep(60)
+elif mode == "chatty-stop":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as in "serve"
+    print("WORK 2", flush=True)
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    # Far more than a pipe holds, then the last WORK line: exits only if someone reads.
+    sys.stdout.write(("shutting down: " + "x" * 49 + "\n") * 16384)  # 1 MiB
+    print("WORK 5", flush=True)
+    sys.exit(0)
 elif mode == "slots":
     print("READY", flush=True)
     for line in sys.stdin:  # every stdin line, as received, to the OUT file
@@ -271,6 +280,22 @@ async def test_subprocess_runner_work_requests_and_clean_stop(
     assert len(warnings) == 1 and "'WORK x'" in warnings[0], warnings
     assert "WORK needs an integer 0..1099511627776" in warnings[0]
     assert any("hello from the runner" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_subprocess_output_while_stopping_is_read_so_the_command_can_exit(
+    program: list[str],
+) -> None:
+    # A long grace period, as above: only a command blocked on a full pipe should need it.
+    runner = SubprocessRunner(
+        SPEC, {"command": [*program, "chatty-stop"], "wait_ready": True, "grace_s": 30}
+    )
+    with anyio.fail_after(60):
+        await runner.load()
+        await runner.stop()
+    # It exited by itself (not SIGKILLed on a full pipe), and its last WORK line counted.
+    assert (await runner.health()).reason == "exited with code 0"
+    assert runner.work_units() == 2 + 5
 
 
 @pytest.mark.anyio

@@ -18,8 +18,9 @@ temporary file) so a chatty command never blocks on a full pipe; its last line i
 given when the command fails.
 
 health = the process is alive. stop = close stdin, SIGTERM to the command's process group,
-SIGKILL after `grace_s`. An exit code other than 0 fails the runner with the code (or signal)
-and the last line of standard error.
+SIGKILL after `grace_s`; its standard output is read (WORK lines counted) until it is gone. An
+exit code other than 0 fails the runner with the code (or signal) and the last line of
+standard error.
 """
 
 from __future__ import annotations
@@ -224,8 +225,7 @@ class SubprocessRunner(Runner):
         async with anyio.create_task_group() as tg:
             if self._slots is not None:
                 tg.start_soon(self._write_slot_lines, process, self._slots[1])
-            while await self._read_one_line():
-                pass
+            await self._read_all_lines()
             tg.cancel_scope.cancel()
         rc = await process.wait()
         if rc != 0:
@@ -301,16 +301,15 @@ class SubprocessRunner(Runner):
             if process.returncode is None:
                 self._signal_group(signal.SIGTERM)
                 with anyio.move_on_after(self.config.grace_s):
-                    await process.wait()
+                    await self._read_lines_until_exit(process)
             if process.returncode is None:
                 self._signal_group(signal.SIGKILL)
                 await process.wait()
-            # Count the WORK lines it printed while shutting down. Bounded, because a child
+            # Count the WORK lines still in the pipe after the exit. Bounded, because a child
             # that left the process group may hold the pipe open; as long as the grace period,
             # because on a busy host even reading a few buffered lines can stall for a while.
             with anyio.move_on_after(self.config.grace_s):
-                while await self._read_one_line():
-                    pass
+                await self._read_all_lines()
         finally:
             await process.aclose()
             if self._stderr_file is not None:
@@ -339,6 +338,19 @@ class SubprocessRunner(Runner):
         # The leader is alive (checked by the caller), so its pid is still its group's id.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, sig)
+
+    async def _read_lines_until_exit(self, process: anyio.abc.Process) -> None:
+        # A command with more to print while shutting down than the pipe holds blocks on the
+        # write and never exits unless someone reads. Stop reading at the exit, not at the end
+        # of output: a child that left the process group may hold the pipe open.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._read_all_lines)
+            await process.wait()
+            tg.cancel_scope.cancel()  # a cancelled read loses no data (`_LineReader`)
+
+    async def _read_all_lines(self) -> None:
+        while await self._read_one_line():
+            pass
 
     async def _read_one_line(self) -> bool:
         """Read and act on one stdout line; False at end of output."""
