@@ -169,3 +169,57 @@ def test_a_state_with_records_filed_under_other_ids_is_refused() -> None:
     doc = dict(good, last_event_by_node=NodeMarks([(0, 0), (3, 1)]).pairs())
     with pytest.raises(ValidationError, match="node marks hold 2 slots for 0 nodes"):
         decode_state(msgspec.msgpack.encode(doc))
+
+
+def test_a_state_whose_closed_window_index_disagrees_is_refused() -> None:
+    """The reducer drops a node's oldest closed window through `closed_windows_by_node`: an
+    index missing a closed window would keep it forever, one naming a window not held (or
+    open, or another node's, or twice) would make the drop fail."""
+    import msgspec
+    import pytest
+
+    from cluster.shared.apply import fold
+    from cluster.shared.codec import ValidationError, to_builtins
+    from cluster.shared.events import (
+        Event,
+        IndexedEvent,
+        MaintenanceCancelled,
+        MaintenanceScheduled,
+    )
+    from cluster.shared.state import EMPTY_STATE
+
+    def window(wid: str, node: str) -> MaintenanceScheduled:
+        return MaintenanceScheduled(
+            window_id=wid,
+            node_id=node,
+            start_ms=9,
+            duration_ms=5,
+            requested_ms=1,
+            credit_spent_ms=5,
+        )
+
+    events: list[Event] = [
+        window("a1", "na"),
+        MaintenanceCancelled(window_id="a1", node_id="na"),
+        window("b1", "nb"),
+        MaintenanceCancelled(window_id="b1", node_id="nb"),
+        window("a2", "na"),
+    ]
+    state = fold(
+        EMPTY_STATE, [IndexedEvent(i + 1, i, "master", i + 1, ev) for i, ev in enumerate(events)]
+    )
+    good = to_builtins(state)
+    assert good["closed_windows_by_node"] == {"na": ("a1",), "nb": ("b1",)}
+    assert decode_state(msgspec.msgpack.encode(good)) == state
+    before_the_index = {k: v for k, v in good.items() if k != "closed_windows_by_node"}
+    with pytest.raises(ValidationError, match="lists 0 of the 2 closed windows held"):
+        decode_state(msgspec.msgpack.encode(before_the_index))
+    for index, complaint in (
+        ({"na": ["a1"]}, "lists 1 of the 2 closed windows held"),
+        ({"na": ["a1", "a1"], "nb": ["b1"]}, "lists 'a1' twice"),
+        ({"na": ["a1", "a2"], "nb": ["b1"]}, r"\['na'\] lists 'a2', which is not a closed"),
+        ({"na": ["a1", "b1"]}, r"\['na'\] lists 'b1', which is not a closed"),
+        ({"na": ["a1", "gone"], "nb": ["b1"]}, r"\['na'\] lists 'gone', which is not a closed"),
+    ):
+        with pytest.raises(ValidationError, match=complaint):
+            decode_state(msgspec.msgpack.encode(dict(good, closed_windows_by_node=index)))

@@ -10,8 +10,9 @@ from maintenance_log import HOUR, MIN, T0, Log, node_id
 
 from cluster.master import maintenance as mt
 from cluster.shared.durations import format_time
-from cluster.shared.events import MaintenanceScheduled
+from cluster.shared.events import MaintenanceCancelled, MaintenanceScheduled
 from cluster.shared.maintenance_policy import MaintenancePolicy
+from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE
 
 A, B, C, D = (node_id(n) for n in range(1, 5))
 OPERATOR = "12D3KooWOperatorKey0001"
@@ -304,6 +305,27 @@ def test_window_ids_are_unique_and_a_reused_one_is_refused() -> None:
     assert wa != wb
     dup = mt.schedule(log.state, C, C, log.now + HOUR, HOUR, log.now, log.policy, window_id=wa)
     assert isinstance(dup, mt.ScheduleDecision) and codes(dup) == ["duplicate_window_id"]
+
+
+def test_a_dropped_windows_id_is_never_given_again() -> None:
+    """State keeps only a node's last closed windows, so uniqueness cannot rest on
+    `state.windows` alone: the master's ids name the log index, and a caller may not pick
+    an id of the master's kind, such as a dropped window's."""
+    log = cluster(A, B)
+    ids = []
+    for _ in range(CLOSED_WINDOWS_KEPT_PER_NODE + 5):
+        ids.append(log.schedule_ok(A, log.now + HOUR, HOUR))
+        assert isinstance(log.cancel(A), MaintenanceCancelled)
+    assert len(set(ids)) == len(ids)
+    first = ids[0]
+    assert first not in log.state.windows  # dropped: the check below cannot rely on it
+    reuse = mt.schedule(log.state, A, A, log.now + HOUR, HOUR, log.now, log.policy, first)
+    assert isinstance(reuse, mt.ScheduleDecision) and codes(reuse) == ["duplicate_window_id"]
+    assert "reserved for the ids the master makes" in reuse.reasons[0].message
+    # A caller's own id is still its own to use.
+    own = mt.schedule(log.state, A, A, log.now + HOUR, HOUR, log.now, log.policy, "ticket-7")
+    assert isinstance(own, MaintenanceScheduled) and own.window_id == "ticket-7"
+    assert log.credit(A) == log.policy.initial_credit_ms
 
 
 def test_render_decision() -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from strategies import event_logs
 
 from cluster.shared.apply import REDUCERS, OutOfOrderError, apply, fold
+from cluster.shared.codec import decode_state, encode_state
 from cluster.shared.events import (
     EVENT_TYPES,
     MASTER_ORIGIN,
@@ -42,9 +43,12 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.shared.state import EMPTY_STATE, State, WindowState
+from cluster.shared.reducers import maintenance as maintenance_reducers
+from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, EMPTY_STATE, State, WindowState
 
 A, B = "nodeA", "nodeB"
+#: How `_close_window` may close a window.
+CLOSES = ("cancel", "finish", "overrun")
 
 
 class Log:
@@ -498,6 +502,89 @@ def test_second_pending_window_for_a_node_is_ignored() -> None:
     _schedule(log, "w1")
     s = _schedule(log, "w2")
     assert "w2" not in s.windows and s.open_window_by_node[A] == "w1"
+
+
+def _close_window(log: Log, node: str, window_id: str, how: str) -> State:
+    """Schedule `window_id` for `node` (60 s of credit) and close it: "cancel" refunds all
+    of it, "finish" and "overrun" keep it."""
+    log.add(
+        node,
+        MaintenanceScheduled(
+            window_id=window_id,
+            node_id=node,
+            start_ms=10_000,
+            duration_ms=60_000,
+            requested_ms=1_000,
+            credit_spent_ms=60_000,
+        ),
+    )
+    if how == "cancel":
+        return log.add(
+            node, MaintenanceCancelled(window_id=window_id, node_id=node, credit_refund_ms=60_000)
+        )
+    log.add(MASTER_ORIGIN, MaintenanceStarted(window_id=window_id, node_id=node), at_ms=10_000)
+    if how == "finish":
+        return log.add(node, MaintenanceFinished(window_id=window_id, node_id=node), at_ms=20_000)
+    return log.add(MASTER_ORIGIN, MaintenanceOverrun(window_id=window_id, node_id=node))
+
+
+def _held_closed(state: State, node: str) -> list[str]:
+    return sorted(
+        w.window_id
+        for w in state.windows.values()
+        if w.node_id == node and w.state in (WindowState.COMPLETED, WindowState.CANCELLED)
+    )
+
+
+def test_a_schedule_cancel_loop_keeps_only_the_nodes_newest_closed_windows() -> None:
+    """Cancelling a SCHEDULED window is free, so a loop of them must not grow State: a node
+    keeps its newest CLOSED_WINDOWS_KEPT_PER_NODE closed windows, completed ones included."""
+    cap = CLOSED_WINDOWS_KEPT_PER_NODE
+    log = Log()
+    _close_window(log, B, "b-old", "cancel")
+    rounds = 1_000
+    for i in range(rounds):
+        s = _close_window(log, A, f"w{i:04d}", "finish" if i % 10 == 0 else "cancel")
+        assert len(_held_closed(s, A)) == min(i + 1, cap)
+    newest = tuple(f"w{i:04d}" for i in range(rounds - cap, rounds))
+    assert s.closed_windows_by_node[A] == newest
+    assert _held_closed(s, A) == list(newest)
+    assert s.windows["w0990"].state is WindowState.COMPLETED
+    assert s.windows["w0999"].state is WindowState.CANCELLED
+    assert "w0000" not in s.windows
+    # Another node's windows and every credit are untouched by the drops: only the 100
+    # finished windows kept their credit.
+    assert _held_closed(s, B) == ["b-old"]
+    assert s.credit_ms_by_node[A] == -60_000 * (rounds // 10)
+    assert s.credit_ms_by_node[B] == 0
+    # An open window is never dropped, and the loop can go on from here.
+    s = _schedule(log, "w-open")
+    assert s.open_window_by_node[A] == "w-open" and len(s.windows) == cap + 2
+    assert fold(EMPTY_STATE, log.events) == s
+    assert decode_state(encode_state(s)) == s
+
+
+@settings(max_examples=100, deadline=None)
+@given(closes=st.lists(st.tuples(st.sampled_from([A, B]), st.sampled_from(CLOSES)), max_size=24))
+def test_closed_windows_stay_indexed_and_capped(closes: list[tuple[str, str]]) -> None:
+    """Under a small cap, after any mix of closes: each node holds exactly its newest closed
+    windows, the index lists them in closing order, it encodes and decodes (the decoder
+    checks the index), and `fold` agrees with `apply`."""
+    cap = 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(maintenance_reducers, "CLOSED_WINDOWS_KEPT_PER_NODE", cap)
+        log = Log()
+        s = EMPTY_STATE
+        closed: dict[str, list[str]] = {A: [], B: []}
+        for i, (node, how) in enumerate(closes):
+            s = _close_window(log, node, f"w{i}", how)
+            closed[node].append(f"w{i}")
+        for node, ids in closed.items():
+            assert s.closed_windows_by_node.get(node, ()) == tuple(ids[-cap:])
+            assert _held_closed(s, node) == sorted(ids[-cap:])
+        assert len(s.windows) == sum(min(len(ids), cap) for ids in closed.values())
+        assert decode_state(encode_state(s)) == s
+        assert fold(EMPTY_STATE, log.events) == s
 
 
 def test_unexcused_disconnect_with_an_empty_reason_still_counts() -> None:

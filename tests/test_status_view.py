@@ -23,8 +23,9 @@ from cluster.shared.events import (
 )
 from cluster.shared.humanize import clip, printable
 from cluster.shared.node_status import NodeState
-from cluster.shared.state import WindowState
+from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, WindowState
 from cluster.shared.status_view import (
+    DEFAULT_RECENT_WINDOWS,
     ClusterStatus,
     cluster_status,
     from_json,
@@ -160,6 +161,12 @@ def test_recent_limits_drop_old_closed_windows_and_ledgers() -> None:
     status = cluster_status(busy_cluster().state, NOW, recent_windows=0, recent_ledgers=1)
     assert [w.window_id for w in status.windows] == ["w-1"]  # open windows always shown
     assert [lv.epoch for lv in status.ledgers] == [7]
+
+
+def test_state_holds_every_closed_window_status_shows_by_default() -> None:
+    """Each node keeps its last CLOSED_WINDOWS_KEPT_PER_NODE closed windows; as long as that
+    is at least the number status shows, the cluster's most recent ones are all held."""
+    assert DEFAULT_RECENT_WINDOWS <= CLOSED_WINDOWS_KEPT_PER_NODE
 
 
 def test_catch_up_lag_from_caller() -> None:

@@ -39,7 +39,13 @@ from cluster.shared.events import (
 )
 from cluster.shared.excuse import is_excused
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import DevshardRecord, MaintenanceWindow, State, WindowState
+from cluster.shared.state import (
+    CLOSED_WINDOWS_KEPT_PER_NODE,
+    DevshardRecord,
+    MaintenanceWindow,
+    State,
+    WindowState,
+)
 
 
 class Code:
@@ -174,11 +180,16 @@ def check_schedule(
     )
 
 
+#: Ids the master makes start with this; a caller may not choose one (see `schedule`).
+MASTER_WINDOW_ID_PREFIX: Final = "mw-"
+
+
 def default_window_id(state: State, node_id: str) -> str:
     """The id the master gives a window: unique because it names the log index of the
-    `MaintenanceScheduled` that creates it (the next index), deterministic for replay.
+    `MaintenanceScheduled` that creates it (the next index), deterministic for replay. The
+    index never repeats, so neither does the id, even once State has dropped the record.
     Peer ids share their first characters, so the node's tail is used."""
-    return f"mw-{node_id[-8:]}-{state.last_applied + 1}"
+    return f"{MASTER_WINDOW_ID_PREFIX}{node_id[-8:]}-{state.last_applied + 1}"
 
 
 def schedule(
@@ -191,11 +202,24 @@ def schedule(
     policy: MaintenancePolicy,
     window_id: str | None = None,
 ) -> MaintenanceScheduled | ScheduleDecision:
-    """The event that schedules the window, or the rejected decision saying why not."""
+    """The event that schedules the window, or the rejected decision saying why not.
+
+    A caller-chosen `window_id` may not take the master's prefix: State drops old closed
+    windows, so the check against `state.windows` alone would let it take the id of a
+    dropped master window, or of one the master makes later. Its own ids the caller must
+    not repeat: a dropped one is no longer known here."""
     decision = check_schedule(state, node_id, requester, start_ms, duration_ms, now_ms, policy)
     wid = window_id if window_id is not None else default_window_id(state, node_id)
+    dup: Rejection | None = None
     if wid in state.windows:
         dup = Rejection(Code.DUPLICATE_WINDOW_ID, f"window id {wid!r} is already used")
+    elif window_id is not None and window_id.startswith(MASTER_WINDOW_ID_PREFIX):
+        dup = Rejection(
+            Code.DUPLICATE_WINDOW_ID,
+            f"window id {wid!r} starts with {MASTER_WINDOW_ID_PREFIX!r}, reserved for the ids the "
+            "master makes",
+        )
+    if dup is not None:
         decision = msgspec.structs.replace(
             decision, allowed=False, reasons=(*decision.reasons, dup), earliest_start_ms=None
         )
@@ -455,7 +479,11 @@ def _target_window(
         return win
     found = state.windows.get(window_id)
     if found is None:
-        return Rejection(Code.UNKNOWN_WINDOW, f"there is no maintenance window {window_id!r}")
+        return Rejection(
+            Code.UNKNOWN_WINDOW,
+            f"there is no maintenance window {window_id!r} (a node's closed windows are kept "
+            f"only for its last {CLOSED_WINDOWS_KEPT_PER_NODE})",
+        )
     if found.node_id != node_id:
         return Rejection(
             Code.NOT_ALLOWED, f"window {window_id} belongs to node {found.node_id}, not {node_id}"
@@ -678,7 +706,8 @@ def render_next(state: State, node_id: str, now_ms: int, policy: MaintenancePoli
 
 
 def windows_of(state: State, node_id: str) -> Iterable[MaintenanceWindow]:
-    """Every window (open and closed) of one node, oldest request first: its history."""
+    """The node's windows State holds (its open one and its last closed ones, see
+    CLOSED_WINDOWS_KEPT_PER_NODE), oldest request first: its recent history."""
     return sorted(
         (w for w in state.windows.values() if w.node_id == node_id),
         key=lambda w: (w.requested_ms, w.start_ms, w.window_id),

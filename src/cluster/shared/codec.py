@@ -22,7 +22,7 @@ from immutables import Map
 from cluster.shared.events import IndexedEvent
 from cluster.shared.node_gauges import GAUGES, NodeGauges
 from cluster.shared.node_marks import NodeMarks, address
-from cluster.shared.state import State
+from cluster.shared.state import OPEN_WINDOW_STATES, State
 
 _Mark = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 _Cell = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # NodeGauges checks the range
@@ -96,7 +96,8 @@ _FILED_RECORDS: tuple[tuple[str, Callable[[Any], object]], ...] = (
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record filed under another node's id, slots that are not 0..n-1 (one
-    per node), and a record whose marks address does not match its slot."""
+    per node), a record whose marks address does not match its slot, and an index of closed
+    windows that does not list exactly the closed windows held."""
     state = _state_decoder.decode(data)
     gauged = len(state.node_gauges.rows())
     if gauged > len(state.nodes):
@@ -109,6 +110,7 @@ def decode_state(data: bytes | memoryview) -> State:
         for key, record in getattr(state, field).items():
             if id_of(record) != key:
                 raise ValidationError(f"{field}[{key!r}] holds the record of {id_of(record)!r}")
+    _check_closed_windows(state)
     slot_holder: dict[int, str] = {}
     for node_id, rec in state.nodes.items():
         if rec.node_id != node_id:
@@ -167,3 +169,26 @@ def state_to_json(state: State) -> bytes:
 def to_builtins(obj: Any) -> Any:
     """Plain dicts/lists for JSON APIs (maps become dicts with sorted keys)."""
     return msgspec.to_builtins(obj, enc_hook=_enc_hook)
+
+
+def _check_closed_windows(state: State) -> None:
+    """`closed_windows_by_node` lists each held closed window once, under its node: a window
+    missing there would never be dropped, one listed but gone would fail the drop. A
+    snapshot from before the index decodes with it empty and is refused here."""
+    listed: set[str] = set()
+    for node_id, window_ids in state.closed_windows_by_node.items():
+        for window_id in window_ids:
+            win = state.windows.get(window_id)
+            if win is None or win.node_id != node_id or win.state in OPEN_WINDOW_STATES:
+                raise ValidationError(
+                    f"closed_windows_by_node[{node_id!r}] lists {window_id!r}, "
+                    "which is not a closed window of that node"
+                )
+            if window_id in listed:
+                raise ValidationError(f"closed_windows_by_node lists {window_id!r} twice")
+            listed.add(window_id)
+    held = sum(1 for w in state.windows.values() if w.state not in OPEN_WINDOW_STATES)
+    if len(listed) != held:
+        raise ValidationError(
+            f"closed_windows_by_node lists {len(listed)} of the {held} closed windows held"
+        )

@@ -23,6 +23,7 @@ and holds no mutable container, so it can never be part of a reference cycle.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 import msgspec
 from immutables import Map
@@ -108,6 +109,14 @@ class WindowState(StrEnum):
 
 #: Window states that still block a new window for the same node.
 OPEN_WINDOW_STATES = frozenset({WindowState.SCHEDULED, WindowState.DRAINING, WindowState.ACTIVE})
+
+#: Closed (COMPLETED/CANCELLED) windows State keeps per node; closing one more drops that
+#: node's oldest. Unbounded, a schedule/cancel loop (free while SCHEDULED) would grow State,
+#: every snapshot and every status without end. 16 is above status_view's
+#: DEFAULT_RECENT_WINDOWS (10), so the most recent closed windows cluster-wide -- all that
+#: `cluster status` shows -- are always still held, and leaves a node some history
+#: (`windows_of`) while 10,000 nodes hold at most 160,000 closed records.
+CLOSED_WINDOWS_KEPT_PER_NODE: Final = 16
 
 
 class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,6 +266,9 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     windows: Map[str, MaintenanceWindow] = msgspec.field(default_factory=Map)
     #: node_id -> window_id of its SCHEDULED/DRAINING/ACTIVE window.
     open_window_by_node: Map[str, str] = msgspec.field(default_factory=Map)
+    #: node_id -> ids of its closed windows still in `windows`, oldest closed first (at most
+    #: CLOSED_WINDOWS_KEPT_PER_NODE): how a closing window finds the one to drop.
+    closed_windows_by_node: Map[str, tuple[str, ...]] = msgspec.field(default_factory=Map)
     credit_ms_by_node: Map[str, int] = msgspec.field(default_factory=Map)
     epoch: EpochRecord | None = None
     sessions: Map[str, SessionRecord] = msgspec.field(default_factory=Map)

@@ -1,7 +1,8 @@
 """Reducers for the maintenance-window lifecycle (DESIGN section 5).
 
 SCHEDULED -> DRAINING -> ACTIVE -> COMPLETED, or SCHEDULED/DRAINING -> CANCELLED. A
-transition that the window's current state does not allow leaves state unchanged.
+transition that the window's current state does not allow leaves state unchanged. A node
+keeps its last CLOSED_WINDOWS_KEPT_PER_NODE closed windows; older ones leave State.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from cluster.shared.events import (
     MaintenanceScheduled,
     MaintenanceStarted,
 )
-from cluster.shared.state import MaintenanceWindow, State, WindowState
+from cluster.shared.state import (
+    CLOSED_WINDOWS_KEPT_PER_NODE,
+    MaintenanceWindow,
+    State,
+    WindowState,
+)
 
 OPEN_STATES = (WindowState.SCHEDULED, WindowState.DRAINING, WindowState.ACTIVE)
 
@@ -29,10 +35,23 @@ def _put(state: State, win: MaintenanceWindow) -> State:
 
 
 def _close(state: State, win: MaintenanceWindow) -> State:
-    state = _put(state, win)
-    if state.open_window_by_node.get(win.node_id) == win.window_id:
-        state = _replace(state, open_window_by_node=state.open_window_by_node.delete(win.node_id))
-    return state
+    """Files the closed window and drops its node's oldest closed ones beyond the cap."""
+    windows = state.windows.set(win.window_id, win)
+    closed = (*state.closed_windows_by_node.get(win.node_id, ()), win.window_id)
+    keep = CLOSED_WINDOWS_KEPT_PER_NODE
+    # A slice rather than one drop: a state folded under a larger cap comes down to this one.
+    dropped, closed = closed[:-keep], closed[-keep:]
+    for window_id in dropped:
+        windows = windows.delete(window_id)
+    open_by_node = state.open_window_by_node
+    if open_by_node.get(win.node_id) == win.window_id:
+        open_by_node = open_by_node.delete(win.node_id)
+    return _replace(
+        state,
+        windows=windows,
+        open_window_by_node=open_by_node,
+        closed_windows_by_node=state.closed_windows_by_node.set(win.node_id, closed),
+    )
 
 
 def _open(
