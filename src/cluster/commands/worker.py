@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from cluster.commands._process import LOG_LEVELS
 
@@ -72,6 +72,11 @@ def read_master_addr(value: str) -> str:
     return text.splitlines()[0]
 
 
+#: Seconds options and their sane ranges: a heartbeat every 1e-300 s is a busy loop flooding
+#: the master's log, and a day is already far past any useful silence.
+_SECONDS_BOUNDS: Final = {"heartbeat_interval": (0.01, 3600.0), "peer_timeout": (0.1, 86400.0)}
+
+
 def run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -89,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         prepare_data_dir(args.data_dir)
-        for name in ("heartbeat_interval", "peer_timeout"):
-            if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0")
+        for name, (low, high) in _SECONDS_BOUNDS.items():
+            value = getattr(args, name)
+            if not low <= value <= high:  # nan fails both comparisons
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be {low:g}..{high:g} seconds, got {value}"
+                )
         if not (args.load >= 0 and math.isfinite(args.load)):
             raise ValueError("--load must be a finite number >= 0")
         secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None

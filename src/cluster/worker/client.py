@@ -8,8 +8,9 @@
   broadcasts durable events, so our own events arriving on *subscribe* acknowledge them too
   (whichever comes first frees the outbox and lets the next batch go).
 - The replica is `state`; `add_listener(cb)` and `wait_for_change(after_idx)` let runners and
-  status code follow it. Every cycle the worker emits a NodeHeartbeat (liveness is event
-  flow) and rewrites <data-dir>/digest.json when its replica advanced.
+  status code follow it (`live_only` listeners see only states caught up with the master).
+  Every cycle the worker emits a NodeHeartbeat (liveness is event flow) and rewrites
+  <data-dir>/digest.json when its replica advanced.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Worker:
         self.outbox = Outbox.open(data_dir / "outbox")
         self._state: State = EMPTY_STATE
         self._listeners: list[StateListener] = []
+        self._live_listeners: list[StateListener] = []
         self._changed = anyio.Event()
         self._wake = anyio.Event()
         self._stop = anyio.Event()
@@ -202,9 +204,15 @@ class Worker:
         else:
             self.emit(event)
 
-    def add_listener(self, listener: StateListener) -> None:
-        """Call `listener(state)` after each replica change (keep it quick and non-blocking)."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: StateListener, *, live_only: bool = False) -> None:
+        """Call `listener(state)` after each replica change (keep it quick and non-blocking).
+
+        With `live_only`, only once the replica has caught up with the master's log (and
+        then at each change): while a (re)starting worker folds the log it missed, every
+        intermediate state is history -- placements long finalized, say -- and a listener
+        that acts on the cluster (the runner manager) must not act on it.
+        """
+        (self._live_listeners if live_only else self._listeners).append(listener)
 
     async def wait_for_change(self, after_idx: int) -> State:
         """Return the replica once its last_applied exceeds `after_idx`."""
@@ -270,7 +278,13 @@ class Worker:
         self._state = state
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
-        for listener in self._listeners:
+        self._notify(self._listeners, state)
+        if self.phase == "connected":
+            self._notify(self._live_listeners, state)
+
+    @staticmethod
+    def _notify(listeners: list[StateListener], state: State) -> None:
+        for listener in listeners:
             try:
                 listener(state)
             except Exception:
@@ -553,6 +567,7 @@ class Worker:
         if self.phase != "connected" and self._state.last_applied >= self.master_last_idx:
             self.phase = "connected"
             log.info("caught up at index %d", self._state.last_applied)
+            self._notify(self._live_listeners, self._state)
 
     async def _receive_snapshot(self, fs: nethost.FramedStream, begin: SnapshotBegin) -> None:
         parts: list[bytes] = []

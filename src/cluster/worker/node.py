@@ -135,7 +135,9 @@ class WorkerNode:
                     emitters.start_soon(self.gatherer.run)
                 if self.manager is not None and self._factory is not None:
                     await emitters.start(self.manager.run)
-                    worker.add_listener(self.manager.reconcile)
+                    # Only caught-up states: a restart's catch-up replays placements that
+                    # are long finalized, and runners must not start for those.
+                    worker.add_listener(self.manager.reconcile, live_only=True)
                     assert self.config.runner is not None
                     emitters.start_soon(
                         self._self_test_when_connected, self.config.runner, self._factory
