@@ -46,6 +46,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
+from cluster.shared.state import runner_id_for
 
 NODE_IDS = tuple(f"12D3KooWTestNode{i}" for i in range(6))
 WINDOW_IDS = tuple(f"win-{i}" for i in range(4))
@@ -122,14 +123,20 @@ NODE_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
         info=node_infos,
     ),
     NodeHeartbeat: st.builds(NodeHeartbeat, node_id=node_ids),
-    RunnerStatusUpdated: st.builds(
-        RunnerStatusUpdated,
-        runner_id=runner_ids,
-        node_id=node_ids,
-        status=st.sampled_from(RunnerStatus),
-        devshard_id=st.just("") | devshard_ids,
-        slot=st.integers(-1, 7),
-        reason=words,
+    # Mostly the slot's own runner id (only a slot's holder creates a runner record), and
+    # sometimes one that does not match, which the reducer must ignore.
+    RunnerStatusUpdated: st.tuples(
+        st.just("") | devshard_ids, st.integers(-1, 7), st.integers(0, 9), runner_ids
+    ).flatmap(
+        lambda t: st.builds(
+            RunnerStatusUpdated,
+            runner_id=st.just(runner_id_for(t[0], t[1]) if t[2] else t[3]),
+            node_id=node_ids,
+            status=st.sampled_from(RunnerStatus),
+            devshard_id=st.just(t[0]),
+            slot=st.just(t[1]),
+            reason=words,
+        )
     ),
     RunnerSelfTestCompleted: st.builds(
         RunnerSelfTestCompleted,

@@ -244,37 +244,100 @@ def test_a_hello_from_a_connected_node_moves_only_its_hello_index() -> None:
     assert again.connected
 
 
+def _on_slot_0(status: RunnerStatus, reason: str = "", node: str = A) -> RunnerStatusUpdated:
+    """A report on slot 0 of `_placed_session`'s devshard (A holds it)."""
+    return RunnerStatusUpdated(
+        runner_id="ds-1-s1/0",
+        node_id=node,
+        status=status,
+        devshard_id="ds-1-s1",
+        slot=0,
+        reason=reason,
+    )
+
+
 def test_runner_lifecycle_keeps_live_runners_only() -> None:
     log = Log()
-    s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.LOADING))
-    assert s.runners["d/0"].status is RunnerStatus.LOADING
-    s = log.add(
-        A,
+    _placed_session(log)
+    s = log.add(A, _on_slot_0(RunnerStatus.LOADING))
+    assert s.runners["ds-1-s1/0"].status is RunnerStatus.LOADING
+    s = log.add(A, _on_slot_0(RunnerStatus.FAILED, "exit code 3"))
+    assert s.runners["ds-1-s1/0"].reason == "exit code 3"
+    s = log.add(A, _on_slot_0(RunnerStatus.STOPPED))
+    assert "ds-1-s1/0" not in s.runners
+
+
+def test_only_a_slots_holder_creates_its_runner_record() -> None:
+    """Any node could otherwise fill State with records of made-up runners, kept forever."""
+    log = Log()
+    _placed_session(log)
+    made_up = RunnerStatusUpdated(
+        runner_id="nowhere/0", node_id=A, status=RunnerStatus.RUNNING, devshard_id="nowhere"
+    )
+    unlabelled = RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.RUNNING)
+    s = log.add(A, made_up)
+    s = log.add(A, unlabelled)
+    s = log.add(B, _on_slot_0(RunnerStatus.RUNNING, node=B))  # slot 0 is A's
+    assert dict(s.runners) == {}
+    assert s.last_event_index(B) == s.last_applied  # still liveness
+    s = log.add(A, _on_slot_0(RunnerStatus.RUNNING))
+    assert list(s.runners) == ["ds-1-s1/0"]
+
+
+def test_a_finalized_devshard_takes_its_runner_records_with_it() -> None:
+    """A runner whose node died never reports STOPPED: its record must not outlive its
+    devshard (nor must a lost slot's old holder's)."""
+    log = Log()
+    _placed_session(log)
+    log.add(A, _on_slot_0(RunnerStatus.RUNNING))
+    log.add(
+        B,
         RunnerStatusUpdated(
-            runner_id="d/0", node_id=A, status=RunnerStatus.FAILED, reason="exit code 3"
+            runner_id="ds-1-s1/1",
+            node_id=B,
+            status=RunnerStatus.FAILED,
+            devshard_id="ds-1-s1",
+            slot=1,
         ),
     )
-    assert s.runners["d/0"].reason == "exit code 3"
-    s = log.add(A, RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.STOPPED))
-    assert "d/0" not in s.runners
+    # Slot 1 is lost and left unfilled; B's record of it stays until the devshard ends.
+    s = log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id="ds-1-s1",
+            session_id="s1",
+            epoch=1,
+            assignments=(SlotAssignment(0, A),),
+            ends_ms=1_000,
+            reason="replace",
+        ),
+    )
+    assert sorted(s.runners) == ["ds-1-s1/0", "ds-1-s1/1"]
+    s = log.add(MASTER_ORIGIN, DevshardFinalized(devshard_id="ds-1-s1", epoch=1))
+    assert dict(s.runners) == {}
+    # A late report on the finalized devshard's runner does not bring its record back.
+    s = log.add(A, _on_slot_0(RunnerStatus.STOPPING))
+    assert dict(s.runners) == {}
 
 
 def test_a_repeated_runner_report_keeps_when_the_status_changed() -> None:
     # updated_ms is when the status last changed: the planner's grace for a failed slot
     # counts from it, so a report repeated later must not restart that count.
     log = Log()
-    failed = RunnerStatusUpdated(
-        runner_id="d/0", node_id=A, status=RunnerStatus.FAILED, reason="exit code 3"
-    )
+    _placed_session(log)
+    failed = _on_slot_0(RunnerStatus.FAILED, "exit code 3")
     first = log.add(A, failed, at_ms=1_000)
     again = log.add(A, failed, at_ms=9_000)
-    assert again.runners["d/0"] is first.runners["d/0"]
-    assert again.runners["d/0"].updated_ms == 1_000
+    assert again.runners["ds-1-s1/0"] is first.runners["ds-1-s1/0"]
+    assert again.runners["ds-1-s1/0"].updated_ms == 1_000
     # Any difference is a change: another reason moves it.
     s = log.add(A, msgspec.structs.replace(failed, reason="exit code 4"), at_ms=12_000)
-    assert (s.runners["d/0"].reason, s.runners["d/0"].updated_ms) == ("exit code 4", 12_000)
+    assert (s.runners["ds-1-s1/0"].reason, s.runners["ds-1-s1/0"].updated_ms) == (
+        "exit code 4",
+        12_000,
+    )
     # The repeat still counts as the node's liveness (every node event does).
-    assert s.last_event_index(A) == 3
+    assert s.last_event_index(A) == s.last_applied
 
 
 def test_a_slots_former_holder_cannot_touch_the_new_holders_runner() -> None:

@@ -23,6 +23,7 @@ from cluster.shared.state import (
     EpochRecord,
     SessionRecord,
     State,
+    runner_id_for,
 )
 
 _replace = msgspec.structs.replace
@@ -115,13 +116,24 @@ def devshard_finalized(state: State, ie: IndexedEvent, ev: DevshardFinalized) ->
     if by_session.get(shard.session_id) == ev.devshard_id:
         by_session = by_session.delete(shard.session_id)
     last_nodes = state.last_nodes_by_session
-    if shard.session_id in state.sessions:
+    session = state.sessions.get(shard.session_id)
+    if session is not None:
         last_nodes = last_nodes.set(shard.session_id, nodes)
+    # Its runners' records go with it: a runner carried over reports under its successor's
+    # id, and one whose node died never reports STOPPED, which left its record in State
+    # forever. Every slot is visited, filled or not (a lost slot's old holder has a record).
+    runners = state.runners
+    slot_count = max((a.slot + 1 for a in shard.assignments), default=0)
+    for slot in range(max(slot_count, session.slots if session is not None else 0)):
+        runner_id = runner_id_for(ev.devshard_id, slot)
+        if runner_id in runners:
+            runners = runners.delete(runner_id)
     return _replace(
         state,
         devshards=state.devshards.delete(ev.devshard_id),
         devshard_by_session=by_session,
         last_nodes_by_session=last_nodes,
+        runners=runners,
     )
 
 

@@ -43,9 +43,14 @@ def _holds_slot(state: State, ev: RunnerStatusUpdated) -> bool:
     if ev.runner_id != runner_id_for(ev.devshard_id, ev.slot):
         return False
     shard = state.devshards.get(ev.devshard_id)
-    return shard is not None and any(
-        a.slot == ev.slot and a.node_id == ev.node_id for a in shard.assignments
-    )
+    if shard is None:
+        return False
+    assignments = shard.assignments
+    # Placement lists slots in order, all of them filled in the usual case: then the slot's
+    # assignment is at its own position (a devshard can have thousands of slots).
+    if 0 <= ev.slot < len(assignments) and assignments[ev.slot].slot == ev.slot:
+        return assignments[ev.slot].node_id == ev.node_id
+    return any(a.slot == ev.slot and a.node_id == ev.node_id for a in assignments)
 
 
 def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdated) -> State:
@@ -57,7 +62,9 @@ def runner_status_updated(state: State, ie: IndexedEvent, ev: RunnerStatusUpdate
         held: RunnerRecord | None = runners[ev.runner_id]
     except KeyError:
         held = None
-    if held is not None and held.node_id != ev.node_id and not _holds_slot(state, ev):
+    if (held is None or held.node_id != ev.node_id) and not _holds_slot(state, ev):
+        # A record is created only by the slot's holder: otherwise any node could fill State
+        # with runners of made-up devshards (each report a record kept forever).
         return state
     if (
         held is not None
