@@ -27,6 +27,7 @@ from cluster.shared.events import (
     RunnerStatusUpdated,
     SessionDeleted,
     SessionUnplaced,
+    SlotAssignment,
     WorkMissed,
 )
 from cluster.shared.excuse import is_excused
@@ -173,6 +174,23 @@ def test_maintenance_hook_runs_after_liveness_and_its_node_loses_its_slots() -> 
     assert all(a.node_id != victim for e in moved for a in e.assignments)
 
 
+def _report_failed(world: World, devshard_id: str, slot: int, node_id: str) -> str:
+    """The worker on `node_id` gives up on the slot's runner; returns the runner id."""
+    rid = runner_id_for(devshard_id, slot)
+    world.add(
+        node_id,
+        RunnerStatusUpdated(
+            runner_id=rid,
+            node_id=node_id,
+            status=RunnerStatus.FAILED,
+            devshard_id=devshard_id,
+            slot=slot,
+            reason="load: CUDA error: out of memory",
+        ),
+    )
+    return rid
+
+
 def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> None:
     world = _cluster(nodes=6, sessions=1)
     cfg = quick_config(epoch_length_ms=300_000)  # the grace (60 s) well inside the epoch
@@ -180,18 +198,7 @@ def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> Non
     world.cycle(planner)
     shard = world.state.devshards["ds-1-s0"]
     slot, victim = shard.assignments[0].slot, shard.assignments[0].node_id
-    rid = runner_id_for(shard.devshard_id, slot)
-    world.add(
-        victim,
-        RunnerStatusUpdated(
-            runner_id=rid,
-            node_id=victim,
-            status=RunnerStatus.FAILED,
-            devshard_id=shard.devshard_id,
-            slot=slot,
-            reason="load: CUDA error: out of memory",
-        ),
-    )
+    rid = _report_failed(world, shard.devshard_id, slot, victim)
     failed_at = world.now
     grace = cfg.failed_slot_grace_ms
     # While the worker may still be restarting it, the slot stays where it is.
@@ -215,6 +222,67 @@ def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> Non
     for _ in range(3):
         world.heartbeat_all()
         assert world.cycle(planner) == []
+
+
+def _fail_slot_0_and_run(world: World, cycles: int = 120) -> list[Event]:
+    """Place, fail slot 0's runner for good on its node, and plan `cycles` more cycles (two
+    minutes: twice the failed-slot grace, well inside the epoch); their events."""
+    planner = Planner(quick_config(epoch_length_ms=600_000))
+    world.cycle(planner)
+    holder = world.state.devshards["ds-1-s"].assignments[0].node_id
+    _report_failed(world, "ds-1-s", 0, holder)
+    events: list[Event] = []
+    for _ in range(cycles):
+        world.heartbeat_all()
+        events.extend(world.cycle(planner))
+    return events
+
+
+@pytest.mark.parametrize(
+    ("nodes", "session_slots", "gpu"),
+    [
+        ({"X": False}, 1, False),  # the only node
+        ({"X": True, "Y": False}, 1, True),  # the only GPU node
+        ({"X": False}, 2, False),  # both slots on the only node: slot 1 keeps serving
+    ],
+)
+def test_a_runner_failed_for_good_where_no_other_node_has_room_is_one_miss(
+    nodes: dict[str, bool], session_slots: int, gpu: bool
+) -> None:
+    world = World()
+    for node_id, has_gpu in nodes.items():
+        world.node(node_id, slots=2, gpu=has_gpu)
+    world.session("s", slots=session_slots, gpu=gpu)
+    events = _fail_slot_0_and_run(world)
+    # Drawn back onto X the slot would keep its runner id, X's worker (out of restarts)
+    # would change nothing, and the same failure would count again every cycle.
+    (moved,) = of_type(events, DevshardPlaced)
+    survivors = tuple(SlotAssignment(slot, "X") for slot in range(1, session_slots))
+    assert (moved.reason, moved.assignments, moved.avoid_nodes) == ("replace", survivors, ("X",))
+    (missed,) = of_type(events, WorkMissed)
+    assert (missed.node_id, missed.count) == ("X", 1)
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert unplaced.reason == (
+        f"devshard ds-1-s has 1 of {session_slots} slot(s) unassigned: needs 1 slot(s) of "
+        f"8192 MiB{' with a GPU' if gpu else ''}: 0 eligible node(s) offer 0 free slot(s); "
+        + ("1 node(s) without a GPU, " if gpu else "")
+        + "1 node(s) where its runner failed for good"
+    )
+    assert len(events) == 3  # and nothing in the cycles after
+    assert world.state.ledgers[1].nodes["X"].misses == 1
+
+
+def test_a_runner_failed_for_good_moves_once_to_the_other_node_with_room() -> None:
+    world = World()
+    world.node("X", slots=2)
+    world.node("Y", slots=2)
+    world.session("s", slots=1)
+    events = _fail_slot_0_and_run(world)
+    (moved,) = of_type(events, DevshardPlaced)
+    (missed,) = of_type(events, WorkMissed)
+    assert moved.avoid_nodes == (missed.node_id,)
+    assert moved.assignments == (SlotAssignment(0, ({"X", "Y"} - {missed.node_id}).pop()),)
+    assert len(events) == 2  # and nothing in the cycles after
 
 
 def test_session_created_mid_epoch_is_placed_next_cycle_and_unplaced_said_once() -> None:

@@ -20,7 +20,8 @@ How slots are chosen, deterministically from (epoch seed, session id):
 3. **All or nothing** for a new devshard: if the fitting nodes offer fewer free slots than
    needed, the session gets `SessionUnplaced` with the counts behind the decision.
    Re-placement of an existing devshard (slots on a lost node) is partial instead: the
-   surviving slots keep serving and the rest are filled when room appears.
+   surviving slots keep serving and the rest are filled when room appears -- never on a
+   node where one of the devshard's runners failed for good this epoch.
 
 Cost: the pool (eligible set, free capacity) is built once per cycle in O(n log n); each
 slot then costs O(log n) through a Fenwick tree of free slots over nodes sorted by memory per
@@ -257,33 +258,42 @@ class PlacementPool:
         self._hidden.add(node_id)
         index.tree.add(index.position[node_id], -self.free[node_id])
 
-    def _unhide_all(self) -> None:
+    def _unhide(self, keep: Collection[str] = ()) -> None:
+        """Put the hidden nodes back into the draws, all but `keep`."""
         index = self._hidden_in
         if index is not None:
-            for node_id in self._hidden:
+            for node_id in self._hidden.difference(keep):
                 index.tree.add(index.position[node_id], self.free[node_id])
-        self._hidden = set()
-        self._hidden_in = None
+        self._hidden = self._hidden.intersection(keep)
+        if not self._hidden:
+            self._hidden_in = None
 
     def draw(
-        self, session: SessionRecord, seed: int, count: int, avoid: Iterable[str], salt: str = ""
+        self,
+        session: SessionRecord,
+        seed: int,
+        count: int,
+        avoid: Iterable[str],
+        salt: str = "",
+        exclude: Collection[str] = (),
     ) -> list[str]:
-        """Draw up to `count` slots for a session, avoiding `avoid` while others have room.
+        """Draw up to `count` slots for a session, avoiding `avoid` while others have room
+        and never choosing a node in `exclude`.
 
         Returns the chosen node per slot (a node may repeat once no other node has room);
-        fewer than `count` only when the fitting nodes have no free slot left.
+        fewer than `count` only when the fitting nodes outside `exclude` have no free slot.
         """
         index = self._index_for(session)
         k = index.fitting(session.memory_per_slot_mb)
         chosen: list[str] = []
         self._hidden_in = index
-        for node_id in avoid:
+        for node_id in (*exclude, *avoid):
             self._hide(index, node_id)
         number = 0
         try:
             for spread in (True, False):
                 if not spread:
-                    self._unhide_all()
+                    self._unhide(keep=exclude)
                 while len(chosen) < count:
                     total = index.tree.prefix(k)
                     if total <= 0:
@@ -298,7 +308,7 @@ class PlacementPool:
                     if spread:
                         self._hide(index, node_id)
         finally:
-            self._unhide_all()
+            self._unhide()
         return chosen
 
     def _less_loaded(self, first: str, second: str) -> str:
@@ -315,13 +325,21 @@ class PlacementPool:
 
     # -- reasons ----------------------------------------------------------------------------
 
-    def unplaced_reason(self, session: SessionRecord, needed: int) -> str:
-        """Why `needed` slots of `session` cannot be had, with the counts behind it."""
+    def unplaced_reason(
+        self, session: SessionRecord, needed: int, excluded: Collection[str] = ()
+    ) -> str:
+        """Why `needed` slots of `session` cannot be had, with the counts behind it.
+
+        `excluded` are nodes the draw may not use (where the devshard's runner failed for
+        good): those that fit are named as such, their room not counted as on offer.
+        """
         k, free = self.room_for(session)
+        barred = [node_id for node_id in excluded if self.fits(node_id, session)]
         gpu = " with a GPU" if session.gpu else ""
         head = (
             f"needs {needed} slot(s) of {session.memory_per_slot_mb} MiB{gpu}: "
-            f"{k} eligible node(s) offer {free} free slot(s)"
+            f"{k - len(barred)} eligible node(s) offer "
+            f"{free - sum(self.free[node_id] for node_id in barred)} free slot(s)"
         )
         details: list[str] = []
         small = len(self._all.node_ids) - self._all.fitting(session.memory_per_slot_mb)
@@ -333,6 +351,8 @@ class PlacementPool:
             no_gpu = self._all.fitting(session.memory_per_slot_mb) - k
             if no_gpu:
                 details.append(f"{no_gpu} node(s) without a GPU")
+        if barred:
+            details.append(f"{len(barred)} node(s) where its runner failed for good")
         details.extend(
             f"{self.ineligible[r]} node(s) {r}" for r in _REASON_ORDER if self.ineligible[r]
         )
@@ -433,7 +453,10 @@ def replace_lost_slots(
     Only lost slots move: survivors keep their slot numbers and nodes. Slots that cannot be
     placed for lack of room stay unassigned (the devshard keeps serving with the rest) and
     are retried in later cycles. `failed_nodes` (where a runner of the devshard failed for
-    good) join the devshard's `avoid_nodes`: no slot goes there while others have room.
+    good) join the devshard's `avoid_nodes`, which get none of its open slots for the rest
+    of the epoch, even when no other node has room: drawn back there, the slot would keep
+    its runner id, the worker would see nothing new to restart, and the same failure would
+    be counted again every cycle.
     """
     survivors = [a for a in shard.assignments if keeps(a)]
     held = {a.slot for a in survivors}
@@ -446,14 +469,15 @@ def replace_lost_slots(
         session,
         epoch.seed,
         len(open_slots),
-        avoid=[*avoid_nodes, *(a.node_id for a in survivors)],
+        avoid=[a.node_id for a in survivors],
         salt=f"replace:{shard.placed_ms}",
+        exclude=avoid_nodes,
     )
     if not nodes and not lost_any:
         return Replacement(
             placed=None,
             unfilled=len(open_slots),
-            reason=pool.unplaced_reason(session, len(open_slots)),
+            reason=pool.unplaced_reason(session, len(open_slots), avoid_nodes),
         )
     moved = [
         SlotAssignment(slot, node_id) for slot, node_id in zip(open_slots, nodes, strict=False)
@@ -471,5 +495,5 @@ def replace_lost_slots(
             avoid_nodes=avoid_nodes,
         ),
         unfilled=unfilled,
-        reason=pool.unplaced_reason(session, unfilled) if unfilled else "",
+        reason=pool.unplaced_reason(session, unfilled, avoid_nodes) if unfilled else "",
     )

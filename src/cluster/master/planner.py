@@ -174,7 +174,9 @@ def _keep_epoch(
     """Mid-epoch: re-place lost slots and place sessions that have no devshard yet.
 
     A slot is lost when its node is gone or in maintenance, or when its runner there has
-    been FAILED for `failed_slot_grace_ms`: the worker's own restarts did not help.
+    been FAILED for `failed_slot_grace_ms`: the worker's own restarts did not help. Such a
+    slot never goes back to that node this epoch (`replace_lost_slots`), so one failure is
+    one miss, not one per cycle.
     """
     used: dict[str, int] = {}
     holding: dict[str, bool] = {}
@@ -186,7 +188,6 @@ def _keep_epoch(
         intact = True
         for a in shard.assignments:
             node_id = a.node_id
-            used[node_id] = used.get(node_id, 0) + 1
             ok = holding.get(node_id)
             if ok is None:
                 ok = holding[node_id] = holds_work(node_id)
@@ -199,6 +200,10 @@ def _keep_epoch(
             ):
                 failed.setdefault(ds_id, {})[a.slot] = runner
                 ok = False
+            else:
+                # A runner the worker gave up on holds no room (it was released), and the
+                # replace below takes its slot off the node.
+                used[node_id] = used.get(node_id, 0) + 1
             intact = intact and ok
         session = state.sessions.get(shard.session_id)
         if session is not None and (not intact or len(shard.assignments) < session.slots):

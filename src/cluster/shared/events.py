@@ -272,7 +272,7 @@ class DevshardPlaced(_Event, frozen=True):
     #: "epoch" for the regular placement, "replace" when slots moved off a lost node.
     reason: str = "epoch"
     #: Nodes this devshard's slots moved off because their runner failed there for good:
-    #: later re-placements in the epoch keep away from them while others have room.
+    #: later re-placements in the epoch never put a slot there (it stays unassigned instead).
     avoid_nodes: tuple[str, ...] = ()
 
 
