@@ -243,6 +243,33 @@ def test_snapshot_in_an_older_state_layout_is_skipped_and_the_log_refolded(
     assert f"snapshot at index {at} is unusable" in caplog.text
 
 
+def test_a_snapshot_the_master_could_not_restore_from_is_never_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot of another version's layout is skipped on open; a replica catching up
+    would fail to decode it the same way (and redial forever), so the store writes one of
+    its own at once and never hands out the unusable one."""
+    events = make_events(30)
+    with EventStore.open(tmp_path) as store:
+        store.append(events)
+        store.snapshots.save(20, _in_the_first_layout(fold(EMPTY_STATE, events[:20])))
+    with caplog.at_level(logging.WARNING), EventStore.open(tmp_path) as store:
+        found = store.latest_snapshot()
+        assert found is not None and found[0] == 30
+        assert codec.decode_state(found[1]) == fold(EMPTY_STATE, events)
+    # Where no new snapshot can be written (a full disk), the old one is still not served.
+    with EventStore.open(tmp_path) as store:
+        store.snapshots.save(30, _in_the_first_layout(fold(EMPTY_STATE, events)))
+
+    def disk_full(self: SnapshotStore, idx: int, data: bytes) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SnapshotStore, "save", disk_full)
+    with EventStore.open(tmp_path) as store:
+        assert store.state == fold(EMPTY_STATE, events)
+        assert store.latest_snapshot() is None
+
+
 def test_until_outside_the_log_is_a_value_error(tmp_path: Path) -> None:
     with EventStore.open(tmp_path) as store:
         store.append(make_events(5))

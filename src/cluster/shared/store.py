@@ -166,6 +166,16 @@ class EventStore:
         self._state = restored.state
         self._every = every
         self._snapshot_idx = restored.snapshot_idx
+        #: Snapshots on disk newer than the one restored from: they did not decode (another
+        #: version's layout, say), so they are never served to a catching-up replica either.
+        self._unusable = {
+            idx
+            for idx in snapshots.indices()
+            if idx > restored.snapshot_idx
+        }
+        if self._unusable:
+            # One snapshot this version can read, so catch-up starts from a snapshot again.
+            self.snapshot()
 
     @classmethod
     def open(
@@ -268,6 +278,8 @@ class EventStore:
             self._snapshots.save(state.last_applied, data)
         except OSError as exc:
             log.warning("could not save a snapshot at index %d: %s", state.last_applied, exc)
+            return
+        self._unusable.discard(state.last_applied)  # replaced by this version's snapshot
 
     def read_from(self, idx: int) -> Iterator[IndexedEvent]:
         for i, payload in self._log.read_from(idx):
@@ -278,8 +290,13 @@ class EventStore:
         return self._log.read_from(idx)
 
     def latest_snapshot(self) -> tuple[int, bytes] | None:
-        """(idx, canonical state bytes) of the newest valid snapshot, for catching up."""
-        return self._snapshots.latest(self._log.last_idx)
+        """(idx, canonical state bytes) of the newest valid snapshot, for catching up; None
+        when that one is a snapshot this process could not restore from (a replica could not
+        decode it either: the log is sent instead)."""
+        found = self._snapshots.latest(self._log.last_idx)
+        if found is not None and found[0] in self._unusable:
+            return None
+        return found
 
     def close(self) -> None:
         self._log.close()
