@@ -103,10 +103,11 @@ def test_master_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--heartbeat-interval", "0"], "--heartbeat-interval must be 0.01..3600 seconds, got 0"),
-        (["--heartbeat-interval", "1e-300"], "--heartbeat-interval must be 0.01..3600 seconds"),
-        (["--heartbeat-interval", "inf"], "--heartbeat-interval must be 0.01..3600 seconds"),
-        (["--peer-timeout", "nan"], "--peer-timeout must be 0.1..86400 seconds, got nan"),
+        (["--heartbeat-interval", "0"], "--heartbeat-interval must be 0.01..60 seconds, got 0"),
+        (["--heartbeat-interval", "1e-300"], "--heartbeat-interval must be 0.01..60 seconds"),
+        (["--heartbeat-interval", "inf"], "--heartbeat-interval must be 0.01..60 seconds"),
+        (["--peer-timeout", "nan"], "--peer-timeout must be 3..86400 seconds, got nan"),
+        (["--peer-timeout", "0.5"], "--peer-timeout must be 3..86400 seconds, got 0.5"),
         (["--load", "-1"], "--load must be a finite number >= 0"),
     ],
 )

@@ -30,7 +30,8 @@ from cluster.shared.events import (
     RunnerStatusUpdated,
     WorkReported,
 )
-from cluster.worker.client import Worker, WorkerConfig
+from cluster.worker.client import BatchRefused, Worker, WorkerConfig
+from cluster.worker.outbox import Outbox
 
 
 def _worker(tmp_path: Path, addr: str, secret: bytes) -> Worker:
@@ -123,3 +124,39 @@ async def test_a_backlog_larger_than_a_frame_leaves_in_smaller_batches(tmp_path:
         if worker is not None:
             worker.close()
         master.close()
+
+
+def test_a_set_aside_event_stays_set_aside_after_a_crash(tmp_path: Path) -> None:
+    """The watermark is written at once: reopened after a kill -9, the outbox must not offer
+    the refused event again (it would be refused again, and filed twice)."""
+    box = Outbox.open(tmp_path)
+    for _ in range(3):
+        box.append(NodeHeartbeat(node_id="n"))
+    box.ack(1)
+    assert box.set_aside(2, "bad-units", "too much") == NodeHeartbeat(node_id="n")
+    # No close(): what a crash leaves.
+    again = Outbox.open(tmp_path)
+    assert (again.acked, again.pending_after(0, 10)[0][0]) == (2, 3)
+    assert len(again.refused_path.read_text().splitlines()) == 1
+    again.close()
+    box.close()
+
+
+def test_a_refusal_of_events_acknowledged_meanwhile_sets_nothing_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our own events seen on the subscribe stream acknowledge them too: one acknowledged
+    after the refusal arrived was accepted, so it is neither set aside nor resent singly."""
+    _, master_id = load_identity(tmp_path / "master")
+    worker = _worker(tmp_path, f"/ip4/127.0.0.1/tcp/1/p2p/{master_id}", b"s" * 32)
+    try:
+        for _ in range(3):
+            worker.emit(NodeHeartbeat(node_id=worker.node_id))
+        worker.outbox.ack(2)
+        with caplog.at_level(logging.ERROR, logger="cluster.worker.client"):
+            worker._after_refusal(BatchRefused("malformed", "?", first=2, last=2, batch_ends=(2,)))
+        assert not worker.outbox.refused_path.exists()
+        assert worker.outbox.acked == 2
+        assert "none of our events was in flight" in caplog.text
+    finally:
+        worker.close()

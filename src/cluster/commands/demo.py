@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             wargs = ["worker", "--data-dir", str(wdir), "--master", addr]
             wargs += ["--cluster-secret-file", str(secret_file), "--slots", "2"]
             # Liveness is event flow: a worker speaks at least once per plan cycle.
-            wargs += ["--heartbeat-interval", str(min(1.0, args.plan_interval))]
+            wargs += ["--heartbeat-interval", str(max(0.01, min(1.0, args.plan_interval)))]
             proc, out = _spawn(wargs, logs / f"worker-{k}.log")
             children.append((f"worker-{k}", proc, out))
 

@@ -28,8 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster-secret-file", type=Path, help="the cluster secret (if the master uses one)"
     )
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS")
-    parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="0.01..60 (default 1): keep it well below the master's staleness limit",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="3..86400 (default 10): a master silent this long is redialled",
+    )
     parser.add_argument("--slots", type=int, default=1, help="runner slots offered")
     parser.add_argument("--slot-memory-mb", type=int, default=1024)
     parser.add_argument(
@@ -72,9 +84,12 @@ def read_master_addr(value: str) -> str:
     return text.splitlines()[0]
 
 
-#: Seconds options and their sane ranges: a heartbeat every 1e-300 s is a busy loop flooding
-#: the master's log, and a day is already far past any useful silence.
-_SECONDS_BOUNDS: Final = {"heartbeat_interval": (0.01, 3600.0), "peer_timeout": (0.1, 86400.0)}
+#: Seconds options and their sane ranges. A heartbeat every 1e-300 s is a busy loop flooding
+#: the master's log; one a minute is already slower than any useful staleness limit (the
+#: master's is plan interval x stale cycles, 3 s by default: keep the heartbeat well below).
+#: The peer timeout must outlast a few of the 1 s keepalives both sides send when idle, or
+#: an idle connection is dropped between two of them.
+_SECONDS_BOUNDS: Final = {"heartbeat_interval": (0.01, 60.0), "peer_timeout": (3.0, 86400.0)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -168,11 +168,7 @@ class EventStore:
         self._snapshot_idx = restored.snapshot_idx
         #: Snapshots on disk newer than the one restored from: they did not decode (another
         #: version's layout, say), so they are never served to a catching-up replica either.
-        self._unusable = {
-            idx
-            for idx in snapshots.indices()
-            if idx > restored.snapshot_idx
-        }
+        self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
         if self._unusable:
             # One snapshot this version can read, so catch-up starts from a snapshot again.
             self.snapshot()

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -109,14 +109,18 @@ _REFUSALS = frozenset({"unauthorized", "version"})
 
 class BatchRefused(Exception):
     """The master refused the content of a batch we sent (`CONTENT_REFUSALS`): resending
-    it as it is would be refused forever. `first`..`last` are the seqs in flight then."""
+    it as it is would be refused forever. `first`..`last` are the seqs in flight then,
+    `batch_ends` the last seq of each batch among them, oldest first."""
 
-    def __init__(self, code: str, message: str, first: int, last: int) -> None:
+    def __init__(
+        self, code: str, message: str, first: int, last: int, batch_ends: tuple[int, ...]
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.first = first
         self.last = last
+        self.batch_ends = batch_ends
 
 
 class MasterUnavailable(Exception):
@@ -163,11 +167,15 @@ class Worker:
         self._link: tuple[Any, Any] | None = None
         #: Node-info readings made while not connected, the latest per source (`emit_info`).
         self._held_info: dict[str, NodeGatheredInfo] = {}
-        #: Highest seq sent to the master on the current submit stream.
+        #: Highest seq sent (or being sent) to the master on the current submit stream, and
+        #: the last seq of each batch in flight there, oldest first.
         self._last_sent = 0
+        self._inflight: deque[int] = deque()
         #: After the master refused a batch: events up to this seq go one at a time, so
         #: that a refusal names exactly one event (`_after_refusal`).
         self._isolate_until = 0
+        #: The batches in flight when the master last refused one (see `_narrow_isolation`).
+        self._refused_batch_ends: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -328,6 +336,7 @@ class Worker:
                 self.connections += 1
                 backoff = cfg.backoff_initial
                 self.outbox.skip_to(welcome.last_seq)
+                self._narrow_isolation()
                 self.master_last_idx = welcome.last_idx
                 self._link = (host, peer)
                 held, self._held_info = self._held_info, {}
@@ -369,8 +378,11 @@ class Worker:
         ``refused.jsonl`` with an ERROR; a larger batch is resent one event at a time until
         the refused ones are found. Every refusal thus moves the outbox on, instead of the
         same batch being resent forever (with a NodeConnected logged for every redial)."""
-        first, last = refused.first, refused.last
-        if first == last:
+        # Acknowledged since (from the subscribe stream, say) means accepted, not refused.
+        first, last = max(refused.first, self.outbox.acked + 1), refused.last
+        if first == last == refused.first:
+            # One event in flight, every earlier one acknowledged (durable at the master):
+            # that one is what the master refused, whatever its message says.
             event = self.outbox.set_aside(first, refused.code, refused.message)
             log.error(
                 "master refused our event seq %d (%s): %s; set aside in %s, sending the rest",
@@ -379,8 +391,9 @@ class Worker:
                 refused,
                 self.outbox.refused_path,
             )
-        elif first < last:
+        elif first <= last:
             self._isolate_until = max(self._isolate_until, last)
+            self._refused_batch_ends = refused.batch_ends
             log.error(
                 "master refused a batch of our events (seq %d..%d): %s; resending them one at "
                 "a time to find the refused ones",
@@ -390,6 +403,19 @@ class Worker:
             )
         else:
             log.error("master refused a batch, but none of our events was in flight: %s", refused)
+
+    def _narrow_isolation(self) -> None:
+        """After a refusal and a new hello: the master's last seq tells which batches of
+        those in flight it took; the refused one is the first of the rest, and only it need
+        go one event at a time (up to three full batches were in flight). Only narrows what
+        is resent singly, never sets an event aside: a master that has not yet indexed an
+        accepted batch reports an older seq, and then the refused batch is simply refused
+        again, with fewer events in flight."""
+        ends, self._refused_batch_ends = self._refused_batch_ends, ()
+        acked = self.outbox.acked
+        refused_end = next((end for end in ends if end > acked), None)
+        if refused_end is not None and acked < refused_end < self._isolate_until:
+            self._isolate_until = refused_end
 
     async def _hello(self, host: Any, peer: Any) -> Welcome:
         cfg = self.config
@@ -427,11 +453,12 @@ class Worker:
     async def _submit_stream(self, host: Any, peer: Any) -> None:
         cfg = self.config
         fs = await nethost.open_stream(host, peer, SUBMIT_PROTOCOL, cfg.connect_timeout)
-        inflight: deque[int] = deque()  # last seq of each batch sent, oldest first
+        inflight = self._inflight = deque()  # last seq of each batch sent, oldest first
         sent = self._last_sent = self.outbox.acked
+        reader_done = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._ack_reader, fs)
+                tg.start_soon(self._ack_reader, fs, reader_done)
                 while True:
                     self._wake = anyio.Event()  # fresh before looking: a later emit wakes us
                     # Acks come from the submit stream or from our own events seen on the
@@ -458,7 +485,7 @@ class Worker:
                         with anyio.move_on_after(cfg.keepalive) as scope:
                             await self._wake.wait()
                         if scope.cancelled_caught:
-                            await fs.send_bytes(encode_frame(encode(_PING)), cfg.peer_timeout)
+                            await self._send_submit(fs, encode_frame(encode(_PING)), reader_done)
                         continue
                     # Everything the master may acknowledge is on our disk first. (A small
                     # fsync, done inline: a thread hop costs more CPU than it saves here.)
@@ -470,27 +497,47 @@ class Worker:
                         batch = batch[: len(batch) // 2]
                         payload = _submit_payload(batch)
                     frame = encode_frame(payload, fs.max_frame, compress=True)
-                    await fs.send_bytes(frame, cfg.peer_timeout)
+                    # In flight from now: a refusal may arrive before the write returns.
                     sent = self._last_sent = batch[-1][0]
                     inflight.append(sent)
+                    await self._send_submit(fs, frame, reader_done)
         finally:
             await fs.reset()
 
-    async def _ack_reader(self, fs: nethost.FramedStream) -> None:
-        while True:
-            try:
-                msg = await fs.recv(self.config.peer_timeout)
-            except TimeoutError:
-                raise TimeoutError(
-                    f"master silent on submit stream for {self.config.peer_timeout:g} s"
-                ) from None
-            if isinstance(msg, Pong):
-                self.master_last_idx = max(self.master_last_idx, msg.last_idx)
-                continue
-            if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
-                raise BatchRefused(msg.code, msg.message, self.outbox.acked + 1, self._last_sent)
-            ack = expect(msg, Ack)
-            self._acked(ack.seq)
+    async def _ack_reader(self, fs: nethost.FramedStream, done: anyio.Event) -> None:
+        try:
+            while True:
+                try:
+                    msg = await fs.recv(self.config.peer_timeout)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"master silent on submit stream for {self.config.peer_timeout:g} s"
+                    ) from None
+                if isinstance(msg, Pong):
+                    self.master_last_idx = max(self.master_last_idx, msg.last_idx)
+                    continue
+                if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
+                    ends = tuple(e for e in self._inflight if e > self.outbox.acked)
+                    first = self.outbox.acked + 1
+                    raise BatchRefused(msg.code, msg.message, first, self._last_sent, ends)
+                ack = expect(msg, Ack)
+                self._acked(ack.seq)
+        finally:
+            done.set()
+
+    async def _send_submit(
+        self, fs: nethost.FramedStream, frame: bytes, reader_done: anyio.Event
+    ) -> None:
+        """Send on the submit stream. If the write fails because the master reset the stream
+        after refusing a batch, its reason is probably waiting to be read: give the ack
+        reader a moment to read it, or the refusal would look like a network fault (and the
+        refused batch would go out again as it was)."""
+        try:
+            await fs.send_bytes(frame, self.config.peer_timeout)
+        except Exception:
+            with anyio.move_on_after(_REASON_WAIT_S):
+                await reader_done.wait()
+            raise
 
     def _acked(self, seq: int) -> None:
         """The master holds our events up to `seq` durably: forget them, send more."""
@@ -588,6 +635,10 @@ class Worker:
 
 
 _PING = Ping()
+
+
+#: How long a failed submit-stream write waits for the master's reason (`_send_submit`).
+_REASON_WAIT_S: Final = 1.0
 
 
 def _submit_payload(batch: list[tuple[int, bytes]]) -> bytes:

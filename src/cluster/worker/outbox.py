@@ -298,6 +298,7 @@ class Outbox:
             f.flush()
             os.fsync(f.fileno())
         self.ack(seq)
+        self._persist_ack()  # at once: after a crash it must not be offered (and refused) again
         return event
 
     @property
