@@ -82,12 +82,12 @@ def test_a_snapshot_with_the_old_ledger_layout_is_refused() -> None:
 def test_a_state_with_records_filed_under_other_ids_is_refused() -> None:
     """A record stored under another key (a damaged or forged snapshot) would be found by one
     id and act as another: every map of records that carry their id is checked, and so are
-    node marks for more slots than there are nodes."""
+    node marks for more slots than there are nodes and a devshard's assignment times."""
     import msgspec
     import pytest
 
     from cluster.shared.codec import ValidationError, to_builtins
-    from cluster.shared.events import RunnerStatus
+    from cluster.shared.events import RunnerStatus, SlotAssignment
     from cluster.shared.node_marks import NodeMarks
     from cluster.shared.state import (
         EMPTY_STATE,
@@ -143,7 +143,8 @@ def test_a_state_with_records_filed_under_other_ids_is_refused() -> None:
                 devshard_id="d",
                 session_id="s",
                 epoch=1,
-                assignments=(),
+                assignments=(SlotAssignment(0, "n"),),
+                assigned_ms=(0,),
                 ends_ms=9,
                 placed_ms=0,
                 reason="",
@@ -168,6 +169,10 @@ def test_a_state_with_records_filed_under_other_ids_is_refused() -> None:
             decode_state(msgspec.msgpack.encode(doc))
     doc = dict(good, last_event_by_node=NodeMarks([(0, 0), (3, 1)]).pairs())
     with pytest.raises(ValidationError, match="node marks hold 2 slots for 0 nodes"):
+        decode_state(msgspec.msgpack.encode(doc))
+    # Settlement reads a devshard's assignments and their times side by side.
+    doc = dict(good, devshards={"d": dict(good["devshards"]["d"], assigned_ms=[])})
+    with pytest.raises(ValidationError, match="devshard 'd': 0 assignment times for 1"):
         decode_state(msgspec.msgpack.encode(doc))
 
 

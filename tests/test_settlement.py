@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from planner_world import World, of_type, quick_config
+from planner_world import T0, World, of_type, quick_config
 
 from cluster.master.config import PlannerConfig
 from cluster.master.epochs import epoch_record, next_epoch
 from cluster.master.liveness import EMPTY_BOOK
-from cluster.master.planner import plan
+from cluster.master.planner import Planner, plan
 from cluster.master.settlement import NO_WORK_REASON, late_work, missed_work, settle_epoch
 from cluster.shared.events import (
     MASTER_ORIGIN,
     DevshardPlaced,
     EpochSettled,
+    EpochStarted,
     Event,
     LateWorkSettled,
     NodeDisconnected,
@@ -226,3 +227,61 @@ def test_late_work_through_the_planner_and_when_not_paid() -> None:
     assert late_work(world.state, unpaid) == [
         LateWorkSettled(epoch=1, node_id="a", units=2, reward=0)
     ]
+
+
+def test_a_late_replacement_exempts_only_the_nodes_it_gives_slots_to() -> None:
+    # a keeps slot 0; b holds slot 1 since the start and is given slot 2 just before the end.
+    world, epoch = _world({"s": ["a", "b", "c"]})
+    world.work("a", "ds-1-s", 1, 1)
+    world.now = epoch.end_ms - CFG.effective_miss_grace_ms + 1
+    late = ("a", "b", "b")
+    world.master(
+        [
+            DevshardPlaced(
+                devshard_id="ds-1-s",
+                session_id="s",
+                epoch=1,
+                assignments=tuple(SlotAssignment(i, n) for i, n in enumerate(late)),
+                ends_ms=epoch.end_ms,
+                reason="replace",
+            )
+        ]
+    )
+    # Only b's early slot is judged; its new one may still be loading.
+    assert missed_work(world.state, epoch, epoch.end_ms, CFG) == [
+        WorkMissed(devshard_id="ds-1-s", node_id="b", epoch=1, count=1, reason=NO_WORK_REASON)
+    ]
+    assert world.state.devshards["ds-1-s"].assigned_ms == (T0 + 1_000, T0 + 1_000, world.now)
+
+
+def test_a_node_silent_all_epoch_is_judged_despite_a_late_replacement_beside_it() -> None:
+    """A and B hold two slots each; B never works. A goes silent just before the end and its
+    slots move to C: C is exempt (its runners may be loading), B is still punished."""
+    world = World()
+    world.node("A", slots=2)
+    world.node("B", slots=2)
+    world.session("s", slots=4)
+    planner = Planner(CFG)
+    events = world.cycle(planner)
+    (placed,) = of_type(events, DevshardPlaced)
+    (started,) = of_type(events, EpochStarted)
+    assert sorted(a.node_id for a in placed.assignments) == ["A", "A", "B", "B"]
+    world.node("C", slots=2)  # room for A's slots, joined after the placement
+    world.work("A", placed.devshard_id, 100, 1)
+    silent_from = started.end_ms - CFG.effective_miss_grace_ms + 1
+    settled: list[EpochSettled] = []
+    moved: list[tuple[int, DevshardPlaced]] = []
+    misses: list[WorkMissed] = []
+    while not settled:
+        world.heartbeat_all(*(("A",) if world.now >= silent_from else ()))
+        events = world.cycle(planner)
+        moved += [(world.now, p) for p in of_type(events, DevshardPlaced) if p.reason == "replace"]
+        misses += of_type(events, WorkMissed)
+        settled += of_type(events, EpochSettled)
+    ((moved_ms, replace),) = moved
+    assert started.end_ms - moved_ms < CFG.effective_miss_grace_ms
+    assert sorted(a.node_id for a in replace.assignments) == ["B", "B", "C", "C"]
+    assert [(m.node_id, m.count, m.excused) for m in misses] == [("B", 2, False)]
+    pay = {p.node_id: p for p in settled[0].payouts}
+    assert pay["B"].punished and "2 unexcused missed slot(s)" in pay["B"].reason
+    assert not pay["C"].punished

@@ -30,8 +30,9 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: A node with more unexcused missed slots than this in an epoch is punished (forfeits
     #: that epoch's reward). 1 tolerates one failed slot per epoch, not a habit.
     miss_threshold: int = 1
-    #: A devshard (re)placed less than this long before its epoch ends is not judged for
-    #: misses: its runners may still be loading. Capped at half the epoch (see
+    #: A slot given to its node less than this long before its epoch ends (by a placement
+    #: or a re-placement) is not judged for misses: its runner may still be loading. Nodes
+    #: holding their slots since earlier are judged. Capped at half the epoch (see
     #: `effective_miss_grace_ms`) so short test epochs are still judged.
     miss_grace_ms: int = 30_000
     #: Whether work reported after its epoch was settled is paid (to unpunished nodes).

@@ -4,10 +4,11 @@ Rewards accrue in the epoch's ledger as work is reported; nothing is paid until 
 ends. Then, per node:
 
 * **Misses.** A node that holds slots of a devshard of the ending epoch and reported no work
-  for it records one miss per slot it holds (`WorkMissed`, reason below), unless the
-  devshard was (re)placed less than `cfg.effective_miss_grace_ms` before the end (runners
-  may still be loading). Runners may report misses themselves too; both count. Each miss
-  asks the one excuse rule (`is_excused`) at the time of judgement.
+  for it records one miss per slot it holds (`WorkMissed`, reason below), except for slots
+  it was given less than `cfg.effective_miss_grace_ms` before the end (its runners may
+  still be loading): a late re-placement exempts the nodes that got the moved slots, not
+  the holders since earlier. Runners may report misses themselves too; both count. Each
+  miss asks the one excuse rule (`is_excused`) at the time of judgement.
 * **Punishment.** Punished = unexcused misses > `cfg.miss_threshold`, or an unexcused
   disconnect during the epoch. A punished node's payout has reward 0.
 * **Credit.** An unpunished node that served work or stayed connected for the whole epoch
@@ -49,15 +50,18 @@ def missed_work(
 ) -> list[WorkMissed]:
     """WorkMissed for every slot holder of `epoch`'s live devshards that did no work."""
     ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
-    grace = cfg.effective_miss_grace_ms
+    # A slot given to its node later than this is not judged: its runner may still be
+    # loading. Per slot, so a late re-placement exempts only the nodes it gave slots to.
+    judged_until_ms = epoch.end_ms - cfg.effective_miss_grace_ms
     out: list[WorkMissed] = []
     for ds_id in sorted(state.devshards.keys()):
         shard = state.devshards[ds_id]
-        if shard.epoch != epoch.epoch or epoch.end_ms - shard.placed_ms < grace:
+        if shard.epoch != epoch.epoch:
             continue
         slots: dict[str, int] = {}
-        for a in shard.assignments:
-            slots[a.node_id] = slots.get(a.node_id, 0) + 1
+        for a, assigned_ms in zip(shard.assignments, shard.assigned_ms, strict=True):
+            if assigned_ms <= judged_until_ms:
+                slots[a.node_id] = slots.get(a.node_id, 0) + 1
         for node_id in sorted(slots):
             if ledger.node(node_id).units_by_devshard.get(ds_id, 0) > 0:
                 continue

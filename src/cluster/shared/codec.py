@@ -96,8 +96,9 @@ _FILED_RECORDS: tuple[tuple[str, Callable[[Any], object]], ...] = (
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record filed under another node's id, slots that are not 0..n-1 (one
-    per node), a record whose marks address does not match its slot, and an index of closed
-    windows that does not list exactly the closed windows held."""
+    per node), a record whose marks address does not match its slot, an index of closed
+    windows that does not list exactly the closed windows held, and a devshard without one
+    assignment time per assignment."""
     state = _state_decoder.decode(data)
     gauged = len(state.node_gauges.rows())
     if gauged > len(state.nodes):
@@ -111,6 +112,13 @@ def decode_state(data: bytes | memoryview) -> State:
             if id_of(record) != key:
                 raise ValidationError(f"{field}[{key!r}] holds the record of {id_of(record)!r}")
     _check_closed_windows(state)
+    for ds_id, shard in state.devshards.items():
+        if len(shard.assigned_ms) != len(shard.assignments):
+            # Settlement reads them side by side: one time per assignment.
+            raise ValidationError(
+                f"devshard {ds_id!r}: {len(shard.assigned_ms)} assignment times for "
+                f"{len(shard.assignments)} assignments"
+            )
     slot_holder: dict[int, str] = {}
     for node_id, rec in state.nodes.items():
         if rec.node_id != node_id:

@@ -164,7 +164,11 @@ class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     epoch: int
     assignments: tuple[SlotAssignment, ...]
+    #: When each of `assignments` (same order) was given to its node: a re-placement keeps
+    #: the time of the slots that stay put, so the miss grace exempts only the late holders.
+    assigned_ms: tuple[int, ...]
     ends_ms: int
+    #: The last (re)placement of the devshard as a whole.
     placed_ms: int
     reason: str
     #: See `DevshardPlaced.avoid_nodes`.

@@ -69,17 +69,18 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
     session = state.sessions.get(ev.session_id)
     if session is None:
         return state
+    devshards = state.devshards
     rec = DevshardRecord(
         devshard_id=ev.devshard_id,
         session_id=ev.session_id,
         epoch=ev.epoch,
         assignments=ev.assignments,
+        assigned_ms=_assigned_ms(devshards.get(ev.devshard_id), ev, ie.master_time_ms),
         ends_ms=ev.ends_ms,
         placed_ms=ie.master_time_ms,
         reason=ev.reason,
         avoid_nodes=ev.avoid_nodes,
     )
-    devshards = state.devshards
     previous = state.devshard_by_session.get(ev.session_id)
     if previous is not None and previous != ev.devshard_id and previous in devshards:
         devshards = devshards.delete(previous)
@@ -97,6 +98,18 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
         sessions=state.sessions.set(ev.session_id, session),
         ledgers=state.ledgers.set(ev.epoch, ledger),
     )
+
+
+def _assigned_ms(
+    shard: DevshardRecord | None, ev: DevshardPlaced, placed_ms: int
+) -> tuple[int, ...]:
+    """When each slot of `ev` was given to its node: a slot that stays with the node that
+    held it in `shard` (a re-placement of the same devshard) keeps its earlier time."""
+    since: dict[tuple[int, str], int] = {}
+    if shard is not None and shard.epoch == ev.epoch:
+        for a, at_ms in zip(shard.assignments, shard.assigned_ms, strict=True):
+            since[a.slot, a.node_id] = at_ms
+    return tuple(since.get((a.slot, a.node_id), placed_ms) for a in ev.assignments)
 
 
 def session_unplaced(state: State, ie: IndexedEvent, ev: SessionUnplaced) -> State:
