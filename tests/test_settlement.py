@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from planner_world import T0, World, of_type, quick_config
 
 from cluster.master.config import PlannerConfig
@@ -285,3 +286,44 @@ def test_a_node_silent_all_epoch_is_judged_despite_a_late_replacement_beside_it(
     pay = {p.node_id: p for p in settled[0].payouts}
     assert pay["B"].punished and "2 unexcused missed slot(s)" in pay["B"].reason
     assert not pay["C"].punished
+
+
+def test_a_window_starting_at_the_epoch_end_does_not_excuse_the_epoch_before_it() -> None:
+    """B books a window that starts when its devshard ends (the drain rule allows it, the
+    master's earliest start suggests it), then does no work in that last epoch."""
+    world = World()
+    world.node("A", slots=2)
+    world.node("B", slots=2)
+    world.session("s", slots=4)
+    planner = Planner(CFG)
+    events = world.cycle(planner)
+    (started,) = of_type(events, EpochStarted)
+    (placed,) = of_type(events, DevshardPlaced)
+    world.window("B", start_ms=placed.ends_ms, duration_ms=30 * 60_000)
+    world.work("A", placed.devshard_id, 100, 1)
+    while world.now < started.end_ms:
+        world.heartbeat_all()
+        events = world.cycle(planner)
+    assert [(m.node_id, m.count, m.excused) for m in of_type(events, WorkMissed)] == [
+        ("B", 2, False)
+    ]
+    pay = _payouts(events)
+    assert pay["B"].punished and pay["B"].reward == 0
+
+
+@pytest.mark.parametrize(
+    ("starts_before_end_ms", "duration_ms"),
+    [(10_000, 60_000), (20_000, 20_000)],
+    ids=["begins-inside-the-epoch", "ends-exactly-at-the-epoch-end"],
+)
+def test_a_window_covering_the_epoch_end_excuses_its_misses(
+    starts_before_end_ms: int, duration_ms: int
+) -> None:
+    world, epoch = _world({"s": ["a", "b", "b"]})
+    world.work("a", "ds-1-s", 1, 1)
+    world.now = epoch.end_ms - starts_before_end_ms
+    world.window("b", start_ms=world.now, duration_ms=duration_ms, start=True)
+    events = _end_of_epoch(world, epoch)
+    (miss,) = of_type(events, WorkMissed)
+    assert (miss.node_id, miss.count, miss.excused) == ("b", 2, True)
+    assert not _payouts(events)["b"].punished

@@ -8,7 +8,8 @@ ends. Then, per node:
   it was given less than `cfg.effective_miss_grace_ms` before the end (its runners may
   still be loading): a late re-placement exempts the nodes that got the moved slots, not
   the holders since earlier. Runners may report misses themselves too; both count. Each
-  miss asks the one excuse rule (`is_excused`) at the time of judgement.
+  miss asks the one excuse rule (`is_excused`) at the epoch's last moment (`end_ms - 1`):
+  a window that covers the end of the epoch excuses it, one that starts at its end does not.
 * **Punishment.** Punished = unexcused misses > `cfg.miss_threshold`, or an unexcused
   disconnect during the epoch. A punished node's payout has reward 0.
 * **Credit.** An unpunished node that served work or stayed connected for the whole epoch
@@ -53,6 +54,10 @@ def missed_work(
     # A slot given to its node later than this is not judged: its runner may still be
     # loading. Per slot, so a late re-placement exempts only the nodes it gave slots to.
     judged_until_ms = epoch.end_ms - cfg.effective_miss_grace_ms
+    # Excuses are judged inside the epoch, at its last moment, not at settlement time: a
+    # window starting at the epoch's end (the drain rule lets an epoch end there) did not
+    # excuse the node while it was expected to serve.
+    excused_at_ms = min(now_ms, epoch.end_ms - 1)
     out: list[WorkMissed] = []
     for ds_id in sorted(state.devshards.keys()):
         shard = state.devshards[ds_id]
@@ -72,7 +77,7 @@ def missed_work(
                     epoch=epoch.epoch,
                     count=slots[node_id],
                     reason=NO_WORK_REASON,
-                    excused=is_excused(state, node_id, now_ms),
+                    excused=is_excused(state, node_id, excused_at_ms),
                 )
             )
     return out
