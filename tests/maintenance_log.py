@@ -49,6 +49,8 @@ class Log:
         self.state: State = EMPTY_STATE
         self.log: list[IndexedEvent] = []
         self._seq: dict[str, int] = {}
+        #: Worker processes started per node: each has its own boot id (`boot_id`).
+        self._boots: dict[str, int] = {}
         #: state.windows after every applied event, for history comparisons.
         self.window_history: list[object] = []
 
@@ -74,8 +76,13 @@ class Log:
 
     # -- cluster facts ---------------------------------------------------------------------
 
+    def boot_id(self, node: str) -> str:
+        """The boot id of the node's current worker process."""
+        return f"{node}-boot-{self._boots.get(node, 0)}"
+
     def join(self, node: str, slots: int = 4) -> None:
-        self.emit(NodeConnected(node_id=node))
+        self._boots[node] = 1
+        self.emit(NodeConnected(node_id=node, boot_id=self.boot_id(node)))
         self.emit(
             NodeGatheredInfo(node_id=node, source="test", info=NodeInfo(slots=slots)), origin=node
         )
@@ -90,13 +97,18 @@ class Log:
         self.emit(ev)
         return ev
 
-    def reconnect(self, node: str) -> None:
-        """What the master shell does when a worker connects: record it, then let the worker's
-        return finish its own window."""
-        self.emit(NodeConnected(node_id=node))
-        done = mt.on_reconnect(self.state, node, self.now)
+    def reconnect(self, node: str, *, restarted: bool) -> MaintenanceFinished | None:
+        """What the master shell does on a worker's hello: decide on the state before it
+        whether the worker's return finishes its window, then record both. `restarted`: the
+        hello comes from a new worker process (a new boot id), not the same one re-dialling."""
+        if restarted:
+            self._boots[node] = self._boots.get(node, 0) + 1
+        boot_id = self.boot_id(node)
+        done = mt.on_reconnect(self.state, node, boot_id, self.now)
+        self.emit(NodeConnected(node_id=node, boot_id=boot_id))
         if done is not None:
             self.emit(done)
+        return done
 
     def epoch(self, epoch: int, length_ms: int = 10 * MIN) -> None:
         self.emit(

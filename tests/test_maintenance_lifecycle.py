@@ -6,6 +6,8 @@ from __future__ import annotations
 from maintenance_log import HOUR, MIN, Log, node_id
 
 from cluster.master import maintenance as mt
+from cluster.shared.apply import apply
+from cluster.shared.codec import decode_state, encode_state, state_digest
 from cluster.shared.events import (
     MaintenanceCancelled,
     MaintenanceDrainStarted,
@@ -15,7 +17,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.excuse import is_excused, may_take_work
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import MaintenanceWindow, WindowState
+from cluster.shared.state import EMPTY_STATE, MaintenanceWindow, State, WindowState
 
 A, B, C = (node_id(n) for n in range(1, 4))
 OPERATOR = "12D3KooWOperatorKey0001"
@@ -237,7 +239,8 @@ def test_restarted_worker_finishes_its_window_by_reconnecting() -> None:
     log.epoch(1, length_ms=24 * HOUR)
     start = log.now + HOUR
     wid = log.schedule_ok(A, start, HOUR)
-    assert mt.on_reconnect(log.state, A, log.now) is None  # before the start: nothing to finish
+    # before the start: nothing to finish, even for a restarted worker
+    assert mt.on_reconnect(log.state, A, "a-new-boot", log.now) is None
     log.now = start
     log.cycle()
     log.now += 5 * MIN
@@ -245,12 +248,12 @@ def test_restarted_worker_finishes_its_window_by_reconnecting() -> None:
     assert gone.excused  # offline for maintenance, not a failure
     assert mt.node_display_status(log.state, A, log.now) is Status.MAINTENANCE
     log.now += 10 * MIN
-    log.reconnect(A)
+    log.reconnect(A, restarted=True)
     win = window(log, wid)
     assert (win.state, win.outcome) == (WindowState.COMPLETED, "reconnect")
     assert mt.node_display_status(log.state, A, log.now) is Status.ACTIVE
     assert may_take_work(log.state, A, log.now + HOUR)
-    assert mt.on_reconnect(log.state, A, log.now) is None  # nothing left to finish
+    assert mt.on_reconnect(log.state, A, "a-new-boot", log.now) is None  # nothing left to finish
     # not punished for the planned absence
     assert log.state.ledgers[1].node(A).disconnect is None
 
@@ -260,7 +263,81 @@ def test_reconnect_after_the_end_does_not_finish() -> None:
     start = log.now + HOUR
     log.schedule_ok(A, start, HOUR)
     log.now = start + HOUR
-    assert mt.on_reconnect(log.state, A, log.now) is None
+    assert mt.on_reconnect(log.state, A, "a-new-boot", log.now) is None
+
+
+def active_window_with_worker_up(log: Log) -> str:
+    """A's window is ACTIVE for 2 h while its worker process stays up and keeps speaking
+    (the operator has not rebooted yet)."""
+    log.epoch(1, length_ms=24 * HOUR)
+    start = log.now + HOUR
+    wid = log.schedule_ok(A, start, 2 * HOUR)
+    log.now = start
+    log.cycle()
+    for _ in range(5):
+        log.now += MIN
+        log.heartbeat(A)
+    assert window(log, wid).state is WindowState.ACTIVE
+    return wid
+
+
+def assert_still_in_maintenance(log: Log, wid: str) -> None:
+    assert window(log, wid).state is WindowState.ACTIVE
+    assert mt.node_display_status(log.state, A, log.now) is Status.MAINTENANCE
+    assert is_excused(log.state, A, log.now)
+    assert not may_take_work(log.state, A, log.now + MIN)  # no slots while the host is away
+
+
+def test_same_worker_redialling_during_its_window_does_not_finish_it() -> None:
+    # A network blip: the same worker process says hello again. Its host may still be
+    # in maintenance, so the window stays open and A's reboot later stays excused.
+    log = cluster()
+    wid = active_window_with_worker_up(log)
+    log.now += MIN
+    assert log.reconnect(A, restarted=False) is None
+    assert_still_in_maintenance(log, wid)
+    log.now += 10 * MIN
+    gone = log.disconnect(A, reason="no events for 3 cycles")  # the planned reboot
+    assert gone.excused
+    # The host comes back: a new worker process, whose hello finishes the window.
+    log.now += 10 * MIN
+    done = log.reconnect(A, restarted=True)
+    assert done == MaintenanceFinished(window_id=wid, node_id=A, how="reconnect")
+    win = window(log, wid)
+    assert (win.state, win.outcome) == (WindowState.COMPLETED, "reconnect")
+    assert mt.node_display_status(log.state, A, log.now) is Status.ACTIVE
+    assert log.state.ledgers[1].node(A).disconnect is None
+
+
+def test_restarted_worker_that_never_went_quiet_finishes_its_window() -> None:
+    # A worker restarted quickly enough that liveness never noticed: still a new process.
+    log = cluster()
+    wid = active_window_with_worker_up(log)
+    assert log.reconnect(A, restarted=True) is not None
+    assert (window(log, wid).state, window(log, wid).outcome) == (
+        WindowState.COMPLETED,
+        "reconnect",
+    )
+
+
+def test_master_restart_during_a_window_does_not_finish_it() -> None:
+    # The master restarts: it rebuilds State from its log (a snapshot plus the tail), and
+    # every worker, still the same process, says hello again.
+    log = cluster()
+    wid = active_window_with_worker_up(log)
+    replayed: State = EMPTY_STATE
+    for ie in log.log:
+        replayed = apply(replayed, ie)
+    from_snapshot = decode_state(encode_state(replayed))
+    assert state_digest(from_snapshot) == state_digest(log.state)
+    log.now += MIN
+    for restarted_master_state in (replayed, from_snapshot):
+        assert mt.on_reconnect(restarted_master_state, A, log.boot_id(A), log.now) is None
+    for n in (A, B, C):
+        log.reconnect(n, restarted=False)
+    assert_still_in_maintenance(log, wid)
+    # ... and the boot id the restarted master saw is still the one to compare against.
+    assert mt.on_reconnect(log.state, A, "a-new-boot", log.now) is not None
 
 
 def test_overrun_then_silence_is_penalised_as_usual() -> None:

@@ -81,7 +81,7 @@ def run_cluster() -> tuple[Log, dict[str, str]]:
             assert log.disconnect(A, reason="no events for 3 cycles").excused
         elif minute == 90:  # ... and restarts: its return finishes the window
             offline.discard(A)
-            log.reconnect(A)
+            log.reconnect(A, restarted=True)
         elif minute == 130:
             assert isinstance(log.finish(B), MaintenanceFinished)
         elif minute == 195:  # C overran at 195 and then went silent: penalised as usual

@@ -232,16 +232,31 @@ def test_node_connected_registers_and_self_test_is_recorded() -> None:
     assert st is not None and not st.passed and st.reason == "probe timed out" and st.at_ms == 50
 
 
-def test_a_hello_from_a_connected_node_moves_only_its_hello_index() -> None:
+def test_a_hello_from_a_connected_node_moves_only_its_hello_index_and_boot_id() -> None:
     log = Log()
-    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A), at_ms=10)
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="boot-1"), at_ms=10)
     first = s.nodes[A]
-    assert (first.joined_idx, first.joined_ms, first.hello_idx) == (1, 10, 1)
+    assert (first.joined_idx, first.joined_ms, first.hello_idx, first.boot_id) == (
+        1,
+        10,
+        1,
+        "boot-1",
+    )
     log.add(A, NodeHeartbeat(node_id=A), at_ms=20)
-    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A), at_ms=30)  # restarted, never gone
+    # restarted, never gone
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="boot-2"), at_ms=30)
     again = s.nodes[A]
-    assert (again.joined_idx, again.joined_ms, again.hello_idx) == (1, 10, 3)
+    assert (again.joined_idx, again.joined_ms, again.hello_idx, again.boot_id) == (
+        1,
+        10,
+        3,
+        "boot-2",
+    )
     assert again.connected
+    s = log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="stale"), at_ms=40)
+    assert s.nodes[A].boot_id == "boot-2"  # the last hello's, until the next hello
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="boot-3"), at_ms=50)
+    assert s.nodes[A].connected and s.nodes[A].boot_id == "boot-3"
 
 
 def _on_slot_0(status: RunnerStatus, reason: str = "", node: str = A) -> RunnerStatusUpdated:

@@ -83,6 +83,10 @@ async def test_refused_events_are_set_aside_and_the_rest_delivered(
         # Each refusal costs one redial at most (one batch refused, then each lone event).
         hellos = [ie for ie in master.store.read_from(1) if isinstance(ie.event, NodeConnected)]
         assert 1 <= len(hellos) <= 4
+        # Each hello of this worker process (one per redial) logs its one boot id.
+        assert {ie.event.boot_id for ie in hellos if isinstance(ie.event, NodeConnected)} == {
+            worker.boot_id
+        }
         refused = [json.loads(line) for line in worker.outbox.refused_path.read_text().splitlines()]
         assert [(r["seq"], r["code"], r["event"]["type"]) for r in refused] == [
             (3, "bad-units", "WorkReported"),

@@ -88,6 +88,8 @@ class SimCluster:
     seqs: dict[str, int] = field(default_factory=dict)
     replicas: dict[str, State] = field(default_factory=dict)
     online: set[str] = field(default_factory=set)
+    #: Worker processes started per node: each `connect` is a new one (a new boot id).
+    boots: dict[str, int] = field(default_factory=dict)
     session_id: str = ""
 
     @property
@@ -112,12 +114,16 @@ class SimCluster:
         return decision.reply
 
     def connect(self, node: str) -> None:
-        """What the master does when a worker's authenticated connection comes up."""
+        """What the master does when a newly started worker's authenticated connection
+        comes up (the connect hook decides on the state before the NodeConnected)."""
         self.online.add(node)
-        self.index(MASTER_ORIGIN, [NodeConnected(node_id=node)])
-        back = on_reconnect(self.state, node, self.now_ms)
+        self.boots[node] = self.boots.get(node, 0) + 1
+        boot_id = f"{node}-boot-{self.boots[node]}"
+        events: list[Event] = [NodeConnected(node_id=node, boot_id=boot_id)]
+        back = on_reconnect(self.state, node, boot_id, self.now_ms)
         if back is not None:
-            self.index(MASTER_ORIGIN, [back])
+            events.append(back)
+        self.index(MASTER_ORIGIN, events)
 
     def join(self, node: str) -> None:
         self.connect(node)

@@ -578,11 +578,22 @@ def finish(
     return MaintenanceFinished(window_id=win.window_id, node_id=node_id, how="host")
 
 
-def on_reconnect(state: State, node_id: str, now_ms: int) -> MaintenanceFinished | None:
-    """A worker that (re)connects during its own window has come back: its return finishes
-    the window, with no separate command. None when there is nothing to finish."""
+def on_reconnect(
+    state: State, node_id: str, boot_id: str, now_ms: int
+) -> MaintenanceFinished | None:
+    """A worker that restarts during its own window (its host rebooted) has come back: the
+    hello of its new process (`boot_id`) finishes the window, with no separate command.
+    None when there is nothing to finish.
+
+    `state` is the state before this hello's NodeConnected, so the node record still holds
+    the boot id of the previous hello. The same boot id is the same process re-dialling (the
+    master restarted, the connection blipped): its host may still be in maintenance, so the
+    window stays open."""
     win = state.open_window(node_id)
     if win is None or not _has_started(win, now_ms) or now_ms >= win.end_ms:
+        return None
+    rec = state.nodes.get(node_id)
+    if rec is not None and rec.boot_id == boot_id:
         return None
     return MaintenanceFinished(window_id=win.window_id, node_id=node_id, how="reconnect")
 

@@ -139,7 +139,7 @@ class MasterNode:
         self.store.close()
 
 
-def _reconnected(state: State, node: str, now_ms: int) -> list[Event]:
-    """A worker that reconnects during its own maintenance window finishes it."""
-    back = on_reconnect(state, node, now_ms)
+def _reconnected(state: State, node: str, boot_id: str, now_ms: int) -> list[Event]:
+    """A worker that restarted and reconnects during its own maintenance window finishes it."""
+    back = on_reconnect(state, node, boot_id, now_ms)
     return [back] if back is not None else []

@@ -72,8 +72,9 @@ log = logging.getLogger(__name__)
 
 #: (state, now_ms) -> events the master decides this cycle (the planner).
 Planner = Callable[[State, int], list[Event]]
-#: (state, node_id, now_ms) -> extra events when a node (re)connects (e.g. finish its window).
-ConnectHook = Callable[[State, str, int], list[Event]]
+#: (state, node_id, boot_id, now_ms) -> extra events when a node (re)connects (e.g. finish its
+#: window). The state is the one before the hello's NodeConnected, which records `boot_id`.
+ConnectHook = Callable[[State, str, str, int], list[Event]]
 #: (request JSON, requesting peer id) -> reply JSON, for requests forwarded by workers.
 RequestHandler = Callable[[bytes, str], Awaitable[bytes]]
 #: (state, now_ms) -> events: a decision made and indexed atomically (see index_decision).
@@ -512,9 +513,9 @@ class Master:
         self._members.add(peer)
 
         def connected(state: State, now: int) -> list[Event]:
-            events: list[Event] = [NodeConnected(node_id=peer)]
+            events: list[Event] = [NodeConnected(node_id=peer, boot_id=hello.boot_id)]
             if self.connect_hook is not None:
-                events += self.connect_hook(state, peer, now)
+                events += self.connect_hook(state, peer, hello.boot_id, now)
             return events
 
         await self.index_decision(connected)

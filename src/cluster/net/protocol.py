@@ -38,7 +38,9 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #:    older worker would fold the same log to a different state (its digest would disagree).
 #: 6: node gauges moved from node records to State.node_gauges (snapshot format 7): an older
 #:    worker could not decode that state.
-PROTOCOL_VERSION: Final = 6
+#: 7: `Hello.boot_id`, logged in NodeConnected and kept in NodeRecord.boot_id (snapshot format
+#:    8): an older worker would fold the same log to a different state.
+PROTOCOL_VERSION: Final = 7
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
@@ -48,6 +50,10 @@ class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
 class Hello(Msg, frozen=True):
     version: int
     nonce: bytes
+    #: Random per worker process, new at each start: a hello under another boot id than the
+    #: node's last hello means the worker restarted, not merely re-dialled (the master ends
+    #: a maintenance window on it). Defaulted so that the message still decodes without it.
+    boot_id: str = ""
 
 
 class Challenge(Msg, frozen=True):

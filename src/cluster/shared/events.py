@@ -116,6 +116,8 @@ class NodeConnected(_Event, frozen=True):
 
     node_id: str
     addr: str = ""
+    #: The worker process's `Hello.boot_id` ("" in logs written before boot ids).
+    boot_id: str = ""
 
 
 class NodeDisconnected(_Event, frozen=True):

@@ -36,7 +36,8 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    (an older snapshot may hold a later time than this build's fold of the same log).
 #: 7: node gauges (CPU %, free memory and disk, network counters) moved from each
 #:    NodeRecord's info to State.node_gauges.
-SNAPSHOT_VERSION: Final = 7
+#: 8: NodeRecord.boot_id (every NodeConnected sets it; older snapshots lack it).
+SNAPSHOT_VERSION: Final = 8
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

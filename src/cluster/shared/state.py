@@ -79,6 +79,9 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     #: having been disconnected (restarted inside its maintenance window, say) gets K fresh
     #: cycles to speak, like a node that joins.
     hello_idx: int = 0
+    #: Boot id of the worker process behind that hello (`NodeConnected.boot_id`): a later
+    #: hello under another one is a restarted worker, under the same one a redial.
+    boot_id: str = ""
     self_test: SelfTestResult | None = None
 
 

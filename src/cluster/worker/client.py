@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,6 +152,9 @@ class Worker:
             node_id = peer_id_of(key_pair)
         self.key_pair = key_pair
         self.node_id: str = node_id
+        #: New for each worker process, sent in every hello: the master tells a restarted
+        #: worker (ends its maintenance window) from this one re-dialling.
+        self.boot_id = secrets.token_hex(8)
         self.outbox = Outbox.open(data_dir / "outbox")
         self._state: State = EMPTY_STATE
         self._listeners: list[StateListener] = []
@@ -423,7 +427,8 @@ class Worker:
         fs = await nethost.open_stream(host, peer, HELLO_PROTOCOL, cfg.connect_timeout)
         try:
             nonce = new_nonce()
-            await fs.send(Hello(version=PROTOCOL_VERSION, nonce=nonce), cfg.peer_timeout)
+            hello = Hello(version=PROTOCOL_VERSION, nonce=nonce, boot_id=self.boot_id)
+            await fs.send(hello, cfg.peer_timeout)
             try:
                 challenge = expect(await fs.recv(cfg.peer_timeout), Challenge)
             except ProtocolError as exc:

@@ -78,7 +78,9 @@ def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: i
     return _replace(rec, connected=True, joined_idx=ie.idx, joined_ms=ie.master_time_ms)
 
 
-def new_record(node_id: str, slot: int, ie: IndexedEvent, hello_idx: int = 0) -> NodeRecord:
+def new_record(
+    node_id: str, slot: int, ie: IndexedEvent, hello_idx: int = 0, boot_id: str = ""
+) -> NodeRecord:
     """The record of a node the state meets for the first time, connected by `ie`."""
     mid, leaf, offset = address(slot)
     return NodeRecord(
@@ -92,19 +94,21 @@ def new_record(node_id: str, slot: int, ie: IndexedEvent, hello_idx: int = 0) ->
         joined_idx=ie.idx,
         joined_ms=ie.master_time_ms,
         hello_idx=hello_idx,
+        boot_id=boot_id,
     )
 
 
-def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
-    """The node exists and is connected: the master saw it (re)connect (a hello).
+def ensure_node(state: State, node_id: str, ie: IndexedEvent, boot_id: str) -> State:
+    """The node exists and is connected: the master saw it (re)connect (a hello) from the
+    worker process `boot_id`.
 
     A node that was connected already (it reconnected before anyone noticed it gone) keeps
-    its connected stretch (`joined_*`); only `hello_idx` moves.
+    its connected stretch (`joined_*`); only `hello_idx` and `boot_id` move.
     """
     rec = state.nodes.get(node_id)
     if rec is None:
         # Known to the master before it spoke: no event of its own yet.
-        rec = new_record(node_id, len(state.nodes), ie, hello_idx=ie.idx)
+        rec = new_record(node_id, len(state.nodes), ie, hello_idx=ie.idx, boot_id=boot_id)
     elif not rec.connected:
         rec = _replace(
             rec,
@@ -112,9 +116,10 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent) -> State:
             joined_idx=ie.idx,
             joined_ms=ie.master_time_ms,
             hello_idx=ie.idx,
+            boot_id=boot_id,
         )
     else:
-        rec = _replace(rec, hello_idx=ie.idx)
+        rec = _replace(rec, hello_idx=ie.idx, boot_id=boot_id)
     return _replace(state, nodes=state.nodes.set(node_id, rec))
 
 
@@ -134,7 +139,7 @@ def node_heartbeat(state: State, ie: IndexedEvent, ev: NodeHeartbeat) -> State:
 
 
 def node_connected(state: State, ie: IndexedEvent, ev: NodeConnected) -> State:
-    return ensure_node(state, ev.node_id, ie)
+    return ensure_node(state, ev.node_id, ie, ev.boot_id)
 
 
 def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> State:
