@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from cluster.shared.apply import apply, fold
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    DevshardPlaced,
     EpochStarted,
     Event,
     IndexedEvent,
@@ -37,6 +38,8 @@ from cluster.shared.events import (
     NodeInfo,
     RunnerStatus,
     RunnerStatusUpdated,
+    SessionRequested,
+    SlotAssignment,
     WorkReported,
 )
 from cluster.shared.state import EMPTY_STATE, State
@@ -81,28 +84,44 @@ def make_events(
     return out
 
 
-#: The seed's first event (index 1) starts epoch 1: work counts only against an epoch that
-#: started, and the mix's work reports name epoch 1.
-EPOCH_ONE = IndexedEvent(
-    1, 0, MASTER_ORIGIN, 1, EpochStarted(epoch=1, start_ms=0, end_ms=2**40, seed=1)
-)
+def prelude(nodes: int) -> list[IndexedEvent]:
+    """The seed's first events: epoch 1 starts and devshard "ds-1" of epoch 1 gives every
+    node a slot. Work counts only against an epoch that started, on a devshard its node
+    held, and the mix's work reports name "ds-1" and epoch 1."""
+    placed = DevshardPlaced(
+        devshard_id="ds-1",
+        session_id="s",
+        epoch=1,
+        assignments=tuple(SlotAssignment(k, node_id(k)) for k in range(nodes)),
+        ends_ms=2**40,
+    )
+    events: tuple[Event, ...] = (
+        EpochStarted(epoch=1, start_ms=0, end_ms=2**40, seed=1),
+        SessionRequested(session_id="s", slots=nodes, memory_per_slot_mb=1),
+        placed,
+    )
+    return [IndexedEvent(i, 0, MASTER_ORIGIN, i, ev) for i, ev in enumerate(events, start=1)]
+
+
+#: Index of the seed's first node event, after the prelude.
+FIRST_NODE_IDX = 4
 
 
 def seed_length(nodes: int, every_kind: bool = False) -> int:
-    """Node events that build the state the bench starts from (after EPOCH_ONE): one round
+    """Node events that build the state the bench starts from (after the prelude): one round
     over the nodes, or 8 with `every_kind`, so that every node holds every kind of record."""
     return nodes * (8 if every_kind else 1)
 
 
 def seeded_state(nodes: int, every_kind: bool = False) -> State:
-    seed = make_events(nodes, seed_length(nodes, every_kind), 2, 0, every_kind)
-    return fold(EMPTY_STATE, [EPOCH_ONE, *seed])
+    seed = make_events(nodes, seed_length(nodes, every_kind), FIRST_NODE_IDX, 0, every_kind)
+    return fold(EMPTY_STATE, [*prelude(nodes), *seed])
 
 
 def timed_events(nodes: int, count: int, every_kind: bool = False) -> list[IndexedEvent]:
     """`count` events that continue the seed's stream (and its indices)."""
     seed = seed_length(nodes, every_kind)
-    return make_events(nodes, count, seed + 2, seed, every_kind)
+    return make_events(nodes, count, seed + FIRST_NODE_IDX, seed, every_kind)
 
 
 @dataclass(frozen=True)
@@ -140,7 +159,7 @@ def naive_apply(s: NaiveState, ie: IndexedEvent) -> NaiveState:
 
 def naive_seeded(nodes: int, every_kind: bool = False) -> NaiveState:
     s = NaiveState(0, {}, {}, {})
-    for ie in make_events(nodes, seed_length(nodes, every_kind), 2, 0, every_kind):
+    for ie in make_events(nodes, seed_length(nodes, every_kind), FIRST_NODE_IDX, 0, every_kind):
         s = naive_apply(s, ie)
     return s
 

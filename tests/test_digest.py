@@ -15,13 +15,17 @@ import json
 from cluster.shared.apply import fold
 from cluster.shared.codec import state_digest
 from cluster.shared.events import (IndexedEvent, NodeGatheredInfo, NodeInfo, EpochStarted,
-    SessionRequested, MaintenanceScheduled, WorkReported)
+    SessionRequested, MaintenanceScheduled, WorkReported, DevshardPlaced, SlotAssignment)
 from cluster.shared.state import EMPTY_STATE
 
 events = []
 def add(origin, ev):
     events.append(IndexedEvent(len(events) + 1, 1000 + len(events), origin, len(events) + 1, ev))
 add("master", EpochStarted(epoch=1, start_ms=0, end_ms=600000, seed=7))
+# Every node holds a slot of "d", so its work counts (ledger accounts, holders).
+add("master", SessionRequested(session_id="s", slots=300, memory_per_slot_mb=512))
+add("master", DevshardPlaced(devshard_id="d", session_id="s", epoch=1, ends_ms=600000,
+    assignments=tuple(SlotAssignment(i, f"12D3KooNode{i:04d}") for i in range(300))))
 for i in range(300):
     n = f"12D3KooNode{i:04d}"
     add(n, NodeGatheredInfo(node_id=n, source="host", info=NodeInfo(hostname=n, slots=i % 5)))

@@ -438,6 +438,24 @@ def _placed_session(log: Log) -> None:
     )
 
 
+def _place(log: Log, devshard_id: str, epoch: int, *holders: str, reason: str = "epoch") -> State:
+    """Place `devshard_id` in `epoch` with slot i on `holders[i]` (session "s1", rate 1,
+    requested if it is not yet): the placement that lets their work count."""
+    if "s1" not in log.state.sessions:
+        log.add(MASTER_ORIGIN, SessionRequested(session_id="s1", slots=8, memory_per_slot_mb=1))
+    return log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id=devshard_id,
+            session_id="s1",
+            epoch=epoch,
+            assignments=tuple(SlotAssignment(slot, n) for slot, n in enumerate(holders)),
+            ends_ms=1_000,
+            reason=reason,
+        ),
+    )
+
+
 def test_sessions_devshards_and_stickiness() -> None:
     log = Log()
     _placed_session(log)
@@ -516,12 +534,38 @@ def test_work_and_misses_count_only_against_an_epoch_that_started() -> None:
         assert s.ledgers == before
     s = log.add(MASTER_ORIGIN, EpochStarted(epoch=2, start_ms=1_000, end_ms=2_000, seed=6))
     assert s.ledgers[2].nodes.get(A) is None  # nothing was held back for epoch 2
-    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=5, epoch=2))
-    s = log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-1-s1", node_id=B, epoch=2, count=3))
+    _place(log, "ds-2-s1", 2, A, B)
+    s = log.add(A, WorkReported(devshard_id="ds-2-s1", node_id=A, units=5, epoch=2))
+    s = log.add(MASTER_ORIGIN, WorkMissed(devshard_id="ds-2-s1", node_id=B, epoch=2, count=3))
     assert (s.ledgers[2].nodes[A].units, s.ledgers[2].nodes[B].misses) == (5, 3)
     # The epoch before stays open to late work.
     s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=1, epoch=1))
     assert s.ledgers[1].nodes[A].units == 1
+
+
+def test_work_counts_only_from_a_node_that_held_a_slot_of_the_devshard() -> None:
+    C = "nodeC"
+    log = Log()
+    _placed_session(log)  # "ds-1-s1" of epoch 1: slot 0 on A, slot 1 on B
+    before = log.state.ledgers
+    for node_id, devshard_id in ((C, "ds-1-s1"), (C, "made-up"), (A, "made-up")):
+        s = log.add(
+            node_id, WorkReported(devshard_id=devshard_id, node_id=node_id, units=9, epoch=1)
+        )
+        assert s.ledgers == before, (node_id, devshard_id)
+    # B's slot moves to C: both have held it this epoch, and both are paid for their work.
+    s = _place(log, "ds-1-s1", 1, A, C, reason="replace")
+    assert dict(s.ledgers[1].held_devshards) == {A: ("ds-1-s1",), B: ("ds-1-s1",), C: ("ds-1-s1",)}
+    log.add(B, WorkReported(devshard_id="ds-1-s1", node_id=B, units=2, epoch=1))
+    s = log.add(C, WorkReported(devshard_id="ds-1-s1", node_id=C, units=3, epoch=1))
+    assert {n: (a.units, a.reward) for n, a in s.ledgers[1].nodes.items()} == {
+        B: (2, 6),
+        C: (3, 9),
+    }
+    # Holding a slot of epoch 1's devshard gives no claim on another epoch.
+    s = log.add(MASTER_ORIGIN, EpochStarted(epoch=2, start_ms=1_000, end_ms=2_000, seed=6))
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=9, epoch=2))
+    assert s.ledgers[2].nodes.get(A) is None
 
 
 def _schedule(log: Log, window_id: str = "w1", credit: int = 60_000) -> State:
@@ -678,8 +722,21 @@ def test_unexcused_disconnect_with_an_empty_reason_still_counts() -> None:
 
 _ledger_nodes = st.sampled_from([A, B, "nodeC"])
 _ledger_epochs = st.integers(1, 2)
-#: Only the events that touch ledgers, so late work (after settlement) is frequent.
+#: Only the events that touch ledgers, so late work (after settlement) is frequent. Work
+#: counts only on a devshard its node held: placements of session "s1" give it some.
 _ledger_events = st.one_of(
+    st.builds(
+        DevshardPlaced,
+        devshard_id=st.sampled_from(["d1", "d2"]),
+        session_id=st.just("s1"),
+        epoch=_ledger_epochs,
+        assignments=st.lists(
+            st.builds(SlotAssignment, slot=st.integers(0, 2), node_id=_ledger_nodes),
+            min_size=1,
+            max_size=3,
+        ).map(tuple),
+        ends_ms=st.just(1_000),
+    ),
     st.builds(EpochSettled, epoch=_ledger_epochs, payouts=st.just(())),
     st.builds(
         WorkReported,
@@ -712,7 +769,8 @@ def test_late_work_index_matches_the_node_accounts(
 ) -> None:
     """`late_pending` lists exactly the nodes with undecided late units, after every event."""
     ledger_log = Log()
-    states = [ledger_log.add(MASTER_ORIGIN, ev) for ev in events]
+    session = SessionRequested(session_id="s1", slots=3, memory_per_slot_mb=1)
+    states = [ledger_log.add(MASTER_ORIGIN, ev) for ev in (session, *events)]
     state = EMPTY_STATE
     for ie in log:
         state = apply(state, ie)
@@ -727,6 +785,7 @@ def test_late_work_index_matches_the_node_accounts(
 
 def test_late_work_index_follows_reports_and_decisions() -> None:
     log = Log()
+    _place(log, "d1", 1, A)
     for ev in (
         EpochSettled(epoch=1, payouts=()),
         WorkReported(devshard_id="d1", node_id=A, units=3, epoch=1),
@@ -749,6 +808,7 @@ def test_ledger_sums_saturate_so_state_stays_encodable() -> None:
 
     log = Log()
     log.add(MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=0, end_ms=10, seed=1))
+    _place(log, "d", 1, A)
     huge = 2**64 - 1  # the largest int msgpack carries
     for _ in range(2):
         log.add(A, WorkReported(devshard_id="d", node_id=A, units=huge, epoch=1))
@@ -765,6 +825,7 @@ def test_ledger_sums_saturate_so_state_stays_encodable() -> None:
     # Below the cap nothing changes: the sums are exact.
     small = Log()
     small.add(MASTER_ORIGIN, EpochStarted(epoch=2, start_ms=0, end_ms=10, seed=1))
+    _place(small, "d", 2, A)
     small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62, epoch=2))
     small.add(A, WorkReported(devshard_id="d", node_id=A, units=2**62 - 1, epoch=2))
     assert small.state.ledgers[2].nodes[A].units == INT64_MAX

@@ -15,6 +15,7 @@ from cluster.shared import codec
 from cluster.shared.apply import fold
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    DevshardPlaced,
     EpochStarted,
     IndexedEvent,
     MaintenanceScheduled,
@@ -24,6 +25,7 @@ from cluster.shared.events import (
     NodeHeartbeat,
     NodeInfo,
     SessionRequested,
+    SlotAssignment,
     WorkReported,
 )
 from cluster.shared.state import EMPTY_STATE
@@ -33,14 +35,22 @@ T0 = 1_700_000_000_000
 
 
 def build_log() -> list[IndexedEvent]:
+    nodes = [f"12D3KooWNode{i}" for i in range(4)]
+    placed = DevshardPlaced(
+        devshard_id="d1",
+        session_id="s1",
+        epoch=1,
+        assignments=tuple(SlotAssignment(i, n) for i, n in enumerate(nodes)),
+        ends_ms=T0 + 600_000,
+    )
     evs: list[tuple[str, object]] = [
-        (MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=T0, end_ms=T0 + 600_000, seed=7))
+        (MASTER_ORIGIN, EpochStarted(epoch=1, start_ms=T0, end_ms=T0 + 600_000, seed=7)),
+        (MASTER_ORIGIN, SessionRequested(session_id="s1", slots=4, memory_per_slot_mb=64)),
+        (MASTER_ORIGIN, placed),  # its holders' work counts
     ]
-    for i in range(4):
-        n = f"12D3KooWNode{i}"
+    for n in nodes:
         evs.append((n, NodeGatheredInfo(node_id=n, source="host", info=NodeInfo(slots=2))))
         evs.append((n, WorkReported(devshard_id="d1", node_id=n, units=3, epoch=1)))
-    evs.append((MASTER_ORIGIN, SessionRequested(session_id="s1", slots=2, memory_per_slot_mb=64)))
     evs.append((MASTER_ORIGIN, NodeDisconnected(node_id="12D3KooWNode3", reason="stale")))
     evs.append(
         (
@@ -82,7 +92,7 @@ def test_summary_and_digest(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     state = fold(EMPTY_STATE, build_log())
     lines = out.splitlines()
     assert lines[-1] == f"digest: {codec.state_digest(state)}"
-    assert "events:    12 events" in out
+    assert "events:    13 events" in out
     assert "nodes:     4 (3 connected, 1 disconnected)" in out
     assert "epoch:     1 (" in out
     assert "sessions:  1" in out
@@ -101,12 +111,12 @@ def test_digest_only_json_and_log_dir_path(
     code, out, err = replay(capsys, str(data_dir), "--json")
     assert code == 0
     doc = json.loads(out)
-    assert doc["last_applied"] == 12 and sorted(doc["nodes"]) == [
+    assert doc["last_applied"] == 13 and sorted(doc["nodes"]) == [
         f"12D3KooWNode{i}" for i in range(4)
     ]
-    # Each node's marks under its own id (its last event: the work report at 3 + 2i).
+    # Each node's marks under its own id (its last event: the work report at 5 + 2i).
     assert doc["last_event_by_node"] == {
-        f"12D3KooWNode{i}": [3 + 2 * i, 3 + 2 * i] for i in range(4)
+        f"12D3KooWNode{i}": [5 + 2 * i, 5 + 2 * i] for i in range(4)
     }
     assert err.strip() == f"digest: {digest}"
 
@@ -133,7 +143,7 @@ def test_until_and_no_snapshot_agree_with_a_fold(
 ) -> None:
     events = build_log()
     assert len(list((data_dir / "snapshots").glob("*.snap"))) >= 1
-    for until in (0, 1, 5, 7, 12):
+    for until in (0, 1, 5, 7, 13):
         expected = codec.state_digest(fold(EMPTY_STATE, events[:until]))
         with_snap = replay(capsys, str(data_dir), "--until", str(until), "--digest")
         without = replay(capsys, str(data_dir), "--until", str(until), "--digest", "--no-snapshot")
@@ -150,7 +160,7 @@ def test_errors_are_one_line_with_exit_code_2(
     code, _, err = replay(capsys, str(empty))
     assert code == 2 and "no event log here" in err
     code, _, err = replay(capsys, str(data_dir), "--until", "99")
-    assert code == 2 and "index 99 is outside the log (it holds events 1..12)" in err
+    assert code == 2 and "index 99 is outside the log (it holds events 1..13)" in err
     code, _, err = replay(capsys, str(data_dir), "--until", "-1")
     assert code == 2 and "--until -1 must be >= 0" in err
 
@@ -179,7 +189,7 @@ def test_real_entry_point_with_progress_bar_and_no_libp2p(data_dir: Path) -> Non
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert "replay [" in out.stderr and "100% 12/12 events" in out.stderr
+    assert "replay [" in out.stderr and "100% 13/13 events" in out.stderr
     assert out.stderr.strip().endswith("False")
     assert out.stdout.splitlines()[-1].startswith("digest: ")
     cli = subprocess.run(

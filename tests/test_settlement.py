@@ -24,7 +24,7 @@ from cluster.shared.events import (
     WorkMissed,
 )
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import EpochRecord
+from cluster.shared.state import EMPTY_NODE_LEDGER, EpochRecord
 
 CFG = quick_config()  # miss_threshold=1
 POLICY = MaintenancePolicy()  # credit per epoch and cap: the maintenance policy's
@@ -327,3 +327,106 @@ def test_a_window_covering_the_epoch_end_excuses_its_misses(
     (miss,) = of_type(events, WorkMissed)
     assert (miss.node_id, miss.count, miss.excused) == ("b", 2, True)
     assert not _payouts(events)["b"].punished
+
+
+# --------------------------------------------------------------------------------------------
+# Work counts only on a devshard the node held a slot of in the epoch it names
+# --------------------------------------------------------------------------------------------
+
+
+def _replace_slots(world: World, devshard_id: str, epoch: int, nodes: list[str]) -> None:
+    """Re-place `devshard_id` (session "s") with slot i on `nodes[i]`, as the planner does
+    when slots move off a lost node."""
+    world.master(
+        [
+            DevshardPlaced(
+                devshard_id=devshard_id,
+                session_id="s",
+                epoch=epoch,
+                assignments=tuple(SlotAssignment(i, n) for i, n in enumerate(nodes)),
+                ends_ms=world.state.epoch.end_ms if world.state.epoch else 0,
+                reason="replace",
+            )
+        ]
+    )
+
+
+def test_work_on_a_devshard_the_node_never_held_is_not_paid() -> None:
+    """A node that failed its self-test holds no slot, yet reports work on a real devshard
+    and on a made-up one (admission only bounds the units): neither is paid, and the nodes
+    that held the slots are paid as before."""
+    world = World()
+    world.node("a", slots=2)
+    world.node("b", slots=2)
+    world.node("c", slots=2, self_test=False)  # never eligible: holds no slot
+    world.session("s", slots=2, reward_per_unit=1_000)
+    planner = Planner(quick_config())
+    (placed,) = of_type(world.cycle(planner), DevshardPlaced)
+    assert {a.node_id for a in placed.assignments} == {"a", "b"}
+    world.work("c", placed.devshard_id, 50, 1)
+    world.work("c", "made-up", 2**40, 1)
+    world.work("a", placed.devshard_id, 10, 1)
+    world.work("b", placed.devshard_id, 10, 1)
+    assert world.state.ledgers[1].node("c") == EMPTY_NODE_LEDGER
+    settled: list[EpochSettled] = []
+    while not settled:
+        world.heartbeat_all()
+        settled = of_type(world.cycle(planner), EpochSettled)
+    pay = {p.node_id: p for p in settled[0].payouts}
+    assert (pay["a"].units, pay["a"].reward) == (pay["b"].units, pay["b"].reward) == (10, 10_000)
+    assert (pay["c"].units, pay["c"].reward) == (0, 0)  # only credit: it stayed connected
+
+
+def test_late_work_counts_only_on_a_devshard_the_node_held_in_that_epoch() -> None:
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 1, 1)
+    _end_of_epoch(world, epoch)  # epoch 1 settled; epoch 2 placed "ds-2-s"
+    _replace_slots(world, "ds-2-s", 2, ["c"])
+    # c held nothing in epoch 1: neither epoch 1's devshard nor its own epoch-2 devshard
+    # (not placed in epoch 1) books late work there.
+    world.work("c", "ds-1-s", 5, 1)
+    world.work("c", "ds-2-s", 5, 1)
+    world.work("a", "ds-1-s", 2, 1)  # a's own late work still counts
+    c = world.state.ledgers[1].node("c")  # settled: credit, no units
+    assert (c.units, c.late_units, c.late_reward) == (0, 0, 0)
+    assert late_work(world.state, CFG) == [LateWorkSettled(epoch=1, node_id="a", units=2, reward=6)]
+    world.work("c", "ds-2-s", 5, 2)  # on time, where it holds the slot
+    assert world.state.ledgers[2].node("c").units == 5
+
+
+def test_a_moved_slot_still_pays_its_old_holder_for_the_work_before_the_move() -> None:
+    world, epoch = _world({"s": ["a", "b"]})
+    _replace_slots(world, "ds-1-s", 1, ["a", "c"])  # b is lost: its slot moves to c
+    world.work("b", "ds-1-s", 4, 1)  # done before the move, reported after (reconnected)
+    world.work("c", "ds-1-s", 3, 1)
+    world.work("a", "ds-1-s", 1, 1)
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert {n: (p.units, p.reward) for n, p in pay.items()} == {
+        "a": (1, 3),
+        "b": (4, 12),
+        "c": (3, 9),
+    }
+    world.work("b", "ds-1-s", 1, 1)  # and late, after the devshard was finalized
+    assert late_work(world.state, CFG) == [LateWorkSettled(epoch=1, node_id="b", units=1, reward=3)]
+
+
+def test_a_carried_over_runner_is_paid_for_both_devshards() -> None:
+    """At an epoch turn a loaded runner moves from the finalized devshard to its successor;
+    its last report names the old devshard and epoch (late), later ones the new."""
+    world = World()
+    world.node("a", slots=1)
+    world.session("s", slots=1, reward_per_unit=2)
+    planner = Planner(quick_config())
+    (first,) = of_type(world.cycle(planner), DevshardPlaced)
+    world.work("a", first.devshard_id, 3, 1)
+    second: list[DevshardPlaced] = []
+    while not second:
+        world.heartbeat_all()
+        second = of_type(world.cycle(planner), DevshardPlaced)
+    assert second[0].epoch == 2 and first.devshard_id not in world.state.devshards
+    world.work("a", first.devshard_id, 4, 1)  # reported on the switch, after settlement
+    world.work("a", second[0].devshard_id, 5, 2)
+    ledgers = world.state.ledgers
+    assert (ledgers[1].node("a").units, ledgers[1].node("a").late_units) == (3, 4)
+    assert (ledgers[2].node("a").units, ledgers[2].node("a").reward) == (5, 10)
+    assert late_work(world.state, CFG) == [LateWorkSettled(epoch=1, node_id="a", units=4, reward=8)]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from test_node_status import MIN, T0, Log
 
 from cluster.shared.events import (
+    DevshardFinalized,
     EpochSettled,
     GpuInfo,
     MaintenanceCancelled,
@@ -17,6 +18,7 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeInfo,
     NodePayout,
+    SessionDeleted,
     SessionRequested,
     SessionUnplaced,
     WorkReported,
@@ -72,7 +74,12 @@ def busy_cluster() -> Log:
         T0, NodeDisconnected(node_id="node-e", reason="no events for 3 cycles")
     )
     log.epoch(6, T0 - 10 * MIN, T0)
-    log.add("node-a", T0, WorkReported(devshard_id="ds-x", node_id="node-a", units=30, epoch=6))
+    log.placed("ds-6-chat", ["node-a"], epoch=6, ends_ms=T0)
+    log.add(
+        "node-a", T0, WorkReported(devshard_id="ds-6-chat", node_id="node-a", units=30, epoch=6)
+    )
+    log.master(T0, DevshardFinalized(devshard_id="ds-6-chat", epoch=6))
+    log.master(T0, SessionDeleted(session_id="s-ds-6-chat"))
     log.master(
         T0,
         EpochSettled(
@@ -153,7 +160,7 @@ def test_epoch_sessions_windows_ledgers() -> None:
     settled = status.ledgers[1]
     assert settled.settled
     rows = {r.node_id: r for r in settled.rows}
-    assert rows["node-a"].paid == 30
+    assert (rows["node-a"].units, rows["node-a"].paid) == (30, 30)
     assert rows["node-e"].punished
 
 

@@ -16,7 +16,8 @@ ends. Then, per node:
   earns maintenance credit by the maintenance policy's one rule
   (`maintenance.credit_to_earn_ms`: the per-epoch rate, never past the cap).
 * **Late work.** Work reported after settlement is recorded against its epoch by the
-  reducer; the planner then emits `LateWorkSettled` for it. Decision: the event is emitted
+  reducer (only on a devshard the node held a slot of in that epoch, like on-time work);
+  the planner then emits `LateWorkSettled` for it. Decision: the event is emitted
   for punished nodes too, with reward 0 -- the log then says explicitly that the work was
   seen and forfeited, and the units are marked decided so they are not reconsidered.
 

@@ -36,7 +36,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    (an older snapshot may hold a later time than this build's fold of the same log).
 #: 7: node gauges (CPU %, free memory and disk, network counters) moved from each
 #:    NodeRecord's info to State.node_gauges.
-#: 8: NodeRecord.boot_id (every NodeConnected sets it; older snapshots lack it).
+#: 8: NodeRecord.boot_id (every NodeConnected sets it; older snapshots lack it),
+#:    EpochLedger.held_devshards (without it, the work of every devshard placed before the
+#:    snapshot would be refused) and DevshardRecord.assigned_ms.
 SNAPSHOT_VERSION: Final = 8
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")

@@ -91,6 +91,7 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
     ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
     if ledger.rates.get(ev.devshard_id) != session.reward_per_unit:
         ledger = _replace(ledger, rates=ledger.rates.set(ev.devshard_id, session.reward_per_unit))
+    ledger = _with_holders(ledger, ev)
     return _replace(
         state,
         devshards=devshards.set(ev.devshard_id, rec),
@@ -110,6 +111,24 @@ def _assigned_ms(
         for a, at_ms in zip(shard.assignments, shard.assigned_ms, strict=True):
             since[a.slot, a.node_id] = at_ms
     return tuple(since.get((a.slot, a.node_id), placed_ms) for a in ev.assignments)
+
+
+def _with_holders(ledger: EpochLedger, ev: DevshardPlaced) -> EpochLedger:
+    """`ledger` with every node `ev` assigns a slot to recorded as a holder of its devshard.
+
+    Holders are only ever added: a node whose slot moves away (a replace) keeps its claim
+    on the work it did while it held the slot.
+    """
+    devshard_id = ev.devshard_id
+    changed = False
+    with ledger.held_devshards.mutate() as held:
+        for a in ev.assignments:
+            devshards = held.get(a.node_id, ())
+            if devshard_id not in devshards:
+                held[a.node_id] = (*devshards, devshard_id)
+                changed = True
+        updated = held.finish()
+    return _replace(ledger, held_devshards=updated) if changed else ledger
 
 
 def session_unplaced(state: State, ie: IndexedEvent, ev: SessionUnplaced) -> State:

@@ -10,6 +10,13 @@ Work and misses count only against an epoch that started: EpochStarted opens its
 a report naming any other epoch changes nothing. A worker names the epoch itself; without
 this, one naming epoch 10**12 made a ledger that pushed the real epochs out of the status
 view's "recent epochs", and work named for the next epoch was paid when that epoch settled.
+
+Work counts, on time or late, only on a devshard placed in the epoch it names (one with a
+rate in that epoch's ledger) and only from a node that held one of its slots at some time
+in that epoch (`EpochLedger.held_devshards`). Without this a node holding no slot was paid
+for any units it claimed, on a real devshard or a made-up one. A report that does not count
+changes nothing, like one naming an epoch that did not start; the log keeps it, so
+`cluster replay` still shows what was claimed.
 """
 
 from __future__ import annotations
@@ -104,12 +111,10 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     if ledger is None:
         return state  # not an epoch that started: see the module doc
     devshard_id = ev.devshard_id
-    per_unit = ledger.rates.get(devshard_id)
-    if per_unit is None:
-        shard = state.devshards.get(devshard_id)
-        session = state.sessions.get(shard.session_id) if shard is not None else None
-        per_unit = session.reward_per_unit if session is not None else 1
     node_id = ev.node_id
+    per_unit = ledger.rates.get(devshard_id)
+    if per_unit is None or devshard_id not in ledger.held_devshards.get(node_id, ()):
+        return state  # not a slot this node held in that epoch: see the module doc
     units = ev.units
     nodes = ledger.nodes
     account = nodes.get(node_id, EMPTY_NODE_LEDGER)
