@@ -76,7 +76,10 @@ def make_events(
             ev = NodeGatheredInfo(node_id=n, source="cpu", info=NodeInfo(cpu_percent=j % 100))
         elif kind == 6:
             status = RunnerStatus.RUNNING if seen % 2 == 0 else RunnerStatus.READY
-            ev = RunnerStatusUpdated(runner_id=f"ds-1/{k}", node_id=n, status=status)
+            # The runner of the node's own slot of "ds-1" (only a slot's holder is heard).
+            ev = RunnerStatusUpdated(
+                runner_id=f"ds-1/{k}", node_id=n, status=status, devshard_id="ds-1", slot=k
+            )
         else:
             ev = WorkReported(devshard_id="ds-1", node_id=n, units=1, epoch=1)
         idx = first_idx + j - start
