@@ -60,6 +60,7 @@ def _cluster(nodes: int = 6, sessions: int = 3, slots: int = 2) -> World:
         ({"epoch_length_ms": 500}, "epoch_length_ms must be at least plan_interval_ms (1000)"),
         ({"miss_threshold": -1}, "miss_threshold must be >= 0, got -1"),
         ({"late_work_epochs": -5}, "late_work_epochs must be >= 0, got -5"),
+        ({"late_work_epochs": 16}, "late_work_epochs must be below 16 (the epochs whose"),
         ({"failed_slot_grace_ms": -1}, "failed_slot_grace_ms must be >= 0, got -1"),
         ({"stale_cycles": True}, "stale_cycles must be an integer, got True"),
     ],

@@ -44,7 +44,13 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.reducers import maintenance as maintenance_reducers
-from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, EMPTY_STATE, State, WindowState
+from cluster.shared.state import (
+    CLOSED_WINDOWS_KEPT_PER_NODE,
+    EMPTY_STATE,
+    LEDGER_EPOCHS_KEPT,
+    State,
+    WindowState,
+)
 
 A, B = "nodeA", "nodeB"
 #: How `_close_window` may close a window.
@@ -519,6 +525,28 @@ def test_work_accrues_to_the_epoch_ledger_and_settles_at_the_end() -> None:
     # Settling twice changes nothing.
     again = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))
     assert again.ledgers[1] == s.ledgers[1]
+
+
+def test_old_settled_ledgers_leave_state() -> None:
+    """One ledger per epoch, kept forever, grew State by one per epoch (144 a day with
+    10-minute epochs): only the last LEDGER_EPOCHS_KEPT epochs' settled ledgers stay."""
+    log = Log()
+    _placed_session(log)  # epoch 1, A and B hold ds-1-s1
+    log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=4, epoch=1))
+    log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))
+    for epoch in range(2, 101):
+        log.add(
+            MASTER_ORIGIN,
+            EpochStarted(epoch=epoch, start_ms=1_000 * epoch, end_ms=1_000 * (epoch + 1), seed=1),
+        )
+        if epoch != 50:  # one epoch is never settled: its ledger stays
+            log.add(MASTER_ORIGIN, EpochSettled(epoch=epoch, payouts=()))
+        assert len(log.state.ledgers) <= LEDGER_EPOCHS_KEPT + 1
+    assert sorted(log.state.ledgers) == [50, *range(101 - LEDGER_EPOCHS_KEPT, 101)]
+    # Work naming a dropped epoch counts nowhere (its ledger is not brought back).
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=4, epoch=1))
+    assert 1 not in s.ledgers
+    assert s.credit_ms_by_node == log.state.credit_ms_by_node
 
 
 def test_work_and_misses_count_only_against_an_epoch_that_started() -> None:

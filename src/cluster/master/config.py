@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from cluster.shared.state import LEDGER_EPOCHS_KEPT
+
 
 class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Planner settings; every value is validated when the object is built."""
@@ -63,6 +65,12 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _at_least("miss_threshold", self.miss_threshold, 0)
         _at_least("miss_grace_ms", self.miss_grace_ms, 0)
         _at_least("late_work_epochs", self.late_work_epochs, 0)
+        if self.late_work_epochs >= LEDGER_EPOCHS_KEPT:
+            # Their ledgers must still be in State for the late work to be settled.
+            raise ValueError(
+                f"late_work_epochs must be below {LEDGER_EPOCHS_KEPT} (the epochs whose "
+                f"ledgers State keeps), got {self.late_work_epochs}"
+            )
         _at_least("failed_slot_grace_ms", self.failed_slot_grace_ms, 0)
 
     @property

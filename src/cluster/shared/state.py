@@ -121,6 +121,13 @@ OPEN_WINDOW_STATES = frozenset({WindowState.SCHEDULED, WindowState.DRAINING, Win
 #: (`windows_of`) while 10,000 nodes hold at most 160,000 closed records.
 CLOSED_WINDOWS_KEPT_PER_NODE: Final = 16
 
+#: Epochs whose ledgers State keeps: starting epoch N drops the settled ledgers of epochs
+#: N - 16 and older. A ledger holds an account per node that served in its epoch, so kept
+#: forever they grew State (and every snapshot) by one per epoch -- 144 a day with 10-minute
+#: epochs. The log keeps every ledger's history; late work is settled for at most
+#: `PlannerConfig.late_work_epochs` epochs back, which the planner's config keeps below this.
+LEDGER_EPOCHS_KEPT: Final = 16
+
 
 class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
     window_id: str

@@ -18,6 +18,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.state import (
     EMPTY_NODE_LEDGER,
+    LEDGER_EPOCHS_KEPT,
     DevshardRecord,
     EpochLedger,
     EpochRecord,
@@ -36,6 +37,13 @@ def epoch_started(state: State, ie: IndexedEvent, ev: EpochStarted) -> State:
     ledgers = state.ledgers
     if ev.epoch not in ledgers:
         ledgers = ledgers.set(ev.epoch, EpochLedger(epoch=ev.epoch))
+    # Old settled ledgers leave State (LEDGER_EPOCHS_KEPT); an unsettled one stays until
+    # its payouts are decided. Work naming a dropped epoch then counts nowhere, like work
+    # naming an epoch that never started.
+    oldest_kept = ev.epoch - LEDGER_EPOCHS_KEPT + 1
+    for number, ledger in list(ledgers.items()):
+        if number < oldest_kept and ledger.settled:
+            ledgers = ledgers.delete(number)
     return _replace(state, epoch=rec, ledgers=ledgers)
 
 
