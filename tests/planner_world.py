@@ -147,8 +147,13 @@ class World:
 
 
 def quick_config(**overrides: int) -> PlannerConfig:
-    """A config with a 60 s epoch and 1 s cycles, for tests."""
-    values: dict[str, int] = {"epoch_length_ms": 60_000, "miss_grace_ms": 5_000}
+    """A config with a 60 s epoch and 1 s cycles, for tests. No restart grace: tests build a
+    new Planner on a running cluster's state wherever they like (tests of the grace set it)."""
+    values: dict[str, int] = {
+        "epoch_length_ms": 60_000,
+        "miss_grace_ms": 5_000,
+        "restart_grace_ms": 0,
+    }
     values.update(overrides)
     return PlannerConfig.from_mapping(values)
 

@@ -405,3 +405,66 @@ def test_invariants_hold_after_every_cycle(
                 assert not is_excused(state, a.node_id, world.now)
         for node_id, used in load.items():
             assert used <= (state.nodes[node_id].info.slots or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# A restarted master lets its workers reconnect before judging them
+# --------------------------------------------------------------------------------------------
+
+
+def _master_down_across_the_epoch_end(grace_ms: int) -> tuple[World, Planner, str]:
+    """Epoch 1 runs with work from every holder but one late reporter, whose report waits in
+    its outbox; the master is down from 10 s before the epoch's end to 20 s after it, then a
+    new Planner (the restarted master) runs."""
+    cfg = quick_config(restart_grace_ms=grace_ms, miss_threshold=0)  # one miss punishes
+    world = _cluster(nodes=3, sessions=1)
+    first = Planner(cfg)
+    world.cycle(first)  # epoch 1 starts, s0 is placed
+    (shard,) = world.state.devshards.values()
+    holders = sorted({a.node_id for a in shard.assignments})
+    late = holders[-1]
+    for node in holders[:-1]:
+        world.work(node, shard.devshard_id, 5, 1)
+    assert world.state.epoch is not None
+    world.now = world.state.epoch.end_ms + 20_000  # nobody heard while the master was down
+    return world, Planner(cfg), late
+
+
+def test_a_restarted_master_waits_for_its_workers_before_judging_them() -> None:
+    world, restarted, late = _master_down_across_the_epoch_end(grace_ms=10_000)
+    (shard,) = world.state.devshards.values()
+    # Workers redial at their own pace (back-off up to 5 s): nothing is decided about them.
+    for _ in range(4):
+        events = world.cycle(restarted)
+        assert not of_type(events, NodeDisconnected)
+        assert not of_type(events, EpochSettled) and not of_type(events, DevshardPlaced)
+    world.heartbeat_all()
+    world.work(late, shard.devshard_id, 5, 1)  # delivered from its outbox on reconnect
+    for _ in range(5):
+        assert not of_type(world.cycle(restarted), EpochSettled)
+        world.heartbeat_all()
+    events: list[Event] = []
+    while not of_type(events, EpochSettled):
+        events = world.cycle(restarted)
+        world.heartbeat_all()
+    assert not of_type(events, NodeDisconnected) and not of_type(events, WorkMissed)
+    (settled,) = of_type(events, EpochSettled)
+    assert {p.node_id: p.punished for p in settled.payouts if p.units} == {
+        n: False for n in {a.node_id for a in shard.assignments}
+    }
+    assert of_type(events, EpochStarted)  # and the next epoch starts, placed anew
+
+
+def test_without_the_restart_grace_a_late_redial_is_punished() -> None:
+    """What the grace prevents: the same restart judged at once."""
+    world, restarted, late = _master_down_across_the_epoch_end(grace_ms=0)
+    events = world.cycle(restarted)
+    (settled,) = of_type(events, EpochSettled)
+    assert [m.node_id for m in of_type(events, WorkMissed)] == [late]
+    assert {p.node_id for p in settled.payouts if p.punished} == {late}
+
+
+def test_a_new_cluster_does_not_wait_for_a_restart_grace() -> None:
+    world = _cluster()
+    events = world.cycle(Planner(quick_config(restart_grace_ms=10_000)))
+    assert of_type(events, EpochStarted) and of_type(events, DevshardPlaced)

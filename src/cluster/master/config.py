@@ -46,6 +46,14 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: moves to another node and the failure counts as a miss. Longer than the worker's own
     #: restarts (5 + 10 + 20 s of back-off by default), which recover most failures.
     failed_slot_grace_ms: int = 60_000
+    #: A restarted master first lets its workers reconnect: for this long after its first
+    #: cycle (when the log already has an epoch) it disconnects nobody for silence, ends no
+    #: epoch and places nothing. A worker redials with back-off up to 5 s (plus its connect
+    #: timeout), so without this, nodes that merely had not redialled yet were disconnected
+    #: (an unexcused disconnect forfeits the epoch's reward), and an epoch that ended while
+    #: the master was down was settled before its work, waiting in the workers' outboxes,
+    #: arrived: misses, punishment, the late work forfeited.
+    restart_grace_ms: int = 10_000
 
     def __post_init__(self) -> None:
         _at_least("plan_interval_ms", self.plan_interval_ms, 1)
@@ -72,6 +80,7 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 f"ledgers State keeps), got {self.late_work_epochs}"
             )
         _at_least("failed_slot_grace_ms", self.failed_slot_grace_ms, 0)
+        _at_least("restart_grace_ms", self.restart_grace_ms, 0)
 
     @property
     def effective_miss_grace_ms(self) -> int:

@@ -73,12 +73,24 @@ def plan(
     policy: MaintenancePolicy = DEFAULT_POLICY,
     maintenance_cycle: MaintenanceHook | None = None,
     entropy: int | None = None,
+    reconnecting: bool = False,
 ) -> PlanResult:
     """One planning cycle (see the module doc for what comes out, in which order).
 
     `entropy` is optional fresh randomness for the next epoch's seed; it is used only when
-    an epoch starts and is recorded in the log through `EpochStarted.seed`.
+    an epoch starts and is recorded in the log through `EpochStarted.seed`. `reconnecting`:
+    the master has just restarted and its workers are still redialling (see
+    `PlannerConfig.restart_grace_ms`): only maintenance transitions and late work are
+    decided, and the liveness book stays as it is (nobody is judged idle yet).
     """
+    if reconnecting:
+        held: list[Event] = []
+        if maintenance_cycle is None:
+            held.extend(maintenance.maintenance_cycle(state, now_ms, policy))
+        else:
+            held.extend(maintenance_cycle(state, now_ms))
+        held.extend(late_work(state, cfg))
+        return PlanResult(held, book)
     liveness = check_liveness(state, book, now_ms, cfg)
     new_book = liveness.book
     leaving = {d.node_id for d in liveness.events}
@@ -294,10 +306,18 @@ class Planner:
         self._maintenance_cycle = maintenance_cycle
         self._entropy = entropy
         self.book: LivenessBook = EMPTY_BOOK
+        #: Until when (master time) workers are still reconnecting: set at the first cycle.
+        self._reconnect_until_ms: int | None = None
 
     def __call__(self, state: State, now_ms: int) -> list[Event]:
+        if self._reconnect_until_ms is None:
+            # A log with an epoch means a cluster that was running: its workers need time to
+            # redial this (restarted) master. A new cluster has nobody to wait for.
+            grace = self.cfg.restart_grace_ms if state.epoch is not None else 0
+            self._reconnect_until_ms = now_ms + grace
+        reconnecting = now_ms < self._reconnect_until_ms
         entropy = None
-        if self._entropy is not None and epoch_due(state, now_ms):
+        if self._entropy is not None and not reconnecting and epoch_due(state, now_ms):
             entropy = self._entropy()
         result = plan(
             state,
@@ -307,6 +327,7 @@ class Planner:
             policy=self.policy,
             maintenance_cycle=self._maintenance_cycle,
             entropy=entropy,
+            reconnecting=reconnecting,
         )
         self.book = result.book
         return result.events
