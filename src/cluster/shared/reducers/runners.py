@@ -113,11 +113,17 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     devshard_id = ev.devshard_id
     node_id = ev.node_id
     per_unit = ledger.rates.get(devshard_id)
-    if per_unit is None or devshard_id not in ledger.held_devshards.get(node_id, ()):
-        return state  # not a slot this node held in that epoch: see the module doc
+    if per_unit is None:
+        return state  # not a devshard of that epoch: see the module doc
     units = ev.units
     nodes = ledger.nodes
     account = nodes.get(node_id, EMPTY_NODE_LEDGER)
+    by_shard = account.units_by_devshard
+    # Work counted on this devshard before means the node held it (checked then): the
+    # holder index, one more lookup by node id, is read only for a node's first report on a
+    # devshard, not for every report (work is among the commonest events).
+    if devshard_id not in by_shard and devshard_id not in ledger.held_devshards.get(node_id, ()):
+        return state  # not a slot this node held in that epoch: see the module doc
     if ledger.settled:
         # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
         total = account.late_units + units
@@ -127,7 +133,6 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
         account = _replace(account, late_units=total, late_reward=reward)
         ledger = ledger.with_node(node_id, account)
     else:
-        by_shard = account.units_by_devshard
         total = account.units + units
         reward = account.reward + units * per_unit
         shard_units = by_shard.get(devshard_id, 0) + units  # <= total: part of the node's
