@@ -19,8 +19,10 @@ from cluster.net.framing import (
     encode_frames,
 )
 from cluster.net.protocol import (
+    MAX_BOOT_ID_CHARS,
     Ack,
     ErrorMsg,
+    Hello,
     ProtocolError,
     SeqEvent,
     SubmitBatch,
@@ -145,6 +147,16 @@ def test_malformed_and_wrongly_typed_messages_are_protocol_errors() -> None:
     with pytest.raises(ProtocolError, match="peer reported lagging: slow") as err:
         expect(ErrorMsg(code="lagging", message="slow"), SubmitBatch)
     assert err.value.code == "lagging"
+
+
+def test_a_hello_with_an_oversized_boot_id_is_refused_at_decode() -> None:
+    """The boot id is logged and kept in State: a 4 MiB one made a log record no frame could
+    carry to the replicas (every catch-up past it failed)."""
+    ok = Hello(version=1, nonce=b"n", boot_id="b" * MAX_BOOT_ID_CHARS)
+    assert decode(encode(ok)) == ok
+    with pytest.raises(ProtocolError, match="boot_id") as err:
+        decode(encode(Hello(version=1, nonce=b"n", boot_id="b" * (MAX_BOOT_ID_CHARS + 1))))
+    assert err.value.code == "malformed"
 
 
 @pytest.mark.parametrize(

@@ -583,7 +583,8 @@ def test_work_counts_only_from_a_node_that_held_a_slot_of_the_devshard() -> None
         assert s.ledgers == before, (node_id, devshard_id)
     # B's slot moves to C: both have held it this epoch, and both are paid for their work.
     s = _place(log, "ds-1-s1", 1, A, C, reason="replace")
-    assert dict(s.ledgers[1].held_devshards) == {A: ("ds-1-s1",), B: ("ds-1-s1",), C: ("ds-1-s1",)}
+    held = {node: dict(devshards) for node, devshards in s.ledgers[1].held_devshards.items()}
+    assert held == {A: {"ds-1-s1": 1_000}, B: {"ds-1-s1": 1_000}, C: {"ds-1-s1": 1_000}}
     log.add(B, WorkReported(devshard_id="ds-1-s1", node_id=B, units=2, epoch=1))
     s = log.add(C, WorkReported(devshard_id="ds-1-s1", node_id=C, units=3, epoch=1))
     assert {n: (a.units, a.reward) for n, a in s.ledgers[1].nodes.items()} == {

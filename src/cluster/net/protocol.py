@@ -19,7 +19,7 @@ payloads) so events are never decoded and re-encoded just to be forwarded.
 
 from __future__ import annotations
 
-from typing import Final, TypeVar
+from typing import Annotated, Final, TypeVar
 
 import msgspec
 
@@ -47,13 +47,18 @@ class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
     pass
 
 
+#: Longest `Hello.boot_id` accepted (workers send 16 hex digits).
+MAX_BOOT_ID_CHARS: Final = 64
+
+
 class Hello(Msg, frozen=True):
     version: int
     nonce: bytes
     #: Random per worker process, new at each start: a hello under another boot id than the
     #: node's last hello means the worker restarted, not merely re-dialled (the master ends
     #: a maintenance window on it). Defaulted so that the message still decodes without it.
-    boot_id: str = ""
+    #: Bounded: it is logged (NodeConnected) and kept in State, and every replica reads it.
+    boot_id: Annotated[str, msgspec.Meta(max_length=MAX_BOOT_ID_CHARS)] = ""
 
 
 class Challenge(Msg, frozen=True):

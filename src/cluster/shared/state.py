@@ -232,13 +232,12 @@ class EpochLedger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     #: devshard_id -> reward per unit of its session when placed, so work that arrives
     #: after the devshard was finalized (or its session deleted) is still priced.
     rates: Map[str, int] = msgspec.field(default_factory=Map)
-    #: node_id -> the devshards of this epoch it held a slot of at any time in it, in the
-    #: order placed: work counts only there. Kept here, not read off the live devshard, so
-    #: late work, a carried-over runner's last report and a moved slot's earlier work still
-    #: count. By node, not by devshard: a WorkReported then scans only the few devshards one
-    #: node held (its slots at most, plus moves), whatever the session's or cluster's size.
-    #: A tuple, not a frozenset: msgspec writes a set in hash order, a tuple in the log's.
-    held_devshards: Map[str, tuple[str, ...]] = msgspec.field(default_factory=Map)
+    #: node_id -> {devshard_id: master time it was first given a slot of it} for every
+    #: devshard of this epoch the node held at any time in it: work counts only there. Kept
+    #: here, not read off the live devshard, so late work, a carried-over runner's last
+    #: report and a moved slot's earlier work still count. Maps (not tuples) so that a node
+    #: holding thousands of devshards is still one lookup per check and per placement.
+    held_devshards: Map[str, Map[str, int]] = msgspec.field(default_factory=Map)
     settled: bool = False
     #: node_id -> its undecided late units (> 0 only): an index over `nodes`, so the planner
     #: finds late work each cycle without scanning every node of the recent epochs.

@@ -99,7 +99,7 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
     ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
     if ledger.rates.get(ev.devshard_id) != session.reward_per_unit:
         ledger = _replace(ledger, rates=ledger.rates.set(ev.devshard_id, session.reward_per_unit))
-    ledger = _with_holders(ledger, ev)
+    ledger = _with_holders(ledger, ev, ie.master_time_ms)
     return _replace(
         state,
         devshards=devshards.set(ev.devshard_id, rec),
@@ -121,8 +121,9 @@ def _assigned_ms(
     return tuple(since.get((a.slot, a.node_id), placed_ms) for a in ev.assignments)
 
 
-def _with_holders(ledger: EpochLedger, ev: DevshardPlaced) -> EpochLedger:
-    """`ledger` with every node `ev` assigns a slot to recorded as a holder of its devshard.
+def _with_holders(ledger: EpochLedger, ev: DevshardPlaced, at_ms: int) -> EpochLedger:
+    """`ledger` with every node `ev` assigns a slot to recorded as a holder of its devshard
+    (since `at_ms`, unless it held it already).
 
     Holders are only ever added: a node whose slot moves away (a replace) keeps its claim
     on the work it did while it held the slot.
@@ -131,9 +132,12 @@ def _with_holders(ledger: EpochLedger, ev: DevshardPlaced) -> EpochLedger:
     changed = False
     with ledger.held_devshards.mutate() as held:
         for a in ev.assignments:
-            devshards = held.get(a.node_id, ())
-            if devshard_id not in devshards:
-                held[a.node_id] = (*devshards, devshard_id)
+            devshards = held.get(a.node_id)
+            if devshards is None:
+                held[a.node_id] = Map({devshard_id: at_ms})
+                changed = True
+            elif devshard_id not in devshards:
+                held[a.node_id] = devshards.set(devshard_id, at_ms)
                 changed = True
         updated = held.finish()
     return _replace(ledger, held_devshards=updated) if changed else ledger

@@ -122,8 +122,10 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
     # Work counted on this devshard before means the node held it (checked then): the
     # holder index, one more lookup by node id, is read only for a node's first report on a
     # devshard, not for every report (work is among the commonest events).
-    if devshard_id not in by_shard and devshard_id not in ledger.held_devshards.get(node_id, ()):
-        return state  # not a slot this node held in that epoch: see the module doc
+    if devshard_id not in by_shard:
+        held = ledger.held_devshards.get(node_id)
+        if held is None or devshard_id not in held:
+            return state  # not a slot this node held in that epoch: see the module doc
     if ledger.settled:
         # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
         total = account.late_units + units
