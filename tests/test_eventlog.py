@@ -310,6 +310,26 @@ def test_damaged_last_record_of_a_batch_that_another_batch_follows_is_corruption
     assert (info.value.idx, info.value.offset) == (40, at)
 
 
+@pytest.mark.parametrize("hole", [4096, 64 << 10])
+def test_a_bad_page_hiding_many_records_before_later_batches_is_corruption(
+    tmp_path: Path, hole: int
+) -> None:
+    """A zeroed page (a bad sector) in the middle of the last segment hides dozens of
+    records: recovery used to look only a few indices past the damage, find nothing, and
+    cut every acknowledged record after it off as a "torn tail"."""
+    fill(tmp_path, 8000, batch=50)
+    seg = segments(tmp_path)[-1]
+    size = seg.stat().st_size
+    at = size // 3
+    data = bytearray(seg.read_bytes())
+    data[at : at + hole] = b"\0" * hole
+    seg.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptError, match="a later batch") as info:
+        EventLog.open(tmp_path)
+    assert info.value.offset <= at
+    assert seg.stat().st_size == size  # nothing cut
+
+
 def test_flipped_byte_in_a_sealed_segment_is_reported_when_read(tmp_path: Path) -> None:
     fill(tmp_path, 400, batch=20, segment_max_bytes=4 << 10)
     first = segments(tmp_path)[0]

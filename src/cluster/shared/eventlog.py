@@ -58,8 +58,6 @@ MAX_PAYLOAD: Final = 1 << 30
 SPARSE_EVERY: Final = 1024
 #: Bytes read per system call when scanning a segment.
 READ_CHUNK: Final = 4 << 20
-#: When looking for valid data after a bad record, the indices tried after the expected one.
-_LOOKAHEAD: Final = 16
 #: The length field's top bit marks the first record of each appended batch (recovery uses
 #: it to tell a torn final batch from damage that acknowledged data follows).
 _BATCH_START: Final = 1 << 31
@@ -658,20 +656,12 @@ def _later_batch_after(buf: bytes, bad_pos: int, expected: int) -> int | None:
     Batches are written one after another and each only after the one before was fsynced,
     so a later batch proves the damaged one was acknowledged: that is corruption. Good
     records of the SAME batch after a bad one are a torn write (pages of an unsynced write
-    reach the disk in any order) and are dropped with it. Records are found by their 8-byte
-    index field (a fast substring search for the next few indices), then walked in order.
+    reach the disk in any order) and are dropped with it. Good records are found wherever
+    they are after the damage (`_next_good_record`), then walked in order.
     """
-    pos, want = bad_pos, expected
+    pos = bad_pos + 1
     while True:
-        found: tuple[int, int, int, bool] | None = None  # (offset, idx, end, starts a batch)
-        for k in range(_LOOKAHEAD + 1):
-            at = buf.find(struct.pack("<Q", want + k), pos + 1)
-            while at != -1 and (found is None or at - 4 < found[0]):
-                rec = _valid_at(buf, at - 4)
-                if rec is not None and rec[0] == want + k:
-                    found = (at - 4, rec[0], rec[1], rec[2])
-                    break
-                at = buf.find(struct.pack("<Q", want + k), at + 1)
+        found = _next_good_record(buf, pos, expected)
         if found is None:
             return None
         _at, ridx, stop, starts = found
@@ -682,7 +672,33 @@ def _later_batch_after(buf: bytes, bad_pos: int, expected: int) -> int | None:
             if rec is None or rec[0] != ridx + 1:
                 break
             ridx, stop, starts = rec
-        pos, want = stop - 1, ridx + 1
+        pos = stop
+
+
+def _next_good_record(buf: bytes, pos: int, lowest: int) -> tuple[int, int, int, bool] | None:
+    """The first record at or after offset `pos` with good checksums and an index of at
+    least `lowest`: (offset, index, end offset, starts a batch), or None.
+
+    The damage may hide any number of records (a bad 4 KiB page holds dozens), so the
+    indices to look for are all those the rest of the file could hold. They are found by
+    the upper six bytes of their little-endian index field, one pattern per 65,536
+    indices, with C-speed searches; each hit is then checked by its checksums. Only
+    recovery from damage runs this.
+    """
+    highest = lowest + (len(buf) - pos) // REC_HEADER_SIZE
+    patterns = {
+        struct.pack("<Q", block << 16)[2:] for block in range(lowest >> 16, (highest >> 16) + 1)
+    }
+    best: tuple[int, int, int, bool] | None = None
+    for pattern in patterns:
+        at = buf.find(pattern, pos + 6)
+        while at != -1 and (best is None or at - 6 < best[0]):
+            rec = _valid_at(buf, at - 6)  # the index field starts 4 bytes into the header
+            if rec is not None and lowest <= rec[0] <= highest:
+                best = (at - 6, rec[0], rec[1], rec[2])
+                break
+            at = buf.find(pattern, at + 1)
+    return best
 
 
 # -------------------------------------------------------------------------------- syscalls
