@@ -270,6 +270,36 @@ def test_a_snapshot_the_master_could_not_restore_from_is_never_served(
         assert store.latest_snapshot() is None
 
 
+def test_a_snapshot_ahead_of_the_log_is_moved_aside_not_loaded_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A log that lost records (damage, a backup restored) and then grew again past a
+    snapshot taken of the lost history must not restore from that snapshot."""
+    lost = make_events(40)
+    with EventStore.open(tmp_path) as store:
+        store.append(lost[:30])
+        store.snapshots.save(40, codec.encode_state(fold(EMPTY_STATE, lost)))
+    with caplog.at_level(logging.WARNING), EventStore.open(tmp_path) as store:
+        assert store.state == fold(EMPTY_STATE, lost[:30])
+        # Another history from index 31 on: other events than the snapshot folded.
+        other = [
+            msgspec.structs.replace(ie, event=NodeHeartbeat(node_id=ie.origin))
+            if ie.origin != MASTER_ORIGIN
+            else ie
+            for ie in make_events(20, start=31)
+        ]
+        store.append(other)
+        expected = fold(EMPTY_STATE, [*lost[:30], *other])
+    assert "ahead of the log" in caplog.text
+    assert (tmp_path / "snapshots" / "00000000000000000040.snap.ahead-of-log").exists()
+    with EventStore.open(tmp_path) as store:
+        assert store.state == expected
+        found = store.latest_snapshot()
+        assert found is None or codec.decode_state(found[1]) == fold(
+            EMPTY_STATE, [*lost[:30], *other][: found[0]]
+        )
+
+
 def test_until_outside_the_log_is_a_value_error(tmp_path: Path) -> None:
     with EventStore.open(tmp_path) as store:
         store.append(make_events(5))

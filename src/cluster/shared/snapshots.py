@@ -118,6 +118,15 @@ class SnapshotStore:
         self._prune()
         return path
 
+    def set_aside(self, idx: int, why: str) -> Path:
+        """Rename the snapshot at `idx` out of the way (kept for inspection, never loaded):
+        for one that describes another history than the log's."""
+        path = self._dir / snapshot_name(idx)
+        aside = path.with_name(f"{path.name}.{why}")
+        os.replace(path, aside)
+        fsync_dir(self._dir)
+        return aside
+
     def _prune(self) -> None:
         for old in self.indices()[self._keep :]:
             with contextlib.suppress(FileNotFoundError):

@@ -190,12 +190,19 @@ class EventStore:
         event_log = EventLog.open(data_dir / LOG_DIR, segment_max_bytes=segment_max_bytes)
         try:
             snapshots = SnapshotStore(data_dir / SNAPSHOT_DIR)
-            newest = snapshots.indices()
-            if newest and newest[0] > event_log.last_idx:
+            for idx in snapshots.indices():
+                if idx <= event_log.last_idx:
+                    break
+                # The log lost records it had when this was taken (damage, a restore from
+                # backup): it describes another history. Once the log grows past its index
+                # it would look usable, so it is moved aside now, not merely skipped.
+                aside = snapshots.set_aside(idx, "ahead-of-log")
                 log.warning(
-                    "snapshot at index %d is ahead of the log (last index %d): not used",
-                    newest[0],
+                    "snapshot at index %d is ahead of the log (last index %d): moved to %s, "
+                    "not used",
+                    idx,
                     event_log.last_idx,
+                    aside,
                 )
             restored = restore(event_log, snapshots)
         except BaseException:
