@@ -61,6 +61,18 @@ def test_demo_checks_its_master_options_before_starting_anything(
     assert not (tmp_path / "d").exists()
 
 
+def test_a_master_on_a_data_dir_another_master_holds_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.shared.store import EventStore
+
+    with EventStore.open(tmp_path / "m"):  # what a running master holds
+        assert cli.main(["master", "--data-dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cluster master: ") and "Traceback" not in err
+    assert "lock" in err.lower()
+
+
 def test_master_config_file_errors_name_the_setting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

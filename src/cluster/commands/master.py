@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
+    from cluster.shared.eventlog import LogError
     from cluster.shared.files import write_text_atomically
+    from cluster.shared.snapshots import SnapshotError
 
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
@@ -153,7 +155,15 @@ def run(args: argparse.Namespace) -> int:
                 http=http,
             ),
         )
-    except (ValueError, AddressError, IdentityError, MembershipConfigError, OSError) as exc:
+    except (
+        ValueError,
+        AddressError,
+        IdentityError,
+        MembershipConfigError,
+        OSError,
+        LogError,  # another master holds the log, or it is damaged: one line, not a traceback
+        SnapshotError,
+    ) as exc:
         print(f"cluster master: {exc}", file=sys.stderr)
         return 2
 
