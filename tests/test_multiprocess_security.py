@@ -29,7 +29,12 @@ from cluster.net.protocol import (
     SubmitBatch,
     Welcome,
 )
-from cluster.shared.events import EpochStarted, NodeHeartbeat
+from cluster.shared.events import (
+    EpochStarted,
+    NodeHeartbeat,
+    RunnerStatus,
+    RunnerStatusUpdated,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +170,19 @@ async def test_strangers_impostors_and_bad_frames_are_refused(tmp_path: Path) ->
             await fs.stream.close()  # half-close: the master sees the end mid-frame
             err = await _expect_error(fs)
             assert err.code == "truncated" and "10 of 100" in err.message, err
+
+            # One event of ~3 MiB fits a 4 MiB frame, but once logged no Events frame could
+            # carry it to a replica: refused before it is indexed.
+            fs = await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T)
+            huge = RunnerStatusUpdated(
+                runner_id="x/0",
+                node_id=listed_id,
+                status=RunnerStatus.FAILED,
+                reason="r" * (3 << 20),
+            )
+            await fs.send(SubmitBatch(events=[SeqEvent(1, huge)]), T)
+            err = await _expect_error(fs)
+            assert err.code == "too-large" and "RunnerStatusUpdated" in err.message, err
 
             # The listed peer can still submit properly on a fresh stream.
             fs = await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T)

@@ -12,8 +12,11 @@ from collections.abc import Iterable, Sequence
 from operator import attrgetter, lt
 from typing import Final
 
+import msgspec
+
 from cluster.shared.events import (
     INT64_MAX,
+    MAX_EVENT_BYTES,
     MAX_MISSED_SLOTS,
     MAX_WORK_UNITS,
     Event,
@@ -26,6 +29,7 @@ from cluster.shared.events import (
 )
 
 _node_id = attrgetter("node_id")
+_encode = msgspec.msgpack.Encoder().encode
 
 WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
     NodeGatheredInfo,
@@ -86,6 +90,23 @@ def check_worker_batch(origin: str, events: Iterable[tuple[int, Event]]) -> None
                 "bad-seq", f"sequence numbers must increase within a batch: {seq} follows {prev}"
             )
         prev = seq
+
+
+def check_event_sizes(events: Sequence[Event]) -> None:
+    """Raise AdmissionError("too-large") for an event whose encoding exceeds MAX_EVENT_BYTES.
+
+    A frame can hold one event of nearly its whole size, but the log is sent to replicas in
+    frames of the same size with more around each record: such an event, once logged, could
+    be sent to nobody (every catch-up past it would fail). Called only for frames larger than
+    the bound (one within it cannot hold a larger event).
+    """
+    for event in events:
+        size = len(_encode(event))
+        if size > MAX_EVENT_BYTES:
+            raise AdmissionError(
+                "too-large",
+                f"{type(event).__name__} of {size} bytes exceeds {MAX_EVENT_BYTES} bytes",
+            )
 
 
 def check_worker_columns(origin: str, seqs: Sequence[int], events: Sequence[Event]) -> None:

@@ -33,7 +33,7 @@ import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from cluster.master.admission import AdmissionError, check_worker_columns
+from cluster.master.admission import AdmissionError, check_event_sizes, check_worker_columns
 from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, encode_frame
@@ -60,11 +60,18 @@ from cluster.net.protocol import (
     Subscribe,
     Tick,
     Welcome,
+    decode,
     encode,
     expect,
 )
 from cluster.shared.digest_file import write_digest_file
-from cluster.shared.events import MASTER_ORIGIN, Event, IndexedEvent, NodeConnected
+from cluster.shared.events import (
+    MASTER_ORIGIN,
+    MAX_EVENT_BYTES,
+    Event,
+    IndexedEvent,
+    NodeConnected,
+)
 from cluster.shared.state import State
 from cluster.shared.store import Committed, as_logged
 
@@ -571,12 +578,13 @@ class Master:
                 async with send:
                     while True:
                         try:
-                            msg = await fs.recv(self.config.peer_timeout)
+                            frame = await fs.recv_frame(self.config.peer_timeout)
                         except TimeoutError:
                             raise ProtocolError(
                                 "timeout",
                                 f"no frame from {peer} for {self.config.peer_timeout:g} s",
                             ) from None
+                        msg = decode(frame)
                         if isinstance(msg, Ping):
                             await send.send(Pong(last_idx=self._last_idx))
                             continue
@@ -584,6 +592,8 @@ class Master:
                         seqs = list(map(_seq_of, batch.events))
                         events = list(map(_event_of, batch.events))
                         check_worker_columns(peer, seqs, events)
+                        if len(frame) > MAX_EVENT_BYTES:
+                            check_event_sizes(events)
                         sub = _Submission(peer, events, seqs)
                         await self._inbox_send.send(sub)
                         await send.send(sub)

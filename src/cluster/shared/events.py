@@ -42,6 +42,10 @@ MAX_MISSED_SLOTS: Final = 2**20
 #: record limit and stop the worker, and the log would keep it forever.
 MAX_REASON_CHARS: Final = 4096
 
+#: The largest encoded event a worker may submit (its outbox refuses larger ones; the master
+#: refuses them too): every logged record must fit the frames that carry the log to replicas.
+MAX_EVENT_BYTES: Final = 1 << 20
+
 
 class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
     """Base of every event; the class name is the tag written to the log."""

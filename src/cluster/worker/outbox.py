@@ -37,7 +37,7 @@ from typing import Final
 
 import msgspec
 
-from cluster.shared.events import Event
+from cluster.shared.events import MAX_EVENT_BYTES, Event
 from cluster.shared.files import write_bytes_durably
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ _pack_rec = _REC.pack
 _pack_seq = struct.Struct(">Q").pack
 _crc32 = zlib.crc32
 _ACK: Final = struct.Struct(">QI")
-#: A single event larger than this is a bug, not data (events are small facts).
-MAX_EVENT_BYTES: Final = 1 << 20
 #: Rewrite the log without acknowledged records once they take this much of it -- and at
 #: least half of it, so that a long backlog is not copied again on every ack.
 COMPACT_BYTES: Final = 4 << 20
