@@ -29,6 +29,7 @@ def test_save_and_latest_round_trip(tmp_path: Path) -> None:
 
 def test_keeps_only_the_newest_three_and_no_temp_files(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
+    (tmp_path / f".{snapshot_name(2)}.tmp").write_bytes(b"half written before a crash")
     for idx in (5, 1, 9, 7, 3):
         store.save(idx, f"s{idx}".encode())
     assert store.indices() == [9, 7, 5]

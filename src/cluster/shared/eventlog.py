@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from cluster.shared.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 SEGMENT_MAGIC: Final = b"CLOG"
@@ -718,12 +720,3 @@ def _fdatasync(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover - macOS
         os.fsync(fd)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a created, renamed or removed directory entry durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

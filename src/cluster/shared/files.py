@@ -15,9 +15,20 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a created, renamed or removed directory entry durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data`, on disk before the rename: after a crash the file holds
-    either the old bytes or the new ones, never a prefix or nothing."""
+    """Replace `path` with `data`, on disk before the rename, and the rename on disk before
+    returning: after a crash the file holds either the old bytes or the new ones, never a
+    prefix or nothing, and a later write the caller makes (truncating the records an ack
+    watermark covers, say) cannot survive a power loss that the new file did not."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -32,3 +43,4 @@ def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
+    fsync_dir(path.parent)

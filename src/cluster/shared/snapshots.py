@@ -22,8 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Final
 
-from cluster.shared.eventlog import fsync_dir
-from cluster.shared.files import write_bytes_durably
+from cluster.shared.files import fsync_dir, write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +112,7 @@ class SnapshotStore:
             raise ValueError(f"snapshot index {idx} must be >= 0")
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / snapshot_name(idx)
-        write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)
-        fsync_dir(self._dir)
+        write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)  # dir synced too
         self._prune()
         return path
 
@@ -131,6 +129,11 @@ class SnapshotStore:
         for old in self.indices()[self._keep :]:
             with contextlib.suppress(FileNotFoundError):
                 (self._dir / snapshot_name(old)).unlink()
+        # Half-written snapshots a crash left behind (one writer: none is in progress now);
+        # each is as large as a snapshot, and a crash loop would otherwise pile them up.
+        for leftover in self._dir.glob(".*.snap.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
     def latest(self, max_idx: int | None = None) -> tuple[int, bytes] | None:
         """The newest valid snapshot with index <= `max_idx` (any when None), or None.
