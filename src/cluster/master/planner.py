@@ -84,22 +84,12 @@ def plan(
     decided, and the liveness book stays as it is (nobody is judged idle yet).
     """
     if reconnecting:
-        held: list[Event] = []
-        if maintenance_cycle is None:
-            held.extend(maintenance.maintenance_cycle(state, now_ms, policy))
-        else:
-            held.extend(maintenance_cycle(state, now_ms))
-        held.extend(late_work(state, cfg))
-        return PlanResult(held, book)
+        return PlanResult(_clock_decisions(state, now_ms, cfg, policy, maintenance_cycle), book)
     liveness = check_liveness(state, book, now_ms, cfg)
     new_book = liveness.book
     leaving = {d.node_id for d in liveness.events}
     events: list[Event] = list(liveness.events)
-    if maintenance_cycle is None:
-        events.extend(maintenance.maintenance_cycle(state, now_ms, policy))
-    else:
-        events.extend(maintenance_cycle(state, now_ms))
-    events.extend(late_work(state, cfg))
+    events.extend(_clock_decisions(state, now_ms, cfg, policy, maintenance_cycle))
 
     def holds_work(node_id: str) -> bool:
         # Stale-but-connected nodes keep their slots; gone or in maintenance, they lose them.
@@ -136,6 +126,23 @@ def plan(
         _place_new_epoch(state, epoch_record(started), now_ms, new_book.not_fresh, leaving)
     )
     return PlanResult(events, new_book)
+
+
+def _clock_decisions(
+    state: State,
+    now_ms: int,
+    cfg: PlannerConfig,
+    policy: MaintenancePolicy,
+    maintenance_cycle: MaintenanceHook | None,
+) -> list[Event]:
+    """What the clock alone decides, whoever has been heard: maintenance transitions, then
+    late work."""
+    transitions: Sequence[Event] = (
+        maintenance.maintenance_cycle(state, now_ms, policy)
+        if maintenance_cycle is None
+        else maintenance_cycle(state, now_ms)
+    )
+    return [*transitions, *late_work(state, cfg)]
 
 
 def _sorted_sessions(state: State, ids: Sequence[str] | None = None) -> list[SessionRecord]:
