@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,28 @@ def test_a_master_on_a_data_dir_another_master_holds_says_so_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("cluster master: ") and "Traceback" not in err
     assert "lock" in err.lower()
+
+
+@pytest.mark.parametrize("which", ["listen", "http"])
+def test_a_master_whose_port_is_taken_says_so_in_one_line(
+    which: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libp2p only logged a taken --listen port (then an IndexError traceback), and binds
+    with SO_REUSEPORT, so a second master shared the port silently; a taken --http port
+    said "Exceptions from Trio nursery (1 sub-exception)"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["master", "--data-dir", str(tmp_path / "m"), "--listen", "/ip4/127.0.0.1/tcp/0"]
+        if which == "listen":
+            argv += ["--listen", f"/ip4/127.0.0.1/tcp/{port}", "--http", "off"]
+        else:
+            argv += ["--http", f"127.0.0.1:{port}"]
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cluster master: "), err
+    assert str(port) in err[0] and "in use" in err[0].lower(), err
 
 
 def test_master_config_file_errors_name_the_setting(

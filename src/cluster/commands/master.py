@@ -99,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
     import anyio
 
     from cluster import control
-    from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
+    from cluster.commands._process import (
+        first_leaf,
+        prepare_data_dir,
+        setup_logging,
+        stop_on_signal,
+    )
     from cluster.master.http_api import HttpApiConfigError
     from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
@@ -186,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         anyio.run(main, backend="trio")
-    except* HttpApiConfigError as group:  # e.g. the HTTP port is taken: say so, no traceback
-        print(f"cluster master: {group.exceptions[0]}", file=sys.stderr)
+    except* (HttpApiConfigError, AddressError) as group:  # a port is taken: one line
+        print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
         status = 2
     finally:
         node.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -79,6 +80,29 @@ def parse_multiaddr(text: str, *, need_peer: bool = False) -> Any:
     return addr
 
 
+def _check_port_free(addr: Any) -> None:
+    """Raise AddressError if a fixed TCP port of `addr` is taken (port 0 picks a free one)."""
+    try:
+        port = int(addr.value_for_protocol("tcp"))
+    except Exception:
+        return  # not a TCP address: libp2p reports what it cannot use
+    family, host = socket.AF_INET, ""
+    for name, fam in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
+        with suppress(Exception):
+            host, family = addr.value_for_protocol(name), fam
+    if port == 0 or not host:
+        return
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR (not REUSEPORT): a port only in TIME_WAIT is free, a listening one not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        raise AddressError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+
+
 def peer_of(addr: Any) -> Any:
     """The libp2p peer ID named by a full /p2p/ multiaddr."""
     return info_from_p2p_addr(addr).peer_id
@@ -103,10 +127,19 @@ def build_host(key_pair: Any) -> Any:
 
 @asynccontextmanager
 async def running_host(key_pair: Any, listen: list[str] | None = None) -> AsyncIterator[Any]:
-    """A started host (listening on `listen`, or on nothing for a pure dialer)."""
+    """A started host (listening on `listen`, or on nothing for a pure dialer).
+
+    Raises AddressError when a listen address cannot be had: libp2p only logs that, and it
+    binds with SO_REUSEPORT, so a second master on a taken port would share it silently
+    (the kernel spreading workers' connections between the two).
+    """
     host = build_host(key_pair)
     addrs = [parse_multiaddr(a) for a in (listen or [])]
+    for addr in addrs:
+        _check_port_free(addr)
     async with host.run(listen_addrs=addrs):
+        if addrs and not host.get_addrs():
+            raise AddressError(f"cannot listen on {', '.join(map(str, addrs))}")
         # The swarm's auto-connector redials any peer in the peerstore to keep a minimum of
         # connections; in a star where workers dial and the master never does, it only adds
         # surprise dials, so it is stopped.
