@@ -153,3 +153,25 @@ def test_worker_options_are_validated(
     argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master, *argv]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during `cluster selfcheck` reached main() wrapped in trio's exception group and
+    printed a 54-line traceback."""
+    from cluster.commands import selfcheck
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise BaseExceptionGroup("Exceptions from Trio nursery", [KeyboardInterrupt()])
+
+    monkeypatch.setattr(selfcheck, "run", interrupted)
+    assert cli.main(["selfcheck"]) == 130
+    assert capsys.readouterr().err == "cluster selfcheck: interrupted\n"
+
+    def broken(args: argparse.Namespace) -> int:
+        raise BaseExceptionGroup("Exceptions from Trio nursery", [RuntimeError("a bug")])
+
+    monkeypatch.setattr(selfcheck, "run", broken)
+    with pytest.raises(BaseExceptionGroup):  # a real error is not hidden as an interrupt
+        cli.main(["selfcheck"])

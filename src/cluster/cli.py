@@ -42,8 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(f"cluster.commands.{args._module}")
     try:
         return int(module.run(args))
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        print(f"cluster {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also when it reached us from inside a task group (as an exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)
 
 
 if __name__ == "__main__":

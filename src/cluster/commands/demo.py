@@ -170,7 +170,10 @@ def run(args: argparse.Namespace) -> int:
         children.append(("master", proc, out))
         deadline = time.monotonic() + MASTER_START_TIMEOUT_S
         while not addr_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline or stop_now:
+            if stop_now:  # Ctrl-C before the master was up: not the master's failure
+                print("cluster demo: interrupted before the cluster was up")
+                return 130
+            if proc.poll() is not None or time.monotonic() > deadline:
                 print(f"cluster demo: master did not start; see {logs / 'master.log'}")
                 return 1
             time.sleep(0.05)
