@@ -155,6 +155,28 @@ def test_worker_options_are_validated(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("runner_file", "message"),
+    [
+        ('kind = "subprocess"\n[config]\ncomand = ["true"]\n', "unknown field `comand`"),
+        ('kind = "simulated"\n[config]\nload_s = -1\n', "load_s"),
+        ('kind = "simulated"\n[config]\nunits_per_s = "fast"\n', "units_per_s"),
+    ],
+)
+def test_a_runner_config_mistake_stops_the_worker_at_start(
+    runner_file: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Typos in a runner file's [config] used to surface only as a failed self-test in
+    `cluster status` on the master; the worker itself logged nothing."""
+    path = tmp_path / "runner.toml"
+    path.write_text(runner_file)
+    master = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master]
+    assert cli.main([*argv, "--runner-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cluster worker: ") and message in err, err
+
+
 def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
