@@ -17,17 +17,18 @@ Any other output line is logged at DEBUG. Standard error goes to a file (`log_fi
 temporary file) so a chatty command never blocks on a full pipe; its last line is the reason
 given when the command fails.
 
-health = the process is alive. stop = close stdin, SIGTERM to the command's process group,
-SIGKILL after `grace_s`; its standard output is read (WORK lines counted) until it is gone. An
-exit code other than 0 fails the runner with the code (or signal) and the last line of
-standard error.
+health = the process is alive (or exited with code 0: run() then returns, a clean end).
+stop = close stdin, SIGTERM to the command's process group, SIGKILL to the group once all of
+it is gone or after `grace_s`, whatever state its leader is in; its standard output is read
+(WORK lines counted) meanwhile. When the command (the group's leader) exits by itself, what
+is left of its group is killed. An exit code other than 0 fails the runner with the code (or
+signal) and the last line of standard error.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import itertools
 import logging
 import os
@@ -112,6 +113,39 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+def _group_alive(pgid: int) -> bool:
+    """Does a process of group `pgid` still run? Zombies do not count: an orphan's zombie
+    waits for init to reap it, and some inits (in containers) never do."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return True  # no /proc: the signal test is all there is
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # After "pid (comm) ": state, ppid, pgrp, ... (comm may hold spaces and parentheses)
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+async def _wait_group_gone(pgid: int) -> None:
+    delay = 0.01
+    while _group_alive(pgid):
+        await anyio.sleep(delay)
+        delay = min(2 * delay, 0.2)
+
+
 class _LineReader:
     """Lines from a byte stream; keeps partial data across cancelled reads."""
 
@@ -172,6 +206,7 @@ class SubprocessRunner(Runner):
         self._pending: dict[int, tuple[anyio.Event, list[bytes]]] = {}
         self._stdin_lock = anyio.Lock()
         self._stopping = False
+        self._group_over = False  # the command's process group was killed or found empty
         self._output_ended = False
         # SLOT lines from `carry_over` (sync) to the writer task in `run` (async). Carry-overs
         # come once per epoch at most, so a small buffer never fills in practice. Closed by
@@ -215,7 +250,7 @@ class SubprocessRunner(Runner):
         with anyio.move_on_after(self.config.load_timeout_s) as scope:
             while not self._ready:
                 if not await self._read_one_line():
-                    rc = await self._process.wait()
+                    rc = await self._end_group(self._process)
                     raise RunnerError(f"{self._exit_reason(rc)} before printing READY")
         if scope.cancelled_caught:
             raise RunnerError(f"no READY line within {self.config.load_timeout_s:g}s")
@@ -225,9 +260,11 @@ class SubprocessRunner(Runner):
         async with anyio.create_task_group() as tg:
             if self._slots is not None:
                 tg.start_soon(self._write_slot_lines, process, self._slots[1])
-            await self._read_all_lines()
+            # Until the leader exits, not until the end of output: a child left behind may
+            # hold standard output open long after (and is killed by `_end_group`).
+            await self._read_lines_until_exit(process)
             tg.cancel_scope.cancel()
-        rc = await process.wait()
+        rc = await self._end_group(process)
         if rc != 0:
             raise RunnerFailed(self._exit_reason(rc))
 
@@ -235,7 +272,10 @@ class SubprocessRunner(Runner):
         if self._process is None:
             return Health(False, "not started")
         rc = self._process.returncode
-        return HEALTHY if rc is None else Health(False, self._exit_reason(rc))
+        if rc is None:
+            return HEALTHY
+        # A clean exit is no failure: run() returns, and the runner "ended by itself".
+        return Health(rc == 0, self._exit_reason(rc))
 
     async def serve_request(self, payload: bytes) -> bytes:
         if not self.config.requests:
@@ -298,22 +338,18 @@ class SubprocessRunner(Runner):
         try:
             if process.stdin is not None:
                 await process.stdin.aclose()
-            if process.returncode is None:
-                self._signal_group(signal.SIGTERM)
+            # The whole group, whatever the leader's state: a launcher (`sh -c`, a Python
+            # wrapper) may be gone while the child holding the GPU lives on.
+            if self._signal_group(signal.SIGTERM):
                 with anyio.move_on_after(self.config.grace_s):
-                    await self._read_lines_until_exit(process)
-            if process.returncode is None:
-                self._signal_group(signal.SIGKILL)
-                await process.wait()
-            # Count the WORK lines still in the pipe after the exit. Bounded, because a child
-            # that left the process group may hold the pipe open; as long as the grace period,
-            # because on a busy host even reading a few buffered lines can stall for a while.
-            with anyio.move_on_after(self.config.grace_s):
-                await self._read_all_lines()
+                    await self._read_lines_until_exit(process, whole_group=True)
+            await self._end_group(process)
         finally:
-            await process.aclose()
-            if self._stderr_file is not None:
-                self._stderr_file.close()
+            with anyio.CancelScope(shield=True):
+                self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
+                await process.aclose()
+                if self._stderr_file is not None:
+                    self._stderr_file.close()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -333,19 +369,51 @@ class SubprocessRunner(Runner):
             raise RunnerError("the command was not started (load() first)")
         return self._process
 
-    def _signal_group(self, sig: signal.Signals) -> None:
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        """Signal the command's process group, unless it is known to be over; True if sent."""
         assert self._process is not None
-        # The leader is alive (checked by the caller), so its pid is still its group's id.
-        with contextlib.suppress(ProcessLookupError):
+        if self._group_over:
+            return False
+        # The group's id is the leader's pid (its own session). Linux reuses no pid while a
+        # group of that id exists, so this reaches only the command's processes, even after the
+        # leader was reaped.
+        try:
             os.killpg(self._process.pid, sig)
+        except ProcessLookupError:
+            self._group_over = True
+            return False
+        # A SIGKILL to a group reaches all of it at once: nothing can be left to signal.
+        self._group_over = sig == signal.SIGKILL
+        return True
 
-    async def _read_lines_until_exit(self, process: anyio.abc.Process) -> None:
+    async def _end_group(self, process: anyio.abc.Process) -> int:
+        """Kill what is left of the command's group, reap the leader, and read what is left of
+        its output; the leader's exit code."""
+        killed = self._signal_group(signal.SIGKILL)
+        rc = await process.wait()
+        # Count the WORK lines still in the pipe after the exit. Bounded, because a process
+        # that left the group may hold the pipe open; as long as the grace period, because on a
+        # busy host even reading a few buffered lines can stall for a while. The killed ones
+        # are waited for too: what they hold (GPU memory) is free only once they are gone.
+        with anyio.move_on_after(self.config.grace_s):
+            await self._read_all_lines()
+            if killed:
+                await _wait_group_gone(process.pid)
+        return rc
+
+    async def _read_lines_until_exit(
+        self, process: anyio.abc.Process, *, whole_group: bool = False
+    ) -> None:
         # A command with more to print while shutting down than the pipe holds blocks on the
-        # write and never exits unless someone reads. Stop reading at the exit, not at the end
-        # of output: a child that left the process group may hold the pipe open.
+        # write and never exits unless someone reads. Stop reading at the exit (of the leader,
+        # or of every process in its group), not at the end of output: a process that left
+        # the group may hold the pipe open.
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._read_all_lines)
             await process.wait()
+            if whole_group:
+                await _wait_group_gone(process.pid)
+                self._group_over = True
             tg.cancel_scope.cancel()  # a cancelled read loses no data (`_LineReader`)
 
     async def _read_all_lines(self) -> None:
