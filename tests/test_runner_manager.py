@@ -36,6 +36,8 @@ from cluster.shared.state import EMPTY_STATE, State, runner_id_for
 from cluster.worker.client import Worker
 from cluster.worker.runner_manager import RunnerManager, desired_runners
 from cluster.worker.runners import (
+    HEALTHY,
+    Health,
     Runner,
     RunnerConfigError,
     RunnerFactory,
@@ -767,6 +769,53 @@ async def test_manager_shutdown_stops_every_process(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids)
     for s in range(3):
         assert emitted.statuses(f"d1/{s}")[-2:] == [S.STOPPING, S.STOPPED]
+
+
+class SlowStop(Runner):
+    """Serves forever; its stop takes a while, and it says so (`stop_time_s`)."""
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        super().__init__(spec)
+        self.stopped = False
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+    async def health(self) -> Health:
+        return HEALTHY
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        return payload
+
+    def work_units(self) -> int:
+        return 0
+
+    def stop_time_s(self) -> float:
+        return 60.0
+
+    async def stop(self) -> None:
+        await anyio.sleep(0.5)  # far past the manager's own stop timeout, well within 60 s
+        self.stopped = True
+
+
+@pytest.mark.anyio
+async def test_a_runner_needing_a_longer_stop_gets_it() -> None:
+    # A subprocess runner's grace period may exceed the manager's stop timeout: cutting its
+    # stop short would leave the command's children running.
+    cluster = started_cluster()
+    emitted = Emitted()
+    runners = Counted(SlowStop)
+    mgr = RunnerManager(ME, emitted, runners, health_interval_s=0.02, stop_timeout_s=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    [runner] = runners.built
+    assert isinstance(runner, SlowStop) and runner.stopped
 
 
 def test_factory_output_is_checked() -> None:

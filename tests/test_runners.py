@@ -412,6 +412,24 @@ async def test_subprocess_stop_kills_a_child_that_outlives_its_launcher(tmp_path
 
 
 @pytest.mark.anyio
+async def test_subprocess_stop_cancelled_during_the_grace_period_kills_the_group(
+    tmp_path: Path,
+) -> None:
+    # Everything ignores SIGTERM and the grace period is long: whoever cancels the stop (a
+    # caller's deadline) still leaves nothing of the command running.
+    command = _launcher(tmp_path, 'trap "" TERM; echo READY; while :; do sleep 0.1; done')
+    runner = SubprocessRunner(SPEC, {"command": command, "wait_ready": True, "grace_s": 600})
+    with anyio.fail_after(60):
+        await runner.load()
+        child, leader = _child_pid(tmp_path), runner.pid
+        assert leader is not None
+        with anyio.move_on_after(0.5):
+            await runner.stop()
+        assert await _gone(child)
+    assert not _alive(leader)
+
+
+@pytest.mark.anyio
 async def test_subprocess_crashed_leader_leaves_no_child_behind(tmp_path: Path) -> None:
     command = _launcher(tmp_path, "echo boom >&2; exit 3")
     runner = SubprocessRunner(SPEC, {"command": command, "grace_s": 0.5})
@@ -512,6 +530,18 @@ def test_subprocess_config_is_validated() -> None:
         SubprocessRunner(SPEC, {})
     with pytest.raises(RunnerConfigError, match="grace_s"):
         SubprocessRunner(SPEC, {"command": "x", "grace_s": 0})
+    # Finite and bounded: a stop must end, and the manager waits as long as it may take.
+    for key, value in [
+        ("grace_s", math.inf),
+        ("grace_s", 1e308),
+        ("grace_s", 601),
+        ("load_timeout_s", math.inf),
+        ("request_timeout_s", math.nan),
+        ("request_timeout_s", 3601),
+    ]:
+        with pytest.raises(RunnerConfigError, match=key):
+            SubprocessRunner(SPEC, {"command": "x", key: value})
+    assert SubprocessRunner(SPEC, {"command": "x", "grace_s": 600}).stop_time_s() == 1210
     with pytest.raises(RunnerConfigError, match="unknown field `cmd`"):
         SubprocessRunner(SPEC, {"command": "x", "cmd": "y"})
     assert SubprocessRunner(SPEC, {"command": "serve --port '8 0'"}).argv == [

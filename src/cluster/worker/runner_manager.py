@@ -50,6 +50,7 @@ from cluster.worker.runners.base import (
     RunnerFailed,
     RunnerSpec,
     describe_error,
+    stop_limit_s,
 )
 
 log = logging.getLogger(__name__)
@@ -444,15 +445,15 @@ class RunnerManager:
         if h.status in _LIVE:
             self._set(h, RunnerStatus.STOPPING)
         # Shielded: an unassignment arriving mid-stop must not leave a process half-stopped.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self._stop_timeout_s) as scope:
+        # Never shorter than the runner says its stop may take (a long grace period).
+        limit_s = stop_limit_s(runner, self._stop_timeout_s)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(limit_s) as scope:
             try:
                 await runner.stop()
             except Exception as exc:
                 log.warning("runner %s: stop failed: %s", h.spec.runner_id, describe_error(exc))
         if scope.cancelled_caught:
-            log.warning(
-                "runner %s: stop did not finish within %gs", h.spec.runner_id, self._stop_timeout_s
-            )
+            log.warning("runner %s: stop did not finish within %gs", h.spec.runner_id, limit_s)
         try:
             self._report_work(h, runner)
         except Exception as exc:

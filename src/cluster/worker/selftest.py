@@ -29,6 +29,7 @@ from cluster.worker.runners.base import (
     RunnerFactory,
     RunnerSpec,
     describe_error,
+    stop_limit_s,
 )
 from cluster.worker.runners.registry import config_digest
 
@@ -40,6 +41,7 @@ class SelfTestTimeouts:
     load_s: float = 300.0
     probe_s: float = 10.0
     request_s: float = 60.0
+    #: Or what the runner says its stop may take (`Runner.stop_time_s`), if longer.
     stop_s: float = 30.0
     #: How long a failed step waits for a dying runner's own account of why it died.
     settle_s: float = 1.0
@@ -163,7 +165,7 @@ async def run_self_test(
     finally:
         if runner is not None:
             with anyio.CancelScope(shield=True):
-                stop_failure = await _stop(runner, timeouts.stop_s)
+                stop_failure = await _stop(runner, stop_limit_s(runner, timeouts.stop_s))
             failure = failure or stop_failure
     return RunnerSelfTestCompleted(
         node_id=node_id,

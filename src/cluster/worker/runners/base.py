@@ -20,12 +20,16 @@ depends on which devshard or epoch it serves says so with `can_carry_over()`.
 
 from __future__ import annotations
 
+import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
+
+log = logging.getLogger(__name__)
 
 
 class RunnerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +112,12 @@ class Runner(ABC):
         Called only when `can_carry_over()` is true, between work collections."""
         self.spec = spec
 
+    def stop_time_s(self) -> float:
+        """The longest `stop()` may take, in seconds, if more than its caller allows anyway
+        (a configured grace period, say): the manager and the self-test wait at least this
+        long before giving up on it. 0: no particular need."""
+        return 0.0
+
     @abstractmethod
     async def stop(self) -> None:
         """Release everything. Called once, after `run()` was cancelled, possibly without a
@@ -118,6 +128,16 @@ class Runner(ABC):
 RunnerKind = Callable[[RunnerSpec, Mapping[str, Any]], Runner]
 #: What the runner manager and self-test use: builds a runner for a slot.
 RunnerFactory = Callable[[RunnerSpec], Runner]
+
+
+def stop_limit_s(runner: Runner, default_s: float) -> float:
+    """How long to let `runner.stop()` run: `default_s`, or what the runner needs if longer."""
+    try:
+        need = float(runner.stop_time_s())
+    except Exception as exc:  # a plugin's bug must not keep its runner from being stopped
+        log.warning("runner %s: stop_time_s() failed: %s", runner.spec.runner_id, exc)
+        return default_s
+    return max(default_s, need) if math.isfinite(need) else default_s
 
 
 def describe_error(exc: BaseException) -> str:

@@ -62,7 +62,14 @@ log = logging.getLogger(__name__)
 #: Longest stdout line taken as a protocol line; longer ones are dropped (and logged once).
 MAX_LINE_BYTES: Final = 1024 * 1024
 _STDERR_TAIL_BYTES: Final = 4096
-_Positive = Annotated[float, msgspec.Meta(gt=0)]
+#: Bounds of the grace period and timeouts: finite, so that a stop (see `stop_time_s`) and
+#: every wait end.
+MAX_GRACE_S: Final = 600.0
+MAX_TIMEOUT_S: Final = 3600.0
+#: What a stop may take beyond its two grace periods (closing stdin, reaping, ...).
+_STOP_MARGIN_S: Final = 10.0
+_Grace = Annotated[float, msgspec.Meta(gt=0, le=MAX_GRACE_S)]
+_Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)]
 
 
 class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -73,12 +80,12 @@ class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     cwd: str | None = None
     #: Wait for a READY line before the runner counts as loaded.
     wait_ready: bool = False
-    load_timeout_s: _Positive = 60.0
+    load_timeout_s: _Timeout = 60.0
     #: The command answers REQUEST lines with RESPONSE lines.
     requests: bool = False
-    request_timeout_s: _Positive = 30.0
+    request_timeout_s: _Timeout = 30.0
     #: Seconds between SIGTERM and SIGKILL when stopping.
-    grace_s: _Positive = 5.0
+    grace_s: _Grace = 5.0
     #: File that receives the command's standard error (appended); empty: a temporary file.
     log_file: str = ""
     #: Keep the process when the session's slot stays on this node into the next epoch (no
@@ -317,6 +324,10 @@ class SubprocessRunner(Runner):
 
     def can_carry_over(self) -> bool:
         return self.config.carry_over
+
+    def stop_time_s(self) -> float:
+        # The SIGTERM grace period, then as long again to reap and read the last output.
+        return 2 * self.config.grace_s + _STOP_MARGIN_S
 
     def carry_over(self, spec: RunnerSpec) -> None:
         super().carry_over(spec)
