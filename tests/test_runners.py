@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ from cluster.worker.runners import (
     load_runner_setting,
     make_factory,
 )
-from cluster.worker.runners.subprocess_runner import slot_environment
+from cluster.worker.runners.subprocess_runner import STDERR_TAIL_BYTES, slot_environment
 
 SPEC = RunnerSpec(
     runner_id="ds-1/2",
@@ -100,6 +101,13 @@ elif mode == "chatty-stop":
     sys.stdout.write(("shutting down: " + "x" * 49 + "\n") * 16384)  # 1 MiB
     print("WORK 5", flush=True)
     sys.exit(0)
+elif mode == "flood":
+    for _ in range(4096):  # 4 MiB: far more than is kept
+        sys.stderr.write("x" * 1023 + "\n")
+    sys.stderr.write("the last words\n")
+    sys.stderr.flush()
+    print("READY", flush=True)
+    time.sleep(60)
 elif mode == "slots":
     print("READY", flush=True)
     for line in sys.stdin:  # every stdin line, as received, to the OUT file
@@ -408,7 +416,7 @@ async def test_subprocess_stop_kills_a_child_that_outlives_its_launcher(tmp_path
         child = _child_pid(tmp_path)
         await runner.stop()
         assert await _gone(child)
-    assert (await runner.health()).reason == "exited with code 0"
+    assert (await runner.health()).reason.startswith("exited with code 0")
 
 
 @pytest.mark.anyio
@@ -508,15 +516,72 @@ async def test_subprocess_missing_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_subprocess_stderr_log_file(program: list[str], tmp_path: Path) -> None:
-    log_file = tmp_path / "runner.log"
+async def test_subprocess_stderr_log_file_per_runner(program: list[str], tmp_path: Path) -> None:
+    log_file = tmp_path / "runner-{runner_id}.log"
     runner = SubprocessRunner(SPEC, {"command": [*program, "crash"], "log_file": str(log_file)})
     with anyio.fail_after(20):
         await runner.load()
         with pytest.raises(RunnerFailed, match="out of memory"):
             await runner.run()
         await runner.stop()
-    assert log_file.read_text() == "loading weights\nCUDA error: out of memory\n"
+    written = (tmp_path / "runner-ds-1_2.log").read_text()
+    assert written == "loading weights\nCUDA error: out of memory\n"
+
+
+@pytest.mark.anyio
+async def test_subprocess_runners_sharing_a_log_file_keep_their_own_reasons(
+    tmp_path: Path,
+) -> None:
+    # One log_file for every slot: each runner's failure reason is its own last line, and
+    # each line in the file says whose it is.
+    go = shlex.quote(str(tmp_path / "go"))
+    failing = SubprocessRunner(
+        SPEC,
+        {
+            "command": [
+                "sh",
+                "-c",
+                f"echo 'A: out of memory' >&2; echo READY; "
+                f"while [ ! -e {go} ]; do sleep 0.05; done; exit 3",
+            ],
+            "wait_ready": True,
+            "log_file": str(tmp_path / "shared.log"),
+        },
+    )
+    other_spec = msgspec.structs.replace(SPEC, runner_id="ds-1/3", slot=3)
+    serving = SubprocessRunner(
+        other_spec,
+        {
+            "command": ["sh", "-c", "echo 'B: serving' >&2; echo READY; exec sleep 60"],
+            "wait_ready": True,
+            "log_file": str(tmp_path / "shared.log"),
+        },
+    )
+    with anyio.fail_after(60):
+        await failing.load()
+        await serving.load()  # its line is written after the failing runner's
+        (tmp_path / "go").touch()
+        with pytest.raises(RunnerFailed) as failed:
+            await failing.run()
+        assert str(failed.value) == "exited with code 3: A: out of memory"
+        await failing.stop()
+        await serving.stop()
+    lines = (tmp_path / "shared.log").read_text().splitlines()
+    assert sorted(lines) == ["ds-1/2: A: out of memory", "ds-1/3: B: serving"]
+
+
+@pytest.mark.anyio
+async def test_subprocess_stderr_flood_keeps_a_bounded_tail(program: list[str]) -> None:
+    runner = SubprocessRunner(SPEC, {"command": [*program, "flood"], "wait_ready": True})
+    with anyio.fail_after(60):
+        await runner.load()
+        # Not a file growing for the command's life: a pipe, of which a tail is kept.
+        assert not stat.S_ISREG(os.stat(f"/proc/{runner.pid}/fd/2").st_mode)
+        while not runner.stderr_tail.endswith(b"the last words\n"):
+            await anyio.sleep(0.01)
+        assert len(runner.stderr_tail) <= STDERR_TAIL_BYTES
+        await runner.stop()
+    assert (await runner.health()).reason == "killed by SIGTERM: the last words"
 
 
 def test_subprocess_config_is_validated() -> None:

@@ -13,9 +13,9 @@ whenever the process is carried over into a later devshard: the slot's CLUSTER_*
 as they are now (its environment still holds the first devshard's), shell-quoted (split the
 line with `shlex.split`).
 
-Any other output line is logged at DEBUG. Standard error goes to a file (`log_file`, or a
-temporary file) so a chatty command never blocks on a full pipe; its last line is the reason
-given when the command fails.
+Any other output line is logged at DEBUG. Standard error is read in a thread, so a chatty
+command never blocks on a full pipe: its last `STDERR_TAIL_BYTES` are kept (its last line is
+the reason given when the command fails), and all of it is appended to `log_file` if set.
 
 health = the process is alive (or exited with code 0: run() then returns, a clean end).
 stop = close stdin, SIGTERM to the command's process group, SIGKILL to the group once all of
@@ -32,12 +32,13 @@ import binascii
 import itertools
 import logging
 import os
+import select
 import shlex
 import signal
 import subprocess
-import tempfile
+import threading
 from collections.abc import Mapping
-from typing import IO, Annotated, Any, Final
+from typing import Annotated, Any, Final
 
 import anyio
 import anyio.abc
@@ -61,7 +62,10 @@ log = logging.getLogger(__name__)
 
 #: Longest stdout line taken as a protocol line; longer ones are dropped (and logged once).
 MAX_LINE_BYTES: Final = 1024 * 1024
-_STDERR_TAIL_BYTES: Final = 4096
+#: Standard error kept in memory per process, for failure reasons (a log file gets it all).
+STDERR_TAIL_BYTES: Final = 4096
+#: Placeholder in `log_file` for the runner id (its "/" as "_"): one file per runner.
+RUNNER_ID_PLACEHOLDER: Final = "{runner_id}"
 #: Bounds of the grace period and timeouts: finite, so that a stop (see `stop_time_s`) and
 #: every wait end.
 MAX_GRACE_S: Final = 600.0
@@ -86,7 +90,9 @@ class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     request_timeout_s: _Timeout = 30.0
     #: Seconds between SIGTERM and SIGKILL when stopping.
     grace_s: _Grace = 5.0
-    #: File that receives the command's standard error (appended); empty: a temporary file.
+    #: File that receives the command's standard error (appended; "{runner_id}" in it is
+    #: replaced, else every line starts with the runner id); empty: none (only the last few
+    #: KiB are kept, for failure reasons).
     log_file: str = ""
     #: Keep the process when the session's slot stays on this node into the next epoch (no
     #: reload). Its CLUSTER_* variables then still describe the devshard it started for: set
@@ -205,7 +211,7 @@ class SubprocessRunner(Runner):
         self.argv = argv
         self._process: anyio.abc.Process | None = None
         self._stdout: _LineReader | None = None
-        self._stderr_file: IO[bytes] | None = None
+        self._stderr: _StderrReader | None = None
         self._units = 0
         self._ready = False
         self._bad_line_logged = False
@@ -228,28 +234,43 @@ class SubprocessRunner(Runner):
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def stderr_tail(self) -> bytes:
+        """The end of the command's standard error, as much as is kept (`STDERR_TAIL_BYTES`)."""
+        return self._stderr.tail() if self._stderr is not None else b""
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def load(self) -> None:
         env = {**os.environ, **self.config.env, **slot_environment(self.spec)}
+        # Standard error through a pipe read in a thread: never a full pipe that blocks the
+        # command, and no file growing for the process's life (only a tail is kept).
+        stderr_read, stderr_write = os.pipe()
+        log_fd: int | None = None
         try:
-            if self.config.log_file:
-                self._stderr_file = open(self.config.log_file, "a+b")  # noqa: SIM115 (closed in stop)
-            else:
-                self._stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
+            log_file, prefix = self._log_target()
+            if log_file:
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                log_fd = os.open(log_file, flags, 0o666)
             self._process = await anyio.open_process(
                 self.argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=self._stderr_file,
+                stderr=stderr_write,
                 cwd=self.config.cwd,
                 env=env,
                 start_new_session=True,  # its own process group: stop() reaches its children
             )
-        except OSError as exc:
-            if self._stderr_file is not None:
-                self._stderr_file.close()  # stop() has no process to clean up after
-            raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
+        except BaseException as exc:
+            os.close(stderr_read)  # stop() has no process to clean up after
+            if log_fd is not None:
+                os.close(log_fd)
+            if isinstance(exc, OSError):
+                raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
+            raise
+        finally:
+            os.close(stderr_write)  # the command has its own copy
+        self._stderr = _StderrReader(stderr_read, log_fd, prefix)
         assert self._process.stdout is not None
         self._stdout = _LineReader(self._process.stdout)
         if not self.config.wait_ready:
@@ -359,8 +380,8 @@ class SubprocessRunner(Runner):
             with anyio.CancelScope(shield=True):
                 self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
                 await process.aclose()
-                if self._stderr_file is not None:
-                    self._stderr_file.close()
+                if self._stderr is not None:
+                    self._stderr.close()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -408,6 +429,8 @@ class SubprocessRunner(Runner):
         # are waited for too: what they hold (GPU memory) is free only once they are gone.
         with anyio.move_on_after(self.config.grace_s):
             await self._read_all_lines()
+            if self._stderr is not None:
+                await self._stderr.wait_ended()  # its last lines: the failure reason
             if killed:
                 await _wait_group_gone(process.pid)
         return rc
@@ -488,15 +511,88 @@ class SubprocessRunner(Runner):
         return f"{reason}: {last}" if last else reason
 
     def _last_stderr_line(self) -> str:
-        f = self._stderr_file
-        if f is None or f.closed:
-            return ""
-        try:
-            f.flush()
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - _STDERR_TAIL_BYTES))
-            tail = f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
+        tail = self.stderr_tail.decode("utf-8", errors="replace")
         lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
         return lines[-1][:500] if lines else ""
+
+    def _log_target(self) -> tuple[str, bytes]:
+        """The log file's path, and what starts each line in it."""
+        path, runner_id = self.config.log_file, self.spec.runner_id
+        if RUNNER_ID_PLACEHOLDER in path:
+            return path.replace(RUNNER_ID_PLACEHOLDER, runner_id.replace("/", "_")), b""
+        # A file shared by every slot's runner: whose line is it?
+        return path, f"{runner_id}: ".encode()
+
+
+class _StderrReader:
+    """A process's standard error, read in a thread (whatever the event loop is busy with, the
+    command never blocks on a full pipe): the last `STDERR_TAIL_BYTES` are kept, and each line
+    is appended to the log file, if any, in one write (lines of runners sharing it do not
+    mix)."""
+
+    def __init__(self, fd: int, log_fd: int | None, prefix: bytes) -> None:
+        self._fd, self._log_fd, self._prefix = fd, log_fd, prefix
+        self._tail = bytearray()
+        self._partial = bytearray()  # a line not ended yet, for the log file
+        self._lock = threading.Lock()
+        self._closing = False
+        self._ended = threading.Event()
+        threading.Thread(target=self._read, name="runner-stderr", daemon=True).start()
+
+    def tail(self) -> bytes:
+        with self._lock:
+            return bytes(self._tail)
+
+    async def wait_ended(self) -> None:
+        """Until the end of the stream: every process holding it is gone."""
+        while not self._ended.is_set():
+            await anyio.sleep(0.01)
+
+    def close(self) -> None:
+        """Stop reading soon (within a second), even if a process that left the group still
+        holds the pipe."""
+        self._closing = True
+
+    def _read(self) -> None:
+        poll = select.poll()
+        poll.register(self._fd, select.POLLIN)
+        try:
+            while not self._closing:
+                if not poll.poll(1000):
+                    continue
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    break
+                with self._lock:
+                    self._tail += chunk
+                    del self._tail[:-STDERR_TAIL_BYTES]
+                self._log(chunk)
+        except OSError as exc:
+            log.warning("reading a runner's standard error: %s", exc)
+        finally:
+            self._log(b"\n" if self._partial else b"")  # end the last line
+            os.close(self._fd)
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+            self._ended.set()
+
+    def _log(self, chunk: bytes) -> None:
+        if self._log_fd is None:
+            return
+        self._partial += chunk
+        end = self._partial.rfind(b"\n") + 1
+        if not end and len(self._partial) > MAX_LINE_BYTES:
+            self._partial += b"\n"  # an endless line: logged in pieces
+            end = len(self._partial)
+        if not end:
+            return
+        lines = self._partial[:end].split(b"\n")[:-1]
+        del self._partial[:end]
+        data = memoryview(b"".join(self._prefix + line + b"\n" for line in lines))
+        try:
+            while data:
+                data = data[os.write(self._log_fd, data) :]
+        except OSError as exc:
+            log.warning("runner log file: %s (no more logging for this process)", exc)
+            os.close(self._log_fd)
+            self._log_fd = None
