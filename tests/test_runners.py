@@ -509,10 +509,16 @@ async def _swallow_failure(runner: Runner) -> None:
 
 @pytest.mark.anyio
 async def test_subprocess_missing_command(tmp_path: Path) -> None:
-    runner = SubprocessRunner(SPEC, {"command": str(tmp_path / "no-such-server")})
-    with pytest.raises(RunnerError, match=r"cannot start .*no-such-server"):
-        await runner.load()
-    await runner.stop()  # stopping a runner that never started is harmless
+    fds = len(os.listdir("/proc/self/fd"))
+    for config in [
+        {"command": str(tmp_path / "no-such-server")},
+        {"command": str(tmp_path / "no-such-server"), "log_file": str(tmp_path / "log")},
+    ]:
+        runner = SubprocessRunner(SPEC, config)
+        with pytest.raises(RunnerError, match=r"cannot start .*no-such-server"):
+            await runner.load()
+        await runner.stop()  # stopping a runner that never started is harmless
+    assert len(os.listdir("/proc/self/fd")) == fds  # a failed start keeps no descriptor
 
 
 @pytest.mark.anyio
@@ -607,6 +613,19 @@ def test_subprocess_config_is_validated() -> None:
         with pytest.raises(RunnerConfigError, match=key):
             SubprocessRunner(SPEC, {"command": "x", key: value})
     assert SubprocessRunner(SPEC, {"command": "x", "grace_s": 600}).stop_time_s() == 1210
+    # What the OS would refuse at every start is refused here, naming the key.
+    for env, why in [
+        ({"A=B": "x"}, "'A=B' is not a variable name"),
+        ({"": "x"}, "'' is not a variable name"),
+        ({"A\0": "x"}, "is not a variable name"),
+        ({"A": "x\0"}, "the value of 'A' holds a NUL byte"),
+    ]:
+        with pytest.raises(RunnerConfigError, match=f"env: .*{re.escape(why)}"):
+            SubprocessRunner(SPEC, {"command": "x", "env": env})
+    configs: list[dict[str, Any]] = [{"command": ["x", "a\0"]}, {"command": "x", "cwd": "/\0"}]
+    for config in configs:
+        with pytest.raises(RunnerConfigError, match="holds a NUL byte"):
+            SubprocessRunner(SPEC, config)
     with pytest.raises(RunnerConfigError, match="unknown field `cmd`"):
         SubprocessRunner(SPEC, {"command": "x", "cmd": "y"})
     assert SubprocessRunner(SPEC, {"command": "serve --port '8 0'"}).argv == [

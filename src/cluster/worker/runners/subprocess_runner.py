@@ -102,6 +102,24 @@ class SubprocessConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     slot_lines: bool = False
 
 
+def _check_config_strings(config: SubprocessConfig, argv: list[str]) -> None:
+    """What the OS refuses, refused here with the key named: load() would fail on every try."""
+
+    def bad(what: str) -> RunnerConfigError:
+        return RunnerConfigError(f"runner 'subprocess' config: {what}")
+
+    for key, value in config.env.items():
+        if not key or "=" in key or "\0" in key:
+            raise bad(f"env: {key!r} is not a variable name (empty, or holds '=' or NUL)")
+        if "\0" in value:
+            raise bad(f"env: the value of {key!r} holds a NUL byte")
+    for what, text in [*(("command", arg) for arg in argv), ("cwd", config.cwd or "")]:
+        if "\0" in text:
+            raise bad(f"{what}: {text!r} holds a NUL byte")
+    if "\0" in config.log_file:
+        raise bad(f"log_file: {config.log_file!r} holds a NUL byte")
+
+
 def slot_environment(spec: RunnerSpec) -> dict[str, str]:
     """The CLUSTER_* variables that describe the slot to the command."""
     return {
@@ -208,6 +226,7 @@ class SubprocessRunner(Runner):
             raise RunnerConfigError(f"runner 'subprocess' config: command: {exc}") from None
         if not argv or not argv[0]:
             raise RunnerConfigError("runner 'subprocess' config: command is empty")
+        _check_config_strings(self.config, argv)
         self.argv = argv
         self._process: anyio.abc.Process | None = None
         self._stdout: _LineReader | None = None
@@ -265,7 +284,7 @@ class SubprocessRunner(Runner):
             os.close(stderr_read)  # stop() has no process to clean up after
             if log_fd is not None:
                 os.close(log_fd)
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError | ValueError):
                 raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
             raise
         finally:
