@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from trio.testing import MockClock
 
 from cluster.net.identity import load_identity
 from cluster.net.protocol import Events
@@ -41,6 +42,7 @@ from cluster.worker.runners import (
     Runner,
     RunnerConfigError,
     RunnerFactory,
+    RunnerFailed,
     RunnerSpec,
     SubprocessRunner,
     make_factory,
@@ -670,6 +672,99 @@ async def test_no_carry_over_without_a_successor_a_live_session_or_the_same_size
     assert emitted.statuses("e1/0") == FULL_LIFE
     assert emitted.statuses("f2/0")[:3] == [S.PENDING, S.LOADING, S.READY]
     assert len(factory.built) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Restarts, parking and plugin runners that misbehave
+# --------------------------------------------------------------------------------------------
+
+
+class Plugin(Runner):
+    """A plugin runner kind: loads at once, serves until `crash` is set, then fails."""
+
+    kind = "plugin"
+
+    def __init__(self, spec: RunnerSpec) -> None:
+        super().__init__(spec)
+        self.crash = anyio.Event()
+        self.stopped = False
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await self.crash.wait()
+        raise RunnerFailed(f"crashed serving {self.spec.runner_id}")
+
+    async def health(self) -> Health:
+        return HEALTHY
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        return payload
+
+    def work_units(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+class Plugins:
+    """A factory of `kind` runners that remembers every one it built."""
+
+    def __init__(self, kind: type[Plugin] = Plugin) -> None:
+        self.kind = kind
+        self.built: list[Plugin] = []
+
+    def __call__(self, spec: RunnerSpec) -> Runner:
+        runner = self.kind(spec)
+        self.built.append(runner)
+        return runner
+
+
+@pytest.mark.anyio
+async def test_a_parked_runner_stops_at_once_when_its_session_is_deleted() -> None:
+    cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        mgr.reconcile(epoch_turn(cluster))  # parked for 30 s...
+        await anyio.sleep(0.1)
+        assert emitted.statuses("d1/0")[-1:] == [S.RUNNING]
+        mgr.reconcile(cluster.master(SessionDeleted(session_id="s1")))  # ...or until this
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED], timeout_s=5)
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert len(factory.built) == 1
+
+
+def test_a_runner_parked_again_gets_its_own_grace() -> None:
+    """Parked, carried over and parked again: the first parking's timer must not stop it.
+    On a virtual clock (trio's MockClock) so that the graces are exact."""
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins()
+    mgr = manager(emitted, factory, carry_over_grace_s=10)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+            mgr.reconcile(epoch_turn(cluster))  # parked at t, its grace ends at t + 10
+            await anyio.sleep(6)
+            mgr.reconcile(cluster.master(placed("d2", "s1", 2, [(0, ME)])))
+            await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+            # d2 is replaced at once: parked again at t + 6, until t + 16.
+            mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d2", epoch=2)))
+            await anyio.sleep(6)  # t + 12
+            assert emitted.statuses("d2/0")[-1:] == [S.RUNNING]
+            mgr.reconcile(cluster.master(placed("d3", "s1", 2, [(0, ME)])))
+            await until(lambda: emitted.statuses("d3/0")[-1:] == [S.RUNNING])
+            tg.cancel_scope.cancel()
+
+    anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+    assert len(factory.built) == 1
+    assert emitted.last("d2/0").reason == "carried over to d3/0 (loaded, not restarted)"
 
 
 # --------------------------------------------------------------------------------------------

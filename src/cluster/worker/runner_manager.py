@@ -19,10 +19,10 @@ stops, as `WorkReported` for the devshard's epoch.
 
 Carry-over: devshards end with their epoch and the session is placed again, usually on the
 same nodes (placement is sticky). A loaded runner whose devshard was finalized is therefore
-kept for `carry_over_grace_s`; if the new devshard gives this node a slot of the same session
-(same memory and GPU), the runner takes it over without a reload: its old runner id is
-reported stopped ("carried over to ...") and the new id ready, then running. Work done before
-the switch is reported for the old devshard.
+kept ("parked") for `carry_over_grace_s`, or until its session is deleted; if the new devshard
+gives this node a slot of the same session (same memory and GPU), the runner takes it over
+without a reload: its old runner id is reported stopped ("carried over to ...") and the new id
+ready, then running. Work done before the switch is reported for the old devshard.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class _Handle:
     retired: bool = False
     #: Its devshard was finalized: kept loaded for a successor devshard (see carry-over).
     parked: bool = False
+    #: Times parked: a grace timer stops the runner only if it is still that parking.
+    parks: int = 0
     #: The task group serving the loaded runner (None when not serving).
     serving: anyio.abc.TaskGroup | None = None
 
@@ -177,7 +179,7 @@ class RunnerManager:
         self._handles: dict[str, _Handle] = {}
         self._state: State | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._applied: tuple[object, object] | None = None
+        self._applied: tuple[object, object, object] | None = None
 
     def statuses(self) -> dict[str, tuple[RunnerStatus, str]]:
         """This node's runners as the manager sees them: id -> (status, reason)."""
@@ -202,8 +204,9 @@ class RunnerManager:
     def reconcile(self, state: State) -> None:
         """Start runners for new slots, stop those no longer assigned (non-blocking)."""
         self._state = state
-        # Most events (info, heartbeats, work) leave devshards and the epoch untouched, and
-        # immutable state keeps them the same objects: skip the O(devshards) scan then.
+        # Most events (info, heartbeats, work) leave devshards, the epoch and sessions
+        # untouched, and immutable state keeps them the same objects: skip the
+        # O(devshards) scan then.
         if self._tg is not None and not self._already_applied(state):
             try:
                 self._apply(state)
@@ -217,11 +220,12 @@ class RunnerManager:
 
     def _already_applied(self, state: State) -> bool:
         applied = self._applied
-        return applied is not None and applied[0] is state.devshards and applied[1] is state.epoch
+        current = (state.devshards, state.epoch, state.sessions)
+        return applied is not None and all(a is b for a, b in zip(applied, current, strict=True))
 
     def _apply(self, state: State) -> None:
         assert self._tg is not None
-        self._applied = (state.devshards, state.epoch)
+        self._applied = (state.devshards, state.epoch, state.sessions)
         wanted = desired_runners(state, self.node_id)
         for runner_id, spec in wanted.items():
             if runner_id not in self._handles:
@@ -229,14 +233,14 @@ class RunnerManager:
                 if predecessor is not None:
                     self._carry_over(predecessor, spec, state)
         for runner_id, handle in list(self._handles.items()):
-            if runner_id in wanted or handle.retired or handle.parked:
+            if runner_id in wanted or handle.retired:
                 continue
-            if self._may_park(handle, state):
+            if not self._may_park(handle, state):
+                self._retire(handle)  # parked ones too: e.g. their session was deleted
+            elif not handle.parked:
                 handle.parked = True
-                self._tg.start_soon(self._stop_if_still_parked, handle)
-            else:
-                handle.retired = True
-                handle.scope.cancel()
+                handle.parks += 1
+                self._tg.start_soon(self._stop_if_still_parked, handle, handle.parks)
         for runner_id, spec in wanted.items():
             if runner_id not in self._handles:
                 handle = _Handle(spec)
@@ -272,12 +276,17 @@ class RunnerManager:
             and _portable(h)
         )
 
-    async def _stop_if_still_parked(self, h: _Handle) -> None:
+    async def _stop_if_still_parked(self, h: _Handle, parks: int) -> None:
         await anyio.sleep(self._carry_over_grace_s)
-        if h.parked and not h.retired:
+        # Carried over and parked again since, it has a newer grace of its own.
+        if h.parked and h.parks == parks and not h.retired:
             log.info("runner %s: no successor devshard here: stopping", h.spec.runner_id)
-            h.retired = True
-            h.scope.cancel()
+            self._retire(h)
+
+    def _retire(self, h: _Handle) -> None:
+        """Stop the runner of `h` (in its own task); its slot is not served any more."""
+        h.retired = True
+        h.scope.cancel()
 
     def _carry_over(self, h: _Handle, spec: RunnerSpec, state: State) -> None:
         """Hand the loaded runner of `h` to `spec`'s slot: no stop, no reload."""
