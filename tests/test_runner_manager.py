@@ -723,6 +723,50 @@ class Plugins:
 
 
 @pytest.mark.anyio
+async def test_restarts_are_counted_per_devshard_a_carry_over_starts_afresh() -> None:
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins()
+    mgr = manager(emitted, factory, carry_over_grace_s=30, restart_limit=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        factory.built[0].crash.set()  # d1's one restart is used up
+        await until(lambda: len(factory.built) == 2)
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        mgr.reconcile(epoch_turn(cluster, placed("d2", "s1", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        factory.built[1].crash.set()  # d2's first failure: d2 has a restart of its own
+        await until(lambda: len(factory.built) == 3)
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d2/0") == [
+        *[S.READY, S.RUNNING, S.FAILED],
+        *FULL_LIFE,
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_parked_runner_that_fails_is_stopped_not_restarted() -> None:
+    # Restarted for its finalized devshard, it would still be loading when the successor's
+    # placement arrives: not portable then, so a second runner would load for the slot.
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins()
+    mgr = manager(emitted, factory, carry_over_grace_s=30, restart_limit=3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        mgr.reconcile(epoch_turn(cluster))  # parked, waiting for a successor
+        factory.built[0].crash.set()
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED], timeout_s=5)
+        assert mgr.statuses() == {}
+        mgr.reconcile(cluster.master(placed("d2", "s1", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [*FULL_LIFE[:4], S.FAILED, S.STOPPED]
+    assert len(factory.built) == 2  # the failed one, and the successor's
+
+
+@pytest.mark.anyio
 async def test_a_parked_runner_stops_at_once_when_its_session_is_deleted() -> None:
     cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=30)
     async with anyio.create_task_group() as tg:

@@ -11,9 +11,10 @@ the master every step through `RunnerStatusUpdated`:
 "ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
 ahead of its epoch waits loaded). A failed runner is stopped at once and reported FAILED with
 the reason; while its slot stays assigned it is started again after `restart_backoff_s`
-(doubling each time), at most `restart_limit` times -- a crash or a transient out-of-memory
-should not cost the rest of the epoch. After the last attempt it keeps its FAILED record until
-the slot is unassigned. Work done is reported every `work_interval_s` (every
+(doubling each time), at most `restart_limit` times per devshard -- a crash or a transient
+out-of-memory should not cost the rest of the epoch. After the last attempt it keeps its FAILED
+record until the slot is unassigned. A failed runner whose devshard is over (parked, below) is
+stopped instead. Work done is reported every `work_interval_s` (every
 `offline_work_interval_s` while the master is unreachable) and once more when a runner
 stops, as `WorkReported` for the devshard's epoch.
 
@@ -108,6 +109,8 @@ class _Handle:
     parked: bool = False
     #: Times parked: a grace timer stops the runner only if it is still that parking.
     parks: int = 0
+    #: Restarts used for this slot of this devshard (a carry-over starts the count afresh).
+    restarts: int = 0
     #: The task group serving the loaded runner (None when not serving).
     serving: anyio.abc.TaskGroup | None = None
 
@@ -298,7 +301,7 @@ class RunnerManager:
         log.info("runner %s: carried over to %s without a reload", old.runner_id, spec.runner_id)
         del self._handles[old.runner_id]
         runner.carry_over(spec)
-        h.spec, h.parked, h.status = spec, False, None
+        h.spec, h.parked, h.status, h.restarts = spec, False, None, 0
         h.epoch_begun = anyio.Event()
         self._handles[spec.runner_id] = h
         self._set(h, RunnerStatus.READY)
@@ -331,18 +334,7 @@ class RunnerManager:
     async def _supervise(self, h: _Handle) -> None:
         try:
             with h.scope:
-                for attempt in range(self._restart_limit + 1):
-                    if attempt:
-                        delay = self._restart_backoff_s * 2 ** (attempt - 1)
-                        log.info(
-                            "runner %s: restarting in %gs (restart %d of %d)",
-                            h.spec.runner_id,
-                            delay,
-                            attempt,
-                            self._restart_limit,
-                        )
-                        await anyio.sleep(delay)
-                        h.runner, h.runner_stopped = None, False
+                while True:
                     failure = await self._serve(h)
                     if failure is None:
                         await self._release(h)
@@ -350,6 +342,24 @@ class RunnerManager:
                         break
                     self._set(h, RunnerStatus.FAILED, failure)
                     await self._release(h)
+                    if self._devshard_over(h):
+                        # A restart would serve a finalized devshard and, parked, race the
+                        # fresh runner of a successor placed meanwhile: two loads, one slot.
+                        self._retire(h)
+                        break
+                    if h.restarts >= self._restart_limit:
+                        break
+                    h.restarts += 1
+                    delay = self._restart_backoff_s * 2 ** (h.restarts - 1)
+                    log.info(
+                        "runner %s: restarting in %gs (restart %d of %d)",
+                        h.spec.runner_id,
+                        delay,
+                        h.restarts,
+                        self._restart_limit,
+                    )
+                    await anyio.sleep(delay)
+                    h.runner, h.runner_stopped = None, False
                 await anyio.sleep_forever()  # keep the outcome visible until unassigned
         finally:
             with anyio.CancelScope(shield=True):
@@ -360,6 +370,11 @@ class RunnerManager:
             state = self._state
             if h.retired and not _shutting_down() and self._tg is not None and state is not None:
                 self._apply(state)  # the same slot may have been assigned again
+
+    def _devshard_over(self, h: _Handle) -> bool:
+        """Parked, or its devshard gone from the latest state: nothing left to serve."""
+        state = self._state
+        return h.parked or (state is not None and h.spec.devshard_id not in state.devshards)
 
     async def _serve(self, h: _Handle) -> str | None:
         """Create, load and serve a runner; the failure reason, or None if it ended cleanly."""
