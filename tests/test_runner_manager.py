@@ -766,6 +766,58 @@ async def test_a_parked_runner_that_fails_is_stopped_not_restarted() -> None:
     assert len(factory.built) == 2  # the failed one, and the successor's
 
 
+class BrokenCarryOver(Plugin):
+    def carry_over(self, spec: RunnerSpec) -> None:
+        raise RuntimeError("plugin bug in carry_over")
+
+
+class BrokenCanCarryOver(Plugin):
+    def can_carry_over(self) -> bool:
+        raise RuntimeError("plugin bug in can_carry_over")
+
+
+@pytest.mark.anyio
+async def test_a_carry_over_that_raises_stops_the_old_runner_and_loads_a_new_one() -> None:
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins(BrokenCarryOver)
+    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        mgr.reconcile(epoch_turn(cluster, placed("d2", "s1", 2, [(0, ME)])))  # does not raise
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+        old, new = factory.built
+        assert old.stopped and not new.stopped
+        assert set(mgr.statuses()) == {"d2/0"}
+        tg.cancel_scope.cancel()  # shutting down after it is clean too
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert emitted.statuses("d2/0") == FULL_LIFE
+    assert new.stopped
+
+
+@pytest.mark.anyio
+async def test_a_can_carry_over_that_raises_means_no_carry_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins(BrokenCanCarryOver)
+    mgr = manager(emitted, factory, carry_over_grace_s=30)
+    with caplog.at_level(logging.WARNING, logger="cluster.worker.runner_manager"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+            # Neither carried over nor parked: stopped, and the new slot loads afresh.
+            mgr.reconcile(epoch_turn(cluster, placed("d2", "s1", 2, [(0, ME)])))
+            await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+            tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == FULL_LIFE
+    assert len(factory.built) == 2
+    warnings = [r.getMessage() for r in caplog.records if "can_carry_over" in r.getMessage()]
+    assert len(warnings) == 1 and "d1/0" in warnings[0], warnings  # once per runner
+
+
 @pytest.mark.anyio
 async def test_a_parked_runner_stops_at_once_when_its_session_is_deleted() -> None:
     cluster, emitted, factory, mgr = counted_setup(carry_over_grace_s=30)

@@ -111,6 +111,8 @@ class _Handle:
     parks: int = 0
     #: Restarts used for this slot of this devshard (a carry-over starts the count afresh).
     restarts: int = 0
+    #: The runner whose `can_carry_over()` raised and was logged (logged once per runner).
+    carry_check_failed: Runner | None = None
     #: The task group serving the loaded runner (None when not serving).
     serving: anyio.abc.TaskGroup | None = None
 
@@ -121,8 +123,24 @@ def _portable(h: _Handle) -> bool:
         h.serving is not None
         and h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
         and h.runner is not None
-        and h.runner.can_carry_over()
+        and _can_carry_over(h, h.runner)
     )
+
+
+def _can_carry_over(h: _Handle, runner: Runner) -> bool:
+    """`runner.can_carry_over()`, where a plugin's exception means no: raised out of
+    `reconcile`, it would keep every slot of this node from starting or stopping."""
+    try:
+        return runner.can_carry_over()
+    except Exception as exc:
+        if h.carry_check_failed is not runner:
+            h.carry_check_failed = runner
+            log.warning(
+                "runner %s: can_carry_over() failed, so it is never carried over: %s",
+                h.spec.runner_id,
+                describe_error(exc),
+            )
+        return False
 
 
 class RunnerManager:
@@ -292,15 +310,26 @@ class RunnerManager:
         h.scope.cancel()
 
     def _carry_over(self, h: _Handle, spec: RunnerSpec, state: State) -> None:
-        """Hand the loaded runner of `h` to `spec`'s slot: no stop, no reload."""
+        """Hand the loaded runner of `h` to `spec`'s slot: no stop, no reload. If the runner
+        cannot take it (a plugin's exception), it is stopped and `spec` gets a fresh one."""
         runner, serving, old = h.runner, h.serving, h.spec
         assert runner is not None and serving is not None
-        self._report_work(h, runner)  # what it did so far belongs to the old devshard
+        try:
+            self._report_work(h, runner)  # what it did so far belongs to the old devshard
+            runner.carry_over(spec)
+        except Exception as exc:
+            log.warning(
+                "runner %s: cannot be carried over to %s, stopping it (a new one loads): %s",
+                old.runner_id,
+                spec.runner_id,
+                describe_error(exc),
+            )
+            self._retire(h)
+            return
         reason = f"carried over to {spec.runner_id} (loaded, not restarted)"
         self._emit_status(old, RunnerStatus.STOPPED, reason)
         log.info("runner %s: carried over to %s without a reload", old.runner_id, spec.runner_id)
         del self._handles[old.runner_id]
-        runner.carry_over(spec)
         h.spec, h.parked, h.status, h.restarts = spec, False, None, 0
         h.epoch_begun = anyio.Event()
         self._handles[spec.runner_id] = h
@@ -366,7 +395,9 @@ class RunnerManager:
                 await self._release(h)
                 if h.status is not RunnerStatus.STOPPED:
                     self._set(h, RunnerStatus.STOPPED)
-            del self._handles[h.spec.runner_id]
+            # Only if still this handle's: a new one may have taken the id meanwhile.
+            if self._handles.get(h.spec.runner_id) is h:
+                del self._handles[h.spec.runner_id]
             state = self._state
             if h.retired and not _shutting_down() and self._tg is not None and state is not None:
                 self._apply(state)  # the same slot may have been assigned again
