@@ -35,6 +35,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.state import EMPTY_STATE, State, runner_id_for
 from cluster.worker.client import Worker
+from cluster.worker.node import WorkerNode, WorkerNodeConfig
 from cluster.worker.runner_manager import RunnerManager, desired_runners
 from cluster.worker.runners import (
     HEALTHY,
@@ -43,10 +44,13 @@ from cluster.worker.runners import (
     RunnerConfigError,
     RunnerFactory,
     RunnerFailed,
+    RunnerSetting,
     RunnerSpec,
     SubprocessRunner,
+    load_limit_s,
     make_factory,
 )
+from cluster.worker.runners.registry import LOAD_LIMIT_MARGIN_S
 
 ME = "node-a"
 OTHER = "node-b"
@@ -861,6 +865,25 @@ def test_a_runner_parked_again_gets_its_own_grace() -> None:
     anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
     assert len(factory.built) == 1
     assert emitted.last("d2/0").reason == "carried over to d3/0 (loaded, not restarted)"
+
+
+def test_a_worker_node_allows_a_load_as_long_as_its_runner_config_does(tmp_path: Path) -> None:
+    """The manager's fixed 300 s would fail a model load the config gives 900 s, every time."""
+    config = {"command": "serve", "wait_ready": True, "load_timeout_s": 900}
+    assert load_limit_s(config, 300) == 900 + LOAD_LIMIT_MARGIN_S
+    assert load_limit_s({"command": "serve"}, 300) == 300
+    assert load_limit_s(config, 1_000) == 1_000  # the longer one wins
+    _, master_id = load_identity(tmp_path / "master")
+    node = WorkerNode(
+        tmp_path / "worker",
+        f"/ip4/127.0.0.1/tcp/1/p2p/{master_id}",
+        WorkerNodeConfig(runner=RunnerSetting(kind="subprocess", config=config)),
+    )
+    try:
+        assert node.manager is not None
+        assert node.manager._load_timeout_s == 900 + LOAD_LIMIT_MARGIN_S
+    finally:
+        node.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -190,6 +191,17 @@ async def test_subprocess_runner_self_test() -> None:
     assert crashing.reason == (
         "the runner failed during the self-test: exited with code 1: no CUDA device"
     )
+
+
+@pytest.mark.anyio
+async def test_the_load_step_allows_what_the_runner_config_allows() -> None:
+    # A model that loads for longer than the self-test's own load limit (0.2 s here, 300 s
+    # by default) but within the config's `load_timeout_s` passes.
+    slow = "import time; time.sleep(0.5); print('READY', flush=True); input()"
+    config = {"command": [sys.executable, "-c", slow], "wait_ready": True, "load_timeout_s": 20}
+    result = await self_test("subprocess", config, replace(PATIENT, load_s=0.2))
+    assert result.passed, result.reason
+    assert result.load_ms >= 500
 
 
 def test_needs_self_test_on_join_and_config_change() -> None:

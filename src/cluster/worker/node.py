@@ -30,9 +30,9 @@ from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
 from cluster.worker.relay import HostRelay
-from cluster.worker.runner_manager import RunnerManager
+from cluster.worker.runner_manager import DEFAULT_LOAD_TIMEOUT_S, RunnerManager
 from cluster.worker.runners.base import RunnerFactory
-from cluster.worker.runners.registry import RunnerSetting, make_factory
+from cluster.worker.runners.registry import RunnerSetting, load_limit_s, make_factory
 from cluster.worker.selftest import needs_self_test, run_self_test
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,13 @@ class WorkerNode:
             if sources is not None:
                 self.gatherer = InfoGatherer(worker.node_id, worker.emit_info, sources)
             if self._factory is not None:
+                assert config.runner is not None
                 self.manager = RunnerManager(
-                    worker.node_id, worker.emit, self._factory, connected=lambda: worker.connected
+                    worker.node_id,
+                    worker.emit,
+                    self._factory,
+                    load_timeout_s=load_limit_s(config.runner.config, DEFAULT_LOAD_TIMEOUT_S),
+                    connected=lambda: worker.connected,
                 )
         except BaseException:
             worker.close()  # the outbox is open: a bad setting must not leave it so

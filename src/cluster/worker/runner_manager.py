@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
 
+#: How long `load()` may take unless told otherwise (see `load_limit_s` for a runner config
+#: that allows more).
+DEFAULT_LOAD_TIMEOUT_S = 300.0
+
 #: Statuses in which a runner holds resources that `stop()` must release.
 _LIVE = frozenset({RunnerStatus.LOADING, RunnerStatus.READY, RunnerStatus.RUNNING})
 
@@ -156,7 +160,7 @@ class RunnerManager:
         work_interval_s: float = 1.0,
         health_interval_s: float = 2.0,
         health_timeout_s: float = 5.0,
-        load_timeout_s: float = 300.0,
+        load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
         stop_timeout_s: float = 30.0,
         carry_over_grace_s: float = 10.0,
         restart_limit: int = 3,

@@ -31,13 +31,14 @@ from cluster.worker.runners.base import (
     describe_error,
     stop_limit_s,
 )
-from cluster.worker.runners.registry import config_digest
+from cluster.worker.runners.registry import config_digest, load_limit_s
 
 SELF_TEST_PAYLOAD: Final = b"cluster self-test probe"
 
 
 @dataclass(frozen=True)
 class SelfTestTimeouts:
+    #: Longer when the runner config's own `load_timeout_s` allows more (`load_limit_s`).
     load_s: float = 300.0
     probe_s: float = 10.0
     request_s: float = 60.0
@@ -143,7 +144,7 @@ async def run_self_test(
             runner = factory(self_test_spec(node_id, gpu))
         except Exception as exc:
             raise _StepFailed(f"create: {describe_error(exc)}") from None
-        await timed("load", "load", timeouts.load_s, runner.load)
+        await timed("load", "load", load_limit_s(config, timeouts.load_s), runner.load)
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_in_background, runner)
             try:

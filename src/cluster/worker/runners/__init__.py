@@ -25,6 +25,7 @@ from cluster.worker.runners.registry import (
     available_kinds,
     config_digest,
     find_kind,
+    load_limit_s,
     load_runner_setting,
     make_factory,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "available_kinds",
     "config_digest",
     "find_kind",
+    "load_limit_s",
     "load_runner_setting",
     "make_factory",
 ]

@@ -102,6 +102,22 @@ def make_factory(name: str, config: Mapping[str, Any]) -> RunnerFactory:
     return factory
 
 
+#: How much longer than a runner config's own `load_timeout_s` the manager and the self-test
+#: wait for `load()`: the runner's own bound, with its clearer reason, must come first.
+LOAD_LIMIT_MARGIN_S: Final = 30.0
+
+
+def load_limit_s(config: Mapping[str, Any], default_s: float) -> float:
+    """How long `load()` of a runner with `config` may take: `default_s`, or longer when the
+    config's `load_timeout_s` (the subprocess runner's wait for READY; a plugin kind may take
+    the same key) asks for more -- a fixed limit would fail a slow load the config allows."""
+    try:
+        own_s = float(config.get("load_timeout_s", 0))
+    except (TypeError, ValueError):
+        return default_s  # malformed: the kind's own validation says so
+    return max(default_s, own_s + LOAD_LIMIT_MARGIN_S) if own_s > 0 else default_s
+
+
 class RunnerSetting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Which runner kind a worker uses and its configuration."""
 
