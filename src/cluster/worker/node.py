@@ -32,6 +32,7 @@ from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
 from cluster.worker.relay import HostRelay
 from cluster.worker.runner_manager import DEFAULT_LOAD_TIMEOUT_S, RunnerManager
 from cluster.worker.runners.base import RunnerFactory
+from cluster.worker.runners.process_groups import RunnerProcessGroups
 from cluster.worker.runners.registry import RunnerSetting, load_limit_s, make_factory
 from cluster.worker.selftest import needs_self_test, run_self_test
 
@@ -82,8 +83,11 @@ class WorkerNode:
         self._factory: RunnerFactory | None = None
         self._stop_requested = False
         self._stopping: anyio.Event | None = None  # made by run(): needs the event loop
+        self._process_groups = RunnerProcessGroups(data_dir / "runners")
         if config.runner is not None:
-            self._factory = make_factory(config.runner.kind, config.runner.config)
+            self._factory = make_factory(
+                config.runner.kind, config.runner.config, process_groups=self._process_groups
+            )
         sources = (
             default_sources(config.info, gpu_probe=self._gpu_probe)
             if config.info is not None
@@ -133,6 +137,9 @@ class WorkerNode:
             if self.config.control_socket:
                 await tg.start(control.serve, self.data_dir, HostRelay(worker).handle)
             tg.start_soon(self._stop_when_worker_finished, stopping)
+            # Before any runner starts: a command an earlier, killed worker process left
+            # running still holds its memory, and its slot would get a second one.
+            await self._process_groups.reap_leftovers()
             # What emits events on its own: stopped before the connection, so what it says
             # last still reaches the master.
             async with anyio.create_task_group() as emitters:

@@ -16,6 +16,7 @@ A worker's runner setting (kind + config) can come from a TOML file::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import tomllib
@@ -32,6 +33,7 @@ from cluster.worker.runners.base import (
     RunnerKind,
     RunnerSpec,
 )
+from cluster.worker.runners.process_groups import RunnerProcessGroups
 from cluster.worker.runners.simulated import SimulatedRunner
 from cluster.worker.runners.subprocess_runner import SubprocessRunner
 
@@ -82,13 +84,19 @@ def find_kind(name: str) -> RunnerKind:
     return kind  # type: ignore[no-any-return]
 
 
-def make_factory(name: str, config: Mapping[str, Any]) -> RunnerFactory:
+def make_factory(
+    name: str, config: Mapping[str, Any], *, process_groups: RunnerProcessGroups | None = None
+) -> RunnerFactory:
     """A factory building runners of kind `name` with `config` for any slot.
 
     The factory checks that what the kind builds is a `Runner`, so a broken plugin fails
     the self-test with a clear reason rather than somewhere deep in the manager.
+    `process_groups` records the commands of `subprocess` runners, so that a worker
+    restarted after a crash can end those left running.
     """
     kind = find_kind(name)
+    if kind is SubprocessRunner and process_groups is not None:
+        kind = functools.partial(SubprocessRunner, process_groups=process_groups)
     frozen = dict(config)
 
     def factory(spec: RunnerSpec) -> Runner:

@@ -57,6 +57,7 @@ from cluster.worker.runners.base import (
     RunnerSpec,
     parse_config,
 )
+from cluster.worker.runners.process_groups import RecordedRunner, RunnerProcessGroups
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,15 @@ class _LineReader:
 class SubprocessRunner(Runner):
     kind = "subprocess"
 
-    def __init__(self, spec: RunnerSpec, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        config: Mapping[str, Any],
+        *,
+        process_groups: RunnerProcessGroups | None = None,
+    ) -> None:
+        """`process_groups`: where the command is recorded, so that a worker restarted after
+        a crash ends it (see `cluster.worker.runners.process_groups`)."""
         super().__init__(spec)
         self.config = parse_config(SubprocessConfig, self.kind, config)
         command = self.config.command
@@ -229,6 +238,8 @@ class SubprocessRunner(Runner):
         _check_config_strings(self.config, argv)
         self.argv = argv
         self._process: anyio.abc.Process | None = None
+        self._process_groups = process_groups
+        self._recorded: RecordedRunner | None = None
         self._stdout: _LineReader | None = None
         self._stderr: _StderrReader | None = None
         self._units = 0
@@ -262,6 +273,11 @@ class SubprocessRunner(Runner):
 
     async def load(self) -> None:
         env = {**os.environ, **self.config.env, **slot_environment(self.spec)}
+        if self._process_groups is not None:
+            # Recorded before it starts: a worker killed -9 from here on leaves a record the
+            # next worker start uses to end the command (process_groups.py).
+            self._recorded = self._process_groups.record(self.spec.runner_id, self.config.grace_s)
+            env.update(self._recorded.environment)
         # Standard error through a pipe read in a thread: never a full pipe that blocks the
         # command, and no file growing for the process's life (only a tail is kept).
         stderr_read, stderr_write = os.pipe()
@@ -284,6 +300,8 @@ class SubprocessRunner(Runner):
             os.close(stderr_read)  # stop() has no process to clean up after
             if log_fd is not None:
                 os.close(log_fd)
+            with anyio.CancelScope(shield=True):
+                await self._release_record()
             if isinstance(exc, OSError | ValueError):
                 raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
             raise
@@ -401,6 +419,7 @@ class SubprocessRunner(Runner):
                 await process.aclose()
                 if self._stderr is not None:
                     self._stderr.close()
+                await self._release_record()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -414,6 +433,10 @@ class SubprocessRunner(Runner):
                     await process.stdin.send(line)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return  # the command closed its input; it exits or is being stopped
+
+    async def _release_record(self) -> None:
+        if self._recorded is not None:
+            await self._recorded.release()
 
     def _started(self) -> anyio.abc.Process:
         if self._process is None:
