@@ -985,27 +985,8 @@ async def test_manager_shutdown_stops_every_process(tmp_path: Path) -> None:
         assert emitted.statuses(f"d1/{s}")[-2:] == [S.STOPPING, S.STOPPED]
 
 
-class SlowStop(Runner):
-    """Serves forever; its stop takes a while, and it says so (`stop_time_s`)."""
-
-    def __init__(self, spec: RunnerSpec) -> None:
-        super().__init__(spec)
-        self.stopped = False
-
-    async def load(self) -> None:
-        pass
-
-    async def run(self) -> None:
-        await anyio.sleep_forever()
-
-    async def health(self) -> Health:
-        return HEALTHY
-
-    async def serve_request(self, payload: bytes) -> bytes:
-        return payload
-
-    def work_units(self) -> int:
-        return 0
+class SlowStop(Plugin):
+    """Serves until stopped; its stop takes a while, and it says so (`stop_time_s`)."""
 
     def stop_time_s(self) -> float:
         return 60.0
