@@ -128,6 +128,16 @@ def test_cluster_status_has_every_node_with_its_status() -> None:
     assert sum(status.counts.values()) == len(status.nodes) == 5
 
 
+def test_credit_is_each_nodes_balance_given_the_policys_grant() -> None:
+    """State records only what was earned and spent; status showed that delta (0 for a new
+    node, negative once it had scheduled) where `cluster maintenance next` showed 2h."""
+    status = cluster_status(busy_cluster().state, NOW, initial_credit_ms=120 * MIN)
+    credit = {n.node_id: n.credit_ms for n in status.nodes}
+    assert credit["node-c"] == 120 * MIN - 25 * MIN  # w-1 spent
+    assert credit["node-b"] == 120 * MIN  # w-2 spent, then refunded on cancel
+    assert credit["node-e"] == 120 * MIN
+
+
 def test_nodes_show_their_gpus_in_a_few_words() -> None:
     status = cluster_status(busy_cluster().state, NOW)
     by_id = {n.node_id: n for n in status.nodes}

@@ -224,9 +224,17 @@ class _Request:
 class HttpApi:
     """Serve the API for one `ClusterView`: ``port = await task_group.start(api.serve)``."""
 
-    def __init__(self, view: ClusterView, config: HttpApiConfig | None = None) -> None:
+    def __init__(
+        self,
+        view: ClusterView,
+        config: HttpApiConfig | None = None,
+        *,
+        initial_credit_ms: int = 0,
+    ) -> None:
         self.view = view
         self.config = config or HttpApiConfig()
+        #: The maintenance policy's starting grant, for each node's credit balance in status.
+        self.initial_credit_ms = initial_credit_ms
         check_config(self.config)
         self._dashboard = load_dashboard()
         self.port = 0
@@ -400,6 +408,7 @@ class HttpApi:
             now_ms,
             events_behind=metrics.catch_up_lag_by_node,
             catch_up_threshold=self.config.catch_up_threshold,
+            initial_credit_ms=self.initial_credit_ms,
         )
         return to_json(status)
 

@@ -121,7 +121,12 @@ class MasterNode:
                 await tg.start(control.serve, self.data_dir, self.service.handle_local)
             http_port = None
             if self.config.http is not None:
-                http_port = await tg.start(HttpApi(self.master, self.config.http).serve)
+                api = HttpApi(
+                    self.master,
+                    self.config.http,
+                    initial_credit_ms=self.config.policy.initial_credit_ms,
+                )
+                http_port = await tg.start(api.serve)
             task_status.started(Started(addrs=addrs, http_port=http_port))
             await self.master.wait_finished()
             tg.cancel_scope.cancel()

@@ -30,7 +30,11 @@ class MasterService:
 
     async def handle(self, request: Request, requester: str) -> Reply:
         if isinstance(request, StatusRequest):
-            status = cluster_status(self.master.state, self.master.now_ms())
+            status = cluster_status(
+                self.master.state,
+                self.master.now_ms(),
+                initial_credit_ms=self.policy.initial_credit_ms,
+            )
             return Reply(ok=True, message=render_text(status), data=to_builtins(status))
         replies: list[Reply] = []
 

@@ -155,8 +155,13 @@ def cluster_status(
     extra_node_ids: Iterable[str] = (),
     recent_windows: int = DEFAULT_RECENT_WINDOWS,
     recent_ledgers: int = DEFAULT_RECENT_LEDGERS,
+    initial_credit_ms: int = 0,
 ) -> ClusterStatus:
-    """Derive the whole picture at `now_ms` (see `node_statuses` for the node arguments)."""
+    """Derive the whole picture at `now_ms` (see `node_statuses` for the node arguments).
+
+    `initial_credit_ms` is the maintenance policy's grant every node starts with (State
+    records only what was earned and spent): each node's `credit_ms` is its balance.
+    """
     lag = events_behind or {}
     statuses = node_statuses(
         state,
@@ -185,7 +190,7 @@ def cluster_status(
                 last_event_idx=state.last_event_index(st.node_id),
                 events_behind=lag.get(st.node_id),
                 window_id=st.window_id,
-                credit_ms=state.credit_ms_by_node.get(st.node_id, 0),
+                credit_ms=initial_credit_ms + state.credit_ms_by_node.get(st.node_id, 0),
             )
         )
     epoch = None
