@@ -66,6 +66,15 @@ def test_parse_duration_errors_say_what_to_change(text: str, says: str) -> None:
     assert says in str(err.value)
 
 
+def test_a_bare_number_is_named_once() -> None:
+    with pytest.raises(DurationError) as err:
+        parse_duration("90")
+    assert str(err.value) == "'90' has no unit; write 90h, 90m or 90s"  # not "'90': '90' ..."
+    with pytest.raises(DurationError) as err:
+        parse_duration("1h30")
+    assert str(err.value).startswith("'1h30': '30' has no unit")
+
+
 @pytest.mark.parametrize(
     ("ms", "text"),
     [

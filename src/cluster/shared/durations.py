@@ -83,8 +83,10 @@ def parse_duration(text: str) -> int:
                 "instead of 1.5h"
             )
         if not unit:
+            # '90' alone names itself once; in '1h30' the part without a unit is named.
+            where = "" if digits == src.strip() else f"{text!r}: "
             raise DurationError(
-                f"{text!r}: {digits!r} has no unit; write {digits}h, {digits}m or {digits}s"
+                f"{where}{digits!r} has no unit; write {digits}h, {digits}m or {digits}s"
             )
         key = unit.lower()
         if key not in _UNIT_MS:
