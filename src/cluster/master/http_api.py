@@ -36,12 +36,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import h11
-import msgspec
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
 from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.master.metrics import MasterMetrics, render_prometheus
-from cluster.shared.codec import state_to_json, to_builtins
+from cluster.shared.codec import event_json, state_to_json
 from cluster.shared.events import IndexedEvent
 from cluster.shared.node_status import DEFAULT_CATCH_UP_THRESHOLD, node_statuses
 from cluster.shared.state import State
@@ -150,19 +149,6 @@ def load_dashboard() -> bytes:
         raise HttpApiConfigError(
             "cluster/master/dashboard.html is missing from the installed package"
         ) from None
-
-
-def event_json(ie: IndexedEvent) -> bytes:
-    """One indexed event as a JSON object (the log's array form, with names, for clients)."""
-    return msgspec.json.encode(
-        {
-            "idx": ie.idx,
-            "master_time_ms": ie.master_time_ms,
-            "origin": ie.origin,
-            "seq": ie.seq,
-            "event": to_builtins(ie.event),
-        }
-    )
 
 
 def _client_gone(exc: BaseException) -> bool:

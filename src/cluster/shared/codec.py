@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import msgspec
 from immutables import Map
 
-from cluster.shared.events import IndexedEvent
+from cluster.shared.events import Event, IndexedEvent, LogNumber
 from cluster.shared.node_gauges import GAUGES, NodeGauges
 from cluster.shared.node_marks import NodeMarks, address
 from cluster.shared.state import OPEN_WINDOW_STATES, State
@@ -200,3 +200,37 @@ def _check_closed_windows(state: State) -> None:
         raise ValidationError(
             f"closed_windows_by_node lists {len(listed)} of the {held} closed windows held"
         )
+
+
+class _IndexedEventObject(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`IndexedEvent` as a JSON object with named fields (`event_json`), not the log's array."""
+
+    idx: LogNumber
+    master_time_ms: LogNumber
+    origin: str
+    seq: LogNumber
+    event: Event
+
+
+_event_json_decoder = msgspec.json.Decoder(_IndexedEventObject)
+
+
+def event_json(ie: IndexedEvent) -> bytes:
+    """One indexed event as a JSON object, fields by name (what the master's /api/events
+    stream sends); `event_from_json` reads it back."""
+    return msgspec.json.encode(
+        {
+            "idx": ie.idx,
+            "master_time_ms": ie.master_time_ms,
+            "origin": ie.origin,
+            "seq": ie.seq,
+            "event": to_builtins(ie.event),
+        }
+    )
+
+
+def event_from_json(data: bytes | str) -> IndexedEvent:
+    """The IndexedEvent of one `event_json` object (e.g. an /api/events `data:` line), ready
+    for `apply`; raises `msgspec.DecodeError`/`ValidationError` on bad input."""
+    o = _event_json_decoder.decode(data)
+    return IndexedEvent(o.idx, o.master_time_ms, o.origin, o.seq, o.event)
