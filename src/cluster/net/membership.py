@@ -92,7 +92,10 @@ class Membership:
             return None
         expected = self.master_proof(worker_nonce, master_id, worker_id)
         if not hmac.compare_digest(proof, expected):
-            return f"master {master_id} failed to prove it knows the cluster secret"
+            return (
+                f"master {master_id} failed to prove it knows the cluster secret (or this "
+                "worker's secret file differs from the master's)"
+            )
         return None
 
 
