@@ -17,10 +17,9 @@ from cluster.master.http_api import (
     HttpApiConfig,
     HttpApiConfigError,
     check_config,
-    event_json,
 )
 from cluster.master.metrics import MasterMetrics, render_prometheus
-from cluster.shared.codec import state_to_json
+from cluster.shared.codec import event_json, state_to_json
 from cluster.shared.events import Event, IndexedEvent, NodeDisconnected, NodeHeartbeat
 from cluster.shared.node_status import node_statuses
 from cluster.shared.state import State

@@ -36,7 +36,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
-from cluster.worker.outbox import Outbox
+from cluster.worker.outbox import Outbox, OutboxError
 
 A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
 B = "12D3KooWKGJ9FFG1hRwr25njMwqkie1TmER523ekRHZLbrSrytoD"
@@ -268,18 +268,32 @@ def test_outbox_compaction_keeps_exactly_the_unacknowledged_records(
     box.close()
 
 
+def _crash(box: Outbox) -> None:
+    """What a kill -9 leaves: the files as they are, the descriptors (and the lock) gone."""
+    os.close(box._fd)
+    os.close(box._lock_fd)
+
+
+def test_a_second_worker_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    box = Outbox.open(tmp_path)
+    with pytest.raises(OutboxError, match="in use by another worker process"):
+        Outbox.open(tmp_path)
+    box.close()
+    Outbox.open(tmp_path).close()  # free again once the first is closed
+
+
 def test_outbox_watermark_may_lag_but_seqs_never_go_back(tmp_path: Path) -> None:
     box = Outbox.open(tmp_path)
     for _ in range(10):
         box.append(NodeHeartbeat(node_id=A))
     box.ack(4)  # kept in memory only: the records are still in events.log
     assert box.acked == 4
-    os.close(box._fd)  # a crash: no close(), nothing more written
+    _crash(box)  # no close(), nothing more written
     box = Outbox.open(tmp_path)
     # Records the master already holds are offered again (it drops them as duplicates).
     assert box.acked <= 4 and [s for s, _ in box.pending_after(0, 100)][-6:] == list(range(5, 11))
     box.skip_to(30)  # the master holds up to 30: the log empties, the watermark is written
-    os.close(box._fd)  # crash again
+    _crash(box)
     box = Outbox.open(tmp_path)
     assert box.append(NodeHeartbeat(node_id=A)) == 31
     box.close()

@@ -36,6 +36,7 @@ from cluster.worker.runners import (
     find_kind,
     load_runner_setting,
     make_factory,
+    subprocess_runner,
 )
 from cluster.worker.runners.subprocess_runner import STDERR_TAIL_BYTES, slot_environment
 
@@ -466,6 +467,21 @@ async def test_subprocess_clean_exit_with_a_child_holding_its_output(tmp_path: P
 
 
 @pytest.mark.anyio
+async def test_a_leader_dying_before_ready_fails_the_load_at_once(tmp_path: Path) -> None:
+    """With wait_ready, a leader that exits while the child it started holds standard output
+    made load() wait out the whole load timeout and report "no READY line"; now its exit
+    code and last stderr line, at once, and the child is gone."""
+    command = _launcher(tmp_path, "echo 'CUDA OOM' >&2; exit 3", child_stdout="")
+    config = {"command": command, "wait_ready": True, "load_timeout_s": 600, "grace_s": 0.5}
+    runner = SubprocessRunner(SPEC, config)
+    with anyio.fail_after(60):  # a tenth of the load timeout
+        with pytest.raises(RunnerError, match="exited with code 3: CUDA OOM before printing READY"):
+            await runner.load()
+        assert await _gone(_child_pid(tmp_path))
+        await runner.stop()
+
+
+@pytest.mark.anyio
 async def test_subprocess_without_requests(program: list[str]) -> None:
     runner = SubprocessRunner(SPEC, {"command": [*program, "serve"], "wait_ready": True})
     with anyio.fail_after(20):
@@ -772,3 +788,25 @@ def test_config_digest_tracks_the_setting() -> None:
     assert config_digest("simulated", a) != config_digest("simulated", {**a, "load_s": 2})
     assert config_digest("simulated", a) != config_digest("subprocess", a)
     assert len(config_digest("simulated", a)) == 64
+
+
+@pytest.mark.anyio
+async def test_closing_a_process_that_never_ends_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leader stuck in the kernel (a hung GPU driver call) ignores even SIGKILL; anyio's
+    aclose() waited for it without limit, inside a shielded scope: the stop, and the worker's
+    shutdown behind it, hung for good."""
+
+    class Stuck:
+        pid = 4242
+        stdin = stdout = stderr = None
+
+        async def wait(self) -> int:
+            await anyio.sleep_forever()
+            return 0
+
+    monkeypatch.setattr(subprocess_runner, "_REAP_WAIT_S", 0.2)
+    with anyio.fail_after(20), anyio.CancelScope(shield=True):
+        await subprocess_runner._close_bounded(Stuck())  # type: ignore[arg-type]
+    assert "process 4242 did not end" in caplog.text

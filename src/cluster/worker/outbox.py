@@ -26,6 +26,7 @@ record on disk, so the master's (origin, seq) duplicate check stays correct acro
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
@@ -102,6 +103,7 @@ class Outbox:
         self._acked_on_disk = 0
         self._last_seq = 0
         self._fd = -1
+        self._lock_fd = -1
         self._size = 0
         #: Bytes of `events.log` that unacknowledged records take (the rest is garbage).
         self._pending_size = 0
@@ -115,28 +117,20 @@ class Outbox:
         except OSError as exc:
             raise OutboxError(f"cannot create outbox {directory}: {exc.strerror}") from exc
         box = cls(directory)
-        box._acked = box._acked_on_disk = box._read_ack()
-        box._last_seq = box._acked
-        box._load_log()
-        # Read-write: compaction copies the unacknowledged tail from it (`_compact`).
-        box._fd = os.open(box._log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        box._lock_fd = _lock(directory)
+        try:
+            box._acked = box._acked_on_disk = box._read_ack()
+            box._last_seq = box._acked
+            box._load_log()
+            # Read-write: compaction copies the unacknowledged tail from it (`_compact`).
+            box._fd = os.open(box._log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except BaseException:
+            os.close(box._lock_fd)
+            raise
         return box
 
     def _read_ack(self) -> int:
-        try:
-            data = self._ack_path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        if len(data) != _ACK.size:
-            raise OutboxError(
-                f"{self._ack_path}: {len(data)} bytes, expected {_ACK.size}{_ACK_RECOVERY}"
-            )
-        seq, crc = _ACK.unpack(data)
-        if zlib.crc32(data[:8]) != crc:
-            raise OutboxError(
-                f"{self._ack_path}: checksum mismatch (corrupt ack watermark){_ACK_RECOVERY}"
-            )
-        return int(seq)
+        return read_acked(self.directory)
 
     def _load_log(self) -> None:
         try:
@@ -342,3 +336,37 @@ class Outbox:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+
+def _lock(directory: Path) -> int:
+    """Hold an exclusive flock on ``directory/LOCK`` (released when the fd is closed, also by
+    a crash). One worker per data directory: a second one would resend the same seqs and,
+    at start, take the first one's live runners for a dead worker's leftovers."""
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxError(
+            f"{directory} is in use by another worker process (one worker per data directory)"
+        ) from None
+    return fd
+
+
+def read_acked(directory: Path) -> int:
+    """The ack watermark of the outbox in `directory`, read without opening the outbox (its
+    lock belongs to the running worker): for tools and tests looking at a live worker."""
+    path = directory / "acked"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(data) != _ACK.size:
+        raise OutboxError(f"{path}: {len(data)} bytes, expected {_ACK.size}{_ACK_RECOVERY}")
+    seq, crc = _ACK.unpack(data)
+    if zlib.crc32(data[:8]) != crc:
+        raise OutboxError(f"{path}: checksum mismatch (corrupt ack watermark){_ACK_RECOVERY}")
+    return int(seq)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import itertools
 import logging
 import os
@@ -312,13 +313,15 @@ class SubprocessRunner(Runner):
         self._stdout = _LineReader(self._process.stdout)
         if not self.config.wait_ready:
             return
+        process = self._process
         with anyio.move_on_after(self.config.load_timeout_s) as scope:
-            while not self._ready:
-                if not await self._read_one_line():
-                    rc = await self._end_group(self._process)
-                    raise RunnerError(f"{self._exit_reason(rc)} before printing READY")
+            await self._read_until_ready_or_exit(process)
         if scope.cancelled_caught:
             raise RunnerError(f"no READY line within {self.config.load_timeout_s:g}s")
+        if not self._ready:
+            rc = await self._end_group(process)  # also reads what it printed last
+            if not self._ready:
+                raise RunnerError(f"{self._exit_reason(rc)} before printing READY")
 
     async def run(self) -> None:
         process = self._started()
@@ -416,7 +419,7 @@ class SubprocessRunner(Runner):
         finally:
             with anyio.CancelScope(shield=True):
                 self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
-                await process.aclose()
+                await _close_bounded(process)
                 if self._stderr is not None:
                     self._stderr.close()
                 await self._release_record()
@@ -456,6 +459,9 @@ class SubprocessRunner(Runner):
         except ProcessLookupError:
             self._group_over = True
             return False
+        except PermissionError:  # e.g. only a setuid member is left: nothing we may signal
+            log.warning("runner %s: not allowed to signal its processes", self.spec.runner_id)
+            return False
         # A SIGKILL to a group reaches all of it at once: nothing can be left to signal.
         self._group_over = sig == signal.SIGKILL
         return True
@@ -491,6 +497,21 @@ class SubprocessRunner(Runner):
                 await _wait_group_gone(process.pid)
                 self._group_over = True
             tg.cancel_scope.cancel()  # a cancelled read loses no data (`_LineReader`)
+
+    async def _read_until_ready_or_exit(self, process: anyio.abc.Process) -> None:
+        # Until READY, the end of output or the leader's exit, whichever is first: a leader
+        # that dies while a child it started holds standard output (`sh -c 'serve & ...'`)
+        # must fail the load with its exit code now, not after the whole load timeout.
+        async with anyio.create_task_group() as tg:
+
+            async def leader_exited() -> None:
+                await process.wait()
+                tg.cancel_scope.cancel()  # a cancelled read loses no data (`_LineReader`)
+
+            tg.start_soon(leader_exited)
+            while not self._ready and await self._read_one_line():
+                pass
+            tg.cancel_scope.cancel()
 
     async def _read_all_lines(self) -> None:
         while await self._read_one_line():
@@ -638,3 +659,21 @@ class _StderrReader:
             log.warning("runner log file: %s (no more logging for this process)", exc)
             os.close(self._log_fd)
             self._log_fd = None
+
+
+#: How long stopping waits for the leader to be reaped after SIGKILL.
+_REAP_WAIT_S: Final = 10.0
+
+
+async def _close_bounded(process: anyio.abc.Process) -> None:
+    """`process.aclose()` with a bounded wait: that waits for the leader without limit, and
+    one stuck in the kernel (a hung GPU driver call) ignores even SIGKILL -- a stop, and the
+    worker's shutdown behind it, would hang for good."""
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+    with anyio.move_on_after(_REAP_WAIT_S):
+        await process.wait()
+        return
+    log.warning("process %d did not end within %gs of SIGKILL", process.pid, _REAP_WAIT_S)
