@@ -18,12 +18,15 @@ import pytest
 from cluster_procs import wait_until
 
 from cluster.worker.node import WorkerNode, WorkerNodeConfig
-from cluster.worker.runners import RunnerSpec, SubprocessRunner
+from cluster.worker.runners import RunnerSpec, SubprocessRunner, process_groups
 from cluster.worker.runners.process_groups import OWNER_VARIABLE, RunnerProcessGroups
 
 # A runner that neither prints nor reads (a model still loading): the shell leads the group,
 # `sleep` is its child.
 SILENT_COMMAND = ["sh", "-c", "sleep 1000; :"]
+# The same, run without the record's token, as a process that sets its title with
+# setproctitle (Ray, vLLM) shows it: none of its processes carries the token in /proc.
+TOKENLESS_COMMAND = ["sh", "-c", f"exec env -u {OWNER_VARIABLE} sh -c 'sleep 1000; :'"]
 UNREACHABLE_MASTER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
 SPEC = RunnerSpec(
     runner_id="ds-1/0",
@@ -58,6 +61,29 @@ async def main() -> None:
 
 anyio.run(main, backend="trio")
 """
+
+
+def session_members(sid: int) -> set[int]:
+    """The live (not zombie) processes of session `sid`."""
+    members: set[int] = set()
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{name}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+            if int(fields[3]) == sid and fields[0] != b"Z":
+                members.add(int(name))
+    return members
+
+
+def carries_a_token(pid: int) -> bool:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
+        return f"{OWNER_VARIABLE}=".encode() in f.read()
+    return False
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def group_alive(pgid: int) -> bool:
@@ -101,17 +127,30 @@ def read_pid(proc: subprocess.Popen[bytes]) -> int:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "command", [SILENT_COMMAND, TOKENLESS_COMMAND], ids=["token", "token-dropped"]
+)
 async def test_a_restarted_worker_ends_the_runner_its_killed_predecessor_left(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, command: list[str]
 ) -> None:
     data_dir = tmp_path / "w"
     runner_pgid: int | None = None
     try:
-        with started(SILENT_COMMAND) as stranger:
+        with started(command) as stranger:
             with started(
-                [sys.executable, "-c", STAND_IN_WORKER, str(data_dir / "runners"), *SILENT_COMMAND]
+                [sys.executable, "-c", STAND_IN_WORKER, str(data_dir / "runners"), *command]
             ) as stand_in:
-                runner_pgid = read_pid(stand_in)  # the leader of its own group
+                runner_pgid = read_pid(stand_in)  # the leader of its own group and session
+                if command is TOKENLESS_COMMAND:  # found by its session alone
+                    sid = runner_pgid
+                    wait_until(
+                        lambda: (
+                            len(session_members(sid)) == 2
+                            and not any(map(carries_a_token, session_members(sid)))
+                        ),
+                        10,
+                        "the runner's shell and sleep, without the token",
+                    )
                 stand_in.kill()  # kill -9 of the worker
                 stand_in.wait(timeout=10)
             assert group_alive(runner_pgid), "the runner outlives its worker (nothing to test)"
@@ -179,3 +218,97 @@ async def test_a_command_carries_its_record_token_and_a_stop_removes_the_record(
         with anyio.fail_after(30):
             await runner.stop()
     assert list(groups.directory.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_process_that_drops_the_token_and_leaves_the_group_keeps_the_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The command starts a child without the token in a process group of its own, which the
+    # stop does not reach; its session gives it away, before and after the leader is gone.
+    spawn = (
+        "import os, subprocess, time\n"
+        f"env = dict(os.environ); del env[{OWNER_VARIABLE!r}]\n"
+        "subprocess.Popen(['sleep', '1000'], env=env, process_group=0)\n"
+        "time.sleep(1000)\n"
+    )
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    runner = SubprocessRunner(
+        SPEC, {"command": [sys.executable, "-c", spawn], "grace_s": 2.0}, process_groups=groups
+    )
+    leader: int | None = None
+    try:
+        with anyio.fail_after(30):
+            await runner.load()
+            leader = runner.pid
+            assert leader is not None
+            sid = leader
+            members = wait_until(
+                lambda: len(session_members(sid)) == 2 and session_members(sid),
+                10,
+                "the runner's child",
+            )
+            (child,) = members - {leader}
+            assert not carries_a_token(child)
+            with caplog.at_level(logging.WARNING):
+                await runner.stop()
+            assert f"processes {child} outlived its stop" in caplog.text
+            assert session_members(sid) == {child}  # the leader is gone, waited for
+            assert len(list(groups.directory.iterdir())) == 1
+
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                await RunnerProcessGroups(groups.directory).reap_leftovers()
+            assert f"(pids {child}): ending it" in caplog.text
+            wait_until(lambda: not session_members(sid), 10, "the child to end")
+            assert list(groups.directory.iterdir()) == []
+    finally:
+        with anyio.fail_after(30):
+            await runner.stop()
+        if leader is not None:
+            kill_session(leader)
+
+
+@pytest.mark.anyio
+async def test_a_session_whose_leader_pid_was_reused_is_not_the_runners(tmp_path: Path) -> None:
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    recorded = groups.record("ds-1/0", grace_s=0.2)
+    with started(SILENT_COMMAND) as stranger:  # a session leader, as the runner's was
+        recorded.started(stranger.pid)
+        record = recorded.path.read_bytes()
+        assert f'"leader_pid":{stranger.pid}'.encode() in record
+        # The same pid with another start time: a stranger that got the pid once the runner's
+        # session had ended.
+        start = recorded.leader_start
+        assert start is not None
+        recorded.path.write_bytes(
+            record.replace(f":{start}}}".encode(), f":{start - 1}}}".encode())
+        )
+        with anyio.fail_after(30):
+            await groups.reap_leftovers()
+        assert group_alive(stranger.pid)
+        assert list(groups.directory.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_process_that_cannot_be_signalled_is_logged_and_keeps_its_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    recorded = groups.record("ds-1/0", grace_s=0.1)
+    with started(SILENT_COMMAND, env={**os.environ, **recorded.environment}) as other_users:
+        real_killpg = os.killpg
+
+        def killpg(pgid: int, sig: int) -> None:
+            if pgid == other_users.pid:
+                raise PermissionError(1, "Operation not permitted")
+            real_killpg(pgid, sig)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "killpg", killpg)
+            patched.setattr(process_groups, "_KILL_WAIT_S", 0.2)
+            with anyio.fail_after(30), caplog.at_level(logging.WARNING):
+                await groups.reap_leftovers()
+        assert f"cannot signal the process group {other_users.pid} " in caplog.text
+        assert [path.name for path in groups.directory.iterdir()] == [recorded.path.name]
+        assert group_alive(other_users.pid)

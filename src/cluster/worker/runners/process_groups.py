@@ -10,9 +10,16 @@ by a random token that the command's environment carries as ``CLUSTER_RUNNER_OWN
 children inherit it). A worker starting on the data dir, before it starts any runner, finds
 the processes that carry a recorded token (in ``/proc/<pid>/environ``, so Linux only), sends
 SIGTERM to their process groups, SIGKILL after the runner's grace period, and removes the
-records. Only the token decides: a recorded pid may have been reused by a stranger, a token
-never is. A record needs no fsync: it matters only while the machine stays up (a power loss
-ends the runners too), and a write survives the worker's kill -9.
+records. A recorded pid alone never decides (it may have been reused by a stranger); a token
+is never reused.
+
+A process may drop the token though: setproctitle (Ray, vLLM, gunicorn) writes the title over
+the memory that ``/proc/<pid>/environ`` shows, and a command may run its program with ``env -u``.
+So once the command has started its record also holds the leader's pid and start time: the
+leader starts its own session, whose id (its pid) all its descendants share unless they start
+a session of their own, and that session counts as the runner's by the rule in
+`_session_is_the_runners`. A record needs no fsync: it matters only while the machine stays up
+(a power loss ends the runners too), and a write survives the worker's kill -9.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Collection, Iterable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import anyio
 import anyio.to_thread
@@ -48,21 +55,62 @@ _RELEASE_WAIT_S: Final = 1.0
 class _Record(msgspec.Struct, frozen=True):
     runner_id: str
     grace_s: float
+    # The command's leader once it has started (absent before, and in records from before
+    # they were kept): its pid, which is its session's id, and its start time in clock ticks
+    # after boot (field 22 of /proc/<pid>/stat).
+    leader_pid: int | None = None
+    leader_start: int | None = None
+
+
+class _Owner(NamedTuple):
+    """What identifies one runner's processes: the token, and the leader once started."""
+
+    token: str
+    leader_pid: int | None
+    leader_start: int | None
+
+
+class _Stat(NamedTuple):
+    """The fields of /proc/<pid>/stat used here."""
+
+    state: str
+    session: int
+    start: int
 
 
 class RecordedRunner:
     """One runner's record: its command's environment carries `environment`."""
 
-    def __init__(self, path: Path, token: str, runner_id: str) -> None:
+    def __init__(self, path: Path, token: str, runner_id: str, grace_s: float = 0.0) -> None:
         self.path = path
         self.token = token
         self.runner_id = runner_id
+        self.grace_s = grace_s
         self.environment = {OWNER_VARIABLE: token}
+        self.leader_pid: int | None = None
+        self.leader_start: int | None = None
+
+    def started(self, pid: int) -> None:
+        """Add the command's leader, just started in a session of its own, to the record:
+        its session reaches the processes that drop the token. Call right after the start,
+        before the leader is waited for."""
+        stat = _read_stat(pid)
+        if stat is None or stat.session != pid:  # not Linux, or not a session leader
+            return
+        self.leader_pid, self.leader_start = pid, stat.start
+        record = _Record(self.runner_id, self.grace_s, pid, stat.start)
+        try:
+            write_text_atomically(self.path, msgspec.json.encode(record).decode())
+        except OSError as exc:  # the token still reaches the processes that keep it
+            log.warning(
+                "runner %s: cannot record its leader in %s: %s", self.runner_id, self.path, exc
+            )
 
     async def release(self) -> None:
-        """Remove the record once no process carries the token; keep it (the worker's next
-        start ends them) if some outlive the runner's stop."""
-        holders = await _wait_until_gone({self.token}, _RELEASE_WAIT_S)
+        """Remove the record once no process of the runner is left; keep it (the worker's
+        next start ends them) if some outlive the runner's stop."""
+        owner = _Owner(self.token, self.leader_pid, self.leader_start)
+        holders = await _wait_until_gone({self.token: owner}, _RELEASE_WAIT_S)
         if holders:
             log.warning(
                 "runner %s: processes %s outlived its stop; the worker's next start ends them",
@@ -88,7 +136,7 @@ class RunnerProcessGroups:
         token = secrets.token_hex(16)
         path = self.directory / f"{token}{_RECORD_SUFFIX}"
         write_text_atomically(path, msgspec.json.encode(_Record(runner_id, grace_s)).decode())
-        return RecordedRunner(path, token, runner_id)
+        return RecordedRunner(path, token, runner_id, grace_s)
 
     async def reap_leftovers(self) -> None:
         """End the processes of every recorded runner (left by an earlier worker process)
@@ -96,7 +144,11 @@ class RunnerProcessGroups:
         records = self._read_records()
         if not records:
             return
-        holders = await anyio.to_thread.run_sync(_token_holders, records.keys())
+        owners = {
+            token: _Owner(token, record.leader_pid, record.leader_start)
+            for token, (_, record) in records.items()
+        }
+        holders = await anyio.to_thread.run_sync(_runner_processes, owners)
         for token, pids in sorted(holders.items()):
             log.warning(
                 "runner %s was left running by an earlier worker process (pids %s): ending it",
@@ -105,7 +157,7 @@ class RunnerProcessGroups:
             )
         if holders:
             grace_s = max(records[token][1].grace_s for token in holders)
-            holders = await _end_processes(holders, grace_s)
+            holders = await _end_processes(holders, owners, grace_s)
         for token, (path, _) in records.items():
             if token not in holders:  # else kept: the next start tries again
                 with contextlib.suppress(FileNotFoundError):
@@ -118,7 +170,7 @@ class RunnerProcessGroups:
         except FileNotFoundError:
             return records
         for path in entries:
-            if path.name.startswith("."):  # a write cut by a crash: its command never started
+            if path.name.startswith("."):  # a write cut by a crash (what it replaces stays)
                 path.unlink(missing_ok=True)
             elif path.name.endswith(_RECORD_SUFFIX):
                 try:
@@ -131,20 +183,77 @@ class RunnerProcessGroups:
         return records
 
 
-def _token_holders(tokens: Iterable[str]) -> dict[str, set[int]]:
-    """The live processes whose environment carries each token (zombies carry none)."""
-    wanted = {f"{OWNER_VARIABLE}={token}".encode(): token for token in tokens}
+def _read_stat(pid: int) -> _Stat | None:
+    """The state, session id and start time of process `pid`; None if it cannot be read
+    (gone, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp session ... starttime ...": comm may hold spaces and
+    # parentheses, the fields after it hold neither, so they start after the last ')'.
+    closing = data.rfind(b")")
+    fields = data[closing + 1 :].split()
+    try:
+        if closing < 0:
+            raise ValueError
+        return _Stat(fields[0].decode("ascii"), int(fields[3]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def _session_is_the_runners(owner: _Owner, stats: Mapping[int, _Stat]) -> bool:
+    """Are the live processes just found in session `owner.leader_pid` (there are some) the
+    runner's? `stats`: all the processes found in the same look, zombies included.
+
+    Linux gives no new process a pid that is still in use as a process's, a group's or a
+    session's id. So while any process of the runner's session lives, its id (the leader's
+    pid) is taken and no other session can have it:
+    - the leader is there with its recorded start time (a zombie too): the session is the
+      runner's (a session leader cannot leave its session);
+    - another process has the leader's pid: the pid was free, so the runner's session had
+      ended: the session of that id, if any, is a stranger's;
+    - no process has the pid but the session has members: they are the runner's, unless its
+      whole session ended, a stranger got the pid, started a session of that id, and went,
+      leaving members behind, all while the record stood (the worker's downtime, or the
+      second of a stop): that takes a wrap-around of the pid space, accepted here as too
+      unlikely to weigh against a leftover that holds a GPU for good.
+    """
+    if owner.leader_pid is None or owner.leader_pid <= 1:
+        return False
+    leader = stats.get(owner.leader_pid)
+    if leader is not None:
+        return leader.start == owner.leader_start and leader.session == owner.leader_pid
+    return True
+
+
+def _runner_processes(owners: Mapping[str, _Owner]) -> dict[str, set[int]]:
+    """The live processes (zombies are not) of each runner, by token: those that carry the
+    token in their environment, and those in the runner's session (see
+    `_session_is_the_runners`)."""
+    wanted = {f"{OWNER_VARIABLE}={token}".encode(): token for token in owners}
     marker = f"{OWNER_VARIABLE}=".encode()
     holders: dict[str, set[int]] = {}
-    if not wanted:
+    if not owners:
         return holders
     try:
         entries = os.listdir("/proc")
     except FileNotFoundError:  # not Linux: nothing can be verified, so nothing is ended
         return holders
+    stats: dict[int, _Stat] = {}
+    by_session: dict[int, set[int]] = {}
     for name in entries:
         if not name.isdigit():
             continue
+        pid = int(name)
+        stat = _read_stat(pid)
+        if stat is None:  # gone
+            continue
+        stats[pid] = stat
+        if stat.state in ("Z", "X"):  # a zombie: nothing left to end
+            continue
+        by_session.setdefault(stat.session, set()).add(pid)
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
                 environ = f.read()
@@ -155,29 +264,40 @@ def _token_holders(tokens: Iterable[str]) -> dict[str, set[int]]:
         for variable in environ.split(b"\0"):
             token = wanted.get(variable)
             if token is not None:
-                holders.setdefault(token, set()).add(int(name))
+                holders.setdefault(token, set()).add(pid)
+    for token, owner in owners.items():
+        if owner.leader_pid is None:
+            continue
+        members = by_session.get(owner.leader_pid, set())
+        if members and _session_is_the_runners(owner, stats):
+            holders.setdefault(token, set()).update(members)
     return holders
 
 
-async def _wait_until_gone(tokens: Collection[str], timeout_s: float) -> dict[str, set[int]]:
-    """The processes still carrying `tokens` when none does or `timeout_s` has passed."""
-    holders = await anyio.to_thread.run_sync(_token_holders, tokens)
+async def _wait_until_gone(owners: Mapping[str, _Owner], timeout_s: float) -> dict[str, set[int]]:
+    """The processes still left of the runners `owners` when none is or `timeout_s` has
+    passed."""
+    holders = await anyio.to_thread.run_sync(_runner_processes, owners)
     with anyio.move_on_after(timeout_s):
         while holders:
             await anyio.sleep(_POLL_S)
-            holders = await anyio.to_thread.run_sync(_token_holders, holders.keys())
+            left = {token: owners[token] for token in holders}
+            holders = await anyio.to_thread.run_sync(_runner_processes, left)
     return holders
 
 
-async def _end_processes(holders: dict[str, set[int]], grace_s: float) -> dict[str, set[int]]:
+async def _end_processes(
+    holders: dict[str, set[int]], owners: Mapping[str, _Owner], grace_s: float
+) -> dict[str, set[int]]:
     """SIGTERM to the groups of `holders`, SIGKILL to those still there after `grace_s`;
     what is left after that."""
     _signal_groups(holders, signal.SIGTERM)
-    holders = await _wait_until_gone(holders.keys(), grace_s)
+    holders = await _wait_until_gone({token: owners[token] for token in holders}, grace_s)
     if holders:
         log.warning("still running after %gs: SIGKILL to %s", grace_s, _pid_list(holders))
         _signal_groups(holders, signal.SIGKILL)
-        holders = await _wait_until_gone(holders.keys(), _KILL_WAIT_S)
+        left = {token: owners[token] for token in holders}
+        holders = await _wait_until_gone(left, _KILL_WAIT_S)
     if holders:
         log.error("still running %gs after SIGKILL: %s", _KILL_WAIT_S, _pid_list(holders))
     return holders
@@ -185,16 +305,33 @@ async def _end_processes(holders: dict[str, set[int]], grace_s: float) -> dict[s
 
 def _signal_groups(holders: dict[str, set[int]], sig: signal.Signals) -> None:
     """Signal the process groups of `holders`, just found: a group id of a verified live
-    member cannot belong to a stranger. Never our own group."""
-    groups: set[int] = set()
+    member cannot belong to a stranger (and a group lies within one session). Never our own
+    group or session. A group we may not signal is logged, and left to its record."""
+    own_group, own_session = os.getpgrp(), os.getsid(0)
+    groups: dict[int, int] = {}  # group id: a pid in it
     for pids in holders.values():
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                groups.add(os.getpgid(pid))
-    groups.discard(os.getpgrp())
-    for group in sorted(groups):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        for pid in sorted(pids):
+            try:
+                group, session = os.getpgid(pid), os.getsid(pid)
+            except ProcessLookupError:
+                continue
+            except PermissionError as exc:
+                log.warning("cannot signal runner process %d: %s; its record is kept", pid, exc)
+                continue
+            if group != own_group and session != own_session:
+                groups.setdefault(group, pid)
+    for group, pid in sorted(groups.items()):
+        try:
             os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.warning(
+                "cannot signal the process group %d of runner process %d: %s; its record is kept",
+                group,
+                pid,
+                exc,
+            )
 
 
 def _pid_list(holders: dict[str, set[int]]) -> str:

@@ -308,6 +308,8 @@ class SubprocessRunner(Runner):
             raise
         finally:
             os.close(stderr_write)  # the command has its own copy
+        if self._recorded is not None:
+            self._recorded.started(self._process.pid)
         self._stderr = _StderrReader(stderr_read, log_fd, prefix)
         assert self._process.stdout is not None
         self._stdout = _LineReader(self._process.stdout)
