@@ -150,10 +150,6 @@ class _Submission:
         self.error: BaseException | None = None
 
 
-class _Lagging:
-    """Marker: a subscriber's queue overflowed."""
-
-
 class _Broadcast:
     """One group commit as every subscriber receives it: encoded ONCE, shared by all.
 
@@ -203,7 +199,7 @@ class Master:
         self._state = store.state
         self._last_idx = store.last_idx
         self._members: set[str] = set()
-        self._subscribers: dict[int, MemoryObjectSendStream[_Broadcast | _Lagging]] = {}
+        self._subscribers: dict[int, MemoryObjectSendStream[_Broadcast]] = {}
         self._sub_ids = itertools.count(1)
         self._store_lock = anyio.Lock()
         #: Held while a batch is indexed, and while a decision (planner cycle, request) is
@@ -453,10 +449,10 @@ class Master:
             try:
                 send.send_nowait(item)
             except anyio.WouldBlock:
-                # Too slow: cut it; it resubscribes from its last index (DESIGN section 7).
+                # Too slow: cut it. Its queue is full, so the cut is said by closing it: the
+                # subscriber's stream sends what was queued, then 'lagging' (`_send_live`), and
+                # it resubscribes from its last index on the same connection (DESIGN section 7).
                 del self._subscribers[sid]
-                with contextlib.suppress(anyio.WouldBlock):
-                    send.send_nowait(_Lagging())
                 send.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 del self._subscribers[sid]
@@ -469,8 +465,11 @@ class Master:
             if self.planner is not None:
                 await self.index_decision(self._plan_safely)
             if self.config.data_dir is not None and written != self._last_idx:
-                written = self._last_idx
-                write_digest_file(self.config.data_dir, self._state, role="master")
+                try:
+                    write_digest_file(self.config.data_dir, self._state, role="master")
+                    written = self._last_idx
+                except OSError as exc:  # auxiliary output (a full disk...): keep serving
+                    log.warning("could not write digest.json (retried next cycle): %s", exc)
 
     def _plan_safely(self, state: State, now_ms: int) -> list[Event]:
         assert self.planner is not None
@@ -679,13 +678,13 @@ class Master:
                 "drop the replica and subscribe from 0",
             )
             return
-        send, recv = anyio.create_memory_object_stream[_Broadcast | _Lagging](cfg.subscriber_queue)
+        send, recv = anyio.create_memory_object_stream[_Broadcast](cfg.subscriber_queue)
         sid = next(self._sub_ids)
         boundary = self._last_idx  # no await between this read and registering
         self._subscribers[sid] = send
         live = False
         try:
-            cursor = await self._send_catch_up(fs, cursor, boundary)
+            cursor = await self._send_catch_up(fs, cursor, boundary, sid)
             self._live[fs.peer_id] += 1
             live = True
             await self._send_live(fs, recv, cursor)
@@ -704,11 +703,15 @@ class Master:
                 self._live[fs.peer_id] -= 1
                 if not self._live[fs.peer_id]:
                     del self._live[fs.peer_id]
+                    # Catch-up lag is reported for nodes being served, not for ones gone.
+                    self._sent_idx.pop(fs.peer_id, None)
             self._subscribers.pop(sid, None)
             send.close()
             recv.close()
 
-    async def _send_catch_up(self, fs: nethost.FramedStream, cursor: int, boundary: int) -> int:
+    async def _send_catch_up(
+        self, fs: nethost.FramedStream, cursor: int, boundary: int, sid: int
+    ) -> int:
         cfg = self.config
         if cursor <= boundary and (cursor == 1 or boundary - cursor >= cfg.snapshot_behind):
             async with self._store_lock:
@@ -721,6 +724,8 @@ class Master:
                     await fs.send(chunk, cfg.peer_timeout)
                 cursor = snap_idx + 1
         while cursor <= boundary:
+            if sid not in self._subscribers:  # cut while catching up: stop reading the log
+                raise _lagging(cfg.subscriber_queue, cursor)
             n = min(cfg.frame_events, boundary - cursor + 1)
             async with self._store_lock:
                 chunk_records = await anyio.to_thread.run_sync(self._read_raw, cursor, n)
@@ -742,33 +747,31 @@ class Master:
     async def _send_records(
         self, fs: nethost.FramedStream, records: list[tuple[int, bytes]]
     ) -> None:
+        await fs.send_bytes(self._encode_frames(records), self.config.peer_timeout)
         if records:
             self._sent_idx[fs.peer_id] = records[-1][0]
-        await fs.send_bytes(self._encode_frames(records), self.config.peer_timeout)
 
     async def _send_live(
         self,
         fs: nethost.FramedStream,
-        recv: MemoryObjectReceiveStream[_Broadcast | _Lagging],
+        recv: MemoryObjectReceiveStream[_Broadcast],
         cursor: int,
     ) -> None:
         cfg = self.config
         while True:
-            item: _Broadcast | _Lagging | None = None
-            with anyio.move_on_after(cfg.keepalive):
-                item = await recv.receive()
+            item: _Broadcast | None = None
+            try:
+                with anyio.move_on_after(cfg.keepalive):
+                    item = await recv.receive()
+            except anyio.EndOfStream:  # closed by `_broadcast`: cut for lagging
+                raise _lagging(cfg.subscriber_queue, cursor) from None
             if item is None:
                 await fs.send(Tick(last_idx=self._last_idx), cfg.peer_timeout)
                 continue
             # Everything queued goes out in one write: the shared, already-encoded frames.
             out: list[bytes] = []
+            cut = False
             while True:
-                if isinstance(item, _Lagging):
-                    raise ProtocolError(
-                        "lagging",
-                        f"subscriber fell more than {cfg.subscriber_queue} batches behind; "
-                        f"resubscribe from {cursor}",
-                    )
                 if item.last >= cursor:
                     if item.first == cursor:
                         out.append(item.frames)
@@ -781,6 +784,17 @@ class Master:
                     item = recv.receive_nowait()
                 except anyio.WouldBlock:
                     break
+                except anyio.EndOfStream:
+                    cut = True
+                    break
             if out:
-                self._sent_idx[fs.peer_id] = cursor - 1
                 await fs.send_bytes(b"".join(out), cfg.peer_timeout)
+                self._sent_idx[fs.peer_id] = cursor - 1
+            if cut:
+                raise _lagging(cfg.subscriber_queue, cursor)
+
+
+def _lagging(queue: int, cursor: int) -> ProtocolError:
+    return ProtocolError(
+        "lagging", f"subscriber fell more than {queue} batches behind; resubscribe from {cursor}"
+    )

@@ -1,0 +1,85 @@
+"""The master's side of the log stream, without a network: a subscriber cut for lagging is
+told so (and resubscribes on its connection), and digest.json is auxiliary output."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+import pytest
+
+from cluster.master import server
+from cluster.master.server import Master, MasterConfig, _Broadcast
+from cluster.net.identity import load_identity
+from cluster.net.membership import Membership
+from cluster.net.protocol import ProtocolError, Tick
+from cluster.shared.store import EventStore
+
+
+class Written:
+    """A FramedStream stand-in that keeps what the master writes."""
+
+    peer_id = "12D3KooWSubscriber"
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def send_bytes(self, data: bytes, timeout: float) -> None:
+        self.data += data
+
+    async def send(self, msg: Tick, timeout: float) -> None:
+        raise AssertionError(f"no keepalive expected, got {msg}")
+
+
+def _master(tmp_path: Path, **config: object) -> tuple[Master, EventStore]:
+    store = EventStore.open(tmp_path / "m")
+    key_pair, _ = load_identity(tmp_path / "m")
+    config = {"data_dir": tmp_path / "m", **config}
+    return Master(store, key_pair, Membership(secret=b"s" * 32), MasterConfig(**config)), store  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_subscriber_cut_for_lagging_gets_what_was_queued_then_lagging(
+    tmp_path: Path,
+) -> None:
+    """Its queue was full, so a 'lagging' marker could never be queued behind it: the
+    stream was reset instead, and the worker redialled (a hello and a NodeConnected logged
+    each time) rather than resubscribing on its connection."""
+    master, store = _master(tmp_path, subscriber_queue=2)
+    try:
+        send, recv = anyio.create_memory_object_stream[_Broadcast](2)
+        master._subscribers[7] = send
+        frames = [master._encode_frames([(i, b"")]) for i in (1, 2)]
+        master._broadcast(_Broadcast([(1, b"")], frames[0]))
+        master._broadcast(_Broadcast([(2, b"")], frames[1]))
+        master._broadcast(_Broadcast([(3, b"")], b"never sent"))  # the queue is full: cut
+        assert 7 not in master._subscribers
+        fs = Written()
+        with anyio.fail_after(10), pytest.raises(ProtocolError) as err:
+            await master._send_live(fs, recv, 1)  # type: ignore[arg-type]
+        assert err.value.code == "lagging" and "resubscribe from 3" in str(err.value)
+        assert fs.data == b"".join(frames)  # what was queued went out first
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_a_digest_json_that_cannot_be_written_does_not_stop_the_master(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """digest.json is auxiliary output: a full disk there killed the whole master."""
+    master, store = _master(tmp_path, plan_interval=0.01)
+    try:
+        (tmp_path / "m" / ".digest.json.tmp").mkdir()  # every write of it fails
+        with caplog.at_level(logging.WARNING, logger=server.__name__), anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(master._cycle)
+                while "could not write digest.json" not in caplog.text:
+                    await anyio.sleep(0.01)
+                (tmp_path / "m" / ".digest.json.tmp").rmdir()  # the disk has room again
+                while not (tmp_path / "m" / "digest.json").exists():
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    finally:
+        store.close()
