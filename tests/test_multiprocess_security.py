@@ -20,13 +20,17 @@ from cluster.net.protocol import (
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
     SUBMIT_PROTOCOL,
+    SUBSCRIBE_PROTOCOL,
     Ack,
     Challenge,
     ErrorMsg,
+    Events,
     Hello,
     Proof,
     SeqEvent,
     SubmitBatch,
+    Subscribe,
+    Tick,
     Welcome,
 )
 from cluster.shared.events import (
@@ -183,6 +187,21 @@ async def test_strangers_impostors_and_bad_frames_are_refused(tmp_path: Path) ->
             await fs.send(SubmitBatch(events=[SeqEvent(1, huge)]), T)
             err = await _expect_error(fs)
             assert err.code == "too-large" and "RunnerStatusUpdated" in err.message, err
+
+            # A member may hold a few subscribe streams, not any number (each catching-up one
+            # holds a snapshot and a queue in the master).
+            held = []
+            for _ in range(4):
+                sub = await nethost.open_stream(h, peer, SUBSCRIBE_PROTOCOL, T)
+                await sub.send(Subscribe(from_idx=1), T)
+                assert isinstance(await sub.recv(T), Events | Tick)
+                held.append(sub)
+            extra = await nethost.open_stream(h, peer, SUBSCRIBE_PROTOCOL, T)
+            await extra.send(Subscribe(from_idx=1), T)
+            err = await _expect_error(extra)
+            assert err.code == "too-many-streams" and "4 subscribe streams" in err.message, err
+            for sub in held:
+                await sub.reset()
 
             # The listed peer can still submit properly on a fresh stream.
             fs = await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T)
