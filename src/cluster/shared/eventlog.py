@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -44,7 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from cluster.shared.files import fsync_dir
+from cluster.shared.files import fsync_dir, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -468,14 +467,11 @@ def _check_directory(directory: Path, readonly: bool) -> None:
 
 def _lock(directory: Path) -> int:
     """Exclusive lock: two writers on one log would interleave records."""
-    fd = os.open(directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(directory / _LOCK_NAME, 0o644)
+    if fd is None:
         raise LogDirectoryError(
             f"event log {directory} is in use by another writer (lock {_LOCK_NAME} is held)"
-        ) from None
+        )
     return fd
 
 

@@ -4,6 +4,7 @@ restart after a crash) never sees one half-written."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def try_lock(path: Path, mode: int = 0o600) -> int | None:
+    """An exclusive flock on `path` (created if missing): its descriptor, or None when another
+    process holds it. Closing the descriptor releases it, and so does the process ending
+    (kill -9 included), so a lock never outlives its holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -26,7 +26,6 @@ record on disk, so the master's (origin, seq) duplicate check stays correct acro
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
 import os
@@ -39,7 +38,7 @@ from typing import Final
 import msgspec
 
 from cluster.shared.events import MAX_EVENT_BYTES, Event
-from cluster.shared.files import write_bytes_durably
+from cluster.shared.files import try_lock, write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -345,14 +344,11 @@ def _lock(directory: Path) -> int:
     """Hold an exclusive flock on ``directory/LOCK`` (released when the fd is closed, also by
     a crash). One worker per data directory: a second one would resend the same seqs and,
     at start, take the first one's live runners for a dead worker's leftovers."""
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(directory / "LOCK")
+    if fd is None:
         raise OutboxError(
             f"{directory} is in use by another worker process (one worker per data directory)"
-        ) from None
+        )
     return fd
 
 
