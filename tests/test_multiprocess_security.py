@@ -26,6 +26,8 @@ from cluster.net.protocol import (
     ErrorMsg,
     Events,
     Hello,
+    Ping,
+    Pong,
     Proof,
     SeqEvent,
     SubmitBatch,
@@ -200,6 +202,17 @@ async def test_strangers_impostors_and_bad_frames_are_refused(tmp_path: Path) ->
             await extra.send(Subscribe(from_idx=1), T)
             err = await _expect_error(extra)
             assert err.code == "too-many-streams" and "4 subscribe streams" in err.message, err
+            for sub in held:
+                await sub.reset()
+            # And a few submit streams (each blocked one can hold a 4 MiB frame).
+            held = [await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T) for _ in range(4)]
+            for sub in held:  # answered: each is being served (and counted) by now
+                await sub.send(Ping(), T)
+                assert isinstance(await sub.recv(T), Pong)
+            extra = await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T)
+            await extra.send(SubmitBatch(events=[]), T)
+            err = await _expect_error(extra)
+            assert err.code == "too-many-streams" and "4 submit streams" in err.message, err
             for sub in held:
                 await sub.reset()
 

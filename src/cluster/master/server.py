@@ -121,6 +121,9 @@ class MasterConfig:
     #: the next as the last closes). Each catching-up stream holds a snapshot and a queue:
     #: unbounded, one member opening a hundred took the master from 115 MB to 916 MB.
     max_subscriptions_per_peer: int = 4
+    #: Submit streams one peer may hold at once (a worker uses one): each blocked one can hold
+    #: a decoded frame of up to 4 MiB.
+    max_submit_streams_per_peer: int = 4
     #: Events per Events frame and per catch-up read.
     frame_events: int = 4096
     snapshot_chunk: int = 1 << 20
@@ -225,6 +228,7 @@ class Master:
         self._live: collections.Counter[str] = collections.Counter()
         #: Open subscribe streams by peer (catching up or live): `max_subscriptions_per_peer`.
         self._subscriptions: collections.Counter[str] = collections.Counter()
+        self._submissions: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -575,6 +579,27 @@ class Master:
     async def _submit(self, fs: nethost.FramedStream) -> None:
         if not await self._require_member(fs, "submit"):
             return
+        peer = fs.peer_id
+        cfg = self.config
+        if self._submissions[peer] >= cfg.max_submit_streams_per_peer:
+            # Read its first frame before answering: refused at once, the peer sees only a
+            # reset, not why.
+            with contextlib.suppress(Exception):
+                await fs.recv_frame(cfg.peer_timeout)
+            await fs.fail(
+                "too-many-streams",
+                f"peer {peer} already holds {cfg.max_submit_streams_per_peer} submit streams",
+            )
+            return
+        self._submissions[peer] += 1
+        try:
+            await self._serve_submit(fs)
+        finally:
+            self._submissions[peer] -= 1
+            if not self._submissions[peer]:
+                del self._submissions[peer]
+
+    async def _serve_submit(self, fs: nethost.FramedStream) -> None:
         peer = fs.peer_id
         send, recv = anyio.create_memory_object_stream[_Submission | Pong](64)
         try:
