@@ -265,14 +265,16 @@ def test_a_hello_from_a_connected_node_moves_only_its_hello_index_and_boot_id() 
     assert s.nodes[A].connected and s.nodes[A].boot_id == "boot-3"
 
 
-def _on_slot_0(status: RunnerStatus, reason: str = "", node: str = A) -> RunnerStatusUpdated:
-    """A report on slot 0 of `_placed_session`'s devshard (A holds it)."""
+def _on_slot(
+    status: RunnerStatus, reason: str = "", node: str = A, slot: int = 0
+) -> RunnerStatusUpdated:
+    """A report on a slot (0 unless said) of `_placed_session`'s devshard (A holds 0, B 1)."""
     return RunnerStatusUpdated(
-        runner_id="ds-1-s1/0",
+        runner_id=f"ds-1-s1/{slot}",
         node_id=node,
         status=status,
         devshard_id="ds-1-s1",
-        slot=0,
+        slot=slot,
         reason=reason,
     )
 
@@ -280,11 +282,11 @@ def _on_slot_0(status: RunnerStatus, reason: str = "", node: str = A) -> RunnerS
 def test_runner_lifecycle_keeps_live_runners_only() -> None:
     log = Log()
     _placed_session(log)
-    s = log.add(A, _on_slot_0(RunnerStatus.LOADING))
+    s = log.add(A, _on_slot(RunnerStatus.LOADING))
     assert s.runners["ds-1-s1/0"].status is RunnerStatus.LOADING
-    s = log.add(A, _on_slot_0(RunnerStatus.FAILED, "exit code 3"))
+    s = log.add(A, _on_slot(RunnerStatus.FAILED, "exit code 3"))
     assert s.runners["ds-1-s1/0"].reason == "exit code 3"
-    s = log.add(A, _on_slot_0(RunnerStatus.STOPPED))
+    s = log.add(A, _on_slot(RunnerStatus.STOPPED))
     assert "ds-1-s1/0" not in s.runners
 
 
@@ -298,10 +300,10 @@ def test_only_a_slots_holder_creates_its_runner_record() -> None:
     unlabelled = RunnerStatusUpdated(runner_id="d/0", node_id=A, status=RunnerStatus.RUNNING)
     s = log.add(A, made_up)
     s = log.add(A, unlabelled)
-    s = log.add(B, _on_slot_0(RunnerStatus.RUNNING, node=B))  # slot 0 is A's
+    s = log.add(B, _on_slot(RunnerStatus.RUNNING, node=B))  # slot 0 is A's
     assert dict(s.runners) == {}
     assert s.last_event_index(B) == s.last_applied  # still liveness
-    s = log.add(A, _on_slot_0(RunnerStatus.RUNNING))
+    s = log.add(A, _on_slot(RunnerStatus.RUNNING))
     assert list(s.runners) == ["ds-1-s1/0"]
 
 
@@ -310,34 +312,15 @@ def test_a_finalized_devshard_takes_its_runner_records_with_it() -> None:
     devshard (nor must a lost slot's old holder's)."""
     log = Log()
     _placed_session(log)
-    log.add(A, _on_slot_0(RunnerStatus.RUNNING))
-    log.add(
-        B,
-        RunnerStatusUpdated(
-            runner_id="ds-1-s1/1",
-            node_id=B,
-            status=RunnerStatus.FAILED,
-            devshard_id="ds-1-s1",
-            slot=1,
-        ),
-    )
+    log.add(A, _on_slot(RunnerStatus.RUNNING))
+    log.add(B, _on_slot(RunnerStatus.FAILED, node=B, slot=1))
     # Slot 1 is lost and left unfilled; B's record of it stays until the devshard ends.
-    s = log.add(
-        MASTER_ORIGIN,
-        DevshardPlaced(
-            devshard_id="ds-1-s1",
-            session_id="s1",
-            epoch=1,
-            assignments=(SlotAssignment(0, A),),
-            ends_ms=1_000,
-            reason="replace",
-        ),
-    )
+    s = _place(log, "ds-1-s1", 1, A, reason="replace")
     assert sorted(s.runners) == ["ds-1-s1/0", "ds-1-s1/1"]
     s = log.add(MASTER_ORIGIN, DevshardFinalized(devshard_id="ds-1-s1", epoch=1))
     assert dict(s.runners) == {}
     # A late report on the finalized devshard's runner does not bring its record back.
-    s = log.add(A, _on_slot_0(RunnerStatus.STOPPING))
+    s = log.add(A, _on_slot(RunnerStatus.STOPPING))
     assert dict(s.runners) == {}
 
 
@@ -346,7 +329,7 @@ def test_a_repeated_runner_report_keeps_when_the_status_changed() -> None:
     # counts from it, so a report repeated later must not restart that count.
     log = Log()
     _placed_session(log)
-    failed = _on_slot_0(RunnerStatus.FAILED, "exit code 3")
+    failed = _on_slot(RunnerStatus.FAILED, "exit code 3")
     first = log.add(A, failed, at_ms=1_000)
     again = log.add(A, failed, at_ms=9_000)
     assert again.runners["ds-1-s1/0"] is first.runners["ds-1-s1/0"]

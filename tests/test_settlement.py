@@ -255,17 +255,23 @@ def test_a_late_replacement_exempts_only_the_nodes_it_gives_slots_to() -> None:
     assert world.state.devshards["ds-1-s"].assigned_ms == (T0 + 1_000, T0 + 1_000, world.now)
 
 
-def test_a_node_silent_all_epoch_is_judged_despite_a_late_replacement_beside_it() -> None:
-    """A and B hold two slots each; B never works. A goes silent just before the end and its
-    slots move to C: C is exempt (its runners may be loading), B is still punished."""
+def _two_nodes_two_slots_each() -> tuple[World, Planner, EpochStarted, DevshardPlaced]:
+    """Nodes A and B with two slots each, and a four-slot session placed on them in epoch 1."""
     world = World()
     world.node("A", slots=2)
     world.node("B", slots=2)
     world.session("s", slots=4)
     planner = Planner(CFG)
     events = world.cycle(planner)
-    (placed,) = of_type(events, DevshardPlaced)
     (started,) = of_type(events, EpochStarted)
+    (placed,) = of_type(events, DevshardPlaced)
+    return world, planner, started, placed
+
+
+def test_a_node_silent_all_epoch_is_judged_despite_a_late_replacement_beside_it() -> None:
+    """A and B hold two slots each; B never works. A goes silent just before the end and its
+    slots move to C: C is exempt (its runners may be loading), B is still punished."""
+    world, planner, started, placed = _two_nodes_two_slots_each()
     assert sorted(a.node_id for a in placed.assignments) == ["A", "A", "B", "B"]
     world.node("C", slots=2)  # room for A's slots, joined after the placement
     world.work("A", placed.devshard_id, 100, 1)
@@ -291,14 +297,7 @@ def test_a_node_silent_all_epoch_is_judged_despite_a_late_replacement_beside_it(
 def test_a_window_starting_at_the_epoch_end_does_not_excuse_the_epoch_before_it() -> None:
     """B books a window that starts when its devshard ends (the drain rule allows it, the
     master's earliest start suggests it), then does no work in that last epoch."""
-    world = World()
-    world.node("A", slots=2)
-    world.node("B", slots=2)
-    world.session("s", slots=4)
-    planner = Planner(CFG)
-    events = world.cycle(planner)
-    (started,) = of_type(events, EpochStarted)
-    (placed,) = of_type(events, DevshardPlaced)
+    world, planner, started, placed = _two_nodes_two_slots_each()
     world.window("B", start_ms=placed.ends_ms, duration_ms=30 * 60_000)
     world.work("A", placed.devshard_id, 100, 1)
     while world.now < started.end_ms:

@@ -42,11 +42,3 @@ def prepare_data_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None
-
-
-def first_leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (possibly nested) task-group exception groups: what a
-    one-line message should name, not "Exceptions from Trio nursery (1 sub-exception)"."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc

@@ -99,12 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import anyio
 
     from cluster import control
-    from cluster.commands._process import (
-        first_leaf,
-        prepare_data_dir,
-        setup_logging,
-        stop_on_signal,
-    )
+    from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
     from cluster.master.http_api import HttpApiConfigError
     from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
@@ -120,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from cluster.shared.eventlog import LogError
     from cluster.shared.files import write_text_atomically
+    from cluster.shared.humanize import first_leaf
     from cluster.shared.snapshots import SnapshotError
 
     setup_logging(args.log_level)

@@ -23,7 +23,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -579,25 +579,16 @@ class Master:
     async def _submit(self, fs: nethost.FramedStream) -> None:
         if not await self._require_member(fs, "submit"):
             return
-        peer = fs.peer_id
-        cfg = self.config
-        if self._submissions[peer] >= cfg.max_submit_streams_per_peer:
+        limit = self.config.max_submit_streams_per_peer
+        with _stream_slot(self._submissions, fs.peer_id, limit) as allowed:
+            if allowed:
+                await self._serve_submit(fs)
+                return
             # Read its first frame before answering: refused at once, the peer sees only a
             # reset, not why.
             with contextlib.suppress(Exception):
-                await fs.recv_frame(cfg.peer_timeout)
-            await fs.fail(
-                "too-many-streams",
-                f"peer {peer} already holds {cfg.max_submit_streams_per_peer} submit streams",
-            )
-            return
-        self._submissions[peer] += 1
-        try:
-            await self._serve_submit(fs)
-        finally:
-            self._submissions[peer] -= 1
-            if not self._submissions[peer]:
-                del self._submissions[peer]
+                await fs.recv_frame(self.config.peer_timeout)
+            await _refuse_stream(fs, limit, "submit")
 
     async def _serve_submit(self, fs: nethost.FramedStream) -> None:
         peer = fs.peer_id
@@ -701,20 +692,12 @@ class Master:
         except (ProtocolError, FrameError, TimeoutError) as exc:
             await fs.fail(*nethost.error_of(exc, "subscribe request", cfg.peer_timeout))
             return
-        peer = fs.peer_id
-        if self._subscriptions[peer] >= cfg.max_subscriptions_per_peer:
-            await fs.fail(
-                "too-many-streams",
-                f"peer {peer} already holds {cfg.max_subscriptions_per_peer} subscribe streams",
-            )
-            return
-        self._subscriptions[peer] += 1
-        try:
-            await self._serve_subscription(fs, req)
-        finally:
-            self._subscriptions[peer] -= 1
-            if not self._subscriptions[peer]:
-                del self._subscriptions[peer]
+        limit = cfg.max_subscriptions_per_peer
+        with _stream_slot(self._subscriptions, fs.peer_id, limit) as allowed:
+            if allowed:
+                await self._serve_subscription(fs, req)
+            else:
+                await _refuse_stream(fs, limit, "subscribe")
 
     async def _serve_subscription(self, fs: nethost.FramedStream, req: Subscribe) -> None:
         cfg = self.config
@@ -846,3 +829,23 @@ def _lagging(queue: int, cursor: int) -> ProtocolError:
     return ProtocolError(
         "lagging", f"subscriber fell more than {queue} batches behind; resubscribe from {cursor}"
     )
+
+
+@contextlib.contextmanager
+def _stream_slot(open_streams: collections.Counter[str], peer: str, limit: int) -> Iterator[bool]:
+    """Count one more stream of `peer` while the block runs, if it holds fewer than `limit`;
+    yields whether it may be served."""
+    if open_streams[peer] >= limit:
+        yield False
+        return
+    open_streams[peer] += 1
+    try:
+        yield True
+    finally:
+        open_streams[peer] -= 1
+        if not open_streams[peer]:
+            del open_streams[peer]
+
+
+async def _refuse_stream(fs: nethost.FramedStream, limit: int, kind: str) -> None:
+    await fs.fail("too-many-streams", f"peer {fs.peer_id} already holds {limit} {kind} streams")

@@ -90,3 +90,11 @@ def printable(text: str) -> str:
 def clip(text: str, width: int) -> str:
     """`text` cut to `width` characters, the last one an ellipsis when cut."""
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (possibly nested) task-group exception groups: what a
+    one-line message should name, not "Exceptions from Trio nursery (1 sub-exception)"."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
+from cluster.shared.humanize import first_leaf
+
 log = logging.getLogger(__name__)
 
 
@@ -143,8 +145,7 @@ def stop_limit_s(runner: Runner, default_s: float) -> float:
 def describe_error(exc: BaseException) -> str:
     """One line for an operator: the first real error (inside task-group exception groups),
     its type named unless it is a runner's own failure or a timeout that says what it is."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
+    exc = first_leaf(exc)
     text = str(exc)
     if isinstance(exc, RunnerError | TimeoutError) and text:
         return text
