@@ -17,6 +17,9 @@ from cluster.shared.events import (
     EpochStarted,
     Event,
     LateWorkSettled,
+    MaintenanceCancelled,
+    MaintenanceFinished,
+    MaintenanceOverrun,
     NodeDisconnected,
     NodePayout,
     SessionDeleted,
@@ -142,6 +145,56 @@ def test_maintenance_excuses_misses_and_offline_time() -> None:
     # Not punished, no reward, no credit (it did not complete the epoch): nothing to pay.
     assert "a" not in pay
     assert world.state.ledgers[1].node("a").misses == 0
+
+
+def test_a_node_offline_in_maintenance_all_epoch_earns_no_credit() -> None:
+    """A host that powers off in its window stays connected (quiet but excused): that
+    epoch is time off, not service, so it earns no credit -- like a host whose worker shut
+    down cleanly (test above). b, with no window, earns as before."""
+    world, epoch = _world({})
+    world.window("a", start_ms=world.now, duration_ms=2 * (epoch.end_ms - world.now), start=True)
+    assert world.state.nodes["a"].connected
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert "a" not in pay
+    assert pay["b"].credit_earned_ms == POLICY.credit_per_epoch_ms
+    assert world.state.credit_ms_by_node.get("a", 0) == 0
+
+
+@pytest.mark.parametrize("how", ["finished", "not-yet-started", "overrun"])
+def test_maintenance_during_part_of_the_epoch_earns_no_credit_for_staying(how: str) -> None:
+    """A window active for part of the epoch (finished mid-epoch, overrun, or past its start
+    with the planner's MaintenanceStarted not yet applied): staying connected earns nothing."""
+    world, epoch = _world({})
+    world.tick(10_000)
+    if how == "not-yet-started":
+        world.window("a", start_ms=epoch.end_ms - 5_000, duration_ms=60_000)
+    else:
+        window_id = world.window("a", start_ms=world.now, duration_ms=5_000, start=True)
+        world.tick(5_000)
+        closing: Event = (
+            MaintenanceFinished(window_id=window_id, node_id="a", how="host")
+            if how == "finished"
+            else MaintenanceOverrun(window_id=window_id, node_id="a")
+        )
+        world.master([closing])
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert "a" not in pay
+    assert pay["c"].credit_earned_ms == POLICY.credit_per_epoch_ms
+
+
+def test_cancelled_or_later_windows_do_not_stop_credit() -> None:
+    """A window cancelled before it began, or one that begins after the epoch, takes
+    nothing from the epoch's credit; a node that served work earns credit whatever."""
+    world, epoch = _world({"s": ["b"]})
+    cancelled = world.window("a", start_ms=world.now + 20_000, duration_ms=60_000)
+    world.master([MaintenanceCancelled(window_id=cancelled, node_id="a")])
+    world.window("c", start_ms=epoch.end_ms, duration_ms=60_000)
+    world.window("b", start_ms=world.now, duration_ms=5_000, start=True)
+    world.work("b", "ds-1-s", 2, 1)
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert pay["a"].credit_earned_ms == POLICY.credit_per_epoch_ms
+    assert pay["c"].credit_earned_ms == POLICY.credit_per_epoch_ms
+    assert pay["b"].credit_earned_ms == POLICY.credit_per_epoch_ms  # served: completed it
 
 
 def test_devshard_replaced_just_before_the_end_is_not_judged() -> None:
@@ -325,7 +378,8 @@ def test_a_window_covering_the_epoch_end_excuses_its_misses(
     events = _end_of_epoch(world, epoch)
     (miss,) = of_type(events, WorkMissed)
     assert (miss.node_id, miss.count, miss.excused) == ("b", 2, True)
-    assert not _payouts(events)["b"].punished
+    # Not punished (a punished node is listed), and no credit: part of it was maintenance.
+    assert "b" not in _payouts(events)
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,6 +124,29 @@ def credit_to_earn_ms(state: State, node_id: str, policy: MaintenancePolicy) -> 
     return credits_to_earn_ms(state, (node_id,), policy)[node_id]
 
 
+def in_maintenance_during(state: State, start_ms: int, end_ms: int) -> set[str]:
+    """Nodes that were in maintenance at some moment of [start_ms, end_ms): a window of
+    theirs was ACTIVE then, or an open window's start had passed (the one excuse rule
+    excuses a node from its window's start even before `MaintenanceStarted`). Such a node
+    did not complete that time in service, so staying connected through it earns no credit:
+    otherwise time off would pay for more time off, and a host that powers off in its
+    window (connected, quiet, excused) would earn what one that shut its worker down cleanly
+    (disconnected, excused) does not. Only nodes with windows are looked at."""
+    out: set[str] = set()
+    for win in state.windows.values():
+        if win.state is WindowState.CANCELLED:
+            continue  # never active: a DRAINING window cancelled kept serving
+        if win.state is WindowState.COMPLETED:
+            began, ended = win.started_ms, win.closed_ms
+        elif win.state is WindowState.ACTIVE:
+            began, ended = win.started_ms, end_ms
+        else:  # SCHEDULED or DRAINING: in maintenance from its start, by the excuse rule
+            began, ended = win.start_ms, end_ms
+        if began < end_ms and ended > start_ms:
+            out.add(win.node_id)
+    return out
+
+
 def credits_to_earn_ms(
     state: State, node_ids: Iterable[str], policy: MaintenancePolicy
 ) -> dict[str, int]:

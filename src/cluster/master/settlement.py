@@ -12,9 +12,10 @@ ends. Then, per node:
   a window that covers the end of the epoch excuses it, one that starts at its end does not.
 * **Punishment.** Punished = unexcused misses > `cfg.miss_threshold`, or an unexcused
   disconnect during the epoch. A punished node's payout has reward 0.
-* **Credit.** An unpunished node that served work or stayed connected for the whole epoch
-  earns maintenance credit by the maintenance policy's one rule
-  (`maintenance.credit_to_earn_ms`: the per-epoch rate, never past the cap).
+* **Credit.** An unpunished node that served work, or stayed connected for the whole epoch
+  and was in maintenance at no moment of it (`maintenance.in_maintenance_during`), earns
+  maintenance credit by the maintenance policy's one rule (`maintenance.credit_to_earn_ms`:
+  the per-epoch rate, never past the cap).
 * **Late work.** Work reported after settlement is recorded against its epoch by the
   reducer (only on a devshard the node held a slot of in that epoch, like on-time work);
   the planner then emits `LateWorkSettled` for it. Decision: the event is emitted
@@ -30,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cluster.master.config import PlannerConfig
-from cluster.master.maintenance import credits_to_earn_ms
+from cluster.master.maintenance import credits_to_earn_ms, in_maintenance_during
 from cluster.shared.events import (
     EpochSettled,
     LateWorkSettled,
@@ -119,11 +120,16 @@ def settle_epoch(
             disconnects.setdefault(d.node_id, d.reason)
 
     candidates = served | set(misses) | set(disconnects)
-    # Nodes that stayed connected through the whole epoch earn credit even when idle.
+    # Nodes that stayed connected through the whole epoch earn credit even when idle --
+    # not for time spent in maintenance, connected but excused (see in_maintenance_during).
+    away = in_maintenance_during(state, epoch.start_ms, epoch.end_ms)
     stayed = {
         node_id
         for node_id, rec in state.nodes.items()
-        if rec.connected and rec.joined_ms <= epoch.start_ms and node_id not in leaving
+        if rec.connected
+        and rec.joined_ms <= epoch.start_ms
+        and node_id not in leaving
+        and node_id not in away
     }
     candidates |= stayed
 
