@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from planner_world import World, of_type, quick_config
 
 from cluster.master.epochs import epoch_record, next_epoch
+from cluster.master.liveness import EMPTY_BOOK
 from cluster.master.placement import (
     DISCONNECTED,
     DRAINING,
@@ -28,8 +29,9 @@ from cluster.master.placement import (
     place_session,
     place_sessions,
 )
-from cluster.master.planner import Planner
+from cluster.master.planner import Planner, plan
 from cluster.shared.events import (
+    DevshardFinalized,
     DevshardPlaced,
     NodeDisconnected,
     SessionUnplaced,
@@ -333,6 +335,53 @@ def test_devshards_stick_to_last_epochs_nodes() -> None:
         world.cycle(planner)
     assert world.state.epoch is not None and world.state.epoch.epoch == 2
     assert _assignments(world) == before  # a new seed, yet no needless reloads
+
+
+def _placed_by_hand(world: World, assignments: list[tuple[int, str]]) -> DevshardPlaced:
+    """Nodes a, b, c (4 slots each), epoch 1, session "s" of 3 slots placed as given."""
+    for node in ("a", "b", "c"):
+        world.node(node, slots=4)
+    epoch = _epoch(world)
+    world.session("s", slots=3)
+    placed = DevshardPlaced(
+        devshard_id="ds-1-s",
+        session_id="s",
+        epoch=1,
+        assignments=tuple(SlotAssignment(slot, node) for slot, node in assignments),
+        ends_ms=epoch.end_ms,
+    )
+    world.master([placed])
+    return placed
+
+
+def test_an_unfilled_slot_does_not_shift_the_others_at_the_epoch_turn() -> None:
+    """Slot 1 lost its node and found no room: at the turn, slot 2 stays slot 2 on c (it
+    was handed over as the second node, so slot 1, before)."""
+    world = World()
+    placed = _placed_by_hand(world, [(0, "a"), (2, "c")])
+    world.now = placed.ends_ms
+    events = plan(world.state, world.now, EMPTY_BOOK, CFG).events
+    (turned,) = [ev for ev in of_type(events, DevshardPlaced) if ev.epoch == 2]
+    by_slot = {a.slot: a.node_id for a in turned.assignments}
+    assert (by_slot[0], by_slot[2]) == ("a", "c")
+
+
+def test_a_node_keeps_as_many_slots_as_it_held_after_its_devshard_is_finalized() -> None:
+    """a held two slots of the session: what stickiness remembers gives it both back,
+    rather than one (the remembered set of nodes did) and a draw that loads a runner on
+    another node while one of a's is stopped."""
+    world = World()
+    _placed_by_hand(world, [(0, "a"), (1, "a"), (2, "b")])
+    world.master([DevshardFinalized(devshard_id="ds-1-s", epoch=1)])
+    assert world.state.last_nodes_by_session["s"] == ("a", "a", "b")
+    world.tick(CFG.epoch_length_ms)
+    epoch2 = _epoch(world)
+    session = world.state.sessions["s"]
+    (placed,) = of_type(
+        [place_session(session, epoch2, _pool(world.state, epoch2), ("a", "a", "b"))],
+        DevshardPlaced,
+    )
+    assert [(a.slot, a.node_id) for a in placed.assignments] == [(0, "a"), (1, "a"), (2, "b")]
 
 
 def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> None:

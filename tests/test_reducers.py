@@ -465,7 +465,8 @@ def test_sessions_devshards_and_stickiness() -> None:
     assert s.devshards["ds-1-s1"].reason == "replace"
     s = log.add(MASTER_ORIGIN, DevshardFinalized(devshard_id="ds-1-s1", epoch=1))
     assert "ds-1-s1" not in s.devshards and "s1" not in s.devshard_by_session
-    assert s.last_nodes_by_session["s1"] == (A,)
+    # The node of each slot, not the set of nodes: A keeps both slots next epoch.
+    assert s.last_nodes_by_session["s1"] == (A, A)
     s = log.add(MASTER_ORIGIN, SessionUnplaced(session_id="s1", epoch=2, reason="no room"))
     assert (s.sessions["s1"].unplaced_reason, s.sessions["s1"].unplaced_epoch) == ("no room", 2)
     s = log.add(MASTER_ORIGIN, SessionDeleted(session_id="s1"))

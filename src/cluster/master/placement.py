@@ -379,7 +379,8 @@ def place_sessions(
 ) -> list[DevshardPlaced | SessionUnplaced]:
     """Place a devshard for every session (in the given order) for `epoch`.
 
-    `preferred[session_id]` lists the nodes that served it before, one entry per slot. Sticky
+    `preferred[session_id]` lists the node that held each slot before, by slot number ("" for
+    a slot nobody held: `DevshardRecord.holders`). Sticky
     slots are reserved for every session first, so one session's draws never steal a slot
     another session would have kept; then each session's remaining slots are drawn.
     """
@@ -388,7 +389,7 @@ def place_sessions(
         kept: list[SlotAssignment] = []
         # Slot i goes back to the node that held slot i, so runners stay where they are.
         for slot, node_id in enumerate(preferred.get(session.session_id, ())[: session.slots]):
-            if pool.fits(node_id, session) and pool.free[node_id] > 0:
+            if node_id and pool.fits(node_id, session) and pool.free[node_id] > 0:
                 pool.take(node_id)
                 kept.append(SlotAssignment(slot, node_id))
         sticky[session.session_id] = kept

@@ -166,8 +166,7 @@ def _place_new_epoch(
         # The devshard ending now is not finalized in `state` yet: prefer its exact slots.
         live = state.devshards.get(state.devshard_by_session.get(sid, ""))
         if live is not None:
-            ordered = sorted(live.assignments, key=lambda a: a.slot)
-            preferred[sid] = [a.node_id for a in ordered]
+            preferred[sid] = live.holders()
         else:
             preferred[sid] = state.last_nodes_by_session.get(sid, ())
     pool = PlacementPool(

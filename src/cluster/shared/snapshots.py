@@ -38,7 +38,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #: 8: NodeRecord.boot_id (every NodeConnected sets it; older snapshots lack it),
 #:    EpochLedger.held_devshards (without it, the work of every devshard placed before the
 #:    snapshot would be refused) and DevshardRecord.assigned_ms.
-SNAPSHOT_VERSION: Final = 8
+#: 9: State.last_nodes_by_session holds the node of each slot (`DevshardRecord.holders`),
+#:    not the sorted set of nodes: an older snapshot's would differ from a refold's.
+SNAPSHOT_VERSION: Final = 9
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

@@ -184,6 +184,13 @@ class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: See `DevshardPlaced.avoid_nodes`.
     avoid_nodes: tuple[str, ...] = ()
 
+    def holders(self) -> tuple[str, ...]:
+        """The node holding each slot, by slot number ("" for a slot left unfilled): what
+        stickiness hands placement, so that slot i goes back to the node that held slot i
+        and a node keeps as many slots as it had (its loaded runners are carried over)."""
+        by_slot = {a.slot: a.node_id for a in self.assignments}
+        return tuple(by_slot.get(slot, "") for slot in range(max(by_slot, default=-1) + 1))
+
 
 class NodeLedger(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One node's account in one epoch: all a settlement needs to know about it.
@@ -296,7 +303,8 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     devshards: Map[str, DevshardRecord] = msgspec.field(default_factory=Map)
     #: session_id -> its live devshard id.
     devshard_by_session: Map[str, str] = msgspec.field(default_factory=Map)
-    #: session_id -> the nodes that served it in its last finalized devshard (stickiness).
+    #: session_id -> the node that held each slot of its last finalized devshard, by slot
+    #: ("" for an unfilled slot: `DevshardRecord.holders`), for stickiness.
     last_nodes_by_session: Map[str, tuple[str, ...]] = msgspec.field(default_factory=Map)
     ledgers: Map[int, EpochLedger] = msgspec.field(default_factory=Map)
 

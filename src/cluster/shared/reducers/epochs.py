@@ -155,7 +155,7 @@ def devshard_finalized(state: State, ie: IndexedEvent, ev: DevshardFinalized) ->
     shard = state.devshards.get(ev.devshard_id)
     if shard is None:
         return state
-    nodes = tuple(sorted({a.node_id for a in shard.assignments}))
+    nodes = shard.holders()
     by_session = state.devshard_by_session
     if by_session.get(shard.session_id) == ev.devshard_id:
         by_session = by_session.delete(shard.session_id)
