@@ -24,9 +24,11 @@ import multiaddr
 from libp2p import new_host
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
@@ -226,6 +228,12 @@ class FramedStream:
                     await self.stream.close()
             except Exception:
                 pass
+
+
+def ended_by_peer(exc: BaseException) -> bool:
+    """Did the stream end under us, reset or closed by the peer, with no message saying why
+    (rather than a timeout or bad input)? Also what a dead connection's streams raise."""
+    return isinstance(exc, (StreamReset, MuxedStreamReset, EOFError))
 
 
 def error_of(exc: BaseException, waiting_for: str = "", timeout: float = 0.0) -> tuple[str, str]:

@@ -552,11 +552,32 @@ class Worker:
 
     # ------------------------------------------------------------------ subscribe
     async def _subscribe_streams(self, host: Any, peer: Any) -> None:
+        ended: deque[float] = deque(maxlen=_RESUBSCRIBES_PER_WINDOW)  # when, recent first
         while True:
             try:
                 await self._subscribe_once(host, peer)
             except _Resubscribe as exc:
                 log.info("resubscribing: %s", exc)
+            except Exception as exc:
+                # The master resets a subscribe stream it could not write to for a while:
+                # yamux gives up after 5 s with the window full, when this replica did not
+                # read (a long GC pause, a busy event loop). The connection is likely fine,
+                # so subscribe again from where the replica stands rather than redial: a
+                # redial costs a new hello (a NodeConnected in the log) and restarts the
+                # submit stream. If the connection is gone, opening the stream fails and
+                # the connection loop redials; if streams keep ending, it redials too (with
+                # its back-off) rather than resubscribe in a loop.
+                now = anyio.current_time()
+                if not nethost.ended_by_peer(exc) or (
+                    len(ended) == ended.maxlen and now - ended[-1] < _RESUBSCRIBE_WINDOW_S
+                ):
+                    raise
+                ended.appendleft(now)
+                log.info(
+                    "the master ended the subscribe stream (%s); resubscribing from index %d",
+                    _describe(exc),
+                    self._state.last_applied + 1,
+                )
 
     async def _subscribe_once(self, host: Any, peer: Any) -> None:
         cfg = self.config
@@ -641,6 +662,11 @@ class Worker:
 
 _PING = Ping()
 
+
+#: A subscribe stream the master ends is subscribed again at most this many times within
+#: _RESUBSCRIBE_WINDOW_S; one more and the worker redials (`_subscribe_streams`).
+_RESUBSCRIBES_PER_WINDOW: Final = 2
+_RESUBSCRIBE_WINDOW_S: Final = 30.0
 
 #: How long a failed submit-stream write waits for the master's reason (`_send_submit`).
 _REASON_WAIT_S: Final = 1.0
