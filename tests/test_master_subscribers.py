@@ -13,7 +13,7 @@ from cluster.master import server
 from cluster.master.server import Master, MasterConfig, _Broadcast
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
-from cluster.net.protocol import ProtocolError, Tick
+from cluster.net.protocol import ProtocolError, Subscribe, Tick
 from cluster.shared.store import EventStore
 
 
@@ -81,5 +81,56 @@ async def test_a_digest_json_that_cannot_be_written_does_not_stop_the_master(
                 while not (tmp_path / "m" / "digest.json").exists():
                     await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+class Leaving(Written):
+    """A subscriber's stream that keeps what it is sent until told the worker left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone = False
+
+    async def send_bytes(self, data: bytes, timeout: float) -> None:
+        if self.gone:
+            raise EOFError("the worker left")
+        await super().send_bytes(data, timeout)
+
+    async def send(self, msg: Tick, timeout: float) -> None:
+        if self.gone:
+            raise EOFError("the worker left")
+
+    async def reset(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_the_catch_up_lag_of_a_node_goes_with_its_last_subscription(
+    tmp_path: Path,
+) -> None:
+    """/metrics reports a node's catch-up lag while it is served: with one of its two
+    subscriptions gone it is still reported, with both gone it is not (a departed node's
+    lag stayed in /metrics forever)."""
+    master, store = _master(tmp_path, keepalive=0.01)
+    first, second = Leaving(), Leaving()
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for fs in (first, second):
+                    tg.start_soon(master._serve_subscription, fs, Subscribe(from_idx=1))
+                while len(master._subscribers) < 2:
+                    await anyio.sleep(0.01)
+                master._broadcast(_Broadcast([(1, b"")], master._encode_frames([(1, b"")])))
+                while not (first.data and second.data):
+                    await anyio.sleep(0.01)
+                assert Written.peer_id in master.metrics().catch_up_lag_by_node
+                first.gone = True
+                while len(master._subscribers) > 1:  # its cleanup is done
+                    await anyio.sleep(0.01)
+                assert Written.peer_id in master.metrics().catch_up_lag_by_node
+                second.gone = True
+        assert master._subscribers == {}
+        assert Written.peer_id not in master.metrics().catch_up_lag_by_node
     finally:
         store.close()
