@@ -118,7 +118,7 @@ async def test_the_catch_up_lag_of_a_node_goes_with_its_last_subscription(
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 for fs in (first, second):
-                    tg.start_soon(master._serve_subscription, fs, Subscribe(from_idx=1))
+                    tg.start_soon(master._serve_subscription, fs, Subscribe(from_idx=1))  # type: ignore[arg-type]
                 while len(master._subscribers) < 2:
                     await anyio.sleep(0.01)
                 master._broadcast(_Broadcast([(1, b"")], master._encode_frames([(1, b"")])))
