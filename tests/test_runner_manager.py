@@ -770,6 +770,69 @@ async def test_a_parked_runner_that_fails_is_stopped_not_restarted() -> None:
     assert len(factory.built) == 2  # the failed one, and the successor's
 
 
+class EndsCleanly(Plugin):
+    """Serves until `crash` is set, then returns from `run()`: ends by itself, no error."""
+
+    async def run(self) -> None:
+        await self.crash.wait()
+
+
+@pytest.mark.anyio
+async def test_a_runner_ending_cleanly_while_its_slot_is_assigned_fails_and_restarts() -> None:
+    # Its slot would otherwise stay unserved for the rest of the epoch with nobody told: a
+    # STOPPED runner is neither restarted here nor moved by the planner.
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins(EndsCleanly)
+    mgr = manager(emitted, factory, restart_limit=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        factory.built[0].crash.set()
+        await until(lambda: len(factory.built) == 2)  # restarted after its back-off
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        factory.built[1].crash.set()  # the restart ends too: the limit (1) is reached
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        reason = emitted.last("d1/0").reason
+        assert reason.startswith("serve: ended on its own while its slot was still assigned")
+        assert "must stay in the foreground" in reason
+        await anyio.sleep(0.3)  # longer than the next back-off (0.1 s): no third attempt
+        assert len(factory.built) == 2
+        assert mgr.statuses() == {"d1/0": (S.FAILED, reason)}
+        # The cluster sees a FAILED runner: the planner's failed-slot grace applies to it.
+        assert cluster.add(ME, *emitted.events).runners["d1/0"].status is S.FAILED
+        mgr.reconcile(cluster.master(DevshardFinalized(devshard_id="d1", epoch=1)))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [
+        *FULL_LIFE[:4],
+        S.FAILED,
+        *FULL_LIFE[:4],
+        S.FAILED,
+        S.STOPPED,
+    ]
+    assert all(runner.stopped for runner in factory.built)
+
+
+@pytest.mark.anyio
+async def test_a_parked_runner_ending_cleanly_is_stopped_not_failed() -> None:
+    # Its devshard is over: ending now leaves no slot unserved.
+    cluster, emitted, factory = started_cluster(), Emitted(), Plugins(EndsCleanly)
+    mgr = manager(emitted, factory, carry_over_grace_s=30, restart_limit=3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+        mgr.reconcile(epoch_turn(cluster))  # parked, waiting for a successor
+        factory.built[0].crash.set()
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED], timeout_s=5)
+        assert emitted.last("d1/0").reason == "the runner ended by itself"
+        mgr.reconcile(cluster.master(placed("d2", "s1", 2, [(0, ME)])))
+        await until(lambda: emitted.statuses("d2/0")[-1:] == [S.RUNNING])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == FULL_LIFE  # no FAILED
+    assert len(factory.built) == 2  # the one that ended, and the successor's fresh one
+
+
 class BrokenCarryOver(Plugin):
     def carry_over(self, spec: RunnerSpec) -> None:
         raise RuntimeError("plugin bug in carry_over")
@@ -966,6 +1029,31 @@ async def test_subprocess_exit_code_is_a_failure_with_reason(tmp_path: Path) -> 
         assert "exited with code 4: fatal: device lost" in reason
         await until(lambda: emitted.work("d1") == 3)  # work done before the crash still counts
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_command_exiting_0_while_its_slot_is_assigned_fails_naming_the_exit() -> None:
+    # A launcher that daemonizes (`docker run -d`, `nohup ... &`) exits 0 at once.
+    launcher = "import sys; sys.stderr.write('started daemon 4242\\n'); sys.exit(0)"
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(
+        emitted, make_factory("subprocess", {"command": [sys.executable, "-c", launcher]})
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(mgr.run)
+        mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+        await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+        tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0") == [*FULL_LIFE[:4], S.FAILED, S.STOPPED]
+    failed = [
+        e for e in emitted.events if isinstance(e, RunnerStatusUpdated) and e.status is S.FAILED
+    ]
+    assert failed[0].reason == (
+        "serve: ended on its own while its slot was still assigned (a runner must serve "
+        "until it is stopped: a command must stay in the foreground): exited with code 0: "
+        "started daemon 4242"
+    )
 
 
 @pytest.mark.anyio

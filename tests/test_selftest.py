@@ -194,6 +194,18 @@ async def test_subprocess_runner_self_test() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_command_exiting_0_at_once_fails_the_self_test_naming_the_exit() -> None:
+    # A launcher that daemonizes (`docker run -d`) leaves nothing in the foreground to serve.
+    launcher = "import sys; sys.stderr.write('started daemon 4242\\n')"
+    result = await self_test("subprocess", {"command": [sys.executable, "-c", launcher]}, PATIENT)
+    assert not result.passed
+    assert result.reason == (
+        "the runner ended on its own during the self-test (a runner must serve until it is "
+        "stopped: a command must stay in the foreground): exited with code 0: started daemon 4242"
+    )
+
+
+@pytest.mark.anyio
 async def test_the_load_step_allows_what_the_runner_config_allows() -> None:
     # A model that loads for longer than the self-test's own load limit (0.2 s here, 300 s
     # by default) but within the config's `load_timeout_s` passes.

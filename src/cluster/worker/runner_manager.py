@@ -10,11 +10,13 @@ the master every step through `RunnerStatusUpdated`:
 
 "ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
 ahead of its epoch waits loaded). A failed runner is stopped at once and reported FAILED with
-the reason; while its slot stays assigned it is started again after `restart_backoff_s`
-(doubling each time), at most `restart_limit` times per devshard -- a crash or a transient
-out-of-memory should not cost the rest of the epoch. After the last attempt it keeps its FAILED
-record until the slot is unassigned. A failed runner whose devshard is over (parked, below) is
-stopped instead. Work done is reported every `work_interval_s` (every
+the reason -- and so is one that ends by itself, even cleanly, while its slot is still
+assigned (a command that daemonizes and exits 0 leaves the slot unserved). While its slot
+stays assigned it is started again after `restart_backoff_s` (doubling each time), at most
+`restart_limit` times per devshard -- a crash or a transient out-of-memory should not cost
+the rest of the epoch. After the last attempt it keeps its FAILED record until the slot is
+unassigned. A failed runner whose devshard is over (parked, below) is stopped instead, and one
+that ends cleanly then is simply STOPPED. Work done is reported every `work_interval_s` (every
 `offline_work_interval_s` while the master is unreachable) and once more when a runner
 stops, as `WorkReported` for the devshard's epoch.
 
@@ -50,6 +52,7 @@ from cluster.worker.runners.base import (
     RunnerFactory,
     RunnerFailed,
     RunnerSpec,
+    describe_end,
     describe_error,
     stop_limit_s,
 )
@@ -369,10 +372,20 @@ class RunnerManager:
             with h.scope:
                 while True:
                     failure = await self._serve(h)
-                    if failure is None:
+                    if failure is None and not self._still_assigned(h):
+                        # Its slot is over (devshard finalized, parked, unassigned, shutting
+                        # down): ending now is no failure.
                         await self._release(h)
                         self._set(h, RunnerStatus.STOPPED, "the runner ended by itself")
                         break
+                    if failure is None:
+                        # The slot is left unserved all the same (a command that daemonized
+                        # and exited 0): a failure, restarted and, if it persists, moved.
+                        assert h.runner is not None  # it served, so it was made
+                        failure = (
+                            "serve: ended on its own while its slot was still assigned "
+                            + describe_end(h.runner)
+                        )
                     self._set(h, RunnerStatus.FAILED, failure)
                     await self._release(h)
                     if self._devshard_over(h):
@@ -405,6 +418,17 @@ class RunnerManager:
             state = self._state
             if h.retired and not _shutting_down() and self._tg is not None and state is not None:
                 self._apply(state)  # the same slot may have been assigned again
+
+    def _still_assigned(self, h: _Handle) -> bool:
+        """Does the latest state still give this node the slot `h` serves, and is the manager
+        still serving it (not retired, parked or shutting down)?"""
+        state = self._state
+        if h.retired or h.parked or _shutting_down() or state is None:
+            return False
+        shard = state.devshards.get(h.spec.devshard_id)
+        return shard is not None and any(
+            a.slot == h.spec.slot and a.node_id == self.node_id for a in shard.assignments
+        )
 
     def _devshard_over(self, h: _Handle) -> bool:
         """Parked, or its devshard gone from the latest state: nothing left to serve."""

@@ -28,6 +28,7 @@ from cluster.worker.runners.base import (
     Runner,
     RunnerFactory,
     RunnerSpec,
+    describe_end,
     describe_error,
     stop_limit_s,
 )
@@ -116,7 +117,10 @@ async def run_self_test(
     async def run_in_background(r: Runner) -> None:
         try:
             await r.run()
-            run_outcome.append("the runner ended by itself during the self-test")
+            # As in the runner manager: a slot's runner must not end by itself.
+            run_outcome.append(
+                f"the runner ended on its own during the self-test {describe_end(r)}"
+            )
         except Exception as exc:
             run_outcome.append(f"the runner failed during the self-test: {describe_error(exc)}")
         finally:

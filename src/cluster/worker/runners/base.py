@@ -6,7 +6,9 @@ The worker's runner manager drives every runner through the same steps:
 1. construct it (`kind(spec, config)`): validate `config`, raise `RunnerConfigError` if wrong;
 2. `await load()`: get ready to serve (load weights, start a process); raise on failure;
 3. `await run()` in a task while the slot is assigned: background work; it returns (or raises
-   `RunnerFailed`) only when the runner ends by itself, and is cancelled when the slot goes;
+   `RunnerFailed`) only when the runner ends by itself, and is cancelled when the slot goes.
+   Ending by itself while the slot is still assigned is a failure even when `run()` returns
+   cleanly (a command that daemonizes and exits 0 leaves the slot unserved);
 4. meanwhile `await health()` every few seconds, and `work_units()` to collect the work done;
 5. `await stop()` once, always, after cancelling `run()` -- also after a failure.
 
@@ -91,7 +93,9 @@ class Runner(ABC):
     @abstractmethod
     async def run(self) -> None:
         """Serve until cancelled. Return if the runner ended cleanly by itself; raise
-        `RunnerFailed` with the reason if it ended badly."""
+        `RunnerFailed` with the reason if it ended badly. While its slot is still assigned,
+        the manager counts either as a failure (`end_reason()` says more about a clean end);
+        a clean end once the slot is over (its devshard finalized) is just a stop."""
 
     @abstractmethod
     async def health(self) -> Health:
@@ -113,6 +117,11 @@ class Runner(ABC):
         """Serve `spec` from now on: the same session and slot size, a later devshard.
         Called only when `can_carry_over()` is true, between work collections."""
         self.spec = spec
+
+    def end_reason(self) -> str:
+        """How the runner ended, when `run()` returned by itself (e.g. "exited with code 0:
+        <its last line of stderr>"); "" when there is nothing to add."""
+        return ""
 
     def stop_time_s(self) -> float:
         """The longest `stop()` may take, in seconds, if more than its caller allows anyway
@@ -140,6 +149,21 @@ def stop_limit_s(runner: Runner, default_s: float) -> float:
         log.warning("runner %s: stop_time_s() failed: %s", runner.spec.runner_id, exc)
         return default_s
     return max(default_s, need) if math.isfinite(need) else default_s
+
+
+#: Why a runner must not end by itself while it has a slot to serve, for the operator.
+FOREGROUND_HINT = "a runner must serve until it is stopped: a command must stay in the foreground"
+
+
+def describe_end(runner: Runner) -> str:
+    """The rest of the reason for a runner whose `run()` returned while it still had to serve:
+    the hint, then the runner's own `end_reason()` (a plugin's failing one is left out)."""
+    try:
+        how = str(runner.end_reason())
+    except Exception as exc:
+        log.warning("runner %s: end_reason() failed: %s", runner.spec.runner_id, exc)
+        how = ""
+    return f"({FOREGROUND_HINT}): {how}" if how else f"({FOREGROUND_HINT})"
 
 
 def describe_error(exc: BaseException) -> str:

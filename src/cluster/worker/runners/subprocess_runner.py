@@ -17,7 +17,9 @@ Any other output line is logged at DEBUG. Standard error is read in a thread, so
 command never blocks on a full pipe: its last `STDERR_TAIL_BYTES` are kept (its last line is
 the reason given when the command fails), and all of it is appended to `log_file` if set.
 
-health = the process is alive (or exited with code 0: run() then returns, a clean end).
+health = the process is alive (or exited with code 0: run() then returns, and the runner
+manager counts that as a failure while the slot is still assigned: a runner command must stay
+in the foreground; `end_reason()` names the exit).
 stop = close stdin, SIGTERM to the command's process group, SIGKILL to the group once all of
 it is gone or after `grace_s`, whatever state its leader is in; its standard output is read
 (WORK lines counted) meanwhile. When the command (the group's leader) exits by itself, what
@@ -252,6 +254,8 @@ class SubprocessRunner(Runner):
         self._stopping = False
         self._group_over = False  # the command's process group was killed or found empty
         self._output_ended = False
+        #: How the command ended when it exited by itself with code 0 (`end_reason`).
+        self._end_reason = ""
         # SLOT lines from `carry_over` (sync) to the writer task in `run` (async). Carry-overs
         # come once per epoch at most, so a small buffer never fills in practice. Closed by
         # stop(), which the runner contract guarantees is called.
@@ -337,6 +341,12 @@ class SubprocessRunner(Runner):
         rc = await self._end_group(process)
         if rc != 0:
             raise RunnerFailed(self._exit_reason(rc))
+        # A clean exit; the manager decides whether that was too early (the slot still
+        # assigned: a command that daemonized) and names the code with `end_reason`.
+        self._end_reason = self._exit_reason(rc)
+
+    def end_reason(self) -> str:
+        return self._end_reason
 
     async def health(self) -> Health:
         if self._process is None:
@@ -344,7 +354,8 @@ class SubprocessRunner(Runner):
         rc = self._process.returncode
         if rc is None:
             return HEALTHY
-        # A clean exit is no failure: run() returns, and the runner "ended by itself".
+        # A clean exit is not unhealthy: run() returns, and the manager judges the end (a
+        # failure while the slot is still assigned, see RunnerManager).
         return Health(rc == 0, self._exit_reason(rc))
 
     async def serve_request(self, payload: bytes) -> bytes:
