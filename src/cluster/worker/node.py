@@ -147,12 +147,12 @@ class WorkerNode:
                     emitters.start_soon(self.gatherer.run)
                 if self.manager is not None and self._factory is not None:
                     await emitters.start(self.manager.run)
-                    # Only caught-up states: a restart's catch-up replays placements that
-                    # are long finalized, and runners must not start for those.
-                    worker.add_listener(self.manager.reconcile, live_only=True)
                     assert self.config.runner is not None
                     emitters.start_soon(
-                        self._self_test_when_connected, self.config.runner, self._factory
+                        self._self_test_then_serve,
+                        self.config.runner,
+                        self._factory,
+                        self.manager,
                     )
                 task_status.started()
                 await stopping.wait()
@@ -186,19 +186,39 @@ class WorkerNode:
         if self._gpu_probe is not None:
             self._gpu_probe.close()
 
-    async def _self_test_when_connected(self, setting: RunnerSetting, make: RunnerFactory) -> None:
+    async def _self_test_then_serve(
+        self, setting: RunnerSetting, make: RunnerFactory, manager: RunnerManager
+    ) -> None:
         """Once the replica has caught up: self-test the runner unless the log already holds
-        a result for this exact setting (a restart or config change re-tests only if needed).
+        a result for this exact setting (a restart or config change re-tests only if needed),
+        and only then let the runner manager act on the state.
+
+        Not before: a worker restarted with a changed setting still holds slots (the node's
+        earlier test passed), and their runners would load beside the self-test's -- two
+        models on one GPU -- with a setting not yet tested. After the test they start whether
+        it passed or not: a setting that cannot serve then fails its runners, and the planner
+        moves their slots (failed_slot_grace_ms) with a miss recorded, as for any failure.
         """
         worker = self.worker
         while worker.phase != "connected":
             await anyio.sleep(0.2)
-        if not needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
-            return
-        result = await run_self_test(
-            setting.kind, make, setting.config, node_id=worker.node_id, gpu=await self._has_gpu()
-        )
-        worker.emit(result)
+        if needs_self_test(worker.state, worker.node_id, setting.kind, setting.digest()):
+            result = await run_self_test(
+                setting.kind,
+                make,
+                setting.config,
+                node_id=worker.node_id,
+                gpu=await self._has_gpu(),
+            )
+            worker.emit(result)
+        # Only caught-up states: a restart's catch-up replays placements that are long
+        # finalized, and runners must not start for those.
+        worker.add_listener(manager.reconcile, live_only=True)
+        if worker.phase == "connected":  # else the listener gets the next caught-up state
+            try:
+                manager.reconcile(worker.state)
+            except Exception:  # as a listener's: logged, and the next state tries again
+                log.exception("state listener failed")
 
     async def _has_gpu(self) -> bool:
         """Does this node report GPUs (so GPU sessions may be placed here)? Read in a thread,

@@ -1,0 +1,104 @@
+"""A worker restarted with a changed runner setting self-tests it before its runners start."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from embedded_nodes import fast_master, fast_worker
+
+from cluster.control import SessionCreate
+from cluster.master.node import MasterNode
+from cluster.shared.events import (
+    RunnerSelfTestCompleted,
+    RunnerStatus,
+    RunnerStatusUpdated,
+)
+from cluster.worker.node import WorkerNode
+from cluster.worker.runners import RunnerSetting
+
+OLD = RunnerSetting(kind="simulated", config={"load_s": 0.05})
+NEW = RunnerSetting(kind="simulated", config={"load_s": 0.1})
+
+
+def node_events(master: MasterNode, node: str) -> list[object]:
+    return [ie.event for ie in master.store.read_from(1) if ie.origin == node]
+
+
+def serving(master: MasterNode, node: str) -> bool:
+    return any(
+        r.node_id == node and r.status is RunnerStatus.RUNNING
+        for r in master.state.runners.values()
+    )
+
+
+async def run_until(worker: WorkerNode, done: Callable[[], bool]) -> None:
+    """Run `worker` until `done()` holds, then stop it (cleanly)."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        while not done():
+            await anyio.sleep(0.05)
+        worker.stop()
+
+
+@pytest.mark.anyio
+async def test_a_changed_runner_setting_is_self_tested_before_any_runner_starts(
+    tmp_path: Path,
+) -> None:
+    # Side by side, the self-test's runner and the slot's real one would load two models on
+    # one GPU; and a setting that fails its test should not serve a slot meanwhile.
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret, epoch_length_ms=60_000)
+    workers: list[WorkerNode] = []
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                addr = started.addrs[0]
+                first = fast_worker(tmp_path / "w1", addr, secret, runner=OLD)
+                workers.append(first)
+                node = first.node_id
+                async with anyio.create_task_group() as worker_tg:
+                    await worker_tg.start(first.run)
+                    reply = await master.request(
+                        SessionCreate(slots=1, memory_per_slot_mb=512, name="s")
+                    )
+                    assert reply.ok, reply.message
+                    while not serving(master, node):
+                        await anyio.sleep(0.05)
+                    first.stop()  # a clean stop: its runner stops, its STOPPED is delivered
+                first.close()  # the outbox's lock: one worker process per data dir
+                workers.remove(first)
+                before = len(node_events(master, node))
+
+                # The same node (data dir) restarts with another runner setting.
+                second = fast_worker(tmp_path / "w1", addr, secret, runner=NEW)
+                workers.append(second)
+
+                def tested_and_serving() -> bool:
+                    rec = master.state.nodes[node]
+                    test = rec.self_test
+                    return (
+                        test is not None
+                        and test.config_digest == NEW.digest()
+                        and serving(master, node)
+                    )
+
+                await run_until(second, tested_and_serving)
+                master.stop()
+        after = node_events(master, node)[before:]
+        order = [
+            "test" if isinstance(e, RunnerSelfTestCompleted) else e.status.value
+            for e in after
+            if isinstance(e, RunnerSelfTestCompleted | RunnerStatusUpdated)
+        ]
+        assert order[0] == "test", order  # the test ended before any runner was created
+        [result] = [e for e in after if isinstance(e, RunnerSelfTestCompleted)]
+        assert result.passed and result.config_digest == NEW.digest()
+    finally:
+        for worker in workers:
+            worker.close()
+        master.close()
