@@ -126,6 +126,30 @@ def test_batch_is_one_write_and_one_fdatasync(
         assert calls == ["write", "sync"]
 
 
+def test_a_failed_write_names_the_segment_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's error for a write or fsync on a descriptor names no file; whoever reports
+    it (the master, before it stops) must be able to say where."""
+    import cluster.shared.eventlog as eventlog
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with EventLog.open(tmp_path) as lg:
+        with monkeypatch.context() as m:
+            m.setattr(eventlog, "_fdatasync", failing_sync)
+            with pytest.raises(OSError) as new_segment:
+                lg.append(records(1, 1))  # creates the first segment
+        assert new_segment.value.filename == str(tmp_path / eventlog.segment_name(1))
+        lg.append(records(1, 1))
+        monkeypatch.setattr(eventlog, "_fdatasync", failing_sync)
+        with pytest.raises(OSError) as append:
+            lg.append(records(2, 1))
+        assert append.value.filename == str(tmp_path / eventlog.segment_name(1))
+        assert "Input/output error" in str(append.value)
+
+
 def test_segments_roll_and_reads_cross_them(tmp_path: Path) -> None:
     fill(tmp_path, 3000, batch=37, segment_max_bytes=8 << 10)
     segs = segments(tmp_path)

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,33 @@ def test_a_snapshot_the_master_could_not_restore_from_is_never_served(
     with EventStore.open(tmp_path) as store:
         assert store.state == fold(EMPTY_STATE, events)
         assert store.latest_snapshot() is None
+
+
+def test_a_due_snapshot_can_be_left_to_the_caller_and_written_beside_commits(
+    tmp_path: Path,
+) -> None:
+    """What the master does: commit without snapshotting, take the due state, write it on a
+    worker thread while later commits go on (the State is immutable)."""
+    events = [as_logged(ie) for ie in make_events(25)]
+    with EventStore.open(tmp_path, snapshot_every=10) as store:
+        store.append_decoded(events[:12], snapshot_when_due=False)
+        assert store.snapshots.indices() == []  # left to the caller
+        due = store.due_snapshot()
+        assert due is not None and due.last_applied == 12
+        assert store.due_snapshot() is None  # taken: due again 10 events later
+        with ThreadPoolExecutor(1) as pool:
+            written = pool.submit(store.write_snapshot, due)
+            store.append_decoded(events[12:21], snapshot_when_due=False)
+            assert written.result(timeout=30)
+        assert store.due_snapshot() is None
+        store.append_decoded(events[21:22], snapshot_when_due=False)
+        again = store.due_snapshot()
+        assert again is not None and again.last_applied == 22
+        found = store.latest_snapshot()
+        assert found is not None and found[0] == 12
+        assert codec.decode_state(found[1]) == fold(EMPTY_STATE, events[:12])
+    with EventStore.open(tmp_path) as store:
+        assert store.state == fold(EMPTY_STATE, events[:22])
 
 
 def test_a_snapshot_ahead_of_the_log_is_moved_aside_not_loaded_later(

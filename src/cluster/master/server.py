@@ -7,6 +7,8 @@ Indexing is one task fed by a channel. It takes every submission waiting (worker
 master events), drops duplicates by (origin, seq), gives the rest consecutive indices and
 the master's clock, appends them with ONE durable group commit, then fans them out to the
 subscribers and acknowledges each submitter with the highest seq of its that is durable.
+A snapshot that comes due is written by another task on a worker thread, so no commit waits
+for it; an I/O error in a commit stops the master (fail-stop) after one ERROR line.
 
 Every libp2p frame costs a fixed ~0.1-0.3 ms of Python on each side, so the fan-out is
 built for few frames: a commit is encoded once and the same bytes go to every subscriber,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import operator
@@ -95,10 +98,14 @@ class Store(Protocol):
     def state(self) -> State: ...
     @property
     def last_idx(self) -> int: ...
-    def append_decoded(self, events: Sequence[IndexedEvent]) -> Committed: ...
+    def append_decoded(
+        self, events: Sequence[IndexedEvent], *, snapshot_when_due: bool = ...
+    ) -> Committed: ...
     def read_raw_from(self, idx: int) -> Any: ...
     def read_from(self, idx: int) -> Any: ...
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
+    def due_snapshot(self) -> State | None: ...
+    def write_snapshot(self, state: State) -> bool: ...
 
 
 def wall_clock_ms() -> int:
@@ -216,6 +223,13 @@ class Master:
         self._inbox_send: MemoryObjectSendStream[_Submission] = send
         self._inbox_recv: MemoryObjectReceiveStream[_Submission] = recv
         self._state_changed = anyio.Event()
+        #: The newest state due for a snapshot and not yet being written (`_snapshotter`).
+        self._snapshot_next: State | None = None
+        self._snapshot_wanted = anyio.Event()
+        #: Index digest.json was last written at (-1: not yet).
+        self._digest_idx = -1
+        #: The I/O error a commit failed with: the master stops (`_fail_stop`).
+        self._fatal: OSError | None = None
         self._stop = anyio.Event()
         self._finished = anyio.Event()
         self.stats = {"batches": 0, "commits": 0, "events": 0, "duplicates": 0, "refused": 0}
@@ -322,6 +336,9 @@ class Master:
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._run(task_status)
+            # Stopped cleanly: digest.json names the last index (the cycle may not have run
+            # since the last commit).
+            self._write_digest("stopping")
         finally:
             self.close()
             self._finished.set()
@@ -347,11 +364,16 @@ class Master:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._indexer)
                 tg.start_soon(self._cycle)
+                tg.start_soon(self._snapshotter)
                 task_status.started(self.addrs)
                 await self._stop.wait()
-                tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()  # a snapshot being written is waited for
             for send in self._subscribers.values():
                 send.close()
+        if self._fatal is not None:
+            # A commit failed where its error was not fatal to the caller (a hello, a
+            # control request): the master ends all the same.
+            raise self._fatal
 
     # ------------------------------------------------------------------ indexing
     async def _indexer(self) -> None:
@@ -418,11 +440,22 @@ class Master:
             last_seq[origin] = seq
             sub.ack = seq
         if records:
-            async with self._store_lock:
-                if len(records) <= self.config.inline_commit_events:
-                    committed = self.store.append_decoded(records)
-                else:
-                    committed = await anyio.to_thread.run_sync(self.store.append_decoded, records)
+            # A snapshot that comes due is written by `_snapshotter`, off the event loop:
+            # it is not part of the acknowledgement, so the commit does not wait for it.
+            commit = functools.partial(self.store.append_decoded, records, snapshot_when_due=False)
+            try:
+                async with self._store_lock:
+                    if len(records) <= self.config.inline_commit_events:
+                        committed = commit()
+                    else:
+                        committed = await anyio.to_thread.run_sync(commit)
+            except OSError as exc:
+                self._fail_stop(exc)
+                raise
+            due = self.store.due_snapshot()
+            if due is not None:
+                self._snapshot_next = due  # replaces one still waiting: the newest is kept
+                self._snapshot_wanted.set()
             self._state = committed.state
             self._last_idx = records[-1].idx
             self.stats["commits"] += 1
@@ -467,19 +500,61 @@ class Master:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 del self._subscribers[sid]
 
+    def _fail_stop(self, exc: OSError) -> None:
+        """A commit could not be made durable: say so once, with the file and the error,
+        and stop the master (fail-stop: the log refuses appends until it is reopened, and
+        what the page cache holds after a failed write or fsync is unknown)."""
+        if self._fatal is None:
+            self._fatal = exc
+            where = exc.filename
+            if where is None:
+                where = getattr(getattr(self.store, "log", None), "directory", "the event log")
+            log.error(
+                "event log write failed: %s: %s; the master stops (events after index %d "
+                "were not acknowledged; restart it once the disk is fixed)",
+                where,
+                exc.strerror or exc,
+                self._last_idx,
+            )
+        self._stop.set()
+
+    async def _snapshotter(self) -> None:
+        """Write the snapshots that `_index` found due, one at a time, on a worker thread.
+
+        The State is immutable, so commits go on meanwhile; snapshots that come due during
+        a write are coalesced into the newest. A failure is logged, never fatal: the events
+        are durable and a snapshot only shortens the next load. A write in progress is not
+        abandoned when the master stops: `stop()` waits for it.
+        """
+        while True:
+            await self._snapshot_wanted.wait()
+            self._snapshot_wanted = anyio.Event()
+            state, self._snapshot_next = self._snapshot_next, None
+            if state is None:
+                continue
+            try:
+                await anyio.to_thread.run_sync(self.store.write_snapshot, state)
+            except Exception:
+                log.exception("could not write a snapshot at index %d", state.last_applied)
+
     async def _cycle(self) -> None:
         """Once per plan interval: run the planner, write digest.json."""
-        written = -1
         while True:
             await anyio.sleep(self.config.plan_interval)
             if self.planner is not None:
                 await self.index_decision(self._plan_safely)
-            if self.config.data_dir is not None and written != self._last_idx:
-                try:
-                    write_digest_file(self.config.data_dir, self._state, role="master")
-                    written = self._last_idx
-                except OSError as exc:  # auxiliary output (a full disk...): keep serving
-                    log.warning("could not write digest.json (retried next cycle): %s", exc)
+            self._write_digest("retried next cycle")
+
+    def _write_digest(self, then: str) -> None:
+        """Write digest.json if the state moved since it was last written. A failure is
+        logged (`then`: what happens next), not raised: it is auxiliary output."""
+        if self.config.data_dir is None or self._digest_idx == self._last_idx:
+            return
+        try:
+            write_digest_file(self.config.data_dir, self._state, role="master")
+            self._digest_idx = self._last_idx
+        except OSError as exc:  # a full disk...: keep serving
+            log.warning("could not write digest.json (%s): %s", then, exc)
 
     def _plan_safely(self, state: State, now_ms: int) -> list[Event]:
         assert self.planner is not None

@@ -273,6 +273,7 @@ class EventLog:
         except OSError as exc:
             # After a failed write or fsync the page cache state is unknown: cut back to the
             # last acknowledged byte and refuse to go on in this process.
+            _name_file(exc, seg.path)
             self._broken = str(exc)
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, old_size)
@@ -299,7 +300,8 @@ class EventLog:
             _write_all(fd, _segment_header(first_idx))
             _fdatasync(fd)
             fsync_dir(self._dir)
-        except OSError:
+        except OSError as exc:
+            _name_file(exc, path)
             os.close(fd)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -700,6 +702,13 @@ def _next_good_record(buf: bytes, pos: int, lowest: int) -> tuple[int, int, int,
 
 
 # -------------------------------------------------------------------------------- syscalls
+
+
+def _name_file(exc: OSError, path: Path) -> None:
+    """Name the file a write or fsync on a descriptor failed on (the kernel's error does
+    not), so whoever reports it can say where."""
+    if exc.filename is None:
+        exc.filename = str(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -9,6 +9,7 @@ one group commit and folds it. Importing this module never imports libp2p.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -165,7 +166,11 @@ class EventStore:
         self._snapshots = snapshots
         self._state = restored.state
         self._every = every
+        #: Index of the last snapshot taken (or restored from); see `due_snapshot`.
         self._snapshot_idx = restored.snapshot_idx
+        #: One snapshot is written at a time (`write_snapshot` may run on a worker thread
+        #: while a caller snapshots directly); `SnapshotStore` prunes leftovers assuming so.
+        self._snapshot_write = threading.Lock()
         #: Snapshots on disk newer than the one restored from: they did not decode (another
         #: version's layout, say), so they are never served to a catching-up replica either.
         self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
@@ -240,26 +245,38 @@ class EventStore:
         records = [(ie.idx, codec.encode_event(ie)) for ie in events]
         return self._commit([codec.decode_event(data) for _, data in records], records)
 
-    def append_decoded(self, events: Sequence[IndexedEvent]) -> Committed:
+    def append_decoded(
+        self, events: Sequence[IndexedEvent], *, snapshot_when_due: bool = True
+    ) -> Committed:
         """`append` for events that are already exactly what their bytes decode to: each was
         decoded from bytes (a worker's frame) or passed through `as_logged`.
 
         Each event is encoded once and never decoded again (the master's hot path: decoding
         costs more than everything else a commit does per event). Returns the new state and
         the records written, so the same bytes can be forwarded to replicas.
+
+        With `snapshot_when_due=False` a snapshot that comes due is left to the caller
+        (`due_snapshot` + `write_snapshot`): the master writes it off its event loop.
         """
         if not events:
             return Committed(self._state, [])
         encode = codec.encode_event
         records = [(ie.idx, encode(ie)) for ie in events]
-        return Committed(self._commit(events, records), records)
+        return Committed(self._commit(events, records, snapshot_when_due), records)
 
-    def _commit(self, events: Sequence[IndexedEvent], records: list[tuple[int, bytes]]) -> State:
+    def _commit(
+        self,
+        events: Sequence[IndexedEvent],
+        records: list[tuple[int, bytes]],
+        snapshot_when_due: bool = True,
+    ) -> State:
         state = fold(self._state, events)
         self._log.append(records)
         self._state = state
-        if state.last_applied - self._snapshot_idx >= self._every:
-            self.snapshot()
+        if snapshot_when_due:
+            due = self.due_snapshot()
+            if due is not None:
+                self.write_snapshot(due)
         return state
 
     def snapshot(self) -> None:
@@ -270,19 +287,47 @@ class EventStore:
         """
         state = self._state
         self._snapshot_idx = state.last_applied
+        self.write_snapshot(state)
+
+    def due_snapshot(self) -> State | None:
+        """The state to snapshot if `snapshot_every` events have been committed since the
+        last snapshot was taken, else None.
+
+        Taking it counts as taking the snapshot: it is not due again for another
+        `snapshot_every` events, even if its write fails (a snapshot only shortens a load).
+        Write it with `write_snapshot`.
+        """
+        state = self._state
+        if state.last_applied - self._snapshot_idx < self._every:
+            return None
+        self._snapshot_idx = state.last_applied
+        return state
+
+    def write_snapshot(self, state: State) -> bool:
+        """Encode `state` and save it as the snapshot at its index; whether it was saved.
+
+        Safe on a worker thread while commits go on (a State is immutable, and the log is
+        not touched); one snapshot is written at a time. A failure is logged, not raised.
+        """
+        idx = state.last_applied
         try:
             data = codec.encode_state(state)
         except Exception:  # a bug (reducers keep State encodable): not a reason to stop serving
-            log.exception(
-                "could not encode the state at index %d for a snapshot", state.last_applied
-            )
-            return
-        try:
-            self._snapshots.save(state.last_applied, data)
-        except OSError as exc:
-            log.warning("could not save a snapshot at index %d: %s", state.last_applied, exc)
-            return
-        self._unusable.discard(state.last_applied)  # replaced by this version's snapshot
+            log.exception("could not encode the state at index %d for a snapshot", idx)
+            return False
+        with self._snapshot_write:
+            try:
+                self._snapshots.save(idx, data)
+            except OSError as exc:
+                log.warning("could not save a snapshot at index %d: %s", idx, exc)
+                return False
+            except Exception:  # a bug: the events are durable, the snapshot is optional
+                log.exception("could not save a snapshot at index %d", idx)
+                return False
+            # Replaced by this version's snapshot. Only after the rename: until then a reader
+            # must not take the file there for one this process could restore from.
+            self._unusable.discard(idx)
+        return True
 
     def read_from(self, idx: int) -> Iterator[IndexedEvent]:
         for i, payload in self._log.read_from(idx):

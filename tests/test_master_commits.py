@@ -1,0 +1,282 @@
+"""The master's commits and what follows them: snapshots written off the event loop while
+commits go on, digest.json on stop, and a commit's I/O error (fail-stop, said first).
+
+Each master here runs for real (`Master.run`, a libp2p host on loopback) with no planner
+cycle in the way (`plan_interval` of an hour); events are the master's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import TaskStatus
+
+from cluster.master import server
+from cluster.master.server import Master, MasterConfig
+from cluster.net.identity import load_identity
+from cluster.net.membership import Membership
+from cluster.shared import eventlog
+from cluster.shared.codec import state_digest
+from cluster.shared.digest_file import read_digest_file
+from cluster.shared.events import Event, NodeConnected
+from cluster.shared.store import EventStore
+
+#: Bound on every wait: a broken master fails the test instead of hanging it.
+WAIT = 10.0
+
+
+def _joins(start: int, stop: int) -> list[Event]:
+    return [NodeConnected(node_id=f"12D3KooWNode{i:04d}") for i in range(start, stop)]
+
+
+def _master(store: EventStore, data_dir: Path) -> Master:
+    key_pair, _ = load_identity(data_dir)
+    config = MasterConfig(data_dir=data_dir, plan_interval=3600.0)
+    return Master(store, key_pair, Membership(secret=b"s" * 32), config)
+
+
+class BlockedSave:
+    """Stands in for `SnapshotStore.save`: the first call waits until `release` is set (at
+    most WAIT seconds, then gives up with a TimeoutError, which is an OSError), later calls
+    save at once. Every call that saved puts its index on `saved`."""
+
+    def __init__(self, real_save: object) -> None:
+        self.real_save = real_save
+        self.entered = threading.Event()
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[int] = []
+        self.saved: queue.Queue[int] = queue.Queue()
+
+    def __call__(self, idx: int, data: bytes) -> Path:
+        self.calls.append(idx)
+        first = len(self.calls) == 1
+        if first:
+            self.inside.set()
+            self.entered.set()
+        try:
+            if first and not self.release.wait(WAIT):
+                raise TimeoutError("the blocked snapshot write was never released")
+            assert callable(self.real_save)
+            path: Path = self.real_save(idx, data)
+        finally:
+            self.inside.clear()
+        self.saved.put(idx)
+        return path
+
+    async def wait_entered(self) -> None:
+        assert await anyio.to_thread.run_sync(self.entered.wait, WAIT), "no snapshot began"
+
+    async def next_saved(self) -> int:
+        return await anyio.to_thread.run_sync(self.saved.get, True, WAIT)
+
+
+@pytest.mark.anyio
+async def test_commits_are_acknowledged_while_a_snapshot_is_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding and writing a 10,000-node state takes ~60-140 ms; done inside the commit that
+    crossed `snapshot_every`, it stalled every stream of the master for that long."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir, snapshot_every=3)
+    save = BlockedSave(store.snapshots.save)
+    monkeypatch.setattr(store.snapshots, "save", save)
+    master = _master(store, data_dir)
+    try:
+        with anyio.fail_after(3 * WAIT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(master.run)
+                await master.submit_master_events(_joins(0, 3))  # 1..3: a snapshot is due
+                await save.wait_entered()
+                # Its write is blocked: later commits are durable and acknowledged meanwhile.
+                indexed = await master.submit_master_events(_joins(3, 10))  # 4..10
+                assert [ie.idx for ie in indexed] == list(range(4, 11))
+                assert store.last_idx == 10 and master.last_idx == 10
+                assert save.inside.is_set(), "the commits waited for the snapshot"
+                assert save.calls == [3]  # one write at a time: the one due at 10 waits
+                save.release.set()
+                assert await save.next_saved() == 3
+                assert await save.next_saved() == 10  # the one that came due meanwhile
+                master.stop()
+        assert store.snapshots.indices() == [10, 3]
+        assert store.latest_snapshot() is not None
+    finally:
+        store.close()
+    with EventStore.open(data_dir) as reopened:
+        assert reopened.state == store.state
+
+
+@pytest.mark.anyio
+async def test_stop_waits_for_the_snapshot_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir, snapshot_every=3)
+    save = BlockedSave(store.snapshots.save)
+    monkeypatch.setattr(store.snapshots, "save", save)
+    master = _master(store, data_dir)
+    finished = anyio.Event()
+
+    async def watch() -> None:
+        await master.wait_finished()
+        finished.set()
+
+    try:
+        with anyio.fail_after(3 * WAIT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(master.run)
+                tg.start_soon(watch)
+                await master.submit_master_events(_joins(0, 3))
+                await save.wait_entered()
+                master.stop()
+                await anyio.wait_all_tasks_blocked()  # all that could run without it has
+                assert not finished.is_set(), "stopped with a snapshot half written"
+                save.release.set()
+                await finished.wait()
+        assert save.saved.get_nowait() == 3
+        assert store.snapshots.indices() == [3]
+        assert not list((data_dir / "snapshots").glob(".*.tmp"))
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), logging.WARNING),
+        (RuntimeError("bug"), logging.ERROR),
+    ],
+)
+async def test_a_snapshot_that_cannot_be_saved_does_not_stop_the_master(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    level: int,
+) -> None:
+    """A snapshot only shortens the next load: the events are durable already. (Any error
+    but an OSError from the save used to escape the commit and end the master.)"""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir, snapshot_every=3)
+    tried = threading.Event()
+
+    def failing_save(idx: int, data: bytes) -> Path:
+        tried.set()
+        raise error
+
+    monkeypatch.setattr(store.snapshots, "save", failing_save)
+    master = _master(store, data_dir)
+    try:
+        with anyio.fail_after(3 * WAIT), caplog.at_level(logging.WARNING):
+            async with anyio.create_task_group() as tg:
+                await tg.start(master.run)
+                await master.submit_master_events(_joins(0, 3))
+                assert await anyio.to_thread.run_sync(tried.wait, WAIT)
+                indexed = await master.submit_master_events(_joins(3, 4))
+                assert indexed[-1].idx == 4
+                master.stop()
+        assert store.snapshots.indices() == []
+        failed = [r for r in caplog.records if "could not save a snapshot at index 3" in r.message]
+        assert [r.levelno for r in failed] == [level], caplog.text
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_stop_writes_digest_json_at_the_last_index(tmp_path: Path) -> None:
+    """The cycle writes digest.json once a plan interval; a clean stop after later commits
+    left it naming an older index than the log holds (here: none at all)."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir)
+    master = _master(store, data_dir)
+    try:
+        with anyio.fail_after(3 * WAIT):
+            async with anyio.create_task_group() as tg:
+                await tg.start(master.run)
+                await master.submit_master_events(_joins(0, 5))
+                master.stop()
+        assert read_digest_file(data_dir) == {
+            "idx": 5,
+            "digest": state_digest(store.state),
+            "role": "master",
+        }
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_a_digest_json_that_cannot_be_written_at_stop_is_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir)
+    master = _master(store, data_dir)
+    try:
+        (data_dir / ".digest.json.tmp").mkdir()  # every write of it fails
+        with anyio.fail_after(3 * WAIT), caplog.at_level(logging.WARNING):
+            async with anyio.create_task_group() as tg:
+                await tg.start(master.run)
+                await master.submit_master_events(_joins(0, 2))
+                master.stop()
+        assert "could not write digest.json (stopping)" in caplog.text
+        assert read_digest_file(data_dir) is None
+    finally:
+        store.close()
+
+
+def _fail_fdatasync(fd: int) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["indexer", "decision"])
+async def test_a_commit_io_error_is_logged_once_then_the_master_stops(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """Fail-stop, but said first: one ERROR line with the segment file and the OS error.
+    A commit of a decision (a hello, a control request) whose caller carries on after the
+    error stops the master as well: it used to keep serving until the next commit."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir)
+    master = _master(store, data_dir)
+    ended: list[BaseException] = []
+
+    async def run_master(*, task_status: TaskStatus[list[str]]) -> None:
+        try:
+            await master.run(task_status=task_status)
+        except Exception as exc:
+            ended.append(exc)
+
+    segment = data_dir / "log" / eventlog.segment_name(1)
+    try:
+        with anyio.fail_after(3 * WAIT), caplog.at_level(logging.WARNING):
+            async with anyio.create_task_group() as tg:
+                await tg.start(run_master)
+                await master.submit_master_events(_joins(0, 2))
+                monkeypatch.setattr(eventlog, "_fdatasync", _fail_fdatasync)
+                with pytest.raises(OSError, match="Input/output error") as raised:
+                    if path == "indexer":
+                        await master.submit_master_events(_joins(2, 3))
+                    else:
+                        await master.index_decision(lambda state, now: _joins(2, 3))
+                assert raised.value.filename == str(segment)
+                await master.wait_finished()  # as the caller carries on
+        assert len(ended) == 1, "the master did not end with the error"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].name == server.__name__, caplog.text
+        line = errors[0].getMessage()
+        assert str(segment) in line and "Input/output error" in line, line
+        assert "index 2" in line, line  # the last acknowledged
+        assert store.last_idx == 2 and master.last_idx == 2
+    finally:
+        store.close()
