@@ -67,7 +67,7 @@ from cluster.net.protocol import (
     encode,
     expect,
 )
-from cluster.shared.digest_file import write_digest_file
+from cluster.shared.digest_file import DigestFileWriter, Reading
 from cluster.shared.events import (
     MASTER_ORIGIN,
     MAX_EVENT_BYTES,
@@ -143,7 +143,7 @@ class MasterConfig:
     #: Most one Ack per this many seconds to a peer with a live subscription (it sees its
     #: own durable events there); peers without one are acknowledged at once.
     ack_interval: float = 0.1
-    #: Where digest.json is written each cycle (None: not written).
+    #: Where digest.json is kept current (None: not written; see DigestFileWriter).
     data_dir: Path | None = None
 
 
@@ -226,8 +226,8 @@ class Master:
         #: The newest state due for a snapshot and not yet being written (`_snapshotter`).
         self._snapshot_next: State | None = None
         self._snapshot_wanted = anyio.Event()
-        #: Index digest.json was last written at (-1: not yet).
-        self._digest_idx = -1
+        data_dir = self.config.data_dir
+        self._digests = None if data_dir is None else DigestFileWriter(data_dir)
         #: The I/O error a commit failed with: the master stops (`_fail_stop`).
         self._fatal: OSError | None = None
         self._stop = anyio.Event()
@@ -336,9 +336,10 @@ class Master:
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._run(task_status)
-            # Stopped cleanly: digest.json names the last index (the cycle may not have run
-            # since the last commit).
-            self._write_digest("stopping")
+            # Stopped cleanly: digest.json names the last index (the writer may not have
+            # run since the last commit).
+            if self._digests is not None:
+                self._digests.write_now(self._state, role="master")
         finally:
             self.close()
             self._finished.set()
@@ -364,6 +365,9 @@ class Master:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._indexer)
                 tg.start_soon(self._cycle)
+                if self._digests is not None:
+                    interval = self.config.plan_interval
+                    tg.start_soon(self._digests.keep_current, self._digest_reading, interval)
                 tg.start_soon(self._snapshotter)
                 task_status.started(self.addrs)
                 await self._stop.wait()
@@ -538,23 +542,14 @@ class Master:
                 log.exception("could not write a snapshot at index %d", state.last_applied)
 
     async def _cycle(self) -> None:
-        """Once per plan interval: run the planner, write digest.json."""
+        """Once per plan interval: run the planner."""
         while True:
             await anyio.sleep(self.config.plan_interval)
             if self.planner is not None:
                 await self.index_decision(self._plan_safely)
-            self._write_digest("retried next cycle")
 
-    def _write_digest(self, then: str) -> None:
-        """Write digest.json if the state moved since it was last written. A failure is
-        logged (`then`: what happens next), not raised: it is auxiliary output."""
-        if self.config.data_dir is None or self._digest_idx == self._last_idx:
-            return
-        try:
-            write_digest_file(self.config.data_dir, self._state, role="master")
-            self._digest_idx = self._last_idx
-        except OSError as exc:  # a full disk...: keep serving
-            log.warning("could not write digest.json (%s): %s", then, exc)
+    def _digest_reading(self) -> Reading:
+        return self._state, {"role": "master"}
 
     def _plan_safely(self, state: State, now_ms: int) -> list[Event]:
         assert self.planner is not None

@@ -62,7 +62,7 @@ from cluster.net.protocol import (
 )
 from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
-from cluster.shared.digest_file import write_digest_file
+from cluster.shared.digest_file import DigestFileWriter, Reading
 from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.worker.outbox import Outbox
@@ -275,6 +275,10 @@ class Worker:
             ):
                 tg.start_soon(self._connection_loop, host)
                 tg.start_soon(self._cycle)
+                if self.config.write_digest:
+                    digests = DigestFileWriter(self.data_dir)
+                    interval = self.config.heartbeat_interval
+                    tg.start_soon(digests.keep_current, self._digest_reading, interval)
                 task_status.started()
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
@@ -303,23 +307,21 @@ class Worker:
                 log.exception("state listener failed")
 
     async def _cycle(self) -> None:
-        written = -1
         while True:
             # A heartbeat says "alive now": kept while the master is unreachable, hours of
             # them would only grow the outbox and flood the log on reconnect.
             if self.config.heartbeats and self.phase != "connecting":
                 self.emit(NodeHeartbeat(node_id=self.node_id))
-            if self.config.write_digest and written != self._state.last_applied:
-                written = self._state.last_applied
-                write_digest_file(
-                    self.data_dir,
-                    self._state,
-                    role="worker",
-                    node_id=self.node_id,
-                    acked_seq=self.outbox.acked,
-                    phase=self.phase,
-                )
             await anyio.sleep(self.config.heartbeat_interval)
+
+    def _digest_reading(self) -> Reading:
+        extra: dict[str, object] = {
+            "role": "worker",
+            "node_id": self.node_id,
+            "acked_seq": self.outbox.acked,
+            "phase": self.phase,
+        }
+        return self._state, extra
 
     # ------------------------------------------------------------------ connection
     async def _connection_loop(self, host: Any) -> None:
