@@ -10,6 +10,8 @@ from pathlib import Path
 
 import anyio
 
+from cluster.shared.files import make_dirs_durably
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -39,6 +41,6 @@ def prepare_data_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"--data-dir {path} is a file, not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(path)
     except OSError as exc:
         raise ValueError(f"--data-dir {path}: cannot create it: {exc.strerror or exc}") from None

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         validate_peer_id,
     )
     from cluster.shared.eventlog import LogError
-    from cluster.shared.files import write_text_atomically
+    from cluster.shared.files import make_dirs_durably, write_text_atomically
     from cluster.shared.humanize import first_leaf
     from cluster.shared.snapshots import SnapshotError
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             secret = load_secret_file(args.cluster_secret_file)
         elif allowed is None:
             path = data_dir / "cluster.secret"
-            data_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(data_dir)
             secret = load_secret_file(path) if path.exists() else create_secret_file(path)
             print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
         membership = Membership(

@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any, Final
 
-from cluster.shared.files import write_bytes_durably
+from cluster.shared.files import make_dirs_durably, write_bytes_durably
 
 KEY_FILE: Final = "node.key"
 SEED_BYTES: Final = 32
@@ -25,7 +25,7 @@ def load_or_create_seed(data_dir: Path) -> bytes:
     """The node's 32-byte seed, created (mode 0600) on first use."""
     path = data_dir / KEY_FILE
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(data_dir)
     except OSError as exc:
         raise IdentityError(f"cannot create data directory {data_dir}: {exc.strerror}") from exc
     if not path.exists():

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from cluster.shared.files import fsync_dir, try_lock
+from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def _check_directory(directory: Path, readonly: bool) -> None:
         if readonly:
             raise LogDirectoryError(f"event log directory {directory} does not exist")
         try:
-            directory.mkdir(parents=True)
+            make_dirs_durably(directory)
         except OSError as exc:
             raise LogDirectoryError(
                 f"cannot create event log directory {directory}: {exc}"

@@ -1,5 +1,5 @@
 """Files replaced whole: written beside their path, then renamed over it, so a reader (or a
-restart after a crash) never sees one half-written."""
+restart after a crash) never sees one half-written; and directories created durably."""
 
 from __future__ import annotations
 
@@ -23,6 +23,25 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """Create `directory` and any missing parents (like ``mkdir -p``), each new entry on disk
+    before returning: the parent of every level created is fsynced, so a power loss cannot
+    take back a new directory, and with it the files later written durably inside it. A
+    directory that exists already costs no fsync. `FileExistsError` if a level is a file."""
+    missing: list[Path] = []
+    level = Path(directory)
+    while not level.is_dir() and level.parent != level:
+        missing.append(level)
+        level = level.parent
+    for level in reversed(missing):
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            if not level.is_dir():
+                raise
+        fsync_dir(level.parent)
 
 
 def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Final
 
-from cluster.shared.files import fsync_dir, write_bytes_durably
+from cluster.shared.files import fsync_dir, make_dirs_durably, write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class SnapshotStore:
         """Write the snapshot of state at `idx` atomically, then keep only the newest few."""
         if idx < 0:
             raise ValueError(f"snapshot index {idx} must be >= 0")
-        self._dir.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self._dir)
         path = self._dir / snapshot_name(idx)
         write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)  # dir synced too
         self._prune()

@@ -38,7 +38,7 @@ from typing import Final
 import msgspec
 
 from cluster.shared.events import MAX_EVENT_BYTES, Event
-from cluster.shared.files import try_lock, write_bytes_durably
+from cluster.shared.files import make_dirs_durably, try_lock, write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Outbox:
     @classmethod
     def open(cls, directory: Path) -> Outbox:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(directory)
         except OSError as exc:
             raise OutboxError(f"cannot create outbox {directory}: {exc.strerror}") from exc
         box = cls(directory)

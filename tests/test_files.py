@@ -1,0 +1,97 @@
+"""Durable directories: every directory that will hold acknowledged data is created with its
+entry on disk (the parent of each new level fsynced), so a power loss cannot take it back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cluster.commands._process import prepare_data_dir
+from cluster.net.identity import load_or_create_seed
+from cluster.shared.eventlog import EventLog
+from cluster.shared.files import make_dirs_durably
+from cluster.shared.snapshots import SnapshotStore
+from cluster.worker.outbox import Outbox
+
+
+def _spy_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(device, inode) of every file and directory fsynced or fdatasynced from now on."""
+    synced: list[tuple[int, int]] = []
+    for name in ("fsync", "fdatasync"):
+        real: Callable[[int], None] = getattr(os, name)
+
+        def spy(fd: int, real: Callable[[int], None] = real) -> None:
+            st = os.fstat(fd)
+            synced.append((st.st_dev, st.st_ino))
+            real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+    return synced
+
+
+def _ino(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _open_log(d: Path) -> None:
+    EventLog.open(d).close()
+
+
+def _save_snapshot(d: Path) -> None:
+    SnapshotStore(d).save(1, b"state")
+
+
+def _open_outbox(d: Path) -> None:
+    Outbox.open(d).close()
+
+
+def _create_seed(d: Path) -> None:
+    load_or_create_seed(d)
+
+
+@pytest.mark.parametrize(
+    "create",
+    [_open_log, _save_snapshot, _open_outbox, _create_seed, prepare_data_dir, make_dirs_durably],
+)
+def test_each_new_durable_directory_level_has_its_parent_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, create: Callable[[Path], None]
+) -> None:
+    synced = _spy_syncs(monkeypatch)
+    target = tmp_path / "data" / "inner"  # two levels to create, as for <new data dir>/log
+    create(target)
+    assert target.is_dir()
+    # Each new entry lives in its parent: the parent's fsync is what puts it on disk.
+    for parent in (tmp_path, tmp_path / "data"):
+        assert _ino(parent) in synced, f"{parent} was not fsynced after its new entry"
+
+
+def test_an_existing_directory_costs_no_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    synced = _spy_syncs(monkeypatch)
+    make_dirs_durably(tmp_path / "a" / "b")
+    assert synced == []
+    make_dirs_durably(tmp_path / "a" / "b" / "c")  # only the new level's parent
+    assert synced == [_ino(tmp_path / "a" / "b")]
+
+
+def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        make_dirs_durably(tmp_path / "f")
+    with pytest.raises(FileExistsError):
+        make_dirs_durably(tmp_path / "f" / "sub")
+
+
+def test_a_relative_path_is_created_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    synced = _spy_syncs(monkeypatch)
+    make_dirs_durably(Path("rel"))
+    assert (tmp_path / "rel").is_dir() and synced == [_ino(tmp_path)]
