@@ -11,6 +11,7 @@ import pytest
 
 from cluster.commands._process import prepare_data_dir
 from cluster.net.identity import load_or_create_seed
+from cluster.net.membership import create_secret_file
 from cluster.shared.eventlog import EventLog
 from cluster.shared.files import make_dirs_durably
 from cluster.shared.snapshots import SnapshotStore
@@ -95,3 +96,13 @@ def test_a_relative_path_is_created_under_the_working_directory(
     synced = _spy_syncs(monkeypatch)
     make_dirs_durably(Path("rel"))
     assert (tmp_path / "rel").is_dir() and synced == [_ino(tmp_path)]
+
+
+def test_a_new_secret_file_has_its_directory_entry_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers are handed this secret: after a power loss the file must still be there."""
+    synced = _spy_syncs(monkeypatch)
+    path = tmp_path / "cluster.secret"
+    create_secret_file(path)
+    assert _ino(path) in synced and _ino(tmp_path) in synced

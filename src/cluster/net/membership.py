@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from cluster.shared.files import fsync_dir
+
 NONCE_BYTES: Final = 32
 MIN_SECRET_BYTES: Final = 16
 #: base58btc alphabet; libp2p peer ids (Ed25519 "12D3KooW…", RSA "Qm…") are 46-60 chars.
@@ -143,4 +145,5 @@ def create_secret_file(path: Path) -> bytes:
         os.fsync(fd)
     finally:
         os.close(fd)
+    fsync_dir(path.parent)  # the new entry too: workers are given this secret
     return secret
