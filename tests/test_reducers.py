@@ -671,19 +671,37 @@ def _held_closed(state: State, node: str) -> list[str]:
     )
 
 
+def _kept(closes: list[tuple[str, str]], cap: int) -> list[str]:
+    """The closed windows a node keeps, by the rule written out plainly: after each close,
+    while over the cap, drop the oldest cancelled window but the one just closed, else the
+    oldest."""
+    kept: list[tuple[str, str]] = []
+    for window_id, how in closes:
+        kept.append((window_id, how))
+        while len(kept) > cap:
+            older = kept[:-1]
+            victim = next((k for k in older if k[1] == "cancel"), older[0])
+            kept.remove(victim)
+    return [window_id for window_id, _ in kept]
+
+
 def test_a_schedule_cancel_loop_keeps_only_the_nodes_newest_closed_windows() -> None:
     """Cancelling a SCHEDULED window is free, so a loop of them must not grow State: a node
-    keeps its newest CLOSED_WINDOWS_KEPT_PER_NODE closed windows, completed ones included."""
+    keeps CLOSED_WINDOWS_KEPT_PER_NODE closed windows, its cancelled ones dropped first."""
     cap = CLOSED_WINDOWS_KEPT_PER_NODE
     log = Log()
     _close_window(log, B, "b-old", "cancel")
     rounds = 1_000
+    closes: list[tuple[str, str]] = []
     for i in range(rounds):
-        s = _close_window(log, A, f"w{i:04d}", "finish" if i % 10 == 0 else "cancel")
+        closes.append((f"w{i:04d}", "finish" if i % 10 == 0 else "cancel"))
+        s = _close_window(log, A, *closes[-1])
         assert len(_held_closed(s, A)) == min(i + 1, cap)
-    newest = tuple(f"w{i:04d}" for i in range(rounds - cap, rounds))
-    assert s.closed_windows_by_node[A] == newest
-    assert _held_closed(s, A) == list(newest)
+    kept = _kept(closes, cap)
+    assert s.closed_windows_by_node[A] == tuple(kept)
+    assert _held_closed(s, A) == sorted(kept)
+    # The newest completed ones and the cancelled one just closed.
+    assert kept == [f"w{i:04d}" for i in range(850, 1_000, 10)] + ["w0999"]
     assert s.windows["w0990"].state is WindowState.COMPLETED
     assert s.windows["w0999"].state is WindowState.CANCELLED
     assert "w0000" not in s.windows
@@ -702,21 +720,21 @@ def test_a_schedule_cancel_loop_keeps_only_the_nodes_newest_closed_windows() -> 
 @settings(max_examples=100, deadline=None)
 @given(closes=st.lists(st.tuples(st.sampled_from([A, B]), st.sampled_from(CLOSES)), max_size=24))
 def test_closed_windows_stay_indexed_and_capped(closes: list[tuple[str, str]]) -> None:
-    """Under a small cap, after any mix of closes: each node holds exactly its newest closed
-    windows, the index lists them in closing order, it encodes and decodes (the decoder
-    checks the index), and `fold` agrees with `apply`."""
+    """Under a small cap, after any mix of closes: each node holds exactly the closed windows
+    the rule keeps (`_kept`), the index lists them in closing order, it encodes and decodes
+    (the decoder checks the index), and `fold` agrees with `apply`."""
     cap = 3
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(maintenance_reducers, "CLOSED_WINDOWS_KEPT_PER_NODE", cap)
         log = Log()
         s = EMPTY_STATE
-        closed: dict[str, list[str]] = {A: [], B: []}
+        closed: dict[str, list[tuple[str, str]]] = {A: [], B: []}
         for i, (node, how) in enumerate(closes):
             s = _close_window(log, node, f"w{i}", how)
-            closed[node].append(f"w{i}")
-        for node, ids in closed.items():
-            assert s.closed_windows_by_node.get(node, ()) == tuple(ids[-cap:])
-            assert _held_closed(s, node) == sorted(ids[-cap:])
+            closed[node].append((f"w{i}", how))
+        for node, windows in closed.items():
+            assert s.closed_windows_by_node.get(node, ()) == tuple(_kept(windows, cap))
+            assert _held_closed(s, node) == sorted(_kept(windows, cap))
         assert len(s.windows) == sum(min(len(ids), cap) for ids in closed.values())
         assert decode_state(encode_state(s)) == s
         assert fold(EMPTY_STATE, log.events) == s

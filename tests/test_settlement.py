@@ -20,6 +20,7 @@ from cluster.shared.events import (
     MaintenanceCancelled,
     MaintenanceFinished,
     MaintenanceOverrun,
+    MaintenanceStarted,
     NodeDisconnected,
     NodePayout,
     SessionDeleted,
@@ -27,7 +28,7 @@ from cluster.shared.events import (
     WorkMissed,
 )
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import EMPTY_NODE_LEDGER, EpochRecord
+from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, EMPTY_NODE_LEDGER, EpochRecord
 
 CFG = quick_config()  # miss_threshold=1
 POLICY = MaintenancePolicy()  # credit per epoch and cap: the maintenance policy's
@@ -180,6 +181,39 @@ def test_maintenance_during_part_of_the_epoch_earns_no_credit_for_staying(how: s
     pay = _payouts(_end_of_epoch(world, epoch))
     assert "a" not in pay
     assert pay["c"].credit_earned_ms == POLICY.credit_per_epoch_ms
+
+
+def test_free_schedule_cancel_rounds_do_not_erase_a_window_that_stops_credit() -> None:
+    """A node keeps 16 closed windows; cancelling a SCHEDULED one is free. Dropped oldest
+    first, 16 schedule/cancel rounds erased the window a finished a moment ago, and the
+    epoch it spent partly in maintenance earned credit after all."""
+    world, epoch = _world({})
+    window_id = world.window("a", start_ms=world.now, duration_ms=5_000, start=True)
+    world.tick(5_000)
+    world.master([MaintenanceFinished(window_id=window_id, node_id="a", how="host")])
+    for _ in range(CLOSED_WINDOWS_KEPT_PER_NODE):
+        later = world.window("a", start_ms=epoch.end_ms + 3_600_000, duration_ms=60_000)
+        world.master([MaintenanceCancelled(window_id=later, node_id="a")])
+    assert window_id in world.state.windows
+    pay = _payouts(_end_of_epoch(world, epoch))
+    assert "a" not in pay
+    assert pay["b"].credit_earned_ms == POLICY.credit_per_epoch_ms
+
+
+def test_a_window_started_late_by_the_planner_stops_credit_from_its_declared_start() -> None:
+    """The excuse rule excuses a node from its window's declared start; a MaintenanceStarted
+    logged only after the epoch's end (a restarted master's grace) must not make the epoch
+    look maintenance-free."""
+    world, epoch = _world({})
+    world.window("a", start_ms=epoch.end_ms - 10_000, duration_ms=60_000)
+    world.now = epoch.end_ms + 2_000
+    (window_id,) = world.state.open_window_by_node.values()
+    world.master([MaintenanceStarted(window_id=window_id, node_id="a")])
+    assert world.state.windows[window_id].started_ms > epoch.end_ms
+    events = plan(world.state, world.now, EMPTY_BOOK, CFG, policy=POLICY).events
+    world.master(events)
+    pay = _payouts(events)
+    assert "a" not in pay and pay["b"].credit_earned_ms == POLICY.credit_per_epoch_ms
 
 
 def test_cancelled_or_later_windows_do_not_stop_credit() -> None:

@@ -136,10 +136,12 @@ def in_maintenance_during(state: State, start_ms: int, end_ms: int) -> set[str]:
     for win in state.windows.values():
         if win.state is WindowState.CANCELLED:
             continue  # never active: a DRAINING window cancelled kept serving
+        # From its declared start, as the excuse rule says, even if MaintenanceStarted came
+        # later (a restarted master's grace, a slow cycle).
         if win.state is WindowState.COMPLETED:
-            began, ended = win.started_ms, win.closed_ms
+            began, ended = min(win.start_ms, win.started_ms), win.closed_ms
         elif win.state is WindowState.ACTIVE:
-            began, ended = win.started_ms, end_ms
+            began, ended = min(win.start_ms, win.started_ms), end_ms
         else:  # SCHEDULED or DRAINING: in maintenance from its start, by the excuse rule
             began, ended = win.start_ms, end_ms
         if began < end_ms and ended > start_ms:

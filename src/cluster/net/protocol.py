@@ -40,7 +40,10 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #:    worker could not decode that state.
 #: 7: `Hello.boot_id`, logged in NodeConnected and kept in NodeRecord.boot_id (snapshot format
 #:    8): an older worker would fold the same log to a different state.
-PROTOCOL_VERSION: Final = 7
+#: 8: `State.last_nodes_by_session` holds the node of each slot, and a node's cancelled
+#:    maintenance windows leave State before its completed ones: an older worker would fold
+#:    the same log to a different state.
+PROTOCOL_VERSION: Final = 8
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):

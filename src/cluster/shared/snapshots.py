@@ -39,7 +39,8 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    EpochLedger.held_devshards (without it, the work of every devshard placed before the
 #:    snapshot would be refused) and DevshardRecord.assigned_ms.
 #: 9: State.last_nodes_by_session holds the node of each slot (`DevshardRecord.holders`),
-#:    not the sorted set of nodes: an older snapshot's would differ from a refold's.
+#:    not the sorted set of nodes, and a node's cancelled windows are dropped before its
+#:    completed ones: an older snapshot's state would differ from a refold's.
 SNAPSHOT_VERSION: Final = 9
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")

@@ -114,11 +114,13 @@ class WindowState(StrEnum):
 OPEN_WINDOW_STATES = frozenset({WindowState.SCHEDULED, WindowState.DRAINING, WindowState.ACTIVE})
 
 #: Closed (COMPLETED/CANCELLED) windows State keeps per node; closing one more drops that
-#: node's oldest. Unbounded, a schedule/cancel loop (free while SCHEDULED) would grow State,
-#: every snapshot and every status without end. 16 is above status_view's
-#: DEFAULT_RECENT_WINDOWS (10), so the most recent closed windows cluster-wide -- all that
-#: `cluster status` shows -- are always still held, and leaves a node some history
-#: (`windows_of`) while 10,000 nodes hold at most 160,000 closed records.
+#: node's oldest CANCELLED one, or its oldest if none is. Unbounded, a schedule/cancel loop
+#: (free while SCHEDULED) would grow State, every snapshot and every status without end.
+#: Cancelled ones go first because they never excused anything, while a completed window
+#: decides whether its node earns credit for the epochs it touched (`in_maintenance_during`):
+#: dropped oldest-first, 16 free schedule/cancel round trips erased it. 16 is above
+#: status_view's DEFAULT_RECENT_WINDOWS (10) and leaves a node some history (`windows_of`)
+#: while 10,000 nodes hold at most 160,000 closed records.
 CLOSED_WINDOWS_KEPT_PER_NODE: Final = 16
 
 #: Epochs whose ledgers State keeps: starting epoch N drops the settled ledgers of epochs

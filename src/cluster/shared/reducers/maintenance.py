@@ -2,7 +2,8 @@
 
 SCHEDULED -> DRAINING -> ACTIVE -> COMPLETED, or SCHEDULED/DRAINING -> CANCELLED. A
 transition that the window's current state does not allow leaves state unchanged. A node
-keeps its last CLOSED_WINDOWS_KEPT_PER_NODE closed windows; older ones leave State.
+keeps CLOSED_WINDOWS_KEPT_PER_NODE closed windows; beyond that, its cancelled ones leave State
+first, then its oldest.
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ def _put(state: State, win: MaintenanceWindow) -> State:
 
 
 def _close(state: State, win: MaintenanceWindow) -> State:
-    """Files the closed window and drops its node's oldest closed ones beyond the cap."""
+    """Files the closed window and drops its node's closed ones beyond the cap: cancelled
+    ones first, oldest first (see CLOSED_WINDOWS_KEPT_PER_NODE)."""
     windows = state.windows.set(win.window_id, win)
     closed = (*state.closed_windows_by_node.get(win.node_id, ()), win.window_id)
-    keep = CLOSED_WINDOWS_KEPT_PER_NODE
-    # A slice rather than one drop: a state folded under a larger cap comes down to this one.
-    dropped, closed = closed[:-keep], closed[-keep:]
-    for window_id in dropped:
-        windows = windows.delete(window_id)
+    # Possibly more than one: a state folded under a larger cap comes down to this one.
+    excess = len(closed) - CLOSED_WINDOWS_KEPT_PER_NODE
+    if excess > 0:
+        older = closed[:-1]  # never the window closing now
+        cancelled = [w for w in older if windows[w].state is WindowState.CANCELLED]
+        dropped = set(cancelled[:excess])
+        dropped.update([w for w in older if w not in dropped][: excess - len(dropped)])
+        closed = tuple(w for w in closed if w not in dropped)
+        for window_id in sorted(dropped):  # sorted: one order on every machine
+            windows = windows.delete(window_id)
     open_by_node = state.open_window_by_node
     if open_by_node.get(win.node_id) == win.window_id:
         open_by_node = open_by_node.delete(win.node_id)
