@@ -116,6 +116,14 @@ def test_parse_time(text: str, iso: str) -> None:
     assert format_time(parse_time(text)) == iso
 
 
+def test_format_time_never_raises() -> None:
+    assert format_time(253_402_300_799_999) == "9999-12-31T23:59:59.999Z"
+    assert format_time(-62_135_596_800_000) == "0001-01-01T00:00:00Z"
+    assert format_time(-1) == "1969-12-31T23:59:59.999Z"
+    assert format_time(2**63 - 1) == f"{2**63 - 1} ms since 1970-01-01 UTC (after year 9999)"
+    assert format_time(-(10**17)) == f"{-(10**17)} ms since 1970-01-01 UTC (before year 1)"
+
+
 def test_parse_time_is_ms_since_epoch() -> None:
     assert parse_time("1970-01-01T00:00:01Z") == 1000
     assert parse_time("2027-01-15T08:00:00Z") == NOW

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from test_node_status import MIN, T0, Log
+from test_node_status import MIN, T0, Log, far_future_log
 
 from cluster.master.http_api import (
     ClusterView,
@@ -416,3 +416,16 @@ def test_client_gone_recognises_grouped_disconnects() -> None:
     assert _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), TimeoutError()]))
     assert not _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), KeyError("x")]))
     assert not _client_gone(RuntimeError("bug"))
+
+
+@pytest.mark.anyio
+async def test_a_log_with_times_past_year_9999_is_still_served() -> None:
+    """Status and metrics render every time they hold, even outside years 1..9999 (a log
+    written under the unbounded settings of old): they used to send no response at all."""
+    async with running(FakeView(far_future_log())) as (_, port):
+        status, _, body = await get(port, "/api/status")
+        assert status == 200, body
+        assert "ms since 1970-01-01 UTC (after year 9999)" in body.decode()
+        status, _, body = await get(port, "/metrics")
+        assert status == 200, body
+        assert b'cluster_nodes{status="maintenance"} 1' in body

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.shared.durations import HOUR_MS, MINUTE_MS, SECOND_MS
+from cluster.shared.durations import DAY_MS, HOUR_MS, MAX_DURATION_MS, MINUTE_MS, SECOND_MS
 from cluster.shared.maintenance_policy import (
     DEFAULT_POLICY,
     MaintenancePolicy,
@@ -48,12 +48,47 @@ def test_defaults_are_the_documented_ones() -> None:
         ({"initial_credit_ms": 10, "credit_cap_ms": 5}, "initial_credit_ms (10) is above"),
         ({"min_lead_ms": 10, "max_lead_ms": 5}, "max_lead_ms (5) is below min_lead_ms (10)"),
         ({"operator_ids": ("",)}, "operator_ids must be a list of non-empty peer id strings"),
+        # Bounded: the numbers land in logged events and are shown as dates and durations.
+        ({"max_duration_ms": 9 * 10**18}, "max_duration_ms must be at most 31622400000 ms"),
+        ({"max_lead_ms": 9 * 10**18}, "max_lead_ms must be at most 3162240000000 ms"),
+        ({"min_lead_ms": 9 * 10**18, "max_lead_ms": 9 * 10**18}, "min_lead_ms must be at most"),
+        ({"credit_cap_ms": 9 * 10**18}, "credit_cap_ms must be at most 31622400000 ms (366"),
+        ({"initial_credit_ms": 9 * 10**18}, "initial_credit_ms must be at most"),
+        ({"credit_per_epoch_ms": 9 * 10**18}, "credit_per_epoch_ms must be at most"),
+        ({"drain_lead_ms": 9 * 10**18}, "drain_lead_ms must be at most"),
     ],
 )
 def test_invalid_values_name_the_field(changes: dict[str, object], says: str) -> None:
     with pytest.raises(PolicyError) as err:
         MaintenancePolicy(**changes)  # type: ignore[arg-type]
     assert says in str(err.value)
+
+
+def test_bounds_are_the_command_lines() -> None:
+    """The largest values accepted are a year's duration (`--duration`) and 100 years' lead
+    (a request's `--in`); a config file reaching them is accepted."""
+    p = MaintenancePolicy(
+        max_duration_ms=MAX_DURATION_MS,
+        credit_cap_ms=MAX_DURATION_MS,
+        initial_credit_ms=MAX_DURATION_MS,
+        max_lead_ms=100 * 366 * DAY_MS,
+    )
+    assert p.max_duration_ms == 366 * DAY_MS
+
+
+def test_the_reviewers_unbounded_table_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(
+        "[maintenance]\n"
+        "max_duration_ms = 9000000000000000000\n"
+        "credit_cap_ms = 9000000000000000000\n"
+        "initial_credit_ms = 9000000000000000000\n"
+        "max_lead_ms = 9000000000000000000\n"
+        "min_lead_ms = 0\n"
+        "max_concurrent_capacity_share = 1.0\n"
+    )
+    with pytest.raises(PolicyError, match=r"cluster\.toml \[maintenance\]: .* must be at most"):
+        load_policy(toml, section="maintenance")
 
 
 def test_mapping_accepts_durations_as_text_or_ms() -> None:

@@ -111,6 +111,17 @@ def ready_node(node: str = "node-a") -> Log:
     return Log().joined(node).tested(node)
 
 
+def far_future_log() -> Log:
+    """What a master under the unbounded settings of old wrote: an epoch ending past int64
+    (`epoch_length_ms = 2**63 - 1`), a window of 8e18 ms in progress and one starting in
+    year ~285 million. Settings are bounded now; such a log must still render."""
+    log = ready_node("node-a").joined("node-b").tested("node-b")
+    log.epoch(1, T0, T0 + 2**63 - 1)
+    log.scheduled("node-a", "w-1", T0, 8 * 10**18)
+    log.master(T0, MaintenanceStarted(window_id="w-1", node_id="node-a"))
+    return log.scheduled("node-b", "w-2", 9 * 10**18, MIN)
+
+
 def test_connecting_when_unknown_to_state() -> None:
     st = node_status(EMPTY_STATE, "node-a", T0)
     assert st.status is NodeState.CONNECTING
@@ -322,6 +333,25 @@ def test_format_times() -> None:
     assert plural(2, "slot") == "2 slots"
     assert short_id("12D3KooWAbCdEfGhIjKlMnOpQrStUv") == "12D3Ko…QrStUv"
     assert short_id("node-a") == "node-a"
+
+
+def test_times_no_date_can_show_are_shown_as_numbers() -> None:
+    state = far_future_log().state
+    a, b = node_statuses(state, T0 + MIN)
+    assert a.status is NodeState.MAINTENANCE
+    assert f"in maintenance until {T0 + 8 * 10**18} ms since 1970-01-01 UTC" in a.message
+    assert "maintenance scheduled at 9000000000000000000 ms since 1970-01-01 UTC" in b.message
+
+
+def test_format_utc_never_raises() -> None:
+    """Times outside years 1..9999 (a log written under unbounded settings holds them) are
+    shown as their number of ms, not a ValueError that takes status and metrics down."""
+    far = "9000000000000000000 ms since 1970-01-01 UTC (after year 9999)"
+    assert format_utc(9 * 10**18, T0) == far
+    assert format_utc(-(2**63), T0).endswith("(before year 1)")
+    assert format_utc(T0, 2**63 - 1) == "2024-03-05 14:00 UTC"  # "now" out of range too
+    assert format_utc(253_402_300_799_999, T0) == "9999-12-31 23:59:59 UTC"
+    assert format_utc(-62_135_596_800_000, T0) == "0001-01-01 00:00 UTC"
 
 
 def test_log_level_maps_to_stdlib_logging() -> None:

@@ -63,6 +63,14 @@ def _cluster(nodes: int = 6, sessions: int = 3, slots: int = 2) -> World:
         ({"late_work_epochs": 16}, "late_work_epochs must be below 16 (the epochs whose"),
         ({"failed_slot_grace_ms": -1}, "failed_slot_grace_ms must be >= 0, got -1"),
         ({"stale_cycles": True}, "stale_cycles must be an integer, got True"),
+        # At most a year, like --epoch-length: an epoch's end is logged and shown as a date.
+        (
+            {"epoch_length_ms": 2**63 - 1},
+            "epoch_length_ms must be at most 31622400000 (366 days), got 9223372036854775807",
+        ),
+        ({"miss_grace_ms": 10**15}, "miss_grace_ms must be at most 31622400000"),
+        ({"failed_slot_grace_ms": 10**15}, "failed_slot_grace_ms must be at most"),
+        ({"restart_grace_ms": 10**15}, "restart_grace_ms must be at most"),
     ],
 )
 def test_config_errors_name_the_field(values: dict[str, object], message: str) -> None:
@@ -79,6 +87,9 @@ def test_config_from_mapping_rejects_unknown_keys_and_wrong_types() -> None:
         PlannerConfig.from_mapping({"epoch_length_ms": "10m"})
     with pytest.raises(ValueError, match="miss_threshold must be >= 0"):
         PlannerConfig.from_mapping({"miss_threshold": -2})
+    with pytest.raises(ValueError, match="epoch_length_ms must be at most"):
+        PlannerConfig.from_mapping({"epoch_length_ms": 9223372036854775807})
+    assert PlannerConfig.from_mapping({"epoch_length_ms": 366 * 86_400_000}).epoch_length_ms
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,6 +138,21 @@ def test_state_json_keys_the_marks_by_node_id() -> None:
     assert [list(p) for p in codec.to_builtins(state)["last_event_by_node"]] == [[3, 2]]
 
 
+def test_a_log_with_times_past_year_9999_replays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_node_status import far_future_log
+
+    events = far_future_log().events
+    with EventStore.open(tmp_path / "data") as store:
+        store.append(events)
+    code, out, err = replay(capsys, str(tmp_path / "data"))
+    assert code == 0, err
+    (end,) = [ie.event.end_ms for ie in events if isinstance(ie.event, EpochStarted)]
+    assert f"-> {end} ms since 1970-01-01 UTC (after year 9999))" in out
+    assert out.splitlines()[-1] == f"digest: {codec.state_digest(fold(EMPTY_STATE, events))}"
+
+
 def test_until_and_no_snapshot_agree_with_a_fold(
     data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
-from test_node_status import MIN, T0, Log
+from test_node_status import MIN, T0, Log, far_future_log
 
 from cluster.shared.events import (
     DevshardFinalized,
@@ -265,6 +265,14 @@ def test_json_round_trip() -> None:
     back = from_json(data)
     assert isinstance(back, ClusterStatus)
     assert back == status
+
+
+def test_a_log_with_times_past_year_9999_still_renders() -> None:
+    """`cluster status` and the dashboard's /api/status failed for good on such a log."""
+    status = cluster_status(far_future_log().state, T0 + MIN)
+    text = render_text(status)
+    assert f"epoch 1: ends {T0 + 2**63 - 1} ms since 1970-01-01 UTC (after year 9999)" in text
+    assert from_json(to_json(status)) == status
 
 
 @given(st.text())

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from cluster.shared.durations import DAY_MS, MAX_DURATION_MS
 from cluster.shared.state import LEDGER_EPOCHS_KEPT
 
 
@@ -56,6 +57,17 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     restart_grace_ms: int = 10_000
 
     def __post_init__(self) -> None:
+        # Durations are at most a year (what `--epoch-length` accepts): an epoch's end is
+        # logged (EpochStarted.end_ms) and shown as a date everywhere, and a typo of 2**63
+        # wrote an end past int64 that every later status and replay failed on.
+        for name in (
+            "plan_interval_ms",
+            "epoch_length_ms",
+            "miss_grace_ms",
+            "failed_slot_grace_ms",
+            "restart_grace_ms",
+        ):
+            _at_most(name, getattr(self, name), MAX_DURATION_MS)
         _at_least("plan_interval_ms", self.plan_interval_ms, 1)
         _at_least("stale_cycles", self.stale_cycles, 1)
         _at_least("fresh_idle_cycles", self.fresh_idle_cycles, 0)
@@ -93,6 +105,13 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             return msgspec.convert(dict(values), cls)
         except msgspec.ValidationError as exc:
             raise ValueError(f"invalid planner config: {exc}") from None
+
+
+def _at_most(name: str, value: object, maximum: int) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > maximum:
+        raise ValueError(
+            f"{name} must be at most {maximum} ({maximum // DAY_MS} days), got {value}"
+        )
 
 
 def _at_least(name: str, value: object, minimum: int) -> None:

@@ -34,6 +34,7 @@ from cluster.shared.codec import to_builtins
 from cluster.shared.durations import (
     DAY_MS,
     MAX_DURATION_MS,
+    MAX_LEAD_MS,
     format_duration,
     format_relative,
     format_time,
@@ -48,8 +49,6 @@ MAX_SLOTS = 4096
 #: Start times a maintenance request may name: every later message renders them as a date
 #: (years 1970..9999), and a window ending past year 9999 could not be shown at all.
 LATEST_START_MS: Final = 253_402_214_400_000 - MAX_DURATION_MS  # 9999-12-31 less a year
-#: The longest lead (--in) a request may give: past this no policy's max lead applies.
-MAX_LEAD_MS: Final = 100 * 366 * DAY_MS
 MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
 #: With events.MAX_WORK_UNITS, one work report's reward stays under 2**60.
 MAX_REWARD_PER_UNIT = 2**20

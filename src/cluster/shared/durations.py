@@ -23,12 +23,13 @@ import msgspec
 
 # Formatting durations for people already lives in humanize; re-exported so the CLI finds
 # parsing and formatting in one place.
-from cluster.shared.humanize import format_duration, format_relative
+from cluster.shared.humanize import format_duration, format_relative, raw_time, utc_datetime
 
 __all__ = [
     "DAY_MS",
     "HOUR_MS",
     "MAX_DURATION_MS",
+    "MAX_LEAD_MS",
     "MINUTE_MS",
     "SECOND_MS",
     "DurationError",
@@ -49,6 +50,9 @@ DAY_MS: Final = 24 * HOUR_MS
 
 #: Longest duration we accept: anything longer is a typo, and it keeps ms inside int64.
 MAX_DURATION_MS: Final = 366 * DAY_MS
+#: The longest lead time anything may name (a maintenance request's --in, the policy's
+#: max_lead_ms): past this no policy applies, and start plus duration stays a showable date.
+MAX_LEAD_MS: Final = 100 * 366 * DAY_MS
 
 _UNIT_MS: Final = {"h": HOUR_MS, "m": MINUTE_MS, "s": SECOND_MS}
 _UNIT_ORDER: Final = "hms"
@@ -126,9 +130,14 @@ def parse_time(text: str) -> int:
 
 
 def format_time(ms: int) -> str:
-    """Render ms since the epoch as an ISO 8601 UTC time, e.g. ``2026-11-23T02:00:00Z``."""
-    when = datetime.fromtimestamp(ms // SECOND_MS, tz=UTC)
-    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    """Render ms since the epoch as an ISO 8601 UTC time, e.g. ``2026-11-23T02:00:00Z``.
+
+    Never raises: a time outside years 1..9999 is shown as its number (`humanize.raw_time`).
+    """
+    when = utc_datetime(ms)
+    if when is None:
+        return raw_time(ms)
+    text = f"{when.year:04d}-{when:%m-%dT%H:%M:%S}"  # %Y drops zeros before year 1000
     frac = ms % SECOND_MS
     return f"{text}.{frac:03d}Z" if frac else f"{text}Z"
 

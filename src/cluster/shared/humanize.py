@@ -7,7 +7,8 @@ never reads a clock, so status messages are reproducible in tests and on every n
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Final
 
 _MS_PER_S = 1000
 _S_PER_M = 60
@@ -44,16 +45,41 @@ def format_relative(at_ms: int, now_ms: int) -> str:
     return f"{format_duration(-delta)} ago"
 
 
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
+#: The times a `datetime` can hold, in ms since the Unix epoch: years 1..9999.
+MIN_TIME_MS: Final = (datetime.min.replace(tzinfo=UTC) - _UNIX_EPOCH) // _ONE_MS
+MAX_TIME_MS: Final = (datetime.max.replace(tzinfo=UTC) - _UNIX_EPOCH) // _ONE_MS
+
+
+def utc_datetime(ms: int) -> datetime | None:
+    """ms since the Unix epoch as an aware UTC datetime (exact, no float rounding), or None
+    for a time outside years 1..9999, which no calendar date can show."""
+    if not MIN_TIME_MS <= ms <= MAX_TIME_MS:
+        return None
+    return _UNIX_EPOCH + timedelta(milliseconds=ms)
+
+
+def raw_time(ms: int) -> str:
+    """A time no calendar date can show, as its number: the formatters' answer for times
+    outside years 1..9999 (a log written with unbounded settings must still render)."""
+    side = "after year 9999" if ms > MAX_TIME_MS else "before year 1"
+    return f"{ms} ms since 1970-01-01 UTC ({side})"
+
+
 def format_utc(at_ms: int, now_ms: int) -> str:
     """Wall-clock time in UTC: "14:30 UTC" on today's date, "2024-03-06 14:30 UTC" otherwise.
 
-    Seconds are shown only when they are not zero ("14:30:15 UTC").
+    Seconds are shown only when they are not zero ("14:30:15 UTC"). A time outside years
+    1..9999 is shown as its number of ms (`raw_time`): this never raises.
     """
-    at = datetime.fromtimestamp(at_ms / _MS_PER_S, tz=UTC)
-    now = datetime.fromtimestamp(now_ms / _MS_PER_S, tz=UTC)
+    at = utc_datetime(at_ms)
+    if at is None:
+        return raw_time(at_ms)
+    now = utc_datetime(now_ms)
     clock = at.strftime("%H:%M:%S" if at.second else "%H:%M")
-    if at.date() != now.date():
-        return f"{at.strftime('%Y-%m-%d')} {clock} UTC"
+    if now is None or at.date() != now.date():
+        return f"{at.year:04d}-{at:%m-%d} {clock} UTC"  # %Y drops zeros before year 1000
     return f"{clock} UTC"
 
 

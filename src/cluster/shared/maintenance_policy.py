@@ -21,19 +21,34 @@ from typing import Any, Final
 
 import msgspec
 
-from cluster.shared.durations import HOUR_MS, MINUTE_MS, SECOND_MS, DurationError, parse_duration
+from cluster.shared.durations import (
+    DAY_MS,
+    HOUR_MS,
+    MAX_DURATION_MS,
+    MAX_LEAD_MS,
+    MINUTE_MS,
+    SECOND_MS,
+    DurationError,
+    parse_duration,
+)
 
 
 class PolicyError(ValueError):
     """A maintenance policy value is invalid; the message names the field."""
 
 
-def _check_ms(policy: MaintenancePolicy, name: str, *, minimum: int) -> None:
+def _check_ms(policy: MaintenancePolicy, name: str, *, minimum: int, maximum: int) -> None:
     value = getattr(policy, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise PolicyError(f"{name} must be an integer number of milliseconds, got {value!r}")
     if value < minimum:
         raise PolicyError(f"{name} must be >= {minimum} ms, got {value}")
+    if value > maximum:
+        # The numbers land in logged events (a window's end, its credit) and every view
+        # renders them as dates and durations: a typo of 10**18 must not enter the log.
+        raise PolicyError(
+            f"{name} must be at most {maximum} ms ({maximum // DAY_MS} days), got {value}"
+        )
 
 
 class MaintenancePolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -72,13 +87,15 @@ class MaintenancePolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     operator_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_ms(self, "min_lead_ms", minimum=0)
-        _check_ms(self, "max_lead_ms", minimum=1)
-        _check_ms(self, "max_duration_ms", minimum=1)
-        _check_ms(self, "drain_lead_ms", minimum=0)
-        _check_ms(self, "credit_per_epoch_ms", minimum=0)
-        _check_ms(self, "credit_cap_ms", minimum=0)
-        _check_ms(self, "initial_credit_ms", minimum=0)
+        # Leads as far as a request's --in may reach; everything else at most a year, the
+        # longest duration the command line accepts.
+        _check_ms(self, "min_lead_ms", minimum=0, maximum=MAX_LEAD_MS)
+        _check_ms(self, "max_lead_ms", minimum=1, maximum=MAX_LEAD_MS)
+        _check_ms(self, "max_duration_ms", minimum=1, maximum=MAX_DURATION_MS)
+        _check_ms(self, "drain_lead_ms", minimum=0, maximum=MAX_DURATION_MS)
+        _check_ms(self, "credit_per_epoch_ms", minimum=0, maximum=MAX_DURATION_MS)
+        _check_ms(self, "credit_cap_ms", minimum=0, maximum=MAX_DURATION_MS)
+        _check_ms(self, "initial_credit_ms", minimum=0, maximum=MAX_DURATION_MS)
         if self.max_lead_ms < self.min_lead_ms:
             raise PolicyError(
                 f"max_lead_ms ({self.max_lead_ms}) is below min_lead_ms ({self.min_lead_ms}): "
