@@ -20,7 +20,7 @@ from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import EMPTY_STATE, MaintenanceWindow, State, WindowState
 
 A, B, C = (node_id(n) for n in range(1, 4))
-OPERATOR = "12D3KooWOperatorKey0001"
+OPERATOR = "12D3KooWKGJ9FFG1hRwr25njMwqkie1TmER523ekRHZLbrSrytoD"  # a real peer id
 Status = mt.DisplayStatus
 
 

@@ -16,6 +16,9 @@ from cluster.shared.maintenance_policy import (
     policy_from_mapping,
 )
 
+#: A real Ed25519 peer id (what `cluster master --allow` accepts).
+OPERATOR = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+
 
 def test_defaults_are_the_documented_ones() -> None:
     p = DEFAULT_POLICY
@@ -56,6 +59,12 @@ def test_defaults_are_the_documented_ones() -> None:
         ({"initial_credit_ms": 9 * 10**18}, "initial_credit_ms must be at most"),
         ({"credit_per_epoch_ms": 9 * 10**18}, "credit_per_epoch_ms must be at most"),
         ({"drain_lead_ms": 9 * 10**18}, "drain_lead_ms must be at most"),
+        # The same check as --allow, naming the bad entry.
+        (
+            {"operator_ids": (OPERATOR, "alice")},
+            "operator_ids[1]: 'alice' is not a libp2p peer id (base58)",
+        ),
+        ({"operator_ids": (OPERATOR + "\n",)}, "operator_ids[0]: "),
     ],
 )
 def test_invalid_values_name_the_field(changes: dict[str, object], says: str) -> None:
@@ -99,13 +108,13 @@ def test_mapping_accepts_durations_as_text_or_ms() -> None:
             "drain_lead_ms": 60_000,
             "max_concurrent_nodes": 2,
             "max_concurrent_capacity_share": 0.5,
-            "operator_ids": ["12D3KooWOperator"],
+            "operator_ids": [OPERATOR],
         }
     )
     assert p.min_lead_ms == 30 * MINUTE_MS
     assert p.max_duration_ms == 2 * HOUR_MS
     assert p.drain_lead_ms == 60_000
-    assert p.operator_ids == ("12D3KooWOperator",)
+    assert p.operator_ids == (OPERATOR,)
     assert p.credit_cap_ms == DEFAULT_POLICY.credit_cap_ms
 
 

@@ -15,7 +15,7 @@ from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE
 
 A, B, C, D = (node_id(n) for n in range(1, 5))
-OPERATOR = "12D3KooWOperatorKey0001"
+OPERATOR = "12D3KooWKGJ9FFG1hRwr25njMwqkie1TmER523ekRHZLbrSrytoD"  # a real peer id
 
 
 def cluster(*nodes: str, policy: MaintenancePolicy | None = None, slots: int = 4) -> Log:

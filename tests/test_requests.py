@@ -100,7 +100,7 @@ def test_a_request_acts_for_the_node_it_names_when_the_requester_may() -> None:
     ok, _ = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), B)
     assert ok and B in log.state.open_window_by_node
     # An operator key acts for the node it names, its own window untouched.
-    operator = node_id(9)
+    operator = "12D3KooWKGJ9FFG1hRwr25njMwqkie1TmER523ekRHZLbrSrytoD"  # operator_ids are peer ids
     log.policy = msgspec.structs.replace(log.policy, operator_ids=(operator,))
     ok, msg = _run(
         log, MaintenanceSchedule(in_ms=3 * HOUR, duration_ms=30 * MIN, node_id=A), operator
@@ -122,6 +122,19 @@ def test_start_times_beyond_what_can_be_shown_are_refused_with_the_field() -> No
         ok, msg = _run(log, request, A)
         assert not ok and says in msg, msg
     assert not log.state.open_window_by_node
+
+
+def test_the_local_operator_acts_for_any_node_without_an_operator_key() -> None:
+    log = Log()
+    log.join(A)
+    log.join(B)
+    assert LOCAL_OPERATOR not in log.policy.operator_ids
+    ok, msg = _run(
+        log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=A), LOCAL_OPERATOR
+    )
+    assert ok, msg
+    ok, msg = _run(log, MaintenanceCancel(node_id=A), LOCAL_OPERATOR)
+    assert ok, msg
 
 
 def test_session_names_end_where_they_seem_to() -> None:

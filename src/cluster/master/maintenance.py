@@ -9,8 +9,9 @@ Concurrency races are decided by order: the master handles one request at a time
 the resulting event before it decides the next, so two requests for the last slot are
 judged against different states and exactly one wins.
 
-Who may act: the node itself (the requester is the peer id the master authenticated) or an
-operator key listed in `MaintenancePolicy.operator_ids`.
+Who may act: the node itself (the requester is the peer id the master authenticated), an
+operator key listed in `MaintenancePolicy.operator_ids`, or the operator on the master host
+(`LOCAL_OPERATOR`, the master's own control socket).
 
 Credit: a node's balance is ``policy.initial_credit_ms + state.credit_ms_by_node[node]``.
 The log records only what happened (credit spent by scheduling, refunded by cancelling,
@@ -46,6 +47,10 @@ from cluster.shared.state import (
     State,
     WindowState,
 )
+
+#: The requester the master's own control socket speaks for: the operator on the master host,
+#: who may act for any node. Not a peer id, so no libp2p peer is ever it.
+LOCAL_OPERATOR: Final = "operator:local"
 
 
 class Code:
@@ -170,8 +175,8 @@ def credits_to_earn_ms(
 
 
 def may_act_for(requester: str, node_id: str, policy: MaintenancePolicy) -> bool:
-    """A node manages its own windows; operator keys may manage anyone's."""
-    return requester == node_id or requester in policy.operator_ids
+    """A node manages its own windows; operator keys and the local operator anyone's."""
+    return requester in (node_id, LOCAL_OPERATOR) or requester in policy.operator_ids
 
 
 def check_schedule(

@@ -30,6 +30,7 @@ from cluster.control import (
     StatusRequest,
 )
 from cluster.master import maintenance
+from cluster.master.maintenance import LOCAL_OPERATOR as LOCAL_OPERATOR
 from cluster.shared.codec import to_builtins
 from cluster.shared.durations import (
     DAY_MS,
@@ -42,8 +43,6 @@ from cluster.shared.durations import (
 from cluster.shared.events import Event, SessionDeleted, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import State
-
-LOCAL_OPERATOR = "operator:local"
 
 MAX_SLOTS = 4096
 #: Start times a maintenance request may name: every later message renders them as a date
@@ -62,12 +61,6 @@ class Decision(msgspec.Struct, frozen=True):
 
 def _refuse(message: str) -> Decision:
     return Decision(Reply(ok=False, message=message))
-
-
-def _policy_for(requester: str, policy: MaintenancePolicy) -> MaintenancePolicy:
-    if requester == LOCAL_OPERATOR and LOCAL_OPERATOR not in policy.operator_ids:
-        return msgspec.structs.replace(policy, operator_ids=(*policy.operator_ids, LOCAL_OPERATOR))
-    return policy
 
 
 def _target_node(requester: str, node_id: str) -> str | None:
@@ -99,7 +92,7 @@ def decide(
         return Decision(Reply(ok=True, data=sessions))
     if isinstance(request, StatusRequest):
         return _refuse("status is answered by the master shell, not by decide()")
-    return _maintenance(state, request, requester, now_ms, _policy_for(requester, policy))
+    return _maintenance(state, request, requester, now_ms, policy)
 
 
 def _session_create(state: State, req: SessionCreate) -> Decision:

@@ -16,18 +16,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from cluster.shared.files import fsync_dir
+from cluster.shared.peer_ids import peer_id_problem
 
 NONCE_BYTES: Final = 32
 MIN_SECRET_BYTES: Final = 16
-#: base58btc alphabet; libp2p peer ids (Ed25519 "12D3KooW…", RSA "Qm…") are 46-60 chars.
-_PEER_ID_RE: Final = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,80}")  # fullmatch: `$` allows "\n"
 
 
 class MembershipConfigError(ValueError):
@@ -102,8 +100,9 @@ class Membership:
 
 
 def validate_peer_id(text: str, where: str) -> str:
-    if not _PEER_ID_RE.fullmatch(text):
-        raise MembershipConfigError(f"{where}: {text!r} is not a libp2p peer id (base58)")
+    problem = peer_id_problem(text)
+    if problem is not None:
+        raise MembershipConfigError(f"{where}: {problem}")
     return text
 
 

@@ -31,6 +31,7 @@ from cluster.shared.durations import (
     DurationError,
     parse_duration,
 )
+from cluster.shared.peer_ids import peer_id_problem
 
 
 class PolicyError(ValueError):
@@ -122,6 +123,12 @@ class MaintenancePolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         ops = self.operator_ids
         if not isinstance(ops, tuple) or not all(isinstance(o, str) and o for o in ops):
             raise PolicyError("operator_ids must be a list of non-empty peer id strings")
+        for n, op in enumerate(ops):
+            # The same check as `cluster master --allow`: a typo here would silently grant
+            # nobody (or, truncated, somebody else) operator rights.
+            problem = peer_id_problem(op)
+            if problem is not None:
+                raise PolicyError(f"operator_ids[{n}]: {problem}")
 
 
 DEFAULT_POLICY: Final = MaintenancePolicy()
