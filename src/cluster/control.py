@@ -25,6 +25,8 @@ import anyio
 import anyio.abc
 import msgspec
 
+from cluster.shared.codec import strict_decode
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
@@ -125,7 +127,7 @@ def encode_message(message: Request | Reply) -> bytes:
 def decode_request(data: bytes) -> Request | Reply:
     """A request from JSON, or a refusal `Reply` naming what was wrong with it."""
     try:
-        request: Request = _request_decoder.decode(data)
+        request: Request = strict_decode(_request_decoder.decode, data)
     except msgspec.DecodeError as exc:
         return Reply(ok=False, message=f"bad request: {exc}")
     return request
@@ -133,7 +135,7 @@ def decode_request(data: bytes) -> Request | Reply:
 
 def decode_reply(data: bytes) -> Reply:
     try:
-        reply: Reply = _reply_decoder.decode(data)
+        reply: Reply = strict_decode(_reply_decoder.decode, data)
     except msgspec.DecodeError as exc:
         raise ControlError(f"the answer is not a reply: {exc}") from exc
     return reply

@@ -23,6 +23,7 @@ from typing import Annotated, Final, TypeVar
 
 import msgspec
 
+from cluster.shared.codec import strict_decode
 from cluster.shared.events import Event, IndexedEvent
 
 HELLO_PROTOCOL: Final = "/cluster/hello/1.0.0"
@@ -216,7 +217,7 @@ def encode_raw(obj: object) -> bytes:
 def decode(frame: bytes) -> Message:
     """Decode one frame; a bad one raises ProtocolError("malformed", <what was wrong>)."""
     try:
-        msg: Message = _decoder.decode(frame)
+        msg: Message = strict_decode(_decoder.decode, frame)
         return msg
     except msgspec.ValidationError as exc:
         raise ProtocolError("malformed", f"invalid message: {exc}") from exc

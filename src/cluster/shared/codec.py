@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from immutables import Map
@@ -67,6 +67,33 @@ _json_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 DecodeError = msgspec.DecodeError
 ValidationError = msgspec.ValidationError
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def strict_decode(decode: Callable[[_In], _Out], data: _In) -> _Out:
+    """``decode(data)`` for any msgspec decoder, with one more promise: bad input raises
+    `msgspec.DecodeError` (or its `ValidationError`), never anything else.
+
+    msgspec reports a string that is not valid UTF-8 as `UnicodeDecodeError` (and text
+    given as `str` holding a lone surrogate as `UnicodeEncodeError`), which callers that
+    catch `DecodeError` let through: a peer's frame, a control request or a log record with
+    such bytes ended in a traceback instead of the refusal every other bad input gets.
+    Every decoding of outside input goes through here.
+    """
+    try:
+        return decode(data)
+    except UnicodeError as exc:
+        raise DecodeError(f"text is not valid UTF-8: {_unicode_problem(exc)}") from None
+
+
+def _unicode_problem(exc: UnicodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"byte 0x{exc.object[exc.start]:02x} in a string ({exc.reason})"
+    if isinstance(exc, UnicodeEncodeError):
+        return f"character {exc.object[exc.start]!r} ({exc.reason})"
+    return str(exc)
+
 
 def encode_event(ie: IndexedEvent) -> bytes:
     return _event_encoder.encode(ie)
@@ -74,7 +101,7 @@ def encode_event(ie: IndexedEvent) -> bytes:
 
 def decode_event(data: bytes | memoryview) -> IndexedEvent:
     """Decode one log record; raises `msgspec.DecodeError`/`ValidationError` on bad input."""
-    return _event_decoder.decode(data)
+    return strict_decode(_event_decoder.decode, data)
 
 
 def encode_state(state: State) -> bytes:
@@ -99,7 +126,7 @@ def decode_state(data: bytes | memoryview) -> State:
     per node), a record whose marks address does not match its slot, an index of closed
     windows that does not list exactly the closed windows held, and a devshard without one
     assignment time per assignment."""
-    state = _state_decoder.decode(data)
+    state = strict_decode(_state_decoder.decode, data)
     gauged = len(state.node_gauges.rows())
     if gauged > len(state.nodes):
         raise ValidationError(f"node gauges hold {gauged} slots for {len(state.nodes)} nodes")
@@ -232,5 +259,5 @@ def event_json(ie: IndexedEvent) -> bytes:
 def event_from_json(data: bytes | str) -> IndexedEvent:
     """The IndexedEvent of one `event_json` object (e.g. an /api/events `data:` line), ready
     for `apply`; raises `msgspec.DecodeError`/`ValidationError` on bad input."""
-    o = _event_json_decoder.decode(data)
+    o = strict_decode(_event_json_decoder.decode, data)
     return IndexedEvent(o.idx, o.master_time_ms, o.origin, o.seq, o.event)

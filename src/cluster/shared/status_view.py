@@ -17,6 +17,7 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.codec import strict_decode
 from cluster.shared.events import GpuInfo
 from cluster.shared.humanize import (
     clip,
@@ -333,7 +334,7 @@ def to_json(status: ClusterStatus) -> bytes:
 
 def from_json(data: bytes | str) -> ClusterStatus:
     """Decode a `/api/status` body; raises `msgspec.DecodeError`/`ValidationError` if bad."""
-    return _json_decoder.decode(data)
+    return strict_decode(_json_decoder.decode, data)
 
 
 # --------------------------------------------------------------------------------------------

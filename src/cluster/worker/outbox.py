@@ -39,6 +39,7 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.codec import strict_decode
 from cluster.shared.events import MAX_EVENT_BYTES, Event
 from cluster.shared.files import make_dirs_durably, try_lock, write_bytes_durably
 
@@ -302,7 +303,7 @@ class Outbox:
         payload = pending[0][1]
         event: Event | None
         try:
-            event = _event_decoder.decode(payload)
+            event = strict_decode(_event_decoder.decode, payload)
             shown: object = event
         except msgspec.DecodeError:
             event, shown = None, {"undecodable_msgpack_hex": payload.hex()}

@@ -37,6 +37,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from cluster.shared.codec import strict_decode
 from cluster.shared.files import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class _Record(msgspec.Struct, frozen=True):
     # after boot (field 22 of /proc/<pid>/stat).
     leader_pid: int | None = None
     leader_start: int | None = None
+
+
+_record_decoder: Final = msgspec.json.Decoder(_Record)
 
 
 class _Owner(NamedTuple):
@@ -174,7 +178,7 @@ class RunnerProcessGroups:
                 path.unlink(missing_ok=True)
             elif path.name.endswith(_RECORD_SUFFIX):
                 try:
-                    record = msgspec.json.decode(path.read_bytes(), type=_Record)
+                    record = strict_decode(_record_decoder.decode, path.read_bytes())
                 except (OSError, msgspec.DecodeError) as exc:
                     log.warning("unreadable runner record %s (%s): removed", path, exc)
                     path.unlink(missing_ok=True)
