@@ -15,6 +15,7 @@ from cluster.control import (
     SessionCreate,
     StatusRequest,
     call,
+    decode_request,
     serve,
     socket_path,
 )
@@ -64,6 +65,21 @@ async def test_control_round_trip_and_bad_input(tmp_path: Path) -> None:
             assert reply.ok
         tg.cancel_scope.cancel()
     assert not socket_path(tmp_path).exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"request":"SessionCreate","slots":2,"memory_per_slot_mb":1,"gpus":true}', "gpus"),
+        (b'{"request":"MaintenanceSchedule","in_ms":0,"duration_ms":1,"node":"x"}', "node"),
+        (b'{"request":"StatusRequest","verbose":1}', "verbose"),
+    ],
+)
+def test_an_unknown_field_is_refused_by_name(body: bytes, field: str) -> None:
+    """A misspelt option was dropped silently: `gpus` made a session without GPUs."""
+    reply = decode_request(body)
+    assert isinstance(reply, Reply) and not reply.ok
+    assert reply.message == f"bad request: Object contains unknown field `{field}`"
 
 
 @pytest.mark.anyio

@@ -70,3 +70,32 @@ def test_a_bad_setting_releases_what_the_node_opened(tmp_path: Path) -> None:
     with pytest.raises(RunnerConfigError, match="no-such-kind"):
         WorkerNode(tmp_path / "w", addr, bad_runner)
     WorkerNode(tmp_path / "w", addr).close()
+
+
+@pytest.mark.anyio
+async def test_a_request_built_wrong_in_python_is_refused_by_name(tmp_path: Path) -> None:
+    """Not a request: it used to be answered "the operator must name the node"; a field of
+    the wrong type: a TypeError from deep inside the decision."""
+    from cluster.control import MaintenanceSchedule, SessionCreate
+    from cluster.master.node import MasterNode
+    from cluster.net.membership import Membership
+
+    node = MasterNode(tmp_path / "m", Membership(secret=b"s" * 32))
+    try:
+        for junk in ("junk", None, {"request": "SessionList"}):
+            with pytest.raises(TypeError, match=r"expected a request of cluster\.control .* got"):
+                await node.request(junk)  # type: ignore[arg-type]
+        wrong_type = r"bad SessionCreate: Expected `int`, got `str` - at `\$\.slots`"
+        with pytest.raises(ValueError, match=wrong_type):
+            await node.request(SessionCreate(slots="2", memory_per_slot_mb=1))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"got `bool` - at `\$\.slots`"):
+            await node.request(SessionCreate(slots=True, memory_per_slot_mb=1))
+        with pytest.raises(ValueError, match=r"at `\$\.gpu`"):
+            await node.request(SessionCreate(slots=1, memory_per_slot_mb=1, gpu=2))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"at `\$\.duration_ms`"):
+            await node.request(MaintenanceSchedule(in_ms=0, duration_ms=1.5))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"bad SessionCreate: .*object"):
+            await node.request(SessionCreate(slots=object(), memory_per_slot_mb=1))  # type: ignore[arg-type]
+        assert node.state.last_applied == 0  # nothing was decided
+    finally:
+        node.close()

@@ -124,6 +124,15 @@ def test_start_times_beyond_what_can_be_shown_are_refused_with_the_field() -> No
     assert not log.state.open_window_by_node
 
 
+def test_what_is_not_a_request_is_called_unsupported() -> None:
+    """Not "the operator must name the node": that branch was all a non-request reached."""
+    log = Log()
+    log.join(A)
+    for junk in ("junk", None, SessionCreate):
+        ok, msg = _run(log, junk, LOCAL_OPERATOR)
+        assert not ok and msg == f"unsupported request {type(junk).__name__}"
+
+
 def test_the_local_operator_acts_for_any_node_without_an_operator_key() -> None:
     log = Log()
     log.join(A)

@@ -7,8 +7,9 @@ maintenance commands on a worker and the "operator" identity for session command
 master, without a second key to manage.
 
 Wire format: one request per connection, each direction a 4-byte big-endian length and a
-JSON document (a tagged msgspec union). Requests are validated; a bad one gets an
-`ErrorReply` naming what was wrong, and the server keeps serving.
+JSON document (a tagged msgspec union). Requests are validated (types, and no field the
+request does not have: a misspelt option must not be dropped silently); a bad one gets a
+refusal naming what was wrong, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ MAX_FRAME = 1 << 20
 _LEN = struct.Struct(">I")
 
 
-class _Request(msgspec.Struct, frozen=True, tag_field="request", kw_only=True):
+class _Request(
+    msgspec.Struct, frozen=True, tag_field="request", kw_only=True, forbid_unknown_fields=True
+):
     pass
 
 
@@ -131,6 +134,28 @@ def decode_request(data: bytes) -> Request | Reply:
     except msgspec.DecodeError as exc:
         return Reply(ok=False, message=f"bad request: {exc}")
     return request
+
+
+def check_request(request: object) -> Request:
+    """`request` as the control socket would have decoded it, for requests built in Python
+    (`MasterNode.request`): raises `TypeError` naming the type of anything that is not a
+    request of this module, `ValueError` naming the field whose value has the wrong type
+    (``SessionCreate(slots="2", ...)``), where either used to fail deep inside or be
+    misread as another request."""
+    if not isinstance(request, _Request):
+        raise TypeError(
+            "expected a request of cluster.control (SessionCreate, MaintenanceSchedule, ...), "
+            f"got {type(request).__name__}"
+        )
+    name = type(request).__name__
+    try:
+        # The same checks as decoding it from JSON: builtins, then the strict typed union.
+        checked: Request = msgspec.convert(msgspec.to_builtins(request), Request)
+    except TypeError as exc:  # a field holds something no request could carry
+        raise TypeError(f"bad {name}: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad {name}: {exc}") from None
+    return checked
 
 
 def decode_reply(data: bytes) -> Reply:

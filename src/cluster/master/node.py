@@ -132,8 +132,13 @@ class MasterNode:
             tg.cancel_scope.cancel()
 
     async def request(self, request: Request) -> Reply:
-        """Decide a request as the local operator (what the control socket does)."""
-        return await self.service.handle_local(request)
+        """Decide a request as the local operator (what the control socket does).
+
+        The request is checked as the control socket checks what it decodes: anything but a
+        request of `cluster.control` raises `TypeError`, a field of the wrong type
+        (``SessionCreate(slots="2", ...)``) `ValueError` naming the field.
+        """
+        return await self.service.handle_local(control.check_request(request))
 
     def stop(self) -> None:
         self.master.stop()

@@ -54,6 +54,11 @@ MAX_REWARD_PER_UNIT = 2**20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: `$` allows a final "\n"
 
 
+_MaintenanceRequest = (
+    MaintenanceSchedule | MaintenanceCheck | MaintenanceCancel | MaintenanceFinish | MaintenanceNext
+)
+
+
 class Decision(msgspec.Struct, frozen=True):
     reply: Reply
     events: tuple[Event, ...] = ()
@@ -92,7 +97,10 @@ def decide(
         return Decision(Reply(ok=True, data=sessions))
     if isinstance(request, StatusRequest):
         return _refuse("status is answered by the master shell, not by decide()")
-    return _maintenance(state, request, requester, now_ms, policy)
+    if isinstance(request, _MaintenanceRequest):
+        return _maintenance(state, request, requester, now_ms, policy)
+    # Only a request built in Python gets here (the control socket decodes the union).
+    return _refuse(f"unsupported request {type(request).__name__}")
 
 
 def _session_create(state: State, req: SessionCreate) -> Decision:
@@ -151,9 +159,13 @@ def _start(now_ms: int, start_ms: int | None, in_ms: int | None) -> int | str:
 
 
 def _maintenance(
-    state: State, request: Request, requester: str, now_ms: int, policy: MaintenancePolicy
+    state: State,
+    request: _MaintenanceRequest,
+    requester: str,
+    now_ms: int,
+    policy: MaintenancePolicy,
 ) -> Decision:
-    node = _target_node(requester, getattr(request, "node_id", ""))
+    node = _target_node(requester, request.node_id)
     if node is None:
         return _refuse("the operator must name the node (--node PEER_ID)")
     if node not in state.nodes:
@@ -212,8 +224,4 @@ def _maintenance(
         if isinstance(done, maintenance.Rejection):
             return _refuse(maintenance.render_rejection(done))
         return Decision(Reply(ok=True, message=f"finished window {done.window_id}"), (done,))
-    if isinstance(request, MaintenanceNext):
-        return Decision(
-            Reply(ok=True, message=maintenance.render_next(state, node, now_ms, policy))
-        )
-    return _refuse(f"unsupported request {type(request).__name__}")
+    return Decision(Reply(ok=True, message=maintenance.render_next(state, node, now_ms, policy)))
