@@ -429,3 +429,95 @@ async def test_a_log_with_times_past_year_9999_is_still_served() -> None:
         status, _, body = await get(port, "/metrics")
         assert status == 200, body
         assert b'cluster_nodes{status="maintenance"} 1' in body
+
+
+class BrokenView(FakeView):
+    """A view whose metrics fail: an internal error, as a bug would make one."""
+
+    def metrics(self) -> MasterMetrics:
+        raise RuntimeError("metrics went\nwrong")
+
+
+@pytest.mark.anyio
+async def test_an_internal_error_is_answered_500_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(BrokenView(cluster_log())) as (api, port):
+        status, headers, body = await get(port, "/api/status")
+        assert status == 500
+        assert headers["content-type"].startswith("text/plain")
+        reason = b"internal error (RuntimeError: metrics went wrong)"  # one line
+        assert body == b"500 Internal Server Error: " + reason + b"\n"
+        # The server keeps serving what does not need the broken part.
+        assert (await get(port, "/api/state"))[0] == 200
+        assert api.responses["500"] == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "/api/status" in errors[0].getMessage() and errors[0].exc_info is not None
+
+
+async def head(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    return await raw(port, f"HEAD {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+
+
+@pytest.mark.anyio
+async def test_head_is_answered_like_get_without_a_body(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(FakeView(cluster_log())) as (_, port):
+        for target in ("/", "/api/state", "/api/status", "/metrics"):
+            status, headers, body = await head(port, target)
+            _, get_headers, get_body = await get(port, target)
+            assert (status, body) == (200, b""), target
+            assert headers["content-type"] == get_headers["content-type"]
+            assert int(headers["content-length"]) == len(get_body)
+        status, headers, body = await head(port, "/api/events")
+        assert (status, body) == (200, b"")
+        assert headers["content-type"].startswith("text/event-stream")
+        # Errors too: the status and headers, no body.
+        status, _, body = await head(port, "/nope")
+        assert (status, body) == (404, b"")
+        status, _, body = await head(port, "/api/status?x=1")
+        assert (status, body) == (400, b"")
+        status, headers, body = await raw(
+            port, b"DELETE / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+        )
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+        assert b"read-only (GET, HEAD)" in body
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+@pytest.mark.anyio
+async def test_one_client_cannot_take_every_connection() -> None:
+    """Slow clients from one address hold at most `max_connections_per_client`; another
+    address is still served. (127.0.0.2 is loopback too: a second client on this host.)"""
+    config = HttpApiConfig(max_connections=4, max_connections_per_client=2, request_timeout_s=60)
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        with anyio.fail_after(20):
+            slow = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+            for s in slow:  # a request head that never ends
+                await s.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            while api._connections < 2:
+                await anyio.sleep(0.01)
+            status, _, body = await get(port, "/api/status")
+            assert status == 503
+            assert b"too many connections from 127.0.0.1 (max 2 per client)" in body
+            async with await anyio.connect_tcp("127.0.0.1", port, local_host="127.0.0.2") as s:
+                await s.send(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += await s.receive()
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+            for s in slow:
+                await s.aclose()
+            while api._connections:
+                await anyio.sleep(0.01)
+            assert (await get(port, "/api/status"))[0] == 200
+
+
+def test_the_request_head_has_a_short_deadline() -> None:
+    """Shorter than the idle write timeout: 64 clients trickling request heads used to hold
+    every connection for 10 s at a time."""
+    config = HttpApiConfig()
+    assert config.request_timeout_s <= 3 < config.send_timeout_s
+    assert config.max_connections_per_client < config.max_connections

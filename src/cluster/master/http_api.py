@@ -10,14 +10,19 @@
 HTTP/1.1 parsing is h11's (a sans-IO parser already installed with libp2p): it enforces
 header size limits and rejects malformed framing, so this module only routes and answers.
 One request per connection (`Connection: close`): clients are a dashboard and scrapers, and
-it keeps the server free of idle keep-alive connections.
+it keeps the server free of idle keep-alive connections. HEAD is answered like GET, headers
+only (what a monitor probing the API expects).
 
 Safety: it binds 127.0.0.1 by default and then needs no token (but checks the Host header,
 so a web page cannot reach it through DNS rebinding). Binding any other address requires a
 token, refused at startup otherwise; with a token every request must carry it as
 ``Authorization: Bearer <token>`` or ``?token=<token>`` (EventSource cannot set headers).
 Nothing a client sends can crash the server: every connection is handled in its own task
-that catches and logs, and is bounded in time and memory.
+that catches and logs, and is bounded in time and memory. A client has `request_timeout_s`
+(3 s) to send its request head and may hold at most `max_connections_per_client` of the
+`max_connections` at once, so one slow or greedy client cannot lock the others out. An
+internal error is answered `500` with a one-line reason (and logged once, with its
+traceback) while the response has not started.
 
 The API reads the cluster through `ClusterView`, a small Protocol the master implements and
 tests fake in memory.
@@ -42,6 +47,7 @@ from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.codec import event_json, state_to_json
 from cluster.shared.events import IndexedEvent
+from cluster.shared.humanize import clip
 from cluster.shared.node_status import DEFAULT_CATCH_UP_THRESHOLD, node_statuses
 from cluster.shared.state import State
 from cluster.shared.status_view import cluster_status, to_json
@@ -93,12 +99,18 @@ class HttpApiConfig:
     #: Required when `host` is not a loopback address; then required on every request.
     token: str | None = None
     max_connections: int = 64
+    #: Connections open at once from one client address (more get 503): one client cannot
+    #: take every connection. Behind a proxy every client shares its address.
+    max_connections_per_client: int = 16
     #: Open /api/events streams at most; more get 503.
     max_subscribers: int = 16
     #: Request line + headers, in bytes (h11 answers 431 beyond it).
     max_header_bytes: int = 16 * 1024
-    #: Time a client has to send its whole request, and to accept each write.
-    request_timeout_s: float = 10.0
+    #: Time a client has to send its whole request (a request line and headers, a few
+    #: hundred bytes: 3 s is plenty), counted from the connection; a client that trickles
+    #: it ties up a connection no longer than this.
+    request_timeout_s: float = 3.0
+    #: Time a client has to accept each write.
     send_timeout_s: float = 10.0
     #: An idle event stream gets a comment line this often (detects dead clients).
     keepalive_s: float = 15.0
@@ -135,7 +147,13 @@ def check_config(config: HttpApiConfig) -> None:
             "(clients then send `Authorization: Bearer <token>` or `?token=<token>`), or bind "
             "127.0.0.1"
         )
-    for name in ("max_connections", "max_subscribers", "max_header_bytes", "batch_events"):
+    for name in (
+        "max_connections",
+        "max_connections_per_client",
+        "max_subscribers",
+        "max_header_bytes",
+        "batch_events",
+    ):
         if getattr(config, name) < 1:
             raise HttpApiConfigError(f"HTTP API {name} must be at least 1")
 
@@ -198,6 +216,11 @@ def _is_event_index(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 18
 
 
+#: Methods served; HEAD is GET without the body.
+_METHODS: Final = ("GET", "HEAD")
+_ALLOW: Final = ", ".join(_METHODS)
+
+
 class _Request:
     __slots__ = ("headers", "path", "query")
 
@@ -205,6 +228,34 @@ class _Request:
         self.path = path
         self.query = query
         self.headers = headers
+
+
+class _Exchange:
+    """One connection's parser and socket, and whether its request is a HEAD (whose every
+    answer, an error included, must carry headers only: h11 refuses a body)."""
+
+    __slots__ = ("conn", "head", "stream")
+
+    def __init__(self, conn: h11.Connection, stream: SocketStream) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.head = False
+
+
+def _client_address(stream: SocketStream) -> str:
+    """The client's IP address ("?" if the socket cannot say: one already reset by the
+    client fails `getpeername`, and nothing here may raise outside the handler's guard)."""
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except (anyio.TypedAttributeLookupError, OSError):
+        return "?"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+def _one_line(exc: BaseException, width: int = 200) -> str:
+    """An error as one short line for a 500's body: its type and its message."""
+    text = " ".join(str(exc).split())
+    return clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, width)
 
 
 class HttpApi:
@@ -225,6 +276,8 @@ class HttpApi:
         self._dashboard = load_dashboard()
         self.port = 0
         self._connections = 0
+        #: Open connections by client address (entries dropped at zero).
+        self._by_client: dict[str, int] = {}
         self.subscribers = 0
         #: Status code -> responses sent (exported at /metrics).
         self.responses: dict[str, int] = {}
@@ -245,45 +298,72 @@ class HttpApi:
 
     # ------------------------------------------------------------------ connection
     async def _handle(self, stream: SocketStream) -> None:
+        client = _client_address(stream)
         self._connections += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         try:
             async with stream:
-                await self._handle_connection(stream)
+                await self._handle_connection(stream, client)
         except Exception as exc:
             if not _client_gone(exc):
                 log.exception("HTTP API: unexpected error while serving a request")
         finally:
             self._connections -= 1
+            left = self._by_client[client] - 1
+            if left:
+                self._by_client[client] = left
+            else:
+                del self._by_client[client]
 
-    async def _handle_connection(self, stream: SocketStream) -> None:
+    async def _handle_connection(self, stream: SocketStream, client: str) -> None:
         cfg = self.config
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
+        ex = _Exchange(
+            h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes), stream
+        )
+        target = "?"
         try:
             if self._connections > cfg.max_connections:
                 raise _Reject(503, f"too many connections (max {cfg.max_connections})")
+            if self._by_client[client] > cfg.max_connections_per_client:
+                raise _Reject(
+                    503,
+                    f"too many connections from {client} "
+                    f"(max {cfg.max_connections_per_client} per client)",
+                )
             try:
                 with anyio.fail_after(cfg.request_timeout_s):
-                    request = await self._read_request(conn, stream)
+                    request = await self._read_request(ex)
             except TimeoutError:
-                raise _Reject(408, "request not received in time") from None
+                raise _Reject(
+                    408, f"request not received in time (within {cfg.request_timeout_s:g} s)"
+                ) from None
             except h11.RemoteProtocolError as exc:
                 raise _Reject(exc.error_status_hint, f"malformed request: {exc}") from None
             if request is None:
                 return
-            await self._route(conn, stream, request)
+            target = request.path
+            await self._route(ex, request)
         except _Reject as rej:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._respond(
-                    conn,
-                    stream,
-                    rej.status,
-                    f"{rej.status} {_REASONS.get(rej.status, '')}: {rej.message}\n".encode(),
-                    "text/plain; charset=utf-8",
-                    rej.headers,
-                )
+            await self._answer(ex, rej.status, rej.message, rej.headers)
+        except Exception as exc:
+            if _client_gone(exc):
+                raise
+            # A bug or a state nothing can render: say so to the client, which would
+            # otherwise see the connection close without a word, and keep serving.
+            log.exception("HTTP API: internal error answering %s", target)
+            await self._answer(ex, 500, f"internal error ({_one_line(exc)})")
 
-    async def _read_request(self, conn: h11.Connection, stream: SocketStream) -> _Request | None:
+    async def _answer(
+        self, ex: _Exchange, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """A plain-text answer naming the problem, if the response has not started."""
+        if ex.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = f"{status} {_REASONS.get(status, '')}: {message}\n".encode()
+            await self._respond(ex, status, body, "text/plain; charset=utf-8", headers)
+
+    async def _read_request(self, ex: _Exchange) -> _Request | None:
         """Read and validate one request; None if the client closed without sending one."""
+        conn, stream = ex.conn, ex.stream
         received = 0
         while True:
             event = conn.next_event()
@@ -311,12 +391,15 @@ class HttpApi:
             )
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         method = event.method.decode("ascii", "replace")
-        if method != "GET":
+        ex.head = method == "HEAD"
+        if method not in _METHODS:
             raise _Reject(
-                405, f"method {method} not allowed; this API is read-only (GET)", [("Allow", "GET")]
+                405,
+                f"method {method} not allowed; this API is read-only ({_ALLOW})",
+                [("Allow", _ALLOW)],
             )
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-            raise _Reject(400, "a GET request carries no body")
+            raise _Reject(400, f"a {method} request carries no body")
         target = event.target.decode("ascii", "replace")
         parts = urlsplit(target)
         if not target.startswith("/"):
@@ -333,7 +416,7 @@ class HttpApi:
         return _Request(parts.path, query, headers)
 
     # ------------------------------------------------------------------ routing
-    async def _route(self, conn: h11.Connection, stream: SocketStream, req: _Request) -> None:
+    async def _route(self, ex: _Exchange, req: _Request) -> None:
         self._authorize(req)
         allowed = _ROUTES.get(req.path)
         if allowed is None:
@@ -346,10 +429,10 @@ class HttpApi:
         if unknown:
             raise _Reject(400, f"unknown query parameter {unknown[0]!r} for {req.path}")
         if req.path == "/":
-            await self._respond(conn, stream, 200, self._dashboard, "text/html; charset=utf-8")
+            await self._respond(ex, 200, self._dashboard, "text/html; charset=utf-8")
         elif req.path == "/api/state":
             body = await anyio.to_thread.run_sync(state_to_json, self.view.state)
-            await self._respond(conn, stream, 200, body, "application/json")
+            await self._respond(ex, 200, body, "application/json")
         elif req.path == "/api/status":
             # Read the view here, in the event loop; derive and encode in a worker thread
             # (State is immutable), so a large cluster does not stall other clients.
@@ -357,15 +440,15 @@ class HttpApi:
             body = await anyio.to_thread.run_sync(
                 self._status_json, view.state, view.now_ms(), view.metrics()
             )
-            await self._respond(conn, stream, 200, body, "application/json")
+            await self._respond(ex, 200, body, "application/json")
         elif req.path == "/metrics":
             view = self.view
             body = await anyio.to_thread.run_sync(
                 self._metrics_text, view.state, view.now_ms(), view.metrics()
             )
-            await self._respond(conn, stream, 200, body, METRICS_CONTENT_TYPE)
+            await self._respond(ex, 200, body, METRICS_CONTENT_TYPE)
         else:
-            await self._events(conn, stream, req)
+            await self._events(ex, req)
 
     def _authorize(self, req: _Request) -> None:
         token = self.config.token
@@ -411,16 +494,15 @@ class HttpApi:
         return text.encode()
 
     # ------------------------------------------------------------------ responses
-    async def _send(self, conn: h11.Connection, stream: SocketStream, event: h11.Event) -> None:
-        data = conn.send(event)
+    async def _send(self, ex: _Exchange, event: h11.Event) -> None:
+        data = ex.conn.send(event)
         if data:
             with anyio.fail_after(self.config.send_timeout_s):
-                await stream.send(data)
+                await ex.stream.send(data)
 
     async def _respond(
         self,
-        conn: h11.Connection,
-        stream: SocketStream,
+        ex: _Exchange,
         status: int,
         body: bytes,
         content_type: str,
@@ -436,12 +518,11 @@ class HttpApi:
         ]
         self.responses[str(status)] = self.responses.get(str(status), 0) + 1
         await self._send(
-            conn,
-            stream,
-            h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, "")),
+            ex, h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, ""))
         )
-        await self._send(conn, stream, h11.Data(data=body))
-        await self._send(conn, stream, h11.EndOfMessage())
+        if not ex.head:  # HEAD: the same headers (Content-Length included), no body
+            await self._send(ex, h11.Data(data=body))
+        await self._send(ex, h11.EndOfMessage())
 
     # ------------------------------------------------------------------ event stream
     def _start_index(self, req: _Request) -> int:
@@ -458,7 +539,7 @@ class HttpApi:
             raise _Reject(400, f"from={text!r}: expected a non-negative event index")
         return max(int(text), 1)
 
-    async def _events(self, conn: h11.Connection, stream: SocketStream, req: _Request) -> None:
+    async def _events(self, ex: _Exchange, req: _Request) -> None:
         cfg = self.config
         cursor = self._start_index(req)
         if self.subscribers >= cfg.max_subscribers:
@@ -472,18 +553,19 @@ class HttpApi:
                 ("X-Content-Type-Options", "nosniff"),
                 ("Connection", "close"),
             ]
-            await self._send(conn, stream, h11.Response(status_code=200, headers=headers))
-            await self._send(
-                conn, stream, h11.Data(data=f"retry: 2000\n: from {cursor}\n\n".encode())
-            )
+            await self._send(ex, h11.Response(status_code=200, headers=headers))
+            if ex.head:  # the stream's headers, and no stream
+                await self._send(ex, h11.EndOfMessage())
+                return
+            await self._send(ex, h11.Data(data=f"retry: 2000\n: from {cursor}\n\n".encode()))
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._cancel_on_close, stream, tg.cancel_scope)
-                await self._pump(conn, stream, cursor)
+                tg.start_soon(self._cancel_on_close, ex.stream, tg.cancel_scope)
+                await self._pump(ex, cursor)
                 tg.cancel_scope.cancel()
         finally:
             self.subscribers -= 1
 
-    async def _pump(self, conn: h11.Connection, stream: SocketStream, cursor: int) -> None:
+    async def _pump(self, ex: _Exchange, cursor: int) -> None:
         """Send events from `cursor` on, one bounded batch at a time, until cancelled."""
         cfg = self.config
         while True:
@@ -492,13 +574,13 @@ class HttpApi:
                 frames = b"".join(
                     b"id: %d\ndata: %s\n\n" % (ie.idx, event_json(ie)) for ie in batch
                 )
-                await self._send(conn, stream, h11.Data(data=frames))
+                await self._send(ex, h11.Data(data=frames))
                 cursor = batch[-1].idx + 1
                 continue
             with anyio.move_on_after(cfg.keepalive_s) as idle:
                 await self.view.wait_for_index(cursor)
             if idle.cancelled_caught:
-                await self._send(conn, stream, h11.Data(data=b": keepalive\n\n"))
+                await self._send(ex, h11.Data(data=b": keepalive\n\n"))
 
     @staticmethod
     async def _cancel_on_close(stream: SocketStream, scope: anyio.CancelScope) -> None:
