@@ -6,6 +6,7 @@ py-libp2p works only on trio, so the whole runtime (and every test) uses anyio o
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -22,12 +23,17 @@ def _restore_root_logging() -> Iterator[None]:
 
     Those commands call `logging.basicConfig(stream=sys.stderr, force=True)`; in a test that
     stream is pytest's capture for that test alone, closed afterwards, and a handler left on it
-    turns every later log call into a "--- Logging error ---" traceback.
+    turns every later log call into a "--- Logging error ---" traceback. They also make
+    py-libp2p's logger propagate and send `warnings.warn` to logging: undone too.
     """
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    libp2p_level = logging.getLogger("libp2p").level
+    libp2p = logging.getLogger("libp2p")
+    libp2p_level, libp2p_propagate = libp2p.level, libp2p.propagate
+    showwarning = warnings.showwarning
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    logging.getLogger("libp2p").setLevel(libp2p_level)
+    libp2p.setLevel(libp2p_level)
+    libp2p.propagate = libp2p_propagate
+    warnings.showwarning = showwarning

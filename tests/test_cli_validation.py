@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,11 @@ def test_data_dir_that_is_a_file_is_refused(
         (["--plan-interval", "0"], "--plan-interval must be a finite number > 0"),
         (["--plan-interval", "inf"], "--plan-interval must be a finite number > 0, got inf"),
         (["--peer-timeout", "nan"], "--peer-timeout must be a finite number > 0, got nan"),
+        # Not "epoch_length_ms must be at least plan_interval_ms (1000000000000...)":
+        (
+            ["--plan-interval", "1e300"],
+            "--plan-interval must be at most 31,622,400 seconds (366 days), got 1e+300",
+        ),
     ],
 )
 def test_master_options_are_validated(
@@ -51,6 +59,12 @@ def test_master_options_are_validated(
         (["--epoch-length", "xyz"], "cluster demo: 'xyz': expected a number"),
         (["--plan-interval", "-1"], "--plan-interval must be a finite number > 0, got -1.0"),
         (["--http", "nonsense"], "--http 'nonsense': expected HOST:PORT"),
+        (["--plan-interval", "1e300"], "--plan-interval must be at most 31,622,400 seconds"),
+        # Taken as 0: the demo started (here for a second, with no workers).
+        (
+            ["--session-slots", "-1", "--workers", "0", "--duration", "1"],
+            "cluster demo: --session-slots must be >= 0",
+        ),
     ],
 )
 def test_demo_checks_its_master_options_before_starting_anything(
@@ -153,6 +167,68 @@ def test_worker_options_are_validated(
     argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master, *argv]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_worker_load_too_high_to_pace_is_refused(tmp_path: Path) -> None:
+    """`--load 1e300` emitted events in one endless burst that never yielded to the event
+    loop: the worker hung, deaf to SIGTERM. A subprocess, so that a hang fails the test."""
+    master = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master, "--no-info"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster", *argv, "--no-runners", "--load", "1e300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "cluster worker: --load must be at most 1,000,000 events per second\n"
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("/ip4/127.0.0.1/udp/7400", "cannot listen on /ip4/127.0.0.1/udp/7400: not a TCP address"),
+        ("/ip6/::1", "cannot listen on /ip6/::1: not a TCP address"),
+    ],
+)
+def test_a_master_listen_address_that_is_not_tcp_is_one_line(
+    listen: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libp2p logged two warnings ("no transport found ... Skipping") before the master said
+    it could not listen, after it had created the cluster secret and printed its path."""
+    data_dir = tmp_path / "m"
+    assert cli.main(["master", "--data-dir", str(data_dir), "--listen", listen]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"cluster master: {message} (e.g. /ip4/0.0.0.0/tcp/7400)\n"
+    assert captured.out == ""
+    assert not (data_dir / "cluster.secret").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            "{tmp}/missing.addr",
+            "--master '{tmp}/missing.addr' is neither a multiaddr nor a "
+            "readable file: no such file",
+        ),
+        ("{tmp}", "--master '{tmp}' is neither a multiaddr nor a readable file: a directory"),
+        ("/ip4/127.0.0.1/tcp/1", "'/ip4/127.0.0.1/tcp/1' does not end in /p2p/<peer id>"),
+        ("/ip4/999.0.0.1/tcp/1", "base address '999.0.0.1' is not IPv4"),
+    ],
+)
+def test_a_worker_master_path_that_is_no_file_is_not_read_as_a_multiaddr(
+    given: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing master.addr given by absolute path was parsed as a multiaddr: "Invalid
+    MultiAddr '/tmp/.../missing.addr': unknown protocol: tmp"."""
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", given.format(tmp=tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cluster worker: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err, err
 
 
 @pytest.mark.parametrize(

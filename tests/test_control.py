@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
+from cluster import cli
 from cluster.control import (
     ControlError,
     Reply,
@@ -121,3 +126,126 @@ async def test_an_oversized_answer_from_a_server_is_a_control_error(tmp_path: Pa
         with anyio.fail_after(10), pytest.raises(ControlError, match="exceeds the"):
             await call(tmp_path, StatusRequest())
         tg.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# `cluster session/maintenance` at a control.sock that is not ours: one line naming it, exit 2
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unix_server(path: Path, answer: Callable[[socket.socket], None]) -> Iterator[None]:
+    """A Unix-socket server at `path` handling each connection with `answer`."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    server.settimeout(0.1)  # so that the thread sees `done` and ends
+    done = threading.Event()
+
+    def serve_() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                answer(conn)
+
+    thread = threading.Thread(target=serve_, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        server.close()
+
+
+def _read_frame_sync(conn: socket.socket) -> None:
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+def _http_answer(conn: socket.socket) -> None:
+    _read_frame_sync(conn)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def _not_json(conn: socket.socket) -> None:
+    _read_frame_sync(conn)
+    conn.sendall(struct.pack(">I", 8) + b"\x1b[2Jhi\n!")
+
+
+def _json_not_a_reply(conn: socket.socket) -> None:
+    _read_frame_sync(conn)
+    conn.sendall(struct.pack(">I", 7) + b'{"a":1}')
+
+
+def _close_at_once(conn: socket.socket) -> None:
+    pass
+
+
+def _close_after_request(conn: socket.socket) -> None:
+    _read_frame_sync(conn)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (_http_answer, "its answer is not a control frame (frame of 1213486160 bytes"),
+        (_not_json, "the answer is not a reply: JSON is malformed"),
+        (_json_not_a_reply, "the answer is not a reply: Object missing required field `ok`"),
+        (_close_at_once, "it "),  # dropped or closed, depending on when the close lands
+        (_close_after_request, "it closed the connection without answering"),
+    ],
+)
+@pytest.mark.parametrize("argv", [["session", "list"], ["maintenance", "next"]])
+def test_a_control_socket_that_is_not_ours_is_one_line(
+    answer: Callable[[socket.socket], None],
+    why: str,
+    argv: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = socket_path(tmp_path)
+    with unix_server(path, answer):
+        assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"error: {path} is not a cluster control socket: {why}"), err
+    assert "\x1b" not in err
+
+
+def test_a_control_socket_path_that_is_no_socket_or_a_dead_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = socket_path(tmp_path)
+    path.mkdir()
+    assert cli.main(["session", "--data-dir", str(tmp_path), "list"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} is not a cluster control socket: it is a directory, not a socket\n"
+    )
+    path.rmdir()
+    path.write_text("")
+    assert cli.main(["session", "--data-dir", str(tmp_path), "list"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} is not a cluster control socket: it is a file, not a socket\n"
+    )
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: a stopped process's
+        dead.bind(str(path))
+        assert cli.main(["maintenance", "--data-dir", str(tmp_path), "next"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: nothing listens on {path} (left by a process that stopped?): "
+        f"is a master or worker running with --data-dir {tmp_path}?\n"
+    )
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert cli.main(["session", "--data-dir", str(not_a_dir), "list"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot use {not_a_dir}/control.sock: Not a directory\n"
+    )

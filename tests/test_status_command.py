@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -68,6 +72,16 @@ async def test_status_unreachable_or_bad_url(capsys: pytest.CaptureFixture[str])
         (["--url", "http://[::1"], "--url 'http://[::1': Invalid IPv6 URL"),
         (["--timeout", "-1"], "--timeout must be a finite number of seconds > 0, not -1.0"),
         (["--timeout", "nan"], "--timeout must be a finite number of seconds > 0, not nan"),
+        # An OverflowError traceback from socket.settimeout:
+        (["--timeout", "1e300"], "--timeout must be at most 86,400 seconds (a day), not 1e+300"),
+        # Sent to DNS as the host name "user@127.0.0.1":
+        (
+            ["--url", "http://user:pw@127.0.0.1:1"],
+            "--url 'http://user:pw@127.0.0.1:1': no user name or password in the URL",
+        ),
+        (["--url", "http://a b:1"], "--url 'http://a b:1': the host cannot contain spaces"),
+        # http.client refuses it on sending; it was "cannot reach the master's HTTP API", exit 1:
+        (["--url", "http://a%20b:1"], "--url 'http://a%20b:1': URL can't contain control"),
         (["--token", "t\u20acst"], "the API token must be printable ASCII"),
         (["--token", "a\nb"], "the API token must be printable ASCII"),
     ],
@@ -79,3 +93,134 @@ def test_status_arguments_are_validated_before_any_request(
     err = capsys.readouterr().err
     assert f"cluster status: {says}" in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Pointed at something that is not our HTTP API: one line naming the address, exit 1
+# --------------------------------------------------------------------------------------------
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+
+
+def _libp2p_greeting(conn: socket.socket, done: threading.Event) -> None:
+    # What a libp2p listen port says first (multistream-select), before reading anything.
+    conn.sendall(b"\x13/multistream/1.0.0\n")
+    done.wait()
+
+
+def _binary(conn: socket.socket, done: threading.Event) -> None:
+    _read_request(conn)
+    conn.sendall(b"\x00\x01\x02garbage\r\n\x1b[31mred\r\n\r\n")
+
+
+def _close_at_once(conn: socket.socket, done: threading.Event) -> None:
+    pass  # closed on return, before or while the request arrives
+
+
+def _close_after_request(conn: socket.socket, done: threading.Event) -> None:
+    _read_request(conn)
+
+
+def _html_404(conn: socket.socket, done: threading.Event) -> None:
+    _read_request(conn)
+    conn.sendall(
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n"
+        b"<html>\n<body>\n<h1>Not Found</h1>\n</body>\n</html>\n"
+    )
+
+
+def _html_200(conn: socket.socket, done: threading.Event) -> None:
+    _read_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n<html>\nhello\n</html>\n")
+
+
+@contextlib.contextmanager
+def tcp_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+    """A TCP server on 127.0.0.1 that handles each connection with `answer`; its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)  # so that the thread sees `done` and ends
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):
+                answer(conn, done)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(timeout=30)
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (_libp2p_greeting, "it answered '\\x13/multistream/1.0.0', not HTTP"),
+        (_binary, "it answered '\\x00\\x01\\x02garbage', not HTTP"),
+        (_close_at_once, ""),  # closed or reset, depending on when the close lands
+        (_close_after_request, "it closed the connection without answering"),
+        (_html_404, "GET /api/status answered 404 Not Found"),
+        (_html_200, "its /api/status answer is not JSON (JSON is malformed"),
+    ],
+)
+def test_status_from_something_that_is_not_our_api_is_one_line(
+    answer: Callable[[socket.socket, threading.Event], None],
+    why: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with tcp_server(answer) as port:
+        url = f"http://127.0.0.1:{port}"
+        assert cli.main(["status", "--url", url, "--timeout", "30"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"cluster status: {url} is not a cluster master's HTTP API: {why}"), err
+    assert "\x1b" not in err and "\x00" not in err
+
+
+def test_status_from_a_server_that_never_answers_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def silent(conn: socket.socket, done: threading.Event) -> None:
+        done.wait()
+
+    with tcp_server(silent) as port:
+        url = f"http://127.0.0.1:{port}"
+        assert cli.main(["status", "--url", url, "--timeout", "0.2"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"cluster status: {url} accepted the connection but sent no answer within 0.2 s "
+        "(is it a cluster master's HTTP API?)\n"
+    )
+
+
+def test_status_from_json_that_is_not_a_status_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def other_json(conn: socket.socket, done: threading.Event) -> None:
+        _read_request(conn)
+        conn.sendall(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"hello":\n"world"}\n')
+
+    with tcp_server(other_json) as port:
+        url = f"http://127.0.0.1:{port}"
+        assert cli.main(["status", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"cluster status: {url}/api/status answered JSON that is not a cluster status "
+        "(another program, or a master of another version?): "
+        "Object missing required field `now_ms`\n"
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -242,13 +243,25 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
 
 
 async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:
-    """Send one request to the process whose data directory is `data_dir`."""
+    """Send one request to the process whose data directory is `data_dir`.
+
+    Every way it can fail is a ControlError whose text is one line naming the socket.
+    """
     path = socket_path(data_dir)
-    if not path.exists():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:  # a --data-dir that is a file, or not readable
+        raise ControlError(f"cannot use {path}: {exc.strerror or exc}") from exc
+    if mode is None:
         raise ControlError(
             f"no control socket at {path}: "
             f"is a master or worker running with --data-dir {data_dir}?"
         )
+    if not stat.S_ISSOCK(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a file"
+        raise ControlError(not_a_control_socket(path, f"it is {kind}, not a socket"))
     try:
         with anyio.fail_after(timeout):
             async with await anyio.connect_unix(path) as stream:
@@ -256,9 +269,34 @@ async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Re
                 raw = await _read_frame(stream)
     except TimeoutError as exc:
         raise ControlError(f"{path} did not answer within {timeout:.0f}s") from exc
-    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, FrameTooLarge) as exc:
-        raise ControlError(f"cannot talk to {path}: {exc}") from exc
-    return decode_reply(raw)
+    except ConnectionRefusedError as exc:
+        raise ControlError(
+            f"nothing listens on {path} (left by a process that stopped?): "
+            f"is a master or worker running with --data-dir {data_dir}?"
+        ) from exc
+    except anyio.EndOfStream as exc:
+        raise ControlError(
+            not_a_control_socket(path, "it closed the connection without answering")
+        ) from exc
+    except FrameTooLarge as exc:
+        raise ControlError(
+            not_a_control_socket(path, f"its answer is not a control frame ({exc})")
+        ) from exc
+    except anyio.BrokenResourceError as exc:  # reset or closed, reading or writing
+        raise ControlError(
+            not_a_control_socket(path, "it dropped the connection without answering")
+        ) from exc
+    except OSError as exc:
+        raise ControlError(f"cannot talk to {path}: {exc.strerror or exc}") from exc
+    try:
+        return decode_reply(raw)
+    except ControlError as exc:
+        raise ControlError(not_a_control_socket(path, str(exc))) from exc
+
+
+def not_a_control_socket(path: Path, why: str) -> str:
+    """The one line for a `control.sock` where something else than our server answers."""
+    return f"{path} is not a cluster control socket: {why}"
 
 
 def call_sync(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import anyio
 
@@ -14,17 +17,84 @@ from cluster.shared.files import make_dirs_durably
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+#: Every log line the commands print, ours and the libraries', has this one format.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: py-libp2p and the libraries it brings log connection churn at DEBUG and INFO: shown from
+#: WARNING up whatever --log-level says (ours is what an operator reads). `LIBP2P_DEBUG` set
+#: lets py-libp2p's own loggers follow the levels it names instead (docs/operations.md).
+LIBRARY_LOGGERS = (
+    "libp2p",
+    "multiaddr",
+    "quic",
+    "http3",
+    "zeroconf",
+    "trio-websocket",
+    "httpx",
+    "httpcore",
+    "urllib3",
+)
+
+
+class _LibraryFloor(logging.Filter):
+    """Drops records below `level` from the loggers named (and their children).
+
+    A filter on the handler, not only a level on the logger: py-libp2p sets levels on some of
+    its own loggers (`libp2p.network.auto_connector` at INFO), which a parent's level cannot
+    override.
+    """
+
+    def __init__(self, names: tuple[str, ...], level: int) -> None:
+        super().__init__()
+        self._names = names
+        self._prefixes = tuple(f"{name}." for name in names)
+        self._level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self._level:
+            return True
+        name = record.name
+        return not (name in self._names or name.startswith(self._prefixes))
+
 
 def setup_logging(level: str) -> None:
-    """Configure logging; call it AFTER importing libp2p, which resets loggers on import."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
+    """One handler on stderr, one format for every logger; py-libp2p's chatter kept out.
+
+    Call it AFTER importing libp2p: on import it configures its own loggers (no propagation,
+    so its warnings reached stderr through logging's last-resort handler as bare messages;
+    with `LIBP2P_DEBUG`, its own handler and format). Here they are made to propagate to
+    our handler like every other logger, and `warnings.warn` is logged as one line too.
+    """
+    numeric = getattr(logging, level)
+    library_floor = max(logging.WARNING, numeric)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    libp2p_debug = bool(os.environ.get("LIBP2P_DEBUG", "").strip())
+    floored = tuple(n for n in LIBRARY_LOGGERS if not (libp2p_debug and n == "libp2p"))
+    handler.addFilter(_LibraryFloor(floored, library_floor))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "libp2p" or name.startswith("libp2p.")):
+            for own in logger.handlers[:]:
+                logger.removeHandler(own)
+            logger.propagate = True
+    if not libp2p_debug:
+        logging.getLogger("libp2p").setLevel(library_floor)
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.warn` as one log line (logging.captureWarnings adds the source line too)."""
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%d)", category.__name__, message, filename, lineno
     )
-    # libp2p logs connection churn at INFO; ours is what an operator reads.
-    logging.getLogger("libp2p").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 async def stop_on_signal(stop: Callable[[], None]) -> None:

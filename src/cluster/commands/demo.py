@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0 or args.workers > 64:
         print("cluster demo: --workers must be between 0 and 64", file=sys.stderr)
         return 2
+    if args.session_slots < 0:
+        print("cluster demo: --session-slots must be >= 0 (0: no demo session)", file=sys.stderr)
+        return 2
     if args.duration is not None and not args.duration > 0:
         print("cluster demo: --duration must be > 0", file=sys.stderr)
         return 2

@@ -82,11 +82,18 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
     import msgspec
 
     from cluster.master.config import PlannerConfig
-    from cluster.shared.durations import parse_duration
+    from cluster.shared.durations import MAX_DURATION_MS, parse_duration
 
     overrides: dict[str, int] = {}
     if args.plan_interval is not None:
         _positive("--plan-interval", args.plan_interval)
+        if args.plan_interval * 1000 > MAX_DURATION_MS:
+            # The cap of --epoch-length, which it may not exceed anyway; said here, where
+            # the config check would print plan_interval_ms (300 digits for 1e300).
+            raise ValueError(
+                f"--plan-interval must be at most {MAX_DURATION_MS // 1000:,} seconds "
+                f"(366 days), got {args.plan_interval:g}"
+            )
         overrides["plan_interval_ms"] = round(args.plan_interval * 1000)
     if args.epoch_length is not None:
         overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.master.http_api import HttpApiConfigError
     from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
-    from cluster.net.host import AddressError, parse_multiaddr
+    from cluster.net.host import AddressError, parse_listen_multiaddr
     from cluster.net.identity import IdentityError
     from cluster.net.membership import (
         Membership,
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_data_dir(args.data_dir)
         _positive("--peer-timeout", args.peer_timeout)
         _positive("--snapshot-every", args.snapshot_every)
-        parse_multiaddr(args.listen)
+        parse_listen_multiaddr(args.listen)
         file_cfg, policy = load_settings(args.config)
         planner_cfg = planner_config(args, file_cfg)
         http = http_config(args.http, args.http_token_file)

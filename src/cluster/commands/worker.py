@@ -69,9 +69,14 @@ def read_master_addr(value: str) -> str:
     """A multiaddr as given, or the first line of the file it names."""
     path = Path(value)
     # An absolute file path starts with "/" too (such as /srv/master/master.addr): a file
-    # that exists wins, anything else starting with "/" is taken as a multiaddr.
+    # that exists wins, then anything starting with a multiaddr protocol (/ip4/, /dns/...).
     if value.startswith("/") and not path.is_file():
-        return value
+        from cluster.net.host import names_a_protocol
+
+        if names_a_protocol(value):
+            return value  # parsed (and any mistake in it named) when the worker is built
+        why = "a directory" if path.is_dir() else "no such file"
+        raise ValueError(f"--master {value!r} is neither a multiaddr nor a readable file: {why}")
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -83,6 +88,9 @@ def read_master_addr(value: str) -> str:
         raise ValueError(f"--master file {path} is empty")
     return text.splitlines()[0]
 
+
+#: `--load` events per second at most: far above what one worker's connection carries.
+MAX_LOAD: Final = 1_000_000
 
 #: Seconds options and their sane ranges. A heartbeat every 1e-300 s is a busy loop flooding
 #: the master's log; one a minute is already slower than any useful staleness limit (the
@@ -118,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
                 )
         if not (args.load >= 0 and math.isfinite(args.load)):
             raise ValueError("--load must be a finite number >= 0")
+        if args.load > MAX_LOAD:  # emitted in bursts without yielding: it would never stop
+            raise ValueError(f"--load must be at most {MAX_LOAD:,} events per second")
         secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
         info = None
         if not args.no_info:

@@ -82,6 +82,29 @@ def parse_multiaddr(text: str, *, need_peer: bool = False) -> Any:
     return addr
 
 
+def names_a_protocol(text: str) -> bool:
+    """Does `text` start like a multiaddr (/ip4/..., /dns/...), not like a file path?"""
+    first = text.strip().lstrip("/").split("/", 1)[0]
+    try:
+        multiaddr.protocols.protocol_with_name(first)
+    except Exception:
+        return False
+    return True
+
+
+def parse_listen_multiaddr(text: str) -> Any:
+    """A multiaddr to listen on: TCP, the only transport the hosts run (libp2p would only log
+    a warning for another and listen on nothing)."""
+    addr = parse_multiaddr(text)
+    try:
+        addr.value_for_protocol("tcp")
+    except Exception:
+        raise AddressError(
+            f"cannot listen on {text.strip()}: not a TCP address (e.g. /ip4/0.0.0.0/tcp/7400)"
+        ) from None
+    return addr
+
+
 def _check_port_free(addr: Any) -> None:
     """Raise AddressError if a fixed TCP port of `addr` is taken (port 0 picks a free one)."""
     try:
@@ -136,7 +159,7 @@ async def running_host(key_pair: Any, listen: list[str] | None = None) -> AsyncI
     (the kernel spreading workers' connections between the two).
     """
     host = build_host(key_pair)
-    addrs = [parse_multiaddr(a) for a in (listen or [])]
+    addrs = [parse_listen_multiaddr(a) for a in (listen or [])]
     for addr in addrs:
         _check_port_free(addr)
     async with host.run(listen_addrs=addrs):

@@ -1,0 +1,90 @@
+"""Every line the long-running commands log has one format, py-libp2p's lines included.
+
+py-libp2p turns propagation off for its loggers on import, so before `setup_logging` took
+them over their warnings reached stderr through logging's last-resort handler as bare
+messages ("failed to upgrade security for peer ...": no time, level or logger).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+#: `%(asctime)s %(levelname)s %(name)s: %(message)s`
+OUR_FORMAT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ")
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, sys, warnings
+    import cluster.net.host  # imports py-libp2p, which configures its loggers
+    from cluster.commands._process import setup_logging
+
+    setup_logging(sys.argv[1])
+    logging.getLogger("libp2p.network.swarm").error("libp2p error line")
+    logging.getLogger("libp2p.network.swarm").warning("libp2p warning line")
+    logging.getLogger("libp2p.network.swarm").info("libp2p info line")
+    logging.getLogger("libp2p.network.swarm").debug("libp2p debug line")
+    # py-libp2p sets this one to INFO itself: a level on "libp2p" cannot hold it back.
+    logging.getLogger("libp2p.network.auto_connector").info("auto connector info line")
+    logging.getLogger("multiaddr").info("multiaddr info line")
+    logging.getLogger("cluster.worker.client").info("our info line")
+    logging.getLogger("cluster.worker.client").debug("our debug line")
+    warnings.warn("a library warning", UserWarning, stacklevel=1)
+    """
+)
+
+
+def _run(level: str, **env: str) -> list[str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, level],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": src, **env},
+        check=True,
+    )
+    assert proc.stdout == ""
+    return proc.stderr.splitlines()
+
+
+def test_libp2p_lines_come_out_in_our_format_and_its_chatter_stays_out() -> None:
+    lines = _run("INFO", LIBP2P_DEBUG="")
+    assert [line for line in lines if not OUR_FORMAT.match(line)] == []
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "ERROR libp2p.network.swarm: libp2p error line",
+        "WARNING libp2p.network.swarm: libp2p warning line",
+        "INFO cluster.worker.client: our info line",
+        "WARNING py.warnings: UserWarning: a library warning (<string>:16)",
+    ]
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "WARNING"])
+def test_the_log_level_applies_to_ours_and_libp2p_stays_at_warning_or_above(level: str) -> None:
+    lines = _run(level, LIBP2P_DEBUG="")
+    text = "\n".join(lines)
+    assert [line for line in lines if not OUR_FORMAT.match(line)] == []
+    assert "libp2p warning line" in text
+    assert "libp2p info line" not in text and "libp2p debug line" not in text
+    assert "auto connector info line" not in text and "multiaddr info line" not in text
+    assert ("our debug line" in text) == (level == "DEBUG")
+    assert ("our info line" in text) == (level == "DEBUG")
+
+
+def test_libp2p_debug_env_still_shows_what_it_asks_for_in_our_format() -> None:
+    lines = _run("INFO", LIBP2P_DEBUG="libp2p.network.swarm:DEBUG")
+    # py-libp2p prints where its own log file is, once, when it is imported: not a log line.
+    lines = [line for line in lines if not line.startswith("Logging to: ")]
+    assert [line for line in lines if not OUR_FORMAT.match(line)] == []
+    text = "\n".join(lines)
+    assert " DEBUG libp2p.network.swarm: libp2p debug line" in text
+    assert " INFO libp2p.network.swarm: libp2p info line" in text
+    assert "multiaddr info line" not in text
+    # Each record once: py-libp2p's own handler (its format) is gone, ours prints it.
+    assert text.count("libp2p debug line") == 1
