@@ -226,6 +226,13 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
                 FrameTooLarge,
             ) as exc:
                 log.info("control connection dropped: %s", exc or type(exc).__name__)
+            except OSError as exc:
+                # The disk refused something (a commit: the master stops, after saying so
+                # in one line of its own): one line here too, not a traceback.
+                log.warning("control request failed: %s", exc)
+                with contextlib.suppress(Exception):
+                    reply = Reply(ok=False, message=f"the master could not do it: {exc}")
+                    await _write_frame(stream, _encoder.encode(reply))
             except Exception:  # the server must keep serving whatever a handler does
                 log.exception("control request failed")
                 with contextlib.suppress(Exception):

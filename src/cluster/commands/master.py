@@ -197,6 +197,12 @@ def run(args: argparse.Namespace) -> int:
     except* (HttpApiConfigError, AddressError) as group:  # a port is taken: one line
         print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
         status = 2
+    except* OSError as group:
+        # A commit the disk refused stops the master after one ERROR line saying so
+        # (Master._fail_stop): nothing to add. Another I/O error: one line too.
+        if node.master.failed_commit is None:
+            print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
+        status = 2
     finally:
         node.close()
     return status

@@ -257,6 +257,11 @@ class Master:
     def members(self) -> frozenset[str]:
         return frozenset(self._members)
 
+    @property
+    def failed_commit(self) -> OSError | None:
+        """The I/O error a commit failed with, which stops the master (already logged)."""
+        return self._fatal
+
     def stop(self) -> None:
         self._stop.set()
 
