@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from socket_servers import serving
 
 from cluster import cli
 from cluster.control import (
@@ -133,32 +133,14 @@ async def test_an_oversized_answer_from_a_server_is_a_control_error(tmp_path: Pa
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def unix_server(path: Path, answer: Callable[[socket.socket], None]) -> Iterator[None]:
+def unix_server(
+    path: Path, answer: Callable[[socket.socket], None]
+) -> contextlib.AbstractContextManager[None]:
     """A Unix-socket server at `path` handling each connection with `answer`."""
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen()
-    server.settimeout(0.1)  # so that the thread sees `done` and ends
-    done = threading.Event()
-
-    def serve_() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn, contextlib.suppress(OSError):
-                answer(conn)
-
-    thread = threading.Thread(target=serve_, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=30)
-        server.close()
+    return serving(server, lambda conn, _done: answer(conn))
 
 
 def _read_frame_sync(conn: socket.socket) -> None:

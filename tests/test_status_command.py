@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
+from socket_servers import Answer, serving
 from test_http_api import TOKEN, FakeView, cluster_log, running
 
 from cluster import cli
@@ -142,29 +143,11 @@ def _html_200(conn: socket.socket, done: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def tcp_server(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+def tcp_server(answer: Answer) -> Iterator[int]:
     """A TCP server on 127.0.0.1 that handles each connection with `answer`; its port."""
     server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)  # so that the thread sees `done` and ends
-    done = threading.Event()
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn, contextlib.suppress(OSError):
-                answer(conn, done)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with serving(server, answer):
         yield server.getsockname()[1]
-    finally:
-        done.set()
-        thread.join(timeout=30)
-        server.close()
 
 
 @pytest.mark.parametrize(
