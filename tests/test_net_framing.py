@@ -20,6 +20,7 @@ from cluster.net.framing import (
 )
 from cluster.net.protocol import (
     MAX_BOOT_ID_CHARS,
+    MAX_RUNNER_DIGEST_CHARS,
     Ack,
     ErrorMsg,
     Hello,
@@ -31,6 +32,7 @@ from cluster.net.protocol import (
     expect,
 )
 from cluster.shared.events import MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
+from cluster.worker.runners.registry import RunnerSetting
 
 
 def test_frames_round_trip_when_fed_one_byte_at_a_time() -> None:
@@ -157,6 +159,23 @@ def test_a_hello_with_an_oversized_boot_id_is_refused_at_decode() -> None:
     with pytest.raises(ProtocolError, match="boot_id") as err:
         decode(encode(Hello(version=1, nonce=b"n", boot_id="b" * (MAX_BOOT_ID_CHARS + 1))))
     assert err.value.code == "malformed"
+
+
+def test_a_hellos_runner_digest_is_bounded_at_decode_and_optional() -> None:
+    """Logged in NodeConnected and kept in State like the boot id; a hello without it (a
+    worker without runners) decodes with "", which drops no self-test."""
+    ok = Hello(version=1, nonce=b"n", runner_digest="d" * MAX_RUNNER_DIGEST_CHARS)
+    assert decode(encode(ok)) == ok
+    too_long = "d" * (MAX_RUNNER_DIGEST_CHARS + 1)
+    with pytest.raises(ProtocolError, match="runner_digest") as err:
+        decode(encode(Hello(version=1, nonce=b"n", runner_digest=too_long)))
+    assert err.value.code == "malformed"
+    assert decode(encode(Hello(version=1, nonce=b"n"))) == Hello(
+        version=1, nonce=b"n", runner_digest=""
+    )
+    assert len(RunnerSetting(kind="subprocess", config={"command": ["x"]}).digest()) <= (
+        MAX_RUNNER_DIGEST_CHARS
+    )
 
 
 @pytest.mark.parametrize(

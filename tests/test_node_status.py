@@ -156,6 +156,29 @@ def test_self_testing_until_a_result_arrives() -> None:
     assert st.message == "self-testing its runner"
 
 
+def test_self_testing_again_after_a_hello_under_another_runner_setting() -> None:
+    """The worker restarted with a changed setting: its passed test was of the old one, so
+    it is self-testing (and placed nowhere new) until the new result, its slots still its."""
+    log = Log().master(T0, NodeConnected(node_id="node-a", runner_digest="0" * 64))
+    log.joined("node-a").add(
+        "node-a",
+        T0,
+        RunnerSelfTestCompleted(
+            node_id="node-a", runner_kind="simulated", passed=True, config_digest="0" * 64
+        ),
+    )
+    log.epoch(7, T0, T0 + 10 * MIN).placed("ds-7-chat", ["node-a"], epoch=7, ends_ms=T0 + 10 * MIN)
+    assert node_status(log.state, "node-a", T0).status is NodeState.SERVING
+    log.master(T0 + MIN, NodeConnected(node_id="node-a", runner_digest="1" * 64))
+    log.joined("node-a", T0 + MIN)
+    st = node_status(log.state, "node-a", T0 + MIN)
+    assert (st.status, st.message, st.slots) == (
+        NodeState.SELF_TESTING,
+        "self-testing its runner",
+        1,
+    )
+
+
 def test_test_failed_names_runner_and_reason() -> None:
     log = (
         Log()

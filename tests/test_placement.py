@@ -33,7 +33,11 @@ from cluster.master.planner import Planner, plan
 from cluster.shared.events import (
     DevshardFinalized,
     DevshardPlaced,
+    NodeConnected,
     NodeDisconnected,
+    NodeGatheredInfo,
+    NodeInfo,
+    RunnerSelfTestCompleted,
     SessionUnplaced,
     SlotAssignment,
 )
@@ -265,6 +269,47 @@ def test_never_places_on_an_ineligible_node(reason: str) -> None:
     (unplaced,) = of_type(events, SessionUnplaced)
     assert unplaced.session_id == "too-big"
     assert f"1 node(s) {reason}" in unplaced.reason
+
+
+def test_a_node_restarted_with_another_runner_setting_gets_nothing_until_it_passes_that_test() -> (
+    None
+):
+    """Its passed test was of the old setting: placing on it would serve a setting no test
+    has passed (if the new one fails, those slots fail, move and charge the node misses)."""
+    old, new = "0" * 64, "1" * 64
+    world = World()
+
+    def tested(digest: str) -> None:
+        world.add(
+            "x",
+            RunnerSelfTestCompleted(
+                node_id="x", runner_kind="simulated", passed=True, config_digest=digest
+            ),
+        )
+
+    world.master([NodeConnected(node_id="x", boot_id="b1", runner_digest=old)])
+    info = NodeInfo(hostname="x", slots=4, slot_memory_mb=16_384)
+    world.add("x", NodeGatheredInfo(node_id="x", source="static", info=info))
+    tested(old)
+    planner = Planner(CFG)
+    world.cycle(planner)  # the first epoch starts
+    # The worker restarts with another setting: its hello names it.
+    world.master([NodeConnected(node_id="x", boot_id="b2", runner_digest=new)])
+    world.session("s", slots=1)
+    world.heartbeat_all()
+    events = world.cycle(planner)
+    assert of_type(events, DevshardPlaced) == []
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert f"1 node(s) {NOT_SELF_TESTED}" in unplaced.reason
+    # The old process's result, delivered late from its outbox, changes nothing.
+    tested(old)
+    for _ in range(3):
+        world.heartbeat_all()
+        assert of_type(world.cycle(planner), DevshardPlaced) == []
+    tested(new)
+    world.heartbeat_all()
+    (placed,) = of_type(world.cycle(planner), DevshardPlaced)
+    assert placed.assignments == (SlotAssignment(0, "x"),)
 
 
 def test_full_memory_and_gpu_reasons_are_counted() -> None:

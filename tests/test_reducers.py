@@ -265,6 +265,65 @@ def test_a_hello_from_a_connected_node_moves_only_its_hello_index_and_boot_id() 
     assert s.nodes[A].connected and s.nodes[A].boot_id == "boot-3"
 
 
+OLD_SETTING, NEW_SETTING = "d" * 64, "e" * 64
+
+
+def _tested(log: Log, digest: str, *, passed: bool = True) -> State:
+    return log.add(
+        A,
+        RunnerSelfTestCompleted(
+            node_id=A, runner_kind="simulated", passed=passed, config_digest=digest
+        ),
+    )
+
+
+def test_a_hello_under_another_runner_setting_drops_the_nodes_self_test() -> None:
+    """The test was of a setting the worker no longer runs: the node is not self-tested
+    until the new setting's result arrives (a connected node restarted, or a rejoin)."""
+    log = Log()
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b1", runner_digest=OLD_SETTING))
+    s = _tested(log, OLD_SETTING)
+    assert s.nodes[A].self_test is not None
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b2", runner_digest=NEW_SETTING))
+    assert s.nodes[A].self_test is None and s.nodes[A].runner_digest == NEW_SETTING
+    s = _tested(log, NEW_SETTING)
+    test = s.nodes[A].self_test
+    assert test is not None and test.passed and test.config_digest == NEW_SETTING
+    # The same after a disconnect: the rejoining hello drops a test of another setting.
+    log.add(MASTER_ORIGIN, NodeDisconnected(node_id=A, reason="stale"))
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b3", runner_digest=OLD_SETTING))
+    assert s.nodes[A].connected and s.nodes[A].self_test is None
+
+
+@pytest.mark.parametrize("digest", [OLD_SETTING, ""], ids=["same setting", "no setting"])
+def test_a_hello_under_the_same_setting_or_none_keeps_the_self_test(digest: str) -> None:
+    """ "" is a worker without runners, or a log written before hellos named the setting:
+    such a log folds exactly as it did."""
+    log = Log()
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b1", runner_digest=OLD_SETTING))
+    tested = _tested(log, OLD_SETTING, passed=False).nodes[A].self_test
+    s = log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b2", runner_digest=digest))
+    assert s.nodes[A].self_test == tested and s.nodes[A].runner_digest == digest
+
+
+def test_a_self_test_of_a_setting_the_node_no_longer_runs_is_not_recorded() -> None:
+    """An earlier worker process's result, sent from its outbox after the hello of a process
+    with another setting, must not make the node eligible on a test of something else."""
+    log = Log()
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b1", runner_digest=OLD_SETTING))
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b2", runner_digest=NEW_SETTING))
+    s = _tested(log, OLD_SETTING)
+    assert s.nodes[A].self_test is None
+    assert s.last_event_index(A) == 3  # still the node's event: liveness moves
+    s = _tested(log, NEW_SETTING)
+    assert s.nodes[A].self_test is not None
+    # Without a setting named (no runners, an older log), any result is recorded.
+    log.add(MASTER_ORIGIN, NodeConnected(node_id=A, boot_id="b3"))
+    s = _tested(log, OLD_SETTING, passed=False)
+    test = s.nodes[A].self_test
+    assert test is not None and test.config_digest == OLD_SETTING and not test.passed
+
+
 def _on_slot(
     status: RunnerStatus, reason: str = "", node: str = A, slot: int = 0
 ) -> RunnerStatusUpdated:

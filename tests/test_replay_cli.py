@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cluster.cli import main
 from cluster.shared import codec
 from cluster.shared.apply import fold
+from cluster.shared.eventlog import EventLog
 from cluster.shared.events import (
     MASTER_ORIGIN,
     DevshardPlaced,
@@ -24,12 +26,13 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeHeartbeat,
     NodeInfo,
+    RunnerSelfTestCompleted,
     SessionRequested,
     SlotAssignment,
     WorkReported,
 )
 from cluster.shared.state import EMPTY_STATE
-from cluster.shared.store import EventStore
+from cluster.shared.store import LOG_DIR, EventStore
 
 T0 = 1_700_000_000_000
 
@@ -151,6 +154,35 @@ def test_a_log_with_times_past_year_9999_replays(
     (end,) = [ie.event.end_ms for ie in events if isinstance(ie.event, EpochStarted)]
     assert f"-> {end} ms since 1970-01-01 UTC (after year 9999))" in out
     assert out.splitlines()[-1] == f"digest: {codec.state_digest(fold(EMPTY_STATE, events))}"
+
+
+def test_a_log_from_before_hellos_named_the_runner_setting_replays_as_it_did(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its NodeConnected records have no runner_digest: they decode with "" and keep the
+    node's self-test, as the build that wrote them folded them."""
+    node = "12D3KooWNode0"
+    test = RunnerSelfTestCompleted(
+        node_id=node, runner_kind="simulated", passed=True, config_digest="d" * 64
+    )
+    old_hello = {"type": "NodeConnected", "node_id": node, "addr": "", "boot_id": "b1"}
+    raw = [
+        [1, T0, MASTER_ORIGIN, 1, old_hello],
+        [2, T0 + 1, node, 1, msgspec.to_builtins(test)],
+        [3, T0 + 2, MASTER_ORIGIN, 2, old_hello | {"boot_id": "b2"}],  # a restart
+    ]
+    records = [(r[0], msgspec.msgpack.encode(r)) for r in raw]
+    assert b"runner_digest" not in b"".join(data for _, data in records)
+    with EventLog.open(tmp_path / "data" / LOG_DIR) as event_log:
+        event_log.append(records)
+    events = [codec.decode_event(data) for _, data in records]
+    state = fold(EMPTY_STATE, events)
+    rec = state.nodes[node]
+    assert rec.runner_digest == "" and rec.boot_id == "b2"
+    assert rec.self_test is not None and rec.self_test.config_digest == "d" * 64
+    code, out, err = replay(capsys, str(tmp_path / "data"))
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"digest: {codec.state_digest(state)}"
 
 
 def test_until_and_no_snapshot_agree_with_a_fold(

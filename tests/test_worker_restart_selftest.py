@@ -1,4 +1,5 @@
-"""A worker restarted with a changed runner setting self-tests it before its runners start."""
+"""A worker restarted with a changed runner setting self-tests it before its runners start,
+and the master counts the node as not self-tested from its hello until that result."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from embedded_nodes import fast_master, fast_worker
 
 from cluster.control import SessionCreate
 from cluster.master.node import MasterNode
+from cluster.shared.apply import apply
 from cluster.shared.events import (
+    MASTER_ORIGIN,
+    NodeConnected,
     RunnerSelfTestCompleted,
     RunnerStatus,
     RunnerStatusUpdated,
 )
+from cluster.shared.state import EMPTY_STATE
 from cluster.worker.node import WorkerNode
 from cluster.worker.runners import RunnerSetting
 
@@ -98,7 +103,37 @@ async def test_a_changed_runner_setting_is_self_tested_before_any_runner_starts(
         assert order[0] == "test", order  # the test ended before any runner was created
         [result] = [e for e in after if isinstance(e, RunnerSelfTestCompleted)]
         assert result.passed and result.config_digest == NEW.digest()
+        assert_untested_from_the_new_hello_to_its_result(master, node)
     finally:
         for worker in workers:
             worker.close()
         master.close()
+
+
+def assert_untested_from_the_new_hello_to_its_result(master: MasterNode, node: str) -> None:
+    """Each hello names the setting; from the restarted worker's hello until its own result,
+    the master's state (its log folded, event by event) holds no self-test for the node, so
+    nothing is placed there on the strength of the old setting's test."""
+    state = EMPTY_STATE
+    hellos: list[str] = []
+    tested_new = False
+    for ie in master.store.read_from(1):
+        state = apply(state, ie)
+        ev = ie.event
+        if isinstance(ev, NodeConnected) and ev.node_id == node:
+            assert ie.origin == MASTER_ORIGIN
+            hellos.append(ev.runner_digest)
+        if isinstance(ev, RunnerSelfTestCompleted) and ev.config_digest == NEW.digest():
+            tested_new = True
+        if node not in state.nodes or not hellos:
+            continue
+        test = state.nodes[node].self_test
+        if hellos[-1] == OLD.digest():
+            # The first worker's stretch: its own test, once it arrived.
+            assert test is None or test.config_digest == OLD.digest()
+        elif not tested_new:
+            assert test is None, (ie.idx, test)  # between the new hello and its result
+        else:
+            assert test is not None and test.passed and test.config_digest == NEW.digest()
+    assert hellos[0] == OLD.digest() and hellos[-1] == NEW.digest() and tested_new
+    assert state == master.state

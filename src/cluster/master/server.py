@@ -604,7 +604,11 @@ class Master:
         self._members.add(peer)
 
         def connected(state: State, now: int) -> list[Event]:
-            events: list[Event] = [NodeConnected(node_id=peer, boot_id=hello.boot_id)]
+            events: list[Event] = [
+                NodeConnected(
+                    node_id=peer, boot_id=hello.boot_id, runner_digest=hello.runner_digest
+                )
+            ]
             if self.connect_hook is not None:
                 events += self.connect_hook(state, peer, hello.boot_id, now)
             return events

@@ -43,7 +43,9 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #:    8): an older worker would fold the same log to a different state.
 #: 8: `State.last_nodes_by_session` holds the node of each slot, and a node's cancelled
 #:    maintenance windows leave State before its completed ones: an older worker would fold
-#:    the same log to a different state.
+#:    the same log to a different state. Also `Hello.runner_digest`, logged in NodeConnected
+#:    and kept in NodeRecord.runner_digest: a hello under another runner setting than the
+#:    node's recorded self-test clears that test (an older worker would keep it).
 PROTOCOL_VERSION: Final = 8
 
 
@@ -53,6 +55,8 @@ class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
 
 #: Longest `Hello.boot_id` accepted (workers send 16 hex digits).
 MAX_BOOT_ID_CHARS: Final = 64
+#: Longest `Hello.runner_digest` accepted (workers send 64 hex digits: BLAKE2b-256).
+MAX_RUNNER_DIGEST_CHARS: Final = 128
 
 
 class Hello(Msg, frozen=True):
@@ -63,6 +67,12 @@ class Hello(Msg, frozen=True):
     #: a maintenance window on it). Defaulted so that the message still decodes without it.
     #: Bounded: it is logged (NodeConnected) and kept in State, and every replica reads it.
     boot_id: Annotated[str, msgspec.Meta(max_length=MAX_BOOT_ID_CHARS)] = ""
+    #: The digest of the worker's runner setting (`RunnerSetting.digest()`: its kind and
+    #: config), "" for a worker that runs no runners. The master logs it in NodeConnected,
+    #: whose reducer drops the node's self-test if it was of another setting: until the new
+    #: setting's result arrives the node is not self-tested, and nothing is placed there.
+    #: Bounded like `boot_id`: it is logged and kept in State.
+    runner_digest: Annotated[str, msgspec.Meta(max_length=MAX_RUNNER_DIGEST_CHARS)] = ""
 
 
 class Challenge(Msg, frozen=True):

@@ -122,6 +122,10 @@ class NodeConnected(_Event, frozen=True):
     addr: str = ""
     #: The worker process's `Hello.boot_id` ("" in logs written before boot ids).
     boot_id: str = ""
+    #: The worker's `Hello.runner_digest`: the digest of the runner setting it runs now
+    #: (`RunnerSelfTestCompleted.config_digest` of a test of that setting). "" for a worker
+    #: without runners and in logs written before it: then the node's self-test is kept.
+    runner_digest: str = ""
 
 
 class NodeDisconnected(_Event, frozen=True):

@@ -40,7 +40,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    snapshot would be refused) and DevshardRecord.assigned_ms.
 #: 9: State.last_nodes_by_session holds the node of each slot (`DevshardRecord.holders`),
 #:    not the sorted set of nodes, and a node's cancelled windows are dropped before its
-#:    completed ones: an older snapshot's state would differ from a refold's.
+#:    completed ones: an older snapshot's state would differ from a refold's. Also
+#:    NodeRecord.runner_digest (every NodeConnected sets it; a hello under another runner
+#:    setting drops the node's self-test, a test of another setting is not recorded).
 SNAPSHOT_VERSION: Final = 9
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")

@@ -82,6 +82,11 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     #: Boot id of the worker process behind that hello (`NodeConnected.boot_id`): a later
     #: hello under another one is a restarted worker, under the same one a redial.
     boot_id: str = ""
+    #: The runner setting that worker process announced (`NodeConnected.runner_digest`), ""
+    #: if none. `self_test`, when set, is a test of this setting (or of any, when ""): a
+    #: hello under another setting drops the test, and a result of another setting (one an
+    #: earlier process left in its outbox) is not recorded.
+    runner_digest: str = ""
     self_test: SelfTestResult | None = None
 
 

@@ -140,7 +140,10 @@ class Worker:
         config: WorkerConfig | None = None,
         *,
         key_pair: Any = None,
+        runner_digest: str = "",
     ) -> None:
+        """`runner_digest`: the digest of the runner setting this worker runs
+        (`RunnerSetting.digest()`), "" if it runs none; sent in every hello."""
         self.data_dir = data_dir
         self.master_addr = nethost.parse_multiaddr(master_addr, need_peer=True)
         self.config = config or WorkerConfig()
@@ -155,6 +158,9 @@ class Worker:
         #: New for each worker process, sent in every hello: the master tells a restarted
         #: worker (ends its maintenance window) from this one re-dialling.
         self.boot_id = secrets.token_hex(8)
+        #: Sent in every hello: a node whose recorded self-test is of another setting is
+        #: not self-tested from that hello on (until this setting's result arrives).
+        self.runner_digest = runner_digest
         self.outbox = Outbox.open(data_dir / "outbox")
         self._state: State = EMPTY_STATE
         self._listeners: list[StateListener] = []
@@ -429,7 +435,12 @@ class Worker:
         fs = await nethost.open_stream(host, peer, HELLO_PROTOCOL, cfg.connect_timeout)
         try:
             nonce = new_nonce()
-            hello = Hello(version=PROTOCOL_VERSION, nonce=nonce, boot_id=self.boot_id)
+            hello = Hello(
+                version=PROTOCOL_VERSION,
+                nonce=nonce,
+                boot_id=self.boot_id,
+                runner_digest=self.runner_digest,
+            )
             await fs.send(hello, cfg.peer_timeout)
             try:
                 challenge = expect(await fs.recv(cfg.peer_timeout), Challenge)

@@ -93,7 +93,10 @@ class WorkerNode:
             if config.info is not None
             else None
         )
-        self.worker = worker = Worker(data_dir, master_addr, config.client)
+        # Its hello names the runner setting, so that the master stops counting a self-test
+        # of another setting (this worker restarted with a changed one) from that hello on.
+        digest = config.runner.digest() if config.runner is not None else ""
+        self.worker = worker = Worker(data_dir, master_addr, config.client, runner_digest=digest)
         try:
             self.gatherer: InfoGatherer | None = None
             if sources is not None:

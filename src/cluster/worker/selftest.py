@@ -3,7 +3,9 @@
 It builds one runner for a throw-away slot, loads it, probes its health, sends it one probe
 request, checks it is still up a moment later (`survive_s`), and stops it, timing each step
 (monotonic clock: these are measurements that travel inside the event, never decisions). A
-node is eligible for placement only once its latest `RunnerSelfTestCompleted` passed. On
+node is eligible for placement only once its latest `RunnerSelfTestCompleted` passed, for the
+setting its worker's hello named (`Hello.runner_digest`: a hello under another setting drops
+the recorded test, see `reducers.nodes.ensure_node`). On
 failure the reason names the step and why, e.g. "health probe timed out after 5s" or "load:
 model file not found".
 

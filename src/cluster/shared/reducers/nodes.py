@@ -79,7 +79,12 @@ def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: i
 
 
 def new_record(
-    node_id: str, slot: int, ie: IndexedEvent, hello_idx: int = 0, boot_id: str = ""
+    node_id: str,
+    slot: int,
+    ie: IndexedEvent,
+    hello_idx: int = 0,
+    boot_id: str = "",
+    runner_digest: str = "",
 ) -> NodeRecord:
     """The record of a node the state meets for the first time, connected by `ie`."""
     mid, leaf, offset = address(slot)
@@ -95,20 +100,31 @@ def new_record(
         joined_ms=ie.master_time_ms,
         hello_idx=hello_idx,
         boot_id=boot_id,
+        runner_digest=runner_digest,
     )
 
 
-def ensure_node(state: State, node_id: str, ie: IndexedEvent, boot_id: str) -> State:
+def ensure_node(
+    state: State, node_id: str, ie: IndexedEvent, boot_id: str, runner_digest: str = ""
+) -> State:
     """The node exists and is connected: the master saw it (re)connect (a hello) from the
-    worker process `boot_id`.
+    worker process `boot_id`, running the runner setting `runner_digest` ("" if unknown).
 
     A node that was connected already (it reconnected before anyone noticed it gone) keeps
-    its connected stretch (`joined_*`); only `hello_idx` and `boot_id` move.
+    its connected stretch (`joined_*`); only `hello_idx`, `boot_id` and `runner_digest` move.
+    A self-test of another setting than `runner_digest` is dropped (`_untested_if_changed`).
     """
     rec = state.nodes.get(node_id)
     if rec is None:
         # Known to the master before it spoke: no event of its own yet.
-        rec = new_record(node_id, len(state.nodes), ie, hello_idx=ie.idx, boot_id=boot_id)
+        rec = new_record(
+            node_id,
+            len(state.nodes),
+            ie,
+            hello_idx=ie.idx,
+            boot_id=boot_id,
+            runner_digest=runner_digest,
+        )
     elif not rec.connected:
         rec = _replace(
             rec,
@@ -117,10 +133,29 @@ def ensure_node(state: State, node_id: str, ie: IndexedEvent, boot_id: str) -> S
             joined_ms=ie.master_time_ms,
             hello_idx=ie.idx,
             boot_id=boot_id,
+            runner_digest=runner_digest,
+            self_test=_untested_if_changed(rec.self_test, runner_digest),
         )
     else:
-        rec = _replace(rec, hello_idx=ie.idx, boot_id=boot_id)
+        rec = _replace(
+            rec,
+            hello_idx=ie.idx,
+            boot_id=boot_id,
+            runner_digest=runner_digest,
+            self_test=_untested_if_changed(rec.self_test, runner_digest),
+        )
     return _replace(state, nodes=state.nodes.set(node_id, rec))
+
+
+def _untested_if_changed(test: SelfTestResult | None, runner_digest: str) -> SelfTestResult | None:
+    """The node's self-test, or None when the worker now runs another setting than the one it
+    tested: until that setting's own result arrives the node counts as not self-tested, so
+    the planner places nothing there on the strength of a test of something else. The
+    digest covers the kind as well as the config (`config_digest`). "" (a worker without
+    runners, a log written before hellos carried the setting) keeps the test."""
+    if test is None or not runner_digest or test.config_digest == runner_digest:
+        return test
+    return None
 
 
 def node_gathered_info(state: State, ie: IndexedEvent, ev: NodeGatheredInfo) -> State:
@@ -139,7 +174,7 @@ def node_heartbeat(state: State, ie: IndexedEvent, ev: NodeHeartbeat) -> State:
 
 
 def node_connected(state: State, ie: IndexedEvent, ev: NodeConnected) -> State:
-    return ensure_node(state, ev.node_id, ie, ev.boot_id)
+    return ensure_node(state, ev.node_id, ie, ev.boot_id, ev.runner_digest)
 
 
 def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> State:
@@ -171,6 +206,11 @@ def runner_self_test_completed(
 ) -> State:
     rec = state.nodes.get(ev.node_id)
     if rec is None:
+        return state
+    if rec.runner_digest and ev.config_digest != rec.runner_digest:
+        # A test of a setting the node no longer runs: an earlier worker process's result,
+        # delivered from its outbox after the hello of a process with another setting. Kept,
+        # it would make the node eligible on a test of something else.
         return state
     result = SelfTestResult(
         runner_kind=ev.runner_kind,
