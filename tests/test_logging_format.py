@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from cluster_procs import Proc, start_master, wait_until
 
 #: `%(asctime)s %(levelname)s %(name)s: %(message)s`
 OUR_FORMAT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) \S+: ")
@@ -33,6 +35,11 @@ SCRIPT = textwrap.dedent(
     # py-libp2p sets this one to INFO itself: a level on "libp2p" cannot hold it back.
     logging.getLogger("libp2p.network.auto_connector").info("auto connector info line")
     logging.getLogger("multiaddr").info("multiaddr info line")
+    # py-libp2p's records of a failed dial, as it logs them (demoted to DEBUG).
+    logging.getLogger("libp2p.transport.tcp.tcp").error("Failed to open TCP stream: %s", "x")
+    logging.getLogger("libp2p.network.swarm").error(
+        "failed to upgrade security for peer %s: %s", "12D3KooW", "handshake failed"
+    )
     logging.getLogger("cluster.worker.client").info("our info line")
     logging.getLogger("cluster.worker.client").debug("our debug line")
     warnings.warn("a library warning", UserWarning, stacklevel=1)
@@ -55,13 +62,15 @@ def _run(level: str, **env: str) -> list[str]:
 
 
 def test_libp2p_lines_come_out_in_our_format_and_its_chatter_stays_out() -> None:
+    """Its dial failures included: the worker's own INFO line says the master is unreachable
+    and why (below), every other py-libp2p ERROR and WARNING still shows."""
     lines = _run("INFO", LIBP2P_DEBUG="")
     assert [line for line in lines if not OUR_FORMAT.match(line)] == []
     assert [line.split(" ", 2)[2] for line in lines] == [
         "ERROR libp2p.network.swarm: libp2p error line",
         "WARNING libp2p.network.swarm: libp2p warning line",
         "INFO cluster.worker.client: our info line",
-        "WARNING py.warnings: UserWarning: a library warning (<string>:16)",
+        "WARNING py.warnings: UserWarning: a library warning (<string>:21)",
     ]
 
 
@@ -85,6 +94,58 @@ def test_libp2p_debug_env_still_shows_what_it_asks_for_in_our_format() -> None:
     text = "\n".join(lines)
     assert " DEBUG libp2p.network.swarm: libp2p debug line" in text
     assert " INFO libp2p.network.swarm: libp2p info line" in text
+    # A dial failure it names at DEBUG shows, as DEBUG; one on a logger it leaves alone not.
+    assert " DEBUG libp2p.network.swarm: failed to upgrade security for peer 12D3KooW" in text
+    assert "Failed to open TCP stream" not in text
     assert "multiaddr info line" not in text
     # Each record once: py-libp2p's own handler (its format) is gone, ours prints it.
     assert text.count("libp2p debug line") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["closed port", "wrong peer id"])
+def test_a_worker_retrying_its_master_logs_one_line_per_retry(target: str, tmp_path: Path) -> None:
+    """py-libp2p logged every failed attempt at ERROR, four attempts per dial ("Failed to open
+    TCP stream", or "failed to upgrade security for peer" for a wrong peer id), beside the
+    worker's own INFO "master at ... unreachable (...); retrying in N s". That line alone
+    remains, and names the reason py-libp2p's lines gave."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    wrong_id = "12D3KooWGzh3y4rZ5g7b6jz9cTzKs3dZnmpKq1z3Ku9tXbq6Tx7E"
+    master = None
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        if target == "closed port":
+            addr = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}/p2p/{wrong_id}"
+            reason = "ConnectionRefusedError: "
+        else:
+            master, real = start_master(tmp_path / "master", logs, "--http", "off")
+            addr = real.rsplit("/p2p/", 1)[0] + f"/p2p/{wrong_id}"
+            reason = "PeerIDMismatchesPubkey: peer id does not correspond to the received pubkey"
+        worker = Proc(
+            "worker",
+            [
+                "worker",
+                "--data-dir",
+                str(tmp_path / "w"),
+                "--master",
+                addr,
+                "--no-info",
+                "--no-runners",
+            ],
+            logs,
+        )
+        try:
+            wait_until(
+                lambda: worker.log_text().count(" unreachable (") >= 3 or worker.popen.poll(),
+                60,
+                "three retries",
+            )
+        finally:
+            codes = [worker.stop()] + ([master.stop()] if master is not None else [])
+    assert codes == [0] * len(codes), codes
+    lines = worker.log_text().splitlines()
+    logged = [line for line in lines if OUR_FORMAT.match(line)]
+    assert [line for line in logged if " INFO " not in line] == [], lines
+    retries = [line for line in logged if " unreachable (" in line]
+    assert len(retries) >= 3 and all(reason in line for line in retries), retries

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 import anyio
 
@@ -34,6 +34,32 @@ LIBRARY_LOGGERS = (
     "httpcore",
     "urllib3",
 )
+
+
+#: py-libp2p's records of a failed outbound dial, as (logger, message template): it logs each
+#: at ERROR, once per attempt and four attempts per dial, so a worker whose master is down,
+#: or that names the wrong peer id, printed four ERROR lines every retry beside its own INFO
+#: line "master at ... unreachable (<why>); retrying in N s", which already says it. These
+#: are demoted to DEBUG (shown only when `LIBP2P_DEBUG` sets that logger to DEBUG); every
+#: other py-libp2p record at WARNING or above still shows. Matched on the template, not the
+#: text: a message py-libp2p words differently in another release shows again, never hides.
+LIBP2P_DIAL_FAILURES: Final = frozenset(
+    {
+        ("libp2p.transport.tcp.tcp", "Failed to open TCP stream: %s"),
+        ("libp2p.network.swarm", "failed to upgrade security for peer %s: %s"),
+    }
+)
+
+
+class _DemoteDialFailures(logging.Filter):
+    """Turns py-libp2p's dial-failure records (`LIBP2P_DIAL_FAILURES`) into DEBUG records,
+    dropped unless their logger is enabled for DEBUG. Runs before `_LibraryFloor`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.name, record.msg) not in LIBP2P_DIAL_FAILURES:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class _LibraryFloor(logging.Filter):
@@ -71,6 +97,7 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     libp2p_debug = bool(os.environ.get("LIBP2P_DEBUG", "").strip())
     floored = tuple(n for n in LIBRARY_LOGGERS if not (libp2p_debug and n == "libp2p"))
+    handler.addFilter(_DemoteDialFailures())
     handler.addFilter(_LibraryFloor(floored, library_floor))
     logging.basicConfig(level=numeric, handlers=[handler], force=True)
     for name, logger in list(logging.root.manager.loggerDict.items()):

@@ -24,6 +24,7 @@ import multiaddr
 from libp2p import new_host
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmDialAllFailedError
 from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -195,6 +196,29 @@ async def dial(host: Any, addr: Any, timeout: float) -> Any:
     with anyio.fail_after(timeout):
         await host.connect(info)
     return info.peer_id
+
+
+def dial_failure(exc: BaseException) -> BaseException:
+    """What a failed dial comes down to: for py-libp2p's "unable to connect to <peer>, no
+    addresses established a successful connection", the innermost cause of its last attempt
+    (`ConnectionRefusedError: [Errno 111] ...`, or `PeerIDMismatchesPubkey: ...` when the
+    multiaddr names the wrong peer id); any other error as it is. The logs say that
+    instead of py-libp2p's own ERROR lines per attempt, which the commands hide."""
+    if not isinstance(exc, SwarmDialAllFailedError):
+        return exc
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        errors = getattr(exc, "errors", None)  # libp2p's MultiError: one per address tried
+        if isinstance(errors, list | tuple) and errors and isinstance(errors[-1], BaseException):
+            exc = errors[-1]
+        elif isinstance(exc, BaseExceptionGroup):  # trio's "all attempts to connect failed"
+            exc = exc.exceptions[-1]
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
 
 
 async def open_stream(host: Any, peer_id: Any, protocol: str, timeout: float) -> FramedStream:

@@ -704,5 +704,6 @@ def _refusal_in(exc: BaseException) -> BatchRefused | None:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
+    exc = nethost.dial_failure(exc)
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if str(exc) else text
