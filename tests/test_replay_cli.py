@@ -246,3 +246,50 @@ def test_real_entry_point_with_progress_bar_and_no_libp2p(data_dir: Path) -> Non
         timeout=60,
     )
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
+
+
+@pytest.mark.parametrize("mode", ["--json", "--digest", "summary"])
+def test_warnings_are_one_prefixed_line_each_on_stderr(data_dir: Path, mode: str) -> None:
+    """A torn tail and an unusable snapshot were logged with no logging set up: logging's
+    last-resort handler printed them as bare lines. Now each is one line on stderr like the
+    command's errors, and stdout holds only the output (JSON or the digest, parseable)."""
+    newest = max((data_dir / "snapshots").glob("*.snap"))
+    data = bytearray(newest.read_bytes())
+    data[20:24] = b"XXXX"  # its header: unusable, an older snapshot is used
+    newest.write_bytes(bytes(data))
+    seg = next((data_dir / "log").glob("*.seg"))
+    with seg.open("ab") as f:
+        f.write(b"garbage")  # a torn tail: ignored (the log is opened read-only)
+    args = [] if mode == "summary" else [mode]
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster", "replay", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    err = out.stderr.splitlines()
+    warnings = [line for line in err if not line.startswith("digest: ")]
+    assert len(warnings) == 2, err
+    assert all(line.startswith("cluster replay: warning: ") for line in warnings), err
+    assert "torn tail in" in warnings[0] and f"{newest} is unusable" in warnings[1], err
+    expected = codec.state_digest(fold(EMPTY_STATE, build_log()))
+    if mode == "--json":
+        assert json.loads(out.stdout)["last_applied"] == 13
+        assert err[-1] == f"digest: {expected}"
+    elif mode == "--digest":
+        assert out.stdout == expected + "\n"
+    else:
+        assert out.stdout.splitlines()[-1] == f"digest: {expected}"
+        assert "from the snapshot at" in out.stdout
+
+
+def test_a_logged_line_break_stays_on_its_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from cluster.commands._process import setup_command_logging
+
+    setup_command_logging("replay")
+    logging.getLogger("cluster.shared.eventlog").warning("two\nlines")
+    logging.getLogger("cluster.shared.eventlog").info("not shown")
+    assert capsys.readouterr() == ("", "cluster replay: warning: two\\nlines\n")

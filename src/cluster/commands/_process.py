@@ -1,4 +1,4 @@
-"""Helpers shared by the long-running commands (master, worker, demo): logging and signals."""
+"""Helpers shared by the commands: logging (long-running ones and `cluster replay`), signals."""
 
 from __future__ import annotations
 
@@ -107,6 +107,32 @@ def setup_logging(level: str) -> None:
             logger.propagate = True
     if not libp2p_debug:
         logging.getLogger("libp2p").setLevel(library_floor)
+    warnings.showwarning = _log_warning
+
+
+class _CommandLineFormatter(logging.Formatter):
+    """`cluster replay: warning: <message>`: the prefix a command's own error lines carry,
+    the level in lower case, the record on one line (a line break shown as `\\n`)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self._command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)  # the message, and a traceback if the record has one
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+        return f"cluster {self._command}: {record.levelname.lower()}: {text}"
+
+
+def setup_command_logging(command: str) -> None:
+    """For a command that prints its results (`cluster replay`): what the code it runs logs
+    at WARNING and up (a torn log tail ignored, an unusable snapshot skipped) comes out on
+    stderr as `cluster <command>: warning: ...`, one line each, like the command's own error
+    lines; stdout keeps only its output. Without it such records reached stderr through
+    logging's last-resort handler as bare messages."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CommandLineFormatter(command))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     warnings.showwarning = _log_warning
 
 

@@ -130,10 +130,12 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so `cluster --help` stays fast; none of this imports libp2p.
+    from cluster.commands._process import setup_command_logging
     from cluster.shared.eventlog import EventLog
     from cluster.shared.snapshots import SnapshotStore
     from cluster.shared.store import restore
 
+    setup_command_logging("replay")  # warnings (a torn tail, a bad snapshot): one line each
     err = sys.stderr
     if args.until is not None and args.until < 0:
         print(f"cluster replay: error: --until {args.until} must be >= 0", file=err)
