@@ -273,3 +273,24 @@ def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(
     monkeypatch.setattr(selfcheck, "run", broken)
     with pytest.raises(BaseExceptionGroup):  # a real error is not hidden as an interrupt
         cli.main(["selfcheck"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["session", "list"], "cluster session: no control socket at {tmp}/control.sock: "),
+        (["session", "delete", "s1"], "cluster session: no control socket at {tmp}/control.sock"),
+        (["maintenance", "next"], "cluster maintenance: no control socket at {tmp}/control.sock"),
+        (
+            ["maintenance", "check", "--in", "5x", "--duration", "1h"],
+            "cluster maintenance: '5x': unknown unit 'x'",
+        ),
+    ],
+)
+def test_session_and_maintenance_errors_name_the_command(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They began `error: ...` where every other command's begin `cluster <command>: `."""
+    assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(tmp=tmp_path)) and err.count("\n") == 1, err

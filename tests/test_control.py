@@ -198,7 +198,7 @@ def test_a_control_socket_that_is_not_ours_is_one_line(
         assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert err.startswith(f"error: {path} is not a cluster control socket: {why}"), err
+    assert err.startswith(f"cluster {argv[0]}: {path} is not a cluster control socket: {why}"), err
     assert "\x1b" not in err
 
 
@@ -209,25 +209,26 @@ def test_a_control_socket_path_that_is_no_socket_or_a_dead_one_is_named(
     path.mkdir()
     assert cli.main(["session", "--data-dir", str(tmp_path), "list"]) == 2
     assert capsys.readouterr().err == (
-        f"error: {path} is not a cluster control socket: it is a directory, not a socket\n"
+        f"cluster session: {path} is not a cluster control socket: it is a directory, not a "
+        "socket\n"
     )
     path.rmdir()
     path.write_text("")
     assert cli.main(["session", "--data-dir", str(tmp_path), "list"]) == 2
     assert capsys.readouterr().err == (
-        f"error: {path} is not a cluster control socket: it is a file, not a socket\n"
+        f"cluster session: {path} is not a cluster control socket: it is a file, not a socket\n"
     )
     path.unlink()
     with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: a stopped process's
         dead.bind(str(path))
         assert cli.main(["maintenance", "--data-dir", str(tmp_path), "next"]) == 2
     assert capsys.readouterr().err == (
-        f"error: nothing listens on {path} (left by a process that stopped?): "
+        f"cluster maintenance: nothing listens on {path} (left by a process that stopped?): "
         f"is a master or worker running with --data-dir {tmp_path}?\n"
     )
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     assert cli.main(["session", "--data-dir", str(not_a_dir), "list"]) == 2
     assert capsys.readouterr().err == (
-        f"error: cannot use {not_a_dir}/control.sock: Not a directory\n"
+        f"cluster session: cannot use {not_a_dir}/control.sock: Not a directory\n"
     )

@@ -29,12 +29,17 @@ def data_dir(args: argparse.Namespace) -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data"))
 
 
+def say_error(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr, `cluster session: <message>`, as every command starts its own."""
+    print(f"cluster {args.command}: {message}", file=sys.stderr)
+
+
 def send(args: argparse.Namespace, request: Request) -> Reply | None:
     """Send a request; on a transport problem say what to do and return None."""
     try:
         return call_sync(data_dir(args), request)
     except ControlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(args, str(exc))
         return None
 
 

@@ -8,9 +8,8 @@ authenticated connection, so the master knows which node asks. Run on the master
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cluster.commands._control_cli import add_data_dir, finish, send
+from cluster.commands._control_cli import add_data_dir, finish, say_error, send
 from cluster.control import (
     MaintenanceCancel,
     MaintenanceCheck,
@@ -61,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = build_request(args)
     except DurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(args, str(exc))
         return 2
     return finish(send(args, request))
