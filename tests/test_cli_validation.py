@@ -38,7 +38,7 @@ def test_data_dir_that_is_a_file_is_refused(
         (["--http", "nonsense"], "expected HOST:PORT"),
         (["--plan-interval", "0"], "--plan-interval must be a finite number > 0"),
         (["--plan-interval", "inf"], "--plan-interval must be a finite number > 0, got inf"),
-        (["--peer-timeout", "nan"], "--peer-timeout must be a finite number > 0, got nan"),
+        (["--peer-timeout", "nan"], "--peer-timeout must be 3..86400 seconds, got nan"),
         # Not "epoch_length_ms must be at least plan_interval_ms (1000000000000...)":
         (
             ["--plan-interval", "1e300"],
@@ -51,6 +51,30 @@ def test_master_options_are_validated(
 ) -> None:
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # Bounded like the worker's (one check, _process.PEER_TIMEOUT_S).
+        (["--peer-timeout", "1e300"], "--peer-timeout must be 3..86400 seconds, got 1e+300"),
+        (["--peer-timeout", "2"], "--peer-timeout must be 3..86400 seconds, got 2.0"),
+        # The config file's check (config.check_stale_cycles), naming the flag.
+        (["--stale-cycles", str(10**18)], f"--stale-cycles must be at most 10,000, got {10**18}"),
+        (["--stale-cycles", "10001"], "--stale-cycles must be at most 10,000, got 10001"),
+        (["--stale-cycles", "0"], "--stale-cycles must be >= 1, got 0"),
+    ],
+)
+def test_master_bounds_are_checked_before_anything_starts(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--peer-timeout 1e300` and `--stale-cycles 10**18` were accepted. A bad --http after
+    them is checked later: accepted, they would be refused for it instead (not hang here
+    running a master)."""
+    argv = ["master", "--data-dir", str(tmp_path / "m"), *argv, "--http", "nonsense"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"cluster master: {message}\n", err
 
 
 @pytest.mark.parametrize(
@@ -118,6 +142,15 @@ def test_master_config_file_errors_name_the_setting(
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "stale_cycles" in err and str(config) in err
+    # The same bound as --stale-cycles: one check for both. (A bad --http is checked after the
+    # file: were the value accepted, the master would be refused for it rather than run.)
+    config.write_text("[planner]\nstale_cycles = 10001\n")
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]
+    assert cli.main([*argv, "--http", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{config} [planner]: " in err and "stale_cycles must be at most 10,000, got 10001" in err
+    )
     config.write_text("[planer]\n")
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
     assert "unknown table(s) planer" in capsys.readouterr().err
@@ -283,7 +316,24 @@ def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(
         (["maintenance", "next"], "cluster maintenance: no control socket at {tmp}/control.sock"),
         (
             ["maintenance", "check", "--in", "5x", "--duration", "1h"],
-            "cluster maintenance: '5x': unknown unit 'x'",
+            "cluster maintenance: --in '5x': unknown unit 'x'",
+        ),
+        # "-2h" was taken for an option: "argument --in: expected one argument".
+        (
+            ["maintenance", "schedule", "--in", "-2h", "--duration", "1h"],
+            "cluster maintenance: --in '-2h': a duration cannot be negative",
+        ),
+        (
+            ["maintenance", "check", "--in=-2h", "--duration", "1h"],
+            "cluster maintenance: --in '-2h': a duration cannot be negative",
+        ),
+        (
+            ["maintenance", "check", "--in", "2h", "--duration", "-30m"],
+            "cluster maintenance: --duration '-30m': a duration cannot be negative",
+        ),
+        (
+            ["maintenance", "check", "--at", "tomorrow", "--duration", "1h"],
+            "cluster maintenance: --at 'tomorrow': not an ISO 8601 time",
         ),
     ],
 )

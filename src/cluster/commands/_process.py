@@ -17,6 +17,20 @@ from cluster.shared.files import make_dirs_durably
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+#: `--peer-timeout` of `cluster master` and `cluster worker`: seconds a peer may stay silent
+#: before its connection is given up. It must outlast a few of the 1 s keepalives both sides
+#: send when idle, or an idle connection is dropped between two of them; a day is far longer
+#: than any useful deadline (1e300 meant "never notice a dead peer").
+PEER_TIMEOUT_S: Final = (3.0, 86400.0)
+
+
+def check_seconds(flag: str, value: float, bounds: tuple[float, float]) -> None:
+    """ValueError naming `flag` unless `value` lies in `bounds` (nan and inf never do)."""
+    low, high = bounds
+    if not low <= value <= high:  # nan fails both comparisons
+        raise ValueError(f"{flag} must be {low:g}..{high:g} seconds, got {value}")
+
+
 #: Every log line the commands print, ours and the libraries', has this one format.
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -8,6 +8,8 @@ authenticated connection, so the master knows which node asks. Run on the master
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
 
 from cluster.commands._control_cli import add_data_dir, finish, say_error, send
 from cluster.control import (
@@ -22,6 +24,11 @@ from cluster.shared.durations import DurationError, parse_duration, parse_time
 
 
 def _window_args(p: argparse.ArgumentParser) -> None:
+    # `--in -2h` took "-2h" for an option ("argument --in: expected one argument"): argparse
+    # 3.11 reads an argument starting with "-" as a value only if it is a plain number. From
+    # Python 3.13 every "-<digit>..." is (this parser has no option that looks like one);
+    # here too, so the value reaches its check and is refused by name, like `--in=-2h`.
+    p._negative_number_matcher = re.compile(r"-\.?\d")
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--in", dest="in_", metavar="DURATION", help="start after, e.g. 12h35m20s")
     when.add_argument("--at", metavar="TIME", help="start at an ISO time, e.g. 2026-11-23T02:00Z")
@@ -40,13 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--window", default="", help="window id (default: the node's open one)")
 
 
+def _parsed(flag: str, parse: Callable[[str], int], text: str) -> int:
+    try:
+        return parse(text)
+    except DurationError as exc:
+        raise DurationError(f"{flag} {exc}") from None
+
+
 def build_request(args: argparse.Namespace) -> Request:
-    """The request for the command line; raises DurationError with what to change."""
+    """The request for the command line; raises DurationError naming the flag and saying
+    what to change (`--in '-2h': a duration cannot be negative; ...`)."""
     node = args.node
     if args.action in ("schedule", "check"):
-        duration = parse_duration(args.duration)
-        in_ms = parse_duration(args.in_) if args.in_ is not None else None
-        start = parse_time(args.at) if args.at is not None else None
+        duration = _parsed("--duration", parse_duration, args.duration)
+        in_ms = _parsed("--in", parse_duration, args.in_) if args.in_ is not None else None
+        start = _parsed("--at", parse_time, args.at) if args.at is not None else None
         cls = MaintenanceSchedule if args.action == "schedule" else MaintenanceCheck
         return cls(start_ms=start, in_ms=in_ms, duration_ms=duration, node_id=node)
     if args.action == "next":

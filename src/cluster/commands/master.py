@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epoch-length", metavar="DURATION", help="epoch length, e.g. 10m (overrides --config)"
     )
     parser.add_argument(
-        "--stale-cycles", type=int, metavar="K", help="idle cycles before a node is disconnected"
+        "--stale-cycles",
+        type=int,
+        metavar="K",
+        help="idle cycles before a node is disconnected, 1..10000 (default 3; overrides --config)",
     )
     parser.add_argument(
         "--http",
@@ -63,7 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-token-file", type=Path, help="token required when --http is not loopback"
     )
-    parser.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="3..86400 (default 10): a worker silent this long is dropped",
+    )
     parser.add_argument("--snapshot-every", type=int, default=100_000, metavar="EVENTS")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
 
@@ -81,7 +90,7 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
     """
     import msgspec
 
-    from cluster.master.config import PlannerConfig
+    from cluster.master.config import PlannerConfig, check_stale_cycles
     from cluster.shared.durations import MAX_DURATION_MS, parse_duration
 
     overrides: dict[str, int] = {}
@@ -98,6 +107,7 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
     if args.epoch_length is not None:
         overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
     if args.stale_cycles is not None:
+        check_stale_cycles(args.stale_cycles, "--stale-cycles")  # the file's check, by flag
         overrides["stale_cycles"] = args.stale_cycles
     return PlannerConfig.from_mapping({**msgspec.to_builtins(file_cfg), **overrides})
 
@@ -106,7 +116,13 @@ def run(args: argparse.Namespace) -> int:
     import anyio
 
     from cluster import control
-    from cluster.commands._process import prepare_data_dir, setup_logging, stop_on_signal
+    from cluster.commands._process import (
+        PEER_TIMEOUT_S,
+        check_seconds,
+        prepare_data_dir,
+        setup_logging,
+        stop_on_signal,
+    )
     from cluster.master.http_api import HttpApiConfigError
     from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
@@ -129,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir
     try:
         prepare_data_dir(args.data_dir)
-        _positive("--peer-timeout", args.peer_timeout)
+        check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
         _positive("--snapshot-every", args.snapshot_every)
         parse_listen_multiaddr(args.listen)
         file_cfg, policy = load_settings(args.config)

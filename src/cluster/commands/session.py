@@ -17,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--gpu", action="store_true", help="slots need a GPU")
     create.add_argument("--name", default="", help="a short name (letters, digits, . _ -)")
     create.add_argument(
-        "--reward-per-unit", type=int, default=1, help="reward per work unit (default 1)"
+        "--reward-per-unit",
+        type=int,
+        default=1,
+        help="reward per work unit, 0..1048576 (default 1; 0: the session pays nothing, its "
+        "work still earns maintenance credit and its misses still count)",
     )
     lst = sub.add_parser("list", help="list sessions")
     lst.add_argument("--json", action="store_true")

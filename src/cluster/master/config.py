@@ -8,12 +8,25 @@ to every `plan()` call. Nothing here travels in events: decisions carry their ow
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from cluster.shared.durations import DAY_MS, MAX_DURATION_MS
 from cluster.shared.state import LEDGER_EPOCHS_KEPT
+
+#: Most `stale_cycles` accepted. Staleness is meant to notice a silent node within seconds
+#: (3 cycles of 1 s by default); 10,000 cycles is already ~2.8 hours at the default interval,
+#: and a larger count (1e18 was accepted) only means a dead node is never disconnected and
+#: its slots never re-placed.
+MAX_STALE_CYCLES: Final = 10_000
+
+
+def check_stale_cycles(value: object, name: str = "stale_cycles") -> None:
+    """The one check of a stale-cycles count: the config file's setting and `--stale-cycles`
+    (which passes its own `name`, so the message names what the operator typed)."""
+    _at_least(name, value, 1)
+    _at_most(name, value, MAX_STALE_CYCLES, unit="")
 
 
 class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -69,7 +82,7 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ):
             _at_most(name, getattr(self, name), MAX_DURATION_MS)
         _at_least("plan_interval_ms", self.plan_interval_ms, 1)
-        _at_least("stale_cycles", self.stale_cycles, 1)
+        check_stale_cycles(self.stale_cycles)
         _at_least("fresh_idle_cycles", self.fresh_idle_cycles, 0)
         if self.fresh_idle_cycles >= self.stale_cycles:
             raise ValueError(
@@ -107,11 +120,10 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError(f"invalid planner config: {exc}") from None
 
 
-def _at_most(name: str, value: object, maximum: int) -> None:
+def _at_most(name: str, value: object, maximum: int, *, unit: str = "ms") -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value > maximum:
-        raise ValueError(
-            f"{name} must be at most {maximum} ({maximum // DAY_MS} days), got {value}"
-        )
+        what = f"{maximum} ({maximum // DAY_MS} days)" if unit == "ms" else f"{maximum:,}"
+        raise ValueError(f"{name} must be at most {what}, got {value}")
 
 
 def _at_least(name: str, value: object, minimum: int) -> None:
