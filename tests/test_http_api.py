@@ -410,12 +410,69 @@ async def test_clients_hanging_up_mid_stream_log_no_errors(
 
 
 def test_client_gone_recognises_grouped_disconnects() -> None:
-    from cluster.master.http_api import _client_gone
+    from cluster.master.http_api import _client_gone, _ClientStalled
 
     assert _client_gone(anyio.BrokenResourceError())
-    assert _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), TimeoutError()]))
+    assert _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), _ClientStalled()]))
     assert not _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), KeyError("x")]))
     assert not _client_gone(RuntimeError("bug"))
+    # The master's own timeouts are not the client's (a TimeoutError used to be taken for one).
+    assert not _client_gone(TimeoutError("read timed out"))
+    assert not _client_gone(ExceptionGroup("g", [anyio.BrokenResourceError(), TimeoutError()]))
+
+
+class _NeverSends:
+    """A socket stream whose client never takes a byte."""
+
+    async def send(self, data: bytes) -> None:
+        await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+async def test_a_client_that_takes_no_write_in_time_has_stalled() -> None:
+    import h11
+
+    from cluster.master.http_api import _client_gone, _ClientStalled, _Exchange
+
+    api = HttpApi(FakeView(cluster_log()), HttpApiConfig(send_timeout_s=0.05))
+    ex = _Exchange(h11.Connection(h11.SERVER), _NeverSends())  # type: ignore[arg-type]
+    with anyio.fail_after(20), pytest.raises(_ClientStalled) as stalled:
+        await api._write(ex, b"data")
+    assert _client_gone(stalled.value)
+
+
+class TimingOutView(FakeView):
+    """A view whose reads time out inside the master: `TimeoutError`, as an OS call that
+    timed out raises (socket.timeout and ETIMEDOUT are `TimeoutError` too)."""
+
+    def metrics(self) -> MasterMetrics:
+        raise TimeoutError("log size read timed out")
+
+    async def read_events(self, from_idx: int, limit: int) -> Sequence[IndexedEvent]:
+        raise TimeoutError("log read timed out")
+
+
+@pytest.mark.anyio
+async def test_a_timeout_inside_the_master_is_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It was taken for the client's write timeout: no answer at all (the connection just
+    closed) and nothing in the log."""
+    async with running(TimingOutView(cluster_log())) as (api, port):
+        status, _, body = await get(port, "/api/status")
+        assert status == 500
+        reason = b"internal error (TimeoutError: log size read timed out)"
+        assert body == b"500 Internal Server Error: " + reason + b"\n"
+        # Once a stream has started only closing it is left, but the error is logged too.
+        status, _, body = await get(port, "/api/events?from=1")
+        assert status == 200 and b"data:" not in body
+        with anyio.fail_after(20):
+            while api.subscribers:
+                await anyio.sleep(0.01)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2, [r.getMessage() for r in caplog.records]
+    assert "/api/status" in errors[0].getMessage() and "/api/events" in errors[1].getMessage()
+    assert all(r.exc_info is not None for r in errors)
 
 
 @pytest.mark.anyio

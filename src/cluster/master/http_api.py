@@ -169,12 +169,18 @@ def load_dashboard() -> bytes:
         ) from None
 
 
+class _ClientStalled(Exception):
+    """The client did not accept a write within `send_timeout_s`. Its own type, not the
+    `TimeoutError` the deadline raises: a `TimeoutError` from the master's side (a read that
+    timed out, say) is an internal error like any other, answered 500 and logged."""
+
+
 def _client_gone(exc: BaseException) -> bool:
     """The client hung up or stalled (possibly reported from inside a task group): normal
     for HTTP, so not worth an error in the log."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_client_gone(e) for e in exc.exceptions)
-    return isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError | TimeoutError)
+    return isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError | _ClientStalled)
 
 
 class _Reject(Exception):
@@ -330,15 +336,16 @@ class HttpApi:
                     f"too many connections from {client} "
                     f"(max {cfg.max_connections_per_client} per client)",
                 )
+            request: _Request | None = None
             try:
-                with anyio.fail_after(cfg.request_timeout_s):
+                with anyio.move_on_after(cfg.request_timeout_s) as deadline:
                     request = await self._read_request(ex)
-            except TimeoutError:
-                raise _Reject(
-                    408, f"request not received in time (within {cfg.request_timeout_s:g} s)"
-                ) from None
             except h11.RemoteProtocolError as exc:
                 raise _Reject(exc.error_status_hint, f"malformed request: {exc}") from None
+            if deadline.cancelled_caught:
+                raise _Reject(
+                    408, f"request not received in time (within {cfg.request_timeout_s:g} s)"
+                )
             if request is None:
                 return
             target = request.path
@@ -497,8 +504,15 @@ class HttpApi:
     async def _send(self, ex: _Exchange, event: h11.Event) -> None:
         data = ex.conn.send(event)
         if data:
-            with anyio.fail_after(self.config.send_timeout_s):
-                await ex.stream.send(data)
+            await self._write(ex, data)
+
+    async def _write(self, ex: _Exchange, data: bytes) -> None:
+        """Send bytes; a client that does not take them within `send_timeout_s` has
+        stalled (`_ClientStalled`, dropped without an error in the log)."""
+        with anyio.move_on_after(self.config.send_timeout_s) as deadline:
+            await ex.stream.send(data)
+        if deadline.cancelled_caught:
+            raise _ClientStalled(f"no write accepted within {self.config.send_timeout_s:g} s")
 
     async def _respond(
         self,
