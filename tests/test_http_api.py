@@ -526,8 +526,13 @@ async def test_head_is_answered_like_get_without_a_body(
             status, headers, body = await head(port, target)
             _, get_headers, get_body = await get(port, target)
             assert (status, body) == (200, b""), target
-            assert headers["content-type"] == get_headers["content-type"]
-            assert int(headers["content-length"]) == len(get_body)
+            # GET's headers; Content-Length only where the body is at hand (the dashboard):
+            # the others would have to be computed first.
+            get_headers.pop("content-length")
+            assert headers.pop("content-length", None) == (
+                str(len(get_body)) if target == "/" else None
+            )
+            assert headers == get_headers, target
         status, headers, body = await head(port, "/api/events")
         assert (status, body) == (200, b"")
         assert headers["content-type"].startswith("text/event-stream")
@@ -542,6 +547,30 @@ async def test_head_is_answered_like_get_without_a_body(
         assert status == 405 and headers["allow"] == "GET, HEAD"
         assert b"read-only (GET, HEAD)" in body
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+@pytest.mark.anyio
+async def test_head_builds_no_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HEAD built the whole body only to measure it: at 10,000 nodes ~110 ms of CPU and
+    4 MB for /api/status, ~145 ms and 7 MB for /api/state, ~70 ms for /metrics."""
+    from cluster.master import http_api
+
+    def built(*args: object) -> bytes:
+        raise AssertionError("a HEAD built the body")
+
+    monkeypatch.setattr(http_api, "state_to_json", built)
+    monkeypatch.setattr(HttpApi, "_status_json", built)
+    monkeypatch.setattr(HttpApi, "_metrics_text", built)
+    async with running(FakeView(cluster_log())) as (api, port):
+        for target in ("/api/state", "/api/status", "/metrics"):
+            status, headers, body = await head(port, target)
+            assert (status, body) == (200, b""), target
+            assert "content-length" not in headers and "transfer-encoding" not in headers
+        assert api.responses == {"200": 3}
+        # Refusals still come first: a HEAD is checked like a GET.
+        assert (await head(port, "/api/status?x=1"))[0] == 400
+        status, headers, _ = await raw(port, b"HEAD /metrics HTTP/1.1\r\nHost: evil.com\r\n\r\n")
+        assert status == 403 and headers["content-length"] != "0"
 
 
 @pytest.mark.anyio

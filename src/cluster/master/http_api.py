@@ -11,7 +11,10 @@ HTTP/1.1 parsing is h11's (a sans-IO parser already installed with libp2p): it e
 header size limits and rejects malformed framing, so this module only routes and answers.
 One request per connection (`Connection: close`): clients are a dashboard and scrapers, and
 it keeps the server free of idle keep-alive connections. HEAD is answered like GET, headers
-only (what a monitor probing the API expects).
+only (what a monitor probing the API expects); on the paths whose body is computed
+(/api/state, /api/status, /metrics: 70-150 ms of CPU at 10,000 nodes) the body is not built
+and Content-Length is left out, as RFC 9110 (9.3.2) allows for a field known only once the
+content is generated.
 
 Safety: it binds 127.0.0.1 by default and then needs no token (but checks the Host header,
 so a web page cannot reach it through DNS rebinding). Binding any other address requires a
@@ -222,6 +225,15 @@ def _is_event_index(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 18
 
 
+#: Paths whose body is computed from the state, and its content type. A HEAD on one of them
+#: is answered without building the body (at 10,000 nodes /api/status is 4 MB of JSON and
+#: ~110 ms of CPU, /api/state 7 MB and ~145 ms, /metrics ~70 ms): without Content-Length.
+_COMPUTED: Final = {
+    "/api/state": "application/json",
+    "/api/status": "application/json",
+    "/metrics": METRICS_CONTENT_TYPE,
+}
+
 #: Methods served; HEAD is GET without the body.
 _METHODS: Final = ("GET", "HEAD")
 _ALLOW: Final = ", ".join(_METHODS)
@@ -262,6 +274,17 @@ def _one_line(exc: BaseException, width: int = 200) -> str:
     """An error as one short line for a 500's body: its type and its message."""
     text = " ".join(str(exc).split())
     return clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, width)
+
+
+def _headers(content_type: str, length: int | None) -> list[tuple[str, str]]:
+    """The headers of every answer but an event stream (Content-Length when known)."""
+    return [
+        ("Content-Type", content_type),
+        *([("Content-Length", str(length))] if length is not None else []),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Connection", "close"),
+    ]
 
 
 class HttpApi:
@@ -437,6 +460,8 @@ class HttpApi:
             raise _Reject(400, f"unknown query parameter {unknown[0]!r} for {req.path}")
         if req.path == "/":
             await self._respond(ex, 200, self._dashboard, "text/html; charset=utf-8")
+        elif ex.head and req.path in _COMPUTED:
+            await self._respond_without_body(ex, 200, _COMPUTED[req.path])
         elif req.path == "/api/state":
             body = await anyio.to_thread.run_sync(state_to_json, self.view.state)
             await self._respond(ex, 200, body, "application/json")
@@ -514,6 +539,16 @@ class HttpApi:
         if deadline.cancelled_caught:
             raise _ClientStalled(f"no write accepted within {self.config.send_timeout_s:g} s")
 
+    async def _respond_without_body(self, ex: _Exchange, status: int, content_type: str) -> None:
+        """A HEAD's answer where GET's body is computed: GET's headers but Content-Length,
+        which only building that body would give. Written here rather than through h11,
+        which would add `Transfer-Encoding: chunked` (GET's answer is not chunked); the
+        connection closes after it, so h11's view of the response does not matter."""
+        self.responses[str(status)] = self.responses.get(str(status), 0) + 1
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        lines += [f"{name}: {value}" for name, value in _headers(content_type, None)]
+        await self._write(ex, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+
     async def _respond(
         self,
         ex: _Exchange,
@@ -522,14 +557,7 @@ class HttpApi:
         content_type: str,
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> None:
-        headers = [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Connection", "close"),
-            *extra_headers,
-        ]
+        headers = [*_headers(content_type, len(body)), *extra_headers]
         self.responses[str(status)] = self.responses.get(str(status), 0) + 1
         await self._send(
             ex, h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, ""))
