@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -599,6 +601,36 @@ async def test_one_client_cannot_take_every_connection() -> None:
             while api._connections:
                 await anyio.sleep(0.01)
             assert (await get(port, "/api/status"))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_every_event_stream_held_from_one_address_leaves_room_for_polls() -> None:
+    """On the default bind every local client shares 127.0.0.1. With the per-client cap equal
+    to the stream cap, 16 dashboard tabs (or streams) locked /api/status and /metrics out."""
+    config = HttpApiConfig()
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        with anyio.fail_after(20):
+            async with contextlib.AsyncExitStack() as streams:
+                for _ in range(config.max_subscribers):
+                    await streams.enter_async_context(sse(port, "/api/events"))
+                assert api.subscribers == config.max_subscribers
+                for target in ("/api/status", "/metrics"):
+                    assert (await get(port, target))[0] == 200, target
+
+
+@pytest.mark.anyio
+async def test_a_head_request_refused_for_its_size_is_answered_without_a_body(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 431 came before the server knew it was a HEAD: it sent a body, h11 refused that,
+    and every such request logged an ERROR with a traceback."""
+    request = b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    with caplog.at_level(logging.WARNING):
+        async with running(FakeView(cluster_log())) as (_, port):
+            status, _, body = await raw(port, request)
+            assert (status, body) == (431, b"")
+            assert (await get(port, "/api/status"))[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_the_request_head_has_a_short_deadline() -> None:

@@ -103,8 +103,11 @@ class HttpApiConfig:
     token: str | None = None
     max_connections: int = 64
     #: Connections open at once from one client address (more get 503): one client cannot
-    #: take every connection. Behind a proxy every client shares its address.
-    max_connections_per_client: int = 16
+    #: take every connection. Above `max_subscribers` by 8, so that with every event stream
+    #: held from one address (on the default bind every local client shares 127.0.0.1:
+    #: the dashboard's tabs, an ssh tunnel, Prometheus) /api/status and /metrics are still
+    #: served. Behind a proxy every client shares the proxy's address.
+    max_connections_per_client: int = 24
     #: Open /api/events streams at most; more get 503.
     max_subscribers: int = 16
     #: Request line + headers, in bytes (h11 answers 431 beyond it).
@@ -409,6 +412,9 @@ class HttpApi:
                 return None
             assert isinstance(event, h11.Request)  # h11: the first event of a request
             break
+        # A HEAD is answered without a body, refusals included (a body sent on a HEAD
+        # answer is h11's error): known before anything below may refuse it.
+        ex.head = event.method == b"HEAD"
         # h11's limit bounds only a request still incomplete in its buffer: one that arrived
         # whole in a single read passes it at any size. What h11 has not consumed yet is not
         # part of this request's head.
@@ -421,7 +427,6 @@ class HttpApi:
             )
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         method = event.method.decode("ascii", "replace")
-        ex.head = method == "HEAD"
         if method not in _METHODS:
             raise _Reject(
                 405,
