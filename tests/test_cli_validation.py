@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -344,3 +345,29 @@ def test_session_and_maintenance_errors_name_the_command(
     assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message.format(tmp=tmp_path)) and err.count("\n") == 1, err
+
+
+def _doc_config_blocks() -> list[tuple[str, str]]:
+    """(file, text) of each ```toml block in the docs with a [planner] or [maintenance]
+    table: what an operator copies into `cluster master --config`."""
+    root = Path(__file__).resolve().parent.parent
+    blocks = []
+    for doc in sorted([*root.glob("docs/*.md"), root / "README.md"]):
+        for block in re.findall(r"```toml\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            if re.search(r"^\[(planner|maintenance)\]", block, re.M):
+                blocks.append((doc.name, block))
+    return blocks
+
+
+@pytest.mark.parametrize(("doc", "block"), _doc_config_blocks())
+def test_the_docs_config_examples_load(doc: str, block: str, tmp_path: Path) -> None:
+    """The example `operator_ids` once held a placeholder that the peer-id check refuses."""
+    from cluster.master.settings import load_settings
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(block, encoding="utf-8")
+    load_settings(path)
+
+
+def test_the_docs_have_config_examples() -> None:
+    assert len(_doc_config_blocks()) >= 3

@@ -46,7 +46,10 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #:    the same log to a different state. Also `Hello.runner_digest`, logged in NodeConnected
 #:    and kept in NodeRecord.runner_digest: a hello under another runner setting than the
 #:    node's recorded self-test clears that test (an older worker would keep it).
-PROTOCOL_VERSION: Final = 8
+#: 9: the same `runner_digest` change, bumped again because builds of 8 without it exist
+#:    (this session's earlier commits): their workers could not decode a NodeRecord with
+#:    the new field (they forbid unknown fields) and would never catch up.
+PROTOCOL_VERSION: Final = 9
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
