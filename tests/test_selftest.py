@@ -228,3 +228,19 @@ def test_needs_self_test_on_join_and_config_change() -> None:
     assert not needs_self_test(state, NODE, "simulated", digest)
     assert needs_self_test(state, NODE, "simulated", config_digest("simulated", {"load_s": 2}))
     assert needs_self_test(state, NODE, "subprocess", digest)
+
+
+def test_a_failed_self_test_is_tried_again_by_the_next_worker_process() -> None:
+    """The operator fixed the machine and restarted the worker, same setting: it used to keep
+    its failed result, never re-tested, and so never placed."""
+    digest = config_digest("simulated", {"load_s": 1})
+    failed = RunnerSelfTestCompleted(
+        node_id=NODE,
+        runner_kind="simulated",
+        passed=False,
+        reason="load: no GPU",
+        config_digest=digest,
+    )
+    state = fold(EMPTY_STATE, [IndexedEvent(1, 1000, NODE, 1, failed)])
+    assert state.nodes[NODE].self_test is not None
+    assert needs_self_test(state, NODE, "simulated", digest)

@@ -71,10 +71,18 @@ def self_test_spec(node_id: str, gpu: bool = False) -> RunnerSpec:
 
 
 def needs_self_test(state: State, node_id: str, runner_kind: str, digest: str) -> bool:
-    """True unless the log already holds a self-test of this exact runner setting (pure)."""
+    """True unless the log already holds a *passed* self-test of this exact runner setting
+    (pure). A failed one is tried again by the next worker process: an operator who fixed
+    the machine (a driver, a missing model file) and restarted the worker expects a new
+    test, and the setting itself is all a node's failed result was keyed by."""
     node = state.nodes.get(node_id)
     result = node.self_test if node is not None else None
-    return result is None or result.runner_kind != runner_kind or result.config_digest != digest
+    return (
+        result is None
+        or not result.passed
+        or result.runner_kind != runner_kind
+        or result.config_digest != digest
+    )
 
 
 class _StepFailed(Exception):
