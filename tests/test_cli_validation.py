@@ -371,3 +371,13 @@ def test_the_docs_config_examples_load(doc: str, block: str, tmp_path: Path) -> 
 
 def test_the_docs_have_config_examples() -> None:
     assert len(_doc_config_blocks()) >= 3
+
+
+def test_a_stale_cycles_flag_at_or_below_fresh_idle_cycles_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error named only the config key, though the operator typed the flag."""
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--stale-cycles", "1", "--http", "off"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stale-cycles" in err and "fresh_idle_cycles (1)" in err, err

@@ -56,7 +56,7 @@ def _cluster(nodes: int = 6, sessions: int = 3, slots: int = 2) -> World:
     [
         ({"plan_interval_ms": 0}, "plan_interval_ms must be >= 1, got 0"),
         ({"stale_cycles": 0}, "stale_cycles must be >= 1, got 0"),
-        ({"fresh_idle_cycles": 3}, "fresh_idle_cycles must be below stale_cycles (3), got 3"),
+        ({"fresh_idle_cycles": 3}, "fresh_idle_cycles (3) must be below stale_cycles (3)"),
         ({"epoch_length_ms": 500}, "epoch_length_ms must be at least plan_interval_ms (1000)"),
         ({"miss_threshold": -1}, "miss_threshold must be >= 0, got -1"),
         ({"late_work_epochs": -5}, "late_work_epochs must be >= 0, got -5"),

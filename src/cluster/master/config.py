@@ -86,8 +86,9 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         _at_least("fresh_idle_cycles", self.fresh_idle_cycles, 0)
         if self.fresh_idle_cycles >= self.stale_cycles:
             raise ValueError(
-                f"fresh_idle_cycles must be below stale_cycles ({self.stale_cycles}), "
-                f"got {self.fresh_idle_cycles}"
+                f"fresh_idle_cycles ({self.fresh_idle_cycles}) must be below stale_cycles "
+                f"({self.stale_cycles}): raise stale_cycles (--stale-cycles) or lower "
+                "fresh_idle_cycles"
             )
         _at_least("epoch_length_ms", self.epoch_length_ms, 1)
         if self.epoch_length_ms < self.plan_interval_ms:
