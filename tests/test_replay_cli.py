@@ -202,6 +202,8 @@ def test_errors_are_one_line_with_exit_code_2(
 ) -> None:
     code, out, err = replay(capsys, str(tmp_path / "nope"))
     assert (code, out) == (2, "") and "no such file or directory" in err
+    # Prefixed as every command's errors are: `cluster replay: ...`, one line.
+    assert err == f"cluster replay: {tmp_path / 'nope'}: no such file or directory\n", err
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = replay(capsys, str(empty))

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     setup_command_logging("replay")  # warnings (a torn tail, a bad snapshot): one line each
     err = sys.stderr
     if args.until is not None and args.until < 0:
-        print(f"cluster replay: error: --until {args.until} must be >= 0", file=err)
+        print(f"cluster replay: --until {args.until} must be >= 0", file=err)
         return 2
     bar: ProgressBar | None = None
     try:
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 if bar is not None:
                     bar.finish()
     except (LogError, SnapshotError, ValueError, OSError) as exc:
-        print(f"cluster replay: error: {exc}", file=err)
+        print(f"cluster replay: {exc}", file=err)
         return 2
     digest = codec.state_digest(state)
     if args.digest:
