@@ -85,3 +85,26 @@ def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
     f.write_text("x")
     with pytest.raises(SnapshotError, match="not a directory"):
         SnapshotStore(f)
+
+
+def test_the_newest_snapshot_is_read_once_for_every_catching_up_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each catching-up stream asked for it: a 10,000-node snapshot (~6 MB) was read and
+    held once per stream. A new save is read afresh."""
+    store = SnapshotStore(tmp_path)
+    store.save(5, b"five")
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(path: Path) -> bytes:
+        reads.append(path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    first, second = store.latest(), store.latest()
+    assert first == second == (5, b"five") and first is second
+    assert len(reads) == 1
+    store.save(9, b"nine")
+    assert store.latest() == (9, b"nine") and len(reads) == 2
+    assert store.latest(max_idx=8) == (5, b"five")  # an older one when asked: read again

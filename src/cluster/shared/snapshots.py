@@ -95,6 +95,10 @@ class SnapshotStore:
             raise ValueError(f"keep={keep}: at least one snapshot must be kept")
         self._dir = directory
         self._keep = keep
+        #: The last snapshot `latest` read, (idx, payload): every catching-up replica is sent
+        #: the newest one, and re-reading a 10,000-node snapshot (~6 MB) per stream held one
+        #: copy per stream. A file is never rewritten in place; `save` and `set_aside` drop it.
+        self._last_read: tuple[int, bytes] | None = None
 
     @property
     def directory(self) -> Path:
@@ -116,6 +120,7 @@ class SnapshotStore:
         if idx < 0:
             raise ValueError(f"snapshot index {idx} must be >= 0")
         make_dirs_durably(self._dir)
+        self._last_read = None
         path = self._dir / snapshot_name(idx)
         write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)  # dir synced too
         self._prune()
@@ -124,6 +129,7 @@ class SnapshotStore:
     def set_aside(self, idx: int, why: str) -> Path:
         """Rename the snapshot at `idx` out of the way (kept for inspection, never loaded):
         for one that describes another history than the log's."""
+        self._last_read = None
         path = self._dir / snapshot_name(idx)
         aside = path.with_name(f"{path.name}.{why}")
         os.replace(path, aside)
@@ -148,6 +154,9 @@ class SnapshotStore:
         for idx in self.indices():
             if max_idx is not None and idx > max_idx:
                 continue
+            cached = self._last_read
+            if cached is not None and cached[0] == idx:
+                return cached
             path = self._dir / snapshot_name(idx)
             try:
                 got, payload = decode_snapshot(path.read_bytes())
@@ -156,5 +165,6 @@ class SnapshotStore:
             except (OSError, ValueError) as exc:
                 log.warning("snapshot %s is unusable (%s): trying an older one", path, exc)
                 continue
-            return idx, payload
+            found = self._last_read = (idx, payload)
+            return found
         return None
