@@ -13,9 +13,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from cluster.shared import digest_file
+from cluster import digest_writer
+from cluster.digest_writer import MAX_TIME_SHARE, DigestFileWriter
 from cluster.shared.codec import state_digest
-from cluster.shared.digest_file import MAX_TIME_SHARE, DigestFileWriter, read_digest_file
+from cluster.shared.digest_file import read_digest_file
 from cluster.shared.state import State
 
 pytestmark = pytest.mark.anyio
@@ -43,7 +44,7 @@ async def test_a_slow_digest_is_written_at_most_a_small_share_of_the_time(
         writes.append(state.last_applied)
         clock.now += 0.2  # a 10,000-node state's digest
 
-    monkeypatch.setattr(digest_file, "write_digest_file", slow_write)
+    monkeypatch.setattr(digest_writer, "write_digest_file", slow_write)
     writer = DigestFileWriter(tmp_path, clock=clock)
     assert await writer.update(_at(1))
     clock.now += 1.0  # the next cycle: too soon after a 0.2 s write
@@ -77,7 +78,7 @@ async def test_the_digest_is_computed_off_the_event_loop(
         if not loop_ran.wait(timeout=10):
             raise AssertionError("the event loop was blocked while the digest was written")
 
-    monkeypatch.setattr(digest_file, "write_digest_file", write_needing_the_loop)
+    monkeypatch.setattr(digest_writer, "write_digest_file", write_needing_the_loop)
     writer = DigestFileWriter(tmp_path)
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -91,7 +92,7 @@ async def test_a_digest_json_that_cannot_be_written_is_a_warning_and_retried(
 ) -> None:
     writer = DigestFileWriter(tmp_path, clock=FakeClock())  # no wait after a failure
     (tmp_path / ".digest.json.tmp").mkdir()  # every write of it fails (a full disk, say)
-    with caplog.at_level(logging.WARNING, logger=digest_file.__name__):
+    with caplog.at_level(logging.WARNING, logger=digest_writer.__name__):
         assert not await writer.update(_at(1))
     assert "could not write digest.json (retried later)" in caplog.text
     (tmp_path / ".digest.json.tmp").rmdir()

@@ -9,11 +9,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from cluster import digest_writer
 from cluster.master.server import Master, MasterConfig, _Broadcast
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
 from cluster.net.protocol import ProtocolError, Subscribe, Tick
-from cluster.shared import digest_file
 from cluster.shared.store import EventStore
 
 
@@ -72,7 +72,7 @@ async def test_a_digest_json_that_cannot_be_written_does_not_stop_the_master(
     master, store = _master(tmp_path, plan_interval=0.01)
     try:
         (tmp_path / "m" / ".digest.json.tmp").mkdir()  # every write of it fails
-        with caplog.at_level(logging.WARNING, logger=digest_file.__name__), anyio.fail_after(20):
+        with caplog.at_level(logging.WARNING, logger=digest_writer.__name__), anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
                 assert master._digests is not None
                 tg.start_soon(master._digests.keep_current, master._digest_reading, 0.01)

@@ -36,6 +36,7 @@ import msgspec
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.master.admission import AdmissionError, check_event_sizes, check_worker_columns
 from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
@@ -67,7 +68,6 @@ from cluster.net.protocol import (
     encode,
     expect,
 )
-from cluster.shared.digest_file import DigestFileWriter, Reading
 from cluster.shared.events import (
     MASTER_ORIGIN,
     MAX_EVENT_BYTES,

@@ -28,6 +28,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.net import host as nethost
 from cluster.net.framing import encode_frame
 from cluster.net.identity import load_identity
@@ -62,7 +63,6 @@ from cluster.net.protocol import (
 )
 from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
-from cluster.shared.digest_file import DigestFileWriter, Reading
 from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.worker.outbox import Outbox
