@@ -207,3 +207,44 @@ def test_status_from_json_that_is_not_a_status_says_so_in_one_line(
         "(another program, or a master of another version?): "
         "Object missing required field `now_ms`\n"
     )
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/api/status", "/api/status/"])
+def test_status_through_a_reverse_proxy_keeps_the_path_prefix(
+    suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--url https://proxy/cluster` asks `/cluster/api/status`: the path is the prefix a
+    reverse proxy serves the API under (it used to be dropped, and the proxy answered 404).
+    A pasted endpoint or a trailing slash means the same."""
+    asked: list[bytes] = []
+    body = b'{"hello": "world"}'
+
+    def proxy(conn: socket.socket, done: threading.Event) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := conn.recv(4096)):
+            data += chunk
+        asked.append(data.split(b"\r\n", 1)[0])
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
+
+    with tcp_server(proxy) as port:
+        url = f"http://127.0.0.1:{port}/cluster{suffix}"
+        assert cli.main(["status", "--url", url]) == 1  # answered, but not a status
+    assert asked == [b"GET /cluster/api/status HTTP/1.1"]
+    err = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}/cluster/api/status answered JSON that is not" in err
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://127.0.0.1:1/?x=1", "no query or fragment"),
+        ("http://127.0.0.1:1/#top", "no query or fragment"),
+        ("http://127.0.0.1:1/a b", "the path must be printable ASCII without spaces"),
+        ("http://127.0.0.1:1/caf\u00e9", "the path must be printable ASCII without spaces"),
+    ],
+)
+def test_status_url_path_is_validated(
+    url: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["status", "--url", url]) == 2
+    assert capsys.readouterr().err.startswith(f"cluster status: --url {url!r}: {says}")

@@ -54,8 +54,15 @@ class StatusUsageError(StatusError):
     """An argument is unusable (exit code 2, like every other bad command line)."""
 
 
+#: What an operator may paste after the API's base address: the status endpoint itself.
+_ENDPOINT: Final = "/api/status"
+
+
 def api_base(url: str) -> str:
-    """`scheme://host:port` of the HTTP API `--url` names; StatusUsageError if unusable."""
+    """`scheme://host:port[/prefix]` of the HTTP API `--url` names; StatusUsageError if
+    unusable. A path is kept as the prefix a reverse proxy serves the API under
+    (`https://proxy/cluster` asks `https://proxy/cluster/api/status`), without a trailing
+    slash or a pasted `/api/status`."""
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError for a port that is not a number 0-65535
@@ -71,7 +78,18 @@ def api_base(url: str) -> str:
         raise StatusUsageError(
             f"--url {url!r}: the host cannot contain spaces or control characters"
         )
-    return f"{parts.scheme}://{parts.netloc}"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise StatusUsageError(
+            f"--url {url!r}: no query or fragment; give the API's address, e.g. {DEFAULT_URL}"
+        )
+    path = parts.path.rstrip("/")
+    path = path.removesuffix(_ENDPOINT).rstrip("/")
+    if not (path.isascii() and path.isprintable()) or " " in path:
+        raise StatusUsageError(
+            f"--url {url!r}: the path must be printable ASCII without spaces "
+            "(percent-encode anything else)"
+        )
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 def fetch_status(url: str, token: str | None, timeout: float) -> bytes:
@@ -87,7 +105,7 @@ def fetch_status(url: str, token: str | None, timeout: float) -> bytes:
             "the API token must be printable ASCII (check --token or $" + TOKEN_ENV + ")"
         )
     base = api_base(url)
-    endpoint = f"{base}/api/status"
+    endpoint = f"{base}{_ENDPOINT}"
     request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
