@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from socket_servers import serving
 
@@ -232,3 +233,35 @@ def test_a_control_socket_path_that_is_no_socket_or_a_dead_one_is_named(
     assert capsys.readouterr().err == (
         f"cluster session: cannot use {not_a_dir}/control.sock: Not a directory\n"
     )
+
+
+def _refusal(message: str) -> Callable[[socket.socket], None]:
+    def answer(conn: socket.socket) -> None:
+        _read_frame_sync(conn)
+        body = msgspec.json.encode(Reply(ok=False, message=message))
+        conn.sendall(struct.pack(">I", len(body)) + body)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "err"),
+    [
+        (
+            ["maintenance", "cancel"],
+            "no window to cancel",
+            "cluster maintenance: no window to cancel",
+        ),
+        (["session", "delete", "s-1"], "no session s-1", "cluster session: no session s-1"),
+        (["session", "list"], "", "cluster session: refused (the master gave no reason)"),
+    ],
+)
+def test_a_refusal_is_printed_as_the_commands_error(
+    argv: list[str], message: str, err: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A master's refusal reads like every other error of the command (it was printed bare,
+    so a script grepping `cluster maintenance:` missed it); an empty one still says refused."""
+    with unix_server(socket_path(tmp_path), _refusal(message)):
+        assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", err + "\n")

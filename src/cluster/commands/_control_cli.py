@@ -43,12 +43,16 @@ def send(args: argparse.Namespace, request: Request) -> Reply | None:
         return None
 
 
-def finish(reply: Reply | None, *, as_json: bool = False) -> int:
-    """Print a reply: message (or JSON data) on stdout when ok, on stderr when refused."""
+def finish(args: argparse.Namespace, reply: Reply | None, *, as_json: bool = False) -> int:
+    """Print a reply: message (or JSON data) on stdout when ok; a refusal on stderr, as
+    `cluster session: <why>` like every other error of the command."""
     if reply is None:
         return 2
     if as_json:
         print(json.dumps({"ok": reply.ok, "message": reply.message, "data": reply.data}, indent=2))
-    elif reply.message:
-        print(reply.message, file=sys.stdout if reply.ok else sys.stderr)
+    elif reply.ok:
+        if reply.message:
+            print(reply.message)
+    else:
+        say_error(args, reply.message or "refused (the master gave no reason)")
     return 0 if reply.ok else 1

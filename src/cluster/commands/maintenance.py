@@ -77,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
     except DurationError as exc:
         say_error(args, str(exc))
         return 2
-    return finish(send(args, request))
+    return finish(args, send(args, request))

@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
             name=args.name,
             reward_per_unit=args.reward_per_unit,
         )
-        return finish(send(args, request))
+        return finish(args, send(args, request))
     if args.action == "delete":
-        return finish(send(args, SessionDelete(session_id=args.session_id)))
+        return finish(args, send(args, SessionDelete(session_id=args.session_id)))
     reply = send(args, SessionList())
     if reply is None or args.json or not reply.ok:
-        return finish(reply, as_json=args.json)
+        return finish(args, reply, as_json=args.json)
     sessions = reply.data or []
     if not sessions:
         print("no sessions")
