@@ -64,6 +64,12 @@ def test_master_options_are_validated(
         (["--stale-cycles", str(10**18)], f"--stale-cycles must be at most 10,000, got {10**18}"),
         (["--stale-cycles", "10001"], "--stale-cycles must be at most 10,000, got 10001"),
         (["--stale-cycles", "0"], "--stale-cycles must be >= 1, got 0"),
+        # 10**30 was accepted: never a snapshot, every restart refolds the whole log.
+        (
+            ["--snapshot-every", str(10**30)],
+            f"--snapshot-every must be 1..100,000,000 events, got {10**30}",
+        ),
+        (["--snapshot-every", "0"], "--snapshot-every must be 1..100,000,000 events, got 0"),
     ],
 )
 def test_master_bounds_are_checked_before_anything_starts(

@@ -388,3 +388,13 @@ def test_a_state_that_cannot_be_encoded_skips_its_snapshot_and_keeps_serving(
         store.append(make_events(6)[4:])
     with EventStore.open(tmp_path) as store:
         assert store.state == fold(EMPTY_STATE, make_events(6))
+
+
+@pytest.mark.parametrize("every", [0, -1, 100_000_001, 10**30])
+def test_snapshot_every_is_bounded(every: int, tmp_path: Path) -> None:
+    """An embedding program's `snapshot_every` is checked as `--snapshot-every` is."""
+    with pytest.raises(
+        ValueError, match=f"snapshot_every must be 1..100,000,000 events, got {every}"
+    ):
+        EventStore.open(tmp_path, snapshot_every=every)
+    assert not (tmp_path / "log").exists()  # refused before anything was created

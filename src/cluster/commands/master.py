@@ -73,7 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="3..86400 (default 10): a worker silent this long is dropped",
     )
-    parser.add_argument("--snapshot-every", type=int, default=100_000, metavar="EVENTS")
+    parser.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=100_000,
+        metavar="EVENTS",
+        help="1..100,000,000 (default 100,000): events between state snapshots",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
 
 
@@ -140,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
     from cluster.shared.files import make_dirs_durably, write_text_atomically
     from cluster.shared.humanize import first_leaf
     from cluster.shared.snapshots import SnapshotError
+    from cluster.shared.store import check_snapshot_every
 
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
     try:
         prepare_data_dir(args.data_dir)
         check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
-        _positive("--snapshot-every", args.snapshot_every)
+        check_snapshot_every(args.snapshot_every, "--snapshot-every")
         parse_listen_multiaddr(args.listen)
         file_cfg, policy = load_settings(args.config)
         planner_cfg = planner_config(args, file_cfg)

@@ -156,6 +156,18 @@ def load_state(
     return restore(event_log, snapshots, until, progress=progress).state
 
 
+#: The most events between snapshots. A load refolds up to this many events from the newest
+#: snapshot: 100 million is ~7 minutes of a restart (docs/storage.md), and a larger value is
+#: a typo or "never", which would make every restart refold the whole log.
+MAX_SNAPSHOT_EVERY = 100_000_000
+
+
+def check_snapshot_every(value: int, name: str = "snapshot_every") -> None:
+    """ValueError naming `name` unless 1 <= value <= MAX_SNAPSHOT_EVERY."""
+    if not 1 <= value <= MAX_SNAPSHOT_EVERY:
+        raise ValueError(f"{name} must be 1..{MAX_SNAPSHOT_EVERY:,} events, got {value}")
+
+
 class EventStore:
     """The log, its snapshots and the state they fold to; see the module docstring."""
 
@@ -187,8 +199,7 @@ class EventStore:
         segment_max_bytes: int = 64 << 20,
     ) -> EventStore:
         """Open (creating) the store in `data_dir` and load its state."""
-        if snapshot_every < 1:
-            raise ValueError(f"snapshot_every={snapshot_every} must be >= 1")
+        check_snapshot_every(snapshot_every)
         data_dir = Path(data_dir)
         if data_dir.exists() and not data_dir.is_dir():
             raise LogDirectoryError(f"data directory {data_dir} is not a directory")
