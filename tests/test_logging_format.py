@@ -40,6 +40,8 @@ SCRIPT = textwrap.dedent(
     logging.getLogger("libp2p.network.swarm").error(
         "failed to upgrade security for peer %s: %s", "12D3KooW", "handshake failed"
     )
+    # Churn it logs at ERROR: an inbound peer that did not finish connecting (a WARNING).
+    logging.getLogger("libp2p.network.swarm").error("fail to upgrade mux for peer %s", "12D3KooW")
     logging.getLogger("cluster.worker.client").info("our info line")
     logging.getLogger("cluster.worker.client").debug("our debug line")
     warnings.warn("a library warning", UserWarning, stacklevel=1)
@@ -69,8 +71,9 @@ def test_libp2p_lines_come_out_in_our_format_and_its_chatter_stays_out() -> None
     assert [line.split(" ", 2)[2] for line in lines] == [
         "ERROR libp2p.network.swarm: libp2p error line",
         "WARNING libp2p.network.swarm: libp2p warning line",
+        "WARNING libp2p.network.swarm: fail to upgrade mux for peer 12D3KooW",
         "INFO cluster.worker.client: our info line",
-        "WARNING py.warnings: UserWarning: a library warning (<string>:21)",
+        "WARNING py.warnings: UserWarning: a library warning (<string>:23)",
     ]
 
 

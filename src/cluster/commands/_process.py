@@ -64,13 +64,25 @@ LIBP2P_DIAL_FAILURES: Final = frozenset(
     }
 )
 
+#: py-libp2p records logged at ERROR for what is churn, not a fault of this process: shown,
+#: at WARNING. An inbound connection whose peer completed the handshake but not the muxer
+#: negotiation -- a worker killed or timed out while connecting -- logged "fail to upgrade
+#: mux for peer" at ERROR in the master's log, where nothing had failed and nothing was lost
+#: (the worker dials again and resends from its outbox).
+LIBP2P_CHURN: Final = frozenset({("libp2p.network.swarm", "fail to upgrade mux for peer %s")})
+
 
 class _DemoteDialFailures(logging.Filter):
     """Turns py-libp2p's dial-failure records (`LIBP2P_DIAL_FAILURES`) into DEBUG records,
-    dropped unless their logger is enabled for DEBUG. Runs before `_LibraryFloor`."""
+    dropped unless their logger is enabled for DEBUG, and its churn records (`LIBP2P_CHURN`)
+    into WARNING records. Runs before `_LibraryFloor`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (record.name, record.msg) not in LIBP2P_DIAL_FAILURES:
+        key = (record.name, record.msg)
+        if key in LIBP2P_CHURN and record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        if key not in LIBP2P_DIAL_FAILURES:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
