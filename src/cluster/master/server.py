@@ -10,6 +10,10 @@ subscribers and acknowledges each submitter with the highest seq of its that is 
 A snapshot that comes due is written by another task on a worker thread, so no commit waits
 for it; an I/O error in a commit stops the master (fail-stop) after one ERROR line.
 
+A clean stop is ordered (`_stop_cleanly`): from `stop()` on, decisions and submissions are
+refused (`MasterStopping`, "master is stopping"); the loops end; a decision already committing
+is waited for; then digest.json is written, so it describes the log's last index.
+
 Every libp2p frame costs a fixed ~0.1-0.3 ms of Python on each side, so the fan-out is
 built for few frames: a commit is encoded once and the same bytes go to every subscriber,
 each subscriber's queued commits leave in one write, and a worker with a live subscription
@@ -106,6 +110,13 @@ class Store(Protocol):
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
     def due_snapshot(self) -> State | None: ...
     def write_snapshot(self, state: State) -> bool: ...
+
+
+class MasterStopping(Exception):
+    """The master has begun to stop: nothing more is decided or indexed."""
+
+    def __init__(self) -> None:
+        super().__init__("master is stopping")
 
 
 def wall_clock_ms() -> int:
@@ -277,8 +288,13 @@ class Master:
         """Index events the master decided (origin MASTER_ORIGIN); returns them once durable."""
         if not events:
             return []
+        if self._stop.is_set():
+            raise MasterStopping()
         sub = _Submission(MASTER_ORIGIN, list(events))
-        await self._inbox_send.send(sub)
+        try:
+            await self._inbox_send.send(sub)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise MasterStopping() from None
         await sub.done.wait()
         if sub.error is not None:
             raise sub.error
@@ -326,8 +342,14 @@ class Master:
         The planner's cycle and every request go through here, one at a time: each decision
         sees the state that includes every earlier decision, and no worker event lands
         between a decision and its events (DESIGN rule 2: the master's clock is read here).
+        Raises `MasterStopping` once the master has begun to stop (nothing is decided then);
+        a decision already made when it began is indexed before the stop goes on.
         """
         async with self._index_lock:
+            # Checked with the lock held: `_stop_cleanly` takes the lock after the flag is
+            # set, so every decision either finished before it or is refused here.
+            if self._stop.is_set():
+                raise MasterStopping()
             now = max(self.now_ms(), self._state.last_time_ms)
             events = decide(self._state, now)
             if not events:
@@ -341,17 +363,40 @@ class Master:
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             await self._run(task_status)
-            # Stopped cleanly: digest.json names the last index (the writer may not have
-            # run since the last commit).
-            if self._digests is not None:
-                self._digests.write_now(self._state, role="master")
+            await self._stop_cleanly()
         finally:
-            self.close()
+            self.close()  # however it ended: nothing more is decided
             self._finished.set()
+
+    async def _stop_cleanly(self) -> None:
+        """The end of a clean stop, once the host is closed and the loops have ended.
+
+        New decisions were refused from `stop()` on; one that was already committing (a
+        request waiting for the log behind a catch-up read, say) is waited for, so that what
+        follows describes the log's last index: digest.json (the writer may not have run
+        since the last commit).
+        """
+        async with self._index_lock:
+            pass  # every decision made before the stop is now durable
+        self._refuse_waiting_submissions()
+        if self._digests is not None:
+            self._digests.write_now(self._state, role="master")
+
+    def _refuse_waiting_submissions(self) -> None:
+        """Submissions still queued for the stopped indexer are refused (not indexed), so
+        their submitters stop waiting; a worker's stay in its outbox for the next start."""
+        while True:
+            try:
+                sub = self._inbox_recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            sub.error = MasterStopping()
+            sub.done.set()
 
     def close(self) -> None:
         """Release the submission queue (done by `run` on its way out; idempotent). The
-        store is the caller's to close."""
+        store is the caller's to close; nothing is decided from here on."""
+        self._stop.set()
         self._inbox_send.close()
         self._inbox_recv.close()
 
@@ -551,7 +596,10 @@ class Master:
         while True:
             await anyio.sleep(self.config.plan_interval)
             if self.planner is not None:
-                await self.index_decision(self._plan_safely)
+                try:
+                    await self.index_decision(self._plan_safely)
+                except MasterStopping:
+                    return  # stopped between the sleep and the decision
 
     def _digest_reading(self) -> Reading:
         return self._state, {"role": "master"}
@@ -613,7 +661,12 @@ class Master:
                 events += self.connect_hook(state, peer, hello.boot_id, now)
             return events
 
-        await self.index_decision(connected)
+        try:
+            await self.index_decision(connected)
+        except MasterStopping as exc:
+            # Not a refusal of the node (it is not in `_REFUSALS`): it dials again.
+            await fs.fail("stopping", str(exc))
+            return
         log.info("node %s joined (passed hello)", peer)
         welcome = Welcome(
             node_id=peer,

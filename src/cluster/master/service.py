@@ -15,7 +15,7 @@ from cluster.control import (
     encode_message,
 )
 from cluster.master.requests import LOCAL_OPERATOR, decide
-from cluster.master.server import Master
+from cluster.master.server import Master, MasterStopping
 from cluster.shared.codec import to_builtins
 from cluster.shared.events import Event
 from cluster.shared.maintenance_policy import MaintenancePolicy
@@ -43,7 +43,11 @@ class MasterService:
             replies.append(made.reply)
             return list(made.events)
 
-        await self.master.index_decision(decision)
+        try:
+            await self.master.index_decision(decision)
+        except MasterStopping as exc:
+            # Refused before anything was decided: nothing of it is in the log.
+            return Reply(ok=False, message=str(exc))
         return replies[0]
 
     async def handle_local(self, request: Request) -> Reply:
