@@ -25,7 +25,7 @@ from cluster.shared import eventlog
 from cluster.shared.codec import state_digest
 from cluster.shared.digest_file import read_digest_file
 from cluster.shared.events import Event, NodeConnected
-from cluster.shared.store import EventStore
+from cluster.shared.store import EventStore, restore
 
 #: Bound on every wait: a broken master fails the test instead of hanging it.
 WAIT = 10.0
@@ -143,6 +143,79 @@ async def test_stop_waits_for_the_snapshot_being_written(
         assert store.snapshots.indices() == [3]
         assert not list((data_dir / "snapshots").glob(".*.tmp"))
     finally:
+        store.close()
+
+
+async def _stop_with_a_snapshot_due(master: Master, save: BlockedSave) -> None:
+    """Run `master` until a snapshot comes due while the one before is being written
+    (blocked in `save`), commit once more, then stop it; the blocked write is released once
+    the stop has begun (so the snapshotter cannot take the due one any more)."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(master.run)
+        await master.submit_master_events(_joins(0, 3))  # 1..3: due, taken, blocked
+        await save.wait_entered()
+        await master.submit_master_events(_joins(3, 7))  # 4..7: due, waiting behind it
+        await master.submit_master_events(_joins(7, 8))  # 8: not due again
+        master.stop()
+        await anyio.wait_all_tasks_blocked()  # the stop has cancelled the snapshotter
+        save.release.set()
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_due_at_stop_is_written_before_the_master_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that came due but had not begun to be written was dropped at stop: the
+    next start refolded every event since the one before (up to `snapshot_every`)."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir, snapshot_every=3)
+    save = BlockedSave(store.snapshots.save)
+    monkeypatch.setattr(store.snapshots, "save", save)
+    master = _master(store, data_dir)
+    try:
+        with anyio.fail_after(3 * WAIT):
+            await _stop_with_a_snapshot_due(master, save)
+        # The due one (at 7) is written at the final index: it covers it.
+        assert store.snapshots.indices() == [8, 3]
+    finally:
+        store.close()
+    with EventStore.open(data_dir) as reopened:
+        assert reopened.state == store.state
+        loaded = restore(reopened.log, reopened.snapshots)
+        assert loaded.snapshot_idx == 8, "the next start refolds events a snapshot held"
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_at_stop_that_hangs_does_not_hold_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded by `stop_snapshot_timeout`, then abandoned with a WARNING; the master ends
+    cleanly all the same (digest.json written), as a failed snapshot never stops it."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir, snapshot_every=3)
+    save = BlockedSave(store.snapshots.save)
+    hang = threading.Event()
+
+    def save_or_hang(idx: int, data: bytes) -> Path:
+        if idx == 8 and not hang.wait(WAIT):
+            raise TimeoutError("the hanging snapshot write was never released")
+        return save(idx, data)
+
+    monkeypatch.setattr(store.snapshots, "save", save_or_hang)
+    key_pair, _ = load_identity(data_dir)
+    config = MasterConfig(data_dir=data_dir, plan_interval=3600.0, stop_snapshot_timeout=0.2)
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), config)
+    try:
+        with anyio.fail_after(3 * WAIT), caplog.at_level(logging.WARNING):
+            await _stop_with_a_snapshot_due(master, save)
+        assert "snapshot at index 8 was not written within 0.2 s of stopping" in caplog.text
+        assert store.snapshots.indices() == [3]
+        written = read_digest_file(data_dir)
+        assert written is not None and written["idx"] == 8
+    finally:
+        hang.set()  # the abandoned write finishes (the log is not its concern)
+        assert await save.next_saved() == 3
+        assert await save.next_saved() == 8
         store.close()
 
 

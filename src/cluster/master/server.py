@@ -12,7 +12,8 @@ for it; an I/O error in a commit stops the master (fail-stop) after one ERROR li
 
 A clean stop is ordered (`_stop_cleanly`): from `stop()` on, decisions and submissions are
 refused (`MasterStopping`, "master is stopping"); the loops end; a decision already committing
-is waited for; then digest.json is written, so it describes the log's last index.
+is waited for; then digest.json and a snapshot that came due are written, so both describe
+the log's last index.
 
 Every libp2p frame costs a fixed ~0.1-0.3 ms of Python on each side, so the fan-out is
 built for few frames: a commit is encoded once and the same bytes go to every subscriber,
@@ -156,6 +157,9 @@ class MasterConfig:
     ack_interval: float = 0.1
     #: Where digest.json is kept current (None: not written; see DigestFileWriter).
     data_dir: Path | None = None
+    #: A clean stop writes a snapshot that came due and was not yet written, for at most this
+    #: long (then it is abandoned: the next start folds from the one before).
+    stop_snapshot_timeout: float = 30.0
 
 
 class _Submission:
@@ -374,13 +378,16 @@ class Master:
         New decisions were refused from `stop()` on; one that was already committing (a
         request waiting for the log behind a catch-up read, say) is waited for, so that what
         follows describes the log's last index: digest.json (the writer may not have run
-        since the last commit).
+        since the last commit), then the snapshot that came due and was not yet written.
         """
         async with self._index_lock:
             pass  # every decision made before the stop is now durable
         self._refuse_waiting_submissions()
         if self._digests is not None:
             self._digests.write_now(self._state, role="master")
+        if self._snapshot_next is not None:
+            self._snapshot_next = None
+            await self._write_last_snapshot(self._state)
 
     def _refuse_waiting_submissions(self) -> None:
         """Submissions still queued for the stopped indexer are refused (not indexed), so
@@ -392,6 +399,28 @@ class Master:
                 return
             sub.error = MasterStopping()
             sub.done.set()
+
+    async def _write_last_snapshot(self, state: State) -> None:
+        """Write the snapshot that came due before the stop, at the final index (it covers
+        the due one); bounded by `stop_snapshot_timeout`, and not fatal: a snapshot only
+        shortens the next load. One abandoned at the bound finishes or is pruned later (it
+        is written to a temporary file and renamed; it does not touch the log)."""
+        idx = state.last_applied
+        timeout = self.config.stop_snapshot_timeout
+        with anyio.move_on_after(timeout) as scope:
+            try:
+                await anyio.to_thread.run_sync(
+                    self.store.write_snapshot, state, abandon_on_cancel=True
+                )
+            except Exception:
+                log.exception("could not write a snapshot at index %d while stopping", idx)
+        if scope.cancelled_caught:
+            log.warning(
+                "the snapshot at index %d was not written within %g s of stopping: left "
+                "behind; the next start folds from an older one",
+                idx,
+                timeout,
+            )
 
     def close(self) -> None:
         """Release the submission queue (done by `run` on its way out; idempotent). The
@@ -578,7 +607,8 @@ class Master:
         The State is immutable, so commits go on meanwhile; snapshots that come due during
         a write are coalesced into the newest. A failure is logged, never fatal: the events
         are durable and a snapshot only shortens the next load. A write in progress is not
-        abandoned when the master stops: `stop()` waits for it.
+        abandoned when the master stops: `stop()` waits for it; one due and not yet taken
+        here is written by `_stop_cleanly`.
         """
         while True:
             await self._snapshot_wanted.wait()
@@ -587,7 +617,10 @@ class Master:
             if state is None:
                 continue
             try:
-                await anyio.to_thread.run_sync(self.store.write_snapshot, state)
+                # Shielded: a state taken is written, even if the stop came just now (the
+                # thread's start would otherwise be a cancellation point that drops it).
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.store.write_snapshot, state)
             except Exception:
                 log.exception("could not write a snapshot at index %d", state.last_applied)
 
