@@ -15,12 +15,21 @@ Layout in its directory:
   the hello's last_seq clears them (`skip_to`) and the master drops them as duplicates.
 - ``refused.jsonl``: events the master refused (`set_aside`), one JSON object per line with
   the seq, the event, and the master's code and reason: kept for the operator, never resent.
+- ``conflicts.jsonl``: the records of a seq that damage left two different events under
+  (see below), the same way: kept for the operator, never resent.
 
 On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
 Damage in the middle (a bad checksum with intact records after it) loses only the damaged
 bytes: the scan resumes at the next intact record (`_next_record`: the first offset that
 holds one, found without a check per byte), the file as found is kept beside the log
-(``events.log.damaged``) with an ERROR, and the log is rewritten with the records kept.
+(``events.log.damaged``, synced) with an ERROR, and the log is rewritten with the records kept.
+Damage can also bring intact records out of order (a page written again elsewhere, an older
+block showing through): a record whose seq does not exceed the one before it is damage too,
+with an ERROR naming its offset and both seqs. Copies of one event are kept once and the log
+is rewritten in seq order, so a master that drops every seq at or below its last one loses
+none of them. Two different records under one seq cannot both be ours, and the master may
+hold either: neither is resent, both go to ``conflicts.jsonl`` (seq, offset, event) with an
+ERROR.
 Sequence numbers never go backwards: the next seq is above both the watermark and every
 record on disk, so the master's (origin, seq) duplicate check stays correct across restarts.
 """
@@ -114,12 +123,63 @@ def _next_record(data: bytes, start: int) -> int | None:
     return None
 
 
+def _out_of_order(records: list[tuple[int, int, bytes]]) -> list[tuple[int, int, int]]:
+    """(offset, seq, seq of the record before) of each intact record whose seq does not
+    exceed the one before it in the file: only damage brings records out of order."""
+    return [
+        (at, seq, prev) for (_, prev, _), (at, seq, _) in itertools.pairwise(records) if seq <= prev
+    ]
+
+
+def _pending_in_order(
+    records: list[tuple[int, int, bytes]], acked: int
+) -> tuple[list[tuple[int, bytes]], list[tuple[int, list[tuple[int, bytes]]]]]:
+    """The unacknowledged records of a log out of order: (seq, payload) in seq order, each
+    seq once, and the seqs that different payloads claim with their (offset, payload)s.
+
+    A seq is given once and never again, so two intact records with one seq and one payload
+    are copies of one event: it is kept once. Different payloads under one seq cannot both
+    be this worker's event, and which one is cannot be told: the master may already hold
+    either under that seq, so neither may be resent as it (nor under a new seq: that could
+    log the same event twice)."""
+    by_seq: dict[int, list[tuple[int, bytes]]] = {}
+    for at, seq, payload in records:
+        if seq > acked:
+            by_seq.setdefault(seq, []).append((at, payload))
+    kept: list[tuple[int, bytes]] = []
+    conflicts: list[tuple[int, list[tuple[int, bytes]]]] = []
+    for seq in sorted(by_seq):
+        copies = by_seq[seq]
+        if all(payload == copies[0][1] for _, payload in copies):
+            kept.append((seq, copies[0][1]))
+        else:
+            conflicts.append((seq, copies))
+    return kept, conflicts
+
+
+def _shown(payload: bytes) -> object:
+    """A record's event as JSON shows it to an operator: the Event, or its bytes in hex if
+    they no longer decode."""
+    try:
+        return strict_decode(_event_decoder.decode, payload)
+    except msgspec.DecodeError:
+        return {"undecodable_msgpack_hex": payload.hex()}
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._log_path = directory / "events.log"
         self._ack_path = directory / "acked"
         self._refused_path = directory / "refused.jsonl"
+        self._conflicts_path = directory / "conflicts.jsonl"
         self._pending: deque[tuple[int, bytes]] = deque()
         self._acked = 0
         #: The watermark as ``acked`` holds it (may lag `_acked`, see the module docstring).
@@ -163,6 +223,7 @@ class Outbox:
         off = 0
         good_end = 0
         damaged: list[tuple[int, int]] = []  # (offset, bytes) of damage with records after it
+        records: list[tuple[int, int, bytes]] = []  # (offset, seq, payload) of intact records
         while off + _REC.size <= len(data):
             record_end = _record_end(data, off)
             if record_end is None:
@@ -175,14 +236,24 @@ class Outbox:
                 off = resume
                 continue
             _, seq, _ = _REC.unpack_from(data, off)
-            if seq > self._acked:
-                self._pending.append((seq, data[off + _REC.size : record_end]))
-                self._pending_size += record_end - off
-            self._last_seq = max(self._last_seq, seq)
+            records.append((off, seq, data[off + _REC.size : record_end]))
             off = good_end = record_end
-        if damaged:
+        if records:
+            self._last_seq = max(self._last_seq, max(seq for _, seq, _ in records))
+        disorder = _out_of_order(records)
+        pending = _pending_in_order(records, self._acked) if disorder else None
+        if pending is None:
+            kept = [(seq, payload) for _, seq, payload in records if seq > self._acked]
+            conflicts: list[tuple[int, list[tuple[int, bytes]]]] = []
+        else:
+            kept, conflicts = pending
+        self._pending.extend(kept)
+        self._pending_size = sum(_REC.size + len(payload) for _, payload in kept)
+        if damaged or disorder:
             aside = self._log_path.with_name(self._log_path.name + ".damaged")
-            aside.write_bytes(data)
+            # Durably, before the log is rewritten: the events dropped from it live on here.
+            write_bytes_durably(aside, data)
+        if damaged:
             log.error(
                 "outbox %s: %d damaged region(s) skipped (offset:bytes %s); the records after "
                 "them are kept, the events in them are lost; the file as found is in %s",
@@ -191,6 +262,22 @@ class Outbox:
                 ", ".join(f"{at}:{size}" for at, size in damaged),
                 aside,
             )
+        if disorder:
+            shown = ", ".join(
+                f"offset {at}: seq {seq} after seq {prev}" for at, seq, prev in disorder[:10]
+            )
+            log.error(
+                "outbox %s: %d intact record(s) out of sequence order (%s%s): damage repeated "
+                "or moved them; each event is kept once and resent in seq order; the file as "
+                "found is in %s",
+                self._log_path,
+                len(disorder),
+                shown,
+                f", and {len(disorder) - 10} more" if len(disorder) > 10 else "",
+                aside,
+            )
+        if conflicts:
+            self._set_conflicts_aside(conflicts)
         if good_end < len(data):
             log.warning(
                 "outbox %s: dropped a torn tail of %d bytes at offset %d",
@@ -198,7 +285,7 @@ class Outbox:
                 len(data) - good_end,
                 good_end,
             )
-        if damaged:
+        if damaged or disorder:
             self._rewrite_pending()
             return
         if good_end < len(data):
@@ -207,6 +294,25 @@ class Outbox:
                 f.flush()
                 os.fsync(f.fileno())
         self._size = good_end
+
+    def _set_conflicts_aside(self, conflicts: list[tuple[int, list[tuple[int, bytes]]]]) -> None:
+        """Append the records of seqs that two different intact records claim to
+        ``conflicts.jsonl`` (synced), with an ERROR: neither is resent."""
+        lines = []
+        for seq, copies in conflicts:
+            log.error(
+                "outbox %s: seq %d is held by %d different records (offsets %s): none of them "
+                "is resent (the master may hold either one under that seq); they are kept in %s",
+                self._log_path,
+                seq,
+                len(copies),
+                ", ".join(str(at) for at, _ in copies),
+                self._conflicts_path,
+            )
+            for at, payload in copies:
+                entry = {"seq": seq, "offset": at, "event": _shown(payload)}
+                lines.append(msgspec.json.encode(entry) + b"\n")
+        _append_synced(self._conflicts_path, b"".join(lines))
 
     def _pending_records(self) -> bytes:
         """The unacknowledged records as the log holds them, rebuilt from memory."""
@@ -301,17 +407,10 @@ class Outbox:
         if not pending or pending[0][0] != seq:
             raise OutboxError(f"seq {seq} is not the oldest unacknowledged event")
         payload = pending[0][1]
-        event: Event | None
-        try:
-            event = strict_decode(_event_decoder.decode, payload)
-            shown: object = event
-        except msgspec.DecodeError:
-            event, shown = None, {"undecodable_msgpack_hex": payload.hex()}
+        shown = _shown(payload)
+        event = shown if isinstance(shown, Event) else None
         line = msgspec.json.encode({"seq": seq, "code": code, "reason": reason, "event": shown})
-        with open(self._refused_path, "ab") as f:
-            f.write(line + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_synced(self._refused_path, line + b"\n")
         self.ack(seq)
         self._persist_ack()  # at once: after a crash it must not be offered (and refused) again
         return event
