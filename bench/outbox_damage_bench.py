@@ -1,13 +1,19 @@
-"""Opening a large worker outbox after damage: the cost of finding the next intact record.
+"""Opening a large worker outbox, undamaged and after damage.
 
 Run: .venv/bin/python bench/outbox_damage_bench.py [--mib 32] [--rounds 3]
 
-Writes an outbox of about `--mib` MiB of work reports, then for each kind of damage (a
-flipped bit, a zeroed 4 KiB page, a zeroed MiB and a MiB of garbage near the start, a 4 MiB
-tail of zeros as a crash leaves when the file grew but its blocks were never written) times
-the search from the damage to the next intact record (`outbox._next_record`) and the whole
-`Outbox.open`, best of `--rounds`, beside the open of the undamaged file. Run it with
-PYTHONPATH pointing at another checkout's src to compare two versions.
+Writes an outbox of about `--mib` MiB of work reports, then for the undamaged file and each
+kind of damage (a flipped bit, a zeroed 4 KiB page, a zeroed MiB and a MiB of garbage near
+the start, a 4 MiB tail of zeros as a crash leaves when the file grew but its blocks were
+never written) times, best of `--rounds`:
+
+- search: from the damage to the next intact record (`outbox._next_record`);
+- scan: finding every intact record of the file in bulk (`outbox._scan`, what open does);
+- per record: the same scan as it was before it went bulk, `_record_end` for one record at a
+  time (kept here, `per_record_scan`, for the comparison in one run);
+- open: the whole `Outbox.open` (the file written beforehand, not timed).
+
+Run it with PYTHONPATH pointing at another checkout's src to compare two versions.
 """
 
 from __future__ import annotations
@@ -64,9 +70,29 @@ def damaged(clean: bytes, kind: str) -> tuple[bytes, int]:
     return bytes(d), AT
 
 
-def best(rounds: int, run: Callable[[], object]) -> float:
+def per_record_scan(data: bytes) -> list[tuple[int, bytes]]:
+    """The records of `data` found as `Outbox.open` found them before its scan went bulk: a
+    check per record, (seq, payload) for each intact one."""
+    records: list[tuple[int, bytes]] = []
+    off = 0
+    while off + outbox._REC.size <= len(data):
+        end = outbox._record_end(data, off)
+        if end is None:
+            resume = outbox._next_record(data, off + 1)
+            if resume is None:
+                break
+            off = resume
+            continue
+        _, seq, _ = outbox._REC.unpack_from(data, off)
+        records.append((seq, data[off + outbox._REC.size : end]))
+        off = end
+    return records
+
+
+def best(rounds: int, run: Callable[[], object], setup: Callable[[], object] = tuple) -> float:
     times = []
     for _ in range(rounds):
+        setup()
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
@@ -84,24 +110,37 @@ def main() -> None:
         clean = build(root / "clean", args.mib)
         print(f"outbox: {len(clean) / 2**20:.1f} MiB, code from {outbox.__file__}")
 
-        def open_file(data: bytes) -> int:
-            directory = root / "box"
+        directory = root / "box"
+
+        def place(data: bytes) -> None:
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir()
             (directory / "events.log").write_bytes(data)
+
+        def open_box() -> int:
             box = Outbox.open(directory)
             kept = len(box)
             box.close()
             return kept
 
-        print(f"{'damage':16} {'search':>10} {'open':>10}  records kept")
-        t_open = best(args.rounds, partial(open_file, clean))
-        print(f"{'none':16} {'':>10} {t_open * 1000:8.1f}ms  {open_file(clean)}")
-        for kind in ("bit", "zero 4 KiB", "zero 1 MiB", "garbage 1 MiB", "zero tail 4 MiB"):
-            data, start = damaged(clean, kind)
-            t_search = best(args.rounds, partial(outbox._next_record, data, start + 1))
-            t_open = best(args.rounds, partial(open_file, data))
-            print(f"{kind:16} {t_search * 1000:8.1f}ms {t_open * 1000:8.1f}ms  {open_file(data)}")
+        print(
+            f"{'damage':16} {'search':>10} {'scan':>10} {'per record':>10} {'open':>10}"
+            "  records kept"
+        )
+        for kind in ("none", "bit", "zero 4 KiB", "zero 1 MiB", "garbage 1 MiB", "zero tail 4 MiB"):
+            data, start = damaged(clean, kind) if kind != "none" else (clean, -1)
+            searched = ""
+            if start >= 0:
+                t = best(args.rounds, partial(outbox._next_record, data, start + 1))
+                searched = f"{t * 1000:8.1f}ms"
+            t_scan = best(args.rounds, partial(outbox._scan, data))
+            t_per_record = best(args.rounds, partial(per_record_scan, data))
+            t_open = best(args.rounds, open_box, partial(place, data))
+            place(data)
+            print(
+                f"{kind:16} {searched:>10} {t_scan * 1000:8.1f}ms {t_per_record * 1000:8.1f}ms "
+                f"{t_open * 1000:8.1f}ms  {open_box()}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

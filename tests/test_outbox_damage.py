@@ -1,5 +1,6 @@
 """The outbox's search for the next intact record after damage: the same answers as checking
-every offset, byte by byte, without checking every offset."""
+every offset, byte by byte, without checking every offset. And its scan of a whole log, with
+the checks inlined: the same records as `_record_end` finds one by one."""
 
 from __future__ import annotations
 
@@ -28,6 +29,29 @@ def _byte_by_byte(data: bytes, start: int) -> int | None:
         if outbox_module._record_end(data, off) is not None:
             return off
     return None
+
+
+def _record_by_record(
+    data: bytes,
+) -> tuple[list[int], list[tuple[int, bytes]], list[tuple[int, int]], int]:
+    """The scan as it was: `_record_end` for each record in turn (the reference)."""
+    offsets: list[int] = []
+    records: list[tuple[int, bytes]] = []
+    damaged: list[tuple[int, int]] = []
+    off = good_end = 0
+    while off + HEADER <= len(data):
+        end = outbox_module._record_end(data, off)
+        if end is None:
+            resume = outbox_module._next_record(data, off + 1)
+            if resume is None:
+                break
+            damaged.append((off, resume - off))
+            off = resume
+            continue
+        offsets.append(off)
+        records.append((outbox_module._REC.unpack_from(data, off)[1], data[off + HEADER : end]))
+        off = good_end = end
+    return offsets, records, damaged, good_end
 
 
 def _record(seq: int, payload: bytes) -> bytes:
@@ -161,6 +185,16 @@ def test_the_search_finds_what_a_byte_by_byte_scan_finds(
         assert outbox_module._next_record(data, start) == _byte_by_byte(data, start), start
 
 
+@pytest.mark.parametrize("name", ["none", *DAMAGES])
+def test_the_scan_finds_what_a_record_by_record_scan_finds(
+    name: str, clean: tuple[bytes, list[int]]
+) -> None:
+    data = clean[0] if name == "none" else _damaged(clean, DAMAGES[name])
+    expected = _record_by_record(data)
+    assert expected[1], "records were found"
+    assert outbox_module._scan(data) == expected
+
+
 @pytest.mark.parametrize("name", DAMAGES)
 def test_opening_a_damaged_outbox_keeps_the_same_records_and_says_the_same(
     name: str,
@@ -207,7 +241,7 @@ def test_opening_a_damaged_outbox_keeps_the_same_records_and_says_the_same(
         max_size=4,
     )
 )
-def test_any_damage_is_searched_as_byte_by_byte(
+def test_any_damage_is_searched_and_scanned_as_one_by_one(
     clean: tuple[bytes, list[int]], damages: list[tuple[str, int, int, int]]
 ) -> None:
     data = bytearray(clean[0])
@@ -226,6 +260,7 @@ def test_any_damage_is_searched_as_byte_by_byte(
     blob = bytes(data)
     for start in {1, *(min(at, len(blob)) for _, at, _, _ in damages)}:
         assert outbox_module._next_record(blob, start) == _byte_by_byte(blob, start)
+    assert outbox_module._scan(blob) == _record_by_record(blob)
 
 
 def test_a_header_of_zeros_is_never_intact() -> None:

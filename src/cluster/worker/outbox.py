@@ -18,7 +18,10 @@ Layout in its directory:
 - ``conflicts.jsonl``: the records of a seq that damage left two different events under
   (see below), the same way: kept for the operator, never resent.
 
-On open, a torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
+On open every record is checked (length, checksum) by one loop with the checks inlined
+(`_intact_run`: no Python call per record, a 32 MiB log of 250,000 records in about 0.2 s
+where a call per record took 0.5 s; `bench/outbox_damage_bench.py`).
+A torn or corrupt tail (a record cut by a crash) is truncated with a WARNING.
 Damage in the middle (a bad checksum with intact records after it) loses only the damaged
 bytes: the scan resumes at the next intact record (`_next_record`: the first offset that
 holds one, found without a check per byte), the file as found is kept beside the log
@@ -36,8 +39,10 @@ record on disk, so the master's (origin, seq) duplicate check stays correct acro
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
+import operator
 import os
 import re
 import struct
@@ -58,6 +63,7 @@ _REC: Final = struct.Struct(">IQI")
 _pack_rec = _REC.pack
 _pack_seq = struct.Struct(">Q").pack
 _crc32 = zlib.crc32
+_seq_of = operator.itemgetter(0)
 _ACK: Final = struct.Struct(">QI")
 #: Rewrite the log without acknowledged records once they take this much of it -- and at
 #: least half of it, so that a long backlog is not copied again on every ack.
@@ -173,6 +179,67 @@ def _append_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _intact_run(data: bytes, start: int) -> tuple[list[int], list[tuple[int, bytes]], int]:
+    """The intact records back to back from `start`: their offsets and (seq, payload)s, and
+    the end of the run (the first offset from `start` that holds no intact record).
+
+    The same records as `_record_end` called record by record, with the checks inlined: a
+    record costs one header read, one payload copy, two C checksum calls and no Python call
+    of its own (an outbox of 32 MiB holds some 250,000 records), and its (seq, payload) is
+    made once, as the outbox keeps it. An undamaged log is one run."""
+    size = len(data)
+    header = _REC.size
+    last = size - header
+    unpack = _REC.unpack_from
+    pack_seq = _pack_seq
+    crc32 = _crc32
+    offsets: list[int] = []
+    records: list[tuple[int, bytes]] = []
+    keep_offset, keep_record = offsets.append, records.append
+    off = start
+    while off <= last:
+        length, seq, crc = unpack(data, off)
+        begin = off + header
+        end = begin + length
+        if length > MAX_EVENT_BYTES or end > size:
+            break
+        payload = data[begin:end]
+        if crc32(payload, crc32(pack_seq(seq))) != crc:
+            break
+        keep_offset(off)
+        keep_record((seq, payload))
+        off = end
+    return offsets, records, off
+
+
+def _scan(data: bytes) -> tuple[list[int], list[tuple[int, bytes]], list[tuple[int, int]], int]:
+    """Every intact record of a log in file order: offsets and (seq, payload)s; the damaged
+    regions that have intact records after them, as (offset, bytes); and the end of the last
+    intact record (what follows it is a torn tail). The same answer as checking record by
+    record (`_record_end`) and searching after each damage (`_next_record`)."""
+    good_end = 0
+    damaged: list[tuple[int, int]] = []
+    offsets: list[int] = []
+    records: list[tuple[int, bytes]] = []
+    off = 0
+    while True:
+        run_offsets, run_records, off = _intact_run(data, off)
+        if run_records:
+            offsets += run_offsets
+            records += run_records
+            good_end = off
+        if off + _REC.size > len(data):
+            break
+        # No intact record at `off`. A torn tail (a crash mid-write) ends the file; damage in
+        # the middle has intact records after it: find the next one rather than drop them all.
+        resume = _next_record(data, off + 1)
+        if resume is None:
+            break
+        damaged.append((off, resume - off))
+        off = resume
+    return offsets, records, damaged, good_end
+
+
 class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -220,35 +287,24 @@ class Outbox:
             data = self._log_path.read_bytes()
         except FileNotFoundError:
             return
-        off = 0
-        good_end = 0
-        damaged: list[tuple[int, int]] = []  # (offset, bytes) of damage with records after it
-        records: list[tuple[int, int, bytes]] = []  # (offset, seq, payload) of intact records
-        while off + _REC.size <= len(data):
-            record_end = _record_end(data, off)
-            if record_end is None:
-                # A torn tail (a crash mid-write) ends the file; damage in the middle has
-                # intact records after it: find the next one rather than drop them all.
-                resume = _next_record(data, off + 1)
-                if resume is None:
-                    break
-                damaged.append((off, resume - off))
-                off = resume
-                continue
-            _, seq, _ = _REC.unpack_from(data, off)
-            records.append((off, seq, data[off + _REC.size : record_end]))
-            off = good_end = record_end
-        if records:
-            self._last_seq = max(self._last_seq, max(seq for _, seq, _ in records))
-        disorder = _out_of_order(records)
-        pending = _pending_in_order(records, self._acked) if disorder else None
-        if pending is None:
-            kept = [(seq, payload) for _, seq, payload in records if seq > self._acked]
-            conflicts: list[tuple[int, list[tuple[int, bytes]]]] = []
+        offsets, records, damaged, good_end = _scan(data)
+        seqs = list(map(_seq_of, records))
+        if seqs:
+            self._last_seq = max(self._last_seq, max(seqs))
+        conflicts: list[tuple[int, list[tuple[int, bytes]]]] = []
+        disorder: list[tuple[int, int, int]] = []
+        if all(map(operator.lt, seqs, itertools.islice(seqs, 1, None))):
+            # In order, as an undamaged log always is: the records after the watermark are
+            # the outbox, as they are.
+            pending = records[bisect.bisect_right(seqs, self._acked) :]
         else:
-            kept, conflicts = pending
-        self._pending.extend(kept)
-        self._pending_size = sum(_REC.size + len(payload) for _, payload in kept)
+            placed = [
+                (at, seq, payload) for at, (seq, payload) in zip(offsets, records, strict=True)
+            ]
+            disorder = _out_of_order(placed)
+            pending, conflicts = _pending_in_order(placed, self._acked)
+        self._pending.extend(pending)
+        self._pending_size = sum(len(payload) for _, payload in pending) + _REC.size * len(pending)
         if damaged or disorder:
             aside = self._log_path.with_name(self._log_path.name + ".damaged")
             # Durably, before the log is rewritten: the events dropped from it live on here.
