@@ -70,15 +70,49 @@ def test_each_new_durable_directory_level_has_its_parent_synced(
         assert _ino(parent) in synced, f"{parent} was not fsynced after its new entry"
 
 
-def test_an_existing_directory_costs_no_sync(
+@pytest.mark.parametrize(
+    "create",
+    [_open_log, _save_snapshot, _open_outbox, _create_seed, prepare_data_dir, make_dirs_durably],
+)
+def test_each_durable_directory_found_existing_has_its_parents_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, create: Callable[[Path], None]
+) -> None:
+    """As an earlier start killed between its mkdir and its parent's fsync leaves them."""
+    target = tmp_path / "data" / "inner"
+    target.mkdir(parents=True)
+    synced = _spy_syncs(monkeypatch)
+    create(target)
+    for parent in (tmp_path, tmp_path / "data"):
+        assert _ino(parent) in synced, f"{parent} was not fsynced for its existing entry"
+
+
+def test_an_existing_directory_has_its_parent_chain_synced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An earlier call killed (kill -9) between its mkdir and its parent's fsync left the
+    directory there but its entry maybe not on disk: a call that finds it syncs it again,
+    and the levels above it (which the same call may have created)."""
     (tmp_path / "a" / "b").mkdir(parents=True)
     synced = _spy_syncs(monkeypatch)
     make_dirs_durably(tmp_path / "a" / "b")
-    assert synced == []
-    make_dirs_durably(tmp_path / "a" / "b" / "c")  # only the new level's parent
-    assert synced == [_ino(tmp_path / "a" / "b")]
+    assert _ino(tmp_path / "a") in synced and _ino(tmp_path) in synced
+    synced.clear()
+    make_dirs_durably(tmp_path / "a" / "b" / "c")  # a new level and the chain above it
+    assert synced[0] == _ino(tmp_path / "a" / "b")
+    assert _ino(tmp_path / "a") in synced and _ino(tmp_path) in synced
+
+
+def test_the_chain_stops_below_a_directory_this_process_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No level in it can have been created by us: what is above it is not ours to sync
+    (and a directory we may not write can be one we may not open either)."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    synced = _spy_syncs(monkeypatch)
+    make_dirs_durably(tmp_path / "a" / "b")
+    assert synced == [_ino(tmp_path / "a")]
 
 
 def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
@@ -95,7 +129,7 @@ def test_a_relative_path_is_created_under_the_working_directory(
     monkeypatch.chdir(tmp_path)
     synced = _spy_syncs(monkeypatch)
     make_dirs_durably(Path("rel"))
-    assert (tmp_path / "rel").is_dir() and synced == [_ino(tmp_path)]
+    assert (tmp_path / "rel").is_dir() and synced[0] == _ino(tmp_path)
 
 
 def test_a_new_secret_file_has_its_directory_entry_synced(

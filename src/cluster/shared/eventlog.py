@@ -452,14 +452,15 @@ def _read_segment(seg: _Segment, start_idx: int) -> Generator[tuple[int, bytes],
 def _check_directory(directory: Path, readonly: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise LogDirectoryError(f"event log path {directory} is not a directory")
-    if not directory.exists():
-        if readonly:
-            raise LogDirectoryError(f"event log directory {directory} does not exist")
+    if readonly and not directory.exists():
+        raise LogDirectoryError(f"event log directory {directory} does not exist")
+    if not readonly:
+        # Also when it exists: a start killed before its parent's fsync may have left it.
         try:
             make_dirs_durably(directory)
         except OSError as exc:
             raise LogDirectoryError(
-                f"cannot create event log directory {directory}: {exc}"
+                f"cannot create event log directory {directory} (or sync it to disk): {exc}"
             ) from exc
     need = os.R_OK | os.X_OK | (0 if readonly else os.W_OK)
     if not os.access(directory, need):

@@ -26,22 +26,30 @@ def fsync_dir(directory: Path) -> None:
 
 
 def make_dirs_durably(directory: Path) -> None:
-    """Create `directory` and any missing parents (like ``mkdir -p``), each new entry on disk
+    """Create `directory` and any missing parents (like ``mkdir -p``), each entry on disk
     before returning: the parent of every level created is fsynced, so a power loss cannot
-    take back a new directory, and with it the files later written durably inside it. A
-    directory that exists already costs no fsync. `FileExistsError` if a level is a file."""
+    take back a new directory, and with it the files later written durably inside it.
+
+    The levels that exist already have their parents fsynced too, up to the first parent this
+    process may not write (no level in it can be ours): an earlier call killed between its
+    mkdir and that fsync left a directory whose entry may not be on disk, and finding it
+    present proves nothing. An fsync of a directory with nothing to write is cheap.
+    `FileExistsError` if a level is a file."""
     missing: list[Path] = []
-    level = Path(directory)
+    level = Path(directory).absolute()
     while not level.is_dir() and level.parent != level:
         missing.append(level)
         level = level.parent
-    for level in reversed(missing):
+    for new in reversed(missing):
         try:
-            os.mkdir(level)
+            os.mkdir(new)
         except FileExistsError:
-            if not level.is_dir():
+            if not new.is_dir():
                 raise
+        fsync_dir(new.parent)
+    while level.parent != level and os.access(level.parent, os.W_OK):
         fsync_dir(level.parent)
+        level = level.parent
 
 
 def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
