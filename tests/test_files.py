@@ -3,6 +3,7 @@ entry on disk (the parent of each new level fsynced), so a power loss cannot tak
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,29 @@ def test_the_chain_stops_below_a_directory_this_process_cannot_write(
     synced = _spy_syncs(monkeypatch)
     make_dirs_durably(tmp_path / "a" / "b")
     assert synced == [_ino(tmp_path / "a")]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EROFS])
+def test_a_level_found_existing_on_a_filesystem_that_cannot_sync_it_is_no_error(
+    code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above what the call creates, a filesystem that cannot sync a directory (EINVAL on some
+    network and FUSE filesystems) or is read-only ends the chain: nothing there can be made
+    durable, and a worker that started there before must still start. A level this call
+    creates still needs its sync: there the error stands."""
+    (tmp_path / "a").mkdir()
+    real = os.fsync
+
+    def refuse_above(fd: int) -> None:
+        if os.fstat(fd).st_ino == _ino(tmp_path)[1]:
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_above)
+    make_dirs_durably(tmp_path / "a" / "b")  # syncs a (created b), then tmp_path: refused
+    assert (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(OSError):
+        make_dirs_durably(tmp_path / "c")  # c is new: its entry in tmp_path must be synced
 
 
 def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ restart after a crash) never sees one half-written; and directories created dura
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -48,8 +49,20 @@ def make_dirs_durably(directory: Path) -> None:
                 raise
         fsync_dir(new.parent)
     while level.parent != level and os.access(level.parent, os.W_OK):
-        fsync_dir(level.parent)
+        try:
+            fsync_dir(level.parent)
+        except OSError as exc:
+            # A level that existed before this call on a filesystem that cannot sync a
+            # directory (EINVAL: some network and FUSE filesystems) or is read-only: nothing
+            # there can be made durable, and refusing to start over it helps no one.
+            if exc.errno in _CANNOT_SYNC:
+                return
+            raise
         level = level.parent
+
+
+#: fsync errors that mean the filesystem cannot sync this directory at all.
+_CANNOT_SYNC = frozenset({errno.EINVAL, errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
