@@ -17,6 +17,13 @@ Layout in its directory:
   the seq, the event, and the master's code and reason: kept for the operator, never resent.
 - ``conflicts.jsonl``: the records of a seq that damage left two different events under
   (see below), the same way: kept for the operator, never resent.
+- ``unanchored``: present from the creation of a new outbox until the master's first
+  welcome. A new outbox numbers its events from 1, but the master may already hold events
+  of this node under those seqs (the node kept its key and lost its outbox: wiped, restored
+  from a backup without it): `skip_to` would take the events the worker emitted before the
+  first welcome -- a self-test result, runner states, work -- for ones the master holds and
+  drop them. Unanchored, it renumbers them above the master's count instead (nothing has
+  been sent before the first welcome, so nothing under the old seqs can be at the master).
 
 On open every record is checked (length, checksum) by one loop with the checks inlined
 (`_intact_run`: no Python call per record; a 32 MiB log of 250,000 records opens in about
@@ -56,7 +63,7 @@ import msgspec
 
 from cluster.shared.codec import strict_decode
 from cluster.shared.events import MAX_EVENT_BYTES, Event
-from cluster.shared.files import make_dirs_durably, try_lock, write_bytes_durably
+from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock, write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +266,9 @@ class Outbox:
         #: Bytes of `events.log` that unacknowledged records take (the rest is garbage).
         self._pending_size = 0
         self._dirty = False
+        self._unanchored_path = directory / "unanchored"
+        #: Whether the seqs are known to continue the master's count (see the module doc).
+        self._anchored = True
 
     # ---------------------------------------------------------------- open / recovery
     @classmethod
@@ -270,6 +280,12 @@ class Outbox:
         box = cls(directory)
         box._lock_fd = _lock(directory)
         try:
+            if not box._log_path.exists() and not box._ack_path.exists():
+                # A new outbox: its numbering is anchored by the master's first welcome. The
+                # marker is on disk before any record, so a restart before that welcome
+                # still knows. (An outbox from before the marker existed counts as anchored.)
+                write_bytes_durably(box._unanchored_path, b"")
+            box._anchored = not box._unanchored_path.exists()
             box._acked = box._acked_on_disk = box._read_ack()
             box._last_seq = box._acked
             box._load_log()
@@ -438,6 +454,8 @@ class Outbox:
         """Everything up to `seq` is durable at the master: forget it (persistently)."""
         if seq <= self._acked:
             return
+        if not self._anchored:  # the master acknowledged our seqs: they are its count
+            self._drop_marker()
         seq = min(seq, self._last_seq)
         self._acked = seq
         pending = self._pending
@@ -478,10 +496,47 @@ class Outbox:
 
     def skip_to(self, last_seq_at_master: int) -> None:
         """The master already holds our events up to this seq (our ack was lost in a crash,
-        or our outbox was wiped): treat them as acknowledged and never reuse those seqs."""
+        or our outbox was wiped): treat them as acknowledged and never reuse those seqs.
+
+        Called with each welcome, before anything is sent. The first one anchors a new
+        outbox: records it numbered at or below the master's seq were never sent (nothing
+        is sent before a welcome) and are renumbered above it, not dropped."""
+        if not self._anchored:
+            self._anchor(last_seq_at_master)
         if last_seq_at_master > self._last_seq:
             self._last_seq = last_seq_at_master
         self.ack(last_seq_at_master)
+
+    def _anchor(self, last_seq_at_master: int) -> None:
+        pending = self._pending
+        if pending and pending[0][0] <= last_seq_at_master:
+            log.warning(
+                "outbox %s is new, but the master already holds %d event(s) of this node: "
+                "its outbox was removed while its key was kept; the %d event(s) emitted "
+                "since the start are renumbered from seq %d, not dropped",
+                self.directory,
+                last_seq_at_master,
+                len(pending),
+                last_seq_at_master + 1,
+            )
+            renumbered = [
+                (last_seq_at_master + k, payload) for k, (_, payload) in enumerate(pending, start=1)
+            ]
+            pending.clear()
+            pending.extend(renumbered)
+            self._last_seq = renumbered[-1][0]
+            # Durably before the marker goes: a crash in between renumbers nothing again
+            # (the records are already above the master's seq at the next welcome).
+            self._rewrite_pending()
+            os.close(self._fd)
+            self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
+            self._dirty = False
+        self._drop_marker()
+
+    def _drop_marker(self) -> None:
+        self._unanchored_path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        self._anchored = True
 
     def _persist_ack(self) -> None:
         if self._acked != self._acked_on_disk:
