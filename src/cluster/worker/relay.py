@@ -49,8 +49,12 @@ class HostRelay:
             except ControlError as exc:
                 return Reply(ok=False, message=str(exc))
         if isinstance(request, StatusRequest):
-            state = self.worker.state
-            mine = node_status(state, self.worker.node_id, state.last_time_ms)
+            worker = self.worker
+            state = worker.state
+            # Its own distance to the head of the log, as the master's view passes it: a
+            # worker far behind is "catching up", not what its old state says.
+            behind = max(0, worker.master_last_idx - state.last_applied)
+            mine = node_status(state, worker.node_id, state.last_time_ms, events_behind=behind)
             return Reply(
                 ok=True,
                 message=f"worker {self.worker.node_id} ({self.worker.phase}): {mine.message}",
