@@ -367,12 +367,13 @@ def _doc_config_blocks() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("doc", "block"), _doc_config_blocks())
 def test_the_docs_config_examples_load(doc: str, block: str, tmp_path: Path) -> None:
-    """The example `operator_ids` once held a placeholder that the peer-id check refuses."""
-    from cluster.master.settings import load_settings
+    """The example `operator_ids` once held a placeholder that the peer-id check refuses.
+    No example shows settings that work against each other either."""
+    from cluster.master.settings import load_settings, settings_warnings
 
     path = tmp_path / "cluster.toml"
     path.write_text(block, encoding="utf-8")
-    load_settings(path)
+    assert settings_warnings(*load_settings(path)) == []
 
 
 def test_the_docs_have_config_examples() -> None:
@@ -387,3 +388,27 @@ def test_a_stale_cycles_flag_at_or_below_fresh_idle_cycles_is_named(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--stale-cycles" in err and "fresh_idle_cycles (1)" in err, err
+
+
+def test_a_drain_lead_shorter_than_an_epoch_is_warned_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each setting is valid alone; together, placement skips a node for the epoch crossing
+    its window before the window drains, and a cancel in between is free. Warned, not
+    refused: an operator who only lengthened the epoch keeps a running master."""
+    from cluster.master.config import PlannerConfig
+    from cluster.master.node import MasterNode, MasterNodeConfig
+    from cluster.master.settings import settings_warnings
+    from cluster.net.membership import Membership
+    from cluster.shared.maintenance_policy import MaintenancePolicy
+
+    assert settings_warnings(PlannerConfig(), MaintenancePolicy()) == []
+    long_epochs = PlannerConfig(epoch_length_ms=30 * 60_000)
+    (warning,) = settings_warnings(long_epochs, MaintenancePolicy())
+    assert warning.startswith("maintenance drain_lead_ms (10m) is shorter than an epoch (30m)")
+    assert settings_warnings(long_epochs, MaintenancePolicy(drain_lead_ms=30 * 60_000)) == []
+
+    with caplog.at_level("WARNING", logger="cluster.master.node"):
+        config = MasterNodeConfig(planner=long_epochs, http=None, control_socket=False)
+        MasterNode(tmp_path / "m", Membership(secret=b"s" * 32), config).close()
+    assert [r.getMessage() for r in caplog.records] == [warning]

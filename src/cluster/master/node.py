@@ -16,6 +16,7 @@ master builds a `MasterNode` directly (docs/embedding.md):
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,12 +34,15 @@ from cluster.master.maintenance import on_reconnect
 from cluster.master.planner import Planner
 from cluster.master.server import Master, MasterConfig
 from cluster.master.service import MasterService
+from cluster.master.settings import settings_warnings
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
 from cluster.shared.events import Event
 from cluster.shared.maintenance_policy import DEFAULT_POLICY, MaintenancePolicy
 from cluster.shared.state import State
 from cluster.shared.store import EventStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class MasterNode:
     ) -> None:
         if config.http is not None:
             check_config(config.http)  # a token off loopback, etc.: refused before serving
+        for warning in settings_warnings(config.planner, config.policy):
+            log.warning("%s", warning)
         shell = MasterConfig(
             listen=list(config.listen),
             # One source for the cycle: the planner's rules and the loop that runs them.

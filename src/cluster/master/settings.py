@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.master.config import PlannerConfig
+from cluster.shared.humanize import format_duration
 from cluster.shared.maintenance_policy import MaintenancePolicy, PolicyError, policy_from_mapping
 
 SECTIONS = ("planner", "maintenance")
@@ -54,3 +55,18 @@ def load_settings(path: Path | None) -> tuple[PlannerConfig, MaintenancePolicy]:
     except PolicyError as exc:
         raise SettingsError(str(exc)) from None
     return planner, policy
+
+
+def settings_warnings(planner: PlannerConfig, policy: MaintenancePolicy) -> list[str]:
+    """Settings that are each valid but work against each other, in words for a WARNING at
+    start (refusing them would stop a master whose operator only lengthened the epoch)."""
+    warnings: list[str] = []
+    if policy.drain_lead_ms < planner.epoch_length_ms:
+        warnings.append(
+            f"maintenance drain_lead_ms ({format_duration(policy.drain_lead_ms)}) is shorter "
+            f"than an epoch ({format_duration(planner.epoch_length_ms)}): placement skips a "
+            "node for the epoch that crosses its window before the window starts draining, "
+            "so a window cancelled in between cost placement but no credit; set drain_lead_ms "
+            "to at least epoch_length_ms (docs/maintenance.md)"
+        )
+    return warnings
