@@ -411,22 +411,39 @@ def test_an_unfilled_slot_does_not_shift_the_others_at_the_epoch_turn() -> None:
     assert (by_slot[0], by_slot[2]) == ("a", "c")
 
 
-def test_a_node_keeps_as_many_slots_as_it_held_after_its_devshard_is_finalized() -> None:
-    """a held two slots of the session: what stickiness remembers gives it both back,
-    rather than one (the remembered set of nodes did) and a draw that loads a runner on
-    another node while one of a's is stopped."""
-    world = World()
+def _doubled_on_a(world: World) -> tuple[SessionRecord, EpochRecord]:
+    """Session "s" held slots 0 and 1 on a and 2 on b in epoch 1; epoch 2 has started."""
     _placed_by_hand(world, [(0, "a"), (1, "a"), (2, "b")])
     world.master([DevshardFinalized(devshard_id="ds-1-s", epoch=1)])
     assert world.state.last_nodes_by_session["s"] == ("a", "a", "b")
     world.tick(CFG.epoch_length_ms)
-    epoch2 = _epoch(world)
-    session = world.state.sessions["s"]
+    return world.state.sessions["s"], _epoch(world)
+
+
+def test_a_node_keeps_as_many_slots_as_it_held_after_its_devshard_is_finalized() -> None:
+    """a held two slots of the session and no other node has room (c is full): what
+    stickiness remembers gives it both back, rather than one (the remembered set of nodes
+    did) and a draw that loads a runner on another node while one of a's is stopped."""
+    world = World()
+    session, epoch2 = _doubled_on_a(world)
+    pool = PlacementPool(
+        world.state, now_ms=epoch2.start_ms, work_end_ms=epoch2.end_ms, used={"c": 4}
+    )
+    (placed,) = of_type([place_session(session, epoch2, pool, ("a", "a", "b"))], DevshardPlaced)
+    assert [(a.slot, a.node_id) for a in placed.assignments] == [(0, "a"), (1, "a"), (2, "b")]
+
+
+def test_a_doubled_node_gives_its_extra_slot_to_a_node_with_room() -> None:
+    """a held two slots only because c had no room then: now c has room, so a keeps its
+    first slot and the second goes to c (one slot per node while others have room); b's
+    slot stays put."""
+    world = World()
+    session, epoch2 = _doubled_on_a(world)
     (placed,) = of_type(
         [place_session(session, epoch2, _pool(world.state, epoch2), ("a", "a", "b"))],
         DevshardPlaced,
     )
-    assert [(a.slot, a.node_id) for a in placed.assignments] == [(0, "a"), (1, "a"), (2, "b")]
+    assert [(a.slot, a.node_id) for a in placed.assignments] == [(0, "a"), (1, "c"), (2, "b")]
 
 
 def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> None:
@@ -519,3 +536,40 @@ def test_replacement_without_room_keeps_survivors_and_fills_the_gap_later() -> N
         gap: "d",
     }
     assert world.state.sessions["s"].unplaced_reason == ""
+
+
+def test_a_node_back_from_maintenance_gets_its_share_again_and_then_nothing_moves() -> None:
+    """a's slots went to b and c while a was in maintenance; stickiness must not keep them
+    there for good: at a later turn a gets slots back until no node is more than one slot
+    above its share, and from then on the turn moves nothing (no needless reloads)."""
+    world = World()
+    for name in ("a", "b", "c"):
+        world.node(name, slots=4)
+    for i in range(4):
+        world.session(f"s{i}", slots=2)
+    planner = Planner(quick_config())
+    world.cycle(planner)
+    first = world.state.epoch
+    assert first is not None
+    # The window starts 30 s into epoch 2, so epoch 2 is placed without a.
+    world.window("a", first.end_ms + 30_000, 70_000)
+
+    def load() -> Counter[str]:
+        return Counter(a.node_id for d in world.state.devshards.values() for a in d.assignments)
+
+    def run_epoch() -> None:
+        for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
+            world.heartbeat_all()
+            world.cycle(planner)
+
+    run_epoch()
+    assert world.state.epoch is not None and world.state.epoch.epoch == 2
+    assert load() == {"b": 4, "c": 4}
+    for _ in range(3):
+        run_epoch()
+    (window,) = world.state.windows.values()
+    assert window.outcome == "overrun"
+    assert sorted(load().values()) == [2, 3, 3]
+    settled = _assignments(world)
+    run_epoch()
+    assert _assignments(world) == settled

@@ -8,9 +8,9 @@ at least the session's and, for a GPU session, it reports a GPU.
 
 How slots are chosen, deterministically from (epoch seed, session id):
 
-1. **Sticky first.** Slots go back to the nodes that served the session last epoch (in slot
-   order, keeping how many slots each held) while they are eligible, fit and have room, so
-   models are not reloaded needlessly.
+1. **Sticky first.** Slots go back to the nodes that served the session last epoch (slot i
+   to the node that held slot i) while they are eligible, fit and have room, so models are
+   not reloaded needlessly.
 2. **Spread, weighted by free capacity.** Remaining slots are drawn one by one with
    probability proportional to each fitting node's free slots (BLAKE2 of seed, session id
    and draw number -- never Python's salted `hash()`); of two such draws the node with the
@@ -22,6 +22,15 @@ How slots are chosen, deterministically from (epoch seed, session id):
    Re-placement of an existing devshard (slots on a lost node) is partial instead: the
    surviving slots keep serving and the rest are filled when room appears -- never on a
    node where one of the devshard's runners failed for good this epoch.
+4. **Stickiness does not freeze an imbalance.** Between 1 and 2, a node keeping several
+   slots of one devshard gives its extra slots to fitting nodes outside the devshard that
+   have room, and a node that would still be at or above the cluster's share of slots in
+   use without a kept slot gives it to a fitting node outside the devshard that stays
+   below that share after taking it (both drawn as in 2). Without it a doubling, or the
+   slots others took over while a node was briefly ineligible (maintenance, stale at a
+   turn), would stick for good and that node, back, would stay idle. No move crosses the
+   share, so moves converge; a cluster with no node a slot above it while another is a
+   slot below moves nothing.
 
 Cost: the pool (eligible set, free capacity) is built once per cycle in O(n log n); each
 slot then costs O(log n) through a Fenwick tree of free slots over nodes sorted by memory per
@@ -35,6 +44,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from cluster.shared.events import DevshardPlaced, SessionUnplaced, SlotAssignment
 from cluster.shared.excuse import is_excused, may_take_work
@@ -211,11 +221,42 @@ class PlacementPool:
                             gpus.setdefault(memory, []).append(node_id)
                         continue
             ineligible[reason] += 1
+        self._index(everyone, gpus)
+
+    def _index(self, everyone: dict[int, list[str]], gpus: dict[int, list[str]]) -> None:
         self._all = _Index.build(_largest_memory_first(everyone), self.free)
         self._gpu = _Index.build(_largest_memory_first(gpus), self.free)
         # Nodes temporarily hidden from draws (already in the devshard being placed).
         self._hidden: set[str] = set()
         self._hidden_in: _Index | None = None
+
+    def below(self, load: Fraction) -> PlacementPool:
+        """A scratch pool of the nodes that can take slots and stay below `load` (a share
+        of their slots in use), each offering just that many: what `_even_out` draws from,
+        so every node it draws is one that evening out may load."""
+        view = object.__new__(PlacementPool)
+        view.ineligible = Counter()
+        view.free, view.capacity, view.memory = {}, {}, {}
+        view.has_gpu = set()
+        everyone: dict[int, list[str]] = {}
+        gpus: dict[int, list[str]] = {}
+        num, den = load.numerator, load.denominator
+        for node_id, free in self.free.items():
+            cap = self.capacity[node_id]
+            # Slots k it can take with (in use + k) / cap < load, i.e. k * den < room.
+            room = num * cap - (cap - free) * den
+            if room <= den:
+                continue
+            memory = self.memory[node_id]
+            view.free[node_id] = min(free, (room - 1) // den)
+            view.capacity[node_id] = cap
+            view.memory[node_id] = memory
+            everyone.setdefault(memory, []).append(node_id)
+            if node_id in self.has_gpu:
+                view.has_gpu.add(node_id)
+                gpus.setdefault(memory, []).append(node_id)
+        view._index(everyone, gpus)
+        return view
 
     # -- capacity bookkeeping -------------------------------------------------------------
 
@@ -240,6 +281,16 @@ class PlacementPool:
 
     def release(self, node_id: str) -> None:
         self._shift(node_id, +1)
+
+    def share(self, node_id: str) -> Fraction:
+        """The share of its slots an eligible node has in use."""
+        cap = self.capacity[node_id]
+        return Fraction(cap - self.free[node_id], cap)
+
+    def load(self) -> Fraction:
+        """The share of all eligible slots in use."""
+        total = sum(self.capacity.values())
+        return Fraction(total - sum(self.free.values()), total) if total else Fraction(0)
 
     def _index_for(self, session: SessionRecord) -> _Index:
         return self._gpu if session.gpu else self._all
@@ -276,12 +327,15 @@ class PlacementPool:
         avoid: Iterable[str],
         salt: str = "",
         exclude: Collection[str] = (),
+        repeat: bool = True,
     ) -> list[str]:
         """Draw up to `count` slots for a session, avoiding `avoid` while others have room
         and never choosing a node in `exclude`.
 
         Returns the chosen node per slot (a node may repeat once no other node has room);
         fewer than `count` only when the fitting nodes outside `exclude` have no free slot.
+        With `repeat=False` it stops instead once no node outside `avoid` (and those already
+        drawn) has room: every node returned is distinct and new to the devshard.
         """
         index = self._index_for(session)
         k = index.fitting(session.memory_per_slot_mb)
@@ -291,7 +345,7 @@ class PlacementPool:
             self._hide(index, node_id)
         number = 0
         try:
-            for spread in (True, False):
+            for spread in (True, False) if repeat else (True,):
                 if not spread:
                     self._unhide(keep=exclude)
                 while len(chosen) < count:
@@ -382,7 +436,8 @@ def place_sessions(
     `preferred[session_id]` lists the node that held each slot before, by slot number ("" for
     a slot nobody held: `DevshardRecord.holders`). Sticky
     slots are reserved for every session first, so one session's draws never steal a slot
-    another session would have kept; then each session's remaining slots are drawn.
+    another session would have kept; then the kept slots are spread and evened out
+    (`_spread_doubled`, `_even_out`); then each session's remaining slots are drawn.
     """
     sticky: dict[str, list[SlotAssignment]] = {}
     for session in sessions:
@@ -393,6 +448,19 @@ def place_sessions(
                 pool.take(node_id)
                 kept.append(SlotAssignment(slot, node_id))
         sticky[session.session_id] = kept
+    if any(sticky.values()):
+        # Moving a kept slot takes one free slot and frees another: the room the draws
+        # below see is the same, and an unplaced session is decided after every move.
+        load = pool.load()
+        light: PlacementPool | None = None
+        for session in sessions:
+            sid = session.session_id
+            kept = _spread_doubled(session, sticky[sid], epoch.seed, pool)
+            givers = _heavy(kept, pool, load)
+            if givers:
+                light = pool.below(load) if light is None else light
+                kept = _even_out(session, kept, givers, epoch.seed, pool, light, load)
+            sticky[sid] = kept
     out: list[DevshardPlaced | SessionUnplaced] = []
     for session in sessions:
         kept = sticky[session.session_id]
@@ -418,6 +486,104 @@ def place_sessions(
             )
         )
     return out
+
+
+def _spread_doubled(
+    session: SessionRecord, assignments: list[SlotAssignment], seed: int, pool: PlacementPool
+) -> list[SlotAssignment]:
+    """Move the extra slots of a node holding several of the devshard to fitting nodes
+    outside it that have room, keeping each node's lowest slot where it is.
+
+    Stickiness alone would keep a doubling for good: a node that got two slots while
+    another was briefly ineligible (maintenance, stale at the turn) got both back every
+    epoch, and the other, back, stayed idle. The spread rule holds for kept slots too:
+    one slot per node while other nodes have room. A node's slot beyond its first moves
+    (the most doubled-up node's first) through the normal draw, never onto a node already
+    in the devshard, so a doubling that is still needed (no room elsewhere) stays put.
+    """
+    rank: Counter[str] = Counter()
+    extra: list[tuple[int, int]] = []  # (-rank among its node's slots, slot)
+    for a in sorted(assignments, key=lambda a: a.slot):
+        if rank[a.node_id]:
+            extra.append((-rank[a.node_id], a.slot))
+        rank[a.node_id] += 1
+    if not extra:
+        return assignments
+    extra.sort()
+    drawn = pool.draw(session, seed, len(extra), avoid=list(rank), salt="spread", repeat=False)
+    if not drawn:
+        return assignments
+    to = {slot: node_id for (_, slot), node_id in zip(extra, drawn, strict=False)}
+    out: list[SlotAssignment] = []
+    for a in assignments:
+        node_id = to.get(a.slot)
+        if node_id is None:
+            out.append(a)
+        else:
+            pool.release(a.node_id)
+            out.append(SlotAssignment(a.slot, node_id))
+    return out
+
+
+def _heavy(
+    assignments: list[SlotAssignment], pool: PlacementPool, load: Fraction
+) -> list[SlotAssignment]:
+    """The slots on nodes that would still be at or above `load` without them, the most
+    loaded node's first."""
+    cap, free = pool.capacity, pool.free
+    num, den = load.numerator, load.denominator
+    # Integer form of (in use - 1) / capacity >= load; runs for every kept slot.
+    out = [
+        a
+        for a in assignments
+        if (cap[a.node_id] - free[a.node_id] - 1) * den >= num * cap[a.node_id]
+    ]
+    out.sort(key=lambda a: (-pool.share(a.node_id), a.slot))
+    return out
+
+
+def _even_out(
+    session: SessionRecord,
+    assignments: list[SlotAssignment],
+    givers: list[SlotAssignment],
+    seed: int,
+    pool: PlacementPool,
+    light: PlacementPool,
+    load: Fraction,
+) -> list[SlotAssignment]:
+    """Move the `givers` (slots on heavy nodes, see `_heavy`) to fitting nodes outside the
+    devshard that stay below the cluster's `load` (the share of eligible slots in use)
+    after taking them, drawn from `light` (`PlacementPool.below`) as in a normal draw.
+
+    Stickiness alone never gives a node back its share: one that was ineligible at a turn
+    (maintenance, stale) saw its slots go to the others, who then kept them every epoch
+    while it stayed idle. A move never takes a node across `load` (the giver stays at or
+    above it, the taker below it), so moves converge instead of swapping slots back and
+    forth between epochs, and a cluster where every node is within a slot of its share
+    moves nothing: no needless reloads.
+    """
+    drawn = light.draw(
+        session,
+        seed,
+        len(givers),
+        avoid=[a.node_id for a in assignments],
+        salt="even",
+        repeat=False,
+    )
+    to: dict[int, str] = {}
+    for a, taker in zip(givers, drawn, strict=False):
+        # `light` may lag behind `pool` (spreading doubled slots loads nodes too).
+        if pool.free[taker] <= 0:
+            continue
+        pool.take(taker)
+        if pool.share(taker) >= load or not _heavy([a], pool, load):
+            pool.release(taker)
+            continue
+        to[a.slot] = taker
+        pool.release(a.node_id)
+    if not to:
+        return assignments
+    return [SlotAssignment(a.slot, to[a.slot]) if a.slot in to else a for a in assignments]
 
 
 def place_session(
