@@ -16,7 +16,7 @@ from cluster.control import (
     SessionList,
 )
 from cluster.master.requests import LOCAL_OPERATOR, MAX_REWARD_PER_UNIT, decide
-from cluster.shared.events import MaintenanceScheduled, SessionRequested
+from cluster.shared.events import MaintenanceCancelled, MaintenanceScheduled, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
 
 A, B = node_id(1), node_id(2)
@@ -189,3 +189,34 @@ def test_two_requests_for_the_last_slot_exactly_one_wins() -> None:
     second = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), B)
     assert [first[0], second[0]] == [True, False]
     assert "earliest start" in second[1]
+
+
+def test_a_cancel_refund_tops_the_credit_up_to_the_cap_and_no_further() -> None:
+    """Credit earned while a window waited refills the balance; the refund then gives only
+    what fits under credit_cap_ms, the event records that figure and the reply says so."""
+    policy = MaintenancePolicy(credit_per_epoch_ms=10 * MIN)
+    log = Log(policy)
+    log.join(A)
+    log.join(B)
+    epoch = 1
+    while log.credit(A) < policy.credit_cap_ms:
+        log.earn(A, epoch)
+        epoch += 1
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=10 * 24 * HOUR, duration_ms=4 * HOUR), A)
+    assert ok and log.credit(A) == policy.credit_cap_ms - 4 * HOUR
+    for _ in range(3 * 6):  # three hours of service earned back while it waits
+        log.earn(A, epoch)
+        epoch += 1
+    assert log.credit(A) == policy.credit_cap_ms - HOUR
+    ok, msg = _run(log, MaintenanceCancel(), A)
+    assert ok and msg.endswith(
+        "credit refunded: 1h 00m of 4h 00m due (the balance is capped at 8h 00m)"
+    )
+    (cancelled,) = [ie.event for ie in log.log if isinstance(ie.event, MaintenanceCancelled)]
+    assert cancelled.credit_refund_ms == HOUR
+    assert log.credit(A) == policy.credit_cap_ms
+    # Below the cap the whole credit comes back, and the reply says no more than that.
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=10 * 24 * HOUR, duration_ms=4 * HOUR), A)
+    ok, msg = _run(log, MaintenanceCancel(), A)
+    assert ok and msg.endswith("credit refunded: 4h 00m")
+    assert log.credit(A) == policy.credit_cap_ms

@@ -569,7 +569,7 @@ def cancel(
             f"window {win.window_id} started at {format_time(win.start_ms)}; an active window "
             "cannot be cancelled, finish it instead (cluster maintenance finish)",
         )
-    refund = win.credit_spent_ms - drain_charge_ms(win, now_ms, policy)
+    _, refund = cancel_refund_ms(state, win, now_ms, policy)
     who = "host" if requester == node_id else f"operator {requester}"
     return MaintenanceCancelled(
         window_id=win.window_id,
@@ -577,6 +577,19 @@ def cancel(
         reason=f"cancelled by {who}",
         credit_refund_ms=refund,
     )
+
+
+def cancel_refund_ms(
+    state: State, win: MaintenanceWindow, now_ms: int, policy: MaintenancePolicy
+) -> tuple[int, int]:
+    """(due, given) if `win` is cancelled at `now_ms`: due is the window's credit less the
+    drain charge; given is what fits under `credit_cap_ms`. Credit earned while the window
+    waited may have refilled the balance, and a refund on top of it would bank more than
+    the cap allows (earning stops at the cap too). The event records what is given, so
+    replay needs no policy."""
+    due = win.credit_spent_ms - drain_charge_ms(win, now_ms, policy)
+    room = policy.credit_cap_ms - credit_balance_ms(state, win.node_id, policy)
+    return due, max(0, min(due, room))
 
 
 def finish(

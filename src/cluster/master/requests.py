@@ -211,11 +211,20 @@ def _maintenance(
         )
         if isinstance(outcome, maintenance.Rejection):
             return _refuse(maintenance.render_rejection(outcome))
+        due, given = maintenance.cancel_refund_ms(
+            state, state.windows[outcome.window_id], now_ms, policy
+        )
+        capped = (
+            f" of {format_duration(due)} due (the balance is capped at "
+            f"{format_duration(policy.credit_cap_ms)})"
+            if given < due
+            else ""
+        )
         return Decision(
             Reply(
                 ok=True,
                 message=f"cancelled window {outcome.window_id}; "
-                f"credit refunded: {format_duration(outcome.credit_refund_ms)}",
+                f"credit refunded: {format_duration(given)}{capped}",
             ),
             (outcome,),
         )
