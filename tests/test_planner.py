@@ -21,6 +21,7 @@ from cluster.shared.events import (
     EpochSettled,
     EpochStarted,
     Event,
+    MaintenanceOverrun,
     MaintenanceStarted,
     NodeDisconnected,
     RunnerStatus,
@@ -184,6 +185,34 @@ def test_maintenance_hook_runs_after_liveness_and_its_node_loses_its_slots() -> 
     moved = of_type(events, DevshardPlaced)
     assert moved and all(e.reason == "replace" for e in moved)
     assert all(a.node_id != victim for e in moved for a in e.assignments)
+
+
+def test_a_window_that_overruns_in_the_cycle_that_starts_an_epoch_leaves_its_node_in_it() -> None:
+    """A's window ends exactly at an epoch's end: the cycle that turns the epoch also closes
+    the window as overrun, and the new epoch's placement must see it closed (it used to
+    read the state before this cycle's transitions, with the window still ACTIVE, and kept
+    A out of the whole epoch)."""
+    world = World()
+    world.node("A")
+    world.node("B")
+    world.session("s", slots=2)
+    planner = Planner(CFG)
+    world.cycle(planner)
+    first = world.state.epoch
+    assert first is not None
+    start = first.end_ms + 10_000
+    window_id = world.window("A", start, first.end_ms + CFG.epoch_length_ms - start)
+    while True:
+        world.heartbeat_all()
+        events = world.cycle(planner)
+        if of_type(events, EpochStarted) and of_type(events, EpochStarted)[0].epoch == 3:
+            break
+    assert of_type(events, MaintenanceOverrun) == [
+        MaintenanceOverrun(window_id=window_id, node_id="A")
+    ]
+    (placed,) = of_type(events, DevshardPlaced)
+    assert placed.epoch == 3
+    assert sorted(a.node_id for a in placed.assignments) == ["A", "B"]
 
 
 def _report_failed(world: World, devshard_id: str, slot: int, node_id: str) -> str:

@@ -12,9 +12,11 @@ order, which the master appends to the log contiguously and applies one by one:
    otherwise: `DevshardPlaced(reason="replace")` for devshards that lost slots, then
    placements for sessions that have no devshard this epoch.
 
-Decisions later in the list already account for earlier ones (a node disconnected in step
-1 is not given slots in step 4 and its slots are re-placed; settlement counts this cycle's
-misses and disconnects), so one cycle never contradicts itself. Placement also assumes the
+Decisions later in the list already account for earlier ones (placement reads the state
+with steps 1-3 folded in: a node disconnected in step 1 is not given slots in step 4 and its
+slots are re-placed, a window that overran in step 2 no longer keeps its node out;
+settlement counts this cycle's misses and disconnects), so one cycle never contradicts
+itself. Placement also assumes the
 master appends these events right after the state it passed in, with no worker event in
 between (a WorkReported squeezed between plan and EpochSettled would be in the ledger but
 not in the payout).
@@ -38,9 +40,12 @@ from cluster.master.placement import (
     replace_lost_slots,
 )
 from cluster.master.settlement import DEFAULT_POLICY, late_work, missed_work, settle_epoch
+from cluster.shared.apply import fold
 from cluster.shared.events import (
+    MASTER_ORIGIN,
     DevshardPlaced,
     Event,
+    IndexedEvent,
     RunnerStatus,
     SessionUnplaced,
     SlotAssignment,
@@ -90,22 +95,27 @@ def plan(
     leaving = {d.node_id for d in liveness.events}
     events: list[Event] = list(liveness.events)
     events.extend(_clock_decisions(state, now_ms, cfg, policy, maintenance_cycle))
+    # Placement reads the state these decisions make: a window that overran this cycle no
+    # longer keeps its node out (read before, the node's window was still ACTIVE and the
+    # node lost the whole epoch that started in the same cycle). Settlement reads `state`
+    # and is handed this cycle's misses and disconnects explicitly.
+    decided = _fold_own(state, events, now_ms)
 
     def holds_work(node_id: str) -> bool:
         # Stale-but-connected nodes keep their slots; gone or in maintenance, they lose them.
-        rec = state.nodes.get(node_id)
+        rec = decided.nodes.get(node_id)
         return (
             rec is not None
             and rec.connected
             and node_id not in leaving
-            and not is_excused(state, node_id, now_ms)
+            and not is_excused(decided, node_id, now_ms)
         )
 
     current = state.epoch
     if current is not None and not epoch_due(state, now_ms):
         events.extend(
             _keep_epoch(
-                state,
+                decided,
                 current,
                 now_ms,
                 new_book.not_fresh,
@@ -123,9 +133,25 @@ def plan(
     started = next_epoch(state, now_ms, cfg, entropy)
     events.append(started)
     events.extend(
-        _place_new_epoch(state, epoch_record(started), now_ms, new_book.not_fresh, leaving)
+        _place_new_epoch(decided, epoch_record(started), now_ms, new_book.not_fresh, leaving)
     )
     return PlanResult(events, new_book)
+
+
+def _fold_own(state: State, events: Sequence[Event], now_ms: int) -> State:
+    """`state` with this cycle's `events` so far applied as the master will index them
+    (the next indexes and master sequence numbers, stamped `now_ms`): scratch for the
+    decisions that follow, never returned."""
+    if not events:
+        return state
+    first, seq = state.last_applied + 1, state.master_seq + 1
+    return fold(
+        state,
+        [
+            IndexedEvent(first + i, now_ms, MASTER_ORIGIN, seq + i, event)
+            for i, event in enumerate(events)
+        ],
+    )
 
 
 def _clock_decisions(
