@@ -564,6 +564,17 @@ def test_work_accrues_to_the_epoch_ledger_and_settles_at_the_end() -> None:
     s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=2, reward=6))
     assert s.ledgers[1].nodes[A].late_paid == 6
     assert s.ledgers[1].nodes[A].late_settled_units == 2
+    assert s.ledgers[1].nodes[A].late_decided_reward == 6
+    assert dict(s.ledgers[1].late_pending) == {}
+    # A decision covering fewer units than are pending (never one of the planner's, which
+    # follow the state they read) marks its share of their worth decided, forfeited here.
+    s = log.add(A, WorkReported(devshard_id="ds-1-s1", node_id=A, units=4, epoch=1))
+    s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=1, reward=0))
+    account = s.ledgers[1].nodes[A]
+    assert (account.late_reward, account.late_paid, account.late_decided_reward) == (18, 6, 9)
+    assert account.late_undecided == 3 and account.late_undecided_reward == 9
+    s = log.add(MASTER_ORIGIN, LateWorkSettled(epoch=1, node_id=A, units=3, reward=9))
+    assert s.ledgers[1].nodes[A].late_decided_reward == 18
     assert dict(s.ledgers[1].late_pending) == {}
     # Settling twice changes nothing.
     again = log.add(MASTER_ORIGIN, EpochSettled(epoch=1, payouts=()))

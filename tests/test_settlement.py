@@ -317,6 +317,27 @@ def test_late_work_through_the_planner_and_when_not_paid() -> None:
     ]
 
 
+def test_late_work_forfeited_once_is_not_paid_by_a_later_decision() -> None:
+    """Late work decided unpaid (pay_late_work off, say, then the master restarted with it
+    on) stays forfeited: the next decision pays only the late work that came after."""
+    world, epoch = _world({"s": ["a"]})
+    world.work("a", "ds-1-s", 1, 1)
+    _end_of_epoch(world, epoch)
+    world.work("a", "ds-1-s", 5, 1)  # late, 15 at the devshard's rate (3)
+    unpaid = quick_config(pay_late_work=False)
+    forfeited = late_work(world.state, unpaid)
+    assert forfeited == [LateWorkSettled(epoch=1, node_id="a", units=5, reward=0)]
+    world.master(forfeited)
+    assert late_work(world.state, CFG) == []  # decided: nothing pending to pay
+    world.work("a", "ds-1-s", 1, 1)
+    later = late_work(world.state, CFG)
+    assert later == [LateWorkSettled(epoch=1, node_id="a", units=1, reward=3)]
+    world.master(later)
+    account = world.state.ledgers[1].node("a")
+    assert (account.late_units, account.late_reward, account.late_paid) == (6, 18, 3)
+    assert account.late_decided_reward == 18 and late_work(world.state, CFG) == []
+
+
 def test_a_late_replacement_exempts_only_the_nodes_it_gives_slots_to() -> None:
     # a keeps slot 0; b holds slot 1 since the start and is given slot 2 just before the end.
     world, epoch = _world({"s": ["a", "b", "c"]})

@@ -178,8 +178,9 @@ def _punishments(misses: int, disconnect: str | None, cfg: PlannerConfig) -> lis
 def late_work(state: State, cfg: PlannerConfig) -> list[LateWorkSettled]:
     """LateWorkSettled for undecided late units of the last `cfg.late_work_epochs` epochs.
 
-    Reward is what the late work earned (priced at its devshard's rate) if the node was not
-    punished in that epoch and `cfg.pay_late_work`; otherwise 0.
+    Reward is what the undecided late work earned (priced at its devshard's rate) if the
+    node was not punished in that epoch and `cfg.pay_late_work`; otherwise 0, and that work
+    stays forfeited whatever a later decision says.
     """
     if state.epoch is None:
         return []
@@ -203,7 +204,9 @@ def _late_in(ledger: EpochLedger, cfg: PlannerConfig) -> Iterable[LateWorkSettle
         punished = account.payout is not None and account.payout.punished
         reward = 0
         if cfg.pay_late_work and not punished:
-            reward = account.late_reward - account.late_paid
+            # Only what no earlier decision covered: late work forfeited before (the node
+            # was punished, or pay_late_work was off then) is not paid now.
+            reward = account.late_undecided_reward
         yield LateWorkSettled(
             epoch=ledger.epoch, node_id=node_id, units=units, reward=max(0, reward)
         )

@@ -43,7 +43,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    completed ones: an older snapshot's state would differ from a refold's. Also
 #:    NodeRecord.runner_digest (every NodeConnected sets it; a hello under another runner
 #:    setting drops the node's self-test, a test of another setting is not recorded).
-SNAPSHOT_VERSION: Final = 9
+#: 10: NodeLedger.late_decided_reward (late work a LateWorkSettled forfeited is not paid
+#:    by a later one; an older snapshot lacks what was decided).
+SNAPSHOT_VERSION: Final = 10
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

@@ -220,16 +220,24 @@ class NodeLedger(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     #: Set when the epoch is settled and a payout names this node.
     payout: NodePayout | None = None
     #: Work that arrived after settlement, the reward it would earn (paid only if the node
-    #: was not punished), what of it was paid, and the units a LateWorkSettled decided.
+    #: was not punished), what of it was paid, and the units a LateWorkSettled decided and
+    #: the part of `late_reward` they were worth, paid or forfeited: a later decision pays
+    #: only what no earlier one decided (a forfeit stays forfeited).
     late_units: int = 0
     late_reward: int = 0
     late_paid: int = 0
     late_settled_units: int = 0
+    late_decided_reward: int = 0
 
     @property
     def late_undecided(self) -> int:
         """Late units no LateWorkSettled has decided yet (paid or forfeited)."""
         return self.late_units - self.late_settled_units
+
+    @property
+    def late_undecided_reward(self) -> int:
+        """What the undecided late units earned (`late_reward` no decision covered)."""
+        return self.late_reward - self.late_decided_reward
 
 
 #: The empty account a node starts an epoch with.

@@ -202,10 +202,15 @@ def late_work_settled(state: State, ie: IndexedEvent, ev: LateWorkSettled) -> St
     if ledger is None or not ledger.settled:
         return state
     account = ledger.node(ev.node_id)
+    undecided, pending = account.late_undecided, account.late_undecided_reward
+    # The planner decides all undecided units at once, on the state its event follows, so
+    # this is normally all of it; a decision covering fewer units takes its share.
+    decided = pending if ev.units >= undecided else pending * max(0, ev.units) // undecided
     account = _replace(
         account,
         late_paid=account.late_paid + ev.reward,
         late_settled_units=account.late_settled_units + ev.units,
+        late_decided_reward=account.late_decided_reward + decided,
     )
     ledger = ledger.with_node(ev.node_id, account)
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger))
