@@ -7,6 +7,7 @@ worker's real probe code runs against an object with pynvml's functions.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sys
 from pathlib import Path
@@ -68,7 +69,14 @@ class _FakeNvml:
         return 40
 
 
-async def _self_test_of(tmp_path: Path, gpus: int) -> SelfTestResult:
+class _LostNvml(_FakeNvml):
+    """A GPU that NVML counts but that no longer answers (fallen off the bus)."""
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        raise RuntimeError("GPU is lost")
+
+
+async def _self_test_of(tmp_path: Path, gpus: int, nvml: _FakeNvml | None = None) -> SelfTestResult:
     secret = secrets.token_bytes(32)
     master = fast_master(tmp_path / "master", secret)
     worker: WorkerNode | None = None
@@ -84,7 +92,7 @@ async def _self_test_of(tmp_path: Path, gpus: int) -> SelfTestResult:
                         kind="subprocess",
                         config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2},
                     ),
-                    gpu_probe=NvmlGpuProbe(_FakeNvml(gpus)),
+                    gpu_probe=NvmlGpuProbe(nvml or _FakeNvml(gpus)),
                 )
                 await tg.start(worker.run)
                 node = worker.node_id
@@ -113,3 +121,20 @@ async def test_a_node_without_a_gpu_self_tests_a_plain_slot(tmp_path: Path) -> N
     assert not result.passed
     expected = "exited with code 3: needs a GPU slot, got CLUSTER_GPU='0'"
     assert expected in result.reason, result.reason
+
+
+@pytest.mark.anyio
+async def test_a_gpu_that_stops_answering_is_tested_as_no_gpu_and_the_worker_lives_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: the NVML error escaped the self-test and ended `WorkerNode.run` (a crash loop
+    # under systemd). Now the worker logs it, tests a plain slot, and serves on.
+    result = await _self_test_of(tmp_path, gpus=1, nvml=_LostNvml(1))
+    assert not result.passed
+    assert "needs a GPU slot, got CLUSTER_GPU='0'" in result.reason, result.reason
+    assert any(
+        r.name == "cluster.worker.node"
+        and r.levelno == logging.WARNING
+        and "GPU is lost" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text

@@ -225,12 +225,26 @@ class WorkerNode:
 
     async def _has_gpu(self) -> bool:
         """Does this node report GPUs (so GPU sessions may be placed here)? Read in a thread,
-        bounded: NVML is a C library that a sick driver can hang."""
+        bounded: NVML is a C library that a sick driver can hang.
+
+        A GPU that fails to answer (GpuIsLost, a driver reset) must not end the worker: under
+        systemd that is a crash loop, each restart failing the same way. It is tested as a
+        node without GPUs, as on a timeout; the gpu info source keeps retrying, and a node
+        whose GPU comes back gets GPU sessions once its info reports one.
+        """
         probe = self._gpu_probe
         if probe is None:
             return False
         with anyio.move_on_after(_GPU_PROBE_TIMEOUT_S):
-            gpus = await anyio.to_thread.run_sync(probe.read, abandon_on_cancel=True)
+            try:
+                gpus = await anyio.to_thread.run_sync(probe.read, abandon_on_cancel=True)
+            except Exception as exc:
+                log.warning(
+                    "the GPUs did not answer (%s: %s): self-testing as a node without GPUs",
+                    type(exc).__name__,
+                    exc,
+                )
+                return False
             return bool(gpus)
         log.warning(
             "no GPU answer within %gs: self-testing as a node without GPUs", _GPU_PROBE_TIMEOUT_S
