@@ -18,7 +18,7 @@ import pytest
 from cluster_procs import wait_until
 
 from cluster.worker.node import WorkerNode, WorkerNodeConfig
-from cluster.worker.runners import RunnerSpec, SubprocessRunner, process_groups
+from cluster.worker.runners import RunnerFailed, RunnerSpec, SubprocessRunner, process_groups
 from cluster.worker.runners.process_groups import OWNER_VARIABLE, RunnerProcessGroups
 
 # A runner that neither prints nor reads (a model still loading): the shell leads the group,
@@ -220,21 +220,48 @@ async def test_a_command_carries_its_record_token_and_a_stop_removes_the_record(
     assert list(groups.directory.iterdir()) == []
 
 
-@pytest.mark.anyio
-async def test_a_process_that_drops_the_token_and_leaves_the_group_keeps_the_record(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The command starts a child without the token in a process group of its own, which the
-    # stop does not reach; its session gives it away, before and after the leader is gone.
+# A child that moves to a process group of its own (setpgid: `Popen(process_group=0)`, a
+# shell's `set -m`), so that the stop's signals to the command's group miss it, and that
+# ignores SIGTERM. The command prints READY once the child ignores it, then serves or crashes.
+_OWN_GROUP_CHILD = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('up', flush=True)\n"
+    "time.sleep(1000)\n"
+)
+
+
+def _own_group_command(*, drop_token: bool, crash: bool) -> list[str]:
     spawn = (
-        "import os, subprocess, time\n"
-        f"env = dict(os.environ); del env[{OWNER_VARIABLE!r}]\n"
-        "subprocess.Popen(['sleep', '1000'], env=env, process_group=0)\n"
+        "import os, subprocess, sys, time\n"
+        "env = dict(os.environ)\n"
+        f"if {drop_token}: del env[{OWNER_VARIABLE!r}]\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {_OWN_GROUP_CHILD!r}], env=env,\n"
+        "                         process_group=0, stdout=subprocess.PIPE)\n"
+        "child.stdout.readline()\n"
+        "print('READY', flush=True)\n"
+        f"if {crash}: sys.exit(3)\n"
         "time.sleep(1000)\n"
     )
+    return [sys.executable, "-c", spawn]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("drop_token", "crash"),
+    [(True, False), (False, True)],
+    ids=["token-dropped-stopped", "token-kept-crashed"],
+)
+async def test_a_process_that_left_the_group_is_ended_by_the_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, drop_token: bool, crash: bool
+) -> None:
+    # Before, the stop only logged such a child ("outlived its stop"): it lived on, holding
+    # its memory, and each restart of a crashing command left one more copy. Found by its
+    # token or its session, it now gets SIGTERM and, ignoring that, SIGKILL after grace_s.
     groups = RunnerProcessGroups(tmp_path / "runners")
+    command = _own_group_command(drop_token=drop_token, crash=crash)
     runner = SubprocessRunner(
-        SPEC, {"command": [sys.executable, "-c", spawn], "grace_s": 2.0}, process_groups=groups
+        SPEC, {"command": command, "wait_ready": True, "grace_s": 0.5}, process_groups=groups
     )
     leader: int | None = None
     try:
@@ -243,26 +270,60 @@ async def test_a_process_that_drops_the_token_and_leaves_the_group_keeps_the_rec
             leader = runner.pid
             assert leader is not None
             sid = leader
-            members = wait_until(
-                lambda: len(session_members(sid)) == 2 and session_members(sid),
-                10,
-                "the runner's child",
-            )
-            (child,) = members - {leader}
-            assert not carries_a_token(child)
+            (child,) = session_members(sid) - {leader}
+            assert os.getpgid(child) == child  # out of the command's group
+            assert carries_a_token(child) is not drop_token
+            if crash:
+                with pytest.raises(RunnerFailed, match="exited with code 3"):
+                    await runner.run()
+                assert group_alive(child)  # the crash's group kill missed it
+            with caplog.at_level(logging.WARNING):
+                await runner.stop()
+            assert f"processes {child} outside its process group" in caplog.text
+            assert f"SIGKILL to {child}" in caplog.text  # it ignored SIGTERM
+            assert session_members(sid) == set()
+            assert list(groups.directory.iterdir()) == []
+    finally:
+        with anyio.fail_after(30):
+            await runner.stop()
+        if leader is not None:
+            kill_session(leader)
+
+
+@pytest.mark.anyio
+async def test_a_process_that_outlives_its_stop_keeps_the_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process the stop cannot end (here: not allowed to signal it) keeps the record, so
+    # that the worker's next start tries again.
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    command = _own_group_command(drop_token=False, crash=False)
+    runner = SubprocessRunner(
+        SPEC, {"command": command, "wait_ready": True, "grace_s": 0.2}, process_groups=groups
+    )
+    leader: int | None = None
+    try:
+        with anyio.fail_after(30):
+            await runner.load()
+            leader = runner.pid
+            assert leader is not None
+            (child,) = session_members(leader) - {leader}
+            real_killpg = os.killpg
+
+            def refuse_child(pgid: int, sig: int) -> None:
+                if pgid == child:
+                    raise PermissionError("not allowed")
+                real_killpg(pgid, sig)
+
+            monkeypatch.setattr(os, "killpg", refuse_child)
+            monkeypatch.setattr(process_groups, "_KILL_WAIT_S", 0.5)
             with caplog.at_level(logging.WARNING):
                 await runner.stop()
             assert f"processes {child} outlived its stop" in caplog.text
-            assert session_members(sid) == {child}  # the leader is gone, waited for
+            assert session_members(leader) == {child}
             assert len(list(groups.directory.iterdir())) == 1
-
-            caplog.clear()
-            with caplog.at_level(logging.WARNING):
-                await RunnerProcessGroups(groups.directory).reap_leftovers()
-            assert f"(pids {child}): ending it" in caplog.text
-            wait_until(lambda: not session_members(sid), 10, "the child to end")
-            assert list(groups.directory.iterdir()) == []
     finally:
+        monkeypatch.undo()
         with anyio.fail_after(30):
             await runner.stop()
         if leader is not None:

@@ -628,7 +628,7 @@ def test_subprocess_config_is_validated() -> None:
     ]:
         with pytest.raises(RunnerConfigError, match=key):
             SubprocessRunner(SPEC, {"command": "x", key: value})
-    assert SubprocessRunner(SPEC, {"command": "x", "grace_s": 600}).stop_time_s() == 1210
+    assert SubprocessRunner(SPEC, {"command": "x", "grace_s": 600}).stop_time_s() == 1810
     # What the OS would refuse at every start is refused here, naming the key.
     for env, why in [
         ({"A=B": "x"}, "'A=B' is not a variable name"),

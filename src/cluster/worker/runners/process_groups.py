@@ -110,11 +110,23 @@ class RecordedRunner:
                 "runner %s: cannot record its leader in %s: %s", self.runner_id, self.path, exc
             )
 
-    async def release(self) -> None:
-        """Remove the record once no process of the runner is left; keep it (the worker's
-        next start ends them) if some outlive the runner's stop."""
-        owner = _Owner(self.token, self.leader_pid, self.leader_start)
-        holders = await _wait_until_gone({self.token: owner}, _RELEASE_WAIT_S)
+    async def release(self, grace_s: float) -> None:
+        """End what is left of the runner after its stop (SIGTERM, SIGKILL after `grace_s`),
+        then remove the record; keep it (the worker's next start tries again) if some
+        processes outlive even that.
+
+        The stop signals the command's process group; a child that moved to a group of its
+        own (setpgid, ``Popen(process_group=0)``, a shell's ``set -m``) is not in it, and left
+        alone it would hold its memory for good, one more copy at each restart."""
+        owners = {self.token: _Owner(self.token, self.leader_pid, self.leader_start)}
+        holders = await _wait_until_gone(owners, _RELEASE_WAIT_S)
+        if holders:
+            log.warning(
+                "runner %s: processes %s outside its process group outlived its stop: ending them",
+                self.runner_id,
+                _pid_list(holders),
+            )
+            holders = await _end_processes(holders, owners, grace_s)
         if holders:
             log.warning(
                 "runner %s: processes %s outlived its stop; the worker's next start ends them",

@@ -74,7 +74,7 @@ RUNNER_ID_PLACEHOLDER: Final = "{runner_id}"
 #: every wait end.
 MAX_GRACE_S: Final = 600.0
 MAX_TIMEOUT_S: Final = 3600.0
-#: What a stop may take beyond its two grace periods (closing stdin, reaping, ...).
+#: What a stop may take beyond its three grace periods (closing stdin, reaping, ...).
 _STOP_MARGIN_S: Final = 10.0
 _Grace = Annotated[float, msgspec.Meta(gt=0, le=MAX_GRACE_S)]
 _Timeout = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)]
@@ -306,7 +306,7 @@ class SubprocessRunner(Runner):
             if log_fd is not None:
                 os.close(log_fd)
             with anyio.CancelScope(shield=True):
-                await self._release_record()
+                await self._release_record(0.0)  # nothing started: nothing to wait for
             if isinstance(exc, OSError | ValueError):
                 raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
             raise
@@ -400,8 +400,9 @@ class SubprocessRunner(Runner):
         return self.config.carry_over
 
     def stop_time_s(self) -> float:
-        # The SIGTERM grace period, then as long again to reap and read the last output.
-        return 2 * self.config.grace_s + _STOP_MARGIN_S
+        # The SIGTERM grace period, as long again to reap and read the last output, and once
+        # more for processes that left the group (`RecordedRunner.release`).
+        return 3 * self.config.grace_s + _STOP_MARGIN_S
 
     def carry_over(self, spec: RunnerSpec) -> None:
         super().carry_over(spec)
@@ -420,6 +421,8 @@ class SubprocessRunner(Runner):
         if process is None or self._stopping:
             return
         self._stopping = True
+        # Cancelled mid-stop, what is left outside the group gets no grace either.
+        strays_grace_s = 0.0
         try:
             if process.stdin is not None:
                 await process.stdin.aclose()
@@ -429,13 +432,15 @@ class SubprocessRunner(Runner):
                 with anyio.move_on_after(self.config.grace_s):
                     await self._read_lines_until_exit(process, whole_group=True)
             await self._end_group(process)
+            strays_grace_s = self.config.grace_s
         finally:
             with anyio.CancelScope(shield=True):
                 self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
                 await _close_bounded(process)
                 if self._stderr is not None:
                     self._stderr.close()
-                await self._release_record()
+                # Processes that left the group (same token or session) are ended here.
+                await self._release_record(strays_grace_s)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -450,9 +455,9 @@ class SubprocessRunner(Runner):
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return  # the command closed its input; it exits or is being stopped
 
-    async def _release_record(self) -> None:
+    async def _release_record(self, grace_s: float) -> None:
         if self._recorded is not None:
-            await self._recorded.release()
+            await self._recorded.release(grace_s)
 
     def _started(self) -> anyio.abc.Process:
         if self._process is None:
