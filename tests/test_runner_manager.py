@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from trio.testing import MockClock
 
@@ -393,6 +394,36 @@ async def test_a_megabyte_failure_reason_is_clipped_to_fit_an_event() -> None:
     ]
     assert len(reason) == MAX_REASON_CHARS and reason.startswith("load: xxx")
     assert reason.endswith("…")
+
+
+class Encoded(Emitted):
+    """Emitted events, encoded as the outbox encodes them (and raising as it would)."""
+
+    def __call__(self, event: Event) -> None:
+        msgspec.msgpack.encode(event)
+        super().__call__(event)
+
+
+#: What `os.fsdecode` makes of a file name that is not UTF-8: a lone surrogate.
+NOT_UTF8_NAME = os.fsdecode(b"weights-\xff.bin")
+
+
+@pytest.mark.anyio
+async def test_a_failure_reason_that_cannot_be_encoded_is_escaped_not_fatal() -> None:
+    # Before, the outbox's UnicodeEncodeError escaped `_supervise`: the manager, with every
+    # other runner, and the worker around it ended.
+    cluster = started_cluster()
+    emitted = Encoded()
+    fail_load = f"model file {NOT_UTF8_NAME} is corrupt"
+    mgr = manager(emitted, make_factory("simulated", {"load_s": 0, "fail_load": fail_load}))
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+            assert emitted.last("d1/0").reason == "load: model file weights-\\udcff.bin is corrupt"
+            tg.cancel_scope.cancel()
+    assert emitted.statuses("d1/0")[-1] is S.STOPPED
 
 
 @pytest.mark.anyio

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from cluster.shared.apply import fold
@@ -22,6 +24,7 @@ from cluster.worker.runners import (
     HEALTHY,
     Health,
     Runner,
+    RunnerError,
     RunnerSpec,
     config_digest,
     make_factory,
@@ -131,6 +134,24 @@ async def scripted(**config: Any) -> tuple[RunnerSelfTestCompleted, _Scripted]:
     with anyio.fail_after(30):
         result = await run_self_test("scripted", factory, config, node_id=NODE, timeouts=QUICK)
     return result, built[0]
+
+
+@pytest.mark.anyio
+async def test_a_failure_reason_that_cannot_be_encoded_is_escaped() -> None:
+    # A file name that is not UTF-8, as `os.fsdecode` gives it: a lone surrogate, which the
+    # outbox could not encode (UnicodeEncodeError, and the worker ended).
+    name = os.fsdecode(b"weights-\xff.bin")
+
+    class BadName(_Scripted):
+        async def load(self) -> None:
+            raise RunnerError(f"{name} not found")
+
+    with anyio.fail_after(30):
+        result = await run_self_test(
+            "scripted", lambda spec: BadName(spec, {}), {}, node_id=NODE, timeouts=QUICK
+        )
+    assert result.reason == "load: weights-\\udcff.bin not found"
+    msgspec.msgpack.encode(result)  # as the outbox does
 
 
 @pytest.mark.anyio

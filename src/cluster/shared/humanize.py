@@ -113,6 +113,21 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def encodable(text: str) -> str:
+    """`text` that encodes as UTF-8: a lone surrogate -- what `os.fsdecode` makes of a file
+    name that is not UTF-8, say in a runner's failure reason -- is shown as its escape
+    ("\\udcff"); anything else is left as it is.
+
+    Text bound for an event must encode: an event that cannot is refused by the outbox with
+    `UnicodeEncodeError`, which ended the runner manager, and the worker with it.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def clip(text: str, width: int) -> str:
     """`text` cut to `width` characters, the last one an ellipsis when cut."""
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"

@@ -45,7 +45,7 @@ from cluster.shared.events import (
     RunnerStatusUpdated,
     WorkReported,
 )
-from cluster.shared.humanize import clip
+from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State, runner_id_for
 from cluster.worker.runners.base import (
     Runner,
@@ -346,7 +346,8 @@ class RunnerManager:
         serving.start_soon(self._mark_running, h)
 
     def _set(self, h: _Handle, status: RunnerStatus, reason: str = "") -> None:
-        reason = clip(reason, MAX_REASON_CHARS)
+        # A runner writes its reasons: they must encode (a surrogate-escaped file name).
+        reason = clip(encodable(reason), MAX_REASON_CHARS)
         if h.status is status and h.reason == reason:
             return
         h.status, h.reason = status, reason

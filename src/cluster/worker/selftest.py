@@ -23,7 +23,7 @@ from typing import Any, Final
 import anyio
 
 from cluster.shared.events import MAX_REASON_CHARS, RunnerSelfTestCompleted
-from cluster.shared.humanize import clip
+from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.runners.base import (
     RequestsNotSupported,
@@ -186,7 +186,7 @@ async def run_self_test(
         node_id=node_id,
         runner_kind=runner_kind,
         passed=not failure,
-        reason=clip(failure, MAX_REASON_CHARS),
+        reason=clip(encodable(failure), MAX_REASON_CHARS),  # a runner wrote it
         load_ms=timings["load"],
         probe_ms=timings["probe"],
         request_ms=timings["request"],
