@@ -110,6 +110,14 @@ class Emitted:
         )
 
 
+class Encoded(Emitted):
+    """Emitted events, encoded as the outbox encodes them (and raising as it would)."""
+
+    def __call__(self, event: Event) -> None:
+        msgspec.msgpack.encode(event)
+        super().__call__(event)
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
     with anyio.fail_after(timeout_s):
         while not condition():
@@ -299,6 +307,70 @@ async def test_a_runner_claiming_absurd_work_is_reported_within_the_bound(
     assert any("over the bound" in r.getMessage() for r in caplog.records)
 
 
+class _Index:
+    """An int-like count, as numpy's integers are (`__index__`)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+class _OddWork(Runner):
+    """Serves until stopped; `work_units()` answers the given values in turn, then 0."""
+
+    kind = "odd-work"
+
+    def __init__(self, spec: RunnerSpec, answers: list[object]) -> None:
+        super().__init__(spec)
+        self.answers = answers
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+    async def health(self) -> Health:
+        return HEALTHY
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        return payload
+
+    def work_units(self) -> int:
+        return self.answers.pop(0) if self.answers else 0  # type: ignore[return-value]
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_work_units_that_are_not_ints_are_dropped_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, WorkReported(units=1.5) was emitted: the master refused the batch as
+    # malformed, redialled, was offered it again, and the work around it was lost.
+    answers: list[object] = [1.5, True, 2, _Index(3), 2.5, False]
+    cluster = started_cluster()
+    emitted = Encoded()
+    mgr = manager(emitted, lambda spec: _OddWork(spec, answers))
+    with caplog.at_level(logging.ERROR, logger="cluster.worker.runner_manager"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: not answers or S.FAILED in emitted.statuses("d1/0"))
+            tg.cancel_scope.cancel()
+    works = [e.units for e in emitted.events if isinstance(e, WorkReported)]
+    assert works == [2, 3] and all(type(units) is int for units in works), works
+    assert S.FAILED not in emitted.statuses("d1/0")  # it served on
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "runner d1/0: work_units() must return an int, got 1.5 (float): its reports are "
+        "dropped (logged once per runner)"
+    ]
+
+
 @pytest.mark.anyio
 async def test_work_is_reported_rarely_while_the_master_is_unreachable() -> None:
     cluster = started_cluster()
@@ -394,14 +466,6 @@ async def test_a_megabyte_failure_reason_is_clipped_to_fit_an_event() -> None:
     ]
     assert len(reason) == MAX_REASON_CHARS and reason.startswith("load: xxx")
     assert reason.endswith("…")
-
-
-class Encoded(Emitted):
-    """Emitted events, encoded as the outbox encodes them (and raising as it would)."""
-
-    def __call__(self, event: Event) -> None:
-        msgspec.msgpack.encode(event)
-        super().__call__(event)
 
 
 #: What `os.fsdecode` makes of a file name that is not UTF-8: a lone surrogate.

@@ -31,6 +31,7 @@ ready, then running. Work done before the switch is reported for the old devshar
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,17 @@ def epoch_has_begun(state: State, epoch: int) -> bool:
     return state.epoch is not None and state.epoch.epoch >= epoch
 
 
+def _whole_units(value: object) -> int | None:
+    """`value` as a count of work units: any int (numpy's too, via `__index__`) but a bool;
+    None for anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _shutting_down() -> bool:
     """The calling task is being cancelled (the manager is stopping)."""
     return anyio.current_effective_deadline() == float("-inf")
@@ -120,6 +132,8 @@ class _Handle:
     restarts: int = 0
     #: The runner whose `can_carry_over()` raised and was logged (logged once per runner).
     carry_check_failed: Runner | None = None
+    #: The runner whose `work_units()` returned a non-int and was logged (once per runner).
+    bad_units_logged: Runner | None = None
     #: The task group serving the loaded runner (None when not serving).
     serving: anyio.abc.TaskGroup | None = None
 
@@ -497,7 +511,21 @@ class RunnerManager:
             self._report_work(h, runner)
 
     def _report_work(self, h: _Handle, runner: Runner) -> None:
-        units = runner.work_units()
+        raw = runner.work_units()
+        units = _whole_units(raw)
+        if units is None:
+            # A float or a bool (a plugin's bug): the master would refuse the whole batch
+            # as malformed, each refusal costing a redial, and the work around it would be
+            # lost. Dropped here instead, and said once: the runner keeps serving.
+            if h.bad_units_logged is not runner:
+                h.bad_units_logged = runner
+                log.error(
+                    "runner %s: work_units() must return an int, got %s: its reports are "
+                    "dropped (logged once per runner)",
+                    h.spec.runner_id,
+                    clip(f"{raw!r} ({type(raw).__name__})", 100),
+                )
+            return
         if units > MAX_WORK_UNITS:
             # More than any runner does between two reports: a broken count. The master
             # would refuse the report, and the outbox would offer it again forever.
