@@ -155,6 +155,50 @@ async def test_a_failure_reason_that_cannot_be_encoded_is_escaped() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_runner_breaking_the_interface_fails_the_test_instead_of_raising() -> None:
+    # Before, `health.ok` on a bare True raised AttributeError out of run_self_test, and the
+    # worker, which runs it on joining, ended.
+    class BoolHealth(_Scripted):
+        async def health(self) -> Health:
+            return True  # type: ignore[return-value]
+
+    with anyio.fail_after(30):
+        result = await run_self_test(
+            "scripted", lambda spec: BoolHealth(spec, {}), {}, node_id=NODE, timeouts=QUICK
+        )
+    assert (result.passed, result.reason) == (
+        False,
+        "health probe: health() returned True, not a Health",
+    )
+
+    # A factory whose output is no runner at all fails the create step.
+    with anyio.fail_after(30):
+        result = await run_self_test(
+            "scripted",
+            lambda spec: object(),  # type: ignore[arg-type,return-value]
+            {},
+            node_id=NODE,
+            timeouts=QUICK,
+        )
+    assert result.reason == "create: the factory built a object, not a Runner"
+
+    # Whatever else breaks in a runner is a failed result too.
+    class Broken(_Scripted):
+        @property
+        def load(self) -> Any:
+            raise RuntimeError("half-installed plugin")
+
+    with anyio.fail_after(30):
+        result = await run_self_test(
+            "scripted", lambda spec: Broken(spec, {}), {}, node_id=NODE, timeouts=QUICK
+        )
+    assert (result.passed, result.reason) == (
+        False,
+        "the self-test failed: RuntimeError: half-installed plugin",
+    )
+
+
+@pytest.mark.anyio
 async def test_each_failing_step_is_named() -> None:
     result, runner = await scripted()
     assert result.passed and runner.stopped

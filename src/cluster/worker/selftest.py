@@ -15,6 +15,7 @@ skipped (request_ms = 0): there is nothing to probe.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from cluster.shared.events import MAX_REASON_CHARS, RunnerSelfTestCompleted
 from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.runners.base import (
+    Health,
     RequestsNotSupported,
     Runner,
     RunnerFactory,
@@ -35,6 +37,8 @@ from cluster.worker.runners.base import (
     stop_limit_s,
 )
 from cluster.worker.runners.registry import config_digest, load_limit_s
+
+log = logging.getLogger(__name__)
 
 SELF_TEST_PAYLOAD: Final = b"cluster self-test probe"
 
@@ -99,7 +103,8 @@ async def run_self_test(
     timeouts: SelfTestTimeouts = SelfTestTimeouts(),
     clock: Callable[[], float] = time.monotonic,
 ) -> RunnerSelfTestCompleted:
-    """Self-test one runner setting; never raises for a runner's failure (it is the result).
+    """Self-test one runner setting; never raises for a runner's failure, whatever the
+    runner does (it is the result).
 
     `gpu`: the node has GPUs, so the test slot is a GPU slot (see `self_test_spec`).
     """
@@ -138,6 +143,9 @@ async def run_self_test(
 
     async def probe(r: Runner) -> None:
         health = await timed("probe", "health probe", timeouts.probe_s, r.health)
+        if not isinstance(health, Health):  # a plugin's mistake, e.g. a bare True
+            shown = clip(repr(health), 80)
+            raise _StepFailed(f"health probe: health() returned {shown}, not a Health")
         if not health.ok:
             raise _StepFailed(f"health probe: {health.reason or 'unhealthy'}")
         try:
@@ -155,9 +163,12 @@ async def run_self_test(
 
     try:
         try:
-            runner = factory(self_test_spec(node_id, gpu))
+            built = factory(self_test_spec(node_id, gpu))
         except Exception as exc:
             raise _StepFailed(f"create: {describe_error(exc)}") from None
+        if not isinstance(built, Runner):  # as `make_factory` checks a kind's output
+            raise _StepFailed(f"create: the factory built a {type(built).__name__}, not a Runner")
+        runner = built
         await timed("load", "load", load_limit_s(config, timeouts.load_s), runner.load)
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_in_background, runner)
@@ -177,6 +188,11 @@ async def run_self_test(
             raise _StepFailed(run_outcome[0])
     except* _StepFailed as group:
         failure = run_outcome[0] if run_outcome else str(group.exceptions[0])
+    except* Exception as group:
+        # A runner that breaks the interface in a way no step expects (a factory's output
+        # without `load`, say): a failed test, not an exception that would end the worker.
+        log.exception("runner self-test: unexpected error", exc_info=group)
+        failure = failure or f"the self-test failed: {describe_error(group)}"
     finally:
         if runner is not None:
             with anyio.CancelScope(shield=True):
