@@ -490,6 +490,62 @@ async def test_a_failure_reason_that_cannot_be_encoded_is_escaped_not_fatal() ->
     assert emitted.statuses("d1/0")[-1] is S.STOPPED
 
 
+class _OwnTimeout(Runner):
+    """A runner whose own step fails at once with a TimeoutError (a socket's ETIMEDOUT)."""
+
+    kind = "own-timeout"
+
+    def __init__(self, spec: RunnerSpec, step: str) -> None:
+        super().__init__(spec)
+        self.step = step
+
+    async def load(self) -> None:
+        if self.step == "load":
+            raise TimeoutError(110, "Connection timed out (model hub 10.0.0.9:443)")
+
+    async def run(self) -> None:
+        await anyio.sleep_forever()
+
+    async def health(self) -> Health:
+        if self.step == "health":
+            raise TimeoutError("GET /health: read timed out")
+        return HEALTHY
+
+    async def serve_request(self, payload: bytes) -> bytes:
+        return payload
+
+    def work_units(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("step", "reason"),
+    [
+        ("load", "load: [Errno 110] Connection timed out (model hub 10.0.0.9:443)"),
+        ("health", "serve: health probe: GET /health: read timed out"),
+    ],
+)
+async def test_a_runners_own_timeout_is_its_error_not_the_managers_limit(
+    step: str, reason: str
+) -> None:
+    # Before, it read "load: timed out after 300s" (or "health probe timed out after 5s"),
+    # though no limit had run out: the manager took any TimeoutError for its own.
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, lambda spec: _OwnTimeout(spec, step))
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+            assert emitted.last("d1/0").reason == reason
+            tg.cancel_scope.cancel()
+
+
 @pytest.mark.anyio
 async def test_load_failure_is_reported_then_stopped_when_unassigned() -> None:
     cluster = started_cluster()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Mapping
@@ -196,6 +197,34 @@ async def test_a_runner_breaking_the_interface_fails_the_test_instead_of_raising
         False,
         "the self-test failed: RuntimeError: half-installed plugin",
     )
+
+
+@pytest.mark.anyio
+async def test_a_runners_own_timeout_is_its_error_not_the_steps_limit() -> None:
+    # Before: "load timed out after 5s" after no time at all.
+    class HubTimeout(_Scripted):
+        async def load(self) -> None:
+            raise TimeoutError(110, "Connection timed out (model hub 10.0.0.9:443)")
+
+    class ProbeTimeout(_Scripted):
+        async def health(self) -> Health:
+            raise TimeoutError("GET /health: read timed out")
+
+    class StopTimeout(_Scripted):
+        async def stop(self) -> None:
+            raise TimeoutError
+
+    expected: dict[type[_Scripted], str] = {
+        HubTimeout: "load: [Errno 110] Connection timed out (model hub 10.0.0.9:443)",
+        ProbeTimeout: "health probe: GET /health: read timed out",
+        StopTimeout: "stop: TimeoutError",
+    }
+    for kind, reason in expected.items():
+        with anyio.fail_after(30):
+            result = await run_self_test(
+                "scripted", functools.partial(kind, config={}), {}, node_id=NODE, timeouts=QUICK
+            )
+        assert (result.passed, result.reason) == (False, reason), kind
 
 
 @pytest.mark.anyio

@@ -458,11 +458,12 @@ class RunnerManager:
             runner = h.runner = self._factory(h.spec)
             step = "load"
             self._set(h, RunnerStatus.LOADING)
-            try:
-                with anyio.fail_after(self._load_timeout_s):
-                    await runner.load()
-            except TimeoutError:
-                raise TimeoutError(f"timed out after {self._load_timeout_s:g}s") from None
+            # The limit by its scope, not by TimeoutError: a runner's own one (a socket's
+            # ETIMEDOUT) is its error, said as it is, not "timed out after 300s" at once.
+            with anyio.move_on_after(self._load_timeout_s) as limit:
+                await runner.load()
+            if limit.cancelled_caught:
+                raise TimeoutError(f"timed out after {self._load_timeout_s:g}s")
             self._set(h, RunnerStatus.READY)
             step = "serve"
             async with anyio.create_task_group() as tg:
@@ -486,13 +487,14 @@ class RunnerManager:
     async def _watch_health(self, runner: Runner) -> None:
         while True:
             await anyio.sleep(self._health_interval_s)
+            # As for load: the limit by its scope; what the probe raises is its own error.
             try:
-                with anyio.fail_after(self._health_timeout_s):
+                with anyio.move_on_after(self._health_timeout_s) as limit:
                     health = await runner.health()
-            except TimeoutError:
-                raise RunnerFailed(
-                    f"health probe timed out after {self._health_timeout_s:g}s"
-                ) from None
+            except Exception as exc:
+                raise RunnerFailed(f"health probe: {describe_error(exc)}") from None
+            if limit.cancelled_caught:
+                raise RunnerFailed(f"health probe timed out after {self._health_timeout_s:g}s")
             if not health.ok:
                 raise RunnerFailed(f"health probe: {health.reason or 'unhealthy'}")
 
