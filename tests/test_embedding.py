@@ -64,11 +64,15 @@ def test_a_bad_setting_releases_what_the_node_opened(tmp_path: Path) -> None:
         MasterNode(tmp_path / "m", membership, exposed)
     MasterNode(tmp_path / "m", membership).close()  # the log was released: it opens again
     addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
-    # A runner kind nobody provides is refused before anything is opened; a bad config for
-    # a known kind fails the node's self-test instead, with the reason, where status shows it.
+    # A runner kind nobody provides, or a bad config for a known one, is refused before
+    # anything is opened, naming what is wrong (before, an embedding program learnt of a
+    # bad config only from a failed self-test in `cluster status`).
     bad_runner = WorkerNodeConfig(runner=RunnerSetting(kind="no-such-kind"))
     with pytest.raises(RunnerConfigError, match="no-such-kind"):
         WorkerNode(tmp_path / "w", addr, bad_runner)
+    bad_config = WorkerNodeConfig(runner=RunnerSetting(kind="simulated", config={"load_secs": 1}))
+    with pytest.raises(RunnerConfigError, match=r"runner 'simulated' config: .*load_secs"):
+        WorkerNode(tmp_path / "w", addr, bad_config)
     WorkerNode(tmp_path / "w", addr).close()
 
 

@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.worker.node import WorkerNode, WorkerNodeConfig
     from cluster.worker.outbox import OutboxError
     from cluster.worker.runners.base import RunnerConfigError
-    from cluster.worker.runners.registry import RunnerSetting, load_runner_setting, make_factory
-    from cluster.worker.selftest import self_test_spec
+    from cluster.worker.runners.registry import RunnerSetting, load_runner_setting
 
     setup_logging(args.log_level)
     try:
@@ -140,10 +139,8 @@ def run(args: argparse.Namespace) -> int:
             )
         runner = None
         if not args.no_runners:
+            # WorkerNode checks its [config]: a typo stops the worker with one line here.
             runner = load_runner_setting(args.runner_file) if args.runner_file else RunnerSetting()
-            # Built once now so that a typo or bad value in its [config] stops the worker with
-            # one line here, not only as a failed self-test seen in `cluster status` later.
-            make_factory(runner.kind, runner.config)(self_test_spec("config-check"))
         config = WorkerNodeConfig(
             client=WorkerConfig(
                 heartbeat_interval=args.heartbeat_interval,

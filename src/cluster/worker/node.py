@@ -31,10 +31,10 @@ from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
 from cluster.worker.relay import HostRelay
 from cluster.worker.runner_manager import DEFAULT_LOAD_TIMEOUT_S, RunnerManager
-from cluster.worker.runners.base import RunnerFactory
+from cluster.worker.runners.base import RunnerConfigError, RunnerFactory, describe_error
 from cluster.worker.runners.process_groups import RunnerProcessGroups
 from cluster.worker.runners.registry import RunnerSetting, load_limit_s, make_factory
-from cluster.worker.selftest import needs_self_test, run_self_test
+from cluster.worker.selftest import needs_self_test, run_self_test, self_test_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,18 @@ class WorkerNodeConfig:
     #: On stop, how long the runners' last events (their final work, STOPPED) may take to be
     #: acknowledged by the master before the connection closes anyway.
     stop_flush_timeout_s: float = 10.0
+
+
+def _check_runner_setting(setting: RunnerSetting) -> None:
+    """Build one runner of `setting` (not loaded): a typo or a bad value in its config is a
+    `RunnerConfigError` naming it now, not only a failed self-test seen in `cluster status`
+    later. Whatever else its constructor raises is one too, naming the kind."""
+    try:
+        make_factory(setting.kind, setting.config)(self_test_spec("config-check"))
+    except RunnerConfigError:
+        raise
+    except Exception as exc:
+        raise RunnerConfigError(f"runner kind {setting.kind!r}: {describe_error(exc)}") from None
 
 
 class WorkerNode:
@@ -85,6 +97,7 @@ class WorkerNode:
         self._stopping: anyio.Event | None = None  # made by run(): needs the event loop
         self._process_groups = RunnerProcessGroups(data_dir / "runners")
         if config.runner is not None:
+            _check_runner_setting(config.runner)
             self._factory = make_factory(
                 config.runner.kind, config.runner.config, process_groups=self._process_groups
             )
