@@ -198,6 +198,18 @@ def test_master_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -
         (["--peer-timeout", "nan"], "--peer-timeout must be 3..86400 seconds, got nan"),
         (["--peer-timeout", "0.5"], "--peer-timeout must be 3..86400 seconds, got 0.5"),
         (["--load", "-1"], "--load must be a finite number >= 0"),
+        # Named as the flag (it said "slots must be 0..4096"):
+        (["--slots", "-5"], "cluster worker: --slots must be 0..4096, got -5"),
+        (["--slot-memory-mb", "-1"], "cluster worker: --slot-memory-mb must be 0.."),
+        # Ignored before, typos and all, because another flag turned them off:
+        (
+            ["--no-info", "--slots", "-5", "--stall-info-source", "bogus"],
+            "cluster worker: --slots, --stall-info-source has no effect with --no-info",
+        ),
+        (
+            ["--no-runners", "--runner-file", "/nonexistent.toml"],
+            "cluster worker: --runner-file has no effect with --no-runners",
+        ),
     ],
 )
 def test_worker_options_are_validated(

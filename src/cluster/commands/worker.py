@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from cluster.commands._process import LOG_LEVELS
+from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS
 
 if TYPE_CHECKING:  # the real imports happen in run(), after argument parsing (no libp2p)
     from cluster.worker.client import Worker
@@ -42,8 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="3..86400 (default 10): a master silent this long is redialled",
     )
-    parser.add_argument("--slots", type=int, default=1, help="runner slots offered")
-    parser.add_argument("--slot-memory-mb", type=int, default=1024)
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help=f"runner slots offered, 0..{MAX_NODE_SLOTS} (default 1)",
+    )
+    parser.add_argument(
+        "--slot-memory-mb", type=int, default=None, help="memory per slot in MiB (default 1024)"
+    )
     parser.add_argument(
         "--stall-info-source",
         action="append",
@@ -63,6 +71,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--load", type=float, default=0.0, metavar="RATE", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
+
+
+DEFAULT_SLOTS: Final = 1
+DEFAULT_SLOT_MEMORY_MB: Final = 1024
+
+
+def check_flag_combinations(args: argparse.Namespace) -> None:
+    """ValueError naming a flag given with the one that turns it off (it was ignored, so a
+    typo in it went unnoticed), or a slot flag out of range (named as the flag)."""
+    if args.no_info:
+        given = [
+            flag
+            for flag, value in (
+                ("--slots", args.slots),
+                ("--slot-memory-mb", args.slot_memory_mb),
+                ("--stall-info-source", args.stall_info_source or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} has no effect with --no-info (no machine info is gathered, "
+                "so no slots are offered): drop one or the other"
+            )
+    if args.no_runners and args.runner_file is not None:
+        raise ValueError("--runner-file has no effect with --no-runners: drop one or the other")
+    if args.slots is not None and not 0 <= args.slots <= MAX_NODE_SLOTS:
+        raise ValueError(f"--slots must be 0..{MAX_NODE_SLOTS}, got {args.slots}")
+    if args.slot_memory_mb is not None and not 0 <= args.slot_memory_mb <= INT64_MAX:
+        raise ValueError(f"--slot-memory-mb must be 0..{INT64_MAX}, got {args.slot_memory_mb}")
 
 
 def read_master_addr(value: str) -> str:
@@ -128,13 +166,18 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--load must be a finite number >= 0")
         if args.load > MAX_LOAD:  # emitted in bursts without yielding: it would never stop
             raise ValueError(f"--load must be at most {MAX_LOAD:,} events per second")
+        check_flag_combinations(args)
         secret = load_secret_file(args.cluster_secret_file) if args.cluster_secret_file else None
         info = None
         if not args.no_info:
             info = InfoConfig(
                 data_dir=args.data_dir,
-                slots=args.slots,
-                slot_memory_mb=args.slot_memory_mb,
+                slots=args.slots if args.slots is not None else DEFAULT_SLOTS,
+                slot_memory_mb=(
+                    args.slot_memory_mb
+                    if args.slot_memory_mb is not None
+                    else DEFAULT_SLOT_MEMORY_MB
+                ),
                 stalls=dict(parse_stall(s) for s in args.stall_info_source),
             )
         runner = None
