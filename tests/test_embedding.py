@@ -73,6 +73,11 @@ def test_a_bad_setting_releases_what_the_node_opened(tmp_path: Path) -> None:
     bad_config = WorkerNodeConfig(runner=RunnerSetting(kind="simulated", config={"load_secs": 1}))
     with pytest.raises(RunnerConfigError, match=r"runner 'simulated' config: .*load_secs"):
         WorkerNode(tmp_path / "w", addr, bad_config)
+    # Not plain data: its digest (sent in every hello) raised TypeError / UnicodeEncodeError.
+    for value in (Path("/opt/model"), "weights-\udcff.bin"):
+        odd = WorkerNodeConfig(runner=RunnerSetting(kind="subprocess", config={"command": [value]}))
+        with pytest.raises(RunnerConfigError, match="its config must be plain data"):
+            WorkerNode(tmp_path / "w", addr, odd)
     WorkerNode(tmp_path / "w", addr).close()
 
 

@@ -62,6 +62,15 @@ def _check_runner_setting(setting: RunnerSetting) -> None:
     `RunnerConfigError` naming it now, not only a failed self-test seen in `cluster status`
     later. Whatever else its constructor raises is one too, naming the kind."""
     try:
+        # The setting's digest travels in every hello: its config must be plain data (what
+        # a TOML runner file gives), not a Path, a set or text with a lone surrogate.
+        setting.digest()
+    except (TypeError, ValueError, UnicodeError) as exc:
+        raise RunnerConfigError(
+            f"runner kind {setting.kind!r}: its config must be plain data (text, numbers, "
+            f"booleans, lists and tables, as a TOML runner file gives): {describe_error(exc)}"
+        ) from None
+    try:
         make_factory(setting.kind, setting.config)(self_test_spec("config-check"))
     except RunnerConfigError:
         raise
