@@ -546,6 +546,29 @@ async def test_a_runners_own_timeout_is_its_error_not_the_managers_limit(
             tg.cancel_scope.cancel()
 
 
+class _BareTrueHealth(_OwnTimeout):
+    """A plugin whose health() returns a bare True instead of a Health."""
+
+    async def health(self) -> Health:
+        return True  # type: ignore[return-value]
+
+
+@pytest.mark.anyio
+async def test_a_health_that_is_not_a_health_fails_the_runner_naming_it() -> None:
+    # It failed with "serve: AttributeError: 'bool' object has no attribute 'ok'".
+    cluster = started_cluster()
+    emitted = Emitted()
+    mgr = manager(emitted, lambda spec: _BareTrueHealth(spec, "none"))
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.FAILED])
+            reason = emitted.last("d1/0").reason
+            assert reason == "serve: health probe: health() returned True, not a Health"
+            tg.cancel_scope.cancel()
+
+
 @pytest.mark.anyio
 async def test_load_failure_is_reported_then_stopped_when_unassigned() -> None:
     cluster = started_cluster()

@@ -55,6 +55,7 @@ from cluster.worker.runners.base import (
     RunnerSpec,
     describe_end,
     describe_error,
+    health_problem,
     stop_limit_s,
 )
 
@@ -495,8 +496,9 @@ class RunnerManager:
                 raise RunnerFailed(f"health probe: {describe_error(exc)}") from None
             if limit.cancelled_caught:
                 raise RunnerFailed(f"health probe timed out after {self._health_timeout_s:g}s")
-            if not health.ok:
-                raise RunnerFailed(f"health probe: {health.reason or 'unhealthy'}")
+            problem = health_problem(health)
+            if problem is not None:
+                raise RunnerFailed(f"health probe: {problem}")
 
     async def _report_work_every_interval(self, h: _Handle, runner: Runner) -> None:
         last = anyio.current_time()

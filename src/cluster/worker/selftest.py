@@ -27,13 +27,13 @@ from cluster.shared.events import MAX_REASON_CHARS, RunnerSelfTestCompleted
 from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.runners.base import (
-    Health,
     RequestsNotSupported,
     Runner,
     RunnerFactory,
     RunnerSpec,
     describe_end,
     describe_error,
+    health_problem,
     stop_limit_s,
 )
 from cluster.worker.runners.registry import config_digest, load_limit_s
@@ -144,11 +144,9 @@ async def run_self_test(
 
     async def probe(r: Runner) -> None:
         health = await timed("probe", "health probe", timeouts.probe_s, r.health)
-        if not isinstance(health, Health):  # a plugin's mistake, e.g. a bare True
-            shown = clip(repr(health), 80)
-            raise _StepFailed(f"health probe: health() returned {shown}, not a Health")
-        if not health.ok:
-            raise _StepFailed(f"health probe: {health.reason or 'unhealthy'}")
+        problem = health_problem(health)
+        if problem is not None:
+            raise _StepFailed(f"health probe: {problem}")
         try:
             answer = await timed(
                 "request",

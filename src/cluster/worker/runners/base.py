@@ -31,7 +31,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
-from cluster.shared.humanize import first_leaf
+from cluster.shared.humanize import clip, first_leaf
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ class Health:
 
 
 HEALTHY = Health(ok=True)
+
+
+def health_problem(health: object) -> str | None:
+    """What is wrong with what a runner's `health()` returned, in words; None if healthy.
+    A value that is not a `Health` (a plugin's bare `True`) is a problem too, named."""
+    if not isinstance(health, Health):
+        return f"health() returned {clip(repr(health), 80)}, not a Health"
+    return None if health.ok else (health.reason or "unhealthy")
 
 
 class RunnerError(Exception):
