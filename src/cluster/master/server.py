@@ -48,6 +48,7 @@ from cluster.net import host as nethost
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, encode_frame
 from cluster.net.membership import Membership, new_nonce
 from cluster.net.protocol import (
+    HANDSHAKE_MAX_FRAME,
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
     REQUEST_PROTOCOL,
@@ -143,6 +144,16 @@ class MasterConfig:
     #: Submit streams one peer may hold at once (a worker uses one): each blocked one can hold
     #: a decoded frame of up to 4 MiB.
     max_submit_streams_per_peer: int = 4
+    #: Request streams one member may have open at once (a worker forwards one at a time).
+    max_request_streams_per_peer: int = 4
+    #: A hello must be done (Hello read, Challenge sent, Proof read) this soon after its
+    #: stream opened (or `peer_timeout`, if shorter): a worker's takes milliseconds.
+    hello_timeout: float = 5.0
+    #: Hello streams not yet past the proof, per peer and over all peers: beyond either the
+    #: stream is refused ('too-many-streams') and the worker dials again later. Each holds
+    #: at most a small frame (`HANDSHAKE_MAX_FRAME`), for at most `hello_timeout`.
+    max_hellos_per_peer: int = 2
+    max_hellos: int = 128
     #: Events per Events frame and per catch-up read.
     frame_events: int = 4096
     snapshot_chunk: int = 1 << 20
@@ -258,6 +269,10 @@ class Master:
         #: Open subscribe streams by peer (catching up or live): `max_subscriptions_per_peer`.
         self._subscriptions: collections.Counter[str] = collections.Counter()
         self._submissions: collections.Counter[str] = collections.Counter()
+        self._requests: collections.Counter[str] = collections.Counter()
+        #: Hello streams not yet past the proof, by peer (`max_hellos_per_peer`, `max_hellos`).
+        self._hellos: collections.Counter[str] = collections.Counter()
+        self._hello_refusals = 0  # hello streams being refused (`_refuse_hello`)
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -653,35 +668,74 @@ class Master:
     # ------------------------------------------------------------------ hello
     async def _hello(self, fs: nethost.FramedStream) -> None:
         peer = fs.peer_id
-        t = self.config.peer_timeout
-        try:
-            first = await fs.recv(t)
-            reason = self.membership.refuse_reason(peer)
-            if reason is not None:
-                self.stats["refused"] += 1
-                log.warning("refused %s: %s", peer, reason)
-                await fs.fail("unauthorized", reason)
-                return
-            hello = expect(first, Hello)
-            if hello.version != PROTOCOL_VERSION:
-                raise ProtocolError(
-                    "version",
-                    f"protocol version {hello.version} unsupported "
-                    f"(this master speaks {PROTOCOL_VERSION})",
-                )
-            nonce = new_nonce()
-            proof = self.membership.master_proof(hello.nonce, self.node_id, peer)
-            await fs.send(Challenge(nonce=nonce, proof=proof), t)
-            answer = expect(await fs.recv(t), Proof)
-        except (ProtocolError, TimeoutError, EOFError) as exc:
-            await fs.fail(*nethost.error_of(exc, "hello answer", t))
+        cfg = self.config
+        if self._hellos[peer] >= cfg.max_hellos_per_peer:
+            await self._refuse_hello(
+                fs, f"peer {peer} already holds {cfg.max_hellos_per_peer} hello streams"
+            )
             return
+        if sum(self._hellos.values()) >= cfg.max_hellos:
+            await self._refuse_hello(fs, f"{cfg.max_hellos} hellos in progress: dial again later")
+            return
+        with _stream_slot(self._hellos, peer, cfg.max_hellos_per_peer):
+            hello = await self._admit(fs)
+        if hello is not None:
+            await self._join(fs, hello)
+
+    async def _refuse_hello(self, fs: nethost.FramedStream, message: str) -> None:
+        """Refuse a hello stream beyond the caps. Its first (small) frame is taken first so
+        that the peer reads why, by at most `max_hellos` such streams at once: beyond, it is
+        refused at once (and likely sees only a reset)."""
+        if self._hello_refusals < self.config.max_hellos:
+            self._hello_refusals += 1
+            try:
+                await _take_first_frame(fs)
+            finally:
+                self._hello_refusals -= 1
+        await fs.fail("too-many-streams", message)
+
+    async def _admit(self, fs: nethost.FramedStream) -> Hello | None:
+        """The hello up to the proof: the peer's Hello if it passed, else None (the stream is
+        failed, saying why). Nothing the peer sends here may exceed `HANDSHAKE_MAX_FRAME`,
+        and all of it must come within `hello_timeout`."""
+        peer = fs.peer_id
+        t = min(self.config.hello_timeout, self.config.peer_timeout)
+        reason = self.membership.refuse_reason(peer)
+        if reason is not None:
+            # The peer id alone decides: nothing of its is decoded.
+            await _take_first_frame(fs)
+            self.stats["refused"] += 1
+            log.warning("refused %s: %s", peer, reason)
+            await fs.fail("unauthorized", reason)
+            return None
+        try:
+            with anyio.fail_after(t):
+                hello = expect(await fs.recv(t, HANDSHAKE_MAX_FRAME), Hello)
+                if hello.version != PROTOCOL_VERSION:
+                    raise ProtocolError(
+                        "version",
+                        f"protocol version {hello.version} unsupported "
+                        f"(this master speaks {PROTOCOL_VERSION})",
+                    )
+                nonce = new_nonce()
+                proof = self.membership.master_proof(hello.nonce, self.node_id, peer)
+                await fs.send(Challenge(nonce=nonce, proof=proof), t)
+                answer = expect(await fs.recv(t, HANDSHAKE_MAX_FRAME), Proof)
+        except (ProtocolError, TimeoutError, EOFError, FrameError) as exc:
+            await fs.fail(*nethost.error_of(exc, "hello", t))
+            return None
         reason = self.membership.check_worker_proof(answer.proof, nonce, peer, self.node_id)
         if reason is not None:
             self.stats["refused"] += 1
             log.warning("refused %s: %s", peer, reason)
             await fs.fail("unauthorized", reason)
-            return
+            return None
+        return hello
+
+    async def _join(self, fs: nethost.FramedStream, hello: Hello) -> None:
+        """A peer that passed hello: a member from now on, its NodeConnected indexed."""
+        peer = fs.peer_id
+        t = self.config.peer_timeout
         self._members.add(peer)
 
         def connected(state: State, now: int) -> list[Event]:
@@ -712,10 +766,7 @@ class Master:
     async def _require_member(self, fs: nethost.FramedStream, what: str) -> bool:
         if fs.peer_id in self._members:
             return True
-        # Take (and drop) the peer's first frame, so its write succeeds and it reads why.
-        with anyio.move_on_after(1.0):
-            with contextlib.suppress(Exception):
-                await fs.recv_frame(1.0)
+        await _take_first_frame(fs)
         self.stats["refused"] += 1
         reason = self.membership.refuse_reason(fs.peer_id) or "it has not passed hello"
         log.warning("refused %s stream from %s: %s", what, fs.peer_id, reason)
@@ -727,6 +778,15 @@ class Master:
         """A host's request forwarded by its worker: judged as coming from that node."""
         if not await self._require_member(fs, "request"):
             return
+        limit = self.config.max_request_streams_per_peer
+        with _stream_slot(self._requests, fs.peer_id, limit) as allowed:
+            if allowed:
+                await self._serve_request(fs)
+            else:
+                await _take_first_frame(fs)
+                await _refuse_stream(fs, limit, "request")
+
+    async def _serve_request(self, fs: nethost.FramedStream) -> None:
         t = self.config.peer_timeout
         try:
             msg = expect(await fs.recv(t), ControlRequestMsg)
@@ -749,10 +809,7 @@ class Master:
             if allowed:
                 await self._serve_submit(fs)
                 return
-            # Read its first frame before answering: refused at once, the peer sees only a
-            # reset, not why.
-            with contextlib.suppress(Exception):
-                await fs.recv_frame(self.config.peer_timeout)
+            await _take_first_frame(fs)
             await _refuse_stream(fs, limit, "submit")
 
     async def _serve_submit(self, fs: nethost.FramedStream) -> None:
@@ -1010,6 +1067,14 @@ def _stream_slot(open_streams: collections.Counter[str], peer: str, limit: int) 
         open_streams[peer] -= 1
         if not open_streams[peer]:
             del open_streams[peer]
+
+
+async def _take_first_frame(fs: nethost.FramedStream) -> None:
+    """Take (and drop) a refused peer's first frame, if it comes within a second, so that its
+    write succeeds and it reads why (refused at once, it would see only a reset). A small one
+    only: a stream refused must not make the master buffer 4 MiB."""
+    with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+        await fs.recv_frame(1.0, HANDSHAKE_MAX_FRAME)
 
 
 async def _refuse_stream(fs: nethost.FramedStream, limit: int, kind: str) -> None:

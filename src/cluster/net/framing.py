@@ -79,32 +79,35 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def next_frame(self) -> bytes | None:
-        """The next complete frame, or None until more bytes arrive."""
+    def next_frame(self, max_frame: int | None = None) -> bytes | None:
+        """The next complete frame, or None until more bytes arrive. `max_frame` lowers the
+        limit for this frame (a handshake message is small: a stranger's 4 MiB frame is
+        refused at its header, not buffered)."""
+        limit = self._max if max_frame is None else min(self._max, max_frame)
         if len(self._buf) < HEADER.size:
             return None
         (field,) = HEADER.unpack_from(self._buf)
         length = field & ~COMPRESSED
-        if length > self._max:
+        if length > limit:
             raise FrameTooLarge(
-                f"frame header announces {length} bytes, more than the limit of {self._max}"
+                f"frame header announces {length} bytes, more than the limit of {limit}"
             )
         end = HEADER.size + length
         if len(self._buf) < end:
             return None
         payload = bytes(self._buf[HEADER.size : end])
         del self._buf[:end]
-        return self._inflate(payload) if field & COMPRESSED else payload
+        return self._inflate(payload, limit) if field & COMPRESSED else payload
 
-    def _inflate(self, packed: bytes) -> bytes:
+    def _inflate(self, packed: bytes, limit: int) -> bytes:
         inflater = zlib.decompressobj()
         try:
-            payload = inflater.decompress(packed, self._max)
+            payload = inflater.decompress(packed, limit)
         except zlib.error as exc:
             raise FrameError(f"compressed frame of {len(packed)} bytes is corrupt: {exc}") from None
         if inflater.unconsumed_tail:
             raise FrameTooLarge(
-                f"compressed frame of {len(packed)} bytes inflates beyond the limit of {self._max}"
+                f"compressed frame of {len(packed)} bytes inflates beyond the limit of {limit}"
             )
         if not inflater.eof or inflater.unused_data:
             raise FrameError(
@@ -138,9 +141,10 @@ class FrameReader:
         self._read = read
         self._decoder = FrameDecoder(max_frame)
 
-    async def read_frame(self) -> bytes:
+    async def read_frame(self, max_frame: int | None = None) -> bytes:
+        """The next frame; `max_frame` lowers the limit for this one (see `next_frame`)."""
         while True:
-            frame = self._decoder.next_frame()
+            frame = self._decoder.next_frame(max_frame)
             if frame is not None:
                 return frame
             try:

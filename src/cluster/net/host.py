@@ -236,15 +236,16 @@ class FramedStream:
         self._reader = FrameReader(stream.read, max_frame)
         self.peer_id = peer_id_str(stream)
 
-    async def recv(self, timeout: float) -> Message:
-        """Next message; TimeoutError when the peer is silent, EOFError at its end."""
+    async def recv(self, timeout: float, max_frame: int | None = None) -> Message:
+        """Next message; TimeoutError when the peer is silent, EOFError at its end.
+        `max_frame` lowers the frame limit for this message (FrameTooLarge beyond it)."""
         with anyio.fail_after(timeout):
-            frame = await self._reader.read_frame()
+            frame = await self._reader.read_frame(max_frame)
         return decode(frame)
 
-    async def recv_frame(self, timeout: float) -> bytes:
+    async def recv_frame(self, timeout: float, max_frame: int | None = None) -> bytes:
         with anyio.fail_after(timeout):
-            return await self._reader.read_frame()
+            return await self._reader.read_frame(max_frame)
 
     async def send(self, msg: Msg, timeout: float) -> None:
         await self.send_bytes(encode_frame(encode(msg), self.max_frame), timeout)

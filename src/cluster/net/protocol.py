@@ -60,6 +60,10 @@ class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
 MAX_BOOT_ID_CHARS: Final = 64
 #: Longest `Hello.runner_digest` accepted (workers send 64 hex digits: BLAKE2b-256).
 MAX_RUNNER_DIGEST_CHARS: Final = 128
+#: Frame limit for what a peer sends before it is a member (Hello, Proof, and the first frame
+#: of a stream refused as a stranger's): each is under 300 bytes. Read under the 4 MiB bulk
+#: limit, every hello stream of a stranger could make the master buffer 4 MiB.
+HANDSHAKE_MAX_FRAME: Final = 4 << 10
 
 
 class Hello(Msg, frozen=True):

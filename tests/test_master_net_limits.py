@@ -1,0 +1,266 @@
+"""What a peer can make the master hold: counted, not timed.
+
+Most checks drive the master's stream handlers with a stand-in for a libp2p stream that
+counts the bytes the master takes from it; one runs over loopback libp2p, to show the peer
+reads the refusal (a stream refused at once shows it only a reset).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+
+from cluster.master.server import Master, MasterConfig
+from cluster.net import host as nethost
+from cluster.net.framing import COMPRESSED, HEADER, READ_CHUNK, FrameDecoder, encode_frame
+from cluster.net.identity import key_pair_from_seed, load_identity, peer_id_of
+from cluster.net.membership import Membership, new_nonce
+from cluster.net.protocol import (
+    HELLO_PROTOCOL,
+    PROTOCOL_VERSION,
+    ControlReplyMsg,
+    ControlRequestMsg,
+    ErrorMsg,
+    Hello,
+    Message,
+    decode,
+    encode,
+)
+from cluster.shared.store import EventStore
+
+SECRET = b"s" * 32
+STRANGER = peer_id_of(key_pair_from_seed(b"\x07" * 32))
+MEMBER = peer_id_of(key_pair_from_seed(b"\x08" * 32))
+#: A frame header announcing 4 MiB - 1 (the bulk limit), then all of its payload.
+FOUR_MIB_FRAME = HEADER.pack((4 << 20) - 1) + b"\x00" * ((4 << 20) - 1)
+
+
+class FakeStream:
+    """A libp2p stream stand-in: serves `data` (then stays silent, as a hung peer), counting
+    the bytes the master takes, and keeps what the master writes."""
+
+    def __init__(self, peer: str, data: bytes = b"") -> None:
+        self.data = data
+        self.taken = 0
+        self.written = b""
+        self.muxed_conn = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: peer))
+
+    async def read(self, n: int) -> bytes:
+        if self.taken >= len(self.data):
+            await anyio.sleep_forever()
+        chunk = self.data[self.taken : self.taken + n]
+        self.taken += len(chunk)
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def reset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def replies(self) -> list[Message]:
+        decoder = FrameDecoder()
+        decoder.feed(self.written)
+        out = []
+        while (frame := decoder.next_frame()) is not None:
+            out.append(decode(frame))
+        return out
+
+    def error(self) -> ErrorMsg:
+        (reply,) = self.replies()
+        assert isinstance(reply, ErrorMsg), reply
+        return reply
+
+
+def _fs(peer: str, data: bytes = b"") -> tuple[nethost.FramedStream, FakeStream]:
+    raw = FakeStream(peer, data)
+    return nethost.FramedStream(raw), raw
+
+
+@asynccontextmanager
+async def _master(
+    tmp_path: Path, membership: Membership | None = None, **config: Any
+) -> AsyncIterator[Master]:
+    store = EventStore.open(tmp_path / "m")
+    key_pair, _ = load_identity(tmp_path / "m")
+    master = Master(
+        store, key_pair, membership or Membership(secret=SECRET), MasterConfig(**config)
+    )
+    try:
+        yield master
+    finally:
+        master.close()
+        store.close()
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await anyio.sleep(0.01)
+
+
+# ------------------------------------------------------------------ hello, strangers
+@pytest.mark.anyio
+async def test_a_stranger_off_the_allow_list_is_refused_before_its_frame_is_taken(
+    tmp_path: Path,
+) -> None:
+    """The allow-list decides on the peer id alone: a 4 MiB first frame was read whole
+    (under the 4 MiB bulk limit) before the stranger was refused, on every hello stream."""
+    async with _master(tmp_path, Membership(allowed=frozenset({MEMBER}))) as master:
+        fs, raw = _fs(STRANGER, FOUR_MIB_FRAME)
+        with anyio.fail_after(10):
+            await master._hello(fs)
+        err = raw.error()
+        assert err.code == "unauthorized" and "not on the cluster allow-list" in err.message
+        assert raw.taken <= READ_CHUNK, f"the master took {raw.taken} bytes of a stranger's"
+        assert master.members == frozenset()
+
+
+@pytest.mark.anyio
+async def test_a_hello_frame_over_the_handshake_limit_is_refused_at_its_header(
+    tmp_path: Path,
+) -> None:
+    """With a cluster secret only, a peer must send Hello before it can be judged: that
+    frame is read under a 4 KiB limit, not the 4 MiB one."""
+    async with _master(tmp_path) as master:
+        fs, raw = _fs(STRANGER, FOUR_MIB_FRAME)
+        with anyio.fail_after(10):
+            await master._hello(fs)
+        err = raw.error()
+        assert err.code == "too-large" and "limit of 4096" in err.message, err
+        assert raw.taken <= READ_CHUNK, f"the master took {raw.taken} bytes of a stranger's"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("data", "code", "why"),
+    [
+        (HEADER.pack(5 | COMPRESSED) + b"hello", "malformed", "is corrupt"),
+        # ~1 KiB on the wire, 1 MiB inflated: the handshake limit holds once inflated too.
+        (encode_frame(b"\x00" * (1 << 20), compress=True), "too-large", "limit of 4096"),
+    ],
+)
+async def test_a_hello_frame_that_breaks_framing_is_answered_with_why(
+    tmp_path: Path, data: bytes, code: str, why: str
+) -> None:
+    """A first frame that broke framing got a bare reset (FrameError was not caught)."""
+    async with _master(tmp_path) as master:
+        fs, raw = _fs(STRANGER, data)
+        with anyio.fail_after(10):
+            await master._hello(fs)
+        err = raw.error()
+        assert err.code == code and why in err.message, err
+
+
+@pytest.mark.anyio
+async def test_a_silent_hello_ends_at_the_hello_deadline(tmp_path: Path) -> None:
+    """A hello stream was held for `peer_timeout` per read (10 s each by default)."""
+    async with _master(tmp_path, peer_timeout=600.0, hello_timeout=0.2) as master:
+        fs, raw = _fs(STRANGER)
+        with anyio.fail_after(10):
+            await master._hello(fs)
+        err = raw.error()
+        assert err.code == "timeout" and "no hello within 0.2 s" in err.message, err
+
+
+@pytest.mark.anyio
+async def test_hello_streams_are_capped_per_peer_and_overall(tmp_path: Path) -> None:
+    """Silent hello streams were held without limit, each able to buffer a 4 MiB frame."""
+    other = peer_id_of(key_pair_from_seed(b"\x09" * 32))
+    async with _master(tmp_path, max_hellos_per_peer=2, max_hellos=3) as master:
+        held = [_fs(STRANGER) for _ in range(2)] + [_fs(other)]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for fs, _ in held:
+                    tg.start_soon(master._hello, fs)
+                await _until(lambda: sum(master._hellos.values()) == 3)
+                assert master._hellos == collections.Counter({STRANGER: 2, other: 1})
+
+                fs, raw = _fs(STRANGER)  # a third of the same peer
+                await master._hello(fs)
+                err = raw.error()
+                assert err.code == "too-many-streams", err
+                assert f"peer {STRANGER} already holds 2 hello streams" in err.message
+
+                fs, raw = _fs(other)  # a second of another peer: over the total
+                await master._hello(fs)
+                err = raw.error()
+                assert err.code == "too-many-streams", err
+                assert "3 hellos in progress" in err.message
+                assert sum(master._hellos.values()) == 3
+                tg.cancel_scope.cancel()
+        assert not master._hellos  # released with their streams
+
+
+@pytest.mark.anyio
+async def test_a_refused_hello_is_told_why_over_the_network(tmp_path: Path) -> None:
+    """Over loopback libp2p: a hello stream beyond the cap reads 'too-many-streams' (the
+    master takes its first frame before refusing, so the peer's write is not reset)."""
+    kp = key_pair_from_seed(b"\x07" * 32)
+    async with _master(tmp_path, max_hellos_per_peer=0) as master, anyio.create_task_group() as tg:
+        addrs = await tg.start(master.run)
+        with anyio.fail_after(30):
+            async with nethost.running_host(kp, []) as host:
+                addr = nethost.parse_multiaddr(addrs[0], need_peer=True)
+                peer = await nethost.dial(host, addr, 10)
+                for _ in range(3):
+                    fs = await nethost.open_stream(host, peer, HELLO_PROTOCOL, 10)
+                    await fs.send(Hello(version=PROTOCOL_VERSION, nonce=new_nonce()), 10)
+                    reply = await fs.recv(10)
+                    assert isinstance(reply, ErrorMsg), reply
+                    assert reply.code == "too-many-streams", reply
+                    await fs.close()
+        master.stop()
+
+
+# ------------------------------------------------------------------ other streams
+@pytest.mark.anyio
+async def test_a_non_members_submit_stream_is_refused_without_taking_its_frame(
+    tmp_path: Path,
+) -> None:
+    async with _master(tmp_path) as master:
+        fs, raw = _fs(STRANGER, FOUR_MIB_FRAME)
+        with anyio.fail_after(10):
+            await master._submit(fs)
+        err = raw.error()
+        assert err.code == "unauthorized" and "submit refused" in err.message, err
+        assert raw.taken <= READ_CHUNK, f"the master took {raw.taken} bytes of a stranger's"
+
+
+@pytest.mark.anyio
+async def test_a_members_request_streams_are_capped(tmp_path: Path) -> None:
+    """Each open request stream can hold a 4 MiB frame: any number were served at once."""
+    release = anyio.Event()
+
+    async def slow_handler(payload: bytes, peer: str) -> bytes:
+        await release.wait()
+        return b'{"ok":true}'
+
+    async with _master(tmp_path, max_request_streams_per_peer=2) as master:
+        master.request_handler = slow_handler
+        master._members.add(MEMBER)
+        request = encode_frame(encode(ControlRequestMsg(payload=b"{}")))
+        held = [_fs(MEMBER, request) for _ in range(2)]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for fs, _ in held:
+                    tg.start_soon(master._request, fs)
+                await _until(lambda: master._requests[MEMBER] == 2)
+                fs, raw = _fs(MEMBER, request)
+                await master._request(fs)
+                err = raw.error()
+                assert err.code == "too-many-streams", err
+                assert "2 request streams" in err.message
+                release.set()
+        for _, raw in held:  # the two held were answered
+            assert isinstance(raw.replies()[0], ControlReplyMsg)
+        assert not master._requests
