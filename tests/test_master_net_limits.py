@@ -16,8 +16,9 @@ from typing import Any
 
 import anyio
 import pytest
+from trio.testing import wait_all_tasks_blocked
 
-from cluster.master.server import Master, MasterConfig
+from cluster.master.server import Master, MasterConfig, _Submission
 from cluster.net import host as nethost
 from cluster.net.framing import COMPRESSED, HEADER, READ_CHUNK, FrameDecoder, encode_frame
 from cluster.net.identity import key_pair_from_seed, load_identity, peer_id_of
@@ -25,14 +26,18 @@ from cluster.net.membership import Membership, new_nonce
 from cluster.net.protocol import (
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
+    Ack,
     ControlReplyMsg,
     ControlRequestMsg,
     ErrorMsg,
     Hello,
     Message,
+    SeqEvent,
+    SubmitBatch,
     decode,
     encode,
 )
+from cluster.shared.events import NodeHeartbeat
 from cluster.shared.store import EventStore
 
 SECRET = b"s" * 32
@@ -264,3 +269,89 @@ async def test_a_members_request_streams_are_capped(tmp_path: Path) -> None:
         for _, raw in held:  # the two held were answered
             assert isinstance(raw.replies()[0], ControlReplyMsg)
         assert not master._requests
+
+
+# ------------------------------------------------------------------ submissions
+def _batches(peer: str, n: int, size: int) -> list[bytes]:
+    """`n` compressed SubmitBatch frames of `size` heartbeats each, seqs from 1."""
+    return [
+        encode_frame(
+            encode(
+                SubmitBatch(
+                    events=[
+                        SeqEvent(b * size + i + 1, NodeHeartbeat(node_id=peer)) for i in range(size)
+                    ]
+                )
+            ),
+            compress=True,
+        )
+        for b in range(n)
+    ]
+
+
+def _inflated(frame: bytes) -> int:
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    payload = decoder.next_frame()
+    assert payload is not None
+    return len(payload)
+
+
+def _queued(master: Master) -> int:
+    return master._inbox_recv.statistics().current_buffer_used
+
+
+@pytest.mark.anyio
+async def test_what_one_peer_has_waiting_for_the_indexer_is_bounded_in_bytes(
+    tmp_path: Path,
+) -> None:
+    """Counted in submissions (a 64-deep acker queue per stream, a 1024-deep inbox), one
+    member's compressed frames, each inflating to 4 MiB, took gigabytes. Now its streams read
+    no further frame while it has `max_pending_bytes_per_peer` waiting; other peers are not
+    held up by it; and all of it is indexed and acknowledged once the indexer runs."""
+    other = peer_id_of(key_pair_from_seed(b"\x09" * 32))
+    frames = _batches(MEMBER, 10, 100)
+    limit = _inflated(frames[0]) * 5 // 2  # room for 3 frames: held < limit when each is read
+    async with _master(tmp_path, peer_timeout=600.0, max_pending_bytes_per_peer=limit) as master:
+        master._members |= {MEMBER, other}
+        fs, raw = _fs(MEMBER, b"".join(frames))
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(master._serve_submit, fs)
+                await _until(lambda: _queued(master) == 3)
+                await wait_all_tasks_blocked()
+                assert _queued(master) == 3, "the peer's frames kept being taken"
+                assert master._pending.held[MEMBER] == sum(map(_inflated, frames[:3]))
+
+                other_fs, _ = _fs(other, _batches(other, 1, 100)[0])
+                tg.start_soon(master._serve_submit, other_fs)
+                await _until(lambda: _queued(master) == 4)  # not held up by the first peer
+
+                tg.start_soon(master._indexer)
+                await _until(lambda: master.last_idx == 1100)
+                await _until(
+                    lambda: any(isinstance(r, Ack) and r.seq == 1000 for r in raw.replies())
+                )
+                assert not master._pending.held  # all released once indexed
+                tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_group_commit_stops_filling_at_commit_events(tmp_path: Path) -> None:
+    """The indexer took everything waiting into one commit: millions of events in one."""
+    async with _master(tmp_path, commit_events=250) as master:
+        subs = []
+        for b in range(6):
+            seqs = list(range(b * 100 + 1, b * 100 + 101))
+            sub = _Submission(MEMBER, [NodeHeartbeat(node_id=MEMBER)] * 100, seqs)
+            master._inbox_send.send_nowait(sub)
+            subs.append(sub)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(master._indexer)
+                await subs[-1].done.wait()
+                tg.cancel_scope.cancel()
+        assert master.last_idx == 600
+        # 100 + 100 + 100 reaches 250: each commit took three submissions, not all six.
+        assert master.stats["commits"] == 2
+        assert [sub.ack for sub in subs] == [100, 200, 300, 400, 500, 600]

@@ -204,7 +204,7 @@ async def test_strangers_impostors_and_bad_frames_are_refused(tmp_path: Path) ->
             assert err.code == "too-many-streams" and "4 subscribe streams" in err.message, err
             for sub in held:
                 await sub.reset()
-            # And a few submit streams (each blocked one can hold a 4 MiB frame).
+            # And a few submit streams.
             held = [await nethost.open_stream(h, peer, SUBMIT_PROTOCOL, T) for _ in range(4)]
             for sub in held:  # answered: each is being served (and counted) by now
                 await sub.send(Ping(), T)

@@ -3,10 +3,12 @@
 Everything that decides is elsewhere and pure (admission rules, membership rules, the
 planner); this module only moves bytes, serialises indexing, and makes events durable.
 
-Indexing is one task fed by a channel. It takes every submission waiting (worker batches,
-master events), drops duplicates by (origin, seq), gives the rest consecutive indices and
-the master's clock, appends them with ONE durable group commit, then fans them out to the
-subscribers and acknowledges each submitter with the highest seq of its that is durable.
+Indexing is one task fed by a channel. It takes the submissions waiting (worker batches,
+master events; up to `commit_events` events), drops duplicates by (origin, seq), gives the
+rest consecutive indices and the master's clock, appends them with ONE durable group
+commit, then fans them out to the subscribers and acknowledges each submitter with the
+highest seq of its that is durable. What one peer may have waiting is bounded in bytes
+(`max_pending_bytes_per_peer`).
 A snapshot that comes due is written by another task on a worker thread, so no commit waits
 for it; an I/O error in a commit stops the master (fail-stop) after one ERROR line.
 
@@ -141,9 +143,17 @@ class MasterConfig:
     #: the next as the last closes). Each catching-up stream holds a snapshot and a queue:
     #: unbounded, one member opening a hundred took the master from 115 MB to 916 MB.
     max_subscriptions_per_peer: int = 4
-    #: Submit streams one peer may hold at once (a worker uses one): each blocked one can hold
-    #: a decoded frame of up to 4 MiB.
+    #: Submit streams one peer may hold at once (a worker uses one).
     max_submit_streams_per_peer: int = 4
+    #: Inflated frame bytes of one peer's submissions not yet indexed: while it has this
+    #: much waiting, its submit streams read no further frame (a 120 KB compressed frame
+    #: inflates to 4 MiB, ~11 MB decoded; counted in submissions, one member's waiting work
+    #: took gigabytes and delayed every other member's acks by seconds). A worker has at
+    #: most 3 batches of 2,048 events in flight, far less.
+    max_pending_bytes_per_peer: int = 8 << 20
+    #: Events one group commit takes from the submissions waiting, at most (it may exceed
+    #: it by the last submission taken): bounds a commit's time, memory, and a stop's wait.
+    commit_events: int = 50_000
     #: Request streams one member may have open at once (a worker forwards one at a time).
     max_request_streams_per_peer: int = 4
     #: A hello must be done (Hello read, Challenge sent, Proof read) this soon after its
@@ -178,7 +188,7 @@ class _Submission:
     events: columns, so indexing needs no Python per event) or the master's own events
     (`seqs` None: numbered by the indexer)."""
 
-    __slots__ = ("ack", "done", "error", "events", "indexed", "origin", "seqs")
+    __slots__ = ("ack", "done", "error", "events", "indexed", "on_done", "origin", "seqs")
 
     def __init__(self, origin: str, events: list[Event], seqs: list[int] | None = None) -> None:
         self.origin = origin
@@ -188,6 +198,52 @@ class _Submission:
         self.ack = 0
         self.indexed: list[IndexedEvent] = []
         self.error: BaseException | None = None
+        #: Called once the indexer is done with it (releases its peer's pending bytes).
+        self.on_done: Callable[[], None] | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The indexer is done with it: durable, or failed with `error`. Its events are
+        dropped here: the acker, which may hold it a while longer, needs only `ack`."""
+        if self.done.is_set():
+            return
+        self.error = error
+        self.events = []
+        if self.seqs is not None:
+            self.seqs = []
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+            self.on_done = None
+
+
+class _PendingBytes:
+    """Inflated frame bytes of each peer's submissions that the indexer has not finished
+    (`max_pending_bytes_per_peer`): a peer at its limit reads no more until some is done."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: collections.Counter[str] = collections.Counter()
+        self._freed: dict[str, anyio.Event] = {}
+
+    async def wait_for_room(self, peer: str) -> None:
+        while self.held[peer] >= self.limit:
+            freed = self._freed.get(peer)
+            if freed is None:
+                freed = self._freed[peer] = anyio.Event()
+            await freed.wait()
+
+    def hold(self, sub: _Submission, size: int) -> None:
+        peer = sub.origin
+        self.held[peer] += size
+        sub.on_done = functools.partial(self._release, peer, size)
+
+    def _release(self, peer: str, size: int) -> None:
+        self.held[peer] -= size
+        if self.held[peer] <= 0:
+            del self.held[peer]
+        freed = self._freed.pop(peer, None)
+        if freed is not None:
+            freed.set()
 
 
 class _Broadcast:
@@ -269,6 +325,7 @@ class Master:
         #: Open subscribe streams by peer (catching up or live): `max_subscriptions_per_peer`.
         self._subscriptions: collections.Counter[str] = collections.Counter()
         self._submissions: collections.Counter[str] = collections.Counter()
+        self._pending = _PendingBytes(self.config.max_pending_bytes_per_peer)
         self._requests: collections.Counter[str] = collections.Counter()
         #: Hello streams not yet past the proof, by peer (`max_hellos_per_peer`, `max_hellos`).
         self._hellos: collections.Counter[str] = collections.Counter()
@@ -412,8 +469,7 @@ class Master:
                 sub = self._inbox_recv.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 return
-            sub.error = MasterStopping()
-            sub.done.set()
+            sub.finish(MasterStopping())
 
     async def _write_last_snapshot(self, state: State) -> None:
         """Write the snapshot that came due before the stop, at the final index (it covers
@@ -477,19 +533,20 @@ class Master:
     async def _indexer(self) -> None:
         while True:
             batch = [await self._inbox_recv.receive()]
-            while True:
+            events = len(batch[0].events)
+            while events < self.config.commit_events:
                 try:
-                    batch.append(self._inbox_recv.receive_nowait())
+                    sub = self._inbox_recv.receive_nowait()
                 except anyio.WouldBlock:
                     break
+                batch.append(sub)
+                events += len(sub.events)
             try:
                 async with self._index_lock:
                     await self._index(batch)
             except BaseException as exc:
                 for sub in batch:
-                    if not sub.done.is_set():
-                        sub.error = exc
-                        sub.done.set()
+                    sub.finish(exc)
                 raise
 
     async def _index(self, batch: list[_Submission], now: int | None = None) -> None:
@@ -566,7 +623,7 @@ class Master:
             changed.set()
         self.stats["batches"] += len(batch)
         for sub in batch:
-            sub.done.set()
+            sub.finish()
 
     def _encode_frames(self, records: list[tuple[int, bytes]]) -> bytes:
         """(idx, encoded event) records as framed `Events` messages of at most `frame_events`
@@ -820,6 +877,9 @@ class Master:
                 tg.start_soon(self._acker, fs, recv)
                 async with send:
                     while True:
+                        # No frame is read (and decoded) while this peer has its fill
+                        # waiting for the indexer: a blocked stream holds nothing decoded.
+                        await self._pending.wait_for_room(peer)
                         try:
                             frame = await fs.recv_frame(self.config.peer_timeout)
                         except TimeoutError:
@@ -838,7 +898,12 @@ class Master:
                         if len(frame) > MAX_EVENT_BYTES:
                             check_event_sizes(events)
                         sub = _Submission(peer, events, seqs)
-                        await self._inbox_send.send(sub)
+                        self._pending.hold(sub, len(frame))
+                        try:
+                            await self._inbox_send.send(sub)
+                        except BaseException:
+                            sub.finish(MasterStopping())  # never queued: release its bytes
+                            raise
                         await send.send(sub)
         except* EOFError:
             pass  # the worker closed its stream: normal at shutdown
