@@ -24,7 +24,7 @@ from cluster.net.membership import Membership
 from cluster.shared import eventlog
 from cluster.shared.codec import state_digest
 from cluster.shared.digest_file import read_digest_file
-from cluster.shared.events import Event, NodeConnected
+from cluster.shared.events import EpochSettled, Event, NodeConnected, NodePayout
 from cluster.shared.store import EventStore, restore
 
 #: Bound on every wait: a broken master fails the test instead of hanging it.
@@ -352,4 +352,50 @@ async def test_a_commit_io_error_is_logged_once_then_the_master_stops(
         assert "index 2" in line, line  # the last acknowledged
         assert store.last_idx == 2 and master.last_idx == 2
     finally:
+        store.close()
+
+
+def _settlement_too_large_for_a_frame() -> EpochSettled:
+    """An EpochSettled whose record is over 4 MiB: ~23,000 punished payouts with reasons."""
+    payouts = tuple(
+        NodePayout(
+            node_id=f"12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmry{i:010d}",
+            units=0,
+            reward=0,
+            punished=True,
+            reason="unexcused disconnect: no events for 3 cycles (3s); last event index 1",
+        )
+        for i in range(23_000)
+    )
+    return EpochSettled(epoch=7, payouts=payouts)
+
+
+@pytest.mark.anyio
+async def test_a_master_event_no_frame_could_carry_is_refused_before_it_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was committed, then building the replicas' frames raised FrameTooLarge: the
+    planner's cycle ended the master, and no catch-up could ever pass that index."""
+    data_dir = tmp_path / "m"
+    store = EventStore.open(data_dir)
+    big = _settlement_too_large_for_a_frame()
+    key_pair, _ = load_identity(data_dir)
+    config = MasterConfig(data_dir=data_dir, plan_interval=0.01)
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), config)
+    master.planner = lambda state, now: [big]
+    try:
+        await master.index_decision(lambda state, now: _joins(0, 2))
+        with caplog.at_level(logging.ERROR, logger=server.__name__), anyio.fail_after(WAIT):
+            with pytest.raises(server.MasterEventTooLarge, match="EpochSettled of"):
+                await master.index_decision(lambda state, now: [big])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(master._cycle)  # the planner decides it each cycle: not fatal
+                while caplog.text.count("a decision was refused: EpochSettled") < 3:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert store.last_idx == master.last_idx == 2  # nothing of it in the log
+        assert "one Events frame could not carry it" in caplog.text
+        master._encode_frames(master._read_raw(1, 10))  # the log still streams to replicas
+    finally:
+        master.close()
         store.close()

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 import msgspec
@@ -74,6 +74,7 @@ from cluster.net.protocol import (
     Welcome,
     decode,
     encode,
+    encode_raw,
     expect,
 )
 from cluster.shared.events import (
@@ -114,6 +115,28 @@ class Store(Protocol):
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
     def due_snapshot(self) -> State | None: ...
     def write_snapshot(self, state: State) -> bool: ...
+
+
+#: The largest encoded event the master logs of its own: its log record (the event with its
+#: index, time, origin and seq) must fit one Events frame, or no replica could be sent it and
+#: every catch-up past it would fail. 1 KiB spare covers the record's and the frame's fields.
+MAX_MASTER_EVENT_BYTES: Final = DEFAULT_MAX_FRAME - (1 << 10)
+
+
+class MasterEventTooLarge(Exception):
+    """A decision's event could never be streamed to a replica: nothing of it is logged."""
+
+
+def check_master_events(events: Sequence[Event]) -> None:
+    """Raise MasterEventTooLarge for an event over MAX_MASTER_EVENT_BYTES, before it is logged
+    (logged, it was committed, then the frames for the replicas could not be built)."""
+    for event in events:
+        size = len(encode_raw(event))
+        if size > MAX_MASTER_EVENT_BYTES:
+            raise MasterEventTooLarge(
+                f"{type(event).__name__} of {size} bytes exceeds {MAX_MASTER_EVENT_BYTES} "
+                "bytes (one Events frame could not carry it to replicas): not logged"
+            )
 
 
 class MasterStopping(Exception):
@@ -366,6 +389,7 @@ class Master:
             return []
         if self._stop.is_set():
             raise MasterStopping()
+        check_master_events(events)
         sub = _Submission(MASTER_ORIGIN, list(events))
         try:
             await self._inbox_send.send(sub)
@@ -419,7 +443,9 @@ class Master:
         sees the state that includes every earlier decision, and no worker event lands
         between a decision and its events (DESIGN rule 2: the master's clock is read here).
         Raises `MasterStopping` once the master has begun to stop (nothing is decided then);
-        a decision already made when it began is indexed before the stop goes on.
+        a decision already made when it began is indexed before the stop goes on. Raises
+        `MasterEventTooLarge` (logged as an ERROR) for a decision with an event no Events
+        frame could carry: nothing of it is logged.
         """
         async with self._index_lock:
             # Checked with the lock held: `_stop_cleanly` takes the lock after the flag is
@@ -430,6 +456,11 @@ class Master:
             events = decide(self._state, now)
             if not events:
                 return []
+            try:
+                check_master_events(events)
+            except MasterEventTooLarge as exc:
+                log.error("a decision was refused: %s", exc)
+                raise
             sub = _Submission(MASTER_ORIGIN, list(events))
             # Stamped with the time it was decided at: a clock that steps back before the
             # indexer reads it again must not date the events before the rules they passed.
@@ -705,6 +736,8 @@ class Master:
                     await self.index_decision(self._plan_safely)
                 except MasterStopping:
                     return  # stopped between the sleep and the decision
+                except MasterEventTooLarge:
+                    pass  # logged; the state is unchanged, and the next cycle decides again
 
     def _digest_reading(self) -> Reading:
         return self._state, {"role": "master"}

@@ -15,7 +15,7 @@ from cluster.control import (
     encode_message,
 )
 from cluster.master.requests import LOCAL_OPERATOR, decide
-from cluster.master.server import Master, MasterStopping
+from cluster.master.server import Master, MasterEventTooLarge, MasterStopping
 from cluster.shared.codec import to_builtins
 from cluster.shared.events import Event
 from cluster.shared.maintenance_policy import MaintenancePolicy
@@ -45,8 +45,8 @@ class MasterService:
 
         try:
             await self.master.index_decision(decision)
-        except MasterStopping as exc:
-            # Refused before anything was decided: nothing of it is in the log.
+        except (MasterStopping, MasterEventTooLarge) as exc:
+            # Refused before anything was logged: nothing of it is in the log.
             return Reply(ok=False, message=str(exc))
         return replies[0]
 
