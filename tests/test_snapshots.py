@@ -108,3 +108,40 @@ def test_the_newest_snapshot_is_read_once_for_every_catching_up_replica(
     store.save(9, b"nine")
     assert store.latest() == (9, b"nine") and len(reads) == 2
     assert store.latest(max_idx=8) == (5, b"five")  # an older one when asked: read again
+
+
+def test_an_entry_named_like_a_snapshot_that_is_no_file_does_not_fail_saves(
+    tmp_path: Path,
+) -> None:
+    """A directory named like the oldest snapshot: pruning it raised IsADirectoryError after
+    each new snapshot was in place, so every save reported failure, and the leftovers of a
+    crash were never removed."""
+    store = SnapshotStore(tmp_path)
+    (tmp_path / snapshot_name(1)).mkdir()
+    (tmp_path / f".{snapshot_name(2)}.tmp").write_bytes(b"half written before a crash")
+    for idx in (3, 5, 7, 9):
+        store.save(idx, f"s{idx}".encode())
+    assert store.indices() == [9, 7, 5]
+    assert store.latest() == (9, b"s9")
+    assert not (tmp_path / f".{snapshot_name(2)}.tmp").exists()
+    assert (tmp_path / snapshot_name(1)).is_dir()  # not ours to remove
+
+
+def test_a_snapshot_file_that_cannot_be_pruned_is_a_warning_not_a_failed_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SnapshotStore(tmp_path)
+    for idx in (1, 3, 5):
+        store.save(idx, b"s")
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name == snapshot_name(1):
+            raise PermissionError(13, "Permission denied")
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level(logging.WARNING):
+        path = store.save(7, b"s7")  # saved: no exception
+    assert path.exists() and store.latest() == (7, b"s7")
+    assert f"could not remove old snapshot file {tmp_path / snapshot_name(1)}" in caplog.text

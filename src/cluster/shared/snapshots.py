@@ -13,7 +13,6 @@ damaged one is skipped with a WARNING and the next older one (or a refold from z
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -107,14 +106,17 @@ class SnapshotStore:
         return self._dir
 
     def indices(self) -> list[int]:
-        """Indices of the snapshot files present, newest first (validity not checked)."""
+        """Indices of the snapshot files present, newest first (validity not checked). Only
+        regular files count: a directory named like one is no snapshot (pruning it failed
+        every later save, after the new snapshot was in place)."""
         if not self._dir.is_dir():
             return []
         found = []
-        for name in os.listdir(self._dir):
-            m = _NAME.match(name)
-            if m is not None:
-                found.append(int(m.group(1)))
+        with os.scandir(self._dir) as entries:
+            for entry in entries:
+                m = _NAME.match(entry.name)
+                if m is not None and entry.is_file():
+                    found.append(int(m.group(1)))
         return sorted(found, reverse=True)
 
     def save(self, idx: int, data: bytes) -> Path:
@@ -139,14 +141,18 @@ class SnapshotStore:
         return aside
 
     def _prune(self) -> None:
-        for old in self.indices()[self._keep :]:
-            with contextlib.suppress(FileNotFoundError):
-                (self._dir / snapshot_name(old)).unlink()
+        """Drop old snapshots and leftovers. The new snapshot is already in place: a file
+        that cannot be removed is a WARNING, not a failed save."""
+        old = [self._dir / snapshot_name(i) for i in self.indices()[self._keep :]]
         # Half-written snapshots a crash left behind (one writer: none is in progress now);
         # each is as large as a snapshot, and a crash loop would otherwise pile them up.
-        for leftover in self._dir.glob(".*.snap.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        for path in [*old, *self._dir.glob(".*.snap.tmp")]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove old snapshot file %s: %s", path, exc.strerror or exc)
 
     def latest(self, max_idx: int | None = None) -> tuple[int, bytes] | None:
         """The newest valid snapshot with index <= `max_idx` (any when None), or None.
