@@ -80,13 +80,15 @@ class Feed:
         self.frames = list(frames)
         self.failed: tuple[str, str] | None = None
 
-    async def recv_frame(self, timeout: float) -> bytes:
+    async def recv_frame(self, timeout: float, max_frame: int | None = None) -> bytes:
         if not self.frames:
             raise EOFError
-        return self.frames.pop(0)
+        frame = self.frames.pop(0)
+        assert max_frame is None or len(frame) <= max_frame, "the test's frames are small"
+        return frame
 
-    async def recv(self, timeout: float) -> object:
-        return decode(await self.recv_frame(timeout))
+    async def recv(self, timeout: float, max_frame: int | None = None) -> object:
+        return decode(await self.recv_frame(timeout, max_frame))
 
     async def fail(self, code: str, message: str) -> None:
         self.failed = (code, message)
