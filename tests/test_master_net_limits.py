@@ -37,7 +37,8 @@ from cluster.net.protocol import (
     decode,
     encode,
 )
-from cluster.shared.events import NodeHeartbeat
+from cluster.shared.apply import apply
+from cluster.shared.events import IndexedEvent, NodeHeartbeat
 from cluster.shared.store import EventStore
 
 SECRET = b"s" * 32
@@ -177,11 +178,21 @@ async def test_a_silent_hello_ends_at_the_hello_deadline(tmp_path: Path) -> None
         assert err.code == "timeout" and "no hello within 0.2 s" in err.message, err
 
 
+def _known(master: Master, *peers: str) -> None:
+    """Make `peers` nodes the master's state knows (members before), as their events do."""
+    state = master._state
+    for peer in peers:
+        ie = IndexedEvent(state.last_applied + 1, 0, peer, 1, NodeHeartbeat(node_id=peer))
+        state = apply(state, ie)
+    master._state = state
+
+
 @pytest.mark.anyio
 async def test_hello_streams_are_capped_per_peer_and_overall(tmp_path: Path) -> None:
     """Silent hello streams were held without limit, each able to buffer a 4 MiB frame."""
     other = peer_id_of(key_pair_from_seed(b"\x09" * 32))
     async with _master(tmp_path, max_hellos_per_peer=2, max_hellos=3) as master:
+        _known(master, STRANGER, other)
         held = [_fs(STRANGER) for _ in range(2)] + [_fs(other)]
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
@@ -204,6 +215,38 @@ async def test_hello_streams_are_capped_per_peer_and_overall(tmp_path: Path) -> 
                 assert sum(master._hellos.values()) == 3
                 tg.cancel_scope.cancel()
         assert not master._hellos  # released with their streams
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("allow_list", [True, False])
+async def test_strangers_cannot_take_the_hello_slots_nodes_reconnect_with(
+    tmp_path: Path, allow_list: bool
+) -> None:
+    """New peer ids cost nothing: silent hellos of strangers filled every slot, and every
+    node that reconnected was refused 'too-many-streams'. Off the allow-list a stranger is
+    refused before it takes a slot; with a cluster secret only (it must be heard before it
+    can be judged) peers new to the cluster share half of the slots."""
+    strangers = [peer_id_of(key_pair_from_seed(bytes([k]) * 32)) for k in range(10, 20)]
+    membership = Membership(allowed=frozenset({MEMBER})) if allow_list else None
+    async with _master(tmp_path, membership, max_hellos_per_peer=2, max_hellos=8) as master:
+        _known(master, MEMBER)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for peer in strangers:  # 20 silent hello streams
+                    for _ in range(2):
+                        tg.start_soon(master._hello, _fs(peer)[0])
+                await wait_all_tasks_blocked()
+                assert sum(master._hellos.values()) == (0 if allow_list else 4)
+                # A node the log knows still finds a slot.
+                tg.start_soon(master._hello, _fs(MEMBER)[0])
+                await _until(lambda: master._hellos[MEMBER] == 1)
+                if not allow_list:  # one more stranger: its share is full, said so
+                    fs, raw = _fs(peer_id_of(key_pair_from_seed(b"\x30" * 32)))
+                    await master._hello(fs)
+                    err = raw.error()
+                    assert err.code == "too-many-streams", err
+                    assert "4 hellos of peers new to the cluster in progress" in err.message
+                tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio

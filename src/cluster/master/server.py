@@ -353,6 +353,8 @@ class Master:
         #: Hello streams not yet past the proof, by peer (`max_hellos_per_peer`, `max_hellos`).
         self._hellos: collections.Counter[str] = collections.Counter()
         self._hello_refusals = 0  # hello streams being refused (`_refuse_hello`)
+        #: Hello streams of peers the log does not know (at most half of `max_hellos`).
+        self._unknown_hellos = 0
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -759,30 +761,57 @@ class Master:
     async def _hello(self, fs: nethost.FramedStream) -> None:
         peer = fs.peer_id
         cfg = self.config
+        reason = self.membership.refuse_reason(peer)
+        if reason is not None:
+            # Off the allow-list: decided by the peer id alone, before it may hold one of the
+            # hello slots (new peer ids cost nothing: strangers filling them locked every
+            # member out).
+            self.stats["refused"] += 1
+            log.warning("refused %s: %s", peer, reason)
+            await self._refuse_hello(fs, "unauthorized", reason)
+            return
         if self._hellos[peer] >= cfg.max_hellos_per_peer:
             await self._refuse_hello(
-                fs, f"peer {peer} already holds {cfg.max_hellos_per_peer} hello streams"
+                fs,
+                "too-many-streams",
+                f"peer {peer} already holds {cfg.max_hellos_per_peer} hello streams",
             )
             return
+        # A peer the log does not know yet may be a stranger that holds its stream for the
+        # whole hello deadline without knowing the cluster secret: unknown peers share half
+        # of the slots, so that nodes reconnecting always find room.
+        known = peer in self._state.nodes
+        busy = None
         if sum(self._hellos.values()) >= cfg.max_hellos:
-            await self._refuse_hello(fs, f"{cfg.max_hellos} hellos in progress: dial again later")
+            busy = f"{cfg.max_hellos} hellos in progress: dial again later"
+        elif not known and self._unknown_hellos >= cfg.max_hellos // 2:
+            busy = (
+                f"{cfg.max_hellos // 2} hellos of peers new to the cluster in progress: "
+                "dial again later"
+            )
+        if busy is not None:
+            await self._refuse_hello(fs, "too-many-streams", busy)
             return
-        with _stream_slot(self._hellos, peer, cfg.max_hellos_per_peer):
-            hello = await self._admit(fs)
+        self._unknown_hellos += not known
+        try:
+            with _stream_slot(self._hellos, peer, cfg.max_hellos_per_peer):
+                hello = await self._admit(fs)
+        finally:
+            self._unknown_hellos -= not known
         if hello is not None:
             await self._join(fs, hello)
 
-    async def _refuse_hello(self, fs: nethost.FramedStream, message: str) -> None:
-        """Refuse a hello stream beyond the caps. Its first (small) frame is taken first so
-        that the peer reads why, by at most `max_hellos` such streams at once: beyond, it is
-        refused at once (and likely sees only a reset)."""
+    async def _refuse_hello(self, fs: nethost.FramedStream, code: str, message: str) -> None:
+        """Refuse a hello stream (beyond the caps, or its peer off the allow-list). Its first
+        (small) frame is taken first so that the peer reads why, by at most `max_hellos` such
+        streams at once: beyond, it is refused at once (and likely sees only a reset)."""
         if self._hello_refusals < self.config.max_hellos:
             self._hello_refusals += 1
             try:
                 await _take_first_frame(fs)
             finally:
                 self._hello_refusals -= 1
-        await fs.fail("too-many-streams", message)
+        await fs.fail(code, message)
 
     async def _admit(self, fs: nethost.FramedStream) -> Hello | None:
         """The hello up to the proof: the peer's Hello if it passed, else None (the stream is
@@ -790,14 +819,6 @@ class Master:
         and all of it must come within `hello_timeout`."""
         peer = fs.peer_id
         t = min(self.config.hello_timeout, self.config.peer_timeout)
-        reason = self.membership.refuse_reason(peer)
-        if reason is not None:
-            # The peer id alone decides: nothing of its is decoded.
-            await _take_first_frame(fs)
-            self.stats["refused"] += 1
-            log.warning("refused %s: %s", peer, reason)
-            await fs.fail("unauthorized", reason)
-            return None
         try:
             with anyio.fail_after(t):
                 hello = expect(await fs.recv(t, HANDSHAKE_MAX_FRAME), Hello)
