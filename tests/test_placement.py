@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,6 +139,113 @@ def test_placement_is_deterministic_and_honours_capacity_and_fit(
             assert free < session.slots
             assert ev.reason.startswith(f"needs {session.slots} slot(s) of ")
             assert f"offer {free} free slot(s)" in ev.reason
+
+
+# Few slots per node, all self-tested: room is tight, so a move can take room a session needs.
+_tight_node = st.tuples(
+    st.integers(min_value=1, max_value=3),
+    st.sampled_from([4_096, 8_192, 16_384]),
+    st.booleans(),
+    st.just(True),
+)
+
+
+def _placed_without_moves(
+    sessions: list[SessionRecord],
+    epoch: EpochRecord,
+    pool: PlacementPool,
+    preferred: dict[str, list[str]],
+) -> set[str]:
+    """The sessions stickiness and plain draws place when no kept slot ever moves (the
+    placement before kept slots were spread and evened out)."""
+    kept: dict[str, list[str]] = {}
+    for session in sessions:
+        kept[session.session_id] = []
+        for node_id in preferred[session.session_id][: session.slots]:
+            if node_id and pool.fits(node_id, session) and pool.free[node_id] > 0:
+                pool.take(node_id)
+                kept[session.session_id].append(node_id)
+    placed: set[str] = set()
+    for session in sessions:
+        mine = kept[session.session_id]
+        missing = session.slots - len(mine)
+        if missing and pool.room_for(session)[1] < missing:
+            for node_id in mine:
+                pool.release(node_id)
+            continue
+        pool.draw(session, epoch.seed, missing, avoid=mine)
+        placed.add(session.session_id)
+    return placed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nodes=st.lists(_tight_node, min_size=1, max_size=5),
+    sessions=st.lists(_session, min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_moving_kept_slots_never_costs_a_session_its_place(
+    nodes: list[tuple[int, int, bool, bool | None]],
+    sessions: list[tuple[int, int, bool]],
+    data: st.DataObject,
+) -> None:
+    """Whatever each slot held last epoch, the kept slots' moves (spread, even out) use only
+    room the cycle's draws left: every session placed with no move is still placed, on
+    fitting nodes within their capacity."""
+    world = _random_world(nodes, sessions)
+    epoch = _epoch(world)
+    state = world.state
+    names = ["", *sorted(state.nodes)]
+    preferred = {
+        s.session_id: data.draw(st.lists(st.sampled_from(names), max_size=s.slots))
+        for s in _sessions(state)
+    }
+    events = place_sessions(_sessions(state), epoch, _pool(state, epoch), preferred)
+    assert events == place_sessions(_sessions(state), epoch, _pool(state, epoch), preferred)
+    placed = {ev.session_id: ev for ev in of_type(events, DevshardPlaced)}
+    assert set(placed) >= _placed_without_moves(
+        _sessions(state), epoch, _pool(state, epoch), preferred
+    )
+    pool = _pool(state, epoch)
+    for sid, ev in placed.items():
+        assert sorted(a.slot for a in ev.assignments) == list(range(state.sessions[sid].slots))
+        assert all(pool.fits(a.node_id, state.sessions[sid]) for a in ev.assignments)
+    for node_id, n in _load(events).items():
+        assert n <= (state.nodes[node_id].info.slots or 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    nodes=st.lists(_tight_node, min_size=1, max_size=6),
+    sessions=st.lists(_session, min_size=1, max_size=6),
+    data=st.data(),
+)
+def test_kept_slots_settle_within_a_few_epochs(
+    nodes: list[tuple[int, int, bool, bool | None]],
+    sessions: list[tuple[int, int, bool]],
+    data: st.DataObject,
+) -> None:
+    """From any last placement (doubled, lopsided), turn after turn with the same nodes and
+    sessions -- each with a new seed -- the placement stops changing after a few turns: no
+    slot moves back and forth."""
+    world = _random_world(nodes, sessions)
+    epoch = _epoch(world)
+    state = world.state
+    names = ["", *sorted(state.nodes)]
+    held = {
+        s.session_id: data.draw(st.lists(st.sampled_from(names), max_size=s.slots))
+        for s in _sessions(state)
+    }
+    for turn in range(6):
+        turned = msgspec.structs.replace(epoch, seed=epoch.seed + turn)
+        events = place_sessions(_sessions(state), turned, _pool(state, turned), held)
+        now: dict[str, list[str]] = {}
+        for ev in of_type(events, DevshardPlaced):
+            now[ev.session_id] = [a.node_id for a in ev.assignments]
+        if turn and now == held:
+            return
+        held = now
+    raise AssertionError(f"still moving after 6 turns: {held}")
 
 
 _SCRIPT = """
@@ -444,6 +552,55 @@ def test_a_doubled_node_gives_its_extra_slot_to_a_node_with_room() -> None:
         DevshardPlaced,
     )
     assert [(a.slot, a.node_id) for a in placed.assignments] == [(0, "a"), (1, "c"), (2, "b")]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["memory", "gpu"])
+def test_a_kept_slot_never_moves_onto_the_only_node_a_new_session_fits(gpu: bool) -> None:
+    """s0 held two slots on a; b is the only node s1 fits (its memory per slot, or its GPU).
+    Spreading s0's second slot onto b would leave s1 unplaced -- for good, as stickiness
+    would keep it there every epoch: s0 keeps a twice and s1 gets b."""
+    world = World()
+    if gpu:
+        world.node("a", slots=2, memory_mb=16_384)
+        world.node("b", slots=1, memory_mb=16_384, gpu=True)
+        world.session("s0", slots=2, memory_mb=2_048)
+        world.session("s1", slots=1, memory_mb=2_048, gpu=True)
+    else:
+        world.node("a", slots=2, memory_mb=4_096)
+        world.node("b", slots=1, memory_mb=16_384)
+        world.session("s0", slots=2, memory_mb=2_048)
+        world.session("s1", slots=1, memory_mb=16_384)
+    epoch = _epoch(world)
+    events = place_sessions(
+        _sessions(world.state), epoch, _pool(world.state, epoch), {"s0": ["a", "a"]}
+    )
+    assert of_type(events, SessionUnplaced) == []
+    placed = {ev.session_id: ev.assignments for ev in of_type(events, DevshardPlaced)}
+    assert placed == {
+        "s0": (SlotAssignment(0, "a"), SlotAssignment(1, "a")),
+        "s1": (SlotAssignment(0, "b"),),
+    }
+
+
+def test_a_session_that_only_fits_where_a_kept_slot_moved_from_is_placed_in_the_same_cycle() -> (
+    None
+):
+    """s0 held both slots of big; its second moves to small (which s1 does not fit), which
+    frees the big slot s1 needs: s1, unplaced by the draws, is placed after the move."""
+    world = World()
+    world.node("big", slots=2, memory_mb=16_384)
+    world.node("small", slots=1, memory_mb=4_096)
+    world.session("s0", slots=2, memory_mb=2_048)
+    world.session("s1", slots=1, memory_mb=16_384)
+    epoch = _epoch(world)
+    events = place_sessions(
+        _sessions(world.state), epoch, _pool(world.state, epoch), {"s0": ["big", "big"]}
+    )
+    placed = {ev.session_id: ev.assignments for ev in of_type(events, DevshardPlaced)}
+    assert placed == {
+        "s0": (SlotAssignment(0, "big"), SlotAssignment(1, "small")),
+        "s1": (SlotAssignment(0, "big"),),
+    }
 
 
 def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> None:

@@ -22,15 +22,19 @@ How slots are chosen, deterministically from (epoch seed, session id):
    Re-placement of an existing devshard (slots on a lost node) is partial instead: the
    surviving slots keep serving and the rest are filled when room appears -- never on a
    node where one of the devshard's runners failed for good this epoch.
-4. **Stickiness does not freeze an imbalance.** Between 1 and 2, a node keeping several
-   slots of one devshard gives its extra slots to fitting nodes outside the devshard that
-   have room, and a node that would still be at or above the cluster's share of slots in
-   use without a kept slot gives it to a fitting node outside the devshard that stays
-   below that share after taking it (both drawn as in 2). Without it a doubling, or the
-   slots others took over while a node was briefly ineligible (maintenance, stale at a
-   turn), would stick for good and that node, back, would stay idle. No move crosses the
-   share, so moves converge; a cluster with no node a slot above it while another is a
-   slot below moves nothing.
+4. **Stickiness does not freeze an imbalance.** After 1-3 for every session, a node
+   keeping several slots of one devshard gives its extra kept slots to fitting nodes
+   outside the devshard that have room, and a node that would still be at or above the
+   cluster's share of slots in use without a kept slot gives it to a fitting node outside
+   the devshard that stays below that share after taking it (both drawn as in 2). Without
+   it a doubling, or the slots others took over while a node was briefly ineligible
+   (maintenance, stale at a turn), would stick for good and that node, back, would stay
+   idle. No move crosses the share, so moves converge; a cluster with no node a slot above
+   it while another is a slot below moves nothing. The moves come last, into the room the
+   draws left, because a move keeps the number of free slots, not what fits where: before
+   the draws it could take the only node a large or GPU session fits on (a session placed
+   without the moves is always placed with them). A session the draws left unplaced is
+   tried again after a move, which may have freed the room it needs.
 
 Cost: the pool (eligible set, free capacity) is built once per cycle in O(n log n); each
 slot then costs O(log n) through a Fenwick tree of free slots over nodes sorted by memory per
@@ -434,65 +438,110 @@ def place_sessions(
     """Place a devshard for every session (in the given order) for `epoch`.
 
     `preferred[session_id]` lists the node that held each slot before, by slot number ("" for
-    a slot nobody held: `DevshardRecord.holders`). Sticky
-    slots are reserved for every session first, so one session's draws never steal a slot
-    another session would have kept; then the kept slots are spread and evened out
-    (`_spread_doubled`, `_even_out`); then each session's remaining slots are drawn.
+    a slot nobody held: `DevshardRecord.holders`). In this order:
+
+    1. sticky slots are reserved for every session, so one session's draws never steal a
+       slot another session would have kept;
+    2. each session's remaining slots are drawn (all or nothing) -- exactly as if kept
+       slots never moved, so every session placed without the moves is placed with them;
+    3. only then are kept slots spread and evened out (`_spread_doubled`, `_even_out`),
+       into the room the draws left: a move never takes a node a session of this cycle
+       needed. (Moves keep the number of free slots, not what fits where: moved first, a
+       small session's slot took the only node a large or GPU session fitted on, which
+       then stayed unplaced for good, the moved slot kept there by stickiness.)
+    4. sessions left unplaced in 2 are tried again when a slot moved: a move off a large or
+       GPU node may have freed the room one needs.
     """
-    sticky: dict[str, list[SlotAssignment]] = {}
+    seed = epoch.seed
+    sticky = {s.session_id: _reserve(s, preferred.get(s.session_id, ()), pool) for s in sessions}
+    drawn: dict[str, list[SlotAssignment]] = {}
+    why: dict[str, str] = {}  # why each unplaced session is, when it was decided
     for session in sessions:
-        kept: list[SlotAssignment] = []
-        # Slot i goes back to the node that held slot i, so runners stay where they are.
-        for slot, node_id in enumerate(preferred.get(session.session_id, ())[: session.slots]):
-            if node_id and pool.fits(node_id, session) and pool.free[node_id] > 0:
-                pool.take(node_id)
-                kept.append(SlotAssignment(slot, node_id))
-        sticky[session.session_id] = kept
-    if any(sticky.values()):
-        # Moving a kept slot takes one free slot and frees another: the room the draws
-        # below see is the same, and an unplaced session is decided after every move.
+        got = _draw_open(session, sticky[session.session_id], seed, pool)
+        if got is None:
+            why[session.session_id] = pool.unplaced_reason(session, session.slots)
+        else:
+            drawn[session.session_id] = got
+    moved_any = False
+    if any(sticky[sid] for sid in drawn):
         load = pool.load()
         light: PlacementPool | None = None
         for session in sessions:
             sid = session.session_id
-            kept = _spread_doubled(session, sticky[sid], epoch.seed, pool)
-            givers = _heavy(kept, pool, load)
+            if sid not in drawn or not sticky[sid]:
+                continue
+            kept = sticky[sid]
+            fresh = [a.node_id for a in drawn[sid]]
+            moved = _spread_doubled(session, kept, fresh, seed, pool)
+            givers = _heavy(moved, pool, load)
             if givers:
                 light = pool.below(load) if light is None else light
-                kept = _even_out(session, kept, givers, epoch.seed, pool, light, load)
-            sticky[sid] = kept
+                moved = _even_out(session, moved, fresh, givers, seed, pool, light, load)
+            moved_any = moved_any or moved != kept
+            sticky[sid] = moved
     out: list[DevshardPlaced | SessionUnplaced] = []
     for session in sessions:
-        kept = sticky[session.session_id]
-        held = {a.slot for a in kept}
-        open_slots = [slot for slot in range(session.slots) if slot not in held]
-        if open_slots and pool.room_for(session)[1] < len(open_slots):
-            for a in kept:
-                pool.release(a.node_id)
-            reason = pool.unplaced_reason(session, session.slots)
-            out.append(
-                SessionUnplaced(session_id=session.session_id, epoch=epoch.epoch, reason=reason)
-            )
+        sid = session.session_id
+        if sid not in drawn and moved_any:
+            kept = _reserve(session, preferred.get(sid, ()), pool)
+            got = _draw_open(session, kept, seed, pool)
+            if got is None:
+                why[sid] = pool.unplaced_reason(session, session.slots)
+            else:
+                sticky[sid], drawn[sid] = kept, got
+        if sid not in drawn:
+            out.append(SessionUnplaced(session_id=sid, epoch=epoch.epoch, reason=why[sid]))
             continue
-        drawn = pool.draw(session, epoch.seed, len(open_slots), avoid=[a.node_id for a in kept])
-        moved = [SlotAssignment(slot, n) for slot, n in zip(open_slots, drawn, strict=True)]
         out.append(
             DevshardPlaced(
-                devshard_id=devshard_id(epoch.epoch, session.session_id),
-                session_id=session.session_id,
+                devshard_id=devshard_id(epoch.epoch, sid),
+                session_id=sid,
                 epoch=epoch.epoch,
-                assignments=tuple(sorted(kept + moved, key=lambda a: a.slot)),
+                assignments=tuple(sorted(sticky[sid] + drawn[sid], key=lambda a: a.slot)),
                 ends_ms=epoch.end_ms,
             )
         )
     return out
 
 
-def _spread_doubled(
-    session: SessionRecord, assignments: list[SlotAssignment], seed: int, pool: PlacementPool
+def _reserve(
+    session: SessionRecord, holders: Sequence[str], pool: PlacementPool
 ) -> list[SlotAssignment]:
-    """Move the extra slots of a node holding several of the devshard to fitting nodes
-    outside it that have room, keeping each node's lowest slot where it is.
+    """Take back each slot's last node while it fits and has room (slot i to the node that
+    held slot i, so runners stay where they are)."""
+    kept: list[SlotAssignment] = []
+    for slot, node_id in enumerate(holders[: session.slots]):
+        if node_id and pool.fits(node_id, session) and pool.free[node_id] > 0:
+            pool.take(node_id)
+            kept.append(SlotAssignment(slot, node_id))
+    return kept
+
+
+def _draw_open(
+    session: SessionRecord, kept: list[SlotAssignment], seed: int, pool: PlacementPool
+) -> list[SlotAssignment] | None:
+    """Draw the slots `kept` leaves open, or release `kept` and return None when the fitting
+    nodes lack the room (all or nothing)."""
+    held = {a.slot for a in kept}
+    open_slots = [slot for slot in range(session.slots) if slot not in held]
+    if open_slots and pool.room_for(session)[1] < len(open_slots):
+        for a in kept:
+            pool.release(a.node_id)
+        return None
+    nodes = pool.draw(session, seed, len(open_slots), avoid=[a.node_id for a in kept])
+    return [SlotAssignment(slot, n) for slot, n in zip(open_slots, nodes, strict=True)]
+
+
+def _spread_doubled(
+    session: SessionRecord,
+    assignments: list[SlotAssignment],
+    fresh: Sequence[str],
+    seed: int,
+    pool: PlacementPool,
+) -> list[SlotAssignment]:
+    """Move the extra kept slots (`assignments`) of a node holding several of the devshard
+    to fitting nodes outside it (nor among `fresh`, the nodes drawn for its other slots)
+    that have room, keeping each node's lowest slot where it is.
 
     Stickiness alone would keep a doubling for good: a node that got two slots while
     another was briefly ineligible (maintenance, stale at the turn) got both back every
@@ -510,7 +559,7 @@ def _spread_doubled(
     if not extra:
         return assignments
     extra.sort()
-    drawn = pool.draw(session, seed, len(extra), avoid=list(rank), salt="spread", repeat=False)
+    drawn = pool.draw(session, seed, len(extra), avoid=[*rank, *fresh], salt="spread", repeat=False)
     if not drawn:
         return assignments
     to = {slot: node_id for (_, slot), node_id in zip(extra, drawn, strict=False)}
@@ -545,14 +594,16 @@ def _heavy(
 def _even_out(
     session: SessionRecord,
     assignments: list[SlotAssignment],
+    fresh: Sequence[str],
     givers: list[SlotAssignment],
     seed: int,
     pool: PlacementPool,
     light: PlacementPool,
     load: Fraction,
 ) -> list[SlotAssignment]:
-    """Move the `givers` (slots on heavy nodes, see `_heavy`) to fitting nodes outside the
-    devshard that stay below the cluster's `load` (the share of eligible slots in use)
+    """Move the `givers` (kept slots on heavy nodes, see `_heavy`) to fitting nodes outside
+    the devshard (`assignments`, the kept slots, and `fresh`, the nodes drawn for the
+    others) that stay below the cluster's `load` (the share of eligible slots in use)
     after taking them, drawn from `light` (`PlacementPool.below`) as in a normal draw.
 
     Stickiness alone never gives a node back its share: one that was ineligible at a turn
@@ -566,7 +617,7 @@ def _even_out(
         session,
         seed,
         len(givers),
-        avoid=[a.node_id for a in assignments],
+        avoid=[*(a.node_id for a in assignments), *fresh],
         salt="even",
         repeat=False,
     )
