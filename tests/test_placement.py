@@ -34,6 +34,7 @@ from cluster.master.planner import Planner, plan
 from cluster.shared.events import (
     DevshardFinalized,
     DevshardPlaced,
+    Event,
     NodeConnected,
     NodeDisconnected,
     NodeGatheredInfo,
@@ -182,16 +183,19 @@ def _placed_without_moves(
 @given(
     nodes=st.lists(_tight_node, min_size=1, max_size=5),
     sessions=st.lists(_session, min_size=1, max_size=6),
+    make_room=st.booleans(),
     data=st.data(),
 )
 def test_moving_kept_slots_never_costs_a_session_its_place(
     nodes: list[tuple[int, int, bool, bool | None]],
     sessions: list[tuple[int, int, bool]],
+    make_room: bool,
     data: st.DataObject,
 ) -> None:
-    """Whatever each slot held last epoch, the kept slots' moves (spread, even out) use only
-    room the cycle's draws left: every session placed with no move is still placed, on
-    fitting nodes within their capacity."""
+    """Whatever each slot held last epoch, the kept slots' moves (spread, even out, room
+    made) use only room the cycle's draws left: every session placed with no move is still
+    placed, on fitting nodes within their capacity. Making room (the turn) leaves no session
+    out that fits once other sessions' slots move off its nodes onto nodes it does not fit."""
     world = _random_world(nodes, sessions)
     epoch = _epoch(world)
     state = world.state
@@ -200,8 +204,12 @@ def test_moving_kept_slots_never_costs_a_session_its_place(
         s.session_id: data.draw(st.lists(st.sampled_from(names), max_size=s.slots))
         for s in _sessions(state)
     }
-    events = place_sessions(_sessions(state), epoch, _pool(state, epoch), preferred)
-    assert events == place_sessions(_sessions(state), epoch, _pool(state, epoch), preferred)
+    events = place_sessions(
+        _sessions(state), epoch, _pool(state, epoch), preferred, make_room=make_room
+    )
+    assert events == place_sessions(
+        _sessions(state), epoch, _pool(state, epoch), preferred, make_room=make_room
+    )
     placed = {ev.session_id: ev for ev in of_type(events, DevshardPlaced)}
     assert set(placed) >= _placed_without_moves(
         _sessions(state), epoch, _pool(state, epoch), preferred
@@ -210,8 +218,44 @@ def test_moving_kept_slots_never_costs_a_session_its_place(
     for sid, ev in placed.items():
         assert sorted(a.slot for a in ev.assignments) == list(range(state.sessions[sid].slots))
         assert all(pool.fits(a.node_id, state.sessions[sid]) for a in ev.assignments)
-    for node_id, n in _load(events).items():
+    load = _load(events)
+    for node_id, n in load.items():
         assert n <= (state.nodes[node_id].info.slots or 0)
+    if not make_room:
+        return
+    # No session is left out that moving other sessions' slots off nodes it fits, straight
+    # onto nodes with room it does not fit, would have given room.
+    for out in of_type(events, SessionUnplaced):
+        session = state.sessions[out.session_id]
+        free = {n: (pool.capacity[n] - load[n]) for n in pool.capacity}
+        own = sum(f for n, f in free.items() if pool.fits(n, session))
+        movable = [
+            state.sessions[other.session_id]
+            for other in of_type(events, DevshardPlaced)
+            for a in other.assignments
+            if pool.fits(a.node_id, session)
+        ]
+        homes = [n for n, f in free.items() if not pool.fits(n, session) for _ in range(f)]
+        assert own + _most_moves(movable, homes, pool) < session.slots, out.reason
+
+
+def _most_moves(slots: list[SessionRecord], homes: list[str], pool: PlacementPool) -> int:
+    """The most of `slots` (each named by its session) that can move at once, each to its
+    own free slot among `homes` (a node per free slot) that its session fits: a maximum
+    bipartite matching, by augmenting paths."""
+    owner: dict[int, int] = {}  # home index -> slot index
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j, node_id in enumerate(homes):
+            if j in seen or not pool.fits(node_id, slots[i]):
+                continue
+            seen.add(j)
+            if j not in owner or augment(owner[j], seen):
+                owner[j] = i
+                return True
+        return False
+
+    return sum(augment(i, set()) for i in range(len(slots)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -226,8 +270,8 @@ def test_kept_slots_settle_within_a_few_epochs(
     data: st.DataObject,
 ) -> None:
     """From any last placement (doubled, lopsided), turn after turn with the same nodes and
-    sessions -- each with a new seed -- the placement stops changing after a few turns: no
-    slot moves back and forth."""
+    sessions -- each with a new seed, room made as at a real turn -- the placement stops
+    changing after a few turns: no slot moves back and forth."""
     world = _random_world(nodes, sessions)
     epoch = _epoch(world)
     state = world.state
@@ -238,7 +282,9 @@ def test_kept_slots_settle_within_a_few_epochs(
     }
     for turn in range(6):
         turned = msgspec.structs.replace(epoch, seed=epoch.seed + turn)
-        events = place_sessions(_sessions(state), turned, _pool(state, turned), held)
+        events = place_sessions(
+            _sessions(state), turned, _pool(state, turned), held, make_room=True
+        )
         now: dict[str, list[str]] = {}
         for ev in of_type(events, DevshardPlaced):
             now[ev.session_id] = [a.node_id for a in ev.assignments]
@@ -601,6 +647,115 @@ def test_a_session_that_only_fits_where_a_kept_slot_moved_from_is_placed_in_the_
         "s0": (SlotAssignment(0, "big"), SlotAssignment(1, "small")),
         "s1": (SlotAssignment(0, "big"),),
     }
+
+
+def _cycle_epoch(world: World, planner: Planner) -> list[Event]:
+    """Run the cycles up to and including the next epoch turn; return their events."""
+    events: list[Event] = []
+    for _ in range(CFG.epoch_length_ms // CFG.plan_interval_ms):
+        world.heartbeat_all()
+        events += world.cycle(planner)
+    return events
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["memory", "gpu"])
+def test_a_session_that_fits_only_where_another_sticks_gets_room_at_the_turn(gpu: bool) -> None:
+    """s0 was placed on a and b before s1 existed; s1 fits only b (its memory per slot, or
+    its GPU). Mid-epoch nothing moves and s1 waits; at the turn s0's slot moves from b to a
+    (which has room s1 cannot use) and s1 gets b -- not unplaced for good by stickiness. At
+    the next turn both keep their nodes."""
+    world = World()
+    if gpu:
+        world.node("a", slots=2, memory_mb=16_384)
+        world.node("b", slots=1, memory_mb=16_384, gpu=True)
+    else:
+        world.node("a", slots=2, memory_mb=4_096)
+        world.node("b", slots=1, memory_mb=16_384)
+    world.session("s0", slots=2, memory_mb=2_048)
+    planner = Planner(CFG)
+    world.cycle(planner)
+    assert _assignments(world) == {"s0": (SlotAssignment(0, "a"), SlotAssignment(1, "b"))} or (
+        _assignments(world) == {"s0": (SlotAssignment(0, "b"), SlotAssignment(1, "a"))}
+    )
+    held = _assignments(world)["s0"]
+    world.session("s1", slots=1, memory_mb=2_048 if gpu else 16_384, gpu=gpu)
+    world.heartbeat_all()
+    (waiting,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert waiting.session_id == "s1"
+    mid = _cycle_epoch(world, planner)
+    # Mid-epoch s0's devshard never moved for s1.
+    assert [ev for ev in of_type(mid, DevshardPlaced) if ev.epoch == 1] == []
+    turned = {ev.session_id: ev.assignments for ev in of_type(mid, DevshardPlaced)}
+    kept = next(a for a in held if a.node_id == "a")
+    assert turned == {
+        "s0": tuple(sorted([kept, SlotAssignment(1 - kept.slot, "a")], key=lambda a: a.slot)),
+        "s1": (SlotAssignment(0, "b"),),
+    }
+    assert world.state.epoch is not None and world.state.epoch.epoch == 2
+    # Settled: the next turn keeps both where they are.
+    _cycle_epoch(world, planner)
+    assert world.state.epoch.epoch == 3
+    assert _assignments(world) == turned
+
+
+def test_no_room_is_made_when_the_other_sessions_slots_have_no_other_home() -> None:
+    """s1 fits b and c, held by s0 and s2 (a GPU session, which fits only c). The one free
+    slot is on d, too small for s0's slot on b (and a, s0's other node, is full with its
+    other slot): moving it would leave s0 short. Nothing moves and s1 stays unplaced, with
+    the counts behind it."""
+    world = World()
+    world.node("a", slots=1, memory_mb=4_096)
+    world.node("b", slots=1, memory_mb=16_384)
+    world.node("c", slots=2, memory_mb=16_384, gpu=True)
+    world.node("d", slots=1, memory_mb=1_024)
+    world.session("s0", slots=2, memory_mb=2_048)
+    world.session("s1", slots=1, memory_mb=16_384)
+    world.session("s2", slots=2, memory_mb=8_192, gpu=True)
+    epoch = _epoch(world)
+    preferred = {"s0": ["a", "b"], "s2": ["c", "c"]}
+    events = place_sessions(
+        _sessions(world.state), epoch, _pool(world.state, epoch), preferred, make_room=True
+    )
+    placed = {ev.session_id: ev.assignments for ev in of_type(events, DevshardPlaced)}
+    assert placed == {
+        "s0": (SlotAssignment(0, "a"), SlotAssignment(1, "b")),
+        "s2": (SlotAssignment(0, "c"), SlotAssignment(1, "c")),
+    }
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert unplaced.session_id == "s1"
+    assert unplaced.reason == (
+        "needs 1 slot(s) of 16384 MiB: 2 eligible node(s) offer 0 free slot(s); "
+        "2 node(s) with less than 16384 MiB per slot"
+    )
+
+
+def test_room_is_made_by_sending_each_slot_where_only_it_fits() -> None:
+    """big needs both of b's slots, held by t1 and t2 (a GPU session). c (16 GiB, no GPU)
+    and d (4 GiB, a GPU) have a slot free each: t1 fits both, t2 only d. Sending t1 to d
+    (the smaller node, or the first by id) would strand t2; the classes' flow sends t1 to
+    c and t2 to d."""
+    world = World()
+    world.node("b", slots=2, memory_mb=32_768, gpu=True)
+    world.node("c", slots=1, memory_mb=16_384)
+    world.node("d", slots=1, memory_mb=4_096, gpu=True)
+    world.session("big", slots=2, memory_mb=32_768)
+    world.session("t1", slots=1, memory_mb=2_048)
+    world.session("t2", slots=1, memory_mb=2_048, gpu=True)
+    epoch = _epoch(world)
+    preferred = {"t1": ["b"], "t2": ["b"]}
+    events = place_sessions(
+        _sessions(world.state), epoch, _pool(world.state, epoch), preferred, make_room=True
+    )
+    assert of_type(events, SessionUnplaced) == []
+    placed = {ev.session_id: ev.assignments for ev in of_type(events, DevshardPlaced)}
+    assert placed == {
+        "big": (SlotAssignment(0, "b"), SlotAssignment(1, "b")),
+        "t1": (SlotAssignment(0, "c"),),
+        "t2": (SlotAssignment(0, "d"),),
+    }
+    # Without make_room (mid-epoch) nothing moves for big.
+    events = place_sessions(_sessions(world.state), epoch, _pool(world.state, epoch), preferred)
+    assert [ev.session_id for ev in of_type(events, SessionUnplaced)] == ["big"]
 
 
 def test_sticky_placement_moves_only_slots_of_a_node_that_is_now_draining() -> None:

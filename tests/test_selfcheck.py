@@ -34,7 +34,7 @@ def test_broken_placement_fails_at_placement(
     import cluster.master.planner as planner
     from cluster.shared.events import SessionUnplaced
 
-    def place_nothing(sessions: Any, epoch: Any, *args: Any) -> list[object]:
+    def place_nothing(sessions: Any, epoch: Any, *args: Any, **kwargs: Any) -> list[object]:
         return [
             SessionUnplaced(session_id=s.session_id, epoch=epoch.epoch, reason="broken on purpose")
             for s in sessions

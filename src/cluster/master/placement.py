@@ -35,16 +35,29 @@ How slots are chosen, deterministically from (epoch seed, session id):
    the draws it could take the only node a large or GPU session fits on (a session placed
    without the moves is always placed with them). A session the draws left unplaced is
    tried again after a move, which may have freed the room it needs.
+5. **Stickiness does not keep a session out for good.** At an epoch turn, a session still
+   unplaced after 1-4 gets room made for it when that is possible: slots of other sessions
+   on nodes it fits move straight to nodes it does not fit that fit them and have room
+   (exactly as many as it lacks, none if that is not enough -- nothing moves then, and it
+   stays unplaced with its reason). Without it a small session placed first on the only
+   large or GPU node kept it by stickiness at every turn, and a large or GPU session created
+   later never ran, though a placement of both existed. Once placed, each keeps its nodes by
+   stickiness (1), so nothing moves back. Mid-epoch no devshard moves for another: a session
+   that fits nowhere waits for the next turn.
 
 Cost: the pool (eligible set, free capacity) is built once per cycle in O(n log n); each
 slot then costs O(log n) through a Fenwick tree of free slots over nodes sorted by memory per
-slot, so a session's fitting nodes are a prefix found by bisection.
+slot, so a session's fitting nodes are a prefix found by bisection. Making room (5) costs
+O(kinds log n + slots placed) for a session still unplaced at a turn (the free slots per
+(memory, GPU) kind come from the same trees), and nothing for one of a kind and shortfall
+that already failed while nothing changed: many sessions waiting for scarce GPUs cost one
+attempt per kind.
 """
 
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +135,16 @@ class _Fenwick:
                 u -= tree[nxt]
             step >>= 1
         return pos
+
+
+def _run(index: _Index, memory: int) -> tuple[int, int]:
+    """The positions [lo, hi) of the nodes with exactly `memory` per slot in `index`."""
+    return bisect_left(index.neg_memory, -memory), bisect_right(index.neg_memory, -memory)
+
+
+def _run_free(index: _Index, memory: int) -> int:
+    lo, hi = _run(index, memory)
+    return index.tree.prefix(hi) - index.tree.prefix(lo)
 
 
 def _largest_memory_first(groups: dict[int, list[str]]) -> list[tuple[int, str]]:
@@ -230,6 +253,8 @@ class PlacementPool:
     def _index(self, everyone: dict[int, list[str]], gpus: dict[int, list[str]]) -> None:
         self._all = _Index.build(_largest_memory_first(everyone), self.free)
         self._gpu = _Index.build(_largest_memory_first(gpus), self.free)
+        self._memories = sorted(everyone, reverse=True)
+        self._kinds: dict[tuple[int, bool], list[str]] = {}
         # Nodes temporarily hidden from draws (already in the devshard being placed).
         self._hidden: set[str] = set()
         self._hidden_in: _Index | None = None
@@ -298,6 +323,27 @@ class PlacementPool:
 
     def _index_for(self, session: SessionRecord) -> _Index:
         return self._gpu if session.gpu else self._all
+
+    def free_by_kind(self) -> dict[tuple[int, bool], int]:
+        """Free slots per kind of node, (memory per slot, GPU), in O(kinds log n): each
+        memory size is a run of the trees' node order (between draws)."""
+        out: dict[tuple[int, bool], int] = {}
+        for memory in self._memories:
+            gpu = _run_free(self._gpu, memory)
+            out[(memory, True)] = gpu
+            out[(memory, False)] = _run_free(self._all, memory) - gpu
+        return out
+
+    def nodes_of_kind(self, kind: tuple[int, bool]) -> list[str]:
+        """The eligible nodes of a kind, (memory per slot, GPU), by node id."""
+        nodes = self._kinds.get(kind)
+        if nodes is None:
+            memory, gpu = kind
+            index = self._gpu if gpu else self._all
+            lo, hi = _run(index, memory)
+            nodes = [n for n in index.node_ids[lo:hi] if gpu or n not in self.has_gpu]
+            self._kinds[kind] = nodes
+        return nodes
 
     def room_for(self, session: SessionRecord) -> tuple[int, int]:
         """(fitting nodes, their free slots) for a session (between draws)."""
@@ -434,6 +480,8 @@ def place_sessions(
     epoch: EpochRecord,
     pool: PlacementPool,
     preferred: Mapping[str, Sequence[str]],
+    *,
+    make_room: bool = False,
 ) -> list[DevshardPlaced | SessionUnplaced]:
     """Place a devshard for every session (in the given order) for `epoch`.
 
@@ -450,7 +498,12 @@ def place_sessions(
        small session's slot took the only node a large or GPU session fitted on, which
        then stayed unplaced for good, the moved slot kept there by stickiness.)
     4. sessions left unplaced in 2 are tried again when a slot moved: a move off a large or
-       GPU node may have freed the room one needs.
+       GPU node may have freed the room one needs;
+    5. with `make_room` (epoch turns only: mid-epoch a running devshard never moves), a
+       session still unplaced gets room made for it, in the same order, when other
+       sessions' slots on nodes it fits can move to nodes with room it does not fit
+       (`_make_room`). Stickiness alone kept it out for good: a small session held the
+       only large or GPU node by stickiness at every turn, though it fitted elsewhere.
     """
     seed = epoch.seed
     sticky = {s.session_id: _reserve(s, preferred.get(s.session_id, ()), pool) for s in sessions}
@@ -479,7 +532,6 @@ def place_sessions(
                 moved = _even_out(session, moved, fresh, givers, seed, pool, light, load)
             moved_any = moved_any or moved != kept
             sticky[sid] = moved
-    out: list[DevshardPlaced | SessionUnplaced] = []
     for session in sessions:
         sid = session.session_id
         if sid not in drawn and moved_any:
@@ -489,6 +541,36 @@ def place_sessions(
                 why[sid] = pool.unplaced_reason(session, session.slots)
             else:
                 sticky[sid], drawn[sid] = kept, got
+    if make_room and len(drawn) < len(sessions):
+        # Per (memory, GPU): the least shortfall room could not be made for since the pool
+        # last changed. Room depends only on those, so a session of the same kind lacking as
+        # much fails too: a turn with many sessions waiting for scarce GPUs scans once per
+        # kind, not once per session.
+        hopeless: dict[tuple[int, bool], int] = {}
+        for session in sessions:
+            sid = session.session_id
+            if sid in drawn:
+                continue
+            short = session.slots - pool.room_for(session)[1]
+            kind = (session.memory_per_slot_mb, session.gpu)
+            if short > 0 and (
+                short >= hopeless.get(kind, short + 1)
+                or not _make_room(session, short, sessions, sticky, drawn, seed, pool)
+            ):
+                hopeless[kind] = min(short, hopeless.get(kind, short))
+                # Nothing moved; the room may still differ from when the draws decided.
+                why[sid] = pool.unplaced_reason(session, session.slots)
+                continue
+            hopeless.clear()
+            kept = _reserve(session, preferred.get(sid, ()), pool)
+            got = _draw_open(session, kept, seed, pool)
+            if got is None:  # never: the room was just counted
+                why[sid] = pool.unplaced_reason(session, session.slots)
+            else:
+                sticky[sid], drawn[sid] = kept, got
+    out: list[DevshardPlaced | SessionUnplaced] = []
+    for session in sessions:
+        sid = session.session_id
         if sid not in drawn:
             out.append(SessionUnplaced(session_id=sid, epoch=epoch.epoch, reason=why[sid]))
             continue
@@ -502,6 +584,159 @@ def place_sessions(
             )
         )
     return out
+
+
+def _make_room(
+    session: SessionRecord,
+    short: int,
+    sessions: Sequence[SessionRecord],
+    sticky: dict[str, list[SlotAssignment]],
+    drawn: dict[str, list[SlotAssignment]],
+    seed: int,
+    pool: PlacementPool,
+) -> bool:
+    """Free `short` more slots on nodes `session` fits, or move nothing and return False.
+
+    A slot of another placed session (its `sticky` kept or `drawn` slots) on a node the
+    session fits moves straight to a node it does not fit (so the move gains it a slot)
+    where the slot's own session fits and there is room: never leaving that session short,
+    and no chains of moves, so exactly `short` slots move. Which kinds of slot go to which
+    kinds of node is a small max flow over (memory, GPU) kinds -- a greedy choice could
+    send a slot that fits anywhere to the only node another fits. Within a kind the slots
+    drawn this cycle go first (nothing to reload), one per node first (the session spreads),
+    then by node id; each goes to a node of its target kind with room outside its own
+    devshard while one has room, the first from a point drawn as in `draw` (BLAKE2 of the
+    seed, the session and the slot), so moved slots do not pile onto the lowest node ids.
+    """
+    mine = (session.memory_per_slot_mb, session.gpu)
+    # Room on nodes of kinds the session does not fit (a move into its own kinds gains it
+    # nothing), in O(kinds log n) from the pool's trees.
+    capacity = {
+        kind: free
+        for kind, free in pool.free_by_kind().items()
+        if free > 0 and not _kind_fits(kind, mine)
+    }
+    if sum(capacity.values()) < short:
+        return False
+    # Slots that could leave, by (memory, GPU) of their session: (fresh?, node, sid, slot).
+    movable: dict[tuple[int, bool], list[tuple[int, str, str, int]]] = {}
+    for other in sessions:
+        sid = other.session_id
+        if sid == session.session_id or sid not in drawn:
+            continue
+        key = (other.memory_per_slot_mb, other.gpu)
+        for rank, group in enumerate((drawn[sid], sticky[sid])):
+            for a in group:
+                if pool.fits(a.node_id, session):
+                    movable.setdefault(key, []).append((rank, a.node_id, sid, a.slot))
+    if not movable:
+        return False
+    flow = _class_flow({key: len(slots) for key, slots in movable.items()}, capacity, short)
+    if flow is None:
+        return False
+    for key in sorted(flow):
+        rounds: Counter[str] = Counter()
+        order: list[tuple[int, int, str, str, int]] = []
+        for rank, node_id, sid, slot in sorted(movable[key]):
+            order.append((rank, rounds[node_id], node_id, sid, slot))
+            rounds[node_id] += 1
+        order.sort()
+        picks = iter(order)
+        for to_kind in sorted(flow[key]):
+            for _ in range(flow[key][to_kind]):
+                _, _, node_id, sid, slot = next(picks)
+                nodes = pool.nodes_of_kind(to_kind)
+                start, _ = _two_uniform(seed, sid, "room", slot, len(nodes))
+                target = _first_with_room(nodes, start, sticky[sid] + drawn[sid], pool)
+                pool.release(node_id)
+                pool.take(target)
+                # Moved, it is a fresh slot: a later session may move it again for free.
+                sticky[sid] = [a for a in sticky[sid] if a.slot != slot]
+                drawn[sid] = [a for a in drawn[sid] if a.slot != slot]
+                drawn[sid].append(SlotAssignment(slot, target))
+    return True
+
+
+def _kind_fits(node_kind: tuple[int, bool], slot_kind: tuple[int, bool]) -> bool:
+    """Whether a node of (memory per slot, GPU) fits a slot of (memory per slot, GPU)."""
+    return node_kind[0] >= slot_kind[0] and (node_kind[1] or not slot_kind[1])
+
+
+def _first_with_room(
+    nodes: Sequence[str], start: int, devshard: Sequence[SlotAssignment], pool: PlacementPool
+) -> str:
+    """The first of `nodes` from `start` on (wrapping) with room, outside `devshard` while
+    one of those has room."""
+    inside = {a.node_id for a in devshard}
+    free = pool.free
+    fallback = ""
+    for i in range(len(nodes)):
+        node_id = nodes[(start + i) % len(nodes)]
+        if free[node_id] > 0:
+            if node_id not in inside:
+                return node_id
+            fallback = fallback or node_id
+    assert fallback, "the flow never sends more slots to a kind than its nodes have room"
+    return fallback
+
+
+def _class_flow(
+    supply: Mapping[tuple[int, bool], int],
+    capacity: Mapping[tuple[int, bool], int],
+    want: int,
+) -> dict[tuple[int, bool], dict[tuple[int, bool], int]] | None:
+    """How many slots of each (memory, GPU) kind to send to each kind of node with room
+    (`capacity` free slots each) so that `want` move in all, or None when fewer can.
+
+    A slot fits a node kind with at least its memory and, for a GPU slot, a GPU. The kinds
+    are a handful (`free_by_kind`), so plain augmenting paths (one slot at a time, breadth
+    first, in sorted kind order for determinism) are cheap.
+    """
+    sources = sorted(supply)
+    sinks = sorted(capacity)
+    fits = {src: [dst for dst in sinks if _kind_fits(dst, src)] for src in sources}
+    flow: dict[tuple[int, bool], dict[tuple[int, bool], int]] = {src: {} for src in sources}
+    sent = dict.fromkeys(sources, 0)
+    into = dict.fromkeys(sinks, 0)
+    for _ in range(want):
+        # Breadth first from every source with slots left; back edges undo earlier sends.
+        parent: dict[tuple[str, tuple[int, bool]], tuple[str, tuple[int, bool]] | None] = {}
+        queue: list[tuple[str, tuple[int, bool]]] = []
+        for src in sources:
+            if sent[src] < supply[src]:
+                parent[("s", src)] = None
+                queue.append(("s", src))
+        end: tuple[str, tuple[int, bool]] | None = None
+        for side, key in queue:  # the list grows while it is walked: a FIFO queue
+            if side == "s":
+                for dst in fits[key]:
+                    if ("d", dst) not in parent:
+                        parent[("d", dst)] = (side, key)
+                        queue.append(("d", dst))
+            elif into[key] < capacity[key]:
+                end = (side, key)
+                break
+            else:
+                for src in sources:
+                    if flow[src].get(key, 0) > 0 and ("s", src) not in parent:
+                        parent[("s", src)] = (side, key)
+                        queue.append(("s", src))
+        if end is None:
+            return None
+        into[end[1]] += 1
+        step: tuple[str, tuple[int, bool]] = end
+        while (back := parent[step]) is not None:
+            if back[0] == "s":  # forward: back's source sends one more to step's sink
+                flow[back[1]][step[1]] = flow[back[1]].get(step[1], 0) + 1
+            else:  # backward: step's source sends one less to back's sink
+                flow[step[1]][back[1]] -= 1
+            step = back
+        sent[step[1]] += 1
+    return {
+        src: {dst: n for dst, n in out.items() if n}
+        for src, out in flow.items()
+        if any(out.values())
+    }
 
 
 def _reserve(

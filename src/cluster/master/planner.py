@@ -203,7 +203,9 @@ def _place_new_epoch(
         not_fresh=not_fresh,
         leaving=leaving,
     )
-    return place_sessions(sessions, epoch, pool, preferred)
+    # The turn is the one time devshards move: room may be made for a session that fits
+    # only where another session's slots stick (mid-epoch it waits for the next turn).
+    return place_sessions(sessions, epoch, pool, preferred, make_room=True)
 
 
 def _keep_epoch(
@@ -304,6 +306,8 @@ def _keep_epoch(
                     SessionUnplaced(session_id=session.session_id, epoch=epoch.epoch, reason=reason)
                 )
     preferred = {sid: state.last_nodes_by_session.get(sid, ()) for sid in waiting}
+    # No `make_room`: mid-epoch no devshard moves for another; one that fits nowhere waits
+    # for the turn, where room is made for it.
     for ev in place_sessions(_sorted_sessions(state, waiting), epoch, pool, preferred):
         if isinstance(ev, SessionUnplaced) and not _reason_changed(
             state.sessions[ev.session_id], ev.epoch, ev.reason
