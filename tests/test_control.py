@@ -19,6 +19,8 @@ from cluster.control import (
     Reply,
     Request,
     SessionCreate,
+    SessionList,
+    SocketInUseError,
     StatusRequest,
     call,
     decode_request,
@@ -265,3 +267,54 @@ def test_a_refusal_is_printed_as_the_commands_error(
         assert cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:]]) == 1
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", err + "\n")
+
+
+@pytest.mark.anyio
+async def test_serve_refuses_a_socket_another_process_serves_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A second `serve` on the same data directory (a worker started with a running master's
+    `--data-dir`) unlinked the first one's socket and took its place: the first process's
+    commands then found no socket. It is refused instead, naming the socket, and the first
+    server keeps serving on it."""
+    path = socket_path(tmp_path)
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve, tmp_path, _handler)
+        first = path.lstat()
+        with anyio.fail_after(10), pytest.raises(SocketInUseError) as refused:
+            await serve(tmp_path, _handler)
+        assert str(refused.value) == (
+            f"{path} answers: another master or worker is running with --data-dir {tmp_path} "
+            "(each process needs a data directory of its own)"
+        )
+        assert (path.lstat().st_ino, path.lstat().st_dev) == (first.st_ino, first.st_dev)
+        with anyio.fail_after(10):
+            reply = await call(tmp_path, SessionCreate(slots=1, memory_per_slot_mb=1))
+        assert reply.ok, reply
+        tg.cancel_scope.cancel()
+    assert not path.exists()  # the first server removes its own socket on exit
+
+
+@pytest.mark.anyio
+async def test_serve_replaces_a_dead_socket_and_removes_only_its_own(tmp_path: Path) -> None:
+    """A socket nothing listens on (a process that was killed) is replaced, as before. On
+    exit a server removed whatever was at the path, even a socket another process bound
+    there since: now only the one it bound itself."""
+    path = socket_path(tmp_path)
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening
+        dead.bind(str(path))
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(serve, tmp_path, _handler)
+            reply = await call(tmp_path, SessionList())
+        assert reply.message == "unsupported: SessionList"
+        # Someone else's socket takes the path (as a process that ignored the check would).
+        path.unlink()
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(str(path))
+        theirs = path.lstat()
+        tg.cancel_scope.cancel()
+    try:
+        assert path.lstat().st_ino == theirs.st_ino, "serve removed a socket it did not bind"
+    finally:
+        other.close()

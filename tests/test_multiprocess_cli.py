@@ -9,6 +9,7 @@ master's log, and a command that cannot be carried out exits 1 with the reason o
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,32 @@ def test_maintenance_and_session_commands(tmp_path: Path) -> None:
     final = MasterLog(mdir)
     final.refresh()
     assert [e.session_id for _, e in final.of(SessionDeleted)] == [sid]  # one delete, not two
+
+
+@pytest.mark.parametrize("command", ["master", "worker"])
+def test_a_control_socket_something_listens_on_is_not_taken_over(
+    command: str, tmp_path: Path
+) -> None:
+    """Starting, a master or worker unlinked whatever was at `control.sock` and bound its
+    own, even where a live process listened: that process's commands lost their socket.
+    Now it stops in one line naming the socket, and leaves it in place."""
+    data_dir = tmp_path / command
+    data_dir.mkdir()
+    path = data_dir / "control.sock"
+    argv = [command, "--data-dir", str(data_dir), "--log-level", "WARNING"]
+    if command == "master":
+        argv += ["--http", "off"]
+    else:  # a master that is not there: the worker keeps dialling while it serves
+        peer = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+        argv += ["--master", f"/ip4/127.0.0.1/tcp/1/p2p/{peer}", "--no-info", "--no-runners"]
+    with socket.socket(socket.AF_UNIX) as other:  # listening: connects succeed
+        other.bind(str(path))
+        other.listen()
+        theirs = path.lstat().st_ino
+        done = cluster_cli(*argv, timeout=60)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr == (
+            f"cluster {command}: {path} answers: another master or worker is running with "
+            f"--data-dir {data_dir} (each process needs a data directory of its own)\n"
+        )
+        assert path.lstat().st_ino == theirs

@@ -124,6 +124,11 @@ class ControlError(Exception):
     """The control socket could not be reached or answered nonsense."""
 
 
+class SocketInUseError(Exception):
+    """Something answers on the control socket `serve` was to bind: another master or worker
+    runs with this data directory. The text is one line naming the socket."""
+
+
 def encode_message(message: Request | Reply) -> bytes:
     return _encoder.encode(message)
 
@@ -196,9 +201,11 @@ async def _write_frame(stream: anyio.abc.ByteStream, payload: bytes) -> None:
 async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) -> None:
     """Serve control requests on `data_dir/control.sock` until cancelled."""
     path = socket_path(data_dir)
-    if path.exists() or path.is_symlink():
-        path.unlink()
+    await _clear_stale_socket(path, data_dir)
     listener = await anyio.create_unix_listener(path)
+    # Which file is ours: on exit only that one is removed. A process that took the path
+    # over since (or its replacement after a restart) keeps its socket.
+    bound = os.lstat(path)
     os.chmod(path, 0o600)
 
     async def one(stream: anyio.abc.SocketStream) -> None:
@@ -246,6 +253,50 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
                 task_status.started(path)
             await listener.serve(one)
     finally:
+        _unlink_if_same(path, bound)
+
+
+#: How long `serve` waits for a connect to an existing socket before deciding that something
+#: listens there (a listener too busy to accept is still a listener).
+_PROBE_TIMEOUT_S = 2.0
+
+
+async def _clear_stale_socket(path: Path, data_dir: Path) -> None:
+    """Remove what a process that died left at `path`; `SocketInUseError` if a live process
+    listens there. Unlinking it unconditionally (as binding used to) took the socket from a
+    running master or worker: its `cluster session` / `cluster maintenance` commands then
+    found no socket, and its exit removed the newcomer's."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(mode):
+        try:
+            with anyio.fail_after(_PROBE_TIMEOUT_S):
+                stream = await anyio.connect_unix(path)
+        except ConnectionRefusedError:
+            pass  # nothing listens: left by a process that stopped
+        except TimeoutError:
+            raise SocketInUseError(_in_use(path, data_dir)) from None
+        else:
+            await stream.aclose()
+            raise SocketInUseError(_in_use(path, data_dir))
+    path.unlink(missing_ok=True)
+
+
+def _in_use(path: Path, data_dir: Path) -> str:
+    return (
+        f"{path} answers: another master or worker is running with --data-dir {data_dir} "
+        "(each process needs a data directory of its own)"
+    )
+
+
+def _unlink_if_same(path: Path, bound: os.stat_result) -> None:
+    try:
+        now = path.lstat()
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
         path.unlink(missing_ok=True)
 
 

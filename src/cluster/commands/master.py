@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         anyio.run(main, backend="trio")
-    except* (HttpApiConfigError, AddressError) as group:  # a port is taken: one line
+    except* (HttpApiConfigError, AddressError, control.SocketInUseError) as group:
+        # A port is taken, or another process serves this data directory: one line.
         print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
         status = 2
     except* OSError as group:

@@ -147,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         stop_on_signal,
     )
+    from cluster.control import SocketInUseError
     from cluster.net.host import AddressError
     from cluster.net.identity import IdentityError
     from cluster.net.membership import MembershipConfigError, load_secret_file
+    from cluster.shared.humanize import first_leaf
     from cluster.worker.client import WorkerConfig
     from cluster.worker.info import InfoConfig, InfoConfigError, parse_stall
     from cluster.worker.node import WorkerNode, WorkerNodeConfig
@@ -218,11 +220,15 @@ def run(args: argparse.Namespace) -> int:
             await node.worker.wait_finished()
             tg.cancel_scope.cancel()
 
+    status = 0
     try:
         anyio.run(main, backend="trio")
+    except* SocketInUseError as group:  # another process serves this directory: one line
+        print(f"cluster worker: {first_leaf(group)}", file=sys.stderr)
+        status = 2
     finally:
         node.close()
-    return 0
+    return status
 
 
 async def _synthetic_load(worker: Worker, rate: float) -> None:
