@@ -31,6 +31,18 @@ def test_data_dir_that_is_a_file_is_refused(
     assert f"--data-dir {not_a_dir} is a file, not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["master", "worker"])
+def test_an_empty_data_dir_is_refused(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data-dir ""` (an unset variable in a script) ran in the current directory."""
+    argv = [command, "--data-dir", ""]
+    if command == "worker":
+        argv += ["--master", "/ip4/127.0.0.1/tcp/1"]
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "argument --data-dir: must name a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -52,6 +64,7 @@ def test_master_options_are_validated(
 ) -> None:
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), *argv]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # a refused setting leaves no new directory behind
 
 
 @pytest.mark.parametrize(
@@ -161,6 +174,8 @@ def test_master_config_file_errors_name_the_setting(
     config.write_text("[planer]\n")
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
     assert "unknown table(s) planer" in capsys.readouterr().err
+    # The directory was created before the file was read: refused, it stayed behind (empty).
+    assert not (tmp_path / "m").exists()
 
 
 def _master_args(*argv: str) -> argparse.Namespace:
@@ -219,6 +234,7 @@ def test_worker_options_are_validated(
     argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master, *argv]
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_worker_load_too_high_to_pace_is_refused(tmp_path: Path) -> None:
@@ -303,6 +319,7 @@ def test_a_runner_config_mistake_stops_the_worker_at_start(
     assert cli.main([*argv, "--runner-file", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cluster worker: ") and message in err, err
+    assert not (tmp_path / "w").exists()  # refused before the directory is made
 
 
 def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(

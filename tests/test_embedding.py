@@ -81,6 +81,45 @@ def test_a_bad_setting_releases_what_the_node_opened(tmp_path: Path) -> None:
     WorkerNode(tmp_path / "w", addr).close()
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` with its inode and size: what a refused node must not touch."""
+    return {
+        str(p.relative_to(root)): (p.lstat().st_ino, p.lstat().st_size) for p in root.rglob("*")
+    }
+
+
+def test_a_data_directory_of_the_other_role_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    """A worker on a master's data directory loaded the master's `node.key` and joined with
+    the master's own id (left DISCONNECTED in status for good), leaving an `outbox/` there;
+    a master on a worker's took the worker's id and wrote its log beside the outbox. Each is
+    refused now, naming the directory and what it found, with nothing created or changed."""
+    from cluster.datadir import DataDirError
+    from cluster.master.node import MasterNode
+    from cluster.net.membership import Membership
+    from cluster.worker.client import Worker
+    from cluster.worker.node import WorkerNode
+
+    membership = Membership(secret=b"s" * 32)
+    addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    mdir, wdir = tmp_path / "m", tmp_path / "w"
+    MasterNode(mdir, membership).close()
+    WorkerNode(wdir, addr).close()
+    before = _tree(tmp_path)
+    master_log = "a worker needs a data directory of its own"
+    with pytest.raises(DataDirError, match=rf"^data directory {mdir} holds a master's event "):
+        WorkerNode(mdir, addr)
+    with pytest.raises(DataDirError, match=master_log):  # the connection part alone, too
+        Worker(mdir, addr)
+    with pytest.raises(DataDirError, match=rf"^data directory {wdir} holds a worker's outbox "):
+        MasterNode(wdir, membership)
+    assert _tree(tmp_path) == before
+    # Each still opens its own.
+    MasterNode(mdir, membership).close()
+    WorkerNode(wdir, addr).close()
+
+
 @pytest.mark.anyio
 async def test_a_request_built_wrong_in_python_is_refused_by_name(tmp_path: Path) -> None:
     """Not a request: it used to be answered "the operator must name the node"; a field of

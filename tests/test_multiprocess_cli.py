@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from cluster_procs import start_master, wait_until
+from cluster_procs import start_master, start_worker, wait_until
 from cluster_scenarios import Deadline, MasterLog, cluster_cli, node_id_of, start_full_worker
 
 from cluster.shared.events import (
@@ -141,6 +141,69 @@ def test_maintenance_and_session_commands(tmp_path: Path) -> None:
     final = MasterLog(mdir)
     final.refresh()
     assert [e.session_id for _, e in final.of(SessionDeleted)] == [sid]  # one delete, not two
+
+
+def test_a_process_on_a_data_dir_another_role_runs_with_is_refused(tmp_path: Path) -> None:
+    """A worker started with a running master's `--data-dir` joined with the master's own id
+    and, on exit, removed the master's control socket (`cluster session` then found none);
+    a master started with a running worker's took the worker's id, wrote its log, secret and
+    address there and removed the worker's socket. Each is refused in one line now, creating
+    nothing, and the running process keeps its socket."""
+    budget = Deadline(120)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    mdir, wdir = tmp_path / "master", tmp_path / "worker"
+    master, addr = start_master(mdir, logs)
+    worker = None
+    try:
+        done = cluster_cli(
+            "worker",
+            "--data-dir",
+            str(mdir),
+            "--master",
+            str(mdir / "master.addr"),
+            "--cluster-secret-file",
+            str(mdir / "cluster.secret"),
+            "--no-info",
+            timeout=budget.left(30),
+        )
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr == (
+            f"cluster worker: data directory {mdir} holds a master's event log ({mdir}/log): "
+            "it is a master's, and a worker needs a data directory of its own\n"
+        )
+        assert not (mdir / "outbox").exists()
+        listed = cluster_cli("session", "--data-dir", str(mdir), "list", timeout=budget.left(30))
+        assert listed.returncode == 0, listed.stderr
+
+        worker = start_worker(
+            "w", wdir, logs, addr, "--cluster-secret-file", str(mdir / "cluster.secret")
+        )
+        node_id_of(worker, budget.left(30))
+        wait_until(lambda: (wdir / "control.sock").exists(), budget.left(30), "worker socket")
+        socket_before = (wdir / "control.sock").lstat().st_ino
+        done = cluster_cli(
+            "master", "--data-dir", str(wdir), "--http", "off", timeout=budget.left(30)
+        )
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr == (
+            f"cluster master: data directory {wdir} holds a worker's outbox ({wdir}/outbox): "
+            "it is a worker's, and a master needs a data directory of its own\n"
+        )
+        made = [n for n in ("log", "cluster.secret", "master.addr") if (wdir / n).exists()]
+        assert not made, made
+        assert (wdir / "control.sock").lstat().st_ino == socket_before
+        wait_until(
+            lambda: cluster_cli("maintenance", "--data-dir", str(wdir), "next").returncode == 0,
+            budget.left(30),
+            "the worker's control socket to answer",
+        )
+        assert worker.stop() == 0
+        worker = None
+    finally:
+        if worker is not None:
+            worker.stop()
+        assert master.stop() == 0
 
 
 @pytest.mark.parametrize("command", ["master", "worker"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -9,11 +10,14 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 import anyio
 
 from cluster.shared.files import make_dirs_durably
+
+if TYPE_CHECKING:
+    from cluster.datadir import Role
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -183,6 +187,28 @@ async def stop_on_signal(stop: Callable[[], None]) -> None:
             logging.getLogger("cluster").info("received %s: stopping", signal.Signals(signum).name)
             stop()
             return
+
+
+def data_dir_arg(text: str) -> Path:
+    """`--data-dir` of `cluster master` / `cluster worker`: `""` (an unset variable in a
+    script) became the current directory, which the process then filled with its files."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must name a directory (an empty one is the current directory: give . to mean it)"
+        )
+    return Path(text)
+
+
+def check_data_dir(path: Path, role: Role) -> None:
+    """ValueError unless `--data-dir` can be this role's: not a file, not the other role's
+    directory (`cluster.datadir`). Creates nothing: a command checks this first, then its
+    other settings, and only then creates the directory (`prepare_data_dir`), so a refused
+    setting does not leave a new empty directory behind."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--data-dir {path} is a file, not a directory")
+    from cluster.datadir import check_role
+
+    check_role(path, role)
 
 
 def prepare_data_dir(path: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.commands._process import LOG_LEVELS
+from cluster.commands._process import LOG_LEVELS, data_dir_arg
 
 if TYPE_CHECKING:
     from cluster.master.config import PlannerConfig
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, required=True, help="log, snapshots, node.key")
+    parser.add_argument(
+        "--data-dir", type=data_dir_arg, required=True, help="log, snapshots, node.key"
+    )
     parser.add_argument(
         "--listen",
         default="/ip4/127.0.0.1/tcp/0",
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster import control
     from cluster.commands._process import (
         PEER_TIMEOUT_S,
+        check_data_dir,
         check_seconds,
         prepare_data_dir,
         setup_logging,
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         validate_peer_id,
     )
     from cluster.shared.eventlog import LogError
-    from cluster.shared.files import make_dirs_durably, write_text_atomically
+    from cluster.shared.files import write_text_atomically
     from cluster.shared.humanize import first_leaf
     from cluster.shared.snapshots import SnapshotError
     from cluster.shared.store import check_snapshot_every
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
     try:
-        prepare_data_dir(args.data_dir)
+        check_data_dir(data_dir, "master")
         check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
         check_snapshot_every(args.snapshot_every, "--snapshot-every")
         parse_listen_multiaddr(args.listen)
@@ -166,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
         secret = None
         if args.cluster_secret_file:
             secret = load_secret_file(args.cluster_secret_file)
-        elif allowed is None:
+        # Every setting checked: only now is the directory created (if new).
+        prepare_data_dir(data_dir)
+        if secret is None and allowed is None:
             path = data_dir / "cluster.secret"
-            make_dirs_durably(data_dir)
             secret = load_secret_file(path) if path.exists() else create_secret_file(path)
             print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
         membership = Membership(

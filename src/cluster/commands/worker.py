@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from cluster.commands._process import LOG_LEVELS
+from cluster.commands._process import LOG_LEVELS, data_dir_arg
 from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS
 
 if TYPE_CHECKING:  # the real imports happen in run(), after argument parsing (no libp2p)
@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # the real imports happen in run(), after argument parsing (n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, required=True, help="node.key, outbox, digest")
+    parser.add_argument(
+        "--data-dir", type=data_dir_arg, required=True, help="node.key, outbox, digest"
+    )
     parser.add_argument(
         "--master", required=True, metavar="MULTIADDR|FILE", help="the master's full address"
     )
@@ -142,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.commands._process import (
         PEER_TIMEOUT_S,
+        check_data_dir,
         check_seconds,
-        prepare_data_dir,
         setup_logging,
         stop_on_signal,
     )
@@ -161,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     try:
-        prepare_data_dir(args.data_dir)
+        # Nothing is created before every setting is checked: the directory (if new), the key
+        # and the outbox are made by WorkerNode, after it checked the runner setting.
+        check_data_dir(args.data_dir, "worker")
         check_seconds("--heartbeat-interval", args.heartbeat_interval, HEARTBEAT_INTERVAL_S)
         check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
         if not (args.load >= 0 and math.isfinite(args.load)):

@@ -28,6 +28,7 @@ from anyio.abc import TaskStatus
 
 from cluster import control
 from cluster.control import Reply, Request
+from cluster.datadir import check_role
 from cluster.master.config import PlannerConfig
 from cluster.master.http_api import HttpApi, HttpApiConfig, check_config
 from cluster.master.maintenance import on_reconnect
@@ -83,6 +84,8 @@ class MasterNode:
     ) -> None:
         self.data_dir = data_dir
         self.config = config = config or MasterNodeConfig()
+        # Before the key and the log are made: a worker's directory is not a master's.
+        check_role(data_dir, "master")
         key_pair, self.node_id = load_identity(data_dir)
         self.store = EventStore.open(data_dir, snapshot_every=config.snapshot_every)
         try:

@@ -28,6 +28,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from cluster.datadir import OUTBOX_DIR, check_role
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.net import host as nethost
 from cluster.net.framing import encode_frame
@@ -147,6 +148,8 @@ class Worker:
         self.data_dir = data_dir
         self.master_addr = nethost.parse_multiaddr(master_addr, need_peer=True)
         self.config = config or WorkerConfig()
+        # Before the key and the outbox are made: a master's directory is not a worker's.
+        check_role(data_dir, "worker")
         if key_pair is None:
             key_pair, node_id = load_identity(data_dir)
         else:
@@ -161,7 +164,7 @@ class Worker:
         #: Sent in every hello: a node whose recorded self-test is of another setting is
         #: not self-tested from that hello on (until this setting's result arrives).
         self.runner_digest = runner_digest
-        self.outbox = Outbox.open(data_dir / "outbox")
+        self.outbox = Outbox.open(data_dir / OUTBOX_DIR)
         self._state: State = EMPTY_STATE
         self._listeners: list[StateListener] = []
         self._live_listeners: list[StateListener] = []
