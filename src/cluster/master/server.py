@@ -45,6 +45,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.master.admission import AdmissionError, check_event_sizes, check_worker_columns
+from cluster.master.decision_log import decision_lines
 from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, encode_frame
@@ -88,6 +89,8 @@ from cluster.shared.state import State
 from cluster.shared.store import Committed, as_logged
 
 log = logging.getLogger(__name__)
+#: What the master decided, one line per committed event (`cluster.master.decision_log`).
+decisions_log = logging.getLogger("cluster.master.decisions")
 
 #: (state, now_ms) -> events the master decides this cycle (the planner).
 Planner = Callable[[State, int], list[Event]]
@@ -454,8 +457,9 @@ class Master:
             # set, so every decision either finished before it or is refused here.
             if self._stop.is_set():
                 raise MasterStopping()
-            now = max(self.now_ms(), self._state.last_time_ms)
-            events = decide(self._state, now)
+            state = self._state
+            now = max(self.now_ms(), state.last_time_ms)
+            events = decide(state, now)
             if not events:
                 return []
             try:
@@ -467,6 +471,8 @@ class Master:
             # Stamped with the time it was decided at: a clock that steps back before the
             # indexer reads it again must not date the events before the rules they passed.
             await self._index([sub], now)
+            # Said only now that it is durable: a commit that failed raised above.
+            _log_decision(events, state, now)
             return sub.indexed
 
     async def run(self, *, task_status: TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -865,7 +871,6 @@ class Master:
             # Not a refusal of the node (it is not in `_REFUSALS`): it dials again.
             await fs.fail("stopping", str(exc))
             return
-        log.info("node %s joined (passed hello)", peer)
         welcome = Welcome(
             node_id=peer,
             last_idx=self._last_idx,
@@ -1164,6 +1169,16 @@ class Master:
                 self._sent_idx[fs.peer_id] = cursor - 1
             if cut:
                 raise _lagging(cfg.subscriber_queue, cursor)
+
+
+def _log_decision(events: Sequence[Event], state: State, now_ms: int) -> None:
+    """Log a committed decision's lines (see `decision_log`). Never raises: the decision is
+    durable whatever its description does."""
+    try:
+        for level, message in decision_lines(events, state, now_ms):
+            decisions_log.log(level, "%s", message)
+    except Exception:
+        log.exception("could not describe a committed decision of %d events", len(events))
 
 
 def _lagging(queue: int, cursor: int) -> ProtocolError:

@@ -1,0 +1,432 @@
+"""What the master's log says of each decision it commits, in words an operator can act on.
+
+The master decides (planner cycles, requests, hellos) and commits events; this module turns
+one committed decision -- its events and the State it was decided on -- into log lines:
+`(level, message)`, at most one per event. The master shell logs them once the commit is
+durable, never before (a refused or failed commit was not done, and is not said to be).
+
+Levels follow docs/operations.md: what is normal operation (joins, planned maintenance,
+epochs, placements, settlements) is INFO; what needs a look is a WARNING -- a disconnect, an
+overrun window, missed work that is not excused, a session that cannot be placed while no
+node is still onboarding.
+
+Large clusters must not flood the log: where one decision holds more than
+`SUMMARY_ABOVE` events of a kind (an epoch turn placing 1,000 devshards, a rack of nodes
+disconnected at once), that kind is said in ONE summary line at the level its worst event
+would have, and each event's own line goes to DEBUG. Lists of nodes are capped
+(`LIST_CAP`). A session's "unplaced" is repeated by the planner only when its reason
+changes; only the first of a run (after an epoch turn or a placement) is a WARNING.
+
+Pure: the caller passes the State the decision was made on and the time it was made at.
+Text from events (reasons a worker wrote, session names) is made printable and clipped, so
+a newline in a runner's error cannot forge a line of the master's log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, NamedTuple
+
+from cluster.shared.events import (
+    DevshardFinalized,
+    DevshardPlaced,
+    EpochSettled,
+    EpochStarted,
+    Event,
+    LateWorkSettled,
+    MaintenanceCancelled,
+    MaintenanceDrainStarted,
+    MaintenanceFinished,
+    MaintenanceOverrun,
+    MaintenanceScheduled,
+    MaintenanceStarted,
+    NodeConnected,
+    NodeDisconnected,
+    SessionDeleted,
+    SessionRequested,
+    SessionUnplaced,
+    WorkMissed,
+)
+from cluster.shared.excuse import excusing_window
+from cluster.shared.humanize import (
+    clip,
+    format_count,
+    format_duration,
+    format_relative,
+    format_utc,
+    plural,
+    printable,
+)
+from cluster.shared.node_status import Placement, placements_by_node
+from cluster.shared.state import State
+
+DEBUG: Final = logging.DEBUG
+INFO: Final = logging.INFO
+WARNING: Final = logging.WARNING
+
+#: More events of one kind than this in one decision are summarized in one line.
+SUMMARY_ABOVE: Final = 5
+#: Most nodes (or sessions) one line names; the rest are counted ("and 12 more").
+LIST_CAP: Final = 5
+#: Longest text taken from an event (a reason) into a line.
+TEXT_CAP: Final = 300
+
+_MAINTENANCE_HOW: Final = {
+    "host": "finished by its host",
+    "reconnect": "its worker restarted within the window",
+}
+
+
+class LogLine(NamedTuple):
+    #: A stdlib logging level (logging.DEBUG/INFO/WARNING).
+    level: int
+    message: str
+
+
+def decision_lines(events: Sequence[Event], state: State, now_ms: int) -> list[LogLine]:
+    """The lines to log for one committed decision, in the order of its events (a kind that
+    is summarized is said where its first event stands, its details following at DEBUG).
+
+    `state` is the State the decision was made on (before its events), `now_ms` the time it
+    was made at (its events' master time).
+    """
+    ctx = _Context(state, now_ms)
+    own = [(event, describe(event, state, now_ms, ctx)) for event in events]
+    by_kind: dict[type, list[tuple[Event, LogLine | None]]] = {}
+    for item in own:
+        by_kind.setdefault(type(item[0]), []).append(item)
+    lines: list[LogLine] = []
+    summarized: set[type] = set()
+    for event, line in own:
+        kind = type(event)
+        summary = _SUMMARIES.get(kind)
+        of_kind = by_kind[kind]
+        if summary is None or len(of_kind) <= SUMMARY_ABOVE:
+            if line is not None:
+                lines.append(line)
+            continue
+        if kind not in summarized:
+            summarized.add(kind)
+            worst = max((ln.level for _, ln in of_kind if ln is not None), default=INFO)
+            lines.append(LogLine(worst, summary([e for e, _ in of_kind], ctx)))
+        if line is not None:
+            lines.append(LogLine(DEBUG, line.message))
+    return lines
+
+
+def describe(
+    event: Event, state: State, now_ms: int, ctx: _Context | None = None
+) -> LogLine | None:
+    """The line for one master event decided on `state` at `now_ms`; None for events the
+    master's log does not narrate (what workers report: info, heartbeats, runner status,
+    work)."""
+    c = ctx if ctx is not None else _Context(state, now_ms)
+    if isinstance(event, NodeConnected):
+        return LogLine(INFO, _connected(event, c))
+    if isinstance(event, NodeDisconnected):
+        return LogLine(WARNING, _disconnected(event, c))
+    if isinstance(event, MaintenanceScheduled):
+        start, end = event.start_ms, event.start_ms + event.duration_ms
+        return LogLine(
+            INFO,
+            f"maintenance scheduled for node {event.node_id}: window {event.window_id}, "
+            f"{format_duration(event.duration_ms)} from {format_utc(start, now_ms)} "
+            f"({format_relative(start, now_ms)}) to {format_utc(end, now_ms)}",
+        )
+    if isinstance(event, MaintenanceCancelled):
+        why = f": {_text(event.reason)}" if event.reason else ""
+        refund = (
+            f"; {format_duration(event.credit_refund_ms)} of credit refunded"
+            if event.credit_refund_ms
+            else ""
+        )
+        return LogLine(
+            INFO,
+            f"maintenance window {event.window_id} of node {event.node_id} cancelled{why}{refund}",
+        )
+    if isinstance(event, MaintenanceDrainStarted):
+        return LogLine(INFO, _drain_started(event, c))
+    if isinstance(event, MaintenanceStarted):
+        return LogLine(INFO, _maintenance_started(event, c))
+    if isinstance(event, MaintenanceFinished):
+        how = _MAINTENANCE_HOW.get(event.how, _text(event.how))
+        return LogLine(
+            INFO,
+            f"node {event.node_id} finished maintenance (window {event.window_id}): {how}; "
+            "it takes work again",
+        )
+    if isinstance(event, MaintenanceOverrun):
+        return LogLine(WARNING, _overrun(event, c))
+    if isinstance(event, EpochStarted):
+        return LogLine(
+            INFO,
+            f"epoch {event.epoch} started; it ends at {format_utc(event.end_ms, now_ms)} "
+            f"(in {format_duration(event.end_ms - now_ms)})",
+        )
+    if isinstance(event, DevshardPlaced):
+        return LogLine(INFO, _placed(event, c))
+    if isinstance(event, SessionUnplaced):
+        return _unplaced(event, c)
+    if isinstance(event, WorkMissed):
+        return _missed(event, c)
+    if isinstance(event, EpochSettled):
+        return LogLine(INFO, _settled(event))
+    if isinstance(event, LateWorkSettled):
+        return LogLine(
+            INFO,
+            f"late work of node {event.node_id} settled to epoch {event.epoch}: "
+            f"{plural(event.units, 'unit')}, reward {format_count(event.reward)}",
+        )
+    if isinstance(event, DevshardFinalized):
+        return LogLine(DEBUG, f"devshard {event.devshard_id} of epoch {event.epoch} finalized")
+    if isinstance(event, SessionRequested):
+        gpu = " with a GPU" if event.gpu else ""
+        name = f" ({_text(event.name)})" if event.name else ""
+        return LogLine(
+            INFO,
+            f"session {event.session_id}{name} created: {plural(event.slots, 'slot')} of "
+            f"{format_count(event.memory_per_slot_mb)} MiB{gpu}; placed from the next "
+            "planner cycle",
+        )
+    if isinstance(event, SessionDeleted):
+        return LogLine(INFO, f"session {event.session_id} deleted: its devshard stops")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# One event
+# --------------------------------------------------------------------------------------------
+
+
+class _Context:
+    """What the lines of one decision share: its State and time, and what is costly to work
+    out and asked at most once (whether any node is still onboarding)."""
+
+    def __init__(self, state: State, now_ms: int) -> None:
+        self.state = state
+        self.now_ms = now_ms
+        self._onboarding: bool | None = None
+        self._placements: Mapping[str, tuple[Placement, ...]] | None = None
+
+    @property
+    def placements(self) -> Mapping[str, tuple[Placement, ...]]:
+        """The slots each node holds in live devshards (indexed once per decision)."""
+        if self._placements is None:
+            self._placements = placements_by_node(self.state)
+        return self._placements
+
+    @property
+    def onboarding(self) -> bool:
+        """No node is connected yet, or a connected node has not finished its self-test:
+        capacity is still arriving, so a session waiting for it is no cause for alarm."""
+        if self._onboarding is None:
+            connected = [rec for rec in self.state.nodes.values() if rec.connected]
+            self._onboarding = not connected or any(rec.self_test is None for rec in connected)
+        return self._onboarding
+
+
+def _text(text: str) -> str:
+    return clip(printable(text), TEXT_CAP)
+
+
+def _capped(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:LIST_CAP])
+    more = len(items) - LIST_CAP
+    return f"{shown} and {format_count(more)} more" if more > 0 else shown
+
+
+def _connected(event: NodeConnected, c: _Context) -> str:
+    rec = c.state.nodes.get(event.node_id)
+    node = event.node_id
+    if rec is None:
+        return f"node {node} joined the cluster (first connection)"
+    if not rec.connected:
+        ago = format_duration(c.now_ms - rec.disconnected_ms)
+        return f"node {node} reconnected ({ago} after it was disconnected)"
+    if event.boot_id and rec.boot_id and event.boot_id != rec.boot_id:
+        return f"node {node} reconnected: its worker restarted"
+    return f"node {node} reconnected (same worker process, dialled again)"
+
+
+def _disconnected(event: NodeDisconnected, c: _Context) -> str:
+    message = f"node {event.node_id} disconnected: {_text(event.reason)}"
+    window = excusing_window(c.state, event.node_id, c.now_ms)
+    if window is not None:
+        return message + f"; in its maintenance window {window.window_id}: excused"
+    if event.excused:
+        return message + "; excused"
+    epoch = c.state.epoch
+    message += "; unexcused" + (
+        f": it forfeits its reward for epoch {epoch.epoch}" if epoch is not None else ""
+    )
+    held = c.placements.get(event.node_id, ())
+    if held:
+        slots = plural(sum(p.slots for p in held), "slot")
+        message += f"; its {slots} ({_capped([p.devshard_id for p in held])}) are re-placed"
+    return message
+
+
+def _drain_started(event: MaintenanceDrainStarted, c: _Context) -> str:
+    window = c.state.windows.get(event.window_id)
+    when = ""
+    if window is not None:
+        start = window.start_ms
+        when = f" at {format_utc(start, c.now_ms)} ({format_relative(start, c.now_ms)})"
+    return (
+        f"node {event.node_id} draining for maintenance window {event.window_id}, which "
+        f"starts{when}: no work that would cross the start is placed there"
+    )
+
+
+def _maintenance_started(event: MaintenanceStarted, c: _Context) -> str:
+    window = c.state.windows.get(event.window_id)
+    until = ""
+    if window is not None:
+        end = window.end_ms
+        until = f" until {format_utc(end, c.now_ms)} ({format_relative(end, c.now_ms)})"
+    return f"node {event.node_id} in maintenance (window {event.window_id}){until}: excused"
+
+
+def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
+    window = c.state.windows.get(event.window_id)
+    due = ""
+    if window is not None:
+        end = window.end_ms
+        due = f", due to end at {format_utc(end, c.now_ms)} ({format_relative(end, c.now_ms)}),"
+    return (
+        f"maintenance window {event.window_id} of node {event.node_id}{due} overran: closed "
+        "as overrun; normal liveness and penalties apply to the node again (still silent, "
+        "it is disconnected)"
+    )
+
+
+def _holders(event: DevshardPlaced) -> list[str]:
+    """'node (slots)' for each node of a devshard, most slots first (then by node id)."""
+    slots: dict[str, int] = {}
+    for a in event.assignments:
+        slots[a.node_id] = slots.get(a.node_id, 0) + 1
+    ranked = sorted(slots.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [f"{node} ({n})" for node, n in ranked]
+
+
+def _placed(event: DevshardPlaced, c: _Context) -> str:
+    holders = _holders(event)
+    slots = plural(len(event.assignments), "slot")
+    on = f" on {plural(len(holders), 'node')}: {_capped(holders)}" if holders else ""
+    verb = "re-placed" if event.reason == "replace" else "placed"
+    return (
+        f"{verb} devshard {event.devshard_id} of session {event.session_id} for epoch "
+        f"{event.epoch}: {slots}{on}"
+    )
+
+
+def _unplaced(event: SessionUnplaced, c: _Context) -> LogLine:
+    session = c.state.sessions.get(event.session_id)
+    # The planner repeats an unplaced session only when its reason changes: the first of a
+    # run (since the epoch turned or it was last placed) is the news, the rest progress.
+    first = session is None or session.unplaced_epoch != event.epoch
+    message = f"session {event.session_id} unplaced in epoch {event.epoch}: {_text(event.reason)}"
+    if c.onboarding:
+        return LogLine(INFO, message + " (nodes are still joining)")
+    if not first:
+        return LogLine(INFO, message + " (still unplaced; retried every cycle)")
+    return LogLine(WARNING, message + "; add nodes with room, or resize the session")
+
+
+def _missed(event: WorkMissed, c: _Context) -> LogLine:
+    slots = plural(event.count, "slot")
+    message = (
+        f"node {event.node_id} missed work on devshard {event.devshard_id} "
+        f"(epoch {event.epoch}, {slots}): {_text(event.reason)}"
+    )
+    if event.excused:
+        return LogLine(INFO, message + "; excused (maintenance)")
+    return LogLine(WARNING, message)
+
+
+def _settled(event: EpochSettled) -> str:
+    paid = [p for p in event.payouts if p.reward > 0 and not p.punished]
+    punished = [p for p in event.payouts if p.punished]
+    total = sum(p.reward for p in paid)
+    message = (
+        f"epoch {event.epoch} settled: {plural(len(paid), 'node')} paid "
+        f"{format_count(total)} in all, {format_count(len(punished))} punished"
+    )
+    if punished:
+        named = [f"{p.node_id} ({_text(p.reason)})" if p.reason else p.node_id for p in punished]
+        message += f": {_capped(named)}"
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries: many events of one kind in one decision
+# --------------------------------------------------------------------------------------------
+
+
+def _summarize_placed(events: Sequence[Event], c: _Context) -> str:
+    placed = [e for e in events if isinstance(e, DevshardPlaced)]
+    nodes = {a.node_id for e in placed for a in e.assignments}
+    slots = sum(len(e.assignments) for e in placed)
+    epochs = sorted({e.epoch for e in placed})
+    replaced = sum(e.reason == "replace" for e in placed)
+    again = f" ({format_count(replaced)} re-placed)" if replaced else ""
+    return (
+        f"placed {plural(len(placed), 'devshard')}{again} for epoch "
+        f"{', '.join(map(str, epochs))}: {plural(slots, 'slot')} on "
+        f"{plural(len(nodes), 'node')} (each at DEBUG)"
+    )
+
+
+def _summarize_unplaced(events: Sequence[Event], c: _Context) -> str:
+    unplaced = [e for e in events if isinstance(e, SessionUnplaced)]
+    ids = [e.session_id for e in unplaced]
+    example = unplaced[0]
+    return (
+        f"{plural(len(unplaced), 'session')} unplaced in epoch {example.epoch}: "
+        f"{_capped(ids)}; e.g. {example.session_id}: {_text(example.reason)} (each at DEBUG)"
+    )
+
+
+def _summarize_missed(events: Sequence[Event], c: _Context) -> str:
+    missed = [e for e in events if isinstance(e, WorkMissed)]
+    slots = sum(e.count for e in missed)
+    nodes = sorted({e.node_id for e in missed})
+    excused = sum(e.count for e in missed if e.excused)
+    of_excused = f" ({format_count(excused)} excused)" if excused else ""
+    return (
+        f"work missed: {plural(slots, 'slot')}{of_excused} on {plural(len(nodes), 'node')}: "
+        f"{_capped(nodes)} (each at DEBUG)"
+    )
+
+
+def _summarize_disconnected(events: Sequence[Event], c: _Context) -> str:
+    gone = [e for e in events if isinstance(e, NodeDisconnected)]
+    ids = [e.node_id for e in gone]
+    return (
+        f"{plural(len(gone), 'node')} disconnected at once: {_capped(ids)}; e.g. "
+        f"{gone[0].node_id}: {_text(gone[0].reason)} (each at DEBUG)"
+    )
+
+
+def _summarize_late(events: Sequence[Event], c: _Context) -> str:
+    late = [e for e in events if isinstance(e, LateWorkSettled)]
+    units = sum(e.units for e in late)
+    return (
+        f"late work settled for {plural(len(late), 'node')}: {plural(units, 'unit')} "
+        "(each at DEBUG)"
+    )
+
+
+def _summarize_finalized(events: Sequence[Event], c: _Context) -> str:
+    return f"{plural(len(events), 'devshard')} finalized"
+
+
+_SUMMARIES: Final[dict[type, Callable[[Sequence[Event], _Context], str]]] = {
+    DevshardPlaced: _summarize_placed,
+    SessionUnplaced: _summarize_unplaced,
+    WorkMissed: _summarize_missed,
+    NodeDisconnected: _summarize_disconnected,
+    LateWorkSettled: _summarize_late,
+    DevshardFinalized: _summarize_finalized,
+}
