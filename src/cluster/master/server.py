@@ -142,6 +142,10 @@ def check_master_events(events: Sequence[Event]) -> None:
             )
 
 
+#: How long a stopping master waits for its subscribe streams to say why they end.
+_STOP_NOTICE_S: Final = 1.0
+
+
 class MasterStopping(Exception):
     """The master has begun to stop: nothing more is decided or indexed."""
 
@@ -350,6 +354,8 @@ class Master:
         self._live: collections.Counter[str] = collections.Counter()
         #: Open subscribe streams by peer (catching up or live): `max_subscriptions_per_peer`.
         self._subscriptions: collections.Counter[str] = collections.Counter()
+        #: Set once the master is stopping and its last subscribe stream has ended.
+        self._subscriptions_ended = anyio.Event()
         self._submissions: collections.Counter[str] = collections.Counter()
         self._pending = _PendingBytes(self.config.max_pending_bytes_per_peer)
         self._requests: collections.Counter[str] = collections.Counter()
@@ -563,6 +569,12 @@ class Master:
                 tg.cancel_scope.cancel()  # a snapshot being written is waited for
             for send in self._subscribers.values():
                 send.close()
+            # Each subscribe stream now ends saying "stopping" (`_cut`): give them a moment
+            # to write it before the host closes under them (a worker then knows the master
+            # stopped; it used to read that it had fallen behind, or just a reset).
+            if self._subscriptions:
+                with anyio.move_on_after(_STOP_NOTICE_S):
+                    await self._subscriptions_ended.wait()
         if self._fatal is not None:
             # A commit failed where its error was not fatal to the caller (a hello, a
             # control request): the master ends all the same.
@@ -584,8 +596,11 @@ class Master:
                 async with self._index_lock:
                     await self._index(batch)
             except BaseException as exc:
+                # Cancelled by the stop: not acknowledged, and said as such (a worker resends
+                # what it has not seen acknowledged; the master drops what it already has).
+                why = MasterStopping() if self._stop.is_set() and self._fatal is None else exc
                 for sub in batch:
-                    sub.finish(exc)
+                    sub.finish(why)
                 raise
 
     async def _index(self, batch: list[_Submission], now: int | None = None) -> None:
@@ -973,7 +988,9 @@ class Master:
                 code, message = exc.code, str(exc)
             else:
                 code, message = nethost.error_of(exc)
-            log.warning("submit stream of %s reset: %s: %s", peer, code, message)
+            # A stop is no fault of the stream's: the worker reads why and dials again.
+            level = logging.DEBUG if code == "stopping" else logging.WARNING
+            log.log(level, "submit stream of %s reset: %s: %s", peer, code, message)
             await fs.fail(code, message)
 
     async def _acker(
@@ -1009,6 +1026,8 @@ class Master:
                         pong = item
                         break
                     await item.done.wait()
+                    if isinstance(item.error, MasterStopping):
+                        raise ProtocolError("stopping", str(item.error))
                     if item.error is not None:
                         raise ProtocolError("internal", f"indexing failed: {item.error}")
                     owed = max(owed, item.ack)
@@ -1044,9 +1063,14 @@ class Master:
                 await self._serve_subscription(fs, req)
             else:
                 await _refuse_stream(fs, limit, "subscribe")
+        if self._stop.is_set() and not self._subscriptions:
+            self._subscriptions_ended.set()
 
     async def _serve_subscription(self, fs: nethost.FramedStream, req: Subscribe) -> None:
         cfg = self.config
+        if self._stop.is_set():  # its queue would never be closed: it is said now
+            await fs.fail("stopping", str(MasterStopping()))
+            return
         cursor = max(1, req.from_idx)
         if cursor > self._last_idx + 1:
             await fs.fail(
@@ -1101,8 +1125,9 @@ class Master:
                     await fs.send(chunk, cfg.peer_timeout)
                 cursor = snap_idx + 1
         while cursor <= boundary:
-            if sid not in self._subscribers:  # cut while catching up: stop reading the log
-                raise _lagging(cfg.subscriber_queue, cursor)
+            # Cut while catching up (or the master is stopping): stop reading the log.
+            if sid not in self._subscribers or self._stop.is_set():
+                raise self._cut(cursor)
             n = min(cfg.frame_events, boundary - cursor + 1)
             async with self._store_lock:
                 chunk_records = await anyio.to_thread.run_sync(self._read_raw, cursor, n)
@@ -1111,6 +1136,14 @@ class Master:
             await self._send_records(fs, chunk_records)
             cursor = chunk_records[-1][0] + 1
         return cursor
+
+    def _cut(self, cursor: int) -> ProtocolError:
+        """Why a subscriber's queue was closed under it: the master is stopping (`_run`
+        closes every queue on its way out) or the subscriber fell behind (`_broadcast`).
+        Told apart so that a worker does not report a stop as having fallen behind."""
+        if self._stop.is_set():
+            return ProtocolError("stopping", "master is stopping")
+        return _lagging(self.config.subscriber_queue, cursor)
 
     def _read_raw(self, start: int, n: int) -> list[tuple[int, bytes]]:
         it = self.store.read_raw_from(start)
@@ -1140,8 +1173,8 @@ class Master:
             try:
                 with anyio.move_on_after(cfg.keepalive):
                     item = await recv.receive()
-            except anyio.EndOfStream:  # closed by `_broadcast`: cut for lagging
-                raise _lagging(cfg.subscriber_queue, cursor) from None
+            except anyio.EndOfStream:  # closed by `_broadcast` (lagging) or by the stop
+                raise self._cut(cursor) from None
             if item is None:
                 await fs.send(Tick(last_idx=self._last_idx), cfg.peer_timeout)
                 continue
@@ -1168,7 +1201,7 @@ class Master:
                 await fs.send_bytes(b"".join(out), cfg.peer_timeout)
                 self._sent_idx[fs.peer_id] = cursor - 1
             if cut:
-                raise _lagging(cfg.subscriber_queue, cursor)
+                raise self._cut(cursor)
 
 
 def _log_decision(events: Sequence[Event], state: State, now_ms: int) -> None:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import msgspec
@@ -131,6 +131,11 @@ class MasterUnavailable(Exception):
 
 class _Resubscribe(Exception):
     pass
+
+
+class _MasterStopping(Exception):
+    """The master ended our subscription because it is stopping: redial (with back-off)
+    until it is back, and say so rather than that the replica fell behind."""
 
 
 class Worker:
@@ -370,6 +375,12 @@ class Worker:
                 refused = _refusal_in(exc)
                 if refused is not None:
                     self._after_refusal(refused)
+                elif _found_in(exc, _MasterStopping):
+                    log.info(
+                        "the master at %s is stopping; reconnecting (first try in %.1f s)",
+                        self.master_addr,
+                        backoff,
+                    )
                 else:
                     log.info(
                         "master at %s unreachable (%s); retrying in %.1f s",
@@ -537,6 +548,8 @@ class Worker:
                 if isinstance(msg, Pong):
                     self.master_last_idx = max(self.master_last_idx, msg.last_idx)
                     continue
+                if isinstance(msg, ErrorMsg) and msg.code == "stopping":
+                    raise _MasterStopping(msg.message)
                 if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
                     ends = tuple(e for e in self._inflight if e > self.outbox.acked)
                     first = self.outbox.acked + 1
@@ -625,6 +638,8 @@ class Worker:
                         raise _Resubscribe(msg.message)
                     if msg.code == "lagging":
                         raise _Resubscribe(msg.message)
+                    if msg.code == "stopping":
+                        raise _MasterStopping(msg.message)
                     raise ProtocolError(msg.code, f"master reported {msg.code}: {msg.message}")
                 else:
                     raise ProtocolError(
@@ -692,13 +707,21 @@ def _submit_payload(batch: list[tuple[int, bytes]]) -> bytes:
     return encode(SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch]))
 
 
+_E = TypeVar("_E", bound=BaseException)
+
+
 def _refusal_in(exc: BaseException) -> BatchRefused | None:
     """The BatchRefused that ended a connection, wherever task groups nested it."""
-    if isinstance(exc, BatchRefused):
+    return _found_in(exc, BatchRefused)
+
+
+def _found_in(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first `kind` error in `exc`, wherever task groups nested it."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _refusal_in(inner)
+            found = _found_in(inner, kind)
             if found is not None:
                 return found
     return None
