@@ -441,3 +441,32 @@ def test_a_drain_lead_shorter_than_an_epoch_is_warned_at_start(
         config = MasterNodeConfig(planner=long_epochs, http=None, control_socket=False)
         MasterNode(tmp_path / "m", Membership(secret=b"s" * 32), config).close()
     assert [r.getMessage() for r in caplog.records] == [warning]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["session", "create", "--data-dir", "{d}", "--slots", "1", "--memory-mb", "512"],
+        ["session", "--data-dir", "{d}", "create", "--slots", "1", "--memory-mb", "512"],
+        ["session", "list", "--data-dir", "{d}"],
+        ["maintenance", "check", "--data-dir", "{d}", "--node", "n1", "--in=2h", "--duration=1h"],
+        ["maintenance", "--data-dir", "{d}", "--node", "n1", "check", "--in=2h", "--duration=1h"],
+        ["maintenance", "--data-dir", "{d}", "next", "--node", "n1"],
+        ["maintenance", "--node", "n1", "cancel", "--data-dir", "{d}"],
+    ],
+)
+def test_data_dir_and_node_are_accepted_before_or_after_the_action(
+    argv: list[str], tmp_path: Path
+) -> None:
+    """`cluster session create --data-dir m ...` was "unrecognized arguments: --data-dir m";
+    given before the action, an action's own default must not overwrite it."""
+    args = cli.build_parser().parse_args([a.format(d=tmp_path) for a in argv])
+    assert args.data_dir == tmp_path
+    if argv[0] == "maintenance":
+        assert args.node == "n1"
+
+
+def test_data_dir_and_node_default_when_not_given() -> None:
+    args = cli.build_parser().parse_args(["maintenance", "next"])
+    assert (args.data_dir, args.node) == (None, "")
+    assert cli.build_parser().parse_args(["session", "list"]).data_dir is None

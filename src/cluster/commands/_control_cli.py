@@ -13,11 +13,15 @@ from cluster.control import ControlError, Reply, Request, call_sync
 DATA_DIR_ENV = "CLUSTER_DATA_DIR"
 
 
-def add_data_dir(parser: argparse.ArgumentParser, whose: str) -> None:
+def add_data_dir(parser: argparse.ArgumentParser, whose: str, *, action: bool = False) -> None:
+    """`--data-dir` on the command's parser, and (action=True) again on each action's, so
+    `cluster session create --data-dir m` works as well as `cluster session --data-dir m
+    create` (it was "unrecognized arguments"). An action's copy defaults to SUPPRESS: a
+    default there would overwrite the value given before the action."""
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=None,
+        default=argparse.SUPPRESS if action else None,
         help=f"data directory of the running {whose} (default: ${DATA_DIR_ENV} or ./data)",
     )
 

@@ -35,9 +35,13 @@ def _window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", required=True, help="how long, e.g. 2h or 1h30m")
 
 
+_WHOSE = "worker (or master, with --node)"
+_NODE_HELP = "node id (operator on the master host only)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_data_dir(parser, "worker (or master, with --node)")
-    parser.add_argument("--node", default="", help="node id (operator on the master host only)")
+    add_data_dir(parser, _WHOSE)
+    parser.add_argument("--node", default="", help=_NODE_HELP)
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     _window_args(sub.add_parser("schedule", help="declare a maintenance window"))
     _window_args(sub.add_parser("check", help="would this window be allowed? (schedules nothing)"))
@@ -45,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("cancel", "cancel a window not yet active"), ("finish", "end it early")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--window", default="", help="window id (default: the node's open one)")
+    # Also after the action (`cluster maintenance check --data-dir w1 ...`); SUPPRESS keeps
+    # a value given before the action (see add_data_dir).
+    for action in sub.choices.values():
+        add_data_dir(action, _WHOSE, action=True)
+        action.add_argument("--node", default=argparse.SUPPRESS, help=_NODE_HELP)
 
 
 def _parsed(flag: str, parse: Callable[[str], int], text: str) -> int:

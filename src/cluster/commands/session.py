@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lst.add_argument("--json", action="store_true")
     delete = sub.add_parser("delete", help="delete a session (its devshard ends with the epoch)")
     delete.add_argument("session_id")
+    for action in sub.choices.values():
+        add_data_dir(action, "master", action=True)
 
 
 def run(args: argparse.Namespace) -> int:
