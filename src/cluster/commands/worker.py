@@ -1,7 +1,8 @@
 """`cluster worker`: join a master, gather this machine's facts, keep a replica of the state.
 
 `--master` takes the master's full multiaddr (as `cluster master` prints it) or the path of a
-file holding it (such as the master's `master.addr`). The worker retries with back-off until
+file holding it (such as the master's `master.addr`, read again before every dial: a master
+restarted on another port is followed). The worker retries with back-off until
 the master is reachable and says so at INFO. `--load RATE` adds synthetic NodeHeartbeat events
 at RATE per second (for load tests and benchmarks; harmless to state).
 """
@@ -105,8 +106,10 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
         raise ValueError(f"--slot-memory-mb must be 0..{INT64_MAX}, got {args.slot_memory_mb}")
 
 
-def read_master_addr(value: str) -> str:
-    """A multiaddr as given, or the first line of the file it names."""
+def master_addr_source(value: str) -> str | Path:
+    """`--master` for the worker: a multiaddr as given, or the path of the file holding it
+    (checked now: readable, not empty). The worker reads that file again before every dial,
+    so a master restarted on another port (a new `master.addr`) is found again."""
     path = Path(value)
     # An absolute file path starts with "/" too (such as /srv/master/master.addr): a file
     # that exists wins, then anything starting with a multiaddr protocol (/ip4/, /dns/...).
@@ -126,7 +129,7 @@ def read_master_addr(value: str) -> str:
         ) from exc
     if not text:
         raise ValueError(f"--master file {path} is empty")
-    return text.splitlines()[0]
+    return path.absolute()
 
 
 #: `--load` events per second at most: far above what one worker's connection carries.
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             info=info,
             runner=runner,
         )
-        node = WorkerNode(args.data_dir, read_master_addr(args.master), config)
+        node = WorkerNode(args.data_dir, master_addr_source(args.master), config)
     except (
         RunnerConfigError,
         ValueError,

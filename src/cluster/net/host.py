@@ -193,6 +193,11 @@ async def dial(host: Any, addr: Any, timeout: float) -> Any:
     network = host.get_network()
     if hasattr(network, "unblock_peer"):
         network.unblock_peer(info.peer_id)
+    if not network.get_connections(info.peer_id):
+        # py-libp2p dials one TCP address per peer, the first its peerstore knows: an
+        # address dialled before (the master's old port) would be tried forever, never
+        # the one given now (the master restarted on a new port).
+        host.get_peerstore().clear_addrs(info.peer_id)
     with anyio.fail_after(timeout):
         await host.connect(info)
     return info.peer_id

@@ -66,6 +66,7 @@ from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
 from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
 from cluster.shared.state import EMPTY_STATE, State
+from cluster.worker.master_addr import MasterAddr, MasterAddrSource
 from cluster.worker.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -142,16 +143,18 @@ class Worker:
     def __init__(
         self,
         data_dir: Path,
-        master_addr: str,
+        master_addr: MasterAddrSource,
         config: WorkerConfig | None = None,
         *,
         key_pair: Any = None,
         runner_digest: str = "",
     ) -> None:
-        """`runner_digest`: the digest of the runner setting this worker runs
+        """`master_addr`: the master's full multiaddr, or a file holding it (a `Path`) or a
+        callable returning it, read again before every dial (`MasterAddr`).
+        `runner_digest`: the digest of the runner setting this worker runs
         (`RunnerSetting.digest()`), "" if it runs none; sent in every hello."""
         self.data_dir = data_dir
-        self.master_addr = nethost.parse_multiaddr(master_addr, need_peer=True)
+        self._master = MasterAddr(master_addr)
         self.config = config or WorkerConfig()
         # Before the key and the outbox are made: a master's directory is not a worker's.
         check_role(data_dir, "worker")
@@ -196,6 +199,11 @@ class Worker:
         self._refused_batch_ends: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ public surface
+    @property
+    def master_addr(self) -> Any:
+        """The master's multiaddr: the one dialled last (or to be dialled first)."""
+        return self._master.addr
+
     @property
     def state(self) -> State:
         return self._state
@@ -344,7 +352,7 @@ class Worker:
         while True:
             self.phase = "connecting"
             try:
-                peer = await nethost.dial(host, self.master_addr, cfg.connect_timeout)
+                peer = await nethost.dial(host, self._master.current(), cfg.connect_timeout)
                 welcome = await self._hello(host, peer)
                 log.info(
                     "connected to master %s as %s (log at %d, our acked seq %d)",

@@ -29,6 +29,7 @@ from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
+from cluster.worker.master_addr import MasterAddrSource
 from cluster.worker.relay import HostRelay
 from cluster.worker.runner_manager import DEFAULT_LOAD_TIMEOUT_S, RunnerManager
 from cluster.worker.runners.base import RunnerConfigError, RunnerFactory, describe_error
@@ -89,12 +90,14 @@ class WorkerNode:
     def __init__(
         self,
         data_dir: Path,
-        master_addr: str,
+        master_addr: MasterAddrSource,
         config: WorkerNodeConfig | None = None,
         *,
         gpu_probe: NvmlGpuProbe | None = None,
     ) -> None:
-        """`gpu_probe` replaces the NVML probe the gpu info source and the self-test use."""
+        """`master_addr`: the master's full multiaddr, or a file (`Path`) or callable giving
+        it, read again before every dial (a master restarted on a new port is followed).
+        `gpu_probe` replaces the NVML probe the gpu info source and the self-test use."""
         self.data_dir = data_dir
         self.config = config = config or WorkerNodeConfig()
         # One probe for the gpu info source and the self-test: they must agree on whether
