@@ -40,6 +40,9 @@ SCRIPT = textwrap.dedent(
     logging.getLogger("libp2p.network.swarm").error(
         "failed to upgrade security for peer %s: %s", "12D3KooW", "handshake failed"
     )
+    logging.getLogger("libp2p.protocol_muxer.multiselect_client").error(
+        "MultiselectClient handshake: read failed: %s", "fail to read"
+    )
     # Churn it logs at ERROR: an inbound peer that did not finish connecting (a WARNING).
     logging.getLogger("libp2p.network.swarm").error("fail to upgrade mux for peer %s", "12D3KooW")
     logging.getLogger("cluster.worker.client").info("our info line")
@@ -73,7 +76,7 @@ def test_libp2p_lines_come_out_in_our_format_and_its_chatter_stays_out() -> None
         "WARNING libp2p.network.swarm: libp2p warning line",
         "WARNING libp2p.network.swarm: fail to upgrade mux for peer 12D3KooW",
         "INFO cluster.worker.client: our info line",
-        "WARNING py.warnings: UserWarning: a library warning (<string>:23)",
+        "WARNING py.warnings: UserWarning: a library warning (<string>:26)",
     ]
 
 
@@ -106,12 +109,14 @@ def test_libp2p_debug_env_still_shows_what_it_asks_for_in_our_format() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["closed port", "wrong peer id"])
+@pytest.mark.parametrize("target", ["closed port", "wrong peer id", "http port"])
 def test_a_worker_retrying_its_master_logs_one_line_per_retry(target: str, tmp_path: Path) -> None:
     """py-libp2p logged every failed attempt at ERROR, four attempts per dial ("Failed to open
-    TCP stream", or "failed to upgrade security for peer" for a wrong peer id), beside the
+    TCP stream", or "failed to upgrade security for peer" for a wrong peer id, or
+    "MultiselectClient handshake: read failed" for the master's HTTP port), beside the
     worker's own INFO "master at ... unreachable (...); retrying in N s". That line alone
-    remains, and names the reason py-libp2p's lines gave."""
+    remains, and names the reason py-libp2p's lines gave (for the HTTP port it was
+    `ParseError: msg_bytes is not delimited ... b'TTP/1.1 400 Bad Request...'`)."""
     logs = tmp_path / "logs"
     logs.mkdir()
     wrong_id = "12D3KooWGzh3y4rZ5g7b6jz9cTzKs3dZnmpKq1z3Ku9tXbq6Tx7E"
@@ -121,6 +126,14 @@ def test_a_worker_retrying_its_master_logs_one_line_per_retry(target: str, tmp_p
         if target == "closed port":
             addr = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}/p2p/{wrong_id}"
             reason = "ConnectionRefusedError: "
+        elif target == "http port":
+            master, real = start_master(tmp_path / "master", logs)
+            url_file = tmp_path / "master" / "http.url"
+            wait_until(url_file.exists, 30, "http.url")
+            http_port = url_file.read_text().strip().rstrip("/").rsplit(":", 1)[1]
+            addr = real.replace(real.split("/")[4], http_port, 1)
+            assert f"/tcp/{http_port}/p2p/" in addr
+            reason = "(it answers like an HTTP server, not a libp2p port: is it the master's --http"
         else:
             master, real = start_master(tmp_path / "master", logs, "--http", "off")
             addr = real.rsplit("/p2p/", 1)[0] + f"/p2p/{wrong_id}"

@@ -61,10 +61,16 @@ LIBRARY_LOGGERS = (
 #: are demoted to DEBUG (shown only when `LIBP2P_DEBUG` sets that logger to DEBUG); every
 #: other py-libp2p record at WARNING or above still shows. Matched on the template, not the
 #: text: a message py-libp2p words differently in another release shows again, never hides.
+_MULTISELECT_CLIENT: Final = "libp2p.protocol_muxer.multiselect_client"
 LIBP2P_DIAL_FAILURES: Final = frozenset(
     {
         ("libp2p.transport.tcp.tcp", "Failed to open TCP stream: %s"),
         ("libp2p.network.swarm", "failed to upgrade security for peer %s: %s"),
+        # A port that is not libp2p's (the master's HTTP port, say) fails the first
+        # protocol negotiation: the worker's retry line says what answered instead.
+        (_MULTISELECT_CLIENT, "MultiselectClient handshake: read failed: %s"),
+        (_MULTISELECT_CLIENT, "MultiselectClient handshake: write failed: %s"),
+        (_MULTISELECT_CLIENT, "MultiselectClient: invalid handshake %r"),
     }
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -51,6 +52,16 @@ StreamHandler = Callable[["FramedStream"], Awaitable[None]]
 
 class AddressError(ValueError):
     """A multiaddr given on the command line or in a file is not usable."""
+
+
+class NotLibp2pPort(Exception):
+    """The dialled port answered, but as an HTTP server does, not as a libp2p peer."""
+
+
+#: An HTTP server's answer as py-libp2p's multistream parser reports it: the status line's
+#: first byte ("H") read as a length prefix (`msg_bytes`=b'TTP/1.1 400 Bad Request...'),
+#: or a part of the HTML error page that came with it.
+_HTTP_ANSWER = re.compile(r"TTP/\d|<?!doctype html|<html", re.IGNORECASE)
 
 
 def tune_gc() -> None:
@@ -207,8 +218,9 @@ def dial_failure(exc: BaseException) -> BaseException:
     """What a failed dial comes down to: for py-libp2p's "unable to connect to <peer>, no
     addresses established a successful connection", the innermost cause of its last attempt
     (`ConnectionRefusedError: [Errno 111] ...`, or `PeerIDMismatchesPubkey: ...` when the
-    multiaddr names the wrong peer id); any other error as it is. The logs say that
-    instead of py-libp2p's own ERROR lines per attempt, which the commands hide."""
+    multiaddr names the wrong peer id); any other error as it is, except an answer that
+    reads like an HTTP server's: `NotLibp2pPort`, saying so. The logs say that instead of
+    py-libp2p's own ERROR lines per attempt, which the commands hide."""
     if not isinstance(exc, SwarmDialAllFailedError):
         return exc
     seen: set[int] = set()
@@ -223,6 +235,11 @@ def dial_failure(exc: BaseException) -> BaseException:
             exc = exc.__cause__
         else:
             break
+    if _HTTP_ANSWER.search(str(exc)):
+        return NotLibp2pPort(
+            "it answers like an HTTP server, not a libp2p port: is it the master's --http "
+            "port? the worker needs the address `cluster master` prints, or its master.addr"
+        )
     return exc
 
 

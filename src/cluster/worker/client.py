@@ -739,5 +739,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     exc = nethost.dial_failure(exc)
+    if isinstance(exc, nethost.NotLibp2pPort):
+        return str(exc)
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if str(exc) else text
