@@ -106,6 +106,11 @@ class MasterRefused(Exception):
     but logged as an error."""
 
 
+#: Added to the master's refusal of our (empty) proof when we have no cluster secret.
+NO_SECRET_HINT: Final = (
+    "this worker has no cluster secret: pass --cluster-secret-file with the master's cluster.secret"
+)
+
 #: Hello error codes that mean "refused", not "unreachable".
 _REFUSALS = frozenset({"unauthorized", "version"})
 
@@ -484,7 +489,12 @@ class Worker:
                 return expect(await fs.recv(cfg.peer_timeout), Welcome)
             except ProtocolError as exc:
                 if exc.code in _REFUSALS:
-                    raise MasterRefused(str(exc)) from exc
+                    why = str(exc)
+                    if exc.code == "unauthorized" and membership is None:
+                        # Refused here, after the proof: the master checks a cluster secret
+                        # and this worker, without one, sent an empty proof.
+                        why += f" ({NO_SECRET_HINT})"
+                    raise MasterRefused(why) from exc
                 raise
         finally:
             await fs.close()
