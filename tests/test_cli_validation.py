@@ -174,6 +174,16 @@ def test_master_config_file_errors_name_the_setting(
     config.write_text("[planer]\n")
     assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
     assert "unknown table(s) planer" in capsys.readouterr().err
+    # An unknown key lists the known ones, in [planner] as in [maintenance].
+    config.write_text("[planner]\nepoch_lenght_ms = 5\n")
+    assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
+    assert (
+        f"cluster master: {config} [planner]: unknown setting 'epoch_lenght_ms'; known "
+        "settings: plan_interval_ms, stale_cycles, fresh_idle_cycles, epoch_length_ms, "
+    ) in capsys.readouterr().err
+    config.write_text("planner = 3\n")
+    assert cli.main(["master", "--data-dir", str(tmp_path / "m"), "--config", str(config)]) == 2
+    assert f"{config} [planner]: expected a table of settings, got int" in capsys.readouterr().err
     # The directory was created before the file was read: refused, it stayed behind (empty).
     assert not (tmp_path / "m").exists()
 
@@ -192,11 +202,12 @@ def test_master_config_file_values_hold_unless_a_flag_is_given(tmp_path: Path) -
     from cluster.master.settings import load_settings
 
     config = tmp_path / "cluster.toml"
-    config.write_text("[planner]\nplan_interval_ms = 250\nstale_cycles = 5\n")
+    # A duration as text, as [maintenance] takes it ("2m" was refused here).
+    config.write_text('[planner]\nplan_interval_ms = 250\nstale_cycles = 5\nepoch_length = "2m"\n')
     file_cfg, _ = load_settings(config)
     # No flags: every value from the file (a flag's default must not mask it).
     cfg = planner_config(_master_args(), file_cfg)
-    assert (cfg.plan_interval_ms, cfg.stale_cycles) == (250, 5)
+    assert (cfg.plan_interval_ms, cfg.stale_cycles, cfg.epoch_length_ms) == (250, 5, 120_000)
     # Flags given: they win over the file, one setting at a time.
     cfg = planner_config(_master_args("--plan-interval", "2", "--epoch-length", "20m"), file_cfg)
     assert (cfg.plan_interval_ms, cfg.epoch_length_ms, cfg.stale_cycles) == (2_000, 1_200_000, 5)

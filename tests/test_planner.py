@@ -84,13 +84,47 @@ def test_config_from_mapping_rejects_unknown_keys_and_wrong_types() -> None:
     assert PlannerConfig.from_mapping({"stale_cycles": 5}).stale_cycles == 5
     with pytest.raises(ValueError, match="stale_cylces"):
         PlannerConfig.from_mapping({"stale_cylces": 5})
-    with pytest.raises(ValueError, match="epoch_length_ms"):
-        PlannerConfig.from_mapping({"epoch_length_ms": "10m"})
+    with pytest.raises(ValueError, match="epoch_length_ms: '10x': unknown unit 'x'"):
+        PlannerConfig.from_mapping({"epoch_length_ms": "10x"})
+    with pytest.raises(ValueError, match=r"Expected `int`, got `str` - at `\$\.stale_cycles`"):
+        PlannerConfig.from_mapping({"stale_cycles": "5"})
     with pytest.raises(ValueError, match="miss_threshold must be >= 0"):
         PlannerConfig.from_mapping({"miss_threshold": -2})
     with pytest.raises(ValueError, match="epoch_length_ms must be at most"):
         PlannerConfig.from_mapping({"epoch_length_ms": 9223372036854775807})
     assert PlannerConfig.from_mapping({"epoch_length_ms": 366 * 86_400_000}).epoch_length_ms
+
+
+def test_planner_table_takes_durations_as_text_like_maintenance() -> None:
+    """`[planner]` refused "2m" where `[maintenance]` took it."""
+    config = PlannerConfig.from_mapping(
+        {"epoch_length": "2m", "plan_interval_ms": "1s", "miss_grace_ms": 5_000}
+    )
+    assert (config.epoch_length_ms, config.plan_interval_ms, config.miss_grace_ms) == (
+        120_000,
+        1_000,
+        5_000,
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        # An unknown key did not list the known ones, as [maintenance] does.
+        (
+            {"epoch_lenght_ms": 5},
+            "planner config: unknown setting 'epoch_lenght_ms'; known settings: "
+            "plan_interval_ms, stale_cycles, ",
+        ),
+        ({"epoch_length": 5}, "'epoch_length' takes a duration like \"15m\"; for a number"),
+        ({"epoch_length": "2m", "epoch_length_ms": 1}, "'epoch_length_ms' is given twice"),
+        ({"stale": "2m"}, "unknown setting 'stale'"),  # not a duration setting
+    ],
+)
+def test_planner_table_errors_read_like_maintenance(data: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError) as err:
+        PlannerConfig.from_mapping(data)
+    assert says in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Final
 import msgspec
 
 from cluster.shared.durations import DAY_MS, MAX_DURATION_MS
+from cluster.shared.settings_table import table_values
 from cluster.shared.state import LEDGER_EPOCHS_KEPT
 
 #: Most `stale_cycles` accepted. Staleness is meant to notice a silent node within seconds
@@ -113,12 +114,19 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return min(self.miss_grace_ms, self.epoch_length_ms // 2)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> PlannerConfig:
-        """Build from a parsed config file; unknown keys and wrong types are errors."""
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, where: str = "planner config"
+    ) -> PlannerConfig:
+        """Build from a parsed config table, read as `[maintenance]` is (`settings_table`:
+        unknown keys list the known ones, ``*_ms`` settings take duration text too); wrong
+        types and bad values are errors. `where` names the table in error messages."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where}: expected a table of settings, got {type(values).__name__}")
         try:
-            return msgspec.convert(dict(values), cls)
-        except msgspec.ValidationError as exc:
-            raise ValueError(f"invalid planner config: {exc}") from None
+            fields = table_values(values, cls.__struct_fields__)
+            return msgspec.convert(fields, cls)
+        except (ValueError, msgspec.ValidationError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 def _at_most(name: str, value: object, maximum: int, *, unit: str = "ms") -> None:

@@ -1,10 +1,12 @@
 """The master's configuration file: planner tunables and the maintenance policy.
 
 A TOML file with two optional tables, each validated by its owner (unknown keys, wrong types
-and bad values are errors that name the file, the table and the setting):
+and bad values are errors that name the file, the table and the setting). Both read keys the
+same way (`cluster.shared.settings_table`): `*_ms` settings take milliseconds or a duration
+text, with or without the `_ms` suffix:
 
     [planner]        # cluster.master.config.PlannerConfig
-    epoch_length_ms = 600000
+    epoch_length = "10m"
     stale_cycles = 3
 
     [maintenance]    # cluster.shared.maintenance_policy.MaintenancePolicy
@@ -43,13 +45,10 @@ def load_settings(path: Path | None) -> tuple[PlannerConfig, MaintenancePolicy]:
         raise SettingsError(
             f"{path}: unknown table(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}"
         )
-    planner_table = data.get("planner", {})
-    if not isinstance(planner_table, dict):
-        raise SettingsError(f"{path}: [planner] must be a table")
     try:
-        planner = PlannerConfig.from_mapping(planner_table)
+        planner = PlannerConfig.from_mapping(data.get("planner", {}), where=f"{path} [planner]")
     except ValueError as exc:
-        raise SettingsError(f"{path} [planner]: {exc}") from None
+        raise SettingsError(str(exc)) from None
     try:
         policy = policy_from_mapping(data.get("maintenance", {}), where=f"{path} [maintenance]")
     except PolicyError as exc:

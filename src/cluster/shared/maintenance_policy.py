@@ -28,10 +28,9 @@ from cluster.shared.durations import (
     MAX_LEAD_MS,
     MINUTE_MS,
     SECOND_MS,
-    DurationError,
-    parse_duration,
 )
 from cluster.shared.peer_ids import peer_id_problem
+from cluster.shared.settings_table import table_values
 
 
 class PolicyError(ValueError):
@@ -141,32 +140,18 @@ def policy_from_mapping(
 ) -> MaintenancePolicy:
     """Build a policy from a parsed config table; `where` names it in error messages.
 
-    Keys are the field names; ``*_ms`` fields take integer ms or a duration like ``"15m"``
-    (a key may also be written without the ``_ms`` suffix when its value is such text).
+    Keys are the field names, read as every config table is (`settings_table`): ``*_ms``
+    fields take integer ms or a duration like ``"15m"`` (a key may also be written without
+    the ``_ms`` suffix when its value is such text).
     """
     if not isinstance(data, Mapping):
         raise PolicyError(f"{where}: expected a table of settings, got {type(data).__name__}")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key if key in _FIELDS else f"{key}_ms"
-        if name not in _FIELDS:
-            known = ", ".join(_FIELDS)
-            raise PolicyError(f"{where}: unknown setting {key!r}; known settings: {known}")
-        if name != key and not isinstance(value, str):
-            raise PolicyError(
-                f'{where}: {key!r} takes a duration like "15m"; for a number of '
-                f"milliseconds write {name!r}"
-            )
-        if name in values:
-            raise PolicyError(f"{where}: {name!r} is given twice (as {key!r})")
-        if name.endswith("_ms") and isinstance(value, str):
-            try:
-                value = parse_duration(value)
-            except DurationError as exc:
-                raise PolicyError(f"{where}: {key}: {exc}") from None
-        if name == "operator_ids" and isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
+    try:
+        values = table_values(data, _FIELDS)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    if isinstance(values.get("operator_ids"), list):
+        values["operator_ids"] = tuple(values["operator_ids"])
     try:
         return MaintenancePolicy(**values)
     except PolicyError as exc:
