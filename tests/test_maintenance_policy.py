@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.shared.durations import DAY_MS, HOUR_MS, MAX_DURATION_MS, MINUTE_MS, SECOND_MS
+from cluster.shared.durations import (
+    DAY_MS,
+    HOUR_MS,
+    MAX_DURATION_MS,
+    MAX_LEAD_MS,
+    MINUTE_MS,
+    SECOND_MS,
+)
 from cluster.shared.maintenance_policy import (
     DEFAULT_POLICY,
     MaintenancePolicy,
@@ -173,3 +180,14 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     not_table.write_text("[1, 2]")
     with pytest.raises(PolicyError, match="expected a table of settings, got list"):
         load_policy(not_table)
+
+
+def test_a_lead_beyond_a_durations_366_days_is_integer_ms_only() -> None:
+    """What docs/maintenance.md says of the bounds: a duration text (`--in`, `max_lead`)
+    stops at 366 days; `max_lead_ms` as integer milliseconds goes up to MAX_LEAD_MS."""
+    assert policy_from_mapping({"max_lead_ms": 400 * DAY_MS}).max_lead_ms == 400 * DAY_MS
+    assert policy_from_mapping({"max_lead_ms": MAX_LEAD_MS}).max_lead_ms == MAX_LEAD_MS
+    with pytest.raises(PolicyError, match="max_lead: '9000h': longer than 366 days"):
+        policy_from_mapping({"max_lead": "9000h"})
+    with pytest.raises(PolicyError, match="max_lead_ms must be at most 3162240000000 ms"):
+        policy_from_mapping({"max_lead_ms": MAX_LEAD_MS + 1})
