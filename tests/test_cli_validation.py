@@ -46,8 +46,10 @@ def test_an_empty_data_dir_is_refused(command: str, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epoch-length", "5x"], "'5x': unknown unit 'x'"),
-        (["--http", "0.0.0.0:8470"], "exposes it beyond this machine"),
+        (["--epoch-length", "5x"], "cluster master: --epoch-length '5x': unknown unit 'x'"),
+        (["--epoch-length", "5"], "cluster master: --epoch-length '5' has no unit"),
+        (["--http", "0.0.0.0:8470"], "exposes it beyond this machine: set a token (`cluster "),
+        (["--http", "0.0.0.0:8470"], "master --http-token-file FILE`; clients then send"),
         (["--http", "nonsense"], "expected HOST:PORT"),
         (["--plan-interval", "0"], "--plan-interval must be a finite number > 0"),
         (["--plan-interval", "inf"], "--plan-interval must be a finite number > 0, got inf"),
@@ -100,7 +102,7 @@ def test_master_bounds_are_checked_before_anything_starts(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epoch-length", "xyz"], "cluster demo: 'xyz': expected a number"),
+        (["--epoch-length", "xyz"], "cluster demo: --epoch-length 'xyz': expected a number"),
         (["--plan-interval", "-1"], "--plan-interval must be a finite number > 0, got -1.0"),
         (["--http", "nonsense"], "--http 'nonsense': expected HOST:PORT"),
         (["--plan-interval", "1e300"], "--plan-interval must be at most 31,622,400 seconds"),
@@ -130,6 +132,10 @@ def test_a_master_on_a_data_dir_another_master_holds_says_so_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("cluster master: ") and "Traceback" not in err
     assert "lock" in err.lower()
+    assert err.endswith(
+        f"another master is probably running with --data-dir {tmp_path / 'm'}; stop it first, "
+        "or give this one another --data-dir\n"
+    ), err
 
 
 @pytest.mark.parametrize("which", ["listen", "http"])
@@ -152,6 +158,10 @@ def test_a_master_whose_port_is_taken_says_so_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cluster master: "), err
     assert str(port) in err[0] and "in use" in err[0].lower(), err
+    if which == "http":
+        assert err[0].endswith(
+            "; `--http 127.0.0.1:0` picks a free port, `--http off` runs without it"
+        ), err
 
 
 def test_master_config_file_errors_name_the_setting(

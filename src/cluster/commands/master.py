@@ -99,7 +99,7 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
     import msgspec
 
     from cluster.master.config import PlannerConfig, check_stale_cycles
-    from cluster.shared.durations import MAX_DURATION_MS, parse_duration
+    from cluster.shared.durations import MAX_DURATION_MS, DurationError, parse_duration
 
     overrides: dict[str, int] = {}
     if args.plan_interval is not None:
@@ -113,7 +113,10 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
             )
         overrides["plan_interval_ms"] = round(args.plan_interval * 1000)
     if args.epoch_length is not None:
-        overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
+        try:
+            overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
+        except DurationError as exc:  # "'5' has no unit" did not say which flag
+            raise ValueError(f"--epoch-length {exc}") from None
     if args.stale_cycles is not None:
         check_stale_cycles(args.stale_cycles, "--stale-cycles")  # the file's check, by flag
         overrides["stale_cycles"] = args.stale_cycles
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         load_secret_file,
         validate_peer_id,
     )
-    from cluster.shared.eventlog import LogError
+    from cluster.shared.eventlog import LogError, LogInUseError
     from cluster.shared.files import write_text_atomically
     from cluster.shared.humanize import first_leaf
     from cluster.shared.snapshots import SnapshotError
@@ -190,13 +193,20 @@ def run(args: argparse.Namespace) -> int:
                 http=http,
             ),
         )
+    except LogInUseError as exc:
+        print(
+            f"cluster master: {exc}: another master is probably running with --data-dir "
+            f"{data_dir}; stop it first, or give this one another --data-dir",
+            file=sys.stderr,
+        )
+        return 2
     except (
         ValueError,
         AddressError,
         IdentityError,
         MembershipConfigError,
         OSError,
-        LogError,  # another master holds the log, or it is damaged: one line, not a traceback
+        LogError,  # a damaged log: one line, not a traceback
         SnapshotError,
     ) as exc:
         print(f"cluster master: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ tests fake in memory.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import importlib.resources
 import ipaddress
@@ -150,8 +151,8 @@ def check_config(config: HttpApiConfig) -> None:
     elif not is_loopback(config.host):
         raise HttpApiConfigError(
             f"binding the HTTP API to {config.host!r} exposes it beyond this machine: set a token "
-            "(clients then send `Authorization: Bearer <token>` or `?token=<token>`), or bind "
-            "127.0.0.1"
+            "(`cluster master --http-token-file FILE`; clients then send `Authorization: Bearer "
+            "<token>` or `?token=<token>`), or bind 127.0.0.1"
         )
     for name in (
         "max_connections",
@@ -319,8 +320,11 @@ class HttpApi:
         try:
             listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port)
         except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:  # another master's, or a demo's
+                hint = "; `--http 127.0.0.1:0` picks a free port, `--http off` runs without it"
             raise HttpApiConfigError(
-                f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+                f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}{hint}"
             ) from exc
         async with listener:
             self.port = listener.extra(SocketAttribute.local_port)

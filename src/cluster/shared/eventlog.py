@@ -80,6 +80,10 @@ class LogDirectoryError(LogError):
     """The log directory cannot be used (not a directory, unreadable, locked, foreign files)."""
 
 
+class LogInUseError(LogDirectoryError):
+    """Another writer holds the log's lock (another master on the same data directory)."""
+
+
 class LogCorruptError(LogError):
     """A record that is not a torn tail is bad: the log cannot be trusted past `idx`.
 
@@ -472,7 +476,7 @@ def _lock(directory: Path) -> int:
     """Exclusive lock: two writers on one log would interleave records."""
     fd = try_lock(directory / _LOCK_NAME, 0o644)
     if fd is None:
-        raise LogDirectoryError(
+        raise LogInUseError(
             f"event log {directory} is in use by another writer (lock {_LOCK_NAME} is held)"
         )
     return fd
