@@ -7,9 +7,11 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
+from libp2p.network.stream.exceptions import StreamReset
 
 from cluster.master.admission import (
     AdmissionError,
@@ -17,6 +19,7 @@ from cluster.master.admission import (
     check_worker_columns,
     check_worker_event,
 )
+from cluster.net.host import FramedStream, error_of, safe_handler
 from cluster.net.identity import IdentityError, load_identity, load_or_create_seed
 from cluster.net.membership import (
     Membership,
@@ -36,6 +39,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
+from cluster.shared.humanize import error_text
 from cluster.worker.outbox import Outbox, OutboxError
 
 A = "12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmryJYjmiqGSX"
@@ -297,3 +301,28 @@ def test_outbox_watermark_may_lag_but_seqs_never_go_back(tmp_path: Path) -> None
     box = Outbox.open(tmp_path)
     assert box.append(NodeHeartbeat(node_id=A)) == 31
     box.close()
+
+
+def test_an_exception_without_a_message_is_named_without_a_dangling_colon() -> None:
+    """A bare StreamReset was logged `submit handler ended: StreamReset: ` (and sent to a
+    peer as "StreamReset: "): nothing after the colon."""
+    assert error_text(StreamReset()) == "StreamReset"
+    assert error_text(ValueError("bad")) == "ValueError: bad"
+    assert error_of(StreamReset()) == ("internal", "StreamReset")
+
+
+@pytest.mark.anyio
+async def test_a_handler_ended_by_a_bare_reset_logs_just_its_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(_fs: FramedStream) -> None:
+        raise StreamReset()
+
+    async def nothing(*_args: object) -> bytes:
+        return b""
+
+    peer = SimpleNamespace(to_base58=lambda: "12D3KooWPeer")
+    stream = SimpleNamespace(read=nothing, reset=nothing, muxed_conn=SimpleNamespace(peer_id=peer))
+    with caplog.at_level(logging.INFO, logger="cluster.net.host"):
+        await safe_handler(handler, "submit")(stream)
+    assert [r.getMessage() for r in caplog.records] == ["submit handler ended: StreamReset"]

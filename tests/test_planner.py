@@ -249,7 +249,13 @@ def test_a_window_that_overruns_in_the_cycle_that_starts_an_epoch_leaves_its_nod
     assert sorted(a.node_id for a in placed.assignments) == ["A", "B"]
 
 
-def _report_failed(world: World, devshard_id: str, slot: int, node_id: str) -> str:
+def _report_failed(
+    world: World,
+    devshard_id: str,
+    slot: int,
+    node_id: str,
+    reason: str = "load: CUDA error: out of memory",
+) -> str:
     """The worker on `node_id` gives up on the slot's runner; returns the runner id."""
     rid = runner_id_for(devshard_id, slot)
     world.add(
@@ -260,10 +266,28 @@ def _report_failed(world: World, devshard_id: str, slot: int, node_id: str) -> s
             status=RunnerStatus.FAILED,
             devshard_id=devshard_id,
             slot=slot,
-            reason="load: CUDA error: out of memory",
+            reason=reason,
         ),
     )
     return rid
+
+
+def test_a_miss_for_a_runner_that_failed_without_a_reason_ends_at_failed() -> None:
+    """`runner ds-1-s0/0 failed: ` when the worker gave no reason."""
+    world = _cluster(nodes=6, sessions=1)
+    cfg = quick_config(epoch_length_ms=300_000)
+    planner = Planner(cfg)
+    world.cycle(planner)
+    shard = world.state.devshards["ds-1-s0"]
+    slot, victim = shard.assignments[0].slot, shard.assignments[0].node_id
+    rid = _report_failed(world, shard.devshard_id, slot, victim, reason="")
+    failed_at = world.now
+    missed: list[WorkMissed] = []
+    while not missed:
+        assert world.now <= failed_at + 2 * cfg.failed_slot_grace_ms
+        world.heartbeat_all()
+        missed = of_type(world.cycle(planner), WorkMissed)
+    assert [m.reason for m in missed] == [f"runner {rid} failed"]
 
 
 def test_a_slot_whose_runner_failed_for_good_moves_and_counts_as_a_miss() -> None:

@@ -210,6 +210,17 @@ def test_errors_are_one_line_with_exit_code_2(
     assert code == 2 and "no event log here" in err
     code, _, err = replay(capsys, str(data_dir), "--until", "99")
     assert code == 2 and "index 99 is outside the log (it holds events 1..13)" in err
+    # A `cluster demo` directory: its master's log is in master/, and the error says so.
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    data_dir.rename(demo / "master")
+    code, _, err = replay(capsys, str(demo))
+    assert (code, err) == (
+        2,
+        f"cluster replay: {demo}: no event log here, but its master/ subdirectory holds one: "
+        f"cluster replay {demo / 'master'}\n",
+    )
+    data_dir = demo / "master"
     code, _, err = replay(capsys, str(data_dir), "--until", "-1")
     assert code == 2 and "--until -1 must be >= 0" in err
 

@@ -1314,3 +1314,23 @@ async def test_subprocess_runner_kept_across_epochs_unless_configured_not_to(
         assert set(mgr.statuses()) == {"d2/0"}
         tg.cancel_scope.cancel()
     assert not _alive(first)
+
+
+@pytest.mark.anyio
+async def test_a_status_line_without_a_reason_ends_at_the_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`runner d1/0: stopping ` ended in a space where a status had no reason."""
+    cluster, emitted, _, mgr = counted_setup(carry_over_grace_s=30)
+    with caplog.at_level(logging.INFO, logger="cluster.worker.runner_manager"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(mgr.run)
+            mgr.reconcile(cluster.master(placed("d1", "s1", 1, [(0, ME)])))
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.RUNNING])
+            mgr.reconcile(epoch_turn(cluster))  # parked...
+            mgr.reconcile(cluster.master(SessionDeleted(session_id="s1")))  # ...then stopped
+            await until(lambda: emitted.statuses("d1/0")[-1:] == [S.STOPPED], timeout_s=5)
+            tg.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("runner d1/0")]
+    assert "runner d1/0: stopping" in lines and "runner d1/0: stopped" in lines, lines
+    assert not [line for line in lines if line != line.rstrip()], lines

@@ -10,6 +10,8 @@ after a grace period); exit code 0.
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration", type=float, metavar="SECONDS", help="stop by itself after this long"
     )
-    parser.add_argument("--plan-interval", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument(
+        "--plan-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between the master's planning cycles (default 1)",
+    )
     parser.add_argument(
         "--epoch-length", default="1m", metavar="DURATION", help="epoch length (default 1m)"
     )
@@ -96,6 +104,25 @@ def _master_option_problem(args: argparse.Namespace) -> str:
     except ValueError as exc:
         return str(exc)
     return ""
+
+
+def invoked_as(argv0: str, executable: str, on_path: str | None) -> str:
+    """How to run `cluster` again, for the commands the demo prints: `cluster` when that
+    name on PATH (`on_path`, as `shutil.which` finds it) is the script running now,
+    `<python> -m cluster` when run as a module, else the script's path as invoked (a
+    virtual environment's bin/cluster, not on PATH: "cluster: command not found")."""
+    if not argv0:  # embedded, or `python -c`: nothing better to say
+        return "cluster"
+    path = Path(argv0)
+    if path.name == "__main__.py":  # `python -m cluster`
+        return f"{shlex.quote(executable)} -m cluster"
+    if on_path is not None:
+        try:
+            if Path(on_path).samefile(path):
+                return "cluster"
+        except OSError:
+            pass
+    return shlex.quote(argv0)
 
 
 def _http_default() -> str:
@@ -195,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{n}={p.pid}" for n, p, _ in children)
             + ")"
         )
+        cluster = invoked_as(sys.argv[0], sys.executable, shutil.which("cluster"))
         print(f"  master address : {addr}")
         print(f"  data directory : {root}")
         print(f"  master data    : {master_dir}  (log/, snapshots/, digest.json)")
@@ -206,10 +234,10 @@ def run(args: argparse.Namespace) -> int:
         if url_file.exists():
             url = url_file.read_text(encoding="utf-8").strip()
             print(f"  dashboard      : {url}")
-            print(f"  status         : cluster status --url {url}")
+            print(f"  status         : {cluster} status --url {url}")
         if args.session_slots > 0:
             print(f"  demo session   : {_demo_session(master_dir, args.session_slots)}")
-        print(f"  replay the log : cluster replay {master_dir}")
+        print(f"  replay the log : {cluster} replay {master_dir}")
         print(
             "  stop           : Ctrl-C"
             + (f" (or after {args.duration:g} s)" if args.duration else "")

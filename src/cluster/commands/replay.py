@@ -58,6 +58,11 @@ def resolve_paths(path: Path) -> tuple[Path, Path | None]:
     if any(path.glob("*.seg")):
         snaps = path.parent / "snapshots"
         return path, snaps if snaps.is_dir() else None
+    if (path / "master" / "log").is_dir():  # a `cluster demo` directory
+        raise ValueError(
+            f"{path}: no event log here, but its master/ subdirectory holds one: "
+            f"cluster replay {path / 'master'}"
+        )
     raise ValueError(f"{path}: no event log here (expected a log/ directory or *.seg files)")
 
 

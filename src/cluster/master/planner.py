@@ -291,7 +291,8 @@ def _keep_epoch(
                     node_id=runner.node_id,
                     epoch=epoch.epoch,
                     count=1,
-                    reason=f"runner {runner_id_for(ds_id, slot)} failed: {runner.reason}",
+                    reason=f"runner {runner_id_for(ds_id, slot)} failed"
+                    + (f": {runner.reason}" if runner.reason else ""),
                     excused=is_excused(state, runner.node_id, now_ms),
                 )
             )

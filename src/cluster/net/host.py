@@ -36,6 +36,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode_frame
 from cluster.net.protocol import ErrorMsg, Message, Msg, ProtocolError, decode, encode
+from cluster.shared.humanize import error_text
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def error_of(exc: BaseException, waiting_for: str = "", timeout: float = 0.0) ->
         return {"FrameTooLarge": "too-large", "TruncatedFrame": "truncated"}.get(
             code, "malformed"
         ), str(exc)
-    return "internal", f"{type(exc).__name__}: {exc}"
+    return "internal", error_text(exc)
 
 
 def safe_handler(handler: StreamHandler, name: str) -> Callable[[Any], Awaitable[None]]:
@@ -340,7 +341,7 @@ def safe_handler(handler: StreamHandler, name: str) -> Callable[[Any], Awaitable
                 raise
             # A peer that goes away mid-stream is ordinary churn, not a fault of ours.
             level = logging.INFO if _is_disconnect(exc) else logging.WARNING
-            log.log(level, "%s handler ended: %s: %s", name, type(exc).__name__, exc)
+            log.log(level, "%s handler ended: %s", name, error_text(exc))
             if framed is not None:
                 await framed.reset()
 

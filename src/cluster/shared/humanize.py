@@ -133,6 +133,13 @@ def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+def error_text(exc: BaseException) -> str:
+    """`Type: message`, or only `Type` when the exception says nothing (a bare StreamReset
+    left "StreamReset: " with nothing after it)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def first_leaf(exc: BaseException) -> BaseException:
     """The first real error inside (possibly nested) task-group exception groups: what a
     one-line message should name, not "Exceptions from Trio nursery (1 sub-exception)"."""

@@ -33,6 +33,7 @@ import msgspec
 import psutil
 
 from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
+from cluster.shared.humanize import error_text
 from cluster.worker.gpu import NvmlGpuProbe
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ class InfoGatherer:
                     call, abandon_on_cancel=True, limiter=self._limiter
                 )
         except Exception as exc:
-            self._failed(source, health, f"{type(exc).__name__}: {exc}")
+            self._failed(source, health, error_text(exc))
             return None
         if scope.cancelled_caught:
             self._failed(source, health, f"timed out after {source.timeout_s:g}s")

@@ -368,7 +368,8 @@ class RunnerManager:
         h.status, h.reason = status, reason
         spec = h.spec
         level = logging.WARNING if status is RunnerStatus.FAILED else logging.INFO
-        log.log(level, "runner %s: %s %s", spec.runner_id, status.value, reason)
+        said = f"{status.value} {reason}" if reason else status.value  # no trailing space
+        log.log(level, "runner %s: %s", spec.runner_id, said)
         self._emit_status(spec, status, reason)
 
     def _emit_status(self, spec: RunnerSpec, status: RunnerStatus, reason: str) -> None:

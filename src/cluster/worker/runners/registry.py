@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import msgspec
 
+from cluster.shared.humanize import error_text
 from cluster.worker.runners.base import (
     Runner,
     RunnerConfigError,
@@ -74,8 +75,7 @@ def find_kind(name: str) -> RunnerKind:
         kind = ep.load()
     except Exception as exc:
         raise RunnerConfigError(
-            f"runner kind {name!r}: cannot load entry point {ep.value!r}: "
-            f"{type(exc).__name__}: {exc}"
+            f"runner kind {name!r}: cannot load entry point {ep.value!r}: {error_text(exc)}"
         ) from None
     if not callable(kind):
         raise RunnerConfigError(
