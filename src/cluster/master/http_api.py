@@ -51,7 +51,7 @@ from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.codec import event_json, state_to_json
 from cluster.shared.events import IndexedEvent
-from cluster.shared.humanize import clip
+from cluster.shared.humanize import clip, error_text
 from cluster.shared.node_status import DEFAULT_CATCH_UP_THRESHOLD, node_statuses
 from cluster.shared.state import State
 from cluster.shared.status_view import cluster_status, to_json
@@ -276,8 +276,7 @@ def _client_address(stream: SocketStream) -> str:
 
 def _one_line(exc: BaseException, width: int = 200) -> str:
     """An error as one short line for a 500's body: its type and its message."""
-    text = " ".join(str(exc).split())
-    return clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, width)
+    return clip(" ".join(error_text(exc).split()), width)
 
 
 def _headers(content_type: str, length: int | None) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
-from cluster.shared.humanize import clip, first_leaf
+from cluster.shared.humanize import clip, error_text, first_leaf
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def describe_error(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, RunnerError | TimeoutError) and text:
         return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return error_text(exc)
 
 
 C = TypeVar("C")
