@@ -210,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
         addr = addr_file.read_text(encoding="utf-8").strip()
         for k in range(1, args.workers + 1):
             wdir = root / f"worker-{k}"
-            wargs = ["worker", "--data-dir", str(wdir), "--master", addr]
+            # The file, not its text: a worker reads it again before every dial, so it
+            # follows a master restarted on another port.
+            wargs = ["worker", "--data-dir", str(wdir), "--master", str(addr_file)]
             wargs += ["--cluster-secret-file", str(secret_file), "--slots", "2"]
             # Liveness is event flow: a worker speaks at least once per plan cycle.
             wargs += ["--heartbeat-interval", str(max(0.01, min(1.0, args.plan_interval)))]
