@@ -120,6 +120,36 @@ def test_a_data_directory_of_the_other_role_is_refused_before_anything_is_made(
     WorkerNode(wdir, addr).close()
 
 
+def test_a_leftover_of_the_other_role_beside_its_own_mark_is_warned_not_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker once started on a master's directory (before the role check) left an
+    `outbox/` beside the master's log: the master then refused its own directory as "a
+    worker's". Its log proves whose it is: it starts, and a WARNING names the leftover."""
+    from cluster.master.node import MasterNode
+    from cluster.net.membership import Membership
+    from cluster.worker.node import WorkerNode
+
+    membership = Membership(secret=b"s" * 32)
+    addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    mdir, wdir = tmp_path / "m", tmp_path / "w"
+    MasterNode(mdir, membership).close()
+    WorkerNode(wdir, addr).close()
+    (mdir / "outbox").mkdir()
+    (wdir / "log").mkdir()
+    with caplog.at_level("WARNING", logger="cluster.datadir"):
+        MasterNode(mdir, membership).close()
+        WorkerNode(wdir, addr).close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data directory {mdir} holds a worker's outbox ({mdir / 'outbox'}) beside its own "
+        "log: left by a worker once started here by mistake; a master does not use it, and "
+        "it may be removed",
+        f"data directory {wdir} holds a master's event log ({wdir / 'log'}) beside its own "
+        "outbox: left by a master once started here by mistake; a worker does not use it, "
+        "and it may be removed",
+    ]
+
+
 @pytest.mark.anyio
 async def test_a_request_built_wrong_in_python_is_refused_by_name(tmp_path: Path) -> None:
     """Not a request: it used to be answered "the operator must name the node"; a field of

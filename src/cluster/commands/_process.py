@@ -214,7 +214,7 @@ def check_data_dir(path: Path, role: Role) -> None:
         raise ValueError(f"--data-dir {path} is a file, not a directory")
     from cluster.datadir import check_role
 
-    check_role(path, role)
+    check_role(path, role, warn=False)  # MasterNode / Worker check again, and say it
 
 
 def prepare_data_dir(path: Path) -> None:
