@@ -12,7 +12,7 @@ from planner_world import World, of_type, quick_config
 from cluster.master.config import PlannerConfig
 from cluster.master.epochs import derive_seed, next_epoch
 from cluster.master.liveness import EMPTY_BOOK
-from cluster.master.planner import Planner, plan
+from cluster.master.planner import UNPLACED_RECOUNT_MS, Planner, plan
 from cluster.shared.apply import fold
 from cluster.shared.codec import state_digest
 from cluster.shared.events import (
@@ -455,6 +455,97 @@ def test_same_log_same_decisions_and_replay_gives_the_same_state() -> None:
     assert first == second
     replayed = fold(EMPTY_STATE, world.log)
     assert state_digest(replayed) == state_digest(world.state)
+
+
+# --------------------------------------------------------------------------------------------
+# An unplaced session is restated when its obstacle changes, not whenever a count moves
+# --------------------------------------------------------------------------------------------
+
+#: An epoch long enough that the turn's own SessionUnplaced does not hide the churn.
+LONG_EPOCH = quick_config(epoch_length_ms=600_000)
+FLAKY = 4  # small nodes that go stale and fresh again: the live counts in a reason move
+
+
+def _stuck_world(*, damaged: bool) -> tuple[World, Planner]:
+    """A session that cannot get all its slots, in a cluster whose counts flicker.
+
+    `damaged`: the session was placed on a, b, c (one slot each) and c left, so its
+    devshard has an unfilled slot; otherwise it never fit (it waits for room every cycle).
+    The flaky nodes are too small to matter, but each is stale one cycle in three.
+    """
+    world = World()
+    for name in ("a", "b", "c"):
+        world.node(name, slots=1)
+    for j in range(FLAKY):
+        world.node(f"f{j}", slots=1, memory_mb=1_024)
+    world.session("s", slots=3 if damaged else 4)
+    planner = Planner(LONG_EPOCH)
+    world.cycle(planner)
+    if damaged:
+        assert len(world.state.devshards["ds-1-s"].assignments) == 3
+        while "c" in {a.node_id for a in world.state.devshards["ds-1-s"].assignments}:
+            world.heartbeat_all("c")
+            world.cycle(planner)
+    assert world.state.sessions["s"].unplaced_reason
+    return world, planner
+
+
+def _flicker(world: World, cycle: int) -> None:
+    """Heartbeats for one cycle: flaky node j speaks only when (cycle + j) % 3 == 0, so it
+    is idle two cycles (stale, not gone) then fresh again; 1 or 2 of them stale at a time."""
+    quiet = [f"f{j}" for j in range(FLAKY) if (cycle + j) % 3 != 0]
+    gone = [n for n, rec in world.state.nodes.items() if not rec.connected]
+    world.heartbeat_all(*gone, *quiet)
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["waiting", "unfilled-slot"])
+def test_an_unplaced_session_is_not_restated_every_cycle_while_counts_flicker(
+    damaged: bool,
+) -> None:
+    """The reason holds live counts ("3 node(s) stale"); in a large cluster they move nearly
+    every cycle. Restating it on every change was one durable event per unplaced session
+    per cycle (100 sessions at 1 s cycles: ~100 events/s, all replicated to every worker)."""
+    world, planner = _stuck_world(damaged=damaged)
+    cycles = 500
+    reasons: list[str] = []
+    for i in range(cycles):
+        _flicker(world, i)
+        events = world.cycle(planner)
+        assert not of_type(events, EpochStarted)  # one epoch: only the counts move
+        reasons += [e.reason for e in of_type(events, SessionUnplaced)]
+    assert len(set(reasons)) > 1  # the counts did move, and are restated ...
+    # ... about once a minute of the 500 s (and once when the first node went stale: a new
+    # kind of obstacle), not every cycle.
+    assert len(reasons) <= cycles * CFG.plan_interval_ms // UNPLACED_RECOUNT_MS + 2
+
+
+def test_a_changed_count_is_restated_after_a_minute_and_a_new_obstacle_at_once() -> None:
+    world, planner = _stuck_world(damaged=False)
+    said_ms = world.state.sessions["s"].unplaced_ms
+    assert said_ms == world.now
+    assert "4 node(s) with less than 8192 MiB per slot" in world.state.sessions["s"].unplaced_reason
+    # Another small node: the same obstacle, one more of it -- said once a minute has passed
+    # since the last SessionUnplaced, not before.
+    world.node("f4", slots=1, memory_mb=1_024)
+    while world.now + CFG.plan_interval_ms - said_ms < UNPLACED_RECOUNT_MS:
+        world.heartbeat_all()
+        assert world.cycle(planner) == []
+    world.heartbeat_all()
+    (recount,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert world.now - said_ms == UNPLACED_RECOUNT_MS
+    assert "5 node(s) with less than 8192 MiB per slot" in recount.reason
+    assert world.state.sessions["s"].unplaced_ms == world.now
+    # A node that has not self-tested yet: a new kind of obstacle, said in the next cycle.
+    world.node("u", slots=4, self_test=None)
+    world.heartbeat_all()
+    (new_kind,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert "1 node(s) not self-tested" in new_kind.reason
+    assert world.state.sessions["s"].unplaced_reason == new_kind.reason
+    assert world.state.sessions["s"].unplaced_ms == world.now
+    # Nothing changes any more: nothing is said, however long it waits.
+    for _ in range(2 * UNPLACED_RECOUNT_MS // CFG.plan_interval_ms):
+        world.heartbeat_all()
+        assert world.cycle(planner) == []
 
 
 # --------------------------------------------------------------------------------------------

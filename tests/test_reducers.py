@@ -526,8 +526,28 @@ def test_sessions_devshards_and_stickiness() -> None:
     assert "ds-1-s1" not in s.devshards and "s1" not in s.devshard_by_session
     # The node of each slot, not the set of nodes: A keeps both slots next epoch.
     assert s.last_nodes_by_session["s1"] == (A, A)
-    s = log.add(MASTER_ORIGIN, SessionUnplaced(session_id="s1", epoch=2, reason="no room"))
-    assert (s.sessions["s1"].unplaced_reason, s.sessions["s1"].unplaced_epoch) == ("no room", 2)
+    s = log.add(
+        MASTER_ORIGIN, SessionUnplaced(session_id="s1", epoch=2, reason="no room"), at_ms=5_000
+    )
+    unplaced = s.sessions["s1"]
+    # When it was said, too: the planner restates counts alone at most once a minute.
+    assert (unplaced.unplaced_reason, unplaced.unplaced_epoch, unplaced.unplaced_ms) == (
+        "no room",
+        2,
+        5_000,
+    )
+    s = log.add(
+        MASTER_ORIGIN,
+        DevshardPlaced(
+            devshard_id="ds-2-s1",
+            session_id="s1",
+            epoch=2,
+            assignments=(SlotAssignment(0, A), SlotAssignment(1, A)),
+            ends_ms=2_000,
+        ),
+    )
+    placed = s.sessions["s1"]
+    assert (placed.unplaced_reason, placed.unplaced_epoch, placed.unplaced_ms) == ("", -1, 0)
     s = log.add(MASTER_ORIGIN, SessionDeleted(session_id="s1"))
     assert "s1" not in s.sessions and "s1" not in s.last_nodes_by_session
 

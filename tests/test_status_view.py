@@ -161,6 +161,7 @@ def test_epoch_sessions_windows_ledgers() -> None:
     sessions = {s.session_id: s for s in status.sessions}
     assert sessions["s-ds-7-chat"].devshard_id == "ds-7-chat"
     assert sessions["s-big"].unplaced_reason == "needs 64 slots, 12 eligible"
+    assert sessions["s-big"].unplaced_ms == T0  # the counts are as of then
     assert status.devshards[0].slots_by_node == {"node-a": 2, "node-b": 1}
     windows = {w.window_id: w for w in status.windows}
     assert windows["w-1"].state is WindowState.ACTIVE
@@ -201,7 +202,8 @@ def test_render_text_shows_every_node_and_fits_the_terminal() -> None:
     assert "serving 2 slots of devshard ds-7-chat" in text
     assert "in maintenance until 14:30 UTC" in text
     assert "disconnected 5m 48s ago: no events for 3 cycles" in text
-    assert "unplaced in epoch 7: needs 64 slots, 12 eligible" in text
+    # The reason's counts are as of its SessionUnplaced, said at T0, not as of now.
+    assert "unplaced in epoch 7 as of 14:00 UTC: needs 64 slots, 12\n" in text  # wraps
     assert "epoch 7: ends 14:10 UTC (in 4m 12s)" in text
     assert "forfeited: disconnected" in text
     for header in ["NODES", "SESSIONS", "MAINTENANCE WINDOWS", "LEDGERS"]:

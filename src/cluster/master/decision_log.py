@@ -14,8 +14,10 @@ Large clusters must not flood the log: where one decision holds more than
 `SUMMARY_ABOVE` events of a kind (an epoch turn placing 1,000 devshards, a rack of nodes
 disconnected at once), that kind is said in ONE summary line at the level its worst event
 would have, and each event's own line goes to DEBUG. Lists of nodes are capped
-(`LIST_CAP`). A session's "unplaced" is repeated by the planner only when its reason
-changes; only the first of a run (after an epoch turn or a placement) is a WARNING.
+(`LIST_CAP`). A session's "unplaced" is repeated by the planner only when its reason is news
+(another kind of obstacle at once, moved counts at most once a minute:
+`planner.UNPLACED_RECOUNT_MS`); only the first of a run (after an epoch turn or a placement)
+is a WARNING.
 
 Pure: the caller passes the State the decision was made on and the time it was made at.
 Text from events (reasons a worker wrote, session names) is made printable and clipped, so
@@ -323,7 +325,7 @@ def _placed(event: DevshardPlaced, c: _Context) -> str:
 
 def _unplaced(event: SessionUnplaced, c: _Context) -> LogLine:
     session = c.state.sessions.get(event.session_id)
-    # The planner repeats an unplaced session only when its reason changes: the first of a
+    # The planner repeats an unplaced session only when its reason is news: the first of a
     # run (since the epoch turned or it was last placed) is the news, the rest progress.
     first = session is None or session.unplaced_epoch != event.epoch
     message = f"session {event.session_id} unplaced in epoch {event.epoch}: {_text(event.reason)}"

@@ -27,8 +27,9 @@ not in the payout).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from cluster.master import maintenance
 from cluster.master.config import PlannerConfig
@@ -301,8 +302,9 @@ def _keep_epoch(
                 f"devshard {ds_id} has {outcome.unfilled} of {session.slots} slot(s) "
                 f"unassigned: {outcome.reason}"
             )
-            # Repeat the reason only when it changed (or a replace just cleared it).
-            if outcome.placed is not None or _reason_changed(session, epoch.epoch, reason):
+            # A replace just cleared the recorded reason (the DevshardPlaced above): say it
+            # again at once. Otherwise only news is said (`_worth_restating`).
+            if outcome.placed is not None or _worth_restating(session, epoch.epoch, reason, now_ms):
                 events.append(
                     SessionUnplaced(session_id=session.session_id, epoch=epoch.epoch, reason=reason)
                 )
@@ -310,16 +312,42 @@ def _keep_epoch(
     # No `make_room`: mid-epoch no devshard moves for another; one that fits nowhere waits
     # for the turn, where room is made for it.
     for ev in place_sessions(_sorted_sessions(state, waiting), epoch, pool, preferred):
-        if isinstance(ev, SessionUnplaced) and not _reason_changed(
-            state.sessions[ev.session_id], ev.epoch, ev.reason
+        if isinstance(ev, SessionUnplaced) and not _worth_restating(
+            state.sessions[ev.session_id], ev.epoch, ev.reason, now_ms
         ):
             continue  # said already; retried every cycle in case room appears
         events.append(ev)
     return events
 
 
-def _reason_changed(session: SessionRecord, epoch: int, reason: str) -> bool:
-    return session.unplaced_epoch != epoch or session.unplaced_reason != reason
+#: How long an unplaced session's recorded reason may keep stale counts: when only the
+#: numbers in it moved ("3 node(s) stale" -> "4 node(s) stale"), the planner restates it
+#: once this long has passed since the session's last `SessionUnplaced`, not before. In a
+#: large cluster those counts move nearly every cycle (nodes going stale and fresh, joining,
+#: self-testing): restated on every change, each unplaced session appended one event to the
+#: durable log per cycle (100 such sessions at 1 s cycles: ~100 events/s, millions a day,
+#: replicated to every worker). A new kind of obstacle, or a new epoch, is said at once.
+UNPLACED_RECOUNT_MS: Final = 60_000
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _shape(reason: str) -> str:
+    """`reason` with every number masked: which obstacles, not how many of each."""
+    return _NUMBER.sub("#", reason)
+
+
+def _worth_restating(session: SessionRecord, epoch: int, reason: str, now_ms: int) -> bool:
+    """Whether `reason` is news against the session's recorded unplaced reason: a new epoch,
+    another kind of obstacle, or other counts once `UNPLACED_RECOUNT_MS` has passed since
+    the last `SessionUnplaced` (the same text is never news)."""
+    if session.unplaced_epoch != epoch:
+        return True
+    if session.unplaced_reason == reason:
+        return False
+    if _shape(session.unplaced_reason) != _shape(reason):
+        return True
+    return now_ms - session.unplaced_ms >= UNPLACED_RECOUNT_MS
 
 
 class Planner:

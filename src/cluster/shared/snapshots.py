@@ -44,7 +44,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    setting drops the node's self-test, a test of another setting is not recorded).
 #: 10: NodeLedger.late_decided_reward (late work a LateWorkSettled forfeited is not paid
 #:    by a later one; an older snapshot lacks what was decided).
-SNAPSHOT_VERSION: Final = 10
+#: 11: SessionRecord.unplaced_ms (every SessionUnplaced sets it: the planner restates a
+#:    reason whose counts alone moved only a minute after it; older snapshots lack it).
+SNAPSHOT_VERSION: Final = 11
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

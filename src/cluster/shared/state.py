@@ -171,9 +171,12 @@ class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     reward_per_unit: int
     created_ms: int
-    #: Why the planner could not place it in `unplaced_epoch` (empty when placed).
+    #: Why the planner could not place it in `unplaced_epoch` (empty when placed), with the
+    #: counts as of `unplaced_ms`: the master time of that `SessionUnplaced` (0 when placed).
+    #: The planner restates a reason whose counts alone moved at most once a minute.
     unplaced_reason: str = ""
     unplaced_epoch: int = -1
+    unplaced_ms: int = 0
 
 
 class DevshardRecord(msgspec.Struct, frozen=True, kw_only=True):

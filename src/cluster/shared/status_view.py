@@ -100,6 +100,9 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True):
     devshard_id: str
     unplaced_reason: str
     unplaced_epoch: int
+    #: When the planner last said `unplaced_reason`: its counts are as of then (the planner
+    #: restates counts that alone moved at most once a minute). 0 when placed.
+    unplaced_ms: int = 0
 
 
 class WindowView(msgspec.Struct, frozen=True, kw_only=True):
@@ -227,6 +230,7 @@ def _sessions(state: State) -> tuple[SessionView, ...]:
             devshard_id=state.devshard_by_session.get(s.session_id, ""),
             unplaced_reason=s.unplaced_reason,
             unplaced_epoch=s.unplaced_epoch,
+            unplaced_ms=s.unplaced_ms,
         )
         for _, s in sorted(state.sessions.items())
     )
@@ -466,7 +470,9 @@ def _session_row(s: SessionView, status: ClusterStatus) -> tuple[str, ...]:
             else ""
         )
     elif s.unplaced_reason:
-        where = f"unplaced in epoch {s.unplaced_epoch}: {s.unplaced_reason}"
+        # The reason's counts are as of when it was last said, not as of now.
+        when = f" as of {format_utc(s.unplaced_ms, status.now_ms)}" if s.unplaced_ms else ""
+        where = f"unplaced in epoch {s.unplaced_epoch}{when}: {s.unplaced_reason}"
     else:
         where = "not placed yet"
     gpu = " gpu" if s.gpu else ""

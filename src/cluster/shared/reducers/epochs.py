@@ -93,7 +93,7 @@ def devshard_placed(state: State, ie: IndexedEvent, ev: DevshardPlaced) -> State
     if previous is not None and previous != ev.devshard_id and previous in devshards:
         devshards = devshards.delete(previous)
     if session.unplaced_reason:
-        session = _replace(session, unplaced_reason="", unplaced_epoch=-1)
+        session = _replace(session, unplaced_reason="", unplaced_epoch=-1, unplaced_ms=0)
     # Remember the price of this devshard's work in its epoch's ledger, so late work and
     # work after the session is deleted are priced as when the devshard was placed.
     ledger = state.ledgers.get(ev.epoch) or EpochLedger(epoch=ev.epoch)
@@ -147,7 +147,12 @@ def session_unplaced(state: State, ie: IndexedEvent, ev: SessionUnplaced) -> Sta
     session = state.sessions.get(ev.session_id)
     if session is None:
         return state
-    session = _replace(session, unplaced_reason=ev.reason, unplaced_epoch=ev.epoch)
+    session = _replace(
+        session,
+        unplaced_reason=ev.reason,
+        unplaced_epoch=ev.epoch,
+        unplaced_ms=ie.master_time_ms,
+    )
     return _replace(state, sessions=state.sessions.set(ev.session_id, session))
 
 
