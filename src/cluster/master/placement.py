@@ -88,6 +88,10 @@ _REASON_ORDER = (
     NO_SLOTS,
     FULL,
 )
+#: How an unplaced reason names nodes in one of those passing states ("3 node(s) stale"):
+#: nodes move in and out of them all the time (the planner restates such news only once a
+#: minute, `planner.UNPLACED_RECOUNT_MS`).
+INELIGIBLE_DETAILS: tuple[str, ...] = tuple(f" node(s) {r}" for r in _REASON_ORDER)
 
 
 def devshard_id(epoch: int, session_id: str) -> str:

@@ -36,6 +36,7 @@ from cluster.master.config import PlannerConfig
 from cluster.master.epochs import epoch_due, epoch_record, finalize_devshards, next_epoch
 from cluster.master.liveness import EMPTY_BOOK, LivenessBook, check_liveness
 from cluster.master.placement import (
+    INELIGIBLE_DETAILS,
     PlacementPool,
     place_sessions,
     replace_lost_slots,
@@ -333,8 +334,14 @@ _NUMBER = re.compile(r"[0-9]+")
 
 
 def _shape(reason: str) -> str:
-    """`reason` with every number masked: which obstacles, not how many of each."""
-    return _NUMBER.sub("#", reason)
+    """Which lasting obstacles `reason` names, not how many of each: its numbers masked, and
+    its counts of nodes in a passing state (stale, draining, not self-tested, full ...: see
+    `placement.INELIGIBLE_DETAILS`) left out. Those come and go with single nodes -- one
+    node flickering stale made "1 node(s) stale" appear and vanish -- and are restated with
+    the other counts, once a minute."""
+    head, _, details = reason.partition("; ")
+    lasting = [d for d in details.split(", ") if d and not d.endswith(INELIGIBLE_DETAILS)]
+    return _NUMBER.sub("#", "; ".join([head, *lasting]))
 
 
 def _worth_restating(session: SessionRecord, epoch: int, reason: str, now_ms: int) -> bool:
