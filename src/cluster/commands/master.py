@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         stop_on_signal,
     )
+    from cluster.datadir import hold
     from cluster.master.http_api import HttpApiConfigError
     from cluster.master.node import MasterNode, MasterNodeConfig
     from cluster.master.settings import load_settings
@@ -172,15 +173,21 @@ def run(args: argparse.Namespace) -> int:
         secret = None
         if args.cluster_secret_file:
             secret = load_secret_file(args.cluster_secret_file)
-        # Every setting checked: only now is the directory created (if new).
+        # Every setting checked: only now is the directory created (if new), and locked
+        # before the secret is written there (the node owns the lock from then on).
         prepare_data_dir(data_dir)
-        if secret is None and allowed is None:
-            path = data_dir / "cluster.secret"
-            secret = load_secret_file(path) if path.exists() else create_secret_file(path)
-            print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
-        membership = Membership(
-            allowed=frozenset(allowed) if allowed is not None else None, secret=secret
-        )
+        dir_lock = hold(data_dir, "master")
+        try:
+            if secret is None and allowed is None:
+                path = data_dir / "cluster.secret"
+                secret = load_secret_file(path) if path.exists() else create_secret_file(path)
+                print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
+            membership = Membership(
+                allowed=frozenset(allowed) if allowed is not None else None, secret=secret
+            )
+        except BaseException:
+            dir_lock.release()
+            raise
         node = MasterNode(
             data_dir,
             membership,
@@ -192,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 snapshot_every=args.snapshot_every,
                 http=http,
             ),
+            dir_lock=dir_lock,
         )
     except LogInUseError as exc:
         print(

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from cluster import control
 from cluster.control import Reply, Request
-from cluster.datadir import check_role
+from cluster.datadir import DataDirLock, hold
 from cluster.master.config import PlannerConfig
 from cluster.master.http_api import HttpApi, HttpApiConfig, check_config
 from cluster.master.maintenance import on_reconnect
@@ -75,23 +75,41 @@ class Started:
 class MasterNode:
     """The master process's parts, wired as `cluster master` wires them.
 
-    Opening reads the log (and newest snapshot) in `data_dir` and the master's key there;
-    `close()` closes the log. In between, `run()` serves until `stop()`.
+    Opening locks `data_dir` (`cluster.datadir.hold`: `DataDirInUseError` if another master
+    or worker holds it, `DataDirError` if it is a worker's), then reads the log (and newest
+    snapshot) there and the master's key; `close()` closes the log and releases the lock. In
+    between, `run()` serves until `stop()`.
     """
 
     def __init__(
-        self, data_dir: Path, membership: Membership, config: MasterNodeConfig | None = None
+        self,
+        data_dir: Path,
+        membership: Membership,
+        config: MasterNodeConfig | None = None,
+        *,
+        dir_lock: DataDirLock | None = None,
     ) -> None:
+        """`dir_lock`: the lock on `data_dir` when the caller took it itself (`cluster master`
+        does, before it writes `cluster.secret` there); the node owns it from then on, and
+        releases it on `close()` or when this raises."""
         self.data_dir = data_dir
         self.config = config = config or MasterNodeConfig()
-        # Before the key and the log are made: a worker's directory is not a master's.
-        check_role(data_dir, "master")
-        key_pair, self.node_id = load_identity(data_dir)
-        self.store = EventStore.open(data_dir, snapshot_every=config.snapshot_every)
+        if dir_lock is not None and not (dir_lock.held and dir_lock.data_dir == data_dir):
+            dir_lock.release()
+            raise ValueError(f"dir_lock must be a held lock of {data_dir}")
+        # First, before the key and the log are made: no other process creates its files
+        # here meanwhile, and a worker's directory is not a master's.
+        self._dir_lock = dir_lock if dir_lock is not None else hold(data_dir, "master")
         try:
-            self._build(data_dir, key_pair, membership, config)
+            key_pair, self.node_id = load_identity(data_dir)
+            self.store = EventStore.open(data_dir, snapshot_every=config.snapshot_every)
+            try:
+                self._build(data_dir, key_pair, membership, config)
+            except BaseException:
+                self.store.close()  # the log is open (and locked): a bad setting must not keep it
+                raise
         except BaseException:
-            self.store.close()  # the log is open (and locked): a bad setting must not keep it
+            self._dir_lock.release()
             raise
 
     def _build(
@@ -153,9 +171,13 @@ class MasterNode:
         self.master.stop()
 
     def close(self) -> None:
-        """Close the log (call after `run` returned, or instead of running)."""
-        self.master.close()
-        self.store.close()
+        """Close the log and release the data directory (call after `run` returned, or
+        instead of running)."""
+        try:
+            self.master.close()
+            self.store.close()
+        finally:
+            self._dir_lock.release()
 
 
 def _reconnected(state: State, node: str, boot_id: str, now_ms: int) -> list[Event]:

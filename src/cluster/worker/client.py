@@ -28,7 +28,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from cluster.datadir import OUTBOX_DIR, check_role
+from cluster.datadir import OUTBOX_DIR, hold
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.net import host as nethost
 from cluster.net.framing import encode_frame
@@ -161,14 +161,20 @@ class Worker:
         self.data_dir = data_dir
         self._master = MasterAddr(master_addr)
         self.config = config or WorkerConfig()
-        # Before the key and the outbox are made: a master's directory is not a worker's.
-        check_role(data_dir, "worker")
-        if key_pair is None:
-            key_pair, node_id = load_identity(data_dir)
-        else:
-            from cluster.net.identity import peer_id_of
+        # First, before the key and the outbox are made: no other process creates its files
+        # here meanwhile, and a master's directory is not a worker's.
+        self._dir_lock = hold(data_dir, "worker")
+        try:
+            if key_pair is None:
+                key_pair, node_id = load_identity(data_dir)
+            else:
+                from cluster.net.identity import peer_id_of
 
-            node_id = peer_id_of(key_pair)
+                node_id = peer_id_of(key_pair)
+            self.outbox = Outbox.open(data_dir / OUTBOX_DIR)
+        except BaseException:
+            self._dir_lock.release()
+            raise
         self.key_pair = key_pair
         self.node_id: str = node_id
         #: New for each worker process, sent in every hello: the master tells a restarted
@@ -177,7 +183,6 @@ class Worker:
         #: Sent in every hello: a node whose recorded self-test is of another setting is
         #: not self-tested from that hello on (until this setting's result arrives).
         self.runner_digest = runner_digest
-        self.outbox = Outbox.open(data_dir / OUTBOX_DIR)
         self._state: State = EMPTY_STATE
         self._listeners: list[StateListener] = []
         self._live_listeners: list[StateListener] = []
@@ -313,8 +318,12 @@ class Worker:
             self._finished.set()
 
     def close(self) -> None:
-        """Close the outbox (fsync first); call after `run` returned and emitters stopped."""
-        self.outbox.close()
+        """Close the outbox (fsync first) and release the data directory; call after `run`
+        returned and emitters stopped."""
+        try:
+            self.outbox.close()
+        finally:
+            self._dir_lock.release()
 
     # ------------------------------------------------------------------ replica
     def _set_state(self, state: State) -> None:
