@@ -318,3 +318,43 @@ async def test_serve_replaces_a_dead_socket_and_removes_only_its_own(tmp_path: P
         assert path.lstat().st_ino == theirs.st_ino, "serve removed a socket it did not bind"
     finally:
         other.close()
+
+
+def test_session_list_says_as_of_when_an_unplaced_reason_was_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reason's counts are as of the planner's last SessionUnplaced (restated at most once
+    a minute when only they move): the list says when, as `cluster status` does."""
+    sessions = [
+        {
+            "session_id": "s1",
+            "slots": 2,
+            "memory_per_slot_mb": 512,
+            "gpu": False,
+            "unplaced_reason": (
+                "needs 2 slot(s) of 512 MiB: 1 eligible node(s) offer 1 free slot(s)"
+            ),
+            "unplaced_ms": 1_709_647_200_000,
+        },
+        {
+            "session_id": "s2",
+            "slots": 1,
+            "memory_per_slot_mb": 256,
+            "gpu": True,
+            "unplaced_reason": "",
+            "unplaced_ms": 0,
+        },
+    ]
+
+    def answer(conn: socket.socket) -> None:
+        _read_frame_sync(conn)
+        body = msgspec.json.encode(Reply(ok=True, data=sessions))
+        conn.sendall(struct.pack(">I", len(body)) + body)
+
+    with unix_server(socket_path(tmp_path), answer):
+        assert cli.main(["session", "--data-dir", str(tmp_path), "list"]) == 0
+    assert capsys.readouterr().out == (
+        "s1: 2 slots x 512 MiB  unplaced (as of 2024-03-05 14:00 UTC): needs 2 slot(s) of "
+        "512 MiB: 1 eligible node(s) offer 1 free slot(s)\n"
+        "s2: 1 slots x 256 MiB, gpu\n"
+    )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from cluster.commands._control_cli import add_data_dir, finish, send
 from cluster.control import SessionCreate, SessionDelete, SessionList
+from cluster.shared.humanize import format_utc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +51,15 @@ def run(args: argparse.Namespace) -> int:
     sessions = reply.data or []
     if not sessions:
         print("no sessions")
+    now_ms = time.time_ns() // 1_000_000
     for s in sessions:
         gpu = ", gpu" if s.get("gpu") else ""
-        note = f"  unplaced: {s['unplaced_reason']}" if s.get("unplaced_reason") else ""
+        note = ""
+        if s.get("unplaced_reason"):
+            # Its counts are as of the planner's last SessionUnplaced (restated at most once
+            # a minute when only they move), as `cluster status` says too.
+            at = s.get("unplaced_ms")
+            when = f" (as of {format_utc(at, now_ms)})" if isinstance(at, int) and at > 0 else ""
+            note = f"  unplaced{when}: {s['unplaced_reason']}"
         print(f"{s['session_id']}: {s['slots']} slots x {s['memory_per_slot_mb']} MiB{gpu}{note}")
     return 0
