@@ -120,6 +120,26 @@ def test_a_data_directory_of_the_other_role_is_refused_before_anything_is_made(
     WorkerNode(wdir, addr).close()
 
 
+def test_a_directory_of_the_other_role_from_before_the_lock_gets_no_lock_file(
+    tmp_path: Path,
+) -> None:
+    """A master's directory from before the data-directory lock has no LOCK file: a worker
+    refused there used to leave one behind (it locked before it checked the role)."""
+    from cluster.datadir import DataDirError
+    from cluster.master.node import MasterNode
+    from cluster.net.membership import Membership
+    from cluster.worker.node import WorkerNode
+
+    mdir = tmp_path / "m"
+    MasterNode(mdir, Membership(secret=b"s" * 32)).close()
+    (mdir / "LOCK").unlink()  # as an older version left it
+    before = _tree(tmp_path)
+    addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    with pytest.raises(DataDirError, match="holds a master's event log"):
+        WorkerNode(mdir, addr)
+    assert _tree(tmp_path) == before
+
+
 def test_a_leftover_of_the_other_role_beside_its_own_mark_is_warned_not_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

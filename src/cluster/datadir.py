@@ -71,13 +71,18 @@ def hold(data_dir: Path, role: Role) -> DataDirLock:
     this role's (`check_role`, under the lock: no other process can be creating its files
     meanwhile). `DataDirInUseError` if another master or worker holds it; `DataDirError` if
     it is the other role's or cannot be created, with the lock released again."""
+    path = data_dir / LOCK_FILE
+    if not path.exists():
+        # Checked first without the lock too, so that a directory of the other role from
+        # before the lock is refused with nothing created there, not even LOCK. (With LOCK
+        # there, locking creates nothing, and a process holding it is named as such.)
+        check_role(data_dir, role, warn=False)
     try:
         make_dirs_durably(data_dir)
     except OSError as exc:
         raise DataDirError(
             f"data directory {data_dir}: cannot create it: {exc.strerror or exc}"
         ) from None
-    path = data_dir / LOCK_FILE
     try:
         fd = try_lock(path)
     except OSError as exc:
