@@ -65,6 +65,7 @@ from cluster.net.protocol import (
 from cluster.shared.apply import OutOfOrderError, fold
 from cluster.shared.codec import decode_state
 from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
+from cluster.shared.humanize import error_text
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.worker.master_addr import MasterAddr, MasterAddrSource
 from cluster.worker.outbox import Outbox
@@ -760,5 +761,4 @@ def _describe(exc: BaseException) -> str:
     exc = nethost.dial_failure(exc)
     if isinstance(exc, nethost.NotLibp2pPort):
         return str(exc)
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if str(exc) else text
+    return error_text(exc)

@@ -393,8 +393,15 @@ class Outbox:
 
     def _rewrite_pending(self) -> None:
         """Replace the log with exactly the unacknowledged records in memory (atomically)."""
-        data = self._pending_records()
+        self._replace_log(self._pending_records())
+
+    def _replace_log(self, data: bytes) -> None:
+        """Replace the log with `data` (atomically); an open descriptor follows the new file
+        (the old one names the file the rename replaced)."""
         write_bytes_durably(self._log_path, data)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
         self._size = self._pending_size = len(data)
 
     # ---------------------------------------------------------------- use
@@ -528,8 +535,6 @@ class Outbox:
             # Durably before the marker goes: a crash in between renumbers nothing again
             # (the records are already above the master's seq at the next welcome).
             self._rewrite_pending()
-            os.close(self._fd)
-            self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
             self._dirty = False
         self._drop_marker()
 
@@ -557,10 +562,7 @@ class Outbox:
         if len(data) != self._pending_size or (data and _REC.unpack_from(data)[1] != first):
             # Not where the bookkeeping says (never seen): rebuild from memory instead.
             data = self._pending_records()
-        write_bytes_durably(self._log_path, data)
-        os.close(self._fd)
-        self._fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND, 0o600)
-        self._size = self._pending_size = len(data)
+        self._replace_log(data)
 
     def close(self) -> None:
         if self._fd >= 0:
