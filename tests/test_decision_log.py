@@ -11,6 +11,7 @@ import logging
 
 import pytest
 
+from cluster.master import decision_log, server
 from cluster.master.decision_log import (
     LIST_CAP,
     SUMMARY_ABOVE,
@@ -370,3 +371,60 @@ def test_excused_misses_alone_summarize_at_info() -> None:
     ]
     lines = decision_lines(events, EMPTY_STATE, T0)
     assert lines[0].level == INFO and "(6 excused)" in lines[0].message
+
+
+# --------------------------------------------------------------------------------------------
+# Lines below the log's level are not built
+# --------------------------------------------------------------------------------------------
+
+
+def _mixed_decision() -> list[Event]:
+    """An epoch turn's kinds, some summarized (details at DEBUG), some not."""
+    events: list[Event] = [DevshardFinalized(devshard_id=f"ds-1-s{i}", epoch=1) for i in range(3)]
+    events += [WorkMissed(devshard_id=f"ds-1-s{i}", node_id=f"node-{i}", epoch=1) for i in range(8)]
+    events.append(EpochStarted(epoch=2, start_ms=T0, end_ms=T0 + HOUR, seed=1))
+    events += [_placed(f"s{i}", [f"node-{i % 7}"]) for i in range(40)]
+    events.append(NodeDisconnected(node_id="node-z", reason="silent"))
+    return events
+
+
+@pytest.mark.parametrize("floor", [INFO, WARNING, logging.ERROR])
+def test_a_floor_leaves_out_exactly_the_lines_below_it(floor: int) -> None:
+    events = _mixed_decision()
+    everything = decision_lines(events, EMPTY_STATE, T0)
+    assert {ln.level for ln in everything} == {DEBUG, INFO, WARNING}
+    kept = decision_lines(events, EMPTY_STATE, T0, min_level=floor)
+    assert kept == [ln for ln in everything if ln.level >= floor]
+
+
+def test_with_debug_off_an_epoch_turn_builds_no_detail_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An epoch turn at 10,000 nodes built every devshard's DEBUG line even with DEBUG off
+    (10-30 ms of the master's loop): the master's log now builds only what it takes."""
+    built: list[str] = []
+    real = decision_log._placed
+
+    def counting(event: DevshardPlaced, c: decision_log._Context) -> str:
+        built.append(event.devshard_id)
+        return real(event, c)
+
+    monkeypatch.setattr(decision_log, "_placed", counting)
+    n = 200
+    events: list[Event] = [_placed(f"s{i}", [f"node-{i % 9}"]) for i in range(n)]
+    decisions = "cluster.master.decisions"
+
+    caplog.set_level(INFO, logger=decisions)
+    server._log_decision(events, EMPTY_STATE, T0)
+    said = [r for r in caplog.records if r.name == decisions]
+    assert [(r.levelno, r.getMessage().split(":")[0]) for r in said] == [
+        (INFO, "placed 200 devshards for epoch 2")
+    ]
+    assert built == []
+
+    caplog.clear()
+    caplog.set_level(DEBUG, logger=decisions)
+    server._log_decision(events, EMPTY_STATE, T0)
+    said = [r for r in caplog.records if r.name == decisions]
+    assert len(built) == n
+    assert sum(r.levelno == DEBUG and "placed devshard" in r.getMessage() for r in said) == n

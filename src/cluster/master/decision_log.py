@@ -17,7 +17,8 @@ would have, and each event's own line goes to DEBUG. Lists of nodes are capped
 (`LIST_CAP`). A session's "unplaced" is repeated by the planner only when its reason is news
 (another kind of obstacle at once, moved counts at most once a minute:
 `planner.UNPLACED_RECOUNT_MS`); only the first of a run (after an epoch turn or a placement)
-is a WARNING.
+is a WARNING. A line below the lowest level the log takes is never built (`min_level`):
+with DEBUG off, an epoch turn's thousands of details cost nothing.
 
 Pure: the caller passes the State the decision was made on and the time it was made at.
 Text from events (reasons a worker wrote, session names) is made printable and clipped, so
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Final, NamedTuple
 
 from cluster.shared.events import (
@@ -86,34 +88,48 @@ class LogLine(NamedTuple):
     message: str
 
 
-def decision_lines(events: Sequence[Event], state: State, now_ms: int) -> list[LogLine]:
+class _Said(NamedTuple):
+    """An event's line before its text is built: the level decides whether it is (a line
+    below the logger's level is never formatted -- an epoch turn at 10,000 nodes has
+    thousands of DEBUG details, and building them cost the master's loop 10-30 ms)."""
+
+    level: int
+    text: Callable[[], str]
+
+
+def decision_lines(
+    events: Sequence[Event], state: State, now_ms: int, *, min_level: int = DEBUG
+) -> list[LogLine]:
     """The lines to log for one committed decision, in the order of its events (a kind that
     is summarized is said where its first event stands, its details following at DEBUG).
 
     `state` is the State the decision was made on (before its events), `now_ms` the time it
-    was made at (its events' master time).
+    was made at (its events' master time). Lines below `min_level` are left out without
+    being built: the caller passes the lowest level its logger is enabled for.
     """
     ctx = _Context(state, now_ms)
-    own = [(event, describe(event, state, now_ms, ctx)) for event in events]
-    by_kind: dict[type, list[tuple[Event, LogLine | None]]] = {}
+    own = [(event, _said(event, ctx)) for event in events]
+    by_kind: dict[type, list[tuple[Event, _Said | None]]] = {}
     for item in own:
         by_kind.setdefault(type(item[0]), []).append(item)
+    details = min_level <= DEBUG
     lines: list[LogLine] = []
     summarized: set[type] = set()
-    for event, line in own:
+    for event, said in own:
         kind = type(event)
         summary = _SUMMARIES.get(kind)
         of_kind = by_kind[kind]
         if summary is None or len(of_kind) <= SUMMARY_ABOVE:
-            if line is not None:
-                lines.append(line)
+            if said is not None and said.level >= min_level:
+                lines.append(LogLine(said.level, said.text()))
             continue
         if kind not in summarized:
             summarized.add(kind)
-            worst = max((ln.level for _, ln in of_kind if ln is not None), default=INFO)
-            lines.append(LogLine(worst, summary([e for e, _ in of_kind], ctx)))
-        if line is not None:
-            lines.append(LogLine(DEBUG, line.message))
+            worst = max((s.level for _, s in of_kind if s is not None), default=INFO)
+            if worst >= min_level:
+                lines.append(LogLine(worst, summary([e for e, _ in of_kind], ctx)))
+        if said is not None and details:
+            lines.append(LogLine(DEBUG, said.text()))
     return lines
 
 
@@ -123,76 +139,46 @@ def describe(
     """The line for one master event decided on `state` at `now_ms`; None for events the
     master's log does not narrate (what workers report: info, heartbeats, runner status,
     work)."""
-    c = ctx if ctx is not None else _Context(state, now_ms)
-    if isinstance(event, NodeConnected):
-        return LogLine(INFO, _connected(event, c))
-    if isinstance(event, NodeDisconnected):
-        return LogLine(WARNING, _disconnected(event, c))
-    if isinstance(event, MaintenanceScheduled):
-        start, end = event.start_ms, event.start_ms + event.duration_ms
-        return LogLine(
-            INFO,
-            f"maintenance scheduled for node {event.node_id}: window {event.window_id}, "
-            f"{format_duration(event.duration_ms)} from {format_utc(start, now_ms)} "
-            f"({format_relative(start, now_ms)}) to {format_utc(end, now_ms)}",
-        )
-    if isinstance(event, MaintenanceCancelled):
-        why = f": {_text(event.reason)}" if event.reason else ""
-        refund = (
-            f"; {format_duration(event.credit_refund_ms)} of credit refunded"
-            if event.credit_refund_ms
-            else ""
-        )
-        return LogLine(
-            INFO,
-            f"maintenance window {event.window_id} of node {event.node_id} cancelled{why}{refund}",
-        )
-    if isinstance(event, MaintenanceDrainStarted):
-        return LogLine(INFO, _drain_started(event, c))
-    if isinstance(event, MaintenanceStarted):
-        return LogLine(INFO, _maintenance_started(event, c))
-    if isinstance(event, MaintenanceFinished):
-        how = _MAINTENANCE_HOW.get(event.how, _text(event.how))
-        return LogLine(
-            INFO,
-            f"node {event.node_id} finished maintenance (window {event.window_id}): {how}; "
-            "it takes work again",
-        )
-    if isinstance(event, MaintenanceOverrun):
-        return LogLine(WARNING, _overrun(event, c))
-    if isinstance(event, EpochStarted):
-        return LogLine(
-            INFO,
-            f"epoch {event.epoch} started; it ends at {format_utc(event.end_ms, now_ms)} "
-            f"(in {format_duration(event.end_ms - now_ms)})",
-        )
+    said = _said(event, ctx if ctx is not None else _Context(state, now_ms))
+    return None if said is None else LogLine(said.level, said.text())
+
+
+def _said(event: Event, c: _Context) -> _Said | None:
+    """`describe`, with the text left to build (only its level is worked out here)."""
     if isinstance(event, DevshardPlaced):
-        return LogLine(INFO, _placed(event, c))
+        return _Said(INFO, partial(_placed, event, c))
+    if isinstance(event, DevshardFinalized):
+        return _Said(DEBUG, partial(_finalized, event))
+    if isinstance(event, NodeConnected):
+        return _Said(INFO, partial(_connected, event, c))
+    if isinstance(event, NodeDisconnected):
+        return _Said(WARNING, partial(_disconnected, event, c))
+    if isinstance(event, MaintenanceScheduled):
+        return _Said(INFO, partial(_scheduled, event, c))
+    if isinstance(event, MaintenanceCancelled):
+        return _Said(INFO, partial(_cancelled, event))
+    if isinstance(event, MaintenanceDrainStarted):
+        return _Said(INFO, partial(_drain_started, event, c))
+    if isinstance(event, MaintenanceStarted):
+        return _Said(INFO, partial(_maintenance_started, event, c))
+    if isinstance(event, MaintenanceFinished):
+        return _Said(INFO, partial(_maintenance_finished, event))
+    if isinstance(event, MaintenanceOverrun):
+        return _Said(WARNING, partial(_overrun, event, c))
+    if isinstance(event, EpochStarted):
+        return _Said(INFO, partial(_epoch_started, event, c))
     if isinstance(event, SessionUnplaced):
         return _unplaced(event, c)
     if isinstance(event, WorkMissed):
-        return _missed(event, c)
+        return _Said(INFO if event.excused else WARNING, partial(_missed, event))
     if isinstance(event, EpochSettled):
-        return LogLine(INFO, _settled(event))
+        return _Said(INFO, partial(_settled, event))
     if isinstance(event, LateWorkSettled):
-        return LogLine(
-            INFO,
-            f"late work of node {event.node_id} settled to epoch {event.epoch}: "
-            f"{plural(event.units, 'unit')}, reward {format_count(event.reward)}",
-        )
-    if isinstance(event, DevshardFinalized):
-        return LogLine(DEBUG, f"devshard {event.devshard_id} of epoch {event.epoch} finalized")
+        return _Said(INFO, partial(_late, event))
     if isinstance(event, SessionRequested):
-        gpu = " with a GPU" if event.gpu else ""
-        name = f" ({_text(event.name)})" if event.name else ""
-        return LogLine(
-            INFO,
-            f"session {event.session_id}{name} created: {plural(event.slots, 'slot')} of "
-            f"{format_count(event.memory_per_slot_mb)} MiB{gpu}; placed from the next "
-            "planner cycle",
-        )
+        return _Said(INFO, partial(_requested, event))
     if isinstance(event, SessionDeleted):
-        return LogLine(INFO, f"session {event.session_id} deleted: its devshard stops")
+        return _Said(INFO, partial(_deleted, event))
     return None
 
 
@@ -269,6 +255,25 @@ def _disconnected(event: NodeDisconnected, c: _Context) -> str:
     return message
 
 
+def _scheduled(event: MaintenanceScheduled, c: _Context) -> str:
+    start, end = event.start_ms, event.start_ms + event.duration_ms
+    return (
+        f"maintenance scheduled for node {event.node_id}: window {event.window_id}, "
+        f"{format_duration(event.duration_ms)} from {format_utc(start, c.now_ms)} "
+        f"({format_relative(start, c.now_ms)}) to {format_utc(end, c.now_ms)}"
+    )
+
+
+def _cancelled(event: MaintenanceCancelled) -> str:
+    why = f": {_text(event.reason)}" if event.reason else ""
+    refund = (
+        f"; {format_duration(event.credit_refund_ms)} of credit refunded"
+        if event.credit_refund_ms
+        else ""
+    )
+    return f"maintenance window {event.window_id} of node {event.node_id} cancelled{why}{refund}"
+
+
 def _drain_started(event: MaintenanceDrainStarted, c: _Context) -> str:
     window = c.state.windows.get(event.window_id)
     when = ""
@@ -303,6 +308,21 @@ def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
     )
 
 
+def _maintenance_finished(event: MaintenanceFinished) -> str:
+    how = _MAINTENANCE_HOW.get(event.how, _text(event.how))
+    return (
+        f"node {event.node_id} finished maintenance (window {event.window_id}): {how}; "
+        "it takes work again"
+    )
+
+
+def _epoch_started(event: EpochStarted, c: _Context) -> str:
+    return (
+        f"epoch {event.epoch} started; it ends at {format_utc(event.end_ms, c.now_ms)} "
+        f"(in {format_duration(event.end_ms - c.now_ms)})"
+    )
+
+
 def _holders(event: DevshardPlaced) -> list[str]:
     """'node (slots)' for each node of a devshard, most slots first (then by node id)."""
     slots: dict[str, int] = {}
@@ -323,28 +343,33 @@ def _placed(event: DevshardPlaced, c: _Context) -> str:
     )
 
 
-def _unplaced(event: SessionUnplaced, c: _Context) -> LogLine:
+def _unplaced(event: SessionUnplaced, c: _Context) -> _Said:
     session = c.state.sessions.get(event.session_id)
     # The planner repeats an unplaced session only when its reason is news: the first of a
     # run (since the epoch turned or it was last placed) is the news, the rest progress.
     first = session is None or session.unplaced_epoch != event.epoch
-    message = f"session {event.session_id} unplaced in epoch {event.epoch}: {_text(event.reason)}"
     if c.onboarding:
-        return LogLine(INFO, message + " (nodes are still joining)")
+        return _Said(INFO, partial(_unplaced_text, event, " (nodes are still joining)"))
     if not first:
-        return LogLine(INFO, message + " (still unplaced; retried every cycle)")
-    return LogLine(WARNING, message + "; add nodes with room, or resize the session")
+        return _Said(INFO, partial(_unplaced_text, event, " (still unplaced; retried every cycle)"))
+    return _Said(
+        WARNING, partial(_unplaced_text, event, "; add nodes with room, or resize the session")
+    )
 
 
-def _missed(event: WorkMissed, c: _Context) -> LogLine:
+def _unplaced_text(event: SessionUnplaced, tail: str) -> str:
+    return (
+        f"session {event.session_id} unplaced in epoch {event.epoch}: {_text(event.reason)}" + tail
+    )
+
+
+def _missed(event: WorkMissed) -> str:
     slots = plural(event.count, "slot")
     message = (
         f"node {event.node_id} missed work on devshard {event.devshard_id} "
         f"(epoch {event.epoch}, {slots}): {_text(event.reason)}"
     )
-    if event.excused:
-        return LogLine(INFO, message + "; excused (maintenance)")
-    return LogLine(WARNING, message)
+    return message + "; excused (maintenance)" if event.excused else message
 
 
 def _settled(event: EpochSettled) -> str:
@@ -359,6 +384,31 @@ def _settled(event: EpochSettled) -> str:
         named = [f"{p.node_id} ({_text(p.reason)})" if p.reason else p.node_id for p in punished]
         message += f": {_capped(named)}"
     return message
+
+
+def _late(event: LateWorkSettled) -> str:
+    return (
+        f"late work of node {event.node_id} settled to epoch {event.epoch}: "
+        f"{plural(event.units, 'unit')}, reward {format_count(event.reward)}"
+    )
+
+
+def _finalized(event: DevshardFinalized) -> str:
+    return f"devshard {event.devshard_id} of epoch {event.epoch} finalized"
+
+
+def _requested(event: SessionRequested) -> str:
+    gpu = " with a GPU" if event.gpu else ""
+    name = f" ({_text(event.name)})" if event.name else ""
+    return (
+        f"session {event.session_id}{name} created: {plural(event.slots, 'slot')} of "
+        f"{format_count(event.memory_per_slot_mb)} MiB{gpu}; placed from the next "
+        "planner cycle"
+    )
+
+
+def _deleted(event: SessionDeleted) -> str:
+    return f"session {event.session_id} deleted: its devshard stops"
 
 
 # --------------------------------------------------------------------------------------------

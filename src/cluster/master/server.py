@@ -1207,8 +1207,17 @@ class Master:
 def _log_decision(events: Sequence[Event], state: State, now_ms: int) -> None:
     """Log a committed decision's lines (see `decision_log`). Never raises: the decision is
     durable whatever its description does."""
+    # The lowest level the log takes: lines below it are not even built (an epoch turn's
+    # thousands of DEBUG details cost the loop milliseconds with DEBUG off).
+    taken = [
+        lv
+        for lv in (logging.DEBUG, logging.INFO, logging.WARNING)
+        if decisions_log.isEnabledFor(lv)
+    ]
+    if not taken:
+        return
     try:
-        for level, message in decision_lines(events, state, now_ms):
+        for level, message in decision_lines(events, state, now_ms, min_level=taken[0]):
             decisions_log.log(level, "%s", message)
     except Exception:
         log.exception("could not describe a committed decision of %d events", len(events))
