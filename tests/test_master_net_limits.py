@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from cluster.master.server import Master, MasterConfig, _Submission
 from cluster.net import host as nethost
@@ -282,6 +282,37 @@ async def test_a_non_members_submit_stream_is_refused_without_taking_its_frame(
         err = raw.error()
         assert err.code == "unauthorized" and "submit refused" in err.message, err
         assert raw.taken <= READ_CHUNK, f"the master took {raw.taken} bytes of a stranger's"
+
+
+@pytest.mark.parametrize("handler", ["_submit", "_request", "_subscribe", "_hello"])
+def test_refused_streams_held_for_their_first_frame_are_capped_over_all_protocols(
+    tmp_path: Path, handler: str
+) -> None:
+    """A non-member's stream was held up to a second for its first frame (so that it reads
+    why) with no cap on how many at once, unlike a refused hello: strangers opening
+    thousands of silent submit streams held as many. Now all refusals share
+    `max_refusals`; beyond, a stream is refused at once. On a virtual clock standing still,
+    so that no held stream's second runs out during the test."""
+    cap = 3
+
+    async def main() -> None:
+        membership = Membership(allowed=frozenset({MEMBER}))
+        async with _master(tmp_path, membership, max_refusals=cap) as master:
+            silent = [_fs(STRANGER) for _ in range(cap + 2)]
+            async with anyio.create_task_group() as tg:
+                for fs, _ in silent:
+                    tg.start_soon(getattr(master, handler), fs)
+                await wait_all_tasks_blocked()
+                answered = [raw for _, raw in silent if raw.written]
+                assert len(answered) == 2, f"{len(answered)} of {len(silent)} answered"
+                for raw in answered:
+                    err = raw.error()
+                    assert err.code == "unauthorized" and STRANGER in err.message, err
+                assert master._refusals == cap
+                tg.cancel_scope.cancel()
+            assert master._refusals == 0  # released with their streams
+
+    anyio.run(main, backend="trio", backend_options={"clock": MockClock()})
 
 
 @pytest.mark.anyio

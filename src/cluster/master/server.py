@@ -194,6 +194,11 @@ class MasterConfig:
     #: at most a small frame (`HANDSHAKE_MAX_FRAME`), for at most `hello_timeout`.
     max_hellos_per_peer: int = 2
     max_hellos: int = 128
+    #: Refused streams whose first (small) frame the master takes before failing them, so
+    #: that the peer reads why (refused at once, its write sees only a reset): hellos, and
+    #: streams of other protocols from non-members or beyond a per-peer cap. At most this
+    #: many at once over all peers, each for at most a second; beyond, refused at once.
+    max_refusals: int = 128
     #: Events per Events frame and per catch-up read.
     frame_events: int = 4096
     snapshot_chunk: int = 1 << 20
@@ -361,7 +366,7 @@ class Master:
         self._requests: collections.Counter[str] = collections.Counter()
         #: Hello streams not yet past the proof, by peer (`max_hellos_per_peer`, `max_hellos`).
         self._hellos: collections.Counter[str] = collections.Counter()
-        self._hello_refusals = 0  # hello streams being refused (`_refuse_hello`)
+        self._refusals = 0  # streams being refused after their first frame (`_refuse`)
         #: Hello streams of peers the log does not know (at most half of `max_hellos`).
         self._unknown_hellos = 0
 
@@ -789,10 +794,10 @@ class Master:
             # member out).
             self.stats["refused"] += 1
             log.warning("refused %s: %s", peer, reason)
-            await self._refuse_hello(fs, "unauthorized", reason)
+            await self._refuse(fs, "unauthorized", reason)
             return
         if self._hellos[peer] >= cfg.max_hellos_per_peer:
-            await self._refuse_hello(
+            await self._refuse(
                 fs,
                 "too-many-streams",
                 f"peer {peer} already holds {cfg.max_hellos_per_peer} hello streams",
@@ -811,7 +816,7 @@ class Master:
                 "dial again later"
             )
         if busy is not None:
-            await self._refuse_hello(fs, "too-many-streams", busy)
+            await self._refuse(fs, "too-many-streams", busy)
             return
         self._unknown_hellos += not known
         try:
@@ -822,16 +827,17 @@ class Master:
         if hello is not None:
             await self._join(fs, hello)
 
-    async def _refuse_hello(self, fs: nethost.FramedStream, code: str, message: str) -> None:
-        """Refuse a hello stream (beyond the caps, or its peer off the allow-list). Its first
-        (small) frame is taken first so that the peer reads why, by at most `max_hellos` such
+    async def _refuse(self, fs: nethost.FramedStream, code: str, message: str) -> None:
+        """Refuse a stream whose first frame has not been read (a hello beyond the caps or
+        off the allow-list, a non-member's stream, one beyond its peer's cap). That frame
+        (small) is taken first so that the peer reads why, by at most `max_refusals` such
         streams at once: beyond, it is refused at once (and likely sees only a reset)."""
-        if self._hello_refusals < self.config.max_hellos:
-            self._hello_refusals += 1
+        if self._refusals < self.config.max_refusals:
+            self._refusals += 1
             try:
                 await _take_first_frame(fs)
             finally:
-                self._hello_refusals -= 1
+                self._refusals -= 1
         await fs.fail(code, message)
 
     async def _admit(self, fs: nethost.FramedStream) -> Hello | None:
@@ -897,11 +903,10 @@ class Master:
     async def _require_member(self, fs: nethost.FramedStream, what: str) -> bool:
         if fs.peer_id in self._members:
             return True
-        await _take_first_frame(fs)
         self.stats["refused"] += 1
         reason = self.membership.refuse_reason(fs.peer_id) or "it has not passed hello"
         log.warning("refused %s stream from %s: %s", what, fs.peer_id, reason)
-        await fs.fail("unauthorized", f"{what} refused: peer {fs.peer_id}: {reason}")
+        await self._refuse(fs, "unauthorized", f"{what} refused: peer {fs.peer_id}: {reason}")
         return False
 
     # ------------------------------------------------------------------ request
@@ -914,8 +919,8 @@ class Master:
             if allowed:
                 await self._serve_request(fs)
             else:
-                await _take_first_frame(fs)
-                await _refuse_stream(fs, limit, "request")
+                busy = _too_many_streams(fs.peer_id, limit, "request")
+                await self._refuse(fs, "too-many-streams", busy)
 
     async def _serve_request(self, fs: nethost.FramedStream) -> None:
         t = self.config.peer_timeout
@@ -940,8 +945,8 @@ class Master:
             if allowed:
                 await self._serve_submit(fs)
                 return
-            await _take_first_frame(fs)
-            await _refuse_stream(fs, limit, "submit")
+            busy = _too_many_streams(fs.peer_id, limit, "submit")
+            await self._refuse(fs, "too-many-streams", busy)
 
     async def _serve_submit(self, fs: nethost.FramedStream) -> None:
         peer = fs.peer_id
@@ -1062,7 +1067,8 @@ class Master:
             if allowed:
                 await self._serve_subscription(fs, req)
             else:
-                await _refuse_stream(fs, limit, "subscribe")
+                busy = _too_many_streams(fs.peer_id, limit, "subscribe")
+                await fs.fail("too-many-streams", busy)
         if self._stop.is_set() and not self._subscriptions:
             self._subscriptions_ended.set()
 
@@ -1253,5 +1259,5 @@ async def _take_first_frame(fs: nethost.FramedStream) -> None:
         await fs.recv_frame(1.0, HANDSHAKE_MAX_FRAME)
 
 
-async def _refuse_stream(fs: nethost.FramedStream, limit: int, kind: str) -> None:
-    await fs.fail("too-many-streams", f"peer {fs.peer_id} already holds {limit} {kind} streams")
+def _too_many_streams(peer: str, limit: int, kind: str) -> str:
+    return f"peer {peer} already holds {limit} {kind} streams"
