@@ -8,6 +8,7 @@ reads the refusal (a stream refused at once shows it only a reset).
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ import anyio
 import pytest
 from trio.testing import MockClock, wait_all_tasks_blocked
 
-from cluster.master.server import Master, MasterConfig, _Submission
+from cluster.master.server import _STOP_NOTICE_S, Master, MasterConfig, _Submission
 from cluster.net import host as nethost
 from cluster.net.framing import COMPRESSED, HEADER, READ_CHUNK, FrameDecoder, encode_frame
 from cluster.net.identity import key_pair_from_seed, load_identity, peer_id_of
@@ -34,6 +35,7 @@ from cluster.net.protocol import (
     Message,
     SeqEvent,
     SubmitBatch,
+    Subscribe,
     decode,
     encode,
 )
@@ -343,6 +345,43 @@ async def test_a_members_request_streams_are_capped(tmp_path: Path) -> None:
         for _, raw in held:  # the two held were answered
             assert isinstance(raw.replies()[0], ControlReplyMsg)
         assert not master._requests
+
+
+def test_a_stop_does_not_wait_on_a_subscription_that_ended_in_an_unexpected_error(
+    tmp_path: Path,
+) -> None:
+    """A stopping master closes its subscribers' queues and waits up to `_STOP_NOTICE_S` for
+    their streams to say "stopping". The last one to end released that wait only if it
+    ended normally: one ended by an unexpected error (here raised as its queue closes) held
+    every stop for the whole second. On a virtual clock that jumps ahead whenever all tasks
+    wait, so a wait left to time out takes exactly `_STOP_NOTICE_S`."""
+
+    async def main() -> None:
+        async with _master(tmp_path) as master:
+
+            async def broken_live(fs: nethost.FramedStream, recv: Any, cursor: int) -> None:
+                with contextlib.suppress(anyio.EndOfStream):
+                    await recv.receive()  # until the stop closes the queue
+                raise RuntimeError("unexpected")
+
+            master._send_live = broken_live  # type: ignore[method-assign]
+            master._members.add(MEMBER)
+            fs, _ = _fs(MEMBER, encode_frame(encode(Subscribe(from_idx=1))))
+            handler = nethost.safe_handler(master._subscribe, "subscribe")  # as the host runs it
+
+            async def serve() -> None:
+                await handler(fs.stream)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(serve)
+                await _until(lambda: master._subscriptions[MEMBER] == 1)
+                master.stop()
+                start = anyio.current_time()
+                await master._let_subscribers_hear_the_stop()
+                assert anyio.current_time() - start < _STOP_NOTICE_S
+            assert not master._subscriptions
+
+    anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
 
 
 # ------------------------------------------------------------------ submissions

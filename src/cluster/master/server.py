@@ -572,18 +572,22 @@ class Master:
                 task_status.started(self.addrs)
                 await self._stop.wait()
                 tg.cancel_scope.cancel()  # a snapshot being written is waited for
-            for send in self._subscribers.values():
-                send.close()
-            # Each subscribe stream now ends saying "stopping" (`_cut`): give them a moment
-            # to write it before the host closes under them (a worker then knows the master
-            # stopped; it used to read that it had fallen behind, or just a reset).
-            if self._subscriptions:
-                with anyio.move_on_after(_STOP_NOTICE_S):
-                    await self._subscriptions_ended.wait()
+            await self._let_subscribers_hear_the_stop()
         if self._fatal is not None:
             # A commit failed where its error was not fatal to the caller (a hello, a
             # control request): the master ends all the same.
             raise self._fatal
+
+    async def _let_subscribers_hear_the_stop(self) -> None:
+        """Each subscribe stream now ends saying "stopping" (`_cut`): give them a moment to
+        write it before the host closes under them (a worker then knows the master stopped;
+        it used to read that it had fallen behind, or just a reset). Returns as soon as the
+        last one has ended, however it ended."""
+        for send in self._subscribers.values():
+            send.close()
+        if self._subscriptions:
+            with anyio.move_on_after(_STOP_NOTICE_S):
+                await self._subscriptions_ended.wait()
 
     # ------------------------------------------------------------------ indexing
     async def _indexer(self) -> None:
@@ -1063,14 +1067,18 @@ class Master:
             await fs.fail(*nethost.error_of(exc, "subscribe request", cfg.peer_timeout))
             return
         limit = cfg.max_subscriptions_per_peer
-        with _stream_slot(self._subscriptions, fs.peer_id, limit) as allowed:
-            if allowed:
-                await self._serve_subscription(fs, req)
-            else:
-                busy = _too_many_streams(fs.peer_id, limit, "subscribe")
-                await fs.fail("too-many-streams", busy)
-        if self._stop.is_set() and not self._subscriptions:
-            self._subscriptions_ended.set()
+        try:
+            with _stream_slot(self._subscriptions, fs.peer_id, limit) as allowed:
+                if allowed:
+                    await self._serve_subscription(fs, req)
+                else:
+                    busy = _too_many_streams(fs.peer_id, limit, "subscribe")
+                    await fs.fail("too-many-streams", busy)
+        finally:
+            # However it ended (an unexpected error included): a stop waiting for the last
+            # subscription to end (`_let_subscribers_hear_the_stop`) waits no longer.
+            if self._stop.is_set() and not self._subscriptions:
+                self._subscriptions_ended.set()
 
     async def _serve_subscription(self, fs: nethost.FramedStream, req: Subscribe) -> None:
         cfg = self.config
