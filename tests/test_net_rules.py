@@ -120,6 +120,20 @@ def test_admission_bounds_sequence_numbers_and_work_amounts() -> None:
         assert err.value.code == "bad-count"
 
 
+def test_only_the_master_excuses_missed_work() -> None:
+    """A worker's WorkMissed marked excused was admitted: only the master decides an excuse
+    (the one maintenance rule), so it is refused, saying what was wrong."""
+    check_worker_event(A, 1, WorkMissed(devshard_id="d", node_id=A, epoch=1))
+    excused = WorkMissed(devshard_id="d", node_id=A, epoch=1, excused=True)
+    why = r"WorkMissed \(seq 4\) is marked excused: only the master excuses"
+    with pytest.raises(AdmissionError, match=why) as err:
+        check_worker_event(A, 4, excused)
+    assert err.value.code == "forbidden-event" and err.value.code in CONTENT_REFUSALS
+    hb = NodeHeartbeat(node_id=A)
+    with pytest.raises(AdmissionError, match=r"seq 2\) is marked excused") as err:
+        check_worker_columns(A, [1, 2], [hb, excused])  # the fast path too
+
+
 def test_batches_must_count_up() -> None:
     hb = NodeHeartbeat(node_id=A)
     check_worker_batch(A, [(5, hb), (6, hb), (9, hb)])  # gaps are fine (duplicates dropped)
@@ -178,6 +192,7 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
         [(1, work), (2, msgspec.structs.replace(work, units=MAX_WORK_UNITS + 1))],
         [(1, msgspec.structs.replace(work, units=-5))],
         [(1, missed), (2, msgspec.structs.replace(missed, count=0))],
+        [(1, msgspec.structs.replace(missed, excused=True))],
     ]
     for pairs in good + bad:
         seqs, events = [s for s, _ in pairs], [e for _, e in pairs]

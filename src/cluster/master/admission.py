@@ -3,7 +3,9 @@
 The master binds every submitted event to the authenticated peer (its origin). A worker may
 only state facts about itself (an event's `node_id` must be its own id) and only of the kinds
 a worker observes; decisions (placement, epochs, maintenance transitions, disconnects) are
-the master's and arrive only through the planner or a request handler.
+the master's and arrive only through the planner or a request handler. So is an excuse: a
+worker may report work it missed, but only the master excuses a miss (the one maintenance
+rule, `cluster.shared.excuse`), so a `WorkMissed` marked excused is refused from a worker.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def check_worker_event(origin: str, seq: int, event: Event) -> None:
         raise AdmissionError(
             "bad-count",
             f"WorkMissed (seq {seq}) counts {event.count} slots: must be 1..{MAX_MISSED_SLOTS}",
+        )
+    if isinstance(event, WorkMissed) and event.excused:
+        raise AdmissionError(
+            "forbidden-event",
+            f"WorkMissed (seq {seq}) is marked excused: only the master excuses missed work "
+            "(maintenance windows); a worker reports its misses with excused=False",
         )
     node_id = getattr(event, "node_id", origin)
     if node_id != origin:
@@ -133,11 +141,12 @@ def check_worker_columns(origin: str, seqs: Sequence[int], events: Sequence[Even
 
 
 def _amounts_in_bounds(events: Sequence[Event], types: set[type]) -> bool:
-    """The work amounts `check_worker_event` bounds, for the kinds the batch holds."""
+    """The work amounts `check_worker_event` bounds, for the kinds the batch holds, and no
+    miss marked excused."""
     if WorkReported in types and not all(
         1 <= e.units <= MAX_WORK_UNITS for e in events if type(e) is WorkReported
     ):
         return False
     return WorkMissed not in types or all(
-        1 <= e.count <= MAX_MISSED_SLOTS for e in events if type(e) is WorkMissed
+        1 <= e.count <= MAX_MISSED_SLOTS and not e.excused for e in events if type(e) is WorkMissed
     )
