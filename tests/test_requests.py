@@ -111,6 +111,22 @@ def test_a_request_acts_for_the_node_it_names_when_the_requester_may() -> None:
     assert ok and A not in log.state.open_window_by_node and B in log.state.open_window_by_node
 
 
+def test_any_member_may_read_another_nodes_schedule_but_not_check_one_for_it() -> None:
+    """Decided (docs/maintenance.md, "Who may act"): `next` is read-only schedule data that
+    every member already receives in the log it replicates, so it answers for any node;
+    `check` is a request to schedule and is judged as one."""
+    log = Log()
+    log.join(A)
+    log.join(B)
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN), A)
+    assert ok
+    window = log.state.open_window_by_node[A]
+    ok, msg = _run(log, MaintenanceNext(node_id=A), B)
+    assert ok and msg.startswith(f"node {A}: ") and window in msg, msg
+    ok, msg = _run(log, MaintenanceCheck(in_ms=5 * HOUR, duration_ms=30 * MIN, node_id=A), B)
+    assert not ok and f"{B} may not schedule maintenance for node {A}" in msg, msg
+
+
 def test_start_times_beyond_what_can_be_shown_are_refused_with_the_field() -> None:
     log = Log()
     log.join(A)
