@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
+from anyio.abc import SocketStream
 from test_node_status import MIN, T0, Log, far_future_log
 
 from cluster.master.http_api import (
@@ -601,6 +602,69 @@ async def test_one_client_cannot_take_every_connection() -> None:
             while api._connections:
                 await anyio.sleep(0.01)
             assert (await get(port, "/api/status"))[0] == 200
+
+
+async def silent_connections(api: HttpApi, count: int, addresses: int) -> list[SocketStream]:
+    """`count` connections spread over 127.0.0.2.. (`addresses` of them), each sending part
+    of a request head and then nothing: slow clients on several hosts. One at a time, each
+    seen by the server before the next, so the server's order is the list's."""
+    conns = []
+    for i in range(count):
+        local = f"127.0.0.{2 + i % addresses}"
+        s = await anyio.connect_tcp("127.0.0.1", api.port, local_host=local)
+        await s.send(b"GET /api/status HTTP/1.1\r\n")
+        conns.append(s)
+        while api._connections < i + 1:
+            await anyio.sleep(0.001)
+    return conns
+
+
+async def answer_of(s: SocketStream) -> bytes:
+    """What the server sent on `s` until it closed."""
+    data = b""
+    while True:
+        try:
+            data += await s.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data
+
+
+@pytest.mark.anyio
+async def test_slow_clients_from_many_addresses_cannot_lock_out_an_operator() -> None:
+    """Every connection held by silent clients from 4 addresses (16 each, under the per-client
+    cap): `cluster status --url` got 503 until their heads timed out, and they came back."""
+    config = HttpApiConfig(request_timeout_s=60)  # so only eviction can free a connection
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        with anyio.fail_after(20):
+            slow = await silent_connections(api, config.max_connections, addresses=4)
+            status, _, body = await get(port, "/api/status")
+            assert status == 200, body
+            assert json.loads(body)["nodes"]
+            # The connection that had waited longest for its head made room, with a reason.
+            evicted = await answer_of(slow[0])
+            assert evicted.startswith(b"HTTP/1.1 408 "), evicted
+            assert b"server at its connection cap (64)" in evicted
+            # The others still wait: one arrival closes one waiting connection.
+            assert len(api._awaiting_head) == config.max_connections - 1
+            await slow[1].send(b"Host: 127.0.0.1\r\n\r\n")
+            assert (await answer_of(slow[1])).startswith(b"HTTP/1.1 200 ")
+            for s in slow:
+                await s.aclose()
+
+
+@pytest.mark.anyio
+async def test_at_the_cap_with_no_connection_waiting_for_its_head_a_new_one_gets_503() -> None:
+    """Connections already being answered (here event streams) are never closed for a
+    newcomer: it is refused instead."""
+    config = HttpApiConfig(max_connections=2, max_subscribers=2)
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        with anyio.fail_after(20):
+            async with sse(port, "/api/events"), sse(port, "/api/events"):
+                assert api.subscribers == 2
+                status, _, body = await get(port, "/api/status")
+                assert status == 503
+                assert b"too many connections (max 2), none waiting for its request" in body
+                assert api.subscribers == 2
 
 
 @pytest.mark.anyio

@@ -23,7 +23,9 @@ token, refused at startup otherwise; with a token every request must carry it as
 Nothing a client sends can crash the server: every connection is handled in its own task
 that catches and logs, and is bounded in time and memory. A client has `request_timeout_s`
 (3 s) to send its request head and may hold at most `max_connections_per_client` of the
-`max_connections` at once, so one slow or greedy client cannot lock the others out. An
+`max_connections` at once, so one slow or greedy client cannot lock the others out; and a
+connection arriving at the cap closes the one that has waited longest for its request head
+(`_evict_slowest`), so slow clients from many addresses cannot lock them out either. An
 internal error is answered `500` with a one-line reason (and logged once, with its
 traceback) while the response has not started.
 
@@ -102,6 +104,8 @@ class HttpApiConfig:
     port: int = 0
     #: Required when `host` is not a loopback address; then required on every request.
     token: str | None = None
+    #: Connections open at once. A new one beyond it closes the connection that has waited
+    #: longest for its request head (408), or gets 503 if every connection is being answered.
     max_connections: int = 64
     #: Connections open at once from one client address (more get 503): one client cannot
     #: take every connection. Above `max_subscribers` by 8, so that with every event stream
@@ -254,14 +258,18 @@ class _Request:
 
 class _Exchange:
     """One connection's parser and socket, and whether its request is a HEAD (whose every
-    answer, an error included, must carry headers only: h11 refuses a body)."""
+    answer, an error included, must carry headers only: h11 refuses a body). While its
+    request head is awaited, `waiting` is the scope that reads it (cancelled to evict it)."""
 
-    __slots__ = ("conn", "head", "stream")
+    __slots__ = ("conn", "evicted", "head", "since", "stream", "waiting")
 
     def __init__(self, conn: h11.Connection, stream: SocketStream) -> None:
         self.conn = conn
         self.stream = stream
         self.head = False
+        self.since = anyio.current_time()
+        self.waiting: anyio.CancelScope | None = None
+        self.evicted = False
 
 
 def _client_address(stream: SocketStream) -> str:
@@ -310,6 +318,9 @@ class HttpApi:
         self._connections = 0
         #: Open connections by client address (entries dropped at zero).
         self._by_client: dict[str, int] = {}
+        #: Connections still waiting for their request head, oldest first (a dict keeps
+        #: insertion order): the ones `_evict_slowest` may close.
+        self._awaiting_head: dict[_Exchange, None] = {}
         self.subscribers = 0
         #: Status code -> responses sent (exported at /metrics).
         self.responses: dict[str, int] = {}
@@ -357,20 +368,38 @@ class HttpApi:
         )
         target = "?"
         try:
-            if self._connections > cfg.max_connections:
-                raise _Reject(503, f"too many connections (max {cfg.max_connections})")
+            # The per-client cap first: a client over it must not close another's connection.
             if self._by_client[client] > cfg.max_connections_per_client:
                 raise _Reject(
                     503,
                     f"too many connections from {client} "
                     f"(max {cfg.max_connections_per_client} per client)",
                 )
+            if self._connections > cfg.max_connections and not self._evict_slowest():
+                raise _Reject(
+                    503,
+                    f"too many connections (max {cfg.max_connections}), "
+                    "none waiting for its request",
+                )
             request: _Request | None = None
             try:
                 with anyio.move_on_after(cfg.request_timeout_s) as deadline:
-                    request = await self._read_request(ex)
+                    ex.waiting = deadline
+                    self._awaiting_head[ex] = None
+                    try:
+                        request = await self._read_request(ex)
+                    finally:
+                        self._awaiting_head.pop(ex, None)
+                        ex.waiting = None
             except h11.RemoteProtocolError as exc:
                 raise _Reject(exc.error_status_hint, f"malformed request: {exc}") from None
+            if ex.evicted:
+                raise _Reject(
+                    408,
+                    f"request not complete after {anyio.current_time() - ex.since:.1f} s "
+                    f"with the server at its connection cap ({cfg.max_connections}): the "
+                    "connection that waited longest is closed to serve a new one",
+                )
             if deadline.cancelled_caught:
                 raise _Reject(
                     408, f"request not received in time (within {cfg.request_timeout_s:g} s)"
@@ -388,6 +417,28 @@ class HttpApi:
             # otherwise see the connection close without a word, and keep serving.
             log.exception("HTTP API: internal error answering %s", target)
             await self._answer(ex, 500, f"internal error ({_one_line(exc)})")
+
+    def _evict_slowest(self) -> bool:
+        """At the connection cap, close the connection that has waited longest for its
+        request head, so a new one is served; False if none is waiting (all are answering).
+
+        Why the oldest waiter: a real client sends its head as soon as it connects, so a
+        connection still without one after the others is the likeliest to be a slow or
+        silent client, and it has the least of its `request_timeout_s` left anyway. A new
+        connection then lasts until `max_connections` later arrivals (if all of them are
+        waiters) -- far longer than a client on any network takes to send its head -- so
+        slow clients from many addresses, reconnecting as fast as they are closed, cannot
+        keep an operator's `cluster status` out, as they could for 3 s at a time by holding
+        every connection. Connections already being answered (an event stream, a response
+        being written) are never closed for a newcomer."""
+        oldest = next(iter(self._awaiting_head), None)
+        if oldest is None:
+            return False
+        del self._awaiting_head[oldest]
+        oldest.evicted = True
+        if oldest.waiting is not None:
+            oldest.waiting.cancel()  # its task answers 408 and closes
+        return True
 
     async def _answer(
         self, ex: _Exchange, status: int, message: str, headers: Sequence[tuple[str, str]] = ()
