@@ -328,6 +328,13 @@ def test_event_json_names_its_fields() -> None:
         ),
         (b"GET /api/state HTTP/1.1\r\nHost: evil.example:80\r\n\r\n", 403, "loopback"),
         (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "no such path '/nope'"),
+        # urlsplit took "//evil.example" for a host name and served /api/status.
+        (
+            b"GET //evil.example/api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            404,
+            "no such path '//evil.example/api/status'",
+        ),
+        (b"GET /api/status#x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "'/api/status#x'"),
     ],
 )
 async def test_bad_requests_get_a_clear_error_and_the_server_survives(

@@ -41,7 +41,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import anyio
 import h11
@@ -479,11 +479,14 @@ class HttpApi:
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             raise _Reject(400, f"a {method} request carries no body")
         target = event.target.decode("ascii", "replace")
-        parts = urlsplit(target)
         if not target.startswith("/"):
             raise _Reject(400, f"request target {target!r} must be a path starting with '/'")
+        # Split by hand: a request target is a path and a query (RFC 9112 3.2.1). `urlsplit`
+        # parses a URL, taking "//host/api/status" for a host and the path /api/status, and
+        # dropping a "#fragment": both were served as another path than the one asked for.
+        path, _, query_text = target.partition("?")
         try:
-            raw = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+            raw = parse_qs(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
         except ValueError as exc:
             raise _Reject(400, f"malformed query string: {exc}") from None
         query: dict[str, str] = {}
@@ -491,7 +494,7 @@ class HttpApi:
             if len(values) != 1:
                 raise _Reject(400, f"query parameter {key!r} given {len(values)} times")
             query[key] = values[0]
-        return _Request(parts.path, query, headers)
+        return _Request(path, query, headers)
 
     # ------------------------------------------------------------------ routing
     async def _route(self, ex: _Exchange, req: _Request) -> None:
