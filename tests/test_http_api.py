@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -670,6 +671,40 @@ async def test_at_the_cap_with_no_connection_waiting_for_its_head_a_new_one_gets
                 assert status == 503
                 assert b"too many connections (max 2), none waiting for its request" in body
                 assert api.subscribers == 2
+
+
+@pytest.mark.anyio
+async def test_many_requests_leave_the_masters_worker_threads_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bodies were built on anyio's default worker threads (40 at once), the ones the master
+    commits and reads its log on: 40 requests for /api/state (~145 ms each at 10,000 nodes)
+    held them all, and the master's next commit waited behind every one of them."""
+    from cluster.master import http_api
+
+    release = threading.Event()
+
+    def slow_render(state: State) -> bytes:
+        release.wait(20)
+        return b"{}"
+
+    monkeypatch.setattr(http_api, "state_to_json", slow_render)
+    n = int(anyio.to_thread.current_default_thread_limiter().total_tokens) + 1
+    config = HttpApiConfig(max_connections_per_client=n)
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(n):
+                    tg.start_soon(get, port, "/api/state")
+                with anyio.fail_after(20):
+                    # Every request read (each then goes straight to its render).
+                    while api._connections < n or api._awaiting_head:
+                        await anyio.sleep(0.01)
+                with anyio.fail_after(5):  # the master's own work still gets a thread
+                    assert await anyio.to_thread.run_sync(lambda: "ran") == "ran"
+                release.set()
+        finally:
+            release.set()
 
 
 @pytest.mark.anyio

@@ -113,6 +113,11 @@ class HttpApiConfig:
     max_connections_per_client: int = 24
     #: Open /api/events streams at most; more get 503.
     max_subscribers: int = 16
+    #: Bodies of /api/state, /api/status and /metrics built at once, each in a worker thread
+    #: of the API's own (more wait their turn). Pure Python that holds the GIL, so more
+    #: threads would not finish them sooner; and not anyio's default threads, which the
+    #: master commits and reads its log on (40 requests held them all).
+    max_renders: int = 2
     #: Request line + headers, in bytes (h11 answers 431 beyond it).
     max_header_bytes: int = 16 * 1024
     #: Time a client has to send its whole request (a request line and headers, a few
@@ -160,6 +165,7 @@ def check_config(config: HttpApiConfig) -> None:
         "max_connections",
         "max_connections_per_client",
         "max_subscribers",
+        "max_renders",
         "max_header_bytes",
         "batch_events",
     ):
@@ -311,6 +317,7 @@ class HttpApi:
         #: insertion order): the ones `_evict_slowest` may close.
         self._awaiting_head: dict[_Exchange, None] = {}
         self.subscribers = 0
+        self._renders = anyio.CapacityLimiter(self.config.max_renders)
         #: Status code -> responses sent (exported at /metrics).
         self.responses: dict[str, int] = {}
 
@@ -514,20 +521,22 @@ class HttpApi:
         if req.path == "/":
             await self._respond(ex, 200, self._dashboard, "text/html; charset=utf-8")
         elif req.path == "/api/state":
-            body = await anyio.to_thread.run_sync(state_to_json, self.view.state)
+            body = await anyio.to_thread.run_sync(
+                state_to_json, self.view.state, limiter=self._renders
+            )
             await self._respond(ex, 200, body, "application/json")
         elif req.path == "/api/status":
             # Read the view here, in the event loop; derive and encode in a worker thread
             # (State is immutable), so a large cluster does not stall other clients.
             view = self.view
             body = await anyio.to_thread.run_sync(
-                self._status_json, view.state, view.now_ms(), view.metrics()
+                self._status_json, view.state, view.now_ms(), view.metrics(), limiter=self._renders
             )
             await self._respond(ex, 200, body, "application/json")
         elif req.path == "/metrics":
             view = self.view
             body = await anyio.to_thread.run_sync(
-                self._metrics_text, view.state, view.now_ms(), view.metrics()
+                self._metrics_text, view.state, view.now_ms(), view.metrics(), limiter=self._renders
             )
             await self._respond(ex, 200, body, METRICS_CONTENT_TYPE)
         else:
