@@ -336,6 +336,13 @@ def test_event_json_names_its_fields() -> None:
             "no such path '//evil.example/api/status'",
         ),
         (b"GET /api/status#x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404, "'/api/status#x'"),
+        # Two values for a field that holds one: the last one was used without a word.
+        (
+            b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Last-Event-ID: 1\r\nLast-Event-ID: 5\r\n\r\n",
+            400,
+            "header Last-Event-ID given 2 times",
+        ),
     ],
 )
 async def test_bad_requests_get_a_clear_error_and_the_server_survives(
@@ -347,6 +354,23 @@ async def test_bad_requests_get_a_clear_error_and_the_server_survives(
         assert says in body.decode()
         status, _, _ = await get(port, "/api/status")
         assert status == 200
+
+
+@pytest.mark.anyio
+async def test_a_repeated_authorization_header_is_refused_even_if_one_is_right() -> None:
+    config = HttpApiConfig(token=TOKEN)
+    async with running(FakeView(cluster_log()), config) as (_, port):
+        status, _, body = await get(
+            port, "/api/status", "Authorization: Bearer wrong", f"Authorization: Bearer {TOKEN}"
+        )
+        assert status == 400
+        assert b"header Authorization given 2 times" in body
+
+
+@pytest.mark.anyio
+async def test_a_zero_content_length_written_with_leading_zeros_is_no_body() -> None:
+    async with running(FakeView(cluster_log())) as (_, port):
+        assert (await get(port, "/api/status", "Content-Length: 00"))[0] == 200
 
 
 @pytest.mark.anyio

@@ -237,6 +237,10 @@ def _is_event_index(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 18
 
 
+#: Request headers the API reads that hold one value (Host is h11's to check), by their
+#: lower-case name: a request carrying one twice is refused.
+_SINGLE_VALUED: Final = {"authorization": "Authorization", "last-event-id": "Last-Event-ID"}
+
 #: Methods served; HEAD is GET without the body.
 _METHODS: Final = ("GET", "HEAD")
 _ALLOW: Final = ", ".join(_METHODS)
@@ -475,7 +479,14 @@ class HttpApi:
                 f"request line and headers take {head_bytes} bytes, over the limit of "
                 f"{self.config.max_header_bytes}",
             )
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        headers: dict[str, str] = {}
+        for k, v in event.headers:  # names come lower-cased from h11
+            name = k.decode("latin-1")
+            if name in headers and name in _SINGLE_VALUED:
+                # Which one counts is a guess (a proxy in front may check the first): refuse.
+                count = sum(1 for other, _ in event.headers if other == k)
+                raise _Reject(400, f"header {_SINGLE_VALUED[name]} given {count} times")
+            headers[name] = v.decode("latin-1")
         method = event.method.decode("ascii", "replace")
         if method not in _METHODS:
             raise _Reject(
@@ -483,7 +494,8 @@ class HttpApi:
                 f"method {method} not allowed; this API is read-only ({_ALLOW})",
                 [("Allow", _ALLOW)],
             )
-        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+        # h11 checked Content-Length is digits (one value): "00" is no body either.
+        if int(headers.get("content-length", "0")) != 0 or "transfer-encoding" in headers:
             raise _Reject(400, f"a {method} request carries no body")
         target = event.target.decode("ascii", "replace")
         if not target.startswith("/"):
