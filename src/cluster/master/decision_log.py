@@ -376,8 +376,10 @@ def _settled(event: EpochSettled) -> str:
     paid = [p for p in event.payouts if p.reward > 0 and not p.punished]
     punished = [p for p in event.payouts if p.punished]
     total = sum(p.reward for p in paid)
+    # A large settlement comes in parts (settlement.split_settlement): each says its share.
+    what = "settled" if event.final else "settling (part)"
     message = (
-        f"epoch {event.epoch} settled: {plural(len(paid), 'node')} paid "
+        f"epoch {event.epoch} {what}: {plural(len(paid), 'node')} paid "
         f"{format_count(total)} in all, {format_count(len(punished))} punished"
     )
     if punished:

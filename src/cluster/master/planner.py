@@ -7,8 +7,9 @@ order, which the master appends to the log contiguously and applies one by one:
 2. the maintenance hook's window transitions (the maintenance rules own their order);
 3. `LateWorkSettled` for work reported after its epoch was settled;
 4. at an epoch's end: `WorkMissed`, `DevshardFinalized` (sorted by devshard id),
-   `EpochSettled`, `EpochStarted`, then a `DevshardPlaced`/`SessionUnplaced` for every
-   session of the new epoch (sorted by session id);
+   `EpochSettled` (in parts when large: `settlement.split_settlement`), `EpochStarted`,
+   then a `DevshardPlaced`/`SessionUnplaced` for every session of the new epoch (sorted by
+   session id);
    otherwise: `DevshardPlaced(reason="replace")` for devshards that lost slots, then
    placements for sessions that have no devshard this epoch.
 
@@ -41,7 +42,13 @@ from cluster.master.placement import (
     place_sessions,
     replace_lost_slots,
 )
-from cluster.master.settlement import DEFAULT_POLICY, late_work, missed_work, settle_epoch
+from cluster.master.settlement import (
+    DEFAULT_POLICY,
+    late_work,
+    missed_work,
+    settle_epoch,
+    split_settlement,
+)
 from cluster.shared.apply import fold
 from cluster.shared.events import (
     MASTER_ORIGIN,
@@ -131,7 +138,8 @@ def plan(
         misses = missed_work(state, current, now_ms, cfg)
         events.extend(misses)
         events.extend(finalize_devshards(state))
-        events.append(settle_epoch(state, current, cfg, misses, liveness.events, policy=policy))
+        settled = settle_epoch(state, current, cfg, misses, liveness.events, policy=policy)
+        events.extend(split_settlement(settled))
     started = next_epoch(state, now_ms, cfg, entropy)
     events.append(started)
     events.extend(

@@ -22,6 +22,12 @@ ends. Then, per node:
   for punished nodes too, with reward 0 -- the log then says explicitly that the work was
   seen and forfeited, and the units are marked decided so they are not reconsidered.
 
+* **Parts.** A settlement is logged in parts (`split_settlement`): EpochSettled events of
+  the same epoch with disjoint payouts, each of at most `SETTLEMENT_PART_BYTES` of payouts,
+  the last one `final`. One event of a cluster of ~25,000 nodes would not fit the frame
+  that carries the log to replicas. A node already paid by a part (a crash lost the later
+  parts of a decision) is not settled again.
+
 The functions take this cycle's not-yet-applied decisions (misses, disconnects) as
 arguments, because the master applies the planner's events only after `plan()` returns.
 """
@@ -30,9 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
+
 from cluster.master.config import PlannerConfig
 from cluster.master.maintenance import credits_to_earn_ms, in_maintenance_during
 from cluster.shared.events import (
+    SETTLEMENT_PART_BYTES,
     EpochSettled,
     LateWorkSettled,
     NodeDisconnected,
@@ -97,7 +106,9 @@ def settle_epoch(
     """The payouts of `epoch`, counting this cycle's unapplied misses and disconnects.
 
     A payout is listed for every node with something to record: units, a punishment, or
-    credit earned. Payouts are sorted by node id.
+    credit earned. Payouts are sorted by node id. A node that already holds a payout of
+    this epoch (a part of an earlier decision, whose later parts a crash lost) is left out:
+    it was settled. One event, of any size: `split_settlement` makes it loggable.
     """
     ledger = state.ledgers.get(epoch.epoch) or EpochLedger(epoch=epoch.epoch)
     served: set[str] = set()
@@ -139,6 +150,8 @@ def settle_epoch(
     payouts: list[NodePayout] = []
     for node_id in sorted(candidates):
         account = accounts.get(node_id, EMPTY_NODE_LEDGER)
+        if account.payout is not None:
+            continue
         units = account.units
         if node_id in judged:
             reasons = _punishments(misses.get(node_id, 0), disconnects.get(node_id), cfg)
@@ -162,6 +175,37 @@ def settle_epoch(
             )
         )
     return EpochSettled(epoch=epoch.epoch, payouts=tuple(payouts))
+
+
+def split_settlement(
+    settled: EpochSettled, part_bytes: int = SETTLEMENT_PART_BYTES
+) -> list[EpochSettled]:
+    """`settled` as parts that each carry at most `part_bytes` of encoded payouts (a payout
+    larger than that alone), in order; only the last is `final`. One part -- `settled`
+    itself -- when it fits: small clusters log exactly what they always did.
+
+    Folding the parts gives the state `settled` gives (the reducer applies each part's
+    payouts and settles the epoch with the final one).
+    """
+    if part_bytes <= 0:
+        raise ValueError(f"part_bytes must be positive, not {part_bytes}")
+    encode = msgspec.msgpack.encode
+    sizes = [len(encode(p)) for p in settled.payouts]
+    if sum(sizes) <= part_bytes:
+        return [settled]
+    chunks: list[tuple[NodePayout, ...]] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        if used + size > part_bytes and i > start:
+            chunks.append(settled.payouts[start:i])
+            start, used = i, 0
+        used += size
+    chunks.append(settled.payouts[start:])
+    last = len(chunks) - 1
+    return [
+        EpochSettled(epoch=settled.epoch, payouts=chunk, final=i == last)
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 def _punishments(misses: int, disconnect: str | None, cfg: PlannerConfig) -> list[str]:

@@ -309,9 +309,31 @@ class NodePayout(msgspec.Struct, frozen=True, kw_only=True):
     credit_earned_ms: int = 0
 
 
-class EpochSettled(_Event, frozen=True):
+#: The most encoded payout bytes one `EpochSettled` carries. A settlement lists one payout per
+#: paid or punished node (~150 bytes each): past ~25,000 nodes one event would not fit the
+#: Events frame that carries the log to replicas, and the master would refuse to log it.
+#: Larger settlements are split into parts of at most this much (`settlement.split_settlement`),
+#: a quarter of a frame: each part is a modest record to commit, send and fold.
+SETTLEMENT_PART_BYTES: Final = 1 << 20
+
+
+# omit_defaults: a settlement in one part (`final` true) encodes exactly as before parts
+# existed, so logs and their bytes stay the same for every cluster that never needed parts.
+class EpochSettled(_Event, frozen=True, omit_defaults=True):
+    """An epoch's payouts, one per paid or punished node (or node earning credit).
+
+    A large settlement is logged as several EpochSettled of the same epoch, contiguous in
+    one decision, with disjoint payouts: every part records its payouts (and credit) at
+    once; only the part with `final` (the last) marks the epoch settled. Between parts the
+    epoch is *partially settled*: some nodes hold their payout, the ledger is not settled
+    yet (no late work, no settlement again of a node already paid). Records from before
+    parts existed have no `final` field: one event, the whole settlement, as always.
+    """
+
     epoch: int
     payouts: tuple[NodePayout, ...]
+    #: This part completes the settlement: the epoch counts as settled once it is applied.
+    final: bool = True
 
 
 class LateWorkSettled(_Event, frozen=True):

@@ -191,14 +191,24 @@ def epoch_settled(state: State, ie: IndexedEvent, ev: EpochSettled) -> State:
     if ledger.settled:
         return state
     credit = state.credit_ms_by_node
+    before = ledger.nodes
     # One batched update for the epoch's payouts: a payout touches no late work (there is
     # none before settlement), so the late-work index stays as it is.
-    with ledger.nodes.mutate() as nodes:
+    with before.mutate() as nodes:
         for p in ev.payouts:
+            # A node an earlier part of this settlement paid keeps that payout: a part is
+            # never counted twice (the planner settles only nodes without one, so this
+            # guards a log whose last parts were lost and decided again). Checked against
+            # the ledger before this event, so a single event folds exactly as it always did.
+            account = before.get(p.node_id, EMPTY_NODE_LEDGER)
+            if account.payout is not None:
+                continue
             nodes[p.node_id] = _replace(nodes.get(p.node_id, EMPTY_NODE_LEDGER), payout=p)
             if p.credit_earned_ms:
                 credit = credit.set(p.node_id, credit.get(p.node_id, 0) + p.credit_earned_ms)
-        ledger = _replace(ledger, settled=True, nodes=nodes.finish())
+        # Settled only by the final part: until then no work is late and the planner still
+        # settles the rest (see EpochSettled).
+        ledger = _replace(ledger, settled=ev.final, nodes=nodes.finish())
     return _replace(state, ledgers=state.ledgers.set(ev.epoch, ledger), credit_ms_by_node=credit)
 
 

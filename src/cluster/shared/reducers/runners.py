@@ -126,8 +126,10 @@ def work_reported(state: State, ie: IndexedEvent, ev: WorkReported) -> State:
         held = ledger.held_devshards.get(node_id)
         if held is None or devshard_id not in held:
             return state  # not a slot this node held in that epoch: see the module doc
-    if ledger.settled:
-        # Late work: remembered against its epoch; paid by a LateWorkSettled decision.
+    if ledger.settled or account.payout is not None:
+        # Late work: remembered against its epoch; paid by a LateWorkSettled decision. A
+        # node already paid by part of a settlement (a log whose last parts were lost in a
+        # crash, decided again) is past its settlement too: its payout is fixed.
         total = account.late_units + units
         reward = account.late_reward + units * per_unit
         if total > INT64_MAX or reward > INT64_MAX:  # saturate: see the module doc
