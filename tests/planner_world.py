@@ -143,6 +143,7 @@ class World:
         self.tick(planner.cfg.plan_interval_ms if ms is None else ms)
         events = planner(self.state, self.now)
         self.master(events)
+        planner.logged()
         return events
 
 

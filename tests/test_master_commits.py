@@ -16,8 +16,11 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import TaskStatus
+from planner_world import quick_config
 
 from cluster.master import server
+from cluster.master.liveness import EMPTY_BOOK
+from cluster.master.planner import Planner
 from cluster.master.server import Master, MasterConfig
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
@@ -375,27 +378,43 @@ async def test_a_master_event_no_frame_could_carry_is_refused_before_it_is_logge
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """It was committed, then building the replicas' frames raised FrameTooLarge: the
-    planner's cycle ended the master, and no catch-up could ever pass that index."""
+    planner's cycle ended the master, and no catch-up could ever pass that index. Refused,
+    it is one ERROR that names what else the decision held, not one every cycle, and the
+    planner keeps no bookkeeping of the decision that never happened."""
     data_dir = tmp_path / "m"
     store = EventStore.open(data_dir)
     big = _settlement_too_large_for_a_frame()
     key_pair, _ = load_identity(data_dir)
     config = MasterConfig(data_dir=data_dir, plan_interval=0.01)
     master = Master(store, key_pair, Membership(secret=b"s" * 32), config)
-    master.planner = lambda state, now: [big]
+    hook_events: list[Event] = [big]
+    planner = Planner(quick_config(), maintenance_cycle=lambda state, now: list(hook_events))
+    master.planner = planner
     try:
         await master.index_decision(lambda state, now: _joins(0, 2))
-        with caplog.at_level(logging.ERROR, logger=server.__name__), anyio.fail_after(WAIT):
+        with caplog.at_level(logging.DEBUG, logger=server.__name__), anyio.fail_after(WAIT):
             with pytest.raises(server.MasterEventTooLarge, match="EpochSettled of"):
                 await master.index_decision(lambda state, now: [big])
             async with anyio.create_task_group() as tg:
                 tg.start_soon(master._cycle)  # the planner decides it each cycle: not fatal
-                while caplog.text.count("a decision was refused: EpochSettled") < 3:
+                while caplog.text.count("a decision was refused again: EpochSettled") < 3:
                     await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
         assert store.last_idx == master.last_idx == 2  # nothing of it in the log
-        assert "one Events frame could not carry it" in caplog.text
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors  # once, not once per cycle
+        assert "one Events frame could not carry it" in errors[0]
+        assert master.stats["refused_decisions"] >= 4
+        # The planner's cycle held more than the settlement: said, not silently dropped.
+        assert "nor the rest of its decision (1 EpochStarted)" in caplog.text
+        # Its liveness book stayed as it was: the refused cycles never happened.
+        assert planner.book is EMPTY_BOOK
         master._encode_frames(master._read_raw(1, 10))  # the log still streams to replicas
+        hook_events.clear()
+        with anyio.fail_after(WAIT):
+            await master.index_decision(planner, on_durable=planner.logged)
+        assert store.last_idx == 3  # its EpochStarted, once loggable
+        assert set(planner.book.seen) == {"12D3KooWNode0000", "12D3KooWNode0001"}
     finally:
         master.close()
         store.close()

@@ -149,7 +149,9 @@ class SimCluster:
                             )
                         )
             self.index(node, events)
-        return self.index(MASTER_ORIGIN, self.planner(self.state, self.now_ms))
+        decided = self.index(MASTER_ORIGIN, self.planner(self.state, self.now_ms))
+        self.planner.logged()  # durable: the planner keeps its book (as the master does)
+        return decided
 
     def sync_replicas(self) -> None:
         for node, replica in self.replicas.items():

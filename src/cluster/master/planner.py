@@ -368,9 +368,14 @@ def _worth_restating(session: SessionRecord, epoch: int, reason: str, now_ms: in
 class Planner:
     """The master's per-cycle hook `(state, now_ms) -> events`, holding the liveness book.
 
-    The master must apply the returned events before the next call. The book is ephemeral:
-    a new Planner (a restarted master) starts empty and gives every node K fresh cycles.
-    The maintenance policy drives window transitions and the credit settlement earns.
+    The master must apply the returned events before the next call, and then call `logged`.
+    The book a decision makes is kept only by `logged`: a decision the master refused (an
+    event too large to log) or failed to commit never happened, so its book must not count
+    either -- kept, it had counted an idle cycle the log never saw and dropped the nodes
+    that decision disconnected from the book (observed afresh, they got K more cycles).
+    The book is ephemeral: a new Planner (a restarted master) starts empty and gives every
+    node K fresh cycles. The maintenance policy drives window transitions and the credit
+    settlement earns.
     """
 
     def __init__(
@@ -386,10 +391,13 @@ class Planner:
         self._maintenance_cycle = maintenance_cycle
         self._entropy = entropy
         self.book: LivenessBook = EMPTY_BOOK
+        #: The book the last call's decision makes, until `logged` says it is durable.
+        self._proposed: LivenessBook | None = None
         #: Until when (master time) workers are still reconnecting: set at the first cycle.
         self._reconnect_until_ms: int | None = None
 
     def __call__(self, state: State, now_ms: int) -> list[Event]:
+        self._proposed = None  # an earlier decision that was never logged is forgotten
         if self._reconnect_until_ms is None:
             # A log with an epoch means a cluster that was running: its workers need time to
             # redial this (restarted) master. A new cluster has nobody to wait for.
@@ -409,5 +417,11 @@ class Planner:
             entropy=entropy,
             reconnecting=reconnecting,
         )
-        self.book = result.book
+        self._proposed = result.book
         return result.events
+
+    def logged(self) -> None:
+        """The last call's events are durable (an empty decision counts): keep its book."""
+        if self._proposed is not None:
+            self.book = self._proposed
+            self._proposed = None

@@ -92,8 +92,25 @@ log = logging.getLogger(__name__)
 #: What the master decided, one line per committed event (`cluster.master.decision_log`).
 decisions_log = logging.getLogger("cluster.master.decisions")
 
-#: (state, now_ms) -> events the master decides this cycle (the planner).
-Planner = Callable[[State, int], list[Event]]
+
+class Planner(Protocol):
+    """What the master's cycle runs (`cluster.master.planner.Planner`).
+
+    Two steps, so that the planner's own bookkeeping follows the log: a decision the master
+    refuses (or fails to commit) leaves the planner as it was, and the next cycle decides
+    again from the same footing.
+    """
+
+    def __call__(self, state: State, now_ms: int) -> list[Event]:
+        """This cycle's events, decided on `state` (nothing of the planner changes yet)."""
+        ...
+
+    def logged(self) -> None:
+        """The last call's events are durable (none at all counts): the planner may now
+        keep what it decided for itself. Never called for a refused decision."""
+        ...
+
+
 #: (state, node_id, boot_id, now_ms) -> extra events when a node (re)connects (e.g. finish its
 #: window). The state is the one before the hello's NodeConnected, which records `boot_id`.
 ConnectHook = Callable[[State, str, str, int], list[Event]]
@@ -127,7 +144,14 @@ MAX_MASTER_EVENT_BYTES: Final = DEFAULT_MAX_FRAME - (1 << 10)
 
 
 class MasterEventTooLarge(Exception):
-    """A decision's event could never be streamed to a replica: nothing of it is logged."""
+    """A decision's event could never be streamed to a replica: nothing of it is logged.
+
+    `event_type` names the event that was too large: the cause, for the master's log.
+    """
+
+    def __init__(self, message: str, event_type: str) -> None:
+        super().__init__(message)
+        self.event_type = event_type
 
 
 def check_master_events(events: Sequence[Event]) -> None:
@@ -136,9 +160,15 @@ def check_master_events(events: Sequence[Event]) -> None:
     for event in events:
         size = len(encode_raw(event))
         if size > MAX_MASTER_EVENT_BYTES:
+            name = type(event).__name__
+            others = collections.Counter(type(e).__name__ for e in events if e is not event)
+            # Said in full: a decision is logged whole or not at all, so the rest goes too.
+            dropped = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
             raise MasterEventTooLarge(
-                f"{type(event).__name__} of {size} bytes exceeds {MAX_MASTER_EVENT_BYTES} "
+                f"{name} of {size} bytes exceeds {MAX_MASTER_EVENT_BYTES} "
                 "bytes (one Events frame could not carry it to replicas): not logged"
+                + (f", nor the rest of its decision ({dropped})" if dropped else ""),
+                name,
             )
 
 
@@ -349,7 +379,19 @@ class Master:
         self._fatal: OSError | None = None
         self._stop = anyio.Event()
         self._finished = anyio.Event()
-        self.stats = {"batches": 0, "commits": 0, "events": 0, "duplicates": 0, "refused": 0}
+        self.stats = {
+            "batches": 0,
+            "commits": 0,
+            "events": 0,
+            "duplicates": 0,
+            "refused": 0,
+            "refused_decisions": 0,
+        }
+        #: Event types a decision was refused for (MasterEventTooLarge): each is an ERROR
+        #: once per master run; later refusals for the same cause are only counted
+        #: (`refused_decisions`), or a planner deciding the same thing again would log it
+        #: every cycle, forever.
+        self._refused_causes: set[str] = set()
         self.last_plan_seconds = 0.0
         self._plan_seconds_sum = 0.0
         self._plan_cycles = 0
@@ -452,7 +494,9 @@ class Master:
             counters={k: v for k, v in self.stats.items() if k != "batches"},
         )
 
-    async def index_decision(self, decide: Decision) -> list[IndexedEvent]:
+    async def index_decision(
+        self, decide: Decision, *, on_durable: Callable[[], None] | None = None
+    ) -> list[IndexedEvent]:
         """Decide on the current state and index the result before anything else.
 
         The planner's cycle and every request go through here, one at a time: each decision
@@ -460,8 +504,10 @@ class Master:
         between a decision and its events (DESIGN rule 2: the master's clock is read here).
         Raises `MasterStopping` once the master has begun to stop (nothing is decided then);
         a decision already made when it began is indexed before the stop goes on. Raises
-        `MasterEventTooLarge` (logged as an ERROR) for a decision with an event no Events
-        frame could carry: nothing of it is logged.
+        `MasterEventTooLarge` (logged as an ERROR, once per kind of event) for a decision
+        with an event no Events frame could carry: nothing of it is logged. `on_durable` is
+        called once the decision is durable (at once for an empty one), never for one that
+        was refused or failed.
         """
         async with self._index_lock:
             # Checked with the lock held: `_stop_cleanly` takes the lock after the flag is
@@ -472,17 +518,31 @@ class Master:
             now = max(self.now_ms(), state.last_time_ms)
             events = decide(state, now)
             if not events:
+                if on_durable is not None:
+                    on_durable()
                 return []
             try:
                 check_master_events(events)
             except MasterEventTooLarge as exc:
-                log.error("a decision was refused: %s", exc)
+                self.stats["refused_decisions"] += 1
+                if exc.event_type in self._refused_causes:
+                    log.debug("a decision was refused again: %s", exc)
+                else:
+                    self._refused_causes.add(exc.event_type)
+                    log.error(
+                        "a decision was refused: %s (said once; later refusals for a too large "
+                        "%s are counted in refused_decisions)",
+                        exc,
+                        exc.event_type,
+                    )
                 raise
             sub = _Submission(MASTER_ORIGIN, list(events))
             # Stamped with the time it was decided at: a clock that steps back before the
             # indexer reads it again must not date the events before the rules they passed.
             await self._index([sub], now)
             # Said only now that it is durable: a commit that failed raised above.
+            if on_durable is not None:
+                on_durable()
             _log_decision(events, state, now)
             return sub.indexed
 
@@ -765,7 +825,8 @@ class Master:
             await anyio.sleep(self.config.plan_interval)
             if self.planner is not None:
                 try:
-                    await self.index_decision(self._plan_safely)
+                    # The planner keeps its liveness book only once its decision is durable.
+                    await self.index_decision(self._plan_safely, on_durable=self.planner.logged)
                 except MasterStopping:
                     return  # stopped between the sleep and the decision
                 except MasterEventTooLarge:
