@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,11 @@ from planner_world import World, of_type, quick_config
 from cluster.master.config import PlannerConfig
 from cluster.master.epochs import derive_seed, next_epoch
 from cluster.master.liveness import EMPTY_BOOK
+from cluster.master.placement import MAX_AVOID_NODES, PlacementPool, replace_lost_slots
 from cluster.master.planner import UNPLACED_RECOUNT_MS, Planner, plan
+from cluster.master.requests import MAX_SLOTS
+from cluster.master.server import MAX_MASTER_EVENT_BYTES
+from cluster.net.protocol import encode_raw
 from cluster.shared.apply import fold
 from cluster.shared.codec import state_digest
 from cluster.shared.events import (
@@ -685,3 +690,61 @@ def test_a_new_cluster_does_not_wait_for_a_restart_grace() -> None:
     events = world.cycle(Planner(quick_config(restart_grace_ms=10_000)))
     assert of_type(events, EpochStarted)
     assert of_type(events, DevshardPlaced)
+
+
+def _peer(i: int) -> str:
+    return f"12D3KooWD6FXdxPeu8Y7TL4snPwAnK2Pc7BuReewmry{i:010d}"  # a real peer id's length
+
+
+def test_a_devshard_avoids_at_most_max_avoid_nodes_and_then_draws_no_more() -> None:
+    """avoid_nodes only grows: unbounded, a runner failing across a huge cluster made a
+    DevshardPlaced too large for a frame, and the master refused every planner cycle."""
+    world = World()
+    world.node("X", slots=2)
+    world.node("Y", slots=2)
+    world.session("s", slots=1)
+    planner = Planner(quick_config(epoch_length_ms=600_000))
+    world.cycle(planner)
+    shard = world.state.devshards["ds-1-s"]
+    holder = shard.assignments[0].node_id
+    full = msgspec.structs.replace(
+        shard, avoid_nodes=tuple(_peer(i) for i in range(MAX_AVOID_NODES - 1))
+    )
+    assert world.state.epoch is not None
+    pool = PlacementPool(
+        world.state,
+        now_ms=world.now,
+        work_end_ms=world.state.epoch.end_ms,
+        used={},
+        not_fresh=frozenset(),
+        leaving=set(),
+    )
+    session = world.state.sessions["s"]
+    outcome = replace_lost_slots(
+        full, session, world.state.epoch, pool, lambda a: False, failed_nodes={holder}
+    )
+    assert outcome.placed is not None
+    # The failed slot left its node; the other node has room but gets nothing now.
+    assert outcome.placed.assignments == ()
+    assert len(outcome.placed.avoid_nodes) == MAX_AVOID_NODES
+    assert outcome.unfilled == 1
+    assert "no more re-placements until the next epoch" in outcome.reason
+    # Past the cap (a failure the list cannot name): still bounded, still no draw.
+    over = msgspec.structs.replace(
+        full, assignments=(), assigned_ms=(), avoid_nodes=outcome.placed.avoid_nodes
+    )
+    again = replace_lost_slots(
+        over, session, world.state.epoch, pool, lambda a: True, failed_nodes={"Y"}
+    )
+    assert again.placed is None and again.unfilled == 1
+    # The largest DevshardPlaced the planner can make fits one Events frame.
+    biggest = DevshardPlaced(
+        devshard_id=f"ds-{2**62}-s{2**62}-{'n' * 63}",
+        session_id=f"s{2**62}-{'n' * 63}",
+        epoch=2**62,
+        assignments=tuple(SlotAssignment(i, _peer(i)) for i in range(MAX_SLOTS)),
+        ends_ms=2**62,
+        reason="replace",
+        avoid_nodes=tuple(_peer(i) for i in range(MAX_AVOID_NODES)),
+    )
+    assert len(encode_raw(biggest)) <= MAX_MASTER_EVENT_BYTES

@@ -64,6 +64,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Final
 
 from cluster.shared.events import DevshardPlaced, SessionUnplaced, SlotAssignment
 from cluster.shared.excuse import is_excused, may_take_work
@@ -892,6 +893,15 @@ def place_session(
     return place_sessions([session], epoch, pool, {session.session_id: preferred})[0]
 
 
+#: The most nodes one devshard avoids in an epoch (`DevshardPlaced.avoid_nodes`). The list
+#: only grows (a node joins it when the devshard's runner failed there for good), and a
+#: DevshardPlaced must fit one Events frame: 4096 slots (`requests.MAX_SLOTS`) and this many
+#: peer ids stay near 1 MiB, where an unbounded list passed the frame at ~70,000 nodes and
+#: the master refused the planner's every cycle. A runner that failed on this many nodes in
+#: one epoch is broken, not unlucky: its open slots wait for the next epoch.
+MAX_AVOID_NODES: Final = 16_384
+
+
 @dataclass(frozen=True)
 class Replacement:
     """The outcome of re-placing a devshard's lost slots."""
@@ -919,7 +929,8 @@ def replace_lost_slots(
     good) join the devshard's `avoid_nodes`, which get none of its open slots for the rest
     of the epoch, even when no other node has room: drawn back there, the slot would keep
     its runner id, the worker would see nothing new to restart, and the same failure would
-    be counted again every cycle.
+    be counted again every cycle. Once a devshard avoids `MAX_AVOID_NODES` nodes, none of its
+    open slots is drawn again in the epoch (the event must stay loggable).
     """
     survivors = [a for a in shard.assignments if keeps(a)]
     held = {a.slot for a in survivors}
@@ -927,20 +938,34 @@ def replace_lost_slots(
     lost_any = len(survivors) != len(shard.assignments)
     if not open_slots and not lost_any:
         return Replacement(placed=None, unfilled=0)
-    avoid_nodes = tuple(sorted({*shard.avoid_nodes, *failed_nodes}))
-    nodes = pool.draw(
-        session,
-        epoch.seed,
-        len(open_slots),
-        avoid=[a.node_id for a in survivors],
-        salt=f"replace:{shard.placed_ms}",
-        exclude=avoid_nodes,
+    avoided = sorted({*shard.avoid_nodes, *failed_nodes})
+    # At the cap no slot is drawn (one might land on a failed node the list could not
+    # name); the list keeps its first MAX_AVOID_NODES ids, so the event stays bounded.
+    given_up = len(avoided) >= MAX_AVOID_NODES
+    avoid_nodes = tuple(avoided[:MAX_AVOID_NODES])
+    nodes = (
+        []
+        if given_up
+        else pool.draw(
+            session,
+            epoch.seed,
+            len(open_slots),
+            avoid=[a.node_id for a in survivors],
+            salt=f"replace:{shard.placed_ms}",
+            exclude=avoid_nodes,
+        )
+    )
+    why = (
+        f"its runner failed for good on {len(avoided)} node(s) this epoch, the most "
+        f"({MAX_AVOID_NODES}): no more re-placements until the next epoch"
+        if given_up
+        else ""
     )
     if not nodes and not lost_any:
         return Replacement(
             placed=None,
             unfilled=len(open_slots),
-            reason=pool.unplaced_reason(session, len(open_slots), avoid_nodes),
+            reason=why or pool.unplaced_reason(session, len(open_slots), avoid_nodes),
         )
     moved = [
         SlotAssignment(slot, node_id) for slot, node_id in zip(open_slots, nodes, strict=False)
@@ -958,5 +983,5 @@ def replace_lost_slots(
             avoid_nodes=avoid_nodes,
         ),
         unfilled=unfilled,
-        reason=pool.unplaced_reason(session, unfilled, avoid_nodes) if unfilled else "",
+        reason=(why or pool.unplaced_reason(session, unfilled, avoid_nodes)) if unfilled else "",
     )
