@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -767,3 +768,105 @@ def test_the_request_head_has_a_short_deadline() -> None:
     config = HttpApiConfig()
     assert config.request_timeout_s <= 3 < config.send_timeout_s
     assert config.max_connections_per_client < config.max_connections
+
+
+async def never_reading(port: int, target: str) -> SocketStream:
+    """A client that sends its request and then never reads. Its receive buffer is set small
+    before connecting (Linux grows a loopback one to 32 MB otherwise), so the server's write
+    blocks once the kernel's buffers hold a few MB."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        return sock
+
+    stream = await SocketStream.from_socket(await anyio.to_thread.run_sync(connect))
+    await stream.send(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return stream
+
+
+async def whole_answer(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    """`get` for a large body (a bytearray, not quadratic concatenation)."""
+    with anyio.fail_after(20):
+        async with await anyio.connect_tcp("127.0.0.1", port) as s:
+            await s.send(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            data = bytearray()
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    data += await s.receive(1 << 20)
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.anyio
+async def test_slow_readers_hold_at_most_the_body_budget_and_status_is_still_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow reader held its finished body until its write deadline: 64 of them held
+    ~450 MB of /api/state at 10,000 nodes. Bodies in flight now share one budget, one path
+    at most half of it, so /api/status is still served while /api/state waits."""
+    from cluster.master import http_api
+
+    size = 16 * 2**20  # far more than the kernel buffers of a never-reading client
+    big = b"x" * size
+    monkeypatch.setattr(http_api, "state_to_json", lambda state: big)
+    config = HttpApiConfig(body_budget_bytes=4 * size, body_wait_s=0.2, send_timeout_s=60)
+    async with running(FakeView(cluster_log()), config) as (api, port):
+        with anyio.fail_after(20):
+            slow = []
+            for n in (1, 2):  # /api/state's half of the budget, taken by two slow readers
+                slow.append(await never_reading(port, "/api/state"))
+                while api.bodies.held != n * size:  # reserved, built and accounted
+                    await anyio.sleep(0.01)
+            # Each is blocked writing (send_timeout_s is 60 s): nothing frees their room.
+            status, headers, body = await get(port, "/api/state")
+            assert status == 503, body[:200]
+            assert headers["retry-after"] == "60"
+            assert b"server busy: response bodies still being sent to slow clients" in body
+            assert b"/api/state body of ~16.0 MiB did not fit within 0.2 s" in body
+            assert api.bodies.held == 2 * size
+            # The operator's `cluster status` and a scrape still get through.
+            status, _, body = await get(port, "/api/status")
+            assert status == 200 and json.loads(body)["nodes"]
+            assert (await get(port, "/metrics"))[0] == 200
+            for s in slow:
+                await s.aclose()
+            while api.bodies.held:  # their writes fail: the room comes back
+                await anyio.sleep(0.01)
+        status, _, body = await whole_answer(port, "/api/state")
+        assert status == 200 and body == big
+
+
+def test_the_body_budget_rule() -> None:
+    from cluster.master.body_budget import BodyBudget
+
+    budget = BodyBudget(100)
+    assert budget.fits("/api/state", 1000)  # nothing held: even a body over the budget
+    budget._change("/api/state", 40)
+    assert budget.fits("/api/state", 10) and not budget.fits("/api/state", 11)  # half
+    assert budget.fits("/api/status", 50) and not budget.fits("/api/status", 61)
+    budget._change("/api/status", 50)
+    assert budget.fits("/metrics", 10) and not budget.fits("/metrics", 11)  # all
+
+
+@pytest.mark.anyio
+async def test_a_body_reserves_its_paths_last_size_and_half_the_budget_before_the_first() -> None:
+    """Room is taken before building: a burst of requests for a path never built must not
+    all get in on a guess of 0 bytes (each would then hold a whole body)."""
+    from cluster.master.body_budget import BodyBudget, BudgetFull
+
+    budget = BodyBudget(100)
+    first = await budget.reserve("/api/state", wait_s=0)
+    assert first.size == 50
+    with pytest.raises(BudgetFull, match="body_budget_bytes"):
+        await budget.reserve("/api/state", wait_s=0)
+    first.resize(10)  # built: the real size, and the next one's estimate
+    second = await budget.reserve("/api/state", wait_s=0)
+    assert (second.size, budget.held) == (10, 20)
+    first.release()
+    second.release()
+    second.release()  # idempotent
+    assert (budget.held, budget.by_path) == (0, {})

@@ -23,7 +23,9 @@ that catches and logs, and is bounded in time and memory. A client has `request_
 (3 s) to send its request head and may hold at most `max_connections_per_client` of the
 `max_connections` at once, so one slow or greedy client cannot lock the others out; and a
 connection arriving at the cap closes the one that has waited longest for its request head
-(`_evict_slowest`), so slow clients from many addresses cannot lock them out either. An
+(`_evict_slowest`), so slow clients from many addresses cannot lock them out either. The
+bodies it builds, held until a (possibly slow) client has read them, share one budget
+(`body_budget_bytes`, see `body_budget`): past it a request waits a little, then gets 503. An
 internal error is answered `500` with a one-line reason (and logged once, with its
 traceback) while the response has not started.
 
@@ -38,7 +40,9 @@ import hmac
 import importlib.resources
 import ipaddress
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import parse_qs
@@ -47,6 +51,7 @@ import anyio
 import h11
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
+from cluster.master.body_budget import BodyBudget, BudgetFull, Hold
 from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.codec import event_json, state_to_json
@@ -118,6 +123,13 @@ class HttpApiConfig:
     #: threads would not finish them sooner; and not anyio's default threads, which the
     #: master commits and reads its log on (40 requests held them all).
     max_renders: int = 2
+    #: Bytes of those bodies held at once, from before each is built until its client has
+    #: taken it all (`BodyBudget`: one path at most half of it). A slow reader holds its body
+    #: for up to `send_timeout_s`: without a bound 64 of them held ~450 MB of /api/state at
+    #: 10,000 nodes.
+    body_budget_bytes: int = 64 * 2**20
+    #: Time a request waits for room in `body_budget_bytes` before it gets 503.
+    body_wait_s: float = 5.0
     #: Request line + headers, in bytes (h11 answers 431 beyond it).
     max_header_bytes: int = 16 * 1024
     #: Time a client has to send its whole request (a request line and headers, a few
@@ -166,6 +178,7 @@ def check_config(config: HttpApiConfig) -> None:
         "max_connections_per_client",
         "max_subscribers",
         "max_renders",
+        "body_budget_bytes",
         "max_header_bytes",
         "batch_events",
     ):
@@ -322,6 +335,7 @@ class HttpApi:
         self._awaiting_head: dict[_Exchange, None] = {}
         self.subscribers = 0
         self._renders = anyio.CapacityLimiter(self.config.max_renders)
+        self.bodies = BodyBudget(self.config.body_budget_bytes)
         #: Status code -> responses sent (exported at /metrics).
         self.responses: dict[str, int] = {}
 
@@ -533,26 +547,57 @@ class HttpApi:
         if req.path == "/":
             await self._respond(ex, 200, self._dashboard, "text/html; charset=utf-8")
         elif req.path == "/api/state":
-            body = await anyio.to_thread.run_sync(
-                state_to_json, self.view.state, limiter=self._renders
-            )
-            await self._respond(ex, 200, body, "application/json")
+            async with self._body_room(req.path) as hold:
+                body = await anyio.to_thread.run_sync(
+                    state_to_json, self.view.state, limiter=self._renders
+                )
+                hold.resize(len(body))
+                await self._respond(ex, 200, body, "application/json")
         elif req.path == "/api/status":
-            # Read the view here, in the event loop; derive and encode in a worker thread
-            # (State is immutable), so a large cluster does not stall other clients.
-            view = self.view
-            body = await anyio.to_thread.run_sync(
-                self._status_json, view.state, view.now_ms(), view.metrics(), limiter=self._renders
-            )
-            await self._respond(ex, 200, body, "application/json")
+            async with self._body_room(req.path) as hold:
+                # Read the view here, in the event loop; derive and encode in a worker thread
+                # (State is immutable), so a large cluster does not stall other clients.
+                view = self.view
+                body = await anyio.to_thread.run_sync(
+                    self._status_json,
+                    view.state,
+                    view.now_ms(),
+                    view.metrics(),
+                    limiter=self._renders,
+                )
+                hold.resize(len(body))
+                await self._respond(ex, 200, body, "application/json")
         elif req.path == "/metrics":
-            view = self.view
-            body = await anyio.to_thread.run_sync(
-                self._metrics_text, view.state, view.now_ms(), view.metrics(), limiter=self._renders
-            )
-            await self._respond(ex, 200, body, METRICS_CONTENT_TYPE)
+            async with self._body_room(req.path) as hold:
+                view = self.view
+                body = await anyio.to_thread.run_sync(
+                    self._metrics_text,
+                    view.state,
+                    view.now_ms(),
+                    view.metrics(),
+                    limiter=self._renders,
+                )
+                hold.resize(len(body))
+                await self._respond(ex, 200, body, METRICS_CONTENT_TYPE)
         else:
             await self._events(ex, req)
+
+    @asynccontextmanager
+    async def _body_room(self, path: str) -> AsyncIterator[Hold]:
+        """Room in the body budget for one body of `path`, from before it is built until it
+        is written (the dashboard is one shared constant, and errors are a line: neither
+        needs room). No room within `body_wait_s`: 503, retry once slow readers have had
+        their `send_timeout_s`."""
+        cfg = self.config
+        try:
+            hold = await self.bodies.reserve(path, cfg.body_wait_s)
+        except BudgetFull as exc:
+            retry = str(math.ceil(cfg.send_timeout_s))
+            raise _Reject(503, f"server busy: {exc}", [("Retry-After", retry)]) from None
+        try:
+            yield hold
+        finally:
+            hold.release()
 
     def _authorize(self, req: _Request) -> None:
         token = self.config.token
