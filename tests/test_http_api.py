@@ -853,6 +853,31 @@ def test_the_body_budget_rule() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "code"), [("POST", 405), ("PUT", 405), ("GET", 400)], ids=["post", "put", "get"]
+)
+async def test_a_refused_request_body_is_drained_so_the_client_reads_the_answer(
+    method: str, code: int
+) -> None:
+    """The server closed with the body unread, so the kernel sent a reset: the client got
+    "connection reset" after (or, uploading, instead of) the answer."""
+    body = b"x" * 200_000  # more than the server reads with the request head
+    request = (
+        f"{method} /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    async with running(FakeView(cluster_log())) as (_, port):
+        with anyio.fail_after(20):
+            async with await anyio.connect_tcp("127.0.0.1", port) as s:
+                await s.send(request)
+                answer = b""
+                with contextlib.suppress(anyio.EndOfStream):  # a reset fails the test
+                    while True:
+                        answer += await s.receive()
+        assert answer.startswith(f"HTTP/1.1 {code} ".encode()), answer
+        assert (await get(port, "/api/status"))[0] == 200
+
+
+@pytest.mark.anyio
 async def test_a_body_reserves_its_paths_last_size_and_half_the_budget_before_the_first() -> None:
     """Room is taken before building: a burst of requests for a path never built must not
     all get in on a guess of 0 bytes (each would then hold a whole body)."""

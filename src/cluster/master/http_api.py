@@ -254,6 +254,10 @@ def _is_event_index(text: str) -> bool:
 #: lower-case name: a request carrying one twice is refused.
 _SINGLE_VALUED: Final = {"authorization": "Authorization", "last-event-id": "Last-Event-ID"}
 
+#: A refused request's body read and dropped before closing, at most (`HttpApi._linger`).
+_LINGER_BYTES: Final = 1024 * 1024
+_LINGER_S: Final = 2.0
+
 #: Methods served; HEAD is GET without the body.
 _METHODS: Final = ("GET", "HEAD")
 _ALLOW: Final = ", ".join(_METHODS)
@@ -424,6 +428,7 @@ class HttpApi:
             await self._route(ex, request)
         except _Reject as rej:
             await self._answer(ex, rej.status, rej.message, rej.headers)
+            await self._linger(ex)
         except Exception as exc:
             if _client_gone(exc):
                 raise
@@ -461,6 +466,24 @@ class HttpApi:
         if ex.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = f"{status} {_REASONS.get(status, '')}: {message}\n".encode()
             await self._respond(ex, status, body, "text/plain; charset=utf-8", headers)
+
+    @staticmethod
+    async def _linger(ex: _Exchange) -> None:
+        """After refusing a request whose body is still coming (a POST's, say), end the answer
+        and drop up to `_LINGER_BYTES` of that body before closing: a socket closed with
+        unread data sends a reset, and the client saw "connection reset" (or its upload
+        fail) instead of the answer. Bounded in bytes and time, so it cannot hold the
+        connection; a bigger body still gets the reset, after the answer."""
+        if ex.conn.their_state is not h11.SEND_BODY:
+            return
+        with anyio.move_on_after(_LINGER_S):
+            await ex.stream.send_eof()  # the client sees the answer end at once
+            drained = 0
+            while drained < _LINGER_BYTES:
+                try:
+                    drained += len(await ex.stream.receive(65536))
+                except anyio.EndOfStream:
+                    return
 
     async def _read_request(self, ex: _Exchange) -> _Request | None:
         """Read and validate one request; None if the client closed without sending one."""
