@@ -422,6 +422,25 @@ def test_binding_off_loopback_requires_a_token() -> None:
     check_config(HttpApiConfig(host="::1"))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("request_timeout_s", 0.0),
+        ("send_timeout_s", -1.0),
+        ("keepalive_s", float("nan")),
+        ("body_wait_s", -0.5),
+        ("body_wait_s", float("inf")),
+    ],
+)
+def test_a_duration_setting_out_of_range_is_named(field: str, value: float) -> None:
+    with pytest.raises(HttpApiConfigError, match=f"HTTP API {field} is {value!r}"):
+        check_config(HttpApiConfig(**{field: value}))
+
+
+def test_no_wait_for_body_room_is_a_valid_setting() -> None:
+    check_config(HttpApiConfig(body_wait_s=0.0))
+
+
 def test_fake_view_satisfies_the_protocol() -> None:
     view: ClusterView = FakeView(cluster_log())
     statuses = node_statuses(view.state, view.now_ms())

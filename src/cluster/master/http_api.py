@@ -184,6 +184,20 @@ def check_config(config: HttpApiConfig) -> None:
     ):
         if getattr(config, name) < 1:
             raise HttpApiConfigError(f"HTTP API {name} must be at least 1")
+    # Durations: NaN passes every comparison and anyio takes a negative one as "already
+    # past", so a typo would answer every request with 408 or 503 instead of being named.
+    for name, zero_ok in (
+        ("request_timeout_s", False),
+        ("send_timeout_s", False),
+        ("keepalive_s", False),
+        ("body_wait_s", True),  # 0: no wait for room, 503 at once
+    ):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            least = "0 or more" if zero_ok else "above 0"
+            raise HttpApiConfigError(
+                f"HTTP API {name} is {value!r}: use a number of seconds {least}"
+            )
 
 
 def load_dashboard() -> bytes:
