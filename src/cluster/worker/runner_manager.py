@@ -394,6 +394,10 @@ class RunnerManager:
                         # down): ending now is no failure.
                         await self._release(h)
                         self._set(h, RunnerStatus.STOPPED, "the runner ended by itself")
+                        # Retired at once (a parked one too): nothing is left to carry over,
+                        # and a STOPPED entry kept for the rest of the carry-over grace would
+                        # show the operator and the master a runner that is not there.
+                        self._retire(h)
                         break
                     if failure is None:
                         # The slot is left unserved all the same (a command that daemonized
