@@ -18,6 +18,7 @@ import anyio
 import pytest
 from embedded_nodes import fast_master
 
+import cluster.worker.client as client_module
 from cluster.master.node import MasterNode
 from cluster.net.identity import load_identity
 from cluster.shared.events import (
@@ -81,9 +82,10 @@ async def test_refused_events_are_set_aside_and_the_rest_delivered(
         logged = [ie for ie in master.store.read_from(1) if ie.origin == me]
         got = [ie.event for ie in logged if not isinstance(ie.event, NodeConnected)]
         assert got == [info(1), info(2), info(3), info(4)]
-        # Each refusal costs one redial at most (one batch refused, then each lone event).
+        # Each refusal costs one redial: per refused event, one per halving of the range
+        # bisected (at most 3 for 6 events) and its own as a lone event.
         hellos = [ie for ie in master.store.read_from(1) if isinstance(ie.event, NodeConnected)]
-        assert 1 <= len(hellos) <= 4
+        assert 1 <= len(hellos) <= 1 + 2 * (3 + 1)
         # Each hello of this worker process (one per redial) logs its one boot id.
         assert {ie.event.boot_id for ie in hellos if isinstance(ie.event, NodeConnected)} == {
             worker.boot_id
@@ -165,3 +167,52 @@ def test_a_refusal_of_events_acknowledged_meanwhile_sets_nothing_aside(
         assert "none of our events was in flight" in caplog.text
     finally:
         worker.close()
+
+
+@pytest.mark.anyio
+async def test_a_refused_event_in_a_large_batch_is_found_by_bisection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One refused event among 256 sent in one batch: found in O(log n) submissions. It was
+    found by resending every event of the batch alone: 256 submissions, and since the
+    refused one came late, 200-odd round trips before the events after it moved on."""
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: Worker | None = None
+    submitted: list[list[int]] = []  # the seqs of each batch submitted
+    real_payload = client_module._submit_payload
+
+    def counted(batch: list[tuple[int, bytes]]) -> bytes:
+        submitted.append([seq for seq, _ in batch])
+        return real_payload(batch)
+
+    monkeypatch.setattr(client_module, "_submit_payload", counted)
+    try:
+        _, me = load_identity(tmp_path / "worker")
+        n, bad_at = 256, 201
+
+        def event(i: int) -> Event:
+            if i == bad_at:
+                return WorkReported(
+                    devshard_id="ds-x", node_id=me, units=MAX_WORK_UNITS + 1, epoch=1
+                )
+            return NodeGatheredInfo(node_id=me, source="cpu", info=NodeInfo(cpu_percent=i % 100))
+
+        emitted = [event(i) for i in range(1, n + 1)]
+        with anyio.fail_after(60):
+            worker = await _deliver(master, tmp_path, secret, emitted)
+        got = [ie.event for ie in master.store.read_from(1) if ie.origin == me]
+        assert [e for e in got if not isinstance(e, NodeConnected)] == [
+            e for i, e in enumerate(emitted, 1) if i != bad_at
+        ]
+        refused = [json.loads(line) for line in worker.outbox.refused_path.read_text().splitlines()]
+        assert [(r["seq"], r["code"]) for r in refused] == [(bad_at, "bad-units")]
+        assert submitted[0] == list(range(1, n + 1))  # all in one batch at first
+        # The whole batch, then at most two probes per halving (log2 256 = 8), then the rest.
+        assert len(submitted) <= 1 + 2 * 8 + 1, submitted
+        hellos = [ie for ie in master.store.read_from(1) if isinstance(ie.event, NodeConnected)]
+        assert len(hellos) <= 1 + 8 + 1  # a redial per refusal: at most one per halving
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()

@@ -203,8 +203,8 @@ class Worker:
         #: the last seq of each batch in flight there, oldest first.
         self._last_sent = 0
         self._inflight: deque[int] = deque()
-        #: After the master refused a batch: events up to this seq go one at a time, so
-        #: that a refusal names exactly one event (`_after_refusal`).
+        #: After the master refused a batch: the events up to this seq hold a refused one,
+        #: found by bisection (`_after_refusal`, `_isolation_batch`).
         self._isolate_until = 0
         #: The batches in flight when the master last refused one (see `_narrow_isolation`).
         self._refused_batch_ends: tuple[int, ...] = ()
@@ -424,15 +424,20 @@ class Worker:
     def _after_refusal(self, refused: BatchRefused) -> None:
         """Make progress past events the master will never take (it resets the stream and
         we redial): a lone event in flight is the refused one, set aside in the outbox's
-        ``refused.jsonl`` with an ERROR; a larger batch is resent one event at a time until
-        the refused ones are found. Every refusal thus moves the outbox on, instead of the
-        same batch being resent forever (with a NodeConnected logged for every redial)."""
+        ``refused.jsonl`` with an ERROR; a larger batch is bisected: its first half is sent
+        alone, and whichever part holds the refused event is halved again (`_isolation_batch`),
+        so finding one refused event among n takes about 2 log2(n) submissions, not n. Every
+        refusal thus moves the outbox on, instead of the same batch being resent forever
+        (with a NodeConnected logged for every redial)."""
         # Acknowledged since (from the subscribe stream, say) means accepted, not refused.
         first, last = max(refused.first, self.outbox.acked + 1), refused.last
         if first == last == refused.first:
             # One event in flight, every earlier one acknowledged (durable at the master):
             # that one is what the master refused, whatever its message says.
             event = self.outbox.set_aside(first, refused.code, refused.message)
+            # The range bisected held this one; the events after it go out in full batches
+            # again (another refused one among them is bisected in its turn).
+            self._isolate_until = 0
             log.error(
                 "master refused our event seq %d (%s): %s; set aside in %s, sending the rest",
                 first,
@@ -441,11 +446,13 @@ class Worker:
                 self.outbox.refused_path,
             )
         elif first <= last:
-            self._isolate_until = max(self._isolate_until, last)
+            # The refused part: the events in flight. (While bisecting, that is the probe,
+            # which narrows the range that holds the refused event.)
+            self._isolate_until = last
             self._refused_batch_ends = refused.batch_ends
             log.error(
-                "master refused a batch of our events (seq %d..%d): %s; resending them one at "
-                "a time to find the refused ones",
+                "master refused a batch of our events (seq %d..%d): %s; resending them in "
+                "halves to find the refused ones",
                 first,
                 last,
                 refused,
@@ -453,11 +460,19 @@ class Worker:
         else:
             log.error("master refused a batch, but none of our events was in flight: %s", refused)
 
+    def _isolation_batch(self) -> int:
+        """While isolating: how many events the next probe holds. Every event up to
+        `_isolate_until` not yet acknowledged is suspect, and one of them is refused: send
+        the first half. Refused, the range shrinks to that half; accepted, to the rest. A
+        lone suspect goes alone, so that a refusal names it (and sets it aside)."""
+        suspects = self._isolate_until - self.outbox.acked
+        return max(1, (suspects + 1) // 2)
+
     def _narrow_isolation(self) -> None:
         """After a refusal and a new hello: the master's last seq tells which batches of
         those in flight it took; the refused one is the first of the rest, and only it need
-        go one event at a time (up to three full batches were in flight). Only narrows what
-        is resent singly, never sets an event aside: a master that has not yet indexed an
+        be bisected (up to three full batches were in flight). Only narrows what is
+        bisected, never sets an event aside: a master that has not yet indexed an
         accepted batch reports an older seq, and then the refused batch is simply refused
         again, with fewer events in flight."""
         ends, self._refused_batch_ends = self._refused_batch_ends, ()
@@ -530,12 +545,13 @@ class Worker:
                     # Adaptive batching: while `inflight_batches` wait for their ack, new
                     # events pile up into the next batch. A lone event leaves at once; under
                     # load batches grow, so the master's per-frame cost stays bounded.
-                    # Isolating refused events (`_after_refusal`): one at a time.
+                    # Isolating refused events (`_after_refusal`): one probe at a time.
                     isolating = self.outbox.acked < self._isolate_until
+                    limit = min(cfg.batch_events, room)
+                    if isolating:
+                        limit = min(limit, self._isolation_batch())
                     batch = (
-                        self.outbox.pending_after(
-                            sent, 1 if isolating else min(cfg.batch_events, room)
-                        )
+                        self.outbox.pending_after(sent, limit)
                         if room > 0 and len(inflight) < cfg.inflight_batches
                         else []
                     )
