@@ -4,21 +4,30 @@ dir; processes that only look like them are not."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from cluster_procs import wait_until
 
 from cluster.worker.node import WorkerNode, WorkerNodeConfig
-from cluster.worker.runners import RunnerFailed, RunnerSpec, SubprocessRunner, process_groups
+from cluster.worker.runners import (
+    RunnerFailed,
+    RunnerSpec,
+    SubprocessRunner,
+    process_groups,
+    registry,
+)
 from cluster.worker.runners.process_groups import OWNER_VARIABLE, RunnerProcessGroups
 
 # A runner that neither prints nor reads (a model still loading): the shell leads the group,
@@ -373,3 +382,83 @@ async def test_a_process_that_cannot_be_signalled_is_logged_and_keeps_its_record
         assert f"cannot signal the process group {other_users.pid} " in caplog.text
         assert [path.name for path in groups.directory.iterdir()] == [recorded.path.name]
         assert group_alive(other_users.pid)
+
+
+@pytest.mark.anyio
+async def test_a_leftover_ignoring_sigterm_is_killed_without_waiting_out_a_long_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its record's grace_s (600 s, the config's maximum) was waited out in full before the
+    # worker started anything: ten minutes without info or runners for one stubborn orphan.
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    recorded = groups.record("ds-1/0", grace_s=600, kind="subprocess")
+    monkeypatch.setattr(process_groups, "_REAP_GRACE_LIMIT_S", 0.3, raising=False)
+    ignores_term = ["sh", "-c", "trap '' TERM; sleep 1000; :"]
+    with started(ignores_term, env={**os.environ, **recorded.environment}) as leftover:
+        with anyio.fail_after(20), caplog.at_level(logging.WARNING):
+            await groups.reap_leftovers()
+        assert not group_alive(leftover.pid)
+    assert "(runner kind 'subprocess', pids " in caplog.text
+    assert "SIGKILL" in caplog.text
+    assert list(groups.directory.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_a_look_at_proc_that_hangs_does_not_hold_up_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading /proc/<pid>/environ waits for that process's memory-map lock, which one stuck
+    # in a driver can hold for good: the worker's start waited with it, for ever.
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    recorded = groups.record("ds-1/0", grace_s=5, kind="subprocess")
+    released = threading.Event()
+
+    def hangs(owners: object) -> dict[str, set[int]]:
+        released.wait(20)  # bounded: the thread of a failing run ends too
+        return {}
+
+    monkeypatch.setattr(process_groups, "_runner_processes", hangs)
+    monkeypatch.setattr(process_groups, "_REAP_LIMIT_S", 0.3, raising=False)
+    try:
+        began = anyio.current_time()
+        with anyio.fail_after(10), caplog.at_level(logging.WARNING):
+            await groups.reap_leftovers()
+        assert anyio.current_time() - began < 10  # the hung look is not waited out (20 s)
+    finally:
+        released.set()
+    assert (
+        "runner ds-1/0 left by an earlier worker process (runner kind 'subprocess', pids not "
+        "found yet) is not known to be gone after 0.3s"
+    ) in caplog.text
+    assert [path.name for path in groups.directory.iterdir()] == [recorded.path.name]
+
+
+class _Launcher(SubprocessRunner):
+    """A plugin kind built on the subprocess runner, with a constructor of its own."""
+
+    kind = "launcher"
+
+    def __init__(self, spec: RunnerSpec, config: Mapping[str, Any]) -> None:
+        super().__init__(spec, {"command": config["argv"]})
+
+
+@pytest.mark.anyio
+async def test_a_plugin_kind_built_on_the_subprocess_runner_records_its_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the built-in kind was recorded (`kind is SubprocessRunner`): a plugin's command
+    # left by a killed worker was never ended.
+    monkeypatch.setattr(registry, "find_kind", lambda name: _Launcher)
+    groups = RunnerProcessGroups(tmp_path / "runners")
+    runner = registry.make_factory("launcher", {"argv": SILENT_COMMAND}, process_groups=groups)(
+        SPEC
+    )
+    try:
+        with anyio.fail_after(30):
+            await runner.load()
+            (record,) = groups.directory.iterdir()
+            assert json.loads(record.read_bytes())["kind"] == "launcher"
+    finally:
+        with anyio.fail_after(30):
+            await runner.stop()
+    assert list(groups.directory.iterdir()) == []

@@ -51,11 +51,23 @@ _POLL_S: Final = 0.1
 _KILL_WAIT_S: Final = 5.0
 #: How long `release` lets a stopped runner's processes take to disappear.
 _RELEASE_WAIT_S: Final = 1.0
+#: The longest a worker's start waits between SIGTERM and SIGKILL for leftovers, whatever
+#: their record's `grace_s` (up to 600 s by config; a damaged record may say anything): an
+#: orphan's last words reach nobody (its worker, reading its stdout, is gone), and every
+#: second of it keeps this worker from serving.
+_REAP_GRACE_LIMIT_S: Final = 10.0
+#: The longest `reap_leftovers` takes in all. Reading ``/proc/<pid>/environ`` waits for that
+#: process's memory-map lock, which a process stuck in the kernel (a hung GPU driver: just
+#: what a leftover model may be) can hold for good; the scan is then abandoned, the runners
+#: not known to be gone are named in a WARNING, and their records kept for the next start.
+_REAP_LIMIT_S: Final = 30.0
 
 
 class _Record(msgspec.Struct, frozen=True):
     runner_id: str
     grace_s: float
+    # The runner kind that started the command ("" in records from before it was kept).
+    kind: str = ""
     # The command's leader once it has started (absent before, and in records from before
     # they were kept): its pid, which is its session's id, and its start time in clock ticks
     # after boot (field 22 of /proc/<pid>/stat).
@@ -85,11 +97,14 @@ class _Stat(NamedTuple):
 class RecordedRunner:
     """One runner's record: its command's environment carries `environment`."""
 
-    def __init__(self, path: Path, token: str, runner_id: str, grace_s: float = 0.0) -> None:
+    def __init__(
+        self, path: Path, token: str, runner_id: str, grace_s: float = 0.0, kind: str = ""
+    ) -> None:
         self.path = path
         self.token = token
         self.runner_id = runner_id
         self.grace_s = grace_s
+        self.kind = kind
         self.environment = {OWNER_VARIABLE: token}
         self.leader_pid: int | None = None
         self.leader_start: int | None = None
@@ -102,7 +117,7 @@ class RecordedRunner:
         if stat is None or stat.session != pid:  # not Linux, or not a session leader
             return
         self.leader_pid, self.leader_start = pid, stat.start
-        record = _Record(self.runner_id, self.grace_s, pid, stat.start)
+        record = _Record(self.runner_id, self.grace_s, self.kind, pid, stat.start)
         try:
             write_text_atomically(self.path, msgspec.json.encode(record).decode())
         except OSError as exc:  # the token still reaches the processes that keep it
@@ -145,18 +160,23 @@ class RunnerProcessGroups:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def record(self, runner_id: str, grace_s: float) -> RecordedRunner:
-        """Record a runner about to start its command. Call before the start: a worker
-        killed right after it still finds the command."""
+    def record(self, runner_id: str, grace_s: float, kind: str = "") -> RecordedRunner:
+        """Record a runner (of kind `kind`) about to start its command. Call before the
+        start: a worker killed right after it still finds the command."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         token = secrets.token_hex(16)
         path = self.directory / f"{token}{_RECORD_SUFFIX}"
-        write_text_atomically(path, msgspec.json.encode(_Record(runner_id, grace_s)).decode())
-        return RecordedRunner(path, token, runner_id, grace_s)
+        record = _Record(runner_id, grace_s, kind)
+        write_text_atomically(path, msgspec.json.encode(record).decode())
+        return RecordedRunner(path, token, runner_id, grace_s, kind)
 
     async def reap_leftovers(self) -> None:
         """End the processes of every recorded runner (left by an earlier worker process)
-        and remove the records. Call before starting any runner."""
+        and remove the records. Call before starting any runner.
+
+        Bounded (`_REAP_LIMIT_S`): SIGKILL follows SIGTERM after at most
+        `_REAP_GRACE_LIMIT_S`, and a scan of /proc that hangs is abandoned. What is not
+        known to be gone by then is named in a WARNING and keeps its record."""
         records = self._read_records()
         if not records:
             return
@@ -164,18 +184,35 @@ class RunnerProcessGroups:
             token: _Owner(token, record.leader_pid, record.leader_start)
             for token, (_, record) in records.items()
         }
-        holders = await anyio.to_thread.run_sync(_runner_processes, owners)
-        for token, pids in sorted(holders.items()):
-            log.warning(
-                "runner %s was left running by an earlier worker process (pids %s): ending it",
-                records[token][1].runner_id,
-                _pid_list({token: pids}),
-            )
-        if holders:
-            grace_s = max(records[token][1].grace_s for token in holders)
-            holders = await _end_processes(holders, owners, grace_s)
+        # Until a scan says otherwise, every recorded runner may still be running.
+        left: dict[str, set[int]] = {token: set() for token in records}
+        with anyio.move_on_after(_REAP_LIMIT_S) as limit:
+            left = await _find_runner_processes(owners)
+            for token, pids in sorted(left.items()):
+                log.warning(
+                    "runner %s was left running by an earlier worker process (%s, pids %s): "
+                    "ending it",
+                    records[token][1].runner_id,
+                    _kind_of(records[token][1]),
+                    _pid_list({token: pids}),
+                )
+            if left:
+                # Cut short by the limit, `left` stays what was found (the records kept).
+                grace_s = max(_reap_grace_s(records[token][1].grace_s) for token in left)
+                left = await _end_processes(left, owners, grace_s)
+        if limit.cancelled_caught:
+            for token, pids in sorted(left.items()):
+                log.warning(
+                    "runner %s left by an earlier worker process (%s, pids %s) is not known to "
+                    "be gone after %gs (a look at its processes in /proc hung): starting "
+                    "anyway; its record is kept for the next start",
+                    records[token][1].runner_id,
+                    _kind_of(records[token][1]),
+                    _pid_list({token: pids}) or "not found yet",
+                    _REAP_LIMIT_S,
+                )
         for token, (path, _) in records.items():
-            if token not in holders:  # else kept: the next start tries again
+            if token not in left:  # else kept: the next start tries again
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
@@ -197,6 +234,22 @@ class RunnerProcessGroups:
                     continue
                 records[path.name.removesuffix(_RECORD_SUFFIX)] = (path, record)
         return records
+
+
+def _reap_grace_s(recorded_s: float) -> float:
+    """The grace a leftover gets at a worker's start: its record's, within
+    `_REAP_GRACE_LIMIT_S` (and that limit for a value no config gives: negative, NaN)."""
+    return recorded_s if 0 <= recorded_s <= _REAP_GRACE_LIMIT_S else _REAP_GRACE_LIMIT_S
+
+
+def _kind_of(record: _Record) -> str:
+    return f"runner kind {record.kind!r}" if record.kind else "runner kind not recorded"
+
+
+async def _find_runner_processes(owners: Mapping[str, _Owner]) -> dict[str, set[int]]:
+    """`_runner_processes` in a thread, abandoned if cancelled: a read of /proc that hangs
+    (see `_REAP_LIMIT_S`) must not hold up the caller's deadline."""
+    return await anyio.to_thread.run_sync(_runner_processes, owners, abandon_on_cancel=True)
 
 
 def _read_stat(pid: int) -> _Stat | None:
@@ -293,12 +346,12 @@ def _runner_processes(owners: Mapping[str, _Owner]) -> dict[str, set[int]]:
 async def _wait_until_gone(owners: Mapping[str, _Owner], timeout_s: float) -> dict[str, set[int]]:
     """The processes still left of the runners `owners` when none is or `timeout_s` has
     passed."""
-    holders = await anyio.to_thread.run_sync(_runner_processes, owners)
+    holders = await _find_runner_processes(owners)
     with anyio.move_on_after(timeout_s):
         while holders:
             await anyio.sleep(_POLL_S)
             left = {token: owners[token] for token in holders}
-            holders = await anyio.to_thread.run_sync(_runner_processes, left)
+            holders = await _find_runner_processes(left)
     return holders
 
 

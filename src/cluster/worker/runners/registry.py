@@ -16,7 +16,6 @@ A worker's runner setting (kind + config) can come from a TOML file::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import tomllib
@@ -91,12 +90,11 @@ def make_factory(
 
     The factory checks that what the kind builds is a `Runner`, so a broken plugin fails
     the self-test with a clear reason rather than somewhere deep in the manager.
-    `process_groups` records the commands of `subprocess` runners, so that a worker
-    restarted after a crash can end those left running.
+    `process_groups` records the commands of subprocess runners -- the built-in kind's and
+    a plugin kind's that derives from `SubprocessRunner` -- so that a worker restarted after
+    a crash can end those left running.
     """
     kind = find_kind(name)
-    if kind is SubprocessRunner and process_groups is not None:
-        kind = functools.partial(SubprocessRunner, process_groups=process_groups)
     frozen = dict(config)
 
     def factory(spec: RunnerSpec) -> Runner:
@@ -105,6 +103,10 @@ def make_factory(
             raise RunnerConfigError(
                 f"runner kind {name!r} built a {type(runner).__name__}, not a Runner"
             )
+        # Not only `kind is SubprocessRunner`: a plugin kind built on it (a vLLM launcher,
+        # say) runs commands as well, and their leftovers hold GPU memory just the same.
+        if process_groups is not None and isinstance(runner, SubprocessRunner):
+            runner.record_commands_in(process_groups)
         return runner
 
     return factory

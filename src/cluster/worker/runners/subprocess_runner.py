@@ -265,6 +265,14 @@ class SubprocessRunner(Runner):
         if self.config.slot_lines:
             self._slots = anyio.create_memory_object_stream[bytes](16)
 
+    def record_commands_in(self, process_groups: RunnerProcessGroups) -> None:
+        """Record the command it starts in `process_groups` (unless given at construction),
+        so that a worker restarted after a crash ends it. `make_factory` calls this for
+        every subprocess runner it builds, a plugin kind derived from this class included,
+        whatever its constructor passes on."""
+        if self._process_groups is None:
+            self._process_groups = process_groups
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
@@ -281,7 +289,9 @@ class SubprocessRunner(Runner):
         if self._process_groups is not None:
             # Recorded before it starts: a worker killed -9 from here on leaves a record the
             # next worker start uses to end the command (process_groups.py).
-            self._recorded = self._process_groups.record(self.spec.runner_id, self.config.grace_s)
+            self._recorded = self._process_groups.record(
+                self.spec.runner_id, self.config.grace_s, self.kind
+            )
             env.update(self._recorded.environment)
         # Standard error through a pipe read in a thread: never a full pipe that blocks the
         # command, and no file growing for the process's life (only a tail is kept).
