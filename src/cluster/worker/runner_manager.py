@@ -11,8 +11,9 @@ the master every step through `RunnerStatusUpdated`:
 "ready" means loaded; "running" means its devshard's epoch has begun (a devshard placed
 ahead of its epoch waits loaded). A failed runner is stopped at once and reported FAILED with
 the reason -- and so is one that ends by itself, even cleanly, while its slot is still
-assigned (a command that daemonizes and exits 0 leaves the slot unserved). While its slot
-stays assigned it is started again after `restart_backoff_s` (doubling each time), at most
+assigned (a command that daemonizes and exits 0 leaves the slot unserved; it is not
+restarted: each restart would leave one more daemon). While its slot stays assigned a
+failed runner is started again after `restart_backoff_s` (doubling each time), at most
 `restart_limit` times per devshard -- a crash or a transient out-of-memory should not cost
 the rest of the epoch. After the last attempt it keeps its FAILED record until the slot is
 unassigned. A failed runner whose devshard is over (parked, below) is stopped instead, and one
@@ -399,9 +400,10 @@ class RunnerManager:
                         # show the operator and the master a runner that is not there.
                         self._retire(h)
                         break
+                    ended_cleanly = failure is None
                     if failure is None:
                         # The slot is left unserved all the same (a command that daemonized
-                        # and exited 0): a failure, restarted and, if it persists, moved.
+                        # and exited 0): a failure, moved by the planner, but not restarted.
                         assert h.runner is not None  # it served, so it was made
                         failure = (
                             "serve: ended on its own while its slot was still assigned "
@@ -414,6 +416,19 @@ class RunnerManager:
                         # fresh runner of a successor placed meanwhile: two loads, one slot.
                         self._retire(h)
                         break
+                    if ended_cleanly:
+                        # A launcher that daemonizes (`docker run -d`) exits 0 at once, and
+                        # each restart would leave one more daemon out of the worker's reach.
+                        # A crash is restarted; a clean end would most likely end again.
+                        if self._restart_limit > 0:
+                            log.warning(
+                                "runner %s: not restarted: it ended cleanly by itself, as a "
+                                "command that daemonizes does (each restart would leave one "
+                                "more daemon running); a command must stay in the foreground "
+                                "(`docker run` without -d)",
+                                h.spec.runner_id,
+                            )
+                        break  # FAILED stays visible until the slot is unassigned
                     if h.restarts >= self._restart_limit:
                         break
                     h.restarts += 1
