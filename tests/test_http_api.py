@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -10,6 +11,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
@@ -434,7 +436,8 @@ def test_binding_off_loopback_requires_a_token() -> None:
 )
 def test_a_duration_setting_out_of_range_is_named(field: str, value: float) -> None:
     with pytest.raises(HttpApiConfigError, match=f"HTTP API {field} is {value!r}"):
-        check_config(HttpApiConfig(**{field: value}))
+        changes: dict[str, Any] = {field: value}
+        check_config(dataclasses.replace(HttpApiConfig(), **changes))
 
 
 def test_no_wait_for_body_room_is_a_valid_setting() -> None:
