@@ -7,6 +7,7 @@ import pytest
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    NO_RUNNERS_DIGEST,
     DevshardPlaced,
     EpochStarted,
     Event,
@@ -177,6 +178,51 @@ def test_self_testing_again_after_a_hello_under_another_runner_setting() -> None
         "self-testing its runner",
         1,
     )
+
+
+def test_a_worker_without_runners_is_facts_only_not_self_testing() -> None:
+    """`cluster worker --no-runners` runs no self-test: "self-testing" would wait forever
+    (and count as onboarding). A result filed under its digest changes nothing either."""
+    log = Log().master(T0, NodeConnected(node_id="node-a", runner_digest=NO_RUNNERS_DIGEST))
+    log.joined("node-a")
+    st = node_status(log.state, "node-a", T0)
+    assert (st.status, st.message, st.log_level) == (
+        NodeState.FACTS_ONLY,
+        "facts only (runs no runners)",
+        LogLevel.INFO,
+    )
+    assert NodeState.FACTS_ONLY in NORMAL_STATES
+    log.add(
+        "node-a",
+        T0,
+        RunnerSelfTestCompleted(
+            node_id="node-a",
+            runner_kind="simulated",
+            passed=True,
+            config_digest=NO_RUNNERS_DIGEST,
+        ),
+    )
+    assert node_status(log.state, "node-a", T0).status is NodeState.FACTS_ONLY
+
+
+def test_a_tested_node_restarted_without_runners_is_facts_only_and_loses_its_test() -> None:
+    """Its passed test was of a runner it no longer runs: kept, the node stayed "serving" and
+    placeable while nothing there served its slots."""
+    log = Log().master(T0, NodeConnected(node_id="node-a", runner_digest="0" * 64))
+    log.joined("node-a").add(
+        "node-a",
+        T0,
+        RunnerSelfTestCompleted(
+            node_id="node-a", runner_kind="simulated", passed=True, config_digest="0" * 64
+        ),
+    )
+    log.epoch(7, T0, T0 + 10 * MIN).placed("ds-7-chat", ["node-a"], epoch=7, ends_ms=T0 + 10 * MIN)
+    assert node_status(log.state, "node-a", T0).status is NodeState.SERVING
+    log.master(T0 + MIN, NodeConnected(node_id="node-a", runner_digest=NO_RUNNERS_DIGEST))
+    log.joined("node-a", T0 + MIN)
+    assert log.state.nodes["node-a"].self_test is None
+    st = node_status(log.state, "node-a", T0 + MIN)
+    assert (st.status, st.slots) == (NodeState.FACTS_ONLY, 1)  # until the planner moves it
 
 
 def test_test_failed_names_runner_and_reason() -> None:

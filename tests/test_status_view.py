@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 from test_node_status import MIN, T0, Log, far_future_log
 
 from cluster.shared.events import (
+    NO_RUNNERS_DIGEST,
     DevshardFinalized,
     EpochSettled,
     GpuInfo,
     MaintenanceCancelled,
     MaintenanceStarted,
+    NodeConnected,
     NodeDisconnected,
     NodeGatheredInfo,
     NodeInfo,
@@ -249,6 +251,16 @@ def test_render_text_escapes_and_clips_what_workers_name() -> None:
     assert any(r"g4\nnode-a DISCONNECTED\x1b[2J" in line for line in nodes), nodes
     assert "h" * 31 + "…" in text and "h" * 33 not in text
     assert all(len(line) <= 100 for line in lines), text
+
+
+def test_a_facts_only_node_is_shown_and_counted_as_such_not_as_self_testing() -> None:
+    log = Log().master(T0, NodeConnected(node_id="facts", runner_digest=NO_RUNNERS_DIGEST))
+    log.joined("facts")
+    text = render_text(cluster_status(log.state, T0))
+    assert "nodes: 1 (1 facts only)" in text
+    row = next(line for line in text.splitlines() if line.startswith("facts "))
+    assert "facts only" in row and "facts only (runs no runners)" in row
+    assert "self-test" not in text
 
 
 def test_render_text_of_an_empty_cluster() -> None:

@@ -75,7 +75,8 @@ class Hello(Msg, frozen=True):
     #: Bounded: it is logged (NodeConnected) and kept in State, and every replica reads it.
     boot_id: Annotated[str, msgspec.Meta(max_length=MAX_BOOT_ID_CHARS)] = ""
     #: The digest of the worker's runner setting (`RunnerSetting.digest()`: its kind and
-    #: config), "" for a worker that runs no runners. The master logs it in NodeConnected,
+    #: config), `NO_RUNNERS_DIGEST` for a worker that runs no runners ("" from workers built
+    #: before that value: they said nothing either way). The master logs it in NodeConnected,
     #: whose reducer drops the node's self-test if it was of another setting: until the new
     #: setting's result arrives the node is not self-tested, and nothing is placed there.
     #: Bounded like `boot_id`: it is logged and kept in State.

@@ -27,6 +27,16 @@ INT64_MAX: Final = 2**63 - 1
 LogNumber = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 
+#: `Hello.runner_digest` / `NodeConnected.runner_digest` of a worker that runs no runners
+#: (`cluster worker --no-runners`, `WorkerNodeConfig(runner=None)`): it reports facts only,
+#: never self-tests and is never placed. Not a hex digest, so no runner setting has it; it
+#: is just another setting to the reducer (a hello under it drops the node's earlier test),
+#: which is why it needed no new field: old records decode and replay as before, and an
+#: older build folds a log holding it to the same State. "" could not say this: it also
+#: means "a worker from before hellos named the setting", whose test is kept.
+NO_RUNNERS_DIGEST: Final = "no-runners"
+
+
 #: The most work units one WorkReported may carry, and the most slots one WorkMissed may
 #: count. A runner reports every few seconds (every `offline_work_interval_s` while the
 #: master is unreachable), so real reports are far below; the bound keeps one report's
@@ -123,8 +133,9 @@ class NodeConnected(_Event, frozen=True):
     #: The worker process's `Hello.boot_id` ("" in logs written before boot ids).
     boot_id: str = ""
     #: The worker's `Hello.runner_digest`: the digest of the runner setting it runs now
-    #: (`RunnerSelfTestCompleted.config_digest` of a test of that setting). "" for a worker
-    #: without runners and in logs written before it: then the node's self-test is kept.
+    #: (`RunnerSelfTestCompleted.config_digest` of a test of that setting), or
+    #: `NO_RUNNERS_DIGEST` for a worker that runs no runners (a facts-only node). "" in logs
+    #: written before it (and from older workers): then the node's self-test is kept.
     runner_digest: str = ""
 
 

@@ -17,8 +17,9 @@ Precedence, first match wins, and why:
   5. catching up (behind by at least `catch_up_threshold` events);
   6. connected but not yet heard from since (re)joining: connecting;
   7. draining (its window says so, whatever else it does);
-  8. self-testing, then test failed;
-  9. serving when it holds slots of live devshards, else waiting for placement.
+  8. facts only: its worker runs no runners, so no test will come and nothing is placed;
+  9. self-testing, then test failed;
+ 10. serving when it holds slots of live devshards, else waiting for placement.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ DEFAULT_CATCH_UP_THRESHOLD: Final = 50
 class NodeState(StrEnum):
     CONNECTING = "connecting"
     CATCHING_UP = "catching_up"
+    FACTS_ONLY = "facts_only"
     SELF_TESTING = "self_testing"
     TEST_FAILED = "test_failed"
     WAITING_FOR_PLACEMENT = "waiting_for_placement"
@@ -75,6 +77,7 @@ NORMAL_STATES: Final = frozenset(
     {
         NodeState.CONNECTING,
         NodeState.CATCHING_UP,
+        NodeState.FACTS_ONLY,
         NodeState.SELF_TESTING,
         NodeState.WAITING_FOR_PLACEMENT,
         NodeState.SERVING,
@@ -178,6 +181,9 @@ def node_status(
         return status(NodeState.CONNECTING, "connecting: connected, waiting for its first event")
     if window is not None and window.state is WindowState.DRAINING:
         return status(NodeState.DRAINING, _draining_message(window, len(held), now_ms))
+    if rec.facts_only:
+        # Before the self-test: none will come (a forged or late result changes nothing).
+        return status(NodeState.FACTS_ONLY, "facts only (runs no runners)")
     test = rec.self_test
     if test is None:
         return status(NodeState.SELF_TESTING, "self-testing its runner")

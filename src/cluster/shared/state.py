@@ -30,6 +30,7 @@ from immutables import Map
 
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    NO_RUNNERS_DIGEST,
     NodeInfo,
     NodePayout,
     RunnerStatus,
@@ -85,9 +86,16 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     #: The runner setting that worker process announced (`NodeConnected.runner_digest`), ""
     #: if none. `self_test`, when set, is a test of this setting (or of any, when ""): a
     #: hello under another setting drops the test, and a result of another setting (one an
-    #: earlier process left in its outbox) is not recorded.
+    #: earlier process left in its outbox) is not recorded. `NO_RUNNERS_DIGEST`: the worker
+    #: runs no runners (`facts_only`).
     runner_digest: str = ""
     self_test: SelfTestResult | None = None
+
+    @property
+    def facts_only(self) -> bool:
+        """Its worker said it runs no runners: no self-test will come, nothing is placed
+        there, and it is not a node still joining."""
+        return self.runner_digest == NO_RUNNERS_DIGEST
 
 
 def runner_id_for(devshard_id: str, slot: int) -> str:

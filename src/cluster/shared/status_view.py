@@ -349,6 +349,7 @@ def from_json(data: bytes | str) -> ClusterStatus:
 _LABELS: Final[Mapping[NodeState, str]] = {
     NodeState.CONNECTING: "connecting",
     NodeState.CATCHING_UP: "catching up",
+    NodeState.FACTS_ONLY: "facts only",
     NodeState.SELF_TESTING: "self-test",
     NodeState.TEST_FAILED: "TEST FAILED",
     NodeState.WAITING_FOR_PLACEMENT: "waiting",

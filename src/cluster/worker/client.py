@@ -158,7 +158,8 @@ class Worker:
         """`master_addr`: the master's full multiaddr, or a file holding it (a `Path`) or a
         callable returning it, read again before every dial (`MasterAddr`).
         `runner_digest`: the digest of the runner setting this worker runs
-        (`RunnerSetting.digest()`), "" if it runs none; sent in every hello."""
+        (`RunnerSetting.digest()`), `events.NO_RUNNERS_DIGEST` if it runs none, "" if the
+        caller does not say (an embedder emitting its own events); sent in every hello."""
         self.data_dir = data_dir
         self._master = MasterAddr(master_addr)
         self.config = config or WorkerConfig()

@@ -25,6 +25,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from cluster import control
+from cluster.shared.events import NO_RUNNERS_DIGEST
 from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
@@ -119,8 +120,10 @@ class WorkerNode:
             else None
         )
         # Its hello names the runner setting, so that the master stops counting a self-test
-        # of another setting (this worker restarted with a changed one) from that hello on.
-        digest = config.runner.digest() if config.runner is not None else ""
+        # of another setting (this worker restarted with a changed one) from that hello on;
+        # without runners it says so: "" would keep an earlier process's passed test, and the
+        # master would go on placing slots here that nothing serves.
+        digest = config.runner.digest() if config.runner is not None else NO_RUNNERS_DIGEST
         self.worker = worker = Worker(data_dir, master_addr, config.client, runner_digest=digest)
         try:
             self.gatherer: InfoGatherer | None = None

@@ -151,8 +151,10 @@ def _untested_if_changed(test: SelfTestResult | None, runner_digest: str) -> Sel
     """The node's self-test, or None when the worker now runs another setting than the one it
     tested: until that setting's own result arrives the node counts as not self-tested, so
     the planner places nothing there on the strength of a test of something else. The
-    digest covers the kind as well as the config (`config_digest`). "" (a worker without
-    runners, a log written before hellos carried the setting) keeps the test."""
+    digest covers the kind as well as the config (`config_digest`). `NO_RUNNERS_DIGEST` (the
+    worker now runs no runners) is another setting like any: the test is dropped, so a node
+    restarted facts-only is placed nothing more on its earlier test. "" (a log written before
+    hellos carried the setting, an older worker) keeps the test."""
     if test is None or not runner_digest or test.config_digest == runner_digest:
         return test
     return None
