@@ -26,13 +26,14 @@ def fast_worker(
     secret: bytes,
     *,
     runner: RunnerSetting | None = None,
+    no_runners: bool = False,
     gpu_probe: NvmlGpuProbe | None = None,
 ) -> WorkerNode:
     """A worker offering one 1 GiB slot, heartbeating every 100 ms (default runner kind unless
-    `runner` is given)."""
+    `runner` is given; none at all with `no_runners`, as `cluster worker --no-runners`)."""
     config = WorkerNodeConfig(
         client=WorkerConfig(secret=secret, heartbeat_interval=0.1),
         info=InfoConfig(data_dir=data_dir, slots=1, slot_memory_mb=1024),
-        runner=runner if runner is not None else RunnerSetting(),
+        runner=None if no_runners else runner if runner is not None else RunnerSetting(),
     )
     return WorkerNode(data_dir, master_addr, config, gpu_probe=gpu_probe)

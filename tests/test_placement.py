@@ -24,6 +24,7 @@ from cluster.master.placement import (
     IN_MAINTENANCE,
     NO_SLOTS,
     NOT_SELF_TESTED,
+    RUNS_NO_RUNNERS,
     SELF_TEST_FAILED,
     STALE,
     PlacementPool,
@@ -32,6 +33,7 @@ from cluster.master.placement import (
 )
 from cluster.master.planner import Planner, plan
 from cluster.shared.events import (
+    NO_RUNNERS_DIGEST,
     DevshardFinalized,
     DevshardPlaced,
     Event,
@@ -464,6 +466,35 @@ def test_a_node_restarted_with_another_runner_setting_gets_nothing_until_it_pass
     world.heartbeat_all()
     (placed,) = of_type(world.cycle(planner), DevshardPlaced)
     assert placed.assignments == (SlotAssignment(0, "x"),)
+
+
+def test_a_node_restarted_without_runners_loses_its_slots_at_once_and_gets_no_more() -> None:
+    """`cluster worker --no-runners` on a node that passed its test: nothing serves its slots
+    now, so they are re-placed in the next cycle (not missed until the epoch ends), and no
+    test -- even one filed under its digest -- makes it eligible again."""
+    world = World()
+    world.node("x")
+    world.node("y", slots=2)
+    world.session("s", slots=2)
+    planner = Planner(CFG)
+    # The first epoch starts: "s" takes a slot on each node.
+    assert _load(of_type(world.cycle(planner), DevshardPlaced)) == {"x": 1, "y": 1}
+    world.master([NodeConnected(node_id="x", boot_id="b2", runner_digest=NO_RUNNERS_DIGEST)])
+    world.add(
+        "x",
+        RunnerSelfTestCompleted(
+            node_id="x", runner_kind="simulated", passed=True, config_digest=NO_RUNNERS_DIGEST
+        ),
+    )
+    world.heartbeat_all()
+    (moved,) = of_type(world.cycle(planner), DevshardPlaced)
+    assert moved.reason == "replace"
+    assert _load([moved]) == {"y": 2}
+    world.session("t", slots=1)
+    world.heartbeat_all()
+    (unplaced,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert f"1 node(s) {RUNS_NO_RUNNERS}" in unplaced.reason
+    assert f"{NOT_SELF_TESTED}" not in unplaced.reason
 
 
 def test_full_memory_and_gpu_reasons_are_counted() -> None:

@@ -16,11 +16,13 @@ from cluster.master.node import MasterNode
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    NO_RUNNERS_DIGEST,
     NodeConnected,
     RunnerSelfTestCompleted,
     RunnerStatus,
     RunnerStatusUpdated,
 )
+from cluster.shared.node_status import NodeState, node_status, placements_by_node
 from cluster.shared.state import EMPTY_STATE
 from cluster.worker.node import WorkerNode
 from cluster.worker.runners import RunnerSetting
@@ -104,6 +106,59 @@ async def test_a_changed_runner_setting_is_self_tested_before_any_runner_starts(
         [result] = [e for e in after if isinstance(e, RunnerSelfTestCompleted)]
         assert result.passed and result.config_digest == NEW.digest()
         assert_untested_from_the_new_hello_to_its_result(master, node)
+    finally:
+        for worker in workers:
+            worker.close()
+        master.close()
+
+
+@pytest.mark.anyio
+async def test_a_tested_node_restarted_without_runners_is_facts_only_and_its_slot_moves(
+    tmp_path: Path,
+) -> None:
+    # `cluster worker --no-runners` on the data dir of a worker that passed its test: its
+    # hello said "" (no setting), the master kept the test, the node stayed "serving" and
+    # missed its slot every epoch. Its hello now says it runs no runners.
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret, epoch_length_ms=600_000)
+    workers: list[WorkerNode] = []
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                addr = started.addrs[0]
+                first = fast_worker(tmp_path / "w1", addr, secret, runner=OLD)
+                workers.append(first)
+                node = first.node_id
+                async with anyio.create_task_group() as worker_tg:
+                    await worker_tg.start(first.run)
+                    reply = await master.request(
+                        SessionCreate(slots=1, memory_per_slot_mb=512, name="s")
+                    )
+                    assert reply.ok, reply.message
+                    while not serving(master, node):
+                        await anyio.sleep(0.05)
+                    first.stop()
+                first.close()
+                workers.remove(first)
+
+                second = fast_worker(tmp_path / "w1", addr, secret, no_runners=True)
+                workers.append(second)
+
+                def facts_only_and_unplaced() -> bool:
+                    rec = master.state.nodes[node]
+                    return (
+                        rec.runner_digest == NO_RUNNERS_DIGEST
+                        and node not in placements_by_node(master.state)
+                    )
+
+                with anyio.fail_after(20):  # a few hundred plan cycles: never, unfixed
+                    await run_until(second, facts_only_and_unplaced)
+                master.stop()
+        rec = master.state.nodes[node]
+        assert rec.self_test is None and rec.facts_only
+        st = node_status(master.state, node, rec.joined_ms)
+        assert st.status is NodeState.FACTS_ONLY and st.slots == 0
     finally:
         for worker in workers:
             worker.close()

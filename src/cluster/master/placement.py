@@ -1,9 +1,10 @@
 """Devshard placement: which eligible nodes serve each session's slots this epoch (DESIGN 6).
 
 Eligible node = connected, fresh (per the liveness book), not draining or in maintenance
-(`may_take_work` for work ending at the epoch end, and not `is_excused`), runner self-test
-passed, offering slots (`NodeInfo.slots`, `NodeInfo.slot_memory_mb`), with room (offered slots
-minus slots already assigned this epoch). A node fits a session when its memory per slot is
+(`may_take_work` for work ending at the epoch end, and not `is_excused`), running runners
+(not a facts-only worker, `NodeRecord.facts_only`), runner self-test passed, offering slots
+(`NodeInfo.slots`, `NodeInfo.slot_memory_mb`), with room (offered slots minus slots already
+assigned this epoch). A node fits a session when its memory per slot is
 at least the session's and, for a GPU session, it reports a GPU.
 
 How slots are chosen, deterministically from (epoch seed, session id):
@@ -75,6 +76,7 @@ DISCONNECTED = "disconnected"
 STALE = "stale"
 IN_MAINTENANCE = "in maintenance"
 DRAINING = "draining"
+RUNS_NO_RUNNERS = "running no runners"
 SELF_TEST_FAILED = "failed its runner self-test"
 NOT_SELF_TESTED = "not self-tested"
 NO_SLOTS = "offering no slots"
@@ -84,6 +86,7 @@ _REASON_ORDER = (
     STALE,
     IN_MAINTENANCE,
     DRAINING,
+    RUNS_NO_RUNNERS,
     SELF_TEST_FAILED,
     NOT_SELF_TESTED,
     NO_SLOTS,
@@ -232,6 +235,8 @@ class PlacementPool:
                 reason = IN_MAINTENANCE
             elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):
                 reason = DRAINING
+            elif rec.facts_only:
+                reason = RUNS_NO_RUNNERS  # whatever test it holds: nothing would serve
             elif test is None:
                 reason = NOT_SELF_TESTED
             elif not test.passed:

@@ -111,11 +111,13 @@ def plan(
     decided = _fold_own(state, events, now_ms)
 
     def holds_work(node_id: str) -> bool:
-        # Stale-but-connected nodes keep their slots; gone or in maintenance, they lose them.
+        # Stale-but-connected nodes keep their slots; gone, in maintenance or running no
+        # runners (restarted facts-only: nothing there would serve them), they lose them.
         rec = decided.nodes.get(node_id)
         return (
             rec is not None
             and rec.connected
+            and not rec.facts_only
             and node_id not in leaving
             and not is_excused(decided, node_id, now_ms)
         )
@@ -229,10 +231,11 @@ def _keep_epoch(
 ) -> list[Event]:
     """Mid-epoch: re-place lost slots and place sessions that have no devshard yet.
 
-    A slot is lost when its node is gone or in maintenance, or when its runner there has
-    been FAILED for `failed_slot_grace_ms`: the worker's own restarts did not help. Such a
-    slot never goes back to that node this epoch (`replace_lost_slots`), so one failure is
-    one miss, not one per cycle.
+    A slot is lost when its node is gone, in maintenance or runs no runners (its worker
+    restarted facts-only), or when its runner there has been FAILED for
+    `failed_slot_grace_ms`: the worker's own restarts did not help. Such a slot never goes
+    back to that node this epoch (`replace_lost_slots`), so one failure is one miss, not one
+    per cycle.
     """
     used: dict[str, int] = {}
     holding: dict[str, bool] = {}
