@@ -22,6 +22,7 @@ from cluster.master.decision_log import (
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    NO_RUNNERS_DIGEST,
     DevshardFinalized,
     DevshardPlaced,
     EpochSettled,
@@ -263,6 +264,30 @@ def test_an_unplaced_session_while_nodes_are_still_joining_is_info() -> None:
     self_testing = _fold(session, *_ready("node-a"), _m(NodeConnected(node_id="node-b")))
     line = _line(event, self_testing)
     assert line.level == INFO and "nodes are still joining" in line.message
+
+
+def test_facts_only_and_disconnected_nodes_are_not_still_joining() -> None:
+    """Onboarding is a connected node with a self-test still to come. A facts-only node
+    (`--no-runners`) never tests and a disconnected one is not joining: counted as joining,
+    either turned every unplaced session's WARNING into INFO, the first for good."""
+    session = _m(SessionRequested(session_id="s", slots=2, memory_per_slot_mb=1))
+    event = SessionUnplaced(session_id="s", epoch=1, reason="needs 2 slot(s): 0 eligible")
+    facts_only = _m(NodeConnected(node_id="node-b", runner_digest=NO_RUNNERS_DIGEST))
+    for state in (
+        _fold(session, facts_only),
+        _fold(session, *_ready("node-a"), facts_only),
+        _fold(
+            session,
+            _m(NodeConnected(node_id="node-a")),  # untested, then gone
+            _m(NodeDisconnected(node_id="node-a", reason="no events for 3 cycles")),
+        ),
+    ):
+        line = _line(event, state)
+        assert line.level == WARNING, line
+        assert "still joining" not in line.message
+    # A node with its test still to come, beside those, is onboarding.
+    joining = _fold(session, facts_only, _m(NodeConnected(node_id="node-c")))
+    assert _line(event, joining).level == INFO
 
 
 def test_missed_work_is_a_warning_unless_excused() -> None:

@@ -206,11 +206,17 @@ class _Context:
 
     @property
     def onboarding(self) -> bool:
-        """No node is connected yet, or a connected node has not finished its self-test:
-        capacity is still arriving, so a session waiting for it is no cause for alarm."""
+        """A connected node has a self-test still to come, or no node has ever joined (a
+        session created before the first worker, the demo's order): capacity is still
+        arriving, so a session waiting for it is no cause for alarm. Disconnected nodes are
+        not joining, nor are facts-only ones (no test will ever come): a cluster of those
+        alone must not turn every unplaced session's WARNING into INFO for good."""
         if self._onboarding is None:
-            connected = [rec for rec in self.state.nodes.values() if rec.connected]
-            self._onboarding = not connected or any(rec.self_test is None for rec in connected)
+            nodes = self.state.nodes
+            self._onboarding = not nodes or any(
+                rec.connected and rec.self_test is None and not rec.facts_only
+                for rec in nodes.values()
+            )
         return self._onboarding
 
 
