@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -431,6 +432,29 @@ async def test_a_look_at_proc_that_hangs_does_not_hold_up_the_start(
         "found yet) is not known to be gone after 0.3s"
     ) in caplog.text
     assert [path.name for path in groups.directory.iterdir()] == [recorded.path.name]
+
+
+@pytest.mark.anyio
+async def test_the_wait_for_a_runners_processes_answers_from_a_whole_last_scan() -> None:
+    # A scan under way when the wait's time ran out was cut short, and the scan before it
+    # answered: processes that had just ended were reported as outliving their stop (a
+    # WARNING, a needless SIGTERM pass, a record kept if it happened after the SIGKILL).
+    scans: list[int] = []
+
+    def slow_second_scan(owners: Mapping[str, object]) -> dict[str, set[int]]:
+        scans.append(len(scans))
+        if len(scans) == 1:
+            return {"t": {4_000_000}}  # still there at first
+        time.sleep(0.5)  # a slow look at /proc, outlasting the 0.2 s wait
+        return {}  # gone by this look
+
+    owner = process_groups._Owner("t", None, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(process_groups, "_runner_processes", slow_second_scan)
+        with anyio.fail_after(10):
+            left = await process_groups._wait_until_gone({"t": owner}, 0.2)
+    assert left == {}
+    assert len(scans) == 2
 
 
 class _Launcher(SubprocessRunner):

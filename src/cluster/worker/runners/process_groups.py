@@ -345,13 +345,17 @@ def _runner_processes(owners: Mapping[str, _Owner]) -> dict[str, set[int]]:
 
 async def _wait_until_gone(owners: Mapping[str, _Owner], timeout_s: float) -> dict[str, set[int]]:
     """The processes still left of the runners `owners` when none is or `timeout_s` has
-    passed."""
+    passed. The answer comes from a whole scan made at the end: the time limit is checked
+    between scans, never used to cut one short, or a scan under way at the limit would leave
+    the one before it (up to a poll older) to answer, and a process that had just ended be
+    reported as outliving its stop. A scan that hangs is cut only by the caller's own limit
+    (`_find_runner_processes` may be abandoned)."""
+    deadline = anyio.current_time() + timeout_s
     holders = await _find_runner_processes(owners)
-    with anyio.move_on_after(timeout_s):
-        while holders:
-            await anyio.sleep(_POLL_S)
-            left = {token: owners[token] for token in holders}
-            holders = await _find_runner_processes(left)
+    while holders and (left_s := deadline - anyio.current_time()) > 0:
+        # The last sleep ends at the limit, so the last scan starts at it.
+        await anyio.sleep(min(_POLL_S, left_s))
+        holders = await _find_runner_processes({token: owners[token] for token in holders})
     return holders
 
 
