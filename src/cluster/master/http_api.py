@@ -739,7 +739,9 @@ class HttpApi:
                 ("X-Content-Type-Options", "nosniff"),
                 ("Connection", "close"),
             ]
-            await self._send(ex, h11.Response(status_code=200, headers=headers))
+            # The reason phrase as every other answer has it (h11 leaves it empty otherwise).
+            stream_head = h11.Response(status_code=200, headers=headers, reason=_REASONS[200])
+            await self._send(ex, stream_head)
             if ex.head:  # the stream's headers, and no stream
                 await self._send(ex, h11.EndOfMessage())
                 return
