@@ -356,5 +356,5 @@ def test_session_list_says_as_of_when_an_unplaced_reason_was_recorded(
     assert capsys.readouterr().out == (
         "s1: 2 slots x 512 MiB  unplaced (as of 2024-03-05 14:00 UTC): needs 2 slot(s) of "
         "512 MiB: 1 eligible node(s) offer 1 free slot(s)\n"
-        "s2: 1 slots x 256 MiB, gpu\n"
+        "s2: 1 slot x 256 MiB, gpu\n"  # it said "1 slots"
     )

@@ -123,6 +123,18 @@ def test_a_disconnect_says_what_the_node_loses() -> None:
     )
 
 
+def test_a_disconnect_losing_one_slot_says_it_in_the_singular() -> None:
+    state = _fold(
+        *_ready("node-a"),
+        _m(EpochStarted(epoch=2, start_ms=T0, end_ms=T0 + HOUR, seed=1)),
+        _m(SessionRequested(session_id="chat", slots=1, memory_per_slot_mb=1)),
+        _m(_placed("chat", ["node-a"])),
+    )
+    line = _line(NodeDisconnected(node_id="node-a", reason="quiet"), state)
+    # It read "its 1 slot (ds-2-chat) are re-placed".
+    assert line.message.endswith("; its 1 slot (ds-2-chat) is re-placed"), line.message
+
+
 def test_a_disconnect_inside_its_maintenance_window_says_excused() -> None:
     """The one excuse rule decides: inside the window's time (here before the planner's
     MaintenanceStarted), the node is offline as planned."""
@@ -235,6 +247,37 @@ def test_a_placement_names_nodes_with_their_slot_counts_capped() -> None:
     assert wide.message.startswith("re-placed devshard ds-2-big")
     assert f"and {40 - LIST_CAP} more" in wide.message
     assert wide.message.count("node-") == LIST_CAP
+
+
+def test_a_re_placement_that_places_nothing_says_the_devshard_lost_every_slot() -> None:
+    state = _fold(
+        *_ready("node-a"),
+        _m(EpochStarted(epoch=2, start_ms=T0, end_ms=T0 + HOUR, seed=1)),
+        _m(SessionRequested(session_id="chat", slots=1, memory_per_slot_mb=1)),
+        _m(_placed("chat", ["node-a"])),
+    )
+    line = _line(_placed("chat", [], reason="replace"), state)
+    # It read "re-placed devshard ds-2-chat of session chat for epoch 2: 0 slots".
+    assert line == LogLine(
+        INFO,
+        "devshard ds-2-chat of session chat lost every slot in epoch 2: none could be "
+        "re-placed (retried every planner cycle; the session's unplaced line says why)",
+    )
+
+
+def test_a_partial_re_placement_says_how_many_slots_are_left_open() -> None:
+    state = _fold(
+        *_ready("node-a"),
+        _m(EpochStarted(epoch=2, start_ms=T0, end_ms=T0 + HOUR, seed=1)),
+        _m(SessionRequested(session_id="chat", slots=3, memory_per_slot_mb=1)),
+        _m(_placed("chat", ["node-a", "node-b", "node-c"])),
+    )
+    line = _line(_placed("chat", ["node-a", "node-a"], reason="replace"), state)
+    assert line == LogLine(
+        INFO,
+        "re-placed devshard ds-2-chat of session chat for epoch 2: 2 slots on 1 node: "
+        "node-a (2); 1 of its 3 slots unassigned",
+    )
 
 
 def test_an_unplaced_session_warns_once_then_reports_changes_at_info() -> None:

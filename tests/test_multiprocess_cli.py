@@ -118,7 +118,7 @@ def test_maintenance_and_session_commands(tmp_path: Path) -> None:
         _, requested = log.wait_for(SessionRequested, lambda e: True, 10, "the session")
         sid = requested.session_id
         code, out, err = session("list")
-        assert code == 0 and f"{sid}: 1 slots x 256 MiB" in out, (out, err)
+        assert code == 0 and f"{sid}: 1 slot x 256 MiB" in out, (out, err)
         code, out, err = session("list", "--json")
         listed = json.loads(out)
         assert code == 0 and listed["ok"], listed

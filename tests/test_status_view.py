@@ -13,6 +13,7 @@ from cluster.shared.events import (
     DevshardFinalized,
     EpochSettled,
     GpuInfo,
+    LateWorkSettled,
     MaintenanceCancelled,
     MaintenanceStarted,
     NodeConnected,
@@ -295,3 +296,12 @@ def test_printable_text_never_holds_a_control_character(text: str) -> None:
     assert shown.isprintable()
     assert shown == text or "\\" in shown  # whatever was replaced shows as an escape
     assert clip(shown, 8) == shown or (len(clip(shown, 8)) == 8 and clip(shown, 8)[-1] == "…")
+
+
+def test_a_ledger_with_one_late_unit_says_it_in_the_singular() -> None:
+    log = busy_cluster()
+    late = WorkReported(devshard_id="ds-6-chat", node_id="node-a", units=1, epoch=6)
+    log.add("node-a", T0, late)  # after epoch 6 settled
+    log.master(T0, LateWorkSettled(epoch=6, node_id="node-a", units=1, reward=1))
+    text = render_text(cluster_status(log.state, NOW), width=200)
+    assert "late 1 unit, paid" in text, text  # it said "late 1 units"

@@ -140,11 +140,13 @@ def _http_default() -> str:
 def _demo_session(master_dir: Path, slots: int) -> str:
     """Ask the master for a small session (through its control socket), once."""
     from cluster.control import ControlError, SessionCreate, SessionList, call_sync
+    from cluster.shared.humanize import plural
 
     try:
         listed = call_sync(master_dir, SessionList(), timeout=10)
         if listed.ok and listed.data:
-            return f"{len(listed.data)} session(s) already exist"
+            n = len(listed.data)
+            return f"{plural(n, 'session')} already {'exists' if n == 1 else 'exist'}"
         reply = call_sync(
             master_dir, SessionCreate(slots=slots, memory_per_slot_mb=512, name="demo"), timeout=10
         )

@@ -7,7 +7,7 @@ import time
 
 from cluster.commands._control_cli import add_data_dir, finish, send
 from cluster.control import SessionCreate, SessionDelete, SessionList
-from cluster.shared.humanize import format_utc
+from cluster.shared.humanize import format_utc, plural
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,5 +61,6 @@ def run(args: argparse.Namespace) -> int:
             at = s.get("unplaced_ms")
             when = f" (as of {format_utc(at, now_ms)})" if isinstance(at, int) and at > 0 else ""
             note = f"  unplaced{when}: {s['unplaced_reason']}"
-        print(f"{s['session_id']}: {s['slots']} slots x {s['memory_per_slot_mb']} MiB{gpu}{note}")
+        slots = plural(s["slots"], "slot")
+        print(f"{s['session_id']}: {slots} x {s['memory_per_slot_mb']} MiB{gpu}{note}")
     return 0

@@ -256,8 +256,10 @@ def _disconnected(event: NodeDisconnected, c: _Context) -> str:
     )
     held = c.placements.get(event.node_id, ())
     if held:
-        slots = plural(sum(p.slots for p in held), "slot")
-        message += f"; its {slots} ({_capped([p.devshard_id for p in held])}) are re-placed"
+        count = sum(p.slots for p in held)
+        verb = "is" if count == 1 else "are"
+        devshards = _capped([p.devshard_id for p in held])
+        message += f"; its {plural(count, 'slot')} ({devshards}) {verb} re-placed"
     return message
 
 
@@ -339,13 +341,24 @@ def _holders(event: DevshardPlaced) -> list[str]:
 
 
 def _placed(event: DevshardPlaced, c: _Context) -> str:
+    if not event.assignments:
+        # A re-placement that found a node for none of the slots it lost: it used to read
+        # "re-placed devshard ...: 0 slots", as if something had been placed.
+        return (
+            f"devshard {event.devshard_id} of session {event.session_id} lost every slot in "
+            f"epoch {event.epoch}: none could be re-placed (retried every planner cycle; the "
+            "session's unplaced line says why)"
+        )
     holders = _holders(event)
     slots = plural(len(event.assignments), "slot")
-    on = f" on {plural(len(holders), 'node')}: {_capped(holders)}" if holders else ""
+    on = f" on {plural(len(holders), 'node')}: {_capped(holders)}"
     verb = "re-placed" if event.reason == "replace" else "placed"
+    session = c.state.sessions.get(event.session_id)
+    short = session.slots - len(event.assignments) if session is not None else 0
+    open_slots = f"; {short} of its {session.slots} slots unassigned" if short > 0 else ""
     return (
         f"{verb} devshard {event.devshard_id} of session {event.session_id} for epoch "
-        f"{event.epoch}: {slots}{on}"
+        f"{event.epoch}: {slots}{on}{open_slots}"
     )
 
 

@@ -25,6 +25,7 @@ from cluster.shared.humanize import (
     format_duration,
     format_relative,
     format_utc,
+    plural,
     printable,
     short_id,
 )
@@ -488,7 +489,7 @@ def _settlement(settled: bool, r: LedgerRow) -> str:
     else:
         text = f"paid {format_count(r.paid)}"
     if r.late_units:
-        text += f"; late {format_count(r.late_units)} units, paid {format_count(r.late_paid)}"
+        text += f"; late {plural(r.late_units, 'unit')}, paid {format_count(r.late_paid)}"
     return text
 
 
