@@ -205,6 +205,24 @@ def test_maintenance_transitions_are_info_and_an_overrun_is_a_warning() -> None:
         INFO,
         "maintenance window w-1 of node node-a cancelled: host asked; 1h 00m of credit refunded",
     )
+    # Cancelled while draining: less than the window cost comes back, and the line says why.
+    draining = _fold(
+        *_ready("node-a"),
+        _m(_window()),
+        _m(MaintenanceDrainStarted(window_id="w-1", node_id="node-a")),
+        at_ms=T0 + 50 * MIN,
+    )
+    cancelled_draining = _line(
+        MaintenanceCancelled(
+            window_id="w-1", node_id="node-a", reason="host asked", credit_refund_ms=50 * MIN
+        ),
+        draining,
+        T0 + 52 * MIN,
+    )
+    assert cancelled_draining.message == (
+        "maintenance window w-1 of node node-a cancelled: host asked; 50m of the 1h 00m of "
+        "credit it cost refunded (its drain period, 10m, is charged)"
+    )
     late = T0 + 2 * HOUR + 3 * MIN
     overrun = _line(MaintenanceOverrun(window_id="w-1", node_id="node-a"), state, late)
     assert overrun.level == WARNING

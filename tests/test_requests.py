@@ -236,3 +236,24 @@ def test_a_cancel_refund_tops_the_credit_up_to_the_cap_and_no_further() -> None:
     ok, msg = _run(log, MaintenanceCancel(), A)
     assert ok and msg.endswith("credit refunded: 4h 00m")
     assert log.credit(A) == policy.credit_cap_ms
+
+
+def test_a_cancel_while_draining_says_the_drain_period_is_charged() -> None:
+    """The reply said only "credit refunded: 20m" for a 30m window, as if 10m went missing."""
+    log = Log()
+    log.join(A)
+    log.join(B)
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=HOUR, duration_ms=30 * MIN), A)
+    assert ok
+    log.advance(HOUR - log.policy.drain_lead_ms)
+    log.cycle()  # DRAINING
+    log.advance(2 * MIN)  # the whole drain is charged, however little of it has passed
+    ok, msg = _run(log, MaintenanceCancel(), A)
+    assert ok and msg.endswith(
+        "credit refunded: 20m; its drain period (10m) is charged, not refunded: draining had "
+        "begun, and from then no work crossing the window's start was placed on the node"
+    ), msg
+    # A window cancelled while merely scheduled is refunded whole, with nothing more said.
+    ok, _ = _run(log, MaintenanceSchedule(in_ms=HOUR, duration_ms=30 * MIN), A)
+    ok, msg = _run(log, MaintenanceCancel(), A)
+    assert ok and msg.endswith("credit refunded: 30m"), msg

@@ -63,7 +63,7 @@ from cluster.shared.humanize import (
     printable,
 )
 from cluster.shared.node_status import Placement, placements_by_node
-from cluster.shared.state import State
+from cluster.shared.state import State, WindowState
 
 DEBUG: Final = logging.DEBUG
 INFO: Final = logging.INFO
@@ -156,7 +156,7 @@ def _said(event: Event, c: _Context) -> _Said | None:
     if isinstance(event, MaintenanceScheduled):
         return _Said(INFO, partial(_scheduled, event, c))
     if isinstance(event, MaintenanceCancelled):
-        return _Said(INFO, partial(_cancelled, event))
+        return _Said(INFO, partial(_cancelled, event, c))
     if isinstance(event, MaintenanceDrainStarted):
         return _Said(INFO, partial(_drain_started, event, c))
     if isinstance(event, MaintenanceStarted):
@@ -272,13 +272,26 @@ def _scheduled(event: MaintenanceScheduled, c: _Context) -> str:
     )
 
 
-def _cancelled(event: MaintenanceCancelled) -> str:
+def _cancelled(event: MaintenanceCancelled, c: _Context) -> str:
     why = f": {_text(event.reason)}" if event.reason else ""
     refund = (
         f"; {format_duration(event.credit_refund_ms)} of credit refunded"
         if event.credit_refund_ms
         else ""
     )
+    window = c.state.windows.get(event.window_id)
+    if window is not None and event.credit_refund_ms < window.credit_spent_ms:
+        # Less than the window cost came back: say so, and why when the state shows it (a
+        # refund capped at the credit cap needs the policy, which the log does not hold).
+        given, spent = event.credit_refund_ms, window.credit_spent_ms
+        refund = (
+            f"; {format_duration(given)} of the {format_duration(spent)} of credit it cost refunded"
+            if given
+            else f"; none of the {format_duration(spent)} of credit it cost refunded"
+        )
+        if window.state is WindowState.DRAINING and window.drain_started_ms:
+            charge = min(spent, max(0, window.start_ms - window.drain_started_ms))
+            refund += f" (its drain period, {format_duration(charge)}, is charged)"
     return f"maintenance window {event.window_id} of node {event.node_id} cancelled{why}{refund}"
 
 

@@ -211,20 +211,28 @@ def _maintenance(
         )
         if isinstance(outcome, maintenance.Rejection):
             return _refuse(maintenance.render_rejection(outcome))
-        due, given = maintenance.cancel_refund_ms(
-            state, state.windows[outcome.window_id], now_ms, policy
-        )
+        window = state.windows[outcome.window_id]
+        due, given = maintenance.cancel_refund_ms(state, window, now_ms, policy)
         capped = (
             f" of {format_duration(due)} due (the balance is capped at "
             f"{format_duration(policy.credit_cap_ms)})"
             if given < due
             else ""
         )
+        # Said, or a refund short of what the window cost reads like a miscount.
+        charge = maintenance.drain_charge_ms(window, now_ms, policy)
+        charged = (
+            f"; its drain period ({format_duration(charge)}) is charged, not refunded: "
+            "draining had begun, and from then no work crossing the window's start was "
+            "placed on the node"
+            if charge
+            else ""
+        )
         return Decision(
             Reply(
                 ok=True,
                 message=f"cancelled window {outcome.window_id}; "
-                f"credit refunded: {format_duration(given)}{capped}",
+                f"credit refunded: {format_duration(given)}{capped}{charged}",
             ),
             (outcome,),
         )
