@@ -14,7 +14,14 @@ import anyio
 import pytest
 from maintenance_log import HOUR, MIN, Log, node_id
 
-from cluster.control import MaintenanceFinish, MaintenanceSchedule, Reply
+from cluster.control import (
+    MaintenanceFinish,
+    MaintenanceSchedule,
+    Reply,
+    SessionCreate,
+    SessionDelete,
+)
+from cluster.master import service as service_module
 from cluster.master.server import Master
 from cluster.master.service import MasterService
 from cluster.net.identity import load_identity
@@ -96,6 +103,51 @@ async def test_a_decision_is_logged_at_the_time_it_was_made(tmp_path: Path) -> N
         assert a not in master.state.open_window_by_node  # the log holds the finish too
         *_, last = store.read_from(store.last_idx)
         assert isinstance(last.event, MaintenanceFinished) and last.master_time_ms == start + 1_000
+    finally:
+        master.close()
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_deleting_a_deleted_session_says_when_it_was_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "no session 's2-chat'", as for an id that never named a session."""
+    log = Log()
+    log.join(node_id(1))
+    store = EventStore.open(tmp_path / "master")
+    store.append(log.log)
+    key_pair, _ = load_identity(tmp_path / "master")
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
+    service = MasterService(master, log.policy)
+    try:
+        with anyio.fail_after(30):
+            created = await service.handle_local(
+                SessionCreate(slots=1, memory_per_slot_mb=1, name="chat")
+            )
+            sid = created.data["session_id"]
+            assert created.ok and sid == f"s{store.last_idx}-chat"
+            created_idx = store.last_idx
+            assert (await service.handle_local(SessionDelete(session_id=sid))).ok
+            deleted_idx = store.last_idx
+            again = await service.handle_local(SessionDelete(session_id=sid))
+            assert not again.ok
+            assert again.message == (
+                f"session {sid!r} was already deleted, at index {deleted_idx} (08:00 UTC; "
+                f"created at index {created_idx}): nothing to delete"
+            )
+            # A deletion beyond the bounded scan: still "already deleted", without its index.
+            monkeypatch.setattr(service_module, "DELETION_SCAN_EVENTS", 0)
+            far = await service.handle_local(SessionDelete(session_id=sid))
+            assert far.message == (
+                f"session {sid!r} (created at index {created_idx}, 08:00 UTC) was already "
+                "deleted: nothing to delete"
+            )
+            # An id that never named a session is still "no session": one past the log's
+            # end, one whose index holds another event, one of another name at that index.
+            for never in (f"s{store.last_idx + 5}-chat", "s1", f"s{created_idx}-other", "x"):
+                reply = await service.handle_local(SessionDelete(session_id=never))
+                assert not reply.ok and reply.message.startswith(f"no session {never!r}"), reply
     finally:
         master.close()
         store.close()

@@ -7,9 +7,13 @@ includes every earlier one. The status overview is `status_view.cluster_status`.
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from cluster.control import (
     Reply,
     Request,
+    SessionDelete,
     StatusRequest,
     decode_request,
     encode_message,
@@ -17,10 +21,18 @@ from cluster.control import (
 from cluster.master.requests import LOCAL_OPERATOR, decide
 from cluster.master.server import Master, MasterEventTooLarge, MasterStopping
 from cluster.shared.codec import to_builtins
-from cluster.shared.events import Event
+from cluster.shared.events import Event, IndexedEvent, SessionDeleted, SessionRequested
+from cluster.shared.humanize import format_utc
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import State
 from cluster.shared.status_view import cluster_status, render_text
+
+#: A session id names the index of its SessionRequested: "s2496" or "s2496-<name>".
+_SESSION_ID: Final = re.compile(r"s([1-9][0-9]{0,17})(?:-.*)?", re.DOTALL)
+#: Events after a session's creation read to find its deletion, at most (an operator's
+#: `cluster session delete` of a gone session; the log is read in a thread, in batches).
+DELETION_SCAN_EVENTS: Final = 20_000
+_SCAN_BATCH: Final = 1_000
 
 
 class MasterService:
@@ -48,7 +60,56 @@ class MasterService:
         except (MasterStopping, MasterEventTooLarge) as exc:
             # Refused before anything was logged: nothing of it is in the log.
             return Reply(ok=False, message=str(exc))
-        return replies[0]
+        reply = replies[0]
+        if isinstance(request, SessionDelete) and not reply.ok:
+            gone = await self.deleted_session(request.session_id)
+            if gone is not None:
+                return Reply(ok=False, message=gone)
+        return reply
+
+    async def deleted_session(self, session_id: str) -> str | None:
+        """Why a session the state does not hold is not there, when the log shows it was
+        created and deleted since (None for an id that never named a session): a second
+        `cluster session delete` said "no session", as for a typo."""
+        match = _SESSION_ID.fullmatch(session_id)
+        if match is None or session_id in self.master.state.sessions:
+            return None
+        created_idx = int(match.group(1))
+        first = await self.master.read_events(created_idx, 1)
+        if not first or first[0].idx != created_idx:
+            return None
+        created = first[0]
+        if not (
+            isinstance(created.event, SessionRequested) and created.event.session_id == session_id
+        ):
+            return None
+        now_ms = self.master.now_ms()
+        deleted = await self._deletion(session_id, created_idx + 1)
+        if deleted is None:  # beyond the scan: the log holds it, later
+            made = format_utc(created.master_time_ms, now_ms)
+            return (
+                f"session {session_id!r} (created at index {created_idx}, {made}) was already "
+                "deleted: nothing to delete"
+            )
+        return (
+            f"session {session_id!r} was already deleted, at index {deleted.idx} "
+            f"({format_utc(deleted.master_time_ms, now_ms)}; created at index {created_idx}): "
+            "nothing to delete"
+        )
+
+    async def _deletion(self, session_id: str, from_idx: int) -> IndexedEvent | None:
+        """The SessionDeleted of `session_id` among the `DELETION_SCAN_EVENTS` events from
+        `from_idx` (None when not among them)."""
+        idx, end = from_idx, from_idx + DELETION_SCAN_EVENTS
+        while idx < end:
+            batch = await self.master.read_events(idx, min(_SCAN_BATCH, end - idx))
+            for ie in batch:
+                if isinstance(ie.event, SessionDeleted) and ie.event.session_id == session_id:
+                    return ie
+            if not batch:
+                return None
+            idx = batch[-1].idx + 1
+        return None
 
     async def handle_local(self, request: Request) -> Reply:
         """A request on the master's own control socket: the local operator."""
