@@ -367,8 +367,10 @@ def _placed(event: DevshardPlaced, c: _Context) -> str:
     on = f" on {plural(len(holders), 'node')}: {_capped(holders)}"
     verb = "re-placed" if event.reason == "replace" else "placed"
     session = c.state.sessions.get(event.session_id)
-    short = session.slots - len(event.assignments) if session is not None else 0
-    open_slots = f"; {short} of its {session.slots} slots unassigned" if short > 0 else ""
+    open_slots = ""
+    if session is not None and session.slots > len(event.assignments):
+        short = session.slots - len(event.assignments)
+        open_slots = f"; {short} of its {session.slots} slots unassigned"
     return (
         f"{verb} devshard {event.devshard_id} of session {event.session_id} for epoch "
         f"{event.epoch}: {slots}{on}{open_slots}"
