@@ -197,3 +197,46 @@ async def test_a_request_built_wrong_in_python_is_refused_by_name(tmp_path: Path
         assert node.state.last_applied == 0  # nothing was decided
     finally:
         node.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("grant_ms", [None, 30 * 60_000])
+async def test_an_embedded_http_api_shows_the_masters_credit_grant(
+    tmp_path: Path, grant_ms: int | None
+) -> None:
+    """docs/operations.md "Embedding": `HttpApi(view, ...)` defaulted to no credit grant
+    (a fresh node showed 0 where the master grants 2 h), and the documented view was the
+    master, which embedders know only as a `MasterNode`: that answered /api/status with 500."""
+    import json
+    import urllib.request
+
+    import anyio
+    from maintenance_log import Log, node_id
+
+    from cluster.master.http_api import HttpApi, HttpApiConfig
+    from cluster.master.node import MasterNode, MasterNodeConfig
+    from cluster.net.membership import Membership
+    from cluster.shared.maintenance_policy import DEFAULT_POLICY, MaintenancePolicy
+    from cluster.shared.store import EventStore
+
+    log = Log()
+    log.join(node_id(1))
+    with EventStore.open(tmp_path / "m") as store:
+        store.append(log.log)
+    policy = DEFAULT_POLICY if grant_ms is None else MaintenancePolicy(initial_credit_ms=grant_ms)
+    node = MasterNode(tmp_path / "m", Membership(secret=b"s" * 32), MasterNodeConfig(policy=policy))
+    try:
+        with pytest.raises(TypeError, match=r"a MasterNode has no now_ms, .*node\.http_api"):
+            HttpApi(node, HttpApiConfig(), initial_credit_ms=0)  # type: ignore[arg-type]
+        api = node.http_api(HttpApiConfig(host="127.0.0.1", port=0))
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(api.serve)
+            url = f"http://127.0.0.1:{port}/api/status"
+            body = await anyio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(url, timeout=10).read()
+            )
+            tg.cancel_scope.cancel()
+        (shown,) = json.loads(body)["nodes"]
+        assert shown["credit_ms"] == policy.initial_credit_ms  # 2 h by default
+    finally:
+        node.close()

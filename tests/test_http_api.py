@@ -83,7 +83,7 @@ def cluster_log() -> Log:
 async def running(
     view: ClusterView, config: HttpApiConfig | None = None
 ) -> AsyncIterator[tuple[HttpApi, int]]:
-    api = HttpApi(view, config)
+    api = HttpApi(view, config, initial_credit_ms=0)
     async with anyio.create_task_group() as tg:
         port = await tg.start(api.serve)
         yield api, port
@@ -415,7 +415,7 @@ def test_binding_off_loopback_requires_a_token() -> None:
     with pytest.raises(HttpApiConfigError, match="set a token"):
         check_config(HttpApiConfig(host="0.0.0.0"))
     with pytest.raises(HttpApiConfigError, match="set a token"):
-        HttpApi(FakeView(cluster_log()), HttpApiConfig(host="10.1.2.3"))
+        HttpApi(FakeView(cluster_log()), HttpApiConfig(host="10.1.2.3"), initial_credit_ms=0)
     with pytest.raises(HttpApiConfigError, match="at least 16"):
         check_config(HttpApiConfig(host="0.0.0.0", token="short"))
     with pytest.raises(HttpApiConfigError, match="port"):
@@ -493,7 +493,7 @@ async def test_a_client_that_takes_no_write_in_time_has_stalled() -> None:
 
     from cluster.master.http_api import _client_gone, _ClientStalled, _Exchange
 
-    api = HttpApi(FakeView(cluster_log()), HttpApiConfig(send_timeout_s=0.05))
+    api = HttpApi(FakeView(cluster_log()), HttpApiConfig(send_timeout_s=0.05), initial_credit_ms=0)
     ex = _Exchange(h11.Connection(h11.SERVER), _NeverSends())  # type: ignore[arg-type]
     with anyio.fail_after(20), pytest.raises(_ClientStalled) as stalled:
         await api._write(ex, b"data")

@@ -29,8 +29,9 @@ bodies it builds, held until a (possibly slow) client has read them, share one b
 internal error is answered `500` with a one-line reason (and logged once, with its
 traceback) while the response has not started.
 
-The API reads the cluster through `ClusterView`, a small Protocol the master implements and
-tests fake in memory.
+The API reads the cluster through `ClusterView`, a small Protocol the master shell
+(`server.Master`) implements and tests fake in memory. A program embedding a `MasterNode` gets
+its API from `MasterNode.http_api`, which passes the master and its policy's credit grant.
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ class ClusterView(Protocol):
     def metrics(self) -> MasterMetrics:
         """The master's own measurements (log size, plan cycle time, catch-up lag...)."""
         ...
+
+
+#: What `HttpApi` reads of its view (checked at construction: a wrong object, such as a
+#: `MasterNode` instead of its `master`, answered every /api/status with 500).
+_VIEW_MEMBERS: Final = ("state", "now_ms", "wait_for_index", "read_events", "metrics")
+
+
+def check_view(view: object) -> None:
+    """Refuse an object that is not a `ClusterView`, naming what it lacks."""
+    missing = [name for name in _VIEW_MEMBERS if not hasattr(view, name)]
+    if missing:
+        raise TypeError(
+            f"HttpApi needs a ClusterView ({', '.join(_VIEW_MEMBERS)}); a "
+            f"{type(view).__name__} has no {', '.join(missing)}: for a MasterNode use "
+            "`node.http_api(config)` (or serve it with `MasterNodeConfig(http=...)`)"
+        )
 
 
 class HttpApiConfigError(ValueError):
@@ -336,8 +353,12 @@ class HttpApi:
         view: ClusterView,
         config: HttpApiConfig | None = None,
         *,
-        initial_credit_ms: int = 0,
+        initial_credit_ms: int,
     ) -> None:
+        """`initial_credit_ms`: the master's `MaintenancePolicy.initial_credit_ms`, which
+        every node's credit balance in /api/status starts from. Required: a default of 0
+        showed a fresh node with no credit where the master grants it 2 h."""
+        check_view(view)
         self.view = view
         self.config = config or HttpApiConfig()
         #: The maintenance policy's starting grant, for each node's credit balance in status.

@@ -148,15 +148,18 @@ class MasterNode:
                 await tg.start(control.serve, self.data_dir, self.service.handle_local)
             http_port = None
             if self.config.http is not None:
-                api = HttpApi(
-                    self.master,
-                    self.config.http,
-                    initial_credit_ms=self.config.policy.initial_credit_ms,
-                )
-                http_port = await tg.start(api.serve)
+                http_port = await tg.start(self.http_api(self.config.http).serve)
             task_status.started(Started(addrs=addrs, http_port=http_port))
             await self.master.wait_finished()
             tg.cancel_scope.cancel()
+
+    def http_api(self, config: HttpApiConfig | None = None) -> HttpApi:
+        """The read-only HTTP API over this master, as `run` serves it when
+        `MasterNodeConfig.http` is set: for a program that serves it in its own task group,
+        ``port = await task_group.start(node.http_api(HttpApiConfig(...)).serve)``. It reads
+        the master's state and log, and its credit figures start from this node's policy."""
+        config = config if config is not None else HttpApiConfig()
+        return HttpApi(self.master, config, initial_credit_ms=self.config.policy.initial_credit_ms)
 
     async def request(self, request: Request) -> Reply:
         """Decide a request as the local operator (what the control socket does).
