@@ -28,6 +28,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from cluster import control
 from cluster.datadir import OUTBOX_DIR, hold
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.net import host as nethost
@@ -269,12 +270,35 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    async def request(self, request: control.Request, timeout: float = 30.0) -> control.Reply:
+        """Forward a request of `cluster.control` for this host (`MaintenanceNext()`,
+        `MaintenanceSchedule(...)`, ...) to the master and return its `Reply`: what
+        `cluster maintenance ...` on this host does. The master judges it as this node's own.
+
+        Checked as `MasterNode.request` checks it: anything but a request raises `TypeError`,
+        a field of the wrong type `ValueError` naming the field. Raises `MasterUnavailable`
+        when there is no connection right now, `cluster.control.ControlError` when the
+        master's answer is not a reply.
+        """
+        payload = control.encode_message(control.check_request(request))
+        return control.decode_reply(await self.request_master(payload, timeout))
+
     async def request_master(self, payload: bytes, timeout: float = 30.0) -> bytes:
-        """Forward a host request (control JSON) to the master; its reply JSON.
+        """Forward an encoded host request (`cluster.control.encode_message(request)`) to the
+        master; the master's reply, encoded (`cluster.control.decode_reply` reads it).
+        `request` does both for a request object.
 
         The master judges it as coming from this node, over the authenticated connection.
-        Raises `MasterUnavailable` when there is no connection right now.
+        Raises `MasterUnavailable` when there is no connection right now, `TypeError` for a
+        payload that is not bytes (the master refused it as malformed, after a round trip).
         """
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"request_master takes an encoded request (bytes), got "
+                f"{type(payload).__name__}: pass a request object to `request(...)`, or "
+                "encode it with `cluster.control.encode_message`"
+            )
+        payload = bytes(payload)
         link = self._link
         if link is None:
             raise MasterUnavailable(f"not connected to the master (worker is {self.phase})")
