@@ -160,7 +160,8 @@ def test_a_master_whose_port_is_taken_says_so_in_one_line(
     assert str(port) in err[0] and "in use" in err[0].lower(), err
     if which == "http":
         assert err[0].endswith(
-            "; `--http 127.0.0.1:0` picks a free port, `--http off` runs without it"
+            "; `--http 127.0.0.1:0` picks a free port (written to <data-dir>/http.url), "
+            "`--http off` runs without it"
         ), err
 
 

@@ -411,6 +411,29 @@ async def test_token_required_when_configured() -> None:
         assert (await get(port, "/", f"Authorization: Bearer {TOKEN}"))[0] == 200
 
 
+@pytest.mark.anyio
+async def test_config_errors_name_config_fields_and_keep_flags_for_the_command_line() -> None:
+    """A program embedding the API was told to use `--http 127.0.0.1:0` / `--http off` and
+    `--http-token-file`: flags it cannot pass. The flags stay in `command_line`."""
+    with pytest.raises(HttpApiConfigError) as exposed:
+        check_config(HttpApiConfig(host="0.0.0.0"))
+    assert "`HttpApiConfig.token`" in str(exposed.value) and "--" not in str(exposed.value)
+    assert "`cluster master --http-token-file FILE`" in exposed.value.command_line
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0) as taken:
+        port = taken.extra(anyio.abc.SocketAttribute.local_port)
+        api = HttpApi(FakeView(cluster_log()), HttpApiConfig(port=port), initial_credit_ms=0)
+        with pytest.raises(HttpApiConfigError) as in_use:
+            await api.serve()
+    said = str(in_use.value)
+    assert said.startswith(f"cannot listen for HTTP on 127.0.0.1:{port}: "), said
+    assert "`HttpApiConfig(port=0)` picks a free port" in said and "--http" not in said, said
+    assert "`MasterNodeConfig(http=None)` runs without the API" in said, said
+    assert in_use.value.command_line.endswith(
+        "; `--http 127.0.0.1:0` picks a free port (written to <data-dir>/http.url), "
+        "`--http off` runs without it"
+    )
+
+
 def test_binding_off_loopback_requires_a_token() -> None:
     with pytest.raises(HttpApiConfigError, match="set a token"):
         check_config(HttpApiConfig(host="0.0.0.0"))

@@ -60,7 +60,11 @@ async def test_status_unreachable_or_bad_url(capsys: pytest.CaptureFixture[str])
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     await listener.aclose()
     assert await run_cli("status", "--url", f"http://127.0.0.1:{port}", "--timeout", "2") == 1
-    assert "cannot reach the master's HTTP API" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot reach the master's HTTP API" in err
+    # Where a master on a free port (`--http 127.0.0.1:0`) says its address: it said nothing.
+    assert "writes the address it serves on to <data-dir>/http.url" in err, err
+    assert '`cluster status --url "$(cat DATA_DIR/http.url)"`' in err, err
     assert await run_cli("status", "--url", "ftp://x") == 2
     assert "expected http://HOST:PORT" in capsys.readouterr().err
 

@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         LogError,  # a damaged log: one line, not a traceback
         SnapshotError,
     ) as exc:
-        print(f"cluster master: {exc}", file=sys.stderr)
+        print(f"cluster master: {_flag_text(exc)}", file=sys.stderr)
         return 2
 
     async def main() -> None:
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         anyio.run(main, backend="trio")
     except* (HttpApiConfigError, AddressError, control.SocketInUseError) as group:
         # A port is taken, or another process serves this data directory: one line.
-        print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
+        print(f"cluster master: {_flag_text(first_leaf(group))}", file=sys.stderr)
         status = 2
     except* OSError as group:
         # A commit the disk refused stops the master after one ERROR line saying so
@@ -252,6 +252,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         node.close()
     return status
+
+
+def _flag_text(exc: BaseException) -> str:
+    """An error as an operator reads it: the HTTP API's names `cluster master` flags here,
+    where a program embedding it reads `HttpApiConfig` fields."""
+    from cluster.master.http_api import HttpApiConfigError
+
+    return exc.command_line if isinstance(exc, HttpApiConfigError) else str(exc)
 
 
 def http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:

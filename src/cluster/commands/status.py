@@ -141,7 +141,9 @@ def _no_connection(base: str, reason: object) -> str:
         return not_our_api(base, "it dropped the connection before the request was sent")
     return (
         f"cannot reach the master's HTTP API at {base}: {_said(str(reason))} "
-        "(is the master running with its HTTP API on that address?)"
+        "(is the master running with its HTTP API on that address? It writes the address it "
+        "serves on to <data-dir>/http.url, which `--http 127.0.0.1:0` needs: "
+        '`cluster status --url "$(cat DATA_DIR/http.url)"`)'
     )
 
 

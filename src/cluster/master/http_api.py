@@ -114,7 +114,14 @@ def check_view(view: object) -> None:
 
 
 class HttpApiConfigError(ValueError):
-    """The HTTP API cannot start with this configuration; the text says why and what to do."""
+    """The HTTP API cannot start with this configuration; the text says why and what to do,
+    naming `HttpApiConfig` fields (what a program embedding the API sets).
+    `command_line` says the same naming `cluster master` flags, for the CLI to print: a
+    program was told to use `--http 127.0.0.1:0`, which it has no way to pass."""
+
+    def __init__(self, message: str, command_line: str | None = None) -> None:
+        super().__init__(message)
+        self.command_line = command_line if command_line is not None else message
 
 
 @dataclass(frozen=True)
@@ -185,10 +192,13 @@ def check_config(config: HttpApiConfig) -> None:
         if not config.token.isascii() or not config.token.isprintable() or " " in config.token:
             raise HttpApiConfigError("HTTP API token must be printable ASCII without spaces")
     elif not is_loopback(config.host):
+        exposed = f"binding the HTTP API to {config.host!r} exposes it beyond this machine"
+        clients = "clients then send `Authorization: Bearer <token>` or `?token=<token>`"
         raise HttpApiConfigError(
-            f"binding the HTTP API to {config.host!r} exposes it beyond this machine: set a token "
-            "(`cluster master --http-token-file FILE`; clients then send `Authorization: Bearer "
-            "<token>` or `?token=<token>`), or bind 127.0.0.1"
+            f"{exposed}: set a token (`HttpApiConfig.token`; {clients}), or bind "
+            "`host='127.0.0.1'`",
+            f"{exposed}: set a token (`cluster master --http-token-file FILE`; {clients}), or "
+            "bind 127.0.0.1",
         )
     for name in (
         "max_connections",
@@ -383,11 +393,16 @@ class HttpApi:
         try:
             listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port)
         except OSError as exc:
-            hint = ""
-            if exc.errno == errno.EADDRINUSE:  # another master's, or a demo's
-                hint = "; `--http 127.0.0.1:0` picks a free port, `--http off` runs without it"
+            failed = f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+            if exc.errno != errno.EADDRINUSE:
+                raise HttpApiConfigError(failed) from exc
+            # Another master's, or a demo's.
             raise HttpApiConfigError(
-                f"cannot listen for HTTP on {cfg.host}:{cfg.port}: {exc.strerror or exc}{hint}"
+                f"{failed}; `HttpApiConfig(port=0)` picks a free port (`HttpApi.serve` reports "
+                "it, as `MasterNode.run` does in `Started.http_port`), `MasterNodeConfig(http="
+                "None)` runs without the API",
+                f"{failed}; `--http 127.0.0.1:0` picks a free port (written to "
+                "<data-dir>/http.url), `--http off` runs without it",
             ) from exc
         async with listener:
             self.port = listener.extra(SocketAttribute.local_port)
