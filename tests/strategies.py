@@ -36,6 +36,7 @@ from cluster.shared.events import (
     NodeHeartbeat,
     NodeInfo,
     NodePayout,
+    NodeRemoved,
     RunnerSelfTestCompleted,
     RunnerStatus,
     RunnerStatusUpdated,
@@ -164,6 +165,7 @@ MASTER_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
     NodeDisconnected: st.builds(
         NodeDisconnected, node_id=node_ids, reason=words, excused=st.booleans()
     ),
+    NodeRemoved: st.builds(NodeRemoved, node_id=node_ids, reason=words),
     WorkMissed: st.builds(
         WorkMissed,
         devshard_id=devshard_ids,
@@ -236,10 +238,24 @@ if set(NODE_EVENTS) | set(MASTER_EVENTS) != set(EVENT_TYPES):  # keep up with th
         f"tests/strategies.py has no strategy for {sorted(t.__name__ for t in missing)}"
     )
 
-#: (origin, event) pairs of every type, each type about equally likely.
+#: Operator decisions that take records out of State (`NodeRemoved`): drawn only by
+#: `with_removals`, so the default mix keeps building the records the other events act on.
+_REMOVALS = (NodeRemoved,)
+
+#: (origin, event) pairs of every type but `_REMOVALS`, each type about equally likely.
 origin_and_event: st.SearchStrategy[tuple[str, Any]] = st.one_of(
     *(s.map(lambda ev: (ev.node_id, ev)) for s in NODE_EVENTS.values()),
-    *(s.map(lambda ev: (MASTER_ORIGIN, ev)) for s in MASTER_EVENTS.values()),
+    *(
+        s.map(lambda ev: (MASTER_ORIGIN, ev))
+        for t, s in MASTER_EVENTS.items()
+        if t not in _REMOVALS
+    ),
+)
+
+#: (origin, event) pairs of every type, removals included (a removed node that speaks again
+#: joins afresh): what the fold and replay properties draw.
+with_removals: st.SearchStrategy[tuple[str, Any]] = st.one_of(
+    origin_and_event, *(MASTER_EVENTS[t].map(lambda ev: (MASTER_ORIGIN, ev)) for t in _REMOVALS)
 )
 
 

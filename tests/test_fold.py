@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import NODE_IDS, event_logs
+from strategies import NODE_IDS, event_logs, with_removals
 
 from cluster.shared.apply import OutOfOrderError, apply, fold
 from cluster.shared.codec import state_digest
@@ -18,6 +18,7 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeHeartbeat,
     NodeInfo,
+    NodeRemoved,
     RunnerSelfTestCompleted,
 )
 from cluster.shared.state import EMPTY_STATE, State
@@ -30,7 +31,7 @@ def _apply_each(state: State, events: list[IndexedEvent]) -> State:
 
 
 @settings(max_examples=150, deadline=None)
-@given(log=event_logs(max_size=120), cut=st.integers(0, 120))
+@given(log=event_logs(max_size=120, pairs=with_removals), cut=st.integers(0, 120))
 def test_fold_equals_apply_each(log: list[IndexedEvent], cut: int) -> None:
     cut = min(cut, len(log))
     one_by_one = _apply_each(EMPTY_STATE, log)
@@ -41,7 +42,7 @@ def test_fold_equals_apply_each(log: list[IndexedEvent], cut: int) -> None:
 
 
 def _churn(node: str) -> list[tuple[str, Event]]:
-    """What makes a node join, speak, leave and rejoin, in every order."""
+    """What makes a node join, speak, leave, go (removed) and rejoin, in every order."""
     return [
         (node, NodeHeartbeat(node_id=node)),
         (node, NodeGatheredInfo(node_id=node, source="host", info=NodeInfo(hostname=node))),
@@ -49,6 +50,7 @@ def _churn(node: str) -> list[tuple[str, Event]]:
         (node, NodeDisconnected(node_id=node, reason="shutting down", excused=True)),
         (MASTER_ORIGIN, NodeConnected(node_id=node, addr="/ip4/127.0.0.1/tcp/1")),
         (MASTER_ORIGIN, NodeDisconnected(node_id=node, reason="quiet")),
+        (MASTER_ORIGIN, NodeRemoved(node_id=node, reason="decommissioned")),
     ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import event_logs
+from strategies import event_logs, with_removals
 
 from cluster.shared import codec
 from cluster.shared.apply import apply
@@ -29,7 +29,7 @@ def apply_each(events: list[IndexedEvent]) -> State:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    events=event_logs(max_size=120),
+    events=event_logs(max_size=120, pairs=with_removals),
     batch=st.integers(1, 40),
     snapshot_every=st.integers(1, 60),
 )
@@ -103,8 +103,24 @@ def test_strategy_sequences_build_windows_shards_and_ledgers() -> None:
     assert not missing, f"generated logs never produced: {missing}"
 
 
+def test_removal_logs_remove_nodes_and_rejoin_them_as_new_ones() -> None:
+    """The logs the fold and replay properties draw do remove nodes, and a removed node
+    does speak again (joining afresh under a new slot): the tombstone paths are exercised."""
+    found: Counter[str] = Counter()
+
+    @settings(max_examples=30, deadline=None, database=None, derandomize=True)
+    @given(events=event_logs(min_size=100, max_size=100, pairs=with_removals))
+    def collect(events: list[IndexedEvent]) -> None:
+        state = apply_each(events)
+        found["removed"] += bool(state.removed())
+        found["rejoined"] += any(r.node_id in state.nodes for r in state.removed().values())
+
+    collect()
+    assert found["removed"] and found["rejoined"], found
+
+
 @settings(max_examples=40, deadline=None)
-@given(events=event_logs(max_size=60))
+@given(events=event_logs(max_size=60, pairs=with_removals))
 def test_events_read_back_from_their_json_fold_to_the_same_state(
     events: list[IndexedEvent],
 ) -> None:

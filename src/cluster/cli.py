@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run a master and N workers on loopback (the quick start)"),
     "status": ("status", "show the cluster at a glance: nodes, epoch, sessions, windows, ledgers"),
     "session": ("session", "create, list or delete sessions (operator, on the master host)"),
+    "node": ("node", "remove a node that is gone for good (operator, on the master host)"),
     "maintenance": ("maintenance", "schedule, check, cancel or finish a maintenance window"),
     "selfcheck": ("selfcheck", "run a whole synthetic cluster lifecycle in process: PASS/FAIL"),
 }

@@ -62,6 +62,13 @@ class SessionList(_Request, frozen=True):
     pass
 
 
+class NodeRemove(_Request, frozen=True, kw_only=True):
+    """Remove a node that is gone for good (`cluster node remove`): operator only."""
+
+    node_id: str
+    reason: str = ""
+
+
 class MaintenanceSchedule(_Request, frozen=True, kw_only=True):
     start_ms: int | None = None
     #: Start relative to the master's clock, in ms (`--in 2h`); exactly one of the two is set.
@@ -97,6 +104,7 @@ Request = (
     | SessionCreate
     | SessionDelete
     | SessionList
+    | NodeRemove
     | MaintenanceSchedule
     | MaintenanceCheck
     | MaintenanceCancel

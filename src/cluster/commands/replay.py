@@ -75,7 +75,9 @@ def summary_lines(state: State, snapshot_idx: int) -> list[str]:
         + (f" (last at {format_utc(state.last_time_ms, 0)})" if state.last_applied else "")
         + (f", from the snapshot at {snapshot_idx:,}" if snapshot_idx else ""),
         f"nodes:     {len(state.nodes):,} ({connected:,} connected, "
-        f"{len(state.nodes) - connected:,} disconnected)",
+        f"{len(state.nodes) - connected:,} disconnected"
+        + (f"; {len(state.removed()):,} removed" if state.removed() else "")
+        + ")",
     ]
     if state.epoch is None:
         lines.append("epoch:     none started")

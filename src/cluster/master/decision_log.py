@@ -47,6 +47,7 @@ from cluster.shared.events import (
     MaintenanceStarted,
     NodeConnected,
     NodeDisconnected,
+    NodeRemoved,
     SessionDeleted,
     SessionRequested,
     SessionUnplaced,
@@ -153,6 +154,8 @@ def _said(event: Event, c: _Context) -> _Said | None:
         return _Said(INFO, partial(_connected, event, c))
     if isinstance(event, NodeDisconnected):
         return _Said(WARNING, partial(_disconnected, event, c))
+    if isinstance(event, NodeRemoved):
+        return _Said(INFO, partial(_removed, event, c))
     if isinstance(event, MaintenanceScheduled):
         return _Said(INFO, partial(_scheduled, event, c))
     if isinstance(event, MaintenanceCancelled):
@@ -234,6 +237,8 @@ def _connected(event: NodeConnected, c: _Context) -> str:
     rec = c.state.nodes.get(event.node_id)
     node = event.node_id
     if rec is None:
+        if c.state.removed_node(node) is not None:
+            return f"node {node} joined the cluster again after its removal, as a new node"
         return f"node {node} joined the cluster (first connection)"
     if not rec.connected:
         ago = format_duration(c.now_ms - rec.disconnected_ms)
@@ -261,6 +266,17 @@ def _disconnected(event: NodeDisconnected, c: _Context) -> str:
         devshards = _capped([p.devshard_id for p in held])
         message += f"; its {plural(count, 'slot')} ({devshards}) {verb} re-placed"
     return message
+
+
+def _removed(event: NodeRemoved, c: _Context) -> str:
+    rec = c.state.nodes.get(event.node_id)
+    host = rec.info.hostname if rec is not None else None
+    message = f"node {event.node_id}" + (f" ({_text(host)})" if host else "")
+    message += " removed by the operator" + (f": {_text(event.reason)}" if event.reason else "")
+    window = c.state.open_window(event.node_id)
+    if window is not None:
+        message += f"; its maintenance window {window.window_id} is closed"
+    return message + "; it no longer counts as a node of the cluster"
 
 
 def _scheduled(event: MaintenanceScheduled, c: _Context) -> str:

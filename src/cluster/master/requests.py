@@ -22,6 +22,7 @@ from cluster.control import (
     MaintenanceFinish,
     MaintenanceNext,
     MaintenanceSchedule,
+    NodeRemove,
     Reply,
     Request,
     SessionCreate,
@@ -40,9 +41,9 @@ from cluster.shared.durations import (
     format_relative,
     format_time,
 )
-from cluster.shared.events import Event, SessionDeleted, SessionRequested
+from cluster.shared.events import Event, NodeRemoved, SessionDeleted, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
-from cluster.shared.state import State
+from cluster.shared.state import State, WindowState
 
 MAX_SLOTS = 4096
 #: Start times a maintenance request may name: every later message renders them as a date
@@ -52,6 +53,8 @@ MAX_MEMORY_PER_SLOT_MB = 16 * 1024 * 1024
 #: With events.MAX_WORK_UNITS, one work report's reward stays under 2**60.
 MAX_REWARD_PER_UNIT = 2**20
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # fullmatch: `$` allows a final "\n"
+#: Longest reason an operator may give for removing a node: it is logged forever.
+MAX_REMOVE_REASON_CHARS: Final = 200
 
 
 _MaintenanceRequest = (
@@ -92,6 +95,10 @@ def decide(
             Reply(ok=True, message=f"session {request.session_id} deleted"),
             (SessionDeleted(session_id=request.session_id),),
         )
+    if isinstance(request, NodeRemove):
+        if requester != LOCAL_OPERATOR:
+            return _refuse("nodes are removed by the operator on the master host")
+        return _node_remove(state, request)
     if isinstance(request, SessionList):
         sessions = [to_builtins(s) for _, s in sorted(state.sessions.items())]
         return Decision(Reply(ok=True, data=sessions))
@@ -137,6 +144,59 @@ def _session_create(state: State, req: SessionCreate) -> Decision:
     return Decision(
         Reply(ok=True, message=f"session {session_id} created", data={"session_id": session_id}),
         (event,),
+    )
+
+
+def _node_remove(state: State, req: NodeRemove) -> Decision:
+    """Remove a node that is gone for good. Only a node that is not connected: a connected
+    one is still speaking (or, in an active maintenance window, excused from speaking), and
+    one that speaks again after its removal simply joins afresh. There is no --force: the
+    master disconnects a node that goes quiet within a few plan cycles, so waiting is all
+    forcing would save."""
+    node_id = req.node_id
+    if not node_id:
+        return _refuse("name the node to remove: its full id, as `cluster status --json` lists")
+    if len(req.reason) > MAX_REMOVE_REASON_CHARS:
+        return _refuse(
+            f"the reason is {len(req.reason)} characters long: at most "
+            f"{MAX_REMOVE_REASON_CHARS} (it is kept in the log forever)"
+        )
+    rec = state.nodes.get(node_id)
+    if rec is None:
+        gone = state.removed_node(node_id)
+        if gone is not None:
+            why = f" ({gone.reason})" if gone.reason else ""
+            return _refuse(
+                f"node {node_id} is already removed: since {format_time(gone.removed_ms)}"
+                f" (event {gone.removed_idx}){why}"
+            )
+        return _refuse(
+            f"unknown node {node_id}: it has never joined this cluster "
+            "(`cluster status --json` lists the node ids)"
+        )
+    window = state.open_window(node_id)
+    if rec.connected and window is not None and window.state is WindowState.ACTIVE:
+        return _refuse(
+            f"node {node_id} is in maintenance (window {window.window_id}): offline for "
+            "maintenance is not gone. If it is not coming back, finish the window "
+            f"(`cluster maintenance finish --node {node_id}`); once the master marks it "
+            "disconnected (a few quiet plan cycles), remove it"
+        )
+    if rec.connected:
+        return _refuse(
+            f"node {node_id} is connected: stop its worker first, and once the master marks it "
+            "disconnected (a few quiet plan cycles) remove it; to take it out for a while "
+            f"instead, schedule a maintenance window (`cluster maintenance schedule --node "
+            f"{node_id} ...`)"
+        )
+    closed = f"; its maintenance window {window.window_id} is closed" if window else ""
+    return Decision(
+        Reply(
+            ok=True,
+            message=f"node {node_id} removed{closed}. Should it connect again it joins as a "
+            "new node: to keep it out, take it off the allow-list or change the cluster secret",
+        ),
+        (NodeRemoved(node_id=node_id, reason=req.reason),),
     )
 
 

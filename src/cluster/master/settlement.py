@@ -145,7 +145,9 @@ def settle_epoch(
     candidates |= stayed
 
     judged = misses.keys() | disconnects.keys()  # may be punished (misses over threshold)
-    credits = credits_to_earn_ms(state, served | stayed, policy)
+    # A node the operator removed (`NodeRemoved`) is paid for the work it did, but earns no
+    # credit: it has no balance any more, and one would outlive it if it joined again.
+    credits = credits_to_earn_ms(state, (n for n in served | stayed if n in state.nodes), policy)
     accounts = ledger.nodes
     payouts: list[NodePayout] = []
     for node_id in sorted(candidates):
@@ -159,7 +161,7 @@ def settle_epoch(
             reasons = []
         credit = 0
         if not reasons and (units > 0 or node_id in stayed):
-            credit = credits[node_id]
+            credit = credits.get(node_id, 0)
         elif not reasons and units == 0:
             continue
         if units == 0 and not reasons and credit == 0:

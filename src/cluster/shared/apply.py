@@ -32,6 +32,7 @@ from cluster.shared.events import (
     NodeDisconnected,
     NodeGatheredInfo,
     NodeHeartbeat,
+    NodeRemoved,
     RunnerSelfTestCompleted,
     RunnerStatusUpdated,
     SessionDeleted,
@@ -68,6 +69,7 @@ REDUCERS: dict[type[Any], Reducer] = {
     NodeHeartbeat: nodes.node_heartbeat,
     NodeConnected: nodes.node_connected,
     NodeDisconnected: nodes.node_disconnected,
+    NodeRemoved: nodes.node_removed,
     RunnerSelfTestCompleted: nodes.runner_self_test_completed,
     RunnerStatusUpdated: runners.runner_status_updated,
     WorkReported: runners.work_reported,
@@ -117,7 +119,7 @@ def apply(state: State, ie: IndexedEvent) -> State:
     if rec is None or not rec.connected:
         # A new or disconnected node (re)joins with its event: before the reducer, which
         # reads whether the node exists and is connected.
-        rec = nodes.joined(rec, origin, ie, len(node_map))
+        rec = nodes.joined(rec, origin, ie, state)
         node_map = node_map.set(origin, rec)
     elif reducer is _heartbeat:  # the commonest event: nothing else to do
         return _replace(
@@ -187,7 +189,7 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
             except KeyError:
                 rec = None
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
-                rec = nodes.joined(rec, origin, ie, len(node_map))
+                rec = nodes.joined(rec, origin, ie, state)
                 state = _replace(state, nodes=node_map.set(origin, rec))
             last_by_slot[rec.slot] = ie
         event = ie.event

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from immutables import Map
+from msgspec import UNSET, UnsetType
 
 from cluster.shared.events import Event, IndexedEvent, LogNumber
 from cluster.shared.node_gauges import GAUGES, NodeGauges
@@ -123,17 +124,22 @@ _FILED_RECORDS: tuple[tuple[str, Callable[[Any], object]], ...] = (
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record filed under another node's id, slots that are not 0..n-1 (one
-    per node), a record whose marks address does not match its slot, an index of closed
-    windows that does not list exactly the closed windows held, and a devshard without one
-    assignment time per assignment."""
+    per node, live or removed), a record whose marks address does not match its slot, an
+    index of closed windows that does not list exactly the closed windows held, and a
+    devshard without one assignment time per assignment."""
     state = strict_decode(_state_decoder.decode, data)
+    if not isinstance(state.removed_nodes, UnsetType) and not state.removed_nodes:
+        # No tombstones is "never removed one": UNSET, as a fold leaves it (one digest).
+        state = msgspec.structs.replace(state, removed_nodes=UNSET)
+    # Slots number every node that ever joined: the live ones and the removed ones' tombstones.
+    slots = state.next_node_slot()
     gauged = len(state.node_gauges.rows())
-    if gauged > len(state.nodes):
-        raise ValidationError(f"node gauges hold {gauged} slots for {len(state.nodes)} nodes")
+    if gauged > slots:
+        raise ValidationError(f"node gauges hold {gauged} slots for {slots} nodes")
     marked = len(state.last_event_by_node.rows())
-    if marked > len(state.nodes):
+    if marked > slots:
         # A node joining later would take a slot with marks it never earned.
-        raise ValidationError(f"node marks hold {marked} slots for {len(state.nodes)} nodes")
+        raise ValidationError(f"node marks hold {marked} slots for {slots} nodes")
     for field, id_of in _FILED_RECORDS:
         for key, record in getattr(state, field).items():
             if id_of(record) != key:
@@ -146,22 +152,33 @@ def decode_state(data: bytes | memoryview) -> State:
                 f"devshard {ds_id!r}: {len(shard.assigned_ms)} assignment times for "
                 f"{len(shard.assignments)} assignments"
             )
+    tombstones = state.removed()
+    for slot, tomb in tombstones.items():
+        if not 0 <= slot < slots:
+            raise ValidationError(
+                f"removed node {tomb.node_id!r}: slot {slot} is outside 0..{slots - 1}"
+            )
     slot_holder: dict[int, str] = {}
     for node_id, rec in state.nodes.items():
         if rec.node_id != node_id:
             raise ValidationError(f"nodes[{node_id!r}] holds the record of {rec.node_id!r}")
         # Slots are join order, dense and never reused: a duplicate would share one node's
         # marks and gauges with another, a gap would hand a joining node a slot in use.
+        kept = tombstones.get(rec.slot)
+        if kept is not None:
+            raise ValidationError(
+                f"node {node_id!r} holds slot {rec.slot}, kept by removed node {kept.node_id!r}"
+            )
         other = slot_holder.setdefault(rec.slot, node_id)
         if other != node_id:
             raise ValidationError(
                 f"nodes {min(other, node_id)!r} and {max(other, node_id)!r} "
                 f"both hold slot {rec.slot}"
             )
-        if not 0 <= rec.slot < len(state.nodes):
+        if not 0 <= rec.slot < slots:
             raise ValidationError(
-                f"node {node_id!r}: slot {rec.slot} is outside 0..{len(state.nodes) - 1} "
-                f"(slots number the {len(state.nodes)} nodes in join order)"
+                f"node {node_id!r}: slot {rec.slot} is outside 0..{slots - 1} "
+                f"(slots number the {slots} nodes, removed ones included, in join order)"
             )
         held = [name for name in GAUGES if getattr(rec.info, name) is not None]
         if held:

@@ -152,6 +152,18 @@ class NodeDisconnected(_Event, frozen=True):
     excused: bool = False
 
 
+class NodeRemoved(_Event, frozen=True):
+    """The operator removed a node that is gone for good (origin: master): `cluster node
+    remove`. Its record leaves `State.nodes` (a tombstone keeps its slot, never reused), its
+    open maintenance window closes and its maintenance credit is dropped; its ledgers, as
+    all history, stay. The master removes only a node that is not connected. Should the node
+    speak again it joins afresh, as a node never seen (a new slot, no credit, no self-test).
+    """
+
+    node_id: str
+    reason: str = ""
+
+
 # --------------------------------------------------------------------------------------------
 # Runners and work
 # --------------------------------------------------------------------------------------------
@@ -361,6 +373,7 @@ Event = (
     | NodeHeartbeat
     | NodeConnected
     | NodeDisconnected
+    | NodeRemoved
     | RunnerStatusUpdated
     | RunnerSelfTestCompleted
     | WorkReported

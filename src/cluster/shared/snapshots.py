@@ -46,7 +46,9 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    by a later one; an older snapshot lacks what was decided).
 #: 11: SessionRecord.unplaced_ms (every SessionUnplaced sets it: the planner restates a
 #:    reason whose counts alone moved only a minute after it; older snapshots lack it).
-SNAPSHOT_VERSION: Final = 11
+#: 12: State.removed_nodes (NodeRemoved's tombstones, which keep the slots of removed nodes:
+#:    an older build would hand their slots to joining nodes).
+SNAPSHOT_VERSION: Final = 12
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _CRC = struct.Struct("<I")
 HEADER_SIZE: Final = _HEADER.size + _CRC.size

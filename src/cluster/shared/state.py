@@ -27,6 +27,7 @@ from typing import Final
 
 import msgspec
 from immutables import Map
+from msgspec import UNSET, UnsetType
 
 from cluster.shared.events import (
     MASTER_ORIGIN,
@@ -56,7 +57,8 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     node_id: str
     #: The node's number in join order (0, 1, ...): where `State.last_event_by_node` keeps
     #: its marks. Dense and the same on every node that folds the same log; never reused:
-    #: a new node takes `len(State.nodes)`, sound because no event removes a node record.
+    #: a new node takes `State.next_node_slot()` -- the live records plus the tombstones of
+    #: removed ones (`State.removed_nodes`), so a removal never frees a slot for reuse.
     slot: int
     #: Where `State.last_event_by_node` keeps this node's marks (`node_marks.address(slot)`),
     #: stored rather than computed: `apply` updates the marks on every event, and these are
@@ -96,6 +98,21 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
         """Its worker said it runs no runners: no self-test will come, nothing is placed
         there, and it is not a node still joining."""
         return self.runner_digest == NO_RUNNERS_DIGEST
+
+
+class RemovedNode(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The tombstone of a node the operator removed (`NodeRemoved`), filed under its slot.
+
+    It keeps the slot taken: slots are numbered by `len(nodes) + len(removed_nodes)`, so a
+    node joining after a removal never lands on a slot whose marks and gauges were another
+    node's. A removed node that speaks again joins afresh under a new slot; its tombstone
+    stays (it still holds the old slot)."""
+
+    node_id: str
+    removed_idx: int
+    removed_ms: int
+    hostname: str = ""
+    reason: str = ""
 
 
 def runner_id_for(devshard_id: str, slot: int) -> str:
@@ -155,7 +172,8 @@ class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
     drain_started_ms: int = 0
     started_ms: int = 0
     closed_ms: int = 0
-    #: How a COMPLETED/CANCELLED window closed: "host", "reconnect", "overrun", "cancelled".
+    #: How a COMPLETED/CANCELLED window closed: "host", "reconnect", "overrun", "cancelled",
+    #: "removed" (its node was removed: `NodeRemoved`).
     outcome: str = ""
     credit_refund_ms: int = 0
 
@@ -333,6 +351,29 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     #: ("" for an unfilled slot: `DevshardRecord.holders`), for stickiness.
     last_nodes_by_session: Map[str, tuple[str, ...]] = msgspec.field(default_factory=Map)
     ledgers: Map[int, EpochLedger] = msgspec.field(default_factory=Map)
+    #: slot -> tombstone of the node the operator removed from it (`NodeRemoved`). UNSET --
+    #: absent from the canonical encoding -- until the first removal, so a state of a log
+    #: without removals encodes, and digests, exactly as before the event existed. Read it
+    #: through `removed()`.
+    removed_nodes: Map[int, RemovedNode] | UnsetType = UNSET
+
+    def removed(self) -> Map[int, RemovedNode]:
+        """slot -> tombstone of each removed node (empty if none was ever removed)."""
+        removed = self.removed_nodes
+        return _NO_REMOVED if isinstance(removed, UnsetType) else removed
+
+    def next_node_slot(self) -> int:
+        """The slot a node joining now takes: after every live and every removed node's."""
+        removed = self.removed_nodes
+        return len(self.nodes) + (0 if isinstance(removed, UnsetType) else len(removed))
+
+    def removed_node(self, node_id: str) -> RemovedNode | None:
+        """The latest tombstone of `node_id` if it was removed and has not joined again
+        since; None otherwise. Scans the tombstones: for operator requests, not per event."""
+        if node_id in self.nodes:
+            return None
+        found = [r for r in self.removed().values() if r.node_id == node_id]
+        return max(found, key=lambda r: r.removed_idx) if found else None
 
     def last_event_index(self, node_id: str) -> int:
         """Index of the last event `node_id` originated; 0 if none (or the node is unknown)."""
@@ -357,5 +398,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         rec = self.nodes.get(origin)
         return 0 if rec is None else self.last_event_by_node.get(rec.slot)[1]
 
+
+_NO_REMOVED: Final[Map[int, RemovedNode]] = Map()
 
 EMPTY_STATE = State()

@@ -62,6 +62,6 @@ class HostRelay:
             )
         return Reply(
             ok=False,
-            message="sessions are managed by the operator: run `cluster session` on the master "
-            "host (with the master's --data-dir)",
+            message="sessions and nodes are managed by the operator: run `cluster session` or "
+            "`cluster node` on the master host (with the master's --data-dir)",
         )

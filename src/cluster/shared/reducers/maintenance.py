@@ -35,7 +35,7 @@ def _put(state: State, win: MaintenanceWindow) -> State:
     return _replace(state, windows=state.windows.set(win.window_id, win))
 
 
-def _close(state: State, win: MaintenanceWindow) -> State:
+def close_window(state: State, win: MaintenanceWindow) -> State:
     """Files the closed window and drops its node's closed ones beyond the cap: cancelled
     ones first, oldest first (see CLOSED_WINDOWS_KEPT_PER_NODE)."""
     windows = state.windows.set(win.window_id, win)
@@ -102,7 +102,7 @@ def maintenance_cancelled(state: State, ie: IndexedEvent, ev: MaintenanceCancell
         outcome="cancelled",
         credit_refund_ms=ev.credit_refund_ms,
     )
-    state = _close(state, win)
+    state = close_window(state, win)
     if ev.credit_refund_ms:
         credit = state.credit_ms_by_node.get(ev.node_id, 0) + ev.credit_refund_ms
         state = _replace(state, credit_ms_by_node=state.credit_ms_by_node.set(ev.node_id, credit))
@@ -136,7 +136,7 @@ def maintenance_finished(state: State, ie: IndexedEvent, ev: MaintenanceFinished
             return state
         win = _replace(win, started_ms=win.start_ms)
     win = _replace(win, state=WindowState.COMPLETED, closed_ms=ie.master_time_ms, outcome=ev.how)
-    return _close(state, win)
+    return close_window(state, win)
 
 
 def maintenance_overrun(state: State, ie: IndexedEvent, ev: MaintenanceOverrun) -> State:
@@ -144,4 +144,4 @@ def maintenance_overrun(state: State, ie: IndexedEvent, ev: MaintenanceOverrun) 
     if win is None:
         return state
     win = _replace(win, state=WindowState.COMPLETED, closed_ms=ie.master_time_ms, outcome="overrun")
-    return _close(state, win)
+    return close_window(state, win)

@@ -12,11 +12,20 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeHeartbeat,
     NodeInfo,
+    NodeRemoved,
     RunnerSelfTestCompleted,
 )
 from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges
 from cluster.shared.node_marks import address
-from cluster.shared.state import EpochLedger, NodeRecord, SelfTestResult, State
+from cluster.shared.reducers.maintenance import close_window
+from cluster.shared.state import (
+    EpochLedger,
+    NodeRecord,
+    RemovedNode,
+    SelfTestResult,
+    State,
+    WindowState,
+)
 
 _replace = msgspec.structs.replace
 _to_builtins = msgspec.to_builtins
@@ -66,15 +75,15 @@ def info_update(
     return rec, gauges
 
 
-def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, node_count: int) -> NodeRecord:
+def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, state: State) -> NodeRecord:
     """The record of `node_id` (re)joined by its own event `ie`: it was new or disconnected.
 
     apply() calls this only then; a connected node's event leaves its record alone and
     advances `State.last_event_by_node` instead (DESIGN rule 6). A new node takes the next
-    slot, `node_count` (the number of nodes the state knows).
+    slot, `state.next_node_slot()` (after every node the state knows or removed).
     """
     if rec is None:
-        return new_record(node_id, node_count, ie)
+        return new_record(node_id, state.next_node_slot(), ie)
     return _replace(rec, connected=True, joined_idx=ie.idx, joined_ms=ie.master_time_ms)
 
 
@@ -119,7 +128,7 @@ def ensure_node(
         # Known to the master before it spoke: no event of its own yet.
         rec = new_record(
             node_id,
-            len(state.nodes),
+            state.next_node_slot(),
             ie,
             hello_idx=ie.idx,
             boot_id=boot_id,
@@ -201,6 +210,43 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
         return state  # the first unexcused disconnect of the epoch is the one recorded
     ledger = ledger.with_node(ev.node_id, _replace(account, disconnect=ev.reason))
     return _replace(state, ledgers=state.ledgers.set(epoch, ledger))
+
+
+def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
+    """The operator removed the node: its record becomes a tombstone holding its slot (never
+    reused: see `State.removed_nodes`); its open maintenance window closes ("removed": an
+    active one as completed, for the time it excused, a pending one as cancelled, nothing
+    refunded) and its maintenance credit goes (should it speak again, it joins afresh).
+    Its ledgers stay: history, and what its current epoch owes it is settled as for any node.
+    Its marks and gauges stay in their slot, read by no one. The master removes only nodes
+    that are not connected; a log may still say otherwise, and the event is applied as is."""
+    rec = state.nodes.get(ev.node_id)
+    if rec is None:
+        return state
+    tomb = RemovedNode(
+        node_id=ev.node_id,
+        removed_idx=ie.idx,
+        removed_ms=ie.master_time_ms,
+        hostname=rec.info.hostname or "",
+        reason=ev.reason,
+    )
+    state = _replace(
+        state,
+        nodes=state.nodes.delete(ev.node_id),
+        removed_nodes=state.removed().set(rec.slot, tomb),
+    )
+    window = state.open_window(ev.node_id)
+    if window is not None:
+        closed = (
+            WindowState.COMPLETED if window.state is WindowState.ACTIVE else WindowState.CANCELLED
+        )
+        state = close_window(
+            state,
+            _replace(window, state=closed, closed_ms=ie.master_time_ms, outcome="removed"),
+        )
+    if ev.node_id in state.credit_ms_by_node:
+        state = _replace(state, credit_ms_by_node=state.credit_ms_by_node.delete(ev.node_id))
+    return state
 
 
 def runner_self_test_completed(

@@ -1,0 +1,325 @@
+"""Removing a node that is gone for good (`NodeRemoved`, `cluster node remove`), purely.
+
+A decommissioned host (or one whose disk and key were replaced) stayed DISCONNECTED in
+status, counts and /metrics forever. The operator now removes it: its record becomes a
+tombstone that keeps its slot, so the node marks and gauges indexed by slot are never handed
+to a node that joins later.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from maintenance_log import HOUR, MIN, Log, node_id
+
+from cluster.control import NodeRemove
+from cluster.master.config import PlannerConfig
+from cluster.master.decision_log import describe
+from cluster.master.requests import LOCAL_OPERATOR, MAX_REMOVE_REASON_CHARS, decide
+from cluster.master.settlement import settle_epoch
+from cluster.shared import codec
+from cluster.shared.apply import apply, fold
+from cluster.shared.events import (
+    MASTER_ORIGIN,
+    Event,
+    IndexedEvent,
+    NodeConnected,
+    NodeDisconnected,
+    NodeHeartbeat,
+    NodePayout,
+    NodeRemoved,
+    WorkReported,
+)
+from cluster.shared.state import EMPTY_STATE, RemovedNode, State, WindowState
+
+A, B, C, D = (node_id(i) for i in range(1, 5))
+
+
+def _removal(log: Log, node: str, reason: str = "") -> tuple[bool, str]:
+    d = decide(
+        log.state, NodeRemove(node_id=node, reason=reason), LOCAL_OPERATOR, log.now, log.policy
+    )
+    for ev in d.events:
+        log.emit(ev)
+    return d.reply.ok, d.reply.message
+
+
+def _three_nodes() -> Log:
+    log = Log()
+    for node in (A, B, C):
+        log.join(node)
+    return log
+
+
+# --------------------------------------------------------------------------------------------
+# The reducer
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_removed_node_leaves_nodes_and_keeps_its_slot_as_a_tombstone() -> None:
+    log = _three_nodes()
+    log.disconnect(B)
+    log.advance(MIN)
+    log.emit(NodeRemoved(node_id=B, reason="decommissioned"))
+    ie = log.log[-1]
+    state = log.state
+    assert B not in state.nodes and set(state.nodes) == {A, C}
+    assert dict(state.removed()) == {
+        1: RemovedNode(node_id=B, removed_idx=ie.idx, removed_ms=log.now, reason="decommissioned")
+    }
+    assert state.removed_node(B) == state.removed()[1]
+    assert state.next_node_slot() == 3
+    # A node joining now takes slot 3, not B's slot 1 (nor len(nodes) == 2, C's slot).
+    log.join(D)
+    assert log.state.nodes[D].slot == 3
+    assert log.state.last_event_index(D) == log.log[-1].idx
+    assert log.state.last_event_index(C) == log.log[5].idx  # C's own info event, untouched
+
+
+def test_a_removed_node_that_speaks_again_joins_afresh_under_a_new_slot() -> None:
+    log = _three_nodes()
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    log.heartbeat(A)
+    rec = log.state.nodes[A]
+    assert rec.connected and rec.slot == 3 and rec.self_test is None
+    assert log.state.last_event_index(A) == log.log[-1].idx
+    assert log.state.removed_node(A) is None  # in the cluster again
+    assert log.state.removed()[0].node_id == A  # its old slot stays taken
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    assert {s: r.node_id for s, r in log.state.removed().items()} == {0: A, 3: A}
+    assert log.state.removed_node(A) == log.state.removed()[3]
+
+
+def test_removal_closes_open_windows_drops_credit_and_keeps_ledgers() -> None:
+    log = _three_nodes()
+    log.epoch(1)
+    log.place("ds", B, ends_ms=log.now + 10 * MIN)
+    log.emit(WorkReported(devshard_id="ds", node_id=B, units=4, epoch=1), origin=B)
+    win = log.schedule_ok(C, log.now + 2 * HOUR, HOUR)
+    assert C in log.state.credit_ms_by_node
+    log.disconnect(B)
+    log.disconnect(C)
+    log.emit(NodeRemoved(node_id=B))
+    log.emit(NodeRemoved(node_id=C))
+    state = log.state
+    closed = state.windows[win]
+    assert closed.state is WindowState.CANCELLED and closed.outcome == "removed"
+    assert closed.credit_refund_ms == 0
+    assert C not in state.open_window_by_node and state.closed_windows_by_node[C] == (win,)
+    assert C not in state.credit_ms_by_node and B not in state.credit_ms_by_node
+    # History stays: B's work this epoch is still in its ledger, to be settled as any node's.
+    assert state.ledgers[1].node(B).units == 4
+
+
+def test_an_active_window_closes_as_completed_for_the_time_it_excused() -> None:
+    log = _three_nodes()
+    win = log.schedule_ok(A, log.now + 2 * HOUR, HOUR)
+    log.advance(2 * HOUR)
+    log.cycle()  # starts the window
+    assert log.state.windows[win].state is WindowState.ACTIVE
+    log.emit(NodeRemoved(node_id=A))
+    closed = log.state.windows[win]
+    assert closed.state is WindowState.COMPLETED and closed.outcome == "removed"
+    assert closed.closed_ms == log.now
+
+
+def test_removing_an_unknown_node_changes_nothing() -> None:
+    log = _three_nodes()
+    before = log.state
+    log.emit(NodeRemoved(node_id=D))
+    assert (
+        msgspec.structs.replace(
+            log.state,
+            last_applied=before.last_applied,
+            last_time_ms=before.last_time_ms,
+            master_seq=before.master_seq,
+        )
+        == before
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Slots stay monotonic: no two nodes ever share marks
+# --------------------------------------------------------------------------------------------
+
+_NODES = (A, B, C, D)
+_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["speak", "connect", "disconnect", "remove"]), st.sampled_from(_NODES)
+    ),
+    max_size=60,
+)
+
+
+def _log_of(steps: list[tuple[str, str]]) -> list[IndexedEvent]:
+    events: list[tuple[str, Event]] = []
+    for action, node in steps:
+        if action == "speak":
+            events.append((node, NodeHeartbeat(node_id=node)))
+        elif action == "connect":
+            events.append((MASTER_ORIGIN, NodeConnected(node_id=node)))
+        elif action == "disconnect":
+            events.append((MASTER_ORIGIN, NodeDisconnected(node_id=node, reason="quiet")))
+        else:
+            events.append((MASTER_ORIGIN, NodeRemoved(node_id=node)))
+    seqs: dict[str, int] = {}
+    log = []
+    for idx, (origin, ev) in enumerate(events, start=1):
+        seqs[origin] = seqs.get(origin, 0) + 1
+        log.append(IndexedEvent(idx, 1_000 * idx, origin, seqs[origin], ev))
+    return log
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=_steps, cut=st.integers(0, 60))
+def test_removals_never_hand_a_slot_or_its_marks_to_another_node(
+    steps: list[tuple[str, str]], cut: int
+) -> None:
+    log = _log_of(steps)
+    state: State = EMPTY_STATE
+    last_own: dict[str, int] = {}  # node -> index of its last own event since it last joined
+    for ie in log:
+        state = apply(state, ie)
+        if isinstance(ie.event, NodeRemoved):
+            last_own.pop(ie.event.node_id, None)
+        elif ie.origin != MASTER_ORIGIN:
+            last_own[ie.origin] = ie.idx
+        live = {rec.slot for rec in state.nodes.values()}
+        assert len(live) == len(state.nodes)  # no two live nodes share a slot
+        assert not live & set(state.removed())  # nor a live node a removed one's
+        assert live | set(state.removed()) == set(range(state.next_node_slot()))  # dense
+        for node in state.nodes:
+            assert state.last_event_index(node) == last_own.get(node, 0)
+    # Batched folding and a snapshot round trip agree.
+    cut = min(cut, len(log))
+    assert fold(fold(EMPTY_STATE, log[:cut]), log[cut:]) == state
+    assert codec.decode_state(codec.encode_state(state)) == state
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding: logs without removals encode (and digest) as before
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_state_without_removals_encodes_without_the_tombstones_field() -> None:
+    log = _three_nodes()
+    assert b"removed_nodes" not in codec.encode_state(log.state)
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    data = codec.encode_state(log.state)
+    assert b"removed_nodes" in data
+    assert codec.decode_state(data) == log.state
+
+
+def test_a_snapshot_whose_live_node_holds_a_tombstones_slot_is_refused() -> None:
+    log = _three_nodes()
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    bad = msgspec.structs.replace(
+        log.state,
+        removed_nodes=log.state.removed().set(
+            1, RemovedNode(node_id="x", removed_idx=1, removed_ms=0)
+        ),
+    )
+    with pytest.raises(
+        msgspec.ValidationError, match=f"node '{B}' holds slot 1, kept by removed node 'x'"
+    ):
+        codec.decode_state(codec.encode_state(bad))
+
+
+# --------------------------------------------------------------------------------------------
+# The operator's request
+# --------------------------------------------------------------------------------------------
+
+
+def test_only_a_disconnected_node_known_to_the_cluster_is_removed() -> None:
+    log = _three_nodes()
+    ok, msg = _removal(log, D)
+    assert not ok and msg.startswith(f"unknown node {D}: it has never joined this cluster")
+    ok, msg = _removal(log, "")
+    assert not ok and "name the node to remove" in msg
+    ok, msg = _removal(log, A)
+    assert not ok and msg.startswith(f"node {A} is connected: stop its worker first")
+    ok, msg = _removal(log, B, "x" * (MAX_REMOVE_REASON_CHARS + 1))
+    assert not ok and f"at most {MAX_REMOVE_REASON_CHARS}" in msg
+    log.disconnect(B)
+    before = len(log.log)
+    ok, msg = _removal(log, B, "disk replaced")
+    assert ok and msg.startswith(
+        f"node {B} removed. Should it connect again it joins as a new node"
+    )
+    assert [ie.event for ie in log.log[before:]] == [NodeRemoved(node_id=B, reason="disk replaced")]
+    ok, msg = _removal(log, B)
+    assert not ok and msg.startswith(f"node {B} is already removed: since ")
+    assert "(disk replaced)" in msg
+
+
+def test_a_node_in_an_active_window_is_refused_with_what_to_do() -> None:
+    log = _three_nodes()
+    win = log.schedule_ok(A, log.now + 2 * HOUR, HOUR)
+    log.advance(2 * HOUR)
+    log.cycle()
+    ok, msg = _removal(log, A)
+    assert not ok and f"node {A} is in maintenance (window {win})" in msg
+    assert f"cluster maintenance finish --node {A}" in msg
+
+
+def test_a_disconnected_node_with_a_pending_window_is_removed_and_told() -> None:
+    log = _three_nodes()
+    win = log.schedule_ok(A, log.now + 2 * HOUR, HOUR)
+    log.disconnect(A)
+    ok, msg = _removal(log, A)
+    assert ok and f"its maintenance window {win} is closed" in msg
+
+
+def test_a_worker_cannot_remove_nodes() -> None:
+    log = _three_nodes()
+    log.disconnect(B)
+    d = decide(log.state, NodeRemove(node_id=B), A, log.now, log.policy)
+    assert (
+        not d.reply.ok and d.reply.message == "nodes are removed by the operator on the master host"
+    )
+    assert d.events == ()
+
+
+def test_the_decision_log_says_a_removal_at_info() -> None:
+    log = _three_nodes()
+    log.disconnect(B)
+    line = describe(NodeRemoved(node_id=B, reason="decommissioned"), log.state, log.now)
+    assert line is not None and line.level == 20
+    assert line.message == (
+        f"node {B} removed by the operator: decommissioned; "
+        "it no longer counts as a node of the cluster"
+    )
+
+
+def test_a_removed_node_is_paid_for_its_work_but_earns_no_credit() -> None:
+    log = _three_nodes()
+    log.epoch(1)
+    epoch = log.state.epoch
+    assert epoch is not None
+    log.place("ds", B, ends_ms=epoch.end_ms)
+    log.emit(WorkReported(devshard_id="ds", node_id=B, units=4, epoch=1), origin=B)
+    # Excused (an older log's disconnect in maintenance): B's work stays payable.
+    log.emit(NodeDisconnected(node_id=B, reason="maintenance", excused=True))
+    log.emit(NodeRemoved(node_id=B))
+    log.now = epoch.end_ms
+    settled = settle_epoch(log.state, epoch, PlannerConfig(), policy=log.policy)
+    pay = {p.node_id: p for p in settled.payouts}
+    assert pay[B] == NodePayout(node_id=B, units=4, reward=4, punished=False, credit_earned_ms=0)
+    assert pay[A].credit_earned_ms == log.policy.credit_per_epoch_ms
+    log.emit(settled)
+    assert B not in log.state.credit_ms_by_node
+
+
+def test_the_decision_log_says_a_removed_node_that_returns_joins_as_a_new_node() -> None:
+    log = _three_nodes()
+    log.disconnect(B)
+    log.emit(NodeRemoved(node_id=B))
+    line = describe(NodeConnected(node_id=B), log.state, log.now)
+    assert line is not None
+    assert line.message == f"node {B} joined the cluster again after its removal, as a new node"
