@@ -514,3 +514,69 @@ def test_kill_9_while_appending_loses_no_acknowledged_record(tmp_path: Path, rou
                 assert data == payload(idx)
                 n += 1
             assert n == lg.last_idx
+
+
+# ------------------------------------------------------------------------------ a live log
+
+
+class _Listing:
+    """What `os.scandir` returns, for a chosen list of entries."""
+
+    def __init__(self, entries: list[os.DirEntry[str]]) -> None:
+        self._entries = entries
+
+    def __enter__(self) -> list[os.DirEntry[str]]:
+        return self._entries
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_readonly_open_while_segments_roll_sees_no_false_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cluster replay` of a running master: a writer rolled segments during the directory
+    scan, which (a directory bigger than one getdents batch) missed the segment created
+    during it but saw the one created after it. One scan read that as records lost between
+    segments ("segment ends before index N but the next starts at M"): false corruption."""
+    fill(tmp_path, 300, batch=20, segment_max_bytes=4 << 10)
+    segs = segments(tmp_path)
+    assert len(segs) >= 4
+    missed = segs[1].name
+    real_scandir = os.scandir
+    scans: list[int] = []
+
+    def torn_once(path: str | Path) -> object:
+        with real_scandir(path) as it:
+            entries = list(it)
+        if Path(path) == tmp_path:
+            scans.append(1)
+            if len(scans) == 1:  # the writer created `missed` while this scan ran
+                entries = [e for e in entries if e.name != missed]
+        return _Listing(entries)
+
+    monkeypatch.setattr(os, "scandir", torn_once)
+    with EventLog.open(tmp_path, readonly=True) as lg:
+        assert lg.last_idx == 300
+        assert list(lg.read_from(1)) == records(1, 300)
+    assert len(scans) == 2
+
+    # A first scan that saw only the first segments: the log is read up to the newest of
+    # them (as it was a moment earlier), never with a gap.
+    scans.clear()
+    seen_first = {s.name for s in segs[:2]}
+
+    def early_once(path: str | Path) -> object:
+        with real_scandir(path) as it:
+            entries = list(it)
+        if Path(path) == tmp_path:
+            scans.append(1)
+            if len(scans) == 1:
+                entries = [e for e in entries if e.name in seen_first]
+        return _Listing(entries)
+
+    monkeypatch.setattr(os, "scandir", early_once)
+    with EventLog.open(tmp_path, readonly=True) as lg:
+        end = int(segs[2].stem) - 1
+        assert lg.last_idx == end
+        assert list(lg.read_from(1)) == records(1, end)

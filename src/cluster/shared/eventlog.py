@@ -204,7 +204,7 @@ class EventLog:
         _check_directory(directory, readonly)
         lock_fd = None if readonly else _lock(directory)
         try:
-            segments = _list_segments(directory)
+            segments = _list_segments(directory, readonly)
             if segments:
                 _check_headers(segments, readonly)
                 segments = [s for s in segments if s.size >= 0]  # torn empty last segment
@@ -482,8 +482,29 @@ def _lock(directory: Path) -> int:
     return fd
 
 
-def _list_segments(directory: Path) -> list[_Segment]:
-    segments = []
+def _list_segments(directory: Path, readonly: bool) -> list[_Segment]:
+    """The segments in `directory`, sorted by first index.
+
+    Read-only, a writer may roll segments while we list. One directory scan is not a
+    snapshot: an entry created during it may be missed while a later one (created after it,
+    in a part of the directory not read yet) is seen, and that gap would look like lost
+    records. So a read-only open scans twice and keeps, from the second scan, only the
+    segments up to the newest one the first scan saw: those all existed before the second
+    scan started (segments are created in index order and never removed while a writer
+    runs), so it saw every one of them, and each but the last was sealed by then (its size
+    final). Segments only the second scan saw are left out: the log is read as it was a
+    moment earlier. A writer holds the lock, so nothing rolls under it: one scan.
+    """
+    found = _scan_segments(directory)
+    if readonly and found:
+        newest_before = max(found)
+        found = {k: v for k, v in _scan_segments(directory).items() if k <= newest_before}
+    return [found[k] for k in sorted(found)]
+
+
+def _scan_segments(directory: Path) -> dict[int, _Segment]:
+    """One scan of `directory`: its segments by first index."""
+    segments: dict[int, _Segment] = {}
     with os.scandir(directory) as entries:  # closed even when a bad entry raises
         for entry in entries:
             if not entry.name.endswith(".seg"):
@@ -496,8 +517,7 @@ def _list_segments(directory: Path) -> list[_Segment]:
             first = int(m.group(1))
             if first < 1:
                 raise LogDirectoryError(f"{entry.path}: segment first index must be >= 1")
-            segments.append(_Segment(Path(entry.path), first, entry.stat().st_size))
-    segments.sort(key=lambda s: s.first_idx)
+            segments[first] = _Segment(Path(entry.path), first, entry.stat().st_size)
     return segments
 
 
