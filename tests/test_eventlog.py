@@ -427,6 +427,33 @@ def test_directory_problems_have_clear_errors(tmp_path: Path) -> None:
         EventLog.open(odd)
 
 
+def test_an_entry_named_like_a_segment_that_is_no_file_is_named_for_what_it_is(
+    tmp_path: Path,
+) -> None:
+    """The name matches: "expected <20 digits>.seg files" sent the operator looking for a
+    naming problem that was not there."""
+    cases = {
+        "dangling": "a dangling symlink (to ",
+        "directory": "a directory, not a regular file",
+        "fifo": "a FIFO, not a regular file",
+    }
+    for case, said in cases.items():
+        d = tmp_path / case
+        fill(d, 3)
+        odd = d / segment_name(100)
+        if case == "dangling":
+            odd.symlink_to(d / "gone.seg")
+        elif case == "directory":
+            odd.mkdir()
+        else:
+            os.mkfifo(odd)
+        for readonly in (False, True):
+            with pytest.raises(LogDirectoryError) as info:
+                EventLog.open(d, readonly=readonly)
+            assert str(info.value).startswith(f"{odd}: named like a segment but {said}")
+            assert "expected <20 digits>" not in str(info.value)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any directory")
 def test_unreadable_directory_is_reported(tmp_path: Path) -> None:
     d = tmp_path / "locked"

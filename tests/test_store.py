@@ -28,6 +28,7 @@ from cluster.shared.events import (
 from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.shared.store import (
+    LOG_DIR,
     EventDecodeError,
     EventStore,
     as_logged,
@@ -347,6 +348,25 @@ def test_record_that_is_not_an_event_is_reported_with_its_index(tmp_path: Path) 
     with pytest.raises(EventDecodeError) as info:
         EventStore.open(tmp_path)
     assert info.value.idx == 4
+
+
+def test_record_that_is_not_an_event_is_reported_with_its_file_and_offset(
+    tmp_path: Path,
+) -> None:
+    """Reported by index only, an operator could not tell which file to look at or restore."""
+    with EventStore.open(tmp_path, segment_max_bytes=4 << 10) as store:
+        for first in range(1, 200, 10):
+            store.append(make_events(10, start=first))  # rolls a few segments
+        seg = sorted((tmp_path / LOG_DIR).glob("*.seg"))[-1]
+        offset = seg.stat().st_size
+        store.log.append([(201, b"\x93not an event")])
+        with pytest.raises(EventDecodeError) as info:
+            list(store.read_from(150))
+    where = f"record 201 is not a valid event: {seg} offset {offset}: "
+    assert where in str(info.value) and info.value.idx == 201
+    with pytest.raises(EventDecodeError) as info:
+        EventStore.open(tmp_path, segment_max_bytes=4 << 10)
+    assert where in str(info.value)
 
 
 def test_store_does_not_import_libp2p() -> None:

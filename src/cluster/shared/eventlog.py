@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Generator, Iterator, Sequence
@@ -353,6 +354,25 @@ class EventLog:
                 break  # the active segment has nothing more yet
             idx = end_idx
 
+    def locate(self, idx: int) -> tuple[Path, int]:
+        """(segment file, byte offset) of record `idx`, for naming where a record that passed
+        its checksums is still bad (an event that does not decode). Walks the record headers
+        from the nearest remembered offset: for error paths, not for reading."""
+        i = bisect.bisect_right(self._firsts, idx) - 1
+        if i < 0 or idx > self._last_idx:
+            raise ValueError(f"index {idx} is not in the log")
+        seg = self._segments[i]
+        at, offset = seg.seek(idx)
+        with open(seg.path, "rb") as f:
+            while at < idx:
+                f.seek(offset)
+                head = f.read(REC_HEADER_SIZE)
+                if len(head) < REC_HEADER_SIZE:
+                    raise LogCorruptError(seg.path, offset, at, "record cut short at segment end")
+                offset += REC_HEADER_SIZE + (_unpack_rec(head)[0] & _LENGTH_MASK)
+                at += 1
+        return seg.path, offset
+
     def verify(self) -> int:
         """Read every record, checking CRCs and indices; returns the number of records."""
         count = 0
@@ -510,15 +530,37 @@ def _scan_segments(directory: Path) -> dict[int, _Segment]:
             if not entry.name.endswith(".seg"):
                 continue  # the lock file, editor leftovers: not ours to judge
             m = _SEG_NAME.match(entry.name)
-            if m is None or not entry.is_file():
+            if m is None:
                 raise LogDirectoryError(
                     f"{entry.path}: not a segment of this log (expected <20 digits>.seg files)"
                 )
+            if not entry.is_file():
+                raise LogDirectoryError(f"{entry.path}: named like a segment but {_kind(entry)}")
             first = int(m.group(1))
             if first < 1:
                 raise LogDirectoryError(f"{entry.path}: segment first index must be >= 1")
             segments[first] = _Segment(Path(entry.path), first, entry.stat().st_size)
     return segments
+
+
+def _kind(entry: os.DirEntry[str]) -> str:
+    """What a directory entry that is not a regular file is, for an error message."""
+    if entry.is_symlink():
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            target = "?"
+        if not os.path.exists(entry.path):
+            return f"a dangling symlink (to {target})"
+        return f"a symlink to something that is not a regular file ({target})"
+    if entry.is_dir(follow_symlinks=False):
+        return "a directory, not a regular file"
+    mode = entry.stat(follow_symlinks=False).st_mode
+    if stat.S_ISFIFO(mode):
+        return "a FIFO, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    return "not a regular file"
 
 
 def _check_headers(segments: list[_Segment], readonly: bool) -> None:

@@ -34,11 +34,27 @@ Progress = Callable[[int, int], None]
 
 
 class EventDecodeError(LogError):
-    """A record passed its checksums but is not a valid event (foreign or newer writer)."""
+    """A record passed its checksums but is not a valid event (foreign or newer writer).
 
-    def __init__(self, idx: int, why: str) -> None:
-        super().__init__(f"event log record {idx} is not a valid event: {why}")
+    `where` names the segment file and offset when known ("<path> offset <n>").
+    """
+
+    def __init__(self, idx: int, why: str, where: str = "") -> None:
+        at = f"{where}: " if where else ""
+        super().__init__(f"event log record {idx} is not a valid event: {at}{why}")
         self.idx = idx
+        self.why = why
+        self.where = where
+
+
+def _located(exc: EventDecodeError, event_log: EventLog) -> EventDecodeError:
+    """`exc` naming the segment file and offset of its record: an operator who has to look at
+    or restore the file needs to know which one (an index alone does not say)."""
+    try:
+        path, offset = event_log.locate(exc.idx)
+    except (LogError, ValueError, OSError):
+        return exc  # the index alone, rather than an error about the error
+    return EventDecodeError(exc.idx, exc.why, f"{path} offset {offset}")
 
 
 class Restored(NamedTuple):
@@ -134,7 +150,11 @@ def decoded_events(
     progress every PROGRESS_EVERY events. `restore` folds exactly this stream."""
     next_report = start + PROGRESS_EVERY - 1
     for idx, payload in event_log.read_from(start):
-        yield decode_record(idx, payload)
+        try:
+            ie = decode_record(idx, payload)
+        except EventDecodeError as exc:
+            raise _located(exc, event_log) from None
+        yield ie
         if idx >= target:
             break
         if idx == next_report:
@@ -342,7 +362,11 @@ class EventStore:
 
     def read_from(self, idx: int) -> Iterator[IndexedEvent]:
         for i, payload in self._log.read_from(idx):
-            yield decode_record(i, payload)
+            try:
+                ie = decode_record(i, payload)
+            except EventDecodeError as exc:
+                raise _located(exc, self._log) from None
+            yield ie
 
     def read_raw_from(self, idx: int) -> Iterator[tuple[int, bytes]]:
         """(idx, encoded event) records, for shipping to replicas without re-encoding."""
