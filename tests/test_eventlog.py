@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -415,7 +416,8 @@ def test_directory_problems_have_clear_errors(tmp_path: Path) -> None:
     fill(newer, 3)
     seg = segments(newer)[0]
     data = bytearray(seg.read_bytes())
-    data[4:6] = struct.pack("<H", 99)
+    data[4:6] = struct.pack("<H", 99)  # as a newer build writes it: its CRC is good
+    data[16:20] = struct.pack("<I", zlib.crc32(data[:16]))
     seg.write_bytes(bytes(data))
     with pytest.raises(LogDirectoryError, match="version 99 is not supported"):
         EventLog.open(newer)
@@ -425,6 +427,37 @@ def test_directory_problems_have_clear_errors(tmp_path: Path) -> None:
     (odd / "7.seg").write_bytes(b"")
     with pytest.raises(LogDirectoryError, match="not a segment of this log"):
         EventLog.open(odd)
+
+
+@pytest.mark.parametrize(
+    ("offset", "bit"), [(0, 0x01), (3, 0x80), (4, 0x02), (6, 0x01), (9, 0x10), (18, 0x04)]
+)
+def test_a_flipped_bit_in_a_segment_header_is_corruption_not_a_foreign_file(
+    tmp_path: Path, offset: int, bit: int
+) -> None:
+    """The magic and version were checked before the header CRC: one flipped bit made a
+    damaged segment of ours a "foreign file (magic b'BLOG')" or an unsupported version."""
+    fill(tmp_path, 300, batch=20, segment_max_bytes=4 << 10)
+    seg = segments(tmp_path)[1]  # a sealed one
+    data = bytearray(seg.read_bytes())
+    data[offset] ^= bit
+    seg.write_bytes(bytes(data))
+    for readonly in (False, True):
+        with pytest.raises(LogCorruptError) as info:
+            EventLog.open(tmp_path, readonly=readonly)
+        err = info.value
+        assert (err.path, err.offset, err.idx) == (seg, 0, int(seg.stem))
+        assert "segment header checksum mismatch" in str(err)
+    # A zeroed header (a lost page) is damage too; a text file is still no segment of ours.
+    seg.write_bytes(bytes(SEG_HEADER_SIZE) + bytes(data[SEG_HEADER_SIZE:]))
+    with pytest.raises(LogCorruptError, match="segment header checksum mismatch"):
+        EventLog.open(tmp_path, readonly=True)
+    seg.write_text("notes about the cluster, kept next to its log\n")
+    with pytest.raises(LogDirectoryError) as foreign:
+        EventLog.open(tmp_path, readonly=True)
+    assert str(foreign.value) == (
+        f"{seg}: foreign file, not a segment of this log (magic b'note', expected b'CLOG')"
+    )
 
 
 def test_an_entry_named_like_a_segment_that_is_no_file_is_named_for_what_it_is(

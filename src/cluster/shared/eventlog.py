@@ -593,21 +593,45 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
         if len(head) < SEG_HEADER_SIZE:
             raise LogCorruptError(seg.path, 0, seg.first_idx, "segment header is cut short")
         magic, version, _flags, first, crc = _SEG_HEADER.unpack(head)
-        if magic != SEGMENT_MAGIC:
+        if _crc32(head[:16]) != crc:
+            # The CRC first: a flipped bit in the magic or version is damage to one of our
+            # segments, not a foreign file or a newer format. A foreign file fails the CRC
+            # too, but looks nothing like our header; damage leaves most of it in place.
+            if _header_damaged(head, seg.first_idx):
+                raise LogCorruptError(
+                    seg.path, 0, seg.first_idx, "segment header checksum mismatch"
+                )
             raise LogDirectoryError(
-                f"{seg.path}: foreign file (magic {magic!r}, expected {SEGMENT_MAGIC!r})"
+                f"{seg.path}: foreign file, not a segment of this log "
+                f"(magic {magic!r}, expected {SEGMENT_MAGIC!r})"
+            )
+        if magic != SEGMENT_MAGIC:  # a foreign header that happens to pass our CRC
+            raise LogDirectoryError(
+                f"{seg.path}: foreign file, not a segment of this log "
+                f"(magic {magic!r}, expected {SEGMENT_MAGIC!r})"
             )
         if version != FORMAT_VERSION:
             raise LogDirectoryError(
                 f"{seg.path}: segment format version {version} is not supported "
                 f"(this build reads version {FORMAT_VERSION})"
             )
-        if _crc32(head[:16]) != crc:
-            raise LogCorruptError(seg.path, 0, seg.first_idx, "segment header checksum mismatch")
         if first != seg.first_idx:
             raise LogCorruptError(
                 seg.path, 0, seg.first_idx, f"segment header says first index {first}"
             )
+
+
+#: A header whose CRC fails and that differs from the one this segment should have in at
+#: most this many bytes is a damaged header of ours (a flipped bit, a bad byte or word);
+#: more, and it is some other file. Zeroed bytes (a lost page) count as damage.
+_HEADER_DAMAGE_BYTES: Final = 4
+
+
+def _header_damaged(head: bytes, first_idx: int) -> bool:
+    """Whether a segment header with a bad CRC is one of ours, damaged (else: foreign)."""
+    ours = _segment_header(first_idx)
+    differ = sum(1 for a, b in zip(head, ours, strict=True) if a != b and a != 0)
+    return differ <= _HEADER_DAMAGE_BYTES
 
 
 def _read_rest(path: Path, offset: int) -> bytes:
