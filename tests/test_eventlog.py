@@ -242,17 +242,40 @@ def test_torn_write_of_a_batch_keeps_every_acknowledged_record(tmp_path: Path) -
         assert list(lg.read_from(1)) == records(1, 23)
 
 
-def test_readonly_open_ignores_a_torn_tail_without_cutting_it(tmp_path: Path) -> None:
+def test_readonly_open_ignores_a_torn_tail_without_cutting_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fill(tmp_path, 5)
     seg = segments(tmp_path)[-1]
     os.truncate(seg, seg.stat().st_size - 2)
     size = seg.stat().st_size
-    with EventLog.open(tmp_path, readonly=True) as lg:
+    with caplog.at_level(logging.WARNING), EventLog.open(tmp_path, readonly=True) as lg:
         assert lg.last_idx == 4
         assert list(lg.read_from(1)) == records(1, 4)
         with pytest.raises(ValueError, match="read-only"):
             lg.append([(5, b"x")])
     assert seg.stat().st_size == size
+    # A running master may be mid-write: a reader does not call it a crash.
+    assert caplog.messages == [
+        f"event log: incomplete tail in {seg} at offset {record_offset(seg, 5)} "
+        "(record cut mid-write; being written, or left by a crash): ignoring "
+        f"{size - record_offset(seg, 5)} bytes after index 4"
+    ]
+
+
+def test_readonly_open_of_a_segment_being_created_does_not_speak_of_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fill(tmp_path, 8)
+    new = tmp_path / segment_name(9)
+    new.write_bytes(b"CLO")  # a running writer is writing its header right now
+    with caplog.at_level(logging.WARNING), EventLog.open(tmp_path, readonly=True) as lg:
+        assert list(lg.read_from(1)) == records(1, 8)
+    assert caplog.messages == [
+        f"event log: {new}: incomplete segment header (being written, or left by a crash): "
+        "ignoring 3 bytes"
+    ]
+    assert new.read_bytes() == b"CLO"
 
 
 def test_torn_segment_header_of_a_new_segment_is_removed(

@@ -285,7 +285,7 @@ def test_warnings_are_one_prefixed_line_each_on_stderr(data_dir: Path, mode: str
     warnings = [line for line in err if not line.startswith("digest: ")]
     assert len(warnings) == 2, err
     assert all(line.startswith("cluster replay: warning: ") for line in warnings), err
-    assert "torn tail in" in warnings[0] and f"{newest} is unusable" in warnings[1], err
+    assert "incomplete tail in" in warnings[0] and f"{newest} is unusable" in warnings[1], err
     expected = codec.state_digest(fold(EMPTY_STATE, build_log()))
     if mode == "--json":
         assert json.loads(out.stdout)["last_applied"] == 13

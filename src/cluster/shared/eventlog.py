@@ -567,8 +567,9 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
     """Every segment must carry our magic, version and its own first index.
 
     An incomplete or all-zero header on the LAST segment is a crash while it was being
-    created (nothing in it was ever acknowledged): removed, or ignored when read-only. Such a
-    segment is marked with size -1 for the caller to drop.
+    created (nothing in it was ever acknowledged): removed. Read-only it may as well be a
+    running writer creating it: ignored. Such a segment is marked with size -1 for the
+    caller to drop.
     """
     for n, seg in enumerate(segments):
         with open(seg.path, "rb") as f:
@@ -579,13 +580,21 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
             and (len(head) < SEG_HEADER_SIZE or not any(head))
             and not any(_read_rest(seg.path, len(head)))
         ):
-            log.warning(
-                "event log: %s: torn segment header (crash while creating it): %s %d bytes",
-                seg.path,
-                "ignoring" if readonly else "removing",
-                seg.size,
-            )
-            if not readonly:
+            if readonly:
+                # A running writer may be creating it right now: no crash to speak of.
+                log.warning(
+                    "event log: %s: incomplete segment header (being written, or left by a "
+                    "crash): ignoring %d bytes",
+                    seg.path,
+                    seg.size,
+                )
+            else:
+                log.warning(
+                    "event log: %s: torn segment header (crash while creating it): "
+                    "removing %d bytes",
+                    seg.path,
+                    seg.size,
+                )
                 seg.path.unlink()
                 fsync_dir(seg.path.parent)
             seg.size = -1
@@ -702,15 +711,26 @@ def _recover_last(seg: _Segment, readonly: bool) -> None:
                 seg.path, pos, idx, f"{why}, and a later batch (from index {later}) follows it"
             )
         dropped = size - pos
-        log.warning(
-            "event log: torn tail in %s at offset %d (%s): %s %d bytes after index %d",
-            seg.path,
-            pos,
-            why,
-            "ignoring" if readonly else "dropped",
-            dropped,
-            idx - 1,
-        )
+        if readonly:
+            # A running writer may be in the middle of this very write: no crash to speak of.
+            log.warning(
+                "event log: incomplete tail in %s at offset %d (%s; being written, or left by "
+                "a crash): ignoring %d bytes after index %d",
+                seg.path,
+                pos,
+                why,
+                dropped,
+                idx - 1,
+            )
+        else:
+            log.warning(
+                "event log: torn tail in %s at offset %d (%s): dropped %d bytes after index %d",
+                seg.path,
+                pos,
+                why,
+                dropped,
+                idx - 1,
+            )
         if not readonly:
             fd = os.open(seg.path, os.O_WRONLY)
             try:
