@@ -306,3 +306,64 @@ def test_a_logged_line_break_stays_on_its_line(capsys: pytest.CaptureFixture[str
     logging.getLogger("cluster.shared.eventlog").warning("two\nlines")
     logging.getLogger("cluster.shared.eventlog").info("not shown")
     assert capsys.readouterr() == ("", "cluster replay: warning: two\\nlines\n")
+
+
+def _record_offset(seg: Path, idx: int) -> int:
+    from test_eventlog import record_offset
+
+    return record_offset(seg, idx)
+
+
+@pytest.mark.parametrize("loss", ["truncated", "no segments"])
+def test_a_snapshot_ahead_of_the_log_is_a_warning_and_stays_in_place(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], loss: str
+) -> None:
+    """Such a snapshot proves that acknowledged events were lost. Replay printed a digest
+    for fewer events without a word, while the master warns and moves it aside. Replay
+    (read-only) leaves it where it is, but says so, naming both indices."""
+    snaps = sorted((data_dir / "snapshots").glob("*.snap"))
+    ahead = sorted((int(p.stem) for p in snaps), reverse=True)
+    seg = next((data_dir / "log").glob("*.seg"))
+    if loss == "truncated":
+        kept = min(ahead) - 1
+        os.truncate(seg, _record_offset(seg, kept + 1))  # at a record boundary: no torn tail
+    else:
+        kept = 0
+        seg.unlink()
+    for args in ([], ["--no-snapshot"], ["--json"]):
+        code, out, err = replay(capsys, str(data_dir), *args)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if not line.startswith("digest: ")]
+        assert warnings == [
+            f"cluster replay: warning: snapshot at index {idx} is ahead of the log (last index "
+            f"{kept}): the log lost events it held when the snapshot was taken (events after "
+            f"{kept} were lost); not used"
+            for idx in ahead
+        ], err
+        expected = codec.state_digest(fold(EMPTY_STATE, build_log()[:kept]))
+        assert f"digest: {expected}" in out + err
+    assert sorted((data_dir / "snapshots").glob("*.snap")) == snaps  # read-only: not moved
+
+
+def test_an_unreadable_snapshot_directory_is_a_warning_and_a_refold(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshots only shorten a replay: a snapshots/ it may not read (chmod 000) made it
+    exit 2 on a bare "Permission denied". Injected: the tests run as root."""
+    snap_dir = data_dir / "snapshots"
+    real_scandir = os.scandir
+
+    def denied(path: str | Path) -> object:
+        if Path(path) == snap_dir:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    code, out, err = replay(capsys, str(data_dir))
+    assert code == 0, err
+    assert err == (
+        f"cluster replay: warning: snapshots in {snap_dir} cannot be read (Permission denied): "
+        "refolding from the log\n"
+    )
+    assert out.splitlines()[-1] == f"digest: {codec.state_digest(fold(EMPTY_STATE, build_log()))}"
+    assert "from the snapshot at" not in out

@@ -9,6 +9,7 @@ before ``--until`` unless ``--no-snapshot``; the digest is the same either way.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import TextIO
 from cluster.shared import codec
 from cluster.shared.eventlog import LogError
 from cluster.shared.humanize import format_utc, plural
-from cluster.shared.snapshots import SnapshotError
+from cluster.shared.snapshots import SnapshotError, SnapshotStore
 from cluster.shared.state import State, WindowState
+
+log = logging.getLogger(__name__)
 
 #: Show a progress bar for folds longer than this even when stderr is not a terminal.
 PROGRESS_MIN_EVENTS = 200_000
@@ -135,12 +138,29 @@ class ProgressBar:
             self._stream.flush()
 
 
+def _snapshots(snap_dir: Path | None) -> tuple[SnapshotStore | None, list[int]]:
+    """The snapshot store and the indices of its snapshots, newest first; (None, []) when
+    there is none or its directory cannot be read. Snapshots only shorten a replay: an
+    unreadable directory is a WARNING and a refold from the log, not a failed command."""
+    if snap_dir is None:
+        return None, []
+    snapshots = SnapshotStore(snap_dir)
+    try:
+        return snapshots, snapshots.indices()
+    except OSError as exc:
+        log.warning(
+            "snapshots in %s cannot be read (%s): refolding from the log",
+            snap_dir,
+            exc.strerror or exc,
+        )
+        return None, []
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so `cluster --help` stays fast; none of this imports libp2p.
     from cluster.commands._process import setup_command_logging
     from cluster.shared.eventlog import EventLog
-    from cluster.shared.snapshots import SnapshotStore
-    from cluster.shared.store import restore
+    from cluster.shared.store import ahead_of_log_warning, restore, snapshots_ahead_of_log
 
     setup_command_logging("replay")  # warnings (a torn tail, a bad snapshot): one line each
     err = sys.stderr
@@ -151,10 +171,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         log_dir, snap_dir = resolve_paths(args.path)
         with EventLog.open(log_dir, readonly=True) as event_log:
-            snapshots = None if args.no_snapshot or snap_dir is None else SnapshotStore(snap_dir)
-            target = event_log.last_idx if args.until is None else args.until
+            snapshots, on_disk = _snapshots(snap_dir)
+            last = event_log.last_idx
+            # Also with --no-snapshot: such a snapshot proves the log lost acknowledged events.
+            for idx in snapshots_ahead_of_log(on_disk, last):
+                log.warning("%s; not used", ahead_of_log_warning(idx, last))
+            if args.no_snapshot:
+                snapshots = None
+            target = last if args.until is None else args.until
             # Where the fold will likely start (the newest snapshot file), to size the bar.
-            below = [] if snapshots is None else [i for i in snapshots.indices() if i <= target]
+            below = [i for i in on_disk if i <= target] if snapshots is not None else []
             start = below[0] if below else 0
             if err.isatty() or target - start > PROGRESS_MIN_EVENTS:
                 bar = ProgressBar(err, start)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -108,6 +108,21 @@ def snapshot_state(snapshots: SnapshotStore, max_idx: int) -> State | None:
             continue
         return state
     return None
+
+
+def snapshots_ahead_of_log(indices: Iterable[int], last_idx: int) -> list[int]:
+    """Of the snapshot `indices`, those past the log's `last_idx`, each with the WARNING that
+    says so (`ahead_of_log_warning`): the log lost records it held when they were taken
+    (damage, a restore from backup, a deleted segment), so they describe another history.
+    The master moves them aside; `cluster replay` (read-only) only warns."""
+    return [idx for idx in indices if idx > last_idx]
+
+
+def ahead_of_log_warning(idx: int, last_idx: int) -> str:
+    return (
+        f"snapshot at index {idx} is ahead of the log (last index {last_idx}): the log lost "
+        f"events it held when the snapshot was taken (events after {last_idx} were lost)"
+    )
 
 
 def restore(
@@ -226,20 +241,12 @@ class EventStore:
         event_log = EventLog.open(data_dir / LOG_DIR, segment_max_bytes=segment_max_bytes)
         try:
             snapshots = SnapshotStore(data_dir / SNAPSHOT_DIR)
-            for idx in snapshots.indices():
-                if idx <= event_log.last_idx:
-                    break
-                # The log lost records it had when this was taken (damage, a restore from
-                # backup): it describes another history. Once the log grows past its index
-                # it would look usable, so it is moved aside now, not merely skipped.
+            last = event_log.last_idx
+            for idx in snapshots_ahead_of_log(snapshots.indices(), last):
+                # Once the log grows past its index it would look usable, so it is moved
+                # aside now, not merely skipped.
                 aside = snapshots.set_aside(idx, "ahead-of-log")
-                log.warning(
-                    "snapshot at index %d is ahead of the log (last index %d): moved to %s, "
-                    "not used",
-                    idx,
-                    event_log.last_idx,
-                    aside,
-                )
+                log.warning("%s: moved to %s, not used", ahead_of_log_warning(idx, last), aside)
             restored = restore(event_log, snapshots)
         except BaseException:
             event_log.close()
