@@ -33,6 +33,7 @@ from cluster.net.protocol import (
 )
 from cluster.shared import codec
 from cluster.shared.apply import apply
+from cluster.shared.eventlog import segment_name
 from cluster.shared.events import IndexedEvent, NodeGatheredInfo, NodeHeartbeat, NodeInfo
 from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import EMPTY_STATE
@@ -157,8 +158,9 @@ def test_a_log_record_with_such_text_names_its_index(tmp_path: Path) -> None:
     with pytest.raises(EventDecodeError) as err:
         EventStore.open(tmp_path)
     assert err.value.idx == 2
-    assert str(err.value).startswith(
-        "event log record 2 is not a valid event: text is not valid UTF-8"
+    assert err.value.why.startswith("text is not valid UTF-8")
+    assert str(err.value).startswith(  # and where it is
+        f"event log record 2 is not a valid event: {tmp_path / 'log' / segment_name(1)} offset "
     )
 
 
