@@ -27,6 +27,7 @@ from cluster.net.membership import Membership
 from cluster.shared import eventlog
 from cluster.shared.codec import state_digest
 from cluster.shared.digest_file import read_digest_file
+from cluster.shared.eventlog import LogAnchor
 from cluster.shared.events import EpochSettled, Event, NodeConnected, NodePayout
 from cluster.shared.store import EventStore, restore
 
@@ -57,7 +58,7 @@ class BlockedSave:
         self.calls: list[int] = []
         self.saved: queue.Queue[int] = queue.Queue()
 
-    def __call__(self, idx: int, data: bytes) -> Path:
+    def __call__(self, idx: int, data: bytes, anchor: LogAnchor | None = None) -> Path:
         self.calls.append(idx)
         first = len(self.calls) == 1
         if first:
@@ -67,7 +68,7 @@ class BlockedSave:
             if first and not self.release.wait(WAIT):
                 raise TimeoutError("the blocked snapshot write was never released")
             assert callable(self.real_save)
-            path: Path = self.real_save(idx, data)
+            path: Path = self.real_save(idx, data, anchor)
         finally:
             self.inside.clear()
         self.saved.put(idx)
@@ -199,10 +200,10 @@ async def test_a_snapshot_at_stop_that_hangs_does_not_hold_the_stop(
     save = BlockedSave(store.snapshots.save)
     hang = threading.Event()
 
-    def save_or_hang(idx: int, data: bytes) -> Path:
+    def save_or_hang(idx: int, data: bytes, anchor: LogAnchor | None = None) -> Path:
         if idx == 8 and not hang.wait(WAIT):
             raise TimeoutError("the hanging snapshot write was never released")
-        return save(idx, data)
+        return save(idx, data, anchor)
 
     monkeypatch.setattr(store.snapshots, "save", save_or_hang)
     key_pair, _ = load_identity(data_dir)
@@ -243,7 +244,7 @@ async def test_a_snapshot_that_cannot_be_saved_does_not_stop_the_master(
     store = EventStore.open(data_dir, snapshot_every=3)
     tried = threading.Event()
 
-    def failing_save(idx: int, data: bytes) -> Path:
+    def failing_save(idx: int, data: bytes, anchor: LogAnchor | None = None) -> Path:
         tried.set()
         raise error
 

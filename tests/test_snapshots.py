@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from cluster.shared.eventlog import LogAnchor
 from cluster.shared.snapshots import (
     HEADER_SIZE,
     SNAPSHOT_VERSION,
     SnapshotError,
     SnapshotStore,
     decode_snapshot,
+    decode_snapshot_anchored,
     encode_snapshot,
     snapshot_name,
 )
@@ -145,3 +147,27 @@ def test_a_snapshot_file_that_cannot_be_pruned_is_a_warning_not_a_failed_save(
         path = store.save(7, b"s7")  # saved: no exception
     assert path.exists() and store.latest() == (7, b"s7")
     assert f"could not remove old snapshot file {tmp_path / snapshot_name(1)}" in caplog.text
+
+
+def test_an_anchor_round_trips_under_the_checksum(tmp_path: Path) -> None:
+    """The anchor (the log record a snapshot was taken after) is part of the checksummed
+    header; a snapshot without one reads as before, with no anchor."""
+    anchor = LogAnchor(7, 1234, 0xDEADBEEF)
+    blob = encode_snapshot(7, b"state", anchor)
+    assert decode_snapshot_anchored(blob) == (7, b"state", anchor)
+    assert decode_snapshot(blob) == (7, b"state")
+    assert decode_snapshot_anchored(encode_snapshot(7, b"state")) == (7, b"state", None)
+    with pytest.raises(ValueError, match="the anchor names log index 8"):
+        encode_snapshot(7, b"state", anchor._replace(idx=8))
+    damaged = bytearray(blob)
+    damaged[HEADER_SIZE - 4] ^= 1  # inside the anchor's offset
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        decode_snapshot(bytes(damaged))
+    flagged = bytearray(blob)
+    flagged[6] |= 0x80  # a flag this build does not know
+    with pytest.raises(ValueError, match="unknown flags 0x81"):
+        decode_snapshot(bytes(flagged))
+    store = SnapshotStore(tmp_path)
+    store.save(7, b"state", anchor)
+    assert store.latest_anchored() == (7, b"state", anchor)
+    assert store.latest() == (7, b"state")

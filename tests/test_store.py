@@ -15,7 +15,7 @@ import pytest
 
 from cluster.shared import codec
 from cluster.shared.apply import OutOfOrderError, fold
-from cluster.shared.eventlog import EventLog
+from cluster.shared.eventlog import EventLog, LogAnchor
 from cluster.shared.events import (
     MASTER_ORIGIN,
     EpochStarted,
@@ -25,7 +25,7 @@ from cluster.shared.events import (
     NodeInfo,
     SessionRequested,
 )
-from cluster.shared.snapshots import SnapshotStore
+from cluster.shared.snapshots import SnapshotStore, snapshot_name
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.shared.store import (
     LOG_DIR,
@@ -181,6 +181,74 @@ def test_snapshot_that_does_not_decode_to_its_index_is_skipped(
     assert "state is at index 5" in caplog.text
 
 
+def _other_history(events: list[IndexedEvent], start: int) -> list[IndexedEvent]:
+    """`events` with every node's event from index `start` on replaced by a heartbeat."""
+    return [
+        msgspec.structs.replace(ie, event=NodeHeartbeat(node_id=ie.origin))
+        if ie.idx >= start and ie.origin != MASTER_ORIGIN
+        else ie
+        for ie in events
+    ]
+
+
+def test_a_snapshot_copied_from_another_history_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot from another cluster's directory at an index this log also holds was
+    loaded unchecked: the state was that history's, and `cluster replay --digest` differed
+    from `--no-snapshot`. A snapshot now carries the anchor of the log record it was taken
+    after (offset + payload CRC) and is used only where the log holds that record."""
+    ours = make_events(60)
+    theirs = _other_history(ours, 41)
+    for name, events in (("ours", ours), ("theirs", theirs)):
+        with EventStore.open(tmp_path / name, snapshot_every=20) as store:
+            for i in range(0, 60, 10):
+                store.append(events[i : i + 10])
+            assert store.snapshots.indices() == [60, 40, 20]
+    snaps = tmp_path / "ours" / "snapshots"
+    (snaps / snapshot_name(60)).write_bytes(
+        (tmp_path / "theirs/snapshots" / snapshot_name(60)).read_bytes()
+    )
+    with caplog.at_level(logging.WARNING), EventStore.open(tmp_path / "ours") as store:
+        assert store.state == fold(EMPTY_STATE, ours)
+        assert store.latest_snapshot() is not None  # ours again, at 60: taken anew
+    assert "snapshot at index 60 is not of this log" in caplog.text
+    # Read-only (cluster replay): the same check, the older snapshot of ours is used.
+    (snaps / snapshot_name(60)).write_bytes(
+        (tmp_path / "theirs/snapshots" / snapshot_name(60)).read_bytes()
+    )
+    with EventLog.open(tmp_path / "ours" / "log", readonly=True) as lg:
+        restored = restore(lg, SnapshotStore(snaps))
+    assert restored.snapshot_idx == 40 and restored.state == fold(EMPTY_STATE, ours)
+
+
+def test_snapshots_carry_the_anchor_of_their_log_record_and_old_ones_still_load(
+    tmp_path: Path,
+) -> None:
+    events = make_events(30)
+    with EventStore.open(tmp_path, snapshot_every=10) as store:
+        for i in range(0, 30, 5):
+            store.append(events[i : i + 5])
+        # Due, written later on another thread (as the master does), after more commits.
+        later = [as_logged(ie) for ie in make_events(12, start=31)]
+        store.append_decoded(later, snapshot_when_due=False)
+        due = store.due_snapshot()
+        assert due is not None and due.last_applied == 42
+        store.append(make_events(3, start=43))
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(store.write_snapshot, due).result()
+        for idx in (42, 30):
+            found = store.snapshots.latest_anchored(idx)
+            assert found is not None and found.anchor is not None
+            assert found.anchor.idx == idx and store.log.holds(found.anchor) is True
+        # A snapshot without an anchor (written before anchors) is used, unchecked.
+        store.snapshots.save(45, codec.encode_state(store.state))
+    with EventLog.open(tmp_path / "log", readonly=True) as lg:
+        restored = restore(lg, SnapshotStore(tmp_path / "snapshots"))
+        assert restored.snapshot_idx == 45
+        assert restored.state == fold(EMPTY_STATE, [*events, *make_events(15, start=31)])
+
+
 def _marks_by_node(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Pop the by-slot marks and each record's slot from a state `doc`: node_id -> marks, as
     the layouts before format 4 keyed them."""
@@ -263,7 +331,9 @@ def test_a_snapshot_the_master_could_not_restore_from_is_never_served(
     with EventStore.open(tmp_path) as store:
         store.snapshots.save(30, _in_the_first_layout(fold(EMPTY_STATE, events)))
 
-    def disk_full(self: SnapshotStore, idx: int, data: bytes) -> Path:
+    def disk_full(
+        self: SnapshotStore, idx: int, data: bytes, anchor: LogAnchor | None = None
+    ) -> Path:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(SnapshotStore, "save", disk_full)

@@ -42,7 +42,7 @@ from collections.abc import Generator, Iterator, Sequence
 from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, NamedTuple
 
 from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock
 
@@ -98,6 +98,17 @@ class LogCorruptError(LogError):
         self.offset = offset
         self.idx = idx
         self.why = why
+
+
+class LogAnchor(NamedTuple):
+    """Where the record at `idx` lies and what it holds: its byte offset in its segment and
+    its payload's CRC. A snapshot stores the anchor of the record it was taken after, so a
+    loader can check it is a snapshot of this log (`EventLog.holds`), not of another
+    history that merely reached the same index (a directory copied from another cluster)."""
+
+    idx: int
+    offset: int
+    crc: int
 
 
 def segment_name(first_idx: int) -> str:
@@ -185,6 +196,8 @@ class EventLog:
         self._lock_fd = lock_fd
         self._fd: int | None = None  # write handle of the active (last) segment
         self._last_idx = segments[-1].last_idx if segments else 0
+        #: The anchor of the record at `last_idx`, when known (see `last_anchor`).
+        self._anchor: LogAnchor | None = None
         self._broken: str | None = None
         self._closed = False
 
@@ -209,15 +222,16 @@ class EventLog:
             if segments:
                 _check_headers(segments, readonly)
                 segments = [s for s in segments if s.size >= 0]  # torn empty last segment
-            if segments:
-                _recover_last(segments[-1], readonly)
-            return cls(
+            anchor = _recover_last(segments[-1], readonly) if segments else None
+            opened = cls(
                 directory,
                 segments,
                 segment_max_bytes=segment_max_bytes,
                 readonly=readonly,
                 lock_fd=lock_fd,
             )
+            opened._anchor = anchor
+            return opened
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -233,6 +247,31 @@ class EventLog:
     def last_idx(self) -> int:
         """Highest durable index; 0 when the log is empty."""
         return self._last_idx
+
+    @property
+    def last_anchor(self) -> LogAnchor | None:
+        """The anchor of the record at `last_idx`; None when the log is empty or that record
+        is not in the last segment (an empty last segment after a crash). Cheap, and safe to
+        read from another thread: it is kept, not computed."""
+        return self._anchor
+
+    def holds(self, anchor: LogAnchor) -> bool | None:
+        """Whether the record at `anchor.idx` is the one `anchor` describes (one read of a
+        record header): False for another record there (another history); None when the
+        log does not hold that index, so there is nothing to check it against."""
+        idx = anchor.idx
+        if not self._segments or idx < self.first_idx or idx > self._last_idx:
+            return None
+        seg = self._segments[bisect.bisect_right(self._firsts, idx) - 1]
+        if anchor.offset < SEG_HEADER_SIZE or anchor.offset + REC_HEADER_SIZE > seg.size:
+            return False
+        with open(seg.path, "rb") as f:
+            f.seek(anchor.offset)
+            head = f.read(REC_HEADER_SIZE)
+        if len(head) < REC_HEADER_SIZE:
+            return False
+        _field, ridx, pcrc, hcrc = _unpack_rec(head)
+        return bool(_crc32(head[:16]) == hcrc and ridx == idx and pcrc == anchor.crc)
 
     @property
     def first_idx(self) -> int:
@@ -293,6 +332,9 @@ class EventLog:
         seg.size = old_size + len(data)
         seg.last_idx = records[-1][0]
         self._last_idx = seg.last_idx
+        last = records[-1][1]
+        # One tuple, replaced whole: a snapshot writer on another thread reads it.
+        self._anchor = LogAnchor(seg.last_idx, seg.size - REC_HEADER_SIZE - len(last), _crc32(last))
 
     def _start_segment(self, first_idx: int) -> _Segment:
         """Create the next segment (header written and synced) and make it the active one."""
@@ -649,7 +691,7 @@ def _read_rest(path: Path, offset: int) -> bytes:
         return f.read()
 
 
-def _recover_last(seg: _Segment, readonly: bool) -> None:
+def _recover_last(seg: _Segment, readonly: bool) -> LogAnchor | None:
     """Find the last segment's last good record, cut a torn tail (one WARNING), and raise
     `LogCorruptError` for a bad record that an acknowledged batch follows.
 
@@ -744,6 +786,19 @@ def _recover_last(seg: _Segment, readonly: bool) -> None:
             seg.sparse_off.pop()
     seg.size = pos
     seg.last_idx = idx - 1
+    return _anchor_in(buf, seg, idx - 1)
+
+
+def _anchor_in(buf: bytes, seg: _Segment, idx: int) -> LogAnchor | None:
+    """The anchor of record `idx` of `seg`, whose good bytes `buf` holds (the sparse index
+    bounds the walk to SPARSE_EVERY headers), or None when the segment holds no records."""
+    if idx < seg.first_idx:
+        return None
+    at, pos = seg.seek(idx)
+    while at < idx:
+        pos += REC_HEADER_SIZE + (_unpack_rec(buf, pos)[0] & _LENGTH_MASK)
+        at += 1
+    return LogAnchor(idx, pos, _unpack_rec(buf, pos)[2])
 
 
 def _valid_at(buf: bytes, at: int) -> tuple[int, int, bool] | None:

@@ -3,12 +3,19 @@
 A snapshot is the state's canonical bytes (`codec.encode_state`) as of log index `idx`, in a
 file ``<idx:020d>.snap``:
 
-    magic "CSNP" | version u16 | flags u16 | idx u64 | length u64 | crc32 u32 | payload
+    magic "CSNP" | version u16 | flags u16 | idx u64 | length u64 | [anchor] | crc32 u32 | payload
 
-where the CRC covers the header fields before it and the payload. `save` is atomic (write a
-temporary file, fsync, rename, fsync the directory): a crash leaves the old snapshot or the
-new one, never half of one. A snapshot is only an optimisation -- the log is the truth -- so a
-damaged one is skipped with a WARNING and the next older one (or a refold from zero) is used.
+where the CRC covers the header fields before it and the payload. With flags bit 0 set, the
+anchor ties the snapshot to the log it was taken of: the byte offset (u64) of the log record
+at `idx` in its segment and that record's payload CRC (u32) -- see `eventlog.LogAnchor`. A
+loader checks it against the log (`EventLog.holds`): a snapshot copied from another
+cluster's directory describes another history and is not used. A snapshot without one
+(written before anchors, or of a state received from the master) is unchecked.
+
+`save` is atomic (write a temporary file, fsync, rename, fsync the directory): a crash leaves
+the old snapshot or the new one, never half of one. A snapshot is only an optimisation -- the
+log is the truth -- so a damaged one is skipped with a WARNING and the next older one (or a
+refold from zero) is used.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
+from cluster.shared.eventlog import LogAnchor
 from cluster.shared.files import fsync_dir, make_dirs_durably, write_bytes_durably
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,12 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    an older build would hand their slots to joining nodes).
 SNAPSHOT_VERSION: Final = 12
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
+_ANCHOR = struct.Struct("<QI")  # the log record at idx: its offset in its segment, payload CRC
 _CRC = struct.Struct("<I")
+#: The header of a snapshot without an anchor (one with an anchor is `_ANCHOR.size` longer).
 HEADER_SIZE: Final = _HEADER.size + _CRC.size
+#: flags bit: an anchor follows the fixed header.
+FLAG_ANCHOR: Final = 1
 #: Snapshots kept after a save: the newest few, so one damaged file costs little.
 KEEP: Final = 3
 _NAME = re.compile(r"^(\d{20})\.snap$")
@@ -65,28 +77,55 @@ def snapshot_name(idx: int) -> str:
     return f"{idx:020d}.snap"
 
 
-def encode_snapshot(idx: int, data: bytes) -> bytes:
-    head = _HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, idx, len(data))
+class Snapshot(NamedTuple):
+    idx: int
+    payload: bytes
+    #: The log record the snapshot was taken after, when it was written with one.
+    anchor: LogAnchor | None
+
+
+def encode_snapshot(idx: int, data: bytes, anchor: LogAnchor | None = None) -> bytes:
+    if anchor is not None and anchor.idx != idx:
+        raise ValueError(f"the anchor names log index {anchor.idx}, the snapshot is at {idx}")
+    flags = 0 if anchor is None else FLAG_ANCHOR
+    head = _HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, flags, idx, len(data))
+    if anchor is not None:
+        head += _ANCHOR.pack(anchor.offset, anchor.crc)
     crc = zlib.crc32(data, zlib.crc32(head))
     return head + _CRC.pack(crc) + data
 
 
 def decode_snapshot(blob: bytes) -> tuple[int, bytes]:
     """(idx, payload) of a snapshot file's bytes; `ValueError` naming what is wrong."""
+    idx, payload, _anchor = decode_snapshot_anchored(blob)
+    return idx, payload
+
+
+def decode_snapshot_anchored(blob: bytes) -> Snapshot:
+    """A snapshot file's bytes as a `Snapshot`; `ValueError` naming what is wrong."""
     if len(blob) < HEADER_SIZE:
         raise ValueError(f"file of {len(blob)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, _flags, idx, length = _HEADER.unpack_from(blob)
+    magic, version, flags, idx, length = _HEADER.unpack_from(blob)
     if magic != SNAPSHOT_MAGIC:
         raise ValueError(f"magic {magic!r}, expected {SNAPSHOT_MAGIC!r}")
     if version != SNAPSHOT_VERSION:
         raise ValueError(f"format version {version}, this build reads {SNAPSHOT_VERSION}")
-    if len(blob) != HEADER_SIZE + length:
-        raise ValueError(f"header says {length} payload bytes, file has {len(blob) - HEADER_SIZE}")
-    (crc,) = _CRC.unpack_from(blob, _HEADER.size)
-    payload = blob[HEADER_SIZE:]
-    if zlib.crc32(payload, zlib.crc32(blob[: _HEADER.size])) != crc:
+    if flags & ~FLAG_ANCHOR:
+        raise ValueError(f"unknown flags {flags:#x}")
+    head_size = _HEADER.size + (_ANCHOR.size if flags & FLAG_ANCHOR else 0)
+    if len(blob) != head_size + _CRC.size + length:
+        raise ValueError(
+            f"header says {length} payload bytes, file has {len(blob) - head_size - _CRC.size}"
+        )
+    (crc,) = _CRC.unpack_from(blob, head_size)
+    payload = blob[head_size + _CRC.size :]
+    if zlib.crc32(payload, zlib.crc32(blob[:head_size])) != crc:
         raise ValueError("checksum mismatch")
-    return idx, payload
+    anchor = None
+    if flags & FLAG_ANCHOR:
+        offset, record_crc = _ANCHOR.unpack_from(blob, _HEADER.size)
+        anchor = LogAnchor(idx, offset, record_crc)
+    return Snapshot(idx, payload, anchor)
 
 
 class SnapshotStore:
@@ -103,7 +142,9 @@ class SnapshotStore:
         #: The last snapshot `latest` read, (idx, payload): every catching-up replica is sent
         #: the newest one, and re-reading a 10,000-node snapshot (~6 MB) per stream held one
         #: copy per stream. A file is never rewritten in place; `save` and `set_aside` drop it.
-        self._last_read: tuple[int, bytes] | None = None
+        self._last_read: Snapshot | None = None
+        #: `latest`'s answer for it: the same object for every stream.
+        self._last_pair: tuple[int, bytes] | None = None
 
     @property
     def directory(self) -> Path:
@@ -123,14 +164,18 @@ class SnapshotStore:
                     found.append(int(m.group(1)))
         return sorted(found, reverse=True)
 
-    def save(self, idx: int, data: bytes) -> Path:
-        """Write the snapshot of state at `idx` atomically, then keep only the newest few."""
+    def save(self, idx: int, data: bytes, anchor: LogAnchor | None = None) -> Path:
+        """Write the snapshot of state at `idx` atomically, then keep only the newest few.
+
+        `anchor`: the log record at `idx`, so a loader can tell the snapshot is of its log.
+        """
         if idx < 0:
             raise ValueError(f"snapshot index {idx} must be >= 0")
+        blob = encode_snapshot(idx, data, anchor)
         make_dirs_durably(self._dir)
         self._last_read = None
         path = self._dir / snapshot_name(idx)
-        write_bytes_durably(path, encode_snapshot(idx, data), mode=0o644)  # dir synced too
+        write_bytes_durably(path, blob, mode=0o644)  # dir synced too
         self._prune()
         return path
 
@@ -159,24 +204,33 @@ class SnapshotStore:
                 log.warning("could not remove old snapshot file %s: %s", path, exc.strerror or exc)
 
     def latest(self, max_idx: int | None = None) -> tuple[int, bytes] | None:
-        """The newest valid snapshot with index <= `max_idx` (any when None), or None.
+        """(idx, payload) of the newest valid snapshot with index <= `max_idx` (any when
+        None), or None. A damaged file is skipped with a WARNING and the next older one is
+        tried."""
+        found = self.latest_anchored(max_idx)
+        if found is None:
+            return None
+        pair = self._last_pair
+        if pair is None or pair[0] != found.idx or pair[1] is not found.payload:
+            pair = self._last_pair = (found.idx, found.payload)
+        return pair
 
-        A damaged file is skipped with a WARNING and the next older one is tried.
-        """
+    def latest_anchored(self, max_idx: int | None = None) -> Snapshot | None:
+        """`latest`, with the snapshot's log anchor."""
         for idx in self.indices():
             if max_idx is not None and idx > max_idx:
                 continue
             cached = self._last_read
-            if cached is not None and cached[0] == idx:
+            if cached is not None and cached.idx == idx:
                 return cached
             path = self._dir / snapshot_name(idx)
             try:
-                got, payload = decode_snapshot(path.read_bytes())
-                if got != idx:
-                    raise ValueError(f"header says index {got} but the file name says {idx}")
+                found = decode_snapshot_anchored(path.read_bytes())
+                if found.idx != idx:
+                    raise ValueError(f"header says index {found.idx} but the file name says {idx}")
             except (OSError, ValueError) as exc:
                 log.warning("snapshot %s is unusable (%s): trying an older one", path, exc)
                 continue
-            found = self._last_read = (idx, payload)
+            self._last_read = found
             return found
         return None

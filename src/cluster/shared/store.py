@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from cluster.shared import codec
 from cluster.shared.apply import fold
-from cluster.shared.eventlog import EventLog, LogDirectoryError, LogError
+from cluster.shared.eventlog import EventLog, LogAnchor, LogDirectoryError, LogError
 from cluster.shared.events import IndexedEvent
 from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import EMPTY_STATE, State
@@ -86,18 +86,33 @@ def decode_record(idx: int, payload: bytes) -> IndexedEvent:
     return ie
 
 
-def snapshot_state(snapshots: SnapshotStore, max_idx: int) -> State | None:
+def snapshot_state(
+    snapshots: SnapshotStore, max_idx: int, event_log: EventLog | None = None
+) -> State | None:
     """The state of the newest usable snapshot at or before `max_idx`, or None.
 
     A snapshot whose bytes pass the CRC but do not decode to a State of that index (written
-    by another version, say) is skipped with a WARNING like a damaged one.
+    by another version, say) is skipped with a WARNING like a damaged one. So is one whose
+    log anchor does not match `event_log`'s record at its index: it was taken of another
+    history (a snapshot copied from another cluster's directory) and its state is not what
+    this log folds to. A snapshot without an anchor is used unchecked.
     """
     limit = max_idx
     while limit >= 0:
-        found = snapshots.latest(limit)
+        found = snapshots.latest_anchored(limit)
         if found is None:
             return None
-        idx, data = found
+        idx, data, anchor = found
+        if anchor is not None and event_log is not None and event_log.holds(anchor) is False:
+            log.warning(
+                "snapshot at index %d is not of this log (the log's event %d is not the one it "
+                "was taken after: another history, a snapshot copied from elsewhere?): trying "
+                "an older one",
+                idx,
+                idx,
+            )
+            limit = idx - 1
+            continue
         try:
             state = codec.decode_state(data)
             if state.last_applied != idx:
@@ -141,7 +156,7 @@ def restore(
     target = last if until is None else until
     if target < 0 or target > last:
         raise ValueError(f"index {target} is outside the log (it holds events 1..{last})")
-    state = None if snapshots is None else snapshot_state(snapshots, target)
+    state = None if snapshots is None else snapshot_state(snapshots, target, event_log)
     if state is None:
         state = EMPTY_STATE
     snapshot_idx = state.last_applied
@@ -218,6 +233,10 @@ class EventStore:
         #: One snapshot is written at a time (`write_snapshot` may run on a worker thread
         #: while a caller snapshots directly); `SnapshotStore` prunes leftovers assuming so.
         self._snapshot_write = threading.Lock()
+        #: The log anchor of the last state `due_snapshot` handed out, for `write_snapshot`
+        #: (which may run later, on another thread, after more commits). One tuple, replaced
+        #: whole.
+        self._due_anchor: LogAnchor | None = None
         #: Snapshots on disk newer than the one restored from: they did not decode (another
         #: version's layout, say), so they are never served to a catching-up replica either.
         self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
@@ -339,6 +358,7 @@ class EventStore:
         if state.last_applied - self._snapshot_idx < self._every:
             return None
         self._snapshot_idx = state.last_applied
+        self._due_anchor = self._log.last_anchor
         return state
 
     def write_snapshot(self, state: State) -> bool:
@@ -353,9 +373,13 @@ class EventStore:
         except Exception:  # a bug (reducers keep State encodable): not a reason to stop serving
             log.exception("could not encode the state at index %d for a snapshot", idx)
             return False
+        # The record the state was folded to: the log's last (a snapshot now, at a stop) or
+        # the one of the due state. Else (no anchor known) the snapshot is saved unchecked.
+        known = (self._log.last_anchor, self._due_anchor)
+        anchor = next((a for a in known if a is not None and a.idx == idx), None)
         with self._snapshot_write:
             try:
-                self._snapshots.save(idx, data)
+                self._snapshots.save(idx, data, anchor)
             except OSError as exc:
                 log.warning("could not save a snapshot at index %d: %s", idx, exc)
                 return False
