@@ -620,6 +620,7 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
         if (
             last
             and (len(head) < SEG_HEADER_SIZE or not any(head))
+            and _torn_header(head, seg.first_idx)
             and not any(_read_rest(seg.path, len(head)))
         ):
             if readonly:
@@ -642,6 +643,11 @@ def _check_headers(segments: list[_Segment], readonly: bool) -> None:
             seg.size = -1
             continue
         if len(head) < SEG_HEADER_SIZE:
+            if not _header_damaged(head, seg.first_idx):
+                raise LogDirectoryError(
+                    f"{seg.path}: foreign file of {seg.size} bytes, not a segment of this log "
+                    f"(it starts {head[:4]!r}, expected {SEGMENT_MAGIC!r})"
+                )
             raise LogCorruptError(seg.path, 0, seg.first_idx, "segment header is cut short")
         magic, version, _flags, first, crc = _SEG_HEADER.unpack(head)
         if _crc32(head[:16]) != crc:
@@ -679,10 +685,19 @@ _HEADER_DAMAGE_BYTES: Final = 4
 
 
 def _header_damaged(head: bytes, first_idx: int) -> bool:
-    """Whether a segment header with a bad CRC is one of ours, damaged (else: foreign)."""
-    ours = _segment_header(first_idx)
+    """Whether a segment header with a bad CRC, or cut short, is one of ours, damaged
+    (else: foreign)."""
+    ours = _segment_header(first_idx)[: len(head)]
     differ = sum(1 for a, b in zip(head, ours, strict=True) if a != b and a != 0)
     return differ <= _HEADER_DAMAGE_BYTES
+
+
+def _torn_header(head: bytes, first_idx: int) -> bool:
+    """Whether a short or blank header is what a crash while creating the segment leaves:
+    zeros (the size was made durable, the data not) or the start of the very header it was
+    writing. Anything else is some other file that only carries a segment's name: it is
+    named as foreign, never removed as torn."""
+    return not any(head) or _segment_header(first_idx).startswith(head)
 
 
 def _read_rest(path: Path, offset: int) -> bytes:
