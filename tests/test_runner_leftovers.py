@@ -457,6 +457,31 @@ async def test_the_wait_for_a_runners_processes_answers_from_a_whole_last_scan()
     assert len(scans) == 2
 
 
+@pytest.mark.anyio
+async def test_a_scan_of_proc_that_hangs_does_not_hold_a_runners_stop_for_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No scan was time-limited inside a wait: a stop (shielded, with no limit of its own)
+    # waited for ever on a read of /proc/<pid>/environ held by a process stuck in a driver.
+    released = threading.Event()
+
+    def hangs(owners: Mapping[str, object]) -> dict[str, set[int]]:
+        released.wait(20)  # bounded: the thread of a failing run ends too
+        return {}
+
+    owner = process_groups._Owner("t", None, None)
+    try:
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.WARNING):
+            patch.setattr(process_groups, "_runner_processes", hangs)
+            patch.setattr(process_groups, "_SCAN_LIMIT_S", 0.2)
+            with anyio.fail_after(10):
+                left = await process_groups._wait_until_gone({"t": owner}, 0.1)
+    finally:
+        released.set()
+    assert left == {"t": set()}  # not known to be gone: its record is kept
+    assert "took over 0.2s (a process stuck in the kernel?): abandoned" in caplog.text
+
+
 class _Launcher(SubprocessRunner):
     """A plugin kind built on the subprocess runner, with a constructor of its own."""
 

@@ -61,6 +61,9 @@ _REAP_GRACE_LIMIT_S: Final = 10.0
 #: what a leftover model may be) can hold for good; the scan is then abandoned, the runners
 #: not known to be gone are named in a WARNING, and their records kept for the next start.
 _REAP_LIMIT_S: Final = 30.0
+#: The longest one scan of /proc for a runner's processes may take (it normally takes
+#: milliseconds); a stop or a start waits no longer for one that hangs.
+_SCAN_LIMIT_S: Final = 10.0
 
 
 class _Record(msgspec.Struct, frozen=True):
@@ -351,12 +354,27 @@ async def _wait_until_gone(owners: Mapping[str, _Owner], timeout_s: float) -> di
     reported as outliving its stop. A scan that hangs is cut only by the caller's own limit
     (`_find_runner_processes` may be abandoned)."""
     deadline = anyio.current_time() + timeout_s
-    holders = await _find_runner_processes(owners)
+    # Until a scan says otherwise, every runner may still be running.
+    holders = await _scan(owners, {token: set() for token in owners})
     while holders and (left_s := deadline - anyio.current_time()) > 0:
         # The last sleep ends at the limit, so the last scan starts at it.
         await anyio.sleep(min(_POLL_S, left_s))
-        holders = await _find_runner_processes({token: owners[token] for token in holders})
+        holders = await _scan({token: owners[token] for token in holders}, holders)
     return holders
+
+
+async def _scan(owners: Mapping[str, _Owner], known: dict[str, set[int]]) -> dict[str, set[int]]:
+    """One scan for the processes of `owners`, abandoned after `_SCAN_LIMIT_S` (a read of
+    /proc that hangs: see `_REAP_LIMIT_S`); then `known`, what was known before it, stands:
+    a runner stopping is never held up for good, and is not taken for gone."""
+    with anyio.move_on_after(_SCAN_LIMIT_S):
+        return await _find_runner_processes(owners)
+    log.warning(
+        "a look in /proc for runner processes took over %gs (a process stuck in the kernel?): "
+        "abandoned, they are not known to be gone",
+        _SCAN_LIMIT_S,
+    )
+    return known
 
 
 async def _end_processes(
