@@ -37,6 +37,7 @@ from cluster.shared.events import (
     NodeInfo,
     NodePayout,
     NodeRemoved,
+    NodeStopping,
     RunnerSelfTestCompleted,
     RunnerStatus,
     RunnerStatusUpdated,
@@ -115,6 +116,10 @@ payouts = st.lists(
     unique_by=lambda p: p.node_id,
 ).map(tuple)
 
+#: Worker process boot ids ("" as in logs from before boot ids): few, so that a goodbye
+#: often names the process of the node's latest hello, and sometimes another.
+boot_ids = st.sampled_from(["", "boot-1", "boot-2"])
+
 #: Events a node says about itself: `origin` is that node.
 NODE_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
     NodeGatheredInfo: st.builds(
@@ -124,6 +129,8 @@ NODE_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
         info=node_infos,
     ),
     NodeHeartbeat: st.builds(NodeHeartbeat, node_id=node_ids),
+    # A goodbye from the node's current worker process (its boot id) or from another one.
+    NodeStopping: st.builds(NodeStopping, node_id=node_ids, boot_id=boot_ids, reason=words),
     # Mostly the slot's own runner id (only a slot's holder creates a runner record), and
     # sometimes one that does not match, which the reducer must ignore.
     RunnerStatusUpdated: st.tuples(
@@ -161,7 +168,9 @@ NODE_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
 
 #: Decisions and facts the master records: `origin` is MASTER_ORIGIN.
 MASTER_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
-    NodeConnected: st.builds(NodeConnected, node_id=node_ids, addr=st.just("/ip4/127.0.0.1/tcp/1")),
+    NodeConnected: st.builds(
+        NodeConnected, node_id=node_ids, addr=st.just("/ip4/127.0.0.1/tcp/1"), boot_id=boot_ids
+    ),
     NodeDisconnected: st.builds(
         NodeDisconnected, node_id=node_ids, reason=words, excused=st.booleans()
     ),

@@ -56,7 +56,9 @@ async def test_a_worker_that_goes_silent_is_logged_as_disconnected_at_warning(
                 joined = [r.getMessage() for r in _decisions(caplog)]
                 assert f"node {me} joined the cluster (first connection)" in joined
                 assert not [r for r in _decisions(caplog) if r.levelno > logging.INFO]
-                worker.stop()  # silent from now on: liveness disconnects it
+                # The connection part ends without a goodbye (as after a crash): silent from
+                # now on, liveness disconnects it. (`worker.stop()` would say goodbye.)
+                worker.worker.stop()
                 while master.state.nodes[me].connected:
                     await anyio.sleep(0.05)
                 master.stop()

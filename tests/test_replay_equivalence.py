@@ -5,16 +5,18 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
-from strategies import event_logs, with_removals
+from strategies import NODE_EVENTS, event_logs, origin_and_event, with_removals
 
 from cluster.shared import codec
 from cluster.shared.apply import apply
 from cluster.shared.eventlog import EventLog
-from cluster.shared.events import EVENT_TYPES, IndexedEvent
+from cluster.shared.events import EVENT_TYPES, IndexedEvent, RunnerStatusUpdated
 from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.shared.store import EventStore, load_state
@@ -71,36 +73,62 @@ def test_strategy_reaches_every_event_type_and_real_state(events: list[IndexedEv
     assert len(seen) >= len(EVENT_TYPES) - 3  # 300 draws over 22 types: nearly all, always
 
 
-def test_strategy_sequences_build_windows_shards_and_ledgers() -> None:
-    """Across examples, generated logs produce every kind of record, not only no-ops."""
-    found: Counter[str] = Counter()
-
-    # Derandomized: this asserts what a sample *contains*, so a random sample could miss a
-    # kind by chance (it missed "active" once in a full run); the property tests stay random.
-    @settings(
-        max_examples=40,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.large_base_example],
+#: The catalogue's events, half of them runner reports. A report makes a runner record
+#: only from its slot's holder while that devshard is live: with `origin_and_event` alone
+#: about 3% of the logs held one, so whether a derandomized sample did was luck (a new event
+#: type in the catalogue redraws the whole sample, and it lost them).
+_more_runner_reports = st.integers(0, 1).flatmap(
+    lambda k: (
+        NODE_EVENTS[RunnerStatusUpdated].map(lambda ev: (ev.node_id, ev))
+        if k == 0
+        else origin_and_event
     )
-    @given(events=event_logs(min_size=150, max_size=150))
-    def collect(events: list[IndexedEvent]) -> None:
-        state = apply_each(events)
-        found["windows"] += bool(state.windows)
-        found["active"] += any(w.state.value == "active" for w in state.windows.values())
-        found["devshards"] += bool(state.devshards)
-        found["settled"] += any(led.settled for led in state.ledgers.values())
-        found["runners"] += bool(state.runners)
-        found["disconnected"] += any(not n.connected for n in state.nodes.values())
+)
 
-    collect()
-    missing = [
-        k
-        for k in ("windows", "active", "devshards", "settled", "runners", "disconnected")
-        if found[k] == 0
-    ]
-    assert not missing, f"generated logs never produced: {missing}"
+
+def _states(events: list[IndexedEvent]) -> list[State]:
+    states, state = [], EMPTY_STATE
+    for ie in events:
+        state = apply(state, ie)
+        states.append(state)
+    return states
+
+
+#: What generated logs must be able to build, judged on every state along a log (a runner
+#: record lives only while its slot's holder reports on it; the end state alone held one in
+#: 2-3% of the logs).
+_RECORD_KINDS: dict[str, Callable[[State], bool]] = {
+    "windows": lambda s: bool(s.windows),
+    "active": lambda s: any(w.state.value == "active" for w in s.windows.values()),
+    "devshards": lambda s: bool(s.devshards),
+    "settled": lambda s: any(led.settled for led in s.ledgers.values()),
+    "runners": lambda s: bool(s.runners),
+    "disconnected": lambda s: any(not n.connected for n in s.nodes.values()),
+}
+
+
+@pytest.mark.parametrize("kind", list(_RECORD_KINDS))
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")  # the log found
+def test_strategy_sequences_build_every_kind_of_record(kind: str) -> None:
+    """Generated logs produce every kind of record, not only no-ops.
+
+    A search for one log that builds the kind, not a count over a fixed sample: the sample
+    of a derandomized run still moved with the process (it held no active window and no
+    disconnected node when other test files had run first), so the count was luck. Each
+    kind shows up in a few percent of logs or more; 400 draws miss one by chance about once
+    in 10^5 runs."""
+    holds = _RECORD_KINDS[kind]
+    find(
+        event_logs(min_size=150, max_size=150, pairs=_more_runner_reports),
+        lambda events: any(holds(state) for state in _states(events)),
+        settings=settings(
+            max_examples=400,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],  # found is enough: no shrinking
+            suppress_health_check=[HealthCheck.large_base_example, HealthCheck.too_slow],
+        ),
+    )
 
 
 def test_removal_logs_remove_nodes_and_rejoin_them_as_new_ones() -> None:

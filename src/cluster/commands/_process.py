@@ -186,12 +186,14 @@ def _log_warning(
     )
 
 
-async def stop_on_signal(stop: Callable[[], None]) -> None:
-    """Call `stop()` on the first SIGINT or SIGTERM (clean shutdown, exit 0)."""
+async def stop_on_signal(stop: Callable[[str], None]) -> None:
+    """Call `stop(name)` on the first SIGINT or SIGTERM, with the signal's name (clean
+    shutdown, exit 0)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logging.getLogger("cluster").info("received %s: stopping", signal.Signals(signum).name)
-            stop()
+            name = signal.Signals(signum).name
+            logging.getLogger("cluster").info("received %s: stopping", name)
+            stop(name)
             return
 
 

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                 url = f"http://{http.host}:{started.http_port}/"
                 write_text_atomically(data_dir / "http.url", url + "\n")
                 print(f"dashboard {url}", flush=True)
-            tg.start_soon(stop_on_signal, node.stop)
+            tg.start_soon(stop_on_signal, lambda _signal: node.stop())
             await node.master.wait_finished()
             tg.cancel_scope.cancel()
 

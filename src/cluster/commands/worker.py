@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(stop_on_signal, node.stop)
+            # The goodbye names the signal: the master's log quotes it.
+            tg.start_soon(stop_on_signal, lambda name: node.stop(f"cluster worker got {name}"))
             await tg.start(node.run)
             if args.load > 0:
                 tg.start_soon(_synthetic_load, node.worker, args.load)

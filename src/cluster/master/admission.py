@@ -24,6 +24,7 @@ from cluster.shared.events import (
     Event,
     NodeGatheredInfo,
     NodeHeartbeat,
+    NodeStopping,
     RunnerSelfTestCompleted,
     RunnerStatusUpdated,
     WorkMissed,
@@ -40,6 +41,8 @@ WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
     RunnerSelfTestCompleted,
     WorkReported,
     WorkMissed,
+    # A worker's goodbye: only for its own node (the origin check below), like every fact.
+    NodeStopping,
 )
 
 

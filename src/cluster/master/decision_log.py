@@ -259,6 +259,10 @@ def _disconnected(event: NodeDisconnected, c: _Context) -> str:
     message += "; unexcused" + (
         f": it forfeits its reward for epoch {epoch.epoch}" if epoch is not None else ""
     )
+    rec = c.state.nodes.get(event.node_id)
+    if rec is not None and rec.stopping_idx and epoch is not None:
+        # A planned stop, not a crash (the reason says so): say how to make one free.
+        message += " (a stop inside the node's maintenance window is excused)"
     held = c.placements.get(event.node_id, ())
     if held:
         count = sum(p.slots for p in held)

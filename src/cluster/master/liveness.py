@@ -9,6 +9,11 @@ host in maintenance that goes quiet is *offline for maintenance*, not disconnect
 cycles keep counting, so if it is still silent when the window closes (overrun), the first
 cycle after that disconnects it like any other silent node.
 
+A node whose worker said goodbye (`NodeStopping`: it was stopped cleanly, its record's
+`stopping_idx`) is disconnected at the next cycle, with a reason saying so, rather than after
+K silent cycles with one that reads like a crash; the excuse rule is the same (inside its
+window it stays offline for maintenance, outside it the disconnect is unexcused).
+
 The cycle counters live in a `LivenessBook`: ephemeral master bookkeeping, deliberately not
 in State (DESIGN rule 7). A restarted master starts with an empty book, so every node gets a
 full K cycles again before it can be judged -- the safe direction, because the master cannot
@@ -19,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from cluster.master.config import PlannerConfig
 from cluster.shared.events import NodeDisconnected
 from cluster.shared.excuse import is_excused
+from cluster.shared.humanize import clip
 from cluster.shared.state import State
 
 #: What the planner saw of one node: (its event index, consecutive cycles it stood still).
@@ -71,7 +77,9 @@ def check_liveness(
     observation of a node is never idle (there is nothing to compare with). A node
     disconnected here leaves the book, so if it speaks again it is observed afresh. A node
     its maintenance window excuses is never disconnected: it stays in the book, idle and
-    not fresh, until it speaks or its window closes. Events come out sorted by node id.
+    not fresh, until it speaks or its window closes. A node whose worker said goodbye
+    (`NodeRecord.stopping_idx`) is disconnected now, unless its window excuses it: then it
+    is as any quiet node in its window. Events come out sorted by node id.
     """
     k = cfg.stale_cycles
     fresh_limit = cfg.fresh_idle_cycles
@@ -80,8 +88,13 @@ def check_liveness(
     not_fresh: set[str] = set()
     quiet: list[tuple[str, int, int]] = []
     marks = state.last_event_by_node
+    stopped: list[NodeDisconnected] = []
     for node_id, rec in state.nodes.items():
         if not rec.connected:
+            continue
+        if rec.stopping_idx and not is_excused(state, node_id, now_ms):
+            # Said goodbye: gone now, no need to wait K cycles to find out.
+            stopped.append(_stopped(node_id, rec.stopping_reason, rec.stopping_idx))
             continue
         index = marks.index(rec.slot)
         # The master's NodeConnected counts too (`hello_idx`): a node that just said hello
@@ -100,8 +113,31 @@ def check_liveness(
         seen[node_id] = (index, idle)
         if idle > fresh_limit:
             not_fresh.add(node_id)
-    events = [_disconnect(node_id, index, idle, cfg) for node_id, index, idle in sorted(quiet)]
+    events = [_disconnect(node_id, index, idle, cfg) for node_id, index, idle in quiet]
+    events.extend(stopped)
+    events.sort(key=_by_node)
     return LivenessResult(events, LivenessBook(seen, frozenset(not_fresh)))
+
+
+def _by_node(event: NodeDisconnected) -> str:
+    return event.node_id
+
+
+#: The most characters of a worker's own stop reason a disconnect reason quotes.
+STOP_REASON_CHARS: Final = 200
+
+#: How every clean stop's disconnect reason starts (`decision_log` and operators match it).
+STOPPED_BY_OPERATOR: Final = "stopped by its operator"
+
+
+def _stopped(node_id: str, said: str, index: int) -> NodeDisconnected:
+    said = clip(said, STOP_REASON_CHARS)
+    return NodeDisconnected(
+        node_id=node_id,
+        reason=f"{STOPPED_BY_OPERATOR}"
+        + (f" ({said})" if said else "")
+        + f"; its worker said goodbye at event index {index}",
+    )
 
 
 def _disconnect(node_id: str, index: int, idle: int, cfg: PlannerConfig) -> NodeDisconnected:

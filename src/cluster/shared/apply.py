@@ -33,6 +33,7 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeHeartbeat,
     NodeRemoved,
+    NodeStopping,
     RunnerSelfTestCompleted,
     RunnerStatusUpdated,
     SessionDeleted,
@@ -70,6 +71,7 @@ REDUCERS: dict[type[Any], Reducer] = {
     NodeConnected: nodes.node_connected,
     NodeDisconnected: nodes.node_disconnected,
     NodeRemoved: nodes.node_removed,
+    NodeStopping: nodes.node_stopping,  # worker goodbye
     RunnerSelfTestCompleted: nodes.runner_self_test_completed,
     RunnerStatusUpdated: runners.runner_status_updated,
     WorkReported: runners.work_reported,

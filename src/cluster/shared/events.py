@@ -164,6 +164,30 @@ class NodeRemoved(_Event, frozen=True):
     reason: str = ""
 
 
+# --- worker goodbye (NodeStopping) ---------------------------------------------------------
+
+
+class NodeStopping(_Event, frozen=True):
+    """The node's worker is stopping cleanly (its operator stopped it): its last event.
+
+    Sent by a worker on SIGTERM/SIGINT (or `WorkerNode.stop()`) once its runners have
+    stopped, so that the master's planner disconnects the node at its next cycle with a
+    reason that says so, instead of after K silent cycles with one that reads like a crash.
+    It excuses nothing: outside a maintenance window the stop is an unexcused disconnect.
+    `boot_id` is the stopping worker process's (`Hello.boot_id`): a NodeStopping that an
+    earlier process left in its outbox, delivered after a restarted worker's hello, names
+    another process and marks nothing (the node is back, not stopping).
+    """
+
+    node_id: str
+    boot_id: str
+    #: What stopped it, in the worker's words ("cluster worker received SIGTERM").
+    reason: str = ""
+
+
+# --- end worker goodbye ---------------------------------------------------------------------
+
+
 # --------------------------------------------------------------------------------------------
 # Runners and work
 # --------------------------------------------------------------------------------------------
@@ -374,6 +398,7 @@ Event = (
     | NodeConnected
     | NodeDisconnected
     | NodeRemoved
+    | NodeStopping
     | RunnerStatusUpdated
     | RunnerSelfTestCompleted
     | WorkReported

@@ -56,7 +56,11 @@ SNAPSHOT_MAGIC: Final = b"CSNP"
 #:    reason whose counts alone moved only a minute after it; older snapshots lack it).
 #: 12: State.removed_nodes (NodeRemoved's tombstones, which keep the slots of removed nodes:
 #:    an older build would hand their slots to joining nodes).
-SNAPSHOT_VERSION: Final = 12
+#: 13: NodeRecord.stopping_idx/stopping_reason (a worker's NodeStopping sets them). They
+#:    are written only when set, so a state without them encodes exactly as in 12 (same
+#:    digest); the version moves with the layout all the same, so that a build that
+#:    cannot read them refuses such a snapshot by its version.
+SNAPSHOT_VERSION: Final = 13
 _HEADER = struct.Struct("<4sHHQQ")  # magic, version, flags, idx, payload length
 _ANCHOR = struct.Struct("<QI")  # the log record at idx: its offset in its segment, payload CRC
 _CRC = struct.Struct("<I")

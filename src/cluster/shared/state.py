@@ -53,7 +53,17 @@ class SelfTestResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # gc=False on this and the other replaced records: see the module docstring.
-class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
+# omit_defaults, with a default only on the fields added since (the worker's goodbye): every
+# other field is always written, so a record that never had them encodes byte for byte as
+# before they existed, and a log without a NodeStopping keeps its state digest.
+class NodeRecord(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    gc=False,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+):
     node_id: str
     #: The node's number in join order (0, 1, ...): where `State.last_event_by_node` keeps
     #: its marks. Dense and the same on every node that folds the same log; never reused:
@@ -74,24 +84,34 @@ class NodeRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unk
     joined_ms: int
     # The node's last event index and sequence number live in `State.last_event_by_node`,
     # not here: every event advances them, and a pair is much cheaper to replace than this.
-    disconnected_ms: int = 0
-    disconnected_reason: str = ""
-    disconnect_excused: bool = False
+    disconnected_ms: int
+    disconnected_reason: str
+    disconnect_excused: bool
     #: Index of the master's latest NodeConnected for this node: its latest authenticated
     #: hello. Liveness counts it as the node's progress, so a worker that reconnects without
     #: having been disconnected (restarted inside its maintenance window, say) gets K fresh
     #: cycles to speak, like a node that joins.
-    hello_idx: int = 0
+    hello_idx: int
     #: Boot id of the worker process behind that hello (`NodeConnected.boot_id`): a later
     #: hello under another one is a restarted worker, under the same one a redial.
-    boot_id: str = ""
+    boot_id: str
     #: The runner setting that worker process announced (`NodeConnected.runner_digest`), ""
     #: if none. `self_test`, when set, is a test of this setting (or of any, when ""): a
     #: hello under another setting drops the test, and a result of another setting (one an
     #: earlier process left in its outbox) is not recorded. `NO_RUNNERS_DIGEST`: the worker
     #: runs no runners (`facts_only`).
-    runner_digest: str = ""
-    self_test: SelfTestResult | None = None
+    runner_digest: str
+    self_test: SelfTestResult | None
+    # --- worker goodbye (NodeStopping): the only fields with defaults (see above) ---
+    #: Index of the `NodeStopping` its current worker process (`boot_id`) sent: that process
+    #: is stopping cleanly, and the planner disconnects the node at its next cycle (unless
+    #: its maintenance window excuses it). 0: not stopping. Cleared by the disconnect and by
+    #: a hello from another worker process; later events of the stopping process (a last
+    #: heartbeat) leave it.
+    stopping_idx: int = 0
+    #: What the worker said stopped it (`NodeStopping.reason`).
+    stopping_reason: str = ""
+    # --- end worker goodbye ---
 
     @property
     def facts_only(self) -> bool:

@@ -25,7 +25,8 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from cluster import control
-from cluster.shared.events import NO_RUNNERS_DIGEST
+from cluster.shared.events import MAX_REASON_CHARS, NO_RUNNERS_DIGEST, NodeStopping
+from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
@@ -57,6 +58,10 @@ class WorkerNodeConfig:
     #: On stop, how long the runners' last events (their final work, STOPPED) may take to be
     #: acknowledged by the master before the connection closes anyway.
     stop_flush_timeout_s: float = 10.0
+    #: Then how long the worker's goodbye (`NodeStopping`) may take to be acknowledged: the
+    #: master then disconnects the node at its next cycle as stopped by its operator, not
+    #: after `stale_cycles` of silence as if it had crashed. 0: say no goodbye.
+    goodbye_timeout_s: float = 2.0
 
 
 def _check_runner_setting(setting: RunnerSetting) -> None:
@@ -107,6 +112,7 @@ class WorkerNode:
         self.manager: RunnerManager | None = None
         self._factory: RunnerFactory | None = None
         self._stop_requested = False
+        self._stop_reason = ""
         self._stopping: anyio.Event | None = None  # made by run(): needs the event loop
         self._process_groups = RunnerProcessGroups(data_dir / "runners")
         if config.runner is not None:
@@ -157,7 +163,8 @@ class WorkerNode:
         Stopping is graceful: the runners stop first, while the connection is still up, and
         their last events (STOPPING, the work they did last, STOPPED) are given up to
         `stop_flush_timeout_s` to be acknowledged before the connection closes. Whatever is
-        not acknowledged by then stays in the outbox and is sent on the next start.
+        not acknowledged by then stays in the outbox and is sent on the next start. Last,
+        the worker says goodbye (`_say_goodbye`).
         """
         worker = self.worker
         self._stopping = stopping = anyio.Event()
@@ -195,15 +202,55 @@ class WorkerNode:
                     worker.outbox.acked,
                     worker.outbox.last_seq,
                 )
+            await self._say_goodbye()
             worker.stop()
             await worker.wait_finished()
             tg.cancel_scope.cancel()
 
-    def stop(self) -> None:
-        """Ask `run()` to stop (runners first, then the connection); returns at once."""
+    def stop(self, reason: str = "") -> None:
+        """Ask `run()` to stop (runners first, then the connection); returns at once.
+
+        `reason` is what the goodbye tells the master stopped it (`cluster worker` says
+        which signal); the master's log quotes it. Only the first stop's reason counts."""
+        if not self._stop_requested:
+            self._stop_reason = reason
         self._stop_requested = True
         if self._stopping is not None:
             self._stopping.set()
+
+    # --- worker goodbye (NodeStopping) -----------------------------------------------------
+    async def _say_goodbye(self) -> None:
+        """Tell the master this node is stopping cleanly, and wait up to `goodbye_timeout_s`
+        for it to be acknowledged, so that its log says "stopped by its operator" at its next
+        cycle rather than, K cycles later, what a crash gets. The event is the last: the
+        runners have stopped and their events are flushed.
+
+        A worker not connected (the master is unreachable, or the connection part ended on
+        its own) just stops, as before: the master judges it by its silence. A goodbye the
+        master did not acknowledge in time stays in the outbox and is sent on the next start,
+        where it changes nothing: it names this process's boot id, no longer the node's.
+        """
+        worker = self.worker
+        timeout = self.config.goodbye_timeout_s
+        if timeout <= 0 or not worker.connected:
+            return
+        worker.emit(
+            NodeStopping(
+                node_id=worker.node_id,
+                boot_id=worker.boot_id,
+                reason=clip(encodable(self._stop_reason), MAX_REASON_CHARS),
+            )
+        )
+        if await worker.flush(timeout):
+            log.info("said goodbye: the master disconnects this node as stopped by its operator")
+        else:
+            log.info(
+                "the master did not acknowledge our goodbye within %gs: it will find this "
+                "node silent and disconnect it after its stale cycles",
+                timeout,
+            )
+
+    # --- end worker goodbye ---------------------------------------------------------------
 
     async def _stop_when_worker_finished(self, stopping: anyio.Event) -> None:
         # The connection side may end on its own (an embedding program stops `node.worker`):

@@ -13,6 +13,7 @@ from cluster.shared.events import (
     NodeHeartbeat,
     NodeInfo,
     NodeRemoved,
+    NodeStopping,
     RunnerSelfTestCompleted,
 )
 from cluster.shared.node_gauges import GAUGE_COLUMN, NodeGauges
@@ -107,9 +108,13 @@ def new_record(
         connected=True,
         joined_idx=ie.idx,
         joined_ms=ie.master_time_ms,
+        disconnected_ms=0,
+        disconnected_reason="",
+        disconnect_excused=False,
         hello_idx=hello_idx,
         boot_id=boot_id,
         runner_digest=runner_digest,
+        self_test=None,
     )
 
 
@@ -124,6 +129,7 @@ def ensure_node(
     A self-test of another setting than `runner_digest` is dropped (`_untested_if_changed`).
     """
     rec = state.nodes.get(node_id)
+    rec_boot_id = "" if rec is None else rec.boot_id
     if rec is None:
         # Known to the master before it spoke: no event of its own yet.
         rec = new_record(
@@ -153,6 +159,10 @@ def ensure_node(
             runner_digest=runner_digest,
             self_test=_untested_if_changed(rec.self_test, runner_digest),
         )
+        if rec.stopping_idx and boot_id != rec_boot_id:
+            # Another worker process said hello: the one that was stopping is gone, and
+            # this one is not stopping (a restart quicker than the planner's cycle).
+            rec = _replace(rec, stopping_idx=0, stopping_reason="")
     return _replace(state, nodes=state.nodes.set(node_id, rec))
 
 
@@ -198,6 +208,10 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
         disconnected_ms=ie.master_time_ms,
         disconnected_reason=ev.reason,
         disconnect_excused=ev.excused,
+        # Gone now: whatever it said on its way out is in the reason (a stopping mark kept
+        # would make the planner disconnect it again the moment it rejoins).
+        stopping_idx=0,
+        stopping_reason="",
     )
     state = _replace(state, nodes=state.nodes.set(ev.node_id, rec))
     if ev.excused or state.epoch is None:
@@ -247,6 +261,24 @@ def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
     if ev.node_id in state.credit_ms_by_node:
         state = _replace(state, credit_ms_by_node=state.credit_ms_by_node.delete(ev.node_id))
     return state
+# --- worker goodbye (NodeStopping) ---------------------------------------------------------
+
+
+def node_stopping(state: State, ie: IndexedEvent, ev: NodeStopping) -> State:
+    """Mark the node as stopping cleanly: the planner disconnects it at its next cycle.
+
+    Only its current worker process may say so (`ev.boot_id` is that of the node's latest
+    hello): a goodbye an earlier process left in its outbox, resent by a restarted worker
+    after its own hello, marks nothing -- that node is back, not stopping.
+    """
+    rec = state.nodes.get(ev.node_id)
+    if rec is None or not rec.connected or ev.boot_id != rec.boot_id:
+        return state
+    rec = _replace(rec, stopping_idx=ie.idx, stopping_reason=ev.reason)
+    return _replace(state, nodes=state.nodes.set(ev.node_id, rec))
+
+
+# --- end worker goodbye ---------------------------------------------------------------------
 
 
 def runner_self_test_completed(

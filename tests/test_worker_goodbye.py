@@ -1,0 +1,236 @@
+"""A worker that stops cleanly says goodbye (`NodeStopping`), and the master says so.
+
+A reviewer found that a clean SIGTERM of a worker logged on the master, 3 cycles later,
+exactly what a kill -9 logs ("no events for 3 cycles ...; unexcused ..."): an operator could
+not tell a planned stop from a crash, and the node's slots waited K cycles to be re-placed.
+Now the worker's last event is a goodbye; the planner disconnects the node at its next
+cycle with a reason saying it was stopped by its operator. The excuse rule is unchanged:
+outside a maintenance window the stop forfeits the epoch, inside it the node is excused.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+import anyio
+import pytest
+from embedded_nodes import fast_master, fast_worker
+from planner_world import World, of_type, quick_config
+
+from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
+from cluster.master.decision_log import decision_lines
+from cluster.master.liveness import EMPTY_BOOK, check_liveness
+from cluster.master.planner import Planner
+from cluster.shared.codec import decode_state, encode_state
+from cluster.shared.events import (
+    DevshardPlaced,
+    MaintenanceOverrun,
+    NodeConnected,
+    NodeDisconnected,
+    NodeHeartbeat,
+    NodeStopping,
+)
+from cluster.shared.state import State
+from cluster.worker.node import WorkerNode
+
+A, B = "12D3KooWnodeA", "12D3KooWnodeB"
+BOOT = "boot-1"
+CFG = quick_config()
+
+
+def _world() -> World:
+    """Nodes A and B, each connected by a hello of its worker process `BOOT`."""
+    world = World()
+    for node in (A, B):
+        world.node(node)
+        world.master([NodeConnected(node_id=node, boot_id=BOOT)])
+    return world
+
+
+def _goodbye(world: World, node: str = A, boot_id: str = BOOT) -> State:
+    return world.add(node, NodeStopping(node_id=node, boot_id=boot_id, reason="got SIGTERM"))
+
+
+# --------------------------------------------------------------------------------------------
+# The reducer
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_goodbye_marks_the_node_stopping_until_it_is_disconnected() -> None:
+    world = _world()
+    state = _goodbye(world)
+    rec = state.nodes[A]
+    assert rec.connected and rec.stopping_idx == state.last_applied
+    assert rec.stopping_reason == "got SIGTERM"
+    assert state.last_event_index(A) == state.last_applied  # it is liveness, like any event
+    assert decode_state(encode_state(state)) == state  # the mark survives a snapshot
+    # A last heartbeat of the same process leaves the mark.
+    assert world.add(A, NodeHeartbeat(node_id=A)).nodes[A].stopping_idx == rec.stopping_idx
+    # The disconnect clears it: a node that speaks again rejoins unmarked.
+    world.master([NodeDisconnected(node_id=A, reason="stopped by its operator")])
+    assert world.state.nodes[A].stopping_idx == 0
+    state = world.add(A, NodeHeartbeat(node_id=A))
+    assert state.nodes[A].connected and state.nodes[A].stopping_idx == 0
+    assert state.nodes[A].stopping_reason == ""
+
+
+def test_a_goodbye_of_another_worker_process_marks_nothing() -> None:
+    """A goodbye the master did not acknowledge stays in the outbox and is resent by the
+    next worker process, after that process's hello: the node is back, not stopping."""
+    world = _world()
+    world.master([NodeConnected(node_id=A, boot_id="boot-2")])  # restarted
+    assert _goodbye(world, boot_id=BOOT).nodes[A].stopping_idx == 0
+
+
+def test_a_hello_of_another_worker_process_clears_the_mark_and_a_redial_keeps_it() -> None:
+    world = _world()
+    idx = _goodbye(world).nodes[A].stopping_idx
+    # The stopping process dialled again (its goodbye not yet acknowledged): still stopping.
+    world.master([NodeConnected(node_id=A, boot_id=BOOT)])
+    assert world.state.nodes[A].stopping_idx == idx
+    # Restarted before the planner's cycle came round: the new process is not stopping.
+    world.master([NodeConnected(node_id=A, boot_id="boot-2")])
+    assert world.state.nodes[A].stopping_idx == 0
+
+
+def test_a_worker_may_say_goodbye_only_for_its_own_node() -> None:
+    mine = NodeStopping(node_id=A, boot_id=BOOT, reason="got SIGTERM")
+    check_worker_event(A, 1, mine)
+    check_worker_batch(A, [(1, NodeHeartbeat(node_id=A)), (2, mine)])
+    with pytest.raises(AdmissionError, match=f"peer {B} may not speak for node {A}") as exc:
+        check_worker_event(B, 1, mine)
+    assert exc.value.code == "forbidden-origin"
+
+
+# --------------------------------------------------------------------------------------------
+# The planner
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_node_that_said_goodbye_is_disconnected_at_the_next_cycle_as_stopped() -> None:
+    world = _world()
+    world.session("chat", slots=2)
+    planner = Planner(CFG)
+    world.cycle(planner)  # the epoch starts, the session is placed
+    assert world.state.epoch is not None
+    assert any(a.node_id == A for d in world.state.devshards.values() for a in d.assignments)
+    world.heartbeat(A, B)
+    world.cycle(planner)
+    state = _goodbye(world)
+    goodbye_idx = state.last_applied
+    world.heartbeat(B)
+    decided_on, now = world.state, world.now + CFG.plan_interval_ms
+    events = world.cycle(planner)  # the very next cycle, not K of them
+    (gone,) = of_type(events, NodeDisconnected)
+    assert gone.node_id == A and not gone.excused
+    assert gone.reason == (
+        f"stopped by its operator (got SIGTERM); its worker said goodbye at event index "
+        f"{goodbye_idx}"
+    )
+    # Its slots move off it in the same cycle.
+    (moved,) = of_type(events, DevshardPlaced)
+    assert moved.reason == "replace" and all(a.node_id != A for a in moved.assignments)
+    # The excuse rules are the ones of any disconnect: outside a window, the epoch is lost.
+    epoch = world.state.epoch
+    assert epoch is not None
+    assert world.state.ledgers[epoch.epoch].node(A).disconnect == gone.reason
+    # What the master's log says: a planned stop, not a crash.
+    (line,) = [
+        line.message
+        for line in decision_lines(events, decided_on, now)
+        if line.message.startswith(f"node {A}")
+    ]
+    assert line.startswith(f"node {A} disconnected: stopped by its operator (got SIGTERM)"), line
+    assert f"unexcused: it forfeits its reward for epoch {epoch.epoch}" in line, line
+    assert "(a stop inside the node's maintenance window is excused)" in line, line
+    assert "no events for" not in line, line
+
+
+def test_a_stopping_node_inside_its_window_stays_excused() -> None:
+    world = _world()
+    duration = 20 * CFG.plan_interval_ms
+    window_id = world.window(A, start_ms=world.now, duration_ms=duration, start=True)
+    _goodbye(world)
+    book = EMPTY_BOOK
+    for _ in range(2 * CFG.stale_cycles):
+        world.tick(CFG.plan_interval_ms)
+        world.heartbeat(B)
+        events, book = check_liveness(world.state, book, world.now, CFG)
+        assert events == [], "a node stopped inside its window was disconnected"
+        world.master(events)
+    assert world.state.nodes[A].connected
+    # Once the window is over (here: overrun) the stop is judged as any other, at once.
+    world.tick(duration)
+    world.master([MaintenanceOverrun(window_id=window_id, node_id=A)])
+    events, book = check_liveness(world.state, book, world.now, CFG)
+    assert [(e.node_id, e.excused) for e in events] == [(A, False)]
+    assert events[0].reason.startswith("stopped by its operator (got SIGTERM)")
+
+
+def test_a_silent_node_without_a_goodbye_still_waits_k_cycles() -> None:
+    """The crash path is unchanged: no goodbye, K silent cycles, the same reason as ever."""
+    world = _world()
+    book = EMPTY_BOOK
+    gone: list[NodeDisconnected] = []
+    cycles = 0
+    while not gone:
+        world.tick(CFG.plan_interval_ms)
+        world.heartbeat(B)
+        gone, book = check_liveness(world.state, book, world.now, CFG)
+        world.master(gone)
+        cycles += 1
+    assert cycles == CFG.stale_cycles + 1  # one cycle to observe, then K idle ones
+    assert [e.node_id for e in gone] == [A]
+    assert gone[0].reason.startswith(f"no events for {CFG.stale_cycles} cycles")
+
+
+# --------------------------------------------------------------------------------------------
+# A real master and worker
+# --------------------------------------------------------------------------------------------
+
+DECISIONS = "cluster.master.decisions"
+#: Bound on every wait: a broken master fails the test instead of hanging it.
+WAIT = 60.0
+
+
+@pytest.mark.anyio
+async def test_a_clean_stop_of_a_worker_is_logged_as_stopped_by_its_operator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=DECISIONS)
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: WorkerNode | None = None
+    try:
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
+                await tg.start(worker.run)
+                me = worker.node_id
+                while (rec := master.state.nodes.get(me)) is None or rec.self_test is None:
+                    await anyio.sleep(0.05)
+                worker.stop("got SIGTERM")
+                while master.state.nodes[me].connected:
+                    await anyio.sleep(0.05)
+                log = list(master.store.read_from(1))
+                master.stop()
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
+    rec = master.state.nodes[me]
+    assert rec.disconnected_reason.startswith("stopped by its operator (got SIGTERM); "), rec
+    assert not rec.disconnect_excused and rec.stopping_idx == 0
+    # The goodbye went into the log under the worker's own name, and was its last word: the
+    # master disconnected it on the goodbye, not on silence.
+    (goodbye,) = [ie for ie in log if isinstance(ie.event, NodeStopping)]
+    assert isinstance(goodbye.event, NodeStopping)  # (for mypy)
+    assert goodbye.origin == me and goodbye.event.reason == "got SIGTERM"
+    assert rec.disconnected_reason.endswith(f"goodbye at event index {goodbye.idx}")
+    lines = [r.getMessage() for r in caplog.records if r.name == DECISIONS]
+    said = [line for line in lines if line.startswith(f"node {me} disconnected: ")]
+    assert len(said) == 1 and "stopped by its operator (got SIGTERM)" in said[0], lines
+    assert "no events for" not in said[0], said
