@@ -32,6 +32,7 @@ from cluster.shared.events import (
     NodeRemoved,
     WorkReported,
 )
+from cluster.shared.humanize import short_id
 from cluster.shared.state import EMPTY_STATE, RemovedNode, State, WindowState
 
 A, B, C, D = (node_id(i) for i in range(1, 5))
@@ -323,3 +324,27 @@ def test_the_decision_log_says_a_removed_node_that_returns_joins_as_a_new_node()
     line = describe(NodeConnected(node_id=B), log.state, log.now)
     assert line is not None
     assert line.message == f"node {B} joined the cluster again after its removal, as a new node"
+
+
+def test_a_node_is_removed_by_the_short_form_status_shows_and_told_by_its_full_id() -> None:
+    log = _three_nodes()
+    log.disconnect(B)
+    shown = short_id(B)
+    assert shown != B
+    before = len(log.log)
+    ok, msg = _removal(log, shown, "decommissioned")
+    assert ok and msg.startswith(f"node {B} removed.")
+    # The event (and so the decision log) names the full id, never what was typed.
+    assert [ie.event for ie in log.log[before:]] == [
+        NodeRemoved(node_id=B, reason="decommissioned")
+    ]
+    # Its short form names no node now; its full id still finds the tombstone.
+    ok, msg = _removal(log, shown)
+    assert not ok and msg.startswith(f"unknown node {shown}: it has never joined")
+    ok, msg = _removal(log, B)
+    assert not ok and msg.startswith(f"node {B} is already removed: since ")
+    # A name that fits two nodes removes neither.
+    log.disconnect(C)
+    ok, msg = _removal(log, "12D3KooWTestNode")
+    assert not ok and "is ambiguous: it matches 2 nodes" in msg
+    assert C in log.state.nodes and len(log.log) == before + 2

@@ -13,6 +13,7 @@ from embedded_nodes import fast_master, fast_worker
 
 from cluster import cli
 from cluster.control import StatusRequest
+from cluster.shared.humanize import short_id
 from cluster.worker.node import WorkerNode
 
 DECISIONS = "cluster.master.decisions"
@@ -44,8 +45,16 @@ async def test_node_remove_refuses_a_connected_node_and_removes_a_disconnected_o
                     await anyio.sleep(0.05)
                 capsys.readouterr()
 
+                # The operator names the node as `cluster status` shows it; replies say
+                # its full id (`cluster maintenance --node` and `cluster node remove`).
+                shown = short_id(me)
+                assert shown != me
+                next_ = ("maintenance", "--data-dir", str(master_dir), "next", "--node")
+                assert await _cli(*next_, shown.replace("…", "...")) == 0
+                assert capsys.readouterr().out.startswith(f"node {me}: ")
+
                 remove = ("node", "remove", me, "--data-dir", str(master_dir))
-                assert await _cli(*remove) == 1
+                assert await _cli("node", "remove", shown, "--data-dir", str(master_dir)) == 1
                 err = capsys.readouterr().err
                 assert err.startswith(
                     f"cluster node: node {me} is connected: stop its worker first"
@@ -54,7 +63,8 @@ async def test_node_remove_refuses_a_connected_node_and_removes_a_disconnected_o
                 worker.stop()  # silent from now on: liveness disconnects it
                 while master.state.nodes[me].connected:
                     await anyio.sleep(0.05)
-                assert await _cli(*remove, "--reason", "decommissioned") == 0
+                by_name = ("node", "remove", shown, "--data-dir", str(master_dir))
+                assert await _cli(*by_name, "--reason", "decommissioned") == 0
                 out = capsys.readouterr().out
                 assert out.startswith(f"node {me} removed.")
                 assert me not in master.state.nodes

@@ -16,7 +16,13 @@ from cluster.control import (
     SessionList,
 )
 from cluster.master.requests import LOCAL_OPERATOR, MAX_REWARD_PER_UNIT, decide
-from cluster.shared.events import MaintenanceCancelled, MaintenanceScheduled, SessionRequested
+from cluster.shared.events import (
+    MaintenanceCancelled,
+    MaintenanceScheduled,
+    NodeRemoved,
+    SessionRequested,
+)
+from cluster.shared.humanize import short_id
 from cluster.shared.maintenance_policy import MaintenancePolicy
 
 A, B = node_id(1), node_id(2)
@@ -257,3 +263,42 @@ def test_a_cancel_while_draining_says_the_drain_period_is_charged() -> None:
     ok, _ = _run(log, MaintenanceSchedule(in_ms=HOUR, duration_ms=30 * MIN), A)
     ok, msg = _run(log, MaintenanceCancel(), A)
     assert ok and msg.endswith("credit refunded: 30m"), msg
+
+
+def test_the_operator_names_a_node_for_maintenance_as_status_shows_it() -> None:
+    log = Log()
+    log.join(A)
+    log.join(B)
+    shown = short_id(A)
+    assert shown != A
+    for typed in (shown, shown.replace("…", "..."), A[:-2]):
+        ok, msg = _run(log, MaintenanceNext(node_id=typed), LOCAL_OPERATOR)
+        assert ok and msg.startswith(f"node {A}: "), msg
+    ok, msg = _run(
+        log,
+        MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id=shown),
+        LOCAL_OPERATOR,
+    )
+    assert ok, msg
+    assert A in log.state.open_window_by_node and B not in log.state.open_window_by_node
+    scheduled = log.log[-1].event
+    assert isinstance(scheduled, MaintenanceScheduled) and scheduled.node_id == A
+    ok, msg = _run(log, MaintenanceCancel(node_id=shown), LOCAL_OPERATOR)
+    assert ok and A not in log.state.open_window_by_node
+    # Ambiguous: refused with the candidates, nothing scheduled.
+    ok, msg = _run(
+        log,
+        MaintenanceSchedule(in_ms=2 * HOUR, duration_ms=30 * MIN, node_id="12D3KooWTestNode"),
+        LOCAL_OPERATOR,
+    )
+    assert not ok and msg.startswith("node name 12D3KooWTestNode is ambiguous: it matches 2")
+    assert not log.state.open_window_by_node
+
+
+def test_a_removed_node_has_no_maintenance_and_is_told_so() -> None:
+    log = Log()
+    log.join(A)
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A, reason="gone"))
+    ok, msg = _run(log, MaintenanceNext(node_id=A), LOCAL_OPERATOR)
+    assert not ok and msg.startswith(f"node {A} is removed from this cluster: since ")

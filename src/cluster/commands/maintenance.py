@@ -36,7 +36,10 @@ def _window_args(p: argparse.ArgumentParser) -> None:
 
 
 _WHOSE = "worker (or master, with --node)"
-_NODE_HELP = "node id (operator on the master host only)"
+_NODE_HELP = (
+    "the node (operator only): its id as `cluster status` shows it (12D3Ko…x7Fq9a, or with "
+    "...), its full id, or 8+ of its first characters"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

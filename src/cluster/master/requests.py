@@ -43,6 +43,7 @@ from cluster.shared.durations import (
 )
 from cluster.shared.events import Event, NodeRemoved, SessionDeleted, SessionRequested
 from cluster.shared.maintenance_policy import MaintenancePolicy
+from cluster.shared.node_names import Unresolved, resolve_node
 from cluster.shared.state import State, WindowState
 
 MAX_SLOTS = 4096
@@ -71,13 +72,16 @@ def _refuse(message: str) -> Decision:
     return Decision(Reply(ok=False, message=message))
 
 
-def _target_node(requester: str, node_id: str) -> str | None:
-    """The node a maintenance request is about: the one it names, else the requester's own
-    (the operator on the master host must name one). Whether the requester may act for that
-    node is the maintenance rules' `may_act_for`: operator keys may act for any node."""
+def _target_node(state: State, requester: str, node_id: str) -> str | Unresolved:
+    """The node a maintenance request is about: the one it names (`resolve_node`: an id,
+    short form or prefix), else the requester's own (the operator on the master host must
+    name one). Whether the requester may act for that node is the maintenance rules'
+    `may_act_for`: operator keys may act for any node."""
     if node_id:
-        return node_id
-    return None if requester == LOCAL_OPERATOR else requester
+        return resolve_node(state, node_id)
+    if requester == LOCAL_OPERATOR:
+        return Unresolved("the operator must name the node (--node NODE)")
+    return requester
 
 
 def decide(
@@ -153,14 +157,19 @@ def _node_remove(state: State, req: NodeRemove) -> Decision:
     one that speaks again after its removal simply joins afresh. There is no --force: the
     master disconnects a node that goes quiet within a few plan cycles, so waiting is all
     forcing would save."""
-    node_id = req.node_id
-    if not node_id:
-        return _refuse("name the node to remove: its full id, as `cluster status --json` lists")
+    if not req.node_id:
+        return _refuse(
+            "name the node to remove: its full id, or the short form `cluster status` shows"
+        )
     if len(req.reason) > MAX_REMOVE_REASON_CHARS:
         return _refuse(
             f"the reason is {len(req.reason)} characters long: at most "
             f"{MAX_REMOVE_REASON_CHARS} (it is kept in the log forever)"
         )
+    # From here on the full id: the reply, the event and the decision log all say it.
+    node_id = resolve_node(state, req.node_id)
+    if isinstance(node_id, Unresolved):
+        return _refuse(node_id.message)
     rec = state.nodes.get(node_id)
     if rec is None:
         gone = state.removed_node(node_id)
@@ -170,10 +179,8 @@ def _node_remove(state: State, req: NodeRemove) -> Decision:
                 f"node {node_id} is already removed: since {format_time(gone.removed_ms)}"
                 f" (event {gone.removed_idx}){why}"
             )
-        return _refuse(
-            f"unknown node {node_id}: it has never joined this cluster "
-            "(`cluster status --json` lists the node ids)"
-        )
+        # Not reached: resolve_node names only live and removed nodes.
+        return _refuse(f"unknown node {node_id}: it has never joined this cluster")
     window = state.open_window(node_id)
     if rec.connected and window is not None and window.state is WindowState.ACTIVE:
         return _refuse(
@@ -225,10 +232,16 @@ def _maintenance(
     now_ms: int,
     policy: MaintenancePolicy,
 ) -> Decision:
-    node = _target_node(requester, request.node_id)
-    if node is None:
-        return _refuse("the operator must name the node (--node PEER_ID)")
+    node = _target_node(state, requester, request.node_id)
+    if isinstance(node, Unresolved):
+        return _refuse(node.message)
     if node not in state.nodes:
+        gone = state.removed_node(node)
+        if gone is not None:
+            return _refuse(
+                f"node {node} is removed from this cluster: since {format_time(gone.removed_ms)}"
+                f" (event {gone.removed_idx}); it has no maintenance to schedule or show"
+            )
         return _refuse(f"unknown node {node}: it has never joined this cluster")
     if isinstance(request, MaintenanceCheck | MaintenanceSchedule):
         start = _start(now_ms, request.start_ms, request.in_ms)
