@@ -49,7 +49,11 @@ REQUEST_PROTOCOL: Final = "/cluster/request/1.0.0"
 #: 9: the same `runner_digest` change, bumped again because builds of 8 without it exist
 #:    (this session's earlier commits): their workers could not decode a NodeRecord with
 #:    the new field (they forbid unknown fields) and would never catch up.
-PROTOCOL_VERSION: Final = 9
+#: 10: new events `NodeRemoved` (with `State.removed_nodes`, snapshot format 12) and
+#:    `NodeStopping` (with `NodeRecord.stopping_idx`, format 13), and `EpochSettled.final`
+#:    (a settlement in parts): an older worker could not decode the first two, and would read
+#:    every part as final, settling the epoch at the first part.
+PROTOCOL_VERSION: Final = 10
 
 
 class Msg(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
