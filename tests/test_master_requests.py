@@ -20,13 +20,15 @@ from cluster.control import (
     Reply,
     SessionCreate,
     SessionDelete,
+    decode_reply,
+    encode_message,
 )
 from cluster.master import service as service_module
 from cluster.master.server import Master
 from cluster.master.service import MasterService
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership
-from cluster.shared.events import MaintenanceFinished, MaintenanceScheduled
+from cluster.shared.events import IndexedEvent, MaintenanceFinished, MaintenanceScheduled
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.store import EventStore
 
@@ -148,6 +150,52 @@ async def test_deleting_a_deleted_session_says_when_it_was_deleted(
             for never in (f"s{store.last_idx + 5}-chat", "s1", f"s{created_idx}-other", "x"):
                 reply = await service.handle_local(SessionDelete(session_id=never))
                 assert not reply.ok and reply.message.startswith(f"no session {never!r}"), reply
+    finally:
+        master.close()
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_a_members_delete_of_a_deleted_session_is_refused_as_not_its_call(
+    tmp_path: Path,
+) -> None:
+    """A worker's forwarded SessionDelete of a deleted session was told "session ... was
+    already deleted" (the operator's answer), after a scan of the log it could repeat."""
+    log = Log()
+    worker = node_id(1)
+    log.join(worker)
+    store = EventStore.open(tmp_path / "master")
+    store.append(log.log)
+    key_pair, _ = load_identity(tmp_path / "master")
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
+    service = MasterService(master, log.policy)
+    reads: list[tuple[int, int]] = []
+    read_events = master.read_events
+
+    async def counting(from_idx: int, limit: int) -> list[IndexedEvent]:
+        reads.append((from_idx, limit))
+        return await read_events(from_idx, limit)
+
+    master.read_events = counting  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(30):
+            created = await service.handle_local(
+                SessionCreate(slots=1, memory_per_slot_mb=1, name="chat")
+            )
+            assert isinstance(created.data, dict)
+            sid = created.data["session_id"]
+            assert (await service.handle_local(SessionDelete(session_id=sid))).ok
+            reads.clear()
+            raw = await service.handle_forwarded(
+                encode_message(SessionDelete(session_id=sid)), worker
+            )
+            reply = decode_reply(raw)
+            assert not reply.ok
+            assert reply.message == "sessions are managed by the operator on the master host"
+            assert reads == []  # no log read for a request refused as not the member's call
+            # The operator is still told when it was deleted.
+            again = await service.handle_local(SessionDelete(session_id=sid))
+            assert again.message.startswith(f"session {sid!r} was already deleted, at index")
     finally:
         master.close()
         store.close()

@@ -49,10 +49,19 @@ class MasterService:
             )
             return Reply(ok=True, message=render_text(status), data=to_builtins(status))
         replies: list[Reply] = []
+        #: Whether the operator's SessionDelete was refused for want of the session, judged
+        #: on the state the decision saw (a member's is refused before that: not its call).
+        no_session: list[bool] = []
 
         def decision(state: State, now_ms: int) -> list[Event]:
             made = decide(state, request, requester, now_ms, self.policy)
             replies.append(made.reply)
+            no_session.append(
+                requester == LOCAL_OPERATOR
+                and isinstance(request, SessionDelete)
+                and not made.reply.ok
+                and request.session_id not in state.sessions
+            )
             return list(made.events)
 
         try:
@@ -61,7 +70,9 @@ class MasterService:
             # Refused before anything was logged: nothing of it is in the log.
             return Reply(ok=False, message=str(exc))
         reply = replies[0]
-        if isinstance(request, SessionDelete) and not reply.ok:
+        if no_session[0] and isinstance(request, SessionDelete):
+            # Only then is the log read (up to DELETION_SCAN_EVENTS events): a member's
+            # refused request must neither be told about sessions nor start a scan.
             gone = await self.deleted_session(request.session_id)
             if gone is not None:
                 return Reply(ok=False, message=gone)
