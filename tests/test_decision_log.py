@@ -40,6 +40,7 @@ from cluster.shared.events import (
     NodeDisconnected,
     NodeHeartbeat,
     NodePayout,
+    NodeRemoved,
     RunnerSelfTestCompleted,
     SessionDeleted,
     SessionRequested,
@@ -341,6 +342,14 @@ def test_facts_only_and_disconnected_nodes_are_not_still_joining() -> None:
             session,
             _m(NodeConnected(node_id="node-a")),  # untested, then gone
             _m(NodeDisconnected(node_id="node-a", reason="no events for 3 cycles")),
+        ),
+        # Every node removed: nodes have joined, so no node at all is not onboarding then
+        # (it said "(nodes are still joining)" at INFO for good).
+        _fold(
+            session,
+            _m(NodeConnected(node_id="node-a")),
+            _m(NodeDisconnected(node_id="node-a", reason="no events for 3 cycles")),
+            _m(NodeRemoved(node_id="node-a")),
         ),
     ):
         line = _line(event, state)

@@ -213,10 +213,12 @@ class _Context:
         session created before the first worker, the demo's order): capacity is still
         arriving, so a session waiting for it is no cause for alarm. Disconnected nodes are
         not joining, nor are facts-only ones (no test will ever come): a cluster of those
-        alone must not turn every unplaced session's WARNING into INFO for good."""
+        alone must not turn every unplaced session's WARNING into INFO for good. Nor are
+        removed ones: a cluster whose every node was removed has had nodes join."""
         if self._onboarding is None:
             nodes = self.state.nodes
-            self._onboarding = not nodes or any(
+            never_joined = not nodes and not self.state.removed()
+            self._onboarding = never_joined or any(
                 rec.connected and rec.self_test is None and not rec.facts_only
                 for rec in nodes.values()
             )
