@@ -261,8 +261,9 @@ origin_and_event: st.SearchStrategy[tuple[str, Any]] = st.one_of(
     ),
 )
 
-#: (origin, event) pairs of every type, removals included (a removed node that speaks again
-#: joins afresh): what the fold and replay properties draw.
+#: (origin, event) pairs of every type, removals included (a removed node that connects
+#: again takes back its slot; its own events before that are ignored): what the fold and
+#: replay properties draw.
 with_removals: st.SearchStrategy[tuple[str, Any]] = st.one_of(
     origin_and_event, *(MASTER_EVENTS[t].map(lambda ev: (MASTER_ORIGIN, ev)) for t in _REMOVALS)
 )

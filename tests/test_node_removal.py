@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from maintenance_log import HOUR, MIN, Log, node_id
+from msgspec import UNSET
 
 from cluster.control import NodeRemove
 from cluster.master.config import PlannerConfig
@@ -23,6 +24,7 @@ from cluster.shared import codec
 from cluster.shared.apply import apply, fold
 from cluster.shared.events import (
     MASTER_ORIGIN,
+    NO_RUNNERS_DIGEST,
     Event,
     IndexedEvent,
     NodeConnected,
@@ -79,20 +81,57 @@ def test_a_removed_node_leaves_nodes_and_keeps_its_slot_as_a_tombstone() -> None
     assert log.state.last_event_index(C) == log.log[5].idx  # C's own info event, untouched
 
 
-def test_a_removed_node_that_speaks_again_joins_afresh_under_a_new_slot() -> None:
+def test_a_removed_node_that_connects_again_takes_back_its_slot_and_its_marks() -> None:
+    """It took a fresh slot, so `last_seq` (by which the master drops the events it already
+    logged) started again at 0: events logged but never acknowledged were logged twice."""
     log = _three_nodes()
-    log.disconnect(A)
-    log.emit(NodeRemoved(node_id=A))
     log.heartbeat(A)
-    rec = log.state.nodes[A]
-    assert rec.connected and rec.slot == 3 and rec.self_test is None
-    assert log.state.last_event_index(A) == log.log[-1].idx
-    assert log.state.removed_node(A) is None  # in the cluster again
-    assert log.state.removed()[0].node_id == A  # its old slot stays taken
+    last_own = log.log[-1]
     log.disconnect(A)
     log.emit(NodeRemoved(node_id=A))
-    assert {s: r.node_id for s, r in log.state.removed().items()} == {0: A, 3: A}
-    assert log.state.removed_node(A) == log.state.removed()[3]
+    assert log.state.last_seq(A) == 0  # out of the cluster
+    log.emit(NodeConnected(node_id=A, boot_id="b2", runner_digest=NO_RUNNERS_DIGEST))
+    state = log.state
+    rec = state.nodes[A]
+    assert rec.connected and rec.slot == 0 and rec.self_test is None
+    assert (rec.boot_id, rec.runner_digest) == ("b2", NO_RUNNERS_DIGEST)
+    assert state.last_seq(A) == last_own.seq and state.last_event_index(A) == last_own.idx
+    assert state.removed_node(A) is None
+    # No tombstone left: as a log without removals (the field is absent, one digest).
+    assert state.removed_nodes is UNSET and state.next_node_slot() == 3
+    log.join(D)
+    assert log.state.nodes[D].slot == 3
+    # Removed again: the same slot again, one tombstone.
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    assert {s: r.node_id for s, r in log.state.removed().items()} == {0: A}
+    assert log.state.removed_node(A) == log.state.removed()[0]
+
+
+def test_a_removed_nodes_own_event_without_a_hello_changes_nothing() -> None:
+    """It re-created the node as a bare record (no boot id, no runner setting): a facts-only
+    node shown self-testing, a runner node never placeable. The master drops a removed
+    node's streams, so only a log can say it; the event is ignored."""
+    log = _three_nodes()
+    log.heartbeat(A)
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    before = log.state
+    for state in (apply(before, _next(before, A)), fold(before, [_next(before, A)])):
+        assert state == msgspec.structs.replace(
+            before, last_applied=before.last_applied + 1, last_time_ms=log.now + 1
+        )
+        assert A not in state.nodes and state.removed_node(A) is not None
+
+
+def _next(state: State, origin: str) -> IndexedEvent:
+    return IndexedEvent(
+        state.last_applied + 1,
+        state.last_time_ms + 1,
+        origin,
+        99,
+        WorkReported(devshard_id="ds", node_id=origin, units=4, epoch=1),
+    )
 
 
 def test_removal_closes_open_windows_drops_credit_and_keeps_ledgers() -> None:
@@ -182,19 +221,40 @@ def test_removals_never_hand_a_slot_or_its_marks_to_another_node(
 ) -> None:
     log = _log_of(steps)
     state: State = EMPTY_STATE
-    last_own: dict[str, int] = {}  # node -> index of its last own event since it last joined
+    live: set[str] = set()
+    removed: set[str] = set()
+    last_own: dict[str, IndexedEvent] = {}  # node -> its last own event the state took
+    slot_of: dict[str, int] = {}  # node -> the slot it first took: its own for good
     for ie in log:
         state = apply(state, ie)
-        if isinstance(ie.event, NodeRemoved):
-            last_own.pop(ie.event.node_id, None)
-        elif ie.origin != MASTER_ORIGIN:
-            last_own[ie.origin] = ie.idx
-        live = {rec.slot for rec in state.nodes.values()}
-        assert len(live) == len(state.nodes)  # no two live nodes share a slot
-        assert not live & set(state.removed())  # nor a live node a removed one's
-        assert live | set(state.removed()) == set(range(state.next_node_slot()))  # dense
+        ev = ie.event
+        if isinstance(ev, NodeConnected):
+            live.add(ev.node_id)
+            removed.discard(ev.node_id)
+        elif isinstance(ev, NodeRemoved):
+            if ev.node_id in live:
+                live.remove(ev.node_id)
+                removed.add(ev.node_id)
+        elif ie.origin != MASTER_ORIGIN and ie.origin not in removed:
+            # A removed node's own event without a new hello changes nothing.
+            live.add(ie.origin)
+            last_own[ie.origin] = ie
+        tombstones = state.removed()
+        assert set(state.nodes) == live
+        assert sorted(t.node_id for t in tombstones.values()) == sorted(removed)
+        slots = {rec.slot for rec in state.nodes.values()}
+        assert len(slots) == len(state.nodes)  # no two live nodes share a slot
+        assert not slots & set(tombstones)  # nor a live node a removed one's
+        assert slots | set(tombstones) == set(range(state.next_node_slot()))  # dense
+        held = [(rec.node_id, rec.slot) for rec in state.nodes.values()]
+        held += [(t.node_id, slot) for slot, t in tombstones.items()]
+        for node, slot in held:
+            assert slot_of.setdefault(node, slot) == slot  # a node keeps its slot for good
         for node in state.nodes:
-            assert state.last_event_index(node) == last_own.get(node, 0)
+            # Its marks carry over a removal: the master's duplicate check reads them.
+            own = last_own.get(node)
+            assert state.last_event_index(node) == (own.idx if own else 0)
+            assert state.last_seq(node) == (own.seq if own else 0)
     # Batched folding and a snapshot round trip agree.
     cut = min(cut, len(log))
     assert fold(fold(EMPTY_STATE, log[:cut]), log[cut:]) == state
@@ -232,6 +292,31 @@ def test_a_snapshot_whose_live_node_holds_a_tombstones_slot_is_refused() -> None
         codec.decode_state(codec.encode_state(bad))
 
 
+def test_a_snapshot_whose_node_is_both_live_and_removed_or_removed_twice_is_refused() -> None:
+    """A node keeps one slot for good (it takes back its tombstone's when it rejoins)."""
+    log = _three_nodes()
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    log.join(D)
+    tomb = log.state.removed()[0]
+    # A's tombstone under D's slot 3 too, D's record gone: slots stay dense, A is twice.
+    twice = msgspec.structs.replace(
+        log.state, nodes=log.state.nodes.delete(D), removed_nodes=log.state.removed().set(3, tomb)
+    )
+    with pytest.raises(msgspec.ValidationError, match=f"'{A}' has two tombstones, slots 0 and 3"):
+        codec.decode_state(codec.encode_state(twice))
+    # B's record filed as A's, beside A's tombstone.
+    rec = log.state.nodes[B]
+    both = msgspec.structs.replace(
+        log.state,
+        nodes=log.state.nodes.delete(B).set(A, msgspec.structs.replace(rec, node_id=A)),
+    )
+    with pytest.raises(
+        msgspec.ValidationError, match=f"node '{A}' is both live \\(slot 1\\) and removed"
+    ):
+        codec.decode_state(codec.encode_state(both))
+
+
 # --------------------------------------------------------------------------------------------
 # The operator's request
 # --------------------------------------------------------------------------------------------
@@ -251,7 +336,7 @@ def test_only_a_disconnected_node_known_to_the_cluster_is_removed() -> None:
     before = len(log.log)
     ok, msg = _removal(log, B, "disk replaced")
     assert ok and msg.startswith(
-        f"node {B} removed. Should it connect again it joins as a new node"
+        f"node {B} removed. Should it connect again it rejoins afresh (a self-test to come"
     )
     assert [ie.event for ie in log.log[before:]] == [NodeRemoved(node_id=B, reason="disk replaced")]
     ok, msg = _removal(log, B)
@@ -317,13 +402,16 @@ def test_a_removed_node_is_paid_for_its_work_but_earns_no_credit() -> None:
     assert B not in log.state.credit_ms_by_node
 
 
-def test_the_decision_log_says_a_removed_node_that_returns_joins_as_a_new_node() -> None:
+def test_the_decision_log_says_a_removed_node_that_returns_joins_again() -> None:
     log = _three_nodes()
     log.disconnect(B)
     log.emit(NodeRemoved(node_id=B))
     line = describe(NodeConnected(node_id=B), log.state, log.now)
     assert line is not None
-    assert line.message == f"node {B} joined the cluster again after its removal, as a new node"
+    assert line.message == (
+        f"node {B} joined the cluster again after its removal: a self-test to come, "
+        "maintenance credit from the initial grant"
+    )
 
 
 def test_a_node_is_removed_by_the_short_form_status_shows_and_told_by_its_full_id() -> None:

@@ -240,7 +240,11 @@ def _connected(event: NodeConnected, c: _Context) -> str:
     node = event.node_id
     if rec is None:
         if c.state.removed_node(node) is not None:
-            return f"node {node} joined the cluster again after its removal, as a new node"
+            # Its slot (marks, sequence numbers) comes back; nothing it had earned does.
+            return (
+                f"node {node} joined the cluster again after its removal: a self-test to "
+                "come, maintenance credit from the initial grant"
+            )
         return f"node {node} joined the cluster (first connection)"
     if not rec.connected:
         ago = format_duration(c.now_ms - rec.disconnected_ms)

@@ -154,7 +154,8 @@ def _session_create(state: State, req: SessionCreate) -> Decision:
 def _node_remove(state: State, req: NodeRemove) -> Decision:
     """Remove a node that is gone for good. Only a node that is not connected: a connected
     one is still speaking (or, in an active maintenance window, excused from speaking), and
-    one that speaks again after its removal simply joins afresh. There is no --force: the
+    one that connects again after its removal simply joins again (its old slot, nothing it
+    had earned). There is no --force: the
     master disconnects a node that goes quiet within a few plan cycles, so waiting is all
     forcing would save."""
     if not req.node_id:
@@ -200,8 +201,9 @@ def _node_remove(state: State, req: NodeRemove) -> Decision:
     return Decision(
         Reply(
             ok=True,
-            message=f"node {node_id} removed{closed}. Should it connect again it joins as a "
-            "new node: to keep it out, take it off the allow-list or change the cluster secret",
+            message=f"node {node_id} removed{closed}. Should it connect again it rejoins "
+            "afresh (a self-test to come, the initial maintenance credit): to keep it out, take "
+            "it off the allow-list or change the cluster secret",
         ),
         (NodeRemoved(node_id=node_id, reason=req.reason),),
     )

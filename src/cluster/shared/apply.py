@@ -122,6 +122,9 @@ def apply(state: State, ie: IndexedEvent) -> State:
         # A new or disconnected node (re)joins with its event: before the reducer, which
         # reads whether the node exists and is connected.
         rec = nodes.joined(rec, origin, ie, state)
+        if rec is None:
+            # A removed node not admitted again (`nodes.joined`): the event changes nothing.
+            return _replace(state, last_applied=ie.idx, last_time_ms=ie.master_time_ms)
         node_map = node_map.set(origin, rec)
     elif reducer is _heartbeat:  # the commonest event: nothing else to do
         return _replace(
@@ -192,6 +195,8 @@ def fold(state: State, events: Iterable[IndexedEvent]) -> State:
                 rec = None
             if rec is None or not rec.connected:  # (re)joins at once: reducers read that
                 rec = nodes.joined(rec, origin, ie, state)
+                if rec is None:
+                    continue  # a removed node not admitted again: changes nothing
                 state = _replace(state, nodes=node_map.set(origin, rec))
             last_by_slot[rec.slot] = ie
         event = ie.event

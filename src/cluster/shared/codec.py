@@ -124,9 +124,10 @@ _FILED_RECORDS: tuple[tuple[str, Callable[[Any], object]], ...] = (
 def decode_state(data: bytes | memoryview) -> State:
     """Decode a canonical state; raises `msgspec.DecodeError`/`ValidationError` on bad input,
     including a node record filed under another node's id, slots that are not 0..n-1 (one
-    per node, live or removed), a record whose marks address does not match its slot, an
-    index of closed windows that does not list exactly the closed windows held, and a
-    devshard without one assignment time per assignment."""
+    per node, live or removed; a node live and removed at once, or removed twice), a record
+    whose marks address does not match its slot, an index of closed windows that does not
+    list exactly the closed windows held, and a devshard without one assignment time per
+    assignment."""
     state = strict_decode(_state_decoder.decode, data)
     if not isinstance(state.removed_nodes, UnsetType) and not state.removed_nodes:
         # No tombstones is "never removed one": UNSET, as a fold leaves it (one digest).
@@ -153,10 +154,24 @@ def decode_state(data: bytes | memoryview) -> State:
                 f"{len(shard.assignments)} assignments"
             )
     tombstones = state.removed()
+    removed_at: dict[str, int] = {}
     for slot, tomb in tombstones.items():
         if not 0 <= slot < slots:
             raise ValidationError(
                 f"removed node {tomb.node_id!r}: slot {slot} is outside 0..{slots - 1}"
+            )
+        # A node keeps one slot for good: removed, it is out of `nodes`; rejoining, it
+        # takes back its tombstone's slot (its marks, so its sequence numbers, with it).
+        first = removed_at.setdefault(tomb.node_id, slot)
+        if first != slot:
+            raise ValidationError(
+                f"removed node {tomb.node_id!r} has two tombstones, slots "
+                f"{min(first, slot)} and {max(first, slot)}"
+            )
+        if tomb.node_id in state.nodes:
+            raise ValidationError(
+                f"node {tomb.node_id!r} is both live (slot {state.nodes[tomb.node_id].slot}) "
+                f"and removed (slot {slot})"
             )
     slot_holder: dict[int, str] = {}
     for node_id, rec in state.nodes.items():

@@ -156,8 +156,12 @@ class NodeRemoved(_Event, frozen=True):
     """The operator removed a node that is gone for good (origin: master): `cluster node
     remove`. Its record leaves `State.nodes` (a tombstone keeps its slot, never reused), its
     open maintenance window closes and its maintenance credit is dropped; its ledgers, as
-    all history, stay. The master removes only a node that is not connected. Should the node
-    speak again it joins afresh, as a node never seen (a new slot, no credit, no self-test).
+    all history, stay. The master removes only a node that is not connected, and drops its
+    streams. Should the node connect again (a hello, a `NodeConnected`) it takes back its
+    slot -- its marks, so its sequence numbers, carry over (the master's duplicate check) --
+    but nothing else: a self-test to come, and the initial maintenance credit of any new
+    node (the grant, 2 h by default), not what it had. Its own events before that hello
+    change nothing (`nodes.joined`).
     """
 
     node_id: str

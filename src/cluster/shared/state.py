@@ -125,8 +125,8 @@ class RemovedNode(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     It keeps the slot taken: slots are numbered by `len(nodes) + len(removed_nodes)`, so a
     node joining after a removal never lands on a slot whose marks and gauges were another
-    node's. A removed node that speaks again joins afresh under a new slot; its tombstone
-    stays (it still holds the old slot)."""
+    node's. A removed node that connects again takes this slot back (the tombstone goes):
+    its marks, so its sequence numbers, carry over, and a node never holds two slots."""
 
     node_id: str
     removed_idx: int
@@ -388,12 +388,11 @@ class State(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         return len(self.nodes) + (0 if isinstance(removed, UnsetType) else len(removed))
 
     def removed_node(self, node_id: str) -> RemovedNode | None:
-        """The latest tombstone of `node_id` if it was removed and has not joined again
-        since; None otherwise. Scans the tombstones: for operator requests, not per event."""
+        """The tombstone of `node_id` if it was removed and has not joined again since
+        (one at most); None otherwise. Scans the tombstones: not for every event."""
         if node_id in self.nodes:
             return None
-        found = [r for r in self.removed().values() if r.node_id == node_id]
-        return max(found, key=lambda r: r.removed_idx) if found else None
+        return next((r for r in self.removed().values() if r.node_id == node_id), None)
 
     def last_event_index(self, node_id: str) -> int:
         """Index of the last event `node_id` originated; 0 if none (or the node is unknown)."""

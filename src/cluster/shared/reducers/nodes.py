@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import msgspec.inspect
+from msgspec import UNSET, UnsetType
 
 from cluster.shared.events import (
     IndexedEvent,
@@ -76,16 +77,39 @@ def info_update(
     return rec, gauges
 
 
-def joined(rec: NodeRecord | None, node_id: str, ie: IndexedEvent, state: State) -> NodeRecord:
+def joined(
+    rec: NodeRecord | None, node_id: str, ie: IndexedEvent, state: State
+) -> NodeRecord | None:
     """The record of `node_id` (re)joined by its own event `ie`: it was new or disconnected.
+    None when `node_id` was removed (`NodeRemoved`) and not admitted again since: its event
+    changes nothing (see below).
 
     apply() calls this only then; a connected node's event leaves its record alone and
     advances `State.last_event_by_node` instead (DESIGN rule 6). A new node takes the next
     slot, `state.next_node_slot()` (after every node the state knows or removed).
+
+    A removed node is out of the cluster until the master admits it again: a NodeConnected,
+    logged for a hello that passed the proof and names its worker process and runner setting
+    (`ensure_node`). The master drops a removed node's streams at its removal, so it cannot
+    speak before that; a log that holds such an event anyway has it ignored -- not indexed
+    into the node's marks, not reduced -- rather than let it re-create the node as a bare
+    record (no boot id, no runner setting: a facts-only node shown self-testing, a runner
+    node never placeable) that the master never vetted.
     """
     if rec is None:
+        if _tombstone_slot(state, node_id) is not None:
+            return None
         return new_record(node_id, state.next_node_slot(), ie)
     return _replace(rec, connected=True, joined_idx=ie.idx, joined_ms=ie.master_time_ms)
+
+
+def _tombstone_slot(state: State, node_id: str) -> int | None:
+    """The slot of `node_id`'s tombstone, if it was removed and has not joined again. A
+    scan of the tombstones: only for a node the state does not hold (new, or removed)."""
+    removed = state.removed_nodes
+    if isinstance(removed, UnsetType):
+        return None
+    return next((slot for slot, tomb in removed.items() if tomb.node_id == node_id), None)
 
 
 def new_record(
@@ -123,6 +147,7 @@ def ensure_node(
 ) -> State:
     """The node exists and is connected: the master saw it (re)connect (a hello) from the
     worker process `boot_id`, running the runner setting `runner_digest` ("" if unknown).
+    A node the operator removed is admitted again this way (only this way: see `joined`).
 
     A node that was connected already (it reconnected before anyone noticed it gone) keeps
     its connected stretch (`joined_*`); only `hello_idx`, `boot_id` and `runner_digest` move.
@@ -131,10 +156,24 @@ def ensure_node(
     rec = state.nodes.get(node_id)
     rec_boot_id = "" if rec is None else rec.boot_id
     if rec is None:
-        # Known to the master before it spoke: no event of its own yet.
+        # Known to the master before it spoke: no event of its own yet. A removed node
+        # takes back its own slot, the tombstone's: its marks -- so `State.last_seq`, by
+        # which the master drops the events it already logged -- carry over (a fresh slot
+        # started at seq 0: events logged but never acknowledged were logged again, a
+        # WorkReported counted twice). No other node ever gets that slot, so slots stay
+        # unique and dense. Nothing else comes back: the record is new (no info, no
+        # self-test) and its maintenance credit, dropped at the removal, starts again from
+        # the policy's initial grant, as any new node's.
+        slot = _tombstone_slot(state, node_id)
+        if slot is None:
+            slot = state.next_node_slot()
+        else:
+            removed = state.removed().delete(slot)
+            # No tombstones left is "none": UNSET, as in a log without removals (one digest).
+            state = _replace(state, removed_nodes=removed if removed else UNSET)
         rec = new_record(
             node_id,
-            state.next_node_slot(),
+            slot,
             ie,
             hello_idx=ie.idx,
             boot_id=boot_id,
@@ -228,12 +267,14 @@ def node_disconnected(state: State, ie: IndexedEvent, ev: NodeDisconnected) -> S
 
 def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
     """The operator removed the node: its record becomes a tombstone holding its slot (never
-    reused: see `State.removed_nodes`); its open maintenance window closes ("removed": an
-    active one as completed, for the time it excused, a pending one as cancelled, nothing
-    refunded) and its maintenance credit goes (should it speak again, it joins afresh).
+    another node's: see `State.removed_nodes`); its open maintenance window closes
+    ("removed": an active one as completed, for the time it excused, a pending one as
+    cancelled, nothing refunded) and its maintenance credit goes. Should it connect again
+    it rejoins under that slot, with the initial credit of any new node (`ensure_node`).
     Its ledgers stay: history, and what its current epoch owes it is settled as for any node.
-    Its marks and gauges stay in their slot, read by no one. The master removes only nodes
-    that are not connected; a log may still say otherwise, and the event is applied as is."""
+    Its marks and gauges stay in their slot, read by no one until it rejoins. The master
+    removes only nodes that are not connected; a log may still say otherwise, and the event
+    is applied as is."""
     rec = state.nodes.get(ev.node_id)
     if rec is None:
         return state
