@@ -54,6 +54,8 @@ from cluster.net.protocol import (
     HANDSHAKE_MAX_FRAME,
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
+    REMOVED,
+    REMOVED_MESSAGE,
     REQUEST_PROTOCOL,
     SUBMIT_PROTOCOL,
     SUBSCRIBE_PROTOCOL,
@@ -84,6 +86,7 @@ from cluster.shared.events import (
     Event,
     IndexedEvent,
     NodeConnected,
+    NodeRemoved,
 )
 from cluster.shared.state import State
 from cluster.shared.store import Committed, as_logged
@@ -360,6 +363,12 @@ class Master:
         self._state = store.state
         self._last_idx = store.last_idx
         self._members: set[str] = set()
+        #: Each member's open submit, subscribe and request streams, as the cancel scopes
+        #: they are served in: a removed node's session is dropped (`_drop_member`).
+        self._member_scopes: dict[str, set[anyio.CancelScope]] = {}
+        #: Peers removed (`NodeRemoved`) since their last hello: their submissions still
+        #: queued for the indexer are refused, not indexed (`_index`).
+        self._removed_peers: set[str] = set()
         self._subscribers: dict[int, MemoryObjectSendStream[_Broadcast]] = {}
         self._sub_ids = itertools.count(1)
         self._store_lock = anyio.Lock()
@@ -681,10 +690,15 @@ class Master:
         records: list[IndexedEvent] = []
         for sub in batch:
             origin = sub.origin
+            seqs = sub.seqs
+            if seqs is not None and origin in self._removed_peers:
+                # Queued before its node's removal was committed: not indexed, or it would
+                # speak for a node out of the cluster (its stream is being dropped).
+                sub.finish(ProtocolError(REMOVED, REMOVED_MESSAGE))
+                continue
             seq = last_seq.get(origin)
             if seq is None:
                 seq = state.last_seq(origin)
-            seqs = sub.seqs
             if seqs is None:
                 for ev in sub.events:
                     idx += 1
@@ -744,9 +758,56 @@ class Master:
                 self._broadcast(_Broadcast(raw, self._encode_frames(raw)))
             changed, self._state_changed = self._state_changed, anyio.Event()
             changed.set()
+            for sub in batch:
+                if sub.seqs is None:  # a decision: a node the operator removed leaves now
+                    for ev in sub.events:
+                        if type(ev) is NodeRemoved:
+                            self._drop_member(ev.node_id)
         self.stats["batches"] += len(batch)
         for sub in batch:
             sub.finish()
+
+    def _drop_member(self, peer: str) -> None:
+        """The operator removed `peer`'s node: drop its member session. Its streams still
+        open (a hung worker the master marked disconnected keeps them) are closed with code
+        `removed` (`_as_member`), and it is no member until it says hello again, which logs
+        a NodeConnected with its worker process and runner setting. Without this it spoke
+        on: its next event re-created the node in the log with neither."""
+        scopes = self._member_scopes.get(peer, ())
+        if peer in self._members or scopes:
+            log.info(
+                "dropped the session of removed node %s (%d open streams): it must say "
+                "hello again to rejoin",
+                peer,
+                len(scopes),
+            )
+        self._members.discard(peer)
+        self._removed_peers.add(peer)
+        for scope in scopes:
+            scope.cancel()
+
+    async def _as_member(
+        self,
+        fs: nethost.FramedStream,
+        serve: Callable[[nethost.FramedStream], Awaitable[None]],
+    ) -> None:
+        """Serve a member's stream with `serve`; should its node be removed meanwhile
+        (`_drop_member`), the stream is failed with code `removed`, saying why. Called
+        right after `_require_member`, with no await between: no removal goes unseen."""
+        peer = fs.peer_id
+        scope = anyio.CancelScope()
+        scopes = self._member_scopes.setdefault(peer, set())
+        scopes.add(scope)
+        try:
+            with scope:
+                await serve(fs)
+        finally:
+            scopes.discard(scope)
+            if not scopes and self._member_scopes.get(peer) is scopes:
+                del self._member_scopes[peer]
+        if scope.cancelled_caught:
+            # A write cut mid-frame may garble this message: the worker still redials.
+            await fs.fail(REMOVED, REMOVED_MESSAGE)
 
     def _encode_frames(self, records: list[tuple[int, bytes]]) -> bytes:
         """(idx, encoded event) records as framed `Events` messages of at most `frame_events`
@@ -939,9 +1000,12 @@ class Master:
         """A peer that passed hello: a member from now on, its NodeConnected indexed."""
         peer = fs.peer_id
         t = self.config.peer_timeout
-        self._members.add(peer)
 
         def connected(state: State, now: int) -> list[Event]:
+            # A member from here, under the index lock: a removal is decided either before
+            # (and this hello readmits the node) or after (refused: it is connected).
+            self._members.add(peer)
+            self._removed_peers.discard(peer)
             events: list[Event] = [
                 NodeConnected(
                     node_id=peer, boot_id=hello.boot_id, runner_digest=hello.runner_digest
@@ -977,8 +1041,10 @@ class Master:
     # ------------------------------------------------------------------ request
     async def _request(self, fs: nethost.FramedStream) -> None:
         """A host's request forwarded by its worker: judged as coming from that node."""
-        if not await self._require_member(fs, "request"):
-            return
+        if await self._require_member(fs, "request"):
+            await self._as_member(fs, self._member_request)
+
+    async def _member_request(self, fs: nethost.FramedStream) -> None:
         limit = self.config.max_request_streams_per_peer
         with _stream_slot(self._requests, fs.peer_id, limit) as allowed:
             if allowed:
@@ -1003,8 +1069,10 @@ class Master:
 
     # ------------------------------------------------------------------ submit
     async def _submit(self, fs: nethost.FramedStream) -> None:
-        if not await self._require_member(fs, "submit"):
-            return
+        if await self._require_member(fs, "submit"):
+            await self._as_member(fs, self._member_submit)
+
+    async def _member_submit(self, fs: nethost.FramedStream) -> None:
         limit = self.config.max_submit_streams_per_peer
         with _stream_slot(self._submissions, fs.peer_id, limit) as allowed:
             if allowed:
@@ -1119,8 +1187,10 @@ class Master:
 
     # ------------------------------------------------------------------ subscribe
     async def _subscribe(self, fs: nethost.FramedStream) -> None:
-        if not await self._require_member(fs, "subscribe"):
-            return
+        if await self._require_member(fs, "subscribe"):
+            await self._as_member(fs, self._member_subscribe)
+
+    async def _member_subscribe(self, fs: nethost.FramedStream) -> None:
         cfg = self.config
         try:
             req = expect(await fs.recv(cfg.peer_timeout), Subscribe)

@@ -197,6 +197,11 @@ class EventsRaw(Msg, frozen=True, tag="Events"):
     events: list[msgspec.Raw]
 
 
+#: The code the master fails a member's open streams with when the operator removes its node
+#: (`NodeRemoved`): its session is dropped, and the worker says hello again to rejoin.
+REMOVED: Final = "removed"
+REMOVED_MESSAGE: Final = "removed from the cluster by the operator"
+
 #: Codes the master fails a submit stream with when a batch's *content* is refused (the
 #: admission rules, or a frame it cannot decode or take): resending the same events can never
 #: help, so the worker finds the refused one and sets it aside (worker/client.py).

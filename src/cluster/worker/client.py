@@ -39,6 +39,7 @@ from cluster.net.protocol import (
     CONTENT_REFUSALS,
     HELLO_PROTOCOL,
     PROTOCOL_VERSION,
+    REMOVED,
     REQUEST_PROTOCOL,
     SUBMIT_PROTOCOL,
     SUBSCRIBE_PROTOCOL,
@@ -144,6 +145,11 @@ class _Resubscribe(Exception):
 class _MasterStopping(Exception):
     """The master ended our subscription because it is stopping: redial (with back-off)
     until it is back, and say so rather than that the replica fell behind."""
+
+
+class _Removed(Exception):
+    """The master dropped our session: the operator removed this node (`NodeRemoved`) while
+    our streams were open. Said in one line, then we redial and say hello again."""
 
 
 class Worker:
@@ -423,6 +429,13 @@ class Worker:
                 refused = _refusal_in(exc)
                 if refused is not None:
                     self._after_refusal(refused)
+                elif (removed := _found_in(exc, _Removed)) is not None:
+                    log.warning(
+                        "the master dropped this node's session: %s; saying hello again to "
+                        "rejoin (first try in %.1f s)",
+                        removed,
+                        backoff,
+                    )
                 elif _found_in(exc, _MasterStopping):
                     log.info(
                         "the master at %s is stopping; reconnecting (first try in %.1f s)",
@@ -619,6 +632,8 @@ class Worker:
                     continue
                 if isinstance(msg, ErrorMsg) and msg.code == "stopping":
                     raise _MasterStopping(msg.message)
+                if isinstance(msg, ErrorMsg) and msg.code == REMOVED:
+                    raise _Removed(msg.message)
                 if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
                     ends = tuple(e for e in self._inflight if e > self.outbox.acked)
                     first = self.outbox.acked + 1
@@ -709,6 +724,8 @@ class Worker:
                         raise _Resubscribe(msg.message)
                     if msg.code == "stopping":
                         raise _MasterStopping(msg.message)
+                    if msg.code == REMOVED:
+                        raise _Removed(msg.message)
                     raise ProtocolError(msg.code, f"master reported {msg.code}: {msg.message}")
                 else:
                     raise ProtocolError(
