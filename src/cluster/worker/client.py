@@ -32,7 +32,7 @@ from cluster import control
 from cluster.datadir import OUTBOX_DIR, hold
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.net import host as nethost
-from cluster.net.framing import encode_frame
+from cluster.net.framing import FrameError, encode_frame
 from cluster.net.identity import load_identity
 from cluster.net.membership import Membership, new_nonce
 from cluster.net.protocol import (
@@ -136,6 +136,11 @@ class BatchRefused(Exception):
 
 class MasterUnavailable(Exception):
     """There is no connection to the master right now (the request was not sent)."""
+
+
+class MasterNoAnswer(MasterUnavailable):
+    """A request was sent, but its reply did not come: the connection failed, or the master
+    was silent for the timeout. The master may have decided it: look before repeating."""
 
 
 class _Resubscribe(Exception):
@@ -283,8 +288,10 @@ class Worker:
 
         Checked as `MasterNode.request` checks it: anything but a request raises `TypeError`,
         a field of the wrong type `ValueError` naming the field. Raises `MasterUnavailable`
-        when there is no connection right now, `cluster.control.ControlError` when the
-        master's answer is not a reply.
+        when there is no connection right now (nothing sent), `MasterNoAnswer` (a kind of
+        `MasterUnavailable`) when the reply did not come (it may have been decided), and
+        `cluster.control.ControlError` when the master refused the stream or its answer is
+        not a reply. No network error of the stream reaches the caller otherwise.
         """
         payload = control.encode_message(control.check_request(request))
         return control.decode_reply(await self.request_master(payload, timeout))
@@ -295,8 +302,8 @@ class Worker:
         `request` does both for a request object.
 
         The master judges it as coming from this node, over the authenticated connection.
-        Raises `MasterUnavailable` when there is no connection right now, `TypeError` for a
-        payload that is not bytes (the master refused it as malformed, after a round trip).
+        Raises as `request` does (`MasterUnavailable`, `MasterNoAnswer`, `ControlError`), and
+        `TypeError` for a payload that is not bytes.
         """
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(
@@ -309,10 +316,30 @@ class Worker:
         if link is None:
             raise MasterUnavailable(f"not connected to the master (worker is {self.phase})")
         host, peer = link
-        fs = await nethost.open_stream(host, peer, REQUEST_PROTOCOL, timeout)
+        # The stream's own errors (timeouts, resets, libp2p's many kinds) are told as the
+        # errors documented here: an embedder cannot be asked to know them all.
+        try:
+            fs = await nethost.open_stream(host, peer, REQUEST_PROTOCOL, timeout)
+        except Exception as exc:
+            raise MasterUnavailable(
+                f"could not open a request stream to the master: {_describe(exc)}"
+            ) from exc
         try:
             await fs.send(ControlRequestMsg(payload=payload), timeout)
             return expect(await fs.recv(timeout), ControlReplyMsg).payload
+        except (ProtocolError, FrameError) as exc:
+            # The master failed the stream saying why (`removed`, `too-many-streams`, ...),
+            # or answered something that is not a reply.
+            raise control.ControlError(f"the master refused the request: {exc}") from exc
+        except TimeoutError as exc:
+            raise MasterNoAnswer(
+                f"no answer from the master within {timeout:g} s (it may have decided it)"
+            ) from exc
+        except Exception as exc:
+            raise MasterNoAnswer(
+                f"the connection to the master failed before its answer ({_describe(exc)}); "
+                "it may have decided it"
+            ) from exc
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await fs.close()

@@ -21,7 +21,7 @@ from cluster.control import (
     encode_message,
 )
 from cluster.shared.node_status import node_status
-from cluster.worker.client import MasterUnavailable, Worker
+from cluster.worker.client import MasterNoAnswer, MasterUnavailable, Worker
 
 _RELAYED = (
     MaintenanceSchedule,
@@ -38,15 +38,14 @@ class HostRelay:
 
     async def handle(self, request: Request) -> Reply:
         if isinstance(request, _RELAYED):
+            # `request_master` raises only these: the stream's own errors come as them.
             try:
-                answer = await self.worker.request_master(encode_message(request))
+                return decode_reply(await self.worker.request_master(encode_message(request)))
+            except MasterNoAnswer as exc:
+                return Reply(ok=False, message=f"{exc}: check before asking again")
             except MasterUnavailable as exc:
                 return Reply(ok=False, message=f"{exc}; try again once it has reconnected")
-            except (TimeoutError, OSError, EOFError) as exc:
-                return Reply(ok=False, message=f"the master did not answer: {exc or 'timeout'}")
-            try:
-                return decode_reply(answer)
-            except ControlError as exc:
+            except ControlError as exc:  # refused, or not a reply
                 return Reply(ok=False, message=str(exc))
         if isinstance(request, StatusRequest):
             worker = self.worker
