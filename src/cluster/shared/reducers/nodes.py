@@ -302,6 +302,8 @@ def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
     if ev.node_id in state.credit_ms_by_node:
         state = _replace(state, credit_ms_by_node=state.credit_ms_by_node.delete(ev.node_id))
     return state
+
+
 # --- worker goodbye (NodeStopping) ---------------------------------------------------------
 
 
