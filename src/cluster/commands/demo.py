@@ -3,8 +3,8 @@
 Everything lives in one data directory (a fresh temporary one unless `--data-dir` is given):
 `master/` (log, snapshots, master.addr, digest.json), `worker-K/` (node.key, outbox,
 digest.json), `cluster.secret`, and each process's output in `logs/`. Ctrl-C or SIGTERM (or
-`--duration`) stops the children, workers first and then the master (SIGTERM, then SIGKILL
-after a grace period); exit code 0.
+`--duration`) stops the children, the master first and then the workers (SIGTERM, then
+SIGKILL after a grace period); exit code 0.
 """
 
 from __future__ import annotations
@@ -70,11 +70,14 @@ def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO
 
 
 def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> None:
-    # Workers first, then the master: a stopping worker stops its runners and hands their
-    # last events (final work, STOPPED) to the master before it disconnects.
+    # The master first, then the workers: a worker stopped first says goodbye, and the
+    # master disconnects it at once -- outside a maintenance window an unexcused disconnect
+    # that forfeits the epoch, each one a WARNING. A whole cluster stopping is one act, and
+    # nothing is lost this way: the workers' last events (final work, STOPPED) stay in their
+    # outboxes and reach the master when the demo runs again on the same --data-dir.
     workers = [child for child in children if child[0] != "master"]
     masters = [child for child in children if child[0] == "master"]
-    for group in (workers, masters):
+    for group in (masters, workers):
         for _, proc, _ in group:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
