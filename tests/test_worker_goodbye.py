@@ -3,9 +3,11 @@
 A reviewer found that a clean SIGTERM of a worker logged on the master, 3 cycles later,
 exactly what a kill -9 logs ("no events for 3 cycles ...; unexcused ..."): an operator could
 not tell a planned stop from a crash, and the node's slots waited K cycles to be re-placed.
-Now the worker's last event is a goodbye; the planner disconnects the node at its next
-cycle with a reason saying it was stopped by its operator. The excuse rule is unchanged:
-outside a maintenance window the stop forfeits the epoch, inside it the node is excused.
+Now the worker's last event is a goodbye. It changes the words, not the timing: a node that
+said goodbye and is not back within the K stale cycles is disconnected with a reason saying
+it was stopped by its operator; one restarted within them (an upgrade) is not disconnected,
+as before goodbyes. The excuse rule is unchanged: outside a maintenance window the
+disconnect forfeits the epoch, inside it the node is excused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cluster.master.planner import Planner
 from cluster.shared.codec import decode_state, encode_state
 from cluster.shared.events import (
     DevshardPlaced,
+    Event,
     MaintenanceOverrun,
     NodeConnected,
     NodeDisconnected,
@@ -109,25 +112,40 @@ def test_a_worker_may_say_goodbye_only_for_its_own_node() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_node_that_said_goodbye_is_disconnected_at_the_next_cycle_as_stopped() -> None:
-    world = _world()
+def _placed_epoch(world: World, planner: Planner) -> None:
+    """An epoch with the session placed, A holding some of its slots, A and B live."""
     world.session("chat", slots=2)
-    planner = Planner(CFG)
     world.cycle(planner)  # the epoch starts, the session is placed
     assert world.state.epoch is not None
     assert any(a.node_id == A for d in world.state.devshards.values() for a in d.assignments)
     world.heartbeat(A, B)
     world.cycle(planner)
+
+
+def test_a_node_that_said_goodbye_is_disconnected_after_the_stale_cycles_as_stopped() -> None:
+    """The goodbye changes the words of the disconnect, not its timing: a node that said
+    goodbye and stays silent is disconnected when a silent node would be, K cycles on."""
+    world = _world()
+    planner = Planner(CFG)
+    _placed_epoch(world, planner)
     state = _goodbye(world)
     goodbye_idx = state.last_applied
-    world.heartbeat(B)
-    decided_on, now = world.state, world.now + CFG.plan_interval_ms
-    events = world.cycle(planner)  # the very next cycle, not K of them
+    events: list[Event] = []
+    cycles = 0
+    while not of_type(events, NodeDisconnected):
+        assert cycles <= CFG.stale_cycles, "not disconnected after the stale cycles"
+        world.heartbeat(B)
+        decided_on, now = world.state, world.now + CFG.plan_interval_ms
+        events = world.cycle(planner)
+        cycles += 1
+    # One cycle sees the goodbye's index move, then K idle ones: as for a crash, not sooner.
+    assert cycles == CFG.stale_cycles + 1, cycles
     (gone,) = of_type(events, NodeDisconnected)
+    seconds = CFG.stale_cycles * CFG.plan_interval_ms / 1000
     assert gone.node_id == A and not gone.excused
     assert gone.reason == (
         f"stopped by its operator (got SIGTERM); its worker said goodbye at event index "
-        f"{goodbye_idx}"
+        f"{goodbye_idx} and was not back within {CFG.stale_cycles} cycles ({seconds:g}s)"
     )
     # Its slots move off it in the same cycle.
     (moved,) = of_type(events, DevshardPlaced)
@@ -148,6 +166,34 @@ def test_a_node_that_said_goodbye_is_disconnected_at_the_next_cycle_as_stopped()
     assert "no events for" not in line, line
 
 
+def test_a_quick_restart_after_a_goodbye_is_not_disconnected() -> None:
+    """A worker stopped to be upgraded and back within the stale cycles keeps its epoch, as
+    it did before workers said goodbye: its new process's hello clears the mark, and nothing
+    is decided -- no disconnect, no forfeit, its slots stay."""
+    world = _world()
+    planner = Planner(CFG)
+    _placed_epoch(world, planner)
+    held = {d.devshard_id for d in world.state.devshards.values() for a in d.assignments}
+    _goodbye(world)
+    events: list[Event] = []
+    for _ in range(CFG.stale_cycles):  # gone for all but the last of its K + 1 cycles
+        world.heartbeat(B)
+        events += world.cycle(planner)
+    world.master([NodeConnected(node_id=A, boot_id="boot-2")])  # the upgraded worker
+    assert world.state.nodes[A].stopping_idx == 0
+    for _ in range(3 * CFG.stale_cycles):
+        world.heartbeat(A, B)
+        events += world.cycle(planner)
+    assert of_type(events, NodeDisconnected) == [], events
+    assert of_type(events, DevshardPlaced) == [], events
+    rec = world.state.nodes[A]
+    assert rec.connected and rec.boot_id == "boot-2"
+    epoch = world.state.epoch
+    assert epoch is not None
+    assert world.state.ledgers[epoch.epoch].node(A).disconnect is None
+    assert {d.devshard_id for d in world.state.devshards.values() for a in d.assignments} == held
+
+
 def test_a_stopping_node_inside_its_window_stays_excused() -> None:
     world = _world()
     duration = 20 * CFG.plan_interval_ms
@@ -161,12 +207,14 @@ def test_a_stopping_node_inside_its_window_stays_excused() -> None:
         assert events == [], "a node stopped inside its window was disconnected"
         world.master(events)
     assert world.state.nodes[A].connected
-    # Once the window is over (here: overrun) the stop is judged as any other, at once.
+    # Once the window is over (here: overrun) the stop is judged as any other: its silent
+    # cycles counted on through the window, so at once, and with the goodbye's words.
     world.tick(duration)
     world.master([MaintenanceOverrun(window_id=window_id, node_id=A)])
     events, book = check_liveness(world.state, book, world.now, CFG)
     assert [(e.node_id, e.excused) for e in events] == [(A, False)]
     assert events[0].reason.startswith("stopped by its operator (got SIGTERM)")
+    assert "no events for" not in events[0].reason
 
 
 def test_a_silent_node_without_a_goodbye_still_waits_k_cycles() -> None:
@@ -224,12 +272,13 @@ async def test_a_clean_stop_of_a_worker_is_logged_as_stopped_by_its_operator(
     rec = master.state.nodes[me]
     assert rec.disconnected_reason.startswith("stopped by its operator (got SIGTERM); "), rec
     assert not rec.disconnect_excused and rec.stopping_idx == 0
-    # The goodbye went into the log under the worker's own name, and was its last word: the
-    # master disconnected it on the goodbye, not on silence.
+    # The goodbye went into the log under the worker's own name, and the disconnect (after
+    # the stale cycles, as for silence) says so.
     (goodbye,) = [ie for ie in log if isinstance(ie.event, NodeStopping)]
     assert isinstance(goodbye.event, NodeStopping)  # (for mypy)
     assert goodbye.origin == me and goodbye.event.reason == "got SIGTERM"
-    assert rec.disconnected_reason.endswith(f"goodbye at event index {goodbye.idx}")
+    said_at = f"goodbye at event index {goodbye.idx} and was not back within "
+    assert said_at in rec.disconnected_reason, rec
     lines = [r.getMessage() for r in caplog.records if r.name == DECISIONS]
     said = [line for line in lines if line.startswith(f"node {me} disconnected: ")]
     assert len(said) == 1 and "stopped by its operator (got SIGTERM)" in said[0], lines

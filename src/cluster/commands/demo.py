@@ -71,10 +71,11 @@ def _spawn(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO
 
 def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> None:
     # The master first, then the workers: a worker stopped first says goodbye, and the
-    # master disconnects it at once -- outside a maintenance window an unexcused disconnect
-    # that forfeits the epoch, each one a WARNING. A whole cluster stopping is one act, and
-    # nothing is lost this way: the workers' last events (final work, STOPPED) stay in their
-    # outboxes and reach the master when the demo runs again on the same --data-dir.
+    # master disconnects it after its stale cycles -- outside a maintenance window an
+    # unexcused disconnect that forfeits the epoch, each one a WARNING. A whole cluster
+    # stopping is one act, and nothing is lost this way: the workers' last events (final
+    # work, STOPPED) stay in their outboxes and reach the master when the demo runs again
+    # on the same --data-dir.
     workers = [child for child in children if child[0] != "master"]
     masters = [child for child in children if child[0] == "master"]
     for group in (masters, workers):

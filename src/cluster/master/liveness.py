@@ -10,9 +10,13 @@ cycles keep counting, so if it is still silent when the window closes (overrun),
 cycle after that disconnects it like any other silent node.
 
 A node whose worker said goodbye (`NodeStopping`: it was stopped cleanly, its record's
-`stopping_idx`) is disconnected at the next cycle, with a reason saying so, rather than after
-K silent cycles with one that reads like a crash; the excuse rule is the same (inside its
-window it stays offline for maintenance, outside it the disconnect is unexcused).
+`stopping_idx`) is judged on the same clock -- the goodbye changes the words, not the timing:
+after K cycles without events it is disconnected with a reason that says it was stopped by
+its operator, not one that reads like a crash. Until then nothing is decided, so a worker
+restarted within those cycles (an upgrade) is back before anyone judged it: its new hello
+clears the mark and moves its index, as a quick restart always did, and it keeps its epoch.
+The excuse rule is the same (inside its window it stays offline for maintenance, outside it
+the disconnect is unexcused).
 
 The cycle counters live in a `LivenessBook`: ephemeral master bookkeeping, deliberately not
 in State (DESIGN rule 7). A restarted master starts with an empty book, so every node gets a
@@ -78,8 +82,8 @@ def check_liveness(
     disconnected here leaves the book, so if it speaks again it is observed afresh. A node
     its maintenance window excuses is never disconnected: it stays in the book, idle and
     not fresh, until it speaks or its window closes. A node whose worker said goodbye
-    (`NodeRecord.stopping_idx`) is disconnected now, unless its window excuses it: then it
-    is as any quiet node in its window. Events come out sorted by node id.
+    (`NodeRecord.stopping_idx`) counts its cycles like any other; only the reason of its
+    disconnect differs (`_stopped`). Events come out sorted by node id.
     """
     k = cfg.stale_cycles
     fresh_limit = cfg.fresh_idle_cycles
@@ -88,14 +92,12 @@ def check_liveness(
     not_fresh: set[str] = set()
     quiet: list[tuple[str, int, int]] = []
     marks = state.last_event_by_node
-    stopped: list[NodeDisconnected] = []
     for node_id, rec in state.nodes.items():
         if not rec.connected:
             continue
-        if rec.stopping_idx and not is_excused(state, node_id, now_ms):
-            # Said goodbye: gone now, no need to wait K cycles to find out.
-            stopped.append(_stopped(node_id, rec.stopping_reason, rec.stopping_idx))
-            continue
+        # A node that said goodbye is not disconnected sooner than a silent one: a worker
+        # restarted within K cycles must not forfeit its epoch (its new hello clears the
+        # mark and moves `hello_idx` below, so it is not idle). Only the words differ.
         index = marks.index(rec.slot)
         # The master's NodeConnected counts too (`hello_idx`): a node that just said hello
         # has made progress even before its first own event. (A node joins either by its own
@@ -113,8 +115,7 @@ def check_liveness(
         seen[node_id] = (index, idle)
         if idle > fresh_limit:
             not_fresh.add(node_id)
-    events = [_disconnect(node_id, index, idle, cfg) for node_id, index, idle in quiet]
-    events.extend(stopped)
+    events = [_disconnect(state, node_id, index, idle, cfg) for node_id, index, idle in quiet]
     events.sort(key=_by_node)
     return LivenessResult(events, LivenessBook(seen, frozenset(not_fresh)))
 
@@ -130,20 +131,25 @@ STOP_REASON_CHARS: Final = 200
 STOPPED_BY_OPERATOR: Final = "stopped by its operator"
 
 
-def _stopped(node_id: str, said: str, index: int) -> NodeDisconnected:
+def _disconnect(
+    state: State, node_id: str, index: int, idle: int, cfg: PlannerConfig
+) -> NodeDisconnected:
+    # `idle` is K, or more for a node that stayed silent through its maintenance window.
+    silence = f"{idle} cycles ({idle * cfg.plan_interval_ms / 1000:g}s)"
+    rec = state.nodes[node_id]
+    if rec.stopping_idx:
+        return _stopped(node_id, rec.stopping_reason, rec.stopping_idx, silence)
+    return NodeDisconnected(
+        node_id=node_id,
+        reason=f"no events for {silence}; last event index {index}",
+    )
+
+
+def _stopped(node_id: str, said: str, index: int, silence: str) -> NodeDisconnected:
     said = clip(said, STOP_REASON_CHARS)
     return NodeDisconnected(
         node_id=node_id,
         reason=f"{STOPPED_BY_OPERATOR}"
         + (f" ({said})" if said else "")
-        + f"; its worker said goodbye at event index {index}",
-    )
-
-
-def _disconnect(node_id: str, index: int, idle: int, cfg: PlannerConfig) -> NodeDisconnected:
-    # `idle` is K, or more for a node that stayed silent through its maintenance window.
-    seconds = idle * cfg.plan_interval_ms / 1000
-    return NodeDisconnected(
-        node_id=node_id,
-        reason=f"no events for {idle} cycles ({seconds:g}s); last event index {index}",
+        + f"; its worker said goodbye at event index {index} and was not back within {silence}",
     )

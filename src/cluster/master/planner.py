@@ -3,8 +3,9 @@
 `plan()` looks at the state *before* any of its own events and returns them in a fixed
 order, which the master appends to the log contiguously and applies one by one:
 
-1. liveness: `NodeDisconnected` for nodes idle K cycles, and at once for nodes whose worker
-   said goodbye (`NodeStopping`) outside a maintenance window (sorted by node id);
+1. liveness: `NodeDisconnected` for nodes idle K cycles outside a maintenance window, a
+   node whose worker said goodbye (`NodeStopping`) as "stopped by its operator" (sorted by
+   node id);
 2. the maintenance hook's window transitions (the maintenance rules own their order);
 3. `LateWorkSettled` for work reported after its epoch was settled;
 4. at an epoch's end: `WorkMissed`, `DevshardFinalized` (sorted by devshard id),

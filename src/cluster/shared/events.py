@@ -175,9 +175,10 @@ class NodeStopping(_Event, frozen=True):
     """The node's worker is stopping cleanly (its operator stopped it): its last event.
 
     Sent by a worker on SIGTERM/SIGINT (or `WorkerNode.stop()`) once its runners have
-    stopped, so that the master's planner disconnects the node at its next cycle with a
-    reason that says so, instead of after K silent cycles with one that reads like a crash.
-    It excuses nothing: outside a maintenance window the stop is an unexcused disconnect.
+    stopped, so that when the master's planner disconnects the node -- after K cycles without
+    events, as any silent node; a worker restarted within them is not disconnected -- the
+    reason says it was stopped by its operator instead of reading like a crash. It excuses
+    nothing: outside a maintenance window the disconnect is unexcused.
     `boot_id` is the stopping worker process's (`Hello.boot_id`): a NodeStopping that an
     earlier process left in its outbox, delivered after a restarted worker's hello, names
     another process and marks nothing (the node is back, not stopping).

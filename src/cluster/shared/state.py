@@ -104,10 +104,11 @@ class NodeRecord(
     self_test: SelfTestResult | None
     # --- worker goodbye (NodeStopping): the only fields with defaults (see above) ---
     #: Index of the `NodeStopping` its current worker process (`boot_id`) sent: that process
-    #: is stopping cleanly, and the planner disconnects the node at its next cycle (unless
-    #: its maintenance window excuses it). 0: not stopping. Cleared by the disconnect and by
-    #: a hello from another worker process; later events of the stopping process (a last
-    #: heartbeat) leave it.
+    #: is stopping cleanly. The planner disconnects the node when it would anyway (K cycles
+    #: without events, outside its maintenance window), saying it was stopped by its
+    #: operator. 0: not stopping. Cleared by the disconnect and by a hello from another
+    #: worker process (a quick restart: nothing is decided); later events of the stopping
+    #: process (a last heartbeat) leave it.
     stopping_idx: int = 0
     #: What the worker said stopped it (`NodeStopping.reason`).
     stopping_reason: str = ""

@@ -59,8 +59,8 @@ class WorkerNodeConfig:
     #: acknowledged by the master before the connection closes anyway.
     stop_flush_timeout_s: float = 10.0
     #: Then how long the worker's goodbye (`NodeStopping`) may take to be acknowledged: the
-    #: master then disconnects the node at its next cycle as stopped by its operator, not
-    #: after `stale_cycles` of silence as if it had crashed. 0: say no goodbye.
+    #: master then disconnects the node, should it not be back within `stale_cycles`, as
+    #: stopped by its operator rather than as if it had crashed. 0: say no goodbye.
     goodbye_timeout_s: float = 2.0
 
 
@@ -221,9 +221,10 @@ class WorkerNode:
     # --- worker goodbye (NodeStopping) -----------------------------------------------------
     async def _say_goodbye(self) -> None:
         """Tell the master this node is stopping cleanly, and wait up to `goodbye_timeout_s`
-        for it to be acknowledged, so that its log says "stopped by its operator" at its next
-        cycle rather than, K cycles later, what a crash gets. The event is the last: the
-        runners have stopped and their events are flushed.
+        for it to be acknowledged, so that should this node not be back within the master's
+        stale cycles, its log says "stopped by its operator" rather than what a crash gets
+        (back sooner, a restart costs nothing). The event is the last: the runners have
+        stopped and their events are flushed.
 
         A worker not connected (the master is unreachable, or the connection part ended on
         its own) just stops, as before: the master judges it by its silence. A goodbye the
@@ -242,7 +243,10 @@ class WorkerNode:
             )
         )
         if await worker.flush(timeout):
-            log.info("said goodbye: the master disconnects this node as stopped by its operator")
+            log.info(
+                "said goodbye: unless this node is back within the master's stale cycles, it "
+                "is disconnected as stopped by its operator"
+            )
         else:
             log.info(
                 "the master did not acknowledge our goodbye within %gs: it will find this "

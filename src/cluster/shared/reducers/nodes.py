@@ -308,7 +308,8 @@ def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
 
 
 def node_stopping(state: State, ie: IndexedEvent, ev: NodeStopping) -> State:
-    """Mark the node as stopping cleanly: the planner disconnects it at its next cycle.
+    """Mark the node as stopping cleanly: should it stay silent for K cycles, the planner
+    disconnects it as stopped by its operator (a new worker process's hello clears the mark).
 
     Only its current worker process may say so (`ev.boot_id` is that of the node's latest
     hello): a goodbye an earlier process left in its outbox, resent by a restarted worker
