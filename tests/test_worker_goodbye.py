@@ -283,3 +283,53 @@ async def test_a_clean_stop_of_a_worker_is_logged_as_stopped_by_its_operator(
     said = [line for line in lines if line.startswith(f"node {me} disconnected: ")]
     assert len(said) == 1 and "stopped by its operator (got SIGTERM)" in said[0], lines
     assert "no events for" not in said[0], said
+
+
+@pytest.mark.anyio
+async def test_the_goodbye_is_the_workers_last_event_even_while_it_waits_for_the_ack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer found the worker heartbeating on while its goodbye waited for the ack:
+    heartbeats after `NodeStopping` in the outbox. Here the ack is slow (the goodbye's flush
+    first waits, for up to 10 heartbeat intervals, for anything emitted after it)."""
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: WorkerNode | None = None
+    emitted: list[Event] = []
+    try:
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
+                client = worker.worker
+                append, flush = client.outbox.append, client.flush
+
+                def recording_append(event: Event) -> int:
+                    emitted.append(event)
+                    return append(event)
+
+                async def slow_goodbye_flush(timeout: float) -> bool:
+                    if emitted and isinstance(emitted[-1], NodeStopping):
+                        goodbye_seq = client.outbox.last_seq
+                        with anyio.move_on_after(10 * client.config.heartbeat_interval):
+                            while client.outbox.last_seq == goodbye_seq:
+                                await anyio.sleep(0.01)
+                    return await flush(timeout)
+
+                monkeypatch.setattr(client.outbox, "append", recording_append)
+                monkeypatch.setattr(client, "flush", slow_goodbye_flush)
+                await tg.start(worker.run)
+                me = worker.node_id
+                while (rec := master.state.nodes.get(me)) is None or rec.self_test is None:
+                    await anyio.sleep(0.05)
+                worker.stop("got SIGTERM")
+                while master.state.nodes[me].connected:
+                    await anyio.sleep(0.05)
+                master.stop()
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
+    assert any(isinstance(e, NodeHeartbeat) for e in emitted)  # it did heartbeat before
+    assert isinstance(emitted[-1], NodeStopping), [type(e).__name__ for e in emitted[-5:]]
+    assert sum(isinstance(e, NodeStopping) for e in emitted) == 1

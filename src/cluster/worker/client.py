@@ -9,8 +9,8 @@
   (whichever comes first frees the outbox and lets the next batch go).
 - The replica is `state`; `add_listener(cb)` and `wait_for_change(after_idx)` let runners and
   status code follow it (`live_only` listeners see only states caught up with the master).
-  Every cycle the worker emits a NodeHeartbeat (liveness is event flow) and rewrites
-  <data-dir>/digest.json when its replica advanced.
+  Every cycle the worker emits a NodeHeartbeat (liveness is event flow; none after its
+  goodbye, `emit_last`) and rewrites <data-dir>/digest.json when its replica advanced.
 """
 
 from __future__ import annotations
@@ -212,6 +212,9 @@ class Worker:
         self._link: tuple[Any, Any] | None = None
         #: Node-info readings made while not connected, the latest per source (`emit_info`).
         self._held_info: dict[str, NodeGatheredInfo] = {}
+        #: Set by `emit_last`: this worker emits nothing of its own any more (heartbeats,
+        #: held readings), so that event stays the last.
+        self._last_said = False
         #: Highest seq sent (or being sent) to the master on the current submit stream, and
         #: the last seq of each batch in flight there, oldest first.
         self._last_sent = 0
@@ -257,10 +260,22 @@ class Worker:
         would keep forever. A crash loses only held readings, and the gatherer reads again
         when the worker starts.
         """
+        if self._last_said:
+            return  # after the goodbye: a reading would come after it
         if not self.connected:
             self._held_info[event.source] = event
         else:
             self.emit(event)
+
+    def emit_last(self, event: Event) -> int:
+        """Emit `event` as this worker's last one (the goodbye, `NodeStopping`): its own
+        emitting stops first -- no more heartbeats, readings held while offline are dropped,
+        later `emit_info` calls are ignored -- so nothing of its own follows it, not even
+        while it waits for the ack. Stop every other emitter (info sources, runners) first.
+        Returns the event's seq."""
+        self._last_said = True
+        self._held_info.clear()
+        return self.emit_seq(event)
 
     def add_listener(self, listener: StateListener, *, live_only: bool = False) -> None:
         """Call `listener(state)` after each replica change (keep it quick and non-blocking).
@@ -405,7 +420,8 @@ class Worker:
         while True:
             # A heartbeat says "alive now": kept while the master is unreachable, hours of
             # them would only grow the outbox and flood the log on reconnect.
-            if self.config.heartbeats and self.phase != "connecting":
+            # After the goodbye (`emit_last`) none: it must stay the node's last event.
+            if self.config.heartbeats and self.phase != "connecting" and not self._last_said:
                 self.emit(NodeHeartbeat(node_id=self.node_id))
             await anyio.sleep(self.config.heartbeat_interval)
 

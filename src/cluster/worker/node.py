@@ -235,7 +235,9 @@ class WorkerNode:
         timeout = self.config.goodbye_timeout_s
         if timeout <= 0 or not worker.connected:
             return
-        worker.emit(
+        # Its last event: the heartbeats stop with it (`emit_last`); the info sources and the
+        # runners stopped before the flush in `run`.
+        worker.emit_last(
             NodeStopping(
                 node_id=worker.node_id,
                 boot_id=worker.boot_id,
