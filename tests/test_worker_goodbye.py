@@ -87,6 +87,16 @@ def test_a_goodbye_of_another_worker_process_marks_nothing() -> None:
     assert _goodbye(world, boot_id=BOOT).nodes[A].stopping_idx == 0
 
 
+def test_a_goodbye_with_an_empty_boot_id_marks_nothing() -> None:
+    """A hello may carry no boot id (an older or custom worker): "" would match the record
+    of the next process of such a worker too, and mark a restarted node as stopping."""
+    world = World()
+    world.node(A)
+    world.master([NodeConnected(node_id=A, boot_id="")])
+    assert world.state.nodes[A].boot_id == ""
+    assert _goodbye(world, boot_id="").nodes[A].stopping_idx == 0
+
+
 def test_a_hello_of_another_worker_process_clears_the_mark_and_a_redial_keeps_it() -> None:
     world = _world()
     idx = _goodbye(world).nodes[A].stopping_idx

@@ -181,7 +181,8 @@ class NodeStopping(_Event, frozen=True):
     nothing: outside a maintenance window the disconnect is unexcused.
     `boot_id` is the stopping worker process's (`Hello.boot_id`): a NodeStopping that an
     earlier process left in its outbox, delivered after a restarted worker's hello, names
-    another process and marks nothing (the node is back, not stopping).
+    another process and marks nothing (the node is back, not stopping). An empty `boot_id`
+    names no process, so it marks nothing either.
     """
 
     node_id: str

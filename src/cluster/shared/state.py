@@ -108,7 +108,7 @@ class NodeRecord(
     #: without events, outside its maintenance window), saying it was stopped by its
     #: operator. 0: not stopping. Cleared by the disconnect and by a hello from another
     #: worker process (a quick restart: nothing is decided); later events of the stopping
-    #: process (a last heartbeat) leave it.
+    #: process (a last heartbeat) leave it. A goodbye with an empty boot id marks nothing.
     stopping_idx: int = 0
     #: What the worker said stopped it (`NodeStopping.reason`).
     stopping_reason: str = ""

@@ -313,10 +313,12 @@ def node_stopping(state: State, ie: IndexedEvent, ev: NodeStopping) -> State:
 
     Only its current worker process may say so (`ev.boot_id` is that of the node's latest
     hello): a goodbye an earlier process left in its outbox, resent by a restarted worker
-    after its own hello, marks nothing -- that node is back, not stopping.
+    after its own hello, marks nothing -- that node is back, not stopping. A goodbye with an
+    empty boot id marks nothing either: a hello may carry none (an older or custom worker),
+    and "" would match the record of the *next* process of such a worker just as well.
     """
     rec = state.nodes.get(ev.node_id)
-    if rec is None or not rec.connected or ev.boot_id != rec.boot_id:
+    if rec is None or not rec.connected or not ev.boot_id or ev.boot_id != rec.boot_id:
         return state
     rec = _replace(rec, stopping_idx=ie.idx, stopping_reason=ev.reason)
     return _replace(state, nodes=state.nodes.set(ev.node_id, rec))
