@@ -29,7 +29,9 @@ from cluster.shared.events import (
     IndexedEvent,
     NodeConnected,
     NodeDisconnected,
+    NodeGatheredInfo,
     NodeHeartbeat,
+    NodeInfo,
     NodePayout,
     NodeRemoved,
     WorkReported,
@@ -106,6 +108,38 @@ def test_a_removed_node_that_connects_again_takes_back_its_slot_and_its_marks() 
     log.emit(NodeRemoved(node_id=A))
     assert {s: r.node_id for s, r in log.state.removed().items()} == {0: A}
     assert log.state.removed_node(A) == log.state.removed()[0]
+
+
+def test_a_removed_node_that_connects_again_has_none_of_its_old_gauges() -> None:
+    """Its slot came back with the gauges last reported there (CPU %, memory, ...), shown as
+    the rejoined node's until it reported new ones: nothing but its marks comes back."""
+    log = _three_nodes()
+    gauges = NodeInfo(
+        cpu_percent=97.0,
+        memory_available_mb=512,
+        disk_free_mb=10,
+        net_bytes_sent=1,
+        net_bytes_recv=2,
+        hostname="old-host",
+    )
+    for node in (A, B):
+        log.emit(NodeGatheredInfo(node_id=node, source="cpu", info=gauges), origin=node)
+    b_before = log.state.node_info(B)
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A))
+    log.emit(NodeConnected(node_id=A, boot_id="b2"))
+    state = log.state
+    info = state.node_info(A)
+    assert info is not None and state.nodes[A].slot == 0
+    assert info == NodeInfo(), info  # no gauge, no hostname: nothing reported yet
+    assert state.node_gauges.reported(0) == {}
+    assert state.node_info(B) == b_before  # another slot's gauges are untouched
+    # The state is the one a fold of the same log makes, and survives a snapshot.
+    assert fold(EMPTY_STATE, log.log) == state
+    assert codec.decode_state(codec.encode_state(state)) == state
+    # What it reports now is what it shows.
+    log.emit(NodeGatheredInfo(node_id=A, source="cpu", info=NodeInfo(cpu_percent=3.0)), origin=A)
+    assert log.state.node_info(A) == NodeInfo(cpu_percent=3.0)
 
 
 def test_a_removed_nodes_own_event_without_a_hello_changes_nothing() -> None:

@@ -127,6 +127,18 @@ class NodeGauges:
         new._roots = tuple(roots)
         return new
 
+    def cleared(self, slot: int) -> NodeGauges:
+        """These gauges with every cell of `slot` NOT_REPORTED again (self when it reported
+        none): a removed node taking back its slot starts with no readings."""
+        if all(cell == NOT_REPORTED for cell in self.row(slot)):
+            return self
+        new: NodeGauges = _Made()
+        new._roots = tuple(
+            self._column(column).with_rows(((slot, 0, NOT_REPORTED),))._root
+            for column in range(WIDTH)
+        )
+        return new
+
     def row(self, slot: int) -> tuple[float, ...]:
         """The cells of `slot` (NOT_REPORTED where it has not reported that gauge)."""
         cpu, *amounts = (self._column(column).row(slot)[0] for column in range(WIDTH))

@@ -162,15 +162,20 @@ def ensure_node(
         # started at seq 0: events logged but never acknowledged were logged again, a
         # WorkReported counted twice). No other node ever gets that slot, so slots stay
         # unique and dense. Nothing else comes back: the record is new (no info, no
-        # self-test) and its maintenance credit, dropped at the removal, starts again from
-        # the policy's initial grant, as any new node's.
+        # self-test), the slot's gauges (CPU %, memory, disk, network) are cleared until it
+        # reports again, and its maintenance credit, dropped at the removal, starts again
+        # from the policy's initial grant, as any new node's.
         slot = _tombstone_slot(state, node_id)
         if slot is None:
             slot = state.next_node_slot()
         else:
             removed = state.removed().delete(slot)
             # No tombstones left is "none": UNSET, as in a log without removals (one digest).
-            state = _replace(state, removed_nodes=removed if removed else UNSET)
+            state = _replace(
+                state,
+                removed_nodes=removed if removed else UNSET,
+                node_gauges=state.node_gauges.cleared(slot),
+            )
         rec = new_record(
             node_id,
             slot,
@@ -272,7 +277,8 @@ def node_removed(state: State, ie: IndexedEvent, ev: NodeRemoved) -> State:
     cancelled, nothing refunded) and its maintenance credit goes. Should it connect again
     it rejoins under that slot, with the initial credit of any new node (`ensure_node`).
     Its ledgers stay: history, and what its current epoch owes it is settled as for any node.
-    Its marks and gauges stay in their slot, read by no one until it rejoins. The master
+    Its marks and gauges stay in their slot, read by no one; should it rejoin, its marks
+    carry over and its gauges are cleared (`ensure_node`). The master
     removes only nodes that are not connected; a log may still say otherwise, and the event
     is applied as is."""
     rec = state.nodes.get(ev.node_id)
