@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from maintenance_log import Log
 
+from cluster.shared.durations import format_time
 from cluster.shared.events import NodeGatheredInfo, NodeInfo, NodeRemoved
 from cluster.shared.humanize import short_id
 from cluster.shared.node_names import MIN_PREFIX_CHARS, Unresolved, resolve_node
@@ -114,10 +115,37 @@ def test_removed_nodes_are_named_only_by_their_exact_id() -> None:
     log.emit(NodeRemoved(node_id=A))
     # Its full id still finds it (so a second removal can say "already removed") ...
     assert resolve_node(log.state, A) == A
-    # ... but nothing shorter does: a short form that named it is unknown now,
-    assert _refused(log.state, short_id(A)).startswith("unknown node 12D3Ko…x7Fq9a:")
+    # ... but nothing shorter does: a short form that named it is refused,
+    assert isinstance(resolve_node(log.state, short_id(A)), Unresolved)
     # and a prefix it shares with a live node names that one, not both.
     assert resolve_node(log.state, A[:10]) == B
+
+
+def test_a_removed_node_named_by_a_short_form_or_prefix_is_said_to_be_removed() -> None:
+    """It was "unknown node ...: it has never joined this cluster" -- untrue, and no hint
+    that a removed node is named by its full id."""
+    log = _state(A, B)
+    log.disconnect(A)
+    log.emit(NodeRemoved(node_id=A, reason="decommissioned"))
+    gone = log.state.removed_node(A)
+    assert gone is not None
+    when = format_time(gone.removed_ms)
+    for typed in (short_id(A), short_id(A).replace("…", "..."), A[:12] + "q"):
+        msg = _refused(log.state, typed)
+        assert msg == (
+            f"node {typed} is no node of this cluster: that node was removed -- {A}, "
+            f"removed {when} (event {gone.removed_idx}: decommissioned). A removed node is "
+            "named by its full id only"
+        ), msg
+    # A name too short to trust, or one no removed node fits, is still just unknown.
+    assert _refused(log.state, "1…x7Fq9a").startswith("unknown node 1…x7Fq9a:")
+    assert _refused(log.state, _peer("Zzz", "abcdef")[:20]).startswith("unknown node ")
+    # Two removed nodes the name fits: both are listed.
+    log.disconnect(B)
+    log.emit(NodeRemoved(node_id=B))
+    msg = _refused(log.state, A[:10])
+    assert msg.startswith(f"node {A[:10]} is no node of this cluster: the 2 nodes it fits "), msg
+    assert A in msg and B in msg, msg
 
 
 def test_an_echoed_name_is_printable_and_bounded() -> None:

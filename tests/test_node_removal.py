@@ -460,9 +460,11 @@ def test_a_node_is_removed_by_the_short_form_status_shows_and_told_by_its_full_i
     assert [ie.event for ie in log.log[before:]] == [
         NodeRemoved(node_id=B, reason="decommissioned")
     ]
-    # Its short form names no node now; its full id still finds the tombstone.
+    # Its short form names no node now (the refusal says it was removed and gives its full
+    # id); its full id still finds the tombstone.
     ok, msg = _removal(log, shown)
-    assert not ok and msg.startswith(f"unknown node {shown}: it has never joined")
+    assert not ok and msg.startswith(f"node {shown} is no node of this cluster: that node "), msg
+    assert f"removed -- {B}, removed " in msg and msg.endswith("named by its full id only"), msg
     ok, msg = _removal(log, B)
     assert not ok and msg.startswith(f"node {B} is already removed: since ")
     # A name that fits two nodes removes neither.

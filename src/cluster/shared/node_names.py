@@ -15,6 +15,9 @@ More than one match is refused, listing the candidates (never a guess: the reque
 one node and its reply and the log name it in full). Removed nodes are matched only by their
 exact id: a tombstone is history, and a short form that meant a live node yesterday must not
 silently name a removed one today, nor a removed one make a live node's name ambiguous.
+But a name that matches no live node and would match a removed one is not "unknown": the
+refusal says that node was removed (when, and why) and that a removed node is named by its
+full id, which it gives.
 Every libp2p Ed25519 peer id starts with "12D3KooW", so a useful prefix is longer than that.
 """
 
@@ -24,8 +27,9 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.durations import format_time
 from cluster.shared.humanize import clip, printable, short_id
-from cluster.shared.state import State
+from cluster.shared.state import RemovedNode, State
 
 #: The fewest characters of an id a name must hold (a prefix, or a short form's two ends).
 MIN_PREFIX_CHARS: Final = 8
@@ -62,9 +66,13 @@ def resolve_node(state: State, typed: str) -> str | Unresolved:
         for n in state.nodes
         if n.startswith(prefix) and n.endswith(suffix) and len(n) >= len(prefix) + len(suffix)
     )
+    long_enough = len(prefix) + len(suffix) >= MIN_PREFIX_CHARS
     if not matches:
+        removed = _removed_matches(state, prefix, suffix) if long_enough else []
+        if removed:
+            return Unresolved(_removed_message(shown, removed))
         return Unresolved(f"unknown node {shown}: it has never joined this cluster ({_FORMS})")
-    if len(prefix) + len(suffix) < MIN_PREFIX_CHARS:
+    if not long_enough:
         return Unresolved(
             f"node name {shown} is too short to name a node: give at least "
             f"{MIN_PREFIX_CHARS} characters of its id ({_FORMS})"
@@ -76,6 +84,38 @@ def resolve_node(state: State, typed: str) -> str | Unresolved:
             "(`cluster status --json`)"
         )
     return matches[0]
+
+
+def _removed_matches(state: State, prefix: str, suffix: str) -> list[RemovedNode]:
+    """The tombstones the name would match were removed nodes named like live ones."""
+    return sorted(
+        (
+            r
+            for r in state.removed().values()
+            if r.node_id.startswith(prefix)
+            and r.node_id.endswith(suffix)
+            and len(r.node_id) >= len(prefix) + len(suffix)
+        ),
+        key=lambda r: r.node_id,
+    )
+
+
+def _removed_message(shown: str, removed: list[RemovedNode]) -> str:
+    listed = removed[:MAX_CANDIDATES_SHOWN]
+    parts = []
+    for r in listed:
+        why = f": {printable(clip(r.reason, _ECHO_WIDTH))}" if r.reason else ""
+        parts.append(
+            f"{r.node_id}, removed {format_time(r.removed_ms)} (event {r.removed_idx}{why})"
+        )
+    more = len(removed) - len(listed)
+    which = "that node was" if len(removed) == 1 else f"the {len(removed)} nodes it fits were"
+    return (
+        f"node {shown} is no node of this cluster: {which} removed -- "
+        + "; ".join(parts)
+        + (f"; and {more} more" if more else "")
+        + ". A removed node is named by its full id only"
+    )
 
 
 def _short_form(typed: str) -> tuple[str, str] | None:
