@@ -233,10 +233,10 @@ def test_snapshots_carry_the_anchor_of_their_log_record_and_old_ones_still_load(
         later = [as_logged(ie) for ie in make_events(12, start=31)]
         store.append_decoded(later, snapshot_when_due=False)
         due = store.due_snapshot()
-        assert due is not None and due.last_applied == 42
+        assert due is not None and due.state.last_applied == 42
         store.append(make_events(3, start=43))
         with ThreadPoolExecutor(1) as pool:
-            assert pool.submit(store.write_snapshot, due).result()
+            assert pool.submit(store.write_snapshot, *due).result()
         for idx in (42, 30):
             found = store.snapshots.latest_anchored(idx)
             assert found is not None and found.anchor is not None
@@ -352,21 +352,46 @@ def test_a_due_snapshot_can_be_left_to_the_caller_and_written_beside_commits(
         store.append_decoded(events[:12], snapshot_when_due=False)
         assert store.snapshots.indices() == []  # left to the caller
         due = store.due_snapshot()
-        assert due is not None and due.last_applied == 12
+        assert due is not None and due.state.last_applied == 12
         assert store.due_snapshot() is None  # taken: due again 10 events later
         with ThreadPoolExecutor(1) as pool:
-            written = pool.submit(store.write_snapshot, due)
+            written = pool.submit(store.write_snapshot, *due)
             store.append_decoded(events[12:21], snapshot_when_due=False)
             assert written.result(timeout=30)
         assert store.due_snapshot() is None
         store.append_decoded(events[21:22], snapshot_when_due=False)
         again = store.due_snapshot()
-        assert again is not None and again.last_applied == 22
+        assert again is not None and again.state.last_applied == 22
         found = store.latest_snapshot()
         assert found is not None and found[0] == 12
         assert codec.decode_state(found[1]) == fold(EMPTY_STATE, events[:12])
     with EventStore.open(tmp_path) as store:
         assert store.state == fold(EMPTY_STATE, events[:22])
+
+
+def test_each_due_snapshot_carries_its_own_anchor_when_a_newer_one_came_due_first(
+    tmp_path: Path,
+) -> None:
+    """The snapshotter thread may write a state after a newer one came due: the anchor was
+    kept in the store, the newer due replaced it, and the older snapshot was saved without
+    its anchor (unchecked on the next load)."""
+    events = [as_logged(ie) for ie in make_events(40)]
+    with EventStore.open(tmp_path, snapshot_every=10) as store:
+        store.append_decoded(events[:12], snapshot_when_due=False)
+        first = store.due_snapshot()  # taken by the snapshotter...
+        store.append_decoded(events[12:25], snapshot_when_due=False)
+        second = store.due_snapshot()  # ...and a newer one came due before it was written
+        assert first is not None and second is not None
+        assert first.anchor is not None and first.anchor.idx == 12
+        assert store.write_snapshot(*first) and store.write_snapshot(*second)
+        for idx in (12, 25):
+            found = store.snapshots.latest_anchored(idx)
+            assert found is not None and found.idx == idx
+            assert found.anchor is not None and found.anchor.idx == idx, found
+            assert store.log.holds(found.anchor) is True
+        # An anchor of another record is a caller's bug, said so (nothing saved unchecked).
+        with pytest.raises(ValueError, match="snapshot at index 12 is of record 25"):
+            store.write_snapshot(first.state, second.anchor)
 
 
 def test_a_snapshot_ahead_of_the_log_is_moved_aside_not_loaded_later(

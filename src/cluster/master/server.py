@@ -80,6 +80,7 @@ from cluster.net.protocol import (
     encode_raw,
     expect,
 )
+from cluster.shared.eventlog import LogAnchor
 from cluster.shared.events import (
     MASTER_ORIGIN,
     MAX_EVENT_BYTES,
@@ -89,7 +90,7 @@ from cluster.shared.events import (
     NodeRemoved,
 )
 from cluster.shared.state import State
-from cluster.shared.store import Committed, as_logged
+from cluster.shared.store import Committed, DueSnapshot, as_logged
 
 log = logging.getLogger(__name__)
 #: What the master decided, one line per committed event (`cluster.master.decision_log`).
@@ -136,8 +137,8 @@ class Store(Protocol):
     def read_raw_from(self, idx: int) -> Any: ...
     def read_from(self, idx: int) -> Any: ...
     def latest_snapshot(self) -> tuple[int, bytes] | None: ...
-    def due_snapshot(self) -> State | None: ...
-    def write_snapshot(self, state: State) -> bool: ...
+    def due_snapshot(self) -> DueSnapshot | None: ...
+    def write_snapshot(self, state: State, anchor: LogAnchor | None = ...) -> bool: ...
 
 
 #: The largest encoded event the master logs of its own: its log record (the event with its
@@ -380,7 +381,7 @@ class Master:
         self._inbox_recv: MemoryObjectReceiveStream[_Submission] = recv
         self._state_changed = anyio.Event()
         #: The newest state due for a snapshot and not yet being written (`_snapshotter`).
-        self._snapshot_next: State | None = None
+        self._snapshot_next: DueSnapshot | None = None
         self._snapshot_wanted = anyio.Event()
         data_dir = self.config.data_dir
         self._digests = None if data_dir is None else DigestFileWriter(data_dir)
@@ -869,16 +870,17 @@ class Master:
         while True:
             await self._snapshot_wanted.wait()
             self._snapshot_wanted = anyio.Event()
-            state, self._snapshot_next = self._snapshot_next, None
-            if state is None:
+            due, self._snapshot_next = self._snapshot_next, None
+            if due is None:
                 continue
             try:
                 # Shielded: a state taken is written, even if the stop came just now (the
                 # thread's start would otherwise be a cancellation point that drops it).
+                # With its own anchor: by now the log may be past it, another one due.
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.store.write_snapshot, state)
+                    await anyio.to_thread.run_sync(self.store.write_snapshot, *due)
             except Exception:
-                log.exception("could not write a snapshot at index %d", state.last_applied)
+                log.exception("could not write a snapshot at index %d", due.state.last_applied)
 
     async def _cycle(self) -> None:
         """Once per plan interval: run the planner."""

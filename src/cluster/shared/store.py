@@ -63,6 +63,14 @@ class Restored(NamedTuple):
     snapshot_idx: int
 
 
+class DueSnapshot(NamedTuple):
+    """A state that came due for a snapshot (`EventStore.due_snapshot`) and the anchor of
+    the log record it was folded to (None: the log knows none, e.g. empty)."""
+
+    state: State
+    anchor: LogAnchor | None
+
+
 class Committed(NamedTuple):
     state: State
     #: (idx, payload) exactly as the log holds them.
@@ -233,10 +241,6 @@ class EventStore:
         #: One snapshot is written at a time (`write_snapshot` may run on a worker thread
         #: while a caller snapshots directly); `SnapshotStore` prunes leftovers assuming so.
         self._snapshot_write = threading.Lock()
-        #: The log anchor of the last state `due_snapshot` handed out, for `write_snapshot`
-        #: (which may run later, on another thread, after more commits). One tuple, replaced
-        #: whole.
-        self._due_anchor: LogAnchor | None = None
         #: Snapshots on disk newer than the one restored from: they did not decode (another
         #: version's layout, say), so they are never served to a catching-up replica either.
         self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
@@ -333,7 +337,7 @@ class EventStore:
         if snapshot_when_due:
             due = self.due_snapshot()
             if due is not None:
-                self.write_snapshot(due)
+                self.write_snapshot(*due)
         return state
 
     def snapshot(self) -> None:
@@ -346,37 +350,45 @@ class EventStore:
         self._snapshot_idx = state.last_applied
         self.write_snapshot(state)
 
-    def due_snapshot(self) -> State | None:
-        """The state to snapshot if `snapshot_every` events have been committed since the
-        last snapshot was taken, else None.
+    def due_snapshot(self) -> DueSnapshot | None:
+        """The state to snapshot, with its log anchor, if `snapshot_every` events have been
+        committed since the last snapshot was taken, else None.
 
         Taking it counts as taking the snapshot: it is not due again for another
         `snapshot_every` events, even if its write fails (a snapshot only shortens a load).
-        Write it with `write_snapshot`.
+        Write it with `write_snapshot(*due)`.
         """
         state = self._state
         if state.last_applied - self._snapshot_idx < self._every:
             return None
         self._snapshot_idx = state.last_applied
-        self._due_anchor = self._log.last_anchor
-        return state
+        # Handed out with the state, not kept here for the write: the write may run later,
+        # on another thread, after a newer snapshot came due (kept, one would replace the
+        # other's, and the older snapshot be saved unchecked).
+        return DueSnapshot(state, self._log.last_anchor)
 
-    def write_snapshot(self, state: State) -> bool:
+    def write_snapshot(self, state: State, anchor: LogAnchor | None = None) -> bool:
         """Encode `state` and save it as the snapshot at its index; whether it was saved.
 
-        Safe on a worker thread while commits go on (a State is immutable, and the log is
-        not touched); one snapshot is written at a time. A failure is logged, not raised.
+        `anchor`: the log record `state` was folded to (`due_snapshot` hands it out); None
+        takes the log's last when that is the state's index (a snapshot of the current state),
+        else the snapshot is saved unchecked. Safe on a worker thread while commits go on (a
+        State is immutable, and the log is not touched); one snapshot is written at a time.
+        A failure is logged, not raised.
         """
         idx = state.last_applied
+        if anchor is None:
+            last = self._log.last_anchor
+            anchor = last if last is not None and last.idx == idx else None
+        elif anchor.idx != idx:
+            raise ValueError(
+                f"the anchor given for the snapshot at index {idx} is of record {anchor.idx}"
+            )
         try:
             data = codec.encode_state(state)
         except Exception:  # a bug (reducers keep State encodable): not a reason to stop serving
             log.exception("could not encode the state at index %d for a snapshot", idx)
             return False
-        # The record the state was folded to: the log's last (a snapshot now, at a stop) or
-        # the one of the due state. Else (no anchor known) the snapshot is saved unchecked.
-        known = (self._log.last_anchor, self._due_anchor)
-        anchor = next((a for a in known if a is not None and a.idx == idx), None)
         with self._snapshot_write:
             try:
                 self._snapshots.save(idx, data, anchor)
