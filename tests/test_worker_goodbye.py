@@ -24,6 +24,7 @@ from planner_world import World, of_type, quick_config
 from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
 from cluster.master.decision_log import decision_lines
 from cluster.master.liveness import EMPTY_BOOK, check_liveness
+from cluster.master.placement import STOPPING
 from cluster.master.planner import Planner
 from cluster.shared.codec import decode_state, encode_state
 from cluster.shared.events import (
@@ -34,6 +35,7 @@ from cluster.shared.events import (
     NodeDisconnected,
     NodeHeartbeat,
     NodeStopping,
+    SessionUnplaced,
 )
 from cluster.shared.state import State
 from cluster.worker.node import WorkerNode
@@ -202,6 +204,36 @@ def test_a_quick_restart_after_a_goodbye_is_not_disconnected() -> None:
     assert epoch is not None
     assert world.state.ledgers[epoch.epoch].node(A).disconnect is None
     assert {d.devshard_id for d in world.state.devshards.values() for a in d.assignments} == held
+
+
+def test_a_node_that_said_goodbye_keeps_its_slots_but_takes_no_new_ones() -> None:
+    """Between its goodbye and its disconnect (or its new process's hello) a node keeps what
+    it holds -- a quick restart loses nothing -- but nothing new is placed there: it was
+    drawn like any fresh node, and a session placed on it in those cycles started on a node
+    whose worker was gone."""
+    world = _world()
+    planner = Planner(CFG)
+    _placed_epoch(world, planner)
+    held = {(d.devshard_id, a.slot) for d in world.state.devshards.values() for a in d.assignments}
+    _goodbye(world)
+    world.session("late", slots=6)  # more than B's room (4 slots, one held): A is needed
+    world.heartbeat(B)
+    events = world.cycle(planner)
+    assert of_type(events, DevshardPlaced) == [], events
+    (unplaced,) = of_type(events, SessionUnplaced)
+    assert f"1 node(s) {STOPPING}" in unplaced.reason, unplaced.reason
+    assert {
+        (d.devshard_id, a.slot) for d in world.state.devshards.values() for a in d.assignments
+    } == held  # A kept its slot of "chat"
+    world.master([NodeConnected(node_id=A, boot_id="boot-2")])  # back: eligible again
+    world.heartbeat(A, B)
+    world.cycle(planner)
+    assert any(
+        a.node_id == A
+        for d in world.state.devshards.values()
+        if d.session_id == "late"
+        for a in d.assignments
+    )
 
 
 def test_a_stopping_node_inside_its_window_stays_excused() -> None:

@@ -1,6 +1,7 @@
 """Devshard placement: which eligible nodes serve each session's slots this epoch (DESIGN 6).
 
-Eligible node = connected, fresh (per the liveness book), not draining or in maintenance
+Eligible node = connected, fresh (per the liveness book), not stopping (its worker said
+goodbye, `NodeRecord.stopping_idx`), not draining or in maintenance
 (`may_take_work` for work ending at the epoch end, and not `is_excused`), running runners
 (not a facts-only worker, `NodeRecord.facts_only`), runner self-test passed, offering slots
 (`NodeInfo.slots`, `NodeInfo.slot_memory_mb`), with room (offered slots minus slots already
@@ -74,6 +75,7 @@ from cluster.shared.state import DevshardRecord, EpochRecord, SessionRecord, Sta
 # Why a node is not eligible, in the order reasons are reported.
 DISCONNECTED = "disconnected"
 STALE = "stale"
+STOPPING = "stopping (its worker said goodbye)"
 IN_MAINTENANCE = "in maintenance"
 DRAINING = "draining"
 RUNS_NO_RUNNERS = "running no runners"
@@ -84,6 +86,7 @@ FULL = "full"
 _REASON_ORDER = (
     DISCONNECTED,
     STALE,
+    STOPPING,
     IN_MAINTENANCE,
     DRAINING,
     RUNS_NO_RUNNERS,
@@ -231,6 +234,10 @@ class PlacementPool:
                 reason = DISCONNECTED
             elif node_id in not_fresh:
                 reason = STALE
+            elif rec.stopping_idx:
+                # Said goodbye: it keeps what it holds until it is back or disconnected
+                # (a quick restart loses nothing), but takes nothing new meanwhile.
+                reason = STOPPING
             elif node_id in with_window and is_excused(state, node_id, now_ms):
                 reason = IN_MAINTENANCE
             elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):
