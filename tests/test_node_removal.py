@@ -34,6 +34,7 @@ from cluster.shared.events import (
     NodeInfo,
     NodePayout,
     NodeRemoved,
+    NodeStopping,
     WorkReported,
 )
 from cluster.shared.humanize import short_id
@@ -364,6 +365,13 @@ def test_only_a_disconnected_node_known_to_the_cluster_is_removed() -> None:
     assert not ok and "name the node to remove" in msg
     ok, msg = _removal(log, A)
     assert not ok and msg.startswith(f"node {A} is connected: stop its worker first")
+    # A worker already stopped is not told to stop: it said goodbye, the disconnect follows.
+    bye = log.emit(NodeStopping(node_id=C, boot_id=log.boot_id(C), reason="SIGTERM"), origin=C)
+    ok, msg = _removal(log, C)
+    assert not ok and msg.startswith(
+        f"node {C} is stopping: its worker said goodbye at event {bye.idx}; the master marks it "
+        "disconnected after a few quiet plan cycles"
+    )
     ok, msg = _removal(log, B, "x" * (MAX_REMOVE_REASON_CHARS + 1))
     assert not ok and f"at most {MAX_REMOVE_REASON_CHARS}" in msg
     log.disconnect(B)

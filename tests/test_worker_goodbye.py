@@ -216,6 +216,12 @@ def test_a_node_that_said_goodbye_keeps_its_slots_but_takes_no_new_ones() -> Non
     _placed_epoch(world, planner)
     held = {(d.devshard_id, a.slot) for d in world.state.devshards.values() for a in d.assignments}
     _goodbye(world)
+    for _ in range(2):
+        world.heartbeat(B)
+        world.cycle(planner)
+    # Idle for a third cycle, A is no longer fresh either (and not yet disconnected): the
+    # reason still says why it takes nothing.
+    assert CFG.fresh_idle_cycles < 2 < CFG.stale_cycles
     world.session("late", slots=6)  # more than B's room (4 slots, one held): A is needed
     world.heartbeat(B)
     events = world.cycle(planner)
@@ -252,6 +258,16 @@ def test_a_stopping_node_inside_its_window_stays_excused() -> None:
     # Once the window is over (here: overrun) the stop is judged as any other: its silent
     # cycles counted on through the window, so at once, and with the goodbye's words.
     world.tick(duration)
+    # The log's line for it, decided with the overrun in one cycle (the window is still open
+    # in the state decided on): the hint says the window ran out, not "stop inside one".
+    events, _ = check_liveness(world.state, book, world.now, CFG)
+    [line] = [
+        ln.message
+        for ln in decision_lines([*events], world.state, world.now)
+        if ln.message.startswith(f"node {A} disconnected")
+    ]
+    assert f"(its maintenance window {window_id} ended at " in line, line
+    assert "before it was back: a stop is excused only inside its window)" in line, line
     world.master([MaintenanceOverrun(window_id=window_id, node_id=A)])
     events, book = check_liveness(world.state, book, world.now, CFG)
     assert [(e.node_id, e.excused) for e in events] == [(A, False)]

@@ -266,9 +266,19 @@ def _disconnected(event: NodeDisconnected, c: _Context) -> str:
         f": it forfeits its reward for epoch {epoch.epoch}" if epoch is not None else ""
     )
     rec = c.state.nodes.get(event.node_id)
-    if rec is not None and rec.stopping_idx and epoch is not None:
-        # A planned stop, not a crash (the reason says so): say how to make one free.
-        message += " (a stop inside the node's maintenance window is excused)"
+    if rec is not None and rec.stopping_idx:
+        # A planned stop, not a crash (the reason says so): say how to make one free -- or,
+        # stopped inside a window that ran out first, why this one was not.
+        window = c.state.open_window(event.node_id)
+        if window is not None and window.state is WindowState.ACTIVE:
+            end = window.end_ms
+            message += (
+                f" (its maintenance window {window.window_id} ended at "
+                f"{format_utc(end, c.now_ms)} before it was back: a stop is excused only "
+                "inside its window)"
+            )
+        elif epoch is not None:
+            message += " (a stop inside the node's maintenance window is excused)"
     held = c.placements.get(event.node_id, ())
     if held:
         count = sum(p.slots for p in held)

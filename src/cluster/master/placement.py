@@ -85,8 +85,8 @@ NO_SLOTS = "offering no slots"
 FULL = "full"
 _REASON_ORDER = (
     DISCONNECTED,
-    STALE,
     STOPPING,
+    STALE,
     IN_MAINTENANCE,
     DRAINING,
     RUNS_NO_RUNNERS,
@@ -232,12 +232,14 @@ class PlacementPool:
             test = rec.self_test
             if not rec.connected or node_id in leaving:
                 reason = DISCONNECTED
+            elif rec.stopping_idx:
+                # Said goodbye: it keeps what it holds mid-epoch until it is back or
+                # disconnected, but takes nothing new meanwhile (at an epoch turn its slots
+                # are placed afresh: its runners restart anyway). Before the staleness
+                # check, which it soon meets too: "stopping" is the truer reason.
+                reason = STOPPING
             elif node_id in not_fresh:
                 reason = STALE
-            elif rec.stopping_idx:
-                # Said goodbye: it keeps what it holds until it is back or disconnected
-                # (a quick restart loses nothing), but takes nothing new meanwhile.
-                reason = STOPPING
             elif node_id in with_window and is_excused(state, node_id, now_ms):
                 reason = IN_MAINTENANCE
             elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):

@@ -190,6 +190,13 @@ def _node_remove(state: State, req: NodeRemove) -> Decision:
             f"(`cluster maintenance finish --node {node_id}`); once the master marks it "
             "disconnected (a few quiet plan cycles), remove it"
         )
+    if rec.connected and rec.stopping_idx:
+        # Its worker has stopped already: telling the operator to stop it would mislead.
+        return _refuse(
+            f"node {node_id} is stopping: its worker said goodbye at event {rec.stopping_idx}; "
+            "the master marks it disconnected after a few quiet plan cycles (unless it is "
+            "back by then): remove it once it is"
+        )
     if rec.connected:
         return _refuse(
             f"node {node_id} is connected: stop its worker first, and once the master marks it "
