@@ -267,9 +267,11 @@ def stage_work(c: SimCluster) -> str:
 def stage_settlement(c: SimCluster) -> str:
     epoch = c.state.epoch
     assert epoch is not None
-    ie = c.until("EpochSettled", lambda ie: isinstance(ie.event, EpochSettled), 3)
-    assert isinstance(ie.event, EpochSettled)
-    payouts = {p.node_id: p for p in ie.event.payouts}
+    # The final part: a large settlement comes in several (`split_settlement`), so the
+    # payouts are read from the settled ledger, not from one event.
+    c.until("EpochSettled", lambda ie: isinstance(ie.event, EpochSettled) and ie.event.final, 3)
+    ledger = c.state.ledgers[epoch.epoch]
+    payouts = {n: a.payout for n, a in ledger.nodes.items() if a.payout is not None}
     punished = [n for n, p in payouts.items() if p.punished]
     require(not punished, f"nodes punished in a clean epoch: {punished}")
     paid = sum(p.reward for p in payouts.values())
