@@ -29,13 +29,24 @@ from cluster.net.membership import (
     new_nonce,
     validate_peer_id,
 )
-from cluster.net.protocol import CONTENT_REFUSALS
+from cluster.net.protocol import CONTENT_REFUSALS, MAX_BOOT_ID_CHARS, MAX_RUNNER_DIGEST_CHARS
 from cluster.shared.events import (
+    MAX_HOSTNAME_CHARS,
+    MAX_ID_CHARS,
     MAX_MISSED_SLOTS,
+    MAX_NODE_GPUS,
+    MAX_REASON_CHARS,
     MAX_WORK_UNITS,
     EpochStarted,
     Event,
+    GpuInfo,
+    NodeGatheredInfo,
     NodeHeartbeat,
+    NodeInfo,
+    NodeStopping,
+    RunnerSelfTestCompleted,
+    RunnerStatus,
+    RunnerStatusUpdated,
     WorkMissed,
     WorkReported,
 )
@@ -134,6 +145,128 @@ def test_only_the_master_excuses_missed_work() -> None:
         check_worker_columns(A, [1, 2], [hb, excused])  # the fast path too
 
 
+_FAILED = RunnerStatusUpdated(
+    runner_id="ds-1-s2/0", node_id=A, status=RunnerStatus.FAILED, devshard_id="ds-1-s2"
+)
+_TESTED = RunnerSelfTestCompleted(node_id=A, runner_kind="simulated", passed=False)
+_MISSED = WorkMissed(devshard_id="ds-1-s2", node_id=A, epoch=1)
+_WORK = WorkReported(devshard_id="ds-1-s2", node_id=A, units=1, epoch=1)
+_STOPPING = NodeStopping(node_id=A, boot_id="0123456789abcdef")
+_GPU = GpuInfo(index=0, name="NVIDIA H100", uuid="GPU-1", memory_total_mb=1, memory_used_mb=0)
+_INFO = NodeGatheredInfo(node_id=A, source="gpu", info=NodeInfo(hostname="h1", gpus=(_GPU,)))
+
+
+def _with(event: Event, field: str, value: object) -> Event:
+    """`event` with one field, or one field of its `info` ("info.hostname"), replaced."""
+    if field.startswith("info."):
+        assert isinstance(event, NodeGatheredInfo)
+        info = msgspec.structs.replace(event.info, **{field.removeprefix("info."): value})
+        return msgspec.structs.replace(event, info=info)
+    return msgspec.structs.replace(event, **{field: value})
+
+
+def _refuses_text(event: Event, field: str, limit: int) -> None:
+    """`field` of `event` at `limit` characters is admitted; one more is refused, naming the
+    event kind, its seq, the field, its length and the limit, with a code the worker sets
+    aside (worker/client.py: a content refusal is never resent)."""
+    check_worker_event(A, 1, _with(event, field, "x" * limit))
+    long = _with(event, field, "x" * (limit + 1))
+    kind = type(event).__name__
+    why = f"{kind} \\(seq 7\\) field {field} holds {limit + 1} characters: the limit is {limit}$"
+    with pytest.raises(AdmissionError, match=why) as err:
+        check_worker_event(A, 7, long)
+    assert err.value.code == "forbidden-event" and err.value.code in CONTENT_REFUSALS
+    with pytest.raises(AdmissionError, match=why):
+        check_worker_columns(A, [6, 7], [NodeHeartbeat(node_id=A), long])  # the fast path too
+
+
+def test_failure_reasons_are_bounded_as_honest_workers_clip_them() -> None:
+    """A reason was bounded only by the event size (1 MiB): a modified worker could write a
+    megabyte per event into the log (and, through the planner, into WorkMissed reasons)."""
+    for event in (_FAILED, _TESTED, _MISSED, _STOPPING):
+        _refuses_text(event, "reason", MAX_REASON_CHARS)
+
+
+_BOUNDED: tuple[tuple[Event, str, int], ...] = (
+    (_FAILED, "reason", MAX_REASON_CHARS),
+    (_FAILED, "runner_id", MAX_ID_CHARS),
+    (_FAILED, "devshard_id", MAX_ID_CHARS),
+    (_TESTED, "reason", MAX_REASON_CHARS),
+    (_TESTED, "runner_kind", MAX_ID_CHARS),
+    (_TESTED, "config_digest", MAX_RUNNER_DIGEST_CHARS),
+    (_WORK, "devshard_id", MAX_ID_CHARS),
+    (_MISSED, "devshard_id", MAX_ID_CHARS),
+    (_MISSED, "reason", MAX_REASON_CHARS),
+    (_STOPPING, "boot_id", MAX_BOOT_ID_CHARS),
+    (_STOPPING, "reason", MAX_REASON_CHARS),
+    (_INFO, "source", MAX_ID_CHARS),
+    (_INFO, "info.hostname", MAX_HOSTNAME_CHARS),
+)
+
+
+def test_ids_a_worker_names_or_echoes_are_bounded() -> None:
+    for event, field in (
+        (_FAILED, "runner_id"),
+        (_FAILED, "devshard_id"),
+        (_WORK, "devshard_id"),
+        (_MISSED, "devshard_id"),
+        (_TESTED, "runner_kind"),
+        (_INFO, "source"),
+    ):
+        _refuses_text(event, field, MAX_ID_CHARS)
+    # Bounded as the hello's fields they are compared with.
+    _refuses_text(_STOPPING, "boot_id", MAX_BOOT_ID_CHARS)
+    _refuses_text(_TESTED, "config_digest", MAX_RUNNER_DIGEST_CHARS)
+
+
+def test_machine_info_text_is_bounded() -> None:
+    _refuses_text(_INFO, "info.hostname", MAX_HOSTNAME_CHARS)
+    check_worker_event(A, 1, _with(_INFO, "info.gpus", (_GPU,) * MAX_NODE_GPUS))
+    many = _with(_INFO, "info.gpus", (_GPU,) * (MAX_NODE_GPUS + 1))
+    why = rf"NodeGatheredInfo \(seq 3\) field info.gpus lists {MAX_NODE_GPUS + 1} GPUs: the limit"
+    with pytest.raises(AdmissionError, match=why):
+        check_worker_event(A, 3, many)
+    for field in ("name", "uuid"):
+        check_worker_event(A, 1, _with(_INFO, "info.gpus", (_GPU, _with_gpu(field, MAX_ID_CHARS))))
+        bad = _with(_INFO, "info.gpus", (_GPU, _with_gpu(field, MAX_ID_CHARS + 1)))
+        why = rf"field info.gpus\[1\]\.{field} holds {MAX_ID_CHARS + 1} characters: the limit is"
+        with pytest.raises(AdmissionError, match=why) as err:
+            check_worker_event(A, 3, bad)
+        assert err.value.code == "forbidden-event"
+
+
+def _with_gpu(field: str, length: int) -> GpuInfo:
+    return msgspec.structs.replace(_GPU, **{field: "g" * length})
+
+
+def test_keys_a_worker_makes_must_be_printable_but_free_text_need_not() -> None:
+    """Keys the worker makes itself (hex boot ids and digests, fixed names) are refused with a
+    control character; reasons (a program's stderr) and hostnames keep theirs, escaped where
+    shown; devshard ids too: the master made them, and a session named before names were
+    checked whole could end in a newline -- its work must still be taken."""
+    keys: tuple[tuple[Event, str], ...] = (
+        (_STOPPING, "boot_id"),
+        (_TESTED, "config_digest"),
+        (_TESTED, "runner_kind"),
+        (_INFO, "source"),
+    )
+    for event, field in keys:
+        bad = _with(event, field, "ab\x1b[2Jcd")
+        why = rf"\(seq 2\) field {field} holds the control or format character '\\x1b' at 2"
+        with pytest.raises(AdmissionError, match=why) as err:
+            check_worker_event(A, 2, bad)
+        assert err.value.code == "forbidden-event"
+    free: tuple[tuple[Event, str], ...] = (
+        (_FAILED, "reason"),
+        (_STOPPING, "reason"),
+        (_INFO, "info.hostname"),
+        (_WORK, "devshard_id"),
+        (_FAILED, "runner_id"),
+    )
+    for event, field in free:
+        check_worker_event(A, 1, _with(event, field, "line one\nline\ttwo\x1b[0m"))
+
+
 def test_batches_must_count_up() -> None:
     hb = NodeHeartbeat(node_id=A)
     check_worker_batch(A, [(5, hb), (6, hb), (9, hb)])  # gaps are fine (duplicates dropped)
@@ -152,6 +285,8 @@ def test_batches_must_count_up() -> None:
         (1, EpochStarted(epoch=1, start_ms=0, end_ms=1, seed=0)),
         (1, WorkReported(devshard_id="d", node_id=A, units=0, epoch=0)),
         (1, WorkMissed(devshard_id="d", node_id=A, epoch=0, count=0)),
+        (1, NodeStopping(node_id=A, boot_id="b", reason="r" * (MAX_REASON_CHARS + 1))),
+        (1, NodeStopping(node_id=A, boot_id="b\n")),
     ],
 )
 def test_every_admission_refusal_is_one_the_worker_sets_aside(seq: int, event: Event) -> None:
@@ -170,6 +305,16 @@ def _verdict(check: Callable[[], None]) -> tuple[str, str] | None:
     return None
 
 
+def _too_long_batches(hb: Event, work: Event) -> list[list[tuple[int, Event]]]:
+    """For each bounded field, a batch of one event with it one character too long, and a
+    batch of several kinds that holds that event."""
+    batches: list[list[tuple[int, Event]]] = []
+    for event, field, limit in _BOUNDED:
+        long = _with(event, field, "x" * (limit + 1))
+        batches += [[(1, long)], [(1, hb), (2, work), (3, long), (4, hb)]]
+    return batches
+
+
 def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
     hb = NodeHeartbeat(node_id=A)
     work = WorkReported(devshard_id="d", node_id=A, units=MAX_WORK_UNITS, epoch=1)
@@ -178,6 +323,18 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
         [],
         [(5, hb), (6, hb), (9, hb)],
         [(1, work), (2, missed), (2**63 - 1, hb)],
+        # Every text at its bound, and free text with control characters (escaped when shown).
+        [
+            (1, _with(_FAILED, "reason", "r\n" * (MAX_REASON_CHARS // 2))),
+            (2, _with(_TESTED, "config_digest", "f" * MAX_RUNNER_DIGEST_CHARS)),
+            (3, _with(_STOPPING, "boot_id", "b" * MAX_BOOT_ID_CHARS)),
+            (4, _with(_INFO, "info.gpus", (_with_gpu("name", MAX_ID_CHARS),) * MAX_NODE_GPUS)),
+            (5, _with(_INFO, "info.hostname", "\x1b" * MAX_HOSTNAME_CHARS)),
+            (6, _with(_WORK, "devshard_id", "ds-1-s2-x\n")),
+            (7, _MISSED),
+            (8, _INFO),
+        ],
+        [(1, _with(_INFO, "info", NodeInfo())), (2, _INFO)],  # no hostname, no GPUs
     ]
     bad: list[list[tuple[int, Event]]] = [
         [(7, hb), (9, hb), (8, hb)],
@@ -193,6 +350,16 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
         [(1, msgspec.structs.replace(work, units=-5))],
         [(1, missed), (2, msgspec.structs.replace(missed, count=0))],
         [(1, msgspec.structs.replace(missed, excused=True))],
+        # Text bounds: each bounded field, alone and among other kinds.
+        *_too_long_batches(hb, work),
+        [(1, _with(_INFO, "info.gpus", (_GPU,) * (MAX_NODE_GPUS + 1)))],
+        [(1, _INFO), (2, _with(_INFO, "info.gpus", (_GPU, _with_gpu("name", MAX_ID_CHARS + 1))))],
+        [(1, hb), (2, _with(_INFO, "info.gpus", (_with_gpu("uuid", MAX_ID_CHARS + 1),)))],
+        # Keys a worker makes must be printable, on both paths.
+        [(1, hb), (2, _with(_STOPPING, "boot_id", "b\x00"))],
+        [(1, _with(_TESTED, "config_digest", "\u202e"))],
+        [(1, _INFO), (2, _with(_INFO, "source", "gpu\n"))],
+        [(1, _with(_TESTED, "runner_kind", "sim\x7f")), (2, _TESTED)],
     ]
     for pairs in good + bad:
         seqs, events = [s for s, _ in pairs], [e for _, e in pairs]

@@ -15,6 +15,7 @@ import secrets
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from embedded_nodes import fast_master
 
@@ -22,6 +23,8 @@ import cluster.worker.client as client_module
 from cluster.master.node import MasterNode
 from cluster.net.identity import load_identity
 from cluster.shared.events import (
+    MAX_HOSTNAME_CHARS,
+    MAX_REASON_CHARS,
     MAX_WORK_UNITS,
     Event,
     NodeConnected,
@@ -99,6 +102,41 @@ async def test_refused_events_are_set_aside_and_the_rest_delivered(
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert any("seq 3 (WorkReported)" in m and "set aside" in m for m in errors)
         assert not any("unreachable" in r.getMessage() for r in caplog.records)
+    finally:
+        if worker is not None:
+            worker.close()
+        master.close()
+
+
+@pytest.mark.anyio
+async def test_over_long_text_is_set_aside_and_nothing_else_lost(tmp_path: Path) -> None:
+    """Text beyond the master's bounds (which honest workers never reach: they clip) is
+    refused as content: the worker sets that event aside and delivers every other one."""
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret)
+    worker: Worker | None = None
+    try:
+        _, me = load_identity(tmp_path / "worker")
+        failed = RunnerStatusUpdated(
+            runner_id="ds-x/0", node_id=me, status=RunnerStatus.FAILED, devshard_id="ds-x"
+        )
+        long_reason = msgspec.structs.replace(failed, reason="x" * (MAX_REASON_CHARS + 1))
+        long_host = NodeGatheredInfo(
+            node_id=me, source="host", info=NodeInfo(hostname="h" * (MAX_HOSTNAME_CHARS + 1))
+        )
+        fine = NodeGatheredInfo(node_id=me, source="host", info=NodeInfo(hostname="h1"))
+        emitted: list[Event] = [fine, long_reason, failed, long_host, fine]
+        with anyio.fail_after(60):
+            worker = await _deliver(master, tmp_path, secret, emitted)
+        logged = [ie.event for ie in master.store.read_from(1) if ie.origin == me]
+        assert [e for e in logged if not isinstance(e, NodeConnected)] == [fine, failed, fine]
+        refused = [json.loads(line) for line in worker.outbox.refused_path.read_text().splitlines()]
+        assert [(r["seq"], r["code"]) for r in refused] == [
+            (2, "forbidden-event"),
+            (4, "forbidden-event"),
+        ]
+        assert f"field reason holds {MAX_REASON_CHARS + 1} characters" in refused[0]["reason"]
+        assert "field info.hostname holds" in refused[1]["reason"]
     finally:
         if worker is not None:
             worker.close()

@@ -6,20 +6,37 @@ a worker observes; decisions (placement, epochs, maintenance transitions, discon
 the master's and arrive only through the planner or a request handler. So is an excuse: a
 worker may report work it missed, but only the master excuses a miss (the one maintenance
 rule, `cluster.shared.excuse`), so a `WorkMissed` marked excused is refused from a worker.
+
+Every text a worker writes is bounded too (`TEXT_LIMITS`, `_info_text_problem`): the log keeps
+each event forever, on every replica, and status pages and decision-log lines show them, so
+a field may not be bounded only by the event size (1 MiB). The bounds are far above what an
+honest worker sends (it clips reasons and hostnames to them). Keys a worker makes itself
+(`KEY_FIELDS`: hex digests, boot ids, fixed names) must also be printable: no display or
+comparison should meet a newline or an escape code in a key. Free text (reasons, hostnames,
+GPU names) may hold any character -- a reason quotes a program's stderr -- and is escaped
+where it is shown (`humanize.printable`); so are the runner and devshard ids a worker
+echoes, which the master made: a session named before names were checked with `fullmatch`
+could end in a newline, and its devshard's work must still be taken.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from operator import attrgetter, lt
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, lt
 from typing import Final
 
 import msgspec
 
+from cluster.net.protocol import MAX_BOOT_ID_CHARS, MAX_RUNNER_DIGEST_CHARS
 from cluster.shared.events import (
     INT64_MAX,
     MAX_EVENT_BYTES,
+    MAX_HOSTNAME_CHARS,
+    MAX_ID_CHARS,
     MAX_MISSED_SLOTS,
+    MAX_NODE_GPUS,
+    MAX_REASON_CHARS,
     MAX_WORK_UNITS,
     Event,
     NodeGatheredInfo,
@@ -32,6 +49,8 @@ from cluster.shared.events import (
 )
 
 _node_id = attrgetter("node_id")
+_info, _hostname, _gpus = attrgetter("info"), attrgetter("hostname"), attrgetter("gpus")
+_gpu_name, _gpu_uuid = attrgetter("name"), attrgetter("uuid")
 _encode = msgspec.msgpack.Encoder().encode
 
 WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
@@ -44,6 +63,37 @@ WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
     # A worker's goodbye: only for its own node (the origin check below), like every fact.
     NodeStopping,
 )
+
+
+#: The longest text each worker event kind may carry, field by field (`node_id` is bound to
+#: the origin instead; NodeGatheredInfo's `info` is checked by `_info_text_problem`).
+TEXT_LIMITS: Final[dict[type, tuple[tuple[str, int], ...]]] = {
+    NodeGatheredInfo: (("source", MAX_ID_CHARS),),
+    RunnerStatusUpdated: (
+        ("runner_id", MAX_ID_CHARS),
+        ("devshard_id", MAX_ID_CHARS),
+        ("reason", MAX_REASON_CHARS),
+    ),
+    RunnerSelfTestCompleted: (
+        ("runner_kind", MAX_ID_CHARS),
+        ("config_digest", MAX_RUNNER_DIGEST_CHARS),  # compared with Hello.runner_digest
+        ("reason", MAX_REASON_CHARS),
+    ),
+    WorkReported: (("devshard_id", MAX_ID_CHARS),),
+    WorkMissed: (("devshard_id", MAX_ID_CHARS), ("reason", MAX_REASON_CHARS)),
+    NodeStopping: (("boot_id", MAX_BOOT_ID_CHARS), ("reason", MAX_REASON_CHARS)),  # as Hello's
+}
+#: Keys the worker makes itself, which must be printable (no control or format character).
+KEY_FIELDS: Final[dict[type, tuple[str, ...]]] = {
+    NodeGatheredInfo: ("source",),
+    RunnerSelfTestCompleted: ("runner_kind", "config_digest"),
+    NodeStopping: ("boot_id",),
+}
+_getters: Final = {
+    kind: tuple((attrgetter(field), limit) for field, limit in limits)
+    for kind, limits in TEXT_LIMITS.items()
+}
+_key_getters: Final = {kind: tuple(map(attrgetter, fields)) for kind, fields in KEY_FIELDS.items()}
 
 
 class AdmissionError(Exception):
@@ -79,12 +129,74 @@ def check_worker_event(origin: str, seq: int, event: Event) -> None:
             f"WorkMissed (seq {seq}) is marked excused: only the master excuses missed work "
             "(maintenance windows); a worker reports its misses with excused=False",
         )
+    problem = text_problem(event)
+    if problem is not None:
+        raise AdmissionError("forbidden-event", f"{type(event).__name__} (seq {seq}) {problem}")
     node_id = getattr(event, "node_id", origin)
     if node_id != origin:
         raise AdmissionError(
             "forbidden-origin",
             f"peer {origin} may not speak for node {node_id} ({type(event).__name__}, seq {seq})",
         )
+
+
+def text_problem(event: Event) -> str | None:
+    """What is wrong with the text of a worker event (a field too long, a key that is not
+    printable), or None."""
+    kind = type(event)
+    for field, limit in TEXT_LIMITS.get(kind, ()):
+        n = len(getattr(event, field))
+        if n > limit:
+            return f"field {field} holds {n} characters: the limit is {limit}"
+    for field in KEY_FIELDS.get(kind, ()):
+        value: str = getattr(event, field)
+        if not value.isprintable():
+            return _unprintable(field, value)
+    if isinstance(event, NodeGatheredInfo):
+        return _info_text_problem(event)
+    return None
+
+
+def _unprintable(field: str, value: str) -> str:
+    at, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+    return (
+        f"field {field} holds the control or format character {char!r} at {at}: "
+        "a key must be printable"
+    )
+
+
+def _info_text_problem(event: NodeGatheredInfo) -> str | None:
+    info = event.info
+    if info.hostname is not None and len(info.hostname) > MAX_HOSTNAME_CHARS:
+        n = len(info.hostname)
+        return f"field info.hostname holds {n} characters: the limit is {MAX_HOSTNAME_CHARS}"
+    gpus = info.gpus or ()
+    if len(gpus) > MAX_NODE_GPUS:
+        return f"field info.gpus lists {len(gpus)} GPUs: the limit is {MAX_NODE_GPUS}"
+    for i, gpu in enumerate(gpus):
+        for field in ("name", "uuid"):
+            n = len(getattr(gpu, field))
+            if n > MAX_ID_CHARS:
+                limit = MAX_ID_CHARS
+                return f"field info.gpus[{i}].{field} holds {n} characters: the limit is {limit}"
+    return None
+
+
+def _infos_in_bounds(events: Sequence[NodeGatheredInfo]) -> bool:
+    """`_info_text_problem` is None for every event, in C-level passes."""
+    infos = list(map(_info, events))
+    hostnames = [h for h in map(_hostname, infos) if h is not None]
+    if hostnames and max(map(len, hostnames)) > MAX_HOSTNAME_CHARS:
+        return False
+    gpu_lists = [g for g in map(_gpus, infos) if g]
+    if not gpu_lists:
+        return True
+    if max(map(len, gpu_lists)) > MAX_NODE_GPUS:
+        return False
+    gpus = list(chain.from_iterable(gpu_lists))
+    return max(map(len, map(_gpu_name, gpus))) <= MAX_ID_CHARS and (
+        max(map(len, map(_gpu_uuid, gpus))) <= MAX_ID_CHARS
+    )
 
 
 def check_worker_batch(origin: str, events: Iterable[tuple[int, Event]]) -> None:
@@ -136,6 +248,7 @@ def check_worker_columns(origin: str, seqs: Sequence[int], events: Sequence[Even
             and types.issubset(WORKER_EVENT_TYPES)
             and set(map(_node_id, events)) <= {origin}
             and _amounts_in_bounds(events, types)
+            and _texts_in_bounds(events, types)
         )
     except AttributeError:  # an event without a node id: judged one by one below
         ok = False
@@ -153,3 +266,25 @@ def _amounts_in_bounds(events: Sequence[Event], types: set[type]) -> bool:
     return WorkMissed not in types or all(
         1 <= e.count <= MAX_MISSED_SLOTS and not e.excused for e in events if type(e) is WorkMissed
     )
+
+
+def _texts_in_bounds(events: Sequence[Event], types: set[type]) -> bool:
+    """`text_problem` is None for every event, in C-level passes per kind and field: the
+    longest value of each bounded field, and every key printable. (Heartbeats, most of the
+    traffic, carry no text but their node id and are skipped.)"""
+    kinds: list[type] = []
+    for kind in types:
+        getters = _getters.get(kind)
+        if getters is None:
+            continue
+        kinds = kinds or list(map(type, events))
+        of = events if len(types) == 1 else list(compress(events, map(is_, kinds, repeat(kind))))
+        for get, limit in getters:
+            if max(map(len, map(get, of))) > limit:
+                return False
+        for get in _key_getters.get(kind, ()):
+            if not all(map(str.isprintable, map(get, of))):
+                return False
+        if kind is NodeGatheredInfo and not _infos_in_bounds(of):  # type: ignore[arg-type]
+            return False
+    return True

@@ -52,6 +52,18 @@ MAX_MISSED_SLOTS: Final = 2**20
 #: record limit and stop the worker, and the log would keep it forever.
 MAX_REASON_CHARS: Final = 4096
 
+#: The longest id a worker echoes or names in an event: a runner or devshard id (the master
+#: makes them: ``ds-<epoch>-s<index>[-<session name>]/<slot>``, under 120 characters), a
+#: runner kind, an info source's name, a GPU's name or UUID (NVML's buffers hold 96 and 80
+#: bytes). The master refuses longer ones (admission): each is kept in State or the log.
+MAX_ID_CHARS: Final = 256
+#: The longest hostname a worker reports: a DNS name is at most 253 characters, and POSIX's
+#: HOST_NAME_MAX at most 255 (64 on Linux). Workers clip to it; the master refuses longer.
+MAX_HOSTNAME_CHARS: Final = 255
+#: The most GPUs one info event may list: no machine holds more (NVML's own limit is far
+#: below). Bounds the GPU text of one event (x2 `MAX_ID_CHARS`) as the other fields are.
+MAX_NODE_GPUS: Final = 256
+
 #: The largest encoded event a worker may submit (its outbox refuses larger ones; the master
 #: refuses them too): every logged record must fit the frames that carry the log to replicas.
 MAX_EVENT_BYTES: Final = 1 << 20

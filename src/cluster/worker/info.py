@@ -32,8 +32,14 @@ import anyio.to_thread
 import msgspec
 import psutil
 
-from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS, NodeGatheredInfo, NodeInfo
-from cluster.shared.humanize import error_text
+from cluster.shared.events import (
+    INT64_MAX,
+    MAX_HOSTNAME_CHARS,
+    MAX_NODE_SLOTS,
+    NodeGatheredInfo,
+    NodeInfo,
+)
+from cluster.shared.humanize import clip, encodable, error_text
 from cluster.worker.gpu import NvmlGpuProbe
 
 log = logging.getLogger(__name__)
@@ -153,7 +159,8 @@ def parse_stall(spec: str) -> tuple[str, float]:
 
 def probe_host(slots: int, slot_memory_mb: int) -> NodeInfo:
     return NodeInfo(
-        hostname=socket.gethostname(),
+        # The master refuses a longer one (admission); no real hostname is (DNS: 253).
+        hostname=clip(encodable(socket.gethostname()), MAX_HOSTNAME_CHARS),
         cpu_count=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
         slots=slots,
         slot_memory_mb=slot_memory_mb,
