@@ -15,6 +15,7 @@ from libp2p.network.stream.exceptions import StreamReset
 
 from cluster.master.admission import (
     AdmissionError,
+    check_event_sizes,
     check_worker_batch,
     check_worker_columns,
     check_worker_event,
@@ -508,3 +509,15 @@ async def test_a_handler_ended_by_a_bare_reset_logs_just_its_name(
     with caplog.at_level(logging.INFO, logger="cluster.net.host"):
         await safe_handler(handler, "submit")(stream)
     assert [r.getMessage() for r in caplog.records] == ["submit handler ended: StreamReset"]
+
+
+def test_an_event_no_replica_frame_could_carry_is_too_large_whatever_its_fields() -> None:
+    """The size bound stays behind the field bounds (which now refuse the usual culprit, a
+    huge reason, first): whatever makes an event outgrow MAX_EVENT_BYTES, it is refused."""
+    small = RunnerStatusUpdated(runner_id="x/0", node_id="n", status=RunnerStatus.FAILED)
+    check_event_sizes([small])
+    huge = msgspec.structs.replace(small, reason="r" * (3 << 20))
+    with pytest.raises(AdmissionError) as err:
+        check_event_sizes([small, huge])
+    assert err.value.code == "too-large"
+    assert str(err.value).startswith("RunnerStatusUpdated of ")
