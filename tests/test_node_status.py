@@ -19,6 +19,7 @@ from cluster.shared.events import (
     NodeConnected,
     NodeDisconnected,
     NodeHeartbeat,
+    NodeStopping,
     RunnerSelfTestCompleted,
     SessionRequested,
     SlotAssignment,
@@ -339,6 +340,54 @@ def test_a_disconnected_node_that_speaks_again_rejoins() -> None:
     log = ready_node().master(T0, NodeDisconnected(node_id="node-a", reason="no events"))
     log.joined("node-a", T0 + MIN)
     assert node_status(log.state, "node-a", T0 + MIN).status is NodeState.WAITING_FOR_PLACEMENT
+
+
+def stopping_node(placed: bool) -> Log:
+    """node-a joined under worker process b1, tested, maybe placed, then said goodbye."""
+    log = Log().master(T0, NodeConnected(node_id="node-a", boot_id="b1"))
+    log.joined("node-a").tested("node-a").epoch(1, T0, T0 + 10 * MIN)
+    if placed:
+        log.placed("ds-1", ["node-a"], epoch=1, ends_ms=T0 + 10 * MIN)
+    return log.add("node-a", T0, NodeStopping(node_id="node-a", boot_id="b1", reason="got SIGTERM"))
+
+
+def test_a_node_whose_worker_said_goodbye_is_stopping_not_serving() -> None:
+    # Its runners have stopped: "serving 1 slot" was false, and the slot goes at the disconnect.
+    log = stopping_node(placed=True)
+    idx = log.state.nodes["node-a"].stopping_idx
+    st = node_status(log.state, "node-a", T0 + MIN)
+    assert st.status is NodeState.STOPPING
+    assert st.message == (
+        f"stopping: its worker said goodbye at event index {idx} (got SIGTERM); disconnected"
+        " (unexcused) unless back within a few plan cycles; then its 1 slot (ds-1) is re-placed"
+    )
+    assert st.log_level is LogLevel.INFO
+    assert (st.slots, st.devshards) == (1, ("ds-1",))  # still held on paper until then
+
+
+def test_an_idle_node_whose_worker_said_goodbye_is_not_told_it_is_safe_to_restart() -> None:
+    # "waiting for placement ... safe to restart" was wrong: it gets nothing new and forfeits
+    # its epoch's reward unless back in time.
+    st = node_status(stopping_node(placed=False).state, "node-a", T0 + MIN)
+    assert st.status is NodeState.STOPPING
+    assert "safe to restart" not in st.message
+    assert st.message.endswith("unless back within a few plan cycles")
+
+
+def test_a_stopping_node_in_its_maintenance_window_is_in_maintenance() -> None:
+    log = stopping_node(placed=False).scheduled("node-a", "w-1", T0, 25 * MIN)
+    log.master(T0, MaintenanceStarted(window_id="w-1", node_id="node-a"))
+    assert node_status(log.state, "node-a", T0 + MIN).status is NodeState.MAINTENANCE
+
+
+def test_a_stopping_node_back_or_disconnected_is_no_longer_stopping() -> None:
+    back = stopping_node(placed=True)
+    back.master(T0, NodeConnected(node_id="node-a", boot_id="b2"))  # a quick restart
+    back.joined("node-a")
+    assert node_status(back.state, "node-a", T0 + MIN).status is NodeState.SERVING
+    gone = stopping_node(placed=True)
+    gone.master(T0, NodeDisconnected(node_id="node-a", reason="stopped by its operator"))
+    assert node_status(gone.state, "node-a", T0 + MIN).status is NodeState.DISCONNECTED
 
 
 def test_only_failures_are_outside_the_normal_states() -> None:

@@ -6,8 +6,9 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
-from test_node_status import MIN, T0, Log, far_future_log
+from test_node_status import MIN, T0, Log, far_future_log, stopping_node
 
+from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.events import (
     NO_RUNNERS_DIGEST,
     DevshardFinalized,
@@ -27,7 +28,7 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.humanize import clip, printable
-from cluster.shared.node_status import NodeState
+from cluster.shared.node_status import NodeState, node_statuses
 from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, WindowState
 from cluster.shared.status_view import (
     DEFAULT_RECENT_WINDOWS,
@@ -262,6 +263,21 @@ def test_a_facts_only_node_is_shown_and_counted_as_such_not_as_self_testing() ->
     row = next(line for line in text.splitlines() if line.startswith("facts "))
     assert "facts only" in row and "facts only (runs no runners)" in row
     assert "self-test" not in text
+
+
+def test_a_stopping_node_is_shown_and_counted_as_such_everywhere() -> None:
+    # It was shown and counted as serving (or waiting) although its worker had stopped.
+    state = stopping_node(placed=True).state
+    status = cluster_status(state, T0 + MIN)
+    text = render_text(status)
+    assert "nodes: 1 (1 stopping)" in text
+    row = next(line for line in text.splitlines() if line.startswith("node-a "))
+    assert "stopping  1/0" in row and "stopping: its worker said goodbye" in row
+    assert json.loads(to_json(status))["counts"]["stopping"] == 1
+    assert status.counts["serving"] == 0
+    metrics = render_prometheus(MasterMetrics(), node_statuses(state, T0 + MIN))
+    assert 'cluster_nodes{status="stopping"} 1' in metrics.splitlines()
+    assert 'cluster_nodes{status="serving"} 0' in metrics.splitlines()
 
 
 def test_render_text_of_an_empty_cluster() -> None:

@@ -14,12 +14,16 @@ Precedence, first match wins, and why:
   2. unknown to State: catching up if known to be behind, else connecting;
   3. maintenance overran (ACTIVE past its end, before the planner closes it): warn;
   4. disconnected;
-  5. catching up (behind by at least `catch_up_threshold` events);
-  6. connected but not yet heard from since (re)joining: connecting;
-  7. draining (its window says so, whatever else it does);
-  8. facts only: its worker runs no runners, so no test will come and nothing is placed;
-  9. self-testing, then test failed;
- 10. serving when it holds slots of live devshards, else waiting for placement.
+  5. stopping: its worker said goodbye (`NodeRecord.stopping_idx`), so its runners have
+     stopped whatever it still holds on paper, nothing new is placed on it, and the planner
+     disconnects it (unexcused) unless it is back within `stale_cycles` plan cycles -- not
+     "serving", not "waiting ... safe to restart". A node in its window is excused (1.);
+  6. catching up (behind by at least `catch_up_threshold` events);
+  7. connected but not yet heard from since (re)joining: connecting;
+  8. draining (its window says so, whatever else it does);
+  9. facts only: its worker runs no runners, so no test will come and nothing is placed;
+ 10. self-testing, then test failed;
+ 11. serving when it holds slots of live devshards, else waiting for placement.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class NodeState(StrEnum):
     MAINTENANCE = "maintenance"
     MAINTENANCE_OVERRUN = "maintenance_overrun"
     DISCONNECTED = "disconnected"
+    STOPPING = "stopping"
 
 
 class LogLevel(StrEnum):
@@ -83,6 +88,8 @@ NORMAL_STATES: Final = frozenset(
         NodeState.SERVING,
         NodeState.DRAINING,
         NodeState.MAINTENANCE,
+        # Its operator stopped it: the disconnect that may follow is the one that warns.
+        NodeState.STOPPING,
     }
 )
 
@@ -175,6 +182,8 @@ def node_status(
         )
     if not rec.connected:
         return status(NodeState.DISCONNECTED, _disconnected_message(rec, now_ms))
+    if rec.stopping_idx:
+        return status(NodeState.STOPPING, _stopping_message(rec, held))
     if behind:
         return status(NodeState.CATCHING_UP, _catching_up_message(events_behind or 0))
     if state.last_event_index(node_id) < rec.joined_idx:
@@ -243,6 +252,21 @@ def _disconnected_message(rec: NodeRecord, now_ms: int) -> str:
     message = f"disconnected {ago} ago"
     if rec.disconnected_reason:
         message += f": {rec.disconnected_reason}"
+    return message
+
+
+def _stopping_message(rec: NodeRecord, held: tuple[Placement, ...]) -> str:
+    # K (`stale_cycles`) is the planner's setting, which State does not carry: no number.
+    why = f" ({rec.stopping_reason})" if rec.stopping_reason else ""
+    message = (
+        f"stopping: its worker said goodbye at event index {rec.stopping_idx}{why}; disconnected"
+        " (unexcused) unless back within a few plan cycles"
+    )
+    if held:
+        n = sum(p.slots for p in held)
+        shards = ", ".join(p.devshard_id for p in held)
+        verb = "is" if n == 1 else "are"
+        message += f"; then its {plural(n, 'slot')} ({shards}) {verb} re-placed"
     return message
 
 

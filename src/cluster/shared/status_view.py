@@ -359,6 +359,7 @@ _LABELS: Final[Mapping[NodeState, str]] = {
     NodeState.MAINTENANCE: "maintenance",
     NodeState.MAINTENANCE_OVERRUN: "OVERRUN",
     NodeState.DISCONNECTED: "DISCONNECTED",
+    NodeState.STOPPING: "stopping",
 }
 
 
