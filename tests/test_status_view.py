@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 from test_node_status import MIN, T0, Log, far_future_log, stopping_node
 
+from cluster.commands.replay import summary_lines
 from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.events import (
     NO_RUNNERS_DIGEST,
@@ -40,6 +42,7 @@ from cluster.shared.status_view import (
     to_json,
 )
 
+DASHBOARD = Path(__file__).resolve().parent.parent / "src" / "cluster" / "master" / "dashboard.html"
 LONG_ID = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 
 
@@ -321,3 +324,83 @@ def test_a_ledger_with_one_late_unit_says_it_in_the_singular() -> None:
     log.master(T0, LateWorkSettled(epoch=6, node_id="node-a", units=1, reward=1))
     text = render_text(cluster_status(log.state, NOW), width=200)
     assert "late 1 unit, paid" in text, text  # it said "late 1 units"
+
+
+def partly_settled() -> Log:
+    """Epoch 1 whose settlement came in parts, only the first applied: node-a paid and node-c
+    punished, node-b's payout (in the final part) not in yet."""
+    log = Log()
+    for node in ("node-a", "node-b", "node-c"):
+        log.joined(node).tested(node)
+    log.epoch(1, T0, T0 + 10 * MIN)
+    log.placed("ds-1", ["node-a", "node-b", "node-c"], epoch=1, ends_ms=T0 + 10 * MIN)
+    for node, units in (("node-a", 10), ("node-b", 7), ("node-c", 3)):
+        log.add(node, T0, WorkReported(devshard_id="ds-1", node_id=node, units=units, epoch=1))
+    why = "unexcused disconnect: no events for 3 cycles (3s); last event index 9"
+    part = (
+        NodePayout(node_id="node-a", units=10, reward=10, punished=False),
+        NodePayout(node_id="node-c", units=3, reward=0, punished=True, reason=why),
+    )
+    return log.master(T0 + 10 * MIN, EpochSettled(epoch=1, payouts=part, final=False))
+
+
+def test_a_partly_settled_epoch_shows_as_settling_with_its_recorded_payouts() -> None:
+    # It showed as "open" beside paid rows, and the punished row read "open (disconnected:
+    # unexcused disconnect: ...)".
+    log = partly_settled()
+    status = cluster_status(log.state, T0 + 11 * MIN)
+    text = render_text(status, width=200)
+    assert "  epoch 1: settling: 2 of 3 nodes settled" in text
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("1 ")}
+    assert rows["node-a"].endswith("paid 10")
+    assert rows["node-b"].endswith("open")
+    assert rows["node-c"].endswith(
+        "forfeited: unexcused disconnect: no events for 3 cycles (3s); last event index 9"
+    )
+    assert "disconnected: unexcused" not in text
+    ledger = json.loads(to_json(status))["ledgers"][0]
+    assert (ledger["settled"], ledger["settling"], ledger["nodes_settled"]) == (False, True, 2)
+    assert ledger["stage"] == "settling: 2 of 3 nodes settled"
+    assert [(r["node_id"], r["settled"], r["settlement"]) for r in ledger["rows"]] == [
+        ("node-a", True, "paid 10"),
+        ("node-b", False, "open"),
+        (
+            "node-c",
+            True,
+            "forfeited: unexcused disconnect: no events for 3 cycles (3s); last event index 9",
+        ),
+    ]
+    assert from_json(to_json(status)) == status
+    summary = summary_lines(log.state, 0)
+    assert "ledgers:   1 (0 settled, 1 settling)" in summary
+    assert any(line.startswith("  epoch 1: settling: 2 of 3 nodes settled, ") for line in summary)
+
+    final = (NodePayout(node_id="node-b", units=7, reward=7, punished=False),)
+    log.master(T0 + 10 * MIN, EpochSettled(epoch=1, payouts=final))
+    done = cluster_status(log.state, T0 + 11 * MIN).ledgers[0]
+    assert (done.settled, done.settling, done.stage) == (True, False, "settled")
+    assert [r.settlement for r in done.rows][:2] == ["paid 10", "paid 7"]
+    assert "epoch 1: settled, " in "\n".join(summary_lines(log.state, 0))
+
+
+def test_an_open_epoch_says_open_and_why_a_node_will_forfeit() -> None:
+    log = ready_node_in_epoch_with_disconnect()
+    ledger = cluster_status(log.state, T0 + MIN).ledgers[0]
+    assert (ledger.settled, ledger.settling, ledger.stage) == (False, False, "open")
+    assert ledger.rows[0].settlement == "open (disconnected: no events for 3 cycles)"
+
+
+def ready_node_in_epoch_with_disconnect() -> Log:
+    log = Log().joined("node-a").tested("node-a").epoch(1, T0, T0 + 10 * MIN)
+    log.placed("ds-1", ["node-a"], epoch=1, ends_ms=T0 + 10 * MIN)
+    return log.master(T0, NodeDisconnected(node_id="node-a", reason="no events for 3 cycles"))
+
+
+def test_the_dashboard_shows_the_masters_settlement_words_not_its_own() -> None:
+    # It copied the text logic, and so showed a partly settled epoch as "open" beside paid
+    # rows; now the master's `settlement` and `stage` are the words.
+    page = DASHBOARD.read_text()
+    script = page[page.index('fillTable("ledgers"') :]
+    script = script[: script.index("\n\n")]
+    assert "r.settlement" in script and "l.stage" in script
+    assert "disconnected:" not in script and "forfeited" not in script

@@ -20,6 +20,7 @@ from cluster.shared.eventlog import LogError
 from cluster.shared.humanize import format_utc, plural
 from cluster.shared.snapshots import SnapshotError, SnapshotStore
 from cluster.shared.state import State, WindowState
+from cluster.shared.status_view import ledger_stage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,14 @@ def summary_lines(state: State, snapshot_idx: int) -> list[str]:
     lines.append(f"windows:   {len(state.windows):,}" + (f" ({windows})" if windows else ""))
     ledgers = sorted(state.ledgers.values(), key=lambda led: led.epoch)
     settled = sum(1 for led in ledgers if led.settled)
-    lines.append(f"ledgers:   {len(ledgers):,} ({settled:,} settled)")
+    # Partly settled: a settlement logged in parts of which not all are in (yet).
+    settling = sum(
+        1
+        for led in ledgers
+        if not led.settled and any(a.payout is not None for a in led.nodes.values())
+    )
+    more = f", {settling:,} settling" if settling else ""
+    lines.append(f"ledgers:   {len(ledgers):,} ({settled:,} settled{more})")
     for led in ledgers[-5:]:  # the recent epochs are what an operator asks about
         accounts = list(led.nodes.values())
         units = sum(a.units for a in accounts)
@@ -105,7 +113,7 @@ def summary_lines(state: State, snapshot_idx: int) -> list[str]:
         disconnects = sum(1 for a in accounts if a.disconnect is not None)
         misses = sum(a.misses for a in accounts)
         lines.append(
-            f"  epoch {led.epoch}: {'settled' if led.settled else 'open'}, "
+            f"  epoch {led.epoch}: {ledger_stage(led)}, "
             f"{plural(units, 'unit')}, reward {reward:,}, "
             f"{plural(disconnects, 'punished disconnect')}, "
             f"{plural(misses, 'miss', 'misses')}"

@@ -124,18 +124,31 @@ class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
     units: int
     reward: int
     misses: int
-    #: Set once settled: the payout and whether the node forfeited it, and why.
+    #: Set once the node's payout is recorded: the payout and whether the node forfeited
+    #: it, and why (before it: the reason of its unexcused disconnect, if any).
     paid: int
     punished: bool
     reason: str
     late_units: int
     late_paid: int
+    #: Its payout is recorded -- before the epoch is `settled` when the settlement came in
+    #: parts and not all are in yet (`EpochSettled.final`).
+    settled: bool = False
+    #: The SETTLEMENT cell as `cluster status` shows it ("paid 30", "forfeited: …", "open"),
+    #: so the dashboard shows the same words.
+    settlement: str = ""
 
 
 class LedgerView(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int
+    #: The final part of its settlement is applied: every payout is in.
     settled: bool
     rows: tuple[LedgerRow, ...]
+    #: Some payouts are recorded but the final part is not in yet (`nodes_settled` of its
+    #: rows hold theirs); `stage` says where it stands in words (`ledger_stage`).
+    settling: bool = False
+    nodes_settled: int = 0
+    stage: str = ""
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -310,20 +323,39 @@ def _ledger_view(ledger: EpochLedger) -> LedgerView:
         account = ledger.nodes[node_id]
         payout = account.payout
         reason = payout.reason if payout is not None else account.disconnect or ""
-        rows.append(
-            LedgerRow(
-                node_id=node_id,
-                units=account.units,
-                reward=account.reward,
-                misses=account.misses,
-                paid=payout.reward if payout is not None else 0,
-                punished=payout.punished if payout is not None else False,
-                reason=reason,
-                late_units=account.late_units,
-                late_paid=account.late_paid,
-            )
+        row = LedgerRow(
+            node_id=node_id,
+            units=account.units,
+            reward=account.reward,
+            misses=account.misses,
+            paid=payout.reward if payout is not None else 0,
+            punished=payout.punished if payout is not None else False,
+            reason=reason,
+            late_units=account.late_units,
+            late_paid=account.late_paid,
+            settled=payout is not None,
         )
-    return LedgerView(epoch=ledger.epoch, settled=ledger.settled, rows=tuple(rows))
+        rows.append(msgspec.structs.replace(row, settlement=settlement_text(ledger.settled, row)))
+    settled_rows = sum(1 for r in rows if r.settled)
+    return LedgerView(
+        epoch=ledger.epoch,
+        settled=ledger.settled,
+        rows=tuple(rows),
+        settling=not ledger.settled and settled_rows > 0,
+        nodes_settled=settled_rows,
+        stage=ledger_stage(ledger),
+    )
+
+
+def ledger_stage(ledger: EpochLedger) -> str:
+    """Where an epoch's settlement stands: "settled", "open", or -- a settlement logged in
+    parts of which not all are in yet -- "settling: 2 of 3 nodes settled"."""
+    if ledger.settled:
+        return "settled"
+    paid = sum(1 for a in ledger.nodes.values() if a.payout is not None)
+    if not paid:
+        return "open"
+    return f"settling: {paid:,} of {plural(len(ledger.nodes), 'node')} settled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +472,9 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
     )
 
     lines += ["", "LEDGERS (recent epochs)"]
+    # A partly settled epoch (its settlement's last parts not in yet) says so: its rows
+    # alone would read as an open epoch with some nodes paid.
+    lines += [f"  epoch {led.epoch}: {led.stage}" for led in status.ledgers if led.settling]
     lines += _table(
         ("EPOCH", "NODE", "UNITS", "REWARD", "MISSES", "SETTLEMENT"),
         [
@@ -449,7 +484,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
                 format_count(r.units),
                 format_count(r.reward),
                 format_count(r.misses),
-                _settlement(ledger.settled, r),
+                settlement_text(ledger.settled, r),
             )
             for ledger in status.ledgers
             for r in ledger.rows
@@ -482,8 +517,11 @@ def _session_row(s: SessionView, status: ClusterStatus) -> tuple[str, ...]:
     return (s.session_id, s.name or "-", f"{s.slots}{gpu}", s.devshard_id or "-", where)
 
 
-def _settlement(settled: bool, r: LedgerRow) -> str:
-    if not settled:
+def settlement_text(ledger_settled: bool, r: LedgerRow) -> str:
+    """A node's SETTLEMENT cell. A row whose payout is recorded says what it was, even in an
+    epoch still settling; one without says "open" and, if so, why it will forfeit."""
+    if not (ledger_settled or r.settled):
+        # `reason` is the raw reason of its unexcused disconnect (no payout says more yet).
         text = "open" + (f" (disconnected: {r.reason})" if r.reason else "")
     elif r.punished:
         text = "forfeited" + (f": {r.reason}" if r.reason else "")
