@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from hypothesis import given
@@ -404,3 +405,10 @@ def test_the_dashboard_shows_the_masters_settlement_words_not_its_own() -> None:
     script = script[: script.index("\n\n")]
     assert "r.settlement" in script and "l.stage" in script
     assert "disconnected:" not in script and "forfeited" not in script
+
+
+def test_the_dashboard_styles_every_node_status() -> None:
+    # `facts_only` had no rule and showed the chip's fallback grey by accident.
+    style = DASHBOARD.read_text().split("<style>")[1].split("</style>")[0]
+    selectors = set(re.findall(r"\.s-([a-z_]+)\b", style))
+    assert {s.value for s in NodeState} <= selectors, {s.value for s in NodeState} - selectors
