@@ -6,9 +6,10 @@ import json
 import re
 from pathlib import Path
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
-from test_node_status import MIN, T0, Log, far_future_log, stopping_node
+from test_node_status import MIN, T0, Log, far_future_log, ready_node, stopping_node
 
 from cluster.commands.replay import summary_lines
 from cluster.master.metrics import MasterMetrics, render_prometheus
@@ -31,7 +32,7 @@ from cluster.shared.events import (
     WorkReported,
 )
 from cluster.shared.humanize import clip, printable
-from cluster.shared.node_status import NodeState, node_statuses
+from cluster.shared.node_status import NodeState, node_status, node_statuses
 from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE, WindowState
 from cluster.shared.status_view import (
     DEFAULT_RECENT_WINDOWS,
@@ -78,9 +79,10 @@ def busy_cluster() -> Log:
         "node-a", T0, NodeGatheredInfo(node_id="node-a", source="gpu", info=NodeInfo(gpus=H100S))
     )
     log.joined(LONG_ID)  # self-testing
-    log.joined("node-e").tested("node-e").master(
-        T0, NodeDisconnected(node_id="node-e", reason="no events for 3 cycles")
-    )
+    log.joined("node-e").tested("node-e")
+    # The planner's words (`liveness`), as docs/operations.md shows them.
+    gone = f"no events for 3 cycles (3s); last event index {log.state.last_event_index('node-e')}"
+    log.master(T0, NodeDisconnected(node_id="node-e", reason=gone))
     log.epoch(6, T0 - 10 * MIN, T0)
     log.placed("ds-6-chat", ["node-a"], epoch=6, ends_ms=T0)
     log.add(
@@ -95,7 +97,11 @@ def busy_cluster() -> Log:
             payouts=(
                 NodePayout(node_id="node-a", units=30, reward=30, punished=False),
                 NodePayout(
-                    node_id="node-e", units=0, reward=0, punished=True, reason="disconnected"
+                    node_id="node-e",
+                    units=0,
+                    reward=0,
+                    punished=True,
+                    reason=f"unexcused disconnect: {gone}",
                 ),
             ),
         ),
@@ -209,11 +215,11 @@ def test_render_text_shows_every_node_and_fits_the_terminal() -> None:
         assert node in text
     assert "serving 2 slots of devshard ds-7-chat" in text
     assert "in maintenance until 14:30 UTC" in text
-    assert "disconnected 5m 48s ago: no events for 3 cycles" in text
+    assert "disconnected 5m 48s ago: no events for 3 cycles (3s);" in text
     # The reason's counts are as of its SessionUnplaced, said at T0, not as of now.
     assert "unplaced in epoch 7 as of 14:00 UTC: needs 64 slots, 12\n" in text  # wraps
     assert "epoch 7: ends 14:10 UTC (in 4m 12s)" in text
-    assert "forfeited: disconnected" in text
+    assert "forfeited: unexcused disconnect: no events for 3 cycles (3s);" in text
     for header in ["NODES", "SESSIONS", "MAINTENANCE WINDOWS", "LEDGERS"]:
         assert header in text
     assert all(len(line) <= 100 for line in text.splitlines()), text
@@ -412,3 +418,31 @@ def test_the_dashboard_styles_every_node_status() -> None:
     style = DASHBOARD.read_text().split("<style>")[1].split("</style>")[0]
     selectors = set(re.findall(r"\.s-([a-z_]+)\b", style))
     assert {s.value for s in NodeState} <= selectors, {s.value for s in NodeState} - selectors
+
+
+OPERATIONS_MD = DASHBOARD.parents[3] / "docs" / "operations.md"
+
+
+def test_the_operations_guide_shows_cluster_status_word_for_word() -> None:
+    # Its sample said "no events for 3 cycles" and "forfeited: disconnected", which the
+    # code never prints.
+    doc = OPERATIONS_MD.read_text()
+    start = doc.index("\ncluster at event ") + 1
+    sample = doc[start : doc.index("```", start)]
+    assert sample == render_text(cluster_status(busy_cluster().state, NOW))
+
+
+def test_the_operations_guide_status_table_quotes_the_messages() -> None:
+    doc = OPERATIONS_MD.read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| `(.*)` \| \w+ \|$", doc, re.MULTILINE))
+    gone = "no events for 3 cycles (3s); last event index 812"
+    log = ready_node().master(T0, NodeDisconnected(node_id="node-a", reason=gone))
+    assert table["disconnected"] == node_status(log.state, "node-a", T0 + 3 * MIN).message
+    held = stopping_node(placed=True).placed("ds-7-chat", ["node-a", "node-a"], 1, T0 + MIN)
+    rec = held.state.nodes["node-a"]
+    state = msgspec.structs.replace(
+        held.state,
+        nodes=held.state.nodes.set("node-a", msgspec.structs.replace(rec, stopping_idx=812)),
+        devshards=held.state.devshards.delete("ds-1"),
+    )
+    assert table["stopping"] == node_status(state, "node-a", T0 + MIN).message
