@@ -8,6 +8,7 @@ from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
     NO_RUNNERS_DIGEST,
+    STOP_REASON_CHARS,
     DevshardPlaced,
     EpochStarted,
     Event,
@@ -342,13 +343,14 @@ def test_a_disconnected_node_that_speaks_again_rejoins() -> None:
     assert node_status(log.state, "node-a", T0 + MIN).status is NodeState.WAITING_FOR_PLACEMENT
 
 
-def stopping_node(placed: bool) -> Log:
-    """node-a joined under worker process b1, tested, maybe placed, then said goodbye."""
+def stopping_node(placed: bool, reason: str = "cluster worker got SIGTERM") -> Log:
+    """node-a joined under worker process b1, tested, maybe placed, then said goodbye (with
+    the reason `cluster worker` gives by default)."""
     log = Log().master(T0, NodeConnected(node_id="node-a", boot_id="b1"))
     log.joined("node-a").tested("node-a").epoch(1, T0, T0 + 10 * MIN)
     if placed:
         log.placed("ds-1", ["node-a"], epoch=1, ends_ms=T0 + 10 * MIN)
-    return log.add("node-a", T0, NodeStopping(node_id="node-a", boot_id="b1", reason="got SIGTERM"))
+    return log.add("node-a", T0, NodeStopping(node_id="node-a", boot_id="b1", reason=reason))
 
 
 def test_a_node_whose_worker_said_goodbye_is_stopping_not_serving() -> None:
@@ -358,7 +360,8 @@ def test_a_node_whose_worker_said_goodbye_is_stopping_not_serving() -> None:
     st = node_status(log.state, "node-a", T0 + MIN)
     assert st.status is NodeState.STOPPING
     assert st.message == (
-        f"stopping: its worker said goodbye at event index {idx} (got SIGTERM); disconnected"
+        f"stopping: its worker said goodbye at event index {idx} (cluster worker got SIGTERM); "
+        "disconnected"
         " (unexcused) unless back within a few plan cycles; then its 1 slot (ds-1) is re-placed"
     )
     assert st.log_level is LogLevel.INFO
@@ -372,6 +375,15 @@ def test_an_idle_node_whose_worker_said_goodbye_is_not_told_it_is_safe_to_restar
     assert st.status is NodeState.STOPPING
     assert "safe to restart" not in st.message
     assert st.message.endswith("unless back within a few plan cycles")
+
+
+def test_a_stopping_nodes_status_quotes_its_workers_reason_clipped() -> None:
+    # A worker may send a 4096-character reason: the status quoted all of it (a 77-line
+    # `cluster status`), where the disconnect reason clips it to STOP_REASON_CHARS.
+    st = node_status(stopping_node(placed=False, reason="y" * 4096).state, "node-a", T0 + MIN)
+    assert st.status is NodeState.STOPPING
+    assert "y" * STOP_REASON_CHARS not in st.message
+    assert len(st.message) < STOP_REASON_CHARS + 200, len(st.message)
 
 
 def test_a_stopping_node_in_its_maintenance_window_is_in_maintenance() -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from cluster.master.config import PlannerConfig
-from cluster.shared.events import NodeDisconnected
+from cluster.shared.events import STOP_REASON_CHARS, NodeDisconnected
 from cluster.shared.excuse import is_excused
 from cluster.shared.humanize import clip
 from cluster.shared.state import State
@@ -123,9 +123,6 @@ def check_liveness(
 def _by_node(event: NodeDisconnected) -> str:
     return event.node_id
 
-
-#: The most characters of a worker's own stop reason a disconnect reason quotes.
-STOP_REASON_CHARS: Final = 200
 
 #: How every clean stop's disconnect reason starts (`decision_log` and operators match it).
 STOPPED_BY_OPERATOR: Final = "stopped by its operator"

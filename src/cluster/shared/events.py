@@ -183,6 +183,11 @@ class NodeRemoved(_Event, frozen=True):
 # --- worker goodbye (NodeStopping) ---------------------------------------------------------
 
 
+#: The most characters of a worker's own stop reason (`NodeStopping.reason`, up to
+#: `MAX_REASON_CHARS`) quoted where it is shown: the disconnect reason, the node's status.
+STOP_REASON_CHARS: Final = 200
+
+
 class NodeStopping(_Event, frozen=True):
     """The node's worker is stopping cleanly (its operator stopped it): its last event.
 

@@ -35,8 +35,15 @@ from typing import Final
 
 import msgspec
 
+from cluster.shared.events import STOP_REASON_CHARS
 from cluster.shared.excuse import excusing_window
-from cluster.shared.humanize import format_duration, format_relative, format_utc, plural
+from cluster.shared.humanize import (
+    clip,
+    format_duration,
+    format_relative,
+    format_utc,
+    plural,
+)
 from cluster.shared.state import MaintenanceWindow, NodeRecord, State, WindowState
 
 #: A node this many events (or more) behind the log head shows as catching up. Below it the
@@ -257,7 +264,9 @@ def _disconnected_message(rec: NodeRecord, now_ms: int) -> str:
 
 def _stopping_message(rec: NodeRecord, held: tuple[Placement, ...]) -> str:
     # K (`stale_cycles`) is the planner's setting, which State does not carry: no number.
-    why = f" ({rec.stopping_reason})" if rec.stopping_reason else ""
+    # Clipped as the disconnect reason clips it: a worker may send 4096 characters.
+    said = clip(rec.stopping_reason, STOP_REASON_CHARS)
+    why = f" ({said})" if said else ""
     message = (
         f"stopping: its worker said goodbye at event index {rec.stopping_idx}{why}; disconnected"
         " (unexcused) unless back within a few plan cycles"
