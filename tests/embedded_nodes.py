@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
 from cluster.master.config import PlannerConfig
 from cluster.master.node import MasterNode, MasterNodeConfig
 from cluster.net.membership import Membership
+from cluster.shared.state import NodeRecord
 from cluster.worker.client import WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig
@@ -37,3 +40,11 @@ def fast_worker(
         runner=None if no_runners else runner if runner is not None else RunnerSetting(),
     )
     return WorkerNode(data_dir, master_addr, config, gpu_probe=gpu_probe)
+
+
+async def until_self_tested(master: MasterNode, node_id: str) -> NodeRecord:
+    """Wait until the master's state holds a self-test result for `node_id`, and return the
+    node's record then (bound the wait with the caller's `anyio.fail_after`)."""
+    while (rec := master.state.nodes.get(node_id)) is None or rec.self_test is None:
+        await anyio.sleep(0.05)
+    return rec

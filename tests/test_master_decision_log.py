@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import TaskStatus
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import fast_master, fast_worker, until_self_tested
 
 from cluster.master.server import Master, MasterConfig
 from cluster.net.identity import load_identity
@@ -50,8 +50,7 @@ async def test_a_worker_that_goes_silent_is_logged_as_disconnected_at_warning(
                 worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
                 await tg.start(worker.run)
                 me = worker.node_id
-                while (rec := master.state.nodes.get(me)) is None or rec.self_test is None:
-                    await anyio.sleep(0.05)
+                await until_self_tested(master, me)
                 # Joining and self-testing are normal onboarding: nothing above INFO.
                 joined = [r.getMessage() for r in _decisions(caplog)]
                 assert f"node {me} joined the cluster (first connection)" in joined

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import fast_master, fast_worker, until_self_tested
 
 from cluster.shared.state import SelfTestResult
 from cluster.worker.gpu import NvmlGpuProbe
@@ -96,8 +96,7 @@ async def _self_test_of(tmp_path: Path, gpus: int, nvml: _FakeNvml | None = None
                 )
                 await tg.start(worker.run)
                 node = worker.node_id
-                while (rec := master.state.nodes.get(node)) is None or rec.self_test is None:
-                    await anyio.sleep(0.05)
+                rec = await until_self_tested(master, node)
                 worker.stop()
                 await worker.worker.wait_finished()
                 master.stop()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import fast_master, fast_worker, until_self_tested
 from planner_world import World, of_type, quick_config
 
 from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
@@ -316,8 +316,7 @@ async def test_a_clean_stop_of_a_worker_is_logged_as_stopped_by_its_operator(
                 worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
                 await tg.start(worker.run)
                 me = worker.node_id
-                while (rec := master.state.nodes.get(me)) is None or rec.self_test is None:
-                    await anyio.sleep(0.05)
+                await until_self_tested(master, me)
                 worker.stop("got SIGTERM")
                 while master.state.nodes[me].connected:
                     await anyio.sleep(0.05)
@@ -378,8 +377,7 @@ async def test_the_goodbye_is_the_workers_last_event_even_while_it_waits_for_the
                 monkeypatch.setattr(client, "flush", slow_goodbye_flush)
                 await tg.start(worker.run)
                 me = worker.node_id
-                while (rec := master.state.nodes.get(me)) is None or rec.self_test is None:
-                    await anyio.sleep(0.05)
+                await until_self_tested(master, me)
                 worker.stop("got SIGTERM")
                 while master.state.nodes[me].connected:
                     await anyio.sleep(0.05)
