@@ -66,11 +66,11 @@ async def test_a_removed_nodes_open_streams_are_dropped_and_it_rejoins_with_a_he
 
             removal = await master.master.index_decision(remove)
             removed_idx = removal[-1].idx
+            # It rejoins by a new hello. Which of its streams the worker reads the cut on
+            # first is a race: usually the 'removed' refusal (logged as DROPPED), but a cut
+            # that lands mid-frame on the subscribe stream reads as the stream ending, and
+            # the worker redials as after a network fault -- to the same effect.
             with anyio.fail_after(20):
-                while not any(
-                    r.name == CLIENT and DROPPED in r.getMessage() for r in caplog.records
-                ):
-                    await anyio.sleep(0.05)
                 while not (
                     node in master.master.state.nodes and master.master.state.nodes[node].connected
                 ):
@@ -83,8 +83,10 @@ async def test_a_removed_nodes_open_streams_are_dropped_and_it_rejoins_with_a_he
             worker.close()
         master.close()
     dropped = [r for r in caplog.records if r.name == CLIENT and DROPPED in r.getMessage()]
-    assert len(dropped) == 1 and dropped[0].levelno == logging.WARNING
-    assert "saying hello again to rejoin" in dropped[0].getMessage()
+    assert len(dropped) <= 1, dropped
+    for record in dropped:  # when the refusal was read (see above): one WARNING saying so
+        assert record.levelno == logging.WARNING
+        assert "saying hello again to rejoin" in record.getMessage()
     # After the removal the node's first word in the log is the master's NodeConnected for
     # its hello: nothing of its own before (no bare record), its process and setting named.
     first = next(ie for ie in after if node in (ie.origin, getattr(ie.event, "node_id", None)))
