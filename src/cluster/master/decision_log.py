@@ -299,12 +299,17 @@ def _removed(event: NodeRemoved, c: _Context) -> str:
     return message + "; it no longer counts as a node of the cluster"
 
 
+def _moment(at_ms: int, c: _Context) -> str:
+    """A time in a decision line: "14:00 UTC (in 1h 00m)", as the decision saw it."""
+    return f"{format_utc(at_ms, c.now_ms)} ({format_relative(at_ms, c.now_ms)})"
+
+
 def _scheduled(event: MaintenanceScheduled, c: _Context) -> str:
     start, end = event.start_ms, event.start_ms + event.duration_ms
     return (
         f"maintenance scheduled for node {event.node_id}: window {event.window_id}, "
-        f"{format_duration(event.duration_ms)} from {format_utc(start, c.now_ms)} "
-        f"({format_relative(start, c.now_ms)}) to {format_utc(end, c.now_ms)}"
+        f"{format_duration(event.duration_ms)} from {_moment(start, c)} to "
+        f"{format_utc(end, c.now_ms)}"
     )
 
 
@@ -336,7 +341,7 @@ def _drain_started(event: MaintenanceDrainStarted, c: _Context) -> str:
     when = ""
     if window is not None:
         start = window.start_ms
-        when = f" at {format_utc(start, c.now_ms)} ({format_relative(start, c.now_ms)})"
+        when = f" at {_moment(start, c)}"
     return (
         f"node {event.node_id} draining for maintenance window {event.window_id}, which "
         f"starts{when}: no work that would cross the start is placed there"
@@ -348,7 +353,7 @@ def _maintenance_started(event: MaintenanceStarted, c: _Context) -> str:
     until = ""
     if window is not None:
         end = window.end_ms
-        until = f" until {format_utc(end, c.now_ms)} ({format_relative(end, c.now_ms)})"
+        until = f" until {_moment(end, c)}"
     return f"node {event.node_id} in maintenance (window {event.window_id}){until}: excused"
 
 
@@ -357,7 +362,7 @@ def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
     due = ""
     if window is not None:
         end = window.end_ms
-        due = f", due to end at {format_utc(end, c.now_ms)} ({format_relative(end, c.now_ms)}),"
+        due = f", due to end at {_moment(end, c)},"
     return (
         f"maintenance window {event.window_id} of node {event.node_id}{due} overran: closed "
         "as overrun; normal liveness and penalties apply to the node again (still silent, "
