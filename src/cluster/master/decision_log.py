@@ -338,10 +338,7 @@ def _cancelled(event: MaintenanceCancelled, c: _Context) -> str:
 
 def _drain_started(event: MaintenanceDrainStarted, c: _Context) -> str:
     window = c.state.windows.get(event.window_id)
-    when = ""
-    if window is not None:
-        start = window.start_ms
-        when = f" at {_moment(start, c)}"
+    when = f" at {_moment(window.start_ms, c)}" if window is not None else ""
     return (
         f"node {event.node_id} draining for maintenance window {event.window_id}, which "
         f"starts{when}: no work that would cross the start is placed there"
@@ -350,19 +347,13 @@ def _drain_started(event: MaintenanceDrainStarted, c: _Context) -> str:
 
 def _maintenance_started(event: MaintenanceStarted, c: _Context) -> str:
     window = c.state.windows.get(event.window_id)
-    until = ""
-    if window is not None:
-        end = window.end_ms
-        until = f" until {_moment(end, c)}"
+    until = f" until {_moment(window.end_ms, c)}" if window is not None else ""
     return f"node {event.node_id} in maintenance (window {event.window_id}){until}: excused"
 
 
 def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
     window = c.state.windows.get(event.window_id)
-    due = ""
-    if window is not None:
-        end = window.end_ms
-        due = f", due to end at {_moment(end, c)},"
+    due = f", due to end at {_moment(window.end_ms, c)}," if window is not None else ""
     return (
         f"maintenance window {event.window_id} of node {event.node_id}{due} overran: closed "
         "as overrun; normal liveness and penalties apply to the node again (still silent, "
