@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 
 from cluster.master.config import PlannerConfig
 from cluster.master.node import MasterNode, MasterNodeConfig
@@ -48,3 +53,97 @@ async def until_self_tested(master: MasterNode, node_id: str) -> NodeRecord:
     while (rec := master.state.nodes.get(node_id)) is None or rec.self_test is None:
         await anyio.sleep(0.05)
     return rec
+
+
+@dataclass
+class EmbeddedCluster:
+    """What `embedded_cluster` started: a master on loopback (`addr`), sharing `secret`
+    with its `workers` (each made by `new_worker`, in that order)."""
+
+    master: MasterNode
+    secret: bytes
+    addr: str
+    workers: list[WorkerNode]
+    _dir: Path
+    _tg: TaskGroup
+    _running: list[WorkerNode] = field(default_factory=list)
+
+    @property
+    def worker(self) -> WorkerNode:
+        """The first worker."""
+        return self.workers[0]
+
+    def new_worker(
+        self,
+        *,
+        runner: RunnerSetting | None = None,
+        no_runners: bool = False,
+        gpu_probe: NvmlGpuProbe | None = None,
+    ) -> WorkerNode:
+        """A `fast_worker` of this master (data dir w1, w2, ...), not started yet: a test
+        may patch it first. It is closed when the cluster is."""
+        worker = fast_worker(
+            self._dir / f"w{len(self.workers) + 1}",
+            self.addr,
+            self.secret,
+            runner=runner,
+            no_runners=no_runners,
+            gpu_probe=gpu_probe,
+        )
+        self.workers.append(worker)
+        return worker
+
+    async def start(self, worker: WorkerNode) -> None:
+        """Run `worker` until the cluster stops (or the test stops it)."""
+        await self._tg.start(worker.run)
+        self._running.append(worker)
+
+
+@asynccontextmanager
+async def embedded_cluster(
+    tmp_path: Path,
+    *,
+    workers: int = 1,
+    wait: float = 60.0,
+    epoch_length_ms: int = 600_000,
+    runner: RunnerSetting | None = None,
+    no_runners: bool = False,
+    gpu_probe: NvmlGpuProbe | None = None,
+) -> AsyncIterator[EmbeddedCluster]:
+    """A `fast_master` (data dir `tmp_path / "master"`) and `workers` started workers of it
+    (`runner`, `no_runners` and `gpu_probe` as for `fast_worker`), on 127.0.0.1 with a fresh
+    secret.
+
+    Everything, the body and the stop included, is bounded by `wait` seconds: a broken
+    node fails the test instead of hanging it. On the way out the workers still running
+    stop (each says goodbye to the live master) and finish, then the master stops; a body
+    that stops them itself, in another order, keeps its order (a second stop does nothing).
+    Last, whatever happened, every worker and the master are closed.
+    """
+    if gpu_probe is not None and workers > 1:
+        raise ValueError(f"one gpu_probe for {workers} workers: each worker closes its own")
+    secret = secrets.token_bytes(32)
+    master = fast_master(tmp_path / "master", secret, epoch_length_ms=epoch_length_ms)
+    made: list[WorkerNode] = []
+    try:
+        with anyio.fail_after(wait):
+            async with anyio.create_task_group() as tg:
+                started = await tg.start(master.run)
+                cluster = EmbeddedCluster(master, secret, started.addrs[0], made, tmp_path, tg)
+                for _ in range(workers):
+                    worker = cluster.new_worker(
+                        runner=runner, no_runners=no_runners, gpu_probe=gpu_probe
+                    )
+                    await cluster.start(worker)
+                yield cluster
+                for worker in cluster._running:
+                    worker.stop()
+                for worker in cluster._running:
+                    await worker.worker.wait_finished()
+                master.stop()
+    finally:
+        try:
+            for worker in made:
+                worker.close()
+        finally:
+            master.close()

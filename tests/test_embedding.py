@@ -248,40 +248,24 @@ async def test_an_embedded_worker_forwards_a_request_object_and_gets_a_reply(
 ) -> None:
     """docs/embedding.md: `node.worker.request_master(payload)` given a request object was
     sent as is and refused by the master ("Expected bytes, got object"), after a round trip."""
-    import secrets
-
     import anyio
-    from embedded_nodes import fast_master, fast_worker
+    from embedded_nodes import embedded_cluster
 
     from cluster.control import MaintenanceNext, Reply, decode_reply, encode_message
-    from cluster.worker.node import WorkerNode
 
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "m", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w", started.addrs[0], secret)
-                await tg.start(worker.run)
-                while not worker.worker.connected:
-                    await anyio.sleep(0.05)
-                reply = await worker.worker.request(MaintenanceNext())
-                assert isinstance(reply, Reply) and reply.ok, reply
-                assert "earliest" in reply.message or "window" in reply.message, reply.message
-                # The encoded form still works, and gives the same answer encoded.
-                raw = await worker.worker.request_master(encode_message(MaintenanceNext()))
-                assert decode_reply(raw) == reply
-                # Refused here, by name, before anything is sent.
-                with pytest.raises(TypeError, match=r"got MaintenanceNext: pass a request"):
-                    await worker.worker.request_master(MaintenanceNext())  # type: ignore[arg-type]
-                with pytest.raises(TypeError, match=r"request of cluster\.control .* got str"):
-                    await worker.worker.request("not a request")  # type: ignore[arg-type]
-                worker.stop()
-                await worker.worker.wait_finished()
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    # On the way out the worker stops and finishes, then the master stops.
+    async with embedded_cluster(tmp_path) as cluster:
+        worker = cluster.worker
+        while not worker.worker.connected:
+            await anyio.sleep(0.05)
+        reply = await worker.worker.request(MaintenanceNext())
+        assert isinstance(reply, Reply) and reply.ok, reply
+        assert "earliest" in reply.message or "window" in reply.message, reply.message
+        # The encoded form still works, and gives the same answer encoded.
+        raw = await worker.worker.request_master(encode_message(MaintenanceNext()))
+        assert decode_reply(raw) == reply
+        # Refused here, by name, before anything is sent.
+        with pytest.raises(TypeError, match=r"got MaintenanceNext: pass a request"):
+            await worker.worker.request_master(MaintenanceNext())  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"request of cluster\.control .* got str"):
+            await worker.worker.request("not a request")  # type: ignore[arg-type]

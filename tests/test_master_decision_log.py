@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import secrets
 from pathlib import Path
 
 import anyio
 import pytest
 from anyio.abc import TaskStatus
-from embedded_nodes import fast_master, fast_worker, until_self_tested
+from embedded_nodes import embedded_cluster, until_self_tested
 
 from cluster.master.server import Master, MasterConfig
 from cluster.net.identity import load_identity
@@ -24,7 +23,6 @@ from cluster.net.membership import Membership
 from cluster.shared import eventlog
 from cluster.shared.events import NodeConnected, NodeDisconnected
 from cluster.shared.store import EventStore
-from cluster.worker.node import WorkerNode
 
 DECISIONS = "cluster.master.decisions"
 #: Bound on every wait: a broken master fails the test instead of hanging it.
@@ -40,31 +38,19 @@ async def test_a_worker_that_goes_silent_is_logged_as_disconnected_at_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=DECISIONS)
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(WAIT):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                await tg.start(worker.run)
-                me = worker.node_id
-                await until_self_tested(master, me)
-                # Joining and self-testing are normal onboarding: nothing above INFO.
-                joined = [r.getMessage() for r in _decisions(caplog)]
-                assert f"node {me} joined the cluster (first connection)" in joined
-                assert not [r for r in _decisions(caplog) if r.levelno > logging.INFO]
-                # The connection part ends without a goodbye (as after a crash): silent from
-                # now on, liveness disconnects it. (`worker.stop()` would say goodbye.)
-                worker.worker.stop()
-                while master.state.nodes[me].connected:
-                    await anyio.sleep(0.05)
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    async with embedded_cluster(tmp_path, wait=WAIT) as cluster:
+        master, worker = cluster.master, cluster.worker
+        me = worker.node_id
+        await until_self_tested(master, me)
+        # Joining and self-testing are normal onboarding: nothing above INFO.
+        joined = [r.getMessage() for r in _decisions(caplog)]
+        assert f"node {me} joined the cluster (first connection)" in joined
+        assert not [r for r in _decisions(caplog) if r.levelno > logging.INFO]
+        # The connection part ends without a goodbye (as after a crash): silent from
+        # now on, liveness disconnects it. (`worker.stop()` would say goodbye.)
+        worker.worker.stop()
+        while master.state.nodes[me].connected:
+            await anyio.sleep(0.05)
     warnings = [r for r in _decisions(caplog) if r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     line = warnings[0].getMessage()

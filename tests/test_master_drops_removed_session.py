@@ -12,12 +12,11 @@ process and runner setting, under its old slot.
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import embedded_cluster
 from maintenance_log import Log, node_id
 
 from cluster.master.server import Master, _Submission
@@ -33,7 +32,6 @@ from cluster.shared.events import (
 )
 from cluster.shared.state import State
 from cluster.shared.store import EventStore
-from cluster.worker.node import WorkerNode
 
 CLIENT = "cluster.worker.client"
 DROPPED = "the master dropped this node's session: removed from the cluster by the operator"
@@ -44,44 +42,34 @@ async def test_a_removed_nodes_open_streams_are_dropped_and_it_rejoins_with_a_he
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=CLIENT)
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            started = await tg.start(master.run)
-            worker = fast_worker(tmp_path / "w1", started.addrs[0], secret, no_runners=True)
-            await tg.start(worker.run)
-            client = worker.worker
-            node = client.node_id
-            with anyio.fail_after(30):
-                while client.phase != "connected" or node not in master.master.state.nodes:
-                    await anyio.sleep(0.05)
-            slot = master.master.state.nodes[node].slot
+    async with embedded_cluster(tmp_path, no_runners=True) as cluster:
+        master, worker = cluster.master, cluster.worker
+        client = worker.worker
+        node = client.node_id
+        with anyio.fail_after(30):
+            while client.phase != "connected" or node not in master.master.state.nodes:
+                await anyio.sleep(0.05)
+        slot = master.master.state.nodes[node].slot
 
-            # Marked disconnected (as for a hung worker) and removed in one decision: its
-            # streams stay open, and it heartbeats every 100 ms.
-            def remove(state: State, now_ms: int) -> list[Event]:
-                return [NodeDisconnected(node_id=node, reason="quiet"), NodeRemoved(node_id=node)]
+        # Marked disconnected (as for a hung worker) and removed in one decision: its
+        # streams stay open, and it heartbeats every 100 ms.
+        def remove(state: State, now_ms: int) -> list[Event]:
+            return [NodeDisconnected(node_id=node, reason="quiet"), NodeRemoved(node_id=node)]
 
-            removal = await master.master.index_decision(remove)
-            removed_idx = removal[-1].idx
-            # It rejoins by a new hello. Which of its streams the worker reads the cut on
-            # first is a race: usually the 'removed' refusal (logged as DROPPED), but a cut
-            # that lands mid-frame on the subscribe stream reads as the stream ending, and
-            # the worker redials as after a network fault -- to the same effect.
-            with anyio.fail_after(20):
-                while not (
-                    node in master.master.state.nodes and master.master.state.nodes[node].connected
-                ):
-                    await anyio.sleep(0.05)
-            after = list(master.store.read_from(removed_idx + 1))
-            worker.stop()
-            master.master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+        removal = await master.master.index_decision(remove)
+        removed_idx = removal[-1].idx
+        # It rejoins by a new hello. Which of its streams the worker reads the cut on
+        # first is a race: usually the 'removed' refusal (logged as DROPPED), but a cut
+        # that lands mid-frame on the subscribe stream reads as the stream ending, and
+        # the worker redials as after a network fault -- to the same effect.
+        with anyio.fail_after(20):
+            while not (
+                node in master.master.state.nodes and master.master.state.nodes[node].connected
+            ):
+                await anyio.sleep(0.05)
+        after = list(master.store.read_from(removed_idx + 1))
+        worker.stop()
+        master.master.stop()
     dropped = [r for r in caplog.records if r.name == CLIENT and DROPPED in r.getMessage()]
     assert len(dropped) <= 1, dropped
     for record in dropped:  # when the refusal was read (see above): one WARNING saying so

@@ -11,16 +11,14 @@ with "stopping", and the worker logs that the master is stopping and that it rec
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import embedded_cluster
 
 from cluster.master.server import Master, _Submission
-from cluster.worker.node import WorkerNode
 
 CLIENT = "cluster.worker.client"
 #: What the worker's connection loop logs when the master stopped, or could not be reached.
@@ -42,30 +40,17 @@ async def _stop_master_and_read_the_worker(
     the connection loop after the stop."""
     caplog.set_level(logging.INFO, logger=CLIENT)
     caplog.set_level(logging.DEBUG, logger="cluster.master")
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                await tg.start(worker.run)
-                while worker.worker.phase != "connected":
-                    await anyio.sleep(0.05)
-                if before_stop is not None:
-                    await before_stop.wait()
-                seen = len(_worker_lines(caplog))
-                master.stop()
-                while not any(
-                    STOPPING in m or UNREACHABLE in m for m in _worker_lines(caplog)[seen:]
-                ):
-                    await anyio.sleep(0.05)
-                worker.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    async with embedded_cluster(tmp_path) as cluster:
+        master, worker = cluster.master, cluster.worker
+        while worker.worker.phase != "connected":
+            await anyio.sleep(0.05)
+        if before_stop is not None:
+            await before_stop.wait()
+        seen = len(_worker_lines(caplog))
+        master.stop()
+        while not any(STOPPING in m or UNREACHABLE in m for m in _worker_lines(caplog)[seen:]):
+            await anyio.sleep(0.05)
+        worker.stop()
     return _worker_lines(caplog)[seen:]
 
 

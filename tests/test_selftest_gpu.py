@@ -8,18 +8,15 @@ worker's real probe code runs against an object with pynvml's functions.
 from __future__ import annotations
 
 import logging
-import secrets
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker, until_self_tested
+from embedded_nodes import embedded_cluster, until_self_tested
 
 from cluster.shared.state import SelfTestResult
 from cluster.worker.gpu import NvmlGpuProbe
-from cluster.worker.node import WorkerNode
 from cluster.worker.runners.registry import RunnerSetting
 
 # Serves until stdin ends, but only as a GPU slot: exit 3 otherwise, like a CUDA server.
@@ -77,35 +74,15 @@ class _LostNvml(_FakeNvml):
 
 
 async def _self_test_of(tmp_path: Path, gpus: int, nvml: _FakeNvml | None = None) -> SelfTestResult:
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(
-                    tmp_path / "w",
-                    started.addrs[0],
-                    secret,
-                    runner=RunnerSetting(
-                        kind="subprocess",
-                        config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2},
-                    ),
-                    gpu_probe=NvmlGpuProbe(nvml or _FakeNvml(gpus)),
-                )
-                await tg.start(worker.run)
-                node = worker.node_id
-                rec = await until_self_tested(master, node)
-                worker.stop()
-                await worker.worker.wait_finished()
-                master.stop()
-        assert rec is not None and rec.self_test is not None
-        return rec.self_test
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    runner = RunnerSetting(
+        kind="subprocess", config={"command": [sys.executable, "-c", GPU_ONLY], "grace_s": 2}
+    )
+    gpu_probe = NvmlGpuProbe(nvml or _FakeNvml(gpus))
+    # On the way out the worker stops and finishes, then the master stops.
+    async with embedded_cluster(tmp_path, runner=runner, gpu_probe=gpu_probe) as cluster:
+        rec = await until_self_tested(cluster.master, cluster.worker.node_id)
+    assert rec is not None and rec.self_test is not None
+    return rec.self_test
 
 
 @pytest.mark.anyio

@@ -13,12 +13,11 @@ disconnect forfeits the epoch, inside it the node is excused.
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker, until_self_tested
+from embedded_nodes import embedded_cluster, until_self_tested
 from planner_world import World, of_type, quick_config
 
 from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
@@ -38,7 +37,6 @@ from cluster.shared.events import (
     SessionUnplaced,
 )
 from cluster.shared.state import State
-from cluster.worker.node import WorkerNode
 
 A, B = "12D3KooWnodeA", "12D3KooWnodeB"
 BOOT = "boot-1"
@@ -306,26 +304,14 @@ async def test_a_clean_stop_of_a_worker_is_logged_as_stopped_by_its_operator(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=DECISIONS)
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(WAIT):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                await tg.start(worker.run)
-                me = worker.node_id
-                await until_self_tested(master, me)
-                worker.stop("got SIGTERM")
-                while master.state.nodes[me].connected:
-                    await anyio.sleep(0.05)
-                log = list(master.store.read_from(1))
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    async with embedded_cluster(tmp_path, wait=WAIT) as cluster:
+        master, worker = cluster.master, cluster.worker
+        me = worker.node_id
+        await until_self_tested(master, me)
+        worker.stop("got SIGTERM")
+        while master.state.nodes[me].connected:
+            await anyio.sleep(0.05)
+        log = list(master.store.read_from(1))
     rec = master.state.nodes[me]
     assert rec.disconnected_reason.startswith("stopped by its operator (got SIGTERM); "), rec
     assert not rec.disconnect_excused and rec.stopping_idx == 0
@@ -349,43 +335,32 @@ async def test_the_goodbye_is_the_workers_last_event_even_while_it_waits_for_the
     """A reviewer found the worker heartbeating on while its goodbye waited for the ack:
     heartbeats after `NodeStopping` in the outbox. Here the ack is slow (the goodbye's flush
     first waits, for up to 10 heartbeat intervals, for anything emitted after it)."""
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
     emitted: list[Event] = []
-    try:
-        with anyio.fail_after(WAIT):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                client = worker.worker
-                append, flush = client.outbox.append, client.flush
+    async with embedded_cluster(tmp_path, workers=0, wait=WAIT) as cluster:
+        master, worker = cluster.master, cluster.new_worker()
+        client = worker.worker
+        append, flush = client.outbox.append, client.flush
 
-                def recording_append(event: Event) -> int:
-                    emitted.append(event)
-                    return append(event)
+        def recording_append(event: Event) -> int:
+            emitted.append(event)
+            return append(event)
 
-                async def slow_goodbye_flush(timeout: float) -> bool:
-                    if emitted and isinstance(emitted[-1], NodeStopping):
-                        goodbye_seq = client.outbox.last_seq
-                        with anyio.move_on_after(10 * client.config.heartbeat_interval):
-                            while client.outbox.last_seq == goodbye_seq:
-                                await anyio.sleep(0.01)
-                    return await flush(timeout)
+        async def slow_goodbye_flush(timeout: float) -> bool:
+            if emitted and isinstance(emitted[-1], NodeStopping):
+                goodbye_seq = client.outbox.last_seq
+                with anyio.move_on_after(10 * client.config.heartbeat_interval):
+                    while client.outbox.last_seq == goodbye_seq:
+                        await anyio.sleep(0.01)
+            return await flush(timeout)
 
-                monkeypatch.setattr(client.outbox, "append", recording_append)
-                monkeypatch.setattr(client, "flush", slow_goodbye_flush)
-                await tg.start(worker.run)
-                me = worker.node_id
-                await until_self_tested(master, me)
-                worker.stop("got SIGTERM")
-                while master.state.nodes[me].connected:
-                    await anyio.sleep(0.05)
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+        monkeypatch.setattr(client.outbox, "append", recording_append)
+        monkeypatch.setattr(client, "flush", slow_goodbye_flush)
+        await cluster.start(worker)
+        me = worker.node_id
+        await until_self_tested(master, me)
+        worker.stop("got SIGTERM")
+        while master.state.nodes[me].connected:
+            await anyio.sleep(0.05)
     assert any(isinstance(e, NodeHeartbeat) for e in emitted)  # it did heartbeat before
     assert isinstance(emitted[-1], NodeStopping), [type(e).__name__ for e in emitted[-5:]]
     assert sum(isinstance(e, NodeStopping) for e in emitted) == 1

@@ -2,52 +2,38 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import embedded_cluster
 
 from cluster.control import SessionCreate
 from cluster.shared.events import RunnerStatus, RunnerStatusUpdated
-from cluster.worker.node import WorkerNode
 
 
 @pytest.mark.anyio
 async def test_a_clean_stop_delivers_the_runners_last_events(tmp_path: Path) -> None:
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret, epoch_length_ms=60_000)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                node = worker.node_id
-                async with anyio.create_task_group() as worker_tg:
-                    await worker_tg.start(worker.run)
-                    reply = await master.request(
-                        SessionCreate(slots=1, memory_per_slot_mb=512, name="s")
-                    )
-                    assert reply.ok, reply.message
-                    while not any(
-                        r.node_id == node and r.status is RunnerStatus.RUNNING
-                        for r in master.state.runners.values()
-                    ):
-                        await anyio.sleep(0.05)
-                    worker.stop()
-                # run() returned: the worker is stopped, the master still serves.
-                box = worker.worker.outbox
-                # Nothing left behind in the outbox: the final work report (if the runner did
-                # any since its last one) and STOPPED reached the master's log.
-                assert box.acked == box.last_seq
-                assert not any(r.node_id == node for r in master.state.runners.values())
-                mine = [ie.event for ie in master.store.read_from(1) if ie.origin == node]
-                statuses = [e.status for e in mine if isinstance(e, RunnerStatusUpdated)]
-                assert statuses[-2:] == [RunnerStatus.STOPPING, RunnerStatus.STOPPED]
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    async with embedded_cluster(tmp_path, workers=0, epoch_length_ms=60_000) as cluster:
+        master, worker = cluster.master, cluster.new_worker()
+        node = worker.node_id
+        # Run in a task group of its own, to see what holds once its run() has returned.
+        async with anyio.create_task_group() as worker_tg:
+            await worker_tg.start(worker.run)
+            reply = await master.request(SessionCreate(slots=1, memory_per_slot_mb=512, name="s"))
+            assert reply.ok, reply.message
+            while not any(
+                r.node_id == node and r.status is RunnerStatus.RUNNING
+                for r in master.state.runners.values()
+            ):
+                await anyio.sleep(0.05)
+            worker.stop()
+        # run() returned: the worker is stopped, the master still serves.
+        box = worker.worker.outbox
+        # Nothing left behind in the outbox: the final work report (if the runner did
+        # any since its last one) and STOPPED reached the master's log.
+        assert box.acked == box.last_seq
+        assert not any(r.node_id == node for r in master.state.runners.values())
+        mine = [ie.event for ie in master.store.read_from(1) if ie.origin == node]
+        statuses = [e.status for e in mine if isinstance(e, RunnerStatusUpdated)]
+        assert statuses[-2:] == [RunnerStatus.STOPPING, RunnerStatus.STOPPED]

@@ -8,17 +8,15 @@ restarted. Now it subscribes again from where its replica stands, on the same co
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import embedded_cluster
 
 from cluster.master.server import Master
 from cluster.net import host as nethost
 from cluster.shared.events import NodeConnected
-from cluster.worker.node import WorkerNode
 
 
 @pytest.mark.anyio
@@ -39,32 +37,21 @@ async def test_a_reset_subscribe_stream_is_resubscribed_on_the_same_connection(
         await send_live(self, fs, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Master, "_send_live", reset_the_first_live_stream)
-    secret = secrets.token_bytes(32)
-    master = fast_master(tmp_path / "master", secret)
-    worker: WorkerNode | None = None
-    try:
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                started = await tg.start(master.run)
-                worker = fast_worker(tmp_path / "w1", started.addrs[0], secret)
-                await tg.start(worker.run)
-                while resets == 0:
-                    await anyio.sleep(0.05)
-                # The replica follows the log past the reset: heartbeats keep it growing.
-                target = master.state.last_applied + 5
-                while worker.state.last_applied < target:
-                    await anyio.sleep(0.05)
-                assert worker.worker.connections == 1
-                me = worker.node_id
-                hellos = [
-                    ie
-                    for ie in master.store.read_from(1)
-                    if isinstance(ie.event, NodeConnected) and ie.event.node_id == me
-                ]
-                assert len(hellos) == 1
-                worker.stop()
-                master.stop()
-    finally:
-        if worker is not None:
-            worker.close()
-        master.close()
+    async with embedded_cluster(tmp_path) as cluster:
+        master, worker = cluster.master, cluster.worker
+        while resets == 0:
+            await anyio.sleep(0.05)
+        # The replica follows the log past the reset: heartbeats keep it growing.
+        target = master.state.last_applied + 5
+        while worker.state.last_applied < target:
+            await anyio.sleep(0.05)
+        assert worker.worker.connections == 1
+        me = worker.node_id
+        hellos = [
+            ie
+            for ie in master.store.read_from(1)
+            if isinstance(ie.event, NodeConnected) and ie.event.node_id == me
+        ]
+        assert len(hellos) == 1
+        worker.stop()
+        master.stop()
