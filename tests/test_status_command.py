@@ -12,6 +12,7 @@ import anyio
 import pytest
 from socket_servers import Answer, serving
 from test_http_api import TOKEN, FakeView, cluster_log, running
+from test_status_view import newer_masters_status
 
 from cluster import cli
 from cluster.master.http_api import HttpApiConfig
@@ -211,6 +212,30 @@ def test_status_from_json_that_is_not_a_status_says_so_in_one_line(
         "(another program, or a master of another version?): "
         "Object missing required field `now_ms`\n"
     )
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_status_of_a_newer_master_shows_values_this_cli_does_not_know(
+    capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    # An older CLI failed outright ("answered JSON that is not a cluster status") on a node
+    # status added in a later version; masters and CLIs are upgraded at different times.
+    body = newer_masters_status()
+
+    def newer_master(conn: socket.socket, done: threading.Event) -> None:
+        _read_request(conn)
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    with tcp_server(newer_master) as port:
+        argv = ["status", "--url", f"http://127.0.0.1:{port}"] + (["--json"] if as_json else [])
+        assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    if as_json:
+        assert json.loads(out) == json.loads(body)  # passed through, unknown fields and all
+    else:
+        assert "1 hibernating" in out and "asleep until 15:00 UTC" in out
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/api/status", "/api/status/"])

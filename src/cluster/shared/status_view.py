@@ -6,6 +6,12 @@ or the reason they are unplaced, maintenance windows, and the ledgers of recent 
 `render_text` lays it out as aligned tables for an 80-100 column terminal; `to_json` /
 `from_json` carry it over the HTTP API so `cluster status` can render what the master sees.
 
+Masters and CLIs are upgraded at different times, so the view's enum-valued fields (a node's
+status and log level, a window's state) are plain text: a CLI older than its master shows a
+value it does not know (one added since) as that text instead of failing to decode the whole
+answer, and ignores fields it does not know. A field added later has a default, so a newer
+CLI reads an older master's answer (docs/operations.md, "Versions").
+
 Pure: "now" and the catch-up lag are arguments.
 """
 
@@ -31,7 +37,6 @@ from cluster.shared.humanize import (
 )
 from cluster.shared.node_status import (
     DEFAULT_CATCH_UP_THRESHOLD,
-    LogLevel,
     NodeState,
     node_statuses,
 )
@@ -64,9 +69,11 @@ class EpochView(msgspec.Struct, frozen=True, kw_only=True):
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     hostname: str
-    status: NodeState
+    #: A `NodeState` value, or -- decoded from a newer master -- one this version lacks.
+    status: str
     message: str
-    log_level: LogLevel
+    #: A `LogLevel` value (likewise text).
+    log_level: str
     #: Slots the node offers (from its info) and slots it holds in live devshards.
     slots_offered: int
     slots_used: int
@@ -109,7 +116,8 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True):
 class WindowView(msgspec.Struct, frozen=True, kw_only=True):
     window_id: str
     node_id: str
-    state: WindowState
+    #: A `WindowState` value, or -- decoded from a newer master -- one this version lacks.
+    state: str
     start_ms: int
     end_ms: int
     duration_ms: int
@@ -379,7 +387,7 @@ def from_json(data: bytes | str) -> ClusterStatus:
 # --------------------------------------------------------------------------------------------
 
 #: Short labels for the STATUS column; the message says the rest. Upper case = needs a look.
-_LABELS: Final[Mapping[NodeState, str]] = {
+_LABELS: Final[Mapping[str, str]] = {
     NodeState.CONNECTING: "connecting",
     NodeState.CATCHING_UP: "catching up",
     NodeState.FACTS_ONLY: "facts only",
@@ -393,6 +401,12 @@ _LABELS: Final[Mapping[NodeState, str]] = {
     NodeState.DISCONNECTED: "DISCONNECTED",
     NodeState.STOPPING: "stopping",
 }
+
+
+def status_label(status: str) -> str:
+    """The STATUS column's word for a node status; a status this version does not know (a
+    newer master's) as its own text, so an older CLI still shows it."""
+    return _LABELS.get(status, status)
 
 
 def gpu_summary(gpus: Sequence[GpuInfo] | None) -> str:
@@ -428,7 +442,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         lines.append(
             f"epoch {e.epoch}: ends {format_utc(e.end_ms, now)} ({format_relative(e.end_ms, now)})"
         )
-    in_use = [f"{n} {_LABELS[NodeState(s)]}" for s, n in status.counts.items() if n]
+    in_use = [f"{n} {status_label(s)}" for s, n in status.counts.items() if n]
     lines.append(f"nodes: {len(status.nodes)}" + (f" ({', '.join(in_use)})" if in_use else ""))
 
     lines += ["", "NODES"]
@@ -438,7 +452,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
             (
                 short_id(n.node_id),
                 clip(printable(n.hostname), MAX_HOST_WIDTH) or "-",
-                _LABELS[n.status],
+                status_label(n.status),
                 f"{n.slots_used}/{n.slots_offered}",
                 n.message + (f" [GPUs: {n.gpus}]" if n.gpus else ""),
             )
@@ -461,7 +475,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
             (
                 w.window_id,
                 short_id(w.node_id),
-                w.state.value,
+                str(w.state),
                 format_utc(w.start_ms, now),
                 format_utc(w.end_ms, now),
                 w.note,
