@@ -26,6 +26,7 @@ from cluster.shared.events import (
     NodeGatheredInfo,
     NodeInfo,
     NodePayout,
+    NodeRemoved,
     SessionDeleted,
     SessionRequested,
     SessionUnplaced,
@@ -288,6 +289,47 @@ def test_a_stopping_node_is_shown_and_counted_as_such_everywhere() -> None:
     metrics = render_prometheus(MasterMetrics(), node_statuses(state, T0 + MIN))
     assert 'cluster_nodes{status="stopping"} 1' in metrics.splitlines()
     assert 'cluster_nodes{status="serving"} 0' in metrics.splitlines()
+
+
+def test_a_removed_nodes_history_stays_and_says_the_node_was_removed() -> None:
+    # Its ledger rows and windows stayed (history, by design) but read as a node still in
+    # the cluster: nothing in status, JSON, the dashboard or replay said it was removed.
+    log = busy_cluster()
+    log.scheduled("node-e", "w-3", T0 + 60 * MIN, 30 * MIN)
+    log.master(T0 + MIN, NodeRemoved(node_id="node-e", reason="decommissioned"))
+    status = cluster_status(log.state, NOW)
+    assert "node-e" not in {n.node_id for n in status.nodes}
+    rows = {r.node_id: r for r in status.ledgers[1].rows}
+    assert rows["node-e"].node_removed and not rows["node-a"].node_removed
+    windows = {w.window_id: w for w in status.windows}
+    assert windows["w-3"].node_removed and windows["w-3"].outcome == "removed"
+    assert not windows["w-1"].node_removed
+    plain = json.loads(to_json(status))
+    assert [r["node_removed"] for r in plain["ledgers"][1]["rows"]] == [False, True]
+    text = render_text(status)
+    assert "6      node-e (removed)  0      0       0       forfeited: unexcused" in text
+    assert "6      node-a            30     30      0       paid 30" in text
+    assert "w-3     node-e (removed)  cancelled" in text
+    assert "w-1     node-c            active" in text
+    summary = summary_lines(log.state, 0)
+    epoch_6 = next(line for line in summary if line.startswith("  epoch 6: "))
+    assert epoch_6.endswith("; 1 of its nodes removed since"), epoch_6
+    epoch_7 = next(line for line in summary if line.startswith("  epoch 7: "))
+    assert "removed" not in epoch_7
+    # Joined again, it is a node of the cluster: no mark.
+    log.master(T0 + 2 * MIN, NodeConnected(node_id="node-e"))
+    again = cluster_status(log.state, NOW)
+    assert not any(r.node_removed for r in again.ledgers[1].rows)
+    assert "(removed)" not in render_text(again)
+
+
+def test_the_dashboard_marks_a_removed_nodes_rows() -> None:
+    page = DASHBOARD.read_text()
+    for table, row in (("windows", "w"), ("ledgers", "r")):
+        script = page[page.index(f'fillTable("{table}"') :]
+        script = script[: script.index("\n\n")]
+        assert f"nodeName({row}.node_id, {row}.node_removed)" in script, table
+    assert 'const nodeName = (id, removed) => shortId(id) + (removed ? " (removed)" : "");' in page
 
 
 def test_render_text_of_an_empty_cluster() -> None:

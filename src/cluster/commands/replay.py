@@ -20,7 +20,7 @@ from cluster.shared.eventlog import LogError
 from cluster.shared.humanize import format_utc, plural
 from cluster.shared.snapshots import SnapshotError, SnapshotStore
 from cluster.shared.state import State, WindowState
-from cluster.shared.status_view import ledger_stage
+from cluster.shared.status_view import ledger_stage, removed_node_ids
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,21 @@ def summary_lines(state: State, snapshot_idx: int) -> list[str]:
     )
     more = f", {settling:,} settling" if settling else ""
     lines.append(f"ledgers:   {len(ledgers):,} ({settled:,} settled{more})")
+    # A removed node's accounts stay in its epochs' ledgers (history): counted, and said.
+    removed = removed_node_ids(state)
     for led in ledgers[-5:]:  # the recent epochs are what an operator asks about
         accounts = list(led.nodes.values())
         units = sum(a.units for a in accounts)
         reward = sum(a.reward for a in accounts)
         disconnects = sum(1 for a in accounts if a.disconnect is not None)
         misses = sum(a.misses for a in accounts)
+        gone = sum(1 for node_id in led.nodes if node_id in removed)
         lines.append(
             f"  epoch {led.epoch}: {ledger_stage(led)}, "
             f"{plural(units, 'unit')}, reward {reward:,}, "
             f"{plural(disconnects, 'punished disconnect')}, "
             f"{plural(misses, 'miss', 'misses')}"
+            + (f"; {gone:,} of its nodes removed since" if gone else "")
         )
     return lines
 

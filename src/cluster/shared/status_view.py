@@ -125,6 +125,8 @@ class WindowView(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str
     #: A one-line, human summary relative to now ("ends 14:30 UTC (in 25m)").
     note: str
+    #: Its node has since been removed (`cluster node remove`): history, shown "(removed)".
+    node_removed: bool = False
 
 
 class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,6 +147,9 @@ class LedgerRow(msgspec.Struct, frozen=True, kw_only=True):
     #: The SETTLEMENT cell as `cluster status` shows it ("paid 30", "forfeited: …", "open"),
     #: so the dashboard shows the same words.
     settlement: str = ""
+    #: Its node has since been removed (`cluster node remove`): its ledger rows stay as
+    #: history (and its current epoch is settled as any node's), shown "(removed)".
+    node_removed: bool = False
 
 
 class LedgerView(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,6 +224,7 @@ def cluster_status(
                 credit_ms=initial_credit_ms + state.credit_ms_by_node.get(st.node_id, 0),
             )
         )
+    removed = removed_node_ids(state)
     epoch = None
     if state.epoch is not None:
         e = state.epoch
@@ -236,9 +242,15 @@ def cluster_status(
         counts=counts,
         sessions=_sessions(state),
         devshards=_devshards(state),
-        windows=_windows(state, now_ms, recent_windows),
-        ledgers=_ledgers(state, recent_ledgers),
+        windows=_windows(state, now_ms, recent_windows, removed),
+        ledgers=_ledgers(state, recent_ledgers, removed),
     )
+
+
+def removed_node_ids(state: State) -> frozenset[str]:
+    """The nodes the operator removed that have not joined again since: their rows in
+    ledgers and windows are history, and say so."""
+    return frozenset(r.node_id for r in state.removed().values() if r.node_id not in state.nodes)
 
 
 def _sessions(state: State) -> tuple[SessionView, ...]:
@@ -278,7 +290,9 @@ def _devshards(state: State) -> tuple[DevshardView, ...]:
     return tuple(views)
 
 
-def _windows(state: State, now_ms: int, recent: int) -> tuple[WindowView, ...]:
+def _windows(
+    state: State, now_ms: int, recent: int, removed: frozenset[str]
+) -> tuple[WindowView, ...]:
     open_windows = [w for w in state.windows.values() if w.state in OPEN_WINDOW_STATES]
     closed = sorted(
         (w for w in state.windows.values() if w.state not in OPEN_WINDOW_STATES),
@@ -297,6 +311,7 @@ def _windows(state: State, now_ms: int, recent: int) -> tuple[WindowView, ...]:
             closed_ms=w.closed_ms,
             outcome=w.outcome,
             note=window_note(w, now_ms),
+            node_removed=w.node_id in removed,
         )
         for w in shown
     )
@@ -320,12 +335,12 @@ def window_note(w: MaintenanceWindow, now_ms: int) -> str:
     return f"finished ({w.outcome or 'host'}) {closed}"
 
 
-def _ledgers(state: State, recent: int) -> tuple[LedgerView, ...]:
+def _ledgers(state: State, recent: int, removed: frozenset[str]) -> tuple[LedgerView, ...]:
     epochs = sorted(state.ledgers.keys(), reverse=True)[: max(recent, 0)]
-    return tuple(_ledger_view(state.ledgers[e]) for e in epochs)
+    return tuple(_ledger_view(state.ledgers[e], removed) for e in epochs)
 
 
-def _ledger_view(ledger: EpochLedger) -> LedgerView:
+def _ledger_view(ledger: EpochLedger, removed: frozenset[str]) -> LedgerView:
     rows = []
     for node_id in sorted(ledger.nodes.keys()):
         account = ledger.nodes[node_id]
@@ -342,6 +357,7 @@ def _ledger_view(ledger: EpochLedger) -> LedgerView:
             late_units=account.late_units,
             late_paid=account.late_paid,
             settled=payout is not None,
+            node_removed=node_id in removed,
         )
         rows.append(msgspec.structs.replace(row, settlement=settlement_text(ledger.settled, row)))
     settled_rows = sum(1 for r in rows if r.settled)
@@ -474,7 +490,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         [
             (
                 w.window_id,
-                short_id(w.node_id),
+                _node_name(w.node_id, w.node_removed),
                 str(w.state),
                 format_utc(w.start_ms, now),
                 format_utc(w.end_ms, now),
@@ -494,7 +510,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         [
             (
                 str(ledger.epoch),
-                short_id(r.node_id),
+                _node_name(r.node_id, r.node_removed),
                 format_count(r.units),
                 format_count(r.reward),
                 format_count(r.misses),
@@ -506,6 +522,10 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         width,
     )
     return "\n".join(lines) + "\n"
+
+
+def _node_name(node_id: str, removed: bool) -> str:
+    return short_id(node_id) + (" (removed)" if removed else "")
 
 
 def _date_time(ms: int) -> str:
