@@ -276,6 +276,38 @@ def test_a_facts_only_node_is_shown_and_counted_as_such_not_as_self_testing() ->
     assert "self-test" not in text
 
 
+def test_a_facts_only_node_shows_no_slots_rather_than_idle_ones() -> None:
+    # It showed "0/4": capacity left idle, where it holds no slots by design.
+    log = Log().master(T0, NodeConnected(node_id="facts", runner_digest=NO_RUNNERS_DIGEST))
+    info = NodeInfo(hostname="cpu-01", slots=4)
+    log.add("facts", T0, NodeGatheredInfo(node_id="facts", source="cpu", info=info))
+    log.joined("ready").tested("ready")
+    log.add("ready", T0, NodeGatheredInfo(node_id="ready", source="cpu", info=info))
+    # Disconnected it is still facts-only: still no slots.
+    log.master(T0, NodeConnected(node_id="gone", runner_digest=NO_RUNNERS_DIGEST))
+    log.joined("gone").master(T0, NodeDisconnected(node_id="gone", reason="no events"))
+    status = cluster_status(log.state, T0)
+    by_id = {n.node_id: n for n in status.nodes}
+    assert by_id["facts"].facts_only and by_id["gone"].facts_only
+    assert not by_id["ready"].facts_only
+    assert json.loads(to_json(status))["nodes"][1]["facts_only"] is True
+    lines = render_text(status).splitlines()
+    rows = {line.split()[0]: line for line in lines[lines.index("NODES") + 2 :][:3]}
+    assert rows["facts"].split()[1:5] == ["cpu-01", "facts", "only", "-"]
+    assert rows["gone"].split()[1:4] == ["-", "DISCONNECTED", "-"]
+    assert rows["ready"].split()[1:4] == ["cpu-01", "waiting", "0/4"]  # idle capacity
+    # One still holding slots on paper (it served, then restarted with --no-runners) shows
+    # them until the planner re-places them.
+    log.epoch(7, T0, T0 + 10 * MIN).placed("ds-7", ["facts"], epoch=7, ends_ms=T0 + 10 * MIN)
+    text = render_text(cluster_status(log.state, T0))
+    row = next(line for line in text.splitlines() if line.startswith("facts "))
+    assert row.split()[4] == "1/4"
+    # The dashboard's SLOTS cell by the same rule.
+    page = DASHBOARD.read_text()
+    script = page[page.index('fillTable("nodes"') :]
+    assert 'n.facts_only && !n.slots_used ? "-"' in script[: script.index("\n\n")]
+
+
 def test_a_stopping_node_is_shown_and_counted_as_such_everywhere() -> None:
     # It was shown and counted as serving (or waiting) although its worker had stopped.
     state = stopping_node(placed=True).state

@@ -86,6 +86,9 @@ class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
     events_behind: int | None
     window_id: str
     credit_ms: int
+    #: Its worker runs no runners (`cluster worker --no-runners`): it holds no slots by
+    #: design, so SLOTS shows "-" rather than a "0/N" that reads as capacity left idle.
+    facts_only: bool = False
 
 
 class DevshardView(msgspec.Struct, frozen=True, kw_only=True):
@@ -222,6 +225,7 @@ def cluster_status(
                 events_behind=lag.get(st.node_id),
                 window_id=st.window_id,
                 credit_ms=initial_credit_ms + state.credit_ms_by_node.get(st.node_id, 0),
+                facts_only=rec is not None and rec.facts_only,
             )
         )
     removed = removed_node_ids(state)
@@ -469,7 +473,7 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
                 short_id(n.node_id),
                 clip(printable(n.hostname), MAX_HOST_WIDTH) or "-",
                 status_label(n.status),
-                f"{n.slots_used}/{n.slots_offered}",
+                slots_text(n),
                 n.message + (f" [GPUs: {n.gpus}]" if n.gpus else ""),
             )
             for n in status.nodes
@@ -522,6 +526,15 @@ def render_text(status: ClusterStatus, width: int = DEFAULT_WIDTH) -> str:
         width,
     )
     return "\n".join(lines) + "\n"
+
+
+def slots_text(n: NodeRow) -> str:
+    """The SLOTS cell: "used/offered", or "-" for a facts-only node, which holds none by
+    design. One that still holds slots on paper (it served, then restarted with
+    --no-runners, until the next plan cycle re-places them) shows them."""
+    if n.facts_only and not n.slots_used:
+        return "-"
+    return f"{n.slots_used}/{n.slots_offered}"
 
 
 def _node_name(node_id: str, removed: bool) -> str:
