@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from trio.testing import MockClock, wait_all_tasks_blocked
 
@@ -167,6 +168,26 @@ async def test_a_hello_frame_that_breaks_framing_is_answered_with_why(
             await master._hello(fs)
         err = raw.error()
         assert err.code == code and why in err.message, err
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["boot_id", "runner_digest"])
+async def test_a_hello_with_an_unprintable_key_is_answered_malformed(
+    tmp_path: Path, field: str
+) -> None:
+    """A member's hello whose boot id or runner digest holds a control character is refused,
+    naming the field, before the challenge: nothing is logged and it is no member."""
+    hello = {"t": "Hello", "version": PROTOCOL_VERSION, "nonce": new_nonce(), field: "ab\n"}
+    async with _master(tmp_path, Membership(allowed=frozenset({MEMBER}))) as master:
+        fs, raw = _fs(MEMBER, encode_frame(msgspec.msgpack.encode(hello)))
+        with anyio.fail_after(10):
+            await master._hello(fs)
+        err = raw.error()
+        assert err.code == "malformed", err
+        assert f"Hello field {field} holds the control or format character '\\n' at 2" in (
+            err.message
+        ), err
+        assert master.members == frozenset() and master.last_idx == 0
 
 
 @pytest.mark.anyio

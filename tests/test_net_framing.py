@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import anyio
+import msgspec
 import pytest
 
 from cluster.net.framing import (
@@ -176,6 +177,34 @@ def test_a_hellos_runner_digest_is_bounded_at_decode_and_optional() -> None:
     assert len(RunnerSetting(kind="subprocess", config={"command": ["x"]}).digest()) <= (
         MAX_RUNNER_DIGEST_CHARS
     )
+
+
+def _hello_frame(**fields: object) -> bytes:
+    """A Hello as a worker could send it, not built through `Hello` (which checks it)."""
+    return msgspec.msgpack.encode({"t": "Hello", "version": 1, "nonce": b"n", **fields})
+
+
+@pytest.mark.parametrize("field", ["boot_id", "runner_digest"])
+@pytest.mark.parametrize(("key", "char", "at"), [("ab\ncd", "'\\n'", 2), ("\x1b[2J", "'\\x1b'", 0)])
+def test_a_hellos_keys_must_be_printable(field: str, key: str, char: str, at: int) -> None:
+    """Both are logged in NodeConnected and kept in State, like the same keys of a worker's
+    events (`NodeStopping.boot_id`, a self-test's `config_digest`), which admission refuses
+    unprintable: the hello only bounded their length, so a newline or an escape code went
+    into the log and every node record. Refused at decode, as one too long is."""
+    assert decode(_hello_frame(**{field: "0123abcd"})) == Hello(
+        version=1, nonce=b"n", **{field: "0123abcd"}
+    )
+    facts_only = expect(decode(_hello_frame(runner_digest="no-runners")), Hello)
+    assert facts_only.runner_digest == "no-runners"
+    with pytest.raises(ProtocolError) as err:
+        decode(_hello_frame(**{field: key}))
+    assert err.value.code == "malformed"
+    assert str(err.value) == (
+        f"invalid message: Hello field {field} holds the control or format character {char} "
+        f"at {at}: a key must be printable"
+    )
+    with pytest.raises(ValueError, match=f"field {field}"):  # nor can a worker build one
+        Hello(version=1, nonce=b"n", **{field: key})
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ from cluster.shared.events import (
     WorkMissed,
     WorkReported,
 )
+from cluster.shared.humanize import key_problem
 
 _node_id = attrgetter("node_id")
 _info, _hostname, _gpus = attrgetter("info"), attrgetter("hostname"), attrgetter("gpus")
@@ -149,20 +150,12 @@ def text_problem(event: Event) -> str | None:
         if n > limit:
             return f"field {field} holds {n} characters: the limit is {limit}"
     for field in KEY_FIELDS.get(kind, ()):
-        value: str = getattr(event, field)
-        if not value.isprintable():
-            return _unprintable(field, value)
+        problem = key_problem(field, getattr(event, field))
+        if problem is not None:
+            return problem
     if isinstance(event, NodeGatheredInfo):
         return _info_text_problem(event)
     return None
-
-
-def _unprintable(field: str, value: str) -> str:
-    at, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
-    return (
-        f"field {field} holds the control or format character {char!r} at {at}: "
-        "a key must be printable"
-    )
 
 
 def _info_text_problem(event: NodeGatheredInfo) -> str | None:

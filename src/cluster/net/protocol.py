@@ -25,6 +25,7 @@ import msgspec
 
 from cluster.shared.codec import strict_decode
 from cluster.shared.events import Event, IndexedEvent
+from cluster.shared.humanize import key_problem
 
 HELLO_PROTOCOL: Final = "/cluster/hello/1.0.0"
 SUBMIT_PROTOCOL: Final = "/cluster/submit/1.0.0"
@@ -85,6 +86,16 @@ class Hello(Msg, frozen=True):
     #: setting's result arrives the node is not self-tested, and nothing is placed there.
     #: Bounded like `boot_id`: it is logged and kept in State.
     runner_digest: Annotated[str, msgspec.Meta(max_length=MAX_RUNNER_DIGEST_CHARS)] = ""
+
+    def __post_init__(self) -> None:
+        # Both are keys the worker makes (hex digits, or `NO_RUNNERS_DIGEST`), compared and
+        # shown as they are: printable, as the same keys in its events must be (admission).
+        # Raised here, decode refuses the hello as `malformed`, naming the field, as it does
+        # one too long.
+        for field in ("boot_id", "runner_digest"):
+            problem = key_problem(field, getattr(self, field))
+            if problem is not None:
+                raise ValueError(f"Hello {problem}")
 
 
 class Challenge(Msg, frozen=True):

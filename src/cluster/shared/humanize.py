@@ -113,6 +113,19 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def key_problem(field: str, value: str) -> str | None:
+    """Why `value`, a key a worker makes itself (a boot id, a digest, a runner kind), is not
+    printable -- the first control or format character and where -- or None if it is. Keys
+    are compared and shown as they are: none may hold a newline or an escape code."""
+    if value.isprintable():
+        return None
+    at, char = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+    return (
+        f"field {field} holds the control or format character {char!r} at {at}: "
+        "a key must be printable"
+    )
+
+
 def encodable(text: str) -> str:
     """`text` that encodes as UTF-8: a lone surrogate -- what `os.fsdecode` makes of a file
     name that is not UTF-8, say in a runner's failure reason -- is shown as its escape
