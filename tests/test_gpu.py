@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from cluster.shared.events import GpuInfo
+from cluster.master.admission import check_worker_event
+from cluster.shared.events import MAX_GPU_TEMPERATURE_C, GpuInfo, NodeGatheredInfo, NodeInfo
 from cluster.worker import gpu as gpu_module
 from cluster.worker.gpu import NvmlGpuProbe
 
@@ -148,6 +149,31 @@ def test_readings_are_converted_to_gpu_info() -> None:
     assert nvml.shutdown_calls == 1
 
 
+class _SentinelNvml(_RecordingNvml):
+    """A driver answering "not available" with a sentinel rather than an error, and a board
+    whose sensor reads nonsense."""
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=0xFFFFFFFF if handle == 0 else 100, memory=5)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return 5000 if handle == 0 else MAX_GPU_TEMPERATURE_C
+
+
+def test_a_reading_beyond_the_masters_bounds_is_not_reported() -> None:
+    """The master refuses an info event holding a GPU number beyond `GPU_LIMITS`; a driver's
+    sentinel must not cost the node its whole GPU report, so such a reading is None, as an
+    unsupported one is. Readings at the bounds are kept."""
+    gpus = NvmlGpuProbe(_SentinelNvml()).read()
+    assert gpus is not None
+    assert [(g.utilization_pct, g.temperature_c) for g in gpus] == [
+        (None, None),
+        (100, MAX_GPU_TEMPERATURE_C),
+    ]
+    event = NodeGatheredInfo(node_id="n", source="gpu", info=NodeInfo(gpus=gpus))
+    check_worker_event("n", 1, event)
+
+
 class _NvmlFunctionNotFound(Exception):
     pass
 
@@ -202,6 +228,10 @@ def test_real_gpus_are_listed() -> None:
         assert gpu.name and gpu.uuid.startswith("GPU-")
         assert gpu.memory_total_mb > 0
         assert 0 <= gpu.memory_used_mb <= gpu.memory_total_mb
+    # Every real reading is within the bounds the master admits.
+    check_worker_event(
+        "n", 1, NodeGatheredInfo(node_id="n", source="gpu", info=NodeInfo(gpus=gpus))
+    )
 
 
 def _nvidia_smi_memory_used_mib() -> dict[str, int]:

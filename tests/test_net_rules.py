@@ -32,12 +32,16 @@ from cluster.net.membership import (
 )
 from cluster.net.protocol import CONTENT_REFUSALS, MAX_BOOT_ID_CHARS, MAX_RUNNER_DIGEST_CHARS
 from cluster.shared.events import (
+    GPU_LIMITS,
+    MAX_GPU_MEMORY_MB,
+    MAX_GPU_TEMPERATURE_C,
     MAX_HOSTNAME_CHARS,
     MAX_ID_CHARS,
     MAX_MISSED_SLOTS,
     MAX_NODE_GPUS,
     MAX_REASON_CHARS,
     MAX_WORK_UNITS,
+    MIN_GPU_TEMPERATURE_C,
     EpochStarted,
     Event,
     GpuInfo,
@@ -236,6 +240,55 @@ def test_machine_info_text_is_bounded() -> None:
         assert err.value.code == "forbidden-event"
 
 
+#: Each GPU number at its bounds, and just beyond (the same order as GPU_LIMITS).
+_GPU_BOUNDS: tuple[tuple[str, int, int], ...] = (
+    ("index", 0, MAX_NODE_GPUS - 1),
+    ("memory_total_mb", 0, MAX_GPU_MEMORY_MB),
+    ("memory_used_mb", 0, MAX_GPU_MEMORY_MB),
+    ("utilization_pct", 0, 100),
+    ("temperature_c", MIN_GPU_TEMPERATURE_C, MAX_GPU_TEMPERATURE_C),
+)
+
+
+def _gpu_reading(field: str, value: int | None) -> Event:
+    """An info event of two GPUs, the second with `field` set to `value`."""
+    return _with(_INFO, "info.gpus", (_GPU, msgspec.structs.replace(_GPU, **{field: value})))
+
+
+def test_gpu_readings_are_bounded() -> None:
+    """A GPU's numbers were unbounded (only the event size capped them): a worker could log a
+    utilisation of 10**9 percent, a temperature of -2**63 or 2**64-1 MiB of memory, shown as
+    they were by `cluster status` and the dashboard. Each is refused beyond its bound, naming
+    the kind, seq, field, value and bound, on both paths; an honest reading never is."""
+    assert tuple(GPU_LIMITS) == _GPU_BOUNDS
+    for field, low, high in _GPU_BOUNDS:
+        for ok in (low, high):
+            check_worker_event(A, 1, _gpu_reading(field, ok))
+        for bad in (low - 1, high + 1, -(2**63), 2**64 - 1):
+            event = _gpu_reading(field, bad)
+            why = (
+                rf"^NodeGatheredInfo \(seq 5\) field info\.gpus\[1\]\.{field} is {bad}: "
+                rf"must be {low}\.\.{high}$"
+            )
+            with pytest.raises(AdmissionError, match=why) as err:
+                check_worker_event(A, 5, event)
+            assert err.value.code == "forbidden-event" and err.value.code in CONTENT_REFUSALS
+            with pytest.raises(AdmissionError, match=why):  # the fast path too
+                check_worker_columns(A, [4, 5], [NodeHeartbeat(node_id=A), event])
+    for field in ("utilization_pct", "temperature_c"):  # not reported: nothing to bound
+        check_worker_event(A, 1, _gpu_reading(field, None))
+    h100 = GpuInfo(
+        index=7,
+        name="NVIDIA H100 80GB HBM3",
+        uuid="GPU-5c3a",
+        memory_total_mb=81559,
+        memory_used_mb=81559,
+        utilization_pct=100,
+        temperature_c=89,
+    )
+    check_worker_event(A, 1, _with(_INFO, "info.gpus", (h100,) * 8))
+
+
 def _with_gpu(field: str, length: int) -> GpuInfo:
     return msgspec.structs.replace(_GPU, **{field: "g" * length})
 
@@ -316,6 +369,9 @@ def _too_long_batches(hb: Event, work: Event) -> list[list[tuple[int, Event]]]:
     return batches
 
 
+_GPU_EDGES = [(f, v) for f, low, high in _GPU_BOUNDS for v in (low, high)]
+
+
 def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
     hb = NodeHeartbeat(node_id=A)
     work = WorkReported(devshard_id="d", node_id=A, units=MAX_WORK_UNITS, epoch=1)
@@ -336,6 +392,9 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
             (8, _INFO),
         ],
         [(1, _with(_INFO, "info", NodeInfo())), (2, _INFO)],  # no hostname, no GPUs
+        # Every GPU number at its bounds, and optional readings not reported.
+        [(i + 1, _gpu_reading(f, v)) for i, (f, v) in enumerate(_GPU_EDGES)],
+        [(1, _gpu_reading("utilization_pct", None)), (2, _gpu_reading("temperature_c", None))],
     ]
     bad: list[list[tuple[int, Event]]] = [
         [(7, hb), (9, hb), (8, hb)],
@@ -356,6 +415,16 @@ def test_column_check_judges_batches_exactly_as_the_pair_check() -> None:
         [(1, _with(_INFO, "info.gpus", (_GPU,) * (MAX_NODE_GPUS + 1)))],
         [(1, _INFO), (2, _with(_INFO, "info.gpus", (_GPU, _with_gpu("name", MAX_ID_CHARS + 1))))],
         [(1, hb), (2, _with(_INFO, "info.gpus", (_with_gpu("uuid", MAX_ID_CHARS + 1),)))],
+        # GPU numbers: each beyond its bound, alone and among other kinds.
+        *(
+            batch
+            for field, low, high in _GPU_BOUNDS
+            for value in (low - 1, high + 1)
+            for batch in (
+                [(1, _gpu_reading(field, value))],
+                [(1, hb), (2, _gpu_reading(field, value)), (3, work)],
+            )
+        ),
         # Keys a worker makes must be printable, on both paths.
         [(1, hb), (2, _with(_STOPPING, "boot_id", "b\x00"))],
         [(1, _with(_TESTED, "config_digest", "\u202e"))],

@@ -7,10 +7,12 @@ the master's and arrive only through the planner or a request handler. So is an 
 worker may report work it missed, but only the master excuses a miss (the one maintenance
 rule, `cluster.shared.excuse`), so a `WorkMissed` marked excused is refused from a worker.
 
-Every text a worker writes is bounded too (`TEXT_LIMITS`, `_info_text_problem`): the log keeps
-each event forever, on every replica, and status pages and decision-log lines show them, so
-a field may not be bounded only by the event size (1 MiB). The bounds are far above what an
-honest worker sends (it clips reasons and hostnames to them). Keys a worker makes itself
+Every text a worker writes is bounded too (`TEXT_LIMITS`, `_info_problem`), and so is every
+number of a GPU's reading (`GPU_LIMITS`: utilisation 0..100, a temperature in physical
+sense...): the log keeps each event forever, on every replica, and status pages and
+decision-log lines show them, so a field may not be bounded only by the event size (1 MiB).
+The bounds are far above what an honest worker sends (it clips reasons and hostnames to
+them, and reports a GPU reading beyond them as not reported). Keys a worker makes itself
 (`KEY_FIELDS`: hex digests, boot ids, fixed names) must also be printable: no display or
 comparison should meet a newline or an escape code in a key. Free text (reasons, hostnames,
 GPU names) may hold any character -- a reason quotes a program's stderr -- and is escaped
@@ -22,14 +24,16 @@ could end in a newline, and its devshard's work must still be taken.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import partial
 from itertools import chain, compress, repeat
-from operator import attrgetter, is_, lt
+from operator import attrgetter, is_, is_not, lt
 from typing import Final
 
 import msgspec
 
 from cluster.net.protocol import MAX_BOOT_ID_CHARS, MAX_RUNNER_DIGEST_CHARS
 from cluster.shared.events import (
+    GPU_LIMITS,
     INT64_MAX,
     MAX_EVENT_BYTES,
     MAX_HOSTNAME_CHARS,
@@ -52,6 +56,8 @@ from cluster.shared.humanize import key_problem
 _node_id = attrgetter("node_id")
 _info, _hostname, _gpus = attrgetter("info"), attrgetter("hostname"), attrgetter("gpus")
 _gpu_name, _gpu_uuid = attrgetter("name"), attrgetter("uuid")
+_gpu_number_getters: Final = tuple((attrgetter(f), low, high) for f, low, high in GPU_LIMITS)
+_is_reported = partial(is_not, None)
 _encode = msgspec.msgpack.Encoder().encode
 
 WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
@@ -67,7 +73,7 @@ WORKER_EVENT_TYPES: Final[tuple[type, ...]] = (
 
 
 #: The longest text each worker event kind may carry, field by field (`node_id` is bound to
-#: the origin instead; NodeGatheredInfo's `info` is checked by `_info_text_problem`).
+#: the origin instead; NodeGatheredInfo's `info` is checked by `_info_problem`).
 TEXT_LIMITS: Final[dict[type, tuple[tuple[str, int], ...]]] = {
     NodeGatheredInfo: (("source", MAX_ID_CHARS),),
     RunnerStatusUpdated: (
@@ -154,11 +160,11 @@ def text_problem(event: Event) -> str | None:
         if problem is not None:
             return problem
     if isinstance(event, NodeGatheredInfo):
-        return _info_text_problem(event)
+        return _info_problem(event)
     return None
 
 
-def _info_text_problem(event: NodeGatheredInfo) -> str | None:
+def _info_problem(event: NodeGatheredInfo) -> str | None:
     info = event.info
     if info.hostname is not None and len(info.hostname) > MAX_HOSTNAME_CHARS:
         n = len(info.hostname)
@@ -172,11 +178,15 @@ def _info_text_problem(event: NodeGatheredInfo) -> str | None:
             if n > MAX_ID_CHARS:
                 limit = MAX_ID_CHARS
                 return f"field info.gpus[{i}].{field} holds {n} characters: the limit is {limit}"
+        for field, low, high in GPU_LIMITS:
+            value = getattr(gpu, field)
+            if value is not None and not low <= value <= high:
+                return f"field info.gpus[{i}].{field} is {value}: must be {low}..{high}"
     return None
 
 
 def _infos_in_bounds(events: Sequence[NodeGatheredInfo]) -> bool:
-    """`_info_text_problem` is None for every event, in C-level passes."""
+    """`_info_problem` is None for every event, in C-level passes."""
     infos = list(map(_info, events))
     hostnames = [h for h in map(_hostname, infos) if h is not None]
     if hostnames and max(map(len, hostnames)) > MAX_HOSTNAME_CHARS:
@@ -187,9 +197,19 @@ def _infos_in_bounds(events: Sequence[NodeGatheredInfo]) -> bool:
     if max(map(len, gpu_lists)) > MAX_NODE_GPUS:
         return False
     gpus = list(chain.from_iterable(gpu_lists))
-    return max(map(len, map(_gpu_name, gpus))) <= MAX_ID_CHARS and (
-        max(map(len, map(_gpu_uuid, gpus))) <= MAX_ID_CHARS
-    )
+    if max(map(len, map(_gpu_name, gpus))) > MAX_ID_CHARS or (
+        max(map(len, map(_gpu_uuid, gpus))) > MAX_ID_CHARS
+    ):
+        return False
+    for get, low, high in _gpu_number_getters:
+        values = list(map(get, gpus))
+        if None in values:  # an optional reading not reported (rare: most GPUs report all)
+            values = list(filter(_is_reported, values))
+            if not values:
+                continue
+        if min(values) < low or max(values) > high:
+            return False
+    return True
 
 
 def check_worker_batch(origin: str, events: Iterable[tuple[int, Event]]) -> None:

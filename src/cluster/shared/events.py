@@ -89,7 +89,30 @@ MAX_NODE_SLOTS: Final = 4096
 NodeSlots = Annotated[int, msgspec.Meta(ge=0, le=MAX_NODE_SLOTS)]
 
 
+#: The most MiB of memory a GPU may report (total or used): 2**40 MiB is an exbibyte, far
+#: above any GPU (today's largest hold under 2**18 MiB).
+MAX_GPU_MEMORY_MB: Final = 2**40
+#: The coldest and hottest GPU temperature a worker may report, in degrees Celsius: colder
+#: than any place a machine runs, hotter than any chip survives (they throttle near 90 and
+#: shut down near 100; solder melts near 220). NVML reads it as an unsigned number.
+MIN_GPU_TEMPERATURE_C: Final = -100
+MAX_GPU_TEMPERATURE_C: Final = 300
+#: The bounds of each `GpuInfo` number, (field, lowest, highest); None (not reported) is
+#: always fine. Checked at admission (`cluster.master.admission`), not at decode: a log
+#: written before them must still replay, whatever it holds. Workers report an optional
+#: reading out of them as not reported (`cluster.worker.gpu`).
+GPU_LIMITS: Final[tuple[tuple[str, int, int], ...]] = (
+    ("index", 0, MAX_NODE_GPUS - 1),  # NVML numbers a machine's GPUs 0..count-1
+    ("memory_total_mb", 0, MAX_GPU_MEMORY_MB),
+    ("memory_used_mb", 0, MAX_GPU_MEMORY_MB),
+    ("utilization_pct", 0, 100),
+    ("temperature_c", MIN_GPU_TEMPERATURE_C, MAX_GPU_TEMPERATURE_C),
+)
+
+
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One GPU's reading (`cluster.worker.gpu`); its numbers are bounded by `GPU_LIMITS`."""
+
     index: int
     name: str
     uuid: str

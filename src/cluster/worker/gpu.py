@@ -18,11 +18,12 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from cluster.shared.events import GpuInfo
+from cluster.shared.events import GPU_LIMITS, GpuInfo
 
 log = logging.getLogger(__name__)
 
 _MIB = 1024 * 1024
+_LIMITS = {field: (low, high) for field, low, high in GPU_LIMITS}
 #: How long `close()` waits for a read in progress.
 _CLOSE_WAIT_S = 2.0
 
@@ -92,12 +93,16 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _optional_int(read: Any) -> int | None:
-    """A reading some GPUs do not support (utilisation on vGPUs, temperature on some boards)."""
+def _optional_int(read: Any, field: str) -> int | None:
+    """A reading some GPUs do not support (utilisation on vGPUs, temperature on some boards).
+    One beyond `GPU_LIMITS` (a driver's "not available" sentinel, 0xFFFFFFFF say) is not
+    reported either: the master would refuse the whole info event for it."""
     try:
-        return int(read())
+        value = int(read())
     except Exception:
         return None
+    low, high = _LIMITS[field]
+    return value if low <= value <= high else None
 
 
 def _memory_info(nvml: Any, handle: Any) -> Any:
@@ -127,8 +132,11 @@ def _read_device(nvml: Any, index: int) -> GpuInfo:
         # MiB (2**20 bytes), the unit nvidia-smi prints as "MiB".
         memory_total_mb=int(memory.total) // _MIB,
         memory_used_mb=int(memory.used) // _MIB,
-        utilization_pct=_optional_int(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        utilization_pct=_optional_int(
+            lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, "utilization_pct"
+        ),
         temperature_c=_optional_int(
-            lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+            lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+            "temperature_c",
         ),
     )
