@@ -19,6 +19,8 @@ import anyio
 import msgspec
 import pytest
 
+from cluster.shared.events import MAX_ID_CHARS
+from cluster.worker.node import WorkerNode, WorkerNodeConfig
 from cluster.worker.runners import (
     ENTRY_POINT_GROUP,
     RequestsNotSupported,
@@ -718,6 +720,10 @@ BROKEN = 42
 """
 
 
+LONGEST_KIND = "k" * MAX_ID_CHARS
+TOO_LONG_KIND = "k" * (MAX_ID_CHARS + 1)
+
+
 @pytest.fixture
 def plugin_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A real installed distribution (a dist-info on sys.path) declaring runner entry points."""
@@ -732,6 +738,9 @@ def plugin_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
         "broken = echo_plugin:BROKEN\n"
         "missing = no_such_module:Runner\n"
         "simulated = echo_plugin:EchoRunner\n"
+        f"{LONGEST_KIND} = echo_plugin:EchoRunner\n"
+        f"{TOO_LONG_KIND} = echo_plugin:EchoRunner\n"
+        "echo\x1b[2J = echo_plugin:EchoRunner\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -778,6 +787,37 @@ def test_runner_setting_file(tmp_path: Path) -> None:
         load_runner_setting(path)
     with pytest.raises(RunnerConfigError, match="No such file"):
         load_runner_setting(tmp_path / "absent.toml")
+
+
+def test_a_kind_the_log_cannot_name_is_refused_when_the_setting_is_loaded(
+    plugin_distribution: Path, tmp_path: Path
+) -> None:
+    """A plugin kind whose name is longer than `MAX_ID_CHARS` (or not printable) loaded and
+    ran, but the master refused every self-test naming it: the worker set each aside and the
+    node was never placed, said only in `outbox/refused.jsonl`. Refused at start instead,
+    naming the kind and the limit, from a runner file and from an embedder's setting."""
+    path = tmp_path / "runner.toml"
+    path.write_text(f'kind = "{LONGEST_KIND}"\n')
+    assert load_runner_setting(path).kind == LONGEST_KIND  # at the limit: fine
+    assert isinstance(make_factory(LONGEST_KIND, {})(SPEC), Runner)
+    path.write_text(f'kind = "{TOO_LONG_KIND}"\n')
+    n, limit = MAX_ID_CHARS + 1, MAX_ID_CHARS
+    why = f"runner kind '{TOO_LONG_KIND}' is {n} characters long: the limit is {limit}"
+    with pytest.raises(RunnerConfigError, match=f"^{why} "):
+        load_runner_setting(path)
+    with pytest.raises(RunnerConfigError, match=f"^{why} "):
+        WorkerNode(
+            tmp_path / "w",
+            "/ip4/127.0.0.1/tcp/1",
+            WorkerNodeConfig(runner=RunnerSetting(kind=TOO_LONG_KIND)),
+        )
+    assert not (tmp_path / "w").exists()  # nothing made before the setting is checked
+    path.write_text('kind = "echo\\u001b[2J"\n')
+    with pytest.raises(
+        RunnerConfigError,
+        match=r"^runner kind 'echo\\x1b\[2J': field kind holds the control or format character",
+    ):
+        load_runner_setting(path)
 
 
 def test_config_digest_tracks_the_setting() -> None:

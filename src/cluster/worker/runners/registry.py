@@ -25,7 +25,8 @@ from typing import Any, Final
 
 import msgspec
 
-from cluster.shared.humanize import error_text
+from cluster.shared.events import MAX_ID_CHARS
+from cluster.shared.humanize import error_text, key_problem
 from cluster.worker.runners.base import (
     Runner,
     RunnerConfigError,
@@ -61,8 +62,25 @@ def available_kinds() -> dict[str, str]:
     return kinds
 
 
+def check_kind_name(name: str) -> None:
+    """A `RunnerConfigError` unless `name` can name a runner kind in the log: every self-test
+    result carries it (`RunnerSelfTestCompleted.runner_kind`), and the master refuses one
+    longer than `MAX_ID_CHARS` or not printable. A worker with such a kind would run, but its
+    self-test would be set aside at each start and the node never placed: said now instead."""
+    if len(name) > MAX_ID_CHARS:
+        raise RunnerConfigError(
+            f"runner kind {name!r} is {len(name)} characters long: the limit is {MAX_ID_CHARS} "
+            "(the master refuses a self-test naming a longer kind)"
+        )
+    problem = key_problem("kind", name)
+    if problem is not None:
+        raise RunnerConfigError(f"runner kind {name!r}: {problem}")
+
+
 def find_kind(name: str) -> RunnerKind:
-    """The runner kind called `name`; a clear error if it is unknown or cannot be loaded."""
+    """The runner kind called `name`; a clear error if it is unknown, cannot be loaded or
+    cannot be named in the log (`check_kind_name`)."""
+    check_kind_name(name)
     builtin = BUILTIN_KINDS.get(name)
     if builtin is not None:
         return builtin
