@@ -222,7 +222,7 @@ def main() -> None:
     # of whichever size happened to run during it. Many short rounds (15 of ~0.1 s per size)
     # rather than a few long ones (5 of ~0.4 s): this host's speed moves by up to 1.5x over
     # seconds, and with 5 rounds one size often had a fast moment the other never got, so
-    # the ratio of the bests measured the host as much as the code (docs/benchmarks.md, apply_bench).
+    # the ratio of the bests measured the host as much as the code (docs/benchmarks.md).
     cases = {}
     for n in SIZES:
         events = timed_events(n, args.events, every)

@@ -7,8 +7,8 @@ Wall time on a shared 2-core VM moves by up to 1.7x within a run, so a change wo
 be seen in `apply_bench.py` without many runs. Cachegrind counts the same work the same way
 every time: instructions (the interpreter's share of the cost, the same at every size) and
 misses of a simulated last-level cache sized like this machine's L2 (2 MiB; the part that
-grows with the cluster, see docs/benchmarks.md, "Where the misses come from"). It is a tool for comparing
-changes, not a target: the targets are apply_bench's.
+grows with the cluster: docs/benchmarks.md, "Where the misses come from"). It is a tool for
+comparing changes, not a target: the targets are apply_bench's.
 
 Each figure is the difference between two runs of the same program -- state and events built,
 one warm-up pass of `apply` -- one of which then applies the events again, divided by the
