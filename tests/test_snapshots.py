@@ -11,7 +11,6 @@ from cluster.shared.eventlog import LogAnchor
 from cluster.shared.snapshots import (
     HEADER_SIZE,
     SNAPSHOT_VERSION,
-    SnapshotError,
     SnapshotStore,
     decode_snapshot,
     decode_snapshot_anchored,
@@ -82,11 +81,18 @@ def test_decode_names_what_is_wrong() -> None:
         decode_snapshot(blob[:-1] + b"X")
 
 
-def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+def test_path_that_is_a_file_is_refused_by_each_use_naming_it(tmp_path: Path) -> None:
+    """Building the store does not fail (its owner may go on without snapshots); listing,
+    loading and saving say what is wrong, not "File exists" as a mkdir would."""
     f = tmp_path / "f"
     f.write_text("x")
-    with pytest.raises(SnapshotError, match="not a directory"):
-        SnapshotStore(f)
+    store = SnapshotStore(f)
+    for use in (store.indices, store.latest, lambda: store.save(1, b"one")):
+        with pytest.raises(NotADirectoryError) as info:
+            use()
+        assert str(info.value) == f"[Errno 20] Not a directory: '{f}'"
+    assert f.read_text() == "x"
+    assert SnapshotStore(tmp_path / "absent").indices() == []  # not made yet: none
 
 
 def test_the_newest_snapshot_is_read_once_for_every_catching_up_replica(

@@ -181,6 +181,37 @@ def test_snapshot_that_does_not_decode_to_its_index_is_skipped(
     assert "state is at index 5" in caplog.text
 
 
+def test_a_store_over_an_unusable_snapshot_directory_serves_only_its_own_snapshots(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`snapshots` a file: opening refolds with a WARNING (it raised), catch-up is sent the
+    log (no OSError out of `latest_snapshot`), and once the directory is back, a snapshot
+    there that this process neither checked nor wrote -- here one ahead of the log at open,
+    which the log has grown past since -- is never served; its own are."""
+    events = make_events(160)
+    with EventStore.open(tmp_path) as store:
+        store.append(events[:100])
+        store.snapshot()
+    snap_dir = tmp_path / "snapshots"
+    for path in snap_dir.iterdir():
+        path.unlink()
+    snap_dir.rmdir()
+    snap_dir.write_text("x")
+    with caplog.at_level(logging.WARNING), EventStore.open(tmp_path) as store:
+        assert "cannot be used (Not a directory): refolding from the log" in caplog.text
+        assert store.state == fold(EMPTY_STATE, events[:100])
+        assert store.latest_snapshot() is None
+        assert store.latest_snapshot() is None
+        said = f"snapshots in {snap_dir} cannot be read (Not a directory): replicas catch up"
+        assert caplog.text.count(said) == 1  # once, not once per catching-up replica
+        snap_dir.unlink()
+        SnapshotStore(snap_dir).save(150, b"not checked")  # ahead of the log when opened
+        store.append(events[100:])
+        assert store.latest_snapshot() is None
+        assert store.write_snapshot(store.state)
+        assert store.latest_snapshot() == (160, codec.encode_state(store.state))
+
+
 def _other_history(events: list[IndexedEvent], start: int) -> list[IndexedEvent]:
     """`events` with every node's event from index `start` on replaced by a heartbeat."""
     return [

@@ -152,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
     from cluster.shared.eventlog import LogError, LogInUseError
     from cluster.shared.files import write_text_atomically
     from cluster.shared.humanize import first_leaf
-    from cluster.shared.snapshots import SnapshotError
     from cluster.shared.store import check_snapshot_every
 
     setup_logging(args.log_level)
@@ -215,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
         MembershipConfigError,
         OSError,
         LogError,  # a damaged log: one line, not a traceback
-        SnapshotError,
     ) as exc:
         print(f"cluster master: {_flag_text(exc)}", file=sys.stderr)
         return 2

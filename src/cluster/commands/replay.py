@@ -18,7 +18,7 @@ from typing import TextIO
 from cluster.shared import codec
 from cluster.shared.eventlog import LogError
 from cluster.shared.humanize import format_utc, plural
-from cluster.shared.snapshots import SnapshotError, SnapshotStore
+from cluster.shared.snapshots import SnapshotStore
 from cluster.shared.state import State, WindowState
 from cluster.shared.status_view import ledger_stage, removed_node_ids
 
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.finish()
-    except (LogError, SnapshotError, ValueError, OSError) as exc:
+    except (LogError, ValueError, OSError) as exc:
         print(f"cluster replay: {exc}", file=err)
         return 2
     digest = codec.state_digest(state)

@@ -15,11 +15,14 @@ cluster's directory describes another history and is not used. A snapshot withou
 `save` is atomic (write a temporary file, fsync, rename, fsync the directory): a crash leaves
 the old snapshot or the new one, never half of one. A snapshot is only an optimisation -- the
 log is the truth -- so a damaged one is skipped with a WARNING and the next older one (or a
-refold from zero) is used.
+refold from zero) is used. Building a `SnapshotStore` touches nothing: a directory that
+cannot be used (a file in its place, no permission) is an `OSError` from the call that uses
+it, which its caller turns into a WARNING.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -71,10 +74,6 @@ FLAG_ANCHOR: Final = 1
 #: Snapshots kept after a save: the newest few, so one damaged file costs little.
 KEEP: Final = 3
 _NAME = re.compile(r"^(\d{20})\.snap$")
-
-
-class SnapshotError(Exception):
-    """The snapshot directory cannot be used."""
 
 
 def snapshot_name(idx: int) -> str:
@@ -137,8 +136,6 @@ class SnapshotStore:
 
     def __init__(self, directory: Path, *, keep: int = KEEP) -> None:
         directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise SnapshotError(f"snapshot path {directory} is not a directory")
         if keep < 1:
             raise ValueError(f"keep={keep}: at least one snapshot must be kept")
         self._dir = directory
@@ -157,8 +154,10 @@ class SnapshotStore:
     def indices(self) -> list[int]:
         """Indices of the snapshot files present, newest first (validity not checked). Only
         regular files count: a directory named like one is no snapshot (pruning it failed
-        every later save, after the new snapshot was in place)."""
+        every later save, after the new snapshot was in place). Empty when the directory does
+        not exist yet; `OSError` when it cannot be read, or is not a directory."""
         if not self._dir.is_dir():
+            self._check_directory()
             return []
         found = []
         with os.scandir(self._dir) as entries:
@@ -176,12 +175,19 @@ class SnapshotStore:
         if idx < 0:
             raise ValueError(f"snapshot index {idx} must be >= 0")
         blob = encode_snapshot(idx, data, anchor)
+        self._check_directory()
         make_dirs_durably(self._dir)
         self._last_read = None
         path = self._dir / snapshot_name(idx)
         write_bytes_durably(path, blob, mode=0o644)  # dir synced too
         self._prune()
         return path
+
+    def _check_directory(self) -> None:
+        """`NotADirectoryError` naming the path when something other than a directory is
+        there (a mkdir would say "File exists", which reads as if all were well)."""
+        if self._dir.exists() and not self._dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self._dir))
 
     def set_aside(self, idx: int, why: str) -> Path:
         """Rename the snapshot at `idx` out of the way (kept for inspection, never loaded):
@@ -196,7 +202,11 @@ class SnapshotStore:
     def _prune(self) -> None:
         """Drop old snapshots and leftovers. The new snapshot is already in place: a file
         that cannot be removed is a WARNING, not a failed save."""
-        old = [self._dir / snapshot_name(i) for i in self.indices()[self._keep :]]
+        try:
+            old = [self._dir / snapshot_name(i) for i in self.indices()[self._keep :]]
+        except OSError as exc:  # e.g. a directory this process may write but not list
+            log.warning("could not list old snapshots in %s: %s", self._dir, exc.strerror or exc)
+            return
         # Half-written snapshots a crash left behind (one writer: none is in progress now);
         # each is as large as a snapshot, and a crash loop would otherwise pile them up.
         for path in [*old, *self._dir.glob(".*.snap.tmp")]:

@@ -148,6 +148,28 @@ def ahead_of_log_warning(idx: int, last_idx: int) -> str:
     )
 
 
+def _check_snapshots(snapshots: SnapshotStore, last_idx: int) -> bool:
+    """Whether the state can be restored from `snapshots`: the directory lists, and each
+    snapshot ahead of the log (`last_idx`) is moved aside -- once the log grows past its
+    index it would look usable, so it is not merely skipped.
+
+    A directory that cannot be listed (a file in its place, no permission) or whose stale
+    snapshots cannot be moved is a WARNING naming it and what is wrong, and False: the state
+    is refolded from the log. A snapshot only shortens a load; the log alone is durable."""
+    try:
+        for idx in snapshots_ahead_of_log(snapshots.indices(), last_idx):
+            aside = snapshots.set_aside(idx, "ahead-of-log")
+            log.warning("%s: moved to %s, not used", ahead_of_log_warning(idx, last_idx), aside)
+    except OSError as exc:
+        log.warning(
+            "snapshots in %s cannot be used (%s): refolding from the log",
+            snapshots.directory,
+            exc.strerror or exc,
+        )
+        return False
+    return True
+
+
 def restore(
     event_log: EventLog,
     snapshots: SnapshotStore | None,
@@ -230,8 +252,16 @@ class EventStore:
     """The log, its snapshots and the state they fold to; see the module docstring."""
 
     def __init__(
-        self, event_log: EventLog, snapshots: SnapshotStore, restored: Restored, every: int
+        self,
+        event_log: EventLog,
+        snapshots: SnapshotStore,
+        restored: Restored,
+        every: int,
+        *,
+        snapshots_checked: bool = True,
     ) -> None:
+        """`snapshots_checked=False`: the snapshot directory could not be listed when the
+        state was restored (`open` warned and refolded), so what is in it is unknown."""
         self._log = event_log
         self._snapshots = snapshots
         self._state = restored.state
@@ -243,7 +273,15 @@ class EventStore:
         self._snapshot_write = threading.Lock()
         #: Snapshots on disk newer than the one restored from: they did not decode (another
         #: version's layout, say), so they are never served to a catching-up replica either.
-        self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
+        self._unusable: set[int] = set()
+        #: When the directory could not be listed at open (None: it could), the snapshots
+        #: this process wrote: only those are served (any other there may be ahead of the
+        #: log, or of another version, and was neither checked nor moved aside).
+        self._own: set[int] | None = None if snapshots_checked else set()
+        #: `latest_snapshot` found the directory unreadable (said once, until it reads again).
+        self._listing_failed = False
+        if snapshots_checked:
+            self._unusable = {idx for idx in snapshots.indices() if idx > restored.snapshot_idx}
         if self._unusable:
             # One snapshot this version can read, so catch-up starts from a snapshot again.
             self.snapshot()
@@ -264,17 +302,12 @@ class EventStore:
         event_log = EventLog.open(data_dir / LOG_DIR, segment_max_bytes=segment_max_bytes)
         try:
             snapshots = SnapshotStore(data_dir / SNAPSHOT_DIR)
-            last = event_log.last_idx
-            for idx in snapshots_ahead_of_log(snapshots.indices(), last):
-                # Once the log grows past its index it would look usable, so it is moved
-                # aside now, not merely skipped.
-                aside = snapshots.set_aside(idx, "ahead-of-log")
-                log.warning("%s: moved to %s, not used", ahead_of_log_warning(idx, last), aside)
-            restored = restore(event_log, snapshots)
+            checked = _check_snapshots(snapshots, event_log.last_idx)
+            restored = restore(event_log, snapshots if checked else None)
         except BaseException:
             event_log.close()
             raise
-        return cls(event_log, snapshots, restored, snapshot_every)
+        return cls(event_log, snapshots, restored, snapshot_every, snapshots_checked=checked)
 
     @property
     def state(self) -> State:
@@ -401,6 +434,8 @@ class EventStore:
             # Replaced by this version's snapshot. Only after the rename: until then a reader
             # must not take the file there for one this process could restore from.
             self._unusable.discard(idx)
+            if self._own is not None:
+                self._own.add(idx)
         return True
 
     def read_from(self, idx: int) -> Iterator[IndexedEvent]:
@@ -419,8 +454,21 @@ class EventStore:
         """(idx, canonical state bytes) of the newest valid snapshot, for catching up; None
         when that one is a snapshot this process could not restore from (a replica could not
         decode it either: the log is sent instead)."""
-        found = self._snapshots.latest(self._log.last_idx)
-        if found is not None and found[0] in self._unusable:
+        try:
+            found = self._snapshots.latest(self._log.last_idx)
+        except OSError as exc:
+            if not self._listing_failed:
+                self._listing_failed = True
+                log.warning(
+                    "snapshots in %s cannot be read (%s): replicas catch up from the log",
+                    self._snapshots.directory,
+                    exc.strerror or exc,
+                )
+            return None
+        self._listing_failed = False
+        if found is None or found[0] in self._unusable:
+            return None
+        if self._own is not None and found[0] not in self._own:
             return None
         return found
 
