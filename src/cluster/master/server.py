@@ -364,9 +364,9 @@ class Master:
         self._state = store.state
         self._last_idx = store.last_idx
         self._members: set[str] = set()
-        #: Each member's open submit, subscribe and request streams, as the cancel scopes
+        #: Each member's open submit, subscribe and request streams, by the cancel scopes
         #: they are served in: a removed node's session is dropped (`_drop_member`).
-        self._member_scopes: dict[str, set[anyio.CancelScope]] = {}
+        self._member_scopes: dict[str, dict[anyio.CancelScope, nethost.FramedStream]] = {}
         #: Peers removed (`NodeRemoved`) since their last hello: their submissions still
         #: queued for the indexer are refused, not indexed (`_index`).
         self._removed_peers: set[str] = set()
@@ -774,7 +774,7 @@ class Master:
         `removed` (`_as_member`), and it is no member until it says hello again, which logs
         a NodeConnected with its worker process and runner setting. Without this it spoke
         on: its next event re-created the node in the log with neither."""
-        scopes = self._member_scopes.get(peer, ())
+        scopes = self._member_scopes.get(peer, {})
         if peer in self._members or scopes:
             log.info(
                 "dropped the session of removed node %s (%d open streams): it must say "
@@ -784,8 +784,9 @@ class Master:
             )
         self._members.discard(peer)
         self._removed_peers.add(peer)
-        for scope in scopes:
-            scope.cancel()
+        for scope, fs in list(scopes.items()):
+            # Not in the middle of a frame: the worker must read the `removed` after it.
+            fs.cancel_between_frames(scope)
 
     async def _as_member(
         self,
@@ -797,17 +798,18 @@ class Master:
         right after `_require_member`, with no await between: no removal goes unseen."""
         peer = fs.peer_id
         scope = anyio.CancelScope()
-        scopes = self._member_scopes.setdefault(peer, set())
-        scopes.add(scope)
+        scopes = self._member_scopes.setdefault(peer, {})
+        scopes[scope] = fs
         try:
             with scope:
                 await serve(fs)
         finally:
-            scopes.discard(scope)
+            scopes.pop(scope, None)
             if not scopes and self._member_scopes.get(peer) is scopes:
                 del self._member_scopes[peer]
         if scope.cancelled_caught:
-            # A write cut mid-frame may garble this message: the worker still redials.
+            # Cancelled between frames (`_drop_member`), so this is read as a message of its
+            # own, and before the stream's reset (`FramedStream.fail`).
             await fs.fail(REMOVED, REMOVED_MESSAGE)
 
     def _encode_frames(self, records: list[tuple[int, bytes]]) -> bytes:

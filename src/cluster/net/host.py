@@ -258,6 +258,10 @@ class FramedStream:
         self.max_frame = max_frame
         self._reader = FrameReader(stream.read, max_frame)
         self.peer_id = peer_id_str(stream)
+        #: Writes in progress, and the scopes `cancel_between_frames` is to cancel once they
+        #: have ended.
+        self._writing = 0
+        self._cancel_after_write: list[anyio.CancelScope] = []
 
     async def recv(self, timeout: float, max_frame: int | None = None) -> Message:
         """Next message; TimeoutError when the peer is silent, EOFError at its end.
@@ -274,14 +278,43 @@ class FramedStream:
         await self.send_bytes(encode_frame(encode(msg), self.max_frame), timeout)
 
     async def send_bytes(self, data: bytes, timeout: float) -> None:
-        with anyio.fail_after(timeout):
-            await self.stream.write(data)
+        # A cancellation `cancel_between_frames` made after the last write lands here,
+        # before any byte of this one is written.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._writing += 1
+        try:
+            with anyio.fail_after(timeout):
+                await self.stream.write(data)
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                scopes, self._cancel_after_write = self._cancel_after_write, []
+                for scope in scopes:
+                    scope.cancel()
+
+    def cancel_between_frames(self, scope: anyio.CancelScope) -> None:
+        """Cancel `scope` (one this stream's writer runs in) now if no write is in
+        progress, else as soon as the write in progress has ended (bounded by its timeout).
+
+        A write cancelled midway leaves part of a frame on the stream, and the peer reads
+        what comes next -- the `ErrorMsg` saying why the stream ends -- as the rest of it:
+        a frame cut short, which it can only take for a network fault."""
+        if self._writing:
+            self._cancel_after_write.append(scope)
+        else:
+            scope.cancel()
 
     async def fail(self, code: str, message: str) -> None:
-        """Tell the peer what was wrong, then reset the stream. Never raises."""
+        """Tell the peer what was wrong, then reset the stream. Never raises.
+
+        The message is followed by a half-close (FIN) before the reset: py-libp2p's yamux
+        drops the data a peer has not read yet when a reset arrives, unless a FIN came
+        before it, so a reset right behind the message could take the message with it."""
         with anyio.CancelScope(shield=True):
             with suppress(Exception):
                 await self.send(ErrorMsg(code=code, message=message), timeout=1.0)
+                with anyio.move_on_after(1.0):
+                    await self.stream.close_write()
             await self.reset()
 
     async def reset(self) -> None:
