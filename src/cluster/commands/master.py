@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen",
         default="/ip4/127.0.0.1/tcp/0",
         metavar="MULTIADDR",
-        help="address to listen on (default: %(default)s; tcp/0 picks a free port)",
+        help="/ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT to listen on (default: %(default)s; "
+        "tcp/0 picks a free port)",
     )
     parser.add_argument(
         "--allow", action="append", default=[], metavar="PEERID", help="peer id allowed to join"

@@ -105,30 +105,52 @@ def names_a_protocol(text: str) -> bool:
     return True
 
 
+#: Protocols that name a host to resolve. py-libp2p listens on every interface for them (its
+#: TCP listener finds no IP in the address), whatever the name resolves to.
+_NAME_PROTOCOLS = frozenset({"dns", "dns4", "dns6", "dnsaddr"})
+
+#: The shapes a listen address may have: an interface address and a TCP port, nothing more.
+_LISTEN_SHAPES = (["ip4", "tcp"], ["ip6", "tcp"])
+
+
 def parse_listen_multiaddr(text: str) -> Any:
-    """A multiaddr to listen on: TCP, the only transport the hosts run (libp2p would only log
-    a warning for another and listen on nothing)."""
+    """A multiaddr to listen on: /ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT, nothing else.
+
+    TCP is the only transport the hosts run (libp2p would only log a warning for another
+    and listen on nothing). A host name (/dns4/localhost/...) made py-libp2p listen on every
+    interface, past the port check; any other part (/ws, /tls, /p2p) is ignored or refused
+    by py-libp2p with only a log line.
+    """
     addr = parse_multiaddr(text)
-    try:
-        addr.value_for_protocol("tcp")
-    except Exception:
+    shown = text.strip()
+    names = [p.name for p in addr.protocols()]
+    named = next((n for n in names if n in _NAME_PROTOCOLS), None)
+    if named is not None:
         raise AddressError(
-            f"cannot listen on {text.strip()}: not a TCP address (e.g. /ip4/0.0.0.0/tcp/7400)"
-        ) from None
+            f"cannot listen on {shown}: /{named} names a host, but a listen address names an "
+            "interface: use /ip4/ADDR or /ip6/ADDR (e.g. /ip4/127.0.0.1/tcp/7400, or "
+            "/ip4/0.0.0.0/tcp/7400 for every interface)"
+        )
+    if "tcp" not in names:
+        raise AddressError(
+            f"cannot listen on {shown}: not a TCP address (e.g. /ip4/0.0.0.0/tcp/7400)"
+        )
+    if names not in _LISTEN_SHAPES:
+        raise AddressError(
+            f"cannot listen on {shown}: expected /ip4/ADDR/tcp/PORT or /ip6/ADDR/tcp/PORT "
+            "(e.g. /ip4/0.0.0.0/tcp/7400)"
+        )
     return addr
 
 
-def _check_port_free(addr: Any) -> None:
-    """Raise AddressError if a fixed TCP port of `addr` is taken (port 0 picks a free one)."""
-    try:
-        port = int(addr.value_for_protocol("tcp"))
-    except Exception:
-        return  # not a TCP address: libp2p reports what it cannot use
-    family, host = socket.AF_INET, ""
-    for name, fam in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
-        with suppress(Exception):
-            host, family = addr.value_for_protocol(name), fam
-    if port == 0 or not host:
+def _check_can_listen(addr: Any) -> None:
+    """Raise AddressError if the fixed TCP port of `addr` (from `parse_listen_multiaddr`) is
+    taken (port 0 picks a free one): py-libp2p binds with SO_REUSEPORT, so a second master
+    on a taken port would share it silently."""
+    family = socket.AF_INET6 if addr.protocols()[0].name == "ip6" else socket.AF_INET
+    host = addr.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
+    port = int(addr.value_for_protocol("tcp"))
+    if port == 0:
         return
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -174,7 +196,7 @@ async def running_host(key_pair: Any, listen: list[str] | None = None) -> AsyncI
     host = build_host(key_pair)
     addrs = [parse_listen_multiaddr(a) for a in (listen or [])]
     for addr in addrs:
-        _check_port_free(addr)
+        _check_can_listen(addr)
     async with host.run(listen_addrs=addrs):
         if addrs and not host.get_addrs():
             raise AddressError(f"cannot listen on {', '.join(map(str, addrs))}")
