@@ -49,6 +49,20 @@ def test_a_listen_address_with_more_than_an_interface_and_a_port_is_refused(
     )
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("listen", [f"/ip4/127.0.0.1/tcp/0/p2p/{PEER}", f"/p2p/{PEER}"])
+async def test_a_listen_address_naming_a_peer_id_is_refused(listen: str) -> None:
+    """The /p2p part was ignored: the master started under its own peer id, not the one
+    given."""
+    with pytest.raises(AddressError) as refused:
+        async with running_host(key_pair_from_seed(b"\x03" * 32), [listen]):
+            pass
+    assert str(refused.value) == (
+        f"cannot listen on {listen}: a listen address takes no /p2p part: the peer id comes "
+        "from the node key (node.key in the data directory)"
+    )
+
+
 @pytest.mark.parametrize(
     "listen",
     ["/dns4/localhost/tcp/0", f"/ip4/127.0.0.1/tcp/0/p2p/{PEER}", "/ip4/127.0.0.1/tcp/0/tls"],

@@ -118,8 +118,8 @@ def parse_listen_multiaddr(text: str) -> Any:
 
     TCP is the only transport the hosts run (libp2p would only log a warning for another
     and listen on nothing). A host name (/dns4/localhost/...) made py-libp2p listen on every
-    interface, past the port check; any other part (/ws, /tls, /p2p) is ignored or refused
-    by py-libp2p with only a log line.
+    interface, past the port check, and a /p2p/ part was ignored; any other trailing part
+    (/ws, /tls) is ignored or refused by py-libp2p with only a log line.
     """
     addr = parse_multiaddr(text)
     shown = text.strip()
@@ -130,6 +130,11 @@ def parse_listen_multiaddr(text: str) -> Any:
             f"cannot listen on {shown}: /{named} names a host, but a listen address names an "
             "interface: use /ip4/ADDR or /ip6/ADDR (e.g. /ip4/127.0.0.1/tcp/7400, or "
             "/ip4/0.0.0.0/tcp/7400 for every interface)"
+        )
+    if "p2p" in names:
+        raise AddressError(
+            f"cannot listen on {shown}: a listen address takes no /p2p part: the peer id "
+            "comes from the node key (node.key in the data directory)"
         )
     if "tcp" not in names:
         raise AddressError(
