@@ -1,4 +1,8 @@
-"""A listen address is listened on exactly as given, or refused in one line saying why."""
+"""A listen address is listened on exactly as given, or refused in one line saying why.
+
+Loopback only: the one address that is not this machine's, 192.0.2.1 (TEST-NET-1, reserved
+for documentation), is only bound to, which fails at once and sends nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster import cli
 from cluster.net.host import AddressError, full_addrs, parse_listen_multiaddr, running_host
 from cluster.net.identity import key_pair_from_seed
 
@@ -17,6 +22,7 @@ NAMES_A_HOST = (
     "names a host, but a listen address names an interface: use /ip4/ADDR or /ip6/ADDR "
     "(e.g. /ip4/127.0.0.1/tcp/7400, or /ip4/0.0.0.0/tcp/7400 for every interface)"
 )
+NOT_MINE = "192.0.2.1"
 
 
 @pytest.mark.anyio
@@ -90,3 +96,31 @@ def test_cluster_master_refuses_such_a_listen_address_before_it_starts(
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stdout == ""
     assert not data_dir.exists()
+
+
+@pytest.mark.anyio
+async def test_an_address_of_no_interface_here_says_why_it_cannot_be_listened_on() -> None:
+    """The reason was only in a py-libp2p ERROR record ("Failed to start TCP listener ...:
+    [Errno 99] Cannot assign requested address"); the error said `cannot listen on ...`."""
+    listen = f"/ip4/{NOT_MINE}/tcp/0"
+    with pytest.raises(AddressError) as refused:
+        async with running_host(key_pair_from_seed(b"\x04" * 32), [listen]):
+            pass
+    assert str(refused.value) == (
+        f"cannot listen on {listen}: Cannot assign requested address "
+        f"(no interface of this machine has the address {NOT_MINE})"
+    )
+
+
+def test_cluster_master_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cluster master` printed py-libp2p's ERROR record, then a line without the reason."""
+    listen = f"/ip4/{NOT_MINE}/tcp/0"
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--listen", listen, "--http", "off"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"cluster master: cannot listen on {listen}: Cannot assign requested address "
+        f"(no interface of this machine has the address {NOT_MINE})\n"
+    )

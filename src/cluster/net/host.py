@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -149,21 +150,26 @@ def parse_listen_multiaddr(text: str) -> Any:
 
 
 def _check_can_listen(addr: Any) -> None:
-    """Raise AddressError if the fixed TCP port of `addr` (from `parse_listen_multiaddr`) is
-    taken (port 0 picks a free one): py-libp2p binds with SO_REUSEPORT, so a second master
-    on a taken port would share it silently."""
+    """Raise AddressError, saying why, if `addr` (from `parse_listen_multiaddr`) cannot be
+    listened on: a fixed port taken, an address no interface of this machine has.
+
+    py-libp2p only logs why a listen failed. And it binds with SO_REUSEPORT, so a second
+    master on a taken port would share it silently. Port 0 (any free port) is probed too:
+    its bind fails as py-libp2p's would for an address that is not this machine's.
+    """
     family = socket.AF_INET6 if addr.protocols()[0].name == "ip6" else socket.AF_INET
     host = addr.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
     port = int(addr.value_for_protocol("tcp"))
-    if port == 0:
-        return
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
         # SO_REUSEADDR (not REUSEPORT): a port only in TIME_WAIT is free, a listening one not.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
     except OSError as exc:
-        raise AddressError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason += f" (no interface of this machine has the address {host})"
+        raise AddressError(f"cannot listen on {addr}: {reason}") from None
     finally:
         probe.close()
 
