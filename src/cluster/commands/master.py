@@ -264,6 +264,7 @@ def _flag_text(exc: BaseException) -> str:
 def http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
     """`HOST:PORT` (or 'off') and an optional token file, validated."""
     from cluster.master.http_api import HttpApiConfig, check_config
+    from cluster.shared.files import SECRET_FILE_LIMIT, InputFileError, read_input_file
 
     if value == "off":
         return None
@@ -273,9 +274,11 @@ def http_config(value: str, token_file: Path | None) -> HttpApiConfig | None:
     token = None
     if token_file is not None:
         try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"--http-token-file {token_file}: {exc.strerror or exc}") from None
+            token = read_input_file(token_file, SECRET_FILE_LIMIT).decode("utf-8").strip()
+        except InputFileError as exc:
+            raise ValueError(f"--http-token-file {token_file}: {exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--http-token-file {token_file}: not UTF-8 text") from None
     config = HttpApiConfig(host=host.strip("[]"), port=int(port_text), token=token)
     check_config(config)
     return config

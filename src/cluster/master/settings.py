@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.master.config import PlannerConfig
+from cluster.shared.files import CONFIG_FILE_LIMIT, InputFileError, read_input_file
 from cluster.shared.humanize import format_duration
 from cluster.shared.maintenance_policy import MaintenancePolicy, PolicyError, policy_from_mapping
 
@@ -35,9 +36,11 @@ def load_settings(path: Path | None) -> tuple[PlannerConfig, MaintenancePolicy]:
     if path is None:
         return PlannerConfig(), MaintenancePolicy()
     try:
-        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data: dict[str, Any] = tomllib.loads(
+            read_input_file(path, CONFIG_FILE_LIMIT).decode("utf-8")
+        )
+    except InputFileError as exc:
+        raise SettingsError(f"{path}: cannot read the config file: {exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(SECTIONS))

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from cluster.shared.files import fsync_dir
+from cluster.shared.files import (
+    LIST_FILE_LIMIT,
+    SECRET_FILE_LIMIT,
+    InputFileError,
+    fsync_dir,
+    read_input_file,
+)
 from cluster.shared.peer_ids import peer_id_problem
 
 NONCE_BYTES: Final = 32
@@ -109,9 +115,9 @@ def validate_peer_id(text: str, where: str) -> str:
 def load_allow_file(path: Path) -> frozenset[str]:
     """One peer id per line; blank lines and `#` comments ignored."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise MembershipConfigError(f"cannot read allow-list {path}: {exc.strerror}") from exc
+        lines = read_input_file(path, LIST_FILE_LIMIT).decode("utf-8").splitlines()
+    except InputFileError as exc:
+        raise MembershipConfigError(f"cannot read allow-list {path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise MembershipConfigError(f"allow-list {path} is not UTF-8 text") from exc
     ids = set()
@@ -125,9 +131,9 @@ def load_allow_file(path: Path) -> frozenset[str]:
 def load_secret_file(path: Path) -> bytes:
     """The secret is the file's bytes with surrounding whitespace stripped."""
     try:
-        data = path.read_bytes().strip()
-    except OSError as exc:
-        raise MembershipConfigError(f"cannot read cluster secret {path}: {exc.strerror}") from exc
+        data = read_input_file(path, SECRET_FILE_LIMIT).strip()
+    except InputFileError as exc:
+        raise MembershipConfigError(f"cannot read cluster secret {path}: {exc}") from None
     if len(data) < MIN_SECRET_BYTES:
         raise MembershipConfigError(
             f"cluster secret {path} holds {len(data)} bytes; at least {MIN_SECRET_BYTES} needed"

@@ -1,5 +1,6 @@
 """Files replaced whole: written beside their path, then renamed over it, so a reader (or a
-restart after a crash) never sees one half-written; and directories created durably."""
+restart after a crash) never sees one half-written; directories created durably; and the
+operator's small input files (config, secret, allow-list) read with a size limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,27 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
+from typing import Final
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+#: Input limits, by kind. Each is far above any real file of its kind and far below what
+#: hurts a process holding it in memory (a whole file is parsed at once): a mistyped path
+#: (`/dev/zero`, a log, a disk image) is refused in a line instead of eating the memory.
+#: A TOML config or runner file is a few dozen lines: 1 MiB is thousands of times that.
+CONFIG_FILE_LIMIT: Final = 1 * MiB
+#: A secret or token is one line (a 64-character hex secret, a ~43-character token).
+SECRET_FILE_LIMIT: Final = 64 * KiB
+#: An allow-list holds one 52-character peer id a line: 16 MiB is some 300,000 peers.
+LIST_FILE_LIMIT: Final = 16 * MiB
+
+
+class InputFileError(ValueError):
+    """An input file that cannot be read or is refused; the message names the problem, not
+    the path or the setting: the caller says which file it was."""
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -98,3 +119,71 @@ def try_lock(path: Path, mode: int = 0o600) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"a special file (mode {stat.S_IFMT(mode):#o})"
+
+
+def read_input_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them.
+
+    Anything else is refused with `InputFileError` naming what it is (a directory, a named
+    pipe, a device), without reading it: a pipe would block the caller until some writer
+    came, a device such as /dev/zero never ends. A file over `limit` is refused too, after
+    reading at most `limit + 1` bytes (a file in /proc says size 0 and holds more; one
+    may grow while read). An `OSError` (missing, no permission) becomes `InputFileError`."""
+    try:
+        # Checked before opening: opening some devices acts on them (a tape rewinds).
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise InputFileError(f"is {_kind_of(mode)}, not a regular file")
+        # O_NONBLOCK: if a pipe was swapped in since the stat, open does not wait for a writer
+        # (fstat refuses it next); on a regular file it changes nothing.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputFileError(exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputFileError(f"is {_kind_of(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise InputFileError(_too_large(st.st_size, limit))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise InputFileError(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise InputFileError(_too_large(None, limit))
+    return b"".join(chunks)
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    most = _bytes_text(limit)
+    held = f"holds {size:,} bytes" if size is not None else f"holds more than {most}"
+    return f"{held}; at most {most} accepted (is this the right file?)"
+
+
+def _bytes_text(n: int) -> str:
+    if n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n % KiB == 0:
+        return f"{n // KiB} KiB"
+    return f"{n:,} bytes"

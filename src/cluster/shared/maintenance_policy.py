@@ -29,6 +29,7 @@ from cluster.shared.durations import (
     MINUTE_MS,
     SECOND_MS,
 )
+from cluster.shared.files import CONFIG_FILE_LIMIT, InputFileError, read_input_file
 from cluster.shared.peer_ids import peer_id_problem
 from cluster.shared.settings_table import table_values
 
@@ -162,9 +163,9 @@ def load_policy(path: str | Path, *, section: str | None = None) -> MaintenanceP
     """Read a policy from a ``.toml`` or ``.json`` file (optionally one table of it)."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{p}: cannot read the policy file: {exc.strerror or exc}") from None
+        raw = read_input_file(p, CONFIG_FILE_LIMIT)
+    except InputFileError as exc:
+        raise PolicyError(f"{p}: cannot read the policy file: {exc}") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":

@@ -26,6 +26,7 @@ from typing import Any, Final
 import msgspec
 
 from cluster.shared.events import MAX_ID_CHARS
+from cluster.shared.files import CONFIG_FILE_LIMIT, InputFileError, read_input_file
 from cluster.shared.humanize import error_text, key_problem
 from cluster.worker.runners.base import (
     Runner,
@@ -166,9 +167,9 @@ def config_digest(kind: str, config: Mapping[str, Any]) -> str:
 def load_runner_setting(path: Path) -> RunnerSetting:
     """Read a runner setting from a TOML file, with errors naming the file and the field."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RunnerConfigError(f"runner file {path}: {exc.strerror or exc}") from None
+        raw = tomllib.loads(read_input_file(path, CONFIG_FILE_LIMIT).decode("utf-8"))
+    except InputFileError as exc:
+        raise RunnerConfigError(f"runner file {path}: {exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RunnerConfigError(f"runner file {path}: not valid TOML: {exc}") from None
     try:
