@@ -439,6 +439,68 @@ def test_a_stale_cycles_flag_at_or_below_fresh_idle_cycles_is_named(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--stale-cycles" in err and "fresh_idle_cycles (1)" in err, err
+    # Said as the flag's own bound, not as the config object's ("planner config: ...").
+    assert err == (
+        "cluster master: --stale-cycles must be above [planner] fresh_idle_cycles (1), got 1: "
+        "give --stale-cycles 2 or more, or lower fresh_idle_cycles in the --config file\n"
+    )
+
+
+def test_stale_cycles_help_gives_the_range_the_flag_accepts(tmp_path: Path) -> None:
+    """The help said 1..10000, and 1 was always refused (fresh_idle_cycles is 1 by default);
+    1 is accepted where the config file sets fresh_idle_cycles = 0."""
+    from cluster.commands import master
+    from cluster.master.settings import load_settings
+
+    parser = argparse.ArgumentParser()
+    master.add_arguments(parser)
+    (help_text,) = [a.help for a in parser._actions if a.dest == "stale_cycles"]
+    assert help_text is not None and "2..10000" in help_text and "1..10000" not in help_text
+    config = tmp_path / "cluster.toml"
+    config.write_text("[planner]\nfresh_idle_cycles = 0\n")
+    cfg = master.planner_config(_master_args("--stale-cycles", "1"), load_settings(config)[0])
+    assert (cfg.stale_cycles, cfg.fresh_idle_cycles) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "message"),
+    [
+        # Rounded to 0 ms: "plan_interval_ms must be >= 1, got 0".
+        (
+            ["--plan-interval", "0.0004"],
+            "",
+            "--plan-interval must be at least 0.001 seconds (1 ms), got 0.0004",
+        ),
+        # Not "planner config: epoch_length_ms must be at least plan_interval_ms (2000), ...":
+        (
+            ["--epoch-length", "1s", "--plan-interval", "2"],
+            "",
+            "--epoch-length 1s (1000 ms) is shorter than --plan-interval 2 (2000 ms): an epoch "
+            "holds at least one plan cycle",
+        ),
+        (
+            ["--epoch-length", "1s"],
+            "[planner]\nplan_interval_ms = 2000\n",
+            "--epoch-length 1s (1000 ms) is shorter than the plan interval ([planner] "
+            "plan_interval_ms = 2000): an epoch holds at least one plan cycle",
+        ),
+        (
+            ["--plan-interval", "700"],
+            "",
+            "the epoch length ([planner] epoch_length_ms = 600000) is shorter than "
+            "--plan-interval 700 (700000 ms): an epoch holds at least one plan cycle",
+        ),
+    ],
+)
+def test_planner_flags_refused_together_are_named_as_flags(
+    argv: list[str], config: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(config)
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--config", str(path), *argv]
+    assert cli.main([*argv, "--http", "off"]) == 2
+    assert capsys.readouterr().err == f"cluster master: {message}\n"
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_drain_lead_shorter_than_an_epoch_is_warned_at_start(

@@ -11,7 +11,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cluster.commands._process import LOG_LEVELS, data_dir_arg
 
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stale-cycles",
         type=int,
         metavar="K",
-        help="idle cycles before a node is disconnected, 1..10000 (default 3; overrides --config)",
+        help="idle cycles before a node is disconnected, 2..10000 (default 3; overrides "
+        "--config): above [planner] fresh_idle_cycles, 1 unless --config sets 0",
     )
     parser.add_argument(
         "--http",
@@ -113,6 +114,10 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
                 f"(366 days), got {args.plan_interval:g}"
             )
         overrides["plan_interval_ms"] = round(args.plan_interval * 1000)
+        if overrides["plan_interval_ms"] < 1:  # "plan_interval_ms must be >= 1, got 0"
+            raise ValueError(
+                f"--plan-interval must be at least 0.001 seconds (1 ms), got {args.plan_interval:g}"
+            )
     if args.epoch_length is not None:
         try:
             overrides["epoch_length_ms"] = parse_duration(args.epoch_length)
@@ -121,7 +126,35 @@ def planner_config(args: argparse.Namespace, file_cfg: PlannerConfig) -> Planner
     if args.stale_cycles is not None:
         check_stale_cycles(args.stale_cycles, "--stale-cycles")  # the file's check, by flag
         overrides["stale_cycles"] = args.stale_cycles
-    return PlannerConfig.from_mapping({**msgspec.to_builtins(file_cfg), **overrides})
+    values = {**msgspec.to_builtins(file_cfg), **overrides}
+    _check_flags_against_settings(args, values)
+    return PlannerConfig.from_mapping(values)
+
+
+def _check_flags_against_settings(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """The checks that relate two planner settings, made here when a flag set one of them,
+    so that the error names the flags typed (PlannerConfig's names its fields only)."""
+    fresh = values["fresh_idle_cycles"]
+    if args.stale_cycles is not None and args.stale_cycles <= fresh:
+        raise ValueError(
+            f"--stale-cycles must be above [planner] fresh_idle_cycles ({fresh}), got "
+            f"{args.stale_cycles}: give --stale-cycles {fresh + 1} or more, or lower "
+            "fresh_idle_cycles in the --config file"
+        )
+    plan_ms, epoch_ms = values["plan_interval_ms"], values["epoch_length_ms"]
+    if epoch_ms >= plan_ms or (args.plan_interval is None and args.epoch_length is None):
+        return
+    plan = (
+        f"--plan-interval {args.plan_interval:g} ({plan_ms} ms)"
+        if args.plan_interval is not None
+        else f"the plan interval ([planner] plan_interval_ms = {plan_ms})"
+    )
+    epoch = (
+        f"--epoch-length {args.epoch_length} ({epoch_ms} ms)"
+        if args.epoch_length is not None
+        else f"the epoch length ([planner] epoch_length_ms = {epoch_ms})"
+    )
+    raise ValueError(f"{epoch} is shorter than {plan}: an epoch holds at least one plan cycle")
 
 
 def run(args: argparse.Namespace) -> int:
