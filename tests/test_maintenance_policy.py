@@ -130,7 +130,10 @@ def test_mapping_accepts_durations_as_text_or_ms() -> None:
     [
         ({"min_leed_ms": 1}, "maintenance policy: unknown setting 'min_leed_ms'; known settings: "),
         ({"min_lead": 5}, "'min_lead' takes a duration like \"15m\"; for a number of milliseconds"),
-        ({"min_lead": "5m", "min_lead_ms": 1}, "'min_lead_ms' is given twice"),
+        (
+            {"min_lead_ms": 1, "min_lead": "5m"},
+            "'min_lead_ms' is given twice (as 'min_lead_ms' and 'min_lead')",
+        ),
         ({"max_duration": "4x"}, "max_duration: '4x': unknown unit 'x'"),
         ({"max_concurrent_nodes": -3}, "maintenance policy: max_concurrent_nodes must be"),
     ],

@@ -122,7 +122,11 @@ def test_planner_table_takes_durations_as_text_like_maintenance() -> None:
             "plan_interval_ms, stale_cycles, ",
         ),
         ({"epoch_length": 5}, "'epoch_length' takes a duration like \"15m\"; for a number"),
-        ({"epoch_length": "2m", "epoch_length_ms": 1}, "'epoch_length_ms' is given twice"),
+        # Both keys as written: it named only the second, which read as a typo'd repeat.
+        (
+            {"epoch_length": "2m", "epoch_length_ms": 1},
+            "'epoch_length_ms' is given twice (as 'epoch_length' and 'epoch_length_ms')",
+        ),
         ({"stale": "2m"}, "unknown setting 'stale'"),  # not a duration setting
     ],
 )

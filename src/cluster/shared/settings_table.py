@@ -24,6 +24,7 @@ def table_values(data: Mapping[str, Any], fields: Collection[str]) -> dict[str, 
 
     Raises ValueError naming the key (the caller prefixes where the table is)."""
     values: dict[str, Any] = {}
+    written: dict[str, str] = {}  # field name -> the key it was written as, to name both
     for key, value in data.items():
         name = key if key in fields else f"{key}_ms"
         if name not in fields:
@@ -33,11 +34,12 @@ def table_values(data: Mapping[str, Any], fields: Collection[str]) -> dict[str, 
                 f'{key!r} takes a duration like "15m"; for a number of milliseconds write {name!r}'
             )
         if name in values:
-            raise ValueError(f"{name!r} is given twice (as {key!r})")
+            raise ValueError(f"{name!r} is given twice (as {written[name]!r} and {key!r})")
         if name.endswith("_ms") and isinstance(value, str):
             try:
                 value = parse_duration(value)
             except DurationError as exc:
                 raise ValueError(f"{key}: {exc}") from None
         values[name] = value
+        written[name] = key
     return values
