@@ -16,6 +16,7 @@ from cluster.control import (
     SessionList,
 )
 from cluster.master.requests import LOCAL_OPERATOR, MAX_REWARD_PER_UNIT, decide
+from cluster.shared.durations import parse_time
 from cluster.shared.events import (
     MaintenanceCancelled,
     MaintenanceScheduled,
@@ -134,11 +135,24 @@ def test_any_member_may_read_another_nodes_schedule_but_not_check_one_for_it() -
 
 
 def test_start_times_beyond_what_can_be_shown_are_refused_with_the_field() -> None:
+    """Said as the time typed, with the limit as a time: it was refused in milliseconds."""
     log = Log()
     log.join(A)
     for request, says in [
-        (MaintenanceCheck(start_ms=253_402_300_800_000, duration_ms=HOUR), "--at 253402300800000"),
-        (MaintenanceCheck(start_ms=-1, duration_ms=HOUR), "--at -1 ms is outside"),
+        (
+            MaintenanceCheck(start_ms=parse_time("9999-12-31T23:59Z"), duration_ms=HOUR),
+            "--at 9999-12-31T23:59:00Z is too far ahead: the latest start this cluster "
+            "accepts is 9998-12-30T00:00:00Z",
+        ),
+        (
+            MaintenanceCheck(start_ms=253_402_300_800_000, duration_ms=HOUR),
+            "--at 253402300800000 ms since 1970-01-01 UTC (after year 9999) is too far ahead",
+        ),
+        (
+            MaintenanceSchedule(start_ms=-1, duration_ms=HOUR),
+            "--at 1969-12-31T23:59:59.999Z is too early: the earliest start this cluster "
+            "accepts is 1970-01-01T00:00:00Z",
+        ),
         (MaintenanceSchedule(in_ms=2**62, duration_ms=HOUR), "--in is too far ahead"),
     ]:
         ok, msg = _run(log, request, A)

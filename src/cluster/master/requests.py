@@ -226,10 +226,16 @@ def _start(now_ms: int, start_ms: int | None, in_ms: int | None) -> int | str:
             return f"--in is too far ahead ({in_ms} ms): at most {MAX_LEAD_MS // DAY_MS} days"
         return now_ms + in_ms
     assert start_ms is not None
-    if not 0 <= start_ms <= LATEST_START_MS:
+    # Said as a time (format_time never raises), not as ms: the operator typed a date.
+    if start_ms > LATEST_START_MS:
         return (
-            f"--at {start_ms} ms is outside the times this cluster can show "
-            f"(0 .. {LATEST_START_MS}: {format_time(0)} .. {format_time(LATEST_START_MS)})"
+            f"--at {format_time(start_ms)} is too far ahead: the latest start this cluster "
+            f"accepts is {format_time(LATEST_START_MS)} (a window must end by year 9999)"
+        )
+    if start_ms < 0:
+        return (
+            f"--at {format_time(start_ms)} is too early: the earliest start this cluster "
+            f"accepts is {format_time(0)}"
         )
     return start_ms
 
