@@ -93,10 +93,23 @@ def test_candidates_sharing_their_shown_ends_are_listed_apart() -> None:
 
 def test_a_name_that_fits_no_node_is_unknown_with_a_hint() -> None:
     state = _state(A, B).state
-    for typed in ("12D3KooWNope", "12D3Ko…nope99", "nobody", "…x7Fq9a", "12D3Ko……x7Fq9a"):
+    for typed in ("12D3KooWNope", "12D3Ko…nope99", "nobody", "12D3Ko……x7Fq9a"):
         msg = _refused(state, typed)
         assert msg.startswith(f"unknown node {typed}: it has never joined this cluster ("), msg
         assert "`cluster status`" in msg and f"first {MIN_PREFIX_CHARS} or more" in msg
+
+
+def test_a_short_form_missing_an_end_is_said_to_be_incomplete() -> None:
+    """It was "unknown node 12D3Ko…: it has never joined this cluster": true of no id, and
+    no word that half the name was lost."""
+    state = _state(A, B).state
+    for typed in ("12D3Ko…", "…x7Fq9a", "12D3KooWAbc...", "…"):
+        msg = _refused(state, typed)
+        assert msg == (
+            f"node name {typed} is incomplete: a short form needs both ends of the id "
+            "(PREFIX…SUFFIX, as `cluster status` shows it); or give the id's first "
+            f"{MIN_PREFIX_CHARS} or more characters, without the ellipsis"
+        ), msg
 
 
 def test_a_name_too_short_to_trust_is_refused_even_if_one_node_fits() -> None:

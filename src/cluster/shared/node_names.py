@@ -61,6 +61,13 @@ def resolve_node(state: State, typed: str) -> str | Unresolved:
     ends = _short_form(typed)
     prefix, suffix = ends if ends is not None else (typed, "")
     shown = printable(clip(typed, _ECHO_WIDTH))
+    if ends is not None and not (prefix and suffix):
+        # "12D3Ko…" (one end lost in a copy) is no id that "never joined": say what is missing.
+        return Unresolved(
+            f"node name {shown} is incomplete: a short form needs both ends of the id "
+            "(PREFIX…SUFFIX, as `cluster status` shows it); or give the id's first "
+            f"{MIN_PREFIX_CHARS} or more characters, without the ellipsis"
+        )
     matches = sorted(
         n
         for n in state.nodes
@@ -119,11 +126,12 @@ def _removed_message(shown: str, removed: list[RemovedNode]) -> str:
 
 
 def _short_form(typed: str) -> tuple[str, str] | None:
-    """(PREFIX, SUFFIX) of "PREFIX…SUFFIX", both ends non-empty; None if `typed` is not one."""
+    """(PREFIX, SUFFIX) of "PREFIX…SUFFIX", either end possibly empty; None if `typed` holds
+    no ellipsis."""
     for ellipsis in ELLIPSES:
         prefix, found, suffix = typed.partition(ellipsis)
         if found:
-            return (prefix, suffix) if prefix and suffix else None
+            return prefix, suffix
     return None
 
 
