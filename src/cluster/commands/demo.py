@@ -87,10 +87,29 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]]) -> Non
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"{name} did not stop within {GRACE_S:g} s: killing it", flush=True)
+                print(
+                    f"cluster demo: {name} did not stop within {GRACE_S:g} s: killing it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 proc.kill()
                 proc.wait()
             out.close()
+
+
+def _report_exit(name: str, code: int, logs: Path) -> bool:
+    """Say on stderr that a child exited while the demo ran; True if it was the master
+    (the demo stops: a cluster outlives a worker, not its master)."""
+    if name == "master":
+        print(f"cluster demo: the master exited with code {code}; see {logs}", file=sys.stderr)
+        return True
+    # The master notices and re-places its slots.
+    print(
+        f"cluster demo: {name} exited with code {code}; the cluster carries on without it",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
 
 
 def _master_option_problem(args: argparse.Namespace) -> str:
@@ -207,10 +226,18 @@ def run(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + MASTER_START_TIMEOUT_S
         while not addr_file.exists():
             if stop_now:  # Ctrl-C before the master was up: not the master's failure
-                print("cluster demo: interrupted before the cluster was up")
+                print("cluster demo: interrupted before the cluster was up", file=sys.stderr)
                 return 130
             if proc.poll() is not None or time.monotonic() > deadline:
-                print(f"cluster demo: master did not start; see {logs / 'master.log'}")
+                how = (
+                    f"it exited with code {proc.returncode}"
+                    if proc.returncode is not None
+                    else f"not up within {MASTER_START_TIMEOUT_S:g} s"
+                )
+                print(
+                    f"cluster demo: master did not start ({how}); see {logs / 'master.log'}",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(0.05)
         addr = addr_file.read_text(encoding="utf-8").strip()
@@ -259,19 +286,9 @@ def run(args: argparse.Namespace) -> int:
                 if proc.poll() is None or name in reported:
                     continue
                 reported.add(name)
-                if name == "master":
-                    print(
-                        f"cluster demo: the master exited with code {proc.returncode}; see {logs}"
-                    )
+                if _report_exit(name, proc.returncode, logs):
                     stop_now = True
                     status = 1
-                else:
-                    # A cluster outlives a worker: the master notices and re-places its slots.
-                    print(
-                        f"cluster demo: {name} exited with code {proc.returncode}; "
-                        "the cluster carries on without it",
-                        flush=True,
-                    )
             time.sleep(0.1)
         return status
     finally:
