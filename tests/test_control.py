@@ -75,6 +75,33 @@ async def test_control_round_trip_and_bad_input(tmp_path: Path) -> None:
     assert not socket_path(tmp_path).exists()
 
 
+async def _logged(caplog: pytest.LogCaptureFixture, start: str) -> str:
+    """The first log line starting with `start`, once the server has written it."""
+    with anyio.fail_after(10):
+        while True:
+            lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+            if lines:
+                return lines[0]
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_a_dropped_connection_is_logged_saying_what_happened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It logged "control connection dropped: " and nothing more: an EndOfStream has no text."""
+    caplog.set_level("INFO", logger="cluster.control")
+    async with anyio.create_task_group() as tg:
+        path = await tg.start(serve, tmp_path, _handler)
+        async with await anyio.connect_unix(path) as stream:
+            await stream.send(b"\x00\x00")  # half a header, then gone
+        line = await _logged(caplog, "control connection dropped")
+        assert line == (
+            "control connection dropped: the client closed it before sending a whole request"
+        )
+        tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

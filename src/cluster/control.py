@@ -206,6 +206,23 @@ async def _write_frame(stream: anyio.abc.ByteStream, payload: bytes) -> None:
     await stream.send(_LEN.pack(len(payload)) + payload)
 
 
+#: How long a client has to send its whole request.
+_REQUEST_TIMEOUT_S = 10
+
+
+def _why_dropped(exc: Exception) -> str:
+    """What happened to a dropped control connection, for its log line. Said for each kind:
+    EndOfStream and BrokenResourceError carry no text at all (the line read "dropped: ")."""
+    if isinstance(exc, anyio.EndOfStream):
+        return "the client closed it before sending a whole request"
+    if isinstance(exc, anyio.BrokenResourceError):
+        cause = exc.__cause__  # anyio wraps the OSError that says how
+        return f"the client went away ({cause or type(exc).__name__})"
+    if isinstance(exc, TimeoutError):
+        return f"no whole request within {_REQUEST_TIMEOUT_S} s"
+    return str(exc) or type(exc).__name__
+
+
 async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) -> None:
     """Serve control requests on `data_dir/control.sock` until cancelled."""
     path = socket_path(data_dir)
@@ -219,7 +236,7 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
     async def one(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             try:
-                with anyio.fail_after(10):
+                with anyio.fail_after(_REQUEST_TIMEOUT_S):
                     raw = await _read_frame(stream)
                 request = decode_request(raw)
                 reply = request if isinstance(request, Reply) else await handler(request)
@@ -240,7 +257,7 @@ async def serve(data_dir: Path, handler: Handler, *, task_status: Any = None) ->
                 TimeoutError,
                 FrameTooLarge,
             ) as exc:
-                log.info("control connection dropped: %s", exc or type(exc).__name__)
+                log.info("control connection dropped: %s", _why_dropped(exc))
             except OSError as exc:
                 # The disk refused something (a commit: the master stops, after saying so
                 # in one line of its own): one line here too, not a traceback.
