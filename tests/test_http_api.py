@@ -299,8 +299,19 @@ def test_event_json_names_its_fields() -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "code", "says"),
     [
-        (b"GARBAGE\r\n\r\n", 400, "malformed request"),
-        (b"GET /api/state HTTP/1.1\r\nno colon here\r\n\r\n", 400, "malformed request"),
+        # The refused bytes as text: it was "illegal request line: bytearray(b'GARBAGE')".
+        (b"GARBAGE\r\n\r\n", 400, "malformed request: illegal request line: 'GARBAGE'\n"),
+        (
+            b"GET /api/state HTTP/1.1\r\nno colon here\r\n\r\n",
+            400,
+            "malformed request: illegal header line: 'no colon here'\n",
+        ),
+        # ... printable (an escape code is shown, not sent to a terminal) and clipped.
+        (
+            b"GET /api/state HTTP/1.1\r\nX\x1b[2J" + b"x" * 500 + b"\r\n\r\n",
+            400,
+            "illegal header line: 'X\\x1b[2J" + "x" * 74 + "…'\n",
+        ),
         (b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000, 431, ""),
         # Complete, and sent in one write: h11's own limit sees it whole and lets it by.
         (

@@ -36,12 +36,14 @@ its API from `MasterNode.http_api`, which passes the master and its policy's cre
 
 from __future__ import annotations
 
+import ast
 import errno
 import hmac
 import importlib.resources
 import ipaddress
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ from cluster.master.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.master.metrics import MasterMetrics, render_prometheus
 from cluster.shared.codec import event_json, state_to_json
 from cluster.shared.events import IndexedEvent
-from cluster.shared.humanize import clip, error_text
+from cluster.shared.humanize import clip, error_text, printable
 from cluster.shared.node_status import DEFAULT_CATCH_UP_THRESHOLD, node_statuses
 from cluster.shared.state import State
 from cluster.shared.status_view import cluster_status, to_json
@@ -339,6 +341,30 @@ def _client_address(stream: SocketStream) -> str:
     return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
+#: A bytes literal as h11 quotes what it refused: `bytearray(b'GARBAGE')` or `b'X-A B'`.
+_BYTES_REPR: Final = re.compile(
+    r"""bytearray\((b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*")\)|(b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*")"""
+)
+#: The most characters of refused request text a 400 quotes.
+_QUOTE_WIDTH: Final = 80
+
+
+def _protocol_error(exc: h11.RemoteProtocolError) -> str:
+    """h11's complaint with the bytes it quotes shown as text, printable and clipped: the
+    body read "illegal request line: bytearray(b'GARBAGE')", a Python repr."""
+
+    def as_text(match: re.Match[str]) -> str:
+        literal = match.group(1) or match.group(2)
+        try:
+            raw = ast.literal_eval(literal)
+        except (ValueError, SyntaxError):  # not a literal after all: leave it as h11 wrote it
+            return match.group(0)
+        # Latin-1: the bytes as the request sent them, one character each (as headers are read).
+        return "'" + printable(clip(bytes(raw).decode("latin-1"), _QUOTE_WIDTH)) + "'"
+
+    return _BYTES_REPR.sub(as_text, str(exc))
+
+
 def _one_line(exc: BaseException, width: int = 200) -> str:
     """An error as one short line for a 500's body: its type and its message."""
     return clip(" ".join(error_text(exc).split()), width)
@@ -460,7 +486,9 @@ class HttpApi:
                         self._awaiting_head.pop(ex, None)
                         ex.waiting = None
             except h11.RemoteProtocolError as exc:
-                raise _Reject(exc.error_status_hint, f"malformed request: {exc}") from None
+                raise _Reject(
+                    exc.error_status_hint, f"malformed request: {_protocol_error(exc)}"
+                ) from None
             if ex.evicted:
                 raise _Reject(
                     408,
