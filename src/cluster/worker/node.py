@@ -25,7 +25,12 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from cluster import control
-from cluster.shared.events import MAX_REASON_CHARS, NO_RUNNERS_DIGEST, NodeStopping
+from cluster.shared.events import (
+    MAX_REASON_CHARS,
+    NO_RUNNERS_DIGEST,
+    NodeStopping,
+    RunnerSelfTestCompleted,
+)
 from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
@@ -83,6 +88,29 @@ def _check_runner_setting(setting: RunnerSetting) -> None:
         raise
     except Exception as exc:
         raise RunnerConfigError(f"runner kind {setting.kind!r}: {describe_error(exc)}") from None
+
+
+def _log_self_test(result: RunnerSelfTestCompleted) -> None:
+    """Say how the self-test went in the worker's own log: otherwise only `cluster status`
+    shows a failed one, and the worker's operator sees it connected and caught up, never
+    learning that this node will serve nothing."""
+    if result.passed:
+        log.info(
+            "runner self-test passed (kind %r: load %d ms, probe %d ms, request %d ms): this "
+            "node can be given slots",
+            result.runner_kind,
+            result.load_ms,
+            result.probe_ms,
+            result.request_ms,
+        )
+    else:
+        log.error(
+            "runner self-test failed (kind %r): %s -- this node gets no slots until a test "
+            "of its runner setting passes: fix the setting or the machine, then restart the "
+            "worker",
+            result.runner_kind,
+            result.reason,
+        )
 
 
 class WorkerNode:
@@ -295,6 +323,9 @@ class WorkerNode:
                 gpu=await self._has_gpu(),
             )
             worker.emit(result)
+            _log_self_test(result)
+        else:
+            log.info("runner self-test: this runner setting already passed one; not tested again")
         # Only caught-up states: a restart's catch-up replays placements that are long
         # finalized, and runners must not start for those.
         worker.add_listener(manager.reconcile, live_only=True)
