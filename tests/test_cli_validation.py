@@ -344,6 +344,45 @@ def test_a_runner_config_mistake_stops_the_worker_at_start(
     assert not (tmp_path / "w").exists()  # refused before the directory is made
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('cwd = "{tmp}/gone"', "cwd: '{tmp}/gone' does not exist"),
+        ('cwd = "{tmp}/runner.toml"', "cwd: '{tmp}/runner.toml' is not a directory"),
+        ('log_file = "{tmp}"', "log_file: '{tmp}' is a directory, not a file"),
+        (
+            'log_file = "{tmp}/gone/{{runner_id}}.log"',
+            "log_file: '{tmp}/gone/selftest_0.log': its directory '{tmp}/gone' does not exist",
+        ),
+    ],
+)
+def test_a_runner_path_that_cannot_work_stops_the_worker_at_start_naming_it(
+    config: str, message: str, tmp_path: Path
+) -> None:
+    """A missing cwd or a log_file that is a directory only showed as a failed self-test in
+    `cluster status`, blamed on the command: "cannot start 'echo': [Errno 21] Is a
+    directory: '/tmp'". A subprocess: a worker that does not refuse runs on (and the test
+    fails at its timeout rather than hang)."""
+    path = tmp_path / "runner.toml"
+    setting = config.format(tmp=tmp_path)
+    path.write_text(f'kind = "subprocess"\n[config]\ncommand = "echo hi"\n{setting}\n')
+    master = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", master]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster", *argv, "--runner-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert err.startswith(f"cluster worker: runner file {path}: "), err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "w").exists()  # refused before the directory is made
+
+
 def test_ctrl_c_from_inside_a_task_group_is_one_line_and_exit_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -539,6 +539,60 @@ async def test_subprocess_missing_command(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == fds  # a failed start keeps no descriptor
 
 
+def test_subprocess_paths_that_cannot_work_are_refused_when_the_runner_is_built(
+    tmp_path: Path,
+) -> None:
+    # What `cluster worker` checks at its start (its runner check builds one runner).
+    (tmp_path / "file").write_text("")
+    for config, why in [
+        ({"cwd": str(tmp_path / "gone")}, f"cwd: '{tmp_path}/gone' does not exist"),
+        ({"cwd": str(tmp_path / "file")}, f"cwd: '{tmp_path}/file' is not a directory"),
+        ({"log_file": str(tmp_path)}, f"log_file: '{tmp_path}' is a directory, not a file"),
+        (
+            {"log_file": str(tmp_path / "gone" / "{runner_id}.log")},
+            f"log_file: '{tmp_path}/gone/ds-1_2.log': its directory '{tmp_path}/gone' "
+            "does not exist",
+        ),
+        (
+            {"log_file": str(tmp_path / "file" / "x.log")},
+            f"log_file: '{tmp_path}/file/x.log': '{tmp_path}/file' is not a directory",
+        ),
+    ]:
+        with pytest.raises(RunnerConfigError, match=re.escape(why)):
+            SubprocessRunner(SPEC, {"command": "x", **config})
+    # A log file that is not there yet is made at start; {runner_id} in a file name is fine.
+    SubprocessRunner(SPEC, {"command": "x", "log_file": str(tmp_path / "{runner_id}.log")})
+
+
+@pytest.mark.anyio
+async def test_subprocess_paths_broken_after_the_runner_was_built_are_named_at_load(
+    tmp_path: Path,
+) -> None:
+    # Things change after the worker's start: the failure names the setting, not the
+    # command ("cannot start 'echo': [Errno 21] Is a directory: ..." before).
+    fds = len(os.listdir("/proc/self/fd"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    runner = SubprocessRunner(SPEC, {"command": "echo hi", "cwd": str(workdir)})
+    workdir.rmdir()
+    with pytest.raises(RunnerError) as caught:
+        await runner.load()
+    assert str(caught.value) == (
+        f"runner 'subprocess' config: cwd '{workdir}': No such file or directory"
+    )
+    await runner.stop()
+    log_file = tmp_path / "stderr.log"
+    runner = SubprocessRunner(SPEC, {"command": "echo hi", "log_file": str(log_file)})
+    log_file.mkdir()
+    with pytest.raises(RunnerError) as caught:
+        await runner.load()
+    assert str(caught.value) == (
+        f"runner 'subprocess' config: log_file '{log_file}': cannot open it: Is a directory"
+    )
+    await runner.stop()
+    assert len(os.listdir("/proc/self/fd")) == fds  # a failed start keeps no descriptor
+
+
 @pytest.mark.anyio
 async def test_subprocess_stderr_log_file_per_runner(program: list[str], tmp_path: Path) -> None:
     log_file = tmp_path / "runner-{runner_id}.log"

@@ -202,7 +202,13 @@ def run(args: argparse.Namespace) -> int:
             info=info,
             runner=runner,
         )
-        node = WorkerNode(args.data_dir, master_addr_source(args.master), config)
+        try:
+            node = WorkerNode(args.data_dir, master_addr_source(args.master), config)
+        except RunnerConfigError as exc:
+            if runner is None or not args.runner_file:
+                raise
+            # Its [config] is what WorkerNode found wrong: say which file holds it.
+            raise RunnerConfigError(f"runner file {args.runner_file}: {exc}") from None
     except (
         RunnerConfigError,
         ValueError,

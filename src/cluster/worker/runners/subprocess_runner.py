@@ -41,6 +41,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Mapping
+from stat import S_ISDIR
 from typing import Annotated, Any, Final
 
 import anyio
@@ -122,6 +123,43 @@ def _check_config_strings(config: SubprocessConfig, argv: list[str]) -> None:
             raise bad(f"{what}: {text!r} holds a NUL byte")
     if "\0" in config.log_file:
         raise bad(f"log_file: {config.log_file!r} holds a NUL byte")
+
+
+def _path_problem(cwd: str | None, log_file: str) -> str | None:
+    """What is wrong with `cwd` and the log file's path (`log_file` with the runner id in
+    place), naming the setting; None if nothing that can be seen now. Only existence and
+    kind are checked: whether the worker may write there is for the OS to say when the
+    command starts."""
+    if cwd:
+        try:
+            if not S_ISDIR(os.stat(cwd).st_mode):
+                return f"cwd: {cwd!r} is not a directory"
+        except FileNotFoundError:
+            return f"cwd: {cwd!r} does not exist"
+        except OSError as exc:
+            return f"cwd: {cwd!r}: {exc.strerror or exc}"
+    if log_file:
+        directory = os.path.dirname(log_file) or "."
+        try:
+            if not S_ISDIR(os.stat(directory).st_mode):
+                return f"log_file: {log_file!r}: {directory!r} is not a directory"
+        except FileNotFoundError:
+            return f"log_file: {log_file!r}: its directory {directory!r} does not exist"
+        except OSError as exc:
+            return f"log_file: {log_file!r}: its directory {directory!r}: {exc.strerror or exc}"
+        if os.path.isdir(log_file):
+            return f"log_file: {log_file!r} is a directory, not a file"
+    return None
+
+
+def _open_log_file(path: str) -> int:
+    """The log file, opened for appending; a failure names the setting, not the command."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise RunnerError(
+            f"runner 'subprocess' config: log_file {path!r}: cannot open it: {exc.strerror or exc}"
+        ) from None
 
 
 def slot_environment(spec: RunnerSpec) -> dict[str, str]:
@@ -240,6 +278,12 @@ class SubprocessRunner(Runner):
             raise RunnerConfigError("runner 'subprocess' config: command is empty")
         _check_config_strings(self.config, argv)
         self.argv = argv
+        # Checked when the runner is built -- at the worker's start, whose runner check builds
+        # one (`cluster worker` then refuses, naming the setting), and for every slot -- not
+        # only when the command starts, where every load and self-test would fail alike.
+        problem = _path_problem(self.config.cwd, self._log_target()[0])
+        if problem is not None:
+            raise RunnerConfigError(f"runner 'subprocess' config: {problem}")
         self._process: anyio.abc.Process | None = None
         self._process_groups = process_groups
         self._recorded: RecordedRunner | None = None
@@ -300,8 +344,7 @@ class SubprocessRunner(Runner):
         try:
             log_file, prefix = self._log_target()
             if log_file:
-                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                log_fd = os.open(log_file, flags, 0o666)
+                log_fd = _open_log_file(log_file)
             self._process = await anyio.open_process(
                 self.argv,
                 stdin=subprocess.PIPE,
@@ -318,7 +361,7 @@ class SubprocessRunner(Runner):
             with anyio.CancelScope(shield=True):
                 await self._release_record(0.0)  # nothing started: nothing to wait for
             if isinstance(exc, OSError | ValueError):
-                raise RunnerError(f"cannot start {self.argv[0]!r}: {exc}") from None
+                raise RunnerError(self._start_error(exc)) from None
             raise
         finally:
             os.close(stderr_write)  # the command has its own copy
@@ -605,6 +648,14 @@ class SubprocessRunner(Runner):
         tail = self.stderr_tail.decode("utf-8", errors="replace")
         lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
         return lines[-1][:500] if lines else ""
+
+    def _start_error(self, exc: OSError | ValueError) -> str:
+        """Why the command did not start, blaming `cwd` when the OS named it (a directory
+        removed or replaced since the runner was built): not the command, which is fine."""
+        cwd = self.config.cwd
+        if cwd and isinstance(exc, OSError) and exc.filename == cwd and self.argv[0] != cwd:
+            return f"runner 'subprocess' config: cwd {cwd!r}: {exc.strerror or exc}"
+        return f"cannot start {self.argv[0]!r}: {exc}"
 
     def _log_target(self) -> tuple[str, bytes]:
         """The log file's path, and what starts each line in it."""
