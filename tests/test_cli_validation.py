@@ -593,3 +593,77 @@ def test_data_dir_and_node_default_when_not_given() -> None:
     args = cli.build_parser().parse_args(["maintenance", "next"])
     assert (args.data_dir, args.node) == (None, "")
     assert cli.build_parser().parse_args(["session", "list"]).data_dir is None
+
+
+#: What Python makes of the byte 0xff in an argument: a lone surrogate, which cannot encode.
+NOT_UTF8 = "\udcff"
+
+
+def _text_arguments() -> list[tuple[list[str], str]]:
+    """(argv up to the argument, its name as argparse says it) for every argument of every
+    command that takes text, positional or not, file and directory names excepted."""
+    from cluster.commands._args import _FILE_NAMES
+
+    found: list[tuple[list[str], str]] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    walk(sub, [*path, command])
+            elif action.nargs != 0 and action.type not in _FILE_NAMES:  # those kept as given
+                name = "/".join(action.option_strings) or str(action.metavar or action.dest)
+                found.append(([*path, *action.option_strings[-1:]], name))
+
+    walk(cli.build_parser(), [])
+    return found
+
+
+def test_every_command_has_text_arguments_to_check() -> None:
+    names = {(" ".join(argv), name) for argv, name in _TEXT_ARGUMENTS}
+    assert {
+        ("session create --name", "--name"),
+        ("session delete", "session_id"),
+        ("node remove", "NODE"),
+        ("node remove --reason", "--reason"),
+        ("maintenance --node", "--node"),
+        ("maintenance cancel --window", "--window"),
+        ("status --token", "--token"),
+        ("master --listen", "--listen"),
+    } <= names
+    assert not any("--data-dir" in argv for argv, _ in _TEXT_ARGUMENTS)
+
+
+_TEXT_ARGUMENTS = _text_arguments()
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"), _TEXT_ARGUMENTS, ids=[" ".join(argv) for argv, _ in _TEXT_ARGUMENTS]
+)
+def test_text_that_is_not_utf8_is_refused_by_name(
+    argv: list[str], name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cluster session create --name $'\\xff'` ended in a traceback (UnicodeEncodeError
+    from the control request's encoder); every text argument is checked as it is parsed."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, NOT_UTF8])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f": error: argument {name}: not valid UTF-8: b'\\xff'"), last
+
+
+def test_file_and_directory_names_need_not_be_utf8() -> None:
+    """The OS takes any bytes back: a directory named so works (only text is checked)."""
+    parse = cli.build_parser().parse_args
+    assert parse(["replay", NOT_UTF8]).path == Path(NOT_UTF8)
+    assert parse(["session", "--data-dir", NOT_UTF8, "list"]).data_dir == Path(NOT_UTF8)
+    assert parse(["worker", "--data-dir", NOT_UTF8, "--master", NOT_UTF8]).master == NOT_UTF8
+    args = parse(["session", "create", "--slots", "2", "--memory-mb", "512", "--name", "é"])
+    assert (args.slots, args.name) == (2, "é")
+
+
+def test_a_converter_still_refuses_in_its_own_words(capsys: pytest.CaptureFixture[str]) -> None:
+    """The UTF-8 check runs first, then the argument's own converter, named as before."""
+    with pytest.raises(SystemExit):
+        cli.main(["session", "create", "--slots", "x", "--memory-mb", "512"])
+    assert capsys.readouterr().err.endswith("argument --slots: invalid int value: 'x'\n")

@@ -296,6 +296,30 @@ def test_a_refusal_is_printed_as_the_commands_error(
     assert (captured.out, captured.err) == ("", err + "\n")
 
 
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["session", "create", "--slots", "1", "--memory-mb", "10", "--name"], "--name"),
+        (["session", "delete"], "session_id"),
+        (["node", "remove", "n1", "--reason"], "--reason"),
+        (["maintenance", "cancel", "--window"], "--window"),
+    ],
+)
+def test_text_that_is_not_utf8_never_reaches_the_master(
+    argv: list[str], name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a master listening, `--name $'\\xff'` ended in a traceback: the request could
+    not be encoded (`surrogates not allowed`). Refused by name as it is parsed, exit 2."""
+    with (
+        unix_server(socket_path(tmp_path), _refusal("unreachable")),
+        pytest.raises(SystemExit) as exc,
+    ):
+        cli.main([argv[0], "--data-dir", str(tmp_path), *argv[1:], "\udcff"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f"error: argument {name}: not valid UTF-8: b'\\xff'"), last
+
+
 @pytest.mark.anyio
 async def test_serve_refuses_a_socket_another_process_serves_and_keeps_it(
     tmp_path: Path,

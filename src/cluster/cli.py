@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from cluster.commands._args import require_utf8
+
 #: subcommand -> (module under cluster.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("replay", "fold an event log and print the state and its digest"),
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         importlib.import_module(f"cluster.commands.{module}").add_arguments(p)
+    require_utf8(parser)
     return parser
 
 

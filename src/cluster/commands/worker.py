@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from cluster.commands._args import text_or_path
 from cluster.commands._process import LOG_LEVELS, data_dir_arg
 from cluster.shared.events import INT64_MAX, MAX_NODE_SLOTS
 
@@ -27,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir", type=data_dir_arg, required=True, help="node.key, outbox, digest"
     )
     parser.add_argument(
-        "--master", required=True, metavar="MULTIADDR|FILE", help="the master's full address"
+        "--master",
+        type=text_or_path,
+        required=True,
+        metavar="MULTIADDR|FILE",
+        help="the master's full address",
     )
     parser.add_argument(
         "--cluster-secret-file", type=Path, help="the cluster secret (if the master uses one)"
