@@ -165,6 +165,41 @@ def test_a_master_whose_port_is_taken_says_so_in_one_line(
         ), err
 
 
+@pytest.mark.parametrize("before", ["nothing", "a secret"])
+@pytest.mark.parametrize("refusal", ["listen taken", "http taken", "bad key", "damaged log"])
+def test_a_refused_master_start_leaves_nothing_new_behind(
+    refusal: str, before: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A start refused for a taken port, a damaged key or log printed `cluster secret: ...`
+    and left a new secret, key and log behind. Now only the directory's LOCK stays (and what
+    was there before, untouched); the secret is announced once the master serves."""
+    data_dir = tmp_path / "m"
+    data_dir.mkdir()
+    if before == "a secret":
+        (data_dir / "cluster.secret").write_bytes(b"s" * 32)
+    if refusal == "bad key":
+        (data_dir / "node.key").write_bytes(b"junk")
+    if refusal == "damaged log":
+        (data_dir / "log").mkdir()
+        (data_dir / "log" / "00000000000000000001.seg").write_bytes(b"junk" * 8)
+    files_before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["master", "--data-dir", str(data_dir), "--http", "off"]
+        if refusal == "listen taken":
+            argv += ["--listen", f"/ip4/127.0.0.1/tcp/{port}"]
+        if refusal == "http taken":
+            argv += ["--http", f"127.0.0.1:{port}"]
+        assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("cluster master: ") and err.count("\n") == 1, (out, err)
+    left = {p for p in data_dir.rglob("*") if p.name != "LOCK"}
+    assert left == {*files_before, *(p.parent for p in files_before if p.parent != data_dir)}
+    assert {p: p.read_bytes() for p in files_before} == files_before
+
+
 def test_master_config_file_errors_name_the_setting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

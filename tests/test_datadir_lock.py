@@ -159,3 +159,17 @@ def test_a_worker_killed_with_sigkill_leaves_its_directory_free(tmp_path: Path) 
     finally:
         running.kill9()
     Worker(data_dir, ADDR).close()
+
+
+def test_a_shared_lock_holds_the_directory_until_both_are_released(tmp_path: Path) -> None:
+    """`cluster master` hands its lock to the node, which releases it when it closes, and
+    keeps a second handle until it has removed what a refused start created there."""
+    lock = hold(tmp_path, "master")
+    second = lock.share()
+    lock.release()
+    with pytest.raises(DataDirInUseError):
+        hold(tmp_path, "worker")
+    second.release()
+    hold(tmp_path, "worker").release()
+    with pytest.raises(ValueError, match="is not held"):
+        lock.share()

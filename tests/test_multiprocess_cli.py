@@ -44,6 +44,11 @@ def test_maintenance_and_session_commands(tmp_path: Path) -> None:
     config = tmp_path / "cluster.toml"
     config.write_text(CONFIG, encoding="utf-8")
     master, _addr = start_master(mdir, logs, "--config", str(config), "--plan-interval", "0.5")
+    # Announced once the master serves (a refused start removes it: test_cli_validation).
+    secret = mdir / "cluster.secret"
+    assert (
+        f"cluster secret: {secret} (workers: --cluster-secret-file {secret})" in master.log_text()
+    )
     worker = None
     log = MasterLog(mdir)
 

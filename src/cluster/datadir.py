@@ -60,6 +60,15 @@ class DataDirLock:
     def held(self) -> bool:
         return self._fd >= 0
 
+    def share(self) -> DataDirLock:
+        """A second handle on this lock (a duplicate of its descriptor): the directory stays
+        locked until both are released. For a caller that hands the lock to a node, which
+        releases it when it closes, and still has work to do in the directory under the lock
+        afterwards (`cluster master` removing what a refused start created there)."""
+        if self._fd < 0:
+            raise ValueError(f"the lock on {self.data_dir} is not held")
+        return DataDirLock(self.data_dir, os.dup(self._fd))  # flock: held while one is open
+
     def release(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from cluster.commands._process import LOG_LEVELS, data_dir_arg
 
 if TYPE_CHECKING:
+    from cluster.datadir import DataDirLock
     from cluster.master.config import PlannerConfig
     from cluster.master.http_api import HttpApiConfig
+
+#: The secret a master with neither --allow nor --cluster-secret-file creates and uses.
+SECRET_FILE: Final = "cluster.secret"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     data_dir: Path = args.data_dir
+    new_files: NewFiles | None = None
+    secret_path: Path | None = None
     try:
         check_data_dir(data_dir, "master")
         check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
@@ -211,10 +218,14 @@ def run(args: argparse.Namespace) -> int:
         prepare_data_dir(data_dir)
         dir_lock = hold(data_dir, "master")
         try:
+            new_files = NewFiles(data_dir, dir_lock.share())
             if secret is None and allowed is None:
-                path = data_dir / "cluster.secret"
-                secret = load_secret_file(path) if path.exists() else create_secret_file(path)
-                print(f"cluster secret: {path} (workers: --cluster-secret-file {path})", flush=True)
+                secret_path = data_dir / SECRET_FILE
+                secret = (
+                    load_secret_file(secret_path)
+                    if secret_path.exists()
+                    else create_secret_file(secret_path)
+                )
             membership = Membership(
                 allowed=frozenset(allowed) if allowed is not None else None, secret=secret
             )
@@ -234,27 +245,41 @@ def run(args: argparse.Namespace) -> int:
             ),
             dir_lock=dir_lock,
         )
-    except LogInUseError as exc:
-        print(
-            f"cluster master: {exc}: another master is probably running with --data-dir "
-            f"{data_dir}; stop it first, or give this one another --data-dir",
-            file=sys.stderr,
+    except BaseException as exc:
+        if new_files is not None:  # the key, secret or log this start made are removed
+            new_files.done(refused=True)
+        if isinstance(exc, LogInUseError):
+            print(
+                f"cluster master: {exc}: another master is probably running with --data-dir "
+                f"{data_dir}; stop it first, or give this one another --data-dir",
+                file=sys.stderr,
+            )
+            return 2
+        refused = (
+            ValueError,
+            AddressError,
+            IdentityError,
+            MembershipConfigError,
+            OSError,
+            LogError,  # a damaged log: one line, not a traceback
         )
-        return 2
-    except (
-        ValueError,
-        AddressError,
-        IdentityError,
-        MembershipConfigError,
-        OSError,
-        LogError,  # a damaged log: one line, not a traceback
-    ) as exc:
+        if not isinstance(exc, refused):
+            raise
         print(f"cluster master: {_flag_text(exc)}", file=sys.stderr)
         return 2
+    serving = False
 
     async def main() -> None:
+        nonlocal serving
         async with anyio.create_task_group() as tg:
             started = await tg.start(node.run)
+            serving = True  # from here on the log may hold what workers were told: kept
+            if secret_path is not None:
+                # Said only now: a start refused before this removes the secret it made.
+                print(
+                    f"cluster secret: {secret_path} (workers: --cluster-secret-file {secret_path})",
+                    flush=True,
+                )
             addr = next((a for a in started.addrs if "/127.0.0.1/" in a), started.addrs[0])
             write_text_atomically(data_dir / "master.addr", addr + "\n")
             print(f"master listening on {addr}", flush=True)
@@ -282,8 +307,51 @@ def run(args: argparse.Namespace) -> int:
             print(f"cluster master: {first_leaf(group)}", file=sys.stderr)
         status = 2
     finally:
-        node.close()
+        try:
+            node.close()
+        finally:
+            assert new_files is not None
+            new_files.done(refused=not serving)
     return status
+
+
+class NewFiles:
+    """What a start may create in the data directory -- the secret, the node key, the event
+    log and its snapshots -- noted as it was before (under the directory's lock), so that a
+    start refused before it serves (a port taken, a damaged key or log) removes what it
+    created and never what was there before. It keeps a second handle on the lock (the node
+    releases its own when it closes): nobody else creates files there until `done`.
+
+    The directory itself and its `LOCK` stay: removing a lock file another process may have
+    just opened could let two processes hold the directory at once."""
+
+    def __init__(self, data_dir: Path, lock: DataDirLock) -> None:
+        from cluster.net.identity import KEY_FILE
+        from cluster.shared.store import LOG_DIR, SNAPSHOT_DIR
+
+        self._lock = lock
+        names = (SECRET_FILE, KEY_FILE, LOG_DIR, SNAPSHOT_DIR)
+        self._new = [data_dir / n for n in names if not os.path.lexists(data_dir / n)]
+
+    def done(self, *, refused: bool) -> None:
+        """Release the lock; first, if the start was `refused`, remove what it created."""
+        import shutil
+
+        try:
+            for path in self._new if refused else []:
+                try:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+                except OSError as exc:
+                    print(
+                        f"cluster master: cannot remove {path}, created by this refused "
+                        f"start: {exc.strerror or exc}",
+                        file=sys.stderr,
+                    )
+        finally:
+            self._lock.release()
 
 
 def _flag_text(exc: BaseException) -> str:
