@@ -165,6 +165,26 @@ def test_a_master_whose_port_is_taken_says_so_in_one_line(
         ), err
 
 
+def test_an_allow_file_naming_nobody_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--allow-file` of blank lines started a master nobody could join, silently. (Its
+    --listen port is taken: were the file accepted, the start would end there, not run.)"""
+    allow = tmp_path / "allow"
+    allow.write_text("\n\n", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv = ["master", "--data-dir", str(tmp_path / "m"), "--http", "off"]
+        argv += ["--listen", f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}"]
+        assert cli.main([*argv, "--allow-file", str(allow)]) == 2
+    assert capsys.readouterr().err == (
+        f"cluster master: allow-list {allow} names no peer id (list one a line): nobody could "
+        "join\n"
+    )
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("before", ["nothing", "a secret"])
 @pytest.mark.parametrize("refusal", ["listen taken", "http taken", "bad key", "damaged log"])
 def test_a_refused_master_start_leaves_nothing_new_behind(
