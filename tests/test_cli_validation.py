@@ -377,6 +377,28 @@ def test_a_worker_master_path_that_is_no_file_is_not_read_as_a_multiaddr(
 
 
 @pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # It said only "'utf-8' codec can't decode byte 0xff in position 0: ...".
+        (b"\xff\xfe", "--master file {path} is not UTF-8 text"),
+        # It said "'x' is not a valid multiaddr: ...", not where the x came from.
+        (b"x\n", "--master file {path}: 'x' is not a valid multiaddr: "),
+        (b"/ip4/127.0.0.1/tcp/1\n", "--master file {path}: '/ip4/127.0.0.1/tcp/1' does not end"),
+        (b" \n", "--master file {path} is empty"),
+    ],
+)
+def test_a_worker_master_file_that_holds_no_address_names_the_file(
+    content: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "master.addr"
+    path.write_bytes(content)
+    assert cli.main(["worker", "--data-dir", str(tmp_path / "w"), "--master", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cluster worker: {message.format(path=path)}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "w").exists(), err
+
+
+@pytest.mark.parametrize(
     ("runner_file", "message"),
     [
         ('kind = "subprocess"\n[config]\ncomand = ["true"]\n', "unknown field `comand`"),

@@ -132,8 +132,18 @@ def master_addr_source(value: str) -> str | Path:
             f"--master {value!r} is neither a multiaddr (starting with /) nor a readable file: "
             f"{exc.strerror}"
         ) from exc
+    except UnicodeError:  # it said only "'utf-8' codec can't decode byte 0xff ..."
+        raise ValueError(f"--master file {path} is not UTF-8 text") from None
     if not text:
         raise ValueError(f"--master file {path} is empty")
+    from cluster.net.host import AddressError, parse_multiaddr
+
+    # Its first line, as the worker reads it before each dial: "'x' is not a valid
+    # multiaddr" from the worker did not say that it came from this file.
+    try:
+        parse_multiaddr(text.splitlines()[0], need_peer=True)
+    except AddressError as exc:
+        raise ValueError(f"--master file {path}: {exc}") from None
     return path.absolute()
 
 
