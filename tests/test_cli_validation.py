@@ -380,11 +380,11 @@ def test_a_worker_master_path_that_is_no_file_is_not_read_as_a_multiaddr(
     ("content", "message"),
     [
         # It said only "'utf-8' codec can't decode byte 0xff in position 0: ...".
-        (b"\xff\xfe", "--master file {path} is not UTF-8 text"),
+        (b"\xff\xfe", "--master: {path} is not UTF-8 text"),
         # It said "'x' is not a valid multiaddr: ...", not where the x came from.
         (b"x\n", "--master file {path}: 'x' is not a valid multiaddr: "),
         (b"/ip4/127.0.0.1/tcp/1\n", "--master file {path}: '/ip4/127.0.0.1/tcp/1' does not end"),
-        (b" \n", "--master file {path} is empty"),
+        (b" \n", "--master: {path} is empty"),
     ],
 )
 def test_a_worker_master_file_that_holds_no_address_names_the_file(
@@ -395,6 +395,34 @@ def test_a_worker_master_file_that_holds_no_address_names_the_file(
     assert cli.main(["worker", "--data-dir", str(tmp_path / "w"), "--master", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cluster worker: {message.format(path=path)}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "w").exists(), err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_worker_master_path_that_is_no_regular_file_is_refused_without_reading_it(
+    kind: str, tmp_path: Path
+) -> None:
+    """`--master` read its file whole: a named pipe blocked the worker until some writer came
+    (at start, and again before every dial), /dev/zero filled its memory. A subprocess, so a
+    worker that blocks fails the test at its timeout instead of hanging it."""
+    if kind == "fifo":
+        given = tmp_path / "master.addr"
+        os.mkfifo(given)
+        what = "is a named pipe"
+    else:
+        given, what = Path("/dev/zero"), "is a character device"
+    argv = ["worker", "--data-dir", str(tmp_path / "w"), "--master", str(given)]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert err.startswith(f"cluster worker: --master: cannot read {given}: {what}"), err
     assert err.count("\n") == 1 and not (tmp_path / "w").exists(), err
 
 

@@ -118,30 +118,31 @@ def master_addr_source(value: str) -> str | Path:
     path = Path(value)
     # An absolute file path starts with "/" too (such as /srv/master/master.addr): a file
     # that exists wins, then anything starting with a multiaddr protocol (/ip4/, /dns/...).
-    if value.startswith("/") and not path.is_file():
+    if not path.exists():
         from cluster.net.host import names_a_protocol
 
-        if names_a_protocol(value):
+        if value.startswith("/") and names_a_protocol(value):
             return value  # parsed (and any mistake in it named) when the worker is built
-        why = "a directory" if path.is_dir() else "no such file"
-        raise ValueError(f"--master {value!r} is neither a multiaddr nor a readable file: {why}")
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
+        hint = "" if value.startswith("/") else " (starting with /)"
         raise ValueError(
-            f"--master {value!r} is neither a multiaddr (starting with /) nor a readable file: "
-            f"{exc.strerror}"
-        ) from exc
-    except UnicodeError:  # it said only "'utf-8' codec can't decode byte 0xff ..."
-        raise ValueError(f"--master file {path} is not UTF-8 text") from None
-    if not text:
-        raise ValueError(f"--master file {path} is empty")
+            f"--master {value!r} is neither a multiaddr{hint} nor a readable file: no such file"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"--master {value!r} is neither a multiaddr nor a readable file: a directory"
+        )
+    from cluster.worker.master_addr import MasterAddrFileError, read_addr_file
+
+    # Read as the worker reads it before each dial (bounded: a pipe or a device is refused).
+    try:
+        first = read_addr_file(path)
+    except MasterAddrFileError as exc:
+        raise ValueError(f"--master: {exc}") from None
     from cluster.net.host import AddressError, parse_multiaddr
 
-    # Its first line, as the worker reads it before each dial: "'x' is not a valid
-    # multiaddr" from the worker did not say that it came from this file.
+    # "'x' is not a valid multiaddr" from the worker did not say that it came from this file.
     try:
-        parse_multiaddr(text.splitlines()[0], need_peer=True)
+        parse_multiaddr(first, need_peer=True)
     except AddressError as exc:
         raise ValueError(f"--master file {path}: {exc}") from None
     return path.absolute()

@@ -24,6 +24,8 @@ CONFIG_FILE_LIMIT: Final = 1 * MiB
 SECRET_FILE_LIMIT: Final = 64 * KiB
 #: An allow-list holds one 52-character peer id a line: 16 MiB is some 300,000 peers.
 LIST_FILE_LIMIT: Final = 16 * MiB
+#: A master address file (`master.addr`) holds one multiaddr of about 100 characters.
+ADDR_FILE_LIMIT: Final = 64 * KiB
 
 
 class InputFileError(ValueError):

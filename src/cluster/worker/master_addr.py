@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.net import host as nethost
+from cluster.shared.files import ADDR_FILE_LIMIT, InputFileError, read_input_file
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,13 @@ class MasterAddrFileError(ValueError):
 
 
 def read_addr_file(path: Path) -> str:
-    """The first line of `path`; MasterAddrFileError naming the file when there is none."""
+    """The first line of `path`; MasterAddrFileError naming the file when there is none.
+    Read bounded (`read_input_file`): a named pipe or a device given as `--master` would
+    block the worker or fill its memory, at start and before every dial."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise MasterAddrFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        text = read_input_file(path, ADDR_FILE_LIMIT).decode("utf-8").strip()
+    except InputFileError as exc:
+        raise MasterAddrFileError(f"cannot read {path}: {exc}") from None
     except UnicodeError:
         raise MasterAddrFileError(f"{path} is not UTF-8 text") from None
     if not text:
