@@ -189,7 +189,6 @@ def run(args: argparse.Namespace) -> int:
         validate_peer_id,
     )
     from cluster.shared.eventlog import LogError, LogInUseError
-    from cluster.shared.files import write_text_atomically
     from cluster.shared.humanize import first_leaf
     from cluster.shared.store import check_snapshot_every
 
@@ -281,13 +280,13 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             addr = next((a for a in started.addrs if "/127.0.0.1/" in a), started.addrs[0])
-            write_text_atomically(data_dir / "master.addr", addr + "\n")
+            write_run_file(data_dir / "master.addr", addr + "\n")
             print(f"master listening on {addr}", flush=True)
             print(f"node id {node.node_id}; log at index {node.master.last_idx}", flush=True)
             print(f"control socket {control.socket_path(data_dir)}", flush=True)
             if http is not None and started.http_port is not None:
                 url = f"http://{http.host}:{started.http_port}/"
-                write_text_atomically(data_dir / "http.url", url + "\n")
+                write_run_file(data_dir / "http.url", url + "\n")
                 print(f"dashboard {url}", flush=True)
             tg.start_soon(stop_on_signal, lambda _signal: node.stop())
             await node.master.wait_finished()
@@ -296,8 +295,9 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         anyio.run(main, backend="trio")
-    except* (HttpApiConfigError, AddressError, control.SocketInUseError) as group:
-        # A port is taken, or another process serves this data directory: one line.
+    except* (HttpApiConfigError, AddressError, control.SocketInUseError, RunFileError) as group:
+        # A port is taken, another process serves this data directory, or master.addr
+        # cannot be written (a full disk): one line.
         print(f"cluster master: {_flag_text(first_leaf(group))}", file=sys.stderr)
         status = 2
     except* OSError as group:
@@ -313,6 +313,23 @@ def run(args: argparse.Namespace) -> int:
             assert new_files is not None
             new_files.done(refused=not serving)
     return status
+
+
+class RunFileError(Exception):
+    """A file that says where a started master is (master.addr, http.url) could not be
+    written: the master stops (workers started with `--master <data-dir>/master.addr`
+    would find no master, or an old one's address)."""
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """`write_text_atomically`, its failure one line naming the file: "cannot write
+    m/master.addr: No space left on device", not "[Errno 28] No space left on device"."""
+    from cluster.shared.files import write_text_atomically
+
+    try:
+        write_text_atomically(path, text)
+    except OSError as exc:
+        raise RunFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 class NewFiles:

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -34,19 +35,66 @@ class InputFileError(ValueError):
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (not
+    synced: for files a crash may take back, such as master.addr or digest.json).
+
+    An `OSError` names `path` (its `filename`; see `_replace`), and leaves no temporary
+    file behind."""
+    _replace(path, text.encode("utf-8"), 0o666, sync=False)  # 0o666: the umask applies
 
 
 def fsync_dir(directory: Path) -> None:
-    """Make a created, renamed or removed directory entry durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    """Make a created, renamed or removed directory entry durable. An `OSError` names
+    `directory` (an fsync's names no file)."""
+    with _naming(directory):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An `OSError` raised inside names `path` (`filename`, and so its message): a write or
+    fsync on a descriptor names no file, and an open or rename names the temporary one
+    beside it. "[Errno 28] No space left on device", the error as raised, left the operator
+    to guess which file of which disk. The exception stays the one raised (its type and
+    errno unchanged): callers that test either still work."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        yield
+    except OSError as exc:
+        if exc.errno is None:  # not the kernel's: its message would read "[Errno None] ..."
+            raise
+        if exc.filename2 is None:
+            exc.filename = str(path)
+            raise
+        # A rename's ('.x.tmp' -> 'x'): once set, a second name cannot be taken back.
+        named = type(exc)(exc.errno, exc.strerror, str(path))
+        raise named.with_traceback(exc.__traceback__) from None
+
+
+def _replace(path: Path, data: bytes, mode: int, *, sync: bool) -> None:
+    """Write `data` to `.<name>.tmp` beside `path` (fsynced if `sync`), then rename it over
+    `path`. On any failure the temporary file is removed (a full disk left a 0-byte
+    `.master.addr.tmp` behind) and the `OSError` names `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with _naming(path):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def make_dirs_durably(directory: Path) -> None:
@@ -92,21 +140,11 @@ def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data`, on disk before the rename, and the rename on disk before
     returning: after a crash the file holds either the old bytes or the new ones, never a
     prefix or nothing, and a later write the caller makes (truncating the records an ack
-    watermark covers, say) cannot survive a power loss that the new file did not."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    watermark covers, say) cannot survive a power loss that the new file did not.
+
+    An `OSError` names `path` (or, from the directory's fsync, its directory), and leaves no
+    temporary file behind."""
+    _replace(path, data, mode, sync=True)
     fsync_dir(path.parent)
 
 

@@ -426,7 +426,13 @@ class EventStore:
             try:
                 self._snapshots.save(idx, data, anchor)
             except OSError as exc:
-                log.warning("could not save a snapshot at index %d: %s", idx, exc)
+                # The file (or directory) that failed, as an operator needs it to free space.
+                log.warning(
+                    "could not save a snapshot at index %d: %s: %s",
+                    idx,
+                    exc.filename or self._snapshots.directory,
+                    exc.strerror or exc,
+                )
                 return False
             except Exception:  # a bug: the events are durable, the snapshot is optional
                 log.exception("could not save a snapshot at index %d", idx)
