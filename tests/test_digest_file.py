@@ -6,7 +6,9 @@ the event loop every cycle it held up every stream that long each second.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -94,7 +96,53 @@ async def test_a_digest_json_that_cannot_be_written_is_a_warning_and_retried(
     (tmp_path / ".digest.json.tmp").mkdir()  # every write of it fails (a full disk, say)
     with caplog.at_level(logging.WARNING, logger=digest_writer.__name__):
         assert not await writer.update(_at(1))
-    assert "could not write digest.json (retried later)" in caplog.text
+    assert f"could not write {tmp_path / 'digest.json'}: " in caplog.text
     (tmp_path / ".digest.json.tmp").rmdir()
     assert await writer.update(_at(1))  # the same state: it was never written
     assert read_digest_file(tmp_path) == {"idx": 1, "digest": state_digest(_at(1))}
+
+
+async def test_a_digest_json_that_keeps_failing_is_one_warning_until_it_is_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle master on a full disk logged `could not write digest.json (retried later):
+    [Errno 28] No space left on device` every plan cycle (each second), naming no file."""
+    failures: list[int] = []  # the errno each next write fails with (0: it works)
+
+    def write(data_dir: Path, state: State, **extra: object) -> None:
+        code = failures.pop(0)
+        if code:  # as the kernel's error from a write on a descriptor: naming no file
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(digest_writer, "write_digest_file", write)
+    writer = DigestFileWriter(tmp_path, clock=FakeClock())  # no wait after a failure
+    path = tmp_path / "digest.json"
+
+    def said() -> list[tuple[int, str]]:
+        seen = [(r.levelno, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        return seen
+
+    def warned(code: int) -> tuple[int, str]:
+        why = os.strerror(code)
+        return logging.WARNING, f"could not write {path}: {why} (retried quietly until it works)"
+
+    with caplog.at_level(logging.INFO, logger=digest_writer.__name__):
+        failures[:] = [errno.ENOSPC] * 3
+        for _ in range(3):  # three cycles on a full disk: one WARNING
+            assert not await writer.update(_at(1))
+        assert said() == [warned(errno.ENOSPC)]
+        failures[:] = [0, 0]
+        assert await writer.update(_at(2))
+        assert said() == [(logging.INFO, f"wrote {path} again (at index 2)")]
+        assert await writer.update(_at(3))  # written as usual: nothing to say
+        assert said() == []
+        failures[:] = [errno.ENOSPC] * 2  # full again: said again, once
+        assert not await writer.update(_at(4))
+        assert not await writer.update(_at(4))
+        assert said() == [warned(errno.ENOSPC)]
+        failures[:] = [errno.EACCES] * 2  # failing another way: said, once
+        assert not await writer.update(_at(4))
+        assert not await writer.update(_at(4))
+        assert said() == [warned(errno.EACCES)]
+    assert failures == []

@@ -302,7 +302,7 @@ async def test_a_digest_json_that_cannot_be_written_at_stop_is_not_fatal(
                 await tg.start(master.run)
                 await master.submit_master_events(_joins(0, 2))
                 master.stop()
-        assert "could not write digest.json (stopping)" in caplog.text
+        assert f"could not write {data_dir / 'digest.json'} (stopping): " in caplog.text
         assert read_digest_file(data_dir) is None
     finally:
         store.close()

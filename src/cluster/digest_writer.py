@@ -15,7 +15,7 @@ from typing import Final
 
 import anyio
 
-from cluster.shared.digest_file import write_digest_file
+from cluster.shared.digest_file import DIGEST_FILE, write_digest_file
 from cluster.shared.state import State
 
 #: The largest share of a process's time that keeping digest.json current may take.
@@ -37,7 +37,9 @@ class DigestFileWriter:
     on a worker thread (the state is immutable), and after a write that took `t` seconds
     the next waits at least `t / MAX_TIME_SHARE`: at most 5% of the time, however large
     the state (a small cluster's, a millisecond, is still written every cycle). A failure
-    (a full disk) is a WARNING and retried later, never fatal: it is auxiliary output.
+    (a full disk) is retried later, never fatal: it is auxiliary output. It is one WARNING
+    naming the file while the writes keep failing the same way, and an INFO once one works
+    again: a master idle on a full disk logged the same WARNING every second.
     """
 
     def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -45,6 +47,12 @@ class DigestFileWriter:
         self._clock = clock
         self._written_idx = -1
         self._next_at = float("-inf")
+        #: While writes keep failing, the errno of the failure warned of (-1: it had none).
+        self._failing: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.data_dir / DIGEST_FILE
 
     async def keep_current(self, read: Callable[[], Reading], interval: float) -> None:
         """Every `interval` seconds, `update` with what `read()` gives; until cancelled."""
@@ -63,11 +71,21 @@ class DigestFileWriter:
             write = partial(write_digest_file, self.data_dir, state, **extra)
             await anyio.to_thread.run_sync(write)
         except OSError as exc:
-            log.warning("could not write digest.json (retried later): %s", exc)
+            failure = exc.errno if exc.errno is not None else -1
+            if failure != self._failing:  # the first failure, or another kind than before
+                log.warning(
+                    "could not write %s: %s (retried quietly until it works)",
+                    exc.filename or self.path,
+                    exc.strerror or exc,
+                )
+                self._failing = failure
             return False
         finally:
             ended = self._clock()
             self._next_at = ended + (ended - started) / MAX_TIME_SHARE
+        if self._failing is not None:
+            log.info("wrote %s again (at index %d)", self.path, state.last_applied)
+            self._failing = None
         self._written_idx = state.last_applied
         return True
 
@@ -79,6 +97,8 @@ class DigestFileWriter:
         try:
             write_digest_file(self.data_dir, state, **extra)
         except OSError as exc:
-            log.warning("could not write digest.json (stopping): %s", exc)
+            log.warning(
+                "could not write %s (stopping): %s", exc.filename or self.path, exc.strerror or exc
+            )
             return
         self._written_idx = state.last_applied
