@@ -317,6 +317,27 @@ def test_an_unplaced_session_warns_once_then_reports_changes_at_info() -> None:
     assert _line(SessionUnplaced(session_id="s", epoch=4, reason="r"), said).level == WARNING
 
 
+def test_an_unplaced_session_kept_out_by_a_window_points_at_it() -> None:
+    """Nodes it fits are away on maintenance (the reason names their windows): the room
+    comes back when they end, which the WARNING says instead of only "add nodes with room,
+    or resize the session"."""
+    state = _fold(
+        *_ready("node-a"), _m(SessionRequested(session_id="s", slots=6, memory_per_slot_mb=1))
+    )
+    reason = (
+        "needs 6 slot(s) of 1 MiB: 2 eligible node(s) offer 4 free slot(s); 1 node(s) draining, "
+        "2 slot(s) away until window mw-node-a-9 of node node-a ends at 2024-03-05T16:00:00Z"
+    )
+    line = _line(SessionUnplaced(session_id="s", epoch=3, reason=reason), state)
+    assert line.level == WARNING
+    assert line.message == (
+        f"session s unplaced in epoch 3: {reason}; it waits for the maintenance window(s) "
+        "named to end, unless nodes with room are added or the session is resized"
+    )
+    plain = _line(SessionUnplaced(session_id="s", epoch=3, reason="needs 6 slot(s)"), state)
+    assert plain.message.endswith("; add nodes with room, or resize the session")
+
+
 def test_an_unplaced_session_while_nodes_are_still_joining_is_info() -> None:
     """A session created before any node joined (the demo's order) waits for capacity:
     normal onboarding, never a WARNING."""

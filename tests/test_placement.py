@@ -32,6 +32,7 @@ from cluster.master.placement import (
     place_sessions,
 )
 from cluster.master.planner import Planner, plan
+from cluster.shared.durations import format_time
 from cluster.shared.events import (
     NO_RUNNERS_DIGEST,
     DevshardFinalized,
@@ -523,14 +524,16 @@ def test_unplaced_reason_reads_like_the_operator_needs_it() -> None:
     world.node("c", slots=4, self_test=None)
     world.node("d", slots=4, self_test=None)
     world.node("e", slots=4)
-    world.window("e", start_ms=world.now + 10_000, duration_ms=60_000)
+    wid = world.window("e", start_ms=world.now + 10_000, duration_ms=60_000)
     world.session("big", slots=4, memory_mb=16_384)
     epoch = _epoch(world)
     ev = place_session(world.state.sessions["big"], epoch, _pool(world.state, epoch))
     assert isinstance(ev, SessionUnplaced)
     assert ev.reason == (
         "needs 4 slot(s) of 16384 MiB: 2 eligible node(s) offer 3 free slot(s); "
-        "1 node(s) draining, 2 node(s) not self-tested"
+        "1 node(s) draining, 2 node(s) not self-tested, "
+        f"4 slot(s) away until window {wid} of node e ends at "
+        f"{format_time(world.now + 70_000)}"
     )
 
 

@@ -20,12 +20,14 @@ from cluster.master.server import MAX_MASTER_EVENT_BYTES
 from cluster.net.protocol import encode_raw
 from cluster.shared.apply import fold
 from cluster.shared.codec import state_digest
+from cluster.shared.durations import format_time
 from cluster.shared.events import (
     DevshardFinalized,
     DevshardPlaced,
     EpochSettled,
     EpochStarted,
     Event,
+    MaintenanceFinished,
     MaintenanceOverrun,
     MaintenanceStarted,
     NodeDisconnected,
@@ -581,6 +583,73 @@ def test_a_changed_count_is_restated_after_a_minute_and_a_lasting_obstacle_at_on
     for _ in range(2 * UNPLACED_RECOUNT_MS // CFG.plan_interval_ms):
         world.heartbeat_all()
         assert world.cycle(planner) == []
+
+
+def test_a_session_kept_out_by_a_window_names_it_while_it_lasts() -> None:
+    """The operator review's case: 3 nodes of 2 slots and a 6-slot session, one node away on
+    maintenance. The reason points at the window (the room comes back by itself at its end)
+    instead of leaving only "add nodes with room, or resize the session", and the window is
+    a lasting detail: said at once when it appears mid-epoch and when it ends, not held back
+    a minute like the passing counts ("1 node(s) draining")."""
+    world = World()
+    for name in ("a", "b", "c"):
+        world.node(name, slots=2)
+    world.session("s", slots=6, memory_mb=1_024)
+    planner = Planner(LONG_EPOCH)
+    world.cycle(planner)
+    assert world.state.devshards["ds-1-s"].assignments
+    # Mid-epoch: a's window starts before the epoch ends. Its slots stay until it starts;
+    # then the devshard loses them and cannot be re-placed.
+    start = world.now + 30_000
+    window_id = world.window("a", start_ms=start, duration_ms=120_000)
+    unplaced: list[tuple[int, str]] = []
+    while world.now < start + 120_000 + 5_000:
+        world.heartbeat_all()
+        events = world.cycle(planner)
+        unplaced += [(world.now, e.reason) for e in of_type(events, SessionUnplaced)]
+        if any(isinstance(e, MaintenanceOverrun) for e in events):
+            break
+    detail = (
+        f"2 slot(s) away until window {window_id} of node a ends at {format_time(start + 120_000)}"
+    )
+    (first_at, first), *later = unplaced
+    assert first_at - start <= 2 * CFG.plan_interval_ms
+    assert first == (
+        "devshard ds-1-s has 2 of 6 slot(s) unassigned: needs 2 slot(s) of 1024 MiB: 0 eligible "
+        f"node(s) offer 0 free slot(s); 1 node(s) in maintenance, 2 node(s) full, {detail}"
+    )
+    assert all(detail in reason for _, reason in later)
+    # Back, a takes its slots again at once.
+    world.heartbeat_all()
+    world.cycle(planner)
+    assert len(world.state.devshards["ds-1-s"].assignments) == 6
+
+
+def test_a_window_appearing_or_ending_restates_an_unplaced_session_at_once() -> None:
+    """A session that never fit (6 slots on 2 nodes of 2): a window on a node it fits is
+    news at once (it changes what the operator should do), its end too."""
+    world = World()
+    for name in ("a", "b"):
+        world.node(name, slots=2)
+    world.session("s", slots=6, memory_mb=1_024)
+    planner = Planner(LONG_EPOCH)
+    world.cycle(planner)
+    said = world.state.sessions["s"].unplaced_reason
+    assert said and "away until window" not in said
+    window_id = world.window("a", start_ms=world.now + 30_000, duration_ms=120_000)
+    world.heartbeat_all()
+    (news,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert f"away until window {window_id} of node a ends at" in news.reason
+    assert "1 node(s) draining" in news.reason
+    # From draining to in maintenance is a passing change: not said at once.
+    while world.now < world.state.windows[window_id].start_ms + 5_000:
+        world.heartbeat_all()
+        assert not of_type(world.cycle(planner), SessionUnplaced)
+    # The host finishes early: the window is gone from the reason at once.
+    world.master([MaintenanceFinished(window_id=window_id, node_id="a", how="host")])
+    world.heartbeat_all()
+    (back,) = of_type(world.cycle(planner), SessionUnplaced)
+    assert "away until window" not in back.reason and "2 eligible node(s)" in back.reason
 
 
 # --------------------------------------------------------------------------------------------

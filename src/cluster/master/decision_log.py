@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Final, NamedTuple
 
+from cluster.master.placement import AWAY_UNTIL_WINDOW
 from cluster.shared.events import (
     DevshardFinalized,
     DevshardPlaced,
@@ -418,6 +419,18 @@ def _unplaced(event: SessionUnplaced, c: _Context) -> _Said:
         return _Said(INFO, partial(_unplaced_text, event, " (nodes are still joining)"))
     if not first:
         return _Said(INFO, partial(_unplaced_text, event, " (still unplaced; retried every cycle)"))
+    if AWAY_UNTIL_WINDOW in event.reason:
+        # Nodes it fits are away on maintenance: their room comes back when the windows
+        # end, which the operator may prefer to adding nodes or resizing the session.
+        return _Said(
+            WARNING,
+            partial(
+                _unplaced_text,
+                event,
+                "; it waits for the maintenance window(s) named to end, unless nodes with "
+                "room are added or the session is resized",
+            ),
+        )
     return _Said(
         WARNING, partial(_unplaced_text, event, "; add nodes with room, or resize the session")
     )

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Final
 
+from cluster.shared.durations import format_time
 from cluster.shared.events import DevshardPlaced, SessionUnplaced, SlotAssignment
 from cluster.shared.excuse import is_excused, may_take_work
 from cluster.shared.state import DevshardRecord, EpochRecord, SessionRecord, State
@@ -99,6 +100,13 @@ _REASON_ORDER = (
 #: nodes move in and out of them all the time (the planner restates such news only once a
 #: minute, `planner.UNPLACED_RECOUNT_MS`).
 INELIGIBLE_DETAILS: tuple[str, ...] = tuple(f" node(s) {r}" for r in _REASON_ORDER)
+#: How an unplaced reason points at a maintenance window that keeps a node the session fits
+#: away ("2 slot(s) away until window mw-… of node X ends at T"): a lasting detail while the
+#: window lasts (the planner restates the reason when one appears or ends), unlike the
+#: passing counts above. `decision_log` looks for it to point the operator at the window.
+AWAY_UNTIL_WINDOW: Final = " away until window "
+#: The most windows one reason names; the rest are counted.
+MAX_WINDOWS_NAMED: Final = 3
 
 
 def devshard_id(epoch: int, session_id: str) -> str:
@@ -269,6 +277,7 @@ class PlacementPool:
                             gpus.setdefault(memory, []).append(node_id)
                         continue
             ineligible[reason] += 1
+        self.away = _away(state, now_ms, work_end_ms)
         self._index(everyone, gpus)
 
     def _index(self, everyone: dict[int, list[str]], gpus: dict[int, list[str]]) -> None:
@@ -288,6 +297,7 @@ class PlacementPool:
         view.ineligible = Counter()
         view.free, view.capacity, view.memory = {}, {}, {}
         view.has_gpu = set()
+        view.away = ()
         everyone: dict[int, list[str]] = {}
         gpus: dict[int, list[str]] = {}
         num, den = load.numerator, load.denominator
@@ -456,7 +466,9 @@ class PlacementPool:
         """Why `needed` slots of `session` cannot be had, with the counts behind it.
 
         `excluded` are nodes the draw may not use (where the devshard's runner failed for
-        good): those that fit are named as such, their room not counted as on offer.
+        good): those that fit are named as such, their room not counted as on offer. Nodes
+        it fits that a maintenance window keeps away are named with their window and its
+        end (`AWAY_UNTIL_WINDOW`): their room comes back by itself.
         """
         k, free = self.room_for(session)
         barred = [node_id for node_id in excluded if self.fits(node_id, session)]
@@ -481,7 +493,62 @@ class PlacementPool:
         details.extend(
             f"{self.ineligible[r]} node(s) {r}" for r in _REASON_ORDER if self.ineligible[r]
         )
+        details.extend(self._away_details(session))
         return head + ("; " + ", ".join(details) if details else "")
+
+    def _away_details(self, session: SessionRecord) -> list[str]:
+        """The windows keeping nodes the session fits away, soonest back first: the room
+        that comes back by itself, so the operator is pointed at them."""
+        fitting = [
+            a
+            for a in self.away
+            if a.memory_mb >= session.memory_per_slot_mb and (a.gpu or not session.gpu)
+        ]
+        out = [
+            f"{a.slots} slot(s){AWAY_UNTIL_WINDOW}{a.window_id} of node {a.node_id} ends at "
+            f"{format_time(a.end_ms)}"
+            for a in fitting[:MAX_WINDOWS_NAMED]
+        ]
+        rest = fitting[MAX_WINDOWS_NAMED:]
+        if rest:
+            out.append(
+                f"{sum(a.slots for a in rest)} slot(s) away on {len(rest)} more window(s) "
+                f"until {format_time(max(a.end_ms for a in rest))}"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class _AwayNode:
+    """A node kept out by its maintenance window, with what it offers once back."""
+
+    window_id: str
+    node_id: str
+    end_ms: int
+    slots: int
+    memory_mb: int
+    gpu: bool
+
+
+def _away(state: State, now_ms: int, work_end_ms: int) -> tuple[_AwayNode, ...]:
+    """Nodes draining or in maintenance (whatever else they are now: a host powered off in
+    its window reads stale or disconnected) that serve once back: passed their runner
+    self-test and offer slots. Only nodes with an open window are looked at: a handful."""
+    out: list[_AwayNode] = []
+    for node_id, window_id in state.open_window_by_node.items():
+        rec = state.nodes.get(node_id)
+        if rec is None or rec.stopping_idx or rec.facts_only:
+            continue
+        if not is_excused(state, node_id, now_ms) and may_take_work(state, node_id, work_end_ms):
+            continue
+        test, info = rec.self_test, rec.info
+        slots, memory = info.slots, info.slot_memory_mb
+        if test is None or not test.passed or not slots or slots <= 0 or not memory or memory <= 0:
+            continue
+        win = state.windows[window_id]
+        out.append(_AwayNode(window_id, node_id, win.end_ms, slots, memory, bool(info.gpus)))
+    out.sort(key=lambda a: (a.end_ms, a.window_id))
+    return tuple(out)
 
 
 def _two_uniform(seed: int, session_id: str, salt: str, number: int, total: int) -> tuple[int, int]:
