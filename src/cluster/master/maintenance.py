@@ -373,7 +373,7 @@ def _node_slots(state: State, node_id: str) -> int:
     return (rec.info.slots or 0) if rec is not None else 0
 
 
-def _busy_interval(win: MaintenanceWindow, policy: MaintenancePolicy) -> tuple[int, int]:
+def busy_interval(win: MaintenanceWindow, policy: MaintenancePolicy) -> tuple[int, int]:
     """When a window keeps its node out of new work: from its drain start to its end."""
     begin = win.start_ms - policy.drain_lead_ms
     if win.drain_started_ms:
@@ -396,7 +396,7 @@ def _peaks(
     for other, window_id in state.open_window_by_node.items():
         if other == node_id:
             continue
-        b, e = _busy_interval(state.windows[window_id], policy)
+        b, e = busy_interval(state.windows[window_id], policy)
         if b < end and e > begin:
             busy.append((b, e, other))
     if not busy:

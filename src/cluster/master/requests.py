@@ -30,7 +30,7 @@ from cluster.control import (
     SessionList,
     StatusRequest,
 )
-from cluster.master import maintenance
+from cluster.master import maintenance, window_fit
 from cluster.master.maintenance import LOCAL_OPERATOR as LOCAL_OPERATOR
 from cluster.shared.codec import to_builtins
 from cluster.shared.durations import (
@@ -41,7 +41,13 @@ from cluster.shared.durations import (
     format_relative,
     format_time,
 )
-from cluster.shared.events import Event, NodeRemoved, SessionDeleted, SessionRequested
+from cluster.shared.events import (
+    Event,
+    MaintenanceScheduled,
+    NodeRemoved,
+    SessionDeleted,
+    SessionRequested,
+)
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.node_names import Unresolved, resolve_node
 from cluster.shared.state import State, WindowState
@@ -262,20 +268,29 @@ def _maintenance(
         start = _start(now_ms, request.start_ms, request.in_ms)
         if isinstance(start, str):
             return _refuse(start)
+        result = maintenance.schedule(
+            state, node, requester, start, request.duration_ms, now_ms, policy
+        )
+        # Sessions the window would leave unplaced: said, never refused (window_fit).
+        short = (
+            window_fit.sessions_short(state, result, now_ms, policy)
+            if isinstance(result, MaintenanceScheduled)
+            else ()
+        )
+        warning = window_fit.render_shortfalls(short, node, now_ms)
+        unplaced = {"unplaced_sessions": to_builtins(list(short))}
         if isinstance(request, MaintenanceCheck):
             decision = maintenance.check_schedule(
                 state, node, requester, start, request.duration_ms, now_ms, policy
             )
+            message = maintenance.render_decision(decision)
             return Decision(
                 Reply(
                     ok=decision.allowed,
-                    message=maintenance.render_decision(decision),
-                    data=to_builtins(decision),
+                    message=f"{message}\n{warning}" if warning else message,
+                    data={**to_builtins(decision), **unplaced},
                 )
             )
-        result = maintenance.schedule(
-            state, node, requester, start, request.duration_ms, now_ms, policy
-        )
         if isinstance(result, maintenance.ScheduleDecision):
             return Decision(
                 Reply(
@@ -284,12 +299,15 @@ def _maintenance(
                     data=to_builtins(result),
                 )
             )
+        scheduled = (
+            f"scheduled window {result.window_id}: starts {format_time(start)} "
+            f"({format_relative(start, now_ms)}) for {format_duration(request.duration_ms)}"
+        )
         return Decision(
             Reply(
                 ok=True,
-                message=f"scheduled window {result.window_id}: starts {format_time(start)} "
-                f"({format_relative(start, now_ms)}) for {format_duration(request.duration_ms)}",
-                data={"window_id": result.window_id, "start_ms": start},
+                message=f"{scheduled}\n{warning}" if warning else scheduled,
+                data={"window_id": result.window_id, "start_ms": start, **unplaced},
             ),
             (result,),
         )
