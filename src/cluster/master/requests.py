@@ -12,6 +12,7 @@ operator (`LOCAL_OPERATOR`), who may act for any node.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -90,8 +91,21 @@ def _target_node(state: State, requester: str, node_id: str) -> str | Unresolved
     return requester
 
 
+#: What finds the sessions a window would leave unplaced (`window_fit.sessions_short`, or
+#: a shell's stand-in that answers from a result it computed off the event loop).
+ShortfallFinder = Callable[
+    [State, MaintenanceScheduled, int, MaintenancePolicy], tuple[window_fit.Shortfall, ...]
+]
+
+
 def decide(
-    state: State, request: Request, requester: str, now_ms: int, policy: MaintenancePolicy
+    state: State,
+    request: Request,
+    requester: str,
+    now_ms: int,
+    policy: MaintenancePolicy,
+    *,
+    find_shortfalls: ShortfallFinder = window_fit.sessions_short,
 ) -> Decision:
     """The answer to one request and the events that carry it out (none when refused)."""
     if isinstance(request, SessionCreate | SessionDelete) and requester != LOCAL_OPERATOR:
@@ -115,7 +129,7 @@ def decide(
     if isinstance(request, StatusRequest):
         return _refuse("status is answered by the master shell, not by decide()")
     if isinstance(request, _MaintenanceRequest):
-        return _maintenance(state, request, requester, now_ms, policy)
+        return _maintenance(state, request, requester, now_ms, policy, find_shortfalls)
     # Only a request built in Python gets here (the control socket decodes the union).
     return _refuse(f"unsupported request {type(request).__name__}")
 
@@ -252,6 +266,7 @@ def _maintenance(
     requester: str,
     now_ms: int,
     policy: MaintenancePolicy,
+    find_shortfalls: ShortfallFinder,
 ) -> Decision:
     node = _target_node(state, requester, request.node_id)
     if isinstance(node, Unresolved):
@@ -273,7 +288,7 @@ def _maintenance(
         )
         # Sessions the window would leave unplaced: said, never refused (window_fit).
         short = (
-            window_fit.sessions_short(state, result, now_ms, policy)
+            find_shortfalls(state, result, now_ms, policy)
             if isinstance(result, MaintenanceScheduled)
             else ()
         )
