@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from planner_world import World, of_type, quick_config
 
 from cluster.master import decision_log, server
 from cluster.master.decision_log import (
@@ -19,6 +20,7 @@ from cluster.master.decision_log import (
     decision_lines,
     describe,
 )
+from cluster.master.planner import Planner
 from cluster.shared.apply import apply
 from cluster.shared.events import (
     MASTER_ORIGIN,
@@ -230,6 +232,41 @@ def test_maintenance_transitions_are_info_and_an_overrun_is_a_warning() -> None:
     assert overrun.message.startswith(
         "maintenance window w-1 of node node-a, due to end at 16:00 UTC (3m ago), overran"
     )
+
+
+def test_an_overrun_says_disconnected_only_of_a_node_that_is() -> None:
+    """An operator review found every overrun line ending "(still silent, it is
+    disconnected)", also for a node back online and placed in the same cycle. Two nodes
+    overrun in one planner cycle: A silent through its window (liveness disconnects it in
+    that cycle), B heartbeating on."""
+    cfg = quick_config()
+    world = World()
+    a, b = "node-a", "node-b"
+    world.node(a)
+    world.node(b)
+    planner = Planner(cfg)
+    duration = 10 * cfg.plan_interval_ms
+    windows = {
+        n: world.window(n, start_ms=world.now, duration_ms=duration, start=True) for n in (a, b)
+    }
+    end = world.now + duration
+    lines: list[str] = []
+    while not lines:
+        world.tick(cfg.plan_interval_ms)
+        world.heartbeat(b)
+        before = world.state
+        events = planner(before, world.now)
+        world.master(events)
+        planner.logged()
+        if of_type(events, MaintenanceOverrun):
+            assert world.now >= end
+            lines = [ln.message for ln in decision_lines(events, before, world.now)]
+    assert not world.state.nodes[a].connected and world.state.nodes[b].connected
+    (over_a,) = [ln for ln in lines if ln.startswith(f"maintenance window {windows[a]} ")]
+    (over_b,) = [ln for ln in lines if ln.startswith(f"maintenance window {windows[b]} ")]
+    assert over_a.endswith("apply to the node again (still silent, it is disconnected)"), over_a
+    assert over_b.endswith("normal liveness and penalties apply to the node again"), over_b
+    assert any(ln.startswith(f"node {a} disconnected: no events for ") for ln in lines), lines
 
 
 # --------------------------------------------------------------------------------------------

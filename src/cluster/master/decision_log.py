@@ -109,7 +109,7 @@ def decision_lines(
     was made at (its events' master time). Lines below `min_level` are left out without
     being built: the caller passes the lowest level its logger is enabled for.
     """
-    ctx = _Context(state, now_ms)
+    ctx = _Context(state, now_ms, events)
     own = [(event, _said(event, ctx)) for event in events]
     by_kind: dict[type, list[tuple[Event, _Said | None]]] = {}
     for item in own:
@@ -192,12 +192,16 @@ def _said(event: Event, c: _Context) -> _Said | None:
 
 
 class _Context:
-    """What the lines of one decision share: its State and time, and what is costly to work
-    out and asked at most once (whether any node is still onboarding)."""
+    """What the lines of one decision share: its State and time, the nodes it disconnects,
+    and what is costly to work out and asked at most once (whether any node is still
+    onboarding)."""
 
-    def __init__(self, state: State, now_ms: int) -> None:
+    def __init__(self, state: State, now_ms: int, events: Sequence[Event] = ()) -> None:
         self.state = state
         self.now_ms = now_ms
+        #: Nodes this decision disconnects (liveness judges a node silent through its window
+        #: in the very cycle that closes the window as overrun).
+        self.disconnecting = frozenset(e.node_id for e in events if isinstance(e, NodeDisconnected))
         self._onboarding: bool | None = None
         self._placements: Mapping[str, tuple[Placement, ...]] | None = None
 
@@ -355,11 +359,16 @@ def _maintenance_started(event: MaintenanceStarted, c: _Context) -> str:
 def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
     window = c.state.windows.get(event.window_id)
     due = f", due to end at {_moment(window.end_ms, c)}," if window is not None else ""
-    return (
+    message = (
         f"maintenance window {event.window_id} of node {event.node_id}{due} overran: closed "
-        "as overrun; normal liveness and penalties apply to the node again (still silent, "
-        "it is disconnected)"
+        "as overrun; normal liveness and penalties apply to the node again"
     )
+    # Only when it is so: a node back online and serving through its window is not
+    # disconnected by the overrun (it said so of every node).
+    rec = c.state.nodes.get(event.node_id)
+    if event.node_id in c.disconnecting or (rec is not None and not rec.connected):
+        message += " (still silent, it is disconnected)"
+    return message
 
 
 def _maintenance_finished(event: MaintenanceFinished) -> str:
