@@ -30,13 +30,17 @@ from cluster.shared.events import (
     DevshardPlaced,
     Event,
     MaintenanceOverrun,
+    MaintenanceScheduled,
+    MaintenanceStarted,
     NodeConnected,
     NodeDisconnected,
     NodeHeartbeat,
     NodeStopping,
     SessionUnplaced,
 )
-from cluster.shared.state import State
+from cluster.shared.excuse import is_excused
+from cluster.shared.state import State, WindowState
+from cluster.worker.node import goodbye_words
 
 A, B = "12D3KooWnodeA", "12D3KooWnodeB"
 BOOT = "boot-1"
@@ -290,6 +294,35 @@ def test_a_silent_node_without_a_goodbye_still_waits_k_cycles() -> None:
     assert gone[0].reason.startswith(f"no events for {CFG.stale_cycles} cycles")
 
 
+def test_the_workers_goodbye_words_say_offline_for_maintenance_inside_its_window() -> None:
+    """An operator review found a worker stopped inside its own window logging that it "is
+    disconnected as stopped by its operator" unless back within the stale cycles, while the
+    master keeps it in maintenance, excused. The worker's replica tells, by the one rule."""
+    world = _world()
+    outside = goodbye_words(world.state, A, world.now, True, 2.0)
+    assert outside == (
+        "said goodbye: unless this node is back within the master's stale cycles, it is "
+        "disconnected as stopped by its operator"
+    )
+    hour = 3_600_000
+    window_id = world.window(A, start_ms=world.now + hour, duration_ms=hour)
+    assert goodbye_words(world.state, A, world.now, True, 2.0) == outside  # not started yet
+    assert "after its stale cycles" in goodbye_words(world.state, A, world.now, False, 2.0)
+    # From its start (even before MaintenanceStarted, as the master's rule says).
+    world.tick(hour + 60_000)
+    inside = goodbye_words(world.state, A, world.now, True, 2.0)
+    end = "2023-11-15 00:13:20 UTC (in 59m)"
+    assert inside == (
+        f"said goodbye inside maintenance window {window_id}: this node is offline for "
+        f"maintenance until {end}, excused; not back by then, it is disconnected as stopped by "
+        "its operator"
+    )
+    unacked = goodbye_words(world.state, A, world.now, False, 2.0)
+    assert unacked.startswith("stopping (the master did not acknowledge our goodbye) inside ")
+    assert "offline for maintenance until" in unacked
+    assert goodbye_words(world.state, B, world.now, True, 2.0) == outside  # another node's
+
+
 # --------------------------------------------------------------------------------------------
 # A real master and worker
 # --------------------------------------------------------------------------------------------
@@ -364,3 +397,44 @@ async def test_the_goodbye_is_the_workers_last_event_even_while_it_waits_for_the
     assert any(isinstance(e, NodeHeartbeat) for e in emitted)  # it did heartbeat before
     assert isinstance(emitted[-1], NodeStopping), [type(e).__name__ for e in emitted[-5:]]
     assert sum(isinstance(e, NodeStopping) for e in emitted) == 1
+
+
+@pytest.mark.anyio
+async def test_a_worker_stopped_inside_its_window_says_offline_for_maintenance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cluster.worker.node")
+    hour = 3_600_000
+    async with embedded_cluster(tmp_path, wait=WAIT) as cluster:
+        master, worker = cluster.master, cluster.worker
+        me = worker.node_id
+        await until_self_tested(master, me)
+
+        def window(state: State, now_ms: int) -> list[Event]:
+            scheduled = MaintenanceScheduled(
+                window_id="w-1",
+                node_id=me,
+                start_ms=now_ms,
+                duration_ms=hour,
+                requested_ms=now_ms,
+                credit_spent_ms=hour,
+            )
+            return [scheduled, MaintenanceStarted(window_id="w-1", node_id=me)]
+
+        await master.master.index_decision(window)
+        while (w := worker.worker.state.windows.get("w-1")) is None or (
+            w.state is not WindowState.ACTIVE
+        ):
+            await anyio.sleep(0.05)
+        worker.stop("got SIGTERM")
+        await worker.worker.wait_finished()
+        while not master.state.nodes[me].stopping_idx:
+            await anyio.sleep(0.05)
+        state = master.state
+    said = [r.getMessage() for r in caplog.records if "goodbye" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "said goodbye inside maintenance window w-1: this node is offline for maintenance until "
+    ), said
+    assert "disconnected as stopped by its operator" in said[0]
+    assert state.nodes[me].connected and is_excused(state, me, state.last_time_ms)

@@ -31,7 +31,8 @@ from cluster.shared.events import (
     NodeStopping,
     RunnerSelfTestCompleted,
 )
-from cluster.shared.humanize import clip, encodable
+from cluster.shared.excuse import excusing_window
+from cluster.shared.humanize import clip, encodable, format_relative, format_utc
 from cluster.shared.state import State
 from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
@@ -88,6 +89,31 @@ def _check_runner_setting(setting: RunnerSetting) -> None:
         raise
     except Exception as exc:
         raise RunnerConfigError(f"runner kind {setting.kind!r}: {describe_error(exc)}") from None
+
+
+def goodbye_words(state: State, node_id: str, at_ms: int, acked: bool, timeout_s: float) -> str:
+    """What the worker's log says once it said goodbye (`acked`: the master acknowledged it
+    within `timeout_s`), judged on its replica at `at_ms` by the master's one excuse rule:
+    inside its maintenance window the node is offline for maintenance, excused, not
+    disconnected (it said "disconnected as stopped by its operator" there too)."""
+    window = excusing_window(state, node_id, at_ms)
+    if window is not None:
+        end = window.end_ms
+        said = "said goodbye" if acked else "stopping (the master did not acknowledge our goodbye)"
+        return (
+            f"{said} inside maintenance window {window.window_id}: this node is offline for "
+            f"maintenance until {format_utc(end, at_ms)} ({format_relative(end, at_ms)}), "
+            "excused; not back by then, it is disconnected as stopped by its operator"
+        )
+    if acked:
+        return (
+            "said goodbye: unless this node is back within the master's stale cycles, it is "
+            "disconnected as stopped by its operator"
+        )
+    return (
+        f"the master did not acknowledge our goodbye within {timeout_s:g}s: it will find this "
+        "node silent and disconnect it after its stale cycles"
+    )
 
 
 def _log_self_test(result: RunnerSelfTestCompleted) -> None:
@@ -272,17 +298,11 @@ class WorkerNode:
                 reason=clip(encodable(self._stop_reason), MAX_REASON_CHARS),
             )
         )
-        if await worker.flush(timeout):
-            log.info(
-                "said goodbye: unless this node is back within the master's stale cycles, it "
-                "is disconnected as stopped by its operator"
-            )
-        else:
-            log.info(
-                "the master did not acknowledge our goodbye within %gs: it will find this "
-                "node silent and disconnect it after its stale cycles",
-                timeout,
-            )
+        acked = await worker.flush(timeout)
+        # The replica's time: the master's clock as of its last event (heartbeats keep it
+        # close), the time the master judges the window by.
+        state = worker.state
+        log.info("%s", goodbye_words(state, worker.node_id, state.last_time_ms, acked, timeout))
 
     # --- end worker goodbye ---------------------------------------------------------------
 
