@@ -27,6 +27,7 @@ from cluster.master.placement import (
     RUNS_NO_RUNNERS,
     SELF_TEST_FAILED,
     STALE,
+    STOPPING,
     PlacementPool,
     place_session,
     place_sessions,
@@ -42,10 +43,12 @@ from cluster.shared.events import (
     NodeDisconnected,
     NodeGatheredInfo,
     NodeInfo,
+    NodeStopping,
     RunnerSelfTestCompleted,
     SessionUnplaced,
     SlotAssignment,
 )
+from cluster.shared.node_status import NodeState, node_status
 from cluster.shared.state import EpochRecord, SessionRecord, State
 
 CFG = quick_config()
@@ -426,6 +429,32 @@ def test_never_places_on_an_ineligible_node(reason: str) -> None:
     (unplaced,) = of_type(events, SessionUnplaced)
     assert unplaced.session_id == "too-big"
     assert f"1 node(s) {reason}" in unplaced.reason
+
+
+def test_a_node_stopped_inside_its_window_is_counted_in_maintenance_as_status_shows_it() -> None:
+    """An operator review found the unplaced reason calling a node in its active window
+    "stopping (its worker said goodbye)" or "stale" while `cluster status` says maintenance:
+    placement checked those before the excuse. Its order is node_status's now."""
+    world = World()
+    world.node("ok", slots=4)
+    world.master([NodeConnected(node_id="x", boot_id="b1")])
+    world.node("x", slots=50)
+    planner = Planner(CFG)
+    world.cycle(planner)  # the first epoch starts
+    world.window("x", start_ms=world.now, duration_ms=3_600_000, start=True)
+    world.add("x", NodeStopping(node_id="x", boot_id="b1", reason="got SIGTERM"))
+    world.session("big", slots=5)
+    unplaced: list[SessionUnplaced] = []
+    for _ in range(2 * CFG.stale_cycles):  # x stays silent: stopping, and not fresh
+        world.heartbeat("ok")
+        unplaced += of_type(world.cycle(planner), SessionUnplaced)
+    rec = world.state.nodes["x"]
+    assert rec.connected and rec.stopping_idx
+    assert node_status(world.state, "x", world.now).status is NodeState.MAINTENANCE
+    assert unplaced
+    for said in unplaced:  # the first (x just stopped) and any restated (x stale too)
+        assert f"1 node(s) {IN_MAINTENANCE}" in said.reason, said.reason
+        assert STOPPING not in said.reason and STALE not in said.reason, said.reason
 
 
 def test_a_node_restarted_with_another_runner_setting_gets_nothing_until_it_passes_that_test() -> (

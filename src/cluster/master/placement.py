@@ -238,7 +238,12 @@ class PlacementPool:
         used_get = used.get
         for node_id, rec in state.nodes.items():
             test = rec.self_test
-            if not rec.connected or node_id in leaving:
+            # The order of `node_status`: a node its window excuses is in maintenance, quiet,
+            # stopped or even disconnected (it said "stopping" or "stale" of one stopped in
+            # its window, which the master keeps excused).
+            if node_id in with_window and is_excused(state, node_id, now_ms):
+                reason = IN_MAINTENANCE
+            elif not rec.connected or node_id in leaving:
                 reason = DISCONNECTED
             elif rec.stopping_idx:
                 # Said goodbye: it keeps what it holds mid-epoch until it is back or
@@ -248,8 +253,6 @@ class PlacementPool:
                 reason = STOPPING
             elif node_id in not_fresh:
                 reason = STALE
-            elif node_id in with_window and is_excused(state, node_id, now_ms):
-                reason = IN_MAINTENANCE
             elif node_id in with_window and not may_take_work(state, node_id, work_end_ms):
                 reason = DRAINING
             elif rec.facts_only:
