@@ -209,6 +209,13 @@ MASTER_EVENTS: dict[type[Any], st.SearchStrategy[Any]] = {
         window_id=window_ids,
         node_id=node_ids,
         how=st.sampled_from(["host", "reconnect"]),
+    )
+    | st.builds(
+        MaintenanceFinished,
+        window_id=window_ids,
+        node_id=node_ids,
+        how=st.just("operator"),
+        by=st.sampled_from(["operator:local", "12D3KooWoperator"]),
     ),
     MaintenanceOverrun: st.builds(MaintenanceOverrun, window_id=window_ids, node_id=node_ids),
     EpochStarted: st.builds(

@@ -3,11 +3,18 @@ the excuse and drain rules, the displayed status, and the cheats around them."""
 
 from __future__ import annotations
 
+import msgspec
 from maintenance_log import HOUR, MIN, Log, node_id
 
 from cluster.master import maintenance as mt
 from cluster.shared.apply import apply
-from cluster.shared.codec import decode_state, encode_state, state_digest
+from cluster.shared.codec import (
+    decode_event,
+    decode_state,
+    encode_event,
+    encode_state,
+    state_digest,
+)
 from cluster.shared.events import (
     MaintenanceCancelled,
     MaintenanceDrainStarted,
@@ -200,6 +207,39 @@ def test_finish_early_then_double_finish_is_refused() -> None:
     named = log.finish(A, wid)
     assert isinstance(named, mt.Rejection) and named.code == "already_closed"
     assert log.cycle() == []  # a finished window never overruns
+
+
+def test_an_operators_finish_is_recorded_as_the_operators() -> None:
+    """An operator review found a finish from the master's control socket recorded and
+    logged as "finished by its host"; a cancel tells the two apart."""
+    log = cluster()
+    start = log.now + HOUR
+    wid = log.schedule_ok(A, start, HOUR)
+    log.now = start + MIN
+    out = log.finish(A, requester=mt.LOCAL_OPERATOR)
+    assert out == MaintenanceFinished(
+        window_id=wid, node_id=A, how="operator", by=mt.LOCAL_OPERATOR
+    )
+    assert window(log, wid).outcome == "operator"
+
+
+#: A MaintenanceFinished record (index 7) as logged before `by` existed.
+OLD_FINISHED = (
+    b"\x95\x07\xcf\x00\x00\x01\x8e\x0f \xed\x80\xa6master\x05\x84\xa4type"
+    b"\xb3MaintenanceFinished\xa9window_id\xa3w-1\xa7node_id\xa6node-a\xa3how\xa4host"
+)
+
+
+def test_a_finish_recorded_before_by_existed_reads_and_encodes_as_then() -> None:
+    ie = decode_event(OLD_FINISHED)
+    assert ie.event == MaintenanceFinished(window_id="w-1", node_id="node-a", how="host")
+    assert encode_event(ie) == OLD_FINISHED
+    # A host's finish now is written exactly so; an operator's carries who.
+    by_operator = msgspec.structs.replace(
+        ie, event=MaintenanceFinished(window_id="w-1", node_id="node-a", how="operator", by="x")
+    )
+    assert decode_event(encode_event(by_operator)) == by_operator
+    assert b"\xa2by\xa1x" in encode_event(by_operator)
 
 
 def test_finish_before_the_cycle_marks_the_start() -> None:

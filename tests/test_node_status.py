@@ -321,7 +321,7 @@ def test_overrun_window_warns() -> None:
 def test_finished_window_returns_to_normal() -> None:
     log = ready_node().scheduled("node-a", "w-1", T0 + 5 * MIN, 25 * MIN)
     log.master(T0 + 5 * MIN, MaintenanceStarted(window_id="w-1", node_id="node-a"))
-    log.master(T0 + 20 * MIN, MaintenanceFinished(window_id="w-1", node_id="node-a"))
+    log.master(T0 + 20 * MIN, MaintenanceFinished(window_id="w-1", node_id="node-a", how="host"))
     st = node_status(log.state, "node-a", T0 + 21 * MIN)
     assert st.status is NodeState.WAITING_FOR_PLACEMENT
     assert st.window_id == ""

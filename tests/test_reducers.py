@@ -718,7 +718,7 @@ def test_window_overrun_and_cancel_refund() -> None:
     assert s.credit_ms_by_node[A] == -60_000
     # Finishing a cancelled window, or another node's window, changes nothing.
     before = s.windows
-    s = log.add(B, MaintenanceFinished(window_id="w2", node_id=B))
+    s = log.add(B, MaintenanceFinished(window_id="w2", node_id=B, how="host"))
     assert s.windows == before
 
 
@@ -749,7 +749,9 @@ def _close_window(log: Log, node: str, window_id: str, how: str) -> State:
         )
     log.add(MASTER_ORIGIN, MaintenanceStarted(window_id=window_id, node_id=node), at_ms=10_000)
     if how == "finish":
-        return log.add(node, MaintenanceFinished(window_id=window_id, node_id=node), at_ms=20_000)
+        return log.add(
+            node, MaintenanceFinished(window_id=window_id, node_id=node, how="host"), at_ms=20_000
+        )
     return log.add(MASTER_ORIGIN, MaintenanceOverrun(window_id=window_id, node_id=node))
 
 

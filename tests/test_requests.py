@@ -15,6 +15,7 @@ from cluster.control import (
     SessionDelete,
     SessionList,
 )
+from cluster.master.decision_log import decision_lines
 from cluster.master.requests import LOCAL_OPERATOR, MAX_REWARD_PER_UNIT, decide
 from cluster.shared.durations import parse_time
 from cluster.shared.events import (
@@ -180,6 +181,32 @@ def test_the_local_operator_acts_for_any_node_without_an_operator_key() -> None:
     assert ok, msg
     ok, msg = _run(log, MaintenanceCancel(node_id=A), LOCAL_OPERATOR)
     assert ok, msg
+
+
+def test_a_finish_says_who_finished_the_window() -> None:
+    """The host's finish and an operator's are recorded and logged apart, as cancels are."""
+    log = Log(MaintenancePolicy(max_concurrent_capacity_share=1.0))
+    log.join(A)
+    log.join(B)
+    for node in (A, B):
+        ok, msg = _run(log, MaintenanceSchedule(in_ms=HOUR, duration_ms=HOUR, node_id=node), node)
+        assert ok, msg
+    log.now += HOUR + MIN
+    said: list[str] = []
+    for node, requester in ((A, LOCAL_OPERATOR), (B, B)):
+        before = log.state
+        d = decide(before, MaintenanceFinish(node_id=node), requester, log.now, log.policy)
+        assert d.reply.ok, d.reply.message
+        said += [line.message for line in decision_lines(d.events, before, log.now)]
+        for ev in d.events:
+            log.emit(ev)
+    wa, wb = (log.state.closed_windows_by_node[n][-1] for n in (A, B))
+    assert said == [
+        f"node {A} finished maintenance (window {wa}): finished by operator {LOCAL_OPERATOR}; "
+        "it takes work again",
+        f"node {B} finished maintenance (window {wb}): finished by its host; it takes work again",
+    ]
+    assert [log.state.windows[w].outcome for w in (wa, wb)] == ["operator", "host"]
 
 
 def test_session_names_end_where_they_seem_to() -> None:

@@ -372,7 +372,10 @@ def _overrun(event: MaintenanceOverrun, c: _Context) -> str:
 
 
 def _maintenance_finished(event: MaintenanceFinished) -> str:
-    how = _MAINTENANCE_HOW.get(event.how, _text(event.how))
+    if event.how == "operator":
+        how = f"finished by operator {_text(event.by)}" if event.by else "finished by an operator"
+    else:
+        how = _MAINTENANCE_HOW.get(event.how, _text(event.how))
     return (
         f"node {event.node_id} finished maintenance (window {event.window_id}): {how}; "
         "it takes work again"

@@ -600,8 +600,9 @@ def finish(
     now_ms: int,
     policy: MaintenancePolicy,
 ) -> MaintenanceFinished | Rejection:
-    """The host ends its active window early. Unused time is not refunded: the cluster
-    held the declared window's capacity and concurrency slot for it."""
+    """The host (how="host") or an operator (how="operator", `by` the requester) ends the
+    node's active window early. Unused time is not refunded: the cluster held the declared
+    window's capacity and concurrency slot for it."""
     win = _target_window(state, node_id, requester, window_id, policy)
     if isinstance(win, Rejection):
         return win
@@ -618,7 +619,12 @@ def finish(
             f"window {win.window_id} ended at {format_time(win.end_ms)} without a finish; it "
             "closes as overrun",
         )
-    return MaintenanceFinished(window_id=win.window_id, node_id=node_id, how="host")
+    if requester == node_id:
+        return MaintenanceFinished(window_id=win.window_id, node_id=node_id, how="host")
+    # Said apart from the host's, as a cancel is ("cancelled by operator operator:local").
+    return MaintenanceFinished(
+        window_id=win.window_id, node_id=node_id, how="operator", by=requester
+    )
 
 
 def on_reconnect(

@@ -322,11 +322,19 @@ class MaintenanceStarted(_Event, frozen=True):
     node_id: str
 
 
-class MaintenanceFinished(_Event, frozen=True):
+# omit_defaults, with a default only on `by` (added since): every other field is always
+# written, so a record from before `by` existed (and a host's or a reconnect's finish now)
+# encodes byte for byte as then. `how` is always written, so it has no default.
+class MaintenanceFinished(_Event, frozen=True, omit_defaults=True):
     window_id: str
     node_id: str
-    #: "host" (finished by command), "reconnect" (worker restarted within its window).
-    how: str = "host"
+    #: "host" (finished by command of the node itself), "operator" (by an operator: the
+    #: master host's control socket or an operator key, named in `by`), "reconnect" (its
+    #: worker restarted within its window).
+    how: str
+    #: Who finished it, for how="operator": the requester (`operator:local`, or an operator
+    #: key's peer id). "" otherwise, and in records from before it existed.
+    by: str = ""
 
 
 class MaintenanceOverrun(_Event, frozen=True):

@@ -193,8 +193,9 @@ class MaintenanceWindow(msgspec.Struct, frozen=True, kw_only=True):
     drain_started_ms: int = 0
     started_ms: int = 0
     closed_ms: int = 0
-    #: How a COMPLETED/CANCELLED window closed: "host", "reconnect", "overrun", "cancelled",
-    #: "removed" (its node was removed: `NodeRemoved`).
+    #: How a COMPLETED/CANCELLED window closed: "host", "operator" (finished by an operator:
+    #: `MaintenanceFinished.by` names who), "reconnect", "overrun", "cancelled", "removed"
+    #: (its node was removed: `NodeRemoved`).
     outcome: str = ""
     credit_refund_ms: int = 0
 
