@@ -20,15 +20,19 @@ import pytest
 from embedded_nodes import embedded_cluster, until_self_tested
 from planner_world import World, of_type, quick_config
 
+from cluster.control import MaintenanceFinish, NodeRemove
 from cluster.master.admission import AdmissionError, check_worker_batch, check_worker_event
 from cluster.master.decision_log import decision_lines
 from cluster.master.liveness import EMPTY_BOOK, check_liveness
 from cluster.master.placement import STOPPING
 from cluster.master.planner import Planner
+from cluster.master.requests import LOCAL_OPERATOR, decide
 from cluster.shared.codec import decode_state, encode_state
 from cluster.shared.events import (
     DevshardPlaced,
+    EpochStarted,
     Event,
+    MaintenanceFinished,
     MaintenanceOverrun,
     MaintenanceScheduled,
     MaintenanceStarted,
@@ -39,12 +43,14 @@ from cluster.shared.events import (
     SessionUnplaced,
 )
 from cluster.shared.excuse import is_excused
+from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import State, WindowState
 from cluster.worker.node import goodbye_words
 
 A, B = "12D3KooWnodeA", "12D3KooWnodeB"
 BOOT = "boot-1"
 CFG = quick_config()
+HOUR = 3_600_000
 
 
 def _world() -> World:
@@ -277,6 +283,70 @@ def test_a_stopping_node_inside_its_window_stays_excused() -> None:
     assert "no events for" not in events[0].reason
 
 
+def test_finishing_the_window_of_a_node_stopped_in_it_disconnects_it_excused() -> None:
+    """An operator review followed the removal advice: a worker stopped in its window,
+    `cluster node remove` refused ("finish the window"), `cluster maintenance finish --node`;
+    the next cycle disconnected the node unexcused, "it forfeits its reward for epoch 13 (a
+    stop inside the node's maintenance window is excused)". It did stop inside its window:
+    the finish now disconnects it in the same decision, excused, and it can be removed."""
+    world = _world()
+    world.master([EpochStarted(epoch=13, start_ms=world.now, end_ms=world.now + HOUR, seed=1)])
+    window_id = world.window(A, start_ms=world.now, duration_ms=HOUR, start=True)
+    _goodbye(world)
+    book = EMPTY_BOOK
+    for _ in range(2 * CFG.stale_cycles):
+        world.tick(CFG.plan_interval_ms)
+        world.heartbeat(B)
+        events, book = check_liveness(world.state, book, world.now, CFG)
+        assert events == []
+    policy = MaintenancePolicy()
+
+    def ask(request: object) -> tuple[bool, str, tuple[Event, ...]]:
+        d = decide(world.state, request, LOCAL_OPERATOR, world.now, policy)  # type: ignore[arg-type]
+        return d.reply.ok, d.reply.message, tuple(d.events)
+
+    ok, msg, _ = ask(NodeRemove(node_id=A))
+    assert not ok and "Its worker stopped inside the window" in msg, msg
+    assert "marks it disconnected at once, excused" in msg, msg
+    ok, msg, decided = ask(MaintenanceFinish(node_id=A))
+    assert ok and "disconnected, excused" in msg, msg
+    stopped, finished = decided
+    assert isinstance(stopped, NodeDisconnected) and stopped.excused, stopped
+    assert stopped.reason == (
+        f"stopped by its operator (got SIGTERM); its worker said goodbye at event index "
+        f"{world.state.nodes[A].stopping_idx} and was not back when operator {LOCAL_OPERATOR} "
+        f"finished its maintenance window {window_id}"
+    )
+    assert finished == MaintenanceFinished(
+        window_id=window_id, node_id=A, how="operator", by=LOCAL_OPERATOR
+    )
+    lines = [ln.message for ln in decision_lines(decided, world.state, world.now)]
+    said = [ln for ln in lines if ln.startswith(f"node {A} disconnected: ")]
+    assert len(said) == 1 and f"in its maintenance window {window_id}: excused" in said[0]
+    assert not any("unexcused" in ln or "forfeits" in ln for ln in lines), lines
+    world.master(decided)
+    rec = world.state.nodes[A]
+    assert not rec.connected and rec.disconnect_excused and rec.stopping_idx == 0
+    # Nothing left for liveness to judge, no punishment in epoch 13's ledger.
+    world.tick(CFG.plan_interval_ms)
+    world.heartbeat(B)
+    assert check_liveness(world.state, book, world.now, CFG).events == []
+    ledger = world.state.ledgers.get(13)
+    assert ledger is None or ledger.node(A).disconnect is None
+    ok, msg, _ = ask(NodeRemove(node_id=A))
+    assert ok, msg
+
+
+def test_finishing_the_window_of_a_node_that_did_not_stop_only_finishes_it() -> None:
+    world = _world()
+    world.window(A, start_ms=world.now, duration_ms=HOUR, start=True)
+    d = decide(
+        world.state, MaintenanceFinish(node_id=A), LOCAL_OPERATOR, world.now, MaintenancePolicy()
+    )
+    assert [type(e) for e in d.events] == [MaintenanceFinished]
+    assert d.reply.message.startswith("finished window ") and "disconnected" not in d.reply.message
+
+
 def test_a_silent_node_without_a_goodbye_still_waits_k_cycles() -> None:
     """The crash path is unchanged: no goodbye, K silent cycles, the same reason as ever."""
     world = _world()
@@ -304,12 +374,11 @@ def test_the_workers_goodbye_words_say_offline_for_maintenance_inside_its_window
         "said goodbye: unless this node is back within the master's stale cycles, it is "
         "disconnected as stopped by its operator"
     )
-    hour = 3_600_000
-    window_id = world.window(A, start_ms=world.now + hour, duration_ms=hour)
+    window_id = world.window(A, start_ms=world.now + HOUR, duration_ms=HOUR)
     assert goodbye_words(world.state, A, world.now, True, 2.0) == outside  # not started yet
     assert "after its stale cycles" in goodbye_words(world.state, A, world.now, False, 2.0)
     # From its start (even before MaintenanceStarted, as the master's rule says).
-    world.tick(hour + 60_000)
+    world.tick(HOUR + 60_000)
     inside = goodbye_words(world.state, A, world.now, True, 2.0)
     end = "2023-11-15 00:13:20 UTC (in 59m)"
     assert inside == (
@@ -404,7 +473,6 @@ async def test_a_worker_stopped_inside_its_window_says_offline_for_maintenance(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cluster.worker.node")
-    hour = 3_600_000
     async with embedded_cluster(tmp_path, wait=WAIT) as cluster:
         master, worker = cluster.master, cluster.worker
         me = worker.node_id
@@ -415,9 +483,9 @@ async def test_a_worker_stopped_inside_its_window_says_offline_for_maintenance(
                 window_id="w-1",
                 node_id=me,
                 start_ms=now_ms,
-                duration_ms=hour,
+                duration_ms=HOUR,
                 requested_ms=now_ms,
-                credit_spent_ms=hour,
+                credit_spent_ms=HOUR,
             )
             return [scheduled, MaintenanceStarted(window_id="w-1", node_id=me)]
 

@@ -28,8 +28,10 @@ from typing import Final
 
 import msgspec
 
+from cluster.master.liveness import STOPPED_BY_OPERATOR
 from cluster.shared.durations import format_duration, format_relative, format_time
 from cluster.shared.events import (
+    STOP_REASON_CHARS,
     Event,
     MaintenanceCancelled,
     MaintenanceDrainStarted,
@@ -37,8 +39,10 @@ from cluster.shared.events import (
     MaintenanceOverrun,
     MaintenanceScheduled,
     MaintenanceStarted,
+    NodeDisconnected,
 )
 from cluster.shared.excuse import is_excused
+from cluster.shared.humanize import clip
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import (
     CLOSED_WINDOWS_KEPT_PER_NODE,
@@ -624,6 +628,32 @@ def finish(
     # Said apart from the host's, as a cancel is ("cancelled by operator operator:local").
     return MaintenanceFinished(
         window_id=win.window_id, node_id=node_id, how="operator", by=requester
+    )
+
+
+def stopped_in_window(state: State, finished: MaintenanceFinished) -> NodeDisconnected | None:
+    """The excused disconnect that goes with finishing the window of a node whose worker
+    stopped in it and is not back (its goodbye, `NodeRecord.stopping_idx`, stands), or None.
+
+    Such a node went quiet inside its window, where a stop is excused; the finish (an
+    operator ending the window early, typically to remove a node that is not coming back, as
+    `cluster node remove` advises) must not turn that silence into an unexcused disconnect a
+    few cycles later. So the same decision disconnects it, excused, while its window still
+    excuses it: no forfeited epoch, and it can be removed at once. A node that is silent
+    without a goodbye (powered off) is judged by liveness as ever: only the goodbye tells,
+    from State, that its worker is gone."""
+    rec = state.nodes.get(finished.node_id)
+    if rec is None or not rec.connected or not rec.stopping_idx:
+        return None
+    who = f"operator {finished.by}" if finished.how == "operator" else "its host"
+    said = clip(rec.stopping_reason, STOP_REASON_CHARS)
+    return NodeDisconnected(
+        node_id=finished.node_id,
+        reason=f"{STOPPED_BY_OPERATOR}"
+        + (f" ({said})" if said else "")
+        + f"; its worker said goodbye at event index {rec.stopping_idx} and was not back "
+        f"when {who} finished its maintenance window {finished.window_id}",
+        excused=True,
     )
 
 

@@ -204,11 +204,19 @@ def _node_remove(state: State, req: NodeRemove) -> Decision:
         return _refuse(f"unknown node {node_id}: it has never joined this cluster")
     window = state.open_window(node_id)
     if rec.connected and window is not None and window.state is WindowState.ACTIVE:
+        finish = f"`cluster maintenance finish --node {node_id}`"
+        if rec.stopping_idx:
+            # Its worker said goodbye inside the window: the finish disconnects it, excused.
+            return _refuse(
+                f"node {node_id} is in maintenance (window {window.window_id}): offline for "
+                "maintenance is not gone. Its worker stopped inside the window; if it is not "
+                f"coming back, finish the window ({finish}): that marks it disconnected at "
+                "once, excused (a stop inside its window is), and then remove it"
+            )
         return _refuse(
             f"node {node_id} is in maintenance (window {window.window_id}): offline for "
-            "maintenance is not gone. If it is not coming back, finish the window "
-            f"(`cluster maintenance finish --node {node_id}`); once the master marks it "
-            "disconnected (a few quiet plan cycles), remove it"
+            f"maintenance is not gone. If it is not coming back, finish the window ({finish}); "
+            "once the master marks it disconnected (a few quiet plan cycles), remove it"
         )
     if rec.connected and rec.stopping_idx:
         # Its worker has stopped already: telling the operator to stop it would mislead.
@@ -361,5 +369,17 @@ def _maintenance(
         done = maintenance.finish(state, node, requester, request.window_id or None, now_ms, policy)
         if isinstance(done, maintenance.Rejection):
             return _refuse(maintenance.render_rejection(done))
-        return Decision(Reply(ok=True, message=f"finished window {done.window_id}"), (done,))
+        stopped = maintenance.stopped_in_window(state, done)
+        if stopped is None:
+            return Decision(Reply(ok=True, message=f"finished window {done.window_id}"), (done,))
+        # Disconnected first, while the window still excuses it (the log reads so too).
+        return Decision(
+            Reply(
+                ok=True,
+                message=f"finished window {done.window_id}; node {node}'s worker stopped inside "
+                "it and is not back: disconnected, excused (a stop inside its window is); "
+                "should it not come back, it can be removed now (cluster node remove)",
+            ),
+            (stopped, done),
+        )
     return Decision(Reply(ok=True, message=maintenance.render_next(state, node, now_ms, policy)))

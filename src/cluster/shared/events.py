@@ -179,7 +179,9 @@ class NodeDisconnected(_Event, frozen=True):
 
     `excused`: the disconnect carries no penalty. Liveness never disconnects a node its
     maintenance window excuses (it is offline for maintenance, not gone); older logs may
-    still hold such disconnects marked excused, and replay keeps them penalty-free.
+    still hold such disconnects marked excused, and replay keeps them penalty-free. The one
+    excused disconnect the master makes: finishing the window of a node whose worker stopped
+    in it and is not back (`maintenance.stopped_in_window`).
     """
 
     node_id: str
