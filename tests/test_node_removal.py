@@ -39,6 +39,7 @@ from cluster.shared.events import (
 )
 from cluster.shared.humanize import short_id
 from cluster.shared.state import EMPTY_STATE, RemovedNode, State, WindowState
+from cluster.shared.status_view import window_note
 
 A, B, C, D = (node_id(i) for i in range(1, 5))
 
@@ -200,6 +201,8 @@ def test_an_active_window_closes_as_completed_for_the_time_it_excused() -> None:
     closed = log.state.windows[win]
     assert closed.state is WindowState.COMPLETED and closed.outcome == "removed"
     assert closed.closed_ms == log.now
+    # `cluster status` says why it closed (it read "finished (removed)").
+    assert window_note(closed, log.now).startswith("finished (node removed) ")
 
 
 def test_removing_an_unknown_node_changes_nothing() -> None:

@@ -342,6 +342,9 @@ def test_a_removed_nodes_history_stays_and_says_the_node_was_removed() -> None:
     assert "6      node-e (removed)  0      0       0       forfeited: unexcused" in text
     assert "6      node-a            30     30      0       paid 30" in text
     assert "w-3     node-e (removed)  cancelled" in text
+    # Why it was cancelled: the NOTE said "cancelled 14:01 UTC", as if someone had asked.
+    assert windows["w-3"].note == "cancelled (node removed) 14:01 UTC", windows["w-3"].note
+    assert "cancelled (node removed) 14:01 UTC" in text
     assert "w-1     node-c            active" in text
     summary = summary_lines(log.state, 0)
     epoch_6 = next(line for line in summary if line.startswith("  epoch 6: "))

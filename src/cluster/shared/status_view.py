@@ -332,11 +332,15 @@ def window_note(w: MaintenanceWindow, now_ms: int) -> str:
             return f"overran by {format_duration(now_ms - w.end_ms)}"
         return f"ends {format_utc(w.end_ms, now_ms)} ({format_relative(w.end_ms, now_ms)})"
     closed = format_utc(w.closed_ms, now_ms)
+    # Closed by its node's removal (`NodeRemoved`): said, or it read as a cancel or finish
+    # someone asked for (JSON said "removed" all along).
+    removed = w.outcome == "removed"
     if w.state is WindowState.CANCELLED:
-        return f"cancelled {closed}"
+        return f"cancelled (node removed) {closed}" if removed else f"cancelled {closed}"
     if w.outcome == "overrun":
         return f"overran; closed {closed}"
-    return f"finished ({w.outcome or 'host'}) {closed}"
+    how = "node removed" if removed else w.outcome or "host"
+    return f"finished ({how}) {closed}"
 
 
 def _ledgers(state: State, recent: int, removed: frozenset[str]) -> tuple[LedgerView, ...]:
