@@ -6,8 +6,8 @@ originates -- info, heartbeat, runner status, work -- advances that index, so a 
 slow probe hangs but whose other events flow is never stale. A node whose index stands still
 for K consecutive cycles is disconnected -- unless its maintenance window excuses it now: a
 host in maintenance that goes quiet is *offline for maintenance*, not disconnected. Its idle
-cycles keep counting, so if it is still silent when the window closes (overrun), the first
-cycle after that disconnects it like any other silent node.
+cycles keep counting, so if it is still silent when the window closes (overrun), the cycle
+that closes it disconnects it like any other silent node.
 
 A node whose worker said goodbye (`NodeStopping`: it was stopped cleanly, its record's
 `stopping_idx`) is judged on the same clock -- the goodbye changes the words, not the timing:
