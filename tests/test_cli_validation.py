@@ -185,6 +185,25 @@ def test_an_allow_file_naming_nobody_is_refused(
     assert not (tmp_path / "m").exists()
 
 
+def test_an_empty_allow_file_beside_allow_flags_is_no_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The peers `--allow` names can join: an allow-list file still to be filled beside them
+    was refused as "nobody could join". (The --listen port is taken: accepted, the start ends
+    there.)"""
+    allow = tmp_path / "allow"
+    allow.write_text("# workers to come\n", encoding="utf-8")
+    peer = "12D3KooWC9w4VpQsbty32hQnCPitYYddjkPcDYRo7P2UiwFyFUFW"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        argv = ["master", "--data-dir", str(tmp_path / "m"), "--http", "off"]
+        argv += ["--listen", f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}"]
+        assert cli.main([*argv, "--allow", peer, "--allow-file", str(allow)]) == 2
+    err = capsys.readouterr().err
+    assert "allow-list" not in err and "in use" in err.lower(), err
+
+
 @pytest.mark.parametrize("before", ["nothing", "a secret"])
 @pytest.mark.parametrize("refusal", ["listen taken", "http taken", "bad key", "damaged log"])
 def test_a_refused_master_start_leaves_nothing_new_behind(

@@ -209,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
             allowed = {validate_peer_id(p, "--allow") for p in args.allow}
             if args.allow_file:
                 allowed |= load_allow_file(args.allow_file)
+            if not allowed:  # a master nobody can join, started without a word
+                raise ValueError(
+                    f"allow-list {args.allow_file} names no peer id (list one a line): "
+                    "nobody could join"
+                )
         secret = None
         if args.cluster_secret_file:
             secret = load_secret_file(args.cluster_secret_file)
