@@ -416,6 +416,22 @@ def test_a_status_from_a_newer_master_decodes_and_shows_what_it_does_not_know() 
     assert "serving 2 slots of devshard ds-7-chat" in text
 
 
+def test_a_newer_masters_unknown_status_is_shown_printable_and_clipped() -> None:
+    """Shown as the master's own text, it reached the header line raw: an escape sequence
+    and a newline a master (or a proxy before it) put there went to the terminal, and a
+    long value widened the STATUS column without bound."""
+    doc = json.loads(newer_masters_status())
+    odd = "hib\x1b[2J\nernating" + "z" * 150
+    next(n for n in doc["nodes"] if n["node_id"] == "node-b")["status"] = odd
+    doc["counts"][odd] = doc["counts"].pop("hibernating")
+    text = render_text(from_json(json.dumps(doc).encode()))
+    assert "\x1b" not in text and "1 hib\\x1b[2J\\nernatingzzz" in text, text
+    header = next(line for line in text.splitlines() if line.startswith("nodes: "))
+    assert header.endswith("ernatingzzz…)") and len(header) < 120, header
+    row = next(line for line in text.splitlines() if line.startswith("node-b "))
+    assert "ernatingzzz…" in row and "z" * 30 not in row, row
+
+
 def test_a_log_with_times_past_year_9999_still_renders() -> None:
     """`cluster status` and the dashboard's /api/status failed for good on such a log."""
     status = cluster_status(far_future_log().state, T0 + MIN)

@@ -427,10 +427,16 @@ _LABELS: Final[Mapping[str, str]] = {
 }
 
 
+#: The widest an unknown status is shown (the known ones are at most 14 characters).
+_UNKNOWN_STATUS_WIDTH: Final = 24
+
+
 def status_label(status: str) -> str:
     """The STATUS column's word for a node status; a status this version does not know (a
-    newer master's) as its own text, so an older CLI still shows it."""
-    return _LABELS.get(status, status)
+    newer master's) as its own text, so an older CLI still shows it -- made printable and
+    clipped like any other text off the wire (it lands in the header line too)."""
+    label = _LABELS.get(status)
+    return label if label is not None else clip(printable(status), _UNKNOWN_STATUS_WIDTH)
 
 
 def gpu_summary(gpus: Sequence[GpuInfo] | None) -> str:
