@@ -239,6 +239,45 @@ def test_a_refused_master_start_leaves_nothing_new_behind(
     assert {p: p.read_bytes() for p in files_before} == files_before
 
 
+def test_a_start_refused_after_a_worker_was_heard_keeps_what_it_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The master serves workers before its HTTP API binds: a start refused then (the HTTP
+    port taken) removed the new log -- with a worker's events acknowledged to it -- and the
+    secret it joined with. Simulated: a worker's hello is indexed, then the bind fails."""
+    import anyio
+    from anyio.abc import TaskStatus
+
+    from cluster.master.node import MasterNode
+    from cluster.net.host import AddressError
+    from cluster.shared.events import Event, NodeConnected
+    from cluster.shared.state import State
+
+    peer = "12D3KooWC9w4VpQsbty32hQnCPitYYddjkPcDYRo7P2UiwFyFUFW"
+
+    def hello(state: State, now_ms: int) -> list[Event]:
+        return [NodeConnected(node_id=peer, boot_id="b")]
+
+    async def run(self: MasterNode, *, task_status: TaskStatus[object]) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.master.run)
+            await self.master.index_decision(hello)
+            raise AddressError("cannot listen on 127.0.0.1:1 (simulated): address in use")
+
+    monkeypatch.setattr(MasterNode, "run", run)
+    data_dir = tmp_path / "m"
+    assert cli.main(["master", "--data-dir", str(data_dir), "--http", "off"]) == 2
+    assert "simulated" in capsys.readouterr().err
+    assert (data_dir / "cluster.secret").is_file() and (data_dir / "node.key").is_file()
+    from cluster.shared.store import EventStore
+
+    store = EventStore.open(data_dir)
+    try:
+        assert peer in store.state.nodes
+    finally:
+        store.close()
+
+
 def test_master_config_file_errors_name_the_setting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

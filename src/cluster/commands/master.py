@@ -272,6 +272,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"cluster master: {_flag_text(exc)}", file=sys.stderr)
         return 2
     serving = False
+    # A start refused after the master began listening (the HTTP port taken, say) may have
+    # indexed a worker's events already, acknowledged to it: then what it made is kept -- the
+    # log, and the secret and key the worker joined with. (The planner's own events, an
+    # epoch started, leave the nodes and their marks alone.)
+    before = node.master.state
+
+    def workers_were_heard() -> bool:
+        now = node.master.state
+        return (
+            now.nodes is not before.nodes or now.last_event_by_node is not before.last_event_by_node
+        )
 
     async def main() -> None:
         nonlocal serving
@@ -316,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
             node.close()
         finally:
             assert new_files is not None
-            new_files.done(refused=not serving)
+            new_files.done(refused=not serving and not workers_were_heard())
     return status
 
 
