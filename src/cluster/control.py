@@ -322,7 +322,12 @@ def _unlink_if_same(path: Path, bound: os.stat_result) -> None:
     except FileNotFoundError:
         return
     if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            # A disk gone read-only: a stop must still end (the next start clears a socket
+            # nothing listens on, `_clear_stale_socket`).
+            log.warning("could not remove control socket %s: %s", path, exc.strerror or exc)
 
 
 async def call(data_dir: Path, request: Request, *, timeout: float = 30.0) -> Reply:

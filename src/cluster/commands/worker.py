@@ -258,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         status = 2
     finally:
         node.close()
+    if node.failure is not None:  # the disk refused the outbox: its ERROR said so
+        status = 2
     return status
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, NamedTuple
 
-from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock
+from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock, write_all
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class EventLog:
         fd = self._active_fd()
         old_size = seg.size
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             _fdatasync(fd)
         except OSError as exc:
             # After a failed write or fsync the page cache state is unknown: cut back to the
@@ -344,7 +344,7 @@ class EventLog:
             self._fd = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
-            _write_all(fd, _segment_header(first_idx))
+            write_all(fd, _segment_header(first_idx))
             _fdatasync(fd)
             fsync_dir(self._dir)
         except OSError as exc:
@@ -890,14 +890,6 @@ def _name_file(exc: OSError, path: Path) -> None:
     not), so whoever reports it can say where."""
     if exc.filename is None:
         exc.filename = str(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """One write() for the batch; loop only if the kernel accepts less (rare for files)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _fdatasync(fd: int) -> None:

@@ -83,9 +83,7 @@ def _replace(path: Path, data: bytes, mode: int, *, sync: bool) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, data)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -134,6 +132,15 @@ def make_dirs_durably(directory: Path) -> None:
 
 #: fsync errors that mean the filesystem cannot sync this directory at all.
 _CANNOT_SYNC = frozenset({errno.EINVAL, errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data` to `fd`: a write(2) may take less than it was given (a file
+    system with room for only part of it, a signal) without an error, and the rest must
+    follow or fail (the next write then reports the error, ENOSPC say)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_bytes_durably(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -11,6 +11,10 @@
   status code follow it (`live_only` listeners see only states caught up with the master).
   Every cycle the worker emits a NodeHeartbeat (liveness is event flow; none after its
   goodbye, `emit_last`) and rewrites <data-dir>/digest.json when its replica advanced.
+- A write the disk refuses to the outbox (full, read-only) stops the worker (`_fail_stop`):
+  one ERROR naming the file and the OS error, as the master does for its log. Every event
+  the outbox accepted is on disk and is sent by the next start; events emitted after the
+  failure are not recorded (`emit` drops them, as if the process had died first).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ from cluster.shared.events import Event, NodeGatheredInfo, NodeHeartbeat
 from cluster.shared.humanize import error_text
 from cluster.shared.state import EMPTY_STATE, State
 from cluster.worker.master_addr import MasterAddr, MasterAddrSource
-from cluster.worker.outbox import Outbox
+from cluster.worker.outbox import Outbox, OutboxWriteError
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +228,8 @@ class Worker:
         self._isolate_until = 0
         #: The batches in flight when the master last refused one (see `_narrow_isolation`).
         self._refused_batch_ends: tuple[int, ...] = ()
+        #: The outbox write the disk refused: the worker stopped on it (`_fail_stop`).
+        self.failure: OutboxWriteError | None = None
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -242,12 +248,22 @@ class Worker:
 
     def emit(self, event: Event) -> None:
         """Record an event durably and queue it for the master. Never blocks on the network
-        (it is one local write); the callback given to info sources and runners."""
-        self.emit_seq(event)
+        (it is one local write); the callback given to info sources and runners.
+
+        If the disk refuses the write, the worker stops (`failure`, one ERROR) and the
+        event is not recorded: the emitter is not told, as if the worker had died just
+        before (its runners are being stopped); nothing recorded earlier is lost."""
+        with contextlib.suppress(OutboxWriteError):
+            self.emit_seq(event)
 
     def emit_seq(self, event: Event) -> int:
-        """`emit`, returning the seq the event was given (for tests and benchmarks)."""
-        seq = self.outbox.append(event)
+        """`emit`, returning the seq the event was given (for tests and benchmarks). Raises
+        `OutboxWriteError` if the disk refused the write (the worker then stops)."""
+        try:
+            seq = self.outbox.append(event)
+        except OutboxWriteError as exc:
+            self._fail_stop(exc)
+            raise
         self._wake.set()
         return seq
 
@@ -294,6 +310,25 @@ class Worker:
         return self._state
 
     def stop(self) -> None:
+        self._stop.set()
+
+    def _fail_stop(self, exc: OutboxWriteError) -> None:
+        """The disk refused an outbox write: say so once, naming the file and the error, and
+        stop (fail-stop, as the master on its log). Serving on would take events that cannot
+        be recorded: the runners' work would reach no one, nor survive a crash. A
+        `WorkerNode` stops its runners as on SIGTERM; `cluster worker` exits 2."""
+        if self.failure is None:
+            self.failure = exc
+            box = self.outbox
+            log.error(
+                "outbox write failed: %s: %s; the worker stops (events up to seq %d were "
+                "acknowledged by the master, %d more are kept in the outbox and sent when it "
+                "starts again; restart it once the disk is fixed)",
+                exc.path,
+                exc.strerror,
+                box.acked,
+                box.last_seq - box.acked,
+            )
         self._stop.set()
 
     async def request(self, request: control.Request, timeout: float = 30.0) -> control.Reply:
@@ -470,8 +505,18 @@ class Worker:
                 backoff = cfg.backoff_max
             except Exception as exc:
                 refused = _refusal_in(exc)
+                failed = _found_in(exc, OutboxWriteError)
+                if failed is not None:
+                    # The outbox cannot be written (a welcome's skip_to, a batch's fsync, an
+                    # ack): the worker stops, said once (`_fail_stop`); no redial.
+                    self._fail_stop(failed)
+                    return
                 if refused is not None:
-                    self._after_refusal(refused)
+                    try:
+                        self._after_refusal(refused)
+                    except OutboxWriteError as failure:  # refused.jsonl, or the watermark
+                        self._fail_stop(failure)
+                        return
                 elif (removed := _found_in(exc, _Removed)) is not None:
                     log.warning(
                         "the master dropped this node's session: %s; saying hello again to "
@@ -703,7 +748,13 @@ class Worker:
     def _acked(self, seq: int) -> None:
         """The master holds our events up to `seq` durably: forget them, send more."""
         if seq > self.outbox.acked:
-            self.outbox.ack(seq)
+            try:
+                self.outbox.ack(seq)
+            except OutboxWriteError as exc:
+                # Not raised on: the stop cancels this connection, and an error beside that
+                # cancellation would leave the task groups as a traceback.
+                self._fail_stop(exc)
+                return
             self._wake.set()
 
     # ------------------------------------------------------------------ subscribe

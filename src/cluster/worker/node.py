@@ -38,6 +38,7 @@ from cluster.worker.client import Worker, WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
 from cluster.worker.info import InfoConfig, InfoGatherer, default_sources
 from cluster.worker.master_addr import MasterAddrSource
+from cluster.worker.outbox import OutboxWriteError
 from cluster.worker.relay import HostRelay
 from cluster.worker.runner_manager import DEFAULT_LOAD_TIMEOUT_S, RunnerManager
 from cluster.worker.runners.base import RunnerConfigError, RunnerFactory, describe_error
@@ -211,6 +212,12 @@ class WorkerNode:
         """This node's replica of the cluster state."""
         return self.worker.state
 
+    @property
+    def failure(self) -> OutboxWriteError | None:
+        """The outbox write the disk refused, if one was: `run()` then stopped on its own,
+        its runners stopped as by `stop()` (`cluster worker` exits 2)."""
+        return self.worker.failure
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop()`: connect (and reconnect) to the master, gather, run runners.
 
@@ -281,23 +288,30 @@ class WorkerNode:
         stopped and their events are flushed.
 
         A worker not connected (the master is unreachable, or the connection part ended on
-        its own) just stops, as before: the master judges it by its silence. A goodbye the
-        master did not acknowledge in time stays in the outbox and is sent on the next start,
-        where it changes nothing: it names this process's boot id, no longer the node's.
+        its own) just stops, as before: the master judges it by its silence. So does one
+        whose outbox the disk refused (`Worker.failure`): the goodbye cannot be recorded.
+        A goodbye the master did not acknowledge in time stays in the outbox and is sent on
+        the next start, where it changes nothing: it names this process's boot id, no longer
+        the node's.
         """
         worker = self.worker
         timeout = self.config.goodbye_timeout_s
-        if timeout <= 0 or not worker.connected:
+        if timeout <= 0 or not worker.connected or worker.failure is not None:
             return
         # Its last event: the heartbeats stop with it (`emit_last`); the info sources and the
         # runners stopped before the flush in `run`.
-        worker.emit_last(
-            NodeStopping(
-                node_id=worker.node_id,
-                boot_id=worker.boot_id,
-                reason=clip(encodable(self._stop_reason), MAX_REASON_CHARS),
+        try:
+            worker.emit_last(
+                NodeStopping(
+                    node_id=worker.node_id,
+                    boot_id=worker.boot_id,
+                    reason=clip(encodable(self._stop_reason), MAX_REASON_CHARS),
+                )
             )
-        )
+        except OutboxWriteError:
+            # The disk refused it: the worker stops on that, said once (`Worker._fail_stop`);
+            # the master judges this node by its silence, as after a crash.
+            return
         acked = await worker.flush(timeout)
         # The replica's time: the master's clock as of its last event (heartbeats keep it
         # close), the time the master judges the window by.

@@ -43,11 +43,22 @@ hold either: neither is resent, both go to ``conflicts.jsonl`` (seq, offset, eve
 ERROR.
 Sequence numbers never go backwards: the next seq is above both the watermark and every
 record on disk, so the master's (origin, seq) duplicate check stays correct across restarts.
+
+A write the disk refuses (full, read-only, an I/O error) raises `OutboxWriteError`, naming
+the file and the OS error, and breaks the outbox for this process: every later call that
+would write raises it again, as the master's event log refuses appends after a failed write
+(what the page cache holds after a failed write or fsync is unknown). A record is one
+`os.write`, but a file system with room for only part of it writes that part and reports no
+error: `append` writes the rest (`write_all`), and if that fails cuts the file back to its
+size before the record, so no seq is ever returned for a record not wholly written, and no
+record follows a torn one. What the outbox held before the failure is intact on disk; the
+worker stops on it (fail-stop, `Worker`), and its next start sends what is unacknowledged.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import operator
@@ -56,6 +67,7 @@ import re
 import struct
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -63,7 +75,13 @@ import msgspec
 
 from cluster.shared.codec import strict_decode
 from cluster.shared.events import MAX_EVENT_BYTES, Event
-from cluster.shared.files import fsync_dir, make_dirs_durably, try_lock, write_bytes_durably
+from cluster.shared.files import (
+    fsync_dir,
+    make_dirs_durably,
+    try_lock,
+    write_all,
+    write_bytes_durably,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +108,17 @@ _ACK_RECOVERY: Final = (
 
 class OutboxError(Exception):
     pass
+
+
+class OutboxWriteError(OutboxError):
+    """The disk refused a write to the outbox (full, read-only, an I/O error): `path` is the
+    file, `strerror` the OS error. The outbox takes no more writes in this process; what it
+    held before is intact on disk, for the next start."""
+
+    def __init__(self, path: Path | str, strerror: str) -> None:
+        super().__init__(f"{path}: {strerror}")
+        self.path = str(path)
+        self.strerror = strerror
 
 
 def _crc(seq: int, payload: bytes) -> int:
@@ -269,6 +298,8 @@ class Outbox:
         self._unanchored_path = directory / "unanchored"
         #: Whether the seqs are known to continue the master's count (see the module doc).
         self._anchored = True
+        #: Set by the first write the disk refused (`_refused`): no write is tried after it.
+        self._broken: OutboxWriteError | None = None
 
     # ---------------------------------------------------------------- open / recovery
     @classmethod
@@ -291,6 +322,14 @@ class Outbox:
             box._load_log()
             # Read-write: compaction copies the unacknowledged tail from it (`_compact`).
             box._fd = os.open(box._log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            os.close(box._lock_fd)
+            # One line naming the file (`cluster worker` prints it and exits 2), not a
+            # traceback: a start onto a full or read-only disk.
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            raise OutboxError(
+                f"cannot open outbox {directory}: {where}{exc.strerror or exc}"
+            ) from exc
         except BaseException:
             os.close(box._lock_fd)
             raise
@@ -418,15 +457,25 @@ class Outbox:
 
     def append(self, event: Event) -> int:
         """Give the event the next seq and record it; returns the seq."""
-        if self._fd < 0:
-            raise OutboxError(f"outbox {self.directory} is closed")
+        if self._fd < 0 or self._broken is not None:
+            self._check_writable()
         # Every emitted event passes here (a write(2) each): locals and C calls only.
         payload = _encoder.encode(event)
         n = len(payload)
         if n > MAX_EVENT_BYTES:
             raise OutboxError(f"event of {n} bytes exceeds {MAX_EVENT_BYTES}")
         seq = self._last_seq + 1
-        os.write(self._fd, _pack_rec(n, seq, _crc32(payload, _crc32(_pack_seq(seq)))) + payload)
+        record = _pack_rec(n, seq, _crc32(payload, _crc32(_pack_seq(seq)))) + payload
+        try:
+            written = os.write(self._fd, record)
+            if written != len(record):  # room for part of it only: the rest, or an error
+                write_all(self._fd, memoryview(record)[written:])
+        except OSError as exc:
+            # Never a torn record with more after it (the next start would find damage in
+            # the middle, and lose what it held): cut back to where the record began.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise self._refused(exc, self._log_path) from None
         self._last_seq = seq
         n += _REC.size
         self._size += n
@@ -454,13 +503,42 @@ class Outbox:
     def sync(self) -> None:
         """fsync the log (cheap when nothing was appended since the last call)."""
         if self._dirty:
+            self._check_writable()
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise self._refused(exc, self._log_path) from None
             self._dirty = False
-            os.fsync(self._fd)
+
+    @property
+    def broken(self) -> OutboxWriteError | None:
+        """The write the disk refused, if one was (the outbox then takes no more)."""
+        return self._broken
+
+    def _check_writable(self) -> None:
+        if self._fd < 0:
+            raise OutboxError(f"outbox {self.directory} is closed")
+        if self._broken is not None:
+            raise OutboxWriteError(self._broken.path, self._broken.strerror)
+
+    def _refused(self, exc: OSError, path: Path) -> OutboxWriteError:
+        """The disk refused a write: break the outbox (the first error is kept) and return
+        the error to raise, naming the file (the kernel's error on a descriptor does not)."""
+        error = OutboxWriteError(
+            exc.filename if exc.filename is not None else path, exc.strerror or str(exc)
+        )
+        if self._broken is None:
+            self._broken = error
+        return error
 
     def ack(self, seq: int) -> None:
         """Everything up to `seq` is durable at the master: forget it (persistently)."""
         if seq <= self._acked:
             return
+        with self._writing(self._ack_path):
+            self._ack(seq)
+
+    def _ack(self, seq: int) -> None:
         if not self._anchored:  # the master acknowledged our seqs: they are its count
             self._drop_marker()
         seq = min(seq, self._last_seq)
@@ -492,9 +570,11 @@ class Outbox:
         shown = _shown(payload)
         event = shown if isinstance(shown, Event) else None
         line = msgspec.json.encode({"seq": seq, "code": code, "reason": reason, "event": shown})
-        _append_synced(self._refused_path, line + b"\n")
+        with self._writing(self._refused_path):
+            _append_synced(self._refused_path, line + b"\n")
         self.ack(seq)
-        self._persist_ack()  # at once: after a crash it must not be offered (and refused) again
+        with self._writing(self._ack_path):
+            self._persist_ack()  # at once: after a crash it must not be offered (refused) again
         return event
 
     @property
@@ -509,7 +589,8 @@ class Outbox:
         outbox: records it numbered at or below the master's seq were never sent (nothing
         is sent before a welcome) and are renumbered above it, not dropped."""
         if not self._anchored:
-            self._anchor(last_seq_at_master)
+            with self._writing(self._log_path):
+                self._anchor(last_seq_at_master)
         if last_seq_at_master > self._last_seq:
             self._last_seq = last_seq_at_master
         self.ack(last_seq_at_master)
@@ -564,11 +645,29 @@ class Outbox:
             data = self._pending_records()
         self._replace_log(data)
 
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Around writes other than `append` and `sync`: refused if the outbox is broken, and
+        an OSError of the disk becomes `OutboxWriteError` (naming `path` if the kernel's
+        error names no file) and breaks it."""
+        self._check_writable()
+        try:
+            yield
+        except OSError as exc:
+            raise self._refused(exc, path) from None
+
     def close(self) -> None:
+        """Record the watermark and fsync the log, then close. Never raises for the disk: a
+        stop must end, and what failed costs nothing (a watermark that lags only means
+        records the master holds are offered again; records not synced were never sent)."""
         if self._fd >= 0:
             try:
-                self._persist_ack()
-                self.sync()
+                if self._broken is None:
+                    with self._writing(self._ack_path):
+                        self._persist_ack()
+                    self.sync()
+            except OutboxWriteError as exc:
+                log.warning("outbox %s: could not close cleanly: %s", self.directory, exc)
             finally:
                 os.close(self._fd)
                 self._fd = -1
