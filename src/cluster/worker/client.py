@@ -54,6 +54,7 @@ from cluster.net.protocol import (
     ErrorMsg,
     Events,
     Hello,
+    Message,
     Ping,
     Pong,
     Proof,
@@ -718,15 +719,11 @@ class Worker:
                 if isinstance(msg, Pong):
                     self.master_last_idx = max(self.master_last_idx, msg.last_idx)
                     continue
-                if isinstance(msg, ErrorMsg) and msg.code == "stopping":
-                    raise _MasterStopping(msg.message)
-                if isinstance(msg, ErrorMsg) and msg.code == REMOVED:
-                    raise _Removed(msg.message)
                 if isinstance(msg, ErrorMsg) and msg.code in CONTENT_REFUSALS:
                     ends = tuple(e for e in self._inflight if e > self.outbox.acked)
                     first = self.outbox.acked + 1
                     raise BatchRefused(msg.code, msg.message, first, self._last_sent, ends)
-                ack = expect(msg, Ack)
+                ack = _expect_from_master(msg, Ack)
                 self._acked(ack.seq)
         finally:
             done.set()
@@ -816,11 +813,7 @@ class Worker:
                         raise _Resubscribe(msg.message)
                     if msg.code == "lagging":
                         raise _Resubscribe(msg.message)
-                    if msg.code == "stopping":
-                        raise _MasterStopping(msg.message)
-                    if msg.code == REMOVED:
-                        raise _Removed(msg.message)
-                    raise ProtocolError(msg.code, f"master reported {msg.code}: {msg.message}")
+                    raise _master_error(msg)
                 else:
                     raise ProtocolError(
                         "unexpected", f"unexpected {type(msg).__name__} on subscribe"
@@ -857,7 +850,8 @@ class Worker:
         parts: list[bytes] = []
         got = 0
         while got < begin.size:
-            chunk = expect(await fs.recv(self.config.peer_timeout), SnapshotChunk)
+            # The master may end the stream between two chunks (a removal, a stop).
+            chunk = _expect_from_master(await fs.recv(self.config.peer_timeout), SnapshotChunk)
             parts.append(chunk.data)
             got += len(chunk.data)
         if got != begin.size:
@@ -885,6 +879,30 @@ _REASON_WAIT_S: Final = 1.0
 
 def _submit_payload(batch: list[tuple[int, bytes]]) -> bytes:
     return encode(SubmitBatchRaw(events=[SeqEventRaw(s, msgspec.Raw(p)) for s, p in batch]))
+
+
+def _master_error(msg: ErrorMsg) -> Exception:
+    """What the master's ErrorMsg means, on whichever stream it came: it fails every stream
+    of ours with the same code when it stops or drops our session, between two frames, and
+    the connection loop says which (`_Removed`, `_MasterStopping`) rather than call the
+    master unreachable. Codes that concern one stream only (a refused batch, a lagging
+    subscriber) are that stream's reader's to handle before this."""
+    if msg.code == REMOVED:
+        return _Removed(msg.message)
+    if msg.code == "stopping":
+        return _MasterStopping(msg.message)
+    return ProtocolError(msg.code, f"master reported {msg.code}: {msg.message}")
+
+
+_T = TypeVar("_T")
+
+
+def _expect_from_master(msg: Message, kind: type[_T]) -> _T:
+    """`expect` for a stream from the master: an ErrorMsg raises what it means
+    (`_master_error`)."""
+    if isinstance(msg, ErrorMsg):
+        raise _master_error(msg)
+    return expect(msg, kind)
 
 
 _E = TypeVar("_E", bound=BaseException)
