@@ -418,6 +418,12 @@ def test_a_master_listen_address_that_is_not_tcp_is_one_line(
             "readable file: no such file",
         ),
         ("{tmp}", "--master '{tmp}' is neither a multiaddr nor a readable file: a directory"),
+        # Looking for the file raised: "cluster worker: [Errno 36] File name too long: ...".
+        (
+            "x" * 300,
+            f"--master '{'x' * 300}' is neither a multiaddr (starting with /) nor a readable "
+            "file: file name too long",
+        ),
         ("/ip4/127.0.0.1/tcp/1", "'/ip4/127.0.0.1/tcp/1' does not end in /p2p/<peer id>"),
         ("/ip4/999.0.0.1/tcp/1", "base address '999.0.0.1' is not IPv4"),
     ],
@@ -440,8 +446,8 @@ def test_a_worker_master_path_that_is_no_file_is_not_read_as_a_multiaddr(
         # It said only "'utf-8' codec can't decode byte 0xff in position 0: ...".
         (b"\xff\xfe", "--master: {path} is not UTF-8 text"),
         # It said "'x' is not a valid multiaddr: ...", not where the x came from.
-        (b"x\n", "--master file {path}: 'x' is not a valid multiaddr: "),
-        (b"/ip4/127.0.0.1/tcp/1\n", "--master file {path}: '/ip4/127.0.0.1/tcp/1' does not end"),
+        (b"x\n", "--master: {path}: 'x' is not a valid multiaddr: "),
+        (b"/ip4/127.0.0.1/tcp/1\n", "--master: {path}: '/ip4/127.0.0.1/tcp/1' does not end"),
         (b" \n", "--master: {path} is empty"),
     ],
 )

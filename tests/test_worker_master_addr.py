@@ -40,10 +40,48 @@ def test_a_relative_file_path_is_read(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_an_empty_or_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
     empty = tmp_path / "empty.addr"
     empty.write_text("", encoding="utf-8")
-    with pytest.raises(ValueError, match="is empty"):
-        master_addr_source(str(empty))
+    with pytest.raises(MasterAddrFileError, match=f"^{empty} is empty$"):
+        MasterAddr(empty)
     with pytest.raises(ValueError, match="neither a multiaddr"):
         master_addr_source("no-such-file.addr")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("x\n", "'x' is not a valid multiaddr: "),
+        ("/ip4/127.0.0.1/tcp/1\n", "'/ip4/127.0.0.1/tcp/1' does not end in /p2p/<peer id>"),
+    ],
+)
+def test_a_file_that_holds_no_full_multiaddr_is_named_in_the_error(
+    tmp_path: Path, content: str, says: str
+) -> None:
+    """What an embedder's WorkerNode(data_dir, Path(...)) gets: the error said "'x' is not a
+    valid multiaddr" without the file it came from (only the CLI, parsing the file a second
+    time itself, named it)."""
+    path = tmp_path / "bad.addr"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(MasterAddrFileError) as err:
+        MasterAddr(path)
+    assert str(err.value).startswith(f"{path}: {says}"), err.value
+    with pytest.raises(MasterAddrFileError, match=f"^{path}: "):
+        Worker(tmp_path / "worker", path)
+    assert not (tmp_path / "worker").exists()  # refused before anything is made
+
+
+def test_a_master_value_no_file_can_have_is_an_error_naming_the_flag(tmp_path: Path) -> None:
+    """`path.exists()` raised for a name too long to be a file's (ENAMETOOLONG): the worker
+    said "[Errno 36] File name too long: ..." without naming --master."""
+    too_long = "x" * 300
+    with pytest.raises(ValueError) as err:
+        master_addr_source(too_long)
+    assert str(err.value) == (
+        f"--master {too_long!r} is neither a multiaddr (starting with /) nor a readable "
+        "file: file name too long"
+    )
+    # A multiaddr long enough for that is still a multiaddr (parsed when the worker is built).
+    long_addr = ADDR + "/" + "x" * 300
+    assert master_addr_source(long_addr) == long_addr
 
 
 def _moved(addr: str, port: int) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -112,40 +114,40 @@ def check_flag_combinations(args: argparse.Namespace) -> None:
 
 
 def master_addr_source(value: str) -> str | Path:
-    """`--master` for the worker: a multiaddr as given, or the path of the file holding it
-    (checked now: readable, not empty). The worker reads that file again before every dial,
-    so a master restarted on another port (a new `master.addr`) is found again."""
-    path = Path(value)
+    """`--master` for the worker: a multiaddr as given, or the path of the file holding it.
+    The worker reads that file when it is built (`MasterAddr`: an error names the file) and
+    again before every dial, so a master restarted on another port (a new `master.addr`) is
+    found again."""
     # An absolute file path starts with "/" too (such as /srv/master/master.addr): a file
     # that exists wins, then anything starting with a multiaddr protocol (/ip4/, /dns/...).
-    if not path.exists():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(value).st_mode)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in it, no file's name
+        # Not only "no such file": a name too long for a file name, a directory we may not
+        # search (ENAMETOOLONG, EACCES) are not files we can read either.
         from cluster.net.host import names_a_protocol
 
         if value.startswith("/") and names_a_protocol(value):
             return value  # parsed (and any mistake in it named) when the worker is built
         hint = "" if value.startswith("/") else " (starting with /)"
+        why = _reason(exc) if isinstance(exc, OSError) else "no such file"
         raise ValueError(
-            f"--master {value!r} is neither a multiaddr{hint} nor a readable file: no such file"
-        )
-    if path.is_dir():
+            f"--master {value!r} is neither a multiaddr{hint} nor a readable file: {why}"
+        ) from None
+    if is_dir:
         raise ValueError(
             f"--master {value!r} is neither a multiaddr nor a readable file: a directory"
         )
-    from cluster.worker.master_addr import MasterAddrFileError, read_addr_file
+    return Path(value).absolute()
 
-    # Read as the worker reads it before each dial (bounded: a pipe or a device is refused).
-    try:
-        first = read_addr_file(path)
-    except MasterAddrFileError as exc:
-        raise ValueError(f"--master: {exc}") from None
-    from cluster.net.host import AddressError, parse_multiaddr
 
-    # "'x' is not a valid multiaddr" from the worker did not say that it came from this file.
-    try:
-        parse_multiaddr(first, need_peer=True)
-    except AddressError as exc:
-        raise ValueError(f"--master file {path}: {exc}") from None
-    return path.absolute()
+def _reason(exc: OSError) -> str:
+    """ "no such file", "file name too long": not "[Errno 36] File name too long: '...'"
+    (the name is said already)."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):  # as Path.exists() said
+        return "no such file"
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 #: `--load` events per second at most: far above what one worker's connection carries.
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.shared.humanize import first_leaf
     from cluster.worker.client import WorkerConfig
     from cluster.worker.info import InfoConfig, InfoConfigError, parse_stall
+    from cluster.worker.master_addr import MasterAddrFileError
     from cluster.worker.node import WorkerNode, WorkerNodeConfig
     from cluster.worker.outbox import OutboxError
     from cluster.worker.runners.base import RunnerConfigError
@@ -220,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             node = WorkerNode(args.data_dir, master_addr_source(args.master), config)
+        except MasterAddrFileError as exc:
+            # Its first reading, when the worker is built: it names the file.
+            raise ValueError(f"--master: {exc}") from None
         except RunnerConfigError as exc:
             if runner is None or not args.runner_file:
                 raise

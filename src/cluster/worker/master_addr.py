@@ -45,11 +45,11 @@ def read_addr_file(path: Path) -> str:
 class MasterAddr:
     """The master's multiaddr, kept current from its source.
 
-    The first reading happens here and must succeed (AddressError, or MasterAddrFileError
-    for a file, naming what is wrong). `current()`, called before each dial, reads the
-    source again: a changed address is logged at INFO; an unreadable file, an empty one or
-    a text that is not a full multiaddr keeps the last address and is logged once (until
-    the source reads well again)."""
+    The first reading happens here and must succeed (AddressError; for a file,
+    MasterAddrFileError naming the file, whatever is wrong with it). `current()`, called
+    before each dial, reads the source again: a changed address is logged at INFO; an
+    unreadable file, an empty one or a text that is not a full multiaddr keeps the last
+    address and is logged once (until the source reads well again)."""
 
     def __init__(self, source: MasterAddrSource) -> None:
         self._read: Callable[[], str] | None
@@ -61,7 +61,13 @@ class MasterAddr:
         else:
             self._read, self.where = source, getattr(source, "__name__", repr(source))
         self._text = source if isinstance(source, str) else self._read_now()
-        self.addr: Any = nethost.parse_multiaddr(self._text, need_peer=True)
+        try:
+            self.addr: Any = nethost.parse_multiaddr(self._text, need_peer=True)
+        except nethost.AddressError as exc:
+            if not isinstance(source, Path):
+                raise
+            # "'x' is not a valid multiaddr" alone does not say where the x came from.
+            raise MasterAddrFileError(f"{source}: {exc}") from None
         self._complaint = ""
 
     def _read_now(self) -> str:
