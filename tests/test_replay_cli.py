@@ -362,7 +362,7 @@ def test_an_unreadable_snapshot_directory_is_a_warning_and_a_refold(
     code, out, err = replay(capsys, str(data_dir))
     assert code == 0, err
     assert err == (
-        f"cluster replay: warning: snapshots in {snap_dir} cannot be read (Permission denied): "
+        f"cluster replay: warning: snapshots in {snap_dir} cannot be used (Permission denied): "
         "refolding from the log\n"
     )
     assert out.splitlines()[-1] == f"digest: {codec.state_digest(fold(EMPTY_STATE, build_log()))}"

@@ -150,29 +150,16 @@ class ProgressBar:
             self._stream.flush()
 
 
-def _snapshots(snap_dir: Path | None) -> tuple[SnapshotStore | None, list[int]]:
-    """The snapshot store and the indices of its snapshots, newest first; (None, []) when
-    there is none or its directory cannot be read. Snapshots only shorten a replay: an
-    unreadable directory is a WARNING and a refold from the log, not a failed command."""
-    if snap_dir is None:
-        return None, []
-    snapshots = SnapshotStore(snap_dir)
-    try:
-        return snapshots, snapshots.indices()
-    except OSError as exc:
-        log.warning(
-            "snapshots in %s cannot be read (%s): refolding from the log",
-            snap_dir,
-            exc.strerror or exc,
-        )
-        return None, []
-
-
 def run(args: argparse.Namespace) -> int:
     # Imported here so `cluster --help` stays fast; none of this imports libp2p.
     from cluster.commands._process import setup_command_logging
     from cluster.shared.eventlog import EventLog
-    from cluster.shared.store import ahead_of_log_warning, restore, snapshots_ahead_of_log
+    from cluster.shared.store import (
+        ahead_of_log_warning,
+        list_snapshots,
+        restore,
+        snapshots_ahead_of_log,
+    )
 
     setup_command_logging("replay")  # warnings (a torn tail, a bad snapshot): one line each
     err = sys.stderr
@@ -183,7 +170,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         log_dir, snap_dir = resolve_paths(args.path)
         with EventLog.open(log_dir, readonly=True) as event_log:
-            snapshots, on_disk = _snapshots(snap_dir)
+            snapshots = SnapshotStore(snap_dir) if snap_dir is not None else None
+            # Snapshots only shorten a replay: an unreadable directory is a WARNING and a
+            # refold from the log, not a failed command.
+            on_disk = list_snapshots(snapshots) if snapshots is not None else []
+            if on_disk is None:
+                snapshots, on_disk = None, []
             last = event_log.last_idx
             # Also with --no-snapshot: such a snapshot proves the log lost acknowledged events.
             for idx in snapshots_ahead_of_log(on_disk, last):

@@ -148,24 +148,40 @@ def ahead_of_log_warning(idx: int, last_idx: int) -> str:
     )
 
 
-def _check_snapshots(snapshots: SnapshotStore, last_idx: int) -> bool:
-    """Whether the state can be restored from `snapshots`: the directory lists, and each
-    snapshot ahead of the log (`last_idx`) is moved aside -- once the log grows past its
-    index it would look usable, so it is not merely skipped.
-
-    A directory that cannot be listed (a file in its place, no permission) or whose stale
-    snapshots cannot be moved is a WARNING naming it and what is wrong, and False: the state
-    is refolded from the log. A snapshot only shortens a load; the log alone is durable."""
+def list_snapshots(snapshots: SnapshotStore) -> list[int] | None:
+    """The indices of `snapshots`, newest first; None when its directory cannot be listed
+    (a file in its place, no permission): a WARNING names it and what is wrong, and the
+    caller refolds from the log. A snapshot only shortens a load; the log alone is
+    durable. (`EventStore.open` and `cluster replay` both list this way, in the same words.)"""
     try:
-        for idx in snapshots_ahead_of_log(snapshots.indices(), last_idx):
+        return snapshots.indices()
+    except OSError as exc:
+        _unusable(snapshots, exc)
+        return None
+
+
+def _unusable(snapshots: SnapshotStore, exc: OSError) -> None:
+    log.warning(
+        "snapshots in %s cannot be used (%s): refolding from the log",
+        snapshots.directory,
+        exc.strerror or exc,
+    )
+
+
+def _check_snapshots(snapshots: SnapshotStore, last_idx: int) -> bool:
+    """Whether the state can be restored from `snapshots`: the directory lists
+    (`list_snapshots`), and each snapshot ahead of the log (`last_idx`) is moved aside --
+    once the log grows past its index it would look usable, so it is not merely skipped.
+    Stale snapshots that cannot be moved are the same WARNING, and False: a refold."""
+    indices = list_snapshots(snapshots)
+    if indices is None:
+        return False
+    try:
+        for idx in snapshots_ahead_of_log(indices, last_idx):
             aside = snapshots.set_aside(idx, "ahead-of-log")
             log.warning("%s: moved to %s, not used", ahead_of_log_warning(idx, last_idx), aside)
     except OSError as exc:
-        log.warning(
-            "snapshots in %s cannot be used (%s): refolding from the log",
-            snapshots.directory,
-            exc.strerror or exc,
-        )
+        _unusable(snapshots, exc)
         return False
     return True
 
