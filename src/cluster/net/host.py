@@ -7,6 +7,11 @@
 - Every connect, new_stream and read that waits on a peer has a deadline (hung peers are
   invisible to libp2p itself).
 - `host.close()` before leaving `host.run()` (leaving run does not close connections).
+- An inbound connection gives back its slot when it closes (`_free_inbound_slots_on_close`):
+  py-libp2p 0.8.1 holds each one until the whole host stops, so after 300 connections in a
+  master's lifetime -- workers redialling, restarting -- it refused every new one.
+- Connection caps far above any cluster (`MAX_CONNECTIONS`): the defaults (300) pruned a
+  master's connections down to the low watermark once more than 300 workers were connected.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Final
 
 import anyio
 import multiaddr
@@ -179,21 +185,70 @@ def peer_of(addr: Any) -> Any:
     return info_from_p2p_addr(addr).peer_id
 
 
+#: Connections a host holds at most, and above which py-libp2p's pruner starts closing them
+#: (its defaults: 300 each, below the 10,000 workers a master is built for). The bound that
+#: counts is the process's open-file limit (`ulimit -n`): a socket per worker.
+MAX_CONNECTIONS: Final = 1_000_000
+
+
 def build_host(key_pair: Any) -> Any:
     muxers: Any = {YAMUX_PROTOCOL_ID: Yamux}
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt=muxers,
         # One connection per peer (the default 3 costs >= 250 ms per connect); no background
         # auto-dialling to keep a minimum of connections: the master never dials workers.
         connection_config=ConnectionConfig(
-            max_connections_per_peer=1, min_connections=0, low_watermark=0
+            max_connections_per_peer=1,
+            min_connections=0,
+            low_watermark=0,
+            high_watermark=MAX_CONNECTIONS,
+            max_connections=MAX_CONNECTIONS,
         ),
         enable_mDNS=False,
         enable_upnp=False,
     )
+    _free_inbound_slots_on_close(host.get_network())
+    return host
+
+
+class _InboundConnectionClosed(Exception):
+    """Ends py-libp2p's handler of an inbound connection once that connection has closed."""
+
+
+#: Set in the task that handles one inbound connection (`_free_inbound_slots_on_close`).
+_HANDLING_INBOUND: ContextVar[bool] = ContextVar("_HANDLING_INBOUND", default=False)
+
+
+def _free_inbound_slots_on_close(swarm: Any) -> None:
+    """Make py-libp2p's inbound-connection handler end when its connection closes.
+
+    The handler takes a slot of the swarm's inbound limiter, upgrades the connection, then
+    waits for the whole swarm to stop before it gives the slot back: every connection a
+    master ever accepted kept a slot (and its handler task), and once the 300 were taken
+    it refused everyone, members and strangers alike. Here the upgrade, when the handler
+    calls it, waits for the connection to close and then raises: the handler's own error
+    path closes the (closed) raw connection, and its `finally` gives the slot back. Other
+    callers of the upgrade (none in this project) are left as they were."""
+    handle = swarm._do_handle_inbound_connection
+    upgrade = swarm.upgrade_inbound_raw_conn
+
+    async def handle_inbound(*args: Any, **kwargs: Any) -> Any:
+        _HANDLING_INBOUND.set(True)  # this task's context only (trio copies it per task)
+        return await handle(*args, **kwargs)
+
+    async def upgrade_then_wait_for_close(raw_conn: Any, maddr: Any) -> Any:
+        muxed = await upgrade(raw_conn, maddr)
+        closed = getattr(muxed, "event_closed", None)
+        if not _HANDLING_INBOUND.get() or closed is None:
+            return muxed
+        await closed.wait()
+        raise _InboundConnectionClosed()
+
+    swarm._do_handle_inbound_connection = handle_inbound
+    swarm.upgrade_inbound_raw_conn = upgrade_then_wait_for_close
 
 
 @asynccontextmanager
