@@ -39,6 +39,8 @@ from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import State
 from cluster.shared.status_view import cluster_status, render_text
 
+#: Status answers (control socket, members' requests) built at once, in worker threads.
+_MAX_STATUS_RENDERS: Final = 2
 #: How far apart the start of a window judged off the event loop and the start of the one
 #: decided may be for the warning found for the first to be said of the second.
 _SAME_START_MS: Final = 5_000
@@ -54,15 +56,17 @@ class MasterService:
     def __init__(self, master: Master, policy: MaintenancePolicy) -> None:
         self.master = master
         self.policy = policy
+        #: Status answers are built in worker threads, at most this many at once.
+        self._renders = anyio.CapacityLimiter(_MAX_STATUS_RENDERS)
 
     async def handle(self, request: Request, requester: str) -> Reply:
         if isinstance(request, StatusRequest):
-            status = cluster_status(
-                self.master.state,
-                self.master.now_ms(),
-                initial_credit_ms=self.policy.initial_credit_ms,
+            # Built off the event loop, from the state of this moment (immutable): ~18 ms at
+            # 300 nodes and growing with the cluster, and any member may ask, as often as it
+            # likes -- inline, it stalled every worker's submissions (as /api/status would).
+            return await anyio.to_thread.run_sync(
+                self._status_reply, self.master.state, self.master.now_ms(), limiter=self._renders
             )
-            return Reply(ok=True, message=render_text(status), data=to_builtins(status))
         replies: list[Reply] = []
         #: Whether the operator's SessionDelete was refused for want of the session, judged
         #: on the state the decision saw (a member's is refused before that: not its call).
@@ -96,6 +100,10 @@ class MasterService:
             if gone is not None:
                 return Reply(ok=False, message=gone)
         return reply
+
+    def _status_reply(self, state: State, now_ms: int) -> Reply:
+        status = cluster_status(state, now_ms, initial_credit_ms=self.policy.initial_credit_ms)
+        return Reply(ok=True, message=render_text(status), data=to_builtins(status))
 
     async def _shortfalls_off_the_loop(self, request: Request, requester: str) -> ShortfallFinder:
         """For a maintenance check or schedule: the sessions the window would leave unplaced,
