@@ -25,6 +25,7 @@ from cluster.shared.events import (
     NodeHeartbeat,
     NodeInfo,
     NodePayout,
+    RunnerSelfTestCompleted,
     SessionRequested,
     SlotAssignment,
 )
@@ -80,12 +81,17 @@ class Log:
         """The boot id of the node's current worker process."""
         return f"{node}-boot-{self._boots.get(node, 0)}"
 
-    def join(self, node: str, slots: int = 4) -> None:
+    def join(self, node: str, slots: int = 4, *, self_tested: bool = True) -> None:
+        """A node that connects and offers `slots`; its runners pass their self-test unless
+        `self_tested` is False (a node nothing could be placed on yet)."""
         self._boots[node] = 1
         self.emit(NodeConnected(node_id=node, boot_id=self.boot_id(node)))
         self.emit(
             NodeGatheredInfo(node_id=node, source="test", info=NodeInfo(slots=slots)), origin=node
         )
+        if self_tested:
+            test = RunnerSelfTestCompleted(node_id=node, runner_kind="simulated", passed=True)
+            self.emit(test, origin=node)
 
     def heartbeat(self, node: str) -> None:
         self.emit(NodeHeartbeat(node_id=node), origin=node)

@@ -10,7 +10,14 @@ from maintenance_log import HOUR, MIN, T0, Log, node_id
 
 from cluster.master import maintenance as mt
 from cluster.shared.durations import format_time
-from cluster.shared.events import MaintenanceCancelled, MaintenanceScheduled
+from cluster.shared.events import (
+    NO_RUNNERS_DIGEST,
+    MaintenanceCancelled,
+    MaintenanceScheduled,
+    NodeConnected,
+    NodeGatheredInfo,
+    NodeInfo,
+)
 from cluster.shared.maintenance_policy import MaintenancePolicy
 from cluster.shared.state import CLOSED_WINDOWS_KEPT_PER_NODE
 
@@ -279,6 +286,42 @@ def test_disconnected_nodes_without_a_window_are_not_cluster_capacity() -> None:
     log.disconnect(C)
     log.schedule_ok(A, log.now + HOUR, HOUR)
     assert codes(log.check(B, log.now + HOUR, HOUR)) == ["capacity_cap"]
+
+
+def test_windows_of_nodes_offering_no_slots_take_no_capacity_away() -> None:
+    # Identities minted with the cluster secret (malicious-member review): each may book a
+    # window, but one that offers nothing placeable takes nothing away, so none of them
+    # counts against the caps -- an honest node still gets the same window.
+    policy = MaintenancePolicy(max_concurrent_nodes=1, max_concurrent_capacity_share=1.0)
+    log = cluster(A, B, C, policy=policy)
+    facts_only, untested, empty = (node_id(n) for n in (11, 12, 13))
+    log.emit(NodeConnected(node_id=facts_only, boot_id="b", runner_digest=NO_RUNNERS_DIGEST))
+    info = NodeGatheredInfo(node_id=facts_only, source="test", info=NodeInfo(slots=4))
+    log.emit(info, origin=facts_only)
+    log.join(untested, slots=4, self_tested=False)
+    log.join(empty, slots=0)
+    start = log.now + HOUR
+    for sybil in (facts_only, untested, empty):
+        log.schedule_ok(sybil, start, 2 * HOUR)
+    log.schedule_ok(A, start, 2 * HOUR)
+    d = log.check(B, start, 2 * HOUR)  # A does take capacity away: the cap still holds
+    assert codes(d) == ["node_cap"] and A in d.reasons[0].message
+    assert facts_only not in d.reasons[0].message
+
+
+def test_window_of_a_disconnected_node_counts_only_while_it_excuses_the_node() -> None:
+    policy = MaintenancePolicy(max_concurrent_nodes=1, max_concurrent_capacity_share=1.0)
+    log = cluster(A, B, C, D, policy=policy)
+    start = log.now + HOUR
+    log.schedule_ok(D, start, 2 * HOUR)
+    log.disconnect(D)  # gone before its window: its capacity is already away
+    assert not log.state.nodes[D].connected
+    assert log.check(A, start + 30 * MIN, HOUR).allowed
+    # Once its window excuses it, the node is away *for* the window: it counts again.
+    log.advance(HOUR)
+    log.cycle()
+    d = log.check(A, log.now + 30 * MIN, HOUR)
+    assert codes(d) == ["node_cap"] and D in d.reasons[0].message
 
 
 def test_race_for_the_last_slot_exactly_one_wins() -> None:

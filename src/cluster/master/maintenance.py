@@ -360,7 +360,7 @@ def _timed_rules(
             )
         )
     if duration_ms > 0:
-        reasons += _cap_rules(state, node_id, start_ms, duration_ms, policy)
+        reasons += _cap_rules(state, node_id, start_ms, duration_ms, now_ms, policy)
     return reasons
 
 
@@ -373,8 +373,26 @@ def _devshards_on(state: State, node_id: str) -> list[DevshardRecord]:
 
 
 def _node_slots(state: State, node_id: str) -> int:
+    """The slots the node offers the cluster: 0 for one nothing could be placed on however
+    free it were (facts-only, never self-tested or failed, no slots) -- such a node's window
+    takes no capacity away."""
     rec = state.nodes.get(node_id)
-    return (rec.info.slots or 0) if rec is not None else 0
+    if rec is None or rec.facts_only or rec.self_test is None or not rec.self_test.passed:
+        return 0
+    return max(rec.info.slots or 0, 0)
+
+
+def _takes_capacity(state: State, node_id: str, now_ms: int) -> bool:
+    """Whether the node's window counts against the caps now: it offers slots and is here
+    to take them away -- connected, or excused by its window (a host powered off in its
+    window is away *for* it). A disconnected node outside its excuse is already gone: its
+    window takes nothing more away, so it neither counts as away nor as cluster capacity.
+    Without this, identities minted with the cluster secret could book windows and vanish,
+    filling max_concurrent_nodes for everyone (malicious-member review)."""
+    rec = state.nodes.get(node_id)
+    if rec is None or _node_slots(state, node_id) <= 0:
+        return False
+    return rec.connected or is_excused(state, node_id, now_ms)
 
 
 def busy_interval(win: MaintenanceWindow, policy: MaintenancePolicy) -> tuple[int, int]:
@@ -392,13 +410,13 @@ class _Peak(msgspec.Struct, frozen=True):
 
 
 def _peaks(
-    state: State, node_id: str, begin: int, end: int, policy: MaintenancePolicy
+    state: State, node_id: str, begin: int, end: int, now_ms: int, policy: MaintenancePolicy
 ) -> tuple[_Peak | None, _Peak | None]:
     """The moments in [begin, end) with the most other nodes, and the most other slots,
-    draining or in maintenance."""
+    draining or in maintenance (only windows whose node takes capacity away)."""
     busy: list[tuple[int, int, str]] = []
     for other, window_id in state.open_window_by_node.items():
-        if other == node_id:
+        if other == node_id or not _takes_capacity(state, other, now_ms):
             continue
         b, e = busy_interval(state.windows[window_id], policy)
         if b < end and e > begin:
@@ -418,20 +436,26 @@ def _peaks(
     return most_nodes, most_slots
 
 
-def _cluster_slots(state: State, node_id: str) -> tuple[int, int]:
-    """(nodes, slots) of the cluster: connected nodes, nodes away on a window, and this one."""
-    members = {n for n, rec in state.nodes.items() if rec.connected}
-    members.update(state.open_window_by_node.keys())
+def _cluster_slots(state: State, node_id: str, now_ms: int) -> tuple[int, int]:
+    """(nodes, slots) of the cluster: the nodes offering slots that are connected or away
+    on their window, and this one."""
+    members = {n for n in state.nodes if _takes_capacity(state, n, now_ms)}
     members.add(node_id)
     return len(members), sum(_node_slots(state, n) for n in members)
 
 
 def _cap_rules(
-    state: State, node_id: str, start_ms: int, duration_ms: int, policy: MaintenancePolicy
+    state: State,
+    node_id: str,
+    start_ms: int,
+    duration_ms: int,
+    now_ms: int,
+    policy: MaintenancePolicy,
 ) -> list[Rejection]:
     begin = start_ms - policy.drain_lead_ms
-    most_nodes, most_slots = _peaks(state, node_id, begin, start_ms + duration_ms, policy)
-    cluster_nodes, cluster_slots = _cluster_slots(state, node_id)
+    end = start_ms + duration_ms
+    most_nodes, most_slots = _peaks(state, node_id, begin, end, now_ms, policy)
+    cluster_nodes, cluster_slots = _cluster_slots(state, node_id, now_ms)
     if most_nodes is None and cluster_nodes >= 2:
         return []  # one node of a cluster of two or more may always go
     reasons: list[Rejection] = []
