@@ -292,6 +292,28 @@ def test_gpu_readings_are_bounded() -> None:
     check_worker_event(A, 1, _with(_INFO, "info.gpus", (h100,) * 8))
 
 
+def test_self_test_timings_are_bounded() -> None:
+    """A self-test's timings were unbounded: load_ms=2**64-1 and probe_ms=-2**63 were
+    logged, kept in State and served by /api/state beyond what JavaScript represents exactly
+    (malicious-member review). Each is refused outside 0..a day, naming the field, on both
+    paths; an honest timing never is."""
+    day_ms = 24 * 60 * 60 * 1000
+    for field in ("load_ms", "probe_ms", "request_ms"):
+        for ok in (0, day_ms):
+            check_worker_event(A, 1, msgspec.structs.replace(_TESTED, **{field: ok}))
+        for bad in (-1, day_ms + 1, -(2**63), 2**64 - 1):
+            event = msgspec.structs.replace(_TESTED, **{field: bad})
+            why = (
+                rf"^RunnerSelfTestCompleted \(seq 5\) field {field} is {bad} ms: "
+                rf"must be 0\.\.{day_ms} "
+            )
+            with pytest.raises(AdmissionError, match=why) as err:
+                check_worker_event(A, 5, event)
+            assert err.value.code == "forbidden-event" and err.value.code in CONTENT_REFUSALS
+            with pytest.raises(AdmissionError, match=why):  # the fast path too
+                check_worker_columns(A, [4, 5], [NodeHeartbeat(node_id=A), event])
+
+
 def _with_gpu(field: str, length: int) -> GpuInfo:
     return msgspec.structs.replace(_GPU, **{field: "g" * length})
 

@@ -13,6 +13,7 @@ import anyio
 import msgspec
 import pytest
 
+from cluster.master.admission import check_worker_event
 from cluster.shared.apply import fold
 from cluster.shared.events import (
     MAX_REASON_CHARS,
@@ -338,3 +339,22 @@ def test_a_failed_self_test_is_tried_again_by_the_next_worker_process() -> None:
     state = fold(EMPTY_STATE, [IndexedEvent(1, 1000, NODE, 1, failed)])
     assert state.nodes[NODE].self_test is not None
     assert needs_self_test(state, NODE, "simulated", digest)
+
+
+@pytest.mark.anyio
+async def test_timings_over_a_day_are_reported_as_a_day() -> None:
+    """The master refuses a timing beyond a day (admission, `MAX_SELF_TEST_MS`): a worker
+    whose config lets a step take longer reports a day, not a test the master refuses."""
+    ticks = iter(range(0, 10**9, 2 * 86_400))  # each reading two days after the last
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    config = {"load_s": 0, "request_s": 0}
+    with anyio.fail_after(60):
+        result = await run_self_test(
+            "simulated", make_factory("simulated", config), config, node_id=NODE, clock=clock
+        )
+    assert result.passed, result.reason
+    assert (result.load_ms, result.probe_ms, result.request_ms) == (86_400_000,) * 3
+    check_worker_event(NODE, 1, result)  # the master admits it

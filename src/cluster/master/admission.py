@@ -9,10 +9,11 @@ rule, `cluster.shared.excuse`), so a `WorkMissed` marked excused is refused from
 
 Every text a worker writes is bounded too (`TEXT_LIMITS`, `_info_problem`), and so is every
 number of a GPU's reading (`GPU_LIMITS`: utilisation 0..100, a temperature in physical
-sense...): the log keeps each event forever, on every replica, and status pages and
-decision-log lines show them, so a field may not be bounded only by the event size (1 MiB).
-The bounds are far above what an honest worker sends (it clips reasons and hostnames to
-them, and reports a GPU reading beyond them as not reported). Keys a worker makes itself
+sense...) and of a self-test's timings (`MAX_SELF_TEST_MS`: 0..a day): the log keeps each
+event forever, on every replica, and status pages and decision-log lines show them, so a
+field may not be bounded only by the event size (1 MiB). The bounds are far above what an
+honest worker sends (it clips reasons, hostnames and self-test timings to them, and reports
+a GPU reading beyond them as not reported). Keys a worker makes itself
 (`KEY_FIELDS`: hex digests, boot ids, fixed names) must also be printable: no display or
 comparison should meet a newline or an escape code in a key. Free text (reasons, hostnames,
 GPU names) may hold any character -- a reason quotes a program's stderr -- and is escaped
@@ -41,7 +42,9 @@ from cluster.shared.events import (
     MAX_MISSED_SLOTS,
     MAX_NODE_GPUS,
     MAX_REASON_CHARS,
+    MAX_SELF_TEST_MS,
     MAX_WORK_UNITS,
+    SELF_TEST_MS_FIELDS,
     Event,
     NodeGatheredInfo,
     NodeHeartbeat,
@@ -136,7 +139,7 @@ def check_worker_event(origin: str, seq: int, event: Event) -> None:
             f"WorkMissed (seq {seq}) is marked excused: only the master excuses missed work "
             "(maintenance windows); a worker reports its misses with excused=False",
         )
-    problem = text_problem(event)
+    problem = text_problem(event) or _self_test_problem(event)
     if problem is not None:
         raise AdmissionError("forbidden-event", f"{type(event).__name__} (seq {seq}) {problem}")
     node_id = getattr(event, "node_id", origin)
@@ -161,6 +164,16 @@ def text_problem(event: Event) -> str | None:
             return problem
     if isinstance(event, NodeGatheredInfo):
         return _info_problem(event)
+    return None
+
+
+def _self_test_problem(event: Event) -> str | None:
+    """A self-test timing out of 0..`MAX_SELF_TEST_MS`, or None."""
+    if isinstance(event, RunnerSelfTestCompleted):
+        for field in SELF_TEST_MS_FIELDS:
+            value = getattr(event, field)
+            if not 0 <= value <= MAX_SELF_TEST_MS:
+                return f"field {field} is {value} ms: must be 0..{MAX_SELF_TEST_MS} (a day)"
     return None
 
 
@@ -270,8 +283,12 @@ def check_worker_columns(origin: str, seqs: Sequence[int], events: Sequence[Even
 
 
 def _amounts_in_bounds(events: Sequence[Event], types: set[type]) -> bool:
-    """The work amounts `check_worker_event` bounds, for the kinds the batch holds, and no
-    miss marked excused."""
+    """The work amounts and self-test timings `check_worker_event` bounds, for the kinds the
+    batch holds, and no miss marked excused."""
+    if RunnerSelfTestCompleted in types and any(
+        _self_test_problem(e) for e in events if type(e) is RunnerSelfTestCompleted
+    ):
+        return False
     if WorkReported in types and not all(
         1 <= e.units <= MAX_WORK_UNITS for e in events if type(e) is WorkReported
     ):

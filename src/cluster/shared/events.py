@@ -110,6 +110,15 @@ GPU_LIMITS: Final[tuple[tuple[str, int, int], ...]] = (
 )
 
 
+#: The longest a self-test step may be reported to have taken (`RunnerSelfTestCompleted`'s
+#: `load_ms`, `probe_ms`, `request_ms`: 0..a day). State keeps them and /api/state serves
+#: them, so an unbounded int (2**64 - 1 was accepted) would reach JavaScript beyond what it
+#: represents exactly. Checked at admission like `GPU_LIMITS`; a worker reports a longer
+#: step (a `load_timeout_s` over a day) as this.
+MAX_SELF_TEST_MS: Final = 24 * 60 * 60 * 1000
+SELF_TEST_MS_FIELDS: Final = ("load_ms", "probe_ms", "request_ms")
+
+
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One GPU's reading (`cluster.worker.gpu`); its numbers are bounded by `GPU_LIMITS`."""
 

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import anyio
 
-from cluster.shared.events import MAX_REASON_CHARS, RunnerSelfTestCompleted
+from cluster.shared.events import MAX_REASON_CHARS, MAX_SELF_TEST_MS, RunnerSelfTestCompleted
 from cluster.shared.humanize import clip, encodable
 from cluster.shared.state import State
 from cluster.worker.runners.base import (
@@ -202,11 +202,16 @@ async def run_self_test(
         runner_kind=runner_kind,
         passed=not failure,
         reason=clip(encodable(failure), MAX_REASON_CHARS),  # a runner wrote it
-        load_ms=timings["load"],
-        probe_ms=timings["probe"],
-        request_ms=timings["request"],
+        # Clipped to the bounds the master admits (a config may allow a load over a day).
+        load_ms=_admitted_ms(timings["load"]),
+        probe_ms=_admitted_ms(timings["probe"]),
+        request_ms=_admitted_ms(timings["request"]),
         config_digest=config_digest(runner_kind, config),
     )
+
+
+def _admitted_ms(ms: int) -> int:
+    return min(max(ms, 0), MAX_SELF_TEST_MS)
 
 
 async def _stop(runner: Runner, limit_s: float) -> str:
