@@ -54,6 +54,10 @@ class MasterNodeConfig:
     policy: MaintenancePolicy = DEFAULT_POLICY
     #: A peer silent this long on a stream that expects traffic is considered hung.
     peer_timeout: float = 10.0
+    #: What one member may have logged: bytes/s sustained, and its burst (see
+    #: `MasterConfig.member_log_bytes_per_s`); beyond, its submissions are read more slowly.
+    member_log_bytes_per_s: int = 1 << 20
+    member_log_burst_bytes: int = 64 << 20
     #: Events between state snapshots in the data directory.
     snapshot_every: int = 100_000
     #: Serve the local operator's control socket (`cluster session ...` on this host).
@@ -124,6 +128,8 @@ class MasterNode:
             # One source for the cycle: the planner's rules and the loop that runs them.
             plan_interval=config.planner.plan_interval_ms / 1000,
             peer_timeout=config.peer_timeout,
+            member_log_bytes_per_s=config.member_log_bytes_per_s,
+            member_log_burst_bytes=config.member_log_burst_bytes,
             data_dir=data_dir,
         )
         # Fresh randomness for each epoch's seed comes from the master and travels in the log.

@@ -46,6 +46,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from cluster.digest_writer import DigestFileWriter, Reading
 from cluster.master.admission import AdmissionError, check_event_sizes, check_worker_columns
 from cluster.master.decision_log import decision_lines
+from cluster.master.member_budget import MemberBudget
 from cluster.master.metrics import MasterMetrics
 from cluster.net import host as nethost
 from cluster.net.framing import DEFAULT_MAX_FRAME, FrameError, encode_frame
@@ -215,6 +216,15 @@ class MasterConfig:
     #: took gigabytes and delayed every other member's acks by seconds). A worker has at
     #: most 3 batches of 2,048 events in flight, far less.
     max_pending_bytes_per_peer: int = 8 << 20
+    #: What one member may have logged (`cluster.master.member_budget`): inflated frame
+    #: bytes per second, sustained, and the burst it may send at once. Beyond, its submit
+    #: streams read no further frame until the budget refills (backpressure: nothing is
+    #: refused). An honest worker logs a few KB/s; its outbox backlog after an outage is
+    #: tens of MB at most. One member flooding runner reports wrote ~75 MB/s of log.
+    #: A 4 MiB frame over budget waits 4 s at the default rate (Pongs keep its worker from
+    #: taking the master for hung meanwhile).
+    member_log_bytes_per_s: int = 1 << 20
+    member_log_burst_bytes: int = 64 << 20
     #: Events one group commit takes from the submissions waiting, at most (it may exceed
     #: it by the last submission taken): bounds a commit's time, memory, and a stop's wait.
     commit_events: int = 50_000
@@ -396,6 +406,8 @@ class Master:
             "duplicates": 0,
             "refused": 0,
             "refused_decisions": 0,
+            # Episodes of a member over its log budget (`member_log_bytes_per_s`).
+            "member_throttled": 0,
         }
         #: Event types a decision was refused for (MasterEventTooLarge): each is an ERROR
         #: once per master run; later refusals for the same cause are only counted
@@ -415,6 +427,9 @@ class Master:
         self._subscriptions_ended = anyio.Event()
         self._submissions: collections.Counter[str] = collections.Counter()
         self._pending = _PendingBytes(self.config.max_pending_bytes_per_peer)
+        self._budget = MemberBudget(
+            self.config.member_log_bytes_per_s, self.config.member_log_burst_bytes
+        )
         self._requests: collections.Counter[str] = collections.Counter()
         #: Hello streams not yet past the proof, by peer (`max_hellos_per_peer`, `max_hellos`).
         self._hellos: collections.Counter[str] = collections.Counter()
@@ -1096,6 +1111,7 @@ class Master:
                         # No frame is read (and decoded) while this peer has its fill
                         # waiting for the indexer: a blocked stream holds nothing decoded.
                         await self._pending.wait_for_room(peer)
+                        await self._within_budget(peer, send)
                         try:
                             frame = await fs.recv_frame(self.config.peer_timeout)
                         except TimeoutError:
@@ -1103,6 +1119,7 @@ class Master:
                                 "timeout",
                                 f"no frame from {peer} for {self.config.peer_timeout:g} s",
                             ) from None
+                        self._budget.charge(peer, len(frame), anyio.current_time())
                         msg = decode(frame)
                         if isinstance(msg, Ping):
                             await send.send(Pong(last_idx=self._last_idx))
@@ -1134,6 +1151,34 @@ class Master:
             level = logging.DEBUG if code == "stopping" else logging.WARNING
             log.log(level, "submit stream of %s reset: %s: %s", peer, code, message)
             await fs.fail(code, message)
+
+    async def _within_budget(
+        self, peer: str, acks: MemoryObjectSendStream[_Submission | Pong]
+    ) -> None:
+        """Return once `peer` is within its log budget (`MemberBudget`): until then its
+        stream reads nothing (its frames wait in the network, its events in its outbox).
+        What it sent before is still indexed and acknowledged meanwhile, and a Pong each
+        `keepalive` tells its worker the master is alive (it drops a submit stream silent
+        for its peer timeout, and would resend the same backlog)."""
+        cfg = self.config
+        while True:
+            wait, new = self._budget.wait_s(peer, anyio.current_time())
+            if wait <= 0:
+                return
+            if new:
+                self.stats["member_throttled"] += 1
+                log.warning(
+                    "member %s is over its log budget (%d bytes/s, burst %d): its submissions "
+                    "are read more slowly until it is back within it",
+                    peer,
+                    cfg.member_log_bytes_per_s,
+                    cfg.member_log_burst_bytes,
+                )
+            if wait <= cfg.keepalive:
+                await anyio.sleep(wait)
+            else:
+                await anyio.sleep(cfg.keepalive)
+                await acks.send(Pong(last_idx=self._last_idx))
 
     async def _acker(
         self, fs: nethost.FramedStream, recv: MemoryObjectReceiveStream[_Submission | Pong]
