@@ -836,3 +836,42 @@ def test_a_converter_still_refuses_in_its_own_words(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli.main(["session", "create", "--slots", "x", "--memory-mb", "512"])
     assert capsys.readouterr().err.endswith("argument --slots: invalid int value: 'x'\n")
+
+
+@pytest.mark.parametrize("flag", ["--member-log-rate", "--member-log-burst"])
+def test_a_member_log_budget_flag_out_of_range_is_named(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--http", "off", flag, "0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"cluster master: {flag} must be 1..1,099,511,627,776 bytes, got 0\n", err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_member_log_budget_flags_reach_the_master(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget (a member flooding the log is slowed) was an embedding setting only: an
+    operator told by its WARNING that an honest, busy worker was slowed could not raise it."""
+    from cluster.master import node as node_module
+
+    seen: list[object] = []
+
+    def capture(
+        self: object, data_dir: Path, membership: object, config: object, **kw: object
+    ) -> None:
+        seen.append(config)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(node_module.MasterNode, "__init__", capture)
+    argv = ["master", "--data-dir", str(tmp_path / "m"), "--http", "off"]
+    argv += ["--member-log-rate", "5000000", "--member-log-burst", "300000000"]
+    assert cli.main(argv) == 2
+    assert "captured" in capsys.readouterr().err
+    config = seen[0]
+    assert isinstance(config, node_module.MasterNodeConfig)
+    assert (config.member_log_bytes_per_s, config.member_log_burst_bytes) == (
+        5_000_000,
+        300_000_000,
+    )

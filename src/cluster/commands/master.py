@@ -89,7 +89,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="EVENTS",
         help="1..100,000,000 (default 100,000): events between state snapshots",
     )
+    parser.add_argument(
+        "--member-log-rate",
+        type=int,
+        default=1 << 20,
+        metavar="BYTES",
+        help=f"1..{MAX_MEMBER_LOG_BYTES:,} (default 1 MiB): bytes per second one member may "
+        "have logged, sustained; beyond, its submissions are read more slowly",
+    )
+    parser.add_argument(
+        "--member-log-burst",
+        type=int,
+        default=64 << 20,
+        metavar="BYTES",
+        help=f"1..{MAX_MEMBER_LOG_BYTES:,} (default 64 MiB): bytes one member may have logged "
+        "at once (an outbox backlog after an outage) before its rate applies",
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO")
+
+
+#: The most `--member-log-rate` / `--member-log-burst` take: 1 TiB (per second), beyond
+#: any disk's speed -- in effect no budget.
+MAX_MEMBER_LOG_BYTES: Final = 1 << 40
+
+
+def check_member_log(name: str, value: int) -> None:
+    if not 1 <= value <= MAX_MEMBER_LOG_BYTES:
+        raise ValueError(f"{name} must be 1..{MAX_MEMBER_LOG_BYTES:,} bytes, got {value}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -200,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         check_data_dir(data_dir, "master")
         check_seconds("--peer-timeout", args.peer_timeout, PEER_TIMEOUT_S)
         check_snapshot_every(args.snapshot_every, "--snapshot-every")
+        check_member_log("--member-log-rate", args.member_log_rate)
+        check_member_log("--member-log-burst", args.member_log_burst)
         parse_listen_multiaddr(args.listen)
         file_cfg, policy = load_settings(args.config)
         planner_cfg = planner_config(args, file_cfg)
@@ -245,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
                 policy=policy,
                 peer_timeout=args.peer_timeout,
                 snapshot_every=args.snapshot_every,
+                member_log_bytes_per_s=args.member_log_rate,
+                member_log_burst_bytes=args.member_log_burst,
                 http=http,
             ),
             dir_lock=dir_lock,
