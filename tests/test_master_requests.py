@@ -18,6 +18,7 @@ from cluster.control import (
     MaintenanceFinish,
     MaintenanceSchedule,
     Reply,
+    Request,
     SessionCreate,
     SessionDelete,
     decode_reply,
@@ -214,28 +215,15 @@ async def test_a_windows_unplaced_sessions_are_found_off_the_event_loop(
     from cluster.control import MaintenanceCheck
     from cluster.master.window_fit import Shortfall
 
-    log = Log(MaintenancePolicy())
-    for i in range(1, 5):
-        log.join(node_id(i))
-    store = EventStore.open(tmp_path / "master")
-    store.append(log.log)
-    key_pair, _ = load_identity(tmp_path / "master")
-    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
-    service = MasterService(master, MaintenancePolicy())
     threads: list[int] = []
 
     def found(*args: object) -> tuple[Shortfall, ...]:
         threads.append(threading.get_ident())
-        return (Shortfall(session_id="chat", at_ms=log.now + HOUR, reason="no room"),)
+        return (Shortfall(session_id="chat", at_ms=HOUR, reason="no room"),)
 
     monkeypatch.setattr(service_module, "sessions_short", found)
     request = MaintenanceCheck(in_ms=2 * HOUR, duration_ms=30 * MIN)
-    try:
-        with anyio.fail_after(30):
-            reply = await service.handle(request, node_id(1))
-    finally:
-        master.close()
-        store.close()
+    reply = await _handled(tmp_path, 4, request, node_id(1))
     assert reply.ok and "session chat from" in reply.message and "no room" in reply.message
     assert isinstance(reply.data, dict)
     assert [s["session_id"] for s in reply.data["unplaced_sessions"]] == ["chat"]
@@ -253,14 +241,6 @@ async def test_a_status_request_is_answered_off_the_event_loop(
 
     from cluster.control import StatusRequest
 
-    log = Log(MaintenancePolicy())
-    for i in range(1, 4):
-        log.join(node_id(i))
-    store = EventStore.open(tmp_path / "master")
-    store.append(log.log)
-    key_pair, _ = load_identity(tmp_path / "master")
-    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
-    service = MasterService(master, MaintenancePolicy())
     threads: list[int] = []
     from cluster.shared.status_view import cluster_status as real
 
@@ -269,11 +249,23 @@ async def test_a_status_request_is_answered_off_the_event_loop(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service_module, "cluster_status", status)
+    reply = await _handled(tmp_path, 3, StatusRequest(), node_id(1))
+    assert reply.ok and "nodes: 3" in reply.message, reply.message
+    assert len(threads) == 1 and threads[0] != threading.get_ident(), threads
+
+
+async def _handled(tmp_path: Path, nodes: int, request: Request, requester: str) -> Reply:
+    """`request` from `requester` answered by a master over a log of `nodes` joined nodes."""
+    log = Log(MaintenancePolicy())
+    for i in range(1, nodes + 1):
+        log.join(node_id(i))
+    store = EventStore.open(tmp_path / "master")
+    store.append(log.log)
+    key_pair, _ = load_identity(tmp_path / "master")
+    master = Master(store, key_pair, Membership(secret=b"s" * 32), now_ms=lambda: log.now)
     try:
         with anyio.fail_after(30):
-            reply = await service.handle(StatusRequest(), node_id(1))
+            return await MasterService(master, MaintenancePolicy()).handle(request, requester)
     finally:
         master.close()
         store.close()
-    assert reply.ok and "nodes: 3" in reply.message, reply.message
-    assert len(threads) == 1 and threads[0] != threading.get_ident(), threads
