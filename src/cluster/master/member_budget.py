@@ -11,7 +11,8 @@ is in debt (`Master._serve_submit`): backpressure, not refusal, so nothing accep
 and an honest worker catching up on a large outbox backlog only goes slower (its events wait
 in its outbox). The burst is far above an honest worker's backlog after an outage.
 
-Pure: the caller passes the time (seconds on any monotonic clock), so tests use a fake one.
+No clock of its own: the caller passes the time (seconds on any monotonic clock), so tests
+use a fake one.
 """
 
 from __future__ import annotations
