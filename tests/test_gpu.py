@@ -174,6 +174,25 @@ def test_a_reading_beyond_the_masters_bounds_is_not_reported() -> None:
     check_worker_event("n", 1, event)
 
 
+class _BrokenMemoryNvml(_RecordingNvml):
+    """A broken driver's memory figures: 2**64-1 bytes used on GPU 1."""
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> SimpleNamespace:
+        info = super().nvmlDeviceGetMemoryInfo(handle, version)
+        if handle == 1:
+            info.used = 2**64 - 1
+        return info
+
+
+def test_a_memory_figure_beyond_the_masters_bounds_fails_the_read_naming_the_gpu() -> None:
+    """It was sent, and the master refused the whole info event (set aside with an ERROR):
+    memory is not optional, so the read fails as a GPU that stopped answering does -- the
+    info source logs why and sends nothing."""
+    probe = NvmlGpuProbe(_BrokenMemoryNvml())
+    with pytest.raises(ValueError, match=r"GPU 1 reports memory_used_mb 17592186044415: "):
+        probe.read()
+
+
 class _NvmlFunctionNotFound(Exception):
     pass
 

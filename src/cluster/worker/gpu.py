@@ -122,6 +122,19 @@ def _memory_info(nvml: Any, handle: Any) -> Any:
     return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
+def _memory_mb(value: Any, field: str, index: int) -> int:
+    """A memory figure in MiB (2**20 bytes, the unit nvidia-smi prints as "MiB"). One beyond
+    `GPU_LIMITS` (a broken driver's 2**64-1 bytes) fails the read, as a GPU that stopped
+    answering does: the info source says so and sends no report, where the master would
+    refuse the whole info event for it (and set it aside with an ERROR). Memory is no
+    optional reading that could be left out."""
+    mb = int(value) // _MIB
+    low, high = _LIMITS[field]
+    if not low <= mb <= high:
+        raise ValueError(f"GPU {index} reports {field} {mb}: not a reading (must be {low}..{high})")
+    return mb
+
+
 def _read_device(nvml: Any, index: int) -> GpuInfo:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     memory = _memory_info(nvml, handle)
@@ -129,9 +142,8 @@ def _read_device(nvml: Any, index: int) -> GpuInfo:
         index=index,
         name=_text(nvml.nvmlDeviceGetName(handle)),
         uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-        # MiB (2**20 bytes), the unit nvidia-smi prints as "MiB".
-        memory_total_mb=int(memory.total) // _MIB,
-        memory_used_mb=int(memory.used) // _MIB,
+        memory_total_mb=_memory_mb(memory.total, "memory_total_mb", index),
+        memory_used_mb=_memory_mb(memory.used, "memory_used_mb", index),
         utilization_pct=_optional_int(
             lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, "utilization_pct"
         ),
