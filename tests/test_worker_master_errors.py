@@ -49,6 +49,9 @@ class _Script:
     async def reset(self) -> None:
         pass
 
+    async def close(self) -> None:
+        pass
+
 
 #: (code, what the worker raises for it): the whole session's ends, and any other code.
 CODES = [
@@ -109,5 +112,33 @@ async def test_the_masters_error_is_read_alike_on_every_stream(
         if raised is ProtocolError:
             assert err.value.code == code  # type: ignore[attr-defined]
         assert not fs.msgs  # the error was read where it came, after what preceded it
+    finally:
+        worker.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("answered", ["challenge", "welcome"])
+async def test_a_master_stopping_during_our_hello_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answered: str
+) -> None:
+    """A master stopping while a worker said hello answered `stopping`; the hello reader took
+    it for any protocol error, and the connection loop logged the master unreachable."""
+    from cluster.net.protocol import Challenge
+
+    before: list[Message] = []
+    if answered == "welcome":  # stopping after the challenge: proof sent, no welcome
+        before = [Challenge(nonce=b"n" * 32, proof=b"")]
+    fs = _Script([*before, ErrorMsg(code="stopping", message="master is stopping")])
+
+    async def open_stream(host: Any, peer: Any, protocol: str, timeout: float) -> _Script:
+        return fs
+
+    monkeypatch.setattr(nethost, "open_stream", open_stream)
+    monkeypatch.setattr(_Script, "peer_id", "12D3KooWMaster", raising=False)
+    worker = Worker(tmp_path / "worker", ADDR)
+    try:
+        with anyio.fail_after(10), pytest.raises(_MasterStopping, match="master is stopping"):
+            await worker._hello(None, None)
+        assert not fs.msgs
     finally:
         worker.close()

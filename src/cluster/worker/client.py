@@ -622,7 +622,7 @@ class Worker:
             )
             await fs.send(hello, cfg.peer_timeout)
             try:
-                challenge = expect(await fs.recv(cfg.peer_timeout), Challenge)
+                challenge = _hello_reply(await fs.recv(cfg.peer_timeout), Challenge)
             except ProtocolError as exc:
                 # Not a network hiccup: retrying cannot help until someone acts (an ERROR).
                 if exc.code in _REFUSALS:
@@ -638,7 +638,7 @@ class Worker:
                 proof = membership.worker_proof(challenge.nonce, self.node_id, fs.peer_id)
             await fs.send(Proof(proof=proof), cfg.peer_timeout)
             try:
-                return expect(await fs.recv(cfg.peer_timeout), Welcome)
+                return _hello_reply(await fs.recv(cfg.peer_timeout), Welcome)
             except ProtocolError as exc:
                 if exc.code in _REFUSALS:
                     why = str(exc)
@@ -901,6 +901,16 @@ def _expect_from_master(msg: Message, kind: type[_T]) -> _T:
     """`expect` for a stream from the master: an ErrorMsg raises what it means
     (`_master_error`)."""
     if isinstance(msg, ErrorMsg):
+        raise _master_error(msg)
+    return expect(msg, kind)
+
+
+def _hello_reply(msg: Message, kind: type[_T]) -> _T:
+    """`expect` for the master's answers to our hello: a master stopping says so there too
+    (`_MasterStopping`: the connection loop waits for it to come back, rather than logging
+    it unreachable); its refusals stay protocol errors, which `_hello` turns into
+    `MasterRefused`."""
+    if isinstance(msg, ErrorMsg) and msg.code == "stopping":
         raise _master_error(msg)
     return expect(msg, kind)
 
