@@ -14,6 +14,7 @@ from anyio.abc import TaskGroup
 from cluster.master.config import PlannerConfig
 from cluster.master.node import MasterNode, MasterNodeConfig
 from cluster.net.membership import Membership
+from cluster.shared.events import RunnerStatus
 from cluster.shared.state import NodeRecord
 from cluster.worker.client import WorkerConfig
 from cluster.worker.gpu import NvmlGpuProbe
@@ -53,6 +54,21 @@ async def until_self_tested(master: MasterNode, node_id: str) -> NodeRecord:
     while (rec := master.state.nodes.get(node_id)) is None or rec.self_test is None:
         await anyio.sleep(0.05)
     return rec
+
+
+def serving(master: MasterNode, node_id: str) -> bool:
+    """Whether the master's state holds a RUNNING runner of `node_id`."""
+    return any(
+        r.node_id == node_id and r.status is RunnerStatus.RUNNING
+        for r in master.state.runners.values()
+    )
+
+
+async def until_serving(master: MasterNode, node_id: str) -> None:
+    """Wait until `node_id` runs a runner, as the master's state says (bound the wait with
+    the caller's `anyio.fail_after`)."""
+    while not serving(master, node_id):
+        await anyio.sleep(0.05)
 
 
 @dataclass

@@ -27,11 +27,11 @@ from pathlib import Path
 import anyio
 import pytest
 from cluster_procs import assert_gap_free, read_log, start_master, wait_until
-from embedded_nodes import embedded_cluster
+from embedded_nodes import embedded_cluster, until_serving
 
 from cluster import control
 from cluster.control import SessionCreate
-from cluster.shared.events import NodeHeartbeat, RunnerStatus
+from cluster.shared.events import NodeHeartbeat
 from cluster.worker import outbox
 from cluster.worker.node import WorkerNode
 from cluster.worker.outbox import Outbox, OutboxError, OutboxWriteError
@@ -195,11 +195,7 @@ async def test_a_worker_whose_outbox_the_disk_refuses_stops_in_one_line(
             await worker_tg.start(worker.run)
             reply = await master.request(SessionCreate(slots=1, memory_per_slot_mb=512, name="s"))
             assert reply.ok, reply.message
-            while not any(
-                r.node_id == node and r.status is RunnerStatus.RUNNING
-                for r in master.state.runners.values()
-            ):
-                await anyio.sleep(0.05)
+            await until_serving(master, node)
             assert worker.manager is not None and worker.manager._handles
             caplog.clear()
             if refused == "events.log":

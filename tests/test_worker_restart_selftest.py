@@ -9,7 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import fast_master, fast_worker
+from embedded_nodes import fast_master, fast_worker, serving
 
 from cluster.control import SessionCreate
 from cluster.master.node import MasterNode
@@ -19,7 +19,6 @@ from cluster.shared.events import (
     NO_RUNNERS_DIGEST,
     NodeConnected,
     RunnerSelfTestCompleted,
-    RunnerStatus,
     RunnerStatusUpdated,
 )
 from cluster.shared.node_status import NodeState, node_status, placements_by_node
@@ -33,13 +32,6 @@ NEW = RunnerSetting(kind="simulated", config={"load_s": 0.1})
 
 def node_events(master: MasterNode, node: str) -> list[object]:
     return [ie.event for ie in master.store.read_from(1) if ie.origin == node]
-
-
-def serving(master: MasterNode, node: str) -> bool:
-    return any(
-        r.node_id == node and r.status is RunnerStatus.RUNNING
-        for r in master.state.runners.values()
-    )
 
 
 async def run_until(worker: WorkerNode, done: Callable[[], bool]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from embedded_nodes import embedded_cluster
+from embedded_nodes import embedded_cluster, until_serving
 
 from cluster.control import SessionCreate
 from cluster.shared.events import RunnerStatus, RunnerStatusUpdated
@@ -22,11 +22,7 @@ async def test_a_clean_stop_delivers_the_runners_last_events(tmp_path: Path) -> 
             await worker_tg.start(worker.run)
             reply = await master.request(SessionCreate(slots=1, memory_per_slot_mb=512, name="s"))
             assert reply.ok, reply.message
-            while not any(
-                r.node_id == node and r.status is RunnerStatus.RUNNING
-                for r in master.state.runners.values()
-            ):
-                await anyio.sleep(0.05)
+            await until_serving(master, node)
             worker.stop()
         # run() returned: the worker is stopped, the master still serves.
         box = worker.worker.outbox
